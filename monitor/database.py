@@ -1,0 +1,160 @@
+"""The one SQLite file: opened in WAL mode, written through a group-committing thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# 'HMS\0': marks the file as ours, so a foreign database is refused rather than written into.
+APPLICATION_ID = 0x484D5300
+MAX_BATCH = 512
+
+
+class DatabaseError(Exception):
+    """The database file cannot be used (foreign, corrupt, unwritable)."""
+
+
+class Database:
+    """A single SQLite connection on a dedicated thread.
+
+    Every call runs on that thread, so the event loop never blocks on I/O.
+    Writes submitted while a transaction is committing are grouped into the
+    next one (group commit): one fsync serves a whole batch, and each write
+    sits in its own savepoint so a failing one rolls back alone. `write`
+    returns only after the COMMIT, which is what makes a 2xx durable.
+    """
+
+    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._db: sqlite_utils.Database | None = None
+        self._pending: list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None and self._writer is not None and not self._writer.done()
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._db = await loop.run_in_executor(self._executor, self._connect)
+        self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+
+    def _connect(self) -> sqlite_utils.Database:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(str(self.path))
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and app_id != APPLICATION_ID:
+                raise DatabaseError(
+                    f"{self.path} is a SQLite database of another application "
+                    f"(application_id {app_id:#x}); refusing to write into it"
+                )
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise DatabaseError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise DatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc
+        except DatabaseError:
+            conn.close()
+            raise
+        return sqlite_utils.Database(conn)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._wakeup.set()
+            self._writer.cancel()
+            try:
+                await self._writer
+            except asyncio.CancelledError:
+                pass
+            self._writer = None
+        # Writes that raced the shutdown still get committed.
+        if self._pending:
+            await self._commit_batch(self._take_batch())
+        if self._db is not None:
+            db = self._db
+            self._db = None
+            await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
+        self._executor.shutdown(wait=True)
+
+    async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn` on the database thread (outside any write transaction)."""
+        db = self._require_open()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, db)
+
+    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
+        """Run `fn` inside a transaction; return once it is committed to disk."""
+        self._require_open()
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((fn, future))
+        self._wakeup.set()
+        return await future
+
+    def _require_open(self) -> sqlite_utils.Database:
+        if self._db is None:
+            raise DatabaseError("database is not open")
+        return self._db
+
+    def _take_batch(self) -> list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]]:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        return batch
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._pending:
+                await self._commit_batch(self._take_batch())
+
+    async def _commit_batch(
+        self, batch: list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]]
+    ) -> None:
+        db = self._require_open()
+        fns = [fn for fn, _ in batch]
+        try:
+            outcomes = await asyncio.get_running_loop().run_in_executor(
+                self._executor, _run_batch, db, fns
+            )
+        except Exception as exc:  # the COMMIT itself failed: nothing in the batch is durable
+            log.error("database write failed, %d change(s) rejected: %s", len(batch), exc)
+            outcomes = [(False, exc)] * len(batch)
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+
+def _run_batch(
+    db: sqlite_utils.Database, fns: list[Callable[[sqlite_utils.Database], Any]]
+) -> list[tuple[bool, Any]]:
+    outcomes: list[tuple[bool, Any]] = []
+    with db.atomic():
+        for fn in fns:
+            try:
+                with db.atomic():
+                    outcomes.append((True, fn(db)))
+            except Exception as exc:
+                outcomes.append((False, exc))
+    return outcomes
