@@ -15,6 +15,7 @@ import sqlite_utils
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Write = tuple[Callable[[sqlite_utils.Database], Any], "asyncio.Future[Any]"]
 
 # 'HMS\0': marks the file as ours, so a foreign database is refused rather than written into.
 APPLICATION_ID = 0x484D5300
@@ -40,7 +41,8 @@ class Database:
         self._synchronous = synchronous
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._db: sqlite_utils.Database | None = None
-        self._pending: list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]] = []
+        self._pending: list[_Write] = []
+        self._closing = False
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
@@ -79,17 +81,12 @@ class Database:
         return sqlite_utils.Database(conn)
 
     async def close(self) -> None:
+        """Commit what is queued, then close. Writes after this point are refused."""
+        self._closing = True
         if self._writer is not None:
             self._wakeup.set()
-            self._writer.cancel()
-            try:
-                await self._writer
-            except asyncio.CancelledError:
-                pass
+            await self._writer
             self._writer = None
-        # Writes that raced the shutdown still get committed.
-        if self._pending:
-            await self._commit_batch(self._take_batch())
         if self._db is not None:
             db = self._db
             self._db = None
@@ -104,6 +101,8 @@ class Database:
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` inside a transaction; return once it is committed to disk."""
         self._require_open()
+        if self._closing:
+            raise DatabaseError("database is closing")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
         self._wakeup.set()
@@ -114,7 +113,7 @@ class Database:
             raise DatabaseError("database is not open")
         return self._db
 
-    def _take_batch(self) -> list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]]:
+    def _take_batch(self) -> list[_Write]:
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         return batch
 
@@ -124,10 +123,10 @@ class Database:
             self._wakeup.clear()
             while self._pending:
                 await self._commit_batch(self._take_batch())
+            if self._closing:
+                return
 
-    async def _commit_batch(
-        self, batch: list[tuple[Callable[[sqlite_utils.Database], Any], asyncio.Future[Any]]]
-    ) -> None:
+    async def _commit_batch(self, batch: list[_Write]) -> None:
         db = self._require_open()
         fns = [fn for fn, _ in batch]
         try:

@@ -1,1 +1,52 @@
-"""placeholder."""
+"""The service registry: who is out there, at which URL, under which lease."""
+
+from .catalog import (
+    Catalog,
+    Change,
+    ChangeKind,
+    Clock,
+    Conflict,
+    HealthSource,
+    InstanceStatus,
+    NotFound,
+    RegistryError,
+    SystemClock,
+)
+from .durations import format_duration, parse_duration
+from .model import (
+    Duration,
+    HealthState,
+    HttpUrl,
+    Instance,
+    Name,
+    ProbeSpec,
+    RegistrationBody,
+    Tags,
+)
+from .store import RegistryStore, SqliteRegistryStore, Transactor
+
+__all__ = [
+    "Catalog",
+    "Change",
+    "ChangeKind",
+    "Clock",
+    "Conflict",
+    "Duration",
+    "HealthSource",
+    "HealthState",
+    "HttpUrl",
+    "Instance",
+    "InstanceStatus",
+    "Name",
+    "NotFound",
+    "ProbeSpec",
+    "RegistrationBody",
+    "RegistryError",
+    "RegistryStore",
+    "SqliteRegistryStore",
+    "SystemClock",
+    "Tags",
+    "Transactor",
+    "format_duration",
+    "parse_duration",
+]

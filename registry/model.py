@@ -6,10 +6,21 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from datetime import timedelta
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+)
+
+from .durations import format_duration, parse_duration
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 META_KEY_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -73,10 +84,73 @@ def check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     return tags
 
 
+def _to_timedelta(value: object) -> timedelta:
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, str):
+        return parse_duration(value)
+    raise ValueError("expected a duration string such as '10s'")
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("duration must be greater than zero")
+    return value
+
+
+DURATION_JSON_SCHEMA = {
+    "type": "string",
+    "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d|w))+$",
+    "examples": ["500ms", "10s", "1h30m"],
+}
+
+# A duration string at the edge, a timedelta inside, the same string when written back.
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(_to_timedelta),
+    AfterValidator(_positive),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(DURATION_JSON_SCHEMA),
+]
+
 Name = Annotated[str, AfterValidator(check_name)]
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 Tags = Annotated[tuple[Annotated[str, Field(max_length=128)], ...], AfterValidator(check_tags)]
 Meta = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], AfterValidator(check_meta)]
+
+
+class ProbeSpec(BaseModel):
+    """How an instance is probed. Every field is optional: unset ones fall back
+    to the service's probe in config, then to `defaults.probe`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["http", "tcp", "tls"] | None = None
+    method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] | None = None
+    path: str | None = Field(default=None, pattern=r"^/", max_length=2048)
+    headers: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=64
+    )
+    conditions: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] | None = Field(
+        default=None, max_length=64
+    )
+    interval: Duration | None = None
+    timeout: Duration | None = None
+    down_interval: Duration | None = None
+    failure_threshold: Annotated[int, Field(ge=1, le=1000)] | None = None
+    success_threshold: Annotated[int, Field(ge=1, le=1000)] | None = None
+    warning_latency: Duration | None = None
+    warning_certificate: Duration | None = None
+    keepalive: bool | None = None
+    tls_verify: bool | None = None
+    follow_redirects: bool | None = None
+    max_body_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] | None = None
+
+
+def _check_ttl(value: str | None) -> str | None:
+    if value is not None and value != "default":
+        _positive(parse_duration(value))
+    return value
 
 
 class RegistrationBody(BaseModel):
@@ -87,17 +161,24 @@ class RegistrationBody(BaseModel):
     url: HttpUrl
     tags: Tags = ()
     meta: Meta = Field(default_factory=dict)
-    probe: dict[str, Any] | None = None
-    ttl: str | None = Field(
+    probe: ProbeSpec | None = None
+    ttl: Annotated[str | None, AfterValidator(_check_ttl)] = Field(
         default=None,
         description="Lease length, e.g. '30s', or 'default' for defaults.lease.ttl. "
         "Absent: no lease, the instance stays until deleted.",
+        examples=["30s", "default"],
     )
-    deregister_after: str | None = Field(
+    deregister_after: Duration | None = Field(
         default=None,
         description="How long a lapsed instance stays (critical) before removal; "
-        "default defaults.lease.deregister_after.",
+        "absent: defaults.lease.deregister_after.",
     )
+
+    def lease_seconds(self, default_ttl: timedelta) -> float | None:
+        if self.ttl is None:
+            return None
+        ttl = default_ttl if self.ttl == "default" else parse_duration(self.ttl)
+        return ttl.total_seconds()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -109,7 +190,7 @@ class Instance:
     url: str
     tags: tuple[str, ...] = ()
     meta: Mapping[str, str] = field(default_factory=dict)
-    probe: Mapping[str, Any] | None = None
+    probe: ProbeSpec | None = None
     ttl: float | None = None  # seconds; None: no lease
     deregister_after: float = 600.0
     static: bool = False
@@ -130,3 +211,16 @@ class Instance:
             and self.ttl == other.ttl
             and self.deregister_after == other.deregister_after
         )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "service": self.service,
+            "id": self.id,
+            "url": self.url,
+            "tags": list(self.tags),
+            "meta": dict(self.meta),
+            "probe": self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
+            "ttl": format_duration(self.ttl) if self.ttl is not None else None,
+            "deregister_after": format_duration(self.deregister_after),
+            "static": self.static,
+        }

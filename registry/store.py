@@ -8,7 +8,7 @@ from typing import Protocol, TypeVar
 
 import sqlite_utils
 
-from .model import Instance
+from .model import Instance, ProbeSpec
 
 T = TypeVar("T")
 
@@ -46,14 +46,14 @@ class SqliteRegistryStore:
         row = _to_row(instance)
 
         def save(db: sqlite_utils.Database) -> None:
-            db[INSTANCES].upsert(row, pk=("service", "id"))  # type: ignore[union-attr]
+            db.table(INSTANCES).upsert(row, pk=("service", "id"))
             _set_index(db, index)
 
         await self._db.write(save)
 
     async def delete(self, service: str, instance_id: str, index: int) -> None:
         def delete(db: sqlite_utils.Database) -> None:
-            db.execute(f"DELETE FROM {INSTANCES} WHERE service = ? AND id = ?", [service, instance_id])
+            db.table(INSTANCES).delete_where("service = ? AND id = ?", [service, instance_id])
             _set_index(db, index)
 
         await self._db.write(delete)
@@ -83,7 +83,7 @@ def _create_tables(db: sqlite_utils.Database) -> None:
 
 def _set_index(db: sqlite_utils.Database, index: int) -> None:
     db.execute(
-        f"INSERT INTO {STATE}(key, value) VALUES ('index', ?) "
+        "INSERT INTO registry_state(key, value) VALUES ('index', ?) "
         "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
         [index],
     )
@@ -91,7 +91,7 @@ def _set_index(db: sqlite_utils.Database, index: int) -> None:
 
 def _load(db: sqlite_utils.Database) -> tuple[list[Instance], int]:
     instances = [_from_row(row) for row in db[INSTANCES].rows]
-    row = db.execute(f"SELECT value FROM {STATE} WHERE key = 'index'").fetchone()
+    row = db.execute("SELECT value FROM registry_state WHERE key = 'index'").fetchone()
     return instances, int(row[0]) if row else 0
 
 
@@ -102,7 +102,7 @@ def _to_row(instance: Instance) -> dict[str, object]:
         "url": instance.url,
         "tags": json.dumps(list(instance.tags)),
         "meta": json.dumps(dict(instance.meta)),
-        "probe": json.dumps(instance.probe) if instance.probe is not None else None,
+        "probe": instance.probe.model_dump_json(exclude_none=True) if instance.probe else None,
         "ttl": instance.ttl,
         "deregister_after": instance.deregister_after,
         "registered_at": instance.registered_at,
@@ -119,7 +119,7 @@ def _from_row(row: dict[str, object]) -> Instance:
         url=str(row["url"]),
         tags=tuple(json.loads(str(row["tags"]))),
         meta=json.loads(str(row["meta"])),
-        probe=json.loads(str(probe)) if probe is not None else None,
+        probe=ProbeSpec.model_validate_json(str(probe)) if probe is not None else None,
         ttl=float(ttl) if isinstance(ttl, (int, float)) else None,
         deregister_after=float(row["deregister_after"]),  # type: ignore[arg-type]
         registered_at=float(row["registered_at"] or 0.0),  # type: ignore[arg-type]

@@ -1,0 +1,391 @@
+"""The registry's live state: instances, leases, the modify index and blocking waits.
+
+Writes go to the store first and are applied in memory only once durable, so
+whatever a reader saw survives a crash. Heartbeats touch memory only: a lease
+is a promise about the next few seconds, not something worth an fsync.
+
+Leases are exact: an instance whose last renewal was at `t` turns critical at
+`t + ttl`, not at `2 * ttl` (the Eureka bug), and is removed
+`deregister_after` later. Expiry is computed from the clock whenever the
+catalog is read, so the answer never depends on when the reaper last ran; the
+reaper only makes the removals durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from .model import HealthState, Instance
+from .store import RegistryStore
+
+log = logging.getLogger(__name__)
+
+MAX_REAPER_SLEEP = 1.0
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    def time(self) -> float: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time()
+
+
+class RegistryError(Exception):
+    """A registry operation refused; `status` is the HTTP status it maps to."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(RegistryError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(RegistryError):
+    status = 409
+    code = "conflict"
+
+
+class ChangeKind(enum.StrEnum):
+    REGISTERED = "registered"
+    UPDATED = "updated"
+    DEREGISTERED = "deregistered"
+    LAPSED = "lapsed"
+    RENEWED = "renewed"  # back from a lapse
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: ChangeKind
+    instance: Instance
+
+
+class HealthSource(Protocol):
+    """Where health comes from (the monitor's probes); the registry only adds lease lapses."""
+
+    def health_of(self, instance: Instance) -> HealthState: ...
+
+
+class UnknownHealth:
+    def health_of(self, instance: Instance) -> HealthState:
+        return HealthState.UNKNOWN
+
+
+@dataclass(slots=True)
+class _Entry:
+    instance: Instance
+    renewed_at: float  # monotonic
+    lapsed: bool = False
+    removed: bool = False
+
+    def expires_at(self) -> float | None:
+        ttl = self.instance.ttl
+        return None if ttl is None else self.renewed_at + ttl
+
+    def removal_due(self) -> float | None:
+        expires = self.expires_at()
+        return None if expires is None else expires + self.instance.deregister_after
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    """An instance as readers see it."""
+
+    instance: Instance
+    health: HealthState
+    lease_expires_in: float | None  # seconds; negative once lapsed
+    lapsed: bool
+
+
+class Catalog:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        clock: Clock | None = None,
+        health: HealthSource | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock or SystemClock()
+        self.health: HealthSource = health or UnknownHealth()
+        self._services: dict[str, dict[str, _Entry]] = {}
+        self._service_index: dict[str, int] = {}
+        self._index = 0
+        self._deadlines: list[tuple[float, str, str]] = []  # lazy: re-checked when popped
+        self._removals: list[_Entry] = []
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._reaper_wakeup = asyncio.Event()
+        self._listeners: list[Callable[[Change], None]] = []
+        self.heartbeats_total = 0
+        self.expirations_total = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def load(self, static: Iterable[Instance] = ()) -> int:
+        """Restore registered instances; each lease gets one fresh ttl of grace."""
+        instances, index = await self._store.load()
+        now = self._clock.monotonic()
+        for instance in static:
+            self._put(_Entry(replace(instance, static=True), now))
+        for instance in instances:
+            if self._entry(instance.service, instance.id) is not None:
+                log.warning("registered %s/%s shadowed by a static instance", *instance.key)
+                continue
+            self._put(_Entry(instance, now))
+        # Above anything a client saw before the restart (see ARCHITECTURE.md, "index").
+        self._index = index + 1
+        for service in self._services:
+            self._service_index[service] = self._index
+        return len(instances)
+
+    async def run_reaper(self) -> None:
+        """Make lease removals durable. Owned by the app; cancelled on shutdown."""
+        while True:
+            self.expire_due()
+            while self._removals:
+                await self._remove_durably(self._removals.pop(0))
+                self.expire_due()
+            timeout = MAX_REAPER_SLEEP
+            if self._deadlines:
+                timeout = min(timeout, max(0.0, self._deadlines[0][0] - self._clock.monotonic()))
+            self._reaper_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reaper_wakeup.wait(), timeout)
+
+    def add_listener(self, listener: Callable[[Change], None]) -> None:
+        self._listeners.append(listener)
+
+    # -- writes --------------------------------------------------------------------
+
+    async def register(self, instance: Instance) -> tuple[Instance, bool]:
+        """Register or update (service, id). Returns the stored instance and whether it is new."""
+        async with self._locked(instance.key):
+            self.expire_due()
+            current = self._entry(instance.service, instance.id)
+            if current is not None and current.instance.static:
+                raise Conflict(f"{instance.service}/{instance.id} is defined in config.yaml")
+            now = self._clock.time()
+            created = current is None or current.removed
+            if current is not None and not created:
+                instance = replace(
+                    instance, registered_at=current.instance.registered_at, updated_at=now
+                )
+                if current.instance.same_registration(instance) and not current.lapsed:
+                    current.renewed_at = self._clock.monotonic()
+                    return current.instance, False
+            else:
+                instance = replace(instance, registered_at=now, updated_at=now)
+            await self._store.save(instance, self._index + 1)
+            self._put(_Entry(instance, self._clock.monotonic()))
+            kind = ChangeKind.REGISTERED if created else ChangeKind.UPDATED
+            self._announce(instance.service, Change(kind, instance))
+            return instance, created
+
+    def heartbeat(self, service: str, instance_id: str) -> InstanceStatus:
+        """Renew a lease. In memory only; a lapsed instance comes back at once."""
+        self.expire_due()
+        entry = self._entry(service, instance_id)
+        if entry is None or entry.removed:
+            raise NotFound(f"instance {service}/{instance_id} is not registered")
+        if entry.instance.static:
+            raise Conflict(f"{service}/{instance_id} is defined in config.yaml and has no lease")
+        if entry.instance.ttl is None:
+            raise Conflict(f"{service}/{instance_id} was registered without a ttl")
+        self.heartbeats_total += 1
+        entry.renewed_at = self._clock.monotonic()
+        if entry.lapsed:
+            entry.lapsed = False
+            self._push_deadline(entry)
+            self._announce(service, Change(ChangeKind.RENEWED, entry.instance))
+        return self._status(entry, entry.renewed_at)
+
+    async def deregister(self, service: str, instance_id: str) -> None:
+        async with self._locked((service, instance_id)):
+            self.expire_due()
+            entry = self._entry(service, instance_id)
+            if entry is None or entry.removed:
+                raise NotFound(f"instance {service}/{instance_id} is not registered")
+            if entry.instance.static:
+                raise Conflict(f"{service}/{instance_id} is defined in config.yaml")
+            await self._store.delete(service, instance_id, self._index + 1)
+            self._drop(entry)
+            self._announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
+
+    def touch(self, service: str) -> None:
+        """Bump the index for a change the registry does not own (a health transition)."""
+        if service in self._services:
+            self._announce(service, None)
+
+    # -- reads ---------------------------------------------------------------------
+
+    @property
+    def index(self) -> int:
+        self.expire_due()
+        return self._index
+
+    def service_index(self, service: str) -> int:
+        self.expire_due()
+        return self._service_index.get(service, 0)
+
+    def services(self) -> dict[str, list[InstanceStatus]]:
+        self.expire_due()
+        now = self._clock.monotonic()
+        return {
+            name: [self._status(e, now) for e in entries.values() if not e.removed]
+            for name, entries in sorted(self._services.items())
+        }
+
+    def instances(self, service: str | None = None) -> list[InstanceStatus]:
+        """Instances in a stable order (service, id), optionally of one service."""
+        self.expire_due()
+        now = self._clock.monotonic()
+        names = [service] if service is not None else sorted(self._services)
+        out: list[InstanceStatus] = []
+        for name in names:
+            entries = self._services.get(name, {})
+            live = (entries[i] for i in sorted(entries) if not entries[i].removed)
+            out.extend(self._status(entry, now) for entry in live)
+        return out
+
+    def get(self, service: str, instance_id: str) -> InstanceStatus | None:
+        self.expire_due()
+        entry = self._entry(service, instance_id)
+        if entry is None or entry.removed:
+            return None
+        return self._status(entry, self._clock.monotonic())
+
+    async def wait_for_change(self, service: str, index: int, wait: float) -> int:
+        """Wait until the service's modify index passes `index` or `wait` seconds elapse.
+
+        An index from the future (the daemon restarted, or a made-up number)
+        returns at once, so the client starts over as Consul's clients do.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while not self._passed(service, index):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            event = self._waiters.setdefault(service, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+        return self.service_index(service)
+
+    def _passed(self, service: str, index: int) -> bool:
+        return self.service_index(service) > index or index > self._index
+
+    # -- internals -----------------------------------------------------------------
+
+    def expire_due(self) -> None:
+        """Apply every lapse and removal whose time has come."""
+        now = self._clock.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, service, instance_id = heapq.heappop(self._deadlines)
+            entry = self._entry(service, instance_id)
+            if entry is None or entry.removed:
+                continue
+            expires, removal = entry.expires_at(), entry.removal_due()
+            if expires is None or removal is None:
+                continue
+            if not entry.lapsed and now < expires:
+                self._push_deadline(entry)  # renewed since this deadline was queued
+            elif not entry.lapsed:
+                entry.lapsed = True
+                self.expirations_total += 1
+                heapq.heappush(self._deadlines, (removal, service, instance_id))
+                log.info("lease of %s/%s lapsed; instance is critical", service, instance_id)
+                self._announce(service, Change(ChangeKind.LAPSED, entry.instance))
+            elif now >= removal:
+                entry.removed = True
+                self._removals.append(entry)
+                self._reaper_wakeup.set()
+                self._announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
+            else:
+                heapq.heappush(self._deadlines, (removal, service, instance_id))
+
+    async def _remove_durably(self, entry: _Entry) -> None:
+        service, instance_id = entry.instance.key
+        async with self._locked(entry.instance.key):
+            if self._entry(service, instance_id) is not entry:
+                return  # registered again meanwhile: the new registration stands
+            try:
+                await self._store.delete(service, instance_id, self._index)
+            except Exception:
+                log.exception("could not remove lapsed %s/%s; will retry", service, instance_id)
+                self._removals.append(entry)
+                await asyncio.sleep(MAX_REAPER_SLEEP)
+                return
+            self._drop(entry)
+            log.info("removed %s/%s after its lease lapsed", service, instance_id)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """Serialize writes to one key, so disk and memory apply them in the same order."""
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._key_locks.get(key) is lock:
+                del self._key_locks[key]
+
+    def _status(self, entry: _Entry, now: float) -> InstanceStatus:
+        expires = entry.expires_at()
+        health = HealthState.CRITICAL if entry.lapsed else self.health.health_of(entry.instance)
+        return InstanceStatus(
+            instance=entry.instance,
+            health=health,
+            lease_expires_in=None if expires is None else expires - now,
+            lapsed=entry.lapsed,
+        )
+
+    def _entry(self, service: str, instance_id: str) -> _Entry | None:
+        return self._services.get(service, {}).get(instance_id)
+
+    def _put(self, entry: _Entry) -> None:
+        self._services.setdefault(entry.instance.service, {})[entry.instance.id] = entry
+        self._push_deadline(entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        service, instance_id = entry.instance.key
+        entries = self._services.get(service, {})
+        entries.pop(instance_id, None)
+        if not entries:
+            self._services.pop(service, None)
+
+    def _push_deadline(self, entry: _Entry) -> None:
+        expires = entry.expires_at()
+        if expires is not None:
+            heapq.heappush(self._deadlines, (expires, *entry.instance.key))
+            self._reaper_wakeup.set()
+
+    def _announce(self, service: str, change: Change | None) -> None:
+        self._index += 1
+        self._service_index[service] = self._index
+        waiters = self._waiters.pop(service, None)
+        if waiters is not None:
+            waiters.set()
+        if change is None:
+            return
+        for listener in self._listeners:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("registry listener %r failed on %s", listener, change.kind)
