@@ -10,6 +10,7 @@ from .catalog import (
     InstanceStatus,
     NotFound,
     RegistryError,
+    StoreUnavailable,
     SystemClock,
 )
 from .durations import format_duration, parse_duration
@@ -44,6 +45,7 @@ __all__ = [
     "RegistryError",
     "RegistryStore",
     "SqliteRegistryStore",
+    "StoreUnavailable",
     "SystemClock",
     "Tags",
     "Transactor",

@@ -19,10 +19,11 @@ import enum
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from .errors import ApiError
 from .model import HealthState, Instance
 from .store import RegistryStore
 
@@ -45,11 +46,14 @@ class SystemClock:
         return time.time()
 
 
-class RegistryError(Exception):
-    """A registry operation refused; `status` is the HTTP status it maps to."""
+class RegistryError(ApiError):
+    """A registry operation refused; the class says which HTTP status it maps to."""
 
     status = 400
     code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(type(self).status, message, code=type(self).code)
 
 
 class NotFound(RegistryError):
@@ -60,6 +64,13 @@ class NotFound(RegistryError):
 class Conflict(RegistryError):
     status = 409
     code = "conflict"
+
+
+class StoreUnavailable(RegistryError):
+    """The change could not be made durable, so it was not made at all."""
+
+    status = 503
+    code = "storage_unavailable"
 
 
 class ChangeKind(enum.StrEnum):
@@ -133,15 +144,21 @@ class Catalog:
         self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._reaper_wakeup = asyncio.Event()
         self._listeners: list[Callable[[Change], None]] = []
+        self._declared: frozenset[str] = frozenset()
         self.heartbeats_total = 0
         self.expirations_total = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def load(self, static: Iterable[Instance] = ()) -> int:
-        """Restore registered instances; each lease gets one fresh ttl of grace."""
+    async def load(self, static: Iterable[Instance] = (), declared: Iterable[str] = ()) -> int:
+        """Restore registered instances; each lease gets one fresh ttl of grace.
+
+        `static` are config's instances; `declared` are config's services, listed
+        even while no instance of theirs exists.
+        """
         instances, index = await self._store.load()
         now = self._clock.monotonic()
+        self._declared = frozenset(declared)
         for instance in static:
             self._put(_Entry(replace(instance, static=True), now))
         for instance in instances:
@@ -192,7 +209,7 @@ class Catalog:
                     return current.instance, False
             else:
                 instance = replace(instance, registered_at=now, updated_at=now)
-            await self._store.save(instance, self._index + 1)
+            await self._durably(self._store.save(instance, self._index + 1))
             self._put(_Entry(instance, self._clock.monotonic()))
             kind = ChangeKind.REGISTERED if created else ChangeKind.UPDATED
             self._announce(instance.service, Change(kind, instance))
@@ -224,7 +241,7 @@ class Catalog:
                 raise NotFound(f"instance {service}/{instance_id} is not registered")
             if entry.instance.static:
                 raise Conflict(f"{service}/{instance_id} is defined in config.yaml")
-            await self._store.delete(service, instance_id, self._index + 1)
+            await self._durably(self._store.delete(service, instance_id, self._index + 1))
             self._drop(entry)
             self._announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
 
@@ -247,9 +264,14 @@ class Catalog:
     def services(self) -> dict[str, list[InstanceStatus]]:
         self.expire_due()
         now = self._clock.monotonic()
+        names = sorted(self._declared.union(self._services))
         return {
-            name: [self._status(e, now) for e in entries.values() if not e.removed]
-            for name, entries in sorted(self._services.items())
+            name: [
+                self._status(entry, now)
+                for _, entry in sorted(self._services.get(name, {}).items())
+                if not entry.removed
+            ]
+            for name in names
         }
 
     def instances(self, service: str | None = None) -> list[InstanceStatus]:
@@ -334,6 +356,14 @@ class Catalog:
                 return
             self._drop(entry)
             log.info("removed %s/%s after its lease lapsed", service, instance_id)
+
+    @staticmethod
+    async def _durably(write: Awaitable[None]) -> None:
+        try:
+            await write
+        except Exception as exc:
+            log.error("registry write failed: %s", exc)
+            raise StoreUnavailable(f"storage unavailable, change not made: {exc}") from exc
 
     @contextlib.asynccontextmanager
     async def _locked(self, key: tuple[str, str]) -> AsyncIterator[None]:

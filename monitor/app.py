@@ -1,0 +1,205 @@
+"""The composition root: builds the aiohttp application from a Config."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from registry import Catalog, Clock, Instance, SqliteRegistryStore
+from registry import openapi as registry_openapi
+from registry.auth import Authorizer
+from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
+from registry.metrics import RegistryCollector
+from registry.routes import LeaseDefaults, RegistryRoutes
+
+from .config import Config
+from .database import Database
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+DATABASE = web.AppKey("database", Database)
+CATALOG = web.AppKey("catalog", Catalog)
+METRICS = web.AppKey("metrics", CollectorRegistry)
+REAPER = web.AppKey("reaper", asyncio.Task[None])
+
+
+def build_app(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    metrics: CollectorRegistry | None = None,
+) -> web.Application:
+    auth = _authorizer(config)
+    app = web.Application(
+        middlewares=[error_middleware, auth.middleware()],
+        client_max_size=MAX_BODY_BYTES,
+    )
+    database = Database(config.storage.path)
+    catalog = Catalog(SqliteRegistryStore(database), clock=clock)
+    app[CONFIG] = config
+    app[DATABASE] = database
+    app[CATALOG] = catalog
+    app[METRICS] = metrics or CollectorRegistry(auto_describe=True)
+    app[METRICS].register(RegistryCollector(catalog))
+
+    leases = LeaseDefaults(
+        ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
+    )
+    app.add_routes(RegistryRoutes(catalog, auth, leases).routes())
+    app.add_routes(
+        [
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics_handler),
+            web.get("/openapi.json", openapi_handler),
+        ]
+    )
+    app.cleanup_ctx.append(_run_registry)
+    if not auth.enabled and not config.server.is_loopback:
+        log.warning(
+            "no auth tokens configured and listening on %s: anyone who can reach it may "
+            "register, deregister and publish (set server.auth.tokens)",
+            config.server.listen,
+        )
+    return app
+
+
+def _authorizer(config: Config) -> Authorizer:
+    auth = config.server.auth
+    if auth is None:
+        return Authorizer((), protect_reads=False)
+    tokens = ((t.token.get_secret_value(), t.scopes) for t in auth.tokens)
+    return Authorizer(tokens, protect_reads=auth.protect_reads)
+
+
+def static_instances(config: Config) -> list[Instance]:
+    return [
+        Instance(
+            service=service.name,
+            id=instance.id,
+            url=instance.url,
+            tags=service.tags,
+            meta={**service.meta, **instance.meta},
+            probe=service.probe,
+            static=True,
+        )
+        for service in config.services
+        for instance in service.instances
+    ]
+
+
+async def _run_registry(app: web.Application) -> AsyncIterator[None]:
+    config, database, catalog = app[CONFIG], app[DATABASE], app[CATALOG]
+    await database.open()
+    try:
+        restored = await catalog.load(
+            static_instances(config), declared=(s.name for s in config.services)
+        )
+        log.info("registry restored %d registered instance(s)", restored)
+        app[REAPER] = asyncio.create_task(catalog.run_reaper(), name="registry-reaper")
+        yield
+        app[REAPER].cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app[REAPER]
+    finally:
+        await database.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    checks = {
+        "store": app[DATABASE].is_open,
+        "registry": REAPER in app and not app[REAPER].done(),
+    }
+    if all(checks.values()):
+        return web.json_response({"status": "ready", "checks": checks})
+    failing = [name for name, ok in checks.items() if not ok]
+    return error_response(503, f"not ready: {', '.join(failing)}", details=checks)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS])
+    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        response.enable_compression(web.ContentCoding.gzip)
+    return response
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def openapi_document() -> dict[str, Any]:
+    error = registry_openapi.error_responses
+    status = {
+        "description": "status",
+        "content": registry_openapi.json_content({"type": "object"}),
+    }
+    operations: dict[str, Any] = {
+        "/healthz": {
+            "get": {"summary": "Liveness", "operationId": "healthz", "responses": {"200": status}}
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: store open, background jobs running",
+                "operationId": "readyz",
+                "responses": {"200": status, **error(503)},
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus exposition",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "metrics",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **error(401),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": registry_openapi.json_content({"type": "object"}),
+                    },
+                    **error(401),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "hms-mgmt", "version": _version()},
+        "paths": {**registry_openapi.paths(), **operations},
+        "components": {
+            "schemas": registry_openapi.components(),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hms-mgmt")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,84 @@
+"""The `hms-mgmt` command line (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from .config import Config, ConfigError, config_warnings, load_config
+from .database import DatabaseError
+
+log = logging.getLogger("hms-mgmt")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(Path(args.config))
+    except ConfigError as exc:
+        print(f"{args.config}: {len(exc.errors)} error(s)", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return 1
+    for warning in config_warnings(config):
+        log.warning("config: %s", warning)
+    command: int = args.run(args, config)
+    return command
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hms-mgmt",
+        description="Service registry, health and SLO monitor, workflow orchestrator.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="config.yaml", help="default: ./config.yaml")
+    common.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser("serve", parents=[common], help="run the daemon")
+    serve.set_defaults(run=_serve)
+    check = commands.add_parser(
+        "check-config", parents=[common], help="validate the config; exit 1 listing every error"
+    )
+    check.set_defaults(run=_check_config)
+    return parser
+
+
+def _check_config(args: argparse.Namespace, config: Config) -> int:
+    print(
+        f"{args.config}: ok ({len(config.services)} service(s), "
+        f"{len(config.workflows)} workflow(s))"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace, config: Config) -> int:
+    from .app import build_app
+
+    app = build_app(config)
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            access_log=None,
+            print=lambda _: log.info("listening on http://%s", config.server.listen),
+            shutdown_timeout=10,
+        )
+    except DatabaseError as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.server.listen, exc)
+        return 1
+    return 0

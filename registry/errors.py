@@ -1,0 +1,108 @@
+"""The JSON error shape every route answers with, and strict request-body parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_BODY_BYTES = 1024 * 1024
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """Raised anywhere under a handler; rendered as `{"error": {code, message, details}}`."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, details: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _STATUS_CODES.get(status, "error")
+        self.message = message
+        self.details = details
+
+
+def error_response(
+    status: int, message: str, *, code: str | None = None, details: Any = None
+) -> web.Response:
+    body = {
+        "error": {
+            "code": code or _STATUS_CODES.get(status, "error"),
+            "message": message,
+            "details": details,
+        }
+    }
+    return web.json_response(body, status=status)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the JSON error shape; nothing escapes as an HTML page."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.message, code=exc.code, details=exc.details)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = error_response(exc.status, exc.reason)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal error; see the daemon log", code="internal")
+
+
+async def parse_body(request: web.Request, model: type[M]) -> M:
+    """Read a JSON body into `model`, or raise a 400/422 naming every bad field."""
+    raw = await request.read()  # bounded by the app's client_max_size
+    if not raw:
+        raise ApiError(400, "request body is empty; expected a JSON object")
+    try:
+        json.loads(raw)  # pydantic's own message for bad JSON is not meant for users
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise ApiError(400, "JSON nested too deeply", code="malformed_json") from None
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid request body", details=field_errors(exc)) from None
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    return [
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or "(body)",
+            "message": error["msg"].removeprefix("Value error, "),
+        }
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
