@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -298,32 +298,28 @@ def parse_config(
     env = os.environ if env is None else env
     node, data = _parse_yaml(text, source)
     lines = dict(_lines(node, ()))
-    errors = [f"{source}:{lines.get(p, 1)}: {msg}" for p, msg in _duplicate_keys(node, ())]
+    problems: list[tuple[Path_, str]] = list(_duplicate_keys(node, ()))
     unset: list[tuple[Path_, str]] = []
     data = _expand(data, (), env, unset)
-    errors += [
-        f"{source}:{_line_of(lines, p)}: {_dotted(p)}: environment variable {name} is not set"
-        for p, name in unset
-    ]
+    problems += [(p, f"environment variable {name} is not set") for p, name in unset]
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the top level must be a mapping of sections"])
+    problems += _cross_check(data)
+    config: Config | None = None
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         for error in _root_causes(exc, unset):
-            where = _known_prefix(data, error["loc"])
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
                 message = "unknown key"
-            errors.append(f"{source}:{_line_of(lines, where)}: {_dotted(error['loc'])}: {message}")
-        raise ConfigError(errors) from None
-    errors.extend(
-        f"{source}:{_line_of(lines, p)}: {_dotted(p)}: {msg}" for p, msg in _cross_check(config)
-    )
-    if errors:
-        raise ConfigError(errors)
+            problems.append((tuple(error["loc"]), message))
+    if problems or config is None:
+        located = [(_line_of(lines, _known_prefix(data, p)), _dotted(p), m) for p, m in problems]
+        located.sort(key=lambda item: item[0])  # stable: same-line errors keep their order
+        raise ConfigError([f"{source}:{line}: {path}: {msg}" for line, path, msg in located])
     return config
 
 
@@ -391,7 +387,7 @@ def _duplicate_keys(node: yaml.Node | None, path: Path_) -> Iterator[tuple[Path_
         for key, value in node.value:
             name = str(key.value)
             if name in seen:
-                yield (*path, name), f"{_dotted((*path, name))}: duplicate key"
+                yield (*path, name), "duplicate key"
             seen.add(name)
             yield from _duplicate_keys(value, (*path, name))
     elif isinstance(node, yaml.SequenceNode):
@@ -473,36 +469,44 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _cross_check(config: Config) -> Iterator[tuple[Path_, str]]:
-    yield from _unique((("services", i), s.name) for i, s in enumerate(config.services))
-    yield from _unique((("workflows", i), w.name) for i, w in enumerate(config.workflows))
-    yield from _unique((("notifications", i), n.name) for i, n in enumerate(config.notifications))
-    instance_ids = (
-        (("services", i, "instances", j), f"{s.name}/{inst.id}")
-        for i, s in enumerate(config.services)
-        for j, inst in enumerate(s.instances)
+def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
+    """Checks across entries, on the raw data so they run even when fields are invalid."""
+    services = _items(data, "services")
+    workflows = _items(data, "workflows")
+    yield from _unique((("services", i), s.get("name")) for i, s in services)
+    yield from _unique((("workflows", i), w.get("name")) for i, w in workflows)
+    yield from _unique(
+        (("notifications", i), n.get("name")) for i, n in _items(data, "notifications")
     )
-    yield from _unique(instance_ids)
-    for i, service in enumerate(config.services):
-        if service.name in service.depends_on:
+    yield from _unique((("workflows", i, "route"), w.get("route")) for i, w in workflows)
+    for i, service in services:
+        if service.get("name") in (service.get("depends_on") or ()):
             yield ("services", i, "depends_on"), "a service cannot depend on itself"
+        prefix: Path_ = ("services", i)
         yield from _unique(
-            (("services", i, "slos", j), slo.name) for j, slo in enumerate(service.slos)
+            ((*prefix, "instances", j), x.get("id")) for j, x in _items(service, "instances")
         )
-    routes = (
-        (("workflows", i, "route"), w.route)
-        for i, w in enumerate(config.workflows)
-        if w.route is not None
-    )
-    yield from _unique(routes)
-    for i, workflow in enumerate(config.workflows):
-        steps = ((("workflows", i, "steps", j), s.name) for j, s in enumerate(workflow.steps))
-        yield from _unique(steps)
+        yield from _unique(
+            ((*prefix, "slos", j), x.get("name")) for j, x in _items(service, "slos")
+        )
+    for i, workflow in workflows:
+        steps = _items(workflow, "steps")
+        yield from _unique((("workflows", i, "steps", j), x.get("name")) for j, x in steps)
 
 
-def _unique(items: Iterator[tuple[Path_, str]]) -> Iterator[tuple[Path_, str]]:
+def _items(parent: Any, key: str) -> list[tuple[int, dict[str, Any]]]:
+    """The mappings in parent[key], with their positions; anything malformed is skipped."""
+    value = parent.get(key) if isinstance(parent, dict) else None
+    if not isinstance(value, list):
+        return []
+    return [(i, item) for i, item in enumerate(value) if isinstance(item, dict)]
+
+
+def _unique(items: Iterable[tuple[Path_, object]]) -> Iterator[tuple[Path_, str]]:
     seen: set[str] = set()
     for path, name in items:
+        if not isinstance(name, str):
+            continue
         if name in seen:
             yield path, f"duplicate name {name!r}"
         seen.add(name)

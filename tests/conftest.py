@@ -1,0 +1,85 @@
+"""Shared fixtures: a controllable clock, configs on a real SQLite file, real daemons."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from monitor import build_app, parse_config
+from monitor.config import Config
+
+AppClient = TestClient  # type: ignore[type-arg]
+
+
+class FakeClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.wall = 1_800_000_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.wall
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., Config]:
+    """A Config whose database lives in this test's tmp_path."""
+
+    def make(**sections: Any) -> Config:
+        data: dict[str, Any] = {"storage": {"path": str(tmp_path / "hms.db")}}
+        data.update(sections)
+        return parse_config(yaml.safe_dump(data), base_dir=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+def start_daemon(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
+) -> Callable[..., Awaitable[AppClient]]:
+    """Build an app from a Config and serve it on a free 127.0.0.1 port."""
+
+    async def start(config: Config) -> AppClient:
+        app = build_app(config, clock=clock, metrics=CollectorRegistry())
+        return await aiohttp_client(app)
+
+    return start
+
+
+@pytest.fixture
+async def daemon(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> AppClient:
+    return await start_daemon(make_config())
+
+
+def require_tool(name: str) -> str:
+    """The path of an external program; in CI its absence fails the test instead of skipping."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (make test installs it via .ci/tools)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path

@@ -1,0 +1,224 @@
+"""config.yaml: the full schema, env expansion, and errors that name key and line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from monitor.config import ConfigError, config_warnings, load_config, parse_config
+
+from .processes import ROOT, env_without_ci, free_port
+
+DESIGN = ROOT.parent / "shared" / "DESIGN.md"
+DESIGN_ENV = {
+    "HMS_ADMIN_TOKEN": "admin-secret-1",
+    "PAYMENTS_TOKEN": "pay-secret-1",
+    "HOOK_SECRET": "s",
+}
+
+
+def design_example() -> str:
+    text = DESIGN.read_text()
+    match = re.search(r"## 2\. config\.yaml.*?```yaml\n(.*?)```", text, re.S)
+    assert match, "DESIGN.md §2 has a yaml example"
+    return match.group(1)
+
+
+def errors_of(text: str, **env: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, env=env)
+    return caught.value.errors
+
+
+@pytest.mark.skipif(not DESIGN.exists(), reason="DESIGN.md lives beside the project checkout")
+def test_the_design_example_loads() -> None:
+    config = parse_config(design_example(), env=DESIGN_ENV)
+    assert config.server.auth is not None
+    assert config.server.auth.tokens[0].token.get_secret_value() == "admin-secret-1"
+    payments = config.service("payments")
+    assert payments is not None
+    assert payments.probe is not None and payments.probe.path == "/health"
+    assert config.defaults.probe.down_interval == timedelta(seconds=2)
+    assert config.workflows[0].steps[2].delay == timedelta(hours=1)
+    assert config.maintenance[0].every == ("sunday",)
+
+
+def test_the_shipped_config_runs_as_is() -> None:
+    config = load_config(ROOT / "config.yaml", env={})
+    assert config.server.listen == "127.0.0.1:9797"
+    assert config.storage.path == ROOT / "var" / "hms-mgmt.db"
+
+
+def test_an_empty_file_is_all_defaults() -> None:
+    config = parse_config("")
+    assert config.defaults.lease.ttl == timedelta(seconds=30)
+    assert config.storage.retention == timedelta(days=400)
+
+
+def test_every_error_is_reported_with_path_and_line() -> None:
+    text = """\
+server:
+  listen: 127.0.0.1:9797
+defaults:
+  probe: {interval: 10 seconds}
+services:
+  - name: payments
+    colour: red
+    slos:
+      - {name: availability, objective: 120}
+"""
+    assert errors_of(text) == [
+        "config.yaml:4: defaults.probe.interval: invalid duration '10 seconds' "
+        "(expected e.g. 500ms, 10s, 5m, 1h30m, 2d)",
+        "config.yaml:7: services[0].colour: unknown key",
+        "config.yaml:9: services[0].slos[0].objective: Input should be less than 100",
+    ]
+
+
+def test_env_variables_expand_with_defaults() -> None:
+    text = "server:\n  listen: ${HOST:-127.0.0.1}:${PORT}\n"
+    config = parse_config(text, env={"PORT": "9898"})
+    assert config.server.listen == "127.0.0.1:9898"
+
+
+def test_dollar_dollar_is_a_literal_dollar() -> None:
+    text = "services:\n  - name: a\n    meta: {price: '$${X}'}\n"
+    assert parse_config(text, env={}).services[0].meta == {"price": "${X}"}
+
+
+def test_an_unset_env_variable_is_an_error_naming_it() -> None:
+    text = "server:\n  auth:\n    tokens:\n      - token: ${ADMIN_TOKEN}\n        scopes: ['*']\n"
+    assert errors_of(text) == [
+        "config.yaml:4: server.auth.tokens[0].token: environment variable ADMIN_TOKEN is not set"
+    ]
+
+
+def test_invalid_yaml_names_the_line() -> None:
+    assert errors_of("server:\n  listen: [oops\nstorage: {}\n")[0].startswith(
+        "config.yaml:3: invalid YAML"
+    )
+
+
+def test_duplicate_keys_are_errors() -> None:
+    assert errors_of("storage:\n  path: a.db\n  path: b.db\n") == [
+        "config.yaml:3: storage.path: duplicate key"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("services:\n  - name: a\n  - name: a\n", "services[1]: duplicate name 'a'"),
+        ("services:\n  - name: a\n    depends_on: [a]\n", "a service cannot depend on itself"),
+        ("services:\n  - name: a b\n", "services[0].name: must be 1 to 128 characters"),
+        (
+            "services:\n  - name: a\n    instances: [{id: x, url: 'ftp://h'}]\n",
+            "http:// or https://",
+        ),
+        ("server:\n  listen: nowhere\n", "server.listen: expected host:port"),
+        (
+            "server:\n  auth:\n    tokens: [{token: abcdefghij, scopes: ['delete:*']}]\n",
+            "scope must be '*' or <verb>:<glob>",
+        ),
+        (
+            "maintenance:\n  - {services: [a], duration: 1h, timezone: Mars/Base}\n",
+            "unknown timezone 'Mars/Base'",
+        ),
+        (
+            "maintenance:\n  - {services: [a], duration: 1h}\n",
+            "set either start (recurring) or at (one-off)",
+        ),
+        (
+            "services:\n  - name: a\n    slos: [{name: l, objective: 99, latency_threshold: 1s, "
+            "sli: {error_query: e, total_query: t}}]\n",
+            "set latency_threshold or sli, not both",
+        ),
+        (
+            "workflows:\n  - name: W\n    steps: [{name: s}]\n",
+            "a step needs exactly one of call, publish, wait_for",
+        ),
+        (
+            "workflows:\n  - name: W\n    route: /v1/start\n    steps: [{name: s, publish: x}]\n",
+            "route must start with / and not be under /v1",
+        ),
+        (
+            "workflows:\n  - name: W\n    steps: [{name: s, publish: x}, {name: s, publish: y}]\n",
+            "duplicate name 's'",
+        ),
+        ("notifications:\n  - {name: n, url: 'http://h/x', events: [], format: xml}\n", "format"),
+    ],
+)
+def test_bad_values_are_named(text: str, expected: str) -> None:
+    assert any(expected in error for error in errors_of(text)), errors_of(text)
+
+
+def test_unknown_dependencies_are_warnings_not_errors() -> None:
+    config = parse_config("services:\n  - name: a\n    depends_on: [ledger]\n")
+    assert config_warnings(config) == [
+        "services[0].depends_on: 'ledger' is not a configured service (it may register later)"
+    ]
+
+
+def test_storage_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("storage: {path: data/x.db}\n")
+    assert load_config(tmp_path / "c.yaml").storage.path == tmp_path / "data" / "x.db"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_without_ci(),
+        timeout=60,
+        check=False,
+    )
+
+
+BAD = "services:\n  - name: a\n    colour: red\n  - name: a\ndefaults: {lease: {ttl: forever}}\n"
+
+
+def test_check_config_lists_every_error_and_exits_1(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(BAD)
+    result = run_cli("check-config", "--config", str(tmp_path / "bad.yaml"))
+    assert result.returncode == 1
+    assert "3 error(s)" in result.stderr
+    assert "bad.yaml:3: services[0].colour: unknown key" in result.stderr
+    assert "bad.yaml:5: defaults.lease.ttl: invalid duration 'forever'" in result.stderr
+    assert "bad.yaml:4: services[1]: duplicate name 'a'" in result.stderr
+
+
+def test_check_config_accepts_a_good_file(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(ROOT / "config.yaml"))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+
+
+def test_serve_refuses_a_bad_config_the_same_way(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(BAD)
+    result = run_cli("serve", "--config", str(tmp_path / "bad.yaml"))
+    assert result.returncode == 1
+    assert "bad.yaml:3: services[0].colour: unknown key" in result.stderr
+
+
+def test_serve_refuses_a_foreign_database(tmp_path: Path) -> None:
+    import sqlite3
+
+    foreign = tmp_path / "other.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE accounts (id INTEGER)")
+    before = foreign.read_bytes()
+    listen = f"127.0.0.1:{free_port()}"
+    (tmp_path / "c.yaml").write_text(
+        f"server: {{listen: '{listen}'}}\nstorage: {{path: {foreign}}}\n"
+    )
+    result = run_cli("serve", "--config", str(tmp_path / "c.yaml"))
+    assert result.returncode == 1
+    assert "database of another application" in result.stderr
+    assert foreign.read_bytes() == before

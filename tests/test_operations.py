@@ -1,0 +1,67 @@
+"""/healthz, /readyz, /metrics and /openapi.json."""
+
+from __future__ import annotations
+
+import gzip
+
+from aiohttp import web
+
+from monitor import build_app
+from monitor.app import openapi_document
+
+from .conftest import AppClient
+from .test_registry import register
+
+
+async def test_healthz_and_readyz(daemon: AppClient) -> None:
+    assert (await daemon.get("/healthz")).status == 200
+    ready = await daemon.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["checks"] == {"store": True, "registry": True}
+
+
+async def test_metrics_use_the_exposition_format(daemon: AppClient) -> None:
+    await register(daemon)
+    resp = await daemon.get("/metrics")
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    text = await resp.text()
+    assert 'hms_registry_instances{health="unknown",service="payments"} 1.0' in text
+    assert "# TYPE hms_registry_index gauge" in text
+
+
+async def test_metrics_are_gzipped_when_asked(daemon: AppClient) -> None:
+    resp = await daemon.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert resp.headers["Content-Encoding"] == "gzip"
+    assert b"hms_registry_index" in gzip.decompress(await resp.read())
+
+
+async def test_two_apps_have_their_own_metrics(make_config, start_daemon) -> None:  # type: ignore[no-untyped-def]
+    first = await start_daemon(make_config())
+    await register(first)
+    build_app(make_config())  # a second app in the same process: no duplicate collector error
+    assert "hms_registry_index" in await (await first.get("/metrics")).text()
+
+
+async def test_openapi_covers_every_route(daemon: AppClient) -> None:
+    document = await (await daemon.get("/openapi.json")).json()
+    assert document["openapi"].startswith("3.1")
+    documented = {
+        (path, method.upper())
+        for path, item in document["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    served = set()
+    for route in daemon.app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method != "HEAD" and path:
+            served.add((path, route.method))
+    assert served == documented
+
+
+def test_openapi_document_is_plain_json() -> None:
+    import json
+
+    json.dumps(openapi_document())
+    assert isinstance(web.Application, type)

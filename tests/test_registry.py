@@ -1,0 +1,214 @@
+"""Register, update, heartbeat, lapse, removal, deregistration: real HTTP, real SQLite."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from monitor.config import Config
+
+from .conftest import AppClient, FakeClock
+
+PAYMENTS_1 = "/v1/services/payments/instances/payments-1"
+
+
+async def register(client: AppClient, path: str = PAYMENTS_1, **body: Any) -> Any:
+    body.setdefault("url", "http://127.0.0.1:8001")
+    resp = await client.put(path, json=body)
+    return resp.status, await resp.json()
+
+
+async def instance(client: AppClient, service: str, instance_id: str) -> dict[str, Any] | None:
+    resp = await client.get(f"/v1/services/{service}")
+    body = await resp.json()
+    return next((i for i in body["instances"] if i["id"] == instance_id), None)
+
+
+async def test_register_creates_then_updates_idempotently(daemon: AppClient) -> None:
+    status, created = await register(daemon, tags=["tier1"], meta={"zone": "a"})
+    assert status == 201
+    assert created["url"] == "http://127.0.0.1:8001"
+    assert created["tags"] == ["tier1"]
+    assert created["meta"] == {"zone": "a"}
+    assert created["health"] == "unknown"
+
+    status, same = await register(daemon, tags=["tier1"], meta={"zone": "a"})
+    assert status == 200
+    assert same["registered_at"] == created["registered_at"]
+
+    status, moved = await register(daemon, url="http://127.0.0.1:8002")
+    assert status == 200
+    assert moved["url"] == "http://127.0.0.1:8002"
+    listed = await instance(daemon, "payments", "payments-1")
+    assert listed is not None
+    assert listed["url"] == "http://127.0.0.1:8002"
+
+
+async def test_register_without_ttl_has_no_lease(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon)
+    clock.advance(86_400 * 30)
+    listed = await instance(daemon, "payments", "payments-1")
+    assert listed is not None
+    assert listed["lease"] is None
+    assert listed["health"] == "unknown"
+
+
+async def test_default_ttl_comes_from_config(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(defaults={"lease": {"ttl": "45s"}}))
+    _, body = await register(client, ttl="default")
+    assert body["ttl"] == "45s"
+
+
+async def test_lease_lapses_to_critical_at_exactly_ttl(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon, ttl="30s")
+    clock.advance(29.999)
+    before = await instance(daemon, "payments", "payments-1")
+    assert before is not None
+    assert before["health"] == "unknown"
+
+    clock.advance(0.001)
+    after = await instance(daemon, "payments", "payments-1")
+    assert after is not None
+    assert after["health"] == "critical"
+    assert after["lease"]["lapsed"] is True
+
+
+async def test_heartbeat_renews_the_lease(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon, ttl="30s")
+    for _ in range(5):
+        clock.advance(20)
+        resp = await daemon.post(PAYMENTS_1 + "/heartbeat")
+        assert resp.status == 200
+    clock.advance(29)
+    listed = await instance(daemon, "payments", "payments-1")
+    assert listed is not None
+    assert listed["health"] == "unknown"
+    assert listed["lease"]["expires_in"] == 1.0
+
+
+async def test_heartbeat_brings_a_lapsed_instance_back(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon, ttl="10s")
+    clock.advance(15)
+    resp = await daemon.post(PAYMENTS_1 + "/heartbeat")
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["lease"]["lapsed"] is False
+    assert body["health"] == "unknown"
+
+
+async def test_lapsed_instance_is_removed_deregister_after_later(
+    daemon: AppClient, clock: FakeClock
+) -> None:
+    await register(daemon, ttl="10s", deregister_after="1m")
+    clock.advance(10 + 59)
+    assert await instance(daemon, "payments", "payments-1") is not None
+
+    clock.advance(1)
+    assert await instance(daemon, "payments", "payments-1") is None
+    resp = await daemon.post(PAYMENTS_1 + "/heartbeat")
+    assert resp.status == 404
+
+
+async def test_expirations_are_counted_in_metrics(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon, ttl="10s")
+    await daemon.post(PAYMENTS_1 + "/heartbeat")
+    clock.advance(10)
+    metrics = await (await daemon.get("/metrics")).text()
+    assert "hms_registry_expirations_total 1.0" in metrics
+    assert "hms_registry_heartbeats_total 1.0" in metrics
+    assert 'hms_registry_instances{health="critical",service="payments"} 1.0' in metrics
+
+
+async def test_heartbeat_for_unknown_instance_is_404(daemon: AppClient) -> None:
+    resp = await daemon.post(PAYMENTS_1 + "/heartbeat")
+    assert resp.status == 404
+    assert (await resp.json())["error"]["code"] == "not_found"
+
+
+async def test_deregister_removes_the_instance(daemon: AppClient) -> None:
+    await register(daemon)
+    resp = await daemon.delete(PAYMENTS_1)
+    assert resp.status == 204
+    assert await instance(daemon, "payments", "payments-1") is None
+    again = await daemon.delete(PAYMENTS_1)
+    assert again.status == 404
+
+
+async def test_static_and_registered_instances_live_side_by_side(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    services = [
+        {"name": "payments", "instances": [{"id": "static-1", "url": "http://127.0.0.1:9"}]}
+    ]
+    client = await start_daemon(make_config(services=services))
+    await register(client)
+    body = await (await client.get("/v1/services/payments")).json()
+    assert [(i["id"], i["static"]) for i in body["instances"]] == [
+        ("payments-1", False),
+        ("static-1", True),
+    ]
+
+
+async def test_static_instances_cannot_be_changed_over_the_api(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    services = [
+        {"name": "payments", "instances": [{"id": "static-1", "url": "http://127.0.0.1:9"}]}
+    ]
+    client = await start_daemon(make_config(services=services))
+    path = "/v1/services/payments/instances/static-1"
+    for resp in (
+        await client.delete(path),
+        await client.put(path, json={"url": "http://127.0.0.1:10"}),
+        await client.post(path + "/heartbeat"),
+    ):
+        assert resp.status == 409
+        assert (await resp.json())["error"]["code"] == "conflict"
+    assert (await instance(client, "payments", "static-1")) is not None
+
+
+async def test_configured_service_is_listed_before_any_instance_registers(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(services=[{"name": "ledger"}]))
+    body = await (await client.get("/v1/services")).json()
+    assert body["services"] == [
+        {
+            "name": "ledger",
+            "instances": 0,
+            "health": {"passing": 0, "warning": 0, "critical": 0, "maintenance": 0, "unknown": 0},
+            "tags": [],
+        }
+    ]
+
+
+async def test_list_services_counts_instances_by_health(
+    daemon: AppClient, clock: FakeClock
+) -> None:
+    await register(daemon, ttl="10s")
+    await register(daemon, "/v1/services/payments/instances/payments-2")
+    await register(daemon, "/v1/services/ach/instances/ach-1", tags=["tier2"])
+    clock.advance(10)
+    body = await (await daemon.get("/v1/services")).json()
+    by_name = {s["name"]: s for s in body["services"]}
+    assert by_name["payments"]["instances"] == 2
+    assert by_name["payments"]["health"]["critical"] == 1
+    assert by_name["payments"]["health"]["unknown"] == 1
+    assert by_name["ach"]["tags"] == ["tier2"]
+
+
+async def test_health_filter_on_a_service(daemon: AppClient, clock: FakeClock) -> None:
+    await register(daemon, ttl="10s")
+    await register(daemon, "/v1/services/payments/instances/payments-2")
+    clock.advance(10)
+    resp = await daemon.get("/v1/services/payments", params={"health": "critical"})
+    body = await resp.json()
+    assert [i["id"] for i in body["instances"]] == ["payments-1"]
+
+
+async def test_unknown_service_lists_no_instances(daemon: AppClient) -> None:
+    resp = await daemon.get("/v1/services/nobody")
+    assert resp.status == 200
+    assert (await resp.json())["instances"] == []
