@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -20,6 +21,7 @@ _Write = tuple[Callable[[sqlite_utils.Database], Any], "asyncio.Future[Any]"]
 # 'HMS\0': marks the file as ours, so a foreign database is refused rather than written into.
 APPLICATION_ID = 0x484D5300
 MAX_BATCH = 512
+CHECKPOINT_INTERVAL = 1.0
 
 
 class DatabaseError(Exception):
@@ -31,9 +33,13 @@ class Database:
 
     Every call runs on that thread, so the event loop never blocks on I/O.
     Writes submitted while a transaction is committing are grouped into the
-    next one (group commit): one fsync serves a whole batch, and each write
-    sits in its own savepoint so a failing one rolls back alone. `write`
-    returns only after the COMMIT, which is what makes a 2xx durable.
+    next one (group commit): one fsync serves a whole batch, and a write that
+    fails rolls back alone (the batch is replayed with a savepoint per write).
+    `write` returns only after the COMMIT, which is what makes a 2xx durable.
+
+    WAL checkpoints run on a second connection and thread, never inside a
+    commit: an automatic checkpoint fsyncs the main file and would stall every
+    write queued behind it.
     """
 
     def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
@@ -45,6 +51,9 @@ class Database:
         self._closing = False
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._checkpoint_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal")
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._commits = 0
 
     @property
     def is_open(self) -> bool:
@@ -54,6 +63,26 @@ class Database:
         loop = asyncio.get_running_loop()
         self._db = await loop.run_in_executor(self._executor, self._connect)
         self._writer = asyncio.create_task(self._write_loop(), name="sqlite-writer")
+        checkpoints = await loop.run_in_executor(self._checkpoint_executor, self._connect_raw)
+        self._checkpointer = asyncio.create_task(
+            self._checkpoint_loop(checkpoints), name="sqlite-checkpointer"
+        )
+
+    def _connect_raw(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(str(self.path), check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        return conn
+
+    async def _checkpoint_loop(self, conn: sqlite3.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(CHECKPOINT_INTERVAL)
+                if self._commits:
+                    self._commits = 0
+                    await loop.run_in_executor(self._checkpoint_executor, _checkpoint, conn)
+        finally:
+            await loop.run_in_executor(self._checkpoint_executor, conn.close)
 
     def _connect(self) -> sqlite_utils.Database:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +101,7 @@ class Database:
             if mode.lower() != "wal":
                 raise DatabaseError(f"{self.path}: cannot switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # see the class docstring
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise DatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc
@@ -87,11 +117,17 @@ class Database:
             self._wakeup.set()
             await self._writer
             self._writer = None
+        if self._checkpointer is not None:
+            self._checkpointer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkpointer
+            self._checkpointer = None
         if self._db is not None:
             db = self._db
             self._db = None
             await asyncio.get_running_loop().run_in_executor(self._executor, db.close)
         self._executor.shutdown(wait=True)
+        self._checkpoint_executor.shutdown(wait=True)
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
         """Run `fn` on the database thread (outside any write transaction)."""
@@ -133,6 +169,7 @@ class Database:
             outcomes = await asyncio.get_running_loop().run_in_executor(
                 self._executor, _run_batch, db, fns
             )
+            self._commits += 1
         except Exception as exc:  # the COMMIT itself failed: nothing in the batch is durable
             log.error("database write failed, %d change(s) rejected: %s", len(batch), exc)
             outcomes = [(False, exc)] * len(batch)
@@ -145,9 +182,26 @@ class Database:
                 future.set_exception(value)
 
 
+def _checkpoint(conn: sqlite3.Connection) -> None:
+    try:
+        # PASSIVE never waits for the writer; the WAL restarts once fully copied back.
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    except sqlite3.Error as exc:
+        log.warning("WAL checkpoint failed (will retry): %s", exc)
+
+
 def _run_batch(
     db: sqlite_utils.Database, fns: list[Callable[[sqlite_utils.Database], Any]]
 ) -> list[tuple[bool, Any]]:
+    """Commit a batch in one transaction. Optimistic: savepoints cost as much as the
+    writes, so they are used only to replay a batch in which some write failed."""
+    try:
+        with db.atomic():
+            return [(True, fn(db)) for fn in fns]
+    except sqlite3.OperationalError:
+        raise  # the database itself is failing (disk full, read-only): nothing can commit
+    except Exception:
+        log.debug("a write in a batch of %d failed; replaying each in a savepoint", len(fns))
     outcomes: list[tuple[bool, Any]] = []
     with db.atomic():
         for fn in fns:

@@ -19,9 +19,9 @@ import enum
 import heapq
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from .errors import ApiError
 from .model import HealthState, Instance
@@ -114,6 +114,34 @@ class _Entry:
         return None if expires is None else expires + self.instance.deregister_after
 
 
+class _KeyLock:
+    """One asyncio.Lock per key, dropped when nobody holds or waits for it (a refcount:
+    right after a release the woken waiter has not re-acquired yet, so `locked()` lies)."""
+
+    __slots__ = ("entry", "key", "locks")
+
+    def __init__(self, locks: dict[tuple[str, str], list[Any]], key: tuple[str, str]) -> None:
+        self.locks, self.key = locks, key
+        self.entry = locks.setdefault(key, [asyncio.Lock(), 0])
+        self.entry[1] += 1
+
+    async def __aenter__(self) -> None:
+        try:
+            await self.entry[0].acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.entry[0].release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self.entry[1] -= 1
+        if self.entry[1] == 0:
+            del self.locks[self.key]
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceStatus:
     """An instance as readers see it."""
@@ -141,7 +169,7 @@ class Catalog:
         self._deadlines: list[tuple[float, str, str]] = []  # lazy: re-checked when popped
         self._removals: list[_Entry] = []
         self._waiters: dict[str, asyncio.Event] = {}
-        self._key_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._key_locks: dict[tuple[str, str], list[Any]] = {}
         self._reaper_wakeup = asyncio.Event()
         self._listeners: list[Callable[[Change], None]] = []
         self._declared: frozenset[str] = frozenset()
@@ -191,8 +219,8 @@ class Catalog:
 
     # -- writes --------------------------------------------------------------------
 
-    async def register(self, instance: Instance) -> tuple[Instance, bool]:
-        """Register or update (service, id). Returns the stored instance and whether it is new."""
+    async def register(self, instance: Instance) -> tuple[InstanceStatus, bool]:
+        """Register or update (service, id). Returns the instance as stored, and whether new."""
         async with self._locked(instance.key):
             self.expire_due()
             current = self._entry(instance.service, instance.id)
@@ -206,14 +234,15 @@ class Catalog:
                 )
                 if current.instance.same_registration(instance) and not current.lapsed:
                     current.renewed_at = self._clock.monotonic()
-                    return current.instance, False
+                    return self._status(current, current.renewed_at), False
             else:
                 instance = replace(instance, registered_at=now, updated_at=now)
             await self._durably(self._store.save(instance, self._index + 1))
-            self._put(_Entry(instance, self._clock.monotonic()))
+            entry = _Entry(instance, self._clock.monotonic())
+            self._put(entry)
             kind = ChangeKind.REGISTERED if created else ChangeKind.UPDATED
             self._announce(instance.service, Change(kind, instance))
-            return instance, created
+            return self._status(entry, entry.renewed_at), created
 
     def heartbeat(self, service: str, instance_id: str) -> InstanceStatus:
         """Renew a lease. In memory only; a lapsed instance comes back at once."""
@@ -254,7 +283,7 @@ class Catalog:
 
     @property
     def index(self) -> int:
-        self.expire_due()
+        """The registry's modify index (as of the last read or write, which apply due lapses)."""
         return self._index
 
     def service_index(self, service: str) -> int:
@@ -365,16 +394,9 @@ class Catalog:
             log.error("registry write failed: %s", exc)
             raise StoreUnavailable(f"storage unavailable, change not made: {exc}") from exc
 
-    @contextlib.asynccontextmanager
-    async def _locked(self, key: tuple[str, str]) -> AsyncIterator[None]:
+    def _locked(self, key: tuple[str, str]) -> _KeyLock:
         """Serialize writes to one key, so disk and memory apply them in the same order."""
-        lock = self._key_locks.setdefault(key, asyncio.Lock())
-        try:
-            async with lock:
-                yield
-        finally:
-            if not lock.locked() and self._key_locks.get(key) is lock:
-                del self._key_locks[key]
+        return _KeyLock(self._key_locks, key)
 
     def _status(self, entry: _Entry, now: float) -> InstanceStatus:
         expires = entry.expires_at()

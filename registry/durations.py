@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from functools import lru_cache
 
 _UNITS = {
     "ms": 0.001,
@@ -17,6 +18,7 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
 
 
+@lru_cache(maxsize=1024)  # the same few strings ("30s") arrive with every registration
 def parse_duration(text: str) -> timedelta:
     """Parse `500ms`, `10s`, `5m`, `1h30m`, `2d` into a timedelta.
 

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from .responses import json_response
+
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
@@ -54,7 +56,7 @@ def error_response(
             "details": details,
         }
     }
-    return web.json_response(body, status=status)
+    return json_response(body, status=status)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -87,15 +89,22 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:
-        json.loads(raw)  # pydantic's own message for bad JSON is not meant for users
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="malformed_json") from None
-    except RecursionError:
-        raise ApiError(400, "JSON nested too deeply", code="malformed_json") from None
-    try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
+        if any(error["type"] == "json_invalid" for error in exc.errors()):
+            raise ApiError(400, _json_problem(raw), code="malformed_json") from None
         raise ApiError(422, "invalid request body", details=field_errors(exc)) from None
+
+
+def _json_problem(raw: bytes) -> str:
+    """A message that says where the JSON breaks (pydantic's is not meant for users)."""
+    try:
+        json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"malformed JSON: {exc}"
+    except RecursionError:
+        return "malformed JSON: nested too deeply"
+    return "malformed JSON"
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:

@@ -6,7 +6,8 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -181,7 +182,7 @@ class RegistrationBody(BaseModel):
         return ttl.total_seconds()
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class Instance:
     """One registered (or configured) instance of a service."""
 
@@ -212,6 +213,15 @@ class Instance:
             and self.deregister_after == other.deregister_after
         )
 
+    @cached_property
+    def document(self) -> Mapping[str, Any]:
+        """The JSON form, built once per registration (reads and listings reuse it)."""
+        return {
+            **self.to_json(),
+            "registered_at": _iso(self.registered_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
     def to_json(self) -> dict[str, Any]:
         return {
             "service": self.service,
@@ -224,3 +234,9 @@ class Instance:
             "deregister_after": format_duration(self.deregister_after),
             "static": self.static,
         }
+
+
+def _iso(timestamp: float) -> str | None:
+    if not timestamp:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")

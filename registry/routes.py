@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -14,6 +14,7 @@ from .catalog import Catalog, InstanceStatus
 from .durations import parse_duration
 from .errors import ApiError, parse_body
 from .model import HealthState, Instance, RegistrationBody, is_valid_name
+from .responses import json_response
 from .sd import sd_groups
 
 INDEX_HEADER = "X-Registry-Index"
@@ -63,16 +64,21 @@ class RegistryRoutes:
             ttl=ttl,
             deregister_after=deregister_after.total_seconds(),
         )
-        stored, created = await self.catalog.register(instance)
-        status = self.catalog.get(service, instance_id)
-        payload = instance_json(status) if status else stored.to_json()
-        return _json(payload, self.catalog.index, status=201 if created else 200)
+        status, created = await self.catalog.register(instance)
+        return _json(instance_json(status), self.catalog.index, status=201 if created else 200)
 
     async def heartbeat(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
         status = self.catalog.heartbeat(service, instance_id)
-        return _json(instance_json(status), self.catalog.index)
+        # Small on purpose: this is the hottest route, and the client needs only the lease.
+        body = {
+            "service": service,
+            "id": instance_id,
+            "health": status.health.value,
+            "lease": _lease_json(status),
+        }
+        return _json(body, self.catalog.index)
 
     async def deregister(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
@@ -116,26 +122,21 @@ class RegistryRoutes:
 
 
 def instance_json(status: InstanceStatus) -> dict[str, Any]:
-    body = status.instance.to_json()
-    body["health"] = status.health.value
-    body["registered_at"] = _iso(status.instance.registered_at)
-    body["updated_at"] = _iso(status.instance.updated_at)
-    body["lease"] = (
-        None
-        if status.lease_expires_in is None
-        else {"expires_in": round(status.lease_expires_in, 3), "lapsed": status.lapsed}
-    )
-    return body
+    return {
+        **status.instance.document,
+        "health": status.health.value,
+        "lease": _lease_json(status),
+    }
+
+
+def _lease_json(status: InstanceStatus) -> dict[str, Any] | None:
+    if status.lease_expires_in is None:
+        return None
+    return {"expires_in": round(status.lease_expires_in, 3), "lapsed": status.lapsed}
 
 
 def _json(body: Any, index: int, *, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, headers={INDEX_HEADER: str(index)})
-
-
-def _iso(timestamp: float) -> str | None:
-    if not timestamp:
-        return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    return json_response(body, status=status, headers={INDEX_HEADER: str(index)})
 
 
 def _names(request: web.Request) -> tuple[str, str]:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+import orjson
 import sqlite_utils
 
 from .model import Instance, ProbeSpec
@@ -46,7 +47,8 @@ class SqliteRegistryStore:
         row = _to_row(instance)
 
         def save(db: sqlite_utils.Database) -> None:
-            db.table(INSTANCES).upsert(row, pk=("service", "id"))
+            # A prepared statement: Table.upsert introspects the table on every call (~10x slower).
+            db.execute(_UPSERT, [row[column] for column in _COLUMNS])
             _set_index(db, index)
 
         await self._db.write(save)
@@ -57,6 +59,25 @@ class SqliteRegistryStore:
             _set_index(db, index)
 
         await self._db.write(delete)
+
+
+_COLUMNS = (
+    "service",
+    "id",
+    "url",
+    "tags",
+    "meta",
+    "probe",
+    "ttl",
+    "deregister_after",
+    "registered_at",
+    "updated_at",
+)
+_UPSERT = (
+    f"INSERT INTO registry_instances ({', '.join(_COLUMNS)}) "  # noqa: S608 (constants only)
+    f"VALUES ({', '.join('?' * len(_COLUMNS))}) ON CONFLICT(service, id) DO UPDATE SET "
+    + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS[2:])
+)
 
 
 def _create_tables(db: sqlite_utils.Database) -> None:
@@ -100,8 +121,8 @@ def _to_row(instance: Instance) -> dict[str, object]:
         "service": instance.service,
         "id": instance.id,
         "url": instance.url,
-        "tags": json.dumps(list(instance.tags)),
-        "meta": json.dumps(dict(instance.meta)),
+        "tags": orjson.dumps(instance.tags).decode(),
+        "meta": orjson.dumps(dict(instance.meta)).decode(),
         "probe": instance.probe.model_dump_json(exclude_none=True) if instance.probe else None,
         "ttl": instance.ttl,
         "deregister_after": instance.deregister_after,

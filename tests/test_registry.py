@@ -212,3 +212,22 @@ async def test_unknown_service_lists_no_instances(daemon: AppClient) -> None:
     resp = await daemon.get("/v1/services/nobody")
     assert resp.status == 200
     assert (await resp.json())["instances"] == []
+
+
+async def test_concurrent_writes_to_one_instance_end_in_one_consistent_state(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    import asyncio
+
+    config = make_config()
+    client = await start_daemon(config)
+    urls = [f"http://127.0.0.1:{8000 + i}" for i in range(30)]
+    writes = [client.put(PAYMENTS_1, json={"url": url}) for url in urls]
+    writes += [client.delete(PAYMENTS_1) for _ in range(10)]
+    await asyncio.gather(*writes)
+    in_memory = await instance(client, "payments", "payments-1")
+    await client.close()
+
+    restarted = await start_daemon(config)
+    on_disk = await instance(restarted, "payments", "payments-1")
+    assert (in_memory or {}).get("url") == (on_disk or {}).get("url")
