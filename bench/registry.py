@@ -1,8 +1,10 @@
 """Registry benchmark: heartbeats/s, durable registrations/s, p99, RSS with 10k instances, restart.
 
 Every figure is printed next to its peer measured in the same run: bare
-aiohttp answering a trivial POST on the same machine is the ceiling any
-aiohttp daemon can reach. Servers run as subprocesses on 127.0.0.1; the load
+aiohttp answering a trivial POST on the same machine, on the same event loop
+as the daemon (uvloop), is the ceiling any aiohttp daemon can reach. The
+ceiling on asyncio's default loop is measured too, and the higher of the two
+medians is the ceiling. Servers run as subprocesses on 127.0.0.1; the load
 comes from wrk when installed (apt-get install wrk), else from an aiohttp
 load generator in this process (which then competes for the same 2 cores,
 so its figures are lower bounds).
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 BARE_SERVER = textwrap.dedent(
     """
+    import asyncio
     import sys
     from aiohttp import web
 
@@ -49,7 +52,12 @@ BARE_SERVER = textwrap.dedent(
     app = web.Application()
     app.add_routes([web.post("/{tail:.*}", handle), web.put("/{tail:.*}", handle),
                     web.get("/readyz", ready)])
-    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+    loop = asyncio.new_event_loop()
+    if sys.argv[2] == "uvloop":
+        import uvloop
+        loop = uvloop.new_event_loop()
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+                loop=loop)
     """
 )
 
@@ -101,10 +109,12 @@ def free_port() -> int:
 def wait_ready(url: str, timeout: float = 30.0) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url + "/readyz", timeout=1) as resp:  # noqa: S310
-                if resp.status == 200:
-                    return time.perf_counter() - start
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/readyz", timeout=1) as resp,  # noqa: S310
+        ):
+            if resp.status == 200:
+                return time.perf_counter() - start
         time.sleep(0.01)
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
@@ -253,41 +263,52 @@ async def register_many(url: str, service: str, count: int, connections: int = 6
     return time.perf_counter() - started
 
 
+def measure_ceiling(loop: str, args: argparse.Namespace, workdir: Path) -> Load:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (workdir / "bare.py").write_text(BARE_SERVER)
+    argv = [sys.executable, str(workdir / "bare.py"), str(port), loop]
+    with server(argv, url, workdir / "bare.log"):
+        return load(url, "heartbeat", args, workdir)
+
+
+def median(runs: list[Load]) -> Load:
+    """The run with the median throughput (this VM's neighbours make single runs noisy)."""
+    ordered = sorted(runs, key=lambda run: run.requests_per_second)
+    return ordered[len(ordered) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per load run")
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument(
-        "--instances", type=int, default=10_000, help="for the RSS and restart figures"
-    )
+    parser.add_argument("--instances", type=int, default=10_000, help="for RSS and restart")
     parser.add_argument("--heartbeat-instances", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; median shown")
     args = parser.parse_args()
 
     print(
-        f"hms-mgmt registry benchmark  ({os.cpu_count()} cores, {args.connections} connections, {args.duration}s per run)"
+        f"hms-mgmt registry benchmark: {os.cpu_count()} cores, {args.connections} connections, "
+        f"{args.duration}s per run, median of {args.repeat}"
     )
     with tempfile.TemporaryDirectory(prefix="hms-bench-") as tmp:
         workdir = Path(tmp)
-        bare_port = free_port()
-        bare_url = f"http://127.0.0.1:{bare_port}"
-        (workdir / "bare.py").write_text(BARE_SERVER)
-        with server(
-            [sys.executable, str(workdir / "bare.py"), str(bare_port)],
-            bare_url,
-            workdir / "bare.log",
-        ):
-            ceiling = load(bare_url, "heartbeat", args, workdir)
-
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         config = write_daemon_config(workdir, port)
+        defaults, ceilings, beats, puts = [], [], [], []
         with server(daemon_argv(config), url, workdir / "daemon.log") as daemon:
             idle_rss = rss_mb(daemon.pid)
             asyncio.run(register_many(url, "bench", args.heartbeat_instances))
-            heartbeats = load(url, "heartbeat", args, workdir)
-            registrations = load(url, "register", args, workdir)
+            for _ in range(args.repeat):  # interleaved, so a noisy minute hits all three
+                defaults.append(measure_ceiling("asyncio", args, workdir))
+                ceilings.append(measure_ceiling("uvloop", args, workdir))
+                beats.append(load(url, "heartbeat", args, workdir))
+                puts.append(load(url, "register", args, workdir))
+        ceiling_default, ceiling_uvloop = median(defaults), median(ceilings)
+        heartbeats, registrations = median(beats), median(puts)
 
         for leftover in workdir.glob("hms.db*"):
             leftover.unlink()
@@ -300,25 +321,31 @@ def main() -> None:
             with urllib.request.urlopen(url + "/v1/services/fleet") as resp:  # noqa: S310
                 restored = len(json.loads(resp.read())["instances"])
 
+    # The higher of the two is the ceiling: the daemon's share is never flattered by a slow run.
+    ceiling = max(ceiling_default, ceiling_uvloop, key=lambda run: run.requests_per_second)
+
+    def share(figure: Load) -> str:
+        ratio = figure.requests_per_second / ceiling.requests_per_second
+        return f"{ratio:6.1%} of the higher ceiling"
+
     print()
-    print("throughput (POST on loopback)")
-    print(f"  bare aiohttp, trivial POST (ceiling)  {ceiling.line()}")
-    print(f"  hms-mgmt heartbeats                   {heartbeats.line()}")
-    print(f"  hms-mgmt durable registrations (PUT)  {registrations.line()}")
-    print(
-        f"  heartbeats      {heartbeats.requests_per_second / ceiling.requests_per_second:6.1%} of ceiling   (goal >= 70%, p99 < 20 ms)"
-    )
-    print(
-        f"  registrations   {registrations.requests_per_second / ceiling.requests_per_second:6.1%} of ceiling   (goal >= 35%, p99 < 20 ms)"
-    )
+    print("throughput on loopback")
+    print(f"  bare aiohttp, trivial POST, asyncio loop  {ceiling_default.line()}")
+    print(f"  bare aiohttp, trivial POST, uvloop        {ceiling_uvloop.line()}")
+    print(f"  hms-mgmt heartbeats (POST)                {heartbeats.line()}")
+    print(f"  hms-mgmt durable registrations (PUT)      {registrations.line()}")
+    print(f"  heartbeats     {share(heartbeats)}   goal >= 70%, p99 < 20 ms")
+    print(f"  registrations  {share(registrations)}   goal >= 35%, p99 < 20 ms")
     print()
     print("memory and restart")
-    print(f"  RSS idle                       {idle_rss:8.1f} MB")
+    print(f"  RSS idle                            {idle_rss:7.1f} MB")
     print(
-        f"  RSS with {args.instances:,} instances     {fleet_rss:8.1f} MB   (goal < 100 MB; registered in {seconds:.1f}s)"
+        f"  RSS with {args.instances:,} instances         {fleet_rss:7.1f} MB   goal < 100 MB "
+        f"(registered in {seconds:.1f}s)"
     )
     print(
-        f"  restart to ready, {restored:,} restored  {restart:8.2f} s    (goal < 2 s; includes interpreter start)"
+        f"  restart to ready, {restored:,} restored   {restart:7.2f} s    goal < 2 s "
+        "(includes interpreter start)"
     )
 
 

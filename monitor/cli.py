@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -62,6 +63,15 @@ def _check_config(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # not on every platform; asyncio's own loop works, only slower
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from .app import build_app
 
@@ -69,6 +79,7 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
     try:
         web.run_app(
             app,
+            loop=_event_loop(),
             host=config.server.host,
             port=config.server.port,
             access_log=None,

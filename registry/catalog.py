@@ -226,17 +226,14 @@ class Catalog:
             current = self._entry(instance.service, instance.id)
             if current is not None and current.instance.static:
                 raise Conflict(f"{instance.service}/{instance.id} is defined in config.yaml")
-            now = self._clock.time()
             created = current is None or current.removed
             if current is not None and not created:
-                instance = replace(
-                    instance, registered_at=current.instance.registered_at, updated_at=now
-                )
                 if current.instance.same_registration(instance) and not current.lapsed:
                     current.renewed_at = self._clock.monotonic()
                     return self._status(current, current.renewed_at), False
-            else:
-                instance = replace(instance, registered_at=now, updated_at=now)
+                instance = replace(instance, registered_at=current.instance.registered_at)
+            elif not instance.registered_at:
+                instance = replace(instance, registered_at=instance.updated_at or self.now())
             await self._durably(self._store.save(instance, self._index + 1))
             entry = _Entry(instance, self._clock.monotonic())
             self._put(entry)
@@ -246,12 +243,7 @@ class Catalog:
 
     def heartbeat(self, service: str, instance_id: str) -> InstanceStatus:
         """Renew a lease. In memory only; a lapsed instance comes back at once."""
-        self.expire_due()
-        entry = self._entry(service, instance_id)
-        if entry is None or entry.removed:
-            raise NotFound(f"instance {service}/{instance_id} is not registered")
-        if entry.instance.static:
-            raise Conflict(f"{service}/{instance_id} is defined in config.yaml and has no lease")
+        entry = self._registered(service, instance_id)
         if entry.instance.ttl is None:
             raise Conflict(f"{service}/{instance_id} was registered without a ttl")
         self.heartbeats_total += 1
@@ -264,15 +256,24 @@ class Catalog:
 
     async def deregister(self, service: str, instance_id: str) -> None:
         async with self._locked((service, instance_id)):
-            self.expire_due()
-            entry = self._entry(service, instance_id)
-            if entry is None or entry.removed:
-                raise NotFound(f"instance {service}/{instance_id} is not registered")
-            if entry.instance.static:
-                raise Conflict(f"{service}/{instance_id} is defined in config.yaml")
+            entry = self._registered(service, instance_id)
             await self._durably(self._store.delete(service, instance_id, self._index + 1))
             self._drop(entry)
             self._announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
+
+    def _registered(self, service: str, instance_id: str) -> _Entry:
+        """The live, API-managed entry: 404 when unknown, 409 when it comes from config."""
+        self.expire_due()
+        entry = self._entry(service, instance_id)
+        if entry is None or entry.removed:
+            raise NotFound(f"instance {service}/{instance_id} is not registered")
+        if entry.instance.static:
+            raise Conflict(f"{service}/{instance_id} is defined in config.yaml; change it there")
+        return entry
+
+    def now(self) -> float:
+        """Wall-clock time as the catalog sees it (what registered_at/updated_at record)."""
+        return self._clock.time()
 
     def touch(self, service: str) -> None:
         """Bump the index for a change the registry does not own (a health transition)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import enum
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from functools import cached_property
+from datetime import timedelta
+from functools import cached_property, lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -217,26 +218,33 @@ class Instance:
     def document(self) -> Mapping[str, Any]:
         """The JSON form, built once per registration (reads and listings reuse it)."""
         return {
-            **self.to_json(),
+            "service": self.service,
+            "id": self.id,
+            "url": self.url,
+            "tags": self.tags,
+            "meta": self.meta,
+            "probe": self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
+            "ttl": _duration_text(self.ttl) if self.ttl is not None else None,
+            "deregister_after": _duration_text(self.deregister_after),
+            "static": self.static,
             "registered_at": _iso(self.registered_at),
             "updated_at": _iso(self.updated_at),
         }
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "service": self.service,
-            "id": self.id,
-            "url": self.url,
-            "tags": list(self.tags),
-            "meta": dict(self.meta),
-            "probe": self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
-            "ttl": format_duration(self.ttl) if self.ttl is not None else None,
-            "deregister_after": format_duration(self.deregister_after),
-            "static": self.static,
-        }
+
+@lru_cache(maxsize=256)  # a fleet uses a handful of ttls
+def _duration_text(seconds: float) -> str:
+    return format_duration(seconds)
 
 
 def _iso(timestamp: float) -> str | None:
+    """RFC 3339 in UTC with milliseconds, e.g. 2026-11-22T18:21:01.772Z."""
     if not timestamp:
         return None
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+    seconds, millis = divmod(round(timestamp * 1000), 1000)
+    return f"{_iso_seconds(seconds)}.{millis:03d}Z"
+
+
+@lru_cache(maxsize=64)  # registrations arrive in bursts within the same second
+def _iso_seconds(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))

@@ -54,6 +54,7 @@ class RegistryRoutes:
         if ttl is not None and ttl < MIN_TTL:
             raise ApiError(422, f"ttl must be at least {MIN_TTL:g}s", details=[{"field": "ttl"}])
         deregister_after = body.deregister_after or self.leases.deregister_after
+        now = self.catalog.now()
         instance = Instance(
             service=service,
             id=instance_id,
@@ -63,6 +64,8 @@ class RegistryRoutes:
             probe=body.probe,
             ttl=ttl,
             deregister_after=deregister_after.total_seconds(),
+            registered_at=now,
+            updated_at=now,
         )
         status, created = await self.catalog.register(instance)
         return _json(instance_json(status), self.catalog.index, status=201 if created else 200)

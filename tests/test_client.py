@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -63,42 +65,42 @@ async def test_waits_for_a_daemon_that_is_not_up_yet(tmp_path: Path) -> None:
             daemon.stop()
 
 
-async def test_survives_a_daemon_restart(tmp_path: Path) -> None:
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon process the test may kill and start again."""
     port = free_port()
-    daemon = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
-    daemon.start()
-    try:
-        async with registration(daemon.url) as reg:
-            await asyncio.wait_for(reg.registered.wait(), 10)
-            daemon.kill()
-            await asyncio.sleep(1.0)  # heartbeats fail meanwhile; the client keeps trying
-            daemon.start()
-            await asyncio.sleep(2.5)
-            [listed] = await instances(daemon.url)
-            assert listed["lease"]["lapsed"] is False
-    finally:
-        daemon.stop()
+    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
+    process.start()
+    yield process
+    process.stop()
 
 
-async def test_registers_again_when_the_daemon_lost_it(tmp_path: Path) -> None:
-    port = free_port()
-    daemon = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
-    daemon.start()
-    try:
-        async with registration(daemon.url) as reg:
-            await asyncio.wait_for(reg.registered.wait(), 10)
-            daemon.kill()
-            for leftover in tmp_path.glob("hms.db*"):
-                leftover.unlink()  # the daemon comes back with an empty registry
-            daemon.start()
-            assert await instances(daemon.url) == []
+async def test_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
+    async with registration(daemon.url) as reg:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        daemon.kill()
+        await asyncio.sleep(1.0)  # heartbeats fail meanwhile; the client keeps trying
+        daemon.start()
+        await asyncio.sleep(2.5)
+        [listed] = await instances(daemon.url)
+        assert listed["lease"]["lapsed"] is False
 
-            async def registered_again() -> bool:
-                return len(await instances(daemon.url)) == 1
 
-            await wait_until(registered_again)
-    finally:
-        daemon.stop()
+async def test_registers_again_when_the_daemon_lost_it(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    async with registration(daemon.url) as reg:
+        await asyncio.wait_for(reg.registered.wait(), 10)
+        daemon.kill()
+        for leftover in tmp_path.glob("hms.db*"):
+            leftover.unlink()  # the daemon comes back with an empty registry
+        daemon.start()
+        assert await instances(daemon.url) == []
+
+        async def registered_again() -> bool:
+            return len(await instances(daemon.url)) == 1
+
+        await wait_until(registered_again)
 
 
 async def test_cleanup_ctx_helper_registers_an_aiohttp_app(tmp_path: Path) -> None:
