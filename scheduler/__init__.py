@@ -1,1 +1,6 @@
-"""placeholder."""
+"""When things happen: the event bus and the job layer over APScheduler."""
+
+from .bus import Event, EventBus, Subscription
+from .jobs import Scheduler, Timetable
+
+__all__ = ["Event", "EventBus", "Scheduler", "Subscription", "Timetable"]

@@ -1,0 +1,144 @@
+"""The in-process event bus: publish by topic, subscribe by topic glob.
+
+Publishing never waits: each subscription has its own bounded queue and its
+own task, so a slow or failing subscriber delays nobody else. When a queue is
+full the oldest event is dropped (and counted), as a bus that blocks the
+health checker because a webhook is slow would be worse than a lost event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[["Event"], Awaitable[None] | None]
+DEFAULT_QUEUE = 10_000
+MAX_ROUTES = 10_000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    id: int
+    topic: str
+    data: Mapping[str, Any]
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
+
+
+def matches(patterns: Sequence[str], topic: str) -> bool:
+    return any(fnmatchcase(topic, pattern) for pattern in patterns)
+
+
+class Subscription:
+    """A queue of the events whose topic matches one of `patterns`.
+
+    With a handler, a task owned by the subscription feeds it every event;
+    without one, the owner iterates the subscription (`async for event in sub`).
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        patterns: Sequence[str],
+        handler: Handler | None,
+        name: str,
+        queue_size: int,
+    ) -> None:
+        self.bus, self.patterns, self.name = bus, tuple(patterns), name
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
+        self.dropped = 0
+        self._task: asyncio.Task[None] | None = None
+        if handler is not None:
+            self._task = asyncio.create_task(self._feed(handler), name=f"bus:{name}")
+
+    def offer(self, event: Event) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("subscriber %s is behind; %d event(s) dropped", self.name, self.dropped)
+        self.queue.put_nowait(event)
+
+    async def _feed(self, handler: Handler) -> None:
+        while True:
+            event = await self.queue.get()
+            try:
+                result = handler(event)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("subscriber %s failed on %s", self.name, event.topic)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Event]:
+        while True:
+            yield await self.queue.get()
+
+    async def close(self) -> None:
+        self.bus._unsubscribe(self)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class EventBus:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._subscriptions: list[Subscription] = []
+        self._routes: dict[str, list[Subscription]] = {}  # topic -> matching subscriptions
+        self._ids = itertools.count(1)
+        self.published: Counter[str] = Counter()
+
+    def subscribe(
+        self,
+        patterns: str | Sequence[str],
+        handler: Handler | None = None,
+        *,
+        name: str = "subscriber",
+        queue_size: int = DEFAULT_QUEUE,
+    ) -> Subscription:
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        subscription = Subscription(self, patterns, handler, name, queue_size)
+        self._subscriptions.append(subscription)
+        self._routes.clear()
+        return subscription
+
+    def publish(self, topic: str, data: Mapping[str, Any]) -> Event:
+        """Hand the event to every matching subscriber; never waits, never raises."""
+        event = Event(id=next(self._ids), topic=topic, data=data, time=self._clock())
+        self.published[topic] += 1
+        targets = self._routes.get(topic)
+        if targets is None:
+            targets = [s for s in self._subscriptions if matches(s.patterns, topic)]
+            if len(self._routes) >= MAX_ROUTES:  # topics come from clients too: stay bounded
+                self._routes.clear()
+            self._routes[topic] = targets
+        for subscription in targets:
+            subscription.offer(event)
+        return event
+
+    async def close(self) -> None:
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(subscription)
+        self._routes.clear()

@@ -1,0 +1,213 @@
+"""The job layer over APScheduler 3: recurring jobs, and a timetable for many small ones.
+
+One APScheduler job per probe costs ~0.15 ms of CPU per run before the probe
+does anything (measured: 14.5% of a core for 10,000 jobs at a 10 s interval),
+a third of a probe's budget. So APScheduler drives one `Timetable` tick job,
+and each tick arms the entries due before the next tick with `loop.call_at`:
+they start on time, and adding or removing one is a dict and heap operation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import inspect
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar
+
+from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from prometheus_client import CollectorRegistry, Histogram
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+
+LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Scheduler:
+    """APScheduler's AsyncIOScheduler, with how late jobs start as a histogram."""
+
+    def __init__(self, metrics: CollectorRegistry | None = None) -> None:
+        self._scheduler = AsyncIOScheduler(
+            timezone=UTC,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 60},
+        )
+        self.lateness = Histogram(
+            "hms_scheduler_lateness_seconds",
+            "How late scheduled jobs and probes start.",
+            buckets=LATENESS_BUCKETS,
+            registry=metrics,
+        )
+        self._scheduler.add_listener(self._on_submitted, EVENT_JOB_SUBMITTED)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
+
+    def every(
+        self,
+        name: str,
+        interval: timedelta | float,
+        func: Callable[[], Awaitable[None] | None],
+        *,
+        jitter: float | None = None,
+        first_in: float | None = None,
+    ) -> None:
+        """Run `func` every `interval` (seconds), jittered by up to `jitter` seconds."""
+        seconds = interval.total_seconds() if isinstance(interval, timedelta) else interval
+
+        async def run() -> None:  # a coroutine runs on the loop; a plain function would not
+            try:
+                result = func()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("job %s failed", name)
+
+        start = datetime.now(UTC) + timedelta(seconds=seconds if first_in is None else first_in)
+        trigger = IntervalTrigger(seconds=seconds, start_date=start, jitter=jitter, timezone=UTC)
+        self._scheduler.add_job(run, trigger, id=name, name=name, replace_existing=True)
+
+    def remove(self, name: str) -> None:
+        if self._scheduler.get_job(name) is not None:
+            self._scheduler.remove_job(name)
+
+    def _on_submitted(self, event: JobSubmissionEvent) -> None:
+        now = datetime.now(UTC)
+        for due in event.scheduled_run_times:
+            self.lateness.observe(max(0.0, (now - due).total_seconds()))
+
+
+@dataclass(slots=True)
+class _Entry:
+    interval: float
+    due: float
+    generation: int
+    handle: asyncio.TimerHandle | None = None
+
+
+class Timetable(Generic[K]):
+    """Many recurring entries (one per probed instance) on a single APScheduler job.
+
+    `start(key)` is called at each entry's due time; it must return quickly
+    (spawn a task). Entries run at `due, due + interval, ...` without drift.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        start: Callable[[K], Any],
+        *,
+        name: str = "timetable",
+        tick: float = 0.1,
+    ) -> None:
+        self._scheduler, self._start, self._name, self._tick = scheduler, start, name, tick
+        self._entries: dict[K, _Entry] = {}
+        self._heap: list[tuple[float, int, K, int]] = []
+        self._seq = itertools.count()
+        self._generations = itertools.count(1)
+        self._horizon = 0.0  # entries due before this are armed
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def start(self) -> None:
+        self._scheduler.every(self._name, self._tick, self._arm_due, first_in=0)
+
+    def stop(self) -> None:
+        self._scheduler.remove(self._name)
+        for entry in self._entries.values():
+            if entry.handle is not None:
+                entry.handle.cancel()
+
+    def add(self, key: K, interval: float, *, first_in: float | None = None) -> None:
+        """Schedule `key` every `interval` s; the first run is spread over one interval."""
+        self.remove(key)
+        delay = random.uniform(0, interval) if first_in is None else first_in
+        entry = _Entry(interval, self._now() + delay, next(self._generations))
+        self._entries[key] = entry
+        self._queue(key, entry)
+
+    def set_interval(self, key: K, interval: float) -> None:
+        """Change the interval; the next run moves earlier if the new interval says so."""
+        entry = self._entries.get(key)
+        if entry is None or entry.interval == interval:
+            return
+        entry.interval = interval
+        soonest = self._now() + interval
+        if soonest < entry.due:
+            self._move(key, entry, soonest)
+
+    def run_soon(self, key: K) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._move(key, entry, self._now())
+
+    def remove(self, key: K) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None and entry.handle is not None:
+            entry.handle.cancel()
+
+    def _move(self, key: K, entry: _Entry, due: float) -> None:
+        if entry.handle is not None:
+            entry.handle.cancel()
+            entry.handle = None
+        entry.due = due
+        entry.generation = next(self._generations)
+        self._queue(key, entry)
+
+    def _queue(self, key: K, entry: _Entry) -> None:
+        if entry.due < self._horizon:
+            self._arm(key, entry)
+        else:
+            heapq.heappush(self._heap, (entry.due, next(self._seq), key, entry.generation))
+
+    async def _arm_due(self) -> None:
+        self._horizon = self._now() + self._tick * 1.5
+        while self._heap and self._heap[0][0] < self._horizon:
+            _, _, key, generation = heapq.heappop(self._heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry.generation == generation:
+                self._arm(key, entry)
+
+    def _arm(self, key: K, entry: _Entry) -> None:
+        loop = asyncio.get_running_loop()
+        entry.handle = loop.call_at(entry.due, self._fire, key, entry.generation)
+
+    def _fire(self, key: K, generation: int) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.generation != generation:
+            return
+        now = self._now()
+        self._scheduler.lateness.observe(max(0.0, now - entry.due))
+        entry.handle = None
+        entry.due += entry.interval
+        if entry.due < now:  # fell behind (a stall): skip missed runs, do not burst
+            entry.due = now + entry.interval
+        self._queue(key, entry)
+        try:
+            self._start(key)
+        except Exception:
+            log.exception("timetable %s: starting %r failed", self._name, key)
+
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()

@@ -1,0 +1,138 @@
+"""The event bus and the job layer, on a real event loop (short real intervals)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from scheduler import Event, EventBus, Scheduler, Timetable
+
+
+async def test_subscribers_get_events_matching_their_globs() -> None:
+    bus = EventBus()
+    health: list[str] = []
+    everything: list[str] = []
+    bus.subscribe("health.*", lambda e: health.append(e.topic), name="health")
+    bus.subscribe(["*"], lambda e: everything.append(e.topic), name="all")
+    bus.publish("health.changed", {"service": "a"})
+    bus.publish("workflow.failed", {})
+    await asyncio.sleep(0.01)
+    assert health == ["health.changed"]
+    assert everything == ["health.changed", "workflow.failed"]
+    assert bus.published["health.changed"] == 1
+    await bus.close()
+
+
+async def test_a_failing_subscriber_does_not_stop_the_others() -> None:
+    bus = EventBus()
+    seen: list[int] = []
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("boom")
+
+    bus.subscribe("*", broken, name="broken")
+    bus.subscribe("*", lambda e: seen.append(e.id), name="fine")
+    for _ in range(3):
+        bus.publish("x", {})
+    await asyncio.sleep(0.01)
+    assert len(seen) == 3
+    await bus.close()
+
+
+async def test_a_slow_subscriber_does_not_block_publishers_or_others() -> None:
+    bus = EventBus()
+    release = asyncio.Event()
+    fast: list[int] = []
+
+    async def slow(event: Event) -> None:
+        await release.wait()
+
+    bus.subscribe("*", slow, name="slow", queue_size=2)
+    bus.subscribe("*", lambda e: fast.append(e.id), name="fast")
+    for _ in range(10):
+        bus.publish("x", {})  # returns at once although `slow` is stuck
+    await asyncio.sleep(0.01)
+    assert len(fast) == 10
+    release.set()
+    await bus.close()
+
+
+async def test_iterating_a_subscription_yields_events_in_order() -> None:
+    bus = EventBus()
+    subscription = bus.subscribe(["a.*"], name="stream")
+    bus.publish("a.one", {"n": 1})
+    bus.publish("b.two", {"n": 2})
+    bus.publish("a.three", {"n": 3})
+    iterator: AsyncIterator[Event] = aiter(subscription)
+    first, second = await anext(iterator), await anext(iterator)
+    assert [first.data["n"], second.data["n"]] == [1, 3]
+    await subscription.close()
+
+
+@pytest.fixture
+async def scheduler() -> AsyncIterator[Scheduler]:
+    running = Scheduler(CollectorRegistry())
+    running.start()
+    yield running
+    running.shutdown()
+
+
+async def test_recurring_job_runs_and_records_lateness(scheduler: Scheduler) -> None:
+    runs: list[float] = []
+    scheduler.every("job", 0.05, lambda: runs.append(1), first_in=0)
+    await asyncio.sleep(0.3)
+    assert len(runs) >= 3
+    assert scheduler.lateness.collect()[0].samples  # observations exist
+    count = next(s for s in scheduler.lateness.collect()[0].samples if s.name.endswith("_count"))
+    assert count.value >= 3
+
+
+async def test_timetable_runs_each_entry_at_its_interval(scheduler: Scheduler) -> None:
+    started: list[tuple[str, float]] = []
+    loop = asyncio.get_running_loop()
+    table: Timetable[str] = Timetable(
+        scheduler, lambda key: started.append((key, loop.time())), tick=0.02
+    )
+    table.start()
+    table.add("fast", 0.05, first_in=0)
+    table.add("slow", 0.2, first_in=0)
+    await asyncio.sleep(0.42)
+    table.stop()
+    fast = [t for k, t in started if k == "fast"]
+    slow = [t for k, t in started if k == "slow"]
+    assert 5 <= len(fast) <= 10
+    assert 2 <= len(slow) <= 3
+    # Runs follow due + interval, not "when the last one started": no drift on average.
+    mean_gap = (fast[-1] - fast[0]) / (len(fast) - 1)
+    assert 0.045 < mean_gap < 0.06, mean_gap
+
+
+async def test_timetable_entries_come_and_go_without_restart(scheduler: Scheduler) -> None:
+    started: list[str] = []
+    table: Timetable[str] = Timetable(scheduler, started.append, tick=0.02)
+    table.start()
+    table.add("a", 0.05, first_in=0)
+    await asyncio.sleep(0.12)
+    table.remove("a")
+    count = len(started)
+    table.add("b", 0.05, first_in=0)
+    await asyncio.sleep(0.12)
+    table.stop()
+    assert len(started) > count
+    assert started.count("a") == count
+    assert "b" in started
+    assert "a" not in table
+
+
+async def test_shortening_the_interval_brings_the_next_run_forward(scheduler: Scheduler) -> None:
+    started: list[str] = []
+    table: Timetable[str] = Timetable(scheduler, started.append, tick=0.02)
+    table.start()
+    table.add("a", 10.0, first_in=10.0)
+    table.set_interval("a", 0.05)  # like a probe switching to down_interval
+    await asyncio.sleep(0.2)
+    table.stop()
+    assert started.count("a") >= 2
