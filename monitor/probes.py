@@ -1,0 +1,249 @@
+"""Probes: http, tcp and tls checks of one instance, each bounded by its own timeout.
+
+A fresh connection per probe by default, so DNS, connect and the TLS
+handshake are exercised every time (what users feel when the pool is cold);
+`keepalive: true` reuses connections for services where that is the point.
+A probe never raises: every failure is a result with `error` set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
+
+from registry import ProbeSpec
+
+from .conditions import MISSING, Condition, parse_conditions
+
+DEFAULT_MAX_BODY = 64 * 1024
+USER_AGENT = "hms-mgmt-probe/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """Probe settings with every default filled in, conditions parsed."""
+
+    type: Literal["http", "tcp", "tls"] = "http"
+    method: str = "GET"
+    path: str | None = None  # None: the instance URL's own path
+    headers: tuple[tuple[str, str], ...] = ()
+    conditions: tuple[Condition, ...] = ()
+    interval: float = 10.0
+    timeout: float = 2.0
+    down_interval: float = 2.0
+    failure_threshold: int = 3
+    success_threshold: int = 2
+    warning_latency: float | None = None
+    warning_certificate: float | None = None
+    keepalive: bool = False
+    tls_verify: bool = True
+    follow_redirects: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY
+
+
+DEFAULT_CONDITIONS = {"http": ("[STATUS] < 400",), "tcp": ("[CONNECTED] == true",)}
+DEFAULT_CONDITIONS["tls"] = DEFAULT_CONDITIONS["tcp"]
+
+
+def resolve_probe(layers: Sequence[ProbeSpec | None]) -> Probe:
+    """Merge probe settings, later layers winning: defaults, service, instance.
+
+    Raises ConditionError for a condition that does not parse.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        if layer is not None:  # iterating a model gives raw values (timedelta, not "10s")
+            merged.update((name, value) for name, value in layer if value is not None)
+    kind = merged.get("type", "http")
+    texts = merged.pop("conditions", None) or DEFAULT_CONDITIONS[kind]
+    for name in ("interval", "timeout", "down_interval", "warning_latency", "warning_certificate"):
+        if isinstance(merged.get(name), timedelta):
+            merged[name] = merged[name].total_seconds()
+    if "headers" in merged:
+        merged["headers"] = tuple(merged["headers"].items())
+    return Probe(conditions=parse_conditions(texts), **merged)
+
+
+@dataclass(slots=True, kw_only=True)
+class ProbeResult:
+    at: float  # wall clock at the start
+    response_time: float  # seconds
+    connected: bool
+    status: int | None = None
+    body: bytes = b""
+    certificate_expires_at: float | None = None  # wall clock
+    error: str | None = None
+    _json: Any = field(default=MISSING, repr=False)
+
+    @property
+    def certificate_expires_in(self) -> float | None:
+        if self.certificate_expires_at is None:
+            return None
+        return self.certificate_expires_at - self.at
+
+    @property
+    def body_text(self) -> str:
+        return self.body.decode("utf-8", errors="replace")
+
+    def body_json(self) -> Any:
+        if self._json is MISSING:
+            try:
+                self._json = json.loads(self.body) if self.body else None
+            except ValueError:
+                self._json = None
+        return self._json
+
+
+class Prober:
+    """Runs probes; bounded global concurrency; owns the HTTP client sessions."""
+
+    def __init__(self, *, concurrency: int = 1000) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._fresh: aiohttp.ClientSession | None = None
+        self._pooled: aiohttp.ClientSession | None = None
+        self._insecure = ssl.create_default_context()
+        self._insecure.check_hostname = False
+        self._insecure.verify_mode = ssl.CERT_NONE
+        self._verifying = ssl.create_default_context()
+
+    async def start(self) -> None:
+        headers = {"User-Agent": USER_AGENT}
+        fresh = _CertificateRecorder(force_close=True, use_dns_cache=False, limit=0)
+        pooled = _CertificateRecorder(limit=0, ttl_dns_cache=10)
+        # DummyCookieJar: probes are stateless, a cookie from one must not change the next.
+        self._fresh = aiohttp.ClientSession(
+            connector=fresh, headers=headers, cookie_jar=aiohttp.DummyCookieJar()
+        )
+        self._pooled = aiohttp.ClientSession(
+            connector=pooled, headers=headers, cookie_jar=aiohttp.DummyCookieJar()
+        )
+
+    async def close(self) -> None:
+        for session in (self._fresh, self._pooled):
+            if session is not None:
+                await session.close()
+
+    async def run(self, url: str, probe: Probe) -> ProbeResult:
+        """Probe `url`; returns within `probe.timeout` (plus scheduling), never raises."""
+        at, started = time.time(), time.perf_counter()
+        async with self._slots:
+            try:
+                async with asyncio.timeout(probe.timeout):
+                    if probe.type == "http":
+                        return await self._http(url, probe, at, started)
+                    return await self._connect(url, probe, at, started)
+            except TimeoutError:
+                error = f"timeout after {probe.timeout:g}s"
+            except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+                error = _describe(exc)
+            return ProbeResult(
+                at=at, response_time=time.perf_counter() - started, connected=False, error=error
+            )
+
+    async def _http(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+        session = self._pooled if probe.keepalive else self._fresh
+        assert session is not None, "Prober.start() first"
+        target = _with_path(url, probe.path)
+        context = self._verifying if probe.tls_verify else self._insecure
+        seen: list[float | None] = []
+        _CERTIFICATES.set(seen)  # this task's context: concurrent probes do not mix
+        async with session.request(
+            probe.method,
+            target,
+            headers=dict(probe.headers),
+            allow_redirects=probe.follow_redirects,
+            ssl=context if target.startswith("https:") else True,
+            auto_decompress=True,
+        ) as response:
+            body = await response.content.read(probe.max_body_bytes)
+            return ProbeResult(
+                at=at,
+                response_time=time.perf_counter() - started,
+                connected=True,
+                status=response.status,
+                body=body,
+                certificate_expires_at=seen.pop() if seen else None,
+            )
+
+    async def _connect(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" or probe.type == "tls" else 80)
+        context = None
+        if probe.type == "tls":
+            context = self._verifying if probe.tls_verify else self._insecure
+        _, writer = await asyncio.open_connection(
+            host, port, ssl=context, server_hostname=host if context else None
+        )
+        try:
+            expires = _certificate_expiry(writer.transport) if context else None
+        finally:
+            writer.close()
+        return ProbeResult(
+            at=at,
+            response_time=time.perf_counter() - started,
+            connected=True,
+            certificate_expires_at=expires,
+        )
+
+
+_CERTIFICATES: ContextVar[list[float | None] | None] = ContextVar("certificates", default=None)
+
+
+class _CertificateRecorder(aiohttp.TCPConnector):
+    """Notes the peer certificate's expiry when a connection is handed out; a small
+    response releases (and with force_close, closes) it before the caller could look."""
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        seen = _CERTIFICATES.get()
+        if seen is not None:
+            seen.append(_certificate_expiry(connection.transport))
+        return connection
+
+
+def _with_path(url: str, path: str | None) -> str:
+    if path is None:
+        return url
+    parts = urlsplit(url)
+    return parts._replace(path=path.split("?", 1)[0], query=path.partition("?")[2]).geturl()
+
+
+def _certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None:
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    certificate = ssl_object.getpeercert()  # parsed only when verified; {} otherwise
+    not_after = certificate.get("notAfter") if certificate else None
+    return ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"certificate: {exc.certificate_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "server closed the connection"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connect: {exc.os_error.strerror or exc.os_error}"
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
