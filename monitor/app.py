@@ -13,15 +13,24 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from registry import Catalog, Clock, Instance, SqliteRegistryStore
+from registry import Catalog, Clock, Instance, SqliteRegistryStore, SystemClock
 from registry import openapi as registry_openapi
 from registry.auth import Authorizer
 from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
 from registry.metrics import RegistryCollector
 from registry.routes import LeaseDefaults, RegistryRoutes
+from scheduler import EventBus, Scheduler
 
+from . import api as health_api
+from .api import HealthRoutes
+from .checker import HealthChecker, latency_buckets
 from .config import Config
 from .database import Database
+from .health import HealthBook
+from .maintenance import MaintenanceCalendar
+from .metrics import ProbeCollector
+from .probes import Prober
+from .results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +39,12 @@ DATABASE = web.AppKey("database", Database)
 CATALOG = web.AppKey("catalog", Catalog)
 METRICS = web.AppKey("metrics", CollectorRegistry)
 REAPER = web.AppKey("reaper", asyncio.Task[None])
+BUS = web.AppKey("bus", EventBus)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+CHECKER = web.AppKey("checker", HealthChecker)
+RESULTS = web.AppKey("results", ResultStore)
+FLUSH_INTERVAL = 1.0
+PRUNE_INTERVAL = 3600.0
 HEAP = web.AppKey("heap", asyncio.Task[None])
 FREEZE_INTERVAL = 1.0
 
@@ -44,18 +59,46 @@ def build_app(
     # Each middleware costs every request a frame; the auth one exists only when auth does.
     middlewares = [error_middleware, auth.middleware()] if auth.enabled else [error_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    clock = clock or SystemClock()
+    registry = metrics or CollectorRegistry(auto_describe=True)
     database = Database(config.storage.path)
-    catalog = Catalog(SqliteRegistryStore(database), clock=clock)
-    app[CONFIG] = config
-    app[DATABASE] = database
-    app[CATALOG] = catalog
-    app[METRICS] = metrics or CollectorRegistry(auto_describe=True)
-    app[METRICS].register(RegistryCollector(catalog))
+    bus = EventBus(clock=clock.time)
+    scheduler = Scheduler(registry)
+    calendar = MaintenanceCalendar(config.maintenance)
+    book = HealthBook(
+        bus=bus,
+        calendar=calendar,
+        dependencies={s.name: s.depends_on for s in config.services},
+        clock=clock.time,
+    )
+    catalog = Catalog(SqliteRegistryStore(database), clock=clock, health=book)
+    book.on_change(catalog.touch)  # a health change wakes blocking queries
+    thresholds = [
+        slo.latency_threshold.total_seconds()
+        for service in config.services
+        for slo in service.slos
+        if slo.latency_threshold is not None
+    ]
+    results = ResultStore(database, latency_buckets(config.defaults.latency_buckets, thresholds))
+    checker = HealthChecker(
+        catalog=catalog,
+        book=book,
+        prober=Prober(),
+        store=results,
+        scheduler=scheduler,
+        defaults=config.defaults.probe,
+        service_probes={s.name: s.probe for s in config.services if s.probe is not None},
+    )
+    app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
+    app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
+    registry.register(RegistryCollector(catalog))
+    registry.register(ProbeCollector(checker, calendar.services))
 
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
     )
-    app.add_routes(RegistryRoutes(catalog, auth, leases).routes())
+    app.add_routes(RegistryRoutes(catalog, auth, leases, checker.probe_for).routes())
+    app.add_routes(HealthRoutes(book).routes())
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -65,6 +108,7 @@ def build_app(
         ]
     )
     app.cleanup_ctx.append(_run_registry)
+    app.cleanup_ctx.append(_run_monitor)
     app.cleanup_ctx.append(_keep_heap_frozen)
     if not auth.enabled and not config.server.is_loopback:
         log.warning(
@@ -116,6 +160,33 @@ async def _run_registry(app: web.Application) -> AsyncIterator[None]:
         await database.close()
 
 
+async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
+    """Scheduler, probes, result flushing; started after the registry, stopped before it."""
+    config, scheduler, checker, results = app[CONFIG], app[SCHEDULER], app[CHECKER], app[RESULTS]
+    clock = app[CATALOG].now
+    await results.create_tables()
+    await checker.prober.start()
+    scheduler.start()
+    checker.start()
+    scheduler.every("results.flush", FLUSH_INTERVAL, lambda: results.flush(clock()))
+    scheduler.every(
+        "results.prune",
+        PRUNE_INTERVAL,
+        lambda: results.prune(clock(), config.storage.retention.total_seconds()),
+        first_in=60,
+    )
+    # Maintenance windows open and close on the clock, not on probe results.
+    scheduler.every("health.reevaluate", 1.0, checker.book.reevaluate)
+    try:
+        yield
+    finally:
+        await checker.close()
+        scheduler.shutdown()
+        await results.flush(clock(), everything=True)
+        await checker.prober.close()
+        await app[BUS].close()
+
+
 async def _keep_heap_frozen(app: web.Application) -> AsyncIterator[None]:
     """Move survivors out of the cyclic GC's reach every second.
 
@@ -148,6 +219,7 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {
         "store": app[DATABASE].is_open,
         "registry": REAPER in app and not app[REAPER].done(),
+        "scheduler": app[SCHEDULER].running,
     }
     if all(checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
@@ -214,7 +286,7 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "hms-mgmt", "version": _version()},
-        "paths": {**registry_openapi.paths(), **operations},
+        "paths": {**registry_openapi.paths(), **health_api.openapi_paths(), **operations},
         "components": {
             "schemas": registry_openapi.components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

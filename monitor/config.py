@@ -31,6 +31,8 @@ from pydantic import (
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import Meta
 
+from .conditions import ConditionError, parse_condition
+
 DEFAULT_LISTEN = "127.0.0.1:9797"
 SCOPE_VERBS = ("register", "publish", "start", "cancel")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
@@ -122,9 +124,19 @@ class Lease(_Model):
     deregister_after: Duration = timedelta(minutes=10)
 
 
+def _check_buckets(value: tuple[float, ...]) -> tuple[float, ...]:
+    if any(boundary <= 0 for boundary in value):
+        raise ValueError("bucket boundaries are seconds greater than zero")
+    return tuple(sorted(set(value)))
+
+
 class Defaults(_Model):
     probe: ProbeSpec = ProbeSpec()
     lease: Lease = Lease()
+    # hms_probe_duration_seconds boundaries; SLO latency thresholds are added to them.
+    latency_buckets: Annotated[tuple[float, ...], AfterValidator(_check_buckets)] = (
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    )  # fmt: skip
 
 
 class RawSli(_Model):
@@ -307,6 +319,7 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the top level must be a mapping of sections"])
     problems += _cross_check(data)
+    problems += _check_conditions(data)
     config: Config | None = None
     try:
         config = Config.model_validate(data, context={"base_dir": base_dir})
@@ -492,6 +505,25 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
     for i, workflow in workflows:
         steps = _items(workflow, "steps")
         yield from _unique((("workflows", i, "steps", j), x.get("name")) for j, x in steps)
+
+
+def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
+    """Probe conditions are parsed here, so a bad one is a config error, not a probe crash."""
+    probes: list[tuple[Path_, Any]] = []
+    defaults = data.get("defaults")
+    if isinstance(defaults, dict):
+        probes.append((("defaults", "probe"), defaults.get("probe")))
+    probes += [(("services", i, "probe"), s.get("probe")) for i, s in _items(data, "services")]
+    for path, probe in probes:
+        conditions = probe.get("conditions") if isinstance(probe, dict) else None
+        if not isinstance(conditions, list):
+            continue
+        for j, text in enumerate(conditions):
+            if isinstance(text, str):
+                try:
+                    parse_condition(text)
+                except ConditionError as exc:
+                    yield (*path, "conditions", j), str(exc)
 
 
 def _items(parent: Any, key: str) -> list[tuple[int, dict[str, Any]]]:

@@ -36,7 +36,7 @@ USER_AGENT = "hms-mgmt-probe/1"
 class Probe:
     """Probe settings with every default filled in, conditions parsed."""
 
-    type: Literal["http", "tcp", "tls"] = "http"
+    type: Literal["http", "tcp", "tls", "none"] = "http"
     method: str = "GET"
     path: str | None = None  # None: the instance URL's own path
     headers: tuple[tuple[str, str], ...] = ()
@@ -54,8 +54,12 @@ class Probe:
     max_body_bytes: int = DEFAULT_MAX_BODY
 
 
-DEFAULT_CONDITIONS = {"http": ("[STATUS] < 400",), "tcp": ("[CONNECTED] == true",)}
+DEFAULT_CONDITIONS: dict[str, tuple[str, ...]] = {
+    "http": ("[STATUS] < 400",),
+    "tcp": ("[CONNECTED] == true",),
+}
 DEFAULT_CONDITIONS["tls"] = DEFAULT_CONDITIONS["tcp"]
+DEFAULT_CONDITIONS["none"] = ()
 
 
 def resolve_probe(layers: Sequence[ProbeSpec | None]) -> Probe:
@@ -69,6 +73,8 @@ def resolve_probe(layers: Sequence[ProbeSpec | None]) -> Probe:
             merged.update((name, value) for name, value in layer if value is not None)
     kind = merged.get("type", "http")
     texts = merged.pop("conditions", None) or DEFAULT_CONDITIONS[kind]
+    if kind == "none":
+        texts = ()
     for name in ("interval", "timeout", "down_interval", "warning_latency", "warning_certificate"):
         if isinstance(merged.get(name), timedelta):
             merged[name] = merged[name].total_seconds()

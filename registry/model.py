@@ -127,7 +127,8 @@ class ProbeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["http", "tcp", "tls"] | None = None
+    # none: not probed; health then comes from the lease alone (critical once it lapses).
+    type: Literal["http", "tcp", "tls", "none"] | None = None
     method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] | None = None
     path: str | None = Field(default=None, pattern=r"^/", max_length=2048)
     headers: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -13,7 +14,7 @@ from .auth import Authorizer
 from .catalog import Catalog, InstanceStatus
 from .durations import parse_duration
 from .errors import ApiError, parse_body
-from .model import HealthState, Instance, RegistrationBody, is_valid_name
+from .model import HealthState, Instance, ProbeSpec, RegistrationBody, is_valid_name
 from .responses import json_response
 from .sd import sd_groups
 
@@ -29,11 +30,22 @@ class LeaseDefaults:
     deregister_after: timedelta = timedelta(minutes=10)
 
 
+ProbeCheck = Callable[[str, ProbeSpec | None], object]
+
+
 class RegistryRoutes:
-    def __init__(self, catalog: Catalog, auth: Authorizer, leases: LeaseDefaults) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        auth: Authorizer,
+        leases: LeaseDefaults,
+        check_probe: ProbeCheck | None = None,
+    ) -> None:
         self.catalog = catalog
         self.auth = auth
         self.leases = leases
+        # From the monitor: parses conditions, so a bad one is a 422 here, not a probe crash.
+        self.check_probe = check_probe
 
     def routes(self) -> list[web.AbstractRouteDef]:
         instance = "/v1/services/{service}/instances/{id}"
@@ -53,6 +65,12 @@ class RegistryRoutes:
         ttl = body.lease_seconds(self.leases.ttl)
         if ttl is not None and ttl < MIN_TTL:
             raise ApiError(422, f"ttl must be at least {MIN_TTL:g}s", details=[{"field": "ttl"}])
+        if self.check_probe is not None:
+            try:
+                self.check_probe(service, body.probe)
+            except ValueError as exc:
+                details = [{"field": "probe", "message": str(exc)}]
+                raise ApiError(422, "invalid probe settings", details=details) from None
         deregister_after = body.deregister_after or self.leases.deregister_after
         now = self.catalog.now()
         instance = Instance(

@@ -63,7 +63,7 @@ class Scheduler:
         self,
         name: str,
         interval: timedelta | float,
-        func: Callable[[], Awaitable[None] | None],
+        func: Callable[[], Awaitable[object] | object],
         *,
         jitter: float | None = None,
         first_in: float | None = None,

@@ -47,8 +47,15 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
     """A Config whose database lives in this test's tmp_path."""
 
     def make(**sections: Any) -> Config:
-        data: dict[str, Any] = {"storage": {"path": str(tmp_path / "hms.db")}}
+        # Not probed unless a test asks: registry tests use made-up addresses, and no
+        # test may send traffic beyond 127.0.0.1.
+        data: dict[str, Any] = {
+            "storage": {"path": str(tmp_path / "hms.db")},
+            "defaults": {"probe": {"type": "none"}},
+        }
+        defaults = sections.pop("defaults", {})
         data.update(sections)
+        data["defaults"] = {**data["defaults"], **defaults}
         return parse_config(yaml.safe_dump(data), base_dir=tmp_path)
 
     return make

@@ -30,6 +30,7 @@ def write_config(directory: Path, port: int, **sections: Any) -> Path:
     data: dict[str, Any] = {
         "server": {"listen": f"127.0.0.1:{port}"},
         "storage": {"path": str(directory / "hms.db")},
+        "defaults": {"probe": {"type": "none"}},  # these tests are about the registry
     }
     data.update(sections)
     path = directory / "config.yaml"

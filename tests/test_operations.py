@@ -17,7 +17,7 @@ async def test_healthz_and_readyz(daemon: AppClient) -> None:
     assert (await daemon.get("/healthz")).status == 200
     ready = await daemon.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json())["checks"] == {"store": True, "registry": True}
+    assert (await ready.json())["checks"] == {"store": True, "registry": True, "scheduler": True}
 
 
 async def test_metrics_use_the_exposition_format(daemon: AppClient) -> None:

@@ -1,0 +1,159 @@
+"""The health checker: every instance in the registry, probed on the timetable.
+
+It follows the registry (an instance is probed from the moment it registers
+until it leaves, no restart), runs each probe as an owned task, hands the
+result to the health book, the result store and the metrics, and moves the
+instance between `interval` and `down_interval`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec
+from scheduler import Scheduler, Timetable
+
+from .health import HealthBook, Key
+from .probes import Probe, Prober, ProbeResult, resolve_probe
+from .results import ResultStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ProbeStats:
+    """Counters behind the probe metrics of one instance."""
+
+    boundaries: tuple[float, ...]
+    successes: int = 0
+    failures: int = 0
+    buckets: list[int] = field(default_factory=list)  # per boundary, not cumulative
+    duration_sum: float = 0.0
+    last_ok: bool | None = None
+    certificate_expires_at: float | None = None
+
+    def observe(self, result: ProbeResult, ok: bool) -> None:
+        if ok:
+            self.successes += 1
+            self.duration_sum += result.response_time
+            if not self.buckets:
+                self.buckets = [0] * len(self.boundaries)
+            index = next(
+                (i for i, b in enumerate(self.boundaries) if result.response_time <= b),
+                len(self.boundaries) - 1,
+            )
+            self.buckets[index] += 1
+        else:
+            self.failures += 1
+        self.last_ok = ok
+        if result.certificate_expires_at is not None:
+            self.certificate_expires_at = result.certificate_expires_at
+
+
+@dataclass(slots=True)
+class _Target:
+    url: str
+    probe: Probe
+    stats: ProbeStats
+    running: asyncio.Task[None] | None = None
+
+
+class HealthChecker:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        book: HealthBook,
+        prober: Prober,
+        store: ResultStore,
+        scheduler: Scheduler,
+        defaults: ProbeSpec,
+        service_probes: dict[str, ProbeSpec],
+    ) -> None:
+        self.catalog, self.book, self.prober, self.store = catalog, book, prober, store
+        self._defaults, self._service_probes = defaults, service_probes
+        self.timetable: Timetable[Key] = Timetable(scheduler, self._start_probe, name="probes")
+        self.targets: dict[Key, _Target] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def probe_for(self, service: str, instance: ProbeSpec | None) -> Probe:
+        """The effective settings: defaults, then the service's config, then the instance's."""
+        return resolve_probe([self._defaults, self._service_probes.get(service), instance])
+
+    def start(self) -> None:
+        for status in self.catalog.instances():
+            self._track(status.instance)
+        self.catalog.add_listener(self._on_change)
+        self.timetable.start()
+
+    async def close(self) -> None:
+        self.timetable.stop()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_change(self, change: Change) -> None:
+        key = change.instance.key
+        if change.kind in (ChangeKind.REGISTERED, ChangeKind.UPDATED):
+            self._track(change.instance)
+        elif change.kind is ChangeKind.DEREGISTERED:
+            self.timetable.remove(key)
+            self.targets.pop(key, None)
+            self.book.forget(key)
+        elif change.kind in (ChangeKind.LAPSED, ChangeKind.RENEWED):
+            self.book.set_lapsed(key, change.kind is ChangeKind.LAPSED)
+
+    def _track(self, instance: Instance) -> None:
+        try:
+            probe = self.probe_for(instance.service, instance.probe)
+        except ValueError as exc:  # checked at registration; config can still disagree
+            log.error("not probing %s/%s: %s", *instance.key, exc)
+            return
+        key = instance.key
+        current = self.targets.get(key)
+        stats = current.stats if current else ProbeStats(self.store.boundaries)
+        self.targets[key] = _Target(instance.url, probe, stats)
+        self.book.track(key, probe)  # unprobed ones too: their lease lapses still count
+        if probe.type == "none":
+            self.timetable.remove(key)
+        elif current is None or current.probe != probe:
+            self.timetable.add(key, probe.interval)
+
+    def _start_probe(self, key: Key) -> None:
+        target = self.targets.get(key)
+        if target is None or (target.running is not None and not target.running.done()):
+            return  # the previous probe of this instance is still within its timeout
+        task = asyncio.create_task(self._probe(key, target), name=f"probe:{key[0]}/{key[1]}")
+        target.running = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, key: Key, target: _Target) -> None:
+        result = await self.prober.run(target.url, target.probe)
+        if self.targets.get(key) is not target:
+            return  # deregistered or re-registered meanwhile
+        verdict = self.book.record(key, result)
+        if verdict is None:
+            return
+        target.stats.observe(result, verdict.ok)
+        self.store.add(
+            key[0],
+            key[1],
+            result,
+            ok=verdict.ok,
+            failing=[f.condition for f in verdict.failing],
+            maintenance=self.book.in_maintenance(key[0]),
+        )
+        tracker = self.book.tracker(key)
+        if tracker is not None:
+            down = tracker.wants_down_interval
+            interval = target.probe.down_interval if down else target.probe.interval
+            self.timetable.set_interval(key, interval)
+
+
+def latency_buckets(configured: Sequence[float], thresholds: Sequence[float]) -> tuple[float, ...]:
+    """Histogram boundaries: the configured ones plus every SLO latency threshold."""
+    return tuple(sorted(set(configured) | set(thresholds)))
