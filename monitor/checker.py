@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from .probes import Probe, Prober, ProbeResult, resolve_probe
 from .results import ResultStore
 
 log = logging.getLogger(__name__)
+
+NEW_INSTANCE_SPREAD = 1.0
 
 
 @dataclass(slots=True)
@@ -84,8 +87,10 @@ class HealthChecker:
         return resolve_probe([self._defaults, self._service_probes.get(service), instance])
 
     def start(self) -> None:
+        # Restored instances spread their first probe over one interval (no herd at start);
+        # instances that register later are probed within a second.
         for status in self.catalog.instances():
-            self._track(status.instance)
+            self._track(status.instance, spread=True)
         self.catalog.add_listener(self._on_change)
         self.timetable.start()
 
@@ -106,7 +111,7 @@ class HealthChecker:
         elif change.kind in (ChangeKind.LAPSED, ChangeKind.RENEWED):
             self.book.set_lapsed(key, change.kind is ChangeKind.LAPSED)
 
-    def _track(self, instance: Instance) -> None:
+    def _track(self, instance: Instance, *, spread: bool = False) -> None:
         try:
             probe = self.probe_for(instance.service, instance.probe)
         except ValueError as exc:  # checked at registration; config can still disagree
@@ -120,7 +125,8 @@ class HealthChecker:
         if probe.type == "none":
             self.timetable.remove(key)
         elif current is None or current.probe != probe:
-            self.timetable.add(key, probe.interval)
+            first = probe.interval if spread else min(probe.interval, NEW_INSTANCE_SPREAD)
+            self.timetable.add(key, probe.interval, first_in=random.uniform(0, first))
 
     def _start_probe(self, key: Key) -> None:
         target = self.targets.get(key)

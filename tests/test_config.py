@@ -226,3 +226,16 @@ def test_serve_refuses_a_foreign_database(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "database of another application" in result.stderr
     assert foreign.read_bytes() == before
+
+
+def test_a_bad_probe_condition_is_a_config_error_with_its_path() -> None:
+    text = (
+        "services:\n"
+        "  - name: payments\n"
+        "    probe:\n"
+        "      conditions:\n"
+        "        - '[STATUS] == 200'\n"
+        "        - '[STAUTS] == 200'\n"
+    )
+    [error] = errors_of(text)
+    assert error.startswith("config.yaml:6: services[0].probe.conditions[1]: '[STAUTS] == 200'")

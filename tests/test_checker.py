@@ -1,0 +1,207 @@
+"""The daemon probing real targets: registration to health, metrics, results, no restart."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from monitor.config import Config
+
+from .conftest import AppClient
+from .targets import start_target
+
+FAST = {"interval": "100ms", "down_interval": "50ms", "timeout": "300ms"}
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[TestServer]:
+    server = await start_target()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def monitored(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> AppClient:
+    return await start_daemon(
+        make_config(
+            defaults={
+                "probe": {"type": "http", **FAST, "failure_threshold": 2, "success_threshold": 2}
+            },
+            services=[
+                {
+                    "name": "payments",
+                    "slos": [{"name": "latency", "objective": 99, "latency_threshold": "300ms"}],
+                }
+            ],
+        )
+    )
+
+
+async def register(
+    client: AppClient, target: TestServer, instance: str = "p1", **probe: Any
+) -> None:
+    body = {"url": str(target.make_url("/")), "probe": {"path": "/switchable", **probe}}
+    resp = await client.put(f"/v1/services/payments/instances/{instance}", json=body)
+    assert resp.status in (200, 201), await resp.text()
+
+
+async def health(client: AppClient, instance: str = "p1") -> dict[str, Any]:
+    body = await (await client.get("/v1/health", params={"service": "payments"})).json()
+    return next(i for i in body["instances"] if i["instance"] == instance)
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def state_is(client: AppClient, state: str, instance: str = "p1") -> None:
+    async def reached() -> bool:
+        return (await health(client, instance))["state"] == state
+
+    await until(reached)
+
+
+async def test_a_registered_instance_is_probed_without_restart(
+    monitored: AppClient, target: TestServer
+) -> None:
+    await register(monitored, target)
+    await state_is(monitored, "passing")
+    status = await health(monitored)
+    assert status["last_probe"]["status"] == 200
+    assert status["failing"] == []
+    listed = await (
+        await monitored.get("/v1/services/payments", params={"health": "passing"})
+    ).json()
+    assert [i["id"] for i in listed["instances"]] == ["p1"]
+    sd = await (await monitored.get("/v1/sd", params={"health": "passing"})).json()
+    assert sd[0]["labels"]["__meta_hms_health"] == "passing"
+
+
+async def test_failing_target_turns_critical_with_what_failed(
+    monitored: AppClient, target: TestServer
+) -> None:
+    await register(monitored, target, conditions=["[STATUS] == 200", "[BODY].status == UP"])
+    await state_is(monitored, "passing")
+    async with aiohttp.ClientSession() as http:
+        await http.post(target.make_url("/status/503"))
+    await state_is(monitored, "critical")
+    status = await health(monitored)
+    assert {"condition": "[STATUS] == 200", "observed": "503"} in status["failing"]
+    assert status["reason"] == "2 consecutive failures"
+
+
+async def test_down_instances_are_probed_at_down_interval(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> None:
+    probe = {"type": "http", "interval": "1h", "down_interval": "50ms", "timeout": "300ms"}
+    client = await start_daemon(make_config(defaults={"probe": probe}))
+    body = {"url": str(target.make_url("/")), "probe": {"path": "/fail"}}
+    await client.put("/v1/services/payments/instances/p1", json=body)
+
+    async def probed_often() -> bool:
+        text = await (await client.get("/metrics")).text()
+        return 'hms_probe_total{instance="p1",result="failure",service="payments"} 5.0' in text
+
+    await until(probed_often)  # five probes within seconds although interval is 1h
+
+
+async def test_deregistered_instances_are_no_longer_probed(
+    monitored: AppClient, target: TestServer
+) -> None:
+    await register(monitored, target)
+    await state_is(monitored, "passing")
+    await monitored.delete("/v1/services/payments/instances/p1")
+    body = await (await monitored.get("/v1/health")).json()
+    assert body["instances"] == []
+
+
+async def test_a_hung_target_does_not_hold_up_a_healthy_one(
+    monitored: AppClient, target: TestServer
+) -> None:
+    await register(monitored, target, "hung", path="/hang")
+    await register(monitored, target, "healthy")
+    await state_is(monitored, "passing", "healthy")
+    await state_is(monitored, "critical", "hung")
+    hung = await health(monitored, "hung")
+    assert hung["last_probe"]["error"] == "timeout after 0.3s"
+
+
+async def test_a_bad_condition_is_refused_at_registration(monitored: AppClient) -> None:
+    body = {"url": "http://127.0.0.1:9", "probe": {"conditions": ["[STATUS] === 200"]}}
+    resp = await monitored.put("/v1/services/payments/instances/p1", json=body)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["details"][0]["field"] == "probe"
+    assert "[STATUS] === 200" in error["details"][0]["message"]
+
+
+async def test_probe_metrics_parse_and_include_the_slo_threshold_bucket(
+    monitored: AppClient, target: TestServer
+) -> None:
+    await register(monitored, target)
+    await state_is(monitored, "passing")
+    text = await (await monitored.get("/metrics")).text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in (
+        "hms_probe",
+        "hms_probe_duration_seconds",
+        "hms_probe_success",
+        "hms_instance_health",
+        "hms_instance_suppressed",
+        "hms_scheduler_lateness_seconds",
+    ):
+        assert name in families, name
+    buckets = {
+        s.labels["le"]
+        for s in families["hms_probe_duration_seconds"].samples
+        if s.name.endswith("_bucket")
+    }
+    assert "0.3" in buckets and "+Inf" in buckets
+    states = {
+        s.labels["state"]: s.value
+        for s in families["hms_instance_health"].samples
+        if s.labels["instance"] == "p1"
+    }
+    assert states == {
+        "passing": 1.0,
+        "warning": 0.0,
+        "critical": 0.0,
+        "maintenance": 0.0,
+        "unknown": 0.0,
+    }
+
+
+async def test_results_reach_sqlite_in_batches(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> None:
+    config = make_config(defaults={"probe": {"type": "http", **FAST}})
+    client = await start_daemon(config)
+    await register(client, target)
+    await state_is(client, "passing")
+    await asyncio.sleep(1.2)  # the flush job runs every second
+    with sqlite3.connect(config.storage.path) as db:
+        raw = db.execute("SELECT count(*), sum(ok) FROM probe_results").fetchone()
+    assert raw[0] >= 2 and raw[0] == raw[1]
+    await client.close()  # the current minute is written at shutdown
+    with sqlite3.connect(config.storage.path) as db:
+        count, successes, buckets = db.execute(
+            "SELECT sum(count), sum(successes), max(buckets) FROM probe_minutes"
+        ).fetchone()
+    assert count >= raw[0] and successes == count
+    assert '"+Inf"' in buckets
