@@ -17,8 +17,16 @@ HEALTHY = {"status": "UP", "items": [1, 2, 3], "name": "hms-payments", "checks":
 def target_app() -> web.Application:
     state = {"status": 200}
 
+    peers: set[object] = set()
+
     async def ok(request: web.Request) -> web.Response:
         return web.json_response(HEALTHY)
+
+    async def peer(request: web.Request) -> web.Response:
+        """Counts the client connections it has seen (their source ports)."""
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
+        return web.json_response({"connections": len(peers)})
 
     async def switchable(request: web.Request) -> web.Response:
         return web.json_response(HEALTHY, status=state["status"])
@@ -53,6 +61,7 @@ def target_app() -> web.Application:
     app.add_routes(
         [
             web.get("/ok", ok),
+            web.get("/peer", peer),
             web.get("/switchable", switchable),
             web.post("/status/{status}", set_status),
             web.get("/fail", fail),

@@ -205,3 +205,27 @@ async def test_results_reach_sqlite_in_batches(
         ).fetchone()
     assert count >= raw[0] and successes == count
     assert '"+Inf"' in buckets
+
+
+async def test_old_raw_results_and_minutes_are_pruned(tmp_path: Any) -> None:
+    from monitor.database import Database
+    from monitor.probes import ProbeResult
+    from monitor.results import RAW_RETENTION, ResultStore
+
+    database = Database(tmp_path / "r.db")
+    await database.open()
+    try:
+        store = ResultStore(database)
+        await store.create_tables()
+        now = 1_800_000_000.0
+        for age in (RAW_RETENTION + 60, 60.0):
+            result = ProbeResult(at=now - age, response_time=0.01, connected=True, status=200)
+            store.add("pay", "p1", result, ok=True)
+        await store.flush(now, everything=True)
+        await store.prune(now, retention=86400.0)
+        raw = await store.raw("pay", "p1")
+        minutes = await store.minutes("pay", now - 10 * 86400, now)
+    finally:
+        await database.close()
+    assert [round(now - r["at"]) for r in raw] == [60]
+    assert len(minutes) == 1  # the 2-day-old minute is past a 1-day retention

@@ -140,3 +140,15 @@ async def test_certificate_expiry_is_measured(
     assert 86400 < https.certificate_expires_in <= 2 * 86400
     assert tls.connected
     assert tls_probe.conditions[0].check(tls) == (False, "48.0h")
+
+
+async def test_a_fresh_connection_per_probe_unless_keepalive(
+    prober: Prober, target: TestServer
+) -> None:
+    url = str(target.make_url("/"))
+    for _ in range(3):
+        fresh = await prober.run(url, http("/peer"))
+    assert fresh.body_json() == {"connections": 3}
+    for _ in range(3):
+        pooled = await prober.run(url, http("/peer", keepalive=True))
+    assert pooled.body_json() == {"connections": 4}  # one more, reused three times
