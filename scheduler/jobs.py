@@ -10,11 +10,12 @@ they start on time, and adding or removing one is a dict and heap operation.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import inspect
 import itertools
 import logging
-import random
+import math
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -98,14 +99,29 @@ class _Entry:
     interval: float
     due: float
     generation: int
+    phase: float  # in [0, 1): where in each interval this entry's slot falls
     handle: asyncio.TimerHandle | None = None
+
+    def next_slot(self, after: float) -> float:
+        """The first slot strictly after `after` on this entry's grid."""
+        offset = self.phase * self.interval
+        return offset + (math.floor((after - offset) / self.interval) + 1) * self.interval
+
+
+def phase_of(key: Hashable) -> float:
+    """A stable spread over the interval (as Prometheus offsets scrapes by target hash)."""
+    # blake2b, not crc32: keys differ in a digit or two, and crc32 maps those unevenly.
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 class Timetable(Generic[K]):
     """Many recurring entries (one per probed instance) on a single APScheduler job.
 
     `start(key)` is called at each entry's due time; it must return quickly
-    (spawn a task). Entries run at `due, due + interval, ...` without drift.
+    (spawn a task). Each entry runs on its own grid, `(phase + k) * interval`,
+    the phase taken from the key's hash: many entries added at once (a fleet
+    registering after a deploy) still spread evenly, and runs never drift.
     """
 
     def __init__(
@@ -139,10 +155,11 @@ class Timetable(Generic[K]):
                 entry.handle.cancel()
 
     def add(self, key: K, interval: float, *, first_in: float | None = None) -> None:
-        """Schedule `key` every `interval` s; the first run is spread over one interval."""
+        """Schedule `key` every `interval` s: first in `first_in` s, or at its slot."""
         self.remove(key)
-        delay = random.uniform(0, interval) if first_in is None else first_in
-        entry = _Entry(interval, self._now() + delay, next(self._generations))
+        now = self._now()
+        entry = _Entry(interval, now, next(self._generations), phase_of(key))
+        entry.due = now + first_in if first_in is not None else entry.next_slot(now)
         self._entries[key] = entry
         self._queue(key, entry)
 
@@ -152,7 +169,7 @@ class Timetable(Generic[K]):
         if entry is None or entry.interval == interval:
             return
         entry.interval = interval
-        soonest = self._now() + interval
+        soonest = entry.next_slot(self._now())
         if soonest < entry.due:
             self._move(key, entry, soonest)
 
@@ -199,9 +216,9 @@ class Timetable(Generic[K]):
         now = self._now()
         self._scheduler.lateness.observe(max(0.0, now - entry.due))
         entry.handle = None
-        entry.due += entry.interval
-        if entry.due < now:  # fell behind (a stall): skip missed runs, do not burst
-            entry.due = now + entry.interval
+        # The next slot after this run, or after now when a stall made it late: missed
+        # runs are skipped rather than burst.
+        entry.due = entry.next_slot(max(now, entry.due))
         self._queue(key, entry)
         try:
             self._start(key)
