@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from registry import Catalog, Clock, Instance, SqliteRegistryStore, SystemClock
 from registry import openapi as registry_openapi
@@ -28,7 +28,7 @@ from .config import Config
 from .database import Database
 from .health import HealthBook
 from .maintenance import MaintenanceCalendar
-from .metrics import ProbeCollector
+from .metrics import ProbeMetrics, render
 from .probes import Prober
 from .results import ResultStore
 
@@ -43,6 +43,7 @@ BUS = web.AppKey("bus", EventBus)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 CHECKER = web.AppKey("checker", HealthChecker)
 RESULTS = web.AppKey("results", ResultStore)
+PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
 HEAP = web.AppKey("heap", asyncio.Task[None])
@@ -92,7 +93,7 @@ def build_app(
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
-    registry.register(ProbeCollector(checker, calendar.services))
+    app[PROBE_METRICS] = ProbeMetrics(checker, calendar.services)
 
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
@@ -228,8 +229,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS])
-    response = web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    small = generate_latest(request.app[METRICS])
+    # Per-instance families: copied on the loop, formatted off it (see monitor/metrics.py).
+    snapshot = request.app[PROBE_METRICS].snapshot()
+    large = await asyncio.get_running_loop().run_in_executor(None, render, snapshot)
+    response = web.Response(
+        body=small + large.encode(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
+    )
     if "gzip" in request.headers.get("Accept-Encoding", ""):
         response.enable_compression(web.ContentCoding.gzip)
     return response

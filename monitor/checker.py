@@ -24,6 +24,7 @@ from .results import ResultStore
 log = logging.getLogger(__name__)
 
 NEW_INSTANCE_SPREAD = 1.0
+MAX_CACHED_PROBES = 10_000
 
 
 @dataclass(slots=True)
@@ -81,10 +82,22 @@ class HealthChecker:
         self.timetable: Timetable[Key] = Timetable(scheduler, self._start_probe, name="probes")
         self.targets: dict[Key, _Target] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._probes: dict[tuple[str, str], Probe] = {}
 
     def probe_for(self, service: str, instance: ProbeSpec | None) -> Probe:
-        """The effective settings: defaults, then the service's config, then the instance's."""
-        return resolve_probe([self._defaults, self._service_probes.get(service), instance])
+        """The effective settings: defaults, then the service's config, then the instance's.
+
+        A fleet shares a handful of settings: one Probe object each, not one per instance.
+        """
+        key = (service, instance.model_dump_json(exclude_none=True) if instance else "")
+        probe = self._probes.get(key)
+        if probe is None:
+            layers = [self._defaults, self._service_probes.get(service), instance]
+            probe = resolve_probe(layers)  # raises ConditionError (a ValueError)
+            if len(self._probes) >= MAX_CACHED_PROBES:
+                self._probes.clear()
+            self._probes[key] = probe
+        return probe
 
     def start(self) -> None:
         # Restored instances spread their first probe over one interval (no herd at start);
