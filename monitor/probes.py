@@ -27,8 +27,10 @@ from aiohttp.tracing import Trace
 from registry import ProbeSpec
 
 from .conditions import MISSING, Condition, parse_conditions
+from .http_probe import HttpTarget, ProbeProtocolError, exchange
 
 DEFAULT_MAX_BODY = 64 * 1024
+MAX_CACHED_TARGETS = 100_000
 USER_AGENT = "hms-mgmt-probe/1"
 
 
@@ -124,6 +126,7 @@ class Prober:
         self._insecure.check_hostname = False
         self._insecure.verify_mode = ssl.CERT_NONE
         self._verifying = ssl.create_default_context()
+        self._targets: dict[tuple[object, ...], HttpTarget] = {}
 
     async def start(self) -> None:
         headers = {"User-Agent": USER_AGENT}
@@ -148,16 +151,40 @@ class Prober:
         async with self._slots:
             try:
                 async with asyncio.timeout(probe.timeout):
+                    if probe.type == "http" and not (probe.keepalive or probe.follow_redirects):
+                        return await self._http_lean(url, probe, at, started)
                     if probe.type == "http":
                         return await self._http(url, probe, at, started)
                     return await self._connect(url, probe, at, started)
             except TimeoutError:
                 error = f"timeout after {probe.timeout:g}s"
-            except (aiohttp.ClientError, OSError, ssl.SSLError) as exc:
+            except (aiohttp.ClientError, OSError, ProbeProtocolError) as exc:
                 error = _describe(exc)
             return ProbeResult(
                 at=at, response_time=time.perf_counter() - started, connected=False, error=error
             )
+
+    async def _http_lean(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+        key = (url, probe.method, probe.path, probe.headers)
+        target = self._targets.get(key)
+        if target is None:
+            if len(self._targets) >= MAX_CACHED_TARGETS:
+                self._targets.clear()
+            target = HttpTarget.build(url, probe.method, probe.path, probe.headers, USER_AGENT)
+            self._targets[key] = target
+        context = self._verifying if probe.tls_verify else self._insecure
+        answer = await exchange(target, cap=probe.max_body_bytes, context=context)
+        not_after = answer.certificate.get("notAfter") if answer.certificate else None
+        return ProbeResult(
+            at=at,
+            response_time=time.perf_counter() - started,
+            connected=True,
+            status=answer.status,
+            body=answer.body,
+            certificate_expires_at=(
+                ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
+            ),
+        )
 
     async def _http(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
         session = self._pooled if probe.keepalive else self._fresh
@@ -245,6 +272,10 @@ def _certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate: {exc.verify_message}"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return f"connect: {exc.strerror}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return f"certificate: {exc.certificate_error}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):

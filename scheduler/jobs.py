@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 K = TypeVar("K", bound=Hashable)
 
+SLOT_TOLERANCE = 1e-6  # of an interval
 LATENESS_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -105,7 +106,10 @@ class _Entry:
     def next_slot(self, after: float) -> float:
         """The first slot strictly after `after` on this entry's grid."""
         offset = self.phase * self.interval
-        return offset + (math.floor((after - offset) / self.interval) + 1) * self.interval
+        # The tolerance matters: `after` is often a slot itself, and float rounding of
+        # (slot - offset) / interval can land just below k, making the "next" slot this one.
+        periods = math.floor((after - offset) / self.interval + SLOT_TOLERANCE) + 1
+        return offset + periods * self.interval
 
 
 def phase_of(key: Hashable) -> float:

@@ -152,3 +152,71 @@ async def test_a_fresh_connection_per_probe_unless_keepalive(
     for _ in range(3):
         pooled = await prober.run(url, http("/peer", keepalive=True))
     assert pooled.body_json() == {"connections": 4}  # one more, reused three times
+
+
+async def test_chunked_and_close_delimited_bodies_are_read(prober: Prober) -> None:
+    from aiohttp import web
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b'{"status": ', b'"UP", "n": ', b"42}"):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/chunked", chunked)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        probe = http("/chunked", conditions=["[BODY].status == UP", "[BODY].n == 42"])
+        result = await prober.run(str(server.make_url("/")), probe)
+    finally:
+        await server.close()
+    assert result.body_json() == {"status": "UP", "n": 42}
+    assert passed(probe, result)
+
+
+async def test_query_strings_and_headers_reach_the_target(prober: Prober) -> None:
+    from aiohttp import web
+
+    async def echo(request: web.Request) -> web.Response:
+        return web.json_response({"q": request.query.get("q"), "h": request.headers.get("X-Probe")})
+
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        probe = http("/echo?q=1", headers={"X-Probe": "yes"})
+        result = await prober.run(str(server.make_url("/")), probe)
+    finally:
+        await server.close()
+    assert result.body_json() == {"q": "1", "h": "yes"}
+
+
+def test_probes_run_on_uvloop_the_loop_serve_uses() -> None:
+    import asyncio
+
+    import uvloop
+
+    async def probe_twice() -> list[int | None]:
+        server = await start_target()
+        prober = Prober()
+        await prober.start()
+        try:
+            url = str(server.make_url("/"))
+            results = [await prober.run(url, http("/ok")), await prober.run(url, http("/fail"))]
+        finally:
+            await prober.close()
+            await server.close()
+        assert all(r.error is None for r in results), results
+        return [r.status for r in results]
+
+    loop = uvloop.new_event_loop()
+    try:
+        assert loop.run_until_complete(asyncio.wait_for(probe_twice(), 10)) == [200, 503]
+    finally:
+        loop.close()

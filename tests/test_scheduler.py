@@ -156,3 +156,15 @@ async def test_entries_added_together_spread_over_the_interval(scheduler: Schedu
     # Spread over the interval: most tenths got some, none got a herd (uniform: ~20 each).
     assert len(tenths) >= 8
     assert max(tenths.values()) <= 50, tenths
+
+
+def test_the_slot_after_a_slot_is_one_interval_later() -> None:
+    from scheduler.jobs import _Entry
+
+    for phase in (0.1, 0.3, 0.7, 0.123456789):
+        entry = _Entry(interval=10.0, due=0.0, generation=1, phase=phase)
+        slot = entry.next_slot(12_345.678)
+        for _ in range(1000):  # slots computed from slots: no repeats, no drift
+            following = entry.next_slot(slot)
+            assert abs(following - slot - 10.0) < 1e-6, (phase, slot, following)
+            slot = following
