@@ -25,8 +25,11 @@ test: $(BIN)/hms-mgmt tools
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
+# Prints figures next to their peers; installs wrk, nginx, blackbox_exporter when missing.
 bench: $(BIN)/hms-mgmt
+	@bash bench/tools.sh
 	$(BIN)/python -m bench.registry
+	$(BIN)/python -m bench.probes
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

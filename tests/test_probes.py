@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestServer
 from monitor.probes import Probe, Prober, resolve_probe
 from registry import ProbeSpec
 
+from .conftest import require_tool
 from .processes import free_port
 from .targets import self_signed, start_target
 
@@ -101,6 +102,7 @@ async def test_tcp_probe(prober: Prober, target: TestServer) -> None:
 
 @pytest.fixture
 async def tls_target(tmp_path: Path) -> AsyncIterator[tuple[TestServer, Path]]:
+    require_tool("openssl")
     certificate = self_signed(tmp_path, days=2)
     server = await start_target(certificate)
     yield server, certificate.cert
