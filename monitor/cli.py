@@ -52,7 +52,26 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", parents=[common], help="validate the config; exit 1 listing every error"
     )
     check.set_defaults(run=_check_config)
+    rules = commands.add_parser(
+        "rules", parents=[common], help="print the Prometheus rule file built from the config"
+    )
+    rules.add_argument("-o", "--output", help="write to this file instead of stdout")
+    rules.set_defaults(run=_rules)
     return parser
+
+
+def _rules(args: argparse.Namespace, config: Config) -> int:
+    from .rules import render_rules
+
+    _emit(render_rules(config), args.output)
+    return 0
+
+
+def _emit(text: str, output: str | None) -> None:
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
 
 
 def _check_config(args: argparse.Namespace, config: Config) -> int:

@@ -1,0 +1,290 @@
+"""`hms-mgmt rules`, checked and unit-tested by the real promtool."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from monitor.config import parse_config
+from monitor.rules import TIERS, build_rules, render_rules
+
+from .conftest import require_tool
+
+CONFIG = """
+services:
+  - name: payments
+    slos:
+      - {name: availability, objective: 99.9, period: 30d}
+      - {name: latency, objective: 99, latency_threshold: 300ms}
+  - name: reports
+    slos:
+      - {name: availability, objective: 99, period: 7d}
+      - name: external
+        objective: 99.5
+        sli:
+          error_query: sum(rate(http_requests_total{job="reports",code=~"5.."}[{{window}}]))
+          total_query: sum(rate(http_requests_total{job="reports"}[{{window}}]))
+"""
+
+
+@pytest.fixture
+def rule_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rules.yml"
+    path.write_text(render_rules(parse_config(CONFIG)))
+    return path
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [require_tool("promtool"), *args], capture_output=True, text=True, check=False, timeout=120
+    )
+
+
+def test_promtool_accepts_the_rule_file(rule_file: Path) -> None:
+    result = promtool("check", "rules", str(rule_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_burn_rate_factors_follow_the_workbook_at_30_days() -> None:
+    assert [round(t.factor(timedelta(days=30)), 6) for t in TIERS] == [14.4, 6.0, 3.0, 1.0]
+    # A 7-day period spends the same budget fractions in the same windows.
+    assert [round(t.factor(timedelta(days=7)), 4) for t in TIERS] == [3.36, 1.4, 0.7, 0.2333]
+
+
+def test_the_raw_sli_is_used_with_its_window() -> None:
+    groups = build_rules(parse_config(CONFIG))["groups"]
+    external = next(g for g in groups if g["name"] == "hms-slo-reports-external")
+    five = next(r for r in external["rules"] if r.get("record") == "slo:sli_error:ratio_rate5m")
+    assert "[5m]" in five["expr"] and "{{window}}" not in five["expr"]
+
+
+def sample(metric: str, slo: str, window: str, value: float) -> dict[str, Any]:
+    """An expected recording-rule sample of the payments service."""
+    labels = (
+        f'{metric}{{sloth_id="payments-{slo}",sloth_service="payments",'
+        f'sloth_slo="{slo}",sloth_window="{window}"}}'
+    )
+    return {"labels": labels, "value": value}
+
+
+def alerts_for(service: str, slo: str, *severities: str) -> list[dict[str, Any]]:
+    """The expected HmsSloBurnRate alerts (labels and annotations) for the given tiers."""
+    groups = build_rules(parse_config(CONFIG))["groups"]
+    group = next(g for g in groups if g["name"] == f"hms-slo-{service}-{slo}")
+    return [
+        {"exp_labels": rule["labels"], "exp_annotations": rule["annotations"]}
+        for rule in group["rules"]
+        if rule.get("alert") == "HmsSloBurnRate" and rule["labels"]["severity"] in severities
+    ]
+
+
+def probes(
+    failures_per_minute: int, successes_per_minute: int, minutes: int = 400
+) -> list[dict[str, str]]:
+    series = 'hms_probe_total{{service="payments",instance="p1",result="{result}"}}'
+    return [
+        {"series": series.format(result="failure"), "values": f"0+{failures_per_minute}x{minutes}"},
+        {
+            "series": series.format(result="success"),
+            "values": f"0+{successes_per_minute}x{minutes}",
+        },
+    ]
+
+
+def run_tests(tmp_path: Path, rule_file: Path, tests: list[dict[str, Any]]) -> None:
+    path = tmp_path / "tests.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {"rule_files": [str(rule_file)], "evaluation_interval": "1m", "tests": tests}
+        )
+    )
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_page_alerts_fire_when_everything_fails(tmp_path: Path, rule_file: Path) -> None:
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": probes(10, 0),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "70m",
+                        "alertname": "HmsSloBurnRate",
+                        "exp_alerts": alerts_for("payments", "availability", "page", "ticket"),
+                    }
+                ],
+            }
+        ],
+    )
+
+
+def test_a_slow_burn_raises_tickets_and_no_page(tmp_path: Path, rule_file: Path) -> None:
+    # 0.4% errors: above the ticket thresholds (0.3%, 0.1%), under the page ones (1.44%, 0.6%).
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": probes(4, 996),
+                "alert_rule_test": [
+                    {
+                        "eval_time": "3h",
+                        "alertname": "HmsSloBurnRate",
+                        "exp_alerts": alerts_for("payments", "availability", "ticket"),
+                    }
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": 'slo:sli_error:ratio_rate1h{sloth_id="payments-availability"}',
+                        "eval_time": "3h",
+                        "exp_samples": [
+                            sample("slo:sli_error:ratio_rate1h", "availability", "1h", 0.004)
+                        ],
+                    }
+                ],
+            }
+        ],
+    )
+
+
+def test_a_healthy_service_raises_nothing(tmp_path: Path, rule_file: Path) -> None:
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": probes(0, 100),
+                "alert_rule_test": [
+                    {"eval_time": "6h", "alertname": "HmsSloBurnRate", "exp_alerts": []}
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "slo:period_error_budget_remaining:ratio{sloth_slo='availability'}",
+                        "eval_time": "6h",
+                        "exp_samples": [
+                            sample(
+                                "slo:period_error_budget_remaining:ratio", "availability", "30d", 1
+                            )
+                        ],
+                    }
+                ],
+            }
+        ],
+    )
+
+
+def test_zero_traffic_yields_no_sample_and_no_alert(tmp_path: Path, rule_file: Path) -> None:
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": probes(0, 0),
+                "alert_rule_test": [
+                    {"eval_time": "2h", "alertname": "HmsSloBurnRate", "exp_alerts": []}
+                ],
+                "promql_expr_test": [
+                    {"expr": "slo:sli_error:ratio_rate5m", "eval_time": "2h", "exp_samples": []},
+                    {"expr": "slo:current_burn_rate:ratio", "eval_time": "2h", "exp_samples": []},
+                ],
+            }
+        ],
+    )
+
+
+def test_latency_sli_counts_probes_over_the_threshold_bucket(
+    tmp_path: Path, rule_file: Path
+) -> None:
+    bucket = 'hms_probe_duration_seconds_bucket{{service="payments",instance="p1",le="{le}"}}'
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    *probes(0, 100),
+                    {"series": bucket.format(le="0.3"), "values": "0+98x400"},
+                    {"series": bucket.format(le="+Inf"), "values": "0+100x400"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": 'slo:sli_error:ratio_rate1h{sloth_id="payments-latency"}',
+                        "eval_time": "2h",
+                        "exp_samples": [
+                            sample("slo:sli_error:ratio_rate1h", "latency", "1h", 0.02)
+                        ],
+                    }
+                ],
+            }
+        ],
+    )
+
+
+def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: Path) -> None:
+    health = 'hms_instance_health{{service="{s}",instance="{i}",state="critical"}}'
+    suppressed = 'hms_instance_suppressed{{service="{s}",instance="{i}"}}'
+    annotations = {
+        "summary": "payments/p1 is critical",
+        "description": "Probes of p1 have been failing for 2 minutes. Instances whose "
+        "dependency is down are not reported.",
+        "runbook_url": "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts-hmsinstancedown",
+    }
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": health.format(s="payments", i="p1"), "values": "1x10"},
+                    {"series": suppressed.format(s="payments", i="p1"), "values": "0x10"},
+                    {"series": health.format(s="ledger-client", i="c1"), "values": "1x10"},
+                    {"series": suppressed.format(s="ledger-client", i="c1"), "values": "1x10"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": "HmsInstanceDown", "exp_alerts": []},
+                    {
+                        "eval_time": "3m",
+                        "alertname": "HmsInstanceDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "page",
+                                    "service": "payments",
+                                    "instance": "p1",
+                                    "state": "critical",
+                                },
+                                "exp_annotations": annotations,
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    )
+
+
+def test_the_cli_writes_the_rule_file(tmp_path: Path) -> None:
+    from .test_config import run_cli
+
+    (tmp_path / "config.yaml").write_text(CONFIG)
+    out = tmp_path / "out.yml"
+    result = run_cli("rules", "--config", str(tmp_path / "config.yaml"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == render_rules(parse_config(CONFIG))
+    printed = run_cli("rules", "--config", str(tmp_path / "config.yaml"))
+    assert printed.stdout == out.read_text()
