@@ -176,9 +176,15 @@ class HealthBook:
             self._refresh(key, tracker)
 
     def reevaluate(self) -> None:
-        """Apply maintenance windows opening or closing and dependencies going down or up."""
-        for key, tracker in list(self._trackers.items()):
-            self._refresh(key, tracker)
+        """Apply maintenance windows opening or closing (they follow the clock, not probes).
+
+        Only services with windows are visited: this runs every second, and a walk over
+        every instance would cost a registry of 50,000 a blocked loop each time.
+        Suppression needs no walk; it follows its dependencies' changes as they happen.
+        """
+        for service in self._calendar.services:
+            for key in list(self._by_service.get(service, ())):
+                self._refresh(key, self._trackers[key])
 
     # -- reads ---------------------------------------------------------------------
 
