@@ -57,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     rules.add_argument("-o", "--output", help="write to this file instead of stdout")
     rules.set_defaults(run=_rules)
+    dashboard = commands.add_parser(
+        "dashboard", parents=[common], help="print the Grafana dashboard (JSON)"
+    )
+    dashboard.add_argument("-o", "--output", help="write to this file instead of stdout")
+    dashboard.add_argument(
+        "--datasource", help="a Prometheus datasource uid instead of the ${DS_PROMETHEUS} input"
+    )
+    dashboard.set_defaults(run=_dashboard)
     return parser
 
 
@@ -64,6 +72,13 @@ def _rules(args: argparse.Namespace, config: Config) -> int:
     from .rules import render_rules
 
     _emit(render_rules(config), args.output)
+    return 0
+
+
+def _dashboard(args: argparse.Namespace, config: Config) -> int:
+    from .dashboard import render_dashboard
+
+    _emit(render_dashboard(config, datasource=args.datasource), args.output)
     return 0
 
 

@@ -98,3 +98,26 @@ def running_daemon(directory: Path, **sections: Any) -> Iterator[DaemonProcess]:
 
 def env_without_ci() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "CI"}
+
+
+@contextlib.contextmanager
+def running_prometheus(binary: str, directory: Path, config: dict[str, Any]) -> Iterator[str]:
+    """A real Prometheus on a free 127.0.0.1 port with `config`; yields its base URL."""
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with (directory / "prometheus.log").open("wb") as log:
+        server = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={directory / 'prometheus.yml'}",
+                f"--storage.tsdb.path={directory / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
 
 from .conftest import AppClient, FakeClock, require_tool
-from .processes import free_port, running_daemon
+from .processes import free_port, running_daemon, running_prometheus
 from .test_registry import register
 
 
@@ -94,7 +92,6 @@ async def test_real_prometheus_discovers_the_targets(tmp_path: Path) -> None:
             async with http.put("/v1/services/payments/instances/p1", json=body) as resp:
                 assert resp.status == 201
 
-        prom_port = free_port()
         config = {
             "global": {"scrape_interval": "1h"},
             "scrape_configs": [
@@ -108,24 +105,8 @@ async def test_real_prometheus_discovers_the_targets(tmp_path: Path) -> None:
                 }
             ],
         }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        log = (tmp_path / "prometheus.log").open("wb")
-        server = subprocess.Popen(
-            [
-                prometheus,
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            target = await wait_for_target(f"http://127.0.0.1:{prom_port}", timeout=30)
-        finally:
-            server.terminate()
-            server.wait(10)
-            log.close()
+        with running_prometheus(prometheus, tmp_path, config) as url:
+            target = await wait_for_target(url, timeout=30)
     assert target["scrapeUrl"] == f"http://127.0.0.1:{target_port}/custom"
     assert target["labels"]["service"] == "payments"
     assert target["labels"]["team"] == "money"

@@ -1,0 +1,229 @@
+"""`hms-mgmt dashboard`: a Grafana dashboard (schemaVersion 39) over the metrics and rules."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import Config
+
+DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+SERVICE = 'service=~"$service"'
+INSTANCE = 'instance=~"$instance"'
+SLO = 'sloth_service=~"$service"'
+
+
+def build_dashboard(config: Config) -> dict[str, Any]:
+    panels = _layout(
+        [
+            _table(
+                "Fleet health",
+                f"hms_instance_health{{{SERVICE},{INSTANCE}}} == 1",
+                "Every probed instance and its current state.",
+            ),
+            _timeseries(
+                "Probe latency p50 / p95 / p99",
+                [
+                    (
+                        f"histogram_quantile({q}, sum by (le, service) (rate("
+                        f"hms_probe_duration_seconds_bucket{{{SERVICE},{INSTANCE}}}[$__rate_interval])))",
+                        f"p{round(q * 100)} {{{{service}}}}",
+                    )
+                    for q in (0.5, 0.95, 0.99)
+                ],
+                unit="s",
+            ),
+            _timeseries(
+                "Availability (1h) vs objective",
+                [
+                    (f"1 - slo:sli_error:ratio_rate1h{{{SLO}}}", "{{sloth_id}}"),
+                    (f"slo:objective:ratio{{{SLO}}}", "objective {{sloth_id}}"),
+                ],
+                unit="percentunit",
+            ),
+            _timeseries(
+                "Error budget remaining (period)",
+                [(f"slo:period_error_budget_remaining:ratio{{{SLO}}}", "{{sloth_id}}")],
+                unit="percentunit",
+            ),
+            _timeseries(
+                "Burn rate by window",
+                [
+                    (
+                        f'{{__name__=~"slo:sli_error:ratio_rate.+",{SLO}}} '
+                        "/ on(sloth_id, sloth_slo, sloth_service) group_left "
+                        f"slo:error_budget:ratio{{{SLO}}}",
+                        "{{sloth_id}} {{sloth_window}}",
+                    )
+                ],
+            ),
+            _stat(
+                "SLA this month",
+                f'hms_sla_availability_ratio{{{SERVICE},month=~".*"}}',
+                "{{service}} {{slo}} {{month}}",
+            ),
+            _timeseries(
+                "Workflow throughput",
+                [
+                    (
+                        "sum by (workflow, status) "
+                        "(rate(hms_workflow_finished_total[$__rate_interval]))",
+                        "{{workflow}} {{status}}",
+                    ),
+                    (
+                        "sum by (workflow) (rate(hms_workflow_started_total[$__rate_interval]))",
+                        "{{workflow}} started",
+                    ),
+                ],
+                unit="ops",
+            ),
+            _timeseries(
+                "Workflow failures",
+                [
+                    (
+                        "sum by (workflow, status) (increase(hms_workflow_finished_total"
+                        '{status=~"failed|compensated|cancelled"}[$__rate_interval]))',
+                        "{{workflow}} {{status}}",
+                    )
+                ],
+            ),
+            _timeseries(
+                "Workflow duration p95",
+                [
+                    (
+                        "histogram_quantile(0.95, sum by (le, workflow) "
+                        "(rate(hms_workflow_duration_seconds_bucket[$__rate_interval])))",
+                        "{{workflow}}",
+                    )
+                ],
+                unit="s",
+            ),
+            _timeseries(
+                "Deadline misses",
+                [
+                    (
+                        "sum by (workflow) (increase(hms_workflow_deadline_missed_total[1h]))",
+                        "{{workflow}}",
+                    )
+                ],
+            ),
+            _timeseries(
+                "Scheduler lateness p99",
+                [
+                    (
+                        "histogram_quantile(0.99, sum by (le) "
+                        "(rate(hms_scheduler_lateness_seconds_bucket[$__rate_interval])))",
+                        "p99",
+                    )
+                ],
+                unit="s",
+            ),
+        ]
+    )
+    return {
+        "__inputs": [
+            {
+                "name": "DS_PROMETHEUS",
+                "label": "Prometheus",
+                "type": "datasource",
+                "pluginId": "prometheus",
+                "pluginName": "Prometheus",
+            }
+        ],
+        "__requires": [
+            {"type": "grafana", "id": "grafana", "name": "Grafana", "version": "10.0.0"},
+            {"type": "datasource", "id": "prometheus", "name": "Prometheus", "version": "1.0.0"},
+        ],
+        "title": "hms-mgmt",
+        "uid": "hms-mgmt",
+        "schemaVersion": 39,
+        "version": 1,
+        "editable": True,
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "30s",
+        "tags": ["hms-mgmt", "slo"],
+        "templating": {"list": [_variable("service", "hms_instance_health"), _instance_variable()]},
+        "panels": panels,
+        "description": f"hms-mgmt: {len(config.services)} configured service(s).",
+    }
+
+
+def render_dashboard(config: Config, *, datasource: str | None = None) -> str:
+    """The JSON; `datasource` fixes the uid for provisioning (Grafana does not resolve
+    `__inputs` for provisioned dashboards, only on import)."""
+    text = json.dumps(build_dashboard(config), indent=2) + "\n"
+    return text if datasource is None else text.replace("${DS_PROMETHEUS}", datasource)
+
+
+def panel_queries(dashboard: dict[str, Any]) -> list[str]:
+    """Every PromQL expression of the dashboard (for tests and linting)."""
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def _variable(name: str, metric: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "query",
+        "datasource": DATASOURCE,
+        "query": {"query": f"label_values({metric}, {name})", "refId": f"{name}-variable"},
+        "definition": f"label_values({metric}, {name})",
+        "includeAll": True,
+        "allValue": ".*",
+        "multi": True,
+        "refresh": 2,
+        "current": {"selected": True, "text": "All", "value": "$__all"},
+    }
+
+
+def _instance_variable() -> dict[str, Any]:
+    return _variable("instance", f"hms_instance_health{{{SERVICE}}}")
+
+
+def _target(expr: str, legend: str, ref: str, **extra: Any) -> dict[str, Any]:
+    return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref, **extra}
+
+
+def _timeseries(
+    title: str, queries: list[tuple[str, str]], *, unit: str = "short"
+) -> dict[str, Any]:
+    return {
+        "type": "timeseries",
+        "title": title,
+        "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [_target(expr, legend, chr(65 + i)) for i, (expr, legend) in enumerate(queries)],
+    }
+
+
+def _table(title: str, expr: str, description: str) -> dict[str, Any]:
+    return {
+        "type": "table",
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "targets": [_target(expr, "", "A", instant=True, format="table")],
+        "transformations": [
+            {
+                "id": "organize",
+                "options": {"excludeByName": {"Time": True, "Value": True, "__name__": True}},
+            }
+        ],
+    }
+
+
+def _stat(title: str, expr: str, legend: str) -> dict[str, Any]:
+    return {
+        "type": "stat",
+        "title": title,
+        "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": {"unit": "percentunit", "decimals": 3}, "overrides": []},
+        "targets": [_target(expr, legend, "A", instant=True)],
+    }
+
+
+def _layout(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Two panels per row, 12 columns each; ids in order."""
+    for index, panel in enumerate(panels):
+        panel["id"] = index + 1
+        panel["gridPos"] = {"h": 8, "w": 12, "x": 12 * (index % 2), "y": 8 * (index // 2)}
+    return panels
