@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from registry.openapi import error_responses, json_content
 from registry.responses import json_response
 
 from .health import HealthBook
+from .slo import WINDOWS, SloBook
 
 
 class HealthRoutes:
@@ -33,6 +35,22 @@ class HealthRoutes:
             if status is not None and (states is None or status["state"] in states):
                 rows.append(status)
         return json_response({"instances": rows})
+
+
+class SloRoutes:
+    def __init__(self, slos: SloBook, services: set[str], clock: Callable[[], float]) -> None:
+        self.slos, self.services, self.clock = slos, services, clock
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [web.get("/v1/services/{service}/slos", self.service_slos)]
+
+    async def service_slos(self, request: web.Request) -> web.Response:
+        """Each SLO of a service: SLI, budget remaining, burn rates, this and last month's SLA."""
+        service = request.match_info["service"]
+        if service not in self.services:
+            raise ApiError(404, f"service {service} is not configured (SLOs live in config.yaml)")
+        statuses = self.slos.statuses(service, self.clock()) or []
+        return json_response({"service": service, "slos": statuses})
 
 
 def _states(raw: str | None) -> set[str] | None:
@@ -96,5 +114,62 @@ def openapi_paths() -> dict[str, Any]:
                     **error_responses(400, 401),
                 },
             }
+        }
+    }
+
+
+def slo_openapi_paths() -> dict[str, Any]:
+    ratio = {"type": ["number", "null"]}
+    month = {
+        "type": "object",
+        "properties": {
+            "month": {"type": "string"},
+            "availability_percent": ratio,
+            "downtime_minutes": ratio,
+            "allowed_minutes": {"type": "number"},
+        },
+    }
+    by_window = {"type": "object", "properties": {window: ratio for window in WINDOWS}}
+    slo = {
+        "type": "object",
+        "required": ["name", "objective", "period", "sli", "error_budget_remaining", "burn_rates"],
+        "properties": {
+            "name": {"type": "string"},
+            "objective": {"type": "number", "description": "percent"},
+            "period": {"type": "string"},
+            "kind": {"type": "string", "enum": ["availability", "latency"]},
+            "latency_threshold": {"type": ["string", "null"]},
+            "sli": ratio,
+            "error_budget_remaining": ratio,
+            "error_budget_remaining_minutes": ratio,
+            "sli_by_window": by_window,
+            "burn_rates": by_window,
+            "sla": {"type": "object", "properties": {"current": month, "previous": month}},
+        },
+    }
+    return {
+        "/v1/services/{service}/slos": {
+            "parameters": [
+                {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": {
+                "summary": "A service's SLOs: SLI, error budget, burn rates, monthly SLA",
+                "operationId": "serviceSlos",
+                "responses": {
+                    "200": {
+                        "description": "SLOs (None where there is no data yet)",
+                        "content": json_content(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "service": {"type": "string"},
+                                    "slos": {"type": "array", "items": slo},
+                                },
+                            }
+                        ),
+                    },
+                    **error_responses(401, 404),
+                },
+            },
         }
     }

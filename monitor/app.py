@@ -22,7 +22,7 @@ from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
 
 from . import api as health_api
-from .api import HealthRoutes
+from .api import HealthRoutes, SloRoutes
 from .checker import HealthChecker, latency_buckets
 from .config import Config
 from .database import Database
@@ -31,6 +31,7 @@ from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .probes import Prober
 from .results import ResultStore
+from .slo import SloBook, SloCollector
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 CHECKER = web.AppKey("checker", HealthChecker)
 RESULTS = web.AppKey("results", ResultStore)
 PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
+SLOS = web.AppKey("slos", SloBook)
+SLO_INTERVAL = 30.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
 HEAP = web.AppKey("heap", asyncio.Task[None])
@@ -81,6 +84,7 @@ def build_app(
         if slo.latency_threshold is not None
     ]
     results = ResultStore(database, latency_buckets(config.defaults.latency_buckets, thresholds))
+    slos = SloBook(config.services, bus=bus)
     checker = HealthChecker(
         catalog=catalog,
         book=book,
@@ -89,7 +93,10 @@ def build_app(
         scheduler=scheduler,
         defaults=config.defaults.probe,
         service_probes={s.name: s.probe for s in config.services if s.probe is not None},
+        slos=slos,
     )
+    app[SLOS] = slos
+    registry.register(SloCollector(slos, clock.time))
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
@@ -100,6 +107,7 @@ def build_app(
     )
     app.add_routes(RegistryRoutes(catalog, auth, leases, checker.probe_for).routes())
     app.add_routes(HealthRoutes(book).routes())
+    app.add_routes(SloRoutes(slos, {s.name for s in config.services}, clock.time).routes())
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -166,16 +174,25 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
     config, scheduler, checker, results = app[CONFIG], app[SCHEDULER], app[CHECKER], app[RESULTS]
     clock = app[CATALOG].now
     await results.create_tables()
+    slos, database = app[SLOS], app[DATABASE]
+    await slos.load(database)
     await checker.prober.start()
     scheduler.start()
     checker.start()
-    scheduler.every("results.flush", FLUSH_INTERVAL, lambda: results.flush(clock()))
-    scheduler.every(
-        "results.prune",
-        PRUNE_INTERVAL,
-        lambda: results.prune(clock(), config.storage.retention.total_seconds()),
-        first_in=60,
-    )
+
+    async def flush() -> None:
+        await results.flush(clock())
+        await slos.flush(database)
+
+    scheduler.every("results.flush", FLUSH_INTERVAL, flush)
+    scheduler.every("slo.evaluate", SLO_INTERVAL, lambda: slos.evaluate(clock()))
+
+    async def prune() -> None:
+        retention = config.storage.retention.total_seconds()
+        await results.prune(clock(), retention)
+        await slos.prune(database, clock(), retention)
+
+    scheduler.every("results.prune", PRUNE_INTERVAL, prune, first_in=60)
     # Maintenance windows open and close on the clock, not on probe results.
     scheduler.every("health.reevaluate", 1.0, checker.book.reevaluate)
     try:
@@ -184,6 +201,8 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
         await checker.close()
         scheduler.shutdown()
         await results.flush(clock(), everything=True)
+        slos.evaluate(clock())  # closes the finished minutes, so they are stored too
+        await slos.flush(database)
         await checker.prober.close()
         await app[BUS].close()
 
@@ -292,7 +311,12 @@ def openapi_document() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "hms-mgmt", "version": _version()},
-        "paths": {**registry_openapi.paths(), **health_api.openapi_paths(), **operations},
+        "paths": {
+            **registry_openapi.paths(),
+            **health_api.openapi_paths(),
+            **health_api.slo_openapi_paths(),
+            **operations,
+        },
         "components": {
             "schemas": registry_openapi.components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

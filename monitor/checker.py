@@ -20,6 +20,7 @@ from scheduler import Scheduler, Timetable
 from .health import HealthBook, Key
 from .probes import Probe, Prober, ProbeResult, resolve_probe
 from .results import ResultStore
+from .slo import SloBook
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,10 @@ class HealthChecker:
         scheduler: Scheduler,
         defaults: ProbeSpec,
         service_probes: dict[str, ProbeSpec],
+        slos: SloBook | None = None,
     ) -> None:
         self.catalog, self.book, self.prober, self.store = catalog, book, prober, store
+        self.slos = slos
         self._defaults, self._service_probes = defaults, service_probes
         self.timetable: Timetable[Key] = Timetable(scheduler, self._start_probe, name="probes")
         self.targets: dict[Key, _Target] = {}
@@ -158,14 +161,23 @@ class HealthChecker:
         if verdict is None:
             return
         target.stats.observe(result, verdict.ok)
+        maintenance = self.book.in_maintenance(key[0])
         self.store.add(
             key[0],
             key[1],
             result,
             ok=verdict.ok,
             failing=[f.condition for f in verdict.failing],
-            maintenance=self.book.in_maintenance(key[0]),
+            maintenance=maintenance,
         )
+        if self.slos is not None:
+            self.slos.record(
+                key[0],
+                self.catalog.now(),  # the daemon's clock, the one SLOs are evaluated on
+                ok=verdict.ok,
+                response_time=result.response_time,
+                maintenance=maintenance,
+            )
         tracker = self.book.tracker(key)
         if tracker is not None:
             down = tracker.wants_down_interval

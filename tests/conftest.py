@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
 from monitor import build_app, parse_config
@@ -79,6 +79,16 @@ async def daemon(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> AppClient:
     return await start_daemon(make_config())
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[TestServer]:
+    """A real probe target on 127.0.0.1 (tests/targets.py)."""
+    from .targets import start_target
+
+    server = await start_target()
+    yield server
+    await server.close()
 
 
 def require_tool(name: str) -> str:

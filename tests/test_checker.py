@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -15,16 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitor.config import Config
 
 from .conftest import AppClient
-from .targets import start_target
 
 FAST = {"interval": "100ms", "down_interval": "50ms", "timeout": "300ms"}
-
-
-@pytest.fixture
-async def target() -> AsyncIterator[TestServer]:
-    server = await start_target()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

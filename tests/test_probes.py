@@ -25,13 +25,6 @@ async def prober() -> AsyncIterator[Prober]:
     await running.close()
 
 
-@pytest.fixture
-async def target() -> AsyncIterator[TestServer]:
-    server = await start_target()
-    yield server
-    await server.close()
-
-
 def http(path: str, **settings: object) -> Probe:
     return resolve_probe([ProbeSpec.model_validate({"path": path, **settings})])
 
