@@ -30,6 +30,7 @@ bench: $(BIN)/hms-mgmt
 	@bash bench/tools.sh
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.probes
+	$(BIN)/python -m bench.slo
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

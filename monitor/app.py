@@ -31,7 +31,7 @@ from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .probes import Prober
 from .results import ResultStore
-from .slo import SloBook, SloCollector
+from .slo import SloBook, SloMetrics, render_slo_metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ CHECKER = web.AppKey("checker", HealthChecker)
 RESULTS = web.AppKey("results", ResultStore)
 PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
 SLOS = web.AppKey("slos", SloBook)
+SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
 SLO_INTERVAL = 30.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
@@ -96,7 +97,7 @@ def build_app(
         slos=slos,
     )
     app[SLOS] = slos
-    registry.register(SloCollector(slos, clock.time))
+    app[SLO_METRICS] = SloMetrics(slos, clock.time)
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
@@ -250,8 +251,12 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     small = generate_latest(request.app[METRICS])
     # Per-instance families: copied on the loop, formatted off it (see monitor/metrics.py).
-    snapshot = request.app[PROBE_METRICS].snapshot()
-    large = await asyncio.get_running_loop().run_in_executor(None, render, snapshot)
+    probes, slos = request.app[PROBE_METRICS].snapshot(), request.app[SLO_METRICS].snapshot()
+
+    def render_all() -> str:
+        return render(probes) + render_slo_metrics(slos)
+
+    large = await asyncio.get_running_loop().run_in_executor(None, render_all)
     response = web.Response(
         body=small + large.encode(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
     )
