@@ -188,10 +188,18 @@ async def test_results_reach_sqlite_in_batches(
     client = await start_daemon(config)
     await register(client, target)
     await state_is(client, "passing")
-    await asyncio.sleep(1.2)  # the flush job runs every second
-    with sqlite3.connect(config.storage.path) as db:
-        raw = db.execute("SELECT count(*), sum(ok) FROM probe_results").fetchone()
-    assert raw[0] >= 2 and raw[0] == raw[1]
+
+    def stored() -> tuple[int, int]:
+        with sqlite3.connect(config.storage.path) as db:
+            count, ok = db.execute("SELECT count(*), sum(ok) FROM probe_results").fetchone()
+        return int(count), int(ok or 0)
+
+    async def flushed() -> bool:  # the flush job runs every second
+        return stored()[0] >= 2
+
+    await until(flushed)
+    raw = stored()
+    assert raw[0] == raw[1]
     await client.close()  # the current minute is written at shutdown
     with sqlite3.connect(config.storage.path) as db:
         count, successes, buckets = db.execute(
