@@ -74,11 +74,9 @@ class MonthReport:
         }
 
 
-@dataclass(slots=True)
-class _Window:
-    cells: int  # how many cells of its ring the window spans
-    good: int = 0
-    valid: int = 0
+WINDOW_INDEX = {name: i for i, name in enumerate(WINDOWS)}
+PERIOD_INDEX = len(WINDOWS)
+BLOCK_INDEXES = tuple(i for i, m in enumerate(WINDOWS.values()) if m > MINUTE_CELLS)
 
 
 @dataclass(slots=True)
@@ -104,10 +102,12 @@ class SloLedger:
         default_factory=lambda: (_cells(BLOCK_CELLS), _cells(BLOCK_CELLS))
     )
     _hours: tuple[array[int], array[int]] = field(default_factory=lambda: (_cells(1), _cells(1)))
-    _minute_windows: dict[str, _Window] = field(default_factory=dict)
-    _block_windows: dict[str, _Window] = field(default_factory=dict)
-    _period: _Window = field(default_factory=lambda: _Window(0))
-    _open_block: tuple[int, int] = (0, 0)
+    # Every window's running (good, valid) in one flat int64 array: window i at 2i, 2i+1,
+    # the period last. A snapshot for /metrics is then one C-level copy per SLO.
+    sums: array[int] = field(default_factory=lambda: array("q", bytes(16 * (len(WINDOWS) + 1))))
+    _minute_windows: tuple[tuple[int, int], ...] = ()  # (index, cells)
+    _block_windows: tuple[tuple[int, int], ...] = ()
+    open_block: tuple[int, int] = (0, 0)
     _open_hour: tuple[int, int] = (0, 0)
     _months: dict[str, Sums] = field(default_factory=dict)
     _month_hour: tuple[int, str] = (-1, "")
@@ -115,11 +115,12 @@ class SloLedger:
     def __post_init__(self) -> None:
         hours = max(1, -(-self.period_minutes // HOUR))
         self._hours = (_cells(hours), _cells(hours))
-        self._minute_windows = {n: _Window(m) for n, m in WINDOWS.items() if m <= MINUTE_CELLS}
-        self._block_windows = {
-            n: _Window(m // BLOCK) for n, m in WINDOWS.items() if m > MINUTE_CELLS
-        }
-        self._period = _Window(hours)
+        self._minute_windows = tuple(
+            (WINDOW_INDEX[n], m) for n, m in WINDOWS.items() if m <= MINUTE_CELLS
+        )
+        self._block_windows = tuple(
+            (WINDOW_INDEX[n], m // BLOCK) for n, m in WINDOWS.items() if m > MINUTE_CELLS
+        )
 
     @property
     def budget(self) -> float:
@@ -149,15 +150,14 @@ class SloLedger:
             self._current_minute += 1
 
     def window(self, name: str) -> Sums:
-        w = self._minute_windows.get(name)
-        if w is not None:
-            return Sums(w.good, w.valid)
-        w = self._block_windows[name]
-        open_good, open_valid = self._open_block  # the current block's closed minutes
-        return Sums(w.good + open_good, w.valid + open_valid)
+        index = WINDOW_INDEX[name]
+        good, valid = self.sums[2 * index], self.sums[2 * index + 1]
+        if index in BLOCK_INDEXES:  # block windows include the current block's minutes
+            good, valid = good + self.open_block[0], valid + self.open_block[1]
+        return Sums(good, valid)
 
     def period(self) -> Sums:
-        return Sums(self._period.good, self._period.valid)
+        return Sums(self.sums[2 * PERIOD_INDEX], self.sums[2 * PERIOD_INDEX + 1])
 
     def budget_remaining(self) -> float | None:
         """1 - (period error ratio / budget): 1 untouched, 0 spent, below 0 overspent."""
@@ -171,14 +171,6 @@ class SloLedger:
     def burn_rate(self, name: str) -> float | None:
         error = self.window(name).error_ratio
         return None if error is None else error / self.budget
-
-    def raw_windows(self) -> list[tuple[int, int]]:
-        """(good, valid) of every window in WINDOWS order, then the period: a cheap copy."""
-        open_good, open_valid = self._open_block
-        out = [(w.good, w.valid) for w in self._minute_windows.values()]
-        out += [(w.good + open_good, w.valid + open_valid) for w in self._block_windows.values()]
-        out.append((self._period.good, self._period.valid))
-        return out
 
     def month_sums(self, month: str) -> Sums:
         return self._months.get(month, Sums())
@@ -202,15 +194,23 @@ class SloLedger:
         return self._month_hour[1]
 
     def _close(self, minute: int, good: int, valid: int) -> None:
-        _roll(self._minutes, self._minute_windows, minute, good, valid)
-        block_good, block_valid = self._open_block[0] + good, self._open_block[1] + valid
+        _roll(self._minutes, self._minute_windows, self.sums, minute, good, valid)
+        block_good, block_valid = self.open_block[0] + good, self.open_block[1] + valid
         if (minute + 1) % BLOCK:
-            self._open_block = (block_good, block_valid)
+            self.open_block = (block_good, block_valid)
         else:
-            _roll(self._blocks, self._block_windows, minute // BLOCK, block_good, block_valid)
-            self._open_block = (0, 0)
-        self._period.good += good
-        self._period.valid += valid
+            _roll(
+                self._blocks,
+                self._block_windows,
+                self.sums,
+                minute // BLOCK,
+                block_good,
+                block_valid,
+            )
+            self.open_block = (0, 0)
+        period = 2 * PERIOD_INDEX
+        self.sums[period] += good
+        self.sums[period + 1] += valid
         hour_good, hour_valid = self._open_hour[0] + good, self._open_hour[1] + valid
         if (minute + 1) % HOUR:
             self._open_hour = (hour_good, hour_valid)
@@ -218,8 +218,8 @@ class SloLedger:
             # The period gained this hour minute by minute; the hour leaving it goes now.
             good_cells, valid_cells = self._hours
             slot = (minute // HOUR) % len(good_cells)
-            self._period.good -= good_cells[slot]
-            self._period.valid -= valid_cells[slot]
+            self.sums[period] -= good_cells[slot]
+            self.sums[period + 1] -= valid_cells[slot]
             good_cells[slot], valid_cells[slot] = hour_good, hour_valid
             self._open_hour = (0, 0)
         if valid:
@@ -235,16 +235,16 @@ class SloLedger:
         """Forget every window (all of it is older than the period); keep the months."""
         for ring in (*self._minutes, *self._blocks, *self._hours):
             ring[:] = _cells(len(ring))
-        for w in (*self._minute_windows.values(), *self._block_windows.values(), self._period):
-            w.good = w.valid = 0
-        self._open_block = self._open_hour = (0, 0)
+        self.sums[:] = array("q", bytes(16 * (len(WINDOWS) + 1)))
+        self.open_block = self._open_hour = (0, 0)
         self._good = self._valid = 0
         self._current_minute = minute
 
 
 def _roll(
     rings: tuple[array[int], array[int]],
-    windows: dict[str, _Window],
+    windows: tuple[tuple[int, int], ...],
+    sums: array[int],
     index: int,
     good: int,
     valid: int,
@@ -253,10 +253,10 @@ def _roll(
     longest window, the very cell about to be overwritten)."""
     good_cells, valid_cells = rings
     size = len(good_cells)
-    for w in windows.values():
-        leaving = (index - w.cells) % size
-        w.good += good - good_cells[leaving]
-        w.valid += valid - valid_cells[leaving]
+    for window, cells in windows:
+        leaving = (index - cells) % size
+        sums[2 * window] += good - good_cells[leaving]
+        sums[2 * window + 1] += valid - valid_cells[leaving]
     good_cells[index % size], valid_cells[index % size] = good, valid
 
 
@@ -271,6 +271,7 @@ class _Tracked:
     ledger: SloLedger
     threshold: float | None  # latency SLO: seconds
     period_name: str = ""
+    labels: str = ""
     firing: set[str] = field(default_factory=set)  # burn tiers currently over
     exhausted: bool = False
 
@@ -298,7 +299,14 @@ class SloBook:
                 ledger = SloLedger(slo.objective / 100, minutes, zone, keep_closed=True)
                 threshold = slo.latency_threshold.total_seconds() if slo.latency_threshold else None
                 self._tracked.setdefault(service.name, []).append(
-                    _Tracked(service.name, slo, ledger, threshold, format_duration(slo.period))
+                    _Tracked(
+                        service.name,
+                        slo,
+                        ledger,
+                        threshold,
+                        format_duration(slo.period),
+                        f'service="{service.name}",slo="{slo.name}"',
+                    )
                 )
 
     def __bool__(self) -> bool:
@@ -458,13 +466,26 @@ class SloRow:
     labels: str  # 'service="payments",slo="availability"'
     objective: float
     budget: float
-    windows: tuple[tuple[str, int, int], ...]  # name, good, valid (the period last)
+    sums: array[int]  # a copy of the ledger's window sums
+    open_block: tuple[int, int]
+    period_name: str
     months: tuple[tuple[str, float | None], ...]
+
+    def windows(self) -> list[tuple[str, int, int]]:
+        """(window, good, valid) for every window, the period last."""
+        out = []
+        for name, index in (*WINDOW_INDEX.items(), (self.period_name, PERIOD_INDEX)):
+            good, valid = self.sums[2 * index], self.sums[2 * index + 1]
+            if index in BLOCK_INDEXES:
+                good, valid = good + self.open_block[0], valid + self.open_block[1]
+            out.append((name, good, valid))
+        return out
 
 
 class SloMetrics:
     """The SLO metrics of DESIGN.md §4. Like the probe metrics, sums are copied on the
-    loop and the text is formatted in a worker thread: 20,000 SLOs are 380,000 lines."""
+    loop (one array copy per SLO) and the text is formatted in a worker thread: 20,000
+    SLOs are 380,000 lines."""
 
     def __init__(self, book: SloBook, clock: Callable[[], float]) -> None:
         self._book, self._clock = book, clock
@@ -480,58 +501,59 @@ class SloMetrics:
             zone = str(ledger.zone)
             if zone not in month_names:
                 month_names[zone] = entry.months(now)
-            names = (*WINDOWS, entry.period_name)
-            sums = zip(names, ledger.raw_windows(), strict=True)
-            months = tuple((m, ledger.month_sums(m).sli) for m in month_names[zone])
             rows.append(
                 SloRow(
-                    f'service="{entry.service}",slo="{entry.slo.name}"',
+                    entry.labels,
                     ledger.objective,
                     ledger.budget,
-                    tuple((name, good, valid) for name, (good, valid) in sums),
-                    months,
+                    array("q", ledger.sums),
+                    ledger.open_block,
+                    entry.period_name,
+                    tuple((m, ledger.month_sums(m).sli) for m in month_names[zone]),
                 )
             )
         return tuple(rows)
 
 
 def render_slo_metrics(rows: tuple[SloRow, ...]) -> str:
-    out: list[str] = []
-    add = out.append
-    add("# HELP hms_slo_objective_ratio The SLO's objective.\n")
-    add("# TYPE hms_slo_objective_ratio gauge\n")
+    """The text exposition; one pass over the SLOs fills all five families."""
+    objectives = [
+        "# HELP hms_slo_objective_ratio The SLO's objective.\n",
+        "# TYPE hms_slo_objective_ratio gauge\n",
+    ]
+    slis = [
+        "# HELP hms_slo_sli_ratio Good over valid events in the window.\n",
+        "# TYPE hms_slo_sli_ratio gauge\n",
+    ]
+    burns = [
+        "# HELP hms_slo_burn_rate Error ratio over the error budget.\n",
+        "# TYPE hms_slo_burn_rate gauge\n",
+    ]
+    remaining = [
+        "# HELP hms_slo_error_budget_remaining_ratio Error budget left over the SLO period.\n",
+        "# TYPE hms_slo_error_budget_remaining_ratio gauge\n",
+    ]
+    slas = [
+        "# HELP hms_sla_availability_ratio Availability of the calendar month.\n",
+        "# TYPE hms_sla_availability_ratio gauge\n",
+    ]
     for row in rows:
-        add(f"hms_slo_objective_ratio{{{row.labels}}} {row.objective!r}\n")
-    slis = ["# HELP hms_slo_sli_ratio Good over valid events in the window.\n"]
-    slis.append("# TYPE hms_slo_sli_ratio gauge\n")
-    burns = ["# HELP hms_slo_burn_rate Error ratio over the error budget.\n"]
-    burns.append("# TYPE hms_slo_burn_rate gauge\n")
-    for row in rows:  # one pass fills both families
-        for window, good, valid in row.windows:
+        labels = row.labels
+        objectives.append(f"hms_slo_objective_ratio{{{labels}}} {row.objective!r}\n")
+        windows = row.windows()
+        for window, good, valid in windows:
             if valid:
                 sli = good / valid
-                labels = f'{row.labels},window="{window}"'
-                slis.append(f"hms_slo_sli_ratio{{{labels}}} {sli!r}\n")
-                burns.append(f"hms_slo_burn_rate{{{labels}}} {(1 - sli) / row.budget!r}\n")
-    out += slis
-    out += burns
-    add(
-        "# HELP hms_slo_error_budget_remaining_ratio Error budget left over the SLO period.\n"
-        "# TYPE hms_slo_error_budget_remaining_ratio gauge\n"
-    )
-    for row in rows:
-        _, good, valid = row.windows[-1]
+                slis.append(f'hms_slo_sli_ratio{{{labels},window="{window}"}} {sli!r}\n')
+                rate = (1 - sli) / row.budget
+                burns.append(f'hms_slo_burn_rate{{{labels},window="{window}"}} {rate!r}\n')
+        _, good, valid = windows[-1]
         if valid:
             left = 1 - (1 - good / valid) / row.budget
-            add(f"hms_slo_error_budget_remaining_ratio{{{row.labels}}} {left!r}\n")
-    add(
-        "# HELP hms_sla_availability_ratio Availability of the calendar month.\n"
-        "# TYPE hms_sla_availability_ratio gauge\n"
-    )
-    for row in rows:
+            remaining.append(f"hms_slo_error_budget_remaining_ratio{{{labels}}} {left!r}\n")
         for month, availability in row.months:
             if availability is not None:
-                add(
-                    f'hms_sla_availability_ratio{{{row.labels},month="{month}"}} {availability!r}\n'
+                slas.append(
+                    f'hms_sla_availability_ratio{{{labels},month="{month}"}} {availability!r}\n'
                 )
-    return "".join(out)
+    return "".join(objectives + slis + burns + remaining + slas)

@@ -91,7 +91,9 @@ async def test_failing_target_turns_critical_with_what_failed(
     await state_is(monitored, "critical")
     status = await health(monitored)
     assert {"condition": "[STATUS] == 200", "observed": "503"} in status["failing"]
-    assert status["reason"] == "2 consecutive failures"
+    # Critical at the threshold (2); probes every 50 ms may add one before we look.
+    failures, _, rest = status["reason"].partition(" ")
+    assert rest == "consecutive failures" and int(failures) >= 2
 
 
 async def test_down_instances_are_probed_at_down_interval(
