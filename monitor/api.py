@@ -11,6 +11,7 @@ from registry import HealthState
 from registry.errors import ApiError
 from registry.openapi import error_responses, json_content
 from registry.responses import json_response
+from registry.routes import health_filter
 
 from .health import HealthBook
 from .slo import WINDOWS, SloBook
@@ -26,12 +27,13 @@ class HealthRoutes:
     async def health(self, request: web.Request) -> web.Response:
         """Every probed instance: state, since when, last result, failing conditions."""
         service = request.query.get("service")
-        states = _states(request.query.get("state"))
+        states = health_filter(request, "state")
         rows = []
         for key in self.book.instance_keys():
             if service and key[0] != service:
                 continue
             status = self.book.status(key)
+            # HealthState is a StrEnum: "critical" in {HealthState.CRITICAL} holds.
             if status is not None and (states is None or status["state"] in states):
                 rows.append(status)
         return json_response({"instances": rows})
@@ -51,16 +53,6 @@ class SloRoutes:
             raise ApiError(404, f"service {service} is not configured (SLOs live in config.yaml)")
         statuses = self.slos.statuses(service, self.clock()) or []
         return json_response({"service": service, "slos": statuses})
-
-
-def _states(raw: str | None) -> set[str] | None:
-    if not raw:
-        return None
-    states = set(raw.split(","))
-    allowed = {state.value for state in HealthState}
-    if not states <= allowed:
-        raise ApiError(400, f"state must be one or more of: {', '.join(sorted(allowed))}")
-    return states
 
 
 def openapi_paths() -> dict[str, Any]:

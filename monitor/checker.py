@@ -19,7 +19,7 @@ from scheduler import Scheduler, Timetable
 
 from .health import HealthBook, Key
 from .probes import Probe, Prober, ProbeResult, resolve_probe
-from .results import ResultStore
+from .results import ResultStore, bucket_index
 from .slo import SloBook
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,7 @@ class ProbeStats:
             self.duration_sum += result.response_time
             if not self.buckets:
                 self.buckets = [0] * len(self.boundaries)
-            index = next(
-                (i for i, b in enumerate(self.boundaries) if result.response_time <= b),
-                len(self.boundaries) - 1,
-            )
-            self.buckets[index] += 1
+            self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
         else:
             self.failures += 1
         self.last_ok = ok

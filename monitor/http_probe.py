@@ -64,7 +64,7 @@ class HttpTarget:
 class HttpAnswer:
     status: int
     body: bytes
-    certificate: dict[str, object] | None
+    certificate_expires_at: float | None
 
 
 class _Exchange(asyncio.Protocol):
@@ -160,14 +160,23 @@ async def exchange(target: HttpTarget, *, cap: int, context: ssl.SSLContext | No
         server_hostname=target.host if target.tls else None,
     )
     try:
-        certificate = None
-        if target.tls:
-            ssl_object = transport.get_extra_info("ssl_object")
-            certificate = ssl_object.getpeercert() if ssl_object is not None else None
+        expires = certificate_expiry(transport) if target.tls else None
         await done
-        return HttpAnswer(protocol.status, protocol.body(), certificate)
+        return HttpAnswer(protocol.status, protocol.body(), expires)
     finally:
         transport.close()
+
+
+def certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None:
+    """When the peer's certificate expires (wall clock); None without a verified TLS peer."""
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    certificate = ssl_object.getpeercert()  # parsed only when verified; {} otherwise
+    not_after = certificate.get("notAfter") if certificate else None
+    return ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
 
 
 def _dechunk(raw: bytes, cap: int) -> bytes:

@@ -27,7 +27,7 @@ from aiohttp.tracing import Trace
 from registry import ProbeSpec
 
 from .conditions import MISSING, Condition, parse_conditions
-from .http_probe import HttpTarget, ProbeProtocolError, exchange
+from .http_probe import HttpTarget, ProbeProtocolError, certificate_expiry, exchange
 
 DEFAULT_MAX_BODY = 64 * 1024
 MAX_CACHED_TARGETS = 100_000
@@ -174,16 +174,13 @@ class Prober:
             self._targets[key] = target
         context = self._verifying if probe.tls_verify else self._insecure
         answer = await exchange(target, cap=probe.max_body_bytes, context=context)
-        not_after = answer.certificate.get("notAfter") if answer.certificate else None
         return ProbeResult(
             at=at,
             response_time=time.perf_counter() - started,
             connected=True,
             status=answer.status,
             body=answer.body,
-            certificate_expires_at=(
-                ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
-            ),
+            certificate_expires_at=answer.certificate_expires_at,
         )
 
     async def _http(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
@@ -222,7 +219,7 @@ class Prober:
             host, port, ssl=context, server_hostname=host if context else None
         )
         try:
-            expires = _certificate_expiry(writer.transport) if context else None
+            expires = certificate_expiry(writer.transport) if context else None
         finally:
             writer.close()
         return ProbeResult(
@@ -249,7 +246,7 @@ class _CertificateRecorder(aiohttp.TCPConnector):
         connection = await super().connect(req, traces, timeout)
         seen = _CERTIFICATES.get()
         if seen is not None:
-            seen.append(_certificate_expiry(connection.transport))
+            seen.append(certificate_expiry(connection.transport))
         return connection
 
 
@@ -258,17 +255,6 @@ def _with_path(url: str, path: str | None) -> str:
         return url
     parts = urlsplit(url)
     return parts._replace(path=path.split("?", 1)[0], query=path.partition("?")[2]).geturl()
-
-
-def _certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None:
-    if transport is None:
-        return None
-    ssl_object = transport.get_extra_info("ssl_object")
-    if ssl_object is None:
-        return None
-    certificate = ssl_object.getpeercert()  # parsed only when verified; {} otherwise
-    not_after = certificate.get("notAfter") if certificate else None
-    return ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None
 
 
 def _describe(exc: BaseException) -> str:

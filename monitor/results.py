@@ -38,6 +38,11 @@ class Minute:
     maintenance: int = 0
 
 
+def bucket_index(boundaries: tuple[float, ...], value: float) -> int:
+    """The bucket `value` falls in: the first boundary >= value (`le`), +Inf last."""
+    return bisect.bisect_left(boundaries, value)
+
+
 def bucket_label(boundary: float) -> str:
     """`le` as prometheus_client renders it (0.3 -> "0.3", 1 -> "1.0", +Inf)."""
     return "+Inf" if math.isinf(boundary) else repr(float(boundary))
@@ -87,7 +92,7 @@ class ResultStore:
         minute.successes += ok
         if ok:  # latency SLIs count successful probes under a threshold
             minute.latency_sum += result.response_time
-            minute.buckets[bisect.bisect_left(self.boundaries, result.response_time)] += 1
+            minute.buckets[bucket_index(self.boundaries, result.response_time)] += 1
 
     async def flush(self, now: float, *, everything: bool = False) -> int:
         """Write buffered raw results and finished minutes (all minutes with `everything`)."""

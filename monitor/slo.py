@@ -260,10 +260,6 @@ def _roll(
     good_cells[index % size], valid_cells[index % size] = good, valid
 
 
-def period_name(minutes: int) -> str:
-    return format_duration(minutes * 60)
-
-
 @dataclass(slots=True)
 class _Tracked:
     service: str
@@ -308,9 +304,6 @@ class SloBook:
                         f'service="{service.name}",slo="{slo.name}"',
                     )
                 )
-
-    def __bool__(self) -> bool:
-        return bool(self._tracked)
 
     def record(
         self, service: str, at: float, *, ok: bool, response_time: float, maintenance: bool

@@ -316,13 +316,6 @@ class Catalog:
             out.extend(self._status(entry, now) for entry in live)
         return out
 
-    def get(self, service: str, instance_id: str) -> InstanceStatus | None:
-        self.expire_due()
-        entry = self._entry(service, instance_id)
-        if entry is None or entry.removed:
-            return None
-        return self._status(entry, self._clock.monotonic())
-
     async def wait_for_change(self, service: str, index: int, wait: float) -> int:
         """Wait until the service's modify index passes `index` or `wait` seconds elapse.
 

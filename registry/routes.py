@@ -123,7 +123,7 @@ class RegistryRoutes:
         service = request.match_info["service"]
         if not is_valid_name(service):
             raise ApiError(400, "invalid service name", details=[{"field": "service"}])
-        health = _health_filter(request)
+        health = health_filter(request)
         index = _query_index(request)
         if index is not None:
             await self.catalog.wait_for_change(service, index, _query_wait(request))
@@ -135,7 +135,7 @@ class RegistryRoutes:
 
     async def http_sd(self, request: web.Request) -> web.Response:
         service = request.query.get("service")
-        health = _health_filter(request)
+        health = health_filter(request)
         statuses = self.catalog.instances(service or None)
         if health is not None:
             statuses = [s for s in statuses if s.health in health]
@@ -179,15 +179,16 @@ def _health_counts(statuses: list[InstanceStatus]) -> dict[str, int]:
     return counts
 
 
-def _health_filter(request: web.Request) -> set[HealthState] | None:
-    raw = request.query.get("health")
+def health_filter(request: web.Request, parameter: str = "health") -> set[HealthState] | None:
+    """`?health=passing,warning` as states; None when absent; 400 naming the allowed ones."""
+    raw = request.query.get(parameter)
     if not raw:
         return None
     try:
         return {HealthState(value) for value in raw.split(",")}
     except ValueError:
         allowed = ", ".join(state.value for state in HealthState)
-        raise ApiError(400, f"health must be one or more of: {allowed}") from None
+        raise ApiError(400, f"{parameter} must be one or more of: {allowed}") from None
 
 
 def _query_index(request: web.Request) -> int | None:

@@ -177,11 +177,6 @@ class Timetable(Generic[K]):
         if soonest < entry.due:
             self._move(key, entry, soonest)
 
-    def run_soon(self, key: K) -> None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._move(key, entry, self._now())
-
     def remove(self, key: K) -> None:
         entry = self._entries.pop(key, None)
         if entry is not None and entry.handle is not None:

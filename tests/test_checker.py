@@ -233,3 +233,15 @@ async def test_old_raw_results_and_minutes_are_pruned(tmp_path: Any) -> None:
         await database.close()
     assert [round(now - r["at"]) for r in raw] == [60]
     assert len(minutes) == 1  # the 2-day-old minute is past a 1-day retention
+
+
+async def test_health_can_be_filtered_by_state(monitored: AppClient, target: TestServer) -> None:
+    await register(monitored, target, "up")
+    await register(monitored, target, "down", path="/fail")
+    await state_is(monitored, "passing", "up")
+    await state_is(monitored, "critical", "down")
+    resp = await monitored.get("/v1/health", params={"state": "critical,warning"})
+    assert [i["instance"] for i in (await resp.json())["instances"]] == ["down"]
+    bad = await monitored.get("/v1/health", params={"state": "sleepy"})
+    assert bad.status == 400
+    assert "state must be one or more of" in (await bad.json())["error"]["message"]
