@@ -16,21 +16,19 @@ import contextlib
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.registry import free_port, rss_mb, wait_ready
+from bench.registry import free_port, rss_mb, server
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,29 +60,11 @@ def raise_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-@contextlib.contextmanager
 def process(
     argv: list[str], log: Path, ready_url: str | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=raise_file_limit
-        )
-    try:
-        if ready_url:
-            wait_ready(ready_url)
-        else:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-1500:]}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """bench.registry.server with the file limit raised (10,000 sockets in flight)."""
+    return server(argv, ready_url, log, preexec_fn=raise_file_limit)
 
 
 def nginx_config(workdir: Path, ports: list[int]) -> Path:

@@ -28,7 +28,7 @@ import tempfile
 import textwrap
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,11 +120,26 @@ def wait_ready(url: str, timeout: float = 30.0) -> float:
 
 
 @contextlib.contextmanager
-def server(argv: list[str], url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def server(
+    argv: list[str],
+    url: str | None,
+    log: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process for the length of the block: ready when `url`/readyz answers (or after
+    half a second without one); SIGTERM, then SIGKILL, at the end."""
     with log.open("ab") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
     try:
-        wait_ready(url)
+        if url is None:
+            time.sleep(0.5)
+        else:
+            wait_ready(url)
+        if process.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-1500:]}")
         yield process
     finally:
         if process.poll() is None:

@@ -121,14 +121,14 @@ class ResultStore:
         """Stored per-minute aggregates of a service, oldest first."""
 
         def read(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-            cursor = db.execute(
-                "SELECT instance, minute, count, successes, latency_sum, buckets, maintenance "
-                "FROM probe_minutes WHERE service = ? AND minute >= ? AND minute < ? "
-                "ORDER BY minute, instance",
-                [service, int(since // 60), int(until // 60)],
+            return list(
+                db.query(
+                    "SELECT instance, minute, count, successes, latency_sum, buckets, maintenance "
+                    "FROM probe_minutes WHERE service = ? AND minute >= ? AND minute < ? "
+                    "ORDER BY minute, instance",
+                    [service, int(since // 60), int(until // 60)],
+                )
             )
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
         rows = await self._db.read(read)
         for row in rows:
@@ -137,13 +137,13 @@ class ResultStore:
 
     async def raw(self, service: str, instance: str) -> list[dict[str, Any]]:
         def read(db: sqlite_utils.Database) -> list[dict[str, Any]]:
-            cursor = db.execute(
-                "SELECT at, ok, response_time, status, error, failing, maintenance "
-                "FROM probe_results WHERE service = ? AND instance = ? ORDER BY at",
-                [service, instance],
+            return list(
+                db.query(
+                    "SELECT at, ok, response_time, status, error, failing, maintenance "
+                    "FROM probe_results WHERE service = ? AND instance = ? ORDER BY at",
+                    [service, instance],
+                )
             )
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
         return await self._db.read(read)
 
