@@ -12,6 +12,8 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import build_app, parse_config
 from monitor.config import Config
@@ -89,6 +91,12 @@ async def target() -> AsyncIterator[TestServer]:
     server = await start_target()
     yield server
     await server.close()
+
+
+async def metric_families(client: AppClient) -> dict[str, Metric]:
+    """GET /metrics, parsed by prometheus_client's own parser, by family name."""
+    text = await (await client.get("/metrics")).text()
+    return {family.name: family for family in text_string_to_metric_families(text)}
 
 
 def require_tool(name: str) -> str:

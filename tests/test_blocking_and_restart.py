@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from monitor.config import Config
 
 from .conftest import AppClient, FakeClock
-from .test_registry import PAYMENTS_1, instance, register
+from .test_registry import PAYMENTS_1, instance, listed_instance, register
 
 
 async def test_blocking_query_wakes_on_change(daemon: AppClient) -> None:
@@ -84,8 +84,7 @@ async def test_restart_keeps_registrations(
     await first.close()
 
     second = await start_daemon(config)
-    listed = await instance(second, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(second)
     assert (listed["tags"], listed["meta"], listed["ttl"]) == (["a"], {"k": "v"}, "30s")
     assert await instance(second, "ach", "ach-1") is None
     assert int((await second.get("/v1/services")).headers["X-Registry-Index"]) > index
@@ -105,12 +104,10 @@ async def test_restart_grants_every_lease_a_fresh_ttl(
     clock.advance(60)  # the daemon was down for a minute: the lease is long past due
     second = await start_daemon(config)
     clock.advance(29)
-    listed = await instance(second, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(second)
     assert listed["health"] == "unknown"
     clock.advance(1)
-    listed = await instance(second, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(second)
     assert listed["health"] == "critical"
 
 

@@ -10,11 +10,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.config import Config
 
-from .conftest import AppClient
+from .conftest import AppClient, metric_families
 
 FAST = {"interval": "100ms", "down_interval": "50ms", "timeout": "300ms"}
 
@@ -107,9 +106,8 @@ async def test_down_instances_are_probed_at_down_interval(
     await client.put("/v1/services/payments/instances/p1", json=body)
 
     async def probed_often() -> bool:
-        text = await (await client.get("/metrics")).text()
-        samples = next(f for f in text_string_to_metric_families(text) if f.name == "hms_probe")
-        failures = [s.value for s in samples.samples if s.labels.get("result") == "failure"]
+        samples = (await metric_families(client))["hms_probe"].samples
+        failures = [s.value for s in samples if s.labels.get("result") == "failure"]
         return failures == [5.0]
 
     await until(probed_often)  # five probes within seconds although interval is 1h
@@ -150,8 +148,7 @@ async def test_probe_metrics_parse_and_include_the_slo_threshold_bucket(
 ) -> None:
     await register(monitored, target)
     await state_is(monitored, "passing")
-    text = await (await monitored.get("/metrics")).text()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = await metric_families(monitored)
     for name in (
         "hms_probe",
         "hms_probe_duration_seconds",

@@ -10,6 +10,9 @@ from monitor.config import Config
 from .conftest import AppClient, FakeClock
 
 PAYMENTS_1 = "/v1/services/payments/instances/payments-1"
+STATIC_PAYMENTS = [
+    {"name": "payments", "instances": [{"id": "static-1", "url": "http://127.0.0.1:9"}]}
+]
 
 
 async def register(client: AppClient, path: str = PAYMENTS_1, **body: Any) -> Any:
@@ -22,6 +25,15 @@ async def instance(client: AppClient, service: str, instance_id: str) -> dict[st
     resp = await client.get(f"/v1/services/{service}")
     body = await resp.json()
     return next((i for i in body["instances"] if i["id"] == instance_id), None)
+
+
+async def listed_instance(
+    client: AppClient, service: str = "payments", instance_id: str = "payments-1"
+) -> dict[str, Any]:
+    """The instance as GET /v1/services/{service} lists it; it must be there."""
+    found = await instance(client, service, instance_id)
+    assert found is not None, f"{service}/{instance_id} is not listed"
+    return found
 
 
 async def test_register_creates_then_updates_idempotently(daemon: AppClient) -> None:
@@ -39,16 +51,14 @@ async def test_register_creates_then_updates_idempotently(daemon: AppClient) -> 
     status, moved = await register(daemon, url="http://127.0.0.1:8002")
     assert status == 200
     assert moved["url"] == "http://127.0.0.1:8002"
-    listed = await instance(daemon, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(daemon)
     assert listed["url"] == "http://127.0.0.1:8002"
 
 
 async def test_register_without_ttl_has_no_lease(daemon: AppClient, clock: FakeClock) -> None:
     await register(daemon)
     clock.advance(86_400 * 30)
-    listed = await instance(daemon, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(daemon)
     assert listed["lease"] is None
     assert listed["health"] == "unknown"
 
@@ -64,13 +74,11 @@ async def test_default_ttl_comes_from_config(
 async def test_lease_lapses_to_critical_at_exactly_ttl(daemon: AppClient, clock: FakeClock) -> None:
     await register(daemon, ttl="30s")
     clock.advance(29.999)
-    before = await instance(daemon, "payments", "payments-1")
-    assert before is not None
+    before = await listed_instance(daemon)
     assert before["health"] == "unknown"
 
     clock.advance(0.001)
-    after = await instance(daemon, "payments", "payments-1")
-    assert after is not None
+    after = await listed_instance(daemon)
     assert after["health"] == "critical"
     assert after["lease"]["lapsed"] is True
 
@@ -82,8 +90,7 @@ async def test_heartbeat_renews_the_lease(daemon: AppClient, clock: FakeClock) -
         resp = await daemon.post(PAYMENTS_1 + "/heartbeat")
         assert resp.status == 200
     clock.advance(29)
-    listed = await instance(daemon, "payments", "payments-1")
-    assert listed is not None
+    listed = await listed_instance(daemon)
     assert listed["health"] == "unknown"
     assert listed["lease"]["expires_in"] == 1.0
 
@@ -139,10 +146,7 @@ async def test_deregister_removes_the_instance(daemon: AppClient) -> None:
 async def test_static_and_registered_instances_live_side_by_side(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
-    services = [
-        {"name": "payments", "instances": [{"id": "static-1", "url": "http://127.0.0.1:9"}]}
-    ]
-    client = await start_daemon(make_config(services=services))
+    client = await start_daemon(make_config(services=STATIC_PAYMENTS))
     await register(client)
     body = await (await client.get("/v1/services/payments")).json()
     assert [(i["id"], i["static"]) for i in body["instances"]] == [
@@ -154,10 +158,7 @@ async def test_static_and_registered_instances_live_side_by_side(
 async def test_static_instances_cannot_be_changed_over_the_api(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
-    services = [
-        {"name": "payments", "instances": [{"id": "static-1", "url": "http://127.0.0.1:9"}]}
-    ]
-    client = await start_daemon(make_config(services=services))
+    client = await start_daemon(make_config(services=STATIC_PAYMENTS))
     path = "/v1/services/payments/instances/static-1"
     for resp in (
         await client.delete(path),

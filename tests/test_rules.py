@@ -97,11 +97,32 @@ def probes(
     ]
 
 
-def run_tests(tmp_path: Path, rule_file: Path, tests: list[dict[str, Any]]) -> None:
+def alerts(alertname: str, eval_time: str, expected: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"eval_time": eval_time, "alertname": alertname, "exp_alerts": expected}
+
+
+def samples(expr: str, eval_time: str, expected: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"expr": expr, "eval_time": eval_time, "exp_samples": expected}
+
+
+def run_tests(
+    tmp_path: Path,
+    rule_file: Path,
+    input_series: list[dict[str, str]],
+    *,
+    alert_tests: tuple[dict[str, Any], ...] = (),
+    expr_tests: tuple[dict[str, Any], ...] = (),
+) -> None:
+    """One `promtool test rules` case, series sampled every minute; fails on any mismatch."""
+    case: dict[str, Any] = {"interval": "1m", "input_series": input_series}
+    if alert_tests:
+        case["alert_rule_test"] = list(alert_tests)
+    if expr_tests:
+        case["promql_expr_test"] = list(expr_tests)
     path = tmp_path / "tests.yml"
     path.write_text(
         yaml.safe_dump(
-            {"rule_files": [str(rule_file)], "evaluation_interval": "1m", "tests": tests}
+            {"rule_files": [str(rule_file)], "evaluation_interval": "1m", "tests": [case]}
         )
     )
     result = promtool("test", "rules", str(path))
@@ -109,22 +130,12 @@ def run_tests(tmp_path: Path, rule_file: Path, tests: list[dict[str, Any]]) -> N
 
 
 def test_page_alerts_fire_when_everything_fails(tmp_path: Path, rule_file: Path) -> None:
+    expected = alerts_for("payments", "availability", "page", "ticket")
     run_tests(
         tmp_path,
         rule_file,
-        [
-            {
-                "interval": "1m",
-                "input_series": probes(10, 0),
-                "alert_rule_test": [
-                    {
-                        "eval_time": "70m",
-                        "alertname": "HmsSloBurnRate",
-                        "exp_alerts": alerts_for("payments", "availability", "page", "ticket"),
-                    }
-                ],
-            }
-        ],
+        probes(10, 0),
+        alert_tests=(alerts("HmsSloBurnRate", "70m", expected),),
     )
 
 
@@ -133,55 +144,34 @@ def test_a_slow_burn_raises_tickets_and_no_page(tmp_path: Path, rule_file: Path)
     run_tests(
         tmp_path,
         rule_file,
-        [
-            {
-                "interval": "1m",
-                "input_series": probes(4, 996),
-                "alert_rule_test": [
-                    {
-                        "eval_time": "3h",
-                        "alertname": "HmsSloBurnRate",
-                        "exp_alerts": alerts_for("payments", "availability", "ticket"),
-                    }
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": 'slo:sli_error:ratio_rate1h{sloth_id="payments-availability"}',
-                        "eval_time": "3h",
-                        "exp_samples": [
-                            sample("slo:sli_error:ratio_rate1h", "availability", "1h", 0.004)
-                        ],
-                    }
-                ],
-            }
-        ],
+        probes(4, 996),
+        alert_tests=(
+            alerts("HmsSloBurnRate", "3h", alerts_for("payments", "availability", "ticket")),
+        ),
+        expr_tests=(
+            samples(
+                'slo:sli_error:ratio_rate1h{sloth_id="payments-availability"}',
+                "3h",
+                [sample("slo:sli_error:ratio_rate1h", "availability", "1h", 0.004)],
+            ),
+        ),
     )
 
 
 def test_a_healthy_service_raises_nothing(tmp_path: Path, rule_file: Path) -> None:
+    remaining = "slo:period_error_budget_remaining:ratio"
     run_tests(
         tmp_path,
         rule_file,
-        [
-            {
-                "interval": "1m",
-                "input_series": probes(0, 100),
-                "alert_rule_test": [
-                    {"eval_time": "6h", "alertname": "HmsSloBurnRate", "exp_alerts": []}
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": "slo:period_error_budget_remaining:ratio{sloth_slo='availability'}",
-                        "eval_time": "6h",
-                        "exp_samples": [
-                            sample(
-                                "slo:period_error_budget_remaining:ratio", "availability", "30d", 1
-                            )
-                        ],
-                    }
-                ],
-            }
-        ],
+        probes(0, 100),
+        alert_tests=(alerts("HmsSloBurnRate", "6h", []),),
+        expr_tests=(
+            samples(
+                f"{remaining}{{sloth_slo='availability'}}",
+                "6h",
+                [sample(remaining, "availability", "30d", 1)],
+            ),
+        ),
     )
 
 
@@ -189,19 +179,12 @@ def test_zero_traffic_yields_no_sample_and_no_alert(tmp_path: Path, rule_file: P
     run_tests(
         tmp_path,
         rule_file,
-        [
-            {
-                "interval": "1m",
-                "input_series": probes(0, 0),
-                "alert_rule_test": [
-                    {"eval_time": "2h", "alertname": "HmsSloBurnRate", "exp_alerts": []}
-                ],
-                "promql_expr_test": [
-                    {"expr": "slo:sli_error:ratio_rate5m", "eval_time": "2h", "exp_samples": []},
-                    {"expr": "slo:current_burn_rate:ratio", "eval_time": "2h", "exp_samples": []},
-                ],
-            }
-        ],
+        probes(0, 0),
+        alert_tests=(alerts("HmsSloBurnRate", "2h", []),),
+        expr_tests=(
+            samples("slo:sli_error:ratio_rate5m", "2h", []),
+            samples("slo:current_burn_rate:ratio", "2h", []),
+        ),
     )
 
 
@@ -213,24 +196,17 @@ def test_latency_sli_counts_probes_over_the_threshold_bucket(
         tmp_path,
         rule_file,
         [
-            {
-                "interval": "1m",
-                "input_series": [
-                    *probes(0, 100),
-                    {"series": bucket.format(le="0.3"), "values": "0+98x400"},
-                    {"series": bucket.format(le="+Inf"), "values": "0+100x400"},
-                ],
-                "promql_expr_test": [
-                    {
-                        "expr": 'slo:sli_error:ratio_rate1h{sloth_id="payments-latency"}',
-                        "eval_time": "2h",
-                        "exp_samples": [
-                            sample("slo:sli_error:ratio_rate1h", "latency", "1h", 0.02)
-                        ],
-                    }
-                ],
-            }
+            *probes(0, 100),
+            {"series": bucket.format(le="0.3"), "values": "0+98x400"},
+            {"series": bucket.format(le="+Inf"), "values": "0+100x400"},
         ],
+        expr_tests=(
+            samples(
+                'slo:sli_error:ratio_rate1h{sloth_id="payments-latency"}',
+                "2h",
+                [sample("slo:sli_error:ratio_rate1h", "latency", "1h", 0.02)],
+            ),
+        ),
     )
 
 
@@ -243,38 +219,24 @@ def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: P
         "dependency is down are not reported.",
         "runbook_url": "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts-hmsinstancedown",
     }
+    labels = {"severity": "page", "service": "payments", "instance": "p1", "state": "critical"}
     run_tests(
         tmp_path,
         rule_file,
         [
-            {
-                "interval": "1m",
-                "input_series": [
-                    {"series": health.format(s="payments", i="p1"), "values": "1x10"},
-                    {"series": suppressed.format(s="payments", i="p1"), "values": "0x10"},
-                    {"series": health.format(s="ledger-client", i="c1"), "values": "1x10"},
-                    {"series": suppressed.format(s="ledger-client", i="c1"), "values": "1x10"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "1m", "alertname": "HmsInstanceDown", "exp_alerts": []},
-                    {
-                        "eval_time": "3m",
-                        "alertname": "HmsInstanceDown",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {
-                                    "severity": "page",
-                                    "service": "payments",
-                                    "instance": "p1",
-                                    "state": "critical",
-                                },
-                                "exp_annotations": annotations,
-                            }
-                        ],
-                    },
-                ],
-            }
+            {"series": health.format(s="payments", i="p1"), "values": "1x10"},
+            {"series": suppressed.format(s="payments", i="p1"), "values": "0x10"},
+            {"series": health.format(s="ledger-client", i="c1"), "values": "1x10"},
+            {"series": suppressed.format(s="ledger-client", i="c1"), "values": "1x10"},
         ],
+        alert_tests=(
+            alerts("HmsInstanceDown", "1m", []),
+            alerts(
+                "HmsInstanceDown",
+                "3m",
+                [{"exp_labels": labels, "exp_annotations": annotations}],
+            ),
+        ),
     )
 
 

@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from monitor.app import BUS
 from monitor.config import Config
 from scheduler import Event
 
-from .conftest import AppClient, FakeClock
+from .conftest import AppClient, FakeClock, metric_families
 
 PROBE = {"type": "http", "interval": "100ms", "down_interval": "100ms", "timeout": "300ms"}
 SERVICES = [
@@ -99,8 +98,7 @@ async def test_slo_metrics_are_exposed(
     client = probing
     await probe_for_a_while(client, target, "/ok")
     clock.advance(60)
-    text = await (await client.get("/metrics")).text()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = await metric_families(client)
     for name in (
         "hms_slo_objective_ratio",
         "hms_slo_sli_ratio",
