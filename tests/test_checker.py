@@ -108,7 +108,8 @@ async def test_down_instances_are_probed_at_down_interval(
     async def probed_often() -> bool:
         samples = (await metric_families(client))["hms_probe"].samples
         failures = [s.value for s in samples if s.labels.get("result") == "failure"]
-        return failures == [5.0]
+        # Probes every 50 ms may add more between two looks; at least five is the point.
+        return len(failures) == 1 and failures[0] >= 5
 
     await until(probed_often)  # five probes within seconds although interval is 1h
 
