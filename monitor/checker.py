@@ -40,18 +40,26 @@ class ProbeStats:
     last_ok: bool | None = None
     certificate_expires_at: float | None = None
 
-    def observe(self, result: ProbeResult, ok: bool) -> None:
-        if ok:
-            self.successes += 1
-            self.duration_sum += result.response_time
-            if not self.buckets:
-                self.buckets = [0] * len(self.boundaries)
-            self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
-        else:
-            self.failures += 1
+    def observe(self, result: ProbeResult, ok: bool, *, counted: bool = True) -> None:
+        """Take one probe; `counted=False` (maintenance) updates only the last result.
+
+        Probes inside a maintenance window stay out of the counters and the
+        histogram, so the Prometheus-side SLIs (increases of those series)
+        exclude maintenance time exactly as the daemon's own SLOs do.
+        """
         self.last_ok = ok
         if result.certificate_expires_at is not None:
             self.certificate_expires_at = result.certificate_expires_at
+        if not counted:
+            return
+        if not ok:
+            self.failures += 1
+            return
+        self.successes += 1
+        self.duration_sum += result.response_time
+        if not self.buckets:
+            self.buckets = [0] * len(self.boundaries)
+        self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
 
 
 @dataclass(slots=True)
@@ -156,8 +164,8 @@ class HealthChecker:
         verdict = self.book.record(key, result)
         if verdict is None:
             return
-        target.stats.observe(result, verdict.ok)
         maintenance = self.book.in_maintenance(key[0])
+        target.stats.observe(result, verdict.ok, counted=not maintenance)
         self.store.add(
             key[0],
             key[1],

@@ -83,7 +83,7 @@ def render(snapshot: Snapshot) -> str:
     add = out.append
     rows = snapshot.rows
 
-    _family(add, "hms_probe_total", "counter", "Probes run, by result.")
+    _family(add, "hms_probe_total", "counter", "Probes run outside maintenance windows, by result.")
     for row in rows:
         add(f'hms_probe_total{{{row.labels},result="success"}} {row.successes}\n')
         add(f'hms_probe_total{{{row.labels},result="failure"}} {row.failures}\n')

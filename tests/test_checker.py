@@ -243,3 +243,41 @@ async def test_health_can_be_filtered_by_state(monitored: AppClient, target: Tes
     bad = await monitored.get("/v1/health", params={"state": "sleepy"})
     assert bad.status == 400
     assert "state must be one or more of" in (await bad.json())["error"]["message"]
+
+
+async def test_probes_in_maintenance_stay_out_of_the_slo_counters(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+    clock: Any,
+) -> None:
+    # The fake wall clock reads 2027-01-15T08:00:00Z; the window covers it.
+    window = {"services": ["payments"], "at": "2027-01-15T07:30:00Z", "duration": "1h"}
+    client = await start_daemon(
+        make_config(defaults={"probe": {"type": "http", **FAST}}, maintenance=[window])
+    )
+    await register(client, target)
+    await state_is(client, "maintenance")
+
+    async def samples() -> dict[tuple[str, str], float]:
+        families = await metric_families(client)
+        return {
+            (s.name, s.labels.get("result", "")): s.value
+            for name in ("hms_probe", "hms_probe_success", "hms_probe_duration_seconds")
+            for s in families[name].samples
+        }
+
+    async def probed_inside() -> bool:
+        return (await samples()).get(("hms_probe_success", "")) == 1.0
+
+    await until(probed_inside)  # probes run, the last result is reported
+    inside = await samples()
+    assert inside[("hms_probe_total", "success")] == 0
+    assert inside[("hms_probe_duration_seconds_count", "")] == 0
+
+    clock.advance(3600)  # past the window: probes count again
+
+    async def counted_after() -> bool:
+        return (await samples())[("hms_probe_total", "success")] >= 1
+
+    await until(counted_after)
