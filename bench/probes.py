@@ -100,14 +100,23 @@ def target_urls(ports: list[int], count: int) -> list[str]:
     return [f"http://127.0.0.1:{ports[n % len(ports)]}/t/{n}" for n in range(count)]
 
 
-async def register(url: str, targets: list[str], prefix: str, probe: dict[str, object]) -> None:
+async def register(
+    url: str,
+    targets: list[str],
+    prefix: str,
+    probe: dict[str, object],
+    *,
+    service_each: bool = False,
+) -> None:
+    """Register each target as instance i<n> of `prefix`, or as `prefix`-<n>/i0."""
     queue = iter(enumerate(targets))
     async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=64)) as http:
 
         async def worker() -> None:
             for n, target in queue:
                 body = {"url": target, "probe": probe}
-                async with http.put(f"/v1/services/{prefix}/instances/i{n}", json=body) as resp:
+                path = f"{prefix}-{n}/instances/i0" if service_each else f"{prefix}/instances/i{n}"
+                async with http.put(f"/v1/services/{path}", json=body) as resp:
                     if resp.status not in (200, 201):
                         raise RuntimeError(f"register: {resp.status} {await resp.text()}")
 

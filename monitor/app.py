@@ -17,7 +17,7 @@ from registry import Catalog, Clock, Instance, SqliteRegistryStore, SystemClock
 from registry import openapi as registry_openapi
 from registry.auth import Authorizer
 from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
-from registry.metrics import RegistryCollector
+from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
 from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
 
@@ -26,12 +26,13 @@ from .api import HealthRoutes, SloRoutes
 from .checker import HealthChecker, latency_buckets
 from .config import Config
 from .database import Database
+from .exposition import gzip_join
 from .health import HealthBook
 from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .probes import Prober
 from .results import ResultStore
-from .slo import SloBook, SloMetrics, render_slo_metrics
+from .slo import SloBook, SloMetrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
 SLOS = web.AppKey("slos", SloBook)
 SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
 SLO_INTERVAL = 30.0
+SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
 HEAP = web.AppKey("heap", asyncio.Task[None])
@@ -176,7 +178,7 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
     clock = app[CATALOG].now
     await results.create_tables()
     slos, database = app[SLOS], app[DATABASE]
-    await slos.load(database)
+    await slos.load(database, clock())
     await checker.prober.start()
     scheduler.start()
     checker.start()
@@ -187,6 +189,8 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
 
     scheduler.every("results.flush", FLUSH_INTERVAL, flush)
     scheduler.every("slo.evaluate", SLO_INTERVAL, lambda: slos.evaluate(clock()))
+    # Renders the SLO metrics early in each minute, so scrapes find the text ready.
+    scheduler.every("slo.metrics", SLO_METRICS_INTERVAL, app[SLO_METRICS].current)
 
     async def prune() -> None:
         retention = config.storage.retention.total_seconds()
@@ -249,20 +253,23 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    small = generate_latest(request.app[METRICS])
-    # Per-instance families: copied on the loop, formatted off it (see monitor/metrics.py).
-    probes, slos = request.app[PROBE_METRICS].snapshot(), request.app[SLO_METRICS].snapshot()
+    app = request.app
+    # Large families: counted or copied on the loop, formatted off it (monitor/metrics.py).
+    # Counting first also expires due leases, so the expirations counter includes them.
+    counts, probes = instance_counts(app[CATALOG]), app[PROBE_METRICS].snapshot()
+    small = generate_latest(app[METRICS])
+    slos = await app[SLO_METRICS].current()  # rendered and deflated once a minute
+    gzip = "gzip" in request.headers.get("Accept-Encoding", "")
 
-    def render_all() -> str:
-        return render(probes) + render_slo_metrics(slos)
+    def build() -> bytes:
+        head = small + (render_instance_counts(counts) + render(probes)).encode()
+        return gzip_join(head, slos) if gzip else head + slos.text
 
-    large = await asyncio.get_running_loop().run_in_executor(None, render_all)
-    response = web.Response(
-        body=small + large.encode(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4}
-    )
-    if "gzip" in request.headers.get("Accept-Encoding", ""):
-        response.enable_compression(web.ContentCoding.gzip)
-    return response
+    body = await asyncio.get_running_loop().run_in_executor(None, build)
+    headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
+    if gzip:
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
 
 
 async def openapi_handler(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ from typing import Any
 
 from monitor.config import Config
 
-from .conftest import AppClient, FakeClock
+from .conftest import AppClient, FakeClock, metric_families
 
 PAYMENTS_1 = "/v1/services/payments/instances/payments-1"
 STATIC_PAYMENTS = [
@@ -122,10 +122,15 @@ async def test_expirations_are_counted_in_metrics(daemon: AppClient, clock: Fake
     await register(daemon, ttl="10s")
     await daemon.post(PAYMENTS_1 + "/heartbeat")
     clock.advance(10)
-    metrics = await (await daemon.get("/metrics")).text()
-    assert "hms_registry_expirations_total 1.0" in metrics
-    assert "hms_registry_heartbeats_total 1.0" in metrics
-    assert 'hms_registry_instances{health="critical",service="payments"} 1.0' in metrics
+    families = await metric_families(daemon)
+    assert families["hms_registry_expirations"].samples[0].value == 1
+    assert families["hms_registry_heartbeats"].samples[0].value == 1
+    critical = [
+        s.value
+        for s in families["hms_registry_instances"].samples
+        if s.labels["health"] == "critical"
+    ]
+    assert critical == [1]
 
 
 async def test_heartbeat_for_unknown_instance_is_404(daemon: AppClient) -> None:

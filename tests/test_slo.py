@@ -88,9 +88,59 @@ def test_months_follow_the_time_zone() -> None:
     assert november.downtime_minutes == pytest.approx(30 * 24 * 60)  # all of it bad
 
 
+def test_months_change_on_the_half_hour_where_the_offset_says_so() -> None:
+    kolkata = SloLedger(0.999, THIRTY_DAYS, ZoneInfo("Asia/Kolkata"))  # UTC+5:30
+    midnight = int(datetime(2026, 11, 30, 18, 30, tzinfo=UTC).timestamp() // 60)
+    feed(kolkata, midnight - 20, 40, 1, 1)  # 20 minutes either side of local midnight
+    kolkata.advance(midnight + 21)
+    assert kolkata.month_sums("2026-11").valid == 20
+    assert kolkata.month_sums("2026-12").valid == 20
+
+
 def test_a_gap_longer_than_the_period_starts_afresh() -> None:
     ledger = SloLedger(0.99, 24 * 60)
     feed(ledger, START, 10, 0, 10)
     ledger.advance(START + 3 * 24 * 60)  # the daemon was down for three days
     assert ledger.window("3d").valid == 0
     assert ledger.period().valid == 0
+
+
+def observable(ledger: SloLedger, months: tuple[str, ...]) -> dict[str, object]:
+    windows = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+    return {
+        "windows": {w: ledger.window(w) for w in windows},
+        "period": ledger.period(),
+        "months": {m: ledger.month_sums(m) for m in months},
+    }
+
+
+@pytest.mark.parametrize("period_days", [1, 7, 30])
+def test_a_restart_restores_what_replaying_every_minute_would(period_days: int) -> None:
+    import random
+
+    rng = random.Random(period_days)
+    period = period_days * 24 * 60
+    start = START - 40 * 24 * 60  # from September into November: three months of rows
+    rows, minute = [], start
+    while minute < START + 5 * 24 * 60:
+        valid = rng.choice((0, 6, 6, 6, 12))
+        rows.append((minute, rng.randint(0, valid), valid))
+        minute += rng.choice((1, 1, 1, 2, 7))  # now and then a quiet stretch
+    now = minute + 3  # restart a few minutes after the last stored minute
+
+    replayed = SloLedger(0.999, period)
+    for at, good, valid in rows:
+        replayed.record(at, good, valid)
+    replayed.advance(now)
+
+    restored = SloLedger(0.999, period)
+    since = restored.history_start(now)
+    restored.restore([r for r in rows if r[0] >= since], now)
+
+    months = ("2026-10", "2026-11")  # the SLA reports: this month and the last
+    assert observable(restored, months) == observable(replayed, months)
+    # And it goes on from there exactly as the replayed one does.
+    for ledger in (replayed, restored):
+        feed(ledger, now, 90, 5, 6)
+        ledger.advance(now + 91)
+    assert observable(restored, months) == observable(replayed, months)

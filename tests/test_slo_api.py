@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -97,7 +98,10 @@ async def test_slo_metrics_are_exposed(
 ) -> None:
     client = probing
     await probe_for_a_while(client, target, "/ok")
-    clock.advance(60)
+    open_minute = await metric_families(client)
+    assert not open_minute["hms_slo_sli_ratio"].samples  # nothing closed yet: no sample
+    assert open_minute["hms_slo_objective_ratio"].samples
+    clock.advance(60)  # the text is rendered once a minute; the next minute has values
     families = await metric_families(client)
     for name in (
         "hms_slo_objective_ratio",
@@ -136,3 +140,25 @@ async def test_slo_history_survives_a_restart(
     after = (await slos(second))["availability"]
     assert after["sli"] == before["sli"] == 1.0
     assert after["sla"]["current"] == before["sla"]["current"]
+
+
+async def test_a_gzip_scrape_is_one_member_with_the_same_slo_lines(
+    probing: AppClient, target: TestServer, clock: FakeClock
+) -> None:
+    client = probing
+    await probe_for_a_while(client, target, "/ok")
+    clock.advance(60)
+    plain = await (await client.get("/metrics")).read()
+    resp = await client.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert resp.headers["Content-Encoding"] == "gzip"
+    # One gzip member, as every HTTP client expects (the SLO part is deflated once a minute).
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    text = inflater.decompress(await resp.read())
+    assert inflater.eof and not inflater.unused_data
+
+    def slo_lines(body: bytes) -> list[bytes]:
+        return [line for line in body.splitlines() if line.startswith((b"hms_slo", b"hms_sla"))]
+
+    assert slo_lines(text) == slo_lines(plain)
+    assert b'hms_slo_sli_ratio{service="payments",slo="availability",window="5m"} 1.0' in text
+    assert b"hms_probe_total{" in text
