@@ -9,12 +9,12 @@ from aiohttp import web
 
 from registry import HealthState
 from registry.errors import ApiError
-from registry.openapi import error_responses, json_content
+from registry.openapi import error_responses, json_content, path_param
 from registry.responses import json_response
 from registry.routes import health_filter
 
 from .health import HealthBook
-from .slo import WINDOWS, SloBook
+from .slo import WINDOWS, SloBook, WorkflowSlos
 
 
 class HealthRoutes:
@@ -40,11 +40,28 @@ class HealthRoutes:
 
 
 class SloRoutes:
-    def __init__(self, slos: SloBook, services: set[str], clock: Callable[[], float]) -> None:
-        self.slos, self.services, self.clock = slos, services, clock
+    def __init__(
+        self,
+        slos: SloBook,
+        services: set[str],
+        clock: Callable[[], float],
+        workflows: WorkflowSlos,
+    ) -> None:
+        self.slos, self.services, self.clock, self.workflows = slos, services, clock, workflows
 
     def routes(self) -> list[web.AbstractRouteDef]:
-        return [web.get("/v1/services/{service}/slos", self.service_slos)]
+        return [
+            web.get("/v1/services/{service}/slos", self.service_slos),
+            web.get("/v1/workflows/{name}/slo", self.workflow_slo),
+        ]
+
+    async def workflow_slo(self, request: web.Request) -> web.Response:
+        """A workflow's SLO: good = completed within its deadline."""
+        name = request.match_info["name"]
+        status = self.workflows.status(name, self.clock())
+        if status is None:
+            raise ApiError(404, f"no workflow named {name!r}")
+        return json_response(status)
 
     async def service_slos(self, request: web.Request) -> web.Response:
         """Each SLO of a service: SLI, budget remaining, burn rates, this and last month's SLA."""
@@ -122,6 +139,14 @@ def slo_openapi_paths() -> dict[str, Any]:
         },
     }
     by_window = {"type": "object", "properties": {window: ratio for window in WINDOWS}}
+    report: dict[str, Any] = {
+        "sli": ratio,
+        "error_budget_remaining": ratio,
+        "error_budget_remaining_minutes": ratio,
+        "sli_by_window": by_window,
+        "burn_rates": by_window,
+        "sla": {"type": "object", "properties": {"current": month, "previous": month}},
+    }
     slo = {
         "type": "object",
         "required": ["name", "objective", "period", "sli", "error_budget_remaining", "burn_rates"],
@@ -131,15 +156,32 @@ def slo_openapi_paths() -> dict[str, Any]:
             "period": {"type": "string"},
             "kind": {"type": "string", "enum": ["availability", "latency"]},
             "latency_threshold": {"type": ["string", "null"]},
-            "sli": ratio,
-            "error_budget_remaining": ratio,
-            "error_budget_remaining_minutes": ratio,
-            "sli_by_window": by_window,
-            "burn_rates": by_window,
-            "sla": {"type": "object", "properties": {"current": month, "previous": month}},
+            **report,
+        },
+    }
+    workflow_slo = {
+        "type": "object",
+        "required": ["workflow", "objective", "period", "sli", "error_budget_remaining"],
+        "properties": {
+            "workflow": {"type": "string"},
+            "objective": {"type": "number", "description": "percent"},
+            "period": {"type": "string"},
+            "good": {"type": "string"},
+            **report,
         },
     }
     return {
+        "/v1/workflows/{name}/slo": {
+            "parameters": [path_param("name", "workflow name")],
+            "get": {
+                "summary": "A workflow's SLO: processes completed within their deadline",
+                "operationId": "workflowSlo",
+                "responses": {
+                    "200": {"description": "the SLO", "content": json_content(workflow_slo)},
+                    **error_responses(401, 404),
+                },
+            },
+        },
         "/v1/services/{service}/slos": {
             "parameters": [
                 {"name": "service", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -163,5 +205,5 @@ def slo_openapi_paths() -> dict[str, Any]:
                     **error_responses(401, 404),
                 },
             },
-        }
+        },
     }

@@ -13,13 +13,20 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from registry import Catalog, Clock, Instance, SqliteRegistryStore, SystemClock
+from registry import Catalog, Clock, HealthState, Instance, SqliteRegistryStore, SystemClock
 from registry import openapi as registry_openapi
 from registry.auth import Authorizer
 from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
 from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
 from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
+from workflows import from_config
+from workflows import openapi as workflow_openapi
+from workflows.caller import ServiceCaller
+from workflows.engine import Engine
+from workflows.metrics import ProcessCollector, WorkflowMetrics
+from workflows.routes import WorkflowRoutes
+from workflows.store import ProcessStore
 
 from . import api as health_api
 from .api import HealthRoutes, SloRoutes
@@ -32,7 +39,7 @@ from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .probes import Prober
 from .results import ResultStore
-from .slo import SloBook, SloMetrics
+from .slo import SloBook, SloMetrics, WorkflowSlos
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,8 @@ RESULTS = web.AppKey("results", ResultStore)
 PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
 SLOS = web.AppKey("slos", SloBook)
 SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
+ENGINE = web.AppKey("engine", Engine)
+WORKFLOW_SLOS = web.AppKey("workflow_slos", WorkflowSlos)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -104,13 +113,19 @@ def build_app(
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
     app[PROBE_METRICS] = ProbeMetrics(checker, calendar.services)
+    engine = _workflow_engine(app, config, registry, book, clock)
 
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
     )
     app.add_routes(RegistryRoutes(catalog, auth, leases, checker.probe_for).routes())
     app.add_routes(HealthRoutes(book).routes())
-    app.add_routes(SloRoutes(slos, {s.name for s in config.services}, clock.time).routes())
+    app.add_routes(
+        SloRoutes(slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]).routes()
+    )
+    workflow_routes = WorkflowRoutes(engine, bus, auth)
+    app.add_routes(workflow_routes.routes())
+    app.on_shutdown.append(workflow_routes.close_streams)
     app.add_routes(
         [
             web.get("/healthz", healthz),
@@ -121,6 +136,7 @@ def build_app(
     )
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)
+    app.cleanup_ctx.append(_run_workflows)
     app.cleanup_ctx.append(_keep_heap_frozen)
     if not auth.enabled and not config.server.is_loopback:
         log.warning(
@@ -129,6 +145,61 @@ def build_app(
             config.server.listen,
         )
     return app
+
+
+def _workflow_engine(
+    app: web.Application,
+    config: Config,
+    registry: CollectorRegistry,
+    book: HealthBook,
+    clock: Clock,
+) -> Engine:
+    """Definitions from the config; steps call instances the registry and health book allow."""
+    catalog = app[CATALOG]
+    definitions = [from_config(workflow) for workflow in config.workflows]
+
+    def candidates(service: str) -> list[tuple[str, str]]:
+        return [
+            (status.instance.id, status.instance.url)
+            for status in catalog.instances(service)
+            if status.health is not HealthState.CRITICAL
+            and not book.suppressed((service, status.instance.id))
+        ]
+
+    metrics = WorkflowMetrics(registry)
+    for definition in definitions:
+        metrics.declare(definition.name)
+    slos = WorkflowSlos({d.name: d.objective for d in definitions})
+    engine = Engine(
+        definitions,
+        store=ProcessStore(app[DATABASE]),
+        caller=ServiceCaller(candidates),
+        bus=app[BUS],
+        metrics=metrics,
+        clock=clock.time,
+        outcome=slos.record,
+    )
+    registry.register(ProcessCollector(lambda: engine.counts, lambda: app[BUS].published))
+    app[ENGINE], app[WORKFLOW_SLOS] = engine, slos
+    return engine
+
+
+async def _run_workflows(app: web.Application) -> AsyncIterator[None]:
+    """Resume unfinished processes after the registry and probes are up; stop them first."""
+    engine, config = app[ENGINE], app[CONFIG]
+    clock = app[CATALOG].now
+    await engine.caller.start()
+    await engine.open()
+    await app[WORKFLOW_SLOS].load(engine.store.outcomes, clock())
+    retention = config.storage.process_retention.total_seconds()
+    app[SCHEDULER].every(
+        "workflows.prune", PRUNE_INTERVAL, lambda: engine.prune(retention), first_in=60
+    )
+    try:
+        yield
+    finally:
+        await engine.close()
+        await engine.caller.close()
 
 
 def _authorizer(config: Config) -> Authorizer:
@@ -273,10 +344,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document())
+    return web.json_response(openapi_document(request.app[CONFIG]))
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(config: Config | None = None) -> dict[str, Any]:
     error = registry_openapi.error_responses
     status = {
         "description": "status",
@@ -327,6 +398,9 @@ def openapi_document() -> dict[str, Any]:
             **registry_openapi.paths(),
             **health_api.openapi_paths(),
             **health_api.slo_openapi_paths(),
+            **workflow_openapi.paths(
+                {w.route: w.name for w in config.workflows if w.route} if config else None
+            ),
             **operations,
         },
         "components": {

@@ -30,6 +30,7 @@ from pydantic import (
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import Meta
+from workflows import templates
 
 from .conditions import ConditionError, parse_condition
 
@@ -223,6 +224,9 @@ class Retry(_Model):
     backoff: Duration = timedelta(seconds=1)
     factor: float = Field(default=2.0, ge=1.0, le=10.0)
     max_backoff: Duration = timedelta(minutes=1)
+    # HTTP statuses worth another attempt; default 429 and 5xx. Connection errors and
+    # timeouts are always retried.
+    retry_on: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = None
 
 
 class WaitFor(_Model):
@@ -258,6 +262,8 @@ class Workflow(_Model):
     route: str | None = None
     trigger: Trigger | None = None
     deadline: Duration | None = None
+    # The workflow SLO (GET /v1/workflows/{name}/slo): percent completed within deadline.
+    objective: float = Field(default=99.0, gt=0, lt=100)
     steps: tuple[Step, ...] = Field(min_length=1)
 
     @field_validator("route")
@@ -505,6 +511,28 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
     for i, workflow in workflows:
         steps = _items(workflow, "steps")
         yield from _unique((("workflows", i, "steps", j), x.get("name")) for j, x in steps)
+        yield from _check_templates(i, steps)
+
+
+def _check_templates(
+    workflow: int, steps: list[tuple[int, dict[str, Any]]]
+) -> Iterator[tuple[Path_, str]]:
+    """References in paths and bodies: `input.*` or an earlier step's output."""
+    earlier: set[str] = set()
+    for j, step in steps:
+        path: Path_ = ("workflows", workflow, "steps", j)
+        name = step.get("name")
+        for key in ("call", "wait_for", "compensate"):
+            value = step.get(key)
+            if not isinstance(value, dict):
+                continue
+            known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
+            for field_name in ("path", "body", "headers", "match"):
+                if field_name in value:
+                    for problem in templates.check(value[field_name], known):
+                        yield (*path, key, field_name), problem
+        if isinstance(name, str):
+            earlier.add(name)
 
 
 def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:

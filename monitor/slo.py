@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -341,10 +341,14 @@ class _Tracked:
     exhausted: bool = False
 
     def months(self, now: float) -> tuple[str, str]:
-        """This calendar month and the previous one, in the SLO's time zone."""
-        current = self.ledger.month_of(int(now // 60))
-        year, month = (int(x) for x in current.split("-"))
-        return current, f"{year - 1}-12" if month == 1 else f"{year}-{month - 1:02d}"
+        return months_around(self.ledger, now)
+
+
+def months_around(ledger: SloLedger, now: float) -> tuple[str, str]:
+    """This calendar month and the previous one, in the ledger's time zone."""
+    current = ledger.month_of(int(now // 60))
+    year, month = (int(x) for x in current.split("-"))
+    return current, f"{year - 1}-12" if month == 1 else f"{year}-{month - 1:02d}"
 
 
 class SloBook:
@@ -438,8 +442,6 @@ class SloBook:
         return [entry for entries in self._tracked.values() for entry in entries]
 
     def _status(self, entry: _Tracked, now: float) -> dict[str, object]:
-        ledger = entry.ledger
-        this_month, previous = entry.months(now)
         return {
             "name": entry.slo.name,
             "objective": entry.slo.objective,
@@ -448,15 +450,7 @@ class SloBook:
             "latency_threshold": None
             if entry.threshold is None
             else format_duration(entry.threshold),
-            "sli": ledger.period().sli,
-            "error_budget_remaining": ledger.budget_remaining(),
-            "error_budget_remaining_minutes": ledger.budget_remaining_minutes(),
-            "sli_by_window": {name: ledger.window(name).sli for name in WINDOWS},
-            "burn_rates": {name: ledger.burn_rate(name) for name in WINDOWS},
-            "sla": {
-                "current": ledger.month_report(this_month).to_json(),
-                "previous": ledger.month_report(previous).to_json(),
-            },
+            **ledger_report(entry.ledger, entry.months(now)),
         }
 
     def _publish_transitions(self, entry: _Tracked) -> None:
@@ -493,6 +487,66 @@ class SloBook:
                 {"service": entry.service, "slo": entry.slo.name, "remaining": remaining},
             )
         entry.exhausted = exhausted
+
+
+def ledger_report(ledger: SloLedger, months: tuple[str, str]) -> dict[str, object]:
+    """SLI, budget, windows and this and last month's SLA, as the API shows them."""
+    this_month, previous = months
+    return {
+        "sli": ledger.period().sli,
+        "error_budget_remaining": ledger.budget_remaining(),
+        "error_budget_remaining_minutes": ledger.budget_remaining_minutes(),
+        "sli_by_window": {name: ledger.window(name).sli for name in WINDOWS},
+        "burn_rates": {name: ledger.burn_rate(name) for name in WINDOWS},
+        "sla": {
+            "current": ledger.month_report(this_month).to_json(),
+            "previous": ledger.month_report(previous).to_json(),
+        },
+    }
+
+
+class WorkflowSlos:
+    """The SLO of each workflow: good = completed within its deadline (over 30 days).
+
+    A process counts once: bad when its deadline passes, else at its end (good
+    when completed). Restored at start from the processes table itself.
+    """
+
+    PERIOD_MINUTES = 30 * 24 * 60
+
+    def __init__(self, objectives: dict[str, float], timezone: str = "UTC") -> None:
+        zone = ZoneInfo(timezone)
+        self.objectives = objectives
+        self.ledgers = {
+            name: SloLedger(objective / 100, self.PERIOD_MINUTES, zone)
+            for name, objective in objectives.items()
+        }
+
+    def record(self, workflow: str, at: float, good: bool) -> None:
+        ledger = self.ledgers.get(workflow)
+        if ledger is not None:
+            ledger.record(int(at // 60), int(good), 1)
+
+    async def load(
+        self, outcomes: Callable[[str, float], Awaitable[list[tuple[int, int, int]]]], now: float
+    ) -> None:
+        minute = int(now // 60)
+        for name, ledger in self.ledgers.items():
+            rows = await outcomes(name, ledger.history_start(minute) * 60.0)
+            ledger.restore(rows, minute)
+
+    def status(self, workflow: str, now: float) -> dict[str, object] | None:
+        ledger = self.ledgers.get(workflow)
+        if ledger is None:
+            return None
+        ledger.advance(int(now // 60))
+        return {
+            "workflow": workflow,
+            "objective": self.objectives[workflow],
+            "period": "30d",
+            "good": "completed within the deadline",
+            **ledger_report(ledger, months_around(ledger, now)),
+        }
 
 
 _UPSERT = (

@@ -1,0 +1,132 @@
+"""Calls from steps to registered services: pick an instance, call it, classify the outcome.
+
+Instances come from the registry at call time, round-robin, skipping critical
+and suppressed ones; a connection error fails over to the next instance
+within the same attempt. Every attempt of a step carries the same
+`Idempotency-Key: <process id>/<step name>`, so a service can make a retried
+or replayed call harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+# (instance id, base URL) of the instances a step may call now, in a stable order.
+Candidates = Callable[[str], list[tuple[str, str]]]
+MAX_RESPONSE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    ok: bool
+    status: int | None = None
+    output: Any = None  # the JSON response (or {"text": ...} when not JSON)
+    error: str | None = None
+    instance: str | None = None
+    retryable: bool = True
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    url: str
+    body: Any
+    headers: Mapping[str, str]
+    retry_on: frozenset[int]
+
+
+class ServiceCaller:
+    def __init__(self, candidates: Candidates) -> None:
+        self._candidates = candidates
+        self._turns: dict[str, itertools.count[int]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(
+            connector=connector, json_serialize=lambda v: orjson.dumps(v).decode()
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        *,
+        body: Any,
+        headers: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109 (one budget over failover attempts)
+        retry_on: frozenset[int],
+    ) -> CallResult:
+        instances = self._candidates(service)
+        if not instances:
+            return CallResult(False, error=f"no passing instance of {service!r}")
+        turn = next(self._turns.setdefault(service, itertools.count()))
+        order = instances[turn % len(instances) :] + instances[: turn % len(instances)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = CallResult(False, error="not called")
+        for instance, url in order:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            request = _Request(method, url.rstrip("/") + path, body, headers, retry_on)
+            last = await self._once(instance, request, left)
+            if last.status is not None or last.timed_out:
+                return last  # an answer (or a timeout): no failover, the call may have run
+        return last
+
+    async def _once(self, instance: str, request: _Request, timeout: float) -> CallResult:  # noqa: ASYNC109
+        assert self._session is not None, "ServiceCaller.start() first"
+        kwargs: dict[str, Any] = {"headers": dict(request.headers)}
+        if request.body is not None:
+            kwargs["json"] = request.body
+        try:
+            async with asyncio.timeout(timeout):
+                async with self._session.request(
+                    request.method, request.url, allow_redirects=False, **kwargs
+                ) as resp:
+                    raw = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+                    status = resp.status
+        except TimeoutError:
+            return CallResult(
+                False, error=f"timed out after {timeout:.3g}s", instance=instance, timed_out=True
+            )
+        except aiohttp.ClientConnectionError as exc:
+            return CallResult(False, error=f"connection failed: {exc}", instance=instance)
+        except aiohttp.ClientError as exc:
+            return CallResult(False, error=f"bad response: {exc}", instance=instance)
+        output = _output(raw)
+        if 200 <= status < 300:
+            return CallResult(True, status, output, instance=instance)
+        return CallResult(
+            False,
+            status,
+            output,
+            error=f"HTTP {status}",
+            instance=instance,
+            retryable=status in request.retry_on,
+        )
+
+
+def _output(raw: bytes) -> Any:
+    if len(raw) > MAX_RESPONSE_BYTES:
+        return {"text": "(response over 1 MiB, not kept)"}
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"text": raw.decode("utf-8", "replace")}

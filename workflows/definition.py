@@ -1,0 +1,283 @@
+"""Workflow definitions: from config.yaml or from Python, the same frozen value.
+
+    payment = (
+        Workflow("ChildSupportPayment", deadline="2d")
+        .step("validate", call("applications", "POST", "/validate"), retry=Retry(max_attempts=5))
+        .step("pay", call("ach", "POST", "/transfers", body={"amount": "{input.amount}"}),
+              compensate=call("ach", "POST", "/transfers/{steps.pay.payment_id}/cancel"))
+        .step("notify", publish("payment.done"))
+        .build()
+    )
+
+Step kinds: `call` (HTTP to a registered service), `publish` (an event),
+`wait_for` (pause until a matching event arrives); any step may `delay`
+first (a durable timer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+from registry import parse_duration
+
+from . import templates
+
+if TYPE_CHECKING:
+    from monitor import config as cfg
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_OBJECTIVE = 99.0
+RETRYABLE = frozenset({429, *range(500, 600)})
+
+
+class DefinitionError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    service: str
+    method: str = "POST"
+    path: str = "/"
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Exponential backoff with full jitter; which HTTP statuses are worth another try."""
+
+    max_attempts: int = 3
+    backoff: float = 1.0  # seconds before the second attempt (before jitter)
+    factor: float = 2.0
+    max_backoff: float = 60.0
+    retry_on: frozenset[int] = RETRYABLE  # plus connection errors and timeouts, always
+
+    def delay(self, attempt: int, jitter: float) -> float:
+        """Seconds to wait after failed attempt `attempt` (1-based); jitter in [0, 1)."""
+        ceiling = min(self.max_backoff, self.backoff * self.factor ** (attempt - 1))
+        return ceiling * (0.5 + jitter / 2)  # "equal jitter": never less than half
+
+
+NO_RETRY = Retry(max_attempts=1)
+DEFAULT_RETRY = Retry()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitFor:
+    event: str
+    match: Mapping[str, Any] = field(default_factory=dict)  # data field -> template
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    topic: str
+    data: Any = None  # template; default: the process's input and step outputs
+
+
+Action = Call | Publish | WaitFor
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    name: str
+    action: Action
+    delay: float | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    retry: Retry = DEFAULT_RETRY
+    compensate: Call | None = None
+
+    @property
+    def kind(self) -> Literal["call", "publish", "wait_for"]:
+        if isinstance(self.action, Call):
+            return "call"
+        return "publish" if isinstance(self.action, Publish) else "wait_for"
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    name: str
+    steps: tuple[Step, ...]
+    route: str | None = None
+    trigger: str | None = None  # event topic that starts a process
+    deadline: float | None = None  # seconds from start
+    objective: float = DEFAULT_OBJECTIVE  # percent of processes completed within deadline
+
+    def step(self, name: str) -> Step:
+        return next(s for s in self.steps if s.name == name)
+
+    def services(self) -> set[str]:
+        calls = [s.action for s in self.steps] + [s.compensate for s in self.steps]
+        return {c.service for c in calls if isinstance(c, Call)}
+
+
+def call(
+    service: str,
+    method: str = "POST",
+    path: str = "/",
+    *,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+) -> Call:
+    return Call(service, method.upper(), path, body, dict(headers or {}))
+
+
+def publish(topic: str, data: Any = None) -> Publish:
+    return Publish(topic, data)
+
+
+def wait_for(
+    event: str, *, match: Mapping[str, Any] | None = None, timeout: str | float | None = None
+) -> WaitFor:
+    return WaitFor(event, dict(match or {}), _seconds(timeout))
+
+
+class Workflow:
+    """The builder: `Workflow(name).step(...).step(...).build()`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        deadline: str | float | None = None,
+        route: str | None = None,
+        trigger: str | None = None,
+        objective: float = DEFAULT_OBJECTIVE,
+    ) -> None:
+        self._name, self._route, self._trigger = name, route, trigger
+        self._deadline, self._objective = _seconds(deadline), objective
+        self._steps: list[Step] = []
+
+    def step(
+        self,
+        name: str,
+        action: Action,
+        *,
+        delay: str | float | None = None,
+        timeout: str | float | None = None,
+        retry: Retry | None = None,
+        compensate: Call | None = None,
+    ) -> Workflow:
+        self._steps.append(
+            Step(
+                name,
+                action,
+                _seconds(delay),
+                _seconds(timeout) or DEFAULT_TIMEOUT,
+                retry or DEFAULT_RETRY,
+                compensate,
+            )
+        )
+        return self
+
+    def build(self) -> Definition:
+        definition = Definition(
+            self._name,
+            tuple(self._steps),
+            self._route,
+            self._trigger,
+            self._deadline,
+            self._objective,
+        )
+        problems = validate(definition)
+        if problems:
+            raise DefinitionError(problems)
+        return definition
+
+
+def validate(definition: Definition) -> list[str]:
+    """Errors: no steps, duplicate step names, references to unknown or later steps."""
+    problems = [] if definition.steps else [f"{definition.name}: a workflow needs steps"]
+    earlier: set[str] = set()
+    for step in definition.steps:
+        where = f"{definition.name}.{step.name}"
+        if step.name in earlier:
+            problems.append(f"{where}: duplicate step name")
+        fields: list[Any] = []
+        if isinstance(step.action, Call):
+            fields += [step.action.path, step.action.body, dict(step.action.headers)]
+        elif isinstance(step.action, Publish):
+            fields.append(step.action.data)
+        else:
+            fields.append(dict(step.action.match))
+        problems += [f"{where}: {p}" for f in fields for p in templates.check(f, earlier)]
+        if step.compensate is not None:  # runs after the step: may use its own output
+            compensate = step.compensate
+            problems += [
+                f"{where}.compensate: {p}"
+                for f in (compensate.path, compensate.body, dict(compensate.headers))
+                for p in templates.check(f, earlier | {step.name})
+            ]
+        earlier.add(step.name)
+    return problems
+
+
+def unknown_services(definition: Definition, known: set[str]) -> list[str]:
+    """Warnings: services neither configured nor registered yet (they may register later)."""
+    return sorted(definition.services() - known)
+
+
+def from_config(workflow: cfg.Workflow) -> Definition:
+    """The same frozen value as the builder's, from a validated config entry."""
+    steps = []
+    for step in workflow.steps:
+        action: Action
+        if step.call is not None:
+            action = _call(step.call)
+        elif step.publish is not None:
+            action = Publish(step.publish)
+        else:
+            assert step.wait_for is not None  # the config allows exactly one action
+            timeout = step.wait_for.timeout
+            action = WaitFor(
+                step.wait_for.event,
+                dict(step.wait_for.match),
+                timeout.total_seconds() if timeout else None,
+            )
+        retry = DEFAULT_RETRY
+        if step.retry is not None:
+            retry = Retry(
+                step.retry.max_attempts,
+                step.retry.backoff.total_seconds(),
+                step.retry.factor,
+                step.retry.max_backoff.total_seconds(),
+                frozenset(step.retry.retry_on) if step.retry.retry_on is not None else RETRYABLE,
+            )
+        steps.append(
+            Step(
+                step.name,
+                action,
+                step.delay.total_seconds() if step.delay else None,
+                step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
+                retry,
+                _call(step.compensate) if step.compensate is not None else None,
+            )
+        )
+    return Definition(
+        workflow.name,
+        tuple(steps),
+        workflow.route,
+        workflow.trigger.event if workflow.trigger else None,
+        workflow.deadline.total_seconds() if workflow.deadline else None,
+        workflow.objective,
+    )
+
+
+def _call(spec: cfg.Call) -> Call:
+    return Call(spec.service, spec.method, spec.path, spec.body, dict(spec.headers))
+
+
+def _seconds(value: str | float | timedelta | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, str):
+        return parse_duration(value).total_seconds()
+    return float(value)

@@ -1,0 +1,99 @@
+"""Workflow and event metrics (DESIGN.md §4); label values come from the config, so bounded."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkflowMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._started = PromCounter(
+            "hms_workflow_started", "Processes started.", ["workflow"], registry=registry
+        )
+        self._finished = PromCounter(
+            "hms_workflow_finished",
+            "Processes that ended, by status.",
+            ["workflow", "status"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "hms_workflow_duration_seconds",
+            "Start to end of a process.",
+            ["workflow"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self._step = Histogram(
+            "hms_workflow_step_duration_seconds",
+            "One attempt of a step (a call, a publish, a wait, a compensation).",
+            ["workflow", "step"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        self._attempts = PromCounter(
+            "hms_workflow_step_attempts",
+            "Step attempts by result (ok, error, timeout).",
+            ["workflow", "step", "result"],
+            registry=registry,
+        )
+        self._missed = PromCounter(
+            "hms_workflow_deadline_missed",
+            "Processes past their deadline.",
+            ["workflow"],
+            registry=registry,
+        )
+
+    def declare(self, workflow: str) -> None:
+        """Series at zero from the start, so rates and alerts see a defined counter."""
+        self._started.labels(workflow)
+        self._missed.labels(workflow)
+
+    def started(self, workflow: str) -> None:
+        self._started.labels(workflow).inc()
+
+    def finished(self, workflow: str, status: str, seconds: float) -> None:
+        self._finished.labels(workflow, status).inc()
+        self._duration.labels(workflow).observe(seconds)
+
+    def attempt(self, workflow: str, step: str, result: str, seconds: float) -> None:
+        self._attempts.labels(workflow, step, result).inc()
+        self._step.labels(workflow, step).observe(seconds)
+
+    def deadline_missed(self, workflow: str) -> None:
+        self._missed.labels(workflow).inc()
+
+
+class ProcessCollector(Collector):
+    """`hms_workflow_processes{workflow,status}` and `hms_events_published_total{topic}`."""
+
+    def __init__(
+        self,
+        counts: Callable[[], Counter[tuple[str, str]]],
+        published: Callable[[], Counter[str]],
+    ) -> None:
+        self._counts, self._published = counts, published
+
+    def collect(self) -> Iterator[Metric]:
+        processes = GaugeMetricFamily(
+            "hms_workflow_processes",
+            "Processes held (finished ones until process_retention), by status.",
+            labels=["workflow", "status"],
+        )
+        for (workflow, status), count in sorted(self._counts().items()):
+            processes.add_metric([workflow, status], count)
+        yield processes
+        events = CounterMetricFamily(
+            "hms_events_published", "Events published on the bus, by topic.", labels=["topic"]
+        )
+        for topic, count in sorted(self._published().items()):
+            events.add_metric([topic], count)
+        yield events

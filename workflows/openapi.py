@@ -1,0 +1,188 @@
+"""The workflow and event routes' part of /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from registry.openapi import error_responses, json_content, path_param
+
+from .store import STATUSES
+
+_OBJECT = {"type": "object"}
+_STARTED = {
+    "type": "object",
+    "required": ["id", "status"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"type": "string", "enum": list(STATUSES)},
+        "created": {"type": "boolean", "description": "false: the idempotency key's process"},
+    },
+}
+_SUMMARY_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "string"},
+    "workflow": {"type": "string"},
+    "status": {"type": "string", "enum": list(STATUSES)},
+    "created_at": {"type": "number"},
+    "updated_at": {"type": "number"},
+    "finished_at": {"type": ["number", "null"]},
+    "deadline_at": {"type": ["number", "null"]},
+    "deadline_missed": {"type": "boolean"},
+    "error": {"type": ["string", "null"]},
+}
+_SUMMARY_REQUIRED = ["id", "workflow", "status", "created_at"]
+_SUMMARY = {"type": "object", "required": _SUMMARY_REQUIRED, "properties": _SUMMARY_PROPERTIES}
+_PROCESS = {
+    "type": "object",
+    "required": [*_SUMMARY_REQUIRED, "input", "outputs", "history"],
+    "properties": {
+        **_SUMMARY_PROPERTIES,
+        "idempotency_key": {"type": ["string", "null"]},
+        "current_step": {"type": ["string", "null"]},
+        "input": _OBJECT,
+        "outputs": _OBJECT,
+        "history": {"type": "array", "items": _OBJECT},
+    },
+}
+_WAIT = {
+    "name": "wait",
+    "in": "query",
+    "required": False,
+    "description": "wait up to this long (e.g. 30s, at most 5m) for the process to end",
+    "schema": {"type": "string"},
+}
+
+
+def _query(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _start(summary: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "operationId": operation,
+        "parameters": [_WAIT],
+        "requestBody": {"required": False, "content": json_content(body)},
+        "responses": {
+            "200": {"description": "ended within `wait`", "content": json_content(_PROCESS)},
+            "202": {"description": "started (or running)", "content": json_content(_STARTED)},
+            **error_responses(400, 401, 403, 404, 422),
+        },
+    }
+
+
+def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
+    """`routes`: each workflow's request-router path -> workflow name."""
+    start_body = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "input": _OBJECT,
+            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 200},
+        },
+    }
+    out: dict[str, Any] = {
+        "/v1/workflows": {
+            "get": {
+                "summary": "Workflow definitions with their processes counted by status",
+                "operationId": "listWorkflows",
+                "responses": {
+                    "200": {"description": "definitions", "content": json_content(_OBJECT)},
+                    **error_responses(401),
+                },
+            }
+        },
+        "/v1/workflows/{name}": {
+            "parameters": [path_param("name", "workflow name")],
+            "post": _start("Start a process", "startWorkflow", start_body),
+        },
+        "/v1/processes": {
+            "get": {
+                "summary": "Processes, newest first, with filters and cursor paging",
+                "operationId": "listProcesses",
+                "parameters": [
+                    _query("workflow", "only this workflow"),
+                    _query("status", "only this status"),
+                    _query("limit", "1-1000, default 100"),
+                    _query("cursor", "next_cursor of the previous page"),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "a page",
+                        "content": json_content(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "processes": {"type": "array", "items": _SUMMARY},
+                                    "next_cursor": {"type": ["string", "null"]},
+                                },
+                            }
+                        ),
+                    },
+                    **error_responses(400, 401),
+                },
+            }
+        },
+        "/v1/processes/{id}": {
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "get": {
+                "summary": "A process: status, input, outputs and every attempt",
+                "operationId": "getProcess",
+                "responses": {
+                    "200": {"description": "the process", "content": json_content(_PROCESS)},
+                    **error_responses(401, 404),
+                },
+            },
+        },
+        "/v1/processes/{id}/cancel": {
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            ],
+            "post": {
+                "summary": "Cancel: stop and compensate the done steps",
+                "operationId": "cancelProcess",
+                "responses": {
+                    "202": {"description": "cancelling", "content": json_content(_STARTED)},
+                    **error_responses(401, 403, 404, 409),
+                },
+            },
+        },
+        "/v1/events/{topic}": {
+            "parameters": [path_param("topic", "event topic")],
+            "post": {
+                "summary": "Publish an event (stored; starts triggered workflows)",
+                "operationId": "publishEvent",
+                "requestBody": {"required": False, "content": json_content(_OBJECT)},
+                "responses": {
+                    "202": {"description": "published", "content": json_content(_OBJECT)},
+                    **error_responses(400, 401, 403, 422),
+                },
+            },
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Server-Sent Events of the bus",
+                "operationId": "streamEvents",
+                "parameters": [_query("topics", "comma-separated topic globs, default *")],
+                "responses": {
+                    "200": {
+                        "description": "an event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **error_responses(401),
+                },
+            }
+        },
+    }
+    for route, name in (routes or {}).items():
+        out[route] = {
+            "post": _start(f"Start {name} with the body as input", f"route_{name}", _OBJECT)
+        }
+    return out

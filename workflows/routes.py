@@ -1,0 +1,263 @@
+"""HTTP routes for workflows, processes and events (DESIGN.md §3 Events and Workflows)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry import parse_duration
+from registry.auth import Authorizer
+from registry.errors import ApiError, parse_body
+from registry.responses import json_response
+from scheduler import EventBus
+
+from .engine import Engine, WorkflowError
+from .store import STATUSES, Process
+
+MAX_WAIT = 300.0
+MAX_LIMIT = 1000
+SSE_KEEPALIVE = 15.0
+TOPIC = re.compile(r"[A-Za-z0-9._-]{1,128}")
+RESERVED_TOPICS = ("health.", "slo.", "workflow.")  # the daemon's own: nobody else's to publish
+
+
+class StartBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: dict[str, Any] = Field(default_factory=dict)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class WorkflowRoutes:
+    def __init__(self, engine: Engine, bus: EventBus, auth: Authorizer) -> None:
+        self.engine, self.bus, self.auth = engine, bus, auth
+        self._streams: set[asyncio.Task[Any]] = set()
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        routes: list[web.AbstractRouteDef] = [
+            web.get("/v1/workflows", self.list_workflows),
+            web.post("/v1/workflows/{name}", self.start),
+            web.get("/v1/processes", self.list_processes),
+            web.get("/v1/processes/{id}", self.get_process),
+            web.post("/v1/processes/{id}/cancel", self.cancel),
+            web.post("/v1/events/{topic}", self.publish),
+            web.get("/v1/events", self.stream),
+        ]
+        for definition in self.engine.definitions.values():
+            if definition.route is not None:
+                routes.append(web.post(definition.route, self._router(definition.name)))
+        return routes
+
+    async def close_streams(self, app: web.Application) -> None:
+        """on_shutdown: end open event streams, or shutdown would wait for them."""
+        for task in list(self._streams):
+            task.cancel()
+
+    # -- workflows -----------------------------------------------------------------
+
+    async def list_workflows(self, request: web.Request) -> web.Response:
+        """Every definition with its processes counted by status."""
+        out = []
+        for definition in self.engine.definitions.values():
+            counts = {s: self.engine.counts.get((definition.name, s), 0) for s in STATUSES}
+            out.append(
+                {
+                    "name": definition.name,
+                    "steps": [step.name for step in definition.steps],
+                    "route": definition.route,
+                    "trigger": definition.trigger,
+                    "deadline_seconds": definition.deadline,
+                    "counts": counts,
+                }
+            )
+        return json_response({"workflows": out})
+
+    async def start(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.auth.require(request, "start", name)
+        if name not in self.engine.definitions:
+            raise ApiError(404, f"no workflow named {name!r}")
+        body = await parse_body(request, StartBody) if await request.read() else StartBody()
+        return await self._start(request, name, body.input, body.idempotency_key)
+
+    def _router(self, name: str) -> Any:
+        async def route(request: web.Request) -> web.Response:
+            """The seeds' request router: the request body is the process input."""
+            self.auth.require(request, "start", name)
+            data = await _json_object(request, "the request body")
+            key = request.headers.get("Idempotency-Key")
+            return await self._start(request, name, data, key)
+
+        return route
+
+    async def _start(
+        self, request: web.Request, name: str, input_: dict[str, Any], key: str | None
+    ) -> web.Response:
+        wait = _wait(request)
+        try:
+            process, created = await self.engine.start(name, input_, key)
+        except WorkflowError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        if wait and await self.engine.wait(process.id, wait):
+            return json_response(await self._full(process.id), status=200)
+        return json_response(
+            {"id": process.id, "status": process.status, "created": created}, status=202
+        )
+
+    # -- processes -----------------------------------------------------------------
+
+    async def list_processes(self, request: web.Request) -> web.Response:
+        """Newest first; `cursor` from the previous page's `next_cursor`."""
+        query = request.query
+        status = query.get("status")
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(STATUSES)}")
+        limit = _int(query.get("limit", "100"), "limit", 1, MAX_LIMIT)
+        cursor = _int(query["cursor"], "cursor", 1, 2**62) if "cursor" in query else None
+        page = await self.engine.store.page(query.get("workflow"), status, limit + 1, cursor)
+        more = len(page) > limit
+        page = page[:limit]
+        return json_response(
+            {
+                "processes": [self._live(p).summary() for p in page],
+                "next_cursor": str(page[-1].seq) if more else None,
+            }
+        )
+
+    async def get_process(self, request: web.Request) -> web.Response:
+        return json_response(await self._full(request.match_info["id"]))
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        process_id = request.match_info["id"]
+        stored = await self.engine.store.get(process_id)
+        if stored is None:
+            raise ApiError(404, f"no process {process_id!r}")
+        self.auth.require(request, "cancel", stored[0].workflow)
+        try:
+            process = await self.engine.cancel(process_id)
+        except WorkflowError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        return json_response({"id": process.id, "status": process.status}, status=202)
+
+    async def _full(self, process_id: str) -> dict[str, Any]:
+        stored = await self.engine.store.get(process_id)
+        if stored is None:
+            raise ApiError(404, f"no process {process_id!r}")
+        process, history = stored
+        live = self.engine.live.get(process_id)
+        if live is not None:  # history not yet checkpointed is shown too
+            process, history = live, history + list(live.pending)
+        definition = self.engine.definitions.get(process.workflow)
+        step = None
+        if definition is not None and not process.finished:
+            index = (
+                process.compensating_from
+                if process.compensating_from is not None
+                else process.position
+            )
+            if 0 <= index < len(definition.steps):
+                step = definition.steps[index].name
+        return {
+            **process.summary(),
+            "idempotency_key": process.idempotency_key,
+            "current_step": step,
+            "input": process.input,
+            "outputs": process.outputs,
+            "history": [attempt.to_json() for attempt in history],
+        }
+
+    def _live(self, process: Process) -> Process:
+        return self.engine.live.get(process.id, process)
+
+    # -- events --------------------------------------------------------------------
+
+    async def publish(self, request: web.Request) -> web.Response:
+        topic = request.match_info["topic"]
+        if not _valid_topic(topic):
+            raise ApiError(400, "topic must be 1-128 of A-Z a-z 0-9 . _ -")
+        if topic.startswith(RESERVED_TOPICS):
+            raise ApiError(403, f"topics under {', '.join(RESERVED_TOPICS)} are the daemon's own")
+        self.auth.require(request, "publish", topic)
+        data = await _json_object(request, "the event")
+        seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
+        return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: every bus event whose topic matches `topics` (globs)."""
+        patterns = [t.strip() for t in request.query.get("topics", "*").split(",") if t.strip()]
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        subscription = self.bus.subscribe(patterns or ["*"], name="sse", queue_size=1000)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        try:
+            await response.write(b": connected\n\n")
+            while True:
+                try:
+                    async with asyncio.timeout(SSE_KEEPALIVE):
+                        event = await subscription.queue.get()
+                except TimeoutError:
+                    await response.write(b": keepalive\n\n")
+                    continue
+                data = orjson.dumps(event.to_json()).decode()
+                await response.write(
+                    f"id: {event.id}\nevent: {event.topic}\ndata: {data}\n\n".encode()
+                )
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            if task is not None:
+                self._streams.discard(task)
+            await subscription.close()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+        return response
+
+
+async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
+    """The body as a JSON object (an empty body is {}), or a 400/422."""
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else {}
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}", code="malformed_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f"{what} must be a JSON object")
+    return data
+
+
+def _valid_topic(topic: str) -> bool:
+    return TOPIC.fullmatch(topic) is not None
+
+
+def _wait(request: web.Request) -> float:
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = parse_duration(raw).total_seconds()
+    except ValueError:
+        raise ApiError(400, f"wait must be a duration like 30s, got {raw!r}") from None
+    return min(seconds, MAX_WAIT)
+
+
+def _int(raw: str, name: str, low: int, high: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise ApiError(400, f"{name} must be between {low} and {high}")
+    return value
