@@ -38,3 +38,72 @@ async def test_kill_9_after_2xx_loses_no_registration_or_deletion(tmp_path: Path
     }
     expected = {(f"svc{i % 7}", f"i{i}") for i in range(50, 200)} | {("last", "x")}
     assert found == expected
+
+
+async def test_kill_9_mid_run_resumes_every_process_and_fires_its_timers(tmp_path: Path) -> None:
+    import sqlite3
+
+    from aiohttp.test_utils import TestServer
+
+    from .services import Calls, service_app
+
+    calls = Calls()
+    service = TestServer(service_app(calls), host="127.0.0.1")
+    await service.start_server()
+    url = str(service.make_url("/"))
+    grant = {
+        "name": "Grant",
+        "steps": [
+            {"name": "validate", "call": {"service": "ach", "path": "/validate"}},
+            {
+                "name": "pay",
+                "call": {"service": "ach", "path": "/transfers", "body": {"amount": "{input.n}"}},
+            },
+            {
+                "name": "follow_up",
+                "delay": "1500ms",
+                "call": {
+                    "service": "ach",
+                    "method": "GET",
+                    "path": "/transfers/{steps.pay.payment_id}",
+                },
+            },
+            {"name": "notify", "call": {"service": "ach", "path": "/notify"}},
+        ],
+    }
+    sections = {
+        "services": [{"name": "ach", "instances": [{"id": "i1", "url": url}]}],
+        "workflows": [grant],
+    }
+    try:
+        with running_daemon(tmp_path, **sections) as daemon:
+            async with aiohttp.ClientSession(daemon.url) as http:
+                ids = []
+                for n in range(30):
+                    async with http.post("/v1/workflows/Grant", json={"input": {"n": n}}) as r:
+                        assert r.status == 202
+                        ids.append((await r.json())["id"])
+                await asyncio.sleep(0.3)  # most are in their delay, some still paying
+            daemon.kill()
+            killed_at = len(calls.seen)
+
+            await asyncio.to_thread(daemon.start)
+            async with aiohttp.ClientSession(daemon.url) as http:
+                for _ in range(200):
+                    async with http.get("/v1/processes", params={"limit": "100"}) as r:
+                        listed = (await r.json())["processes"]
+                    if all(p["status"] == "completed" for p in listed) and len(listed) == 30:
+                        break
+                    await asyncio.sleep(0.1)
+            assert sorted(p["id"] for p in listed) == sorted(ids)
+            assert {p["status"] for p in listed} == {"completed"}
+    finally:
+        await service.close()
+    notified = calls.keys("/notify")
+    assert sorted(notified) == sorted(f"{i}/notify" for i in ids)  # each process once
+    follow_ups = [
+        path for _, path, _, _ in calls.seen[killed_at:] if path.startswith("/transfers/")
+    ]
+    assert len(follow_ups) == 30  # every delay fired after the restart, once
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
