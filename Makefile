@@ -28,9 +28,11 @@ test: $(BIN)/hms-mgmt tools
 # Prints figures next to their peers; installs wrk, nginx, blackbox_exporter when missing.
 bench: $(BIN)/hms-mgmt
 	@bash bench/tools.sh
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench.registry
 	$(BIN)/python -m bench.probes
 	$(BIN)/python -m bench.slo
+	$(BIN)/python -m bench.workflows
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,274 @@
+"""Workflow benchmark: 3-step workflows whose steps call a local HTTP service (nginx).
+
+Beside it, in the same run, the same workload on DBOS Transact with its SQLite
+system database (bench/dbos_peer.py), the closest peer. Then: step overhead
+at moderate load, list queries over 100,000 finished processes, and recovery
+of 1,000 in-flight processes after kill -9.
+
+    python -m bench.workflows [--processes 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from bench.probes import cpu_seconds, nginx_config, process
+from bench.registry import free_port
+
+SERVE = [sys.executable, "-m", "monitor", "serve", "--log-level", "warning", "--config"]
+
+
+def workflow(delay: str | None = None) -> dict[str, Any]:
+    steps: list[dict[str, Any]] = [
+        {"name": "validate", "call": {"service": "svc", "path": "/validate"}},
+        {"name": "pay", "call": {"service": "svc", "path": "/pay", "body": {"n": "{input.n}"}}},
+        {"name": "notify", "call": {"service": "svc", "path": "/notify"}},
+    ]
+    if delay:
+        steps[1]["delay"] = delay
+    return {"name": "Bench", "steps": steps}
+
+
+def write_config(
+    workdir: Path, name: str, port: int, target: str, delay: str | None = None
+) -> Path:
+    config = {
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "storage": {"path": str(workdir / f"{name}.db")},
+        "defaults": {"probe": {"type": "none"}},
+        "services": [{"name": "svc", "instances": [{"id": "nginx", "url": target}]}],
+        "workflows": [workflow(delay)],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def start_many(url: str, count: int, concurrency: int, wait: str | None = None) -> None:
+    numbers = iter(range(count))
+    params = {"wait": wait} if wait else {}
+    async with aiohttp.ClientSession(
+        url, connector=aiohttp.TCPConnector(limit=concurrency)
+    ) as http:
+
+        async def worker() -> None:
+            for n in numbers:
+                async with http.post(
+                    "/v1/workflows/Bench", json={"input": {"n": n}}, params=params
+                ) as r:
+                    if r.status not in (200, 202):
+                        raise RuntimeError(f"start: {r.status} {await r.text()}")
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+def completed(url: str) -> int:
+    with urllib.request.urlopen(url + "/v1/workflows", timeout=30) as resp:  # noqa: S310
+        counts = json.load(resp)["workflows"][0]["counts"]
+    return int(counts["completed"])
+
+
+def wait_completed(url: str, count: int, limit: float = 300) -> float:
+    deadline = time.monotonic() + limit
+    while completed(url) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {completed(url)} of {count} completed")
+        time.sleep(0.05)
+    return time.monotonic()
+
+
+def spans(db: Path) -> list[float]:
+    """Per step after the first: its end minus the previous step's end (seconds)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT process, n, ended_at FROM process_history ORDER BY process, n")
+        out, previous = [], (None, 0.0)
+        for process_seq, n, ended in rows:
+            if process_seq == previous[0] and n > 0:
+                out.append(ended - previous[1])
+            previous = (process_seq, ended)
+    return out
+
+
+def quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def throughput(workdir: Path, target: str, count: int) -> tuple[float, float, list[float]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process(
+        [*SERVE, str(write_config(workdir, "run", port, target))], workdir / "d1.log", url
+    ) as d:
+        cpu0, t0 = cpu_seconds(d.pid), time.monotonic()
+        asyncio.run(start_many(url, count, 64))
+        t1 = wait_completed(url, count)
+        cpu = cpu_seconds(d.pid) - cpu0
+    steps = 3 * count
+    return steps / (t1 - t0), cpu / steps, spans(workdir / "run.db")
+
+
+def overhead(workdir: Path, target: str, count: int) -> list[float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process(
+        [*SERVE, str(write_config(workdir, "calm", port, target))], workdir / "d2.log", url
+    ):
+        asyncio.run(start_many(url, count, 8, wait="30s"))
+    return spans(workdir / "calm.db")
+
+
+def listing(workdir: Path, target: str, held: int) -> dict[str, list[float]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(workdir, "held", port, target)
+    with process([*SERVE, str(config)], workdir / "d3.log", url):
+        pass  # creates the tables
+    now = time.time()
+    with sqlite3.connect(workdir / "held.db") as conn:
+        conn.executemany(
+            "INSERT INTO processes (id, workflow, status, input, outputs, created_at, updated_at, "
+            "finished_at, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 3)",
+            (
+                (
+                    f"{n:024x}",
+                    "Bench",
+                    "completed" if n % 10 else "failed",
+                    '{"n": 1}',
+                    '{"pay": {"status": "UP"}}',
+                    now - held + n,
+                    now - held + n,
+                    now - held + n + 1,
+                )
+                for n in range(held)
+            ),
+        )
+    timings: dict[str, list[float]] = {
+        "newest 100": [],
+        "workflow+status, 100": [],
+        "page 500 deep": [],
+    }
+    with process([*SERVE, str(config)], workdir / "d3.log", url):
+        cursor = None
+        for _ in range(500):  # walk to page 500 to get a deep cursor
+            query = f"/v1/processes?limit=100{'&cursor=' + cursor if cursor else ''}"
+            with urllib.request.urlopen(url + query, timeout=30) as resp:  # noqa: S310
+                cursor = json.load(resp)["next_cursor"]
+        queries = {
+            "newest 100": "/v1/processes?limit=100",
+            "workflow+status, 100": "/v1/processes?workflow=Bench&status=failed&limit=100",
+            "page 500 deep": f"/v1/processes?limit=100&cursor={cursor}",
+        }
+        for _ in range(20):
+            for name, query in queries.items():
+                started = time.perf_counter()
+                with urllib.request.urlopen(url + query, timeout=30) as resp:  # noqa: S310
+                    resp.read()
+                timings[name].append(time.perf_counter() - started)
+    return timings
+
+
+def recovery(workdir: Path, target: str, count: int) -> tuple[float, float]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(workdir, "crash", port, target, delay="1s")
+    with process([*SERVE, str(config)], workdir / "d4.log", url) as daemon:
+        asyncio.run(start_many(url, count, 64))
+        daemon.kill()
+        daemon.wait()
+    time.sleep(1.0)  # every delay is overdue by the restart
+    started = time.monotonic()
+    with process([*SERVE, str(config)], workdir / "d4.log", url):
+        ready = time.monotonic()
+        done = wait_completed(url, count)
+    return ready - started, done - started
+
+
+def dbos(workdir: Path, target: str, count: int) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.dbos_peer",
+            target,
+            str(count),
+            "16",
+            str(workdir / "dbos.sqlite"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--processes", type=int, default=3000)
+    parser.add_argument("--dbos", type=int, default=600, help="DBOS workflows (it is slower)")
+    parser.add_argument("--held", type=int, default=100_000)
+    args = parser.parse_args()
+    if shutil.which("nginx") is None:
+        sys.exit("nginx is not installed (apt-get install nginx-light)")
+    with tempfile.TemporaryDirectory(prefix="hms-workflows-") as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        target = f"http://127.0.0.1:{port}"
+        with process(
+            ["nginx", "-c", str(nginx_config(workdir, [port])), "-p", str(workdir)],
+            workdir / "nginx.log",
+        ):
+            time.sleep(0.3)
+            peer = dbos(workdir, target, args.dbos)
+            rate, cpu, busy = throughput(workdir, target, args.processes)
+            calm = overhead(workdir, target, 500)
+            lists = listing(workdir, target, args.held)
+            ready, recovered = recovery(workdir, target, 1000)
+
+    peer_rate = peer["steps"] / peer["seconds"]
+    print("hms-mgmt workflow benchmark: 3-step workflows, each step an HTTP call to nginx")
+    print(f"  hms-mgmt, {args.processes:,} processes, 64 starts in flight")
+    print(
+        f"    durable steps/s                    {rate:8.0f}   ({cpu * 1000:.2f} ms CPU per step)"
+    )
+    print(f"  DBOS Transact (SQLite), {args.dbos:,} workflows, 16 threads")
+    peer_cpu = peer["cpu"] / peer["steps"] * 1000
+    print(f"    durable steps/s                    {peer_rate:8.0f}   ({peer_cpu:.2f} ms CPU/step)")
+    print(f"  hms-mgmt / DBOS                      {rate / peer_rate:8.1f}x   goal >= 10x")
+    print(
+        f"  step overhead p50 / p99, 8 in flight {quantile(calm, 0.5) * 1000:6.2f} / "
+        f"{quantile(calm, 0.99) * 1000:.2f} ms   goal p99 < 5 ms"
+    )
+    print(
+        f"  step overhead p50 / p99, saturated   {quantile(busy, 0.5) * 1000:6.2f} / "
+        f"{quantile(busy, 0.99) * 1000:.2f} ms   (queueing included)"
+    )
+    print(f"  list queries with {args.held:,} finished processes held   goal < 50 ms")
+    for name, times in lists.items():
+        p50, worst = statistics.median(times) * 1000, max(times) * 1000
+        print(f"    {name:24}            p50 {p50:6.1f} ms, max {worst:6.1f} ms")
+    print(
+        f"  recovery of 1,000 in-flight processes after kill -9: ready {ready:.2f} s, "
+        f"all completed {recovered:.2f} s after restart   goal < 2 s"
+    )
+
+
+if __name__ == "__main__":
+    main()
