@@ -353,3 +353,19 @@ async def test_events_stream_as_server_sent_events(daemon: AppClient) -> None:
         lines = [await stream.content.readline() for _ in range(3)]
     assert lines[1] == b"event: docs.validated\n"
     assert b'"application":"X"' in lines[2]
+
+
+async def test_finished_processes_are_pruned_after_the_retention(
+    daemon: AppClient, clock: FakeClock
+) -> None:
+    from monitor.app import ENGINE
+
+    done = await start(daemon, "GrantPayment", {"input": {"amount": 5}})
+    running = await start(daemon, "Slow", {"input": {}}, wait="0s")
+    clock.advance(10)
+    await daemon.app[ENGINE].prune(retention=5.0)  # the scheduler's job: finished 10 s ago
+    assert (await daemon.get(f"/v1/processes/{done['id']}")).status == 404
+    assert (await daemon.get(f"/v1/processes/{running['id']}")).status == 200  # unfinished stay
+    workflows = await (await daemon.get("/v1/workflows")).json()
+    grant = next(w for w in workflows["workflows"] if w["name"] == "GrantPayment")
+    assert grant["counts"]["completed"] == 0
