@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,7 +12,7 @@ from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
 
-from .conftest import AppClient, metric_families
+from .conftest import AppClient, metric_families, until
 
 FAST = {"interval": "100ms", "down_interval": "50ms", "timeout": "300ms"}
 
@@ -48,13 +47,6 @@ async def register(
 async def health(client: AppClient, instance: str = "p1") -> dict[str, Any]:
     body = await (await client.get("/v1/health", params={"service": "payments"})).json()
     return next(i for i in body["instances"] if i["instance"] == instance)
-
-
-async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
-        await asyncio.sleep(0.05)
 
 
 async def state_is(client: AppClient, state: str, instance: str = "p1") -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from .conftest import until
 from .processes import running_daemon
 
 
@@ -88,13 +90,15 @@ async def test_kill_9_mid_run_resumes_every_process_and_fires_its_timers(tmp_pat
             killed_at = len(calls.seen)
 
             await asyncio.to_thread(daemon.start)
+            listed: list[dict[str, Any]] = []
             async with aiohttp.ClientSession(daemon.url) as http:
-                for _ in range(200):
+
+                async def all_completed() -> bool:
                     async with http.get("/v1/processes", params={"limit": "100"}) as r:
-                        listed = (await r.json())["processes"]
-                    if all(p["status"] == "completed" for p in listed) and len(listed) == 30:
-                        break
-                    await asyncio.sleep(0.1)
+                        listed[:] = (await r.json())["processes"]
+                    return len(listed) == 30 and all(p["status"] == "completed" for p in listed)
+
+                await until(all_completed, timeout=20)
             assert sorted(p["id"] for p in listed) == sorted(ids)
             assert {p["status"] for p in listed} == {"completed"}
     finally:

@@ -13,7 +13,7 @@ from monitor.app import BUS
 from monitor.config import Config
 from scheduler import Event
 
-from .conftest import AppClient, FakeClock, metric_families
+from .conftest import AppClient, FakeClock, metric_families, until
 from .processes import free_port
 from .services import Calls, service_app
 
@@ -133,12 +133,14 @@ async def process(client: AppClient, process_id: str) -> dict[str, Any]:
 
 
 async def until_status(client: AppClient, process_id: str, *statuses: str) -> dict[str, Any]:
-    for _ in range(200):
-        body = await process(client, process_id)
-        if body["status"] in statuses:
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{process_id} stayed {body['status']}, wanted {statuses}")
+    seen: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        seen.update(await process(client, process_id))
+        return seen["status"] in statuses
+
+    await until(reached)
+    return seen
 
 
 def events_of(client: AppClient, pattern: str) -> list[Event]:
