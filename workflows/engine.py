@@ -80,6 +80,7 @@ class Engine:
         self._waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> id -> match
         self._arrived: dict[str, StoredEvent] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._marking: set[asyncio.Task[None]] = set()  # deadline marks being written
         self.counts: Counter[tuple[str, str]] = Counter()
         self._stopping = False
 
@@ -266,32 +267,40 @@ class Engine:
 
     async def _act(self, process: Process, step: Step) -> CallResult:
         context = self._context(process)
+        if isinstance(step.action, Call):
+            return await self._call(process, step.name, step.action, step, context)
+        assert isinstance(step.action, Publish)
         try:
-            if isinstance(step.action, Call):
-                return await self._call(process, step.name, step.action, step, context)
-            assert isinstance(step.action, Publish)
             data = (
                 templates.render(step.action.data, context)
                 if step.action.data is not None
                 else {"process": process.id, "workflow": process.workflow, **context}
             )
-            if not isinstance(data, dict):
-                data = {"value": data}
-            seq = await self.publish(step.action.topic, data, key=f"{process.id}/{step.name}")
-            return CallResult(True, output={"event": seq})
         except templates.TemplateError as exc:
             return CallResult(False, error=str(exc), retryable=False)
+        if not isinstance(data, dict):
+            data = {"value": data}
+        seq = await self.publish(step.action.topic, data, key=f"{process.id}/{step.name}")
+        return CallResult(True, output={"event": seq})
 
     async def _call(
         self, process: Process, name: str, call: Call, step: Step, context: dict[str, Any]
     ) -> CallResult:
-        headers = {str(k): str(v) for k, v in templates.render(dict(call.headers), context).items()}
-        headers["Idempotency-Key"] = f"{process.id}/{name}"
+        """A step's call or compensation; a template without a value fails it for good."""
+        try:
+            rendered = {
+                str(k): str(v) for k, v in templates.render(dict(call.headers), context).items()
+            }
+            path = str(templates.render(call.path, context))
+            body = templates.render(call.body, context) if call.body is not None else None
+        except templates.TemplateError as exc:
+            return CallResult(False, error=str(exc), retryable=False)
+        headers = {**rendered, "Idempotency-Key": f"{process.id}/{name}"}
         return await self.caller.call(
             call.service,
             call.method,
-            str(templates.render(call.path, context)),
-            body=templates.render(call.body, context) if call.body is not None else None,
+            path,
+            body=body,
             headers=headers,
             timeout=step.timeout,
             retry_on=step.retry.retry_on,
@@ -320,9 +329,8 @@ class Engine:
                         self._arrived.setdefault(process.id, stored)
                         break
             while process.id not in self._arrived and not process.cancel_requested:
-                if not await self._sleep(process, process.wake_at):
-                    continue
-                break  # timed out
+                if await self._sleep(process, process.wake_at):
+                    break  # timed out
         finally:
             self._waiting.get(wait.event, {}).pop(process.id, None)
         if process.cancel_requested:
@@ -371,12 +379,9 @@ class Engine:
             await self._sleep(process, process.wake_at, cancellable=False)
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
-        try:
-            result = await self._call(
-                process, f"{step.name}.compensate", step.compensate, step, self._context(process)
-            )
-        except templates.TemplateError as exc:
-            result = CallResult(False, error=str(exc), retryable=False)
+        result = await self._call(
+            process, f"{step.name}.compensate", step.compensate, step, self._context(process)
+        )
         self._record(process, step.name, "compensate", attempt, started, result)
         if result.ok:
             process.compensating_from, process.attempt = index - 1, 0
@@ -410,10 +415,13 @@ class Engine:
         if process.deadline_at is None or process.deadline_missed:
             return
         delay = max(0.0, process.deadline_at - self._clock())
-        loop = asyncio.get_running_loop()
-        self._deadlines[process.id] = loop.call_later(
-            delay, lambda: asyncio.ensure_future(self._deadline_passed(process))
-        )
+
+        def passed() -> None:  # the loop keeps only weak references to tasks: hold it
+            task = asyncio.create_task(self._deadline_passed(process))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+
+        self._deadlines[process.id] = asyncio.get_running_loop().call_later(delay, passed)
 
     async def _deadline_passed(self, process: Process) -> None:
         self._deadlines.pop(process.id, None)

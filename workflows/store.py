@@ -216,7 +216,7 @@ def _process(row: tuple[Any, ...]) -> Process:
         bool(cancel),
         error,
         seq,
-        row[19] if len(row) > 19 else 0,
+        row[19],  # every query selects the history count (or 0) last
     )
 
 
