@@ -9,7 +9,7 @@ from aiohttp import web
 
 from registry import HealthState
 from registry.errors import ApiError
-from registry.openapi import error_responses, json_content, path_param
+from registry.openapi import error_responses, json_content, path_param, query_param
 from registry.responses import json_response
 from registry.routes import health_filter
 
@@ -96,20 +96,7 @@ def openapi_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Every probed instance's health state",
                 "operationId": "health",
-                "parameters": [
-                    {
-                        "name": "service",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
-                    {
-                        "name": "state",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
-                ],
+                "parameters": [query_param("service"), query_param("state")],
                 "responses": {
                     "200": {
                         "description": "instances",

@@ -34,13 +34,22 @@ def path_param(name: str, description: str) -> dict[str, Any]:
     }
 
 
-HEALTH_QUERY = {
-    "name": "health",
-    "in": "query",
-    "required": False,
-    "description": "comma-separated health states to keep",
-    "schema": {"type": "string", "examples": ["passing", "passing,warning"]},
-}
+def query_param(
+    name: str, description: str | None = None, schema: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """An optional query parameter (a string unless `schema` says otherwise)."""
+    param: dict[str, Any] = {"name": name, "in": "query", "required": False}
+    if description is not None:
+        param["description"] = description
+    param["schema"] = schema or {"type": "string"}
+    return param
+
+
+HEALTH_QUERY = query_param(
+    "health",
+    "comma-separated health states to keep",
+    {"type": "string", "examples": ["passing", "passing,warning"]},
+)
 
 INDEX_HEADER = {
     "X-Registry-Index": {"description": "registry modify index", "schema": {"type": "integer"}}
@@ -173,20 +182,16 @@ def paths() -> dict[str, Any]:
                 "operationId": "getService",
                 "parameters": [
                     HEALTH_QUERY,
-                    {
-                        "name": "index",
-                        "in": "query",
-                        "required": False,
-                        "description": "return once the service's index passes this value",
-                        "schema": {"type": "integer", "minimum": 0},
-                    },
-                    {
-                        "name": "wait",
-                        "in": "query",
-                        "required": False,
-                        "description": "longest wait with index (default 5m, at most 10m)",
-                        "schema": {"type": "string", "examples": ["30s"]},
-                    },
+                    query_param(
+                        "index",
+                        "return once the service's index passes this value",
+                        {"type": "integer", "minimum": 0},
+                    ),
+                    query_param(
+                        "wait",
+                        "longest wait with index (default 5m, at most 10m)",
+                        {"type": "string", "examples": ["30s"]},
+                    ),
                 ],
                 "responses": {
                     "200": {
@@ -212,12 +217,7 @@ def paths() -> dict[str, Any]:
                 "summary": "Prometheus http_sd target groups, one per instance",
                 "operationId": "httpSd",
                 "parameters": [
-                    {
-                        "name": "service",
-                        "in": "query",
-                        "required": False,
-                        "schema": {"type": "string"},
-                    },
+                    query_param("service"),
                     HEALTH_QUERY,
                 ],
                 "responses": {

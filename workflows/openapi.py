@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registry.openapi import error_responses, json_content, path_param
+from registry.openapi import error_responses, json_content, path_param, query_param
 
 from .store import STATUSES
 
@@ -43,23 +43,8 @@ _PROCESS = {
         "history": {"type": "array", "items": _OBJECT},
     },
 }
-_WAIT = {
-    "name": "wait",
-    "in": "query",
-    "required": False,
-    "description": "wait up to this long (e.g. 30s, at most 5m) for the process to end",
-    "schema": {"type": "string"},
-}
-
-
-def _query(name: str, description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": {"type": "string"},
-    }
+_WAIT = query_param("wait", "wait up to this long (e.g. 30s, at most 5m) for the process to end")
+_PROCESS_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _start(summary: str, operation: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -106,10 +91,10 @@ def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
                 "summary": "Processes, newest first, with filters and cursor paging",
                 "operationId": "listProcesses",
                 "parameters": [
-                    _query("workflow", "only this workflow"),
-                    _query("status", "only this status"),
-                    _query("limit", "1-1000, default 100"),
-                    _query("cursor", "next_cursor of the previous page"),
+                    query_param("workflow", "only this workflow"),
+                    query_param("status", "only this status"),
+                    query_param("limit", "1-1000, default 100"),
+                    query_param("cursor", "next_cursor of the previous page"),
                 ],
                 "responses": {
                     "200": {
@@ -129,9 +114,7 @@ def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
             }
         },
         "/v1/processes/{id}": {
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
+            "parameters": [_PROCESS_ID],
             "get": {
                 "summary": "A process: status, input, outputs and every attempt",
                 "operationId": "getProcess",
@@ -142,9 +125,7 @@ def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
             },
         },
         "/v1/processes/{id}/cancel": {
-            "parameters": [
-                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
+            "parameters": [_PROCESS_ID],
             "post": {
                 "summary": "Cancel: stop and compensate the done steps",
                 "operationId": "cancelProcess",
@@ -170,7 +151,7 @@ def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
             "get": {
                 "summary": "Server-Sent Events of the bus",
                 "operationId": "streamEvents",
-                "parameters": [_query("topics", "comma-separated topic globs, default *")],
+                "parameters": [query_param("topics", "comma-separated topic globs, default *")],
                 "responses": {
                     "200": {
                         "description": "an event stream",
