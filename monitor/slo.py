@@ -82,6 +82,15 @@ PERIOD_INDEX = len(WINDOWS)
 BLOCK_INDEXES = tuple(i for i, m in enumerate(WINDOWS.values()) if m > MINUTE_CELLS)
 
 
+def window_sums(sums: array[int], open_block: tuple[int, int], index: int) -> tuple[int, int]:
+    """(good, valid) of window `index` in a ledger's sums (or a copy of them); block
+    windows include the open block's minutes."""
+    good, valid = sums[2 * index], sums[2 * index + 1]
+    if index in BLOCK_INDEXES:
+        good, valid = good + open_block[0], valid + open_block[1]
+    return good, valid
+
+
 @dataclass(slots=True)
 class SloLedger:
     """Good and valid events of one SLO, minute by minute, with running window sums.
@@ -211,10 +220,7 @@ class SloLedger:
         return Sums(*self._window(WINDOW_INDEX[name]))
 
     def _window(self, index: int) -> tuple[int, int]:
-        good, valid = self.sums[2 * index], self.sums[2 * index + 1]
-        if index in BLOCK_INDEXES:  # block windows include the current block's minutes
-            good, valid = good + self.open_block[0], valid + self.open_block[1]
-        return good, valid
+        return window_sums(self.sums, self.open_block, index)
 
     def period(self) -> Sums:
         return Sums(self.sums[2 * PERIOD_INDEX], self.sums[2 * PERIOD_INDEX + 1])
@@ -340,9 +346,6 @@ class _Tracked:
     firing: set[str] = field(default_factory=set)  # burn tiers currently over
     exhausted: bool = False
 
-    def months(self, now: float) -> tuple[str, str]:
-        return months_around(self.ledger, now)
-
 
 def months_around(ledger: SloLedger, now: float) -> tuple[str, str]:
     """This calendar month and the previous one, in the ledger's time zone."""
@@ -450,7 +453,7 @@ class SloBook:
             "latency_threshold": None
             if entry.threshold is None
             else format_duration(entry.threshold),
-            **ledger_report(entry.ledger, entry.months(now)),
+            **ledger_report(entry.ledger, months_around(entry.ledger, now)),
         }
 
     def _publish_transitions(self, entry: _Tracked) -> None:
@@ -590,10 +593,7 @@ class SloRow:
         """(window, good, valid) for every window, the period last."""
         out = []
         for name, index in (*WINDOW_INDEX.items(), (self.period_name, PERIOD_INDEX)):
-            good, valid = self.sums[2 * index], self.sums[2 * index + 1]
-            if index in BLOCK_INDEXES:
-                good, valid = good + self.open_block[0], valid + self.open_block[1]
-            out.append((name, good, valid))
+            out.append((name, *window_sums(self.sums, self.open_block, index)))
         return out
 
 
@@ -638,7 +638,7 @@ class SloMetrics:
             ledger.advance(minute)
             zone = str(ledger.zone)
             if zone not in month_names:
-                month_names[zone] = entry.months(now)
+                month_names[zone] = months_around(ledger, now)
             rows.append(
                 SloRow(
                     entry.labels,
