@@ -37,6 +37,7 @@ from .exposition import gzip_join
 from .health import HealthBook
 from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
+from .notify import Notifier
 from .probes import Prober
 from .results import ResultStore
 from .slo import SloBook, SloMetrics, WorkflowSlos
@@ -57,6 +58,7 @@ SLOS = web.AppKey("slos", SloBook)
 SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
 ENGINE = web.AppKey("engine", Engine)
 WORKFLOW_SLOS = web.AppKey("workflow_slos", WorkflowSlos)
+NOTIFIER = web.AppKey("notifier", Notifier)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -114,6 +116,14 @@ def build_app(
     registry.register(RegistryCollector(catalog))
     app[PROBE_METRICS] = ProbeMetrics(checker, calendar.services)
     engine = _workflow_engine(app, config, registry, book, clock)
+    app[NOTIFIER] = Notifier(
+        config.notifications,
+        db=database,
+        bus=bus,
+        metrics=registry,
+        in_maintenance=book.in_maintenance,
+        clock=clock.time,
+    )
 
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
@@ -137,6 +147,7 @@ def build_app(
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)
     app.cleanup_ctx.append(_run_workflows)
+    app.cleanup_ctx.append(_run_notifier)
     app.cleanup_ctx.append(_keep_heap_frozen)
     if not auth.enabled and not config.server.is_loopback:
         log.warning(
@@ -200,6 +211,16 @@ async def _run_workflows(app: web.Application) -> AsyncIterator[None]:
     finally:
         await engine.close()
         await engine.caller.close()
+
+
+async def _run_notifier(app: web.Application) -> AsyncIterator[None]:
+    """Re-arms stored deliveries and listens for events; stopped first, before the bus."""
+    notifier = app[NOTIFIER]
+    await notifier.start()
+    try:
+        yield
+    finally:
+        await notifier.close()
 
 
 def _authorizer(config: Config) -> Authorizer:

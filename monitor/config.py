@@ -203,14 +203,6 @@ class Maintenance(_Model):
         return self
 
 
-class Notification(_Model):
-    name: Name
-    url: HttpUrl
-    events: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
-    format: Literal["json", "slack"] = "json"
-    secret: SecretStr | None = None
-
-
 class Call(_Model):
     service: Name
     method: HTTP_METHODS = "POST"
@@ -227,6 +219,24 @@ class Retry(_Model):
     # HTTP statuses worth another attempt; default 429 and 5xx. Connection errors and
     # timeouts are always retried.
     retry_on: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = None
+
+
+NOTIFY_RETRY = Retry(
+    max_attempts=8, backoff=timedelta(seconds=5), max_backoff=timedelta(minutes=10)
+)
+
+
+class Notification(_Model):
+    name: Name
+    url: HttpUrl
+    events: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
+    format: Literal["json", "slack"] = "json"
+    secret: SecretStr | None = None
+    timeout: Duration = timedelta(seconds=5)
+    # Deliveries that fail are retried with backoff from a durable outbox.
+    retry: Retry = NOTIFY_RETRY
+    # The same state of one (event, subject) is re-sent at most once in this interval.
+    min_interval: Duration = timedelta(minutes=5)
 
 
 class WaitFor(_Model):
