@@ -29,6 +29,7 @@ from workflows.routes import WorkflowRoutes
 from workflows.store import ProcessStore
 
 from . import api as health_api
+from . import page as status_page
 from .api import HealthRoutes, SloRoutes
 from .checker import HealthChecker, latency_buckets
 from .config import Config
@@ -38,7 +39,9 @@ from .health import HealthBook
 from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .notify import Notifier
+from .page import StatusPage
 from .probes import Prober
+from .reload import LiveConfig
 from .results import ResultStore
 from .slo import SloBook, SloMetrics, WorkflowSlos
 
@@ -59,6 +62,8 @@ SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
 ENGINE = web.AppKey("engine", Engine)
 WORKFLOW_SLOS = web.AppKey("workflow_slos", WorkflowSlos)
 NOTIFIER = web.AppKey("notifier", Notifier)
+PAGE = web.AppKey("page", StatusPage)
+LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -125,6 +130,18 @@ def build_app(
         clock=clock.time,
     )
 
+    live = app[LIVE_CONFIG] = LiveConfig(config)
+    app[PAGE] = StatusPage(
+        catalog=catalog,
+        book=book,
+        slos=slos,
+        uptime=results.uptime,
+        engine=engine,
+        bus=bus,
+        config=lambda: live.current,
+        clock=clock.time,
+    )
+    app.add_routes(app[PAGE].routes())
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
     )
@@ -147,7 +164,7 @@ def build_app(
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)
     app.cleanup_ctx.append(_run_workflows)
-    app.cleanup_ctx.append(_run_notifier)
+    app.cleanup_ctx.append(_run_listeners)
     app.cleanup_ctx.append(_keep_heap_frozen)
     if not auth.enabled and not config.server.is_loopback:
         log.warning(
@@ -213,13 +230,16 @@ async def _run_workflows(app: web.Application) -> AsyncIterator[None]:
         await engine.caller.close()
 
 
-async def _run_notifier(app: web.Application) -> AsyncIterator[None]:
-    """Re-arms stored deliveries and listens for events; stopped first, before the bus."""
-    notifier = app[NOTIFIER]
+async def _run_listeners(app: web.Application) -> AsyncIterator[None]:
+    """Notifications and the status page's change log: they listen to the bus, so they stop
+    first; the notifier re-arms its stored deliveries."""
+    notifier, page = app[NOTIFIER], app[PAGE]
     await notifier.start()
+    await page.start()
     try:
         yield
     finally:
+        await page.close()
         await notifier.close()
 
 
@@ -268,7 +288,7 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
     """Scheduler, probes, result flushing; started after the registry, stopped before it."""
     config, scheduler, checker, results = app[CONFIG], app[SCHEDULER], app[CHECKER], app[RESULTS]
     clock = app[CATALOG].now
-    await results.create_tables()
+    await results.create_tables(clock())
     slos, database = app[SLOS], app[DATABASE]
     await slos.load(database, clock())
     await checker.prober.start()
@@ -422,6 +442,7 @@ def openapi_document(config: Config | None = None) -> dict[str, Any]:
             **workflow_openapi.paths(
                 {w.route: w.name for w in config.workflows if w.route} if config else None
             ),
+            **status_page.openapi_paths(),
             **operations,
         },
         "components": {

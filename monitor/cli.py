@@ -24,6 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # APScheduler logs every run of every job at INFO (the probe tick: ten lines a second).
+    logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.root.level))
     try:
         config = load_config(Path(args.config))
     except ConfigError as exc:

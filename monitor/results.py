@@ -20,9 +20,11 @@ import sqlite_utils
 from registry import Transactor
 
 from .probes import ProbeResult
+from .uptime import SPARK_HOURS, UPTIME_DAYS, DayRow, HourRow, Uptime
 
 RAW = "probe_results"
 MINUTES = "probe_minutes"
+HOURS = "service_hours"  # per service and hour: what the status page's uptime bars show
 RAW_RETENTION = 2 * 86400.0
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -51,12 +53,15 @@ def bucket_label(boundary: float) -> str:
 class ResultStore:
     def __init__(self, db: Transactor, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self._db = db
+        self.uptime = Uptime()
         self.boundaries = (*sorted(set(buckets)), math.inf)
         self._raw: list[tuple[Any, ...]] = []
         self._minutes: dict[tuple[str, str, int], Minute] = {}
 
-    async def create_tables(self) -> None:
+    async def create_tables(self, now: float) -> None:
         await self._db.write(_create_tables)
+        days, hours = await self._db.read(lambda db: _read_uptime(db, now))
+        self.uptime.restore(days, hours, now)
 
     def add(
         self,
@@ -107,13 +112,16 @@ class ResultStore:
             (*key, m.count, m.successes, m.latency_sum, self._encode(m.buckets), m.maintenance)
             for key, m in done.items()
         ]
-        await self._db.write(lambda db: _write(db, raw, rows))
+        hours = _by_hour(done)
+        await self._db.write(lambda db: _write(db, raw, rows, hours))
+        self.uptime.add(hours, now)
         return len(raw)
 
     async def prune(self, now: float, retention: float) -> None:
         def prune(db: sqlite_utils.Database) -> None:
             db.execute("DELETE FROM probe_results WHERE at < ?", [now - RAW_RETENTION])
             db.execute("DELETE FROM probe_minutes WHERE minute < ?", [int((now - retention) // 60)])
+            db.execute("DELETE FROM service_hours WHERE hour < ?", [int((now - retention) // 3600)])
 
         await self._db.write(prune)
 
@@ -187,6 +195,17 @@ def _create_tables(db: sqlite_utils.Database) -> None:
             },
             pk=("service", "instance", "minute"),
         )
+    if not db[HOURS].exists():
+        db[HOURS].create(  # type: ignore[union-attr]
+            {"service": str, "hour": int, "count": int, "successes": int, "latency_sum": float},
+            pk=("service", "hour"),
+        )
+        # Databases from before the rollup: fill it once from the minutes they kept.
+        db.execute(
+            "INSERT INTO service_hours (service, hour, count, successes, latency_sum) "
+            "SELECT service, minute / 60, sum(count), sum(successes), sum(latency_sum) "
+            "FROM probe_minutes GROUP BY service, minute / 60"
+        )
 
 
 def _merge_buckets(old: str, new: str) -> str:
@@ -196,8 +215,36 @@ def _merge_buckets(old: str, new: str) -> str:
     return json.dumps(merged)
 
 
+def _by_hour(minutes: dict[tuple[str, str, int], Minute]) -> list[HourRow]:
+    sums: dict[tuple[str, int], list[float]] = {}
+    for (service, _, minute), m in minutes.items():
+        total = sums.setdefault((service, minute // 60), [0, 0, 0.0])
+        total[0] += m.count
+        total[1] += m.successes
+        total[2] += m.latency_sum
+    return [(s, h, int(c), int(ok), lat) for (s, h), (c, ok, lat) in sums.items()]
+
+
+def _read_uptime(db: sqlite_utils.Database, now: float) -> tuple[list[DayRow], list[HourRow]]:
+    """Whole days for the bars, single hours for the last day's latency sparkline."""
+    hour = int(now // 3600)
+    days = db.execute(
+        "SELECT service, hour / 24, sum(count), sum(successes) FROM service_hours "
+        "WHERE hour >= ? GROUP BY service, hour / 24",
+        [(int(now // 86400) - UPTIME_DAYS) * 24],
+    ).fetchall()
+    hours = db.execute(
+        "SELECT service, hour, count, successes, latency_sum FROM service_hours WHERE hour > ?",
+        [hour - SPARK_HOURS],
+    ).fetchall()
+    return days, hours
+
+
 def _write(
-    db: sqlite_utils.Database, raw: list[tuple[Any, ...]], rows: list[tuple[Any, ...]]
+    db: sqlite_utils.Database,
+    raw: list[tuple[Any, ...]],
+    rows: list[tuple[Any, ...]],
+    hours: list[HourRow],
 ) -> None:
     db.conn.executemany(
         "INSERT INTO probe_results (service, instance, at, ok, response_time, status, error, "
@@ -215,4 +262,11 @@ def _write(
         "buckets = hms_merge_buckets(buckets, excluded.buckets), "
         "maintenance = maintenance + excluded.maintenance",
         rows,
+    )
+    db.conn.executemany(
+        "INSERT INTO service_hours (service, hour, count, successes, latency_sum) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(service, hour) DO UPDATE SET "
+        "count = count + excluded.count, successes = successes + excluded.successes, "
+        "latency_sum = latency_sum + excluded.latency_sum",
+        hours,
     )

@@ -354,6 +354,13 @@ def months_around(ledger: SloLedger, now: float) -> tuple[str, str]:
     return current, f"{year - 1}-12" if month == 1 else f"{year}-{month - 1:02d}"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SloSummary:
+    name: str
+    budget: float | None  # error budget remaining, ratio
+    sla: float | None  # this calendar month's availability, ratio
+
+
 class SloBook:
     """Every configured SLO's ledger, fed by probe results, evaluated by a job."""
 
@@ -408,6 +415,18 @@ class SloBook:
             return None
         self.evaluate(now)
         return [self._status(entry, now) for entry in self._tracked[service]]
+
+    def summaries(self, service: str, now: float) -> list[SloSummary]:
+        """Budget left and this month's SLA per SLO, as of the last evaluation (no evaluating:
+        the status page evaluates once, then asks for every service)."""
+        return [
+            SloSummary(
+                name=entry.slo.name,
+                budget=entry.ledger.budget_remaining(),
+                sla=entry.ledger.month_report(months_around(entry.ledger, now)[0]).availability,
+            )
+            for entry in self._tracked.get(service, ())
+        ]
 
     def entries(self) -> list[_Tracked]:
         return self._all()

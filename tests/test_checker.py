@@ -210,7 +210,7 @@ async def test_old_raw_results_and_minutes_are_pruned(tmp_path: Any) -> None:
     await database.open()
     try:
         store = ResultStore(database)
-        await store.create_tables()
+        await store.create_tables(0.0)
         now = 1_800_000_000.0
         for age in (RAW_RETENTION + 60, 60.0):
             result = ProbeResult(at=now - age, response_time=0.01, connected=True, status=200)

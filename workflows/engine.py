@@ -482,6 +482,33 @@ class Engine:
         )
         self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
+    async def describe(self, process_id: str) -> dict[str, Any] | None:
+        """A process as the API and the status page show it: status, data, full history."""
+        stored = await self.store.get(process_id)
+        if stored is None:
+            return None
+        process, history = stored
+        live = self.live.get(process_id)
+        if live is not None:  # history not yet checkpointed is shown too
+            process, history = live, history + list(live.pending)
+        return {
+            **process.summary(),
+            "idempotency_key": process.idempotency_key,
+            "current_step": self._current_step(process),
+            "input": process.input,
+            "outputs": process.outputs,
+            "history": [attempt.to_json() for attempt in history],
+        }
+
+    def _current_step(self, process: Process) -> str | None:
+        definition = self.definitions.get(process.workflow)
+        if definition is None or process.finished:
+            return None
+        index = (
+            process.compensating_from if process.compensating_from is not None else process.position
+        )
+        return definition.steps[index].name if 0 <= index < len(definition.steps) else None
+
     async def _checkpoint(self, process: Process, status: str) -> None:
         self._set_status(process, status)
         process.updated_at = self._clock()

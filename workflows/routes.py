@@ -145,31 +145,10 @@ class WorkflowRoutes:
         return json_response({"id": process.id, "status": process.status}, status=202)
 
     async def _full(self, process_id: str) -> dict[str, Any]:
-        stored = await self.engine.store.get(process_id)
-        if stored is None:
+        described = await self.engine.describe(process_id)
+        if described is None:
             raise ApiError(404, f"no process {process_id!r}")
-        process, history = stored
-        live = self.engine.live.get(process_id)
-        if live is not None:  # history not yet checkpointed is shown too
-            process, history = live, history + list(live.pending)
-        definition = self.engine.definitions.get(process.workflow)
-        step = None
-        if definition is not None and not process.finished:
-            index = (
-                process.compensating_from
-                if process.compensating_from is not None
-                else process.position
-            )
-            if 0 <= index < len(definition.steps):
-                step = definition.steps[index].name
-        return {
-            **process.summary(),
-            "idempotency_key": process.idempotency_key,
-            "current_step": step,
-            "input": process.input,
-            "outputs": process.outputs,
-            "history": [attempt.to_json() for attempt in history],
-        }
+        return described
 
     def _live(self, process: Process) -> Process:
         return self.engine.live.get(process.id, process)

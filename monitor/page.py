@@ -1,0 +1,381 @@
+"""The status page: server-rendered HTML for people, live through the SSE stream.
+
+Every page is built from memory (catalog, health book, SLO ledgers, uptime
+rollup) or one query (workflow pages), never a query per row. The HTML stands
+on its own without JavaScript; `static/page.js` only applies events as they
+come. Assets are served by the daemon; the CSP allows nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from registry import Catalog, HealthState, InstanceStatus
+from registry.errors import ApiError
+from registry.openapi import error_responses, path_param, query_param
+from scheduler import Event, EventBus, Subscription
+from workflows.engine import Engine
+from workflows.store import STATUSES
+
+from .config import Config
+from .health import HealthBook
+from .slo import SloBook
+from .uptime import Uptime, UptimeSummary
+
+SERVICES_PER_PAGE = 200
+INSTANCES_PER_PAGE = 500
+RECENT_CHANGES = 20
+RECENT_PROCESSES = 50
+# Worst first: a service shows the worst state among its instances.
+SEVERITY = (
+    HealthState.CRITICAL,
+    HealthState.WARNING,
+    HealthState.UNKNOWN,
+    HealthState.MAINTENANCE,
+    HealthState.PASSING,
+)
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+NO_DATA = "\N{EN DASH}"
+ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceRow:
+    name: str
+    state: HealthState
+    counts: Mapping[str, int]
+    uptime: UptimeSummary
+    objective: float  # percent: what a day's bar is measured against
+    budget: float | None  # lowest error budget remaining among its SLOs
+    sla: float | None  # this month's availability (ratio) of its first SLO
+
+
+@dataclass(slots=True)
+class _Group:
+    name: str
+    services: list[ServiceRow] = field(default_factory=list)
+
+
+class StatusPage:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        book: HealthBook,
+        slos: SloBook,
+        uptime: Uptime,
+        engine: Engine,
+        bus: EventBus,
+        config: Callable[[], Config],
+        clock: Callable[[], float],
+    ) -> None:
+        self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
+        self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
+        self._changes: dict[str, deque[Event]] = {}
+        self._subscription: Subscription | None = None
+        self._assets = {name: _asset(name) for name in ASSETS}
+        self._templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("monitor", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._templates.filters.update(
+            when=_when, ago=self._ago, percent=_percent, seconds=_seconds, day=_day
+        )
+        self._templates.globals.update(bar_class=_bar_class, sparkline=_sparkline)
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/", self.overview),
+            web.get("/services/{service}", self.service),
+            web.get("/workflows", self.workflows),
+            web.get("/processes/{id}", self.process),
+            web.get("/static/{name}", self.asset),
+        ]
+
+    async def start(self) -> None:
+        self._subscription = self._bus.subscribe(
+            "health.changed", self._remember, name="status-page"
+        )
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+
+    def _remember(self, event: Event) -> None:
+        service = str(event.data.get("service"))
+        self._changes.setdefault(service, deque(maxlen=RECENT_CHANGES)).appendleft(event)
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def overview(self, request: web.Request) -> web.Response:
+        now = self._clock()
+        self._slos.evaluate(now)
+        services = self._catalog.services()
+        names = sorted(services)
+        page, pages = _page(request, len(names), SERVICES_PER_PAGE)
+        shown = names[page * SERVICES_PER_PAGE : (page + 1) * SERVICES_PER_PAGE]
+        groups: dict[str, _Group] = {}
+        for name in shown:
+            row = self._service_row(name, services[name], now)
+            group = self._group_of(name, services[name])
+            groups.setdefault(group, _Group(group)).services.append(row)
+        states = [row.state for group in groups.values() for row in group.services]
+        return self._render(
+            "overview.html",
+            title="Status",
+            groups=sorted(groups.values(), key=lambda g: (g.name == "Other", g.name)),
+            worst=_worst(states),
+            service_count=len(names),
+            page=page,
+            pages=pages,
+            topics="health.changed",
+        )
+
+    async def service(self, request: web.Request) -> web.Response:
+        name = request.match_info["service"]
+        services = self._catalog.services()
+        if name not in services:
+            raise ApiError(404, f"no service named {name!r}")
+        now = self._clock()
+        statuses = services[name]
+        page, pages = _page(request, len(statuses), INSTANCES_PER_PAGE)
+        shown = statuses[page * INSTANCES_PER_PAGE : (page + 1) * INSTANCES_PER_PAGE]
+        instances = [self._instance(status) for status in shown]
+        return self._render(
+            "service.html",
+            title=name,
+            service=self._service_row(name, statuses, now),
+            instances=instances,
+            changes=list(self._changes.get(name, ())),
+            slos=self._slos.statuses(name, now) or [],
+            page=page,
+            pages=pages,
+            topics="health.changed",
+        )
+
+    async def workflows(self, request: web.Request) -> web.Response:
+        counts = self._engine.counts
+        rows = [
+            {"name": name, "counts": {s: counts.get((name, s), 0) for s in STATUSES}}
+            for name in sorted(self._engine.definitions)
+        ]
+        recent = await self._engine.store.page(None, None, RECENT_PROCESSES, None)
+        live = self._engine.live
+        return self._render(
+            "workflows.html",
+            title="Workflows",
+            workflows=rows,
+            statuses=STATUSES,
+            processes=[live.get(p.id, p).summary() for p in recent],
+            topics="workflow.*",
+        )
+
+    async def process(self, request: web.Request) -> web.Response:
+        described = await self._engine.describe(request.match_info["id"])
+        if described is None:
+            raise ApiError(404, f"no process {request.match_info['id']!r}")
+        return self._render(
+            "process.html",
+            title=f"{described['workflow']} {described['id']}",
+            process=described,
+            steps=_timeline(described["history"]),
+            topics="workflow.*",
+        )
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._assets:
+            raise ApiError(404, f"no asset {name!r}")
+        return web.Response(
+            body=self._assets[name],
+            content_type=ASSETS[name],
+            headers={**HEADERS, "Cache-Control": "public, max-age=300"},
+        )
+
+    # -- models -----------------------------------------------------------------------
+
+    def _service_row(self, name: str, statuses: list[InstanceStatus], now: float) -> ServiceRow:
+        counts: dict[str, int] = {}
+        for status in statuses:
+            counts[status.health.value] = counts.get(status.health.value, 0) + 1
+        summaries = self._slos.summaries(name, now)
+        budgets = [s.budget for s in summaries if s.budget is not None]
+        configured = self._config().service(name)
+        objective = configured.slos[0].objective if configured and configured.slos else 99.9
+        return ServiceRow(
+            name=name,
+            state=_worst([HealthState(state) for state in counts]),
+            counts=counts,
+            uptime=self._uptime.summary(name, now),
+            objective=objective,
+            budget=min(budgets) if budgets else None,
+            sla=summaries[0].sla if summaries else None,
+        )
+
+    def _group_of(self, name: str, statuses: list[InstanceStatus]) -> str:
+        configured = self._config().service(name)
+        if configured is not None and configured.tags:
+            return configured.tags[0]
+        tags = next((s.instance.tags for s in statuses if s.instance.tags), ())
+        return tags[0] if tags else "Other"
+
+    def _instance(self, status: InstanceStatus) -> dict[str, Any]:
+        instance = status.instance
+        detail = self._book.status((instance.service, instance.id)) or {}
+        return {
+            "id": instance.id,
+            "url": instance.url,
+            "state": status.health.value,
+            "since": detail.get("since"),
+            "reason": detail.get("reason", "lease lapsed" if status.lapsed else ""),
+            "suppressed": detail.get("suppressed", False),
+            "failing": detail.get("failing", []),
+            "last_probe": detail.get("last_probe"),
+        }
+
+    def _render(self, template: str, **context: Any) -> web.Response:
+        html = self._templates.get_template(template).render(now=self._clock(), **context)
+        return web.Response(text=html, content_type="text/html", headers=HEADERS)
+
+    def _ago(self, at: float | None) -> str:
+        if at is None:
+            return "never"
+        seconds = max(0.0, self._clock() - at)
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"{int(seconds // size)} {unit} ago"
+        return f"{int(seconds)} s ago"
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("monitor").joinpath("static", name).read_bytes()
+
+
+def _page(request: web.Request, total: int, size: int) -> tuple[int, int]:
+    pages = max(1, math.ceil(total / size))
+    try:
+        page = int(request.query.get("page", "1")) - 1
+    except ValueError:
+        raise ApiError(400, "page must be a whole number") from None
+    if not 0 <= page < pages:
+        raise ApiError(400, f"page must be between 1 and {pages}")
+    return page, pages
+
+
+def _worst(states: list[HealthState]) -> HealthState:
+    return min(states, key=SEVERITY.index) if states else HealthState.UNKNOWN
+
+
+def _timeline(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History grouped by step (in the order steps first ran), attempts in order."""
+    steps: dict[tuple[str, bool], dict[str, Any]] = {}
+    for attempt in history:
+        compensation = attempt["kind"] == "compensate"
+        step = steps.setdefault(
+            (attempt["step"], compensation),
+            {"name": attempt["step"], "compensation": compensation, "attempts": []},
+        )
+        step["attempts"].append(attempt)
+        step["outcome"] = attempt["outcome"]
+    return list(steps.values())
+
+
+def _bar_class(tally: Any, objective: float) -> str:
+    if tally is None or tally.ratio is None:
+        return "none"
+    if tally.ratio * 100 >= objective:
+        return "up"
+    return "partial" if tally.ratio >= 0.9 else "down"
+
+
+def _sparkline(values: tuple[float | None, ...], width: int = 96, height: int = 24) -> str:
+    """SVG polyline points for hourly latencies (gaps skipped), scaled to the maximum."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    top = max(known) or 1.0
+    step = width / max(1, len(values) - 1)
+    return " ".join(
+        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
+        for i, v in enumerate(values)
+        if v is not None
+    )
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return ""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _day(day: int) -> str:
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+
+
+def _percent(ratio: float | None, digits: int = 2) -> str:
+    return NO_DATA if ratio is None else f"{ratio * 100:.{digits}f}%"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return NO_DATA
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def openapi_paths() -> dict[str, Any]:
+    def html(summary: str, operation: str, *params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "operationId": operation,
+                "parameters": list(params),
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **error_responses(400, 401, 404),
+                },
+            }
+        }
+
+    page = query_param("page", "1-based page number", {"type": "integer", "minimum": 1})
+    return {
+        "/": html("Status page: services by tag, health, uptime, SLOs", "statusPage", page),
+        "/services/{service}": html(
+            "Status of one service: instances, failing conditions, SLOs, recent changes",
+            "servicePage",
+            path_param("service", "service name"),
+            page,
+        ),
+        "/workflows": html("Workflows: processes by status, recent processes", "workflowsPage"),
+        "/processes/{id}": html(
+            "One process as a timeline of steps and attempts",
+            "processPage",
+            path_param("id", "process id"),
+        ),
+        "/static/{name}": html(
+            "The page's stylesheet and script", "pageAsset", path_param("name", "asset")
+        ),
+    }

@@ -1,0 +1,150 @@
+"""The status page: server-rendered HTML, and live in a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+from playwright.async_api import async_playwright, expect
+
+from monitor.config import Config
+
+from .conftest import AppClient, require_tool
+from .test_checker import FAST, register, state_is
+
+ARTIFACTS = Path(os.environ.get("HMS_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+ANNOUNCE = {"name": "Announce", "steps": [{"name": "announce", "publish": "grant.paid"}]}
+# Flags from the machine notes: no background networking, no first-run, a fresh profile.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+async def site(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> AppClient:
+    client = await start_daemon(
+        make_config(
+            defaults={"probe": {"type": "http", **FAST}},
+            services=[
+                {
+                    "name": "payments",
+                    "tags": ["money"],
+                    "slos": [{"name": "availability", "objective": 99.5}],
+                }
+            ],
+            workflows=[ANNOUNCE],
+        )
+    )
+    await register(client, target)
+    await state_is(client, "passing")
+    return client
+
+
+async def test_overview_lists_services_by_tag_with_health_and_slo(site: AppClient) -> None:
+    resp = await site.get("/")
+    assert resp.status == 200
+    assert resp.content_type == "text/html"
+    html = await resp.text()
+    assert '<h2 id="group-1">money</h2>' in html
+    assert 'data-service="payments"' in html
+    assert 'class="state state-passing"' in html
+    assert html.count('class="bar bar-') == 90  # one bar per day
+
+
+async def test_pages_send_security_headers(site: AppClient) -> None:
+    resp = await site.get("/")
+    csp = resp.headers["Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp
+    assert "frame-ancestors 'none'" in csp
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.headers["X-Frame-Options"] == "DENY"
+
+
+async def test_service_page_shows_instances_and_slos(site: AppClient) -> None:
+    html = await (await site.get("/services/payments")).text()
+    assert 'data-instance="payments/p1"' in html
+    assert "availability" in html and "99.5%" in html
+
+
+async def test_unknown_pages_get_the_json_error_shape(site: AppClient) -> None:
+    for path in ("/services/nope", "/processes/nope", "/static/nope.js", "/?page=9"):
+        resp = await site.get(path)
+        assert resp.status in (400, 404), path
+        assert "message" in (await resp.json())["error"]
+
+
+async def test_names_are_escaped(site: AppClient, target: TestServer) -> None:
+    resp = await site.put(
+        "/v1/services/payments/instances/x1",
+        json={"url": str(target.make_url("/")), "meta": {"a": "b"}},
+    )
+    assert resp.status == 201
+    body = {"input": {"note": "<script>alert(1)</script>"}}
+    started = await (await site.post("/v1/workflows/Announce?wait=5s", json=body)).json()
+    html = await (await site.get(f"/processes/{started['id']}")).text()
+    assert "<script>alert(1)</script>" not in html
+    assert "\\u003cscript\\u003e" in html or "&lt;script&gt;" in html
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    chromium = require_tool("chromium")
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield launched
+        await launched.close()
+
+
+async def test_page_turns_critical_live_and_shows_a_process_timeline(
+    site: AppClient, target: TestServer, browser: Any
+) -> None:
+    started = await site.post("/v1/workflows/Announce?wait=5s", json={"input": {"amount": 5}})
+    assert started.status == 200
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    base = str(site.make_url("/"))
+
+    await page.goto(base + "services/payments")
+    badge = page.locator('[data-instance="payments/p1"] .health .state')
+    assert await badge.text_content() == "passing"
+    await expect(page.locator("#live")).to_have_text(re.compile(r"^Live"))
+    async with aiohttp.ClientSession() as http:
+        await http.post(target.make_url("/status/503"))
+    # No reload: the badge changes because the SSE event arrived.
+    await expect(badge).to_have_text("critical", timeout=10_000)
+    await expect(page.locator("#service-state .state")).to_have_text("critical")
+
+    await page.keyboard.press("Tab")  # keyboard users land on the skip link first
+    assert await page.evaluate("document.activeElement.textContent") == "Skip to content"
+
+    await page.goto(base + "workflows")
+    await page.get_by_role("link", name=(await started.json())["id"]).click()
+    await page.wait_for_url("**/processes/*")
+    timeline = page.locator("#timeline")
+    assert "announce" in (await timeline.text_content() or "")
+    assert await page.locator("#process-status").text_content() == "completed"
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.goto(base)
+    await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
+    assert problems == []
