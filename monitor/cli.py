@@ -67,7 +67,26 @@ def _parser() -> argparse.ArgumentParser:
         "--datasource", help="a Prometheus datasource uid instead of the ${DS_PROMETHEUS} input"
     )
     dashboard.set_defaults(run=_dashboard)
+    status = commands.add_parser(
+        "status",
+        parents=[common],
+        help="services, health, SLO budget and running processes of a running daemon",
+    )
+    status.add_argument("--url", help="the daemon's address (default: server.listen of --config)")
+    status.set_defaults(run=_status)
     return parser
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from .status import StatusError, daemon_url, first_token, status_report
+
+    try:
+        base = daemon_url(config, args.url)
+        sys.stdout.write(status_report(base, first_token(config)))
+    except StatusError as exc:
+        print(f"hms-mgmt status: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _rules(args: argparse.Namespace, config: Config) -> int:
