@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -41,7 +42,7 @@ from .metrics import ProbeMetrics, render
 from .notify import Notifier
 from .page import StatusPage
 from .probes import Prober
-from .reload import LiveConfig
+from .reload import LiveConfig, Reloader
 from .results import ResultStore
 from .slo import SloBook, SloMetrics, WorkflowSlos
 
@@ -64,6 +65,9 @@ WORKFLOW_SLOS = web.AppKey("workflow_slos", WorkflowSlos)
 NOTIFIER = web.AppKey("notifier", Notifier)
 PAGE = web.AppKey("page", StatusPage)
 LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
+RELOADER = web.AppKey("reloader", Reloader)
+SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
+CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -77,7 +81,11 @@ def build_app(
     *,
     clock: Clock | None = None,
     metrics: CollectorRegistry | None = None,
+    config_path: Path | None = None,
+    watch_interval: float | None = None,
+    reload_on_sighup: bool = False,
 ) -> web.Application:
+    """`config_path` turns on hot reload: a file watch, and SIGHUP with `reload_on_sighup`."""
     auth = _authorizer(config)
     # Each middleware costs every request a frame; the auth one exists only when auth does.
     middlewares = [error_middleware, auth.middleware()] if auth.enabled else [error_middleware]
@@ -119,7 +127,8 @@ def build_app(
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
-    app[PROBE_METRICS] = ProbeMetrics(checker, calendar.services)
+    app[PROBE_METRICS] = ProbeMetrics(checker, lambda: calendar.services)
+    app[CALENDAR] = calendar
     engine = _workflow_engine(app, config, registry, book, clock)
     app[NOTIFIER] = Notifier(
         config.notifications,
@@ -147,9 +156,10 @@ def build_app(
     )
     app.add_routes(RegistryRoutes(catalog, auth, leases, checker.probe_for).routes())
     app.add_routes(HealthRoutes(book).routes())
-    app.add_routes(
-        SloRoutes(slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]).routes()
+    slo_routes = app[SLO_ROUTES] = SloRoutes(
+        slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]
     )
+    app.add_routes(slo_routes.routes())
     workflow_routes = WorkflowRoutes(engine, bus, auth)
     app.add_routes(workflow_routes.routes())
     app.on_shutdown.append(workflow_routes.close_streams)
@@ -161,10 +171,20 @@ def build_app(
             web.get("/openapi.json", openapi_handler),
         ]
     )
+    app.add_routes([workflow_routes.router()])  # last: it sees only paths nothing else has
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)
     app.cleanup_ctx.append(_run_workflows)
     app.cleanup_ctx.append(_run_listeners)
+    if config_path is not None:
+        app[RELOADER] = Reloader(
+            config_path,
+            live,
+            lambda old, new: apply_config(app, old, new),
+            metrics=registry,
+            **({"watch_interval": watch_interval} if watch_interval else {}),
+        )
+        app.cleanup_ctx.append(_run_reloader(reload_on_sighup))
     app.cleanup_ctx.append(_keep_heap_frozen)
     if not auth.enabled and not config.server.is_loopback:
         log.warning(
@@ -195,8 +215,6 @@ def _workflow_engine(
         ]
 
     metrics = WorkflowMetrics(registry)
-    for definition in definitions:
-        metrics.declare(definition.name)
     slos = WorkflowSlos({d.name: d.objective for d in definitions})
     engine = Engine(
         definitions,
@@ -241,6 +259,37 @@ async def _run_listeners(app: web.Application) -> AsyncIterator[None]:
     finally:
         await page.close()
         await notifier.close()
+
+
+def _run_reloader(signals: bool) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def run(app: web.Application) -> AsyncIterator[None]:
+        app[RELOADER].start(signals=signals)
+        try:
+            yield
+        finally:
+            await app[RELOADER].close()
+
+    return run
+
+
+async def apply_config(app: web.Application, old: Config, new: Config) -> None:
+    """Apply a validated config to the running parts (monitor/reload.py has the rules)."""
+    clock = app[CATALOG].now()
+    app[CALENDAR].replace(new.maintenance)
+    app[CHECKER].book.configure({s.name: s.depends_on for s in new.services})
+    app[CHECKER].configure(
+        new.defaults.probe, {s.name: s.probe for s in new.services if s.probe is not None}
+    )
+    app[CATALOG].replace_static(static_instances(new), (s.name for s in new.services))
+    await app[SLOS].configure(new.services, app[DATABASE], clock)
+    app[SLO_ROUTES].services = {s.name for s in new.services}
+    definitions = [from_config(workflow) for workflow in new.workflows]
+    app[ENGINE].configure(definitions)
+    await app[WORKFLOW_SLOS].configure(
+        {d.name: d.objective for d in definitions}, app[ENGINE].store.outcomes, clock
+    )
+    await app[NOTIFIER].configure(new.notifications)
+    app[SLO_METRICS].invalidate()
 
 
 def _authorizer(config: Config) -> Authorizer:
@@ -385,7 +434,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 async def openapi_handler(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[CONFIG]))
+    return web.json_response(openapi_document(request.app[LIVE_CONFIG].current))
 
 
 def openapi_document(config: Config | None = None) -> dict[str, Any]:

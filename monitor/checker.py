@@ -106,6 +106,14 @@ class HealthChecker:
             self._probes[key] = probe
         return probe
 
+    def configure(self, defaults: ProbeSpec, service_probes: dict[str, ProbeSpec]) -> None:
+        """New probe settings (config reload): instances whose effective probe changed are
+        rescheduled with it; the rest keep their slot."""
+        self._defaults, self._service_probes = defaults, service_probes
+        self._probes.clear()
+        for status in self.catalog.instances():
+            self._track(status.instance)
+
     def start(self) -> None:
         # Restored instances spread their first probe over one interval (no herd at start);
         # instances that register later are probed within a second.

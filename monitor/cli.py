@@ -130,7 +130,7 @@ def _event_loop() -> asyncio.AbstractEventLoop:
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from .app import build_app
 
-    app = build_app(config)
+    app = build_app(config, config_path=Path(args.config), reload_on_sighup=True)
     try:
         web.run_app(
             app,

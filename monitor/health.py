@@ -19,7 +19,7 @@ Every change of the shown state or of suppression is published as
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,13 @@ class HealthBook:
         self._lapsed: set[Key] = set()
         self._by_service: dict[str, set[Key]] = {}
         self._listeners: list[Callable[[str], None]] = []
+
+    def configure(self, dependencies: Mapping[str, Sequence[str]]) -> None:
+        """New depends_on lists (config reload); suppression follows at once."""
+        self._dependencies = {name: tuple(deps) for name, deps in dependencies.items()}
+        self.reevaluate()
+        for key, tracker in list(self._trackers.items()):
+            self._refresh(key, tracker)
 
     def on_change(self, listener: Callable[[str], None]) -> None:
         """`listener(service)` after any shown change (the registry bumps its index)."""

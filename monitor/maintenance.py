@@ -56,6 +56,10 @@ def window_from_config(entry: Maintenance) -> Window:
 
 class MaintenanceCalendar:
     def __init__(self, entries: Iterable[Maintenance]) -> None:
+        self.replace(entries)
+
+    def replace(self, entries: Iterable[Maintenance]) -> None:
+        """New windows (config reload); everyone holding the calendar sees them."""
         self.windows = tuple(window_from_config(entry) for entry in entries)
         self.services = frozenset(s for w in self.windows for s in w.services)
 

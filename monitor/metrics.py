@@ -43,9 +43,11 @@ class Snapshot:
 
 
 class ProbeMetrics:
-    def __init__(self, checker: HealthChecker, maintenance_services: Iterable[str]) -> None:
+    def __init__(
+        self, checker: HealthChecker, maintenance_services: Callable[[], Iterable[str]]
+    ) -> None:
         self._checker = checker
-        self._maintenance_services = tuple(sorted(maintenance_services))
+        self._maintenance_services = maintenance_services  # the calendar's, after reloads too
         self._labels: dict[tuple[str, str], str] = {}
 
     def snapshot(self) -> Snapshot:
@@ -73,7 +75,8 @@ class ProbeMetrics:
         if len(self._labels) > 2 * len(rows) + 1000:
             self._labels.clear()  # forget departed instances now and then
         boundaries = tuple(bucket_label(b) for b in self._checker.store.boundaries)
-        maintenance = tuple((s, book.in_maintenance(s)) for s in self._maintenance_services)
+        services = sorted(self._maintenance_services())
+        maintenance = tuple((s, book.in_maintenance(s)) for s in services)
         return Snapshot(tuple(rows), boundaries, maintenance)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from array import array
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -368,26 +368,48 @@ class SloBook:
         self, services: Iterable[Service], *, bus: EventBus, timezone: str = "UTC"
     ) -> None:
         self._bus = bus
-        zone = ZoneInfo(timezone)
-        self._tracked: dict[str, list[_Tracked]] = {}
+        self._zone = ZoneInfo(timezone)
+        self._tracked = self._track(services, {})
+
+    def _track(
+        self, services: Iterable[Service], keep: Mapping[tuple[str, Slo], _Tracked]
+    ) -> dict[str, list[_Tracked]]:
+        """Ledgers for every SLO; one whose config is unchanged keeps its ledger."""
+        tracked: dict[str, list[_Tracked]] = {}
         for service in services:
             for slo in service.slos:
                 if slo.sli is not None:
                     continue  # raw SLIs live in Prometheus: rules only
-                minutes = int(slo.period.total_seconds() // 60)
-                ledger = SloLedger(slo.objective / 100, minutes, zone, keep_closed=True)
-                threshold = slo.latency_threshold.total_seconds() if slo.latency_threshold else None
-                self._tracked.setdefault(service.name, []).append(
-                    _Tracked(
+                entry = keep.get((service.name, slo))
+                if entry is None:
+                    minutes = int(slo.period.total_seconds() // 60)
+                    ledger = SloLedger(slo.objective / 100, minutes, self._zone, keep_closed=True)
+                    latency = slo.latency_threshold
+                    entry = _Tracked(
                         service.name,
                         slo,
                         ledger,
-                        threshold,
+                        latency.total_seconds() if latency else None,
                         format_duration(slo.period),
                         f'service="{service.name}",slo="{slo.name}"',
                         tuple(tier.factor(slo.period) for tier in TIERS),
                     )
-                )
+                tracked.setdefault(service.name, []).append(entry)
+        return tracked
+
+    async def configure(self, services: Iterable[Service], db: Transactor, now: float) -> None:
+        """New SLO config (reload): unchanged SLOs go on; new and changed ones are
+        restored from the minutes stored under their name."""
+        await self.flush(db)  # closed minutes of every ledger are on disk first
+        old = {(e.service, e.slo): e for e in self._all()}
+        tracked = self._track(services, old)
+        minute = int(now // 60)
+        for entry in (e for entries in tracked.values() for e in entries):
+            if (entry.service, entry.slo) not in old:
+                since = entry.ledger.history_start(minute)
+                rows = await db.read(_reader(entry.service, entry.slo.name, since))
+                entry.ledger.restore(rows, minute)
+        self._tracked = tracked
 
     def record(
         self, service: str, at: float, *, ok: bool, response_time: float, maintenance: bool
@@ -537,12 +559,29 @@ class WorkflowSlos:
     PERIOD_MINUTES = 30 * 24 * 60
 
     def __init__(self, objectives: dict[str, float], timezone: str = "UTC") -> None:
-        zone = ZoneInfo(timezone)
+        self._zone = ZoneInfo(timezone)
         self.objectives = objectives
         self.ledgers = {
-            name: SloLedger(objective / 100, self.PERIOD_MINUTES, zone)
+            name: SloLedger(objective / 100, self.PERIOD_MINUTES, self._zone)
             for name, objective in objectives.items()
         }
+
+    async def configure(
+        self,
+        objectives: dict[str, float],
+        outcomes: Callable[[str, float], Awaitable[list[tuple[int, int, int]]]],
+        now: float,
+    ) -> None:
+        """New workflow objectives (reload): unchanged ledgers go on, others are rebuilt."""
+        minute = int(now // 60)
+        ledgers = {}
+        for name, objective in objectives.items():
+            ledger = self.ledgers.get(name)
+            if ledger is None or self.objectives.get(name) != objective:
+                ledger = SloLedger(objective / 100, self.PERIOD_MINUTES, self._zone)
+                ledger.restore(await outcomes(name, ledger.history_start(minute) * 60.0), minute)
+            ledgers[name] = ledger
+        self.objectives, self.ledgers = objectives, ledgers
 
     def record(self, workflow: str, at: float, good: bool) -> None:
         ledger = self.ledgers.get(workflow)
@@ -631,6 +670,10 @@ class SloMetrics:
     def __init__(self, book: SloBook, clock: Callable[[], float]) -> None:
         self._book, self._clock = book, clock
         self._rendered: tuple[int, asyncio.Future[Deflated]] | None = None
+
+    def invalidate(self) -> None:
+        """SLOs were added or removed: render afresh at the next scrape."""
+        self._rendered = None
 
     async def current(self) -> Deflated:
         """This minute's text, plain and deflated (see monitor/exposition.py)."""

@@ -200,6 +200,29 @@ class Catalog:
             self._service_index[service] = self._index
         return len(instances)
 
+    def replace_static(self, static: Iterable[Instance], declared: Iterable[str]) -> None:
+        """Config's instances and services after a reload: added, changed and removed ones
+        take effect at once (they live in the config, not in the store)."""
+        now = self._clock.monotonic()
+        self._declared = frozenset(declared)
+        wanted = {i.key: replace(i, static=True) for i in static}
+        for entries in list(self._services.values()):
+            for entry in list(entries.values()):
+                if entry.instance.static and entry.instance.key not in wanted:
+                    self._drop(entry)
+                    self._announce(
+                        entry.instance.service, Change(ChangeKind.DEREGISTERED, entry.instance)
+                    )
+        for key, instance in wanted.items():
+            current = self._entry(*key)
+            if current is not None and current.instance == instance:
+                continue
+            kind = ChangeKind.REGISTERED if current is None else ChangeKind.UPDATED
+            self._put(_Entry(instance, now))
+            self._announce(instance.service, Change(kind, instance))
+        for service in self._declared:
+            self._service_index.setdefault(service, self._index)
+
     async def run_reaper(self) -> None:
         """Make lease removals durable. Owned by the app; cancelled on shutdown."""
         while True:

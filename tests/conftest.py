@@ -19,6 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from monitor import build_app, parse_config
 from monitor.config import Config
 
+from .services import Receiver, start_receiver
+
 AppClient = TestClient  # type: ignore[type-arg]
 
 
@@ -92,6 +94,13 @@ async def target() -> AsyncIterator[TestServer]:
     server = await start_target()
     yield server
     await server.close()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A real webhook receiver (tests/services.py)."""
+    async for state in start_receiver():
+        yield state
 
 
 async def metric_families(client: AppClient) -> dict[str, Metric]:

@@ -1,6 +1,6 @@
-"""A real HTTP service for workflow steps to call: validation, payments, notices.
+"""Real HTTP services for tests: one for workflow steps to call, and a webhook receiver.
 
-It records every request (path, body, Idempotency-Key) so tests can check
+The step service records every request (path, body, Idempotency-Key) so tests can check
 what the engine sent, and can be told to fail: `fail[path] = [503, 503]`
 answers the next two calls to `path` with 503, then succeeds.
 """
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 
 @dataclass
@@ -66,3 +69,36 @@ def service_app(calls: Calls) -> web.Application:
     app.router.add_post("/transfers/{id}/cancel", ok)
     app.router.add_post("/{name}", ok)
     return app
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver that answers with the queued statuses, then 200."""
+
+    server: TestServer
+    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    statuses: list[int] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("/hook"))
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.received]
+
+
+async def start_receiver() -> AsyncIterator[Receiver]:
+    """A webhook receiver on 127.0.0.1 for as long as the caller iterates."""
+    app = web.Application()
+    server = TestServer(app, host="127.0.0.1")
+    state = Receiver(server)
+
+    async def hook(request: web.Request) -> web.Response:
+        state.received.append((dict(request.headers), await request.read()))
+        status = state.statuses.pop(0) if state.statuses else 200
+        return web.Response(status=status)
+
+    app.router.add_post("/hook", hook)
+    await server.start_server()
+    yield state
+    await server.close()

@@ -5,54 +5,20 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
 
 from .conftest import AppClient, FakeClock, metric_families, until
+from .services import Receiver
 from .test_checker import FAST, health, register, state_is
 
 SECRET = "hook-secret"
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver that answers with the queued statuses, then 200."""
-
-    server: TestServer
-    received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    statuses: list[int] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return str(self.server.make_url("/hook"))
-
-    def bodies(self) -> list[dict[str, Any]]:
-        return [json.loads(body) for _, body in self.received]
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    app = web.Application()
-    server = TestServer(app, host="127.0.0.1")
-    state = Receiver(server)
-
-    async def hook(request: web.Request) -> web.Response:
-        state.received.append((dict(request.headers), await request.read()))
-        status = state.statuses.pop(0) if state.statuses else 200
-        return web.Response(status=status)
-
-    app.router.add_post("/hook", hook)
-    await server.start_server()
-    yield state
-    await server.close()
 
 
 def notification(receiver: Receiver, events: list[str], **extra: Any) -> dict[str, Any]:

@@ -66,13 +66,9 @@ class Engine:
         outcome: Outcome | None = None,
         jitter: Callable[[], float] = random.random,
     ) -> None:
-        self.definitions = {d.name: d for d in definitions}
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
-        self._triggers: dict[str, list[Definition]] = {}
-        for definition in self.definitions.values():
-            if definition.trigger is not None:
-                self._triggers.setdefault(definition.trigger, []).append(definition)
+        self.configure(definitions)
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._wakeups: dict[str, asyncio.Event] = {}
@@ -481,6 +477,16 @@ class Engine:
             )
         )
         self._metrics.attempt(process.workflow, step, outcome, ended - started)
+
+    def configure(self, definitions: Iterable[Definition]) -> None:
+        """Take new definitions (config reload). A running process keeps the definition it
+        started with (its task holds it); new starts and triggers use the new ones."""
+        self.definitions = {d.name: d for d in definitions}
+        self._triggers: dict[str, list[Definition]] = {}
+        for definition in self.definitions.values():
+            self._metrics.declare(definition.name)
+            if definition.trigger is not None:
+                self._triggers.setdefault(definition.trigger, []).append(definition)
 
     async def describe(self, process_id: str) -> dict[str, Any] | None:
         """A process as the API and the status page show it: status, data, full history."""

@@ -27,6 +27,9 @@ TOPIC = re.compile(r"[A-Za-z0-9._-]{1,128}")
 RESERVED_TOPICS = ("health.", "slo.", "workflow.")  # the daemon's own: nobody else's to publish
 
 
+ROUTER_PATH = "/{route:.+}"
+
+
 class StartBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: dict[str, Any] = Field(default_factory=dict)
@@ -48,10 +51,31 @@ class WorkflowRoutes:
             web.post("/v1/events/{topic}", self.publish),
             web.get("/v1/events", self.stream),
         ]
-        for definition in self.engine.definitions.values():
-            if definition.route is not None:
-                routes.append(web.post(definition.route, self._router(definition.name)))
         return routes
+
+    def router(self) -> web.AbstractRouteDef:
+        """The seeds' request router: `POST {route}` of each workflow, looked up per request
+        so routes added or changed by a config reload work at once. Added last, after every
+        other route, so it only sees paths nothing else serves."""
+        return web.route("*", ROUTER_PATH, self.route)
+
+    async def route(self, request: web.Request) -> web.Response:
+        path = request.path
+        name = next((d.name for d in self.engine.definitions.values() if d.route == path), None)
+        if name is None or request.method != "POST":
+            # Answer as the router would have without this resource: 405 when some route
+            # serves the path with other methods, else 404.
+            allowed: set[str] = {"POST"} if name is not None else set()
+            this = request.match_info.route.resource
+            for resource in request.app.router.resources():
+                if resource is not this:
+                    allowed |= (await resource.resolve(request))[1]
+            if allowed:
+                raise web.HTTPMethodNotAllowed(request.method, allowed)
+            raise web.HTTPNotFound()
+        self.auth.require(request, "start", name)
+        data = await _json_object(request, "the request body")
+        return await self._start(request, name, data, request.headers.get("Idempotency-Key"))
 
     async def close_streams(self, app: web.Application) -> None:
         """on_shutdown: end open event streams, or shutdown would wait for them."""
@@ -84,16 +108,6 @@ class WorkflowRoutes:
             raise ApiError(404, f"no workflow named {name!r}")
         body = await parse_body(request, StartBody) if await request.read() else StartBody()
         return await self._start(request, name, body.input, body.idempotency_key)
-
-    def _router(self, name: str) -> Any:
-        async def route(request: web.Request) -> web.Response:
-            """The seeds' request router: the request body is the process input."""
-            self.auth.require(request, "start", name)
-            data = await _json_object(request, "the request body")
-            key = request.headers.get("Idempotency-Key")
-            return await self._start(request, name, data, key)
-
-        return route
 
     async def _start(
         self, request: web.Request, name: str, input_: dict[str, Any], key: str | None

@@ -1,0 +1,207 @@
+"""Config hot reload: a changed file or SIGHUP applies a valid config; an invalid one is refused."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from monitor import build_app, load_config
+
+from .conftest import AppClient, FakeClock, metric_families, until
+from .processes import DaemonProcess, free_port, write_config
+from .services import Receiver
+
+WAIT = {
+    "name": "Permit",
+    "steps": [
+        {"name": "submit", "publish": "permit.submitted"},
+        {"name": "docs", "wait_for": {"event": "docs.validated", "timeout": "30s"}},
+        {"name": "approve", "publish": "permit.approved"},
+    ],
+}
+CHANGED = {
+    "name": "Permit",
+    "route": "/api/permits",
+    "steps": [
+        {"name": "stamp", "publish": "permit.stamped"},
+    ],
+}
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[..., Path]:
+    def write(**sections: Any) -> Path:
+        data: dict[str, Any] = {
+            "storage": {"path": str(tmp_path / "hms.db")},
+            "defaults": {"probe": {"type": "none"}},
+            **sections,
+        }
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def start_watched(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
+) -> Callable[[Path], Awaitable[AppClient]]:
+    async def start(path: Path) -> AppClient:
+        app = build_app(
+            load_config(path),
+            clock=clock,
+            metrics=CollectorRegistry(),
+            config_path=path,
+            watch_interval=0.05,
+        )
+        return await aiohttp_client(app)
+
+    return start
+
+
+async def reloads(client: AppClient) -> dict[str, float]:
+    families = await metric_families(client)
+    values = {
+        s.labels["result"]: s.value
+        for s in families["hms_config_reloads"].samples
+        if s.name == "hms_config_reloads_total"
+    }
+    values["last"] = families["hms_config_last_reload_successful"].samples[0].value
+    return values
+
+
+async def reloaded(client: AppClient, result: str, count: float = 1) -> None:
+    async def done() -> bool:
+        return (await reloads(client))[result] >= count
+
+    await until(done)
+
+
+async def test_a_changed_file_adds_and_removes_services_slos_and_workflows(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    path = config_file(
+        services=[{"name": "ledger", "instances": [{"id": "l1", "url": "http://127.0.0.1:1"}]}]
+    )
+    client = await start_watched(path)
+    assert (await client.get("/v1/services/payments/slos")).status == 404
+
+    config_file(
+        services=[
+            {
+                "name": "payments",
+                "instances": [{"id": "p1", "url": "http://127.0.0.1:2"}],
+                "slos": [{"name": "availability", "objective": 99.9}],
+            }
+        ],
+        workflows=[CHANGED],
+    )
+    await reloaded(client, "success")
+    services = await (await client.get("/v1/services")).json()
+    assert [s["name"] for s in services["services"]] == [
+        "payments"
+    ]  # ledger's static instance went
+    slos = await (await client.get("/v1/services/payments/slos")).json()
+    assert [s["name"] for s in slos["slos"]] == ["availability"]
+    routed = await client.post("/api/permits?wait=5s", json={"permit": 7})
+    assert routed.status == 200  # ?wait: the finished process
+    assert (await client.get("/api/permits")).status == 405
+    assert (await client.post("/api/nothing-here")).status == 404
+    assert (await client.post("/v1/health")).status == 405  # still the router's answer
+    families = await metric_families(client)
+    objectives = families["hms_slo_objective_ratio"].samples
+    assert [s.labels for s in objectives] == [{"service": "payments", "slo": "availability"}]
+
+
+async def test_an_invalid_file_is_refused_and_the_old_config_keeps_running(
+    config_file: Callable[..., Path],
+    start_watched: Callable[[Path], Awaitable[AppClient]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = config_file(services=[{"name": "payments"}])
+    client = await start_watched(path)
+    caplog.set_level(logging.ERROR)
+    path.write_text(path.read_text() + "services_typo: 1\n")
+    await reloaded(client, "failure")
+    assert (await reloads(client))["last"] == 0
+    assert "config reload refused" in caplog.text
+    assert "services_typo" in caplog.text and ":" in caplog.text
+    assert (await client.get("/v1/services/payments")).status == 200
+
+    config_file(services=[{"name": "payments"}, {"name": "ledger"}])  # fixed: applied
+    await reloaded(client, "success")
+    assert (await reloads(client))["last"] == 1
+    assert (await client.get("/v1/services/ledger")).status == 200
+
+
+async def test_running_processes_keep_the_definition_they_started_with(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    client = await start_watched(config_file(workflows=[WAIT]))
+    started = await (await client.post("/v1/workflows/Permit", json={"input": {}})).json()
+
+    async def waiting() -> bool:
+        body = await (await client.get(f"/v1/processes/{started['id']}")).json()
+        return body["status"] == "waiting"
+
+    await until(waiting)
+    config_file(workflows=[CHANGED])
+    await reloaded(client, "success")
+    new = await (await client.post("/v1/workflows/Permit?wait=5s", json={"input": {}})).json()
+    assert [h["step"] for h in new["history"]] == ["stamp"]
+
+    resp = await client.post("/v1/events/docs.validated", json={})
+    assert resp.status == 202
+
+    async def completed() -> bool:
+        body = await (await client.get(f"/v1/processes/{started['id']}")).json()
+        return body["status"] == "completed"
+
+    await until(completed)
+    old = await (await client.get(f"/v1/processes/{started['id']}")).json()
+    assert [h["step"] for h in old["history"]] == ["submit", "docs", "approve"]
+
+
+def test_sighup_reloads_the_daemon(tmp_path: Path) -> None:
+    port = free_port()
+    path = write_config(tmp_path, port, services=[{"name": "payments"}])
+    daemon = DaemonProcess(path, port, tmp_path / "daemon.log")
+    daemon.start()
+    try:
+        write_config(tmp_path, port, services=[{"name": "payments"}, {"name": "ledger"}])
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "config reloaded" not in daemon.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    assert "SIGHUP: reloading" in log
+    assert "config reloaded from" in log and "2 service(s)" in log
+
+
+async def test_a_notification_added_by_reload_is_sent(
+    config_file: Callable[..., Path],
+    start_watched: Callable[[Path], Awaitable[AppClient]],
+    receiver: Receiver,
+) -> None:
+    client = await start_watched(config_file())
+    config_file(notifications=[{"name": "ops", "url": receiver.url, "events": ["grant.*"]}])
+    await reloaded(client, "success")
+    assert (await client.post("/v1/events/grant.paid", json={"process": "p-1"})).status == 202
+
+    async def delivered() -> bool:
+        return len(receiver.received) == 1
+
+    await until(delivered)
+    assert receiver.bodies()[0]["event"] == "grant.paid"
