@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.yaml
 
-.PHONY: run test lint typecheck pytest bench clean tools
+.PHONY: run test demo lint typecheck pytest bench clean tools
 
 $(BIN)/hms-mgmt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ $(BIN)/hms-mgmt: pyproject.toml
 
 run: $(BIN)/hms-mgmt
 	$(BIN)/hms-mgmt serve --config $(CONFIG)
+
+# The grant-payment story: daemon, three self-registering services, a trickle of grants.
+demo: $(BIN)/hms-mgmt
+	@bash examples/demo.sh
 
 # Tools the tests drive for real; installed here when missing (CI=true makes their absence fatal).
 tools:

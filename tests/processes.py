@@ -63,6 +63,7 @@ class DaemonProcess:
                 if resp.status == 200:
                     return
             time.sleep(0.05)
+        self.kill()  # never leave a daemon behind, whatever port it found
         raise RuntimeError(f"daemon not ready in {timeout}s: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:
