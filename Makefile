@@ -37,6 +37,7 @@ bench: $(BIN)/hms-mgmt
 	$(BIN)/python -m bench.probes
 	$(BIN)/python -m bench.slo
 	$(BIN)/python -m bench.workflows
+	$(BIN)/python -m bench.page
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
