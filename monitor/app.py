@@ -14,7 +14,15 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from registry import Catalog, Clock, HealthState, Instance, SqliteRegistryStore, SystemClock
+from registry import (
+    Catalog,
+    Clock,
+    HealthState,
+    Instance,
+    ProbeSpec,
+    SqliteRegistryStore,
+    SystemClock,
+)
 from registry import openapi as registry_openapi
 from registry.auth import Authorizer
 from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
@@ -99,7 +107,7 @@ def build_app(
     book = HealthBook(
         bus=bus,
         calendar=calendar,
-        dependencies={s.name: s.depends_on for s in config.services},
+        dependencies=dependencies(config),
         clock=clock.time,
     )
     catalog = Catalog(SqliteRegistryStore(database), clock=clock, health=book)
@@ -119,7 +127,7 @@ def build_app(
         store=results,
         scheduler=scheduler,
         defaults=config.defaults.probe,
-        service_probes={s.name: s.probe for s in config.services if s.probe is not None},
+        service_probes=service_probes(config),
         slos=slos,
     )
     app[SLOS] = slos
@@ -276,10 +284,8 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     """Apply a validated config to the running parts (monitor/reload.py has the rules)."""
     clock = app[CATALOG].now()
     app[CALENDAR].replace(new.maintenance)
-    app[CHECKER].book.configure({s.name: s.depends_on for s in new.services})
-    app[CHECKER].configure(
-        new.defaults.probe, {s.name: s.probe for s in new.services if s.probe is not None}
-    )
+    app[CHECKER].book.configure(dependencies(new))
+    app[CHECKER].configure(new.defaults.probe, service_probes(new))
     app[CATALOG].replace_static(static_instances(new), (s.name for s in new.services))
     await app[SLOS].configure(new.services, app[DATABASE], clock)
     app[SLO_ROUTES].services = {s.name for s in new.services}
@@ -298,6 +304,14 @@ def _authorizer(config: Config) -> Authorizer:
         return Authorizer((), protect_reads=False)
     tokens = ((t.token.get_secret_value(), t.scopes) for t in auth.tokens)
     return Authorizer(tokens, protect_reads=auth.protect_reads)
+
+
+def dependencies(config: Config) -> dict[str, tuple[str, ...]]:
+    return {s.name: tuple(s.depends_on) for s in config.services}
+
+
+def service_probes(config: Config) -> dict[str, ProbeSpec]:
+    return {s.name: s.probe for s in config.services if s.probe is not None}
 
 
 def static_instances(config: Config) -> list[Instance]:

@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter
 from registry import HealthState, Transactor
 from scheduler import Event, EventBus
 from scheduler.bus import Subscription, matches
+from workflows.definition import Retry, retry_from_config
 
 from .config import Notification
 
@@ -73,6 +74,7 @@ class _Recent:
 @dataclass(slots=True)
 class _Receiver:
     notification: Notification
+    retry: Retry
     queue: asyncio.Queue[Delivery] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     worker: asyncio.Task[None] | None = None
 
@@ -191,10 +193,12 @@ class Notifier:
         for name, notification in wanted.items():
             self._counter.labels(name, NotifyResult.SENT)
             self._counter.labels(name, NotifyResult.FAILED)
+            retry = retry_from_config(notification.retry, RETRYABLE)
             if name in self._receivers:
                 self._receivers[name].notification = notification
+                self._receivers[name].retry = retry
                 continue
-            receiver = self._receivers[name] = _Receiver(notification)
+            receiver = self._receivers[name] = _Receiver(notification, retry)
             receiver.worker = asyncio.create_task(self._work(receiver), name=f"notify-{name}")
         patterns = sorted({p for n in self._notifications for p in n.events})
         if self._subscription is None or self._subscription.patterns != tuple(patterns):
@@ -294,21 +298,21 @@ class Notifier:
         while True:
             delivery = await receiver.queue.get()
             try:
-                await self._attempt(receiver.notification, delivery)
+                await self._attempt(receiver.notification, receiver.retry, delivery)
             except Exception:
                 log.exception("notification %s: delivery %s failed", delivery.name, delivery.id)
 
-    async def _attempt(self, notification: Notification, delivery: Delivery) -> None:
+    async def _attempt(self, notification: Notification, retry: Retry, delivery: Delivery) -> None:
         delivery.attempts += 1
         status, error = await self._post(notification, delivery)
         if status is not None and 200 <= status < 300:
             self._counter.labels(notification.name, NotifyResult.SENT).inc()
             await self._forget(delivery)
             return
-        retryable = status is None or status in self._retry_on(notification)
-        if retryable and delivery.attempts < notification.retry.max_attempts:
+        retryable = status is None or status in retry.retry_on
+        if retryable and delivery.attempts < retry.max_attempts:
             self._counter.labels(notification.name, NotifyResult.RETRIED).inc()
-            delivery.due = self._clock() + self._backoff(notification, delivery.attempts)
+            delivery.due = self._clock() + retry.delay(delivery.attempts, random.random())
             await self._db.write(lambda db: _store(db, delivery))
             log.info(
                 "notification %s: attempt %d failed (%s); next in %.0f s",
@@ -347,20 +351,6 @@ class Notifier:
                 return response.status, f"HTTP {response.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return None, str(exc) or type(exc).__name__
-
-    @staticmethod
-    def _retry_on(notification: Notification) -> frozenset[int]:
-        configured = notification.retry.retry_on
-        return RETRYABLE if configured is None else frozenset(configured)
-
-    @staticmethod
-    def _backoff(notification: Notification, attempts: int) -> float:
-        retry = notification.retry
-        ceiling = min(
-            retry.max_backoff.total_seconds(),
-            retry.backoff.total_seconds() * retry.factor ** (attempts - 1),
-        )
-        return ceiling * (0.5 + random.random() / 2)  # equal jitter: never under half
 
     async def _forget(self, delivery: Delivery) -> None:
         await self._db.write(lambda db: _delete(db, delivery.id))

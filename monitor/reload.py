@@ -157,10 +157,9 @@ def _needs_restart(old: Config, new: Config) -> list[str]:
         changed.append("defaults.latency_buckets")
     if old.defaults.lease != new.defaults.lease:
         changed.append("defaults.lease")
-    thresholds = [
-        {(s.name, slo.name, slo.latency_threshold) for s in c.services for slo in s.slos}
-        for c in (old, new)
-    ]
-    if {t[2] for t in thresholds[0]} != {t[2] for t in thresholds[1]}:
+    old_thresholds, new_thresholds = (
+        {slo.latency_threshold for s in c.services for slo in s.slos} for c in (old, new)
+    )
+    if old_thresholds != new_thresholds:
         changed.append("an SLO latency_threshold (histogram buckets)")
     return changed

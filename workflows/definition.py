@@ -64,6 +64,17 @@ class Retry:
         return ceiling * (0.5 + jitter / 2)  # "equal jitter": never less than half
 
 
+def retry_from_config(retry: cfg.Retry, retry_on: frozenset[int] = RETRYABLE) -> Retry:
+    """A config `retry:` block as a policy; `retry_on` when the block names no statuses."""
+    return Retry(
+        retry.max_attempts,
+        retry.backoff.total_seconds(),
+        retry.factor,
+        retry.max_backoff.total_seconds(),
+        frozenset(retry.retry_on) if retry.retry_on is not None else retry_on,
+    )
+
+
 NO_RETRY = Retry(max_attempts=1)
 DEFAULT_RETRY = Retry()
 
@@ -240,15 +251,7 @@ def from_config(workflow: cfg.Workflow) -> Definition:
                 dict(step.wait_for.match),
                 timeout.total_seconds() if timeout else None,
             )
-        retry = DEFAULT_RETRY
-        if step.retry is not None:
-            retry = Retry(
-                step.retry.max_attempts,
-                step.retry.backoff.total_seconds(),
-                step.retry.factor,
-                step.retry.max_backoff.total_seconds(),
-                frozenset(step.retry.retry_on) if step.retry.retry_on is not None else RETRYABLE,
-            )
+        retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
         steps.append(
             Step(
                 step.name,
