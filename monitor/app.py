@@ -76,6 +76,7 @@ LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
 RELOADER = web.AppKey("reloader", Reloader)
 SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
 CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
+REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -157,12 +158,16 @@ def build_app(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
+        auth=auth,
     )
     app.add_routes(app[PAGE].routes())
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
     )
-    app.add_routes(RegistryRoutes(catalog, auth, leases, checker.probe_for).routes())
+    registry_routes = app[REGISTRY_ROUTES] = RegistryRoutes(
+        catalog, auth, leases, checker.probe_for, config.server.targets
+    )
+    app.add_routes(registry_routes.routes())
     app.add_routes(HealthRoutes(book).routes())
     slo_routes = app[SLO_ROUTES] = SloRoutes(
         slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]
@@ -215,11 +220,13 @@ def _workflow_engine(
     definitions = [from_config(workflow) for workflow in config.workflows]
 
     def candidates(service: str) -> list[tuple[str, str]]:
+        targets = app[REGISTRY_ROUTES].targets  # the live policy: a reload may narrow it
         return [
             (status.instance.id, status.instance.url)
             for status in catalog.instances(service)
             if status.health is not HealthState.CRITICAL
             and not book.suppressed((service, status.instance.id))
+            and targets.allows_url(status.instance.url)
         ]
 
     metrics = WorkflowMetrics(registry)
@@ -287,6 +294,7 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     app[CHECKER].book.configure(dependencies(new))
     app[CHECKER].configure(new.defaults.probe, service_probes(new))
     app[CATALOG].replace_static(static_instances(new), (s.name for s in new.services))
+    app[REGISTRY_ROUTES].targets = new.server.targets
     await app[SLOS].configure(new.services, app[DATABASE], clock)
     app[SLO_ROUTES].services = {s.name for s in new.services}
     definitions = [from_config(workflow) for workflow in new.workflows]

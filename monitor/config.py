@@ -30,12 +30,13 @@ from pydantic import (
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import Meta
+from registry.targets import TargetPolicy, parse_target
 from workflows import templates
 
 from .conditions import ConditionError, parse_condition
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
-SCOPE_VERBS = ("register", "publish", "start", "cancel")
+SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -86,9 +87,20 @@ class Auth(_Model):
     protect_reads: bool = False
 
 
+def _check_target(value: str) -> str:
+    parse_target(value)
+    return value
+
+
 class Server(_Model):
     listen: Annotated[str, AfterValidator(_check_listen)] = DEFAULT_LISTEN
     auth: Auth | None = None
+    # Absent: any host. Present: instance URLs must be in these networks or match these names.
+    allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
+
+    @property
+    def targets(self) -> TargetPolicy:
+        return TargetPolicy.from_entries(self.allowed_targets)
 
     @property
     def host(self) -> str:
@@ -518,10 +530,31 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
         yield from _unique(
             ((*prefix, "slos", j), x.get("name")) for j, x in _items(service, "slos")
         )
+    yield from _check_targets(data, services)
     for i, workflow in workflows:
         steps = _items(workflow, "steps")
         yield from _unique((("workflows", i, "steps", j), x.get("name")) for j, x in steps)
         yield from _check_templates(i, steps)
+
+
+def _check_targets(
+    data: dict[str, Any], services: list[tuple[int, dict[str, Any]]]
+) -> Iterator[tuple[Path_, str]]:
+    """Static instances obey server.allowed_targets like registered ones."""
+    server = data.get("server")
+    entries = server.get("allowed_targets") if isinstance(server, dict) else None
+    if not isinstance(entries, list):
+        return
+    try:
+        policy = TargetPolicy.from_entries(str(entry) for entry in entries)
+    except ValueError:
+        return  # reported on the entry itself
+    for i, service in services:
+        for j, instance in _items(service, "instances"):
+            url = instance.get("url")
+            refusal = policy.refusal(url) if isinstance(url, str) else None
+            if refusal is not None:
+                yield ("services", i, "instances", j, "url"), refusal
 
 
 def _check_templates(

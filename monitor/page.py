@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import jinja2
 from aiohttp import web
 
 from registry import Catalog, HealthState, InstanceStatus
+from registry.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
 from registry.errors import ApiError
 from registry.openapi import error_responses, path_param, query_param
 from scheduler import Event, EventBus, Subscription
@@ -86,7 +88,9 @@ class StatusPage:
         bus: EventBus,
         config: Callable[[], Config],
         clock: Callable[[], float],
+        auth: Authorizer,
     ) -> None:
+        self._auth = auth
         self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
         self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
         self._changes: dict[str, deque[Event]] = {}
@@ -111,6 +115,9 @@ class StatusPage:
             web.get("/workflows", self.workflows),
             web.get("/processes/{id}", self.process),
             web.get("/static/{name}", self.asset),
+            web.get("/login", self.login_form),
+            web.post("/login", self.login),
+            web.post("/logout", self.logout),
         ]
 
     async def start(self) -> None:
@@ -215,6 +222,45 @@ class StatusPage:
 
     # -- models -----------------------------------------------------------------------
 
+    # -- sessions (registry/auth.py has the rules) ------------------------------------
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        return self._login_page(_next_path(request.query.get("next")))
+
+    async def login(self, request: web.Request) -> web.Response:
+        """Exchange a token (form field) for a read-only session cookie."""
+        origin = request.headers.get("Origin")
+        if origin is not None and urlsplit(origin).netloc != request.host:
+            raise ApiError(403, "sign-in from another site is refused", code="forbidden")
+        if not self._auth.enabled:
+            raise web.HTTPSeeOther("/")
+        form = await request.post()
+        target = _next_path(str(form.get("next", "/")))
+        grant = self._auth.identify(f"Bearer {form.get('token', '')}")
+        if grant is None:
+            return self._login_page(target, error="That token is not valid.", status=401)
+        response = web.HTTPSeeOther(target)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self._auth.session(grant),
+            max_age=SESSION_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+        raise response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+
+    def _login_page(self, target: str, *, error: str = "", status: int = 200) -> web.Response:
+        response = self._render("login.html", title="Sign in", next=target, error=error, topics="")
+        response.set_status(status)
+        return response
+
     def _service_row(self, name: str, statuses: list[InstanceStatus], now: float) -> ServiceRow:
         counts: dict[str, int] = {}
         for status in statuses:
@@ -270,6 +316,13 @@ class StatusPage:
 
 def _asset(name: str) -> bytes:
     return resources.files("monitor").joinpath("static", name).read_bytes()
+
+
+def _next_path(raw: str | None) -> str:
+    """Where to go after signing in: a path on this daemon, never another site."""
+    if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw:
+        return "/"
+    return raw
 
 
 def _page(request: web.Request, total: int, size: int) -> tuple[int, int]:
@@ -378,4 +431,41 @@ def openapi_paths() -> dict[str, Any]:
         "/static/{name}": html(
             "The page's stylesheet and script", "pageAsset", path_param("name", "asset")
         ),
+        "/login": {
+            **html("Sign-in form (auth on): a token for a read-only session", "loginPage"),
+            "post": {
+                "summary": "Exchange a token for a read-only session cookie",
+                "operationId": "login",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {
+                                    "token": {"type": "string"},
+                                    "next": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "signed in (or auth is off): to `next`"},
+                    "401": {
+                        "description": "not a valid token: the form again",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **error_responses(403),
+                },
+            },
+        },
+        "/logout": {
+            "post": {
+                "summary": "End the session",
+                "operationId": "logout",
+                "responses": {"303": {"description": "to /login"}},
+            }
+        },
     }

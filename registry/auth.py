@@ -2,7 +2,13 @@
 
 A scope is `*` (everything) or `<verb>:<glob>`, the glob matched against the
 subject of the call (the service name for `register`, the topic for
-`publish`, the workflow for `start` and `cancel`).
+`publish` and `subscribe`, the workflow for `start` and `cancel`).
+
+Browsers cannot send a bearer header, so a person signs in once at `/login`
+with a token and gets a session cookie: HttpOnly, SameSite=Strict, signed
+with a key derived from the configured tokens (changing the tokens ends every
+session) and good for reads only. Every state change still needs the header,
+so a forged cross-site request has nothing to ride on.
 """
 
 from __future__ import annotations
@@ -10,20 +16,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from urllib.parse import urlencode
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from .errors import ApiError, Handler
 
+# The daemon publishes these itself (health, SLO burn, process lifecycle); nobody else may.
+DAEMON_TOPICS = ("health.", "slo.", "workflow.")
+
 log = logging.getLogger(__name__)
 
-# Open without a token even when reads are protected: orchestrators probe these.
-UNPROTECTED_PATHS = frozenset({"/healthz", "/readyz"})
+# Open without a token even when reads are protected: orchestrators probe the first two,
+# people sign in at the third, and the assets are the page's own code (no data).
+UNPROTECTED_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+UNPROTECTED_PREFIXES = ("/static/",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+SESSION_COOKIE = "hms_session"
+SESSION_SECONDS = 12 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +47,11 @@ class Grant:
 
     digest: bytes
     scopes: tuple[str, ...]
+
+    @property
+    def id(self) -> str:
+        """Names the grant in a session cookie without revealing anything of the token."""
+        return hashlib.sha256(b"grant-id" + self.digest).hexdigest()[:16]
 
     def allows(self, verb: str, subject: str) -> bool:
         for scope in self.scopes:
@@ -50,6 +70,9 @@ class Authorizer:
     def __init__(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
         self._grants = tuple(Grant(_digest(token), tuple(scopes)) for token, scopes in tokens)
         self.protect_reads = protect_reads
+        self._session_key = hashlib.sha256(
+            b"hms-session" + b"".join(sorted(g.digest for g in self._grants))
+        ).digest()
 
     @property
     def enabled(self) -> bool:
@@ -69,6 +92,43 @@ class Authorizer:
                 found = grant
         return found
 
+    def session(self, grant: Grant, now: float | None = None) -> str:
+        """A cookie value standing for `grant` until SESSION_SECONDS from now."""
+        expires = int((time.time() if now is None else now) + SESSION_SECONDS)
+        return f"v1.{expires}.{grant.id}.{self._sign(expires, grant)}"
+
+    def from_session(self, value: str | None, now: float | None = None) -> Grant | None:
+        if not value:
+            return None
+        version, _, rest = value.partition(".")
+        expires_text, _, rest = rest.partition(".")
+        grant_id, _, mac = rest.partition(".")
+        if version != "v1" or not expires_text.isdigit():
+            return None
+        expires = int(expires_text)
+        if expires < (time.time() if now is None else now):
+            return None
+        for grant in self._grants:
+            if grant.id == grant_id and hmac.compare_digest(mac, self._sign(expires, grant)):
+                return grant
+        return None
+
+    def _sign(self, expires: int, grant: Grant) -> str:
+        message = b"%d." % expires + grant.digest
+        return hmac.new(self._session_key, message, hashlib.sha256).hexdigest()
+
+    def may_read(self, request: web.Request) -> bool:
+        """Whether reads are open to this request (open, or it carries a token or session)."""
+        return not self.enabled or not self.protect_reads or GRANT in request
+
+    def may_subscribe(self, request: web.Request, topic: str) -> bool:
+        """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may
+        read; what services publish needs a `subscribe` scope when auth is on."""
+        if not self.enabled or topic.startswith(DAEMON_TOPICS):
+            return True
+        grant = request.get(GRANT)
+        return grant is not None and grant.allows("subscribe", topic)
+
     def require(self, request: web.Request, verb: str, subject: str) -> None:
         """Raise 403 unless the caller's token has a scope for `verb` on `subject`."""
         if not self.enabled:
@@ -82,11 +142,16 @@ class Authorizer:
     def middleware(self) -> Middleware:
         @web.middleware
         async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if not self.enabled or request.path in UNPROTECTED_PATHS:
+            path = request.path
+            if path in UNPROTECTED_PATHS or path.startswith(UNPROTECTED_PREFIXES):
                 return await handler(request)
+            safe = request.method in SAFE_METHODS
             grant = self.identify(request.headers.get("Authorization"))
-            needs_token = request.method not in SAFE_METHODS or self.protect_reads
-            if grant is None and needs_token:
+            if grant is None and safe:  # a session never authorizes a change
+                grant = self.from_session(request.cookies.get(SESSION_COOKIE))
+            if grant is None and (not safe or self.protect_reads):
+                if safe and "text/html" in request.headers.get("Accept", ""):
+                    raise web.HTTPSeeOther(f"/login?{urlencode({'next': request.path_qs})}")
                 raise ApiError(401, "a valid bearer token is required", code="unauthorized")
             if grant is not None:
                 request[GRANT] = grant

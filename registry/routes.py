@@ -17,6 +17,7 @@ from .errors import ApiError, parse_body
 from .model import HealthState, Instance, ProbeSpec, RegistrationBody, is_valid_name
 from .responses import json_response
 from .sd import sd_groups
+from .targets import TargetPolicy
 
 INDEX_HEADER = "X-Registry-Index"
 DEFAULT_WAIT = 300.0
@@ -40,10 +41,12 @@ class RegistryRoutes:
         auth: Authorizer,
         leases: LeaseDefaults,
         check_probe: ProbeCheck | None = None,
+        targets: TargetPolicy | None = None,
     ) -> None:
         self.catalog = catalog
         self.auth = auth
         self.leases = leases
+        self.targets = targets or TargetPolicy()  # replaced on a config reload
         # From the monitor: parses conditions, so a bad one is a 422 here, not a probe crash.
         self.check_probe = check_probe
 
@@ -62,6 +65,10 @@ class RegistryRoutes:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
         body = await parse_body(request, RegistrationBody)
+        refusal = self.targets.refusal(body.url)
+        if refusal is not None:
+            details = [{"field": "url", "message": refusal}]
+            raise ApiError(403, refusal, code="target_not_allowed", details=details)
         ttl = body.lease_seconds(self.leases.ttl)
         if ttl is not None and ttl < MIN_TTL:
             raise ApiError(422, f"ttl must be at least {MIN_TTL:g}s", details=[{"field": "ttl"}])

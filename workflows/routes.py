@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry import parse_duration
-from registry.auth import Authorizer
+from registry.auth import DAEMON_TOPICS, Authorizer
 from registry.errors import ApiError, parse_body
 from registry.responses import json_response
 from scheduler import Event, EventBus
@@ -26,7 +26,6 @@ SSE_KEEPALIVE = 15.0
 SSE_BATCH = 0.1  # seconds an event may wait for others to share its write
 SSE_FRAMES = 1024
 TOPIC = re.compile(r"[A-Za-z0-9._-]{1,128}")
-RESERVED_TOPICS = ("health.", "slo.", "workflow.")  # the daemon's own: nobody else's to publish
 
 
 ROUTER_PATH = "/{route:.+}"
@@ -187,15 +186,26 @@ class WorkflowRoutes:
         topic = request.match_info["topic"]
         if not _valid_topic(topic):
             raise ApiError(400, "topic must be 1-128 of A-Z a-z 0-9 . _ -")
-        if topic.startswith(RESERVED_TOPICS):
-            raise ApiError(403, f"topics under {', '.join(RESERVED_TOPICS)} are the daemon's own")
+        if topic.startswith(DAEMON_TOPICS):
+            raise ApiError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
         self.auth.require(request, "publish", topic)
         data = await _json_object(request, "the event")
         seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
         return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: every bus event whose topic matches `topics` (globs)."""
+        """Server-Sent Events: every bus event whose topic matches `topics` (globs) and that
+        the caller may see (Authorizer.may_subscribe)."""
+        visible: dict[str, bool] = {}
+
+        def allowed(event: Event) -> bool:
+            seen = visible.get(event.topic)
+            if seen is None:
+                if len(visible) > SSE_FRAMES:
+                    visible.clear()
+                seen = visible[event.topic] = self.auth.may_subscribe(request, event.topic)
+            return seen
+
         patterns = [t.strip() for t in request.query.get("topics", "*").split(",") if t.strip()]
         response = web.StreamResponse(
             headers={
@@ -225,7 +235,9 @@ class WorkflowRoutes:
                 events = [event]
                 while not queue.empty():
                     events.append(queue.get_nowait())
-                await response.write(b"".join(self._frame(e) for e in events))
+                frames = b"".join(self._frame(e) for e in events if allowed(e))
+                if frames:
+                    await response.write(frames)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
