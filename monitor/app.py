@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from registry import (
@@ -21,6 +21,7 @@ from registry import (
     Instance,
     ProbeSpec,
     SqliteRegistryStore,
+    StoreUnavailable,
     SystemClock,
 )
 from registry import openapi as registry_openapi
@@ -136,6 +137,12 @@ def build_app(
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
+    Gauge(
+        "hms_storage_writable",
+        "1 while the database accepts writes; 0 from a failed commit (disk full, read-only) "
+        "until the next good one",
+        registry=registry,
+    ).set_function(lambda: float(database.writable))
     app[PROBE_METRICS] = ProbeMetrics(checker, lambda: calendar.services)
     app[CALENDAR] = calendar
     engine = _workflow_engine(app, config, registry, book, clock)
@@ -367,8 +374,10 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
     checker.start()
 
     async def flush() -> None:
-        await results.flush(clock())
-        await slos.flush(database)
+        # While storage fails (Database logs it once) both keep their rows for the next go.
+        with contextlib.suppress(StoreUnavailable):
+            await results.flush(clock())
+            await slos.flush(database)
 
     scheduler.every("results.flush", FLUSH_INTERVAL, flush)
     scheduler.every("slo.evaluate", SLO_INTERVAL, lambda: slos.evaluate(clock()))
@@ -377,8 +386,9 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
 
     async def prune() -> None:
         retention = config.storage.retention.total_seconds()
-        await results.prune(clock(), retention)
-        await slos.prune(database, clock(), retention)
+        with contextlib.suppress(StoreUnavailable):  # the next hour's prune catches up
+            await results.prune(clock(), retention)
+            await slos.prune(database, clock(), retention)
 
     scheduler.every("results.prune", PRUNE_INTERVAL, prune, first_in=60)
     # Maintenance windows open and close on the clock, not on probe results.
@@ -388,9 +398,12 @@ async def _run_monitor(app: web.Application) -> AsyncIterator[None]:
     finally:
         await checker.close()
         scheduler.shutdown()
-        await results.flush(clock(), everything=True)
         slos.evaluate(clock())  # closes the finished minutes, so they are stored too
-        await slos.flush(database)
+        try:
+            await results.flush(clock(), everything=True)
+            await slos.flush(database)
+        except StoreUnavailable:
+            log.error("storage failing at shutdown: the last probe results were not stored")
         await checker.prober.close()
         await app[BUS].close()
 
@@ -429,8 +442,10 @@ async def readyz(request: web.Request) -> web.Response:
         "registry": REAPER in app and not app[REAPER].done(),
         "scheduler": app[SCHEDULER].running,
     }
+    # A failing disk does not make the daemon unready: reads, probes and the page still work.
+    writable = app[DATABASE].writable
     if all(checks.values()):
-        return web.json_response({"status": "ready", "checks": checks})
+        return web.json_response({"status": "ready", "checks": checks, "writable": writable})
     failing = [name for name, ok in checks.items() if not ok]
     return error_response(503, f"not ready: {', '.join(failing)}", details=checks)
 

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 import sqlite_utils
+
+from registry import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,7 @@ _Write = tuple[Callable[[sqlite_utils.Database], Any], "asyncio.Future[Any]"]
 APPLICATION_ID = 0x484D5300
 MAX_BATCH = 512
 CHECKPOINT_INTERVAL = 1.0
+STORAGE_LOG_INTERVAL = 60.0
 
 
 class DatabaseError(Exception):
@@ -54,6 +59,16 @@ class Database:
         self._checkpoint_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal")
         self._checkpointer: asyncio.Task[None] | None = None
         self._commits = 0
+        self.writable = True  # False from a failed commit (disk full, read-only) to a good one
+        self.failed_commits = 0
+        self._logged: dict[str, float] = {}
+
+    def _may_log(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self._logged.get(what, -math.inf) < STORAGE_LOG_INTERVAL:
+            return False
+        self._logged[what] = now
+        return True
 
     @property
     def is_open(self) -> bool:
@@ -170,9 +185,25 @@ class Database:
                 self._executor, _run_batch, db, fns
             )
             self._commits += 1
+            if not self.writable:
+                self.writable = True
+                if self._may_log("recovered"):
+                    log.warning("storage: %s accepts writes again", self.path)
         except Exception as exc:  # the COMMIT itself failed: nothing in the batch is durable
-            log.error("database write failed, %d change(s) rejected: %s", len(batch), exc)
-            outcomes = [(False, exc)] * len(batch)
+            self.failed_commits += 1
+            if self.writable:
+                self.writable = False
+                # A nearly full disk flaps (what fits still commits): a line a minute at most.
+                log_failure = log.error if self._may_log("failed") else log.debug
+                log_failure(
+                    "storage: writes to %s fail (%s); changes are refused with 503 and reads "
+                    "still work; free space or fix permissions and it recovers by itself",
+                    self.path,
+                    exc,
+                )
+            unavailable = StoreUnavailable(f"storage unavailable, change not made: {exc}")
+            unavailable.__cause__ = exc
+            outcomes = [(False, unavailable)] * len(batch)
         for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
             if future.done():
                 continue

@@ -27,7 +27,7 @@ import orjson
 import sqlite_utils
 from prometheus_client import CollectorRegistry, Counter
 
-from registry import HealthState, Transactor
+from registry import HealthState, StoreUnavailable, Transactor
 from scheduler import Event, EventBus
 from scheduler.bus import Subscription, matches
 from workflows.definition import Retry, retry_from_config
@@ -268,8 +268,16 @@ class Notifier:
             body=render_body(notification, event),
             due=self._clock(),
         )
-        await self._db.write(lambda db: _store(db, delivery))
+        await self._keep(delivery)
         self._arm(delivery)
+
+    async def _keep(self, delivery: Delivery) -> None:
+        """Store the delivery; when storage fails (disk full is itself worth an alert), it is
+        still sent, from memory only: at-least-once becomes best-effort until storage is back."""
+        try:
+            await self._db.write(lambda db: _store(db, delivery))
+        except StoreUnavailable:
+            log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
 
     # -- delivery -------------------------------------------------------------------
 
@@ -313,7 +321,7 @@ class Notifier:
         if retryable and delivery.attempts < retry.max_attempts:
             self._counter.labels(notification.name, NotifyResult.RETRIED).inc()
             delivery.due = self._clock() + retry.delay(delivery.attempts, random.random())
-            await self._db.write(lambda db: _store(db, delivery))
+            await self._keep(delivery)
             log.info(
                 "notification %s: attempt %d failed (%s); next in %.0f s",
                 notification.name,
@@ -353,7 +361,10 @@ class Notifier:
             return None, str(exc) or type(exc).__name__
 
     async def _forget(self, delivery: Delivery) -> None:
-        await self._db.write(lambda db: _delete(db, delivery.id))
+        try:
+            await self._db.write(lambda db: _delete(db, delivery.id))
+        except StoreUnavailable:  # the row outlives the delivery: resent after a restart
+            log.debug("notification %s: %s stays in the outbox", delivery.name, delivery.id)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ RAW = "probe_results"
 MINUTES = "probe_minutes"
 HOURS = "service_hours"  # per service and hour: what the status page's uptime bars show
 RAW_RETENTION = 2 * 86400.0
+MAX_UNFLUSHED_RAW = 200_000  # ~20 s of 10k instances at 1 s; minutes are never dropped
+
+log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -113,9 +117,24 @@ class ResultStore:
             for key, m in done.items()
         ]
         hours = _by_hour(done)
-        await self._db.write(lambda db: _write(db, raw, rows, hours))
+        try:
+            await self._db.write(lambda db: _write(db, raw, rows, hours))
+        except Exception:
+            self._requeue(raw, done)
+            raise
         self.uptime.add(hours, now)
         return len(raw)
+
+    def _requeue(self, raw: list[tuple[Any, ...]], done: dict[Any, Any]) -> None:
+        """Keep what a failed flush did not store (storage full or read-only) for the next
+        one. Minutes are small and all kept; raw results are capped, oldest dropped first."""
+        for key, minute in done.items():
+            self._minutes.setdefault(key, minute)
+        self._raw = raw + self._raw
+        dropped = len(self._raw) - MAX_UNFLUSHED_RAW
+        if dropped > 0:
+            del self._raw[:dropped]
+            log.warning("storage failing: dropped %d raw probe results (minutes kept)", dropped)
 
     async def prune(self, now: float, retention: float) -> None:
         def prune(db: sqlite_utils.Database) -> None:

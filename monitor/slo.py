@@ -464,15 +464,18 @@ class SloBook:
 
     async def flush(self, db: Transactor) -> None:
         rows: list[tuple[str, str, int, int, int]] = []
+        taken: list[tuple[_Tracked, int]] = []
         for entry in self._all():
             rows += [(entry.service, entry.slo.name, *m) for m in entry.ledger.closed]
-            entry.ledger.closed.clear()
+            taken.append((entry, len(entry.ledger.closed)))
         if rows:
 
             def write(d: sqlite_utils.Database) -> None:
                 d.conn.executemany(_UPSERT, rows)
 
-            await db.write(write)
+            await db.write(write)  # on failure the minutes stay queued for the next flush
+        for entry, count in taken:
+            del entry.ledger.closed[:count]
 
     async def prune(self, db: Transactor, now: float, retention: float) -> None:
         oldest = int((now - retention) // 60)

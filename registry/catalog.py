@@ -407,6 +407,8 @@ class Catalog:
     async def _durably(write: Awaitable[None]) -> None:
         try:
             await write
+        except StoreUnavailable:
+            raise  # the database has said so, once
         except Exception as exc:
             log.error("registry write failed: %s", exc)
             raise StoreUnavailable(f"storage unavailable, change not made: {exc}") from exc

@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from registry import StoreUnavailable
 from scheduler import EventBus
 
 from . import templates
@@ -41,6 +42,7 @@ from .store import Attempt, Process, ProcessStore, StoredEvent
 log = logging.getLogger(__name__)
 
 MIN_COMPENSATION_ATTEMPTS = 3
+STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
 
@@ -182,7 +184,11 @@ class Engine:
         if not process.cancel_requested:
             process.cancel_requested = True
             process.updated_at = self._clock()
-            await self.store.checkpoint(process)  # durable before the 202
+            try:
+                await self.store.checkpoint(process)  # durable before the 202
+            except StoreUnavailable:
+                process.cancel_requested = False  # the 503 says "not made": make it so
+                raise
             self._wake(process.id)
         return process
 
@@ -205,11 +211,17 @@ class Engine:
                 process.error = f"workflow {process.workflow!r} is no longer defined"
                 await self._finish(process, "failed")
                 return
+            pause = STORAGE_RETRY_MIN
             while not process.finished:
-                if process.compensating_from is None:
-                    await self._forward(definition, process)
-                else:
-                    await self._compensate(definition, process)
+                try:
+                    if process.compensating_from is None:
+                        await self._forward(definition, process)
+                    else:
+                        await self._compensate(definition, process)
+                    pause = STORAGE_RETRY_MIN
+                except StoreUnavailable:  # e.g. a publish step: retried with its same key
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, STORAGE_RETRY_MAX)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
@@ -424,7 +436,7 @@ class Engine:
         if process.finished or process.deadline_missed:
             return
         process.deadline_missed = True
-        await self.store.checkpoint(process)
+        await self._store_durably(process)
         self._metrics.deadline_missed(process.workflow)
         self._emit("workflow.deadline_missed", process)
         if self._outcome is not None:
@@ -518,7 +530,20 @@ class Engine:
     async def _checkpoint(self, process: Process, status: str) -> None:
         self._set_status(process, status)
         process.updated_at = self._clock()
-        await self.store.checkpoint(process)
+        await self._store_durably(process)
+
+    async def _store_durably(self, process: Process) -> None:
+        """Checkpoint, waiting out a storage failure (disk full, read-only): the process
+        holds where it is rather than fail or run ahead of what is on disk."""
+        pause = STORAGE_RETRY_MIN
+        while True:
+            try:
+                await self.store.checkpoint(process)
+                return
+            except StoreUnavailable:
+                log.debug("process %s waits for storage (%.1fs)", process.id, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
 
     def _set_status(self, process: Process, status: str) -> None:
         if process.status != status:
