@@ -26,7 +26,7 @@ from registry import (
 )
 from registry import openapi as registry_openapi
 from registry.auth import Authorizer
-from registry.errors import MAX_BODY_BYTES, error_middleware, error_response
+from registry.errors import MAX_BODY_BYTES, READ_TIMEOUT, error_middleware, error_response
 from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
 from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
@@ -100,6 +100,7 @@ def build_app(
     # Each middleware costs every request a frame; the auth one exists only when auth does.
     middlewares = [error_middleware, auth.middleware()] if auth.enabled else [error_middleware]
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
     clock = clock or SystemClock()
     registry = metrics or CollectorRegistry(auto_describe=True)
     database = Database(config.storage.path)

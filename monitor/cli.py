@@ -10,11 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .config import Config, ConfigError, config_warnings, load_config
 from .database import DatabaseError
 
 log = logging.getLogger("hms-mgmt")
+# After answering a request whose body was not read (413, 408), how long the rest of it may
+# still trickle in before the connection closes (aiohttp's default is 10 s).
+LINGERING_TIME = 1.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # APScheduler logs every run of every job at INFO (the probe tick: ten lines a second).
     logging.getLogger("apscheduler").setLevel(max(logging.WARNING, logging.root.level))
+    logging.getLogger("aiohttp.server").addFilter(_malformed_requests)
     try:
         config = load_config(Path(args.config))
     except ConfigError as exc:
@@ -37,6 +42,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("config: %s", warning)
     command: int = args.run(args, config)
     return command
+
+
+def _malformed_requests(record: logging.LogRecord) -> bool:
+    """aiohttp logs each unparseable request (bad bytes in a path, an overlong header) as an
+    ERROR with a traceback: anyone could fill the log. One line at INFO says enough."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, HttpProcessingError) and (error.code or 400) < 500:
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        first_line = str(error.message).strip().splitlines()[0] if error.message else ""
+        record.msg, record.args = "malformed request from %s refused: %s", (remote, first_line)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,6 +156,9 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
             host=config.server.host,
             port=config.server.port,
             access_log=None,
+            # Idle connections, and requests whose headers are not complete, close after this.
+            keepalive_timeout=config.server.read_timeout.total_seconds(),
+            lingering_time=LINGERING_TIME,
             print=lambda _: log.info("listening on http://%s", config.server.listen),
             shutdown_timeout=10,
         )

@@ -95,6 +95,8 @@ def _check_target(value: str) -> str:
 class Server(_Model):
     listen: Annotated[str, AfterValidator(_check_listen)] = DEFAULT_LISTEN
     auth: Auth | None = None
+    # A request's headers, then its body, must each arrive within this; idle connections close.
+    read_timeout: Duration = timedelta(seconds=15)
     # Absent: any host. Present: instance URLs must be in these networks or match these names.
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
 
@@ -335,7 +337,13 @@ def parse_config(
     env: Mapping[str, str] | None = None,
     base_dir: Path | None = None,
 ) -> Config:
-    env = os.environ if env is None else env
+    try:
+        return _parse(text, source, os.environ if env is None else env, base_dir)
+    except RecursionError:  # YAML composes deep nesting iteratively; the checks recurse
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
+
+
+def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None) -> Config:
     node, data = _parse_yaml(text, source)
     lines = dict(_lines(node, ()))
     problems: list[tuple[Path_, str]] = list(_duplicate_keys(node, ()))
@@ -391,10 +399,16 @@ def config_warnings(config: Config) -> list[str]:
 
 
 def _parse_yaml(text: str, source: str) -> tuple[yaml.Node | None, Any]:
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character up front
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.reason}"]) from None
     try:
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise ConfigError([f"{source}: invalid YAML: nested too deeply"]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1

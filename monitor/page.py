@@ -22,7 +22,7 @@ from aiohttp import web
 
 from registry import Catalog, HealthState, InstanceStatus
 from registry.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
-from registry.errors import ApiError
+from registry.errors import ApiError, read_body
 from registry.openapi import error_responses, path_param, query_param
 from scheduler import Event, EventBus, Subscription
 from workflows.engine import Engine
@@ -234,6 +234,7 @@ class StatusPage:
             raise ApiError(403, "sign-in from another site is refused", code="forbidden")
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
+        await read_body(request)  # bounded in size and time, like every other body
         form = await request.post()
         target = _next_path(str(form.get("next", "/")))
         grant = self._auth.identify(f"Bearer {form.get('token', '')}")

@@ -14,6 +14,7 @@ _UNITS = {
     "d": 86400.0,
     "w": 604800.0,
 }
+MAX_SECONDS = 100 * 365 * 86400.0  # far beyond any real timeout, well inside timedelta
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
 
@@ -31,6 +32,8 @@ def parse_duration(text: str) -> timedelta:
     if not _WHOLE.fullmatch(cleaned):
         raise ValueError(f"invalid duration {text!r} (expected e.g. 500ms, 10s, 5m, 1h30m, 2d)")
     seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(cleaned))
+    if not seconds <= MAX_SECONDS:  # also false for inf
+        raise ValueError(f"duration {text!r} is longer than 100 years")
     return timedelta(seconds=seconds)
 
 

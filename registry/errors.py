@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,10 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 MAX_BODY_BYTES = 1024 * 1024
+# A body must arrive within this many seconds (a slow upload holds a connection and a
+# buffer); the app sets it from server.read_timeout, which also bounds headers (monitor/cli.py).
+READ_TIMEOUT = web.AppKey("read_timeout", float)
+DEFAULT_READ_TIMEOUT = 15.0
 
 _STATUS_CODES = {
     400: "bad_request",
@@ -24,6 +29,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
@@ -68,9 +74,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.message, code=exc.code, details=exc.details)
+        response = error_response(exc.status, exc.message, code=exc.code, details=exc.details)
+        if exc.status == 408:
+            response.force_close()  # the rest of a slow body is not worth waiting for
+        return response
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        response = error_response(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        response.force_close()  # nor is the rest of a huge one
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -83,9 +94,19 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "internal error; see the daemon log", code="internal")
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body: at most MAX_BODY_BYTES (413), within the read timeout (408)."""
+    seconds = request.config_dict.get(READ_TIMEOUT, DEFAULT_READ_TIMEOUT)
+    try:
+        async with asyncio.timeout(seconds):
+            return await request.read()  # bounded by the app's client_max_size
+    except TimeoutError:
+        raise ApiError(408, f"request body not received within {seconds:g}s") from None
+
+
 async def parse_body(request: web.Request, model: type[M]) -> M:
     """Read a JSON body into `model`, or raise a 400/422 naming every bad field."""
-    raw = await request.read()  # bounded by the app's client_max_size
+    raw = await read_body(request)
     if not raw:
         raise ApiError(400, "request body is empty; expected a JSON object")
     try:

@@ -32,7 +32,8 @@ def write_config(directory: Path, port: int, **sections: Any) -> Path:
         "storage": {"path": str(directory / "hms.db")},
         "defaults": {"probe": {"type": "none"}},  # these tests are about the registry
     }
-    data.update(sections)
+    server = {**data["server"], **sections.pop("server", {})}
+    data.update(sections, server=server)
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

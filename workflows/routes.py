@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry import parse_duration
 from registry.auth import DAEMON_TOPICS, Authorizer
-from registry.errors import ApiError, parse_body
+from registry.errors import ApiError, parse_body, read_body
 from registry.responses import json_response
 from scheduler import Event, EventBus
 
@@ -108,7 +108,7 @@ class WorkflowRoutes:
         self.auth.require(request, "start", name)
         if name not in self.engine.definitions:
             raise ApiError(404, f"no workflow named {name!r}")
-        body = await parse_body(request, StartBody) if await request.read() else StartBody()
+        body = await parse_body(request, StartBody) if await read_body(request) else StartBody()
         return await self._start(request, name, body.input, body.idempotency_key)
 
     async def _start(
@@ -251,7 +251,7 @@ class WorkflowRoutes:
 
 async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
     """The body as a JSON object (an empty body is {}), or a 400/422."""
-    raw = await request.read()
+    raw = await read_body(request)
     try:
         data = orjson.loads(raw) if raw else {}
     except orjson.JSONDecodeError as exc:
