@@ -49,6 +49,7 @@ from .health import HealthBook
 from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .notify import Notifier
+from .overload import LoadShedder
 from .page import StatusPage
 from .probes import Prober
 from .reload import LiveConfig, Reloader
@@ -97,12 +98,18 @@ def build_app(
 ) -> web.Application:
     """`config_path` turns on hot reload: a file watch, and SIGHUP with `reload_on_sighup`."""
     auth = _authorizer(config)
-    # Each middleware costs every request a frame; the auth one exists only when auth does.
-    middlewares = [error_middleware, auth.middleware()] if auth.enabled else [error_middleware]
+    registry = metrics or CollectorRegistry(auto_describe=True)
+    shedder = LoadShedder(config.server.overload_lag.total_seconds(), registry)
+    # Each middleware costs every request a frame: only those that are on are installed.
+    # The shedder comes first: refusing must cost as little as possible.
+    middlewares = [shedder.middleware()] if shedder.enabled else []
+    middlewares.append(error_middleware)
+    if auth.enabled:
+        middlewares.append(auth.middleware())
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
+    app.cleanup_ctx.append(shedder.context)
     clock = clock or SystemClock()
-    registry = metrics or CollectorRegistry(auto_describe=True)
     database = Database(config.storage.path)
     bus = EventBus(clock=clock.time)
     scheduler = Scheduler(registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -145,9 +146,23 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _raise_file_limit() -> None:
+    """Every probe, call and client holds a socket: take the hard limit of open files, as
+    Go's runtime does for Consul and Prometheus, instead of the 1,024 many systems start with."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from .app import build_app
 
+    _raise_file_limit()
     app = build_app(config, config_path=Path(args.config), reload_on_sighup=True)
     try:
         web.run_app(

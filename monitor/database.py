@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from registry import StoreUnavailable
+from registry import Overloaded, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ _Write = tuple[Callable[[sqlite_utils.Database], Any], "asyncio.Future[Any]"]
 # 'HMS\0': marks the file as ours, so a foreign database is refused rather than written into.
 APPLICATION_ID = 0x484D5300
 MAX_BATCH = 512
+# Writes queued behind the one committing; past this a write is refused (503 overloaded)
+# instead of waiting seconds for its turn. A commit takes 1-5 ms; 20k is several batches.
+MAX_PENDING_WRITES = 20_000
 CHECKPOINT_INTERVAL = 1.0
 STORAGE_LOG_INTERVAL = 60.0
 
@@ -154,6 +157,8 @@ class Database:
         self._require_open()
         if self._closing:
             raise DatabaseError("database is closing")
+        if len(self._pending) >= MAX_PENDING_WRITES:
+            raise Overloaded(f"{len(self._pending)} changes are waiting for the disk; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._pending.append((fn, future))
         self._wakeup.set()

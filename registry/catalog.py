@@ -73,6 +73,12 @@ class StoreUnavailable(RegistryError):
     code = "storage_unavailable"
 
 
+class Overloaded(StoreUnavailable):
+    """Too many changes are waiting for the disk: this one was refused before queueing."""
+
+    code = "overloaded"
+
+
 class ChangeKind(enum.StrEnum):
     REGISTERED = "registered"
     UPDATED = "updated"
