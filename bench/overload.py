@@ -1,0 +1,147 @@
+"""Overload benchmark: /healthz latency while a heartbeat flood runs at twice capacity.
+
+The capacity is measured first, in this run: the heartbeats/s the daemon answers
+under an open-loop flood it cannot keep up with. Then floods at twice that rate,
+over 64 connections (a pool of well-behaved clients) and over 1,000 (a swarm),
+while /healthz is asked every 20 ms on its own keep-alive connection, as a load
+balancer would. The peer is bare aiohttp on the same loop (uvloop) answering the
+same requests with a constant and serving /healthz, with no shedding: what the
+same flood does to an aiohttp service that does nothing about it.
+
+    python -m bench.overload [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .registry import ROOT, daemon_argv, free_port, server, write_daemon_config
+
+INSTANCES = 1000
+BARE = textwrap.dedent(
+    """
+    import sys, uvloop
+    from aiohttp import web
+
+    async def beat(request):
+        return web.json_response({"ok": True})
+
+    async def ok(request):
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.add_routes([web.post("/{tail:.*}", beat), web.get("/healthz", ok), web.get("/readyz", ok)])
+    web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None,
+                loop=uvloop.new_event_loop())
+    """
+)
+
+
+async def flood(url: str, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.flood", url, str(rate), str(seconds), str(connections),
+        str(INSTANCES), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def healthz(url: str, seconds: float) -> list[float]:
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=30)) as http:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            async with http.get("/healthz") as resp:
+                await resp.read()
+            latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.02)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+async def register(url: str) -> None:
+    async with aiohttp.ClientSession(url) as http:
+        gate = asyncio.Semaphore(32)
+
+        async def put(i: int) -> None:
+            body = {"url": "http://127.0.0.1:9", "ttl": "1h"}
+            async with gate, http.put(f"/v1/services/flood/instances/i{i}", json=body) as r:
+                assert r.status in (200, 201)
+
+        await asyncio.gather(*(put(i) for i in range(INSTANCES)))
+
+
+async def under_flood(url: str, rate: float, seconds: float, connections: int) -> str:
+    flooding = asyncio.create_task(flood(url, rate, seconds, connections))
+    await asyncio.sleep(0.5)
+    latencies = await healthz(url, seconds - 1.0)
+    result = await flooding
+    statuses = result["statuses"]
+    answered_per_s = result["answered"] / max(result["seconds"], 0.001)
+    return (
+        f"/healthz p50 {percentile(latencies, 0.5):6.1f} ms  p99 {percentile(latencies, 0.99):6.1f}"
+        f" ms  max {max(latencies):6.1f} ms | flood: {result['sent']:,} sent, "
+        f"{statuses.get('200', 0):,} ok, {statuses.get('503', 0):,} shed (503), "
+        f"{result['unanswered']:,} dropped unread, {answered_per_s:,.0f} answers/s"
+    )
+
+
+async def capacity(url: str, seconds: float) -> float:
+    result = await flood(url, 60_000, seconds, 64)
+    return float(result["statuses"].get("200", 0)) / max(result["seconds"], 0.001)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = write_daemon_config(workdir, port)
+        print(f"Overload: heartbeats to {INSTANCES:,} instances, open loop, 2 cores shared")
+        with server(daemon_argv(config), url, workdir / "daemon.log"):
+            asyncio.run(register(url))
+            ceiling = asyncio.run(capacity(url, 3.0))
+            print(f"  hms-mgmt capacity under flood            {ceiling:10,.0f} heartbeats/s")
+            rows = {}
+            for connections in (64, 1000):
+                rows[connections] = asyncio.run(
+                    under_flood(url, 2 * ceiling, args.seconds, connections)
+                )
+        (workdir / "bare.py").write_text(BARE)
+        bare_port = free_port()
+        bare_url = f"http://127.0.0.1:{bare_port}"
+        bare_rows = {}
+        argv = [sys.executable, str(workdir / "bare.py"), str(bare_port)]
+        with server(argv, bare_url, workdir / "bare.log"):
+            for connections in (64, 1000):
+                bare_rows[connections] = asyncio.run(
+                    under_flood(bare_url, 2 * ceiling, args.seconds, connections)
+                )
+        for connections in (64, 1000):
+            print(f"  flood at 2x ({2 * ceiling:,.0f}/s), {connections} connections")
+            print(f"    hms-mgmt      {rows[connections]}")
+            print(f"    bare aiohttp  {bare_rows[connections]}")
+        print("  goal: /healthz p99 < 100 ms during the flood; refused work answered 503 at once")
+
+
+if __name__ == "__main__":
+    main()
