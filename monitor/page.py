@@ -229,8 +229,7 @@ class StatusPage:
 
     async def login(self, request: web.Request) -> web.Response:
         """Exchange a token (form field) for a read-only session cookie."""
-        origin = request.headers.get("Origin")
-        if origin is not None and urlsplit(origin).netloc != request.host:
+        if _cross_site(request):
             raise ApiError(403, "sign-in from another site is refused", code="forbidden")
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
@@ -317,6 +316,16 @@ class StatusPage:
 
 def _asset(name: str) -> bytes:
     return resources.files("monitor").joinpath("static", name).read_bytes()
+
+
+def _cross_site(request: web.Request) -> bool:
+    """A form posted from another site. Browsers say so in Sec-Fetch-Site; older ones send
+    Origin, which is "null" under our no-referrer policy, so only a real other origin counts."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin not in (None, "null") and urlsplit(origin).netloc != request.host
 
 
 def _next_path(raw: str | None) -> str:

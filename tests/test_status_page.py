@@ -148,3 +148,51 @@ async def test_page_turns_critical_live_and_shows_a_process_timeline(
     await page.goto(base)
     await page.screenshot(path=str(ARTIFACTS / "status-page.png"), full_page=True)
     assert problems == []
+
+
+async def test_with_protected_reads_a_person_signs_in_and_the_page_is_live(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+    browser: Any,
+) -> None:
+    token = "reader-token-123"
+    auth = {"tokens": [{"token": token, "scopes": ["subscribe:none"]}], "protect_reads": True}
+    site = await start_daemon(
+        make_config(
+            server={"auth": auth},
+            defaults={"probe": {"type": "http", **FAST}},
+            services=[
+                {
+                    "name": "payments",
+                    "instances": [{"id": "p1", "url": str(target.make_url("/"))}],
+                    "probe": {"path": "/switchable"},
+                }
+            ],
+        )
+    )
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    base = str(site.make_url("/"))
+
+    await page.goto(base + "services/payments")  # no session: the sign-in form instead
+    await page.wait_for_url(re.compile(r"/login\?next=(/|%2F)services(/|%2F)payments$"))
+    await page.get_by_label("Token").fill("not-the-token")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_have_text("That token is not valid.")
+    problems.clear()  # the form came back as a 401 document, which the console reports
+    await page.get_by_label("Token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url("**/services/payments")
+    badge = page.locator('[data-instance="payments/p1"] .health .state')
+    await expect(badge).to_have_text("passing", timeout=10_000)
+    await expect(page.locator("#live")).to_have_text(re.compile(r"^Live"))  # SSE with the cookie
+    async with aiohttp.ClientSession() as http:
+        await http.post(target.make_url("/status/503"))
+    await expect(badge).to_have_text("critical", timeout=10_000)
+    cookies = await page.context.cookies()
+    assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [
+        ("hms_session", True, "Strict")
+    ]
+    assert problems == []
