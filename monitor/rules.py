@@ -54,6 +54,7 @@ def build_rules(config: Config) -> dict[str, Any]:
     groups = [_slo_group(service, slo) for service in config.services for slo in service.slos]
     groups.append(_instance_group())
     groups.append(_workflow_group())
+    groups.append(_daemon_group())
     return {"groups": groups}
 
 
@@ -204,6 +205,36 @@ def _workflow_group() -> dict[str, Any]:
                     "runbook_url": f"{RUNBOOK}-hmsworkflowdeadlinemissed",
                 },
             }
+        ],
+    }
+
+
+def _daemon_group() -> dict[str, Any]:
+    """The daemon's own faults (RELIABILITY.md): a disk that refuses writes, load shed."""
+    return {
+        "name": "hms-daemon",
+        "rules": [
+            {
+                "alert": "HmsStorageUnwritable",
+                "expr": "hms_storage_writable == 0",
+                "for": "1m",
+                "labels": {"severity": "page"},
+                "annotations": {
+                    "summary": "hms-mgmt cannot write its database",
+                    "description": "Registrations, events and workflow starts are refused "
+                    "with 503 until the disk has space or is writable again.",
+                    "runbook_url": f"{RUNBOOK}-hmsstorageunwritable",
+                },
+            },
+            {
+                "alert": "HmsOverloaded",
+                "expr": "sum without (reason) (increase(hms_http_shed_total[5m])) > 0",
+                "labels": {"severity": "ticket"},
+                "annotations": {
+                    "summary": "hms-mgmt is refusing requests as overloaded (503)",
+                    "runbook_url": f"{RUNBOOK}-hmsoverloaded",
+                },
+            },
         ],
     }
 

@@ -240,6 +240,53 @@ def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: P
     )
 
 
+def test_the_daemon_alerts_on_an_unwritable_disk_and_on_shedding(
+    tmp_path: Path, rule_file: Path
+) -> None:
+    runbook = "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts-"
+    run_tests(
+        tmp_path,
+        rule_file,
+        [
+            {"series": 'hms_storage_writable{instance="d"}', "values": "1 0x5 1x5"},
+            {"series": 'hms_http_shed_total{instance="d",reason="loop_lag"}', "values": "0x5 40x5"},
+        ],
+        alert_tests=(
+            alerts("HmsStorageUnwritable", "1m", []),  # "for: 1m" not yet over
+            alerts(
+                "HmsStorageUnwritable",
+                "3m",
+                [
+                    {
+                        "exp_labels": {"severity": "page", "instance": "d"},
+                        "exp_annotations": {
+                            "summary": "hms-mgmt cannot write its database",
+                            "description": "Registrations, events and workflow starts are "
+                            "refused with 503 until the disk has space or is writable again.",
+                            "runbook_url": runbook + "hmsstorageunwritable",
+                        },
+                    }
+                ],
+            ),
+            alerts("HmsStorageUnwritable", "9m", []),  # recovered
+            alerts("HmsOverloaded", "4m", []),
+            alerts(
+                "HmsOverloaded",
+                "7m",
+                [
+                    {
+                        "exp_labels": {"severity": "ticket", "instance": "d"},
+                        "exp_annotations": {
+                            "summary": "hms-mgmt is refusing requests as overloaded (503)",
+                            "runbook_url": runbook + "hmsoverloaded",
+                        },
+                    }
+                ],
+            ),
+        ),
+    )
+
+
 def test_the_cli_writes_the_rule_file(tmp_path: Path) -> None:
     from .test_config import run_cli
 
