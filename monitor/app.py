@@ -79,6 +79,7 @@ RELOADER = web.AppKey("reloader", Reloader)
 SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
 CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
 REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
+SHEDDER = web.AppKey("shedder", LoadShedder)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -108,6 +109,7 @@ def build_app(
         middlewares.append(auth.middleware())
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
+    app[SHEDDER] = shedder
     app.cleanup_ctx.append(shedder.context)
     clock = clock or SystemClock()
     database = Database(config.storage.path)
@@ -121,6 +123,9 @@ def build_app(
         clock=clock.time,
     )
     catalog = Catalog(SqliteRegistryStore(database), clock=clock, health=book)
+    shedder.on_change(
+        lambda shedding: catalog.pause_expiry() if shedding else catalog.resume_expiry()
+    )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
     thresholds = [
         slo.latency_threshold.total_seconds()

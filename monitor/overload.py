@@ -6,7 +6,9 @@ flood it grows with the number of requests waiting for their turn, and every
 request (including `/healthz`) waits that long. While it is above
 `server.overload_lag`, requests are refused with 503 and `Retry-After` before
 routing, auth or body parsing, which costs a fraction of serving them, so the
-loop catches up; probes, timers and processes keep running. Liveness,
+loop catches up; probes, timers and processes keep running. Leases do not
+lapse while heartbeats are being refused (the catalog pauses expiry and renews
+every lease when shedding stops). Liveness,
 readiness and `/metrics` are always served, so orchestrators and Prometheus
 see the overload instead of a dead daemon. Shedding stops once the lag is
 under half the threshold, and starts only after three samples in a row are
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -45,6 +47,8 @@ class LoadShedder:
         self.lag = 0.0
         self.shedding = False
         self._high = 0
+        self._listeners: list[Callable[[bool], None]] = []
+        self.task: asyncio.Task[None] | None = None
         self._shed = Counter(
             "hms_http_shed",
             "Requests refused with 503 because the daemon was overloaded",
@@ -81,8 +85,13 @@ class LoadShedder:
 
         return shed
 
+    def on_change(self, listener: Callable[[bool], None]) -> None:
+        """Called with True when shedding starts and False when it stops."""
+        self._listeners.append(listener)
+
     def sample(self, lag: float) -> None:
         self.lag = lag
+        was = self.shedding
         if lag > self.max_lag:
             self._high += 1
             # One slow moment (a GC pass, a big page) is not overload; three in a row are.
@@ -91,6 +100,9 @@ class LoadShedder:
             self._high = 0
             if lag < self.max_lag / 2:
                 self.shedding = False
+        if self.shedding != was:
+            for listener in self._listeners:
+                listener(self.shedding)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -101,8 +113,8 @@ class LoadShedder:
 
     async def context(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: measure while the app runs."""
-        task = asyncio.create_task(self.run(), name="loop-lag")
+        self.task = asyncio.create_task(self.run(), name="loop-lag")
         yield
-        task.cancel()
+        self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await task
+            await self.task

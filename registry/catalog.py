@@ -181,6 +181,7 @@ class Catalog:
         self._declared: frozenset[str] = frozenset()
         self.heartbeats_total = 0
         self.expirations_total = 0
+        self._expiry_paused = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -367,8 +368,33 @@ class Catalog:
 
     # -- internals -----------------------------------------------------------------
 
+    def pause_expiry(self) -> None:
+        """The daemon itself is overloaded and refusing requests, heartbeats among them:
+        no lease lapses for it. (A flood must not turn into every instance going critical.)"""
+        if not self._expiry_paused:
+            self._expiry_paused = True
+            log.warning("overloaded: lease expiry paused until the load is served again")
+
+    def resume_expiry(self) -> None:
+        """Every lease still held is renewed from now, so clients whose heartbeats were
+        refused get a whole ttl to come back."""
+        if not self._expiry_paused:
+            return
+        self._expiry_paused = False
+        now = self._clock.monotonic()
+        renewed = 0
+        for entries in self._services.values():
+            for entry in entries.values():
+                if entry.instance.ttl is not None and not entry.lapsed and not entry.removed:
+                    entry.renewed_at = now
+                    renewed += 1
+        log.warning("load served again: lease expiry resumed, %d lease(s) renewed", renewed)
+        self._reaper_wakeup.set()
+
     def expire_due(self) -> None:
         """Apply every lapse and removal whose time has come."""
+        if self._expiry_paused:
+            return
         now = self._clock.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, service, instance_id = heapq.heappop(self._deadlines)
