@@ -41,4 +41,4 @@ bench: $(BIN)/hms-mgmt
 	$(BIN)/python -m bench.overload
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
