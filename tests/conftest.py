@@ -24,6 +24,19 @@ from .services import Receiver, start_receiver
 AppClient = TestClient  # type: ignore[type-arg]
 
 
+def _raise_file_limit() -> None:
+    """The overload tests hold 1,000+ sockets in this process: take the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+_raise_file_limit()
+
+
 class FakeClock:
     """Time that moves only when a test says so."""
 

@@ -100,8 +100,13 @@ async def flood(url: str, rate: float, seconds: float, connections: int, instanc
 
 def main() -> None:
     import logging
+    import resource
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # writes after the server hung up
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,000 connections need room
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     url, rate, seconds, connections, instances = sys.argv[1:6]
     result = asyncio.run(flood(url, float(rate), float(seconds), int(connections), int(instances)))
     print(json.dumps(result), flush=True)
