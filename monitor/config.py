@@ -98,7 +98,7 @@ class Server(_Model):
     # A request's headers, then its body, must each arrive within this; idle connections close.
     read_timeout: Duration = timedelta(seconds=15)
     # Event-loop lag beyond which requests get 503 + Retry-After (monitor/overload.py); 0s: never.
-    overload_lag: Duration = timedelta(milliseconds=50)
+    overload_lag: Duration = timedelta(milliseconds=25)
     # Absent: any host. Present: instance URLs must be in these networks or match these names.
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
 
