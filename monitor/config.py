@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
-from registry.model import Meta
+from registry.model import DurationOrZero, Meta
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
 
@@ -98,7 +98,7 @@ class Server(_Model):
     # A request's headers, then its body, must each arrive within this; idle connections close.
     read_timeout: Duration = timedelta(seconds=15)
     # Event-loop lag beyond which requests get 503 + Retry-After (monitor/overload.py); 0s: never.
-    overload_lag: Duration = timedelta(milliseconds=25)
+    overload_lag: DurationOrZero = timedelta(milliseconds=25)
     # Absent: any host. Present: instance URLs must be in these networks or match these names.
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
 

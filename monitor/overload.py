@@ -91,6 +91,8 @@ class LoadShedder:
 
     def sample(self, lag: float) -> None:
         self.lag = lag
+        if not self.enabled:  # measured for the gauge only
+            return
         was = self.shedding
         if lag > self.max_lag:
             self._high += 1

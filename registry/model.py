@@ -114,6 +114,13 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema(DURATION_JSON_SCHEMA),
 ]
+# The same, where zero means "off" (server.overload_lag).
+DurationOrZero = Annotated[
+    timedelta,
+    BeforeValidator(_to_timedelta),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(DURATION_JSON_SCHEMA),
+]
 
 Name = Annotated[str, AfterValidator(check_name)]
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]

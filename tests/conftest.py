@@ -68,12 +68,15 @@ def make_config(tmp_path: Path) -> Callable[..., Config]:
         # Not probed unless a test asks: registry tests use made-up addresses, and no
         # test may send traffic beyond 127.0.0.1.
         data: dict[str, Any] = {
+            "server": {"overload_lag": "0s"},  # see tests/processes.py write_config
             "storage": {"path": str(tmp_path / "hms.db")},
             "defaults": {"probe": {"type": "none"}},
         }
         defaults = sections.pop("defaults", {})
+        server = sections.pop("server", {})
         data.update(sections)
         data["defaults"] = {**data["defaults"], **defaults}
+        data["server"] = {**data["server"], **server}
         return parse_config(yaml.safe_dump(data), base_dir=tmp_path)
 
     return make

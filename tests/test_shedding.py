@@ -71,3 +71,19 @@ async def test_leases_do_not_lapse_while_heartbeats_are_refused(
     clock.advance(11)  # and then it lapses as usual when the client stays away
     listed = await (await client.get("/v1/services/a")).json()
     assert [i["health"] for i in listed["instances"]] == ["critical"]
+
+
+async def test_with_overload_lag_zero_nothing_is_ever_shed(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    client = await start_daemon(make_config(server={"overload_lag": "0s"}))
+    for _ in range(5):
+        client.app[SHEDDER].sample(10.0)
+    assert (await client.get("/v1/services")).status == 200
+    body = {"url": "http://127.0.0.1:1", "ttl": "10s"}
+    assert (await client.put("/v1/services/a/instances/b", json=body)).status == 201
+    clock.advance(11)  # leases still lapse: expiry was not paused either
+    listed = await (await client.get("/v1/services/a")).json()
+    assert [i["health"] for i in listed["instances"]] == ["critical"]
