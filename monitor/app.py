@@ -49,7 +49,7 @@ from .health import HealthBook
 from .maintenance import MaintenanceCalendar
 from .metrics import ProbeMetrics, render
 from .notify import Notifier
-from .overload import LoadShedder
+from .overload import NEVER_SHED, LoadShedder
 from .page import StatusPage
 from .probes import Prober
 from .reload import LiveConfig, Reloader
@@ -531,24 +531,42 @@ def openapi_document(config: Config | None = None) -> dict[str, Any]:
             }
         },
     }
+    paths = {
+        **registry_openapi.paths(),
+        **health_api.openapi_paths(),
+        **health_api.slo_openapi_paths(),
+        **workflow_openapi.paths(
+            {w.route: w.name for w in config.workflows if w.route} if config else None
+        ),
+        **status_page.openapi_paths(),
+        **operations,
+    }
+    _add_daemon_wide_answers(paths)
     return {
         "openapi": "3.1.0",
         "info": {"title": "hms-mgmt", "version": _version()},
-        "paths": {
-            **registry_openapi.paths(),
-            **health_api.openapi_paths(),
-            **health_api.slo_openapi_paths(),
-            **workflow_openapi.paths(
-                {w.route: w.name for w in config.workflows if w.route} if config else None
-            ),
-            **status_page.openapi_paths(),
-            **operations,
-        },
+        "paths": paths,
         "components": {
             "schemas": registry_openapi.components(),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _add_daemon_wide_answers(paths: dict[str, Any]) -> None:
+    """Answers any operation can give, whatever its route: 503 when shedding load
+    (monitor/overload.py) or when a change cannot be stored; 408 and 413 where a body is read."""
+    error = registry_openapi.error_responses
+    for path, item in paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            responses = operation["responses"]
+            if path not in NEVER_SHED:
+                responses.setdefault("503", error(503)["503"])
+            if method in ("put", "post", "patch"):
+                responses.setdefault("408", error(408)["408"])
+                responses.setdefault("413", error(413)["413"])
 
 
 def _version() -> str:
