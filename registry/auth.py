@@ -117,10 +117,6 @@ class Authorizer:
         message = b"%d." % expires + grant.digest
         return hmac.new(self._session_key, message, hashlib.sha256).hexdigest()
 
-    def may_read(self, request: web.Request) -> bool:
-        """Whether reads are open to this request (open, or it carries a token or session)."""
-        return not self.enabled or not self.protect_reads or GRANT in request
-
     def may_subscribe(self, request: web.Request, topic: str) -> bool:
         """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may
         read; what services publish needs a `subscribe` scope when auth is on."""
