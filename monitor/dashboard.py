@@ -118,6 +118,15 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                 ],
                 unit="s",
             ),
+            # The daemon's own faults (RELIABILITY.md): how late its loop runs, what it refuses.
+            _timeseries("Event-loop lag", [("max(hms_event_loop_lag_seconds)", "lag")], unit="s"),
+            _timeseries(
+                "Refused by the daemon",
+                [
+                    ("sum(rate(hms_http_shed_total[$__rate_interval]))", "shed (503)/s"),
+                    ("1 - min(hms_storage_writable)", "storage refusing writes (1)"),
+                ],
+            ),
         ]
     )
     return {
