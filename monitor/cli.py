@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +53,8 @@ def _malformed_requests(record: logging.LogRecord) -> bool:
     if isinstance(error, HttpProcessingError) and (error.code or 400) < 500:
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         first_line = str(error.message).strip().splitlines()[0] if error.message else ""
+        # aiohttp quotes the offending bytes (an overlong Authorization header, say): not those.
+        first_line = re.split(r":\s*(?:b['\"]|bytearray\()", first_line)[0]
         record.msg, record.args = "malformed request from %s refused: %s", (remote, first_line)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info = record.exc_text = None

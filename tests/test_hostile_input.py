@@ -15,6 +15,7 @@ import pytest
 from .processes import DaemonProcess, running_daemon
 
 READ_TIMEOUT = 1.0
+SECRET = b"s3cret-token-"
 WORKFLOW = {"name": "Echo", "route": "/api/echo", "steps": [{"name": "p", "publish": "echoed"}]}
 
 
@@ -139,6 +140,7 @@ async def test_hostile_paths_and_headers_are_4xx(daemon: DaemonProcess) -> None:
         b"GET /v1/services/a%00b HTTP/1.1\r\nHost: x\r\n\r\n",
         b"PUT /v1/services/s/instances/" + b"i" * 10_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"h" * 100_000 + b"\r\n\r\n",
+        b"GET / HTTP/1.1\r\nAuthorization: Bearer " + SECRET * 2000 + b"\r\n\r\n",
         b"GET /v1/services HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
         b"POST /v1/events/t HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello to a plain port\r\n\r\n",
@@ -161,3 +163,4 @@ async def test_after_all_of_it_the_daemon_logged_no_crash(daemon: DaemonProcess)
     log = daemon.log.read_text()
     assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
     assert "malformed request from 127.0.0.1 refused" in log
+    assert SECRET.decode() not in log  # the overlong Authorization header was not quoted
