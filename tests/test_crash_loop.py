@@ -1,7 +1,8 @@
 """A crash loop: one database, a daemon SIGKILLed at a random moment under mixed load, 20
 times with different seeds (HMS_CRASH_SEEDS=N for more). After every kill: nothing that
 got a 2xx is missing, nothing deleted with a 2xx is back, the file passes
-`PRAGMA integrity_check`. At the end every process has finished, each timer fired (its
+`PRAGMA integrity_check`, a start sent again with its key after a kill is the same process.
+At the end every process has finished, each timer fired (its
 event stored once, never before its due time) and each call carried one idempotency key."""
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Acked:
     doubtful: set[tuple[str, str]] = field(default_factory=set)
     events: set[str] = field(default_factory=set)
     processes: set[str] = field(default_factory=set)
+    unanswered_starts: set[str] = field(default_factory=set)  # idempotency keys to send again
 
 
 async def load(url: str, rng: random.Random, acked: Acked, seed: int) -> None:
@@ -83,10 +85,12 @@ async def load(url: str, rng: random.Random, acked: Acked, seed: int) -> None:
 
     async def starts(http: aiohttp.ClientSession) -> None:
         while True:
-            body = {"input": {}, "idempotency_key": f"p{seed}-{next(counter)}"}
-            async with http.post("/v1/workflows/Timed", json=body) as r:
+            key = f"p{seed}-{next(counter)}"
+            acked.unanswered_starts.add(key)
+            async with http.post("/v1/workflows/Timed", json={"idempotency_key": key}) as r:
                 if r.status == 202:
                     acked.processes.add((await r.json())["id"])
+                    acked.unanswered_starts.discard(key)
 
     async with aiohttp.ClientSession(url, timeout=timeout) as http:
         workers = [registrations, registrations, deletions, publishes, starts, starts]
@@ -99,6 +103,11 @@ def check_file(path: Path, acked: Acked) -> None:
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         keys = {row[0] for row in db.execute("SELECT key FROM events WHERE key IS NOT NULL")}
+        twice = db.execute(
+            "SELECT idempotency_key FROM processes WHERE idempotency_key IS NOT NULL "
+            "GROUP BY workflow, idempotency_key HAVING count(*) > 1"
+        ).fetchall()
+    assert not twice, f"a second process for one idempotency key: {twice[:3]}"
     missing = acked.events - keys
     assert not missing, f"{len(missing)} acknowledged events lost, e.g. {sorted(missing)[:3]}"
 
@@ -116,6 +125,17 @@ async def check_registry(url: str, acked: Acked) -> None:
     # What is in doubt has now been decided by the restart; it is acknowledged from here on.
     acked.present, acked.doubtful = found, set()
     acked.deleted -= found
+
+
+async def start_again(url: str, acked: Acked) -> None:
+    """A client whose start got no answer sends it again with the same key, as it should: the
+    one process (made before the kill, or now), never a second."""
+    async with aiohttp.ClientSession(url) as http:
+        for key in sorted(acked.unanswered_starts):
+            async with http.post("/v1/workflows/Timed", json={"idempotency_key": key}) as r:
+                assert r.status == 202, await r.text()
+                acked.processes.add((await r.json())["id"])
+    acked.unanswered_starts.clear()
 
 
 async def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -136,6 +156,7 @@ async def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Pa
             rng = random.Random(seed)
             await asyncio.to_thread(daemon.start)
             await check_registry(daemon.url, acked)
+            await start_again(daemon.url, acked)
             worker = asyncio.create_task(load(daemon.url, rng, acked, seed))
             await asyncio.sleep(rng.uniform(0.05, 1.0))
             daemon.kill()  # SIGKILL while requests are in flight
@@ -146,6 +167,7 @@ async def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path: Pa
 
         await asyncio.to_thread(daemon.start)
         await check_registry(daemon.url, acked)
+        await start_again(daemon.url, acked)
         await every_process_finished(daemon.url, acked)
     finally:
         daemon.stop()
