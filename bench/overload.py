@@ -15,17 +15,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from .registry import ROOT, daemon_argv, free_port, server, write_daemon_config
+from tests.flood import healthz_latencies, percentile, register_many
+from tests.flood import run as run_flood
+
+from .registry import daemon_argv, free_port, server, write_daemon_config
 
 INSTANCES = 1000
 BARE = textwrap.dedent(
@@ -47,50 +48,19 @@ BARE = textwrap.dedent(
 )
 
 
-async def flood(url: str, rate: float, seconds: float, connections: int) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.flood", url, str(rate), str(seconds), str(connections),
-        str(INSTANCES), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await process.communicate()
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-async def healthz(url: str, seconds: float) -> list[float]:
-    latencies: list[float] = []
-    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=30)) as http:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            async with http.get("/healthz") as resp:
-                await resp.read()
-            latencies.append((time.perf_counter() - started) * 1000)
-            await asyncio.sleep(0.02)
-    return latencies
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
-
-
 async def register(url: str) -> None:
     async with aiohttp.ClientSession(url) as http:
-        gate = asyncio.Semaphore(32)
+        await register_many(http, "flood", INSTANCES, {"url": "http://127.0.0.1:9", "ttl": "1h"})
 
-        async def put(i: int) -> None:
-            body = {"url": "http://127.0.0.1:9", "ttl": "1h"}
-            async with gate, http.put(f"/v1/services/flood/instances/i{i}", json=body) as r:
-                assert r.status in (200, 201)
 
-        await asyncio.gather(*(put(i) for i in range(INSTANCES)))
+async def flood(url: str, rate: float, seconds: float, connections: int) -> dict[str, Any]:
+    return await run_flood(url, rate, seconds, connections, INSTANCES)
 
 
 async def under_flood(url: str, rate: float, seconds: float, connections: int) -> str:
     flooding = asyncio.create_task(flood(url, rate, seconds, connections))
     await asyncio.sleep(0.5)
-    latencies = await healthz(url, seconds - 1.0)
+    latencies = await healthz_latencies(url, seconds - 1.0)
     result = await flooding
     statuses = result["statuses"]
     answered_per_s = result["answered"] / max(result["seconds"], 0.001)

@@ -149,23 +149,25 @@ def _event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def _raise_file_limit() -> None:
+def raise_open_file_limit() -> None:
     """Every probe, call and client holds a socket: take the hard limit of open files, as
-    Go's runtime does for Consul and Prometheus, instead of the 1,024 many systems start with."""
+    Go's runtime does for Consul and Prometheus, instead of the 1,024 many systems start with.
+    (The tests and their flood generator use it too: they hold 1,000+ sockets at once.)"""
     try:
         import resource
     except ImportError:  # not on this platform
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < wanted:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _serve(args: argparse.Namespace, config: Config) -> int:
     from .app import build_app
 
-    _raise_file_limit()
+    raise_open_file_limit()
     app = build_app(config, config_path=Path(args.config), reload_on_sighup=True)
     try:
         web.run_app(

@@ -17,6 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from monitor import build_app, parse_config
+from monitor.cli import raise_open_file_limit
 from monitor.config import Config
 
 from .services import Receiver, start_receiver
@@ -24,17 +25,7 @@ from .services import Receiver, start_receiver
 AppClient = TestClient  # type: ignore[type-arg]
 
 
-def _raise_file_limit() -> None:
-    """The overload tests hold 1,000+ sockets in this process: take the hard limit."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
-_raise_file_limit()
+raise_open_file_limit()  # the overload tests hold 1,000+ sockets in this process
 
 
 class FakeClock:

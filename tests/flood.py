@@ -4,7 +4,8 @@ Open loop, as real overload is: each connection writes its share of requests on 
 schedule (pipelined, HTTP/1.1) whether or not the answers have come, so a slow server
 faces a growing backlog instead of a politely waiting client. Prints one JSON line:
 requests sent, answers by status, and how many were still unanswered at the end.
-Used by tests/test_overload.py and bench/overload.py; it only talks to 127.0.0.1.
+Used by tests/test_overload.py and bench/overload.py, which also share the helpers
+below (run a flood, time /healthz, register the flooded instances); 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import json
 import sys
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
 
 TICK = 0.01  # seconds between writes on each connection
 
@@ -98,15 +105,65 @@ async def flood(url: str, rate: float, seconds: float, connections: int, instanc
     }
 
 
+async def run(
+    url: str, rate: float, seconds: float, connections: int, instances: int
+) -> dict[str, Any]:
+    """This module as a process of its own (so it does not share a loop with the caller)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.flood", url, str(rate), str(seconds), str(connections),
+        str(instances), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), timeout=seconds + 60)
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+async def healthz_latencies(url: str, seconds: float, timeout: float = 30.0) -> list[float]:
+    """/healthz every 20 ms over one keep-alive connection, as a load balancer would (ms)."""
+    latencies: list[float] = []
+    async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            async with http.get("/healthz") as resp:
+                assert resp.status == 200
+                await resp.read()
+            latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.02)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+async def register_many(
+    http: aiohttp.ClientSession, service: str, count: int, body: dict[str, Any]
+) -> None:
+    """PUT instances i0..i<count-1>, 32 at a time; a 503 (shed) is retried, as
+    registry.client does."""
+    gate = asyncio.Semaphore(32)
+
+    async def put(i: int) -> None:
+        for _ in range(50):
+            async with gate, http.put(f"/v1/services/{service}/instances/i{i}", json=body) as r:
+                if r.status != 503:
+                    assert r.status in (200, 201), await r.text()
+                    return
+            await asyncio.sleep(0.1)
+        raise AssertionError("registration refused 50 times")
+
+    await asyncio.gather(*(put(i) for i in range(count)))
+
+
 def main() -> None:
     import logging
-    import resource
+
+    from monitor.cli import raise_open_file_limit
 
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # writes after the server hung up
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # 1,000 connections need room
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
-    if soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    raise_open_file_limit()  # 1,000 connections need room
     url, rate, seconds, connections, instances = sys.argv[1:6]
     result = asyncio.run(flood(url, float(rate), float(seconds), int(connections), int(instances)))
     print(json.dumps(result), flush=True)

@@ -9,9 +9,6 @@ too); `python -m bench.overload` reports the figures precisely."""
 from __future__ import annotations
 
 import asyncio
-import json
-import sys
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,9 @@ import aiohttp
 import pytest
 
 from .conftest import until
-from .processes import ROOT, DaemonProcess, free_port, running_daemon
+from .flood import healthz_latencies, percentile, register_many
+from .flood import run as run_flood
+from .processes import DaemonProcess, free_port, running_daemon
 
 HUNG_TARGETS = 1000
 FLOOD_INSTANCES = 1000
@@ -45,42 +44,6 @@ async def hung_server() -> tuple[asyncio.Server, int, list[int]]:
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], accepted
-
-
-async def healthz_latencies(url: str, seconds: float) -> list[float]:
-    """/healthz every 20 ms over one keep-alive connection, as a load balancer would."""
-    latencies: list[float] = []
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with aiohttp.ClientSession(url, timeout=timeout) as http:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            async with http.get("/healthz") as resp:
-                assert resp.status == 200
-                await resp.read()
-            latencies.append((time.perf_counter() - started) * 1000)
-            await asyncio.sleep(0.02)
-    return latencies
-
-
-def p99(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
-
-
-async def put_many(http: aiohttp.ClientSession, service: str, count: int, body: Any) -> None:
-    gate = asyncio.Semaphore(32)
-
-    async def put(i: int) -> None:
-        for _ in range(50):  # as registry.client does: a 503 (shed) is retried
-            async with gate, http.put(f"/v1/services/{service}/instances/i{i}", json=body) as r:
-                if r.status != 503:
-                    assert r.status in (200, 201), await r.text()
-                    return
-            await asyncio.sleep(0.1)
-        raise AssertionError("registration refused 50 times")
-
-    await asyncio.gather(*(put(i) for i in range(count)))
 
 
 @pytest.fixture
@@ -146,14 +109,15 @@ async def test_hung_targets_a_wedged_service_and_a_dead_receiver_do_not_stall_it
     config = stuck_config(wedged, free_port())
     with running_daemon(tmp_path, server=SHEDDING, **config) as daemon:
         async with aiohttp.ClientSession(daemon.url) as http:
-            await put_many(http, "hung", HUNG_TARGETS, {"url": f"http://127.0.0.1:{wedged}"})
+            await register_many(http, "hung", HUNG_TARGETS, {"url": f"http://127.0.0.1:{wedged}"})
             starts = [http.post("/v1/workflows/Stuck", json={}) for _ in range(100)]
             for resp in await asyncio.gather(*starts):
                 assert resp.status == 202
                 resp.release()
-            latencies = await healthz_latencies(daemon.url, 5.0)
-            print(f"\n/healthz with {HUNG_TARGETS} hung targets: p99 {p99(latencies):.1f} ms")
-            assert p99(latencies) < GENEROUS_P99_MS
+            latencies = await healthz_latencies(daemon.url, 5.0, timeout=10)
+            p99 = percentile(latencies, 0.99)
+            print(f"\n/healthz with {HUNG_TARGETS} hung targets: p99 {p99:.1f} ms")
+            assert p99 < GENEROUS_P99_MS
 
             async def caught_up() -> bool:
                 async with http.get("/v1/health", params={"service": "hung"}) as r:
@@ -170,24 +134,6 @@ async def test_hung_targets_a_wedged_service_and_a_dead_receiver_do_not_stall_it
             assert await metric(http, "hms_probe_total", 'service="hung"') >= HUNG_TARGETS
 
 
-async def run_flood(url: str, rate: float, seconds: float, connections: int) -> dict[str, Any]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.flood",
-        url,
-        str(rate),
-        str(seconds),
-        str(connections),
-        str(FLOOD_INSTANCES),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    out, _ = await asyncio.wait_for(process.communicate(), timeout=seconds + 60)
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
 @pytest.mark.parametrize("connections", [64, 1000])
 async def test_a_heartbeat_flood_at_twice_the_benchmarked_rate_is_shed_and_survived(
     tmp_path: Path, connections: int
@@ -195,19 +141,19 @@ async def test_a_heartbeat_flood_at_twice_the_benchmarked_rate_is_shed_and_survi
     with running_daemon(tmp_path, server=SHEDDING) as daemon:
         async with aiohttp.ClientSession(daemon.url) as http:
             body = {"url": "http://127.0.0.1:9", "ttl": "120s"}
-            await put_many(http, "flood", FLOOD_INSTANCES, body)
+            await register_many(http, "flood", FLOOD_INSTANCES, body)
             flood = asyncio.create_task(
-                run_flood(daemon.url, 2 * BENCHMARKED_HEARTBEATS, 4.0, connections)
+                run_flood(daemon.url, 2 * BENCHMARKED_HEARTBEATS, 4.0, connections, FLOOD_INSTANCES)
             )
             await asyncio.sleep(0.5)  # the flood is on
-            latencies = await healthz_latencies(daemon.url, 3.0)
+            latencies = await healthz_latencies(daemon.url, 3.0, timeout=10)
             result = await flood
             print(
                 f"\nflood over {connections} connections: {result}; "
                 f"/healthz p50 {sorted(latencies)[len(latencies) // 2]:.1f} ms, "
-                f"p99 {p99(latencies):.1f} ms"
+                f"p99 {percentile(latencies, 0.99):.1f} ms"
             )
-            assert p99(latencies) < GENEROUS_P99_MS
+            assert percentile(latencies, 0.99) < GENEROUS_P99_MS
             # Served or refused, never anything else; what was refused was told so at once.
             assert set(result["statuses"]) <= {"200", "503"}
             assert result["statuses"].get("200", 0) > 0
