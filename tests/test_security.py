@@ -19,9 +19,8 @@ from monitor.config import Config, ConfigError
 
 from .conftest import AppClient, until
 from .services import Calls, service_app
+from .test_auth import ADMIN, PAYMENTS, bearer
 
-ADMIN = "admin-token-123"
-PAYMENTS = "payments-token-123"
 LISTENER = "listener-token-123"
 NOBODY = "no-scope-token-123"  # valid, but its one scope fits nothing the tests call
 TOKENS = [
@@ -38,10 +37,6 @@ WORKFLOW = {
 # The sign-in itself: it takes a token in its body, and logging out only clears a cookie.
 SIGN_IN = {("POST", "/login"), ("POST", "/logout")}
 OPEN_READS = {"/healthz", "/readyz", "/login", "/static/{name}"}
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture
