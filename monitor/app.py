@@ -80,6 +80,7 @@ SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
 CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
 REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
 SHEDDER = web.AppKey("shedder", LoadShedder)
+AUTHORIZER = web.AppKey("authorizer", Authorizer)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -98,7 +99,7 @@ def build_app(
     reload_on_sighup: bool = False,
 ) -> web.Application:
     """`config_path` turns on hot reload: a file watch, and SIGHUP with `reload_on_sighup`."""
-    auth = _authorizer(config)
+    auth = Authorizer(_tokens(config), protect_reads=_protect_reads(config))
     registry = metrics or CollectorRegistry(auto_describe=True)
     shedder = LoadShedder(config.server.overload_lag.total_seconds(), registry)
     # Each middleware costs every request a frame: only those that are on are installed.
@@ -110,6 +111,7 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
     app[SHEDDER] = shedder
+    app[AUTHORIZER] = auth
     app.cleanup_ctx.append(shedder.context)
     clock = clock or SystemClock()
     database = Database(config.storage.path)
@@ -315,6 +317,8 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     app[CHECKER].configure(new.defaults.probe, service_probes(new))
     app[CATALOG].replace_static(static_instances(new), (s.name for s in new.services))
     app[REGISTRY_ROUTES].targets = new.server.targets
+    app[AUTHORIZER].replace(_tokens(new), protect_reads=_protect_reads(new))
+    app[SHEDDER].max_lag = new.server.overload_lag.total_seconds()
     await app[SLOS].configure(new.services, app[DATABASE], clock)
     app[SLO_ROUTES].services = {s.name for s in new.services}
     definitions = [from_config(workflow) for workflow in new.workflows]
@@ -326,12 +330,13 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     app[SLO_METRICS].invalidate()
 
 
-def _authorizer(config: Config) -> Authorizer:
+def _tokens(config: Config) -> list[tuple[str, tuple[str, ...]]]:
     auth = config.server.auth
-    if auth is None:
-        return Authorizer((), protect_reads=False)
-    tokens = ((t.token.get_secret_value(), t.scopes) for t in auth.tokens)
-    return Authorizer(tokens, protect_reads=auth.protect_reads)
+    return [] if auth is None else [(t.token.get_secret_value(), t.scopes) for t in auth.tokens]
+
+
+def _protect_reads(config: Config) -> bool:
+    return config.server.auth is not None and config.server.auth.protect_reads
 
 
 def dependencies(config: Config) -> dict[str, tuple[str, ...]]:

@@ -2,10 +2,12 @@
 
 A reload parses the whole file first; any error leaves everything as it was
 (the errors are logged with their lines, and hms_config_last_reload_successful
-goes to 0). A valid config is then applied part by part: static services and
-their probes, dependencies, maintenance windows, SLOs, workflows and
-notifications. Settings bound at start (server, storage, latency buckets) are
-logged as needing a restart.
+goes to 0). A valid config is then applied part by part: tokens and their
+scopes, allowed targets, static services and their probes, dependencies,
+maintenance windows, SLOs, workflows and notifications. A config that changes
+a setting bound at start (the listen address, timeouts, turning auth or load
+shedding on or off, storage, lease defaults, histogram buckets) is refused
+whole, naming each such key: half a config in force is worse than the old one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from .checker import latency_buckets
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -101,8 +104,14 @@ class Reloader:
                 self._refused(str(exc), [])
                 return False
             old = self.live.current
-            for key in _needs_restart(old, new):
-                log.warning("config reload: %s changed; it takes effect after a restart", key)
+            fixed = restart_only_changes(old, new)
+            if fixed:
+                self._refused(
+                    "these settings cannot change while the daemon runs; restart it to apply "
+                    "them, or undo them to reload the rest",
+                    [f"{key} changed" for key in fixed],
+                )
+                return False
             try:
                 await self._apply(old, new)
             except Exception as exc:  # half applied is worse than refused: say so loudly
@@ -147,19 +156,34 @@ def _digest(path: Path) -> str | None:
         return None  # mid-replace or removed: keep what runs, look again later
 
 
-def _needs_restart(old: Config, new: Config) -> list[str]:
-    changed = []
-    if old.server != new.server:
-        changed.append("server")
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys that changed and are bound at start (sockets, middleware, the database)."""
+    changed = [
+        f"server.{key}"
+        for key in ("listen", "read_timeout")
+        if getattr(old.server, key) != getattr(new.server, key)
+    ]
+    if (old.server.auth is None) != (new.server.auth is None):
+        changed.append("server.auth (turning auth on or off)")
+    if (old.server.overload_lag.total_seconds() == 0) != (
+        new.server.overload_lag.total_seconds() == 0
+    ):
+        changed.append("server.overload_lag (turning load shedding on or off)")
     if old.storage != new.storage:
         changed.append("storage")
-    if old.defaults.latency_buckets != new.defaults.latency_buckets:
-        changed.append("defaults.latency_buckets")
     if old.defaults.lease != new.defaults.lease:
         changed.append("defaults.lease")
-    old_thresholds, new_thresholds = (
-        {slo.latency_threshold for s in c.services for slo in s.slos} for c in (old, new)
-    )
-    if old_thresholds != new_thresholds:
-        changed.append("an SLO latency_threshold (histogram buckets)")
+    # Histogram boundaries are fixed once series exist; a boundary no longer needed is harmless.
+    if not set(_buckets(new)) <= set(_buckets(old)):
+        changed.append("defaults.latency_buckets or an SLO latency_threshold (histogram buckets)")
     return changed
+
+
+def _buckets(config: Config) -> tuple[float, ...]:
+    thresholds = [
+        slo.latency_threshold.total_seconds()
+        for service in config.services
+        for slo in service.slos
+        if slo.latency_threshold is not None
+    ]
+    return latency_buckets(config.defaults.latency_buckets, thresholds)

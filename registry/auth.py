@@ -6,8 +6,8 @@ subject of the call (the service name for `register`, the topic for
 
 Browsers cannot send a bearer header, so a person signs in once at `/login`
 with a token and gets a session cookie: HttpOnly, SameSite=Strict, signed
-with a key derived from the configured tokens (changing the tokens ends every
-session) and good for reads only. Every state change still needs the header,
+with a key derived from that token (removing or changing the token ends its
+sessions) and good for reads only. Every state change still needs the header,
 so a forged cross-site request has nothing to ride on.
 """
 
@@ -68,11 +68,15 @@ GRANT = web.RequestKey("hms_grant", Grant)
 
 class Authorizer:
     def __init__(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
+        self._grants: tuple[Grant, ...] = ()
+        self.protect_reads = protect_reads
+        self.replace(tokens, protect_reads=protect_reads)
+
+    def replace(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
+        """Swap the tokens at once (a config reload): a removed token, and every session it
+        signed, stops working with the next request; scopes apply as they now read."""
         self._grants = tuple(Grant(_digest(token), tuple(scopes)) for token, scopes in tokens)
         self.protect_reads = protect_reads
-        self._session_key = hashlib.sha256(
-            b"hms-session" + b"".join(sorted(g.digest for g in self._grants))
-        ).digest()
 
     @property
     def enabled(self) -> bool:
@@ -114,8 +118,10 @@ class Authorizer:
         return None
 
     def _sign(self, expires: int, grant: Grant) -> str:
-        message = b"%d." % expires + grant.digest
-        return hmac.new(self._session_key, message, hashlib.sha256).hexdigest()
+        # Keyed by the token itself: only its holder could have signed in, and a session ends
+        # with its token without touching the sessions of the others.
+        key = hashlib.sha256(b"hms-session" + grant.digest).digest()
+        return hmac.new(key, b"%d." % expires, hashlib.sha256).hexdigest()
 
     def may_subscribe(self, request: web.Request, topic: str) -> bool:
         """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may

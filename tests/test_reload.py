@@ -205,3 +205,97 @@ async def test_a_notification_added_by_reload_is_sent(
 
     await until(delivered)
     assert receiver.bodies()[0]["event"] == "grant.paid"
+
+
+ADMIN = "admin-token-123"
+OPS = "ops-token-12345"
+
+
+def tokens(*entries: tuple[str, list[str]], protect_reads: bool = False) -> dict[str, Any]:
+    return {
+        "auth": {
+            "tokens": [{"token": token, "scopes": scopes} for token, scopes in entries],
+            "protect_reads": protect_reads,
+        }
+    }
+
+
+async def signed_in(client: AppClient, token: str) -> dict[str, str]:
+    resp = await client.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
+    assert resp.status == 303
+    value = resp.cookies["hms_session"].value
+    client.session.cookie_jar.clear()  # requests below carry the cookie only when they say so
+    return {"hms_session": value}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_a_removed_token_and_its_sessions_stop_working_at_reload(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    both = tokens((ADMIN, ["*"]), (OPS, ["register:ops"]), protect_reads=True)
+    path = config_file(server=both)
+    client = await start_watched(path)
+    ops_session, admin_session = await signed_in(client, OPS), await signed_in(client, ADMIN)
+    body = {"url": "http://127.0.0.1:1"}
+    put = await client.put("/v1/services/ops/instances/o1", json=body, headers=bearer(OPS))
+    assert put.status == 201
+
+    config_file(server=tokens((ADMIN, ["*"]), protect_reads=True))
+
+    async def refused() -> bool:
+        put = await client.put("/v1/services/ops/instances/o2", json=body, headers=bearer(OPS))
+        return put.status == 401
+
+    await until(refused)  # /metrics needs a token now, so the reload is seen by its effect
+    assert (await client.get("/v1/services", cookies=ops_session)).status == 401
+    # The token that stayed keeps its sessions: a reload does not sign everyone out.
+    assert (await client.get("/v1/services", cookies=admin_session)).status == 200
+    assert (await client.get("/v1/services/ops")).status == 401  # reads still protected
+
+
+async def test_changed_scopes_apply_at_reload(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    path = config_file(server=tokens((OPS, ["register:ops"])))
+    client = await start_watched(path)
+    body = {"url": "http://127.0.0.1:1"}
+    put = await client.put("/v1/services/billing/instances/b1", json=body, headers=bearer(OPS))
+    assert put.status == 403
+
+    config_file(server=tokens((OPS, ["register:billing"])))
+    await reloaded(client, "success")
+    put = await client.put("/v1/services/billing/instances/b1", json=body, headers=bearer(OPS))
+    assert put.status == 201
+    put = await client.put("/v1/services/ops/instances/o1", json=body, headers=bearer(OPS))
+    assert put.status == 403
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"server": {"listen": "127.0.0.1:1"}}, "server.listen"),
+        ({"server": {"read_timeout": "3s"}}, "server.read_timeout"),
+        ({"server": tokens((ADMIN, ["*"]))}, "server.auth (turning auth on or off)"),
+        ({"defaults": {"probe": {"type": "none"}, "lease": {"ttl": "5s"}}}, "defaults.lease"),
+    ],
+)
+async def test_a_setting_bound_at_start_refuses_the_whole_reload(
+    config_file: Callable[..., Path],
+    start_watched: Callable[[Path], Awaitable[AppClient]],
+    caplog: pytest.LogCaptureFixture,
+    change: dict[str, Any],
+    key: str,
+) -> None:
+    path = config_file(services=[{"name": "payments"}])
+    client = await start_watched(path)
+    caplog.set_level(logging.ERROR)
+
+    ledger = {"name": "ledger", "instances": [{"id": "l1", "url": "http://127.0.0.1:1"}]}
+    config_file(services=[{"name": "payments"}, ledger], **change)
+    await reloaded(client, "failure")
+    assert f"{key} changed" in caplog.text and "restart" in caplog.text
+    services = await (await client.get("/v1/services")).json()
+    assert "ledger" not in [s["name"] for s in services["services"]]  # nothing half-applied

@@ -350,17 +350,26 @@ async def test_tokens_never_appear_in_logs_errors_or_config_errors(
     assert "at least 8 characters" in str(raised.value)
 
 
-async def test_sessions_end_when_the_tokens_change() -> None:
+async def test_a_session_ends_with_its_token() -> None:
     from registry.auth import Authorizer
 
-    before = Authorizer([(ADMIN, ["*"])], protect_reads=True)
-    grant = before.identify(f"Bearer {ADMIN}")
+    auth = Authorizer([(ADMIN, ["*"])], protect_reads=True)
+    grant = auth.identify(f"Bearer {ADMIN}")
     assert grant is not None
-    cookie = before.session(grant, now=1000.0)
-    assert before.from_session(cookie, now=1001.0) == grant
-    assert before.from_session(cookie, now=1000.0 + 13 * 3600) is None  # expired
-    rotated = Authorizer([(ADMIN, ["*"]), ("another-token-1", ["*"])], protect_reads=True)
-    assert rotated.from_session(cookie, now=1001.0) is None
+    cookie = auth.session(grant, now=1000.0)
+    assert auth.from_session(cookie, now=1001.0) == grant
+    assert auth.from_session(cookie, now=1000.0 + 13 * 3600) is None  # expired
+    auth.replace([(ADMIN, ["*"]), ("another-token-1", ["*"])], protect_reads=True)
+    assert auth.from_session(cookie, now=1001.0) == grant  # another token came: still good
+    auth.replace([("rotated-token-1", ["*"])], protect_reads=True)
+    assert auth.from_session(cookie, now=1001.0) is None  # its token went: ended
+    # A new token never inherits the sessions of the one it replaced.
+    assert (
+        Authorizer([("rotated-token-1", ["*"])], protect_reads=True).from_session(
+            cookie, now=1001.0
+        )
+        is None
+    )
 
 
 async def test_the_page_under_auth_signs_in_in_a_browser_flow(
