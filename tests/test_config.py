@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -43,13 +44,56 @@ def test_the_design_example_loads() -> None:
     assert config.maintenance[0].every == ("sunday",)
 
 
-def test_the_example_is_the_one_in_design_md() -> None:
-    """The fixture is DESIGN.md §2's example; in a checkout beside shared/, they must agree."""
-    if DESIGN.exists():
-        match = re.search(r"## 2\. config\.yaml.*?```yaml\n(.*?)```", DESIGN.read_text(), re.S)
-        assert match is not None
-        assert match.group(1) == EXAMPLE.read_text()
-    assert "GrantPayment" in EXAMPLE.read_text()
+# DESIGN.md's examples show the contract once every open issue has landed; until then the
+# keys of an issue still open are refused as unknown. Each entry names its issue: when one
+# lands, its keys leave this table, and the test fails until they do.
+PENDING = {
+    "server.auth.tokens[0].name": 18,
+    "server.auth.tokens[1].name": 18,
+    "storage.audit_retention": 18,
+    "alerting": 13,
+    "workflows[0].steps[3].data": 15,
+    "resources": 16,
+    "workflows[0].queue": 15,
+    "workflows[0].trigger.event": 16,  # "Field required": a schedule trigger has no event
+    "workflows[0].trigger.schedule": 16,
+    "workflows[0].trigger.timezone": 16,
+    "workflows[0].output": 15,
+    "workflows[0].respond_after": 15,
+    "workflows[0].steps[0].expect": 16,
+    "workflows[0].steps[1].acquire": 16,
+    "workflows[0].steps[1].task": 15,
+    "workflows[0].steps[1].compensate.service": 15,  # a task compensation has no service
+    "workflows[0].steps[1].compensate.path": 15,
+    "workflows[0].steps[1].compensate.task": 15,
+    "workflows[0].steps[2].parallel": 16,
+    "workflows[0].steps[3].when": 16,
+    "workflows[0].steps[4].wait_for.event": 15,  # a signal wait has no event
+    "workflows[0].steps[4].wait_for.signal": 15,
+    "storage.url": 17,
+    "cluster": 17,
+}
+
+
+def design_examples() -> list[str]:
+    """The YAML examples of ../shared/DESIGN.md, which CI and every session have beside the
+    checkout; a bare clone elsewhere skips (fails under CI)."""
+    if not DESIGN.exists():
+        message = f"{DESIGN} is not beside the checkout"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return re.findall(r"```yaml\n(.*?)```", DESIGN.read_text(), re.S)
+
+
+def test_design_md_examples_load_but_for_the_keys_of_open_issues() -> None:
+    refused: set[str] = set()
+    for example in design_examples():
+        try:
+            parse_config(example, env=DESIGN_ENV)
+        except ConfigError as exc:
+            refused |= {error.split(": ")[1] for error in exc.errors}
+    assert refused == set(PENDING)
 
 
 def test_the_shipped_config_runs_as_is() -> None:
