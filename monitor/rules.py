@@ -154,7 +154,7 @@ def _slo_group(
         },
     ]
     rules += [
-        _burn_alert(service, slo, severity, {**labels, **extra_labels}, budget, runbooks)
+        _burn_alert(service, slo, severity, labels, extra_labels, runbooks)
         for severity in SEVERITIES
     ]
     return {"name": f"hms-slo-{sloth_id(service, slo)}", "rules": rules}
@@ -165,12 +165,13 @@ def _burn_alert(
     slo: Slo,
     severity: str,
     labels: dict[str, str],
-    budget: float,
+    extra_labels: dict[str, str],
     runbooks: Runbooks,
 ) -> dict[str, Any]:
     """One alert for the severity: any of its window pairs burning in both windows."""
     tiers = [tier for tier in TIERS if tier.severity == severity]
-    selector = _selector({k: labels[k] for k in ("sloth_id", "sloth_service", "sloth_slo")})
+    selector = _selector(labels)
+    budget = 1 - slo.objective / 100
 
     def over(window: str, tier: BurnTier) -> str:
         threshold = round(tier.factor(slo.period) * budget, 12)
@@ -193,6 +194,7 @@ def _burn_alert(
             "severity": severity,
             "sloth_severity": severity,
             **labels,
+            **extra_labels,
         },
         "annotations": {
             "summary": f"{service.name} {slo.name}: error budget burning too fast ({severity})",
