@@ -268,8 +268,9 @@ def _workflow_group(runbooks: Runbooks) -> dict[str, Any]:
                 "labels": {"severity": "ticket"},
                 "annotations": {
                     "summary": "{{ $labels.workflow }} processes missed their deadline",
-                    "description": "{{ $value }} process(es) of {{ $labels.workflow }} passed "
-                    "their deadline in the last 10 minutes; they go on running.",
+                    "description": "Processes of {{ $labels.workflow }} passed their deadline "
+                    "in the last 10 minutes; they go on running, and each miss counts against "
+                    "the workflow's SLO.",
                     "runbook_url": runbooks.url("HmsWorkflowDeadlineMissed"),
                 },
             }
