@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import shutil
 import subprocess
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -14,7 +20,7 @@ from monitor.config import ConfigError, load_config, parse_config
 from monitor.rules import build_rules
 
 from .conftest import require_tool
-from .processes import ROOT
+from .processes import ROOT, free_port
 from .test_rules import CONFIG
 
 DEPLOY = ROOT / "deploy"
@@ -137,3 +143,77 @@ def test_alertmanager_routes_by_team_then_severity(labels: list[str], receiver: 
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == [receiver]
+
+
+@contextmanager
+def running_alertmanager(directory: Path) -> Iterator[str]:
+    """The real Alertmanager (Debian names it prometheus-alertmanager) with the shipped
+    config, alone (no cluster) on a free 127.0.0.1 port; yields its base URL."""
+    name = "alertmanager" if shutil.which("alertmanager") else "prometheus-alertmanager"
+    port = free_port()
+    with (directory / "alertmanager.log").open("wb") as log:
+        server = subprocess.Popen(
+            [
+                require_tool(name),
+                f"--config.file={DEPLOY / 'alertmanager.yml'}",
+                f"--storage.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def burn_alert(sloth_id: str, severity: str) -> dict[str, Any]:
+    service, slo = sloth_id.rsplit("-", 1)
+    labels = {
+        "alertname": "HmsSloBurnRate",
+        "service": service,
+        "slo": slo,
+        "severity": severity,
+        "sloth_severity": severity,
+        "sloth_id": sloth_id,
+        "team": "money",
+    }
+    return {"labels": labels, "annotations": {"summary": "burning"}}
+
+
+async def test_a_page_holds_back_the_ticket_of_the_same_slo(tmp_path: Path) -> None:
+    with running_alertmanager(tmp_path) as url:
+        async with aiohttp.ClientSession() as http:
+            alerts = [
+                burn_alert("payments-availability", "page"),
+                burn_alert("payments-availability", "ticket"),
+                burn_alert("payments-latency", "ticket"),  # no page for this SLO
+            ]
+            for _ in range(100):  # until it listens
+                try:
+                    async with http.post(f"{url}/api/v2/alerts", json=alerts) as resp:
+                        assert resp.status == 200, await resp.text()
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                pytest.fail((tmp_path / "alertmanager.log").read_text())
+
+            states: dict[tuple[str, str], str] = {}
+            for _ in range(100):  # inhibitions are computed as the alerts come in
+                async with http.get(f"{url}/api/v2/alerts") as resp:
+                    states = {
+                        (a["labels"]["sloth_id"], a["labels"]["severity"]): a["status"]["state"]
+                        for a in await resp.json()
+                    }
+                if states.get(("payments-availability", "ticket")) == "suppressed":
+                    break
+                await asyncio.sleep(0.1)
+    assert states == {
+        ("payments-availability", "page"): "active",
+        ("payments-availability", "ticket"): "suppressed",
+        ("payments-latency", "ticket"): "active",
+    }
