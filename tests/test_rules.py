@@ -369,3 +369,42 @@ def test_the_cli_writes_the_rule_file(tmp_path: Path) -> None:
     assert out.read_text() == render_rules(parse_config(CONFIG))
     printed = run_cli("rules", "--config", str(tmp_path / "config.yaml"))
     assert printed.stdout == out.read_text()
+
+
+def test_copied_labels_match_service_names_exactly(tmp_path: Path) -> None:
+    """`.` in a service name is not a regex wildcard: apixv2 does not get api.v2's team."""
+    config = "alerting: {labels: [team]}\nservices:\n  - {name: api.v2, meta: {team: web}}\n"
+    rules = tmp_path / "rules.yml"
+    rules.write_text(render_rules(parse_config(config)))
+    health = 'hms_instance_health{{service="{s}",instance="i",state="critical"}}'
+    suppressed = 'hms_instance_suppressed{{service="{s}",instance="i"}}'
+
+    def down(service: str, **extra: str) -> dict[str, Any]:
+        return {
+            "exp_labels": {
+                "severity": "page",
+                "service": service,
+                "instance": "i",
+                "state": "critical",
+                **extra,
+            },
+            "exp_annotations": {
+                "summary": f"{service}/i is critical",
+                "description": "Probes of i have been failing for 2 minutes. "
+                "Instances whose dependency is down are not reported.",
+                "runbook_url": "docs/runbooks.md#hmsinstancedown",
+            },
+        }
+
+    services = ("api.v2", "apixv2")
+    run_tests(
+        tmp_path,
+        rules,
+        [
+            *({"series": health.format(s=s), "values": "1x5"} for s in services),
+            *({"series": suppressed.format(s=s), "values": "0x5"} for s in services),
+        ],
+        alert_tests=(
+            alerts("HmsInstanceDown", "3m", [down("api.v2", team="web"), down("apixv2")]),
+        ),
+    )
