@@ -20,7 +20,7 @@ from monitor.config import ConfigError, load_config, parse_config
 from monitor.rules import build_rules
 
 from .conftest import require_tool
-from .processes import ROOT, free_port
+from .processes import ROOT, free_port, running_server
 from .test_rules import CONFIG
 
 DEPLOY = ROOT / "deploy"
@@ -151,23 +151,15 @@ def running_alertmanager(directory: Path) -> Iterator[str]:
     config, alone (no cluster) on a free 127.0.0.1 port; yields its base URL."""
     name = "alertmanager" if shutil.which("alertmanager") else "prometheus-alertmanager"
     port = free_port()
-    with (directory / "alertmanager.log").open("wb") as log:
-        server = subprocess.Popen(
-            [
-                require_tool(name),
-                f"--config.file={DEPLOY / 'alertmanager.yml'}",
-                f"--storage.path={directory / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--cluster.listen-address=",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = [
+        require_tool(name),
+        f"--config.file={DEPLOY / 'alertmanager.yml'}",
+        f"--storage.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--cluster.listen-address=",
+    ]
+    with running_server(argv, directory / "alertmanager.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def burn_alert(sloth_id: str, severity: str) -> dict[str, Any]:
