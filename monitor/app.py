@@ -47,7 +47,7 @@ from .database import Database
 from .exposition import gzip_join
 from .health import HealthBook
 from .maintenance import MaintenanceCalendar
-from .metrics import ProbeMetrics, render
+from .metrics import ProbeMetrics, register_runtime_collectors, render
 from .notify import Notifier
 from .overload import NEVER_SHED, LoadShedder
 from .page import StatusPage
@@ -152,6 +152,7 @@ def build_app(
     app[CONFIG], app[DATABASE], app[CATALOG], app[METRICS] = config, database, catalog, registry
     app[BUS], app[SCHEDULER], app[CHECKER], app[RESULTS] = bus, scheduler, checker, results
     registry.register(RegistryCollector(catalog))
+    register_runtime_collectors(registry)
     Gauge(
         "hms_storage_writable",
         "1 while the database accepts writes; 0 from a failed commit (disk full, read-only) "

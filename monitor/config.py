@@ -255,6 +255,35 @@ class Notification(_Model):
     min_interval: Duration = timedelta(minutes=5)
 
 
+# Labels the generated alerts set themselves; a copied meta key may not take their place.
+ALERT_LABELS = ("alertname", "service", "instance", "slo", "severity", "state", "workflow")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
+def _check_alert_label(value: str) -> str:
+    if not _LABEL_NAME.fullmatch(value) or value.startswith("__"):
+        raise ValueError(f"{value!r} is not a Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*)")
+    if value in ALERT_LABELS or value.startswith("sloth_"):
+        raise ValueError(f"{value!r} is a label the alerts set themselves")
+    return value
+
+
+def _check_runbook_base(value: str) -> str:
+    if not value or "#" in value or any(c.isspace() for c in value):
+        raise ValueError("expected a URL or path without '#' or spaces (#<alert> is appended)")
+    return value
+
+
+class Alerting(_Model):
+    """What `hms-mgmt rules` puts into alerts besides their expressions."""
+
+    # Service meta keys copied into alert labels, so Alertmanager can route on them.
+    labels: tuple[Annotated[str, AfterValidator(_check_alert_label)], ...] = ()
+    # Each alert's runbook_url is `<runbook_base>#<alert name, lower case>`; the default is
+    # the runbook page shipped in the repository, relative to its root.
+    runbook_base: Annotated[str, AfterValidator(_check_runbook_base)] = "docs/runbooks.md"
+
+
 class WaitFor(_Model):
     event: str = Field(min_length=1)
     match: dict[str, Any] = Field(default_factory=dict)
@@ -311,6 +340,7 @@ class Config(_Model):
     services: tuple[Service, ...] = ()
     maintenance: tuple[Maintenance, ...] = ()
     notifications: tuple[Notification, ...] = ()
+    alerting: Alerting = Alerting()
     workflows: tuple[Workflow, ...] = ()
 
     def service(self, name: str) -> Service | None:

@@ -11,12 +11,23 @@ DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
 SERVICE = 'service=~"$service"'
 INSTANCE = 'instance=~"$instance"'
 SLO = 'sloth_service=~"$service"'
+WORKFLOW = 'workflow=~"$workflow"'
+# The month of the dashboard's end time, as the daemon labels SLA months ("2026-11"), so
+# the stat shows this month only and not the previous one the daemon exports beside it.
+THIS_MONTH = "${__to:date:YYYY-MM}"
+HEALTH_COLOURS = {
+    "passing": "green",
+    "warning": "orange",
+    "critical": "red",
+    "maintenance": "blue",
+    "unknown": "text",
+}
 
 
 def build_dashboard(config: Config) -> dict[str, Any]:
     panels = _layout(
         [
-            _table(
+            _health_table(
                 "Fleet health",
                 f"hms_instance_health{{{SERVICE},{INSTANCE}}} == 1",
                 "Every probed instance and its current state.",
@@ -45,6 +56,7 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                 "Error budget remaining (period)",
                 [(f"slo:period_error_budget_remaining:ratio{{{SLO}}}", "{{sloth_id}}")],
                 unit="percentunit",
+                thresholds=[("red", None), ("orange", 0), ("green", 0.25)],  # spent: red
             ),
             _timeseries(
                 "Burn rate by window",
@@ -56,22 +68,25 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                         "{{sloth_id}} {{sloth_window}}",
                     )
                 ],
+                # 1x spends the budget exactly over the period; 14.4x is the fastest page.
+                thresholds=[("green", None), ("orange", 1), ("red", 14.4)],
             ),
             _stat(
                 "SLA this month",
-                f'hms_sla_availability_ratio{{{SERVICE},month=~".*"}}',
-                "{{service}} {{slo}} {{month}}",
+                f'hms_sla_availability_ratio{{{SERVICE},month="{THIS_MONTH}"}}',
+                "{{service}} {{slo}}",
             ),
             _timeseries(
                 "Workflow throughput",
                 [
                     (
                         "sum by (workflow, status) "
-                        "(rate(hms_workflow_finished_total[$__rate_interval]))",
+                        f"(rate(hms_workflow_finished_total{{{WORKFLOW}}}[$__rate_interval]))",
                         "{{workflow}} {{status}}",
                     ),
                     (
-                        "sum by (workflow) (rate(hms_workflow_started_total[$__rate_interval]))",
+                        "sum by (workflow) "
+                        f"(rate(hms_workflow_started_total{{{WORKFLOW}}}[$__rate_interval]))",
                         "{{workflow}} started",
                     ),
                 ],
@@ -82,17 +97,19 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                 [
                     (
                         "sum by (workflow, status) (increase(hms_workflow_finished_total"
-                        '{status=~"failed|compensated|cancelled"}[$__rate_interval]))',
+                        f'{{{WORKFLOW},status=~"failed|compensated|cancelled"}}'
+                        "[$__rate_interval]))",
                         "{{workflow}} {{status}}",
                     )
                 ],
+                thresholds=[("green", None), ("red", 1)],
             ),
             _timeseries(
                 "Workflow duration p95",
                 [
                     (
-                        "histogram_quantile(0.95, sum by (le, workflow) "
-                        "(rate(hms_workflow_duration_seconds_bucket[$__rate_interval])))",
+                        "histogram_quantile(0.95, sum by (le, workflow) (rate("
+                        f"hms_workflow_duration_seconds_bucket{{{WORKFLOW}}}[$__rate_interval])))",
                         "{{workflow}}",
                     )
                 ],
@@ -102,10 +119,12 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                 "Deadline misses",
                 [
                     (
-                        "sum by (workflow) (increase(hms_workflow_deadline_missed_total[1h]))",
+                        "sum by (workflow) "
+                        f"(increase(hms_workflow_deadline_missed_total{{{WORKFLOW}}}[1h]))",
                         "{{workflow}}",
                     )
                 ],
+                thresholds=[("green", None), ("red", 1)],
             ),
             _timeseries(
                 "Scheduler lateness p99",
@@ -149,9 +168,16 @@ def build_dashboard(config: Config) -> dict[str, Any]:
         "version": 1,
         "editable": True,
         "time": {"from": "now-6h", "to": "now"},
+        "timezone": "utc",  # SLA months are UTC unless an SLO names another zone
         "refresh": "30s",
         "tags": ["hms-mgmt", "slo"],
-        "templating": {"list": [_variable("service", "hms_instance_health"), _instance_variable()]},
+        "templating": {
+            "list": [
+                _variable("service", "hms_instance_health"),
+                _instance_variable(),
+                _variable("workflow", "hms_workflow_processes"),
+            ]
+        },
         "panels": panels,
         "description": f"hms-mgmt: {len(config.services)} configured service(s).",
     }
@@ -192,24 +218,55 @@ def _target(expr: str, legend: str, ref: str, **extra: Any) -> dict[str, Any]:
     return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref, **extra}
 
 
+Steps = list[tuple[str, float | None]]  # (colour, from this value up); the first from None
+
+
 def _timeseries(
-    title: str, queries: list[tuple[str, str]], *, unit: str = "short"
+    title: str,
+    queries: list[tuple[str, str]],
+    *,
+    unit: str = "short",
+    thresholds: Steps | None = None,
 ) -> dict[str, Any]:
+    defaults: dict[str, Any] = {"unit": unit}
+    if thresholds is not None:  # lines take the colour of the step they are in
+        defaults |= {
+            "color": {"mode": "thresholds"},
+            "thresholds": _thresholds(thresholds),
+            "custom": {"thresholdsStyle": {"mode": "dashed"}},
+        }
     return {
         "type": "timeseries",
         "title": title,
         "datasource": DATASOURCE,
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "fieldConfig": {"defaults": defaults, "overrides": []},
         "targets": [_target(expr, legend, chr(65 + i)) for i, (expr, legend) in enumerate(queries)],
     }
 
 
-def _table(title: str, expr: str, description: str) -> dict[str, Any]:
+def _thresholds(steps: Steps) -> dict[str, Any]:
+    return {"mode": "absolute", "steps": [{"color": c, "value": v} for c, v in steps]}
+
+
+def _health_table(title: str, expr: str, description: str) -> dict[str, Any]:
+    """One row per instance; the state cell coloured (critical red)."""
+    colours = {
+        state: {"color": colour, "index": index, "text": state}
+        for index, (state, colour) in enumerate(HEALTH_COLOURS.items())
+    }
+    state_column = {
+        "matcher": {"id": "byName", "options": "state"},
+        "properties": [
+            {"id": "mappings", "value": [{"type": "value", "options": colours}]},
+            {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+        ],
+    }
     return {
         "type": "table",
         "title": title,
         "description": description,
         "datasource": DATASOURCE,
+        "fieldConfig": {"defaults": {}, "overrides": [state_column]},
         "targets": [_target(expr, "", "A", instant=True, format="table")],
         "transformations": [
             {

@@ -6,13 +6,18 @@ blocking the event loop (every probe due meanwhile started late). So the
 values are copied on the loop (a few milliseconds) and the text is formatted
 in a worker thread from that copy, with each instance's label string built
 once. The small families (registry, scheduler) stay in the app's
-CollectorRegistry.
+CollectorRegistry, with the runtime ones (`process_*`, `python_gc_*`,
+`hms_build_info`) that `register_runtime_collectors` adds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib import metadata
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Gauge
 
 from registry import HealthState
 
@@ -145,3 +150,22 @@ def render(snapshot: Snapshot) -> str:
 
 def _family(add: Callable[[str], None], name: str, kind: str, help_text: str) -> None:
     add(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+
+
+def register_runtime_collectors(registry: CollectorRegistry, version: str | None = None) -> None:
+    """The standard process, GC and platform families and `hms_build_info{version}`, in
+    the app's registry (the global REGISTRY would clash as soon as a second app is built)."""
+    prometheus_client.ProcessCollector(registry=registry)
+    prometheus_client.GCCollector(registry=registry)
+    prometheus_client.PlatformCollector(registry=registry)
+    build = Gauge(
+        "hms_build_info", "1, labelled with the running version.", ["version"], registry=registry
+    )
+    build.labels(version=version or _installed_version()).set(1)
+
+
+def _installed_version() -> str:
+    try:
+        return metadata.version("hms-mgmt")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"

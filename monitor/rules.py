@@ -11,10 +11,17 @@ them. Three choices differ from a naive translation:
 - The burn-rate factors are scaled to the SLO's period. The SRE workbook's
   14.4 / 6 / 3 / 1 spend 2% / 5% / 10% / 10% of a 30-day budget in the long
   window; the same fractions over a 7-day period need other factors.
+
+Alerts are one `HmsSloBurnRate` per severity per SLO, its two window pairs
+joined with `or` (as Sloth does): Sloth's dashboards look alerts up by
+`sloth_id` and `sloth_severity`. Alert labels that Alertmanager routes on
+(`alerting.labels`, copied from service `meta`) are static labels of the rules,
+which are generated per SLO and per set of labelled services anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,7 +33,11 @@ from registry import format_duration, parse_duration
 from .config import Config, Service, Slo
 
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
-RUNBOOK = "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts"
+SEVERITIES = ("page", "ticket")
+INSTANCE_DOWN = (
+    'hms_instance_health{{state="critical"{services}}} == 1 '
+    "unless on(service, instance) hms_instance_suppressed == 1"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +62,15 @@ TIERS = (
 
 
 def build_rules(config: Config) -> dict[str, Any]:
-    groups = [_slo_group(service, slo) for service in config.services for slo in service.slos]
-    groups.append(_instance_group())
-    groups.append(_workflow_group())
-    groups.append(_daemon_group())
+    runbooks = Runbooks(config.alerting.runbook_base)
+    groups = [
+        _slo_group(service, slo, runbooks, alert_labels(config, service))
+        for service in config.services
+        for slo in service.slos
+    ]
+    groups.append(_instance_group(config, runbooks))
+    groups.append(_workflow_group(runbooks))
+    groups.append(_daemon_group(runbooks))
     return {"groups": groups}
 
 
@@ -63,11 +79,29 @@ def render_rules(config: Config) -> str:
     return header + yaml.safe_dump(build_rules(config), sort_keys=False, width=1000)
 
 
+@dataclass(frozen=True, slots=True)
+class Runbooks:
+    """Each alert's runbook is a heading named after it on one page (docs/runbooks.md)."""
+
+    base: str
+
+    def url(self, alert: str) -> str:
+        # The anchor GitHub and most Markdown renderers give the heading `## <alert>`.
+        return f"{self.base}#{alert.lower()}"
+
+
+def alert_labels(config: Config, service: Service) -> dict[str, str]:
+    """The service's `meta` values of the keys `alerting.labels` names (absent keys: none)."""
+    return {key: service.meta[key] for key in config.alerting.labels if key in service.meta}
+
+
 def sloth_id(service: Service, slo: Slo) -> str:
     return f"{service.name}-{slo.name}"
 
 
-def _slo_group(service: Service, slo: Slo) -> dict[str, Any]:
+def _slo_group(
+    service: Service, slo: Slo, runbooks: Runbooks, extra_labels: dict[str, str]
+) -> dict[str, Any]:
     labels = {
         "sloth_id": sloth_id(service, slo),
         "sloth_service": service.name,
@@ -90,6 +124,12 @@ def _slo_group(service: Service, slo: Slo) -> dict[str, Any]:
         for window in windows
     ]
     rules += [
+        {
+            # Sloth's dashboards list SLOs from this series.
+            "record": "sloth_slo_info",
+            "expr": "vector(1)",
+            "labels": {**labels, "sloth_objective": f"{slo.objective:g}", "sloth_mode": "hms-mgmt"},
+        },
         {"record": "slo:objective:ratio", "expr": f"vector({objective!r})", "labels": labels},
         {"record": "slo:error_budget:ratio", "expr": f"vector({budget!r})", "labels": labels},
         {
@@ -113,42 +153,56 @@ def _slo_group(service: Service, slo: Slo) -> dict[str, Any]:
             "labels": labels,
         },
     ]
-    rules += [_burn_alert(service, slo, tier, labels, budget) for tier in TIERS]
+    rules += [
+        _burn_alert(service, slo, severity, labels, extra_labels, runbooks)
+        for severity in SEVERITIES
+    ]
     return {"name": f"hms-slo-{sloth_id(service, slo)}", "rules": rules}
 
 
 def _burn_alert(
-    service: Service, slo: Slo, tier: BurnTier, labels: dict[str, str], budget: float
+    service: Service,
+    slo: Slo,
+    severity: str,
+    labels: dict[str, str],
+    extra_labels: dict[str, str],
+    runbooks: Runbooks,
 ) -> dict[str, Any]:
-    threshold = round(tier.factor(slo.period) * budget, 12)
+    """One alert for the severity: any of its window pairs burning in both windows."""
+    tiers = [tier for tier in TIERS if tier.severity == severity]
     selector = _selector(labels)
+    budget = 1 - slo.objective / 100
 
-    def over(window: str) -> str:
+    def over(window: str, tier: BurnTier) -> str:
+        threshold = round(tier.factor(slo.period) * budget, 12)
         return (
             f"max(slo:sli_error:ratio_rate{window}{selector} > {threshold!r}) "
             "without (sloth_window)"
         )
 
-    factor = round(tier.factor(slo.period), 4)
+    expr = " or ".join(f"({over(t.long, t)} and {over(t.short, t)})" for t in tiers)
+    pairs = " or ".join(
+        f"{round(t.factor(slo.period), 4):g}x over {t.long} and {t.short}" for t in tiers
+    )
     period = format_duration(slo.period)
     return {
         "alert": "HmsSloBurnRate",
-        "expr": f"{over(tier.long)} and {over(tier.short)}",
+        "expr": expr,
         "labels": {
             "service": service.name,
             "slo": slo.name,
-            "severity": tier.severity,
-            "burnrate_tier": f"{tier.long}-{tier.short}",
+            "severity": severity,
+            "sloth_severity": severity,
             **labels,
+            **extra_labels,
         },
         "annotations": {
-            "summary": f"{service.name} {slo.name}: error budget burning {factor:g}x too fast",
+            "summary": f"{service.name} {slo.name}: error budget burning too fast ({severity})",
             "description": (
-                f"Over {tier.long} and {tier.short} the error rate of {service.name}/{slo.name} "
-                f"exceeds {factor:g} times the budget of its {slo.objective}% objective "
-                f"({tier.budget_spent:.0%} of the {period} budget in {tier.long})."
+                f"The error rate of {service.name}/{slo.name} exceeds its budget "
+                f"({slo.objective:g}% over {period}) {pairs}."
             ),
-            "runbook_url": f"{RUNBOOK}-hmsloburnrate",
+            "runbook_url": runbooks.url("HmsSloBurnRate"),
         },
     }
 
@@ -171,28 +225,40 @@ def _error_ratio(service: Service, slo: Slo, window: str) -> str:
     return f"({total} - {fast}) / ({total} > 0)"
 
 
-def _instance_group() -> dict[str, Any]:
+def _instance_group(config: Config, runbooks: Runbooks) -> dict[str, Any]:
+    """HmsInstanceDown: one rule per distinct set of copied labels, one for everything else
+    (self-registered services too), so each alert carries its service's routing labels."""
+    by_labels: dict[tuple[tuple[str, str], ...], list[str]] = {}
+    for service in config.services:
+        labels = tuple(sorted(alert_labels(config, service).items()))
+        if labels:
+            by_labels.setdefault(labels, []).append(service.name)
+    labelled = [name for names in by_labels.values() for name in names]
+    rules = [
+        _instance_down(f',service=~"{_alternation(names)}"', dict(labels), runbooks)
+        for labels, names in by_labels.items()
+    ]
+    rest = f',service!~"{_alternation(labelled)}"' if labelled else ""
+    rules.append(_instance_down(rest, {}, runbooks))
+    return {"name": "hms-instances", "rules": rules}
+
+
+def _instance_down(services: str, labels: dict[str, str], runbooks: Runbooks) -> dict[str, Any]:
     return {
-        "name": "hms-instances",
-        "rules": [
-            {
-                "alert": "HmsInstanceDown",
-                "expr": 'hms_instance_health{state="critical"} == 1 '
-                "unless on(service, instance) hms_instance_suppressed == 1",
-                "for": "2m",
-                "labels": {"severity": "page"},
-                "annotations": {
-                    "summary": "{{ $labels.service }}/{{ $labels.instance }} is critical",
-                    "description": "Probes of {{ $labels.instance }} have been failing for 2 "
-                    "minutes. Instances whose dependency is down are not reported.",
-                    "runbook_url": f"{RUNBOOK}-hmsinstancedown",
-                },
-            }
-        ],
+        "alert": "HmsInstanceDown",
+        "expr": INSTANCE_DOWN.format(services=services),
+        "for": "2m",
+        "labels": {"severity": "page", **labels},
+        "annotations": {
+            "summary": "{{ $labels.service }}/{{ $labels.instance }} is critical",
+            "description": "Probes of {{ $labels.instance }} have been failing for 2 "
+            "minutes. Instances whose dependency is down are not reported.",
+            "runbook_url": runbooks.url("HmsInstanceDown"),
+        },
     }
 
 
-def _workflow_group() -> dict[str, Any]:
+def _workflow_group(runbooks: Runbooks) -> dict[str, Any]:
     return {
         "name": "hms-workflows",
         "rules": [
@@ -202,14 +268,17 @@ def _workflow_group() -> dict[str, Any]:
                 "labels": {"severity": "ticket"},
                 "annotations": {
                     "summary": "{{ $labels.workflow }} processes missed their deadline",
-                    "runbook_url": f"{RUNBOOK}-hmsworkflowdeadlinemissed",
+                    "description": "Processes of {{ $labels.workflow }} passed their deadline "
+                    "in the last 10 minutes; they go on running, and each miss counts against "
+                    "the workflow's SLO.",
+                    "runbook_url": runbooks.url("HmsWorkflowDeadlineMissed"),
                 },
             }
         ],
     }
 
 
-def _daemon_group() -> dict[str, Any]:
+def _daemon_group(runbooks: Runbooks) -> dict[str, Any]:
     """The daemon's own faults (RELIABILITY.md): a disk that refuses writes, load shed."""
     return {
         "name": "hms-daemon",
@@ -223,7 +292,7 @@ def _daemon_group() -> dict[str, Any]:
                     "summary": "hms-mgmt cannot write its database",
                     "description": "Registrations, events and workflow starts are refused "
                     "with 503 until the disk has space or is writable again.",
-                    "runbook_url": f"{RUNBOOK}-hmsstorageunwritable",
+                    "runbook_url": runbooks.url("HmsStorageUnwritable"),
                 },
             },
             {
@@ -232,7 +301,9 @@ def _daemon_group() -> dict[str, Any]:
                 "labels": {"severity": "ticket"},
                 "annotations": {
                     "summary": "hms-mgmt is refusing requests as overloaded (503)",
-                    "runbook_url": f"{RUNBOOK}-hmsoverloaded",
+                    "description": "Its event loop lagged past server.overload_lag and it "
+                    "answered 503 with Retry-After instead of queueing.",
+                    "runbook_url": runbooks.url("HmsOverloaded"),
                 },
             },
         ],
@@ -241,6 +312,12 @@ def _daemon_group() -> dict[str, Any]:
 
 def _selector(labels: dict[str, str]) -> str:
     return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _alternation(names: Iterable[str]) -> str:
+    """A PromQL regex matching exactly these names (`.` is the only metacharacter a name
+    may hold; its backslash is doubled inside the PromQL string)."""
+    return "|".join(name.replace(".", "\\\\.") for name in names)
 
 
 def _le(threshold: timedelta) -> str:

@@ -105,23 +105,27 @@ def env_without_ci() -> dict[str, str]:
 
 
 @contextlib.contextmanager
+def running_server(argv: list[str], log_path: Path) -> Iterator[None]:
+    """A server process for the `with` block, its output in `log_path`; stopped after."""
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@contextlib.contextmanager
 def running_prometheus(binary: str, directory: Path, config: dict[str, Any]) -> Iterator[str]:
     """A real Prometheus on a free 127.0.0.1 port with `config`; yields its base URL."""
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    with (directory / "prometheus.log").open("wb") as log:
-        server = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={directory / 'prometheus.yml'}",
-                f"--storage.tsdb.path={directory / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = [
+        binary,
+        f"--config.file={directory / 'prometheus.yml'}",
+        f"--storage.tsdb.path={directory / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with running_server(argv, directory / "prometheus.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(10)

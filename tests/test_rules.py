@@ -16,8 +16,10 @@ from monitor.rules import TIERS, build_rules, render_rules
 from .conftest import require_tool
 
 CONFIG = """
+alerting: {labels: [team]}
 services:
   - name: payments
+    meta: {team: money, tier: "1"}
     slos:
       - {name: availability, objective: 99.9, period: 30d}
       - {name: latency, objective: 99, latency_threshold: 300ms}
@@ -129,13 +131,67 @@ def run_tests(
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def burn_labels(severity: str) -> dict[str, str]:
+    """What Alertmanager and Sloth's dashboards see on a payments availability alert."""
+    return {
+        "service": "payments",
+        "slo": "availability",
+        "severity": severity,
+        "sloth_severity": severity,
+        "sloth_id": "payments-availability",
+        "sloth_service": "payments",
+        "sloth_slo": "availability",
+        "team": "money",  # alerting.labels: [team]; `tier` is not copied
+    }
+
+
 def test_page_alerts_fire_when_everything_fails(tmp_path: Path, rule_file: Path) -> None:
-    expected = alerts_for("payments", "availability", "page", "ticket")
+    # Both page pairs and both ticket pairs burn: still one alert per severity.
+    annotations = [a["exp_annotations"] for a in alerts_for("payments", "availability", "page")]
+    ticket = [a["exp_annotations"] for a in alerts_for("payments", "availability", "ticket")]
+    expected = [
+        {"exp_labels": burn_labels("page"), "exp_annotations": annotations[0]},
+        {"exp_labels": burn_labels("ticket"), "exp_annotations": ticket[0]},
+    ]
     run_tests(
         tmp_path,
         rule_file,
         probes(10, 0),
         alert_tests=(alerts("HmsSloBurnRate", "70m", expected),),
+    )
+
+
+def test_each_slo_has_one_burn_alert_per_severity() -> None:
+    groups = build_rules(parse_config(CONFIG))["groups"]
+    for group in (g for g in groups if g["name"].startswith("hms-slo-")):
+        burn = [r for r in group["rules"] if r.get("alert") == "HmsSloBurnRate"]
+        assert [(r["labels"]["severity"], r["labels"]["sloth_severity"]) for r in burn] == [
+            ("page", "page"),
+            ("ticket", "ticket"),
+        ]
+        assert all(r["expr"].count(" or ") == 1 for r in burn)  # its two pairs
+
+
+def test_sloth_slo_info_lists_each_slo(tmp_path: Path, rule_file: Path) -> None:
+    info = {
+        "sloth_id": "payments-latency",
+        "sloth_service": "payments",
+        "sloth_slo": "latency",
+        "sloth_objective": "99",
+        "sloth_mode": "hms-mgmt",
+    }
+    labels = "sloth_slo_info{" + ",".join(f'{k}="{v}"' for k, v in info.items()) + "}"
+    run_tests(
+        tmp_path,
+        rule_file,
+        probes(0, 0, minutes=5),
+        expr_tests=(
+            samples(
+                'sloth_slo_info{sloth_id="payments-latency"}',
+                "1m",
+                [{"labels": labels, "value": 1}],
+            ),
+        ),
     )
 
 
@@ -213,13 +269,24 @@ def test_latency_sli_counts_probes_over_the_threshold_bucket(
 def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: Path) -> None:
     health = 'hms_instance_health{{service="{s}",instance="{i}",state="critical"}}'
     suppressed = 'hms_instance_suppressed{{service="{s}",instance="{i}"}}'
-    annotations = {
-        "summary": "payments/p1 is critical",
-        "description": "Probes of p1 have been failing for 2 minutes. Instances whose "
-        "dependency is down are not reported.",
-        "runbook_url": "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts-hmsinstancedown",
-    }
-    labels = {"severity": "page", "service": "payments", "instance": "p1", "state": "critical"}
+
+    def down(service: str, instance: str, **extra: str) -> dict[str, Any]:
+        return {
+            "exp_labels": {
+                "severity": "page",
+                "service": service,
+                "instance": instance,
+                "state": "critical",
+                **extra,
+            },
+            "exp_annotations": {
+                "summary": f"{service}/{instance} is critical",
+                "description": f"Probes of {instance} have been failing for 2 minutes. "
+                "Instances whose dependency is down are not reported.",
+                "runbook_url": "docs/runbooks.md#hmsinstancedown",
+            },
+        }
+
     run_tests(
         tmp_path,
         rule_file,
@@ -228,13 +295,16 @@ def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: P
             {"series": suppressed.format(s="payments", i="p1"), "values": "0x10"},
             {"series": health.format(s="ledger-client", i="c1"), "values": "1x10"},
             {"series": suppressed.format(s="ledger-client", i="c1"), "values": "1x10"},
+            # A self-registered service config.yaml does not name: no copied labels.
+            {"series": health.format(s="adhoc", i="a1"), "values": "1x10"},
+            {"series": suppressed.format(s="adhoc", i="a1"), "values": "0x10"},
         ],
         alert_tests=(
             alerts("HmsInstanceDown", "1m", []),
             alerts(
                 "HmsInstanceDown",
                 "3m",
-                [{"exp_labels": labels, "exp_annotations": annotations}],
+                [down("payments", "p1", team="money"), down("adhoc", "a1")],
             ),
         ),
     )
@@ -243,7 +313,7 @@ def test_instance_down_respects_for_and_suppression(tmp_path: Path, rule_file: P
 def test_the_daemon_alerts_on_an_unwritable_disk_and_on_shedding(
     tmp_path: Path, rule_file: Path
 ) -> None:
-    runbook = "https://github.com/hms-mgmt/hms-mgmt/blob/main/README.md#alerts-"
+    runbook = "docs/runbooks.md#"
     run_tests(
         tmp_path,
         rule_file,
@@ -278,6 +348,8 @@ def test_the_daemon_alerts_on_an_unwritable_disk_and_on_shedding(
                         "exp_labels": {"severity": "ticket", "instance": "d"},
                         "exp_annotations": {
                             "summary": "hms-mgmt is refusing requests as overloaded (503)",
+                            "description": "Its event loop lagged past server.overload_lag "
+                            "and it answered 503 with Retry-After instead of queueing.",
                             "runbook_url": runbook + "hmsoverloaded",
                         },
                     }
@@ -297,3 +369,42 @@ def test_the_cli_writes_the_rule_file(tmp_path: Path) -> None:
     assert out.read_text() == render_rules(parse_config(CONFIG))
     printed = run_cli("rules", "--config", str(tmp_path / "config.yaml"))
     assert printed.stdout == out.read_text()
+
+
+def test_copied_labels_match_service_names_exactly(tmp_path: Path) -> None:
+    """`.` in a service name is not a regex wildcard: apixv2 does not get api.v2's team."""
+    config = "alerting: {labels: [team]}\nservices:\n  - {name: api.v2, meta: {team: web}}\n"
+    rules = tmp_path / "rules.yml"
+    rules.write_text(render_rules(parse_config(config)))
+    health = 'hms_instance_health{{service="{s}",instance="i",state="critical"}}'
+    suppressed = 'hms_instance_suppressed{{service="{s}",instance="i"}}'
+
+    def down(service: str, **extra: str) -> dict[str, Any]:
+        return {
+            "exp_labels": {
+                "severity": "page",
+                "service": service,
+                "instance": "i",
+                "state": "critical",
+                **extra,
+            },
+            "exp_annotations": {
+                "summary": f"{service}/i is critical",
+                "description": "Probes of i have been failing for 2 minutes. "
+                "Instances whose dependency is down are not reported.",
+                "runbook_url": "docs/runbooks.md#hmsinstancedown",
+            },
+        }
+
+    services = ("api.v2", "apixv2")
+    run_tests(
+        tmp_path,
+        rules,
+        [
+            *({"series": health.format(s=s), "values": "1x5"} for s in services),
+            *({"series": suppressed.format(s=s), "values": "0x5"} for s in services),
+        ],
+        alert_tests=(
+            alerts("HmsInstanceDown", "3m", [down("api.v2", team="web"), down("apixv2")]),
+        ),
+    )
