@@ -51,7 +51,6 @@ PENDING = {
     "server.auth.tokens[0].name": 18,
     "server.auth.tokens[1].name": 18,
     "storage.audit_retention": 18,
-    "alerting": 13,
     "workflows[0].steps[3].data": 15,
     "resources": 16,
     "workflows[0].queue": 15,
