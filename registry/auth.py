@@ -28,7 +28,7 @@ from aiohttp.typedefs import Middleware
 from .errors import ApiError, Handler
 
 # The daemon publishes these itself (health, SLO burn, process lifecycle); nobody else may.
-DAEMON_TOPICS = ("health.", "slo.", "workflow.")
+DAEMON_TOPICS = ("health.", "slo.", "workflow.", "registry.", "audit.")
 
 log = logging.getLogger(__name__)
 
