@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from monitor.app import CONFIG, ENGINE
+from monitor.app import BUS, CONFIG, ENGINE
 from monitor.config import Config
 
 from .conftest import AppClient, FakeClock, metric_families, until
@@ -220,3 +220,15 @@ async def test_a_publish_step_sends_its_data_as_of_the_publish(
     data = receiver.bodies()[0]["data"]
     assert data["input"] == {"case": "C-1"}
     assert data["steps"] == {}  # not the outputs of `announce` itself or of `close`
+
+
+async def test_audit_events_are_not_for_every_reader(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    tokens = [{"token": ADMIN, "scopes": ["*"]}]
+    client = await start_daemon(make_config(server={"auth": {"tokens": tokens}}))
+    bus = client.app[BUS]
+    async with client.get("/v1/events") as anonymous:
+        bus.publish("audit.recorded", {"action": "process.start"})
+        bus.publish("health.changed", {"service": "payments"})
+        assert (await next_event(anonymous))["event"] == "health.changed"
