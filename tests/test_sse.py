@@ -164,18 +164,31 @@ async def test_publishing_the_daemons_own_topics_is_refused(daemon: AppClient, t
     assert (await resp.json())["error"]["code"]
 
 
-async def test_the_topic_label_counts_unknown_topics_as_other(
+Intake = Callable[..., Awaitable[AppClient]]
+
+
+@pytest.fixture
+def intake(
     make_config: Callable[..., Config],
     start_daemon: Callable[..., Awaitable[AppClient]],
     receiver: Receiver,
-) -> None:
-    workflow = {
-        "name": "Intake",
-        "trigger": {"event": "case.opened"},
-        "steps": [{"name": "note", "publish": "case.noted"}],
-    }
-    hook = {"name": "ops", "url": receiver.url, "events": ["case.closed", "grant.*"]}
-    client = await start_daemon(make_config(workflows=[workflow], notifications=[hook]))
+) -> Intake:
+    """A daemon with one workflow, Intake, and one notification of `events` to the receiver."""
+
+    async def start(steps: list[dict[str, Any]], events: list[str], **more: Any) -> AppClient:
+        workflow = {"name": "Intake", "steps": steps, **more}
+        hook = {"name": "ops", "url": receiver.url, "events": events}
+        return await start_daemon(make_config(workflows=[workflow], notifications=[hook]))
+
+    return start
+
+
+async def test_the_topic_label_counts_unknown_topics_as_other(intake: Intake) -> None:
+    client = await intake(
+        [{"name": "note", "publish": "case.noted"}],
+        ["case.closed", "grant.*"],
+        trigger={"event": "case.opened"},
+    )
     random_topics = [f"x{secrets.token_hex(6)}" for _ in range(50)]
     for topic in random_topics:
         await publish(client, topic, 0)
@@ -197,19 +210,13 @@ async def test_the_topic_label_counts_unknown_topics_as_other(
 
 
 async def test_a_publish_step_sends_its_data_as_of_the_publish(
-    make_config: Callable[..., Config],
-    start_daemon: Callable[..., Awaitable[AppClient]],
-    receiver: Receiver,
+    intake: Intake, receiver: Receiver
 ) -> None:
-    workflow = {
-        "name": "Intake",
-        "steps": [
-            {"name": "announce", "publish": "case.announced"},  # default data: input and steps
-            {"name": "close", "publish": "case.closed"},
-        ],
-    }
-    hook = {"name": "ops", "url": receiver.url, "events": ["case.announced"]}
-    client = await start_daemon(make_config(workflows=[workflow], notifications=[hook]))
+    steps = [
+        {"name": "announce", "publish": "case.announced"},  # default data: input and steps
+        {"name": "close", "publish": "case.closed"},
+    ]
+    client = await intake(steps, ["case.announced"])
     resp = await client.post("/v1/workflows/Intake", json={"input": {"case": "C-1"}})
     assert resp.status == 202
 
