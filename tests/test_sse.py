@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from monitor.app import BUS, CONFIG, ENGINE
-from monitor.config import Config
+from monitor.config import Config, ConfigError, parse_config
 
 from .conftest import AppClient, FakeClock, metric_families, until
 from .services import Receiver
@@ -239,3 +239,22 @@ async def test_audit_events_are_not_for_every_reader(
         bus.publish("audit.recorded", {"action": "process.start"})
         bus.publish("health.changed", {"service": "payments"})
         assert (await next_event(anonymous))["event"] == "health.changed"
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("server:\n  sse_buffer: lots\n", "config.yaml:2: server.sse_buffer"),
+        ("server:\n  sse_buffer: 1KiB\n", "config.yaml:2: server.sse_buffer"),
+        ("storage:\n  event_retention: forever\n", "config.yaml:2: storage.event_retention"),
+    ],
+)
+def test_bad_event_settings_are_config_errors_naming_key_and_line(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert error in str(caught.value)
+
+
+def test_sse_buffer_takes_sizes_and_defaults_to_8_mib() -> None:
+    assert parse_config("").server.sse_buffer == 8 * 1024 * 1024
+    assert parse_config("server:\n  sse_buffer: 512KiB\n").server.sse_buffer == 512 * 1024
