@@ -258,3 +258,13 @@ def test_bad_event_settings_are_config_errors_naming_key_and_line(text: str, err
 def test_sse_buffer_takes_sizes_and_defaults_to_8_mib() -> None:
     assert parse_config("").server.sse_buffer == 8 * 1024 * 1024
     assert parse_config("server:\n  sse_buffer: 512KiB\n").server.sse_buffer == 512 * 1024
+
+
+async def test_a_reader_that_keeps_up_gets_an_event_bigger_than_the_buffer(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(server={"sse_buffer": "64KiB"}))
+    async with client.get("/v1/events") as stream:
+        await client.post("/v1/events/case.scanned", json={"page": "x" * 200_000})
+        event = await next_event(stream)
+    assert len(event["data"]["data"]["page"]) == 200_000

@@ -119,7 +119,9 @@ class ProcessCollector(Collector):
             processes.add_metric([workflow, status], count)
         yield processes
         events = CounterMetricFamily(
-            "hms_events_published", "Events published on the bus, by topic.", labels=["topic"]
+            "hms_events_published",
+            'Events published on the bus, by topic (topics the config does not name: "other").',
+            labels=["topic"],
         )
         for topic, count in sorted(self._published().items()):
             events.add_metric([topic], count)

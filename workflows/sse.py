@@ -129,7 +129,9 @@ class EventStream:
         if self.cut_off or not self._allowed(event.topic):
             return
         data = self._frames.of(event)
-        if self._queued + len(data) > self._limit:
+        # An empty queue takes any frame: a reader that is not behind keeps its stream even
+        # when one event is bigger than the limit (events are at most 1 MiB).
+        if self._queue and self._queued + len(data) > self._limit:
             self._cut_off()
             return
         self._queue.append(data)
