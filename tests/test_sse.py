@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -268,3 +269,32 @@ async def test_a_reader_that_keeps_up_gets_an_event_bigger_than_the_buffer(
         await client.post("/v1/events/case.scanned", json={"page": "x" * 200_000})
         event = await next_event(stream)
     assert len(event["data"]["data"]["page"]) == 200_000
+
+
+async def test_a_reader_cut_off_for_falling_behind_resumes_from_its_last_id(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(server={"sse_buffer": "64KiB"}))
+    assert client.port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", client.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer.write(b"GET /v1/events?topics=case.* HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    first = await publish(client, "case.noted", 0)
+    async with asyncio.timeout(5):
+        while f"id: {first}".encode() not in await reader.readline():
+            pass
+    blob = "x" * 20_000
+    for n in range(1, 301):  # 6 MB: past the kernel's buffers and the 64 KiB queue
+        resp = await client.post("/v1/events/case.noted", json={"n": n, "blob": blob})
+        assert resp.status == 202
+    with pytest.raises(ConnectionResetError):
+        async with asyncio.timeout(10):
+            while await reader.read(1 << 16):
+                pass
+    writer.close()
+    headers = {"Last-Event-ID": str(first)}
+    async with client.get("/v1/events", params={"topics": "case.*"}, headers=headers) as stream:
+        resumed = [(await next_event(stream))["data"]["data"]["n"] for _ in range(300)]
+    assert resumed == list(range(1, 301))
