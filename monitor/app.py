@@ -34,7 +34,7 @@ from workflows import from_config
 from workflows import openapi as workflow_openapi
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
-from workflows.metrics import ProcessCollector, WorkflowMetrics
+from workflows.metrics import ProcessCollector, WorkflowMetrics, topic_label
 from workflows.routes import WorkflowRoutes
 from workflows.store import ProcessStore
 
@@ -196,7 +196,7 @@ def build_app(
         slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]
     )
     app.add_routes(slo_routes.routes())
-    workflow_routes = WorkflowRoutes(engine, bus, auth)
+    workflow_routes = WorkflowRoutes(engine, bus, auth, config.server.sse_buffer)
     app.add_routes(workflow_routes.routes())
     app.on_shutdown.append(workflow_routes.close_streams)
     app.add_routes(
@@ -264,6 +264,7 @@ def _workflow_engine(
         outcome=slos.record,
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: app[BUS].published))
+    app[BUS].label = _topic_label(config)
     app[ENGINE], app[WORKFLOW_SLOS] = engine, slos
     return engine
 
@@ -276,8 +277,9 @@ async def _run_workflows(app: web.Application) -> AsyncIterator[None]:
     await engine.open()
     await app[WORKFLOW_SLOS].load(engine.store.outcomes, clock())
     retention = config.storage.process_retention.total_seconds()
+    events = config.storage.event_retention.total_seconds()
     app[SCHEDULER].every(
-        "workflows.prune", PRUNE_INTERVAL, lambda: engine.prune(retention), first_in=60
+        "workflows.prune", PRUNE_INTERVAL, lambda: engine.prune(retention, events), first_in=60
     )
     try:
         yield
@@ -328,7 +330,13 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
         {d.name: d.objective for d in definitions}, app[ENGINE].store.outcomes, clock
     )
     await app[NOTIFIER].configure(new.notifications)
+    app[BUS].label = _topic_label(new)
     app[SLO_METRICS].invalidate()
+
+
+def _topic_label(config: Config) -> Callable[[str], str]:
+    definitions = [from_config(workflow) for workflow in config.workflows]
+    return topic_label(definitions, (e for n in config.notifications for e in n.events))
 
 
 def _tokens(config: Config) -> list[tuple[str, tuple[str, ...]]]:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     SecretStr,
@@ -101,6 +102,8 @@ class Server(_Model):
     overload_lag: DurationOrZero = timedelta(milliseconds=25)
     # Absent: any host. Present: instance URLs must be in these networks or match these names.
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
+    # An SSE subscriber this far behind (8MiB, 512KiB or bytes) is cut off; it reconnects.
+    sse_buffer: ByteSize = Field(default=ByteSize(8 * 1024 * 1024), ge=64 * 1024)
 
     @property
     def targets(self) -> TargetPolicy:
@@ -128,6 +131,7 @@ class Storage(_Model):
     path: Path = Path("var/hms-mgmt.db")
     retention: Duration = timedelta(days=400)
     process_retention: Duration = timedelta(days=30)
+    event_retention: Duration = timedelta(days=7)  # stored events, replayed after Last-Event-ID
 
     @field_validator("path")
     @classmethod

@@ -28,7 +28,9 @@ from aiohttp.typedefs import Middleware
 from .errors import ApiError, Handler
 
 # The daemon publishes these itself (health, SLO burn, process lifecycle); nobody else may.
-DAEMON_TOPICS = ("health.", "slo.", "workflow.")
+DAEMON_TOPICS = ("health.", "slo.", "workflow.", "registry.", "audit.")
+# Of those, what whoever may read sees; audit.* is not (DESIGN §3: audit:read holders only).
+READABLE_TOPICS = ("health.", "slo.", "workflow.", "registry.")
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class Authorizer:
     def may_subscribe(self, request: web.Request, topic: str) -> bool:
         """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may
         read; what services publish needs a `subscribe` scope when auth is on."""
-        if not self.enabled or topic.startswith(DAEMON_TOPICS):
+        if not self.enabled or topic.startswith(READABLE_TOPICS):
             return True
         grant = request.get(GRANT)
         return grant is not None and grant.allows("subscribe", topic)

@@ -4,6 +4,14 @@ Publishing never waits: each subscription has its own bounded queue and its
 own task, so a slow or failing subscriber delays nobody else. When a queue is
 full the oldest event is dropped (and counted), as a bus that blocks the
 health checker because a webhook is slow would be worse than a lost event.
+
+Event ids are positions in the stored stream. An event the event store keeps
+takes a fresh id (`reserve` before it is stored, then `publish(reserved=...)`);
+every other event carries the id of the last stored event delivered before
+it. So a client that saw id N has seen every stored event up to N, and
+"after N" (SSE `Last-Event-ID`) means the same thing across restarts. Stored
+events are delivered in id order even when their writes finish out of order:
+one whose earlier reservation is still being written is held until it is.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Event"], Awaitable[None] | None]
+Sink = Callable[["Event"], None]
 DEFAULT_QUEUE = 10_000
 MAX_ROUTES = 10_000
 
@@ -46,7 +55,9 @@ class Subscription:
     """A queue of the events whose topic matches one of `patterns`.
 
     With a handler, a task owned by the subscription feeds it every event;
-    without one, the owner iterates the subscription (`async for event in sub`).
+    with a sink, publish calls it at once (it must neither block nor raise: it
+    keeps its own bounded queue); with neither, the owner iterates the
+    subscription (`async for event in sub`).
     """
 
     def __init__(
@@ -56,15 +67,23 @@ class Subscription:
         handler: Handler | None,
         name: str,
         queue_size: int,
+        sink: Sink | None = None,
     ) -> None:
         self.bus, self.patterns, self.name = bus, tuple(patterns), name
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
+        self._sink = sink
         self._task: asyncio.Task[None] | None = None
         if handler is not None:
             self._task = asyncio.create_task(self._feed(handler), name=f"bus:{name}")
 
     def offer(self, event: Event) -> None:
+        if self._sink is not None:
+            try:
+                self._sink(event)
+            except Exception:
+                log.exception("subscriber %s failed on %s", self.name, event.topic)
+            return
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
@@ -103,7 +122,34 @@ class EventBus:
         self._subscriptions: list[Subscription] = []
         self._routes: dict[str, list[Subscription]] = {}  # topic -> matching subscriptions
         self._ids = itertools.count(1)
+        self._position = 0  # the last stored event delivered
+        self._reserved: set[int] = set()  # ids being stored
+        self._held: dict[int, Event] = {}  # stored, waiting for an earlier reservation
         self.published: Counter[str] = Counter()
+        # Which label an event's topic counts under: topics come from clients too, so the
+        # composition root maps those it does not know to "other" (a bounded label set).
+        self.label: Callable[[str], str] = lambda topic: topic
+
+    @property
+    def position(self) -> int:
+        """The id of the last stored event delivered: every stored event up to it has been."""
+        return self._position
+
+    def start_after(self, last_stored: int) -> None:
+        """Continue the ids of the stored stream (at start, before anything is published)."""
+        self._ids = itertools.count(last_stored + 1)
+        self._position = last_stored
+
+    def reserve(self) -> int:
+        """An id for an event about to be stored; `publish(reserved=)` or `release` it."""
+        event_id = next(self._ids)
+        self._reserved.add(event_id)
+        return event_id
+
+    def release(self, event_id: int) -> None:
+        """A reservation that was not stored (a duplicate, a failed write)."""
+        self._reserved.discard(event_id)
+        self._deliver_held()
 
     def subscribe(
         self,
@@ -112,18 +158,40 @@ class EventBus:
         *,
         name: str = "subscriber",
         queue_size: int = DEFAULT_QUEUE,
+        sink: Sink | None = None,
     ) -> Subscription:
         if isinstance(patterns, str):
             patterns = [patterns]
-        subscription = Subscription(self, patterns, handler, name, queue_size)
+        subscription = Subscription(self, patterns, handler, name, queue_size, sink)
         self._subscriptions.append(subscription)
         self._routes.clear()
         return subscription
 
-    def publish(self, topic: str, data: Mapping[str, Any]) -> Event:
-        """Hand the event to every matching subscriber; never waits, never raises."""
-        event = Event(id=next(self._ids), topic=topic, data=data, time=self._clock())
-        self.published[topic] += 1
+    def publish(self, topic: str, data: Mapping[str, Any], *, reserved: int | None = None) -> Event:
+        """Hand the event to every matching subscriber; never waits, never raises.
+
+        `reserved`: the id `reserve` gave this event, now stored."""
+        if reserved is None:
+            event = Event(id=self._position, topic=topic, data=data, time=self._clock())
+            self._deliver(event)
+            return event
+        event = Event(id=reserved, topic=topic, data=data, time=self._clock())
+        self._reserved.discard(reserved)
+        self._held[reserved] = event
+        self._deliver_held()
+        return event
+
+    def _deliver_held(self) -> None:
+        while self._held:
+            first = min(self._held)
+            if self._reserved and min(self._reserved) < first:
+                return  # an earlier stored event is still being written
+            self._position = max(self._position, first)
+            self._deliver(self._held.pop(first))
+
+    def _deliver(self, event: Event) -> None:
+        topic = event.topic
+        self.published[self.label(topic)] += 1
         targets = self._routes.get(topic)
         if targets is None:
             targets = [s for s in self._subscriptions if matches(s.patterns, topic)]
@@ -132,7 +200,6 @@ class EventBus:
             self._routes[topic] = targets
         for subscription in targets:
             subscription.offer(event)
-        return event
 
     async def close(self) -> None:
         for subscription in list(self._subscriptions):

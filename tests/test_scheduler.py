@@ -73,6 +73,22 @@ async def test_iterating_a_subscription_yields_events_in_order() -> None:
     await subscription.close()
 
 
+async def test_stored_events_are_delivered_in_id_order_whatever_order_their_writes_end() -> None:
+    bus = EventBus()
+    bus.start_after(10)
+    seen: list[tuple[str, int]] = []
+    bus.subscribe("*", name="all", sink=lambda e: seen.append((e.topic, e.id)))
+    first, second, third = bus.reserve(), bus.reserve(), bus.reserve()
+    bus.publish("b.second", {}, reserved=second)  # its write ended first: held
+    bus.publish("health.changed", {})  # not stored: goes at once, after the last delivered
+    bus.release(third)  # a duplicate: never published
+    assert seen == [("health.changed", 10)]
+    bus.publish("a.first", {}, reserved=first)
+    assert seen == [("health.changed", 10), ("a.first", 11), ("b.second", 12)]
+    assert bus.position == 12
+    await bus.close()
+
+
 @pytest.fixture
 async def scheduler() -> AsyncIterator[Scheduler]:
     running = Scheduler(CollectorRegistry())

@@ -30,6 +30,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from registry import StoreUnavailable
 from scheduler import EventBus
 
@@ -37,7 +39,7 @@ from . import templates
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
 from .metrics import WorkflowMetrics
-from .store import Attempt, Process, ProcessStore, StoredEvent
+from .store import Attempt, NewEvent, Process, ProcessStore, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class Engine:
     async def open(self) -> None:
         """Create tables, load counts and resume every unfinished process."""
         await self.store.create_tables()
+        self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
         for process in await self.store.unfinished():
             self._spawn(process)
@@ -103,9 +106,12 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def prune(self, retention: float) -> None:
-        """Forget what finished more than `retention` seconds ago (a scheduler job)."""
-        self.counts.subtract(await self.store.prune(self._clock() - retention))
+    async def prune(self, retention: float, event_retention: float | None = None) -> None:
+        """Forget processes that finished more than `retention` seconds ago and events
+        published more than `event_retention` ago (default: the same); a scheduler job."""
+        now = self._clock()
+        events = retention if event_retention is None else event_retention
+        self.counts.subtract(await self.store.prune(now - retention, now - events))
 
     # -- starting ----------------------------------------------------------------
 
@@ -132,14 +138,26 @@ class Engine:
         """
         key = key or secrets.token_hex(12)
         now = self._clock()
-        processes = [self._new(d, data, f"event:{key}") for d in self._triggers.get(topic, ())]
-        created, seq = await self.store.create(processes, (topic, dict(data), key, now))
+        # One encoding: the stored row, and (decoded again) the event every subscriber and
+        # waiting process gets, a snapshot nobody shares with whoever published it.
+        encoded = orjson.dumps(data)
+        snapshot: dict[str, Any] = orjson.loads(encoded)
+        triggered = self._triggers.get(topic, ())
+        processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
+        reserved = self._bus.reserve()
+        event = NewEvent(seq=reserved, topic=topic, data=encoded, key=key, published_at=now)
+        seq = None
+        try:
+            created, seq = await self.store.create(processes, event)
+        finally:
+            if seq is None:  # a duplicate key, or the write failed
+                self._bus.release(reserved)
         for process, new in created:
             if new:
                 self._started(process)
         if seq is not None:
-            self._bus.publish(topic, data)
-            self._deliver(StoredEvent(seq, topic, dict(data), now))
+            self._bus.publish(topic, snapshot, reserved=seq)
+            self._deliver(StoredEvent(seq, topic, snapshot, now))
         return seq
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
@@ -327,7 +345,7 @@ class Engine:
         self._waiting.setdefault(wait.event, {})[process.id] = match
         try:
             if process.wait_seq is None:  # registered above first, so nothing slips between
-                process.wait_seq = await self.store.last_event_seq()
+                process.wait_seq = self._bus.position  # later events are delivered live
                 if wait.timeout is not None:
                     process.wake_at = started + wait.timeout
                 await self._checkpoint(process, "waiting")

@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from registry.auth import DAEMON_TOPICS
+
+from .definition import Definition, Publish, WaitFor
+
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+OTHER_TOPIC = "other"
+GLOB = frozenset("*?[")
+
+
+def topic_label(definitions: Iterable[Definition], named: Iterable[str]) -> Callable[[str], str]:
+    """The `topic` label of `hms_events_published_total`: whoever may publish may invent
+    topics, so only the daemon's own and those the config names (workflow triggers, publish
+    and wait_for steps, `named`: notification events) count by name; the rest as "other"."""
+    known = {topic for topic in named if not GLOB & set(topic)}
+    for definition in definitions:
+        if definition.trigger is not None:
+            known.add(definition.trigger)
+        for step in definition.steps:
+            if isinstance(step.action, Publish):
+                known.add(step.action.topic)
+            elif isinstance(step.action, WaitFor):
+                known.add(step.action.event)
+    frozen = frozenset(known)
+
+    def label(topic: str) -> str:
+        return topic if topic in frozen or topic.startswith(DAEMON_TOPICS) else OTHER_TOPIC
+
+    return label
 
 
 class WorkflowMetrics:
@@ -92,7 +119,9 @@ class ProcessCollector(Collector):
             processes.add_metric([workflow, status], count)
         yield processes
         events = CounterMetricFamily(
-            "hms_events_published", "Events published on the bus, by topic.", labels=["topic"]
+            "hms_events_published",
+            'Events published on the bus, by topic (topics the config does not name: "other").',
+            labels=["topic"],
         )
         for topic, count in sorted(self._published().items()):
             events.add_metric([topic], count)

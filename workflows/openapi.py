@@ -151,13 +151,22 @@ def paths(routes: dict[str, str] | None = None) -> dict[str, Any]:
             "get": {
                 "summary": "Server-Sent Events of the bus",
                 "operationId": "streamEvents",
-                "parameters": [query_param("topics", "comma-separated topic globs, default *")],
+                "parameters": [
+                    query_param("topics", "comma-separated topic globs, default *"),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "first send the stored events after this id",
+                        "schema": {"type": "integer", "minimum": 0},
+                    },
+                ],
                 "responses": {
                     "200": {
                         "description": "an event stream",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
-                    **error_responses(401),
+                    **error_responses(400, 401),
                 },
             }
         },

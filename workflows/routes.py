@@ -15,16 +15,16 @@ from registry import parse_duration
 from registry.auth import DAEMON_TOPICS, Authorizer
 from registry.errors import ApiError, parse_body, read_body
 from registry.responses import json_response
-from scheduler import Event, EventBus
+from scheduler import EventBus
 
 from .engine import Engine, WorkflowError
+from .sse import EventStream, Frames, MemoryTrim
 from .store import STATUSES, Process
 
 MAX_WAIT = 300.0
 MAX_LIMIT = 1000
-SSE_KEEPALIVE = 15.0
-SSE_BATCH = 0.1  # seconds an event may wait for others to share its write
-SSE_FRAMES = 1024
+VISIBLE_TOPICS = 1024  # topic -> may the caller see it, remembered per stream
+DEFAULT_SSE_BUFFER = 8 * 1024 * 1024
 TOPIC = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
@@ -38,10 +38,18 @@ class StartBody(BaseModel):
 
 
 class WorkflowRoutes:
-    def __init__(self, engine: Engine, bus: EventBus, auth: Authorizer) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        bus: EventBus,
+        auth: Authorizer,
+        sse_buffer: int = DEFAULT_SSE_BUFFER,
+    ) -> None:
         self.engine, self.bus, self.auth = engine, bus, auth
+        self.sse_buffer = sse_buffer  # bytes a stream may be behind before it is cut off
         self._streams: set[asyncio.Task[Any]] = set()
-        self._frames: dict[int, bytes] = {}  # event id -> SSE frame, the latest SSE_FRAMES
+        self._frames = Frames()
+        self._trim = MemoryTrim()
 
     def routes(self) -> list[web.AbstractRouteDef]:
         routes: list[web.AbstractRouteDef] = [
@@ -81,6 +89,7 @@ class WorkflowRoutes:
 
     async def close_streams(self, app: web.Application) -> None:
         """on_shutdown: end open event streams, or shutdown would wait for them."""
+        self._trim.cancel()
         for task in list(self._streams):
             task.cancel()
 
@@ -160,17 +169,6 @@ class WorkflowRoutes:
             raise ApiError(exc.status, str(exc)) from None
         return json_response({"id": process.id, "status": process.status}, status=202)
 
-    def _frame(self, event: Event) -> bytes:
-        """An event as SSE bytes, encoded once for every stream that sends it."""
-        frame = self._frames.get(event.id)
-        if frame is None:
-            data = orjson.dumps(event.to_json())
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, event.topic.encode(), data)
-            if len(self._frames) >= SSE_FRAMES:
-                self._frames.pop(next(iter(self._frames)))  # the oldest
-            self._frames[event.id] = frame
-        return frame
-
     async def _full(self, process_id: str) -> dict[str, Any]:
         described = await self.engine.describe(process_id)
         if described is None:
@@ -194,19 +192,22 @@ class WorkflowRoutes:
         return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: every bus event whose topic matches `topics` (globs) and that
-        the caller may see (Authorizer.may_subscribe)."""
+        """Server-Sent Events: the stored events after `Last-Event-ID`, then every bus event
+        whose topic matches `topics` (globs) and that the caller may see
+        (Authorizer.may_subscribe). See workflows/sse.py."""
         visible: dict[str, bool] = {}
 
-        def allowed(event: Event) -> bool:
-            seen = visible.get(event.topic)
+        def allowed(topic: str) -> bool:
+            seen = visible.get(topic)
             if seen is None:
-                if len(visible) > SSE_FRAMES:
+                if len(visible) > VISIBLE_TOPICS:
                     visible.clear()
-                seen = visible[event.topic] = self.auth.may_subscribe(request, event.topic)
+                seen = visible[topic] = self.auth.may_subscribe(request, topic)
             return seen
 
+        after = _last_event_id(request)
         patterns = [t.strip() for t in request.query.get("topics", "*").split(",") if t.strip()]
+        patterns = patterns or ["*"]
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -214,39 +215,49 @@ class WorkflowRoutes:
                 "X-Accel-Buffering": "no",
             }
         )
-        await response.prepare(request)
-        subscription = self.bus.subscribe(patterns or ["*"], name="sse", queue_size=1000)
+        writer = await response.prepare(request)
+        if writer is None or writer.transport is None:
+            return response  # the client left already
+        writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
+        stream = EventStream(
+            response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
+        )
+        # Subscribe and note the position in one tick: replay ends where live begins.
+        subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
+        upto = self.bus.position
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
         try:
-            await response.write(b": connected\n\n")
-            queue = subscription.queue
-            while True:
-                try:
-                    async with asyncio.timeout(SSE_KEEPALIVE):
-                        event = await queue.get()
-                except TimeoutError:
-                    await response.write(b": keepalive\n\n")
-                    continue
-                # Coalesce: what arrives within SSE_BATCH goes out in one write. With 100
-                # browsers that is ten writes a second each instead of one per event.
-                await asyncio.sleep(SSE_BATCH)
-                events = [event]
-                while not queue.empty():
-                    events.append(queue.get_nowait())
-                frames = b"".join(self._frame(e) for e in events if allowed(e))
-                if frames:
-                    await response.write(frames)
-        except (ConnectionResetError, asyncio.CancelledError):
+            await stream.send(b": connected\n\n")
+            if after is not None:
+                await stream.replay(patterns, after, upto, self.engine.store.events_after)
+            await stream.run()
+        except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             if task is not None:
                 self._streams.discard(task)
             await subscription.close()
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
+        if stream.cut_off:
+            self._trim.soon()
+        else:
+            with contextlib.suppress(ConnectionError):
+                await response.write_eof()
         return response
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, "Last-Event-ID must be an event id (an integer)") from None
+    if value < 0:
+        raise ApiError(400, "Last-Event-ID must not be negative")
+    return value
 
 
 async def _json_object(request: web.Request, what: str) -> dict[str, Any]:

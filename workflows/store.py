@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS events (
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
+CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 """
 
 _COLUMNS = (
@@ -228,6 +229,15 @@ class StoredEvent:
     published_at: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewEvent:
+    seq: int  # the bus reserved it: stored and live events share one id sequence
+    topic: str
+    data: bytes  # JSON, encoded once at publish: the stored row is the event as published
+    key: str
+    published_at: float
+
+
 class ProcessStore:
     def __init__(self, db: Transactor) -> None:
         self._db = db
@@ -241,7 +251,7 @@ class ProcessStore:
         await self._db.write(create)
 
     async def create(
-        self, processes: list[Process], event: tuple[str, dict[str, Any], str | None, float] | None
+        self, processes: list[Process], event: NewEvent | None
     ) -> tuple[list[tuple[Process, bool]], int | None]:
         """Insert new processes (and the event that started them) in one transaction.
 
@@ -253,13 +263,12 @@ class ProcessStore:
         def write(d: sqlite_utils.Database) -> tuple[list[tuple[Process, bool]], int | None]:
             conn, seq = d.conn, None
             if event is not None:
-                topic, data, key, at = event
                 cursor = conn.execute(
-                    "INSERT INTO events (topic, data, key, published_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(key) DO NOTHING",
-                    (topic, orjson.dumps(data).decode(), key, at),
+                    "INSERT INTO events (seq, topic, data, key, published_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                    (event.seq, event.topic, event.data.decode(), event.key, event.published_at),
                 )
-                seq = cursor.lastrowid if cursor.rowcount else None
+                seq = event.seq if cursor.rowcount else None
             out = []
             for process in processes:
                 if process.idempotency_key is not None:
@@ -374,9 +383,31 @@ class ProcessStore:
 
         return await self._db.read(read)
 
+    async def events_after(
+        self, seq: int, upto: int, limit: int
+    ) -> list[tuple[int, str, bytes, float]]:
+        """Stored events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time)."""
+
+        def read(d: sqlite_utils.Database) -> list[tuple[int, str, bytes, float]]:
+            rows = d.execute(
+                "SELECT seq, topic, data, published_at FROM events "
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                [seq, upto, limit],
+            ).fetchall()
+            return [(s, t, data.encode(), at) for s, t, data, at in rows]
+
+        return await self._db.read(read)
+
     async def last_event_seq(self) -> int:
+        """The highest event id ever stored, pruned or not (sqlite_sequence remembers), so
+        ids are never given twice and a client's Last-Event-ID keeps its meaning."""
+
         def read(d: sqlite_utils.Database) -> int:
-            return int(d.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0])
+            row = d.execute(
+                "SELECT max(coalesce((SELECT max(seq) FROM events), 0), coalesce("
+                "(SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))"
+            ).fetchone()
+            return int(row[0])
 
         return await self._db.read(read)
 
@@ -397,8 +428,9 @@ class ProcessStore:
 
         return await self._db.read(read)
 
-    async def prune(self, before: float) -> dict[tuple[str, str], int]:
-        """Forget processes finished and events published before `before`; what went."""
+    async def prune(self, before: float, events_before: float) -> dict[tuple[str, str], int]:
+        """Forget processes finished before `before` and events published before
+        `events_before`; what went."""
 
         def write(d: sqlite_utils.Database) -> dict[tuple[str, str], int]:
             conn = d.conn
@@ -409,7 +441,7 @@ class ProcessStore:
             ).fetchall()
             conn.execute(_HISTORY_OF_OLD, [before])
             conn.execute("DELETE FROM processes WHERE finished_at < ?", [before])
-            conn.execute("DELETE FROM events WHERE published_at < ?", [before])
+            conn.execute("DELETE FROM events WHERE published_at < ?", [events_before])
             return {(w, s): n for w, s, n in gone}
 
         return await self._db.write(write)
