@@ -112,6 +112,38 @@ def test_the_workflow_tour_works_as_written_with_the_demo(tmp_path: Path) -> Non
         run_block(block, demo.port)
 
 
+def python_example() -> str:
+    """The registry.client example of the README."""
+    section = README.read_text(encoding="utf-8").split("### From Python", 1)[1]
+    (code,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)[:1]
+    return code
+
+
+def test_the_python_example_registers_an_instance_that_passes_and_leaves(tmp_path: Path) -> None:
+    port, instance_port = free_port(), free_port()
+    daemon = DaemonProcess(shipped_config(tmp_path, port), port, tmp_path / "daemon.log")
+    daemon.start()
+    script = DAEMON.sub(f"127.0.0.1:{port}", python_example())
+    script = script.replace("8001", str(instance_port))
+    try:
+        with (tmp_path / "example.log").open("wb") as log:
+            example = subprocess.Popen(
+                [sys.executable, "-c", script], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while health_of(daemon.url, "payments") != ["passing"]:
+                assert example.poll() is None, (tmp_path / "example.log").read_text()
+                assert time.monotonic() < deadline, health_of(daemon.url, "payments")
+                time.sleep(0.2)
+        finally:
+            example.terminate()  # run_app stops on SIGTERM: a clean shutdown deregisters
+            example.wait(15)
+        assert health_of(daemon.url, "payments") == []
+    finally:
+        daemon.stop()
+
+
 def test_commands_the_tests_run_stay_on_this_machine() -> None:
     """No address in a block the tests run, nor in the examples, leaves the loopback."""
     texts = [b for b in sh_blocks(README.read_text(encoding="utf-8")) if NOT_RUN not in b]
