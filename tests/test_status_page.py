@@ -182,20 +182,25 @@ async def test_the_uptime_footnote_shows_only_beside_uptime_bars(site: AppClient
     assert note not in await (await site.get("/workflows")).text()
 
 
+async def start_until_waiting(site: AppClient, workflow: str, input_: dict[str, Any]) -> str:
+    started = await site.post(f"/v1/workflows/{workflow}", json={"input": input_})
+    process_id: str = (await started.json())["id"]
+
+    async def waiting() -> bool:
+        body = await (await site.get(f"/v1/processes/{process_id}")).json()
+        return bool(body["status"] == "waiting")
+
+    await until(waiting)
+    return process_id
+
+
 async def test_a_waiting_process_says_for_what_and_until_when_and_lists_steps_to_come(
     make_config: Callable[..., Config],
     start_daemon: Callable[..., Awaitable[AppClient]],
     clock: FakeClock,
 ) -> None:
     site = await start_daemon(make_config(workflows=[SLOW]))
-    started = await site.post("/v1/workflows/Slow", json={"input": {"app": "A-7"}})
-    process_id = (await started.json())["id"]
-
-    async def waiting() -> bool:
-        body = await (await site.get(f"/v1/processes/{process_id}")).json()
-        return body["status"] == "waiting"
-
-    await until(waiting)
+    process_id = await start_until_waiting(site, "Slow", {"app": "A-7"})
     body = await (await site.get(f"/v1/processes/{process_id}")).json()
     assert body["waiting_for"] == {
         "kind": "delay",
@@ -219,14 +224,7 @@ async def test_a_process_waiting_for_an_event_names_it(
     start_daemon: Callable[..., Awaitable[AppClient]],
 ) -> None:
     site = await start_daemon(make_config(workflows=[DOCS]))
-    started = await site.post("/v1/workflows/Docs", json={"input": {"app": "A-7"}})
-    process_id = (await started.json())["id"]
-
-    async def waiting() -> bool:
-        body = await (await site.get(f"/v1/processes/{process_id}")).json()
-        return body["status"] == "waiting"
-
-    await until(waiting)
+    process_id = await start_until_waiting(site, "Docs", {"app": "A-7"})
     html = await (await site.get(f"/processes/{process_id}")).text()
     assert 'id="waiting-for">event: docs.validated with app=A-7, no time limit<' in html
 
