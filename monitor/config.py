@@ -79,13 +79,26 @@ def _check_token(value: SecretStr) -> SecretStr:
 
 
 class Token(_Model):
-    token: Annotated[SecretStr, AfterValidator(_check_token)]
-    scopes: tuple[Annotated[str, AfterValidator(_check_scope)], ...] = Field(min_length=1)
+    token: Annotated[SecretStr, AfterValidator(_check_token)] = Field(
+        description="The bearer token, 8 characters or more; usually `${VAR}` from the "
+        "environment. Compared in constant time, never logged."
+    )
+    scopes: tuple[Annotated[str, AfterValidator(_check_scope)], ...] = Field(
+        min_length=1,
+        description="`*`, or `<verb>:<glob>` with verb register, publish, subscribe, start "
+        "or cancel (e.g. `register:payments*`).",
+    )
 
 
 class Auth(_Model):
-    tokens: tuple[Token, ...] = Field(min_length=1)
-    protect_reads: bool = False
+    tokens: tuple[Token, ...] = Field(
+        min_length=1, description="Who may write: each token with its scopes."
+    )
+    protect_reads: bool = Field(
+        default=False,
+        description="true: every GET, `/metrics` and the status page need a token too "
+        "(people sign in at `/login`).",
+    )
 
 
 def _check_target(value: str) -> str:
@@ -94,16 +107,35 @@ def _check_target(value: str) -> str:
 
 
 class Server(_Model):
-    listen: Annotated[str, AfterValidator(_check_listen)] = DEFAULT_LISTEN
-    auth: Auth | None = None
-    # A request's headers, then its body, must each arrive within this; idle connections close.
-    read_timeout: Duration = timedelta(seconds=15)
-    # Event-loop lag beyond which requests get 503 + Retry-After (monitor/overload.py); 0s: never.
-    overload_lag: DurationOrZero = timedelta(milliseconds=25)
-    # Absent: any host. Present: instance URLs must be in these networks or match these names.
-    allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
-    # An SSE subscriber this far behind (8MiB, 512KiB or bytes) is cut off; it reconnects.
-    sse_buffer: ByteSize = Field(default=ByteSize(8 * 1024 * 1024), ge=64 * 1024)
+    listen: Annotated[str, AfterValidator(_check_listen)] = Field(
+        default=DEFAULT_LISTEN,
+        description="host:port the API and the status page listen on (0.0.0.0: every address).",
+    )
+    auth: Auth | None = Field(
+        default=None,
+        description="Absent: no auth (the log warns when `listen` is not loopback).",
+    )
+    read_timeout: Duration = Field(
+        default=timedelta(seconds=15),
+        description="A request's headers, then its body, must each arrive within this "
+        "(else 408 or the connection closes).",
+    )
+    overload_lag: DurationOrZero = Field(
+        default=timedelta(milliseconds=25),
+        description="Event-loop lag beyond which requests are shed with 503 and "
+        "`Retry-After`; `0s`: never shed.",
+    )
+    allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = Field(
+        default=None,
+        description="Networks (`10.0.0.0/8`) and host names (`*.svc.cluster.local`) instances "
+        "and workflow calls may point at; absent: any host.",
+    )
+    sse_buffer: ByteSize = Field(
+        default=ByteSize(8 * 1024 * 1024),
+        ge=64 * 1024,
+        description="An SSE subscriber this far behind (`8MiB`, `512KiB` or bytes) is cut off; "
+        "it reconnects with `Last-Event-ID`.",
+    )
 
     @property
     def targets(self) -> TargetPolicy:
@@ -128,10 +160,21 @@ class Server(_Model):
 
 
 class Storage(_Model):
-    path: Path = Path("var/hms-mgmt.db")
-    retention: Duration = timedelta(days=400)
-    process_retention: Duration = timedelta(days=30)
-    event_retention: Duration = timedelta(days=7)  # stored events, replayed after Last-Event-ID
+    path: Path = Field(
+        default=Path("var/hms-mgmt.db"),
+        description="The SQLite file; a relative path is relative to the config file.",
+    )
+    retention: Duration = Field(
+        default=timedelta(days=400),
+        description="How long per-minute probe aggregates are kept (raw results: 2 days).",
+    )
+    process_retention: Duration = Field(
+        default=timedelta(days=30), description="How long finished workflow processes are kept."
+    )
+    event_retention: Duration = Field(
+        default=timedelta(days=7),
+        description="How long published events are stored and replayed after `Last-Event-ID`.",
+    )
 
     @field_validator("path")
     @classmethod
@@ -141,8 +184,14 @@ class Storage(_Model):
 
 
 class Lease(_Model):
-    ttl: Duration = timedelta(seconds=30)
-    deregister_after: Duration = timedelta(minutes=10)
+    ttl: Duration = Field(
+        default=timedelta(seconds=30),
+        description='The lease a registration gets with `"ttl": "default"`.',
+    )
+    deregister_after: Duration = Field(
+        default=timedelta(minutes=10),
+        description="How long an instance whose lease lapsed stays (critical) before removal.",
+    )
 
 
 def _check_buckets(value: tuple[float, ...]) -> tuple[float, ...]:
@@ -152,28 +201,43 @@ def _check_buckets(value: tuple[float, ...]) -> tuple[float, ...]:
 
 
 class Defaults(_Model):
-    probe: ProbeSpec = ProbeSpec()
-    lease: Lease = Lease()
-    # hms_probe_duration_seconds boundaries; SLO latency thresholds are added to them.
-    latency_buckets: Annotated[tuple[float, ...], AfterValidator(_check_buckets)] = (
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    )  # fmt: skip
+    probe: ProbeSpec = Field(
+        default=ProbeSpec(),
+        description="Probe settings for every instance; a service's `probe`, then an "
+        "instance's own, override them key by key.",
+    )
+    lease: Lease = Field(default=Lease(), description="Leases of registered instances.")
+    latency_buckets: Annotated[tuple[float, ...], AfterValidator(_check_buckets)] = Field(
+        default=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        description="Seconds: the boundaries of `hms_probe_duration_seconds`; every SLO's "
+        "`latency_threshold` is added to them. Needs a restart.",
+    )
 
 
 class RawSli(_Model):
     """An SLI Prometheus already has; `{{window}}` is replaced by each rule window."""
 
-    error_query: str = Field(min_length=1)
-    total_query: str = Field(min_length=1)
+    error_query: str = Field(min_length=1, description="PromQL counting bad events.")
+    total_query: str = Field(min_length=1, description="PromQL counting all events.")
 
 
 class Slo(_Model):
-    name: Name
-    objective: float = Field(gt=0, lt=100, description="percent, e.g. 99.9")
-    period: Duration = timedelta(days=30)
-    latency_threshold: Duration | None = None
-    sli: RawSli | None = None
-    description: str = ""
+    name: Name = Field(description="Unique within the service.")
+    objective: float = Field(gt=0, lt=100, description="Percent of good events, e.g. 99.9.")
+    period: Duration = Field(
+        default=timedelta(days=30),
+        description="The rolling window of the error budget; burn-rate alerts scale to it.",
+    )
+    latency_threshold: Duration | None = Field(
+        default=None,
+        description="Set: good means successful and faster than this. "
+        "Absent: good means a successful probe.",
+    )
+    sli: RawSli | None = Field(
+        default=None,
+        description="Measure with these Prometheus queries instead of the daemon's probes.",
+    )
+    description: str = Field(default="", description="Free text shown with the SLO.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Slo:
@@ -183,19 +247,27 @@ class Slo(_Model):
 
 
 class StaticInstance(_Model):
-    id: Name
-    url: HttpUrl
-    meta: Meta = Field(default_factory=dict)
+    id: Name = Field(description="Unique within the service.")
+    url: HttpUrl = Field(description="Where the instance answers; probed as registered ones are.")
+    meta: Meta = Field(default_factory=dict, description="Free key/value labels.")
 
 
 class Service(_Model):
-    name: Name
-    instances: tuple[StaticInstance, ...] = ()
-    tags: Tags = ()
-    meta: Meta = Field(default_factory=dict)
-    probe: ProbeSpec | None = None
-    depends_on: tuple[Name, ...] = ()
-    slos: tuple[Slo, ...] = ()
+    name: Name = Field(description="Unique; registered instances of this name join it.")
+    instances: tuple[StaticInstance, ...] = Field(
+        default=(), description="Instances that need no registration (the API cannot change them)."
+    )
+    tags: Tags = Field(default=(), description="The first tag groups the service on the page.")
+    meta: Meta = Field(default_factory=dict, description="Free key/value labels of the service.")
+    probe: ProbeSpec | None = Field(
+        default=None, description="Overrides `defaults.probe` for this service's instances."
+    )
+    depends_on: tuple[Name, ...] = Field(
+        default=(),
+        description="Services this one needs: while one is down (all its instances critical), "
+        "this service's instances are suppressed and raise no alerts.",
+    )
+    slos: tuple[Slo, ...] = Field(default=(), description="Objectives on this service's probes.")
 
 
 def _check_timezone(value: str) -> str:
@@ -207,12 +279,20 @@ def _check_timezone(value: str) -> str:
 
 
 class Maintenance(_Model):
-    services: tuple[Name, ...] = Field(min_length=1)
-    start: time | None = Field(default=None, description="local time of day, HH:MM")
-    duration: Duration
-    timezone: Annotated[str, AfterValidator(_check_timezone)] = "UTC"
-    every: tuple[Literal[WEEKDAYS], ...] | None = None  # type: ignore[valid-type]
-    at: datetime | None = Field(default=None, description="a one-off window, ISO 8601")
+    services: tuple[Name, ...] = Field(min_length=1, description="The services it covers.")
+    start: time | None = Field(
+        default=None, description="A recurring window's start, local time of day, `HH:MM`."
+    )
+    duration: Duration = Field(description="How long each window lasts.")
+    timezone: Annotated[str, AfterValidator(_check_timezone)] = Field(
+        default="UTC", description="IANA name (`Europe/Paris`) for `start`."
+    )
+    every: tuple[Literal[WEEKDAYS], ...] | None = Field(  # type: ignore[valid-type]
+        default=None, description="Weekdays of a recurring window; absent: every day."
+    )
+    at: datetime | None = Field(
+        default=None, description="A one-off window's start, ISO 8601 (instead of `start`)."
+    )
 
     @model_validator(mode="after")
     def _start_or_at(self) -> Maintenance:
@@ -224,21 +304,36 @@ class Maintenance(_Model):
 
 
 class Call(_Model):
-    service: Name
-    method: HTTP_METHODS = "POST"
-    path: str = Field(pattern=r"^/")
-    body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    service: Name = Field(description="A passing instance of it is called (round-robin).")
+    method: HTTP_METHODS = Field(default="POST", description="The HTTP method.")
+    path: str = Field(
+        pattern=r"^/", description="Appended to the instance URL; may hold `{input.x}` templates."
+    )
+    body: Any = Field(
+        default=None,
+        description="JSON body; `{input.x}` and `{steps.<step>.x}` templates are filled in.",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
 
 
 class Retry(_Model):
-    max_attempts: int = Field(default=3, ge=1, le=100)
-    backoff: Duration = timedelta(seconds=1)
-    factor: float = Field(default=2.0, ge=1.0, le=10.0)
-    max_backoff: Duration = timedelta(minutes=1)
-    # HTTP statuses worth another attempt; default 429 and 5xx. Connection errors and
-    # timeouts are always retried.
-    retry_on: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = None
+    max_attempts: int = Field(
+        default=3, ge=1, le=100, description="Attempts in all, the first included."
+    )
+    backoff: Duration = Field(
+        default=timedelta(seconds=1), description="The wait before the second attempt."
+    )
+    factor: float = Field(
+        default=2.0, ge=1.0, le=10.0, description="Each wait is the previous one times this."
+    )
+    max_backoff: Duration = Field(
+        default=timedelta(minutes=1), description="No wait is longer (before jitter)."
+    )
+    retry_on: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = Field(
+        default=None,
+        description="HTTP statuses worth another attempt; absent: 429 and 5xx. Connection "
+        "errors and timeouts are always retried.",
+    )
 
 
 NOTIFY_RETRY = Retry(
@@ -247,16 +342,27 @@ NOTIFY_RETRY = Retry(
 
 
 class Notification(_Model):
-    name: Name
-    url: HttpUrl
-    events: tuple[Annotated[str, Field(min_length=1)], ...] = Field(min_length=1)
-    format: Literal["json", "slack"] = "json"
-    secret: SecretStr | None = None
-    timeout: Duration = timedelta(seconds=5)
-    # Deliveries that fail are retried with backoff from a durable outbox.
-    retry: Retry = NOTIFY_RETRY
-    # The same state of one (event, subject) is re-sent at most once in this interval.
-    min_interval: Duration = timedelta(minutes=5)
+    name: Name = Field(description="Unique; the `name` label of `hms_notifications_total`.")
+    url: HttpUrl = Field(description="The webhook that receives a POST per event.")
+    events: tuple[Annotated[str, Field(min_length=1)], ...] = Field(
+        min_length=1, description="Topics to send, globs allowed (`workflow.*`)."
+    )
+    format: Literal["json", "slack"] = Field(
+        default="json", description='`json`, or `slack`: `{"text": "..."}`.'
+    )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="Signs each body: `X-Hms-Signature: sha256=<hex HMAC-SHA256>`.",
+    )
+    timeout: Duration = Field(default=timedelta(seconds=5), description="Per delivery attempt.")
+    retry: Retry = Field(
+        default=NOTIFY_RETRY,
+        description="Failed deliveries are retried from a durable outbox with this backoff.",
+    )
+    min_interval: Duration = Field(
+        default=timedelta(minutes=5),
+        description="The same state of one subject is sent at most once in this interval.",
+    )
 
 
 # Labels the generated alerts set themselves; a copied meta key may not take their place.
@@ -281,28 +387,50 @@ def _check_runbook_base(value: str) -> str:
 class Alerting(_Model):
     """What `hms-mgmt rules` puts into alerts besides their expressions."""
 
-    # Service meta keys copied into alert labels, so Alertmanager can route on them.
-    labels: tuple[Annotated[str, AfterValidator(_check_alert_label)], ...] = ()
-    # Each alert's runbook_url is `<runbook_base>#<alert name, lower case>`; the default is
-    # the runbook page shipped in the repository, relative to its root.
-    runbook_base: Annotated[str, AfterValidator(_check_runbook_base)] = "docs/runbooks.md"
+    labels: tuple[Annotated[str, AfterValidator(_check_alert_label)], ...] = Field(
+        default=(),
+        description="Service `meta` keys copied into alert labels, so Alertmanager can route "
+        "on them (e.g. `[team]`).",
+    )
+    runbook_base: Annotated[str, AfterValidator(_check_runbook_base)] = Field(
+        default="docs/runbooks.md",
+        description="Each alert's `runbook_url` is `<runbook_base>#<alert name, lower case>`; "
+        "the default is the runbook page shipped in the repository, relative to its root.",
+    )
 
 
 class WaitFor(_Model):
-    event: str = Field(min_length=1)
-    match: dict[str, Any] = Field(default_factory=dict)
-    timeout: Duration | None = None
+    event: str = Field(min_length=1, description="The topic to wait for.")
+    match: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys the event's data must have, with these values (templates allowed).",
+    )
+    timeout: Duration | None = Field(
+        default=None, description="The step fails when no event came in time; absent: no limit."
+    )
 
 
 class Step(_Model):
-    name: Name
-    call: Call | None = None
-    publish: str | None = Field(default=None, min_length=1)
-    wait_for: WaitFor | None = None
-    delay: Duration | None = None
-    timeout: Duration | None = None
-    retry: Retry | None = None
-    compensate: Call | None = None
+    name: Name = Field(description="Unique in the workflow; `{steps.<name>.x}` reads its output.")
+    call: Call | None = Field(
+        default=None, description="Call a service (one of call, publish, wait_for)."
+    )
+    publish: str | None = Field(
+        default=None, min_length=1, description="Publish this topic on the event bus."
+    )
+    wait_for: WaitFor | None = Field(default=None, description="Wait for an event.")
+    delay: Duration | None = Field(
+        default=None, description="Wait this long before the step runs (durable)."
+    )
+    timeout: Duration | None = Field(default=None, description="Per attempt of a call.")
+    retry: Retry | None = Field(
+        default=None, description="Retries of a call; absent: the call is tried once."
+    )
+    compensate: Call | None = Field(
+        default=None,
+        description="Undoes the step when a later one fails for good or the process is "
+        "cancelled (retried too).",
+    )
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
@@ -313,17 +441,29 @@ class Step(_Model):
 
 
 class Trigger(_Model):
-    event: str = Field(min_length=1)
+    event: str = Field(min_length=1, description="Each event of this topic starts a process.")
 
 
 class Workflow(_Model):
-    name: Name
-    route: str | None = None
-    trigger: Trigger | None = None
-    deadline: Duration | None = None
-    # The workflow SLO (GET /v1/workflows/{name}/slo): percent completed within deadline.
-    objective: float = Field(default=99.0, gt=0, lt=100)
-    steps: tuple[Step, ...] = Field(min_length=1)
+    name: Name = Field(description="Unique; `POST /v1/workflows/<name>` starts a process.")
+    route: str | None = Field(
+        default=None,
+        description="A path outside `/v1` where a POST starts a process with the body as input.",
+    )
+    trigger: Trigger | None = Field(default=None, description="Start a process on an event.")
+    deadline: Duration | None = Field(
+        default=None,
+        description="Each process should finish within this; a miss publishes "
+        "`workflow.deadline_missed` and counts against `objective`.",
+    )
+    objective: float = Field(
+        default=99.0,
+        gt=0,
+        lt=100,
+        description="Percent of processes completed within `deadline` "
+        "(`GET /v1/workflows/<name>/slo`).",
+    )
+    steps: tuple[Step, ...] = Field(min_length=1, description="Run in order, each checkpointed.")
 
     @field_validator("route")
     @classmethod
@@ -338,14 +478,24 @@ class Workflow(_Model):
 
 
 class Config(_Model):
-    server: Server = Server()
-    storage: Storage = Storage()
-    defaults: Defaults = Defaults()
-    services: tuple[Service, ...] = ()
-    maintenance: tuple[Maintenance, ...] = ()
-    notifications: tuple[Notification, ...] = ()
-    alerting: Alerting = Alerting()
-    workflows: tuple[Workflow, ...] = ()
+    server: Server = Field(default=Server(), description="Where and how the daemon listens.")
+    storage: Storage = Field(default=Storage(), description="The SQLite file and retention.")
+    defaults: Defaults = Field(default=Defaults(), description="Defaults for every service.")
+    services: tuple[Service, ...] = Field(
+        default=(), description="Static services, beside the ones that register themselves."
+    )
+    maintenance: tuple[Maintenance, ...] = Field(
+        default=(), description="Windows in which services raise no alerts or notifications."
+    )
+    notifications: tuple[Notification, ...] = Field(
+        default=(), description="Webhooks (JSON or Slack) that receive bus events."
+    )
+    alerting: Alerting = Field(
+        default=Alerting(), description="Labels and runbook links of the generated alert rules."
+    )
+    workflows: tuple[Workflow, ...] = Field(
+        default=(), description="Durable multi-step processes across services."
+    )
 
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)

@@ -9,7 +9,7 @@ come. Assets are served by the daemon; the CSP allows nothing else.
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -147,12 +147,14 @@ class StatusPage:
             row = self._service_row(name, services[name], now)
             group = self._group_of(name, services[name])
             groups.setdefault(group, _Group(group)).services.append(row)
-        states = [row.state for group in groups.values() for row in group.services]
+        # The banner speaks for every service, not only those on this page.
+        states = [_worst([s.health for s in services[name]]) for name in names]
         return self._render(
             "overview.html",
             title="Status",
             groups=sorted(groups.values(), key=lambda g: (g.name == "Other", g.name)),
             worst=_worst(states),
+            state_counts=Counter(state.value for state in states),
             service_count=len(names),
             page=page,
             pages=pages,
@@ -379,11 +381,15 @@ def _sparkline(values: tuple[float | None, ...], width: int = 96, height: int = 
         return ""
     top = max(known) or 1.0
     step = width / max(1, len(values) - 1)
-    return " ".join(
+    points = [
         f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
         for i, v in enumerate(values)
         if v is not None
-    )
+    ]
+    if len(points) == 1:  # a service's first hour: one point draws nothing, so a short dash
+        x, y = (float(c) for c in points[0].split(","))
+        points.insert(0, f"{max(0.0, x - 4):.1f},{y:.1f}")
+    return " ".join(points)
 
 
 def _when(at: float | None) -> str:

@@ -134,27 +134,55 @@ class ProbeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # none: not probed; health then comes from the lease alone (critical once it lapses).
-    type: Literal["http", "tcp", "tls", "none"] | None = None
-    method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] | None = None
-    path: str | None = Field(default=None, pattern=r"^/", max_length=2048)
+    type: Literal["http", "tcp", "tls", "none"] | None = Field(
+        default=None,
+        description="`none`: not probed; health comes from the lease alone "
+        "(critical once it lapses).",
+    )
+    method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] | None = Field(
+        default=None, description="The HTTP method of an http probe."
+    )
+    path: str | None = Field(
+        default=None,
+        pattern=r"^/",
+        max_length=2048,
+        description="Requested instead of the instance URL's own path (which is the default).",
+    )
     headers: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
-        default=None, max_length=64
+        default=None, max_length=64, description="Extra request headers of an http probe."
     )
     conditions: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] | None = Field(
-        default=None, max_length=64
+        default=None,
+        max_length=64,
+        description="All must hold for a success (`[STATUS] == 200`, `[BODY].status == UP`); "
+        "absent: `[STATUS] < 400` for http, a connection for tcp and tls.",
     )
-    interval: Duration | None = None
-    timeout: Duration | None = None
-    down_interval: Duration | None = None
-    failure_threshold: Annotated[int, Field(ge=1, le=1000)] | None = None
-    success_threshold: Annotated[int, Field(ge=1, le=1000)] | None = None
-    warning_latency: Duration | None = None
-    warning_certificate: Duration | None = None
-    keepalive: bool | None = None
-    tls_verify: bool | None = None
-    follow_redirects: bool | None = None
-    max_body_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] | None = None
+    interval: Duration | None = Field(default=None, description="Between probes while passing.")
+    timeout: Duration | None = Field(default=None, description="Per probe.")
+    down_interval: Duration | None = Field(
+        default=None, description="Between probes while not passing."
+    )
+    failure_threshold: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None, description="Consecutive failures to go critical."
+    )
+    success_threshold: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None, description="Consecutive successes to come back to passing."
+    )
+    warning_latency: Duration | None = Field(
+        default=None, description="Passing but slower than this: warning. Absent: never."
+    )
+    warning_certificate: Duration | None = Field(
+        default=None, description="A certificate expiring within this: warning. Absent: never."
+    )
+    keepalive: bool | None = Field(
+        default=None,
+        description="false: a fresh connection per probe, so DNS, connect and TLS are exercised.",
+    )
+    tls_verify: bool | None = Field(default=None, description="Verify certificates (https, tls).")
+    follow_redirects: bool | None = Field(default=None, description="Follow 3xx answers.")
+    max_body_bytes: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] | None = Field(
+        default=None, description="The most of a body read for `[BODY]` conditions."
+    )
 
 
 def _check_ttl(value: str | None) -> str | None:

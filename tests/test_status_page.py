@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -12,14 +14,31 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 from playwright.async_api import async_playwright, expect
+from prometheus_client import CollectorRegistry
 
+from monitor import build_app
 from monitor.config import Config
 
-from .conftest import AppClient, require_tool
+from .conftest import AppClient, FakeClock, require_tool, until
+from .processes import free_port
 from .test_checker import FAST, register, state_is
 
 ARTIFACTS = Path(os.environ.get("HMS_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 ANNOUNCE = {"name": "Announce", "steps": [{"name": "announce", "publish": "grant.paid"}]}
+SLOW = {
+    "name": "Slow",
+    "steps": [
+        {"name": "announce", "publish": "grant.paid"},
+        {"name": "check", "delay": "1h", "publish": "grant.checked"},
+        {"name": "docs", "wait_for": {"event": "docs.validated"}},
+    ],
+}
+DOCS = {
+    "name": "Docs",
+    "steps": [
+        {"name": "docs", "wait_for": {"event": "docs.validated", "match": {"app": "{input.app}"}}}
+    ],
+}
 # Flags from the machine notes: no background networking, no first-run, a fresh profile.
 CHROMIUM_ARGS = [
     "--headless",
@@ -101,6 +120,113 @@ async def test_names_are_escaped(site: AppClient, target: TestServer) -> None:
     html = await (await site.get(f"/processes/{started['id']}")).text()
     assert "<script>alert(1)</script>" not in html
     assert "\\u003cscript\\u003e" in html or "&lt;script&gt;" in html
+
+
+async def test_banner_counts_the_failing_services_among_all(site: AppClient) -> None:
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    resp = await site.put("/v1/services/ledger/instances/l1", json={"url": down})
+    assert resp.status == 201
+
+    async def ledger_critical() -> bool:
+        body = await (await site.get("/v1/health", params={"service": "ledger"})).json()
+        return [i["state"] for i in body["instances"]] == ["critical"]
+
+    await until(ledger_critical)
+    html = await (await site.get("/")).text()
+    assert re.search(r'id="summary">\s*1 of 2 services is failing.\s*</p>', html), html
+
+
+async def test_banner_says_all_pass_when_they_do(site: AppClient) -> None:
+    html = await (await site.get("/")).text()
+    assert re.search(r'id="summary">\s*The service is passing.\s*</p>', html)
+
+
+class MinuteAhead:
+    """Real time, one minute ahead: the minute being probed counts as over at once, so
+    the results flush adds it to the page's hourly figures (probes stamp real time)."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def time(self) -> float:
+        return time.time() + 60
+
+
+async def test_first_hour_shows_latency_and_a_drawn_sparkline(
+    make_config: Callable[..., Config],
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> None:
+    config = make_config(
+        defaults={"probe": {"type": "http", **FAST}},
+        services=[
+            {"name": "payments", "instances": [{"id": "p1", "url": str(target.make_url("/ok"))}]}
+        ],
+    )
+    site = await aiohttp_client(build_app(config, clock=MinuteAhead(), metrics=CollectorRegistry()))
+
+    async def spark() -> bool:
+        return 'class="spark"' in await (await site.get("/")).text()
+
+    await until(spark)
+    html = await (await site.get("/")).text()
+    (points,) = re.findall(r'<polyline points="([^"]*)"', html)
+    assert len(points.split()) >= 2  # a single point draws nothing
+    assert re.search(r'<span class="latency">\d+ ms</span>', html)
+
+
+async def test_the_uptime_footnote_shows_only_beside_uptime_bars(site: AppClient) -> None:
+    note = "Uptime bars: one per UTC day"
+    assert note in await (await site.get("/")).text()
+    assert note in await (await site.get("/services/payments")).text()
+    assert note not in await (await site.get("/workflows")).text()
+
+
+async def start_until_waiting(site: AppClient, workflow: str, input_: dict[str, Any]) -> str:
+    started = await site.post(f"/v1/workflows/{workflow}", json={"input": input_})
+    process_id: str = (await started.json())["id"]
+
+    async def waiting() -> bool:
+        body = await (await site.get(f"/v1/processes/{process_id}")).json()
+        return bool(body["status"] == "waiting")
+
+    await until(waiting)
+    return process_id
+
+
+async def test_a_waiting_process_says_for_what_and_until_when_and_lists_steps_to_come(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    site = await start_daemon(make_config(workflows=[SLOW]))
+    process_id = await start_until_waiting(site, "Slow", {"app": "A-7"})
+    body = await (await site.get(f"/v1/processes/{process_id}")).json()
+    assert body["waiting_for"] == {
+        "kind": "delay",
+        "until": clock.time() + 3600,
+        "detail": "check starts",
+    }
+    assert [(s["name"], s["state"]) for s in body["steps"]] == [
+        ("announce", "completed"),
+        ("check", "waiting"),
+        ("docs", "pending"),
+    ]
+    html = await (await site.get(f"/processes/{process_id}")).text()
+    until_text = datetime.fromtimestamp(clock.time() + 3600, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert re.search(rf'id="waiting-for">delay: check starts, until <time[^>]*>{until_text}<', html)
+    assert re.search(r"<h3>check <span class=\"status status-waiting\">waiting</span>", html)
+    assert re.search(r"<h3>docs <span class=\"status status-pending\">pending</span>", html)
+
+
+async def test_a_process_waiting_for_an_event_names_it(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+) -> None:
+    site = await start_daemon(make_config(workflows=[DOCS]))
+    process_id = await start_until_waiting(site, "Docs", {"app": "A-7"})
+    html = await (await site.get(f"/processes/{process_id}")).text()
+    assert 'id="waiting-for">event: docs.validated with app=A-7, no time limit<' in html
 
 
 @pytest.fixture

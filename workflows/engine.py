@@ -531,10 +531,57 @@ class Engine:
             **process.summary(),
             "idempotency_key": process.idempotency_key,
             "current_step": self._current_step(process),
+            "waiting_for": self._waiting_for(process),
+            "steps": self._step_states(process, history),
             "input": process.input,
             "outputs": process.outputs,
             "history": [attempt.to_json() for attempt in history],
         }
+
+    def _waiting_for(self, process: Process) -> dict[str, Any] | None:
+        """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
+        None for no limit) and detail."""
+        definition = self.definitions.get(process.workflow)
+        if process.status != "waiting" or definition is None:
+            return None
+        if not 0 <= process.position < len(definition.steps):
+            return None
+        step = definition.steps[process.position]
+        if isinstance(step.action, WaitFor):
+            try:  # the values the event must carry, as _wait_for matches them
+                match = templates.render(dict(step.action.match), self._context(process))
+            except templates.TemplateError:
+                match = dict(step.action.match)
+            wanted = ", ".join(f"{k}={v}" for k, v in match.items())
+            detail = step.action.event + (f" with {wanted}" if wanted else "")
+            return {"kind": "event", "until": process.wake_at, "detail": detail}
+        if process.attempt > 0:
+            detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
+            return {"kind": "retry", "until": process.wake_at, "detail": detail}
+        return {"kind": "delay", "until": process.wake_at, "detail": f"{step.name} starts"}
+
+    def _step_states(self, process: Process, history: list[Attempt]) -> list[dict[str, str]]:
+        """Every step of the definition with its state, those not yet run included."""
+        definition = self.definitions.get(process.workflow)
+        if definition is None:
+            return []
+        compensated = {a.step for a in history if a.kind == "compensate" and a.outcome == "ok"}
+        states = []
+        for index, step in enumerate(definition.steps):
+            if step.name in compensated:
+                state = "compensated"
+            elif index < process.position:
+                state = "completed"
+            elif index > process.position or process.cancel_requested:
+                state = "pending"
+            elif process.status == "completed":
+                state = "completed"
+            elif process.finished or process.status == "compensating":
+                state = "failed"
+            else:
+                state = "waiting" if process.status == "waiting" else "running"
+            states.append({"name": step.name, "state": state})
+        return states
 
     def _current_step(self, process: Process) -> str | None:
         definition = self.definitions.get(process.workflow)

@@ -38,6 +38,37 @@ _PROCESS = {
         **_SUMMARY_PROPERTIES,
         "idempotency_key": {"type": ["string", "null"]},
         "current_step": {"type": ["string", "null"]},
+        "waiting_for": {
+            "type": ["object", "null"],
+            "description": "while waiting: kind (delay, retry, event), until (epoch seconds, "
+            "null: no limit) and detail",
+            "properties": {
+                "kind": {"type": "string", "enum": ["delay", "retry", "event"]},
+                "until": {"type": ["number", "null"]},
+                "detail": {"type": "string"},
+            },
+        },
+        "steps": {
+            "type": "array",
+            "description": "every step of the definition, those not yet run included",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string"},
+                    "state": {
+                        "type": "string",
+                        "enum": [
+                            "pending",
+                            "running",
+                            "waiting",
+                            "completed",
+                            "failed",
+                            "compensated",
+                        ],
+                    },
+                },
+            },
+        },
         "input": _OBJECT,
         "outputs": _OBJECT,
         "history": {"type": "array", "items": _OBJECT},
