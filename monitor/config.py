@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
-from registry.model import DurationOrZero, Meta
+from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
 
@@ -222,9 +222,9 @@ class Maintenance(_Model):
 class Call(_Model):
     service: Name
     method: HTTP_METHODS = "POST"
-    path: str = Field(pattern=r"^/")
+    path: RequestPath
     body: Any = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
 
 
 class Retry(_Model):

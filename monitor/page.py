@@ -234,7 +234,11 @@ class StatusPage:
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
         await read_body(request)  # bounded in size and time, like every other body
-        form = await request.post()
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError, LookupError) as exc:
+            # aiohttp's form parsers: undecodable bytes, a broken multipart, an unknown charset.
+            raise ApiError(400, f"malformed form body: {type(exc).__name__}") from None
         target = _next_path(str(form.get("next", "/")))
         grant = self._auth.identify(f"Bearer {form.get('token', '')}")
         if grant is None:
