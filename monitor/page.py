@@ -57,6 +57,7 @@ HEADERS = {
 }
 NO_DATA = "\N{EN DASH}"
 ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
+FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -234,6 +235,8 @@ class StatusPage:
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
         await read_body(request)  # bounded in size and time, like every other body
+        if request.content_type not in FORM_TYPES:
+            raise ApiError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
         try:
             form = await request.post()
         except (ValueError, AssertionError, LookupError) as exc:
@@ -471,7 +474,7 @@ def openapi_paths() -> dict[str, Any]:
                         "description": "not a valid token: the form again",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
-                    **error_responses(403),
+                    **error_responses(400, 403, 415),
                 },
             },
         },
