@@ -54,6 +54,8 @@ def check_name(name: str) -> str:
 def check_http_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"url longer than {MAX_URL_LENGTH} characters")
+    if _CONTROL.search(url):  # urlsplit drops CR/LF/TAB silently; a caller may not
+        raise ValueError("url must not contain control characters (CR, LF, NUL, ...)")
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a malformed port

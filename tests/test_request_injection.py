@@ -87,6 +87,13 @@ INJECTIONS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:1/\r\nX-Evil: 1", "http://127.0.0.1:1/a\tb"])
+async def test_a_url_with_control_characters_is_422(daemon: AppClient, url: str) -> None:
+    resp = await daemon.put(INSTANCE, json={"url": url})
+    assert resp.status == 422
+    assert [d["field"] for d in (await resp.json())["error"]["details"]] == ["url"]
+
+
 @pytest.mark.parametrize(
     ("case", "probe", "field_name"), INJECTIONS, ids=[case for case, _, _ in INJECTIONS]
 )
