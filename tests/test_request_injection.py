@@ -213,6 +213,10 @@ async def test_a_bad_probe_stored_by_an_older_version_loads_and_fails_with_its_r
     await until(critical)
     instance = (await (await client.get("/v1/health")).json())["instances"][0]
     assert instance["last_probe"]["error"].startswith("request not sent: path must not contain")
+    assert instance["failing"][0] == {
+        "condition": "probe",
+        "observed": instance["last_probe"]["error"],
+    }
     assert recorder.received == []
 
 
