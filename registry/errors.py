@@ -22,8 +22,6 @@ MAX_BODY_BYTES = 1024 * 1024
 # Nesting a body may have. Stored documents wrap a body in a few levels of their own
 # (a process's input, an event's envelope) and orjson, which stores them, stops at 255.
 MAX_JSON_DEPTH = 64
-# What orjson can write: signed or unsigned 64-bit integers.
-_INT_RANGE = range(-(2**63), 2**64)
 # A body must arrive within this many seconds (a slow upload holds a connection and a
 # buffer); the app sets it from server.read_timeout, which also bounds headers (monitor/cli.py).
 READ_TIMEOUT = web.AppKey("read_timeout", float)
@@ -161,6 +159,8 @@ def decode_json(raw: bytes) -> Any:
 
 
 class UnstorableJson(ValueError):
+    """JSON that is malformed (400) or could not be stored as it is (422)."""
+
     def __init__(self, message: str, *, status: int = 400, code: str = "malformed_json") -> None:
         super().__init__(message)
         self.status, self.code = status, code
