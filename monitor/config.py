@@ -497,8 +497,8 @@ def _expand(
     return result
 
 
-# Shorter values are hidden only in errors about their own key: "1" or "s" from the
-# environment would otherwise be cut out of every message.
+# Shorter values are hidden only where quoted in errors about their own key: "1" or "s"
+# from the environment would otherwise be cut out of every message.
 MIN_HIDDEN_ELSEWHERE = 4
 
 
@@ -510,9 +510,11 @@ def _as_written(message: str, path: Path_, expanded: list[Expansion]) -> str:
         related = related or path == expansion.path
         pairs = [(expansion.value, expansion.written), *expansion.variables]
         for value, written in pairs:
-            if value and (related or len(value) >= MIN_HIDDEN_ELSEWHERE):
+            if len(value) >= MIN_HIDDEN_ELSEWHERE:
                 for form in dict.fromkeys((repr(value)[1:-1], value)):  # as repr'd, and raw
                     message = message.replace(form, written)
+            elif value and related:  # quoted only: "5" must not change "500ms" in the text
+                message = message.replace(repr(value), repr(written))
     return message
 
 
