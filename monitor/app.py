@@ -569,7 +569,8 @@ def openapi_document(config: Config | None = None) -> dict[str, Any]:
 
 def _add_daemon_wide_answers(paths: dict[str, Any]) -> None:
     """Answers any operation can give, whatever its route: 503 when shedding load
-    (monitor/overload.py) or when a change cannot be stored; 408 and 413 where a body is read."""
+    (monitor/overload.py) or when a change cannot be stored; 408 and 413 where a body is read,
+    415 where a JSON one is."""
     error = registry_openapi.error_responses
     for path, item in paths.items():
         for method, operation in item.items():
@@ -581,6 +582,8 @@ def _add_daemon_wide_answers(paths: dict[str, Any]) -> None:
             if method in ("put", "post", "patch"):
                 responses.setdefault("408", error(408)["408"])
                 responses.setdefault("413", error(413)["413"])
+            if "application/json" in operation.get("requestBody", {}).get("content", {}):
+                responses.setdefault("415", error(415)["415"])  # a body that is surely not JSON
 
 
 def _version() -> str:

@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +31,7 @@ from pydantic import (
 )
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
-from registry.model import DurationOrZero, Meta
+from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
 
@@ -306,14 +307,14 @@ class Maintenance(_Model):
 class Call(_Model):
     service: Name = Field(description="A passing instance of it is called (round-robin).")
     method: HTTP_METHODS = Field(default="POST", description="The HTTP method.")
-    path: str = Field(
-        pattern=r"^/", description="Appended to the instance URL; may hold `{input.x}` templates."
+    path: RequestPath = Field(
+        description="Appended to the instance URL; may hold `{input.x}` templates."
     )
     body: Any = Field(
         default=None,
         description="JSON body; `{input.x}` and `{steps.<step>.x}` templates are filled in.",
     )
-    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
+    headers: Headers = Field(default_factory=dict, description="Extra request headers.")
 
 
 class Retry(_Model):
@@ -534,7 +535,8 @@ def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None
     lines = dict(_lines(node, ()))
     problems: list[tuple[Path_, str]] = list(_duplicate_keys(node, ()))
     unset: list[tuple[Path_, str]] = []
-    data = _expand(data, (), env, unset)
+    expanded: list[Expansion] = []
+    data = _expand(data, (), env, unset, expanded)
     problems += [(p, f"environment variable {name} is not set") for p, name in unset]
     if data is None:
         data = {}
@@ -552,7 +554,10 @@ def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None
                 message = "unknown key"
             problems.append((tuple(error["loc"]), message))
     if problems or config is None:
-        located = [(_line_of(lines, _known_prefix(data, p)), _dotted(p), m) for p, m in problems]
+        located = [
+            (_line_of(lines, _known_prefix(data, p)), _dotted(p), _as_written(m, p, expanded))
+            for p, m in problems
+        ]
         located.sort(key=lambda item: item[0])  # stable: same-line errors keep their order
         raise ConfigError([f"{source}:{line}: {path}: {msg}" for line, path, msg in located])
     return config
@@ -636,27 +641,65 @@ def _duplicate_keys(node: yaml.Node | None, path: Path_) -> Iterator[tuple[Path_
             yield from _duplicate_keys(item, (*path, i))
 
 
-def _expand(value: Any, path: Path_, env: Mapping[str, str], unset: list[Any]) -> Any:
+@dataclass(frozen=True)
+class Expansion:
+    """A string that `${VAR}` changed: where, as written, and what each variable gave."""
+
+    path: Path_
+    written: str
+    value: str
+    variables: tuple[tuple[str, str], ...]  # (value from the environment, "${VAR}")
+
+
+def _expand(
+    value: Any, path: Path_, env: Mapping[str, str], unset: list[Any], expanded: list[Expansion]
+) -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string; `$$` is a literal `$`."""
     if isinstance(value, dict):
-        return {k: _expand(v, (*path, str(k)), env, unset) for k, v in value.items()}
+        return {k: _expand(v, (*path, str(k)), env, unset, expanded) for k, v in value.items()}
     if isinstance(value, list):
-        return [_expand(v, (*path, i), env, unset) for i, v in enumerate(value)]
+        return [_expand(v, (*path, i), env, unset, expanded) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
+    variables: list[tuple[str, str]] = []
 
     def substitute(match: re.Match[str]) -> str:
         if match.group(0) == "$$":
             return "$"
         name, default = match.group(1), match.group(2)
         if name in env and env[name] != "":
+            variables.append((env[name], match.group(0)))
             return env[name]
         if default is not None:
             return default
         unset.append((path, name))
         return ""
 
-    return _VAR.sub(substitute, value)
+    result = _VAR.sub(substitute, value)
+    if variables:
+        expanded.append(Expansion(path, value, result, tuple(variables)))
+    return result
+
+
+# Shorter values are hidden only where quoted in errors about their own key: "1" or "s"
+# from the environment would otherwise be cut out of every message.
+MIN_HIDDEN_ELSEWHERE = 4
+
+
+def _as_written(message: str, path: Path_, expanded: list[Expansion]) -> str:
+    """`message` with what came from the environment shown as written (`${VAR}`): a
+    variable may hold a secret, and an error about it must not print it."""
+    for expansion in expanded:
+        related = _under(path, expansion.path) or _under(expansion.path, path)
+        related = related or path == expansion.path
+        pairs = [(expansion.value, expansion.written), *expansion.variables]
+        for value, written in pairs:
+            if len(value) >= MIN_HIDDEN_ELSEWHERE:
+                for form in dict.fromkeys((repr(value)[1:-1], value)):  # as repr'd, and raw
+                    message = message.replace(form, written)
+            elif value and related:  # quoted only: "5" must not change "500ms" in the text
+                message = message.replace(repr(value), repr(written))
+    return message
 
 
 def _root_causes(exc: ValidationError, unset: list[tuple[Path_, str]]) -> Iterator[Any]:

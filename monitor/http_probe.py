@@ -15,11 +15,27 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
+from registry.model import encode_request_target, header_problem, request_path_problem
+
 MAX_HEAD = 64 * 1024
 
 
 class ProbeProtocolError(Exception):
     """The server's answer is not HTTP/1.x we can read."""
+
+
+class ProbeRequestError(ValueError):
+    """The probe's request cannot be built from its settings (a path or header that
+    would not be one request): the probe fails with this reason, nothing is sent."""
+
+
+def check_request(target: str, headers: tuple[tuple[str, str], ...]) -> None:
+    """Raises ProbeRequestError when `target` or a header would not be one request."""
+    problem = request_path_problem(target) or next(
+        filter(None, (header_problem(name, value) for name, value in headers)), None
+    )
+    if problem is not None:
+        raise ProbeRequestError(problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +54,10 @@ class HttpTarget:
         headers: tuple[tuple[str, str], ...],
         agent: str,
     ) -> HttpTarget:
+        """Raises ProbeRequestError for a path or header that cannot be sent as it is.
+
+        Registrations and config are validated already; this holds for anything stored
+        before that validation existed, and for URLs (urlsplit keeps CR/LF)."""
         parts = urlsplit(url)
         host = parts.hostname or ""
         tls = parts.scheme == "https"
@@ -45,18 +65,24 @@ class HttpTarget:
         target = path if path is not None else (parts.path or "/")
         if path is None and parts.query:
             target += "?" + parts.query
+        check_request(target, headers)
         host_header = f"[{host}]" if ":" in host else host
         if parts.port:
             host_header += f":{parts.port}"
+        # A configured Host (virtual hosting) replaces ours: two Host lines are invalid.
+        host_header = next((v for n, v in headers if n.lower() == "host"), host_header)
         lines = [
-            f"{method} {target} HTTP/1.1",
+            f"{method} {encode_request_target(target)} HTTP/1.1",
             f"Host: {host_header}",
             f"User-Agent: {agent}",
             "Accept: */*",
             "Connection: close",
-            *(f"{name}: {value}" for name, value in headers),
+            *(f"{name}: {value}" for name, value in headers if name.lower() != "host"),
         ]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:
+            request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        except UnicodeEncodeError:  # a host name outside Latin-1 (an IDN written as Unicode)
+            raise ProbeRequestError("the request has characters outside Latin-1") from None
         return cls(host, port, tls, request)
 
 

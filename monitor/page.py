@@ -57,6 +57,7 @@ HEADERS = {
 }
 NO_DATA = "\N{EN DASH}"
 ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
+FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,7 +237,13 @@ class StatusPage:
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
         await read_body(request)  # bounded in size and time, like every other body
-        form = await request.post()
+        if request.content_type not in FORM_TYPES:
+            raise ApiError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
+        try:
+            form = await request.post()
+        except (ValueError, AssertionError, LookupError) as exc:
+            # aiohttp's form parsers: undecodable bytes, a broken multipart, an unknown charset.
+            raise ApiError(400, f"malformed form body: {type(exc).__name__}") from None
         target = _next_path(str(form.get("next", "/")))
         grant = self._auth.identify(f"Bearer {form.get('token', '')}")
         if grant is None:
@@ -473,7 +480,7 @@ def openapi_paths() -> dict[str, Any]:
                         "description": "not a valid token: the form again",
                         "content": {"text/html": {"schema": {"type": "string"}}},
                     },
-                    **error_responses(403),
+                    **error_responses(400, 403, 415),
                 },
             },
         },

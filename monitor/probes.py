@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -25,12 +26,23 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
 from registry import ProbeSpec
+from registry.model import encode_request_target
 
 from .conditions import MISSING, Condition, parse_conditions
-from .http_probe import HttpTarget, ProbeProtocolError, certificate_expiry, exchange
+from .http_probe import (
+    HttpTarget,
+    ProbeProtocolError,
+    ProbeRequestError,
+    certificate_expiry,
+    check_request,
+    exchange,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 64 * 1024
 MAX_CACHED_TARGETS = 100_000
+MAX_LOGGED_FAULTS = 1000
 USER_AGENT = "hms-mgmt-probe/1"
 
 
@@ -127,6 +139,7 @@ class Prober:
         self._insecure.verify_mode = ssl.CERT_NONE
         self._verifying = ssl.create_default_context()
         self._targets: dict[tuple[object, ...], HttpTarget] = {}
+        self._logged: set[tuple[str, str]] = set()  # (url, fault) already in the log
 
     async def start(self) -> None:
         headers = {"User-Agent": USER_AGENT}
@@ -158,11 +171,25 @@ class Prober:
                     return await self._connect(url, probe, at, started)
             except TimeoutError:
                 error = f"timeout after {probe.timeout:g}s"
+            except ProbeRequestError as exc:
+                error = f"request not sent: {exc}"
             except (aiohttp.ClientError, OSError, ProbeProtocolError) as exc:
                 error = _describe(exc)
+            except Exception as exc:  # one probe's fault must not end its loop
+                error = f"probe failed: {_describe(exc)}"
+                self._log_fault(url, type(exc).__name__, error)
             return ProbeResult(
                 at=at, response_time=time.perf_counter() - started, connected=False, error=error
             )
+
+    def _log_fault(self, url: str, kind: str, error: str) -> None:
+        """One line per target and kind of fault, not a traceback every interval."""
+        if (url, kind) in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED_FAULTS:
+            self._logged.clear()
+        self._logged.add((url, kind))
+        log.warning("probe of %s failed unexpectedly (%s): %s", url, kind, error)
 
     async def _http_lean(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
         key = (url, probe.method, probe.path, probe.headers)
@@ -186,6 +213,7 @@ class Prober:
     async def _http(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
         session = self._pooled if probe.keepalive else self._fresh
         assert session is not None, "Prober.start() first"
+        check_request(probe.path or urlsplit(url).path, probe.headers)
         target = _with_path(url, probe.path)
         context = self._verifying if probe.tls_verify else self._insecure
         seen: list[float | None] = []
@@ -253,8 +281,9 @@ class _CertificateRecorder(aiohttp.TCPConnector):
 def _with_path(url: str, path: str | None) -> str:
     if path is None:
         return url
+    target = encode_request_target(path)
     parts = urlsplit(url)
-    return parts._replace(path=path.split("?", 1)[0], query=path.partition("?")[2]).geturl()
+    return parts._replace(path=target.split("?", 1)[0], query=target.partition("?")[2]).geturl()
 
 
 def _describe(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    ValidationInfo,
     WithJsonSchema,
 )
 
@@ -53,6 +54,8 @@ def check_name(name: str) -> str:
 def check_http_url(url: str) -> str:
     if len(url) > MAX_URL_LENGTH:
         raise ValueError(f"url longer than {MAX_URL_LENGTH} characters")
+    if _CONTROL.search(url):  # urlsplit drops CR/LF/TAB silently; a caller may not
+        raise ValueError("url must not contain control characters (CR, LF, NUL, ...)")
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a malformed port
@@ -122,10 +125,90 @@ DurationOrZero = Annotated[
     WithJsonSchema(DURATION_JSON_SCHEMA),
 ]
 
+# RFC 9110 token characters: what a header name may be made of.
+HEADER_NAME_PATTERN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Framing is the daemon's: a Content-Length or Transfer-Encoding from input would let it
+# desynchronise the connection (request smuggling).
+RESERVED_HEADERS = frozenset({"content-length", "transfer-encoding", "connection"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# What a request target keeps as it is (RFC 3986 pchar, "/" and "?", and valid %XX).
+_NOT_IN_TARGET = re.compile(r"%(?![0-9A-Fa-f]{2})|[^A-Za-z0-9\-._~!$&'()*+,;=:@/?%]")
+
+
+def request_path_problem(path: str) -> str | None:
+    """Why `path` cannot go into a request line (CR/LF would start another request)."""
+    if _CONTROL.search(path):
+        return "path must not contain control characters (CR, LF, NUL, ...)"
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "path is not valid Unicode (a lone surrogate)"
+    return None
+
+
+def header_problem(name: str, value: str) -> str | None:
+    """Why `name: value` cannot be sent as a header line, or None."""
+    if not HEADER_NAME_PATTERN.fullmatch(name):
+        return f"header name {name!r} is not an HTTP token (letters, digits, !#$%&'*+-.^_`|~)"
+    if name.lower() in RESERVED_HEADERS:
+        return f"header {name!r} is set by the daemon"
+    if _CONTROL_BUT_TAB.search(value):
+        return f"header {name!r}: value must not contain control characters (CR, LF, NUL, ...)"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return f"header {name!r}: value must be Latin-1 (HTTP header bytes); percent-encode it"
+    return None
+
+
+# Validation context of rows read back from the store: a registration an older version
+# accepted still loads, and its probe fails with the reason instead (HttpTarget.build).
+STORED = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
+
+
+def check_request_path(path: str, info: ValidationInfo) -> str:
+    problem = None if _stored(info) else request_path_problem(path)
+    if problem is not None:
+        raise ValueError(problem)
+    return path
+
+
+def check_headers(headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+    if _stored(info):
+        return headers
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise ValueError(problem)
+    return headers
+
+
+def encode_request_target(path: str) -> str:
+    """`path` as a request target: characters a target cannot hold are percent-encoded
+    (UTF-8), a valid `%XX` is kept as it is. `/😀` -> `/%F0%9F%98%80`."""
+    return _NOT_IN_TARGET.sub(
+        lambda match: "".join(f"%{byte:02X}" for byte in match.group().encode("utf-8")), path
+    )
+
+
 Name = Annotated[str, AfterValidator(check_name)]
 HttpUrl = Annotated[str, AfterValidator(check_http_url)]
 Tags = Annotated[tuple[Annotated[str, Field(max_length=128)], ...], AfterValidator(check_tags)]
 Meta = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], AfterValidator(check_meta)]
+# Paths and headers that become request bytes: a probe's, a workflow call's.
+RequestPath = Annotated[
+    str, Field(pattern=r"^/", max_length=2048), AfterValidator(check_request_path)
+]
+Headers = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    Field(max_length=64),
+    AfterValidator(check_headers),
+]
 
 
 class ProbeSpec(BaseModel):
@@ -142,14 +225,12 @@ class ProbeSpec(BaseModel):
     method: Literal["GET", "HEAD", "POST", "PUT", "OPTIONS"] | None = Field(
         default=None, description="The HTTP method of an http probe."
     )
-    path: str | None = Field(
+    path: RequestPath | None = Field(
         default=None,
-        pattern=r"^/",
-        max_length=2048,
         description="Requested instead of the instance URL's own path (which is the default).",
     )
-    headers: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
-        default=None, max_length=64, description="Extra request headers of an http probe."
+    headers: Headers | None = Field(
+        default=None, description="Extra request headers of an http probe."
     )
     conditions: tuple[Annotated[str, Field(min_length=1, max_length=1024)], ...] | None = Field(
         default=None,

@@ -9,7 +9,7 @@ from typing import Protocol, TypeVar
 import orjson
 import sqlite_utils
 
-from .model import Instance, ProbeSpec
+from .model import STORED, Instance, ProbeSpec
 
 T = TypeVar("T")
 
@@ -140,7 +140,9 @@ def _from_row(row: dict[str, object]) -> Instance:
         url=str(row["url"]),
         tags=tuple(json.loads(str(row["tags"]))),
         meta=json.loads(str(row["meta"])),
-        probe=ProbeSpec.model_validate_json(str(probe)) if probe is not None else None,
+        probe=(
+            ProbeSpec.model_validate_json(str(probe), context=STORED) if probe is not None else None
+        ),
         ttl=float(ttl) if isinstance(ttl, (int, float)) else None,
         deregister_after=float(row["deregister_after"]),  # type: ignore[arg-type]
         registered_at=float(row["registered_at"] or 0.0),  # type: ignore[arg-type]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from monitor import build_app
 from monitor.config import ConfigError, config_warnings, load_config, parse_config
 
+from .conftest import AppClient
 from .processes import ROOT, env_without_ci, free_port
+from .test_reload import reloaded
 
 DESIGN = ROOT.parent / "shared" / "DESIGN.md"
 DESIGN_ENV = {
@@ -282,3 +288,88 @@ def test_a_bad_probe_condition_is_a_config_error_with_its_path() -> None:
     )
     [error] = errors_of(text)
     assert error.startswith("config.yaml:6: services[0].probe.conditions[1]: '[STAUTS] == 200'")
+
+
+SECRET = "s3cr3t-Admin-T0ken"
+LEAKY = """\
+server:
+  listen: ${ADMIN_TOKEN}
+  allowed_targets: ["${ADMIN_TOKEN}"]
+defaults:
+  probe: {timeout: "${ADMIN_TOKEN}", interval: "1${ADMIN_TOKEN}", headers: {X-A: "${EMOJI}"}}
+  lease: {ttl: "${FIVE}"}
+services:
+  - name: ${ADMIN_TOKEN}
+    probe: {conditions: ["[STATUS] == ${ADMIN_TOKEN}", "${ADMIN_TOKEN}"], path: "${CRLF}"}
+    slos: [{name: a, objective: "${ADMIN_TOKEN}"}]
+  - name: ${SHORT}
+  - name: ${SHORT}
+maintenance:
+  - {services: [x], start: "${ADMIN_TOKEN}", duration: 1h, timezone: "${ADMIN_TOKEN}"}
+notifications:
+  - {name: ops, url: "http://${ADMIN_TOKEN}:x/", events: [a], format: "${ADMIN_TOKEN}"}
+workflows:
+  - name: W
+    route: "${ADMIN_TOKEN}"
+    steps: [{name: s, call: {service: a, path: "/{${ADMIN_TOKEN}}"}, timeout: "${ADMIN_TOKEN}"}]
+"""
+LEAKY_ENV = {
+    "ADMIN_TOKEN": SECRET,
+    "SHORT": "zq",
+    "FIVE": "5",
+    "EMOJI": "😀",
+    "CRLF": "/a\r\nB: c",
+}
+
+
+def test_config_errors_show_variables_as_written_never_their_values() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(LEAKY, source="c.yaml", env=LEAKY_ENV)
+    errors = caught.value.errors
+    assert len(errors) >= 14, errors  # every kind of check above reported
+    text = "\n".join(errors)
+    for value in (v for k, v in LEAKY_ENV.items() if k != "FIVE"):
+        assert value not in text and repr(value)[1:-1] not in text, value
+    assert "c.yaml:5: defaults.probe.timeout: invalid duration '${ADMIN_TOKEN}'" in text
+    assert "defaults.probe.interval: invalid duration '1${ADMIN_TOKEN}'" in text
+    assert "c.yaml:12: services[2]: duplicate name '${SHORT}'" in text
+    # A short value is replaced where quoted only: the rest of the message stays readable.
+    assert "c.yaml:6: defaults.lease.ttl: invalid duration '${FIVE}' (expected e.g. 500ms," in text
+    assert "unknown timezone '${ADMIN_TOKEN}'" in text
+
+
+def test_check_config_prints_variables_as_written(tmp_path: Path) -> None:
+    (tmp_path / "leaky.yaml").write_text(LEAKY)
+    result = subprocess.run(
+        [sys.executable, "-m", "monitor", "check-config", "--config", str(tmp_path / "leaky.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**env_without_ci(), **LEAKY_ENV},
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "${ADMIN_TOKEN}" in result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+async def test_a_refused_reload_logs_variables_as_written(
+    tmp_path: Path,
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", SECRET)
+    path = tmp_path / "config.yaml"
+    good = f"storage: {{path: {tmp_path / 'hms.db'}}}\ndefaults: {{probe: {{type: none}}}}\n"
+    path.write_text(good)
+    app = build_app(
+        load_config(path), metrics=CollectorRegistry(), config_path=path, watch_interval=0.05
+    )
+    client = await aiohttp_client(app)
+    caplog.set_level(logging.ERROR)
+    path.write_text(good + "services: [{name: a, probe: {timeout: '${ADMIN_TOKEN}'}}]\n")
+    await reloaded(client, "failure")
+    assert "services[0].probe.timeout: invalid duration '${ADMIN_TOKEN}'" in caplog.text
+    assert SECRET not in caplog.text

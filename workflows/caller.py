@@ -18,6 +18,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from registry.errors import UnstorableJson, load_json
+from registry.model import header_problem, request_path_problem
+
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
 MAX_RESPONSE_BYTES = 1 << 20
@@ -70,6 +73,11 @@ class ServiceCaller:
         timeout: float,  # noqa: ASYNC109 (one budget over failover attempts)
         retry_on: frozenset[int],
     ) -> CallResult:
+        problem = _request_problem(path, headers)
+        if problem is not None:
+            # Paths and headers are rendered from process input: a CR/LF there would
+            # smuggle another request to the service. Never sent, and retrying cannot help.
+            return CallResult(False, error=f"request not sent: {problem}", retryable=False)
         instances = self._candidates(service)
         if not instances:
             return CallResult(False, error=f"no passing instance of {service!r}")
@@ -121,12 +129,20 @@ class ServiceCaller:
         )
 
 
+def _request_problem(path: str, headers: Mapping[str, str]) -> str | None:
+    if not path.startswith("/"):
+        return f"path must start with /, got {path[:80]!r}"
+    return request_path_problem(path) or next(
+        filter(None, (header_problem(name, value) for name, value in headers.items())), None
+    )
+
+
 def _output(raw: bytes) -> Any:
     if len(raw) > MAX_RESPONSE_BYTES:
         return {"text": "(response over 1 MiB, not kept)"}
     if not raw:
         return None
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return load_json(raw)  # bounded like request bodies: the output is stored
+    except UnstorableJson:
         return {"text": raw.decode("utf-8", "replace")}

@@ -7,13 +7,12 @@ import contextlib
 import re
 from typing import Any
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry import parse_duration
 from registry.auth import DAEMON_TOPICS, Authorizer
-from registry.errors import ApiError, parse_body, read_body
+from registry.errors import ApiError, parse_body, parse_json_object, read_body
 from registry.responses import json_response
 from scheduler import EventBus
 
@@ -84,7 +83,7 @@ class WorkflowRoutes:
                 raise web.HTTPMethodNotAllowed(request.method, allowed)
             raise web.HTTPNotFound()
         self.auth.require(request, "start", name)
-        data = await _json_object(request, "the request body")
+        data = await parse_json_object(request, "the request body")
         return await self._start(request, name, data, request.headers.get("Idempotency-Key"))
 
     async def close_streams(self, app: web.Application) -> None:
@@ -187,7 +186,7 @@ class WorkflowRoutes:
         if topic.startswith(DAEMON_TOPICS):
             raise ApiError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
         self.auth.require(request, "publish", topic)
-        data = await _json_object(request, "the event")
+        data = await parse_json_object(request, "the event")
         seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
         return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
 
@@ -258,18 +257,6 @@ def _last_event_id(request: web.Request) -> int | None:
     if value < 0:
         raise ApiError(400, "Last-Event-ID must not be negative")
     return value
-
-
-async def _json_object(request: web.Request, what: str) -> dict[str, Any]:
-    """The body as a JSON object (an empty body is {}), or a 400/422."""
-    raw = await read_body(request)
-    try:
-        data = orjson.loads(raw) if raw else {}
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}", code="malformed_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(422, f"{what} must be a JSON object")
-    return data
 
 
 def _valid_topic(topic: str) -> bool:
