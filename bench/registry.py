@@ -1,15 +1,25 @@
 """Registry benchmark: heartbeats/s, durable registrations/s, p99, RSS with 10k instances, restart.
 
-Every figure is printed next to its peer measured in the same run: bare
-aiohttp answering a trivial POST on the same machine, on the same event loop
-as the daemon (uvloop), is the ceiling any aiohttp daemon can reach. The
-ceiling on asyncio's default loop is measured too, and the higher of the two
-medians is the ceiling. Servers run as subprocesses on 127.0.0.1; the load
-comes from wrk when installed (apt-get install wrk), else from an aiohttp
-load generator in this process (which then competes for the same 2 cores,
-so its figures are lower bounds).
+Measured as a fleet uses the daemon: every instance is probed (nginx answers,
+every 10 s), each registration PUTs a new instance id (a new row, an fsync'd
+commit, a first probe), re-registrations of unchanged instances are shown
+apart (they write nothing), and RSS is summed over every process the daemon
+runs. Registrations use 32 connections, heartbeats 64.
 
-    python -m bench.registry [--duration 10] [--connections 64] [--instances 10000]
+Every figure is printed next to its peers measured in the same run: bare
+aiohttp answering a trivial POST on the same machine, on the same event loop
+as the daemon (uvloop), is the ceiling any aiohttp daemon can reach (asyncio's
+default loop is measured too; the higher median is the ceiling); single-node
+etcd 3.4 (fsync'd, its default) over its v3 JSON gateway takes durable puts
+of new keys and lease keep-alives, the nearest thing to registrations and
+heartbeats. Servers run as subprocesses on 127.0.0.1 free ports; the load
+comes from wrk (bench/tools.sh installs wrk, nginx and etcd). Without wrk an
+aiohttp load generator in this process is used (it then competes for the
+same cores, so its figures are lower bounds).
+
+    python -m bench.registry [--duration 10] [--repeat 3] [--no-peers] [--smoke]
+
+HMS_BENCH_DAEMON_ROOT=<another checkout> runs that checkout's daemon (before/after).
 """
 
 from __future__ import annotations
