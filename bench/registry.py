@@ -85,50 +85,45 @@ request = function()
 end
 """
 
-# Each PUT a new instance id, also across runs: `run` makes the ids of every run its own
-# (the old script drew its prefix from an unseeded math.random, so runs after the first
-# re-sent the same ids and bodies: no-op renewals, never written).
-REGISTER_LUA = """
+
+def json_lua(method: str, path: str, body: str, prelude: str = "") -> str:
+    """A wrk script sending JSON; `path` and `body` are Lua expressions of `counter`."""
+    return f"""{prelude}
 counter = 0
 request = function()
   counter = counter + 1
-  local body = '{{"url": "{target}", "ttl": "1h", "meta": {{"n": "' .. counter .. '"}}}}'
-  return wrk.format("PUT", "/v1/services/reg/instances/r{run}-" .. counter,
-                    {{["Content-Type"] = "application/json"}}, body)
+  local headers = {{["Content-Type"] = "application/json"}}
+  return wrk.format("{method}", {path}, headers, {body})
 end
 """
 
-# The same {n} ids and bodies again and again: what a restarting fleet sends (no write).
-RENEW_LUA = """
-counter = 0
-request = function()
-  counter = counter + 1
-  local body = '{{"url": "{target}", "ttl": "1h"}}'
-  return wrk.format("PUT", "/v1/services/bench/instances/i" .. (counter % {n}),
-                    {{["Content-Type"] = "application/json"}}, body)
-end
-"""
 
-# etcd's v3 JSON gateway; keys and values are base64, so keys are spelled in its alphabet.
-ETCD_PUT_LUA = """
-counter = 0
-request = function()
-  counter = counter + 1
-  local key = string.format("k%03d%08d", {run}, counter)
-  local body = '{{"key": "' .. key .. '", "value": "{value}"}}'
-  return wrk.format("POST", "/v3/kv/put", {{["Content-Type"] = "application/json"}}, body)
-end
-"""
+def register_lua(run: int, target: str) -> str:
+    """Each PUT a new instance id, also across runs: `run` makes every run's ids its own
+    (the old script drew its prefix from an unseeded math.random, so runs after the first
+    re-sent the same ids and bodies: no-op renewals, never written)."""
+    body = f"""'{{"url": "{target}", "ttl": "1h", "meta": {{"n": "' .. counter .. '"}}}}'"""
+    return json_lua("PUT", f'"/v1/services/reg/instances/r{run}-" .. counter', body)
 
-ETCD_KEEPALIVE_LUA = """
-leases = {{{leases}}}
-counter = 0
-request = function()
-  counter = counter + 1
-  local body = '{{"ID": "' .. leases[(counter % #leases) + 1] .. '"}}'
-  return wrk.format("POST", "/v3/lease/keepalive", {{["Content-Type"] = "application/json"}}, body)
-end
-"""
+
+def renew_lua(n: int, target: str) -> str:
+    """The same `n` ids and bodies again and again: what a restarting fleet sends (no write)."""
+    body = f"""'{{"url": "{target}", "ttl": "1h"}}'"""
+    return json_lua("PUT", f'"/v1/services/bench/instances/i" .. (counter % {n})', body)
+
+
+def etcd_put_lua(run: int, value: str) -> str:
+    """etcd's v3 JSON gateway: keys and values are base64, so keys are spelled in its
+    alphabet (12 characters: every key decodes to its own 9 bytes)."""
+    key = f'string.format("k%03d%08d", {run}, counter)'
+    body = f"""'{{"key": "' .. {key} .. '", "value": "{value}"}}'"""
+    return json_lua("POST", '"/v3/kv/put"', body)
+
+
+def etcd_keepalive_lua(leases: list[str]) -> str:
+    prelude = "leases = {" + ", ".join(f'"{lease}"' for lease in leases) + "}"
+    body = """'{"ID": "' .. leases[(counter % #leases) + 1] .. '"}'"""
+    return json_lua("POST", '"/v3/lease/keepalive"', body, prelude)
 
 
 @dataclass
@@ -326,9 +321,12 @@ def load(
     run, n = next(_runs), args.heartbeat_instances
     connections = connections or args.connections
     if shutil.which("wrk"):
-        script = {"heartbeat": HEARTBEAT_LUA, "register": REGISTER_LUA, "renew": RENEW_LUA}[kind]
-        lua = script.format(n=n, run=run, target=target)
-        return run_wrk(url, lua, args.duration, connections, workdir)
+        scripts = {
+            "heartbeat": lambda: HEARTBEAT_LUA.format(n=n),
+            "register": lambda: register_lua(run, target),
+            "renew": lambda: renew_lua(n, target),
+        }
+        return run_wrk(url, scripts[kind](), args.duration, connections, workdir)
     counter = iter(range(10**12))
     if kind == "heartbeat":
         paths = ((f"/v1/services/bench/instances/i{k % n}/heartbeat", None) for k in counter)
@@ -429,7 +427,7 @@ def _etcd_post(client: str, path: str, body: dict[str, object]) -> dict[str, obj
 def etcd_puts(client: str, args: argparse.Namespace, workdir: Path, target: str) -> Load:
     """Durable puts of new keys, each body the size of our registration body."""
     value = base64.b64encode(json.dumps({"url": target, "ttl": "1h"}).encode()).decode()
-    lua = ETCD_PUT_LUA.format(run=next(_runs) % 1000, value=value)
+    lua = etcd_put_lua(next(_runs) % 1000, value)
     return run_wrk(client, lua, args.duration, args.register_connections, workdir)
 
 
@@ -439,8 +437,7 @@ def etcd_keepalives(client: str, args: argparse.Namespace, workdir: Path) -> Loa
         str(_etcd_post(client, "/v3/lease/grant", {"TTL": 3600})["ID"])
         for _ in range(args.heartbeat_instances)
     ]
-    lua = ETCD_KEEPALIVE_LUA.format(leases=", ".join(f'"{lease}"' for lease in leases))
-    return run_wrk(client, lua, args.duration, args.connections, workdir)
+    return run_wrk(client, etcd_keepalive_lua(leases), args.duration, args.connections, workdir)
 
 
 def main() -> None:
