@@ -316,7 +316,7 @@ class StatusPage:
         chunks = self._templates.get_template(template).generate(now=self._clock(), **context)
         for n, chunk in enumerate(chunks):
             parts.append(chunk)
-            if n % 64 == 0:
+            if n % 8 == 0:  # a chunk can be a whole macro call (a row of 90 bars)
                 await slices.pause()
         return web.Response(text="".join(parts), content_type="text/html", headers=HEADERS)
 
