@@ -29,7 +29,8 @@ test: $(BIN)/hms-mgmt tools
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-# Prints figures next to their peers; installs wrk, nginx, blackbox_exporter when missing.
+# Prints figures next to their peers; installs wrk, nginx, blackbox_exporter, etcd when missing.
+# (`make test` runs each bench in its --smoke mode: tests/test_bench_smoke.py.)
 bench: $(BIN)/hms-mgmt
 	@bash bench/tools.sh
 	$(BIN)/pip install --quiet -e '.[dev,bench]'

@@ -9,13 +9,14 @@ Live: a real daemon probing 10,000 instances (one per service, every 10 s,
 nginx as the target) with all 20,000 SLOs; whole /metrics scrapes timed from
 the client, the way Prometheus sees them.
 
-    python -m bench.slo [--services 10000] [--no-live]
+    python -m bench.slo [--services 10000] [--no-live] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import shutil
 import statistics
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.probes import NGINX_PORTS, fetch, nginx_config, process, register, target_urls
+from bench.http import Retries, put_all
+from bench.probes import NGINX_PORTS, fetch, nginx_config, process, target_urls
 from bench.registry import free_port
 from monitor.config import Service, Slo
 from monitor.slo import SloBook, SloLedger, SloMetrics
@@ -133,8 +135,9 @@ def timed_scrape(url: str, *, gzip: bool) -> bytes:
         return body
 
 
-def live(count: int) -> None:
-    if shutil.which("nginx") is None:
+def live(count: int, *, smoke: bool = False) -> None:
+    """`smoke`: the daemon probes its own /healthz (no nginx) and no minute is waited for."""
+    if shutil.which("nginx") is None and not smoke:
         sys.exit("nginx is not installed (apt-get install nginx-light), or pass --no-live")
     with tempfile.TemporaryDirectory(prefix="hms-slo-") as tmp:
         workdir = Path(tmp)
@@ -150,29 +153,37 @@ def live(count: int) -> None:
         (workdir / "hms.yaml").write_text(yaml.safe_dump(config))
         nginx = ["nginx", "-c", str(nginx_config(workdir, ports)), "-p", str(workdir)]
         serve = [sys.executable, "-m", "monitor", "serve", "--log-level", "warning"]
-        with (
-            process(nginx, workdir / "nginx.log"),
-            process([*serve, "--config", str(workdir / "hms.yaml")], workdir / "d.log", url),
-        ):
-            targets = target_urls(ports, count)
-            asyncio.run(register(url, targets, "service", {"interval": "10s"}, service_each=True))
+        with contextlib.ExitStack() as stack:
+            if not smoke:
+                stack.enter_context(process(nginx, workdir / "nginx.log"))
+            daemon = [*serve, "--config", str(workdir / "hms.yaml")]
+            stack.enter_context(process(daemon, workdir / "d.log", url))
+            targets = [f"{url}/healthz"] * count if smoke else target_urls(ports, count)
+            retries = Retries()  # the shedder answers a burst with 503 + Retry-After
+            registrations = (
+                (f"/v1/services/service-{n}/instances/i0", {"url": t, "probe": {"interval": "10s"}})
+                for n, t in enumerate(targets)
+            )
+            asyncio.run(put_all(url, registrations, retries=retries))
             deadline = time.monotonic() + 150
-            text = ""
-            while 'hms_slo_sli_ratio{service="service-' not in text:  # a minute has closed
+            text = fetch(url + "/metrics")
+            # A minute has closed (smoke: whatever the first scrape holds).
+            while not smoke and 'hms_slo_sli_ratio{service="service-' not in text:
                 if time.monotonic() > deadline:
                     sys.exit("no SLO samples after 150 s")
                 time.sleep(5)
                 text = fetch(url + "/metrics")
             times: dict[bool, list[float]] = {True: [], False: []}
             sizes = {}
-            for n in range(20):
+            for n in range(4 if smoke else 20):
                 gzip = n % 2 == 0
                 started = time.perf_counter()
                 sizes[gzip] = len(timed_scrape(url + "/metrics", gzip=gzip))
                 times[gzip].append(time.perf_counter() - started)
-                time.sleep(1)
+                time.sleep(0.1 if smoke else 1)
     print()
     print(f"live daemon: {count:,} instances probed every 10s, {2 * count:,} SLOs")
+    print(f"  ({retries.count} registrations refused with 503 and sent again after Retry-After)")
     lines, plain, packed = text.count("\n"), sizes[False] / 1e6, sizes[True] / 1e6
     print(f"  ({lines:,} lines, {plain:.1f} MB; gzip {packed:.1f} MB)")
     for gzip, how in ((True, "gzip, as Prometheus asks"), (False, "plain")):
@@ -184,10 +195,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--services", type=int, default=10_000, help="each with two SLOs")
     parser.add_argument("--no-live", action="store_true", help="skip the live daemon")
+    parser.add_argument("--smoke", action="store_true", help="tiny, seconds, no nginx")
     args = parser.parse_args()
+    if args.smoke:
+        args.services = 20
     in_process(args.services)
     if not args.no_live:
-        live(args.services)
+        live(args.services, smoke=args.smoke)
 
 
 if __name__ == "__main__":

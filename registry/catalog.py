@@ -334,6 +334,11 @@ class Catalog:
             for name in names
         }
 
+    def service_names(self) -> list[str]:
+        """The names `services()` lists, sorted, without building a status per instance."""
+        self.expire_due()
+        return sorted(self._declared.union(self._services))
+
     def instances(self, service: str | None = None) -> list[InstanceStatus]:
         """Instances in a stable order (service, id), optionally of one service."""
         self.expire_due()
@@ -476,8 +481,12 @@ class Catalog:
     def _push_deadline(self, entry: _Entry) -> None:
         expires = entry.expires_at()
         if expires is not None:
-            heapq.heappush(self._deadlines, (expires, *entry.instance.key))
-            self._reaper_wakeup.set()
+            deadline = (expires, *entry.instance.key)
+            heapq.heappush(self._deadlines, deadline)
+            # The reaper sleeps until the earliest deadline: only a new earliest one moves
+            # its wake-up (waking it for every registration cost a task step each).
+            if self._deadlines[0] is deadline:
+                self._reaper_wakeup.set()
 
     def _announce(self, service: str, change: Change | None) -> None:
         self._index += 1

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -300,9 +301,12 @@ class RegistrationBody(BaseModel):
         return ttl.total_seconds()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Instance:
-    """One registered (or configured) instance of a service."""
+    """One registered (or configured) instance of a service.
+
+    Slotted, its strings shared and its JSON form kept as a tuple: a fleet holds 10,000
+    of these, and a dict per instance (and per cached document) is most of their size."""
 
     service: str
     id: str
@@ -315,6 +319,17 @@ class Instance:
     static: bool = False
     registered_at: float = 0.0  # wall clock
     updated_at: float = 0.0
+    # The derived parts of `document`, built on its first read (listings reuse them).
+    _derived: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # A fleet repeats a few service names, tags and meta pairs: keep one copy of each.
+        object.__setattr__(self, "service", sys.intern(self.service))
+        if self.tags:
+            object.__setattr__(self, "tags", _shared_tags(self.tags))
+        if self.meta:
+            meta = {sys.intern(key): _short_intern(value) for key, value in self.meta.items()}
+            object.__setattr__(self, "meta", meta)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -331,22 +346,45 @@ class Instance:
             and self.deregister_after == other.deregister_after
         )
 
-    @cached_property
-    def document(self) -> Mapping[str, Any]:
-        """The JSON form, built once per registration (reads and listings reuse it)."""
+    @property
+    def document(self) -> dict[str, Any]:
+        """The JSON form; its costly parts are built once per registration."""
+        derived = self._derived
+        if derived is None:
+            derived = (
+                self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
+                _duration_text(self.ttl) if self.ttl is not None else None,
+                _duration_text(self.deregister_after),
+                _iso(self.registered_at),
+                _iso(self.updated_at),
+            )
+            object.__setattr__(self, "_derived", derived)
+        probe, ttl, deregister_after, registered_at, updated_at = derived
         return {
             "service": self.service,
             "id": self.id,
             "url": self.url,
             "tags": self.tags,
             "meta": self.meta,
-            "probe": self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
-            "ttl": _duration_text(self.ttl) if self.ttl is not None else None,
-            "deregister_after": _duration_text(self.deregister_after),
+            "probe": probe,
+            "ttl": ttl,
+            "deregister_after": deregister_after,
             "static": self.static,
-            "registered_at": _iso(self.registered_at),
-            "updated_at": _iso(self.updated_at),
+            "registered_at": registered_at,
+            "updated_at": updated_at,
         }
+
+
+SHORT = 64  # meta values up to this long are shared (zones, versions); longer ones are kept
+
+
+def _short_intern(value: str) -> str:
+    return sys.intern(value) if len(value) <= SHORT else value
+
+
+@lru_cache(maxsize=1024)  # a fleet uses a handful of tag sets
+def _shared_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sys.intern(tag) for tag in tags)
 
 
 @lru_cache(maxsize=256)  # a fleet uses a handful of ttls

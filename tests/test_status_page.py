@@ -109,6 +109,21 @@ async def test_unknown_pages_get_the_json_error_shape(site: AppClient) -> None:
         assert "message" in (await resp.json())["error"]
 
 
+async def test_a_service_page_lasts_as_long_as_the_service(
+    site: AppClient, target: TestServer
+) -> None:
+    body = {"url": str(target.make_url("/")), "probe": {"type": "none"}}
+    assert (await site.put("/v1/services/temp/instances/t1", json=body)).status == 201
+    assert (await site.get("/services/temp")).status == 200
+    assert (await site.delete("/v1/services/temp/instances/t1")).status == 204
+    assert (await site.get("/services/temp")).status == 404
+    # payments is declared in config: its page stays when no instance is left.
+    assert (await site.delete("/v1/services/payments/instances/p1")).status == 204
+    resp = await site.get("/services/payments")
+    assert resp.status == 200
+    assert "data-instance=" not in await resp.text()
+
+
 async def test_names_are_escaped(site: AppClient, target: TestServer) -> None:
     resp = await site.put(
         "/v1/services/payments/instances/x1",
