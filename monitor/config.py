@@ -92,6 +92,15 @@ def _check_target(value: str) -> str:
     return value
 
 
+class ProbeBudget(_Model):
+    """A global cap on probing, so that a mass outage cannot starve the API (ARCHITECTURE.md)."""
+
+    # Probes started per second, all instances together. Each instance's own `interval` is
+    # always kept; the faster probes `down_interval` asks for get what is left of it.
+    per_second: int = Field(default=1000, ge=1)
+    in_flight: int = Field(default=1000, ge=1)  # probes running at once
+
+
 class Server(_Model):
     listen: Annotated[str, AfterValidator(_check_listen)] = DEFAULT_LISTEN
     auth: Auth | None = None
@@ -101,6 +110,7 @@ class Server(_Model):
     overload_lag: DurationOrZero = timedelta(milliseconds=25)
     # Absent: any host. Present: instance URLs must be in these networks or match these names.
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = None
+    probe_budget: ProbeBudget = ProbeBudget()
 
     @property
     def targets(self) -> TargetPolicy:
