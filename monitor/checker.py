@@ -9,7 +9,8 @@ Probing shares the API's event loop, so it is capped (`server.probe_budget`): an
 instance's own `interval` is always kept, and the faster probes `down_interval`
 asks for come out of a global budget of probes per second. When many instances
 are down at once they share it, each backing off towards its `interval`, so a
-mass outage costs the loop no more than the budget (ARCHITECTURE.md, Probing).
+mass outage costs the loop no more than the budget (ARCHITECTURE.md, Health
+checking).
 """
 
 from __future__ import annotations
@@ -70,35 +71,27 @@ class ProbeStats:
 
 
 class ProbeBudget:
-    """Probes started per second, all instances together: a token bucket of one second.
+    """The extra probes `down_interval` asks for, all instances together: at most
+    `per_second` a second, from a token bucket holding one second's worth.
 
-    A probe an instance's `interval` asks for always runs and spends a token if one is
-    left; an extra one (`down_interval`) runs only on a token. So extras get what the
-    intervals leave, and never more than `per_second` probes start in a second beyond
-    what the intervals alone ask for.
+    Probes an instance's own `interval` asks for are not counted: they are the load
+    the fleet has when all is well. So an outage, however large, costs at most
+    `per_second` probes a second more than that.
     """
 
     def __init__(self, per_second: float, clock: Callable[[], float]) -> None:
         self.per_second, self._clock = per_second, clock
         self._tokens, self._at = per_second, clock()
 
-    def spend(self) -> None:
-        """A probe that runs in any case."""
-        self._refill()
-        self._tokens = max(0.0, self._tokens - 1)
-
     def take(self) -> bool:
-        """An extra probe: True if the budget has room for it now."""
-        self._refill()
+        """True if the budget has room for one more extra probe now."""
+        now = self._clock()
+        elapsed, self._at = now - self._at, now
+        self._tokens = min(self.per_second, self._tokens + elapsed * self.per_second)
         if self._tokens < 1:
             return False
         self._tokens -= 1
         return True
-
-    def _refill(self) -> None:
-        now = self._clock()
-        elapsed, self._at = now - self._at, now
-        self._tokens = min(self.per_second, self._tokens + elapsed * self.per_second)
 
 
 @dataclass(slots=True)
@@ -215,9 +208,7 @@ class HealthChecker:
         # Skipping this slot would leave the instance unprobed for longer than its
         # interval: it runs whatever the budget. Earlier ones are extras, on the budget.
         owed = last is None or now + target.gap - last > target.probe.interval
-        if owed:
-            self.budget.spend()
-        elif not self.budget.take():
+        if not owed and not self.budget.take():
             self._back_off(key, target)
             return
         target.last_start = now

@@ -95,8 +95,8 @@ def _check_target(value: str) -> str:
 class ProbeBudget(_Model):
     """A global cap on probing, so that a mass outage cannot starve the API (ARCHITECTURE.md)."""
 
-    # Probes started per second, all instances together. Each instance's own `interval` is
-    # always kept; the faster probes `down_interval` asks for get what is left of it.
+    # Probes started per second beyond each instance's own `interval`, all instances
+    # together: what `down_interval` may add. Down instances share it, backing off.
     per_second: int = Field(default=1000, ge=1)
     in_flight: int = Field(default=1000, ge=1)  # probes running at once
 

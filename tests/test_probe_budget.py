@@ -140,17 +140,6 @@ def test_the_budget_refuses_extras_beyond_its_rate(clock: FakeClock) -> None:
     assert [budget.take() for _ in range(2)] == [True, False]
 
 
-def test_probes_owed_by_their_interval_spend_the_budget_but_are_never_refused(
-    clock: FakeClock,
-) -> None:
-    budget = ProbeBudget(5, clock.monotonic)
-    for _ in range(10):
-        budget.spend()  # ten of them ran although five is the rate
-    assert not budget.take()  # and the extras wait for the budget to refill
-    clock.advance(1.0)
-    assert budget.take()
-
-
 @pytest.mark.parametrize("setting", [{"per_second": 0}, {"in_flight": 0}, {"rate": 10}])
 def test_a_bad_probe_budget_is_a_config_error_naming_the_key(
     make_config: Callable[..., Config], setting: dict[str, int]
