@@ -255,6 +255,8 @@ class HealthChecker:
         """A down instance's share of the budget: `down_interval` while the budget has
         room for every down instance at its own, longer as more are down, `interval` at most.
         """
+        if probe.down_interval >= probe.interval:
+            return probe.down_interval  # slower while down: no extra probes to budget
         share = len(self._down) / self.budget.per_second
         return min(probe.interval, max(probe.down_interval, share))
 
