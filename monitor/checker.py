@@ -70,7 +70,7 @@ class ProbeStats:
         self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
 
 
-class ProbeBudget:
+class ProbeBucket:
     """The extra probes `down_interval` asks for, all instances together: at most
     `per_second` a second, from a token bucket holding one second's worth.
 
@@ -119,13 +119,13 @@ class HealthChecker:
         budget: float = 1000.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        """`budget`: probes per second (ProbeBudget); `clock`: monotonic seconds."""
+        """`budget`: probes per second (ProbeBucket); `clock`: monotonic seconds."""
         self.catalog, self.book, self.prober, self.store = catalog, book, prober, store
         self.slos = slos
         self._defaults, self._service_probes = defaults, service_probes
         self.timetable: Timetable[Key] = Timetable(scheduler, self._start_probe, name="probes")
         self._clock = clock or time.monotonic
-        self.budget = ProbeBudget(budget, self._clock)
+        self.budget = ProbeBucket(budget, self._clock)
         self.targets: dict[Key, _Target] = {}
         self._down: set[Key] = set()  # instances probed at a down interval
         self._tasks: set[asyncio.Task[None]] = set()

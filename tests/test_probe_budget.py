@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.checker import ProbeBudget
+from monitor.checker import ProbeBucket
 from monitor.config import Config, ConfigError
 
 from .conftest import AppClient, FakeClock, metric_families, until
@@ -134,7 +134,7 @@ async def state_is(client: AppClient, instance: str, state: str, timeout: float 
 
 
 def test_the_budget_refuses_extras_beyond_its_rate(clock: FakeClock) -> None:
-    budget = ProbeBudget(5, clock.monotonic)
+    budget = ProbeBucket(5, clock.monotonic)
     assert [budget.take() for _ in range(6)] == [True] * 5 + [False]
     clock.advance(0.2)  # one more probe's worth at 5 a second
     assert [budget.take() for _ in range(2)] == [True, False]
