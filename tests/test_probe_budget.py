@@ -146,3 +146,19 @@ def test_a_bad_probe_budget_is_a_config_error_naming_the_key(
 ) -> None:
     with pytest.raises(ConfigError, match=r"server\.probe_budget\."):
         make_config(server={"probe_budget": setting})
+
+
+async def test_a_down_interval_longer_than_the_interval_slows_probing_while_down(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> None:
+    client = await budgeted(make_config, start_daemon, per_second=1000)
+    probe = {"path": "/fail", "interval": "100ms", "down_interval": "1h"}
+    await client.put(
+        "/v1/services/payments/instances/p1",
+        json={"url": str(target.make_url("/")), "probe": probe},
+    )
+    await state_is(client, "p1", "critical")
+    counted, _ = await probed_over_a_window(client, "payments")
+    assert counted["p1"] <= 1  # not every 100 ms (10 a second): next in an hour
