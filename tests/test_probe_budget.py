@@ -162,3 +162,33 @@ async def test_a_down_interval_longer_than_the_interval_slows_probing_while_down
     await state_is(client, "p1", "critical")
     counted, _ = await probed_over_a_window(client, "payments")
     assert counted["p1"] <= 1  # not every 100 ms (10 a second): next in an hour
+
+
+async def test_probes_in_flight_are_capped(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    held, most = 0, 0
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal held, most
+        held += 1
+        most = max(most, held)
+        await reader.read()  # until the probe gives up and closes
+        held -= 1
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = await start_daemon(
+        make_config(
+            server={"probe_budget": {"in_flight": 3}},
+            defaults={"probe": {**DOWN_FAST, "timeout": "500ms"}},
+        )
+    )
+    for n in range(10):  # all ten probed within a second of registering
+        body = {"url": f"http://127.0.0.1:{port}/hang"}
+        assert (await client.put(f"/v1/services/hung/instances/h{n}", json=body)).status == 201
+    await all_probed(client, "hung", 10)
+    server.close()
+    await server.wait_closed()
+    assert most == 3  # reached, never passed (all ten at once without the cap, checked)
