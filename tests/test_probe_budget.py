@@ -121,8 +121,9 @@ async def test_up_instances_keep_their_interval_during_an_outage(
     await all_probed(client, "down", 30)
     await state_is(client, "p1", "passing")
     counted, seconds = await probed_over_a_window(client, "payments")
-    # Every 100 ms, whatever the outage takes of the budget (half of it: a loaded machine).
-    assert counted["p1"] >= seconds / 0.1 / 2
+    # Every 100 ms whatever the outage takes of the budget (a third of that: a loaded machine
+    # skips late runs). Sharing the budget with the down ones would leave it ~0.3 a second.
+    assert counted["p1"] >= seconds / 0.1 / 3
 
 
 async def state_is(client: AppClient, instance: str, state: str, timeout: float = 10.0) -> None:
