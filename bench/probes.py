@@ -5,7 +5,14 @@ process that accepts connections and never answers; blackbox_exporter (Debian
 `prometheus-blackbox-exporter`) is driven by a real Prometheus at the same
 rate, fresh connections on both sides. Everything listens on 127.0.0.1.
 
-    python -m bench.probes [--window 20]
+The mass-outage case registers 10,000 instances (interval 1h, down_interval
+2s) whose targets refuse connections, and measures heartbeats with wrk (32
+connections) against the daemon beside bare aiohttp answering the same route
+shape, and beside the same daemon with all 10,000 up. Clients answer 503 as
+real ones do: the request is sent again after its Retry-After.
+
+    python -m bench.probes [--window 20] [--case all|outage] [--runs 3]
+    python -m bench.probes --smoke      # a few seconds, the daemon's side only
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import os
+import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +38,7 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.registry import free_port, rss_mb, server
+from bench.registry import BARE_SERVER, free_port, rss_mb, server
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -107,6 +117,7 @@ async def register(
     probe: dict[str, object],
     *,
     service_each: bool = False,
+    ttl: str | None = None,
 ) -> None:
     """Register each target as instance i<n> of `prefix`, or as `prefix`-<n>/i0."""
     queue = iter(enumerate(targets))
@@ -114,11 +125,18 @@ async def register(
 
         async def worker() -> None:
             for n, target in queue:
-                body = {"url": target, "probe": probe}
+                body: dict[str, object] = {"url": target, "probe": probe}
+                if ttl is not None:
+                    body["ttl"] = ttl
                 path = f"{prefix}-{n}/instances/i0" if service_each else f"{prefix}/instances/i{n}"
-                async with http.put(f"/v1/services/{path}", json=body) as resp:
-                    if resp.status not in (200, 201):
-                        raise RuntimeError(f"register: {resp.status} {await resp.text()}")
+                while True:  # a shedding daemon says when to come back, as clients do
+                    async with http.put(f"/v1/services/{path}", json=body) as resp:
+                        if resp.status in (200, 201):
+                            break
+                        if resp.status != 503:
+                            raise RuntimeError(f"register: {resp.status} {await resp.text()}")
+                        wait = float(resp.headers.get("Retry-After", "1"))
+                    await asyncio.sleep(wait)
 
         await asyncio.gather(*(worker() for _ in range(64)))
 
@@ -281,6 +299,185 @@ def _scrapes(prom_url: str) -> float:
     )
 
 
+# Heartbeats to `n` instances; a 503 sends a request again after its Retry-After, as the
+# SDK does. wrk cannot tell which response belongs to which request, so any heartbeat
+# path is retried: the delay is what matters, every path costs the same.
+HEARTBEAT_RETRY_LUA = """
+counter = 0
+waits = {{}}
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/v1/services/beats/instances/i" .. (counter % {n}) .. "/heartbeat")
+end
+delay = function()
+  return table.remove(waits, 1) or 0
+end
+response = function(status, headers, body)
+  if status == 503 then
+    table.insert(waits, (tonumber(headers["Retry-After"]) or 1) * 1000)
+  end
+end
+"""
+
+
+@dataclass
+class Beats:
+    """Heartbeats answered 2xx per second, p99, and how many were refused with 503."""
+
+    per_second: float
+    p99_ms: float
+    refused: int
+    probes_per_second: float = float("nan")
+    timeouts: int = 0
+
+    def line(self) -> str:
+        probes = f"   probes {self.probes_per_second:6.0f}/s"
+        if math.isnan(self.probes_per_second):
+            probes = ""
+        return (
+            f"{self.per_second:8,.0f} heartbeats/s   p99 {self.p99_ms:7.2f} ms   "
+            f"503 {self.refused:6d}   timeouts {self.timeouts:4d}{probes}"
+        )
+
+
+def wrk_beats(url: str, instances: int, seconds: float, connections: int, workdir: Path) -> Beats:
+    lua = workdir / "beats.lua"
+    lua.write_text(HEARTBEAT_RETRY_LUA.format(n=instances))
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(lua), url]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    total = re.search(r"(\d+) requests in ([\d.]+)(m?s)", out)
+    assert total is not None, out
+    elapsed = float(total.group(2)) / (1000 if total.group(3) == "ms" else 1)
+    refused = int(match.group(1)) if (match := re.search(r"Non-2xx.*?: (\d+)", out)) else 0
+    # wrk's timeouts (no answer within 2s) are not among its requests: they count as none.
+    timeouts = int(match.group(1)) if (match := re.search(r"timeout (\d+)", out)) else 0
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    assert p99 is not None, out
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99.group(2)]
+    answered = (int(total.group(1)) - refused) / elapsed
+    return Beats(answered, float(p99.group(1)) * scale, refused, timeouts=timeouts)
+
+
+async def aiohttp_beats(url: str, instances: int, seconds: float, connections: int) -> Beats:
+    """The same load from this process when wrk is missing (then a lower bound)."""
+    latencies: list[float] = []
+    refused = 0
+    stop = time.perf_counter() + seconds
+    async with aiohttp.ClientSession(url, connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def client(first: int) -> None:
+            nonlocal refused
+            n = first
+            while time.perf_counter() < stop:
+                n += connections
+                started = time.perf_counter()
+                path = f"/v1/services/beats/instances/i{n % instances}/heartbeat"
+                async with http.post(path) as resp:
+                    await resp.read()
+                if resp.status == 503:
+                    refused += 1
+                    await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
+                elif resp.status < 300:
+                    latencies.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(client(c) for c in range(connections)))
+    latencies.sort()
+    p99 = latencies[int(0.99 * (len(latencies) - 1))] * 1000 if latencies else float("nan")
+    return Beats(len(latencies) / seconds, p99, refused)
+
+
+def heartbeats(url: str, args: argparse.Namespace, workdir: Path) -> Beats:
+    if shutil.which("wrk") and not args.smoke:
+        return wrk_beats(url, args.beat_instances, args.duration, args.connections, workdir)
+    return asyncio.run(aiohttp_beats(url, args.beat_instances, args.duration, args.connections))
+
+
+def outage_config(path: Path, port: int, probed: bool) -> Path:
+    kind = "http" if probed else "none"
+    path.write_text(
+        f"server: {{listen: '127.0.0.1:{port}'}}\n"
+        f"storage: {{path: '{path.with_suffix('.db')}'}}\n"
+        f"defaults: {{probe: {{type: {kind}, interval: 1h, down_interval: 2s, timeout: 2s}}}}\n"
+    )
+    return path
+
+
+def daemon_beats(workdir: Path, name: str, target: str, args: argparse.Namespace) -> Beats:
+    """A daemon with `args.outage` instances probing `target`, under the heartbeat load."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "monitor", "serve", "--log-level", "warning", "--config"]
+    config = outage_config(workdir / f"{name}.yaml", port, probed=False)
+    with process([*argv, str(config)], workdir / f"{name}.log", url) as daemon:
+        beats = [f"http://127.0.0.1:{port}/unprobed/{n}" for n in range(args.beat_instances)]
+        asyncio.run(register(url, beats, "beats", {"type": "none"}, ttl="1h"))
+        # Registered unprobed, then probed from a reload: all within a second, as when a
+        # network splits. (Registering 10,000 into an outage took the old code minutes:
+        # it shed the registrations.)
+        asyncio.run(register(url, [target] * args.outage, "fleet", {}))
+        outage_config(config, port, probed=True)
+        daemon.send_signal(signal.SIGHUP)
+        time.sleep(args.settle)  # past the first probes and the thresholds: steady state
+        before, started = probes_done(scrape(url + "/metrics")), time.monotonic()
+        result = heartbeats(url, args, workdir)
+        probes = probes_done(scrape(url + "/metrics")) - before
+        result.probes_per_second = probes / (time.monotonic() - started)
+        return result
+
+
+def bare_beats(workdir: Path, args: argparse.Namespace) -> Beats:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    (workdir / "bare.py").write_text(BARE_SERVER)
+    argv = [sys.executable, str(workdir / "bare.py"), str(port), "uvloop"]
+    with server(argv, url, workdir / "bare.log"):
+        return heartbeats(url, args, workdir)
+
+
+def run_outage(args: argparse.Namespace) -> None:
+    """Heartbeats with every probed instance down, beside all up and bare aiohttp."""
+    print(
+        f"mass outage: {args.outage:,} instances (interval 1h, down_interval 2s), "
+        f"heartbeats from {args.connections} connections for {args.duration:g}s, "
+        f"{args.runs} run(s), medians"
+    )
+    runs: dict[str, list[Beats]] = {"bare": [], "up": [], "down": []}
+    with tempfile.TemporaryDirectory(prefix="hms-outage-") as tmp:
+        workdir = Path(tmp)
+        refused = f"http://127.0.0.1:{free_port()}/health"  # nothing listens there
+        target_port = free_port()
+        up = f"http://127.0.0.1:{target_port}"
+        (workdir / "target.py").write_text(BARE_SERVER)
+        target = [sys.executable, str(workdir / "target.py"), str(target_port), "uvloop"]
+        with contextlib.ExitStack() as stack:
+            if not args.smoke:
+                stack.enter_context(server(target, up, workdir / "target.log"))
+            for n in range(args.runs):
+                if not args.smoke:
+                    runs["bare"].append(bare_beats(workdir, args))
+                    runs["up"].append(daemon_beats(workdir, f"up{n}", up + "/readyz", args))
+                runs["down"].append(daemon_beats(workdir, f"down{n}", refused, args))
+                for name, got in runs.items():
+                    if got:
+                        print(f"  run {n + 1} {name:5} {got[-1].line()}", flush=True)
+
+    def middle(name: str) -> Beats:
+        ordered = sorted(runs[name], key=lambda beats: beats.per_second)
+        return ordered[len(ordered) // 2]
+
+    down = middle("down")
+    print(f"  all {args.outage:,} down        {down.line()}")
+    if args.smoke:
+        return
+    bare, up = middle("bare"), middle("up")
+    print(f"  all {args.outage:,} up          {up.line()}")
+    print(f"  bare aiohttp             {bare.line()}")
+    print(
+        f"  down / bare {down.per_second / bare.per_second:5.2f}x   "
+        f"up / bare {up.per_second / bare.per_second:5.2f}x   goal >= 0.7x, p99 < 20 ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -289,12 +486,30 @@ def main() -> None:
     parser.add_argument("--side-by-side", type=int, default=1000, help="targets probed every 1s")
     parser.add_argument("--fleet", type=int, default=10_000, help="targets probed every 10s")
     parser.add_argument("--hung", type=int, default=1000)
+    parser.add_argument("--case", choices=("all", "outage"), default="all")
+    parser.add_argument("--outage", type=int, default=10_000, help="instances down at once")
+    parser.add_argument("--beat-instances", type=int, default=1000, help="heartbeat senders")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of heartbeats")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--settle", type=float, default=10.0, help="seconds before measuring")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, the daemon's side only, no peers"
+    )
     args = parser.parse_args()
+    raise_file_limit()
+    if args.smoke:
+        args.outage, args.beat_instances, args.connections = 50, 10, 4
+        args.duration, args.settle, args.runs = 1.0, 1.0, 1
+        run_outage(args)
+        return
+    if args.case == "outage":
+        run_outage(args)
+        return
     for tool in ("nginx", "prometheus", "prometheus-blackbox-exporter"):
         if shutil.which(tool) is None:
             packages = "nginx-light prometheus prometheus-blackbox-exporter"
             sys.exit(f"{tool} is not installed (apt-get install {packages})")
-    raise_file_limit()
 
     print(f"hms-mgmt probe benchmark: {os.cpu_count()} cores, {args.window:g}s measured per phase")
     with tempfile.TemporaryDirectory(prefix="hms-probes-") as tmp:
@@ -375,6 +590,8 @@ def main() -> None:
         0.99, fleet.before, fleet.after
     )
     print(f"  p99 lateness change              {change * 1000:+6.1f} ms   goal within 50 ms")
+    print()
+    run_outage(args)
 
 
 if __name__ == "__main__":

@@ -140,12 +140,13 @@ def build_app(
     checker = HealthChecker(
         catalog=catalog,
         book=book,
-        prober=Prober(),
+        prober=Prober(concurrency=config.server.probe_budget.in_flight),
         store=results,
         scheduler=scheduler,
         defaults=config.defaults.probe,
         service_probes=service_probes(config),
         slos=slos,
+        budget=config.server.probe_budget.per_second,
     )
     app[SLOS] = slos
     app[SLO_METRICS] = SloMetrics(slos, clock.time)

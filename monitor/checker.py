@@ -4,6 +4,13 @@ It follows the registry (an instance is probed from the moment it registers
 until it leaves, no restart), runs each probe as an owned task, hands the
 result to the health book, the result store and the metrics, and moves the
 instance between `interval` and `down_interval`.
+
+Probing shares the API's event loop, so it is capped (`server.probe_budget`): an
+instance's own `interval` is always kept, and the faster probes `down_interval`
+asks for come out of a global budget of probes per second. When many instances
+are down at once they share it, each backing off towards its `interval`, so a
+mass outage costs the loop no more than the budget (ARCHITECTURE.md, Health
+checking).
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec
@@ -62,12 +70,38 @@ class ProbeStats:
         self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
 
 
+class ProbeBucket:
+    """The extra probes `down_interval` asks for, all instances together: at most
+    `per_second` a second, from a token bucket holding one second's worth.
+
+    Probes an instance's own `interval` asks for are not counted: they are the load
+    the fleet has when all is well. So an outage, however large, costs at most
+    `per_second` probes a second more than that.
+    """
+
+    def __init__(self, per_second: float, clock: Callable[[], float]) -> None:
+        self.per_second, self._clock = per_second, clock
+        self._tokens, self._at = per_second, clock()
+
+    def take(self) -> bool:
+        """True if the budget has room for one more extra probe now."""
+        now = self._clock()
+        elapsed, self._at = now - self._at, now
+        self._tokens = min(self.per_second, self._tokens + elapsed * self.per_second)
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 @dataclass(slots=True)
 class _Target:
     url: str
     probe: Probe
     stats: ProbeStats
+    gap: float  # the timetable's interval for it now: `interval`, or a down one
     running: asyncio.Task[None] | None = None
+    last_start: float | None = None  # loop time
 
 
 class HealthChecker:
@@ -82,12 +116,18 @@ class HealthChecker:
         defaults: ProbeSpec,
         service_probes: dict[str, ProbeSpec],
         slos: SloBook | None = None,
+        budget: float = 1000.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """`budget`: probes per second (ProbeBucket); `clock`: monotonic seconds."""
         self.catalog, self.book, self.prober, self.store = catalog, book, prober, store
         self.slos = slos
         self._defaults, self._service_probes = defaults, service_probes
         self.timetable: Timetable[Key] = Timetable(scheduler, self._start_probe, name="probes")
+        self._clock = clock or time.monotonic
+        self.budget = ProbeBucket(budget, self._clock)
         self.targets: dict[Key, _Target] = {}
+        self._down: set[Key] = set()  # instances probed at a down interval
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[tuple[str, str], Probe] = {}
 
@@ -135,6 +175,7 @@ class HealthChecker:
         elif change.kind is ChangeKind.DEREGISTERED:
             self.timetable.remove(key)
             self.targets.pop(key, None)
+            self._down.discard(key)
             self.book.forget(key)
         elif change.kind in (ChangeKind.LAPSED, ChangeKind.RENEWED):
             self.book.set_lapsed(key, change.kind is ChangeKind.LAPSED)
@@ -148,18 +189,29 @@ class HealthChecker:
         key = instance.key
         current = self.targets.get(key)
         stats = current.stats if current else ProbeStats(self.store.boundaries)
-        self.targets[key] = _Target(instance.url, probe, stats)
+        target = self.targets[key] = _Target(instance.url, probe, stats, probe.interval)
         self.book.track(key, probe)  # unprobed ones too: their lease lapses still count
         if probe.type == "none":
             self.timetable.remove(key)
+            self._down.discard(key)
         elif current is None or current.probe != probe:
             first = probe.interval if spread else min(probe.interval, NEW_INSTANCE_SPREAD)
             self.timetable.add(key, probe.interval, first_in=random.uniform(0, first))
+        else:  # same probe, same slot: keep its pace
+            target.gap, target.last_start = current.gap, current.last_start
 
     def _start_probe(self, key: Key) -> None:
         target = self.targets.get(key)
         if target is None or (target.running is not None and not target.running.done()):
             return  # the previous probe of this instance is still within its timeout
+        now, last = self._clock(), target.last_start
+        # Skipping this slot would leave the instance unprobed for longer than its
+        # interval: it runs whatever the budget. Earlier ones are extras, on the budget.
+        owed = last is None or now + target.gap - last > target.probe.interval
+        if not owed and not self.budget.take():
+            self._back_off(key, target)
+            return
+        target.last_start = now
         task = asyncio.create_task(self._probe(key, target), name=f"probe:{key[0]}/{key[1]}")
         target.running = task
         self._tasks.add(task)
@@ -192,9 +244,37 @@ class HealthChecker:
             )
         tracker = self.book.tracker(key)
         if tracker is not None:
-            down = tracker.wants_down_interval
-            interval = target.probe.down_interval if down else target.probe.interval
-            self.timetable.set_interval(key, interval)
+            if tracker.wants_down_interval:
+                self._down.add(key)
+                self._pace(key, target, self._down_gap(target.probe))
+            else:
+                self._down.discard(key)
+                self._pace(key, target, target.probe.interval)
+
+    def _down_gap(self, probe: Probe) -> float:
+        """A down instance's share of the budget: `down_interval` while the budget has
+        room for every down instance at its own, longer as more are down, `interval` at most.
+        """
+        if probe.down_interval >= probe.interval:
+            return probe.down_interval  # slower while down: no extra probes to budget
+        share = len(self._down) / self.budget.per_second
+        return min(probe.interval, max(probe.down_interval, share))
+
+    def _back_off(self, key: Key, target: _Target) -> None:
+        """The budget refused an extra probe: ask for fewer (its share is stale)."""
+        probe = target.probe
+        self._pace(key, target, min(probe.interval, max(probe.down_interval, target.gap * 2)))
+
+    def _pace(self, key: Key, target: _Target, gap: float) -> None:
+        """Probe `key` every `gap` seconds from now on, counted from its last start."""
+        if gap == target.gap:
+            return
+        if gap < target.gap:
+            self.timetable.set_interval(key, gap)  # moves the next run earlier
+        else:  # set_interval would put the next run on the new grid, maybe sooner
+            since = self._clock() - (target.last_start or self._clock())
+            self.timetable.add(key, gap, first_in=max(0.0, gap - since))
+        target.gap = gap
 
 
 def latency_buckets(configured: Sequence[float], thresholds: Sequence[float]) -> tuple[float, ...]:

@@ -107,6 +107,18 @@ def _check_target(value: str) -> str:
     return value
 
 
+class ProbeBudget(_Model):
+    """A global cap on probing, so that a mass outage cannot starve the API (ARCHITECTURE.md)."""
+
+    per_second: int = Field(
+        default=1000,
+        ge=1,
+        description="Probes started per second beyond each instance's own `interval`, all "
+        "instances together: what `down_interval` may add. Down instances share it, backing off.",
+    )
+    in_flight: int = Field(default=1000, ge=1, description="Probes running at once.")
+
+
 class Server(_Model):
     listen: Annotated[str, AfterValidator(_check_listen)] = Field(
         default=DEFAULT_LISTEN,
@@ -136,6 +148,10 @@ class Server(_Model):
         ge=64 * 1024,
         description="An SSE subscriber this far behind (`8MiB`, `512KiB` or bytes) is cut off; "
         "it reconnects with `Last-Event-ID`.",
+    )
+    probe_budget: ProbeBudget = Field(
+        default=ProbeBudget(),
+        description="A global cap on probing, so a mass outage cannot starve the API.",
     )
 
     @property

@@ -9,6 +9,7 @@ so 10,000 probes a second cost a few statements a second.
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,12 @@ class Minute:
     latency_sum: float = 0.0
     buckets: list[int] = field(default_factory=list)  # per boundary, not cumulative; last: +Inf
     maintenance: int = 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _failing_json(failing: tuple[str, ...]) -> str:
+    """An outage fails thousands of probes the same way: encode each way once."""
+    return json.dumps(list(failing))
 
 
 def bucket_index(boundaries: tuple[float, ...], value: float) -> int:
@@ -86,7 +93,7 @@ class ResultStore:
                 result.response_time,
                 result.status,
                 result.error,
-                json.dumps(list(failing)) if failing else None,
+                _failing_json(tuple(failing)) if failing else None,
                 int(maintenance),
             )
         )

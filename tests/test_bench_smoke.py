@@ -24,21 +24,11 @@ BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in 
 FIGURE = re.compile(r"\d[\d,.]*\s*(ms|us|s|MB|KiB|req/s|/s|%|x)\b")
 
 
-def smoke_case(name: str) -> object:
-    if name == "probes":
-        # bench/probes.py gets its --smoke from the probing work of issue 13, merged apart.
-        mark = pytest.mark.xfail(
-            reason="bench.probes --smoke lands with the probing branch", strict=False
-        )
-        return pytest.param(name, marks=mark)
-    return name
-
-
 def test_every_bench_module_is_found() -> None:
     assert {"registry", "page", "slo", "workflows", "overload", "probes"} <= set(BENCHES)
 
 
-@pytest.mark.parametrize("name", [smoke_case(name) for name in BENCHES])
+@pytest.mark.parametrize("name", BENCHES)
 def test_bench_runs_to_the_end_in_smoke_mode(name: str) -> None:
     run = subprocess.run(
         [sys.executable, "-m", f"bench.{name}", "--smoke"],
