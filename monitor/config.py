@@ -29,6 +29,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
@@ -41,6 +42,15 @@ DEFAULT_LISTEN = "127.0.0.1:9797"
 SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+# `json_schema_extra` of a field bound at start (a socket, middleware, the database): a reload
+# that changes it is refused whole (monitor/reload.py), and the reference says so.
+RESTART: dict[str, Any] = {"restart": True}
+
+
+def needs_restart(info: FieldInfo) -> bool:
+    return isinstance(info.json_schema_extra, dict) and bool(info.json_schema_extra.get("restart"))
 
 
 class ConfigError(Exception):
@@ -86,8 +96,8 @@ class Token(_Model):
     )
     scopes: tuple[Annotated[str, AfterValidator(_check_scope)], ...] = Field(
         min_length=1,
-        description="`*`, or `<verb>:<glob>` with verb register, publish, subscribe, start "
-        "or cancel (e.g. `register:payments*`).",
+        description=f"`*`, or `<verb>:<glob>` with verb {', '.join(SCOPE_VERBS)} "
+        "(e.g. `register:payments*`).",
     )
 
 
@@ -121,14 +131,18 @@ class ProbeBudget(_Model):
 
 class Server(_Model):
     listen: Annotated[str, AfterValidator(_check_listen)] = Field(
+        json_schema_extra=RESTART,
         default=DEFAULT_LISTEN,
         description="host:port the API and the status page listen on (0.0.0.0: every address).",
     )
     auth: Auth | None = Field(
         default=None,
-        description="Absent: no auth (the log warns when `listen` is not loopback).",
+        description="Absent: no auth (the log warns when `listen` is not loopback). Tokens, "
+        "scopes and `protect_reads` change on reload; turning auth on or off refuses a reload: "
+        "restart to apply it.",
     )
     read_timeout: Duration = Field(
+        json_schema_extra=RESTART,
         default=timedelta(seconds=15),
         description="A request's headers, then its body, must each arrive within this "
         "(else 408 or the connection closes).",
@@ -136,7 +150,7 @@ class Server(_Model):
     overload_lag: DurationOrZero = Field(
         default=timedelta(milliseconds=25),
         description="Event-loop lag beyond which requests are shed with 503 and "
-        "`Retry-After`; `0s`: never shed.",
+        "`Retry-After`; `0s`: never shed. Turning shedding on or off refuses a reload.",
     )
     allowed_targets: tuple[Annotated[str, AfterValidator(_check_target)], ...] | None = Field(
         default=None,
@@ -144,12 +158,14 @@ class Server(_Model):
         "and workflow calls may point at; absent: any host.",
     )
     sse_buffer: ByteSize = Field(
+        json_schema_extra=RESTART,
         default=ByteSize(8 * 1024 * 1024),
         ge=64 * 1024,
         description="An SSE subscriber this far behind (`8MiB`, `512KiB` or bytes) is cut off; "
         "it reconnects with `Last-Event-ID`.",
     )
     probe_budget: ProbeBudget = Field(
+        json_schema_extra=RESTART,
         default=ProbeBudget(),
         description="A global cap on probing, so a mass outage cannot starve the API.",
     )
@@ -223,11 +239,14 @@ class Defaults(_Model):
         description="Probe settings for every instance; a service's `probe`, then an "
         "instance's own, override them key by key.",
     )
-    lease: Lease = Field(default=Lease(), description="Leases of registered instances.")
+    lease: Lease = Field(
+        default=Lease(), json_schema_extra=RESTART, description="Leases of registered instances."
+    )
     latency_buckets: Annotated[tuple[float, ...], AfterValidator(_check_buckets)] = Field(
         default=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         description="Seconds: the boundaries of `hms_probe_duration_seconds`; every SLO's "
-        "`latency_threshold` is added to them. Needs a restart.",
+        "`latency_threshold` is added to them. A new boundary refuses a reload: restart to apply "
+        "it.",
     )
 
 
@@ -496,7 +515,9 @@ class Workflow(_Model):
 
 class Config(_Model):
     server: Server = Field(default=Server(), description="Where and how the daemon listens.")
-    storage: Storage = Field(default=Storage(), description="The SQLite file and retention.")
+    storage: Storage = Field(
+        default=Storage(), json_schema_extra=RESTART, description="The SQLite file and retention."
+    )
     defaults: Defaults = Field(default=Defaults(), description="Defaults for every service.")
     services: tuple[Service, ...] = Field(
         default=(), description="Static services, beside the ones that register themselves."

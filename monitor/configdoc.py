@@ -26,7 +26,7 @@ from pydantic_core import PydanticUndefined
 from registry import ProbeSpec
 from registry.durations import format_duration
 
-from .config import Config
+from .config import Config, needs_restart
 from .probes import Probe
 
 COMMAND = "python -m monitor.configdoc -o docs/configuration.md"
@@ -125,6 +125,8 @@ def _table(model: type[BaseModel], path: str, anchors: dict[type[BaseModel], str
     for name, info in model.model_fields.items():
         key = f"{path}.{name}" if path else name
         description = " ".join((info.description or "").split()).replace("|", "\\|")
+        if needs_restart(info):
+            description += " Bound at start: changing it refuses a reload; restart to apply it."
         kind = _type(info.annotation, info.metadata, anchors)
         default = _default(info, getattr(EFFECTIVE_DEFAULTS.get(model), name, None), kind)
         rows.append(f"| `{key}` | {kind} | {default} | {description} |")

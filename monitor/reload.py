@@ -17,13 +17,14 @@ import contextlib
 import hashlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from pydantic import BaseModel
 
 from .checker import latency_buckets
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, load_config, needs_restart
 
 log = logging.getLogger(__name__)
 
@@ -157,26 +158,30 @@ def _digest(path: Path) -> str | None:
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """The keys that changed and are bound at start (sockets, middleware, the database)."""
-    changed = [
-        f"server.{key}"
-        for key in ("listen", "read_timeout", "sse_buffer", "probe_budget")
-        if getattr(old.server, key) != getattr(new.server, key)
-    ]
+    """The keys that changed and are bound at start (sockets, middleware, the database):
+    the fields marked RESTART in monitor/config.py, and the switches below."""
+    changed = list(_marked_changes(old, new))
     if (old.server.auth is None) != (new.server.auth is None):
         changed.append("server.auth (turning auth on or off)")
     if (old.server.overload_lag.total_seconds() == 0) != (
         new.server.overload_lag.total_seconds() == 0
     ):
         changed.append("server.overload_lag (turning load shedding on or off)")
-    if old.storage != new.storage:
-        changed.append("storage")
-    if old.defaults.lease != new.defaults.lease:
-        changed.append("defaults.lease")
     # Histogram boundaries are fixed once series exist; a boundary no longer needed is harmless.
     if not set(_buckets(new)) <= set(_buckets(old)):
         changed.append("defaults.latency_buckets or an SLO latency_threshold (histogram buckets)")
     return changed
+
+
+def _marked_changes(old: BaseModel, new: BaseModel, path: str = "") -> Iterator[str]:
+    for name, info in type(old).model_fields.items():
+        key = f"{path}{name}"
+        before, after = getattr(old, name), getattr(new, name)
+        if needs_restart(info):
+            if before != after:
+                yield key
+        elif isinstance(before, BaseModel) and isinstance(after, BaseModel):
+            yield from _marked_changes(before, after, key + ".")
 
 
 def _buckets(config: Config) -> tuple[float, ...]:

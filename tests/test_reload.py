@@ -280,6 +280,7 @@ async def test_changed_scopes_apply_at_reload(
         ({"server": {"read_timeout": "3s"}}, "server.read_timeout"),
         ({"server": tokens((ADMIN, ["*"]))}, "server.auth (turning auth on or off)"),
         ({"defaults": {"probe": {"type": "none"}, "lease": {"ttl": "5s"}}}, "defaults.lease"),
+        ({"server": {"probe_budget": {"per_second": 5}}}, "server.probe_budget"),
     ],
 )
 async def test_a_setting_bound_at_start_refuses_the_whole_reload(
