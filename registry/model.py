@@ -6,7 +6,7 @@ import enum
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -161,6 +161,16 @@ def header_problem(name: str, value: str) -> str | None:
     except UnicodeEncodeError:
         return f"header {name!r}: value must be Latin-1 (HTTP header bytes); percent-encode it"
     return None
+
+
+def request_problem(path: str, headers: Iterable[tuple[str, str]]) -> str | None:
+    """Why `path` and `headers` cannot be sent as one request, or None: the check every
+    sender (probes, workflow calls) makes before a byte leaves."""
+    if not path.startswith("/"):
+        return f"path must start with /, got {path[:80]!r}"
+    return request_path_problem(path) or next(
+        filter(None, (header_problem(name, value) for name, value in headers)), None
+    )
 
 
 # Validation context of rows read back from the store: a registration an older version
