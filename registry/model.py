@@ -57,11 +57,15 @@ def check_http_url(url: str) -> str:
         raise ValueError(f"url longer than {MAX_URL_LENGTH} characters")
     if _CONTROL.search(url):  # urlsplit drops CR/LF/TAB silently; a caller may not
         raise ValueError("url must not contain control characters (CR, LF, NUL, ...)")
+    # urlsplit's messages quote part of the url (which may hold a ${VAR} secret): not shown.
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        raise ValueError(f"malformed url: {exc}") from exc
+    except ValueError:
+        raise ValueError("malformed url host (IPv6 brackets or characters)") from None
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("url port must be a number from 1 to 65535") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("url must start with http:// or https://")
     if not parts.hostname:
