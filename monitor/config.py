@@ -596,7 +596,10 @@ def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None
             for p, m in problems
         ]
         located.sort(key=lambda item: item[0])  # stable: same-line errors keep their order
-        raise ConfigError([f"{source}:{line}: {path}: {msg}" for line, path, msg in located])
+        # dict.fromkeys: two errors whose reasons were dropped read the same, once is enough
+        raise ConfigError(
+            list(dict.fromkeys(f"{source}:{line}: {path}: {msg}" for line, path, msg in located))
+        )
     return config
 
 
@@ -736,7 +739,21 @@ def _as_written(message: str, path: Path_, expanded: list[Expansion]) -> str:
                     message = message.replace(form, written)
             elif value and related:  # quoted only: "5" must not change "500ms" in the text
                 message = message.replace(repr(value), repr(written))
+        if related and _quotes_part_of(message, expansion):
+            # A check quoted a piece of the value (a url's port text, a template field
+            # split at "{"): the reason is dropped, the key and the value as written stay.
+            names = ", ".join(dict.fromkeys(written for _, written in expansion.variables))
+            return f"invalid value {expansion.written!r} (the reason would show part of {names})"
     return message
+
+
+def _quotes_part_of(message: str, expansion: Expansion) -> bool:
+    """Whether `message` holds MIN_HIDDEN_ELSEWHERE or more characters of a variable's value
+    in a row, outside the `${VAR}` forms already written in it."""
+    text = _VAR.sub("", message)
+    size = MIN_HIDDEN_ELSEWHERE
+    forms = {form for value, _ in expansion.variables for form in (value, repr(value)[1:-1])}
+    return any(form[i : i + size] in text for form in forms for i in range(len(form) - size + 1))
 
 
 def _root_causes(exc: ValidationError, unset: list[tuple[Path_, str]]) -> Iterator[Any]:

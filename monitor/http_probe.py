@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
-from registry.model import encode_request_target, header_problem, request_path_problem
+from registry.model import encode_request_target, request_problem
 
 MAX_HEAD = 64 * 1024
 
@@ -31,9 +31,7 @@ class ProbeRequestError(ValueError):
 
 def check_request(target: str, headers: tuple[tuple[str, str], ...]) -> None:
     """Raises ProbeRequestError when `target` or a header would not be one request."""
-    problem = request_path_problem(target) or next(
-        filter(None, (header_problem(name, value) for name, value in headers)), None
-    )
+    problem = request_problem(target or "/", headers)  # an empty path is sent as /
     if problem is not None:
         raise ProbeRequestError(problem)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -63,6 +63,9 @@ HEADERS = {
 NO_DATA = "\N{EN DASH}"
 ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
 FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
+FORM_CHARSETS = ("utf-8", "utf8")  # the page is UTF-8, so is what its form posts
+# The form has two fields (token, next); a few more leaves room, thousands is not a form.
+MAX_FORM_FIELDS = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -245,15 +248,13 @@ class StatusPage:
             raise ApiError(403, "sign-in from another site is refused", code="forbidden")
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
-        await read_body(request)  # bounded in size and time, like every other body
+        raw = await read_body(request)  # bounded in size and time, like every other body
         if request.content_type not in FORM_TYPES:
             raise ApiError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
-        try:
-            form = await request.post()
-        except (ValueError, AssertionError, LookupError) as exc:
-            # aiohttp's form parsers: undecodable bytes, a broken multipart, an unknown charset.
-            raise ApiError(400, f"malformed form body: {type(exc).__name__}") from None
-        target = _next_path(str(form.get("next", "/")))
+        if (request.charset or "utf-8").lower() not in FORM_CHARSETS:
+            raise ApiError(415, f"expected a UTF-8 form, got charset {request.charset!r}")
+        form = _sign_in_form(raw)
+        target = _next_path(form.get("next", "/"))
         grant = self._auth.identify(f"Bearer {form.get('token', '')}")
         if grant is None:
             return await self._login_page(target, error="That token is not valid.", status=401)
@@ -377,6 +378,25 @@ def _cross_site(request: web.Request) -> bool:
         return fetch_site not in ("same-origin", "none")
     origin = request.headers.get("Origin")
     return origin not in (None, "null") and urlsplit(origin).netloc != request.host
+
+
+def _sign_in_form(raw: bytes) -> dict[str, str]:
+    """The urlencoded sign-in form, or a 400. The message never quotes the body: it
+    holds a token."""
+    try:
+        pairs = parse_qsl(
+            raw.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=True,
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):  # not UTF-8, a field without "=", too many
+        raise ApiError(
+            400,
+            "malformed form body: expected at most "
+            f"{MAX_FORM_FIELDS} UTF-8 name=value fields joined by &",
+        ) from None
+    return dict(pairs)
 
 
 def _next_path(raw: str | None) -> str:

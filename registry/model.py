@@ -6,7 +6,7 @@ import enum
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import lru_cache
@@ -57,11 +57,15 @@ def check_http_url(url: str) -> str:
         raise ValueError(f"url longer than {MAX_URL_LENGTH} characters")
     if _CONTROL.search(url):  # urlsplit drops CR/LF/TAB silently; a caller may not
         raise ValueError("url must not contain control characters (CR, LF, NUL, ...)")
+    # urlsplit's messages quote part of the url (which may hold a ${VAR} secret): not shown.
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a malformed port
-    except ValueError as exc:
-        raise ValueError(f"malformed url: {exc}") from exc
+    except ValueError:
+        raise ValueError("malformed url host (IPv6 brackets or characters)") from None
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("url port must be a number from 1 to 65535") from None
     if parts.scheme not in ("http", "https"):
         raise ValueError("url must start with http:// or https://")
     if not parts.hostname:
@@ -161,6 +165,16 @@ def header_problem(name: str, value: str) -> str | None:
     except UnicodeEncodeError:
         return f"header {name!r}: value must be Latin-1 (HTTP header bytes); percent-encode it"
     return None
+
+
+def request_problem(path: str, headers: Iterable[tuple[str, str]]) -> str | None:
+    """Why `path` and `headers` cannot be sent as one request, or None: the check every
+    sender (probes, workflow calls) makes before a byte leaves."""
+    if not path.startswith("/"):
+        return f"path must start with /, got {path[:80]!r}"
+    return request_path_problem(path) or next(
+        filter(None, (header_problem(name, value) for name, value in headers)), None
+    )
 
 
 # Validation context of rows read back from the store: a registration an older version

@@ -253,6 +253,31 @@ async def test_a_malformed_sign_in_form_is_4xx_and_signs_nobody_in(
     assert "hms_session" not in resp.cookies
 
 
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("a field without =", TOKEN.encode()),
+        ("an empty field", b"token=" + TOKEN.encode() + b"&&next=/"),
+        (
+            "too many fields",
+            b"&".join(b"f%d=1" % i for i in range(17)) + b"&token=" + TOKEN.encode(),
+        ),
+        ("invalid utf-8", b"token=\xff\xfe"),
+    ],
+    ids=["field without =", "empty field", "too many fields", "invalid utf-8"],
+)
+async def test_a_malformed_sign_in_form_is_a_400_that_does_not_quote_it(
+    routed: AppClient, case: str, body: bytes
+) -> None:
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    resp = await routed.post("/login", data=body, headers=form, allow_redirects=False)
+    assert resp.status == 400, case
+    error = (await resp.json())["error"]
+    assert error["message"].startswith("malformed form body"), error
+    assert TOKEN not in error["message"]
+    assert "hms_session" not in resp.cookies
+
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 

@@ -308,10 +308,13 @@ maintenance:
   - {services: [x], start: "${ADMIN_TOKEN}", duration: 1h, timezone: "${ADMIN_TOKEN}"}
 notifications:
   - {name: ops, url: "http://${ADMIN_TOKEN}:x/", events: [a], format: "${ADMIN_TOKEN}"}
+  - {name: port, url: "http://127.0.0.1:${PORT_TOKEN}", events: [a]}
 workflows:
   - name: W
     route: "${ADMIN_TOKEN}"
     steps: [{name: s, call: {service: a, path: "/{${ADMIN_TOKEN}}"}, timeout: "${ADMIN_TOKEN}"}]
+  - name: V
+    steps: [{name: s, call: {service: a, path: "/x/{${BRACED}}"}}]
 """
 LEAKY_ENV = {
     "ADMIN_TOKEN": SECRET,
@@ -319,6 +322,9 @@ LEAKY_ENV = {
     "FIVE": "5",
     "EMOJI": "😀",
     "CRLF": "/a\r\nB: c",
+    # Checks that quote a piece: urlsplit cuts a port at "/", templates split at { and }.
+    "PORT_TOKEN": "AbCdEfGh/IjKlMnOp+QrSt=",
+    "BRACED": "Zq9}Xy8{Wv7",
 }
 
 
@@ -336,6 +342,14 @@ def test_config_errors_show_variables_as_written_never_their_values() -> None:
     # A short value is replaced where quoted only: the rest of the message stays readable.
     assert "c.yaml:6: defaults.lease.ttl: invalid duration '${FIVE}' (expected e.g. 500ms," in text
     assert "unknown timezone '${ADMIN_TOKEN}'" in text
+    for piece in ("AbCdEfGh", "Zq9", "Wv7"):
+        assert piece not in text, piece
+    assert "c.yaml:17: notifications[1].url: url port must be a number from 1 to 65535" in text
+    braced = (
+        "c.yaml:23: workflows[1].steps[0].call.path: invalid value '/x/{${BRACED}}'"
+        " (the reason would show part of ${BRACED})"
+    )
+    assert errors.count(braced) == 1, errors  # once, though both fields quoted a piece
 
 
 def test_check_config_prints_variables_as_written(tmp_path: Path) -> None:

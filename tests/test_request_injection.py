@@ -188,6 +188,21 @@ async def test_a_probe_that_cannot_be_built_fails_with_a_reason_and_sends_nothin
     assert recorder.received == []
 
 
+@pytest.mark.parametrize("keepalive", [False, True], ids=["raw", "pooled"])
+async def test_a_probe_path_without_a_leading_slash_fails_unsent_as_a_call_would(
+    recorder: Recorder, keepalive: bool
+) -> None:
+    """Probes and workflow calls check a request the same way: "health" is no request target."""
+    prober = Prober(concurrency=4)
+    await prober.start()
+    try:
+        result = await prober.run(recorder.url, Probe(path="health", keepalive=keepalive))
+    finally:
+        await prober.close()
+    assert result.error == "request not sent: path must start with /, got 'health'"
+    assert recorder.received == []
+
+
 async def test_a_bad_probe_stored_by_an_older_version_loads_and_fails_with_its_reason(
     start_daemon: Callable[[Config], Awaitable[AppClient]],
     probing: Config,

@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from registry.errors import UnstorableJson, load_json
-from registry.model import header_problem, request_path_problem
+from registry.model import request_problem
 
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
@@ -73,7 +73,7 @@ class ServiceCaller:
         timeout: float,  # noqa: ASYNC109 (one budget over failover attempts)
         retry_on: frozenset[int],
     ) -> CallResult:
-        problem = _request_problem(path, headers)
+        problem = request_problem(path, headers.items())
         if problem is not None:
             # Paths and headers are rendered from process input: a CR/LF there would
             # smuggle another request to the service. Never sent, and retrying cannot help.
@@ -127,14 +127,6 @@ class ServiceCaller:
             instance=instance,
             retryable=status in request.retry_on,
         )
-
-
-def _request_problem(path: str, headers: Mapping[str, str]) -> str | None:
-    if not path.startswith("/"):
-        return f"path must start with /, got {path[:80]!r}"
-    return request_path_problem(path) or next(
-        filter(None, (header_problem(name, value) for name, value in headers.items())), None
-    )
 
 
 def _output(raw: bytes) -> Any:
