@@ -160,7 +160,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     """The keys that changed and are bound at start (sockets, middleware, the database)."""
     changed = [
         f"server.{key}"
-        for key in ("listen", "read_timeout", "sse_buffer", "probe_budget")
+        for key in ("listen", "read_timeout", "probe_budget")
         if getattr(old.server, key) != getattr(new.server, key)
     ]
     if (old.server.auth is None) != (new.server.auth is None):

@@ -45,7 +45,9 @@ class WorkflowRoutes:
         sse_buffer: int = DEFAULT_SSE_BUFFER,
     ) -> None:
         self.engine, self.bus, self.auth = engine, bus, auth
-        self.sse_buffer = sse_buffer  # bytes a stream may be behind before it is cut off
+        # Bytes a stream may be behind before it is cut off; read by each new stream, so a
+        # reload sets it for the streams opened after.
+        self.sse_buffer = sse_buffer
         self._streams: set[asyncio.Task[Any]] = set()
         self._frames = Frames()
         self._trim = MemoryTrim()
@@ -89,6 +91,12 @@ class WorkflowRoutes:
     async def close_streams(self, app: web.Application) -> None:
         """on_shutdown: end open event streams, or shutdown would wait for them."""
         self._trim.cancel()
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """End every open event stream now. A stream is authorized when it opens, so when
+        tokens change (a reload) the open ones end: their clients reconnect with
+        `Last-Event-ID` and pass auth again, missing nothing they may still see."""
         for task in list(self._streams):
             task.cancel()
 
