@@ -332,3 +332,40 @@ async def test_a_reader_cut_off_for_falling_behind_resumes_from_its_last_id(
     async with client.get("/v1/events", params={"topics": "case.*"}, headers=headers) as stream:
         resumed = [(await next_event(stream))["data"]["data"]["n"] for _ in range(300)]
     assert resumed == list(range(1, 301))
+
+
+async def test_a_step_that_starts_waiting_gets_live_what_a_restart_would_find(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Event 2 is stored while event 1 is still being written. A step that starts waiting
+    # then notes the bus position (0) and, after a restart, finds event 2 in the store
+    # (events after 0); so it must get event 2 live too, once event 1 is written.
+    wait = {"name": "Grant", "steps": [{"name": "paid", "wait_for": {"event": "grant.paid"}}]}
+    client = await start_daemon(make_config(workflows=[wait]))
+    store = client.app[ENGINE].store
+    writing, written = asyncio.Event(), asyncio.Event()
+    create = store.create
+
+    async def slow_for_case(processes: Any, event: Any) -> Any:
+        if event is not None and event.topic.startswith("case."):
+            writing.set()
+            await written.wait()  # a write that takes long (a busy disk) and ends later
+        return await create(processes, event)
+
+    monkeypatch.setattr(store, "create", slow_for_case)
+    first = asyncio.create_task(publish(client, "case.noted", 1))
+    await writing.wait()
+    assert await publish(client, "grant.paid", 2) == 2
+    started = await client.post("/v1/workflows/Grant", json={})
+    process = f"/v1/processes/{(await started.json())['id']}"
+
+    async def status_is(status: str) -> bool:
+        return bool((await (await client.get(process)).json())["status"] == status)
+
+    await until(lambda: status_is("waiting"))
+    written.set()
+    assert await first == 1
+    await until(lambda: status_is("completed"))
+    assert (await (await client.get(process)).json())["outputs"]["paid"] == {"n": 2}
