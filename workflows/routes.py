@@ -222,9 +222,17 @@ class WorkflowRoutes:
                 "X-Accel-Buffering": "no",
             }
         )
-        writer = await response.prepare(request)
+        task = asyncio.current_task()
+        if task is not None:  # before the first await: from here on a reload ends the stream
+            self._streams.add(task)
+        try:
+            writer = await response.prepare(request)
+        except asyncio.CancelledError:  # ended (a reload, shutdown) before it began
+            writer = None
         if writer is None or writer.transport is None:
-            return response  # the client left already
+            if task is not None:
+                self._streams.discard(task)
+            return response  # the client left already, or the stream was ended
         writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
         stream = EventStream(
             response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
@@ -232,9 +240,6 @@ class WorkflowRoutes:
         # Subscribe and note the position in one tick: replay ends where live begins.
         subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
         upto = self.bus.position
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
         try:
             await stream.send(b": connected\n\n")
             if after is not None:
