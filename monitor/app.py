@@ -81,6 +81,7 @@ CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
 REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
 SHEDDER = web.AppKey("shedder", LoadShedder)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
+WORKFLOW_ROUTES = web.AppKey("workflow_routes", WorkflowRoutes)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
@@ -197,7 +198,9 @@ def build_app(
         slos, {s.name for s in config.services}, clock.time, app[WORKFLOW_SLOS]
     )
     app.add_routes(slo_routes.routes())
-    workflow_routes = WorkflowRoutes(engine, bus, auth, config.server.sse_buffer)
+    workflow_routes = app[WORKFLOW_ROUTES] = WorkflowRoutes(
+        engine, bus, auth, config.server.sse_buffer
+    )
     app.add_routes(workflow_routes.routes())
     app.on_shutdown.append(workflow_routes.close_streams)
     app.add_routes(
@@ -322,6 +325,9 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     app[CATALOG].replace_static(static_instances(new), (s.name for s in new.services))
     app[REGISTRY_ROUTES].targets = new.server.targets
     app[AUTHORIZER].replace(_tokens(new), protect_reads=_protect_reads(new))
+    if new.server.auth != old.server.auth:  # open streams keep the grant they opened with
+        app[WORKFLOW_ROUTES].end_streams()
+    app[WORKFLOW_ROUTES].sse_buffer = new.server.sse_buffer
     app[SHEDDER].max_lag = new.server.overload_lag.total_seconds()
     await app[SLOS].configure(new.services, app[DATABASE], clock)
     app[SLO_ROUTES].services = {s.name for s in new.services}

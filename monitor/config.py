@@ -158,7 +158,6 @@ class Server(_Model):
         "and workflow calls may point at; absent: any host.",
     )
     sse_buffer: ByteSize = Field(
-        json_schema_extra=RESTART,
         default=ByteSize(8 * 1024 * 1024),
         ge=64 * 1024,
         description="An SSE subscriber this far behind (`8MiB`, `512KiB` or bytes) is cut off; "

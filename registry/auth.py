@@ -28,9 +28,10 @@ from aiohttp.typedefs import Middleware
 from .errors import ApiError, Handler
 
 # The daemon publishes these itself (health, SLO burn, process lifecycle); nobody else may.
-DAEMON_TOPICS = ("health.", "slo.", "workflow.", "registry.", "audit.")
+AUDIT_TOPICS = "audit."
+DAEMON_TOPICS = ("health.", "slo.", "workflow.", "registry.", AUDIT_TOPICS)
 # Of those, what whoever may read sees; audit.* is not (DESIGN §3: audit:read holders only).
-READABLE_TOPICS = ("health.", "slo.", "workflow.", "registry.")
+READABLE_TOPICS = tuple(topic for topic in DAEMON_TOPICS if topic != AUDIT_TOPICS)
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,16 @@ class Authorizer:
 
     def may_subscribe(self, request: web.Request, topic: str) -> bool:
         """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may
-        read; what services publish needs a `subscribe` scope when auth is on."""
-        if not self.enabled or topic.startswith(READABLE_TOPICS):
+        read, but audit.* only to `audit:read` holders (DESIGN §3; `subscribe:*` is not
+        that); what services publish needs a `subscribe` scope. Without auth the daemon
+        is open: everyone may read everything, the audit trail included."""
+        if not self.enabled:
             return True
         grant = request.get(GRANT)
+        if topic.startswith(AUDIT_TOPICS):
+            return grant is not None and grant.allows("audit", "read")
+        if topic.startswith(READABLE_TOPICS):
+            return True
         return grant is not None and grant.allows("subscribe", topic)
 
     def require(self, request: web.Request, verb: str, subject: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import time
@@ -18,6 +19,7 @@ from monitor import build_app, load_config
 from .conftest import AppClient, FakeClock, metric_families, until
 from .processes import DaemonProcess, free_port, write_config
 from .services import Receiver
+from .test_sse import a_reader_falls_behind_and_is_cut_off, next_event
 
 WAIT = {
     "name": "Permit",
@@ -300,3 +302,35 @@ async def test_a_setting_bound_at_start_refuses_the_whole_reload(
     assert f"{key} changed" in caplog.text and "restart" in caplog.text
     services = await (await client.get("/v1/services")).json()
     assert "ledger" not in [s["name"] for s in services["services"]]  # nothing half-applied
+
+
+async def test_a_reload_that_changes_tokens_ends_open_event_streams(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    both = tokens((ADMIN, ["*"]), (OPS, ["subscribe:case.*"]))
+    path = config_file(server=both)
+    client = await start_watched(path)
+    params = {"topics": "case.*"}
+    async with client.get("/v1/events", params=params, headers=bearer(OPS)) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        config_file(server=both, services=[{"name": "payments"}])  # tokens as they were
+        await reloaded(client, "success")
+        await client.post("/v1/events/case.noted", json={"n": 1}, headers=bearer(ADMIN))
+        assert (await next_event(stream))["data"]["data"] == {"n": 1}  # still open
+
+        config_file(server=tokens((ADMIN, ["*"])), services=[{"name": "payments"}])
+        await reloaded(client, "success", 2)
+        await client.post("/v1/events/case.noted", json={"n": 2}, headers=bearer(ADMIN))
+        async with asyncio.timeout(5):
+            rest = await stream.content.read()  # returns at the end of the stream
+    assert b"case.noted" not in rest  # a reconnect has no grant: published topics stay out
+
+
+async def test_sse_buffer_applies_at_reload_to_new_streams(
+    config_file: Callable[..., Path], start_watched: Callable[[Path], Awaitable[AppClient]]
+) -> None:
+    path = config_file(server={"sse_buffer": "8MiB", "overload_lag": "0s"})
+    client = await start_watched(path)
+    config_file(server={"sse_buffer": "64KiB", "overload_lag": "0s"})
+    await reloaded(client, "success")
+    await a_reader_falls_behind_and_is_cut_off(client)

@@ -230,16 +230,42 @@ async def test_a_publish_step_sends_its_data_as_of_the_publish(
     assert data["steps"] == {}  # not the outputs of `announce` itself or of `close`
 
 
-async def test_audit_events_are_not_for_every_reader(
+async def audit_seen(client: AppClient, headers: dict[str, str]) -> list[str]:
+    """The topics a stream opened with `headers` and `Last-Event-ID: 0` gets: the stored
+    audit event replayed, one published live, then health.changed (everyone's, the end)."""
+    bus = client.app[BUS]
+    seen: list[str] = []
+    headers = {**headers, "Last-Event-ID": "0"}
+    async with client.get("/v1/events", headers=headers) as stream:
+        assert await stream.content.readline() == b": connected\n"  # subscribed: live now
+        bus.publish("audit.recorded", {"action": "process.cancel"})
+        bus.publish("health.changed", {"service": "payments"})
+        while not seen or seen[-1] != "health.changed":
+            seen.append((await next_event(stream))["event"])
+    return seen
+
+
+async def test_audit_events_go_to_audit_readers_only_live_and_replayed(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
-    tokens = [{"token": ADMIN, "scopes": ["*"]}]
+    tokens = [
+        {"token": ADMIN, "scopes": ["*"]},  # `*` holds audit:read (DESIGN §3)
+        {"token": READER, "scopes": ["subscribe:*"]},  # every published topic, not audit
+        {"token": "audit-glob-12345", "scopes": ["subscribe:audit.*"]},
+    ]
     client = await start_daemon(make_config(server={"auth": {"tokens": tokens}}))
-    bus = client.app[BUS]
-    async with client.get("/v1/events") as anonymous:
-        bus.publish("audit.recorded", {"action": "process.start"})
-        bus.publish("health.changed", {"service": "payments"})
-        assert (await next_event(anonymous))["event"] == "health.changed"
+    await client.app[ENGINE].publish("audit.recorded", {"action": "process.start"})
+    everything = ["audit.recorded", "audit.recorded", "health.changed"]
+    assert await audit_seen(client, bearer(ADMIN)) == everything
+    assert await audit_seen(client, bearer(READER)) == ["health.changed"]
+    assert await audit_seen(client, bearer("audit-glob-12345")) == ["health.changed"]
+    assert await audit_seen(client, {}) == ["health.changed"]
+
+
+async def test_without_auth_everyone_reads_audit_events(daemon: AppClient) -> None:
+    # No tokens: the daemon is open, everyone may do everything, the audit trail included.
+    await daemon.app[ENGINE].publish("audit.recorded", {"action": "process.start"})
+    assert await audit_seen(daemon, {}) == ["audit.recorded", "audit.recorded", "health.changed"]
 
 
 @pytest.mark.parametrize(
@@ -271,10 +297,10 @@ async def test_a_reader_that_keeps_up_gets_an_event_bigger_than_the_buffer(
     assert len(event["data"]["data"]["page"]) == 200_000
 
 
-async def test_a_reader_cut_off_for_falling_behind_resumes_from_its_last_id(
-    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
-) -> None:
-    client = await start_daemon(make_config(server={"sse_buffer": "64KiB"}))
+async def a_reader_falls_behind_and_is_cut_off(client: AppClient) -> int:
+    """A stream of case.* whose reader stops reading after the first event (its id, returned)
+    while 300 events of 20 kB (6 MB) are published: the daemon resets its connection when
+    `server.sse_buffer` (64 KiB in these tests) is passed."""
     assert client.port is not None
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -294,7 +320,52 @@ async def test_a_reader_cut_off_for_falling_behind_resumes_from_its_last_id(
             while await reader.read(1 << 16):
                 pass
     writer.close()
+    return first
+
+
+async def test_a_reader_cut_off_for_falling_behind_resumes_from_its_last_id(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(server={"sse_buffer": "64KiB"}))
+    first = await a_reader_falls_behind_and_is_cut_off(client)
     headers = {"Last-Event-ID": str(first)}
     async with client.get("/v1/events", params={"topics": "case.*"}, headers=headers) as stream:
         resumed = [(await next_event(stream))["data"]["data"]["n"] for _ in range(300)]
     assert resumed == list(range(1, 301))
+
+
+async def test_a_step_that_starts_waiting_gets_live_what_a_restart_would_find(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Event 2 is stored while event 1 is still being written. A step that starts waiting
+    # then notes the bus position (0) and, after a restart, finds event 2 in the store
+    # (events after 0); so it must get event 2 live too, once event 1 is written.
+    wait = {"name": "Grant", "steps": [{"name": "paid", "wait_for": {"event": "grant.paid"}}]}
+    client = await start_daemon(make_config(workflows=[wait]))
+    store = client.app[ENGINE].store
+    writing, written = asyncio.Event(), asyncio.Event()
+    create = store.create
+
+    async def slow_for_case(processes: Any, event: Any) -> Any:
+        if event is not None and event.topic.startswith("case."):
+            writing.set()
+            await written.wait()  # a write that takes long (a busy disk) and ends later
+        return await create(processes, event)
+
+    monkeypatch.setattr(store, "create", slow_for_case)
+    first = asyncio.create_task(publish(client, "case.noted", 1))
+    await writing.wait()
+    assert await publish(client, "grant.paid", 2) == 2
+    started = await client.post("/v1/workflows/Grant", json={})
+    process = f"/v1/processes/{(await started.json())['id']}"
+
+    async def status_is(status: str) -> bool:
+        return bool((await (await client.get(process)).json())["status"] == status)
+
+    await until(lambda: status_is("waiting"))
+    written.set()
+    assert await first == 1
+    await until(lambda: status_is("completed"))
+    assert (await (await client.get(process)).json())["outputs"]["paid"] == {"n": 2}

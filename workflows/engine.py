@@ -79,6 +79,7 @@ class Engine:
         self._done: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> id -> match
         self._arrived: dict[str, StoredEvent] = {}
+        self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see _deliver)
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._marking: set[asyncio.Task[None]] = set()  # deadline marks being written
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -152,6 +153,7 @@ class Engine:
         finally:
             if seq is None:  # a duplicate key, or the write failed
                 self._bus.release(reserved)
+                self._deliver()  # the release may let later events through
         for process, new in created:
             if new:
                 self._started(process)
@@ -460,11 +462,19 @@ class Engine:
         if self._outcome is not None:
             self._outcome(process.workflow, process.deadline_at or self._clock(), False)
 
-    def _deliver(self, event: StoredEvent) -> None:
-        for process_id, match in list(self._waiting.get(event.topic, {}).items()):
-            if _matches(match, event.data) and process_id not in self._arrived:
-                self._arrived[process_id] = event
-                self._wake(process_id)
+    def _deliver(self, event: StoredEvent | None = None) -> None:
+        """Hand stored events to waiting processes in id order, up to the bus's position,
+        as the bus does: an event whose earlier reservation is still being written waits.
+        So a process that starts waiting at `bus.position` gets live exactly the events
+        after it, as `events_since(wait_seq)` finds them after a restart."""
+        if event is not None:
+            self._stored[event.seq] = event
+        while self._stored and (first := min(self._stored)) <= self._bus.position:
+            event = self._stored.pop(first)
+            for process_id, match in list(self._waiting.get(event.topic, {}).items()):
+                if _matches(match, event.data) and process_id not in self._arrived:
+                    self._arrived[process_id] = event
+                    self._wake(process_id)
 
     def _emit(self, topic: str, process: Process, **extra: Any) -> None:
         data = {

@@ -45,7 +45,9 @@ class WorkflowRoutes:
         sse_buffer: int = DEFAULT_SSE_BUFFER,
     ) -> None:
         self.engine, self.bus, self.auth = engine, bus, auth
-        self.sse_buffer = sse_buffer  # bytes a stream may be behind before it is cut off
+        # Bytes a stream may be behind before it is cut off; read by each new stream, so a
+        # reload sets it for the streams opened after.
+        self.sse_buffer = sse_buffer
         self._streams: set[asyncio.Task[Any]] = set()
         self._frames = Frames()
         self._trim = MemoryTrim()
@@ -89,6 +91,12 @@ class WorkflowRoutes:
     async def close_streams(self, app: web.Application) -> None:
         """on_shutdown: end open event streams, or shutdown would wait for them."""
         self._trim.cancel()
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """End every open event stream now. A stream is authorized when it opens, so when
+        tokens change (a reload) the open ones end: their clients reconnect with
+        `Last-Event-ID` and pass auth again, missing nothing they may still see."""
         for task in list(self._streams):
             task.cancel()
 
@@ -214,9 +222,17 @@ class WorkflowRoutes:
                 "X-Accel-Buffering": "no",
             }
         )
-        writer = await response.prepare(request)
+        task = asyncio.current_task()
+        if task is not None:  # before the first await: from here on a reload ends the stream
+            self._streams.add(task)
+        try:
+            writer = await response.prepare(request)
+        except asyncio.CancelledError:  # ended (a reload, shutdown) before it began
+            writer = None
         if writer is None or writer.transport is None:
-            return response  # the client left already
+            if task is not None:
+                self._streams.discard(task)
+            return response  # the client left already, or the stream was ended
         writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
         stream = EventStream(
             response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
@@ -224,9 +240,6 @@ class WorkflowRoutes:
         # Subscribe and note the position in one tick: replay ends where live begins.
         subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
         upto = self.bus.position
-        task = asyncio.current_task()
-        if task is not None:
-            self._streams.add(task)
         try:
             await stream.send(b": connected\n\n")
             if after is not None:
