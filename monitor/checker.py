@@ -7,10 +7,15 @@ instance between `interval` and `down_interval`.
 
 Probing shares the API's event loop, so it is capped (`server.probe_budget`): an
 instance's own `interval` is always kept, and the faster probes `down_interval`
-asks for come out of a global budget of probes per second. When many instances
-are down at once they share it, each backing off towards its `interval`, so a
-mass outage costs the loop no more than the budget (ARCHITECTURE.md, Health
-checking).
+asks for come out of a global budget of probes per second, and so do the first
+probes of new instances (they are `unknown`, which probes at `down_interval`
+too). When many instances are down or new at once they share it, each backing
+off towards its `interval`, so a mass outage or a burst of registrations costs
+the loop no more than the budget (ARCHITECTURE.md, Health checking).
+
+Per-instance state is kept small (10,000 instances held < 100 MB with all the
+rest): slotted objects, a compact histogram, no asyncio objects kept between
+probes, and the last result without its body.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import asyncio
 import logging
 import random
 import time
+from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec
 from scheduler import Scheduler, Timetable
@@ -43,7 +49,8 @@ class ProbeStats:
     boundaries: tuple[float, ...]
     successes: int = 0
     failures: int = 0
-    buckets: list[int] = field(default_factory=list)  # per boundary, not cumulative
+    # Per boundary, not cumulative; 8 bytes a count where a list takes 36 past 256.
+    buckets: array[int] | tuple[()] = ()
     duration_sum: float = 0.0
     last_ok: bool | None = None
     certificate_expires_at: float | None = None
@@ -66,7 +73,7 @@ class ProbeStats:
         self.successes += 1
         self.duration_sum += result.response_time
         if not self.buckets:
-            self.buckets = [0] * len(self.boundaries)
+            self.buckets = array("Q", bytes(8 * len(self.boundaries)))
         self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
 
 
@@ -100,8 +107,8 @@ class _Target:
     probe: Probe
     stats: ProbeStats
     gap: float  # the timetable's interval for it now: `interval`, or a down one
-    running: asyncio.Task[None] | None = None
-    last_start: float | None = None  # loop time
+    last_start: float | None = None  # loop time; a new instance's: its registration
+    busy: bool = False  # a probe of it is running (its task is in HealthChecker._tasks)
 
 
 class HealthChecker:
@@ -156,7 +163,7 @@ class HealthChecker:
 
     def start(self) -> None:
         # Restored instances spread their first probe over one interval (no herd at start);
-        # instances that register later are probed within a second.
+        # instances that register later are probed within a second, budget permitting.
         for status in self.catalog.instances():
             self._track(status.instance, spread=True)
         self.catalog.add_listener(self._on_change)
@@ -194,6 +201,14 @@ class HealthChecker:
         if probe.type == "none":
             self.timetable.remove(key)
             self._down.discard(key)
+        elif current is None and not spread:
+            # New, so `unknown`: probed like a down instance, its first probe within a
+            # second an extra on the budget; refused, it backs off towards `interval`,
+            # counted from now. A burst of registrations so costs at most the budget.
+            self._down.add(key)
+            target.gap, target.last_start = self._down_gap(probe), self._clock()
+            first = min(target.gap, NEW_INSTANCE_SPREAD)
+            self.timetable.add(key, target.gap, first_in=random.uniform(0, first))
         elif current is None or current.probe != probe:
             first = probe.interval if spread else min(probe.interval, NEW_INSTANCE_SPREAD)
             self.timetable.add(key, probe.interval, first_in=random.uniform(0, first))
@@ -202,7 +217,7 @@ class HealthChecker:
 
     def _start_probe(self, key: Key) -> None:
         target = self.targets.get(key)
-        if target is None or (target.running is not None and not target.running.done()):
+        if target is None or target.busy:
             return  # the previous probe of this instance is still within its timeout
         now, last = self._clock(), target.last_start
         # Skipping this slot would leave the instance unprobed for longer than its
@@ -212,13 +227,16 @@ class HealthChecker:
             self._back_off(key, target)
             return
         target.last_start = now
+        target.busy = True
         task = asyncio.create_task(self._probe(key, target), name=f"probe:{key[0]}/{key[1]}")
-        target.running = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _probe(self, key: Key, target: _Target) -> None:
-        result = await self.prober.run(target.url, target.probe)
+        try:
+            result = await self.prober.run(target.url, target.probe)
+        finally:
+            target.busy = False
         if self.targets.get(key) is not target:
             return  # deregistered or re-registered meanwhile
         verdict = self.book.record(key, result)

@@ -14,13 +14,17 @@ probe state:
 
 Every change of the shown state or of suppression is published as
 `health.changed`.
+
+One slotted `Tracker` per instance holds all of it (no second per-instance
+object), keeping the last result without its body and sharing the verdict of
+every plain pass.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from registry import HealthState, Instance
@@ -49,6 +53,9 @@ class Verdict:
     warning: str | None = None
 
 
+PASSED = Verdict(True, ())  # most probes: one object, not one per instance
+
+
 def judge(probe: Probe, result: ProbeResult) -> Verdict:
     """Evaluate every condition; a probe that could not connect fails on its error."""
     failing: list[Failure] = []
@@ -60,30 +67,42 @@ def judge(probe: Probe, result: ProbeResult) -> Verdict:
             failing.append(Failure(condition.text, observed))
     if failing:
         return Verdict(False, tuple(failing))
-    warning = None
+    warning: str | None = None
     if probe.warning_latency is not None and result.response_time > probe.warning_latency:
         warning = f"response time {result.response_time * 1000:.0f}ms over warning_latency"
     expires_in = result.certificate_expires_in
     certificate_limit = probe.warning_certificate
     if certificate_limit is not None and expires_in is not None and expires_in < certificate_limit:
         warning = f"certificate expires in {expires_in / 86400:.1f} days"
-    return Verdict(True, (), warning)
+    return Verdict(True, (), warning) if warning else PASSED
 
 
 @dataclass(slots=True)
 class Tracker:
-    """One instance's probe state machine."""
+    """One instance's probe state machine, and the state shown (HealthBook's)."""
 
     probe: Probe
     state: HealthState = HealthState.UNKNOWN
     successes: int = 0
     failures: int = 0
-    result: ProbeResult | None = None
+    result: ProbeResult | None = None  # the last one, without its body
     verdict: Verdict | None = None
     reason: str = "no probe result yet"
+    shown: HealthState = HealthState.UNKNOWN  # with maintenance and lapses on top
+    suppressed: bool = False
+    since: float = 0.0  # when `shown` last changed
 
     def record(self, result: ProbeResult, verdict: Verdict) -> None:
-        self.result, self.verdict = result, verdict
+        # The body was for the conditions: 10,000 nginx pages kept would be 6 MB.
+        self.result = ProbeResult(
+            at=result.at,
+            response_time=result.response_time,
+            connected=result.connected,
+            status=result.status,
+            certificate_expires_at=result.certificate_expires_at,
+            error=result.error,
+        )
+        self.verdict = verdict
         if verdict.ok:
             self.successes, self.failures = self.successes + 1, 0
             up = HealthState.WARNING if verdict.warning else HealthState.PASSING
@@ -104,13 +123,6 @@ class Tracker:
         return self.state not in UP or self.failures > 0
 
 
-@dataclass(slots=True)
-class _Shown:
-    state: HealthState = HealthState.UNKNOWN
-    suppressed: bool = False
-    since: float = field(default_factory=time.time)
-
-
 class HealthBook:
     """Every probed instance's health; the registry's health source."""
 
@@ -125,7 +137,6 @@ class HealthBook:
         self._bus, self._calendar, self._clock = bus, calendar, clock
         self._dependencies = {name: tuple(deps) for name, deps in dependencies.items()}
         self._trackers: dict[Key, Tracker] = {}
-        self._shown: dict[Key, _Shown] = {}
         self._lapsed: set[Key] = set()
         self._by_service: dict[str, set[Key]] = {}
         self._listeners: list[Callable[[str], None]] = []
@@ -144,8 +155,7 @@ class HealthBook:
     def track(self, key: Key, probe: Probe) -> Tracker:
         tracker = self._trackers.get(key)
         if tracker is None:
-            tracker = self._trackers[key] = Tracker(probe)
-            self._shown[key] = _Shown(since=self._clock())
+            tracker = self._trackers[key] = Tracker(probe, since=self._clock())
             self._by_service.setdefault(key[0], set()).add(key)
         else:
             tracker.probe = probe
@@ -153,7 +163,6 @@ class HealthBook:
 
     def forget(self, key: Key) -> None:
         self._trackers.pop(key, None)
-        self._shown.pop(key, None)
         self._lapsed.discard(key)
         keys = self._by_service.get(key[0])
         if keys is not None:
@@ -199,27 +208,27 @@ class HealthBook:
         return self.state_of(instance.key)
 
     def state_of(self, key: Key) -> HealthState:
-        shown = self._shown.get(key)
-        return shown.state if shown is not None else HealthState.UNKNOWN
+        tracker = self._trackers.get(key)
+        return tracker.shown if tracker is not None else HealthState.UNKNOWN
 
     def suppressed(self, key: Key) -> bool:
-        shown = self._shown.get(key)
-        return shown.suppressed if shown is not None else False
+        tracker = self._trackers.get(key)
+        return tracker.suppressed if tracker is not None else False
 
     def in_maintenance(self, service: str) -> bool:
         return self._calendar.active(service, self._clock())
 
     def status(self, key: Key) -> dict[str, Any] | None:
-        tracker, shown = self._trackers.get(key), self._shown.get(key)
-        if tracker is None or shown is None:
+        tracker = self._trackers.get(key)
+        if tracker is None:
             return None
         result, verdict = tracker.result, tracker.verdict
         return {
             "service": key[0],
             "instance": key[1],
-            "state": shown.state.value,
-            "since": shown.since,
-            "suppressed": shown.suppressed,
+            "state": tracker.shown.value,
+            "since": tracker.since,
+            "suppressed": tracker.suppressed,
             "reason": self._reason(key, tracker),
             "last_probe": _result_json(result, verdict) if result is not None else None,
             "failing": [f.to_json() for f in verdict.failing] if verdict else [],
@@ -248,18 +257,17 @@ class HealthBook:
 
     def _service_down(self, service: str) -> bool:
         keys = self._by_service.get(service, set())
-        return bool(keys) and all(self._shown[k].state is HealthState.CRITICAL for k in keys)
+        return bool(keys) and all(self._trackers[k].shown is HealthState.CRITICAL for k in keys)
 
     def _refresh(self, key: Key, tracker: Tracker) -> None:
-        shown = self._shown[key]
         state = self._shown_state(key, tracker)
         suppressed = self._is_suppressed(key[0])
-        if state is shown.state and suppressed == shown.suppressed:
+        if state is tracker.shown and suppressed == tracker.suppressed:
             return
-        before = shown.state
-        shown.state, shown.suppressed = state, suppressed
+        before = tracker.shown
+        tracker.shown, tracker.suppressed = state, suppressed
         if state is not before:
-            shown.since = self._clock()
+            tracker.since = self._clock()
         verdict = tracker.verdict
         self._bus.publish(
             "health.changed",

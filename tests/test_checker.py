@@ -72,6 +72,15 @@ async def test_a_registered_instance_is_probed_without_restart(
     assert sd[0]["labels"]["__meta_hms_health"] == "passing"
 
 
+async def test_a_new_instance_with_a_long_interval_is_probed_at_once(
+    monitored: AppClient, target: TestServer
+) -> None:
+    # Its first probe comes out of the probe budget (a registration burst shares it): one
+    # new instance finds it with room, so it leaves `unknown` now, not an hour from now.
+    await register(monitored, target, interval="1h")
+    await state_is(monitored, "passing")
+
+
 async def test_failing_target_turns_critical_with_what_failed(
     monitored: AppClient, target: TestServer
 ) -> None:

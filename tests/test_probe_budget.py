@@ -193,3 +193,30 @@ async def test_probes_in_flight_are_capped(
     server.close()
     await server.wait_closed()
     assert most == 3  # reached, never passed (all ten at once without the cap, checked)
+
+
+async def test_a_burst_of_registrations_starts_first_probes_within_the_budget(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    target: TestServer,
+) -> None:
+    client = await budgeted(make_config, start_daemon, per_second=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    body = {"url": str(target.make_url("/ok"))}
+    for n in range(40):  # new, so unknown: each wants its first probe within a second
+        resp = await client.put(f"/v1/services/burst/instances/b{n}", json=body)
+        assert resp.status == 201, await resp.text()
+    await asyncio.sleep(1.0)  # the window probes are counted over; nothing waited for
+    counted, seconds = await probes(client, "burst"), loop.time() - started
+    # The budget's rate, plus the second's worth it holds (all 40 at once without it, checked).
+    assert sum(counted.values()) <= 10 * seconds + 10
+
+    async def all_passing() -> bool:
+        listed: dict[str, Any] = await (await client.get("/v1/health?service=burst")).json()
+        states = [i["state"] for i in listed["instances"]]
+        return len(states) == 40 and set(states) == {"passing"}
+
+    # Every one still probed soon, though their interval is 1h: refused, they retry on
+    # the budget (backing off) rather than wait for their interval.
+    await until(all_passing, timeout=60.0)
