@@ -89,13 +89,17 @@ class ProbeBucket:
     def __init__(self, per_second: float, clock: Callable[[], float]) -> None:
         self.per_second, self._clock = per_second, clock
         self._tokens, self._at = per_second, clock()
+        # Held back from down instances for first probes: a new instance is probed before
+        # one already known to be down is probed again (down instances back off first).
+        self._reserve = max(1.0, per_second / 10)
 
-    def take(self) -> bool:
-        """True if the budget has room for one more extra probe now."""
+    def take(self, *, first: bool = False) -> bool:
+        """True if the budget has room for one more extra probe now; a `first` probe (of an
+        instance not yet probed) may use the reserve the others leave."""
         now = self._clock()
         elapsed, self._at = now - self._at, now
         self._tokens = min(self.per_second, self._tokens + elapsed * self.per_second)
-        if self._tokens < 1:
+        if self._tokens < (1 if first else 1 + self._reserve):
             return False
         self._tokens -= 1
         return True
@@ -109,6 +113,7 @@ class _Target:
     gap: float  # the timetable's interval for it now: `interval`, or a down one
     last_start: float | None = None  # loop time; a new instance's: its registration
     busy: bool = False  # a probe of it is running (its task is in HealthChecker._tasks)
+    first: bool = False  # registered and not yet probed: its probe goes before re-probes
 
 
 class HealthChecker:
@@ -207,6 +212,7 @@ class HealthChecker:
             # counted from now. A burst of registrations so costs at most the budget.
             self._down.add(key)
             target.gap, target.last_start = self._down_gap(probe), self._clock()
+            target.first = True
             first = min(target.gap, NEW_INSTANCE_SPREAD)
             self.timetable.add(key, target.gap, first_in=random.uniform(0, first))
         elif current is None or current.probe != probe:
@@ -223,11 +229,11 @@ class HealthChecker:
         # Skipping this slot would leave the instance unprobed for longer than its
         # interval: it runs whatever the budget. Earlier ones are extras, on the budget.
         owed = last is None or now + target.gap - last > target.probe.interval
-        if not owed and not self.budget.take():
+        if not owed and not self.budget.take(first=target.first):
             self._back_off(key, target)
             return
         target.last_start = now
-        target.busy = True
+        target.busy, target.first = True, False
         task = asyncio.create_task(self._probe(key, target), name=f"probe:{key[0]}/{key[1]}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -279,9 +285,14 @@ class HealthChecker:
         return min(probe.interval, max(probe.down_interval, share))
 
     def _back_off(self, key: Key, target: _Target) -> None:
-        """The budget refused an extra probe: ask for fewer (its share is stale)."""
+        """The budget refused an extra probe: ask for fewer (its share is stale). A first
+        probe keeps its share instead: doubling towards `interval` could leave a new
+        instance `unknown` for an hour during an outage."""
         probe = target.probe
-        self._pace(key, target, min(probe.interval, max(probe.down_interval, target.gap * 2)))
+        if target.first:
+            self._pace(key, target, self._down_gap(probe))
+        else:
+            self._pace(key, target, min(probe.interval, max(probe.down_interval, target.gap * 2)))
 
     def _pace(self, key: Key, target: _Target, gap: float) -> None:
         """Probe `key` every `gap` seconds from now on, counted from its last start."""

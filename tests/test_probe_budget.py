@@ -134,11 +134,21 @@ async def state_is(client: AppClient, instance: str, state: str, timeout: float 
     await until(reached, timeout)
 
 
+def test_first_probes_go_before_re_probes_of_down_instances(clock: FakeClock) -> None:
+    budget = ProbeBucket(10, clock.monotonic)
+    assert [budget.take() for _ in range(10)] == [True] * 9 + [False]  # one kept back
+    assert budget.take(first=True)  # a new instance's first probe takes it
+    assert not budget.take(first=True)
+    clock.advance(0.1)  # one probe's worth: a first probe's again, not a re-probe's
+    assert not budget.take()
+    assert budget.take(first=True)
+
+
 def test_the_budget_refuses_extras_beyond_its_rate(clock: FakeClock) -> None:
     budget = ProbeBucket(5, clock.monotonic)
-    assert [budget.take() for _ in range(6)] == [True] * 5 + [False]
+    assert [budget.take(first=True) for _ in range(6)] == [True] * 5 + [False]
     clock.advance(0.2)  # one more probe's worth at 5 a second
-    assert [budget.take() for _ in range(2)] == [True, False]
+    assert [budget.take(first=True) for _ in range(2)] == [True, False]
 
 
 @pytest.mark.parametrize("setting", [{"per_second": 0}, {"in_flight": 0}, {"rate": 10}])
