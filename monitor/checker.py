@@ -128,7 +128,7 @@ class HealthChecker:
         defaults: ProbeSpec,
         service_probes: dict[str, ProbeSpec],
         slos: SloBook | None = None,
-        budget: float = 1000.0,
+        budget: float = 250.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         """`budget`: probes per second (ProbeBucket); `clock`: monotonic seconds."""

@@ -121,7 +121,7 @@ class ProbeBudget(_Model):
     """A global cap on probing, so that a mass outage cannot starve the API (ARCHITECTURE.md)."""
 
     per_second: int = Field(
-        default=1000,
+        default=250,
         ge=1,
         description="Probes started per second beyond each instance's own `interval`, all "
         "instances together: what `down_interval` may add. Down instances share it, backing off.",
