@@ -30,7 +30,7 @@ from registry.errors import MAX_BODY_BYTES, READ_TIMEOUT, error_middleware, erro
 from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
 from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
-from workflows import from_config
+from workflows import Definition, from_config
 from workflows import openapi as workflow_openapi
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
@@ -268,7 +268,7 @@ def _workflow_engine(
         outcome=slos.record,
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: app[BUS].published))
-    app[BUS].label = _topic_label(config)
+    app[BUS].label = _topic_label(definitions, config)
     app[ENGINE], app[WORKFLOW_SLOS] = engine, slos
     return engine
 
@@ -337,12 +337,11 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
         {d.name: d.objective for d in definitions}, app[ENGINE].store.outcomes, clock
     )
     await app[NOTIFIER].configure(new.notifications)
-    app[BUS].label = _topic_label(new)
+    app[BUS].label = _topic_label(definitions, new)
     app[SLO_METRICS].invalidate()
 
 
-def _topic_label(config: Config) -> Callable[[str], str]:
-    definitions = [from_config(workflow) for workflow in config.workflows]
+def _topic_label(definitions: list[Definition], config: Config) -> Callable[[str], str]:
     return topic_label(definitions, (e for n in config.notifications for e in n.events))
 
 
