@@ -41,7 +41,7 @@ from workflows.store import ProcessStore
 from . import api as health_api
 from . import page as status_page
 from .api import HealthRoutes, SloRoutes
-from .checker import HealthChecker, latency_buckets
+from .checker import HealthChecker
 from .config import Config
 from .database import Database
 from .exposition import gzip_join
@@ -52,7 +52,7 @@ from .notify import Notifier
 from .overload import NEVER_SHED, LoadShedder
 from .page import StatusPage
 from .probes import Prober
-from .reload import LiveConfig, Reloader
+from .reload import LiveConfig, Reloader, probe_latency_buckets
 from .results import ResultStore
 from .slo import SloBook, SloMetrics, WorkflowSlos
 
@@ -130,13 +130,7 @@ def build_app(
         lambda shedding: catalog.pause_expiry() if shedding else catalog.resume_expiry()
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
-    thresholds = [
-        slo.latency_threshold.total_seconds()
-        for service in config.services
-        for slo in service.slos
-        if slo.latency_threshold is not None
-    ]
-    results = ResultStore(database, latency_buckets(config.defaults.latency_buckets, thresholds))
+    results = ResultStore(database, probe_latency_buckets(config))
     slos = SloBook(config.services, bus=bus)
     checker = HealthChecker(
         catalog=catalog,

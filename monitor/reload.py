@@ -168,7 +168,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ):
         changed.append("server.overload_lag (turning load shedding on or off)")
     # Histogram boundaries are fixed once series exist; a boundary no longer needed is harmless.
-    if not set(_buckets(new)) <= set(_buckets(old)):
+    if not set(probe_latency_buckets(new)) <= set(probe_latency_buckets(old)):
         changed.append("defaults.latency_buckets or an SLO latency_threshold (histogram buckets)")
     return changed
 
@@ -184,7 +184,8 @@ def _marked_changes(old: BaseModel, new: BaseModel, path: str = "") -> Iterator[
             yield from _marked_changes(before, after, key + ".")
 
 
-def _buckets(config: Config) -> tuple[float, ...]:
+def probe_latency_buckets(config: Config) -> tuple[float, ...]:
+    """The boundaries of hms_probe_duration_seconds that `config` asks for."""
     thresholds = [
         slo.latency_threshold.total_seconds()
         for service in config.services
