@@ -72,7 +72,6 @@ GRANT = web.RequestKey("hms_grant", Grant)
 class Authorizer:
     def __init__(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
         self._grants: tuple[Grant, ...] = ()
-        self.protect_reads = protect_reads
         self.replace(tokens, protect_reads=protect_reads)
 
     def replace(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:

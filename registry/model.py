@@ -167,14 +167,17 @@ def header_problem(name: str, value: str) -> str | None:
     return None
 
 
+def headers_problem(headers: Iterable[tuple[str, str]]) -> str | None:
+    """Why one of `headers` cannot be sent as a header line, or None."""
+    return next(filter(None, (header_problem(name, value) for name, value in headers)), None)
+
+
 def request_problem(path: str, headers: Iterable[tuple[str, str]]) -> str | None:
     """Why `path` and `headers` cannot be sent as one request, or None: the check every
     sender (probes, workflow calls) makes before a byte leaves."""
     if not path.startswith("/"):
         return f"path must start with /, got {path[:80]!r}"
-    return request_path_problem(path) or next(
-        filter(None, (header_problem(name, value) for name, value in headers)), None
-    )
+    return request_path_problem(path) or headers_problem(headers)
 
 
 # Validation context of rows read back from the store: a registration an older version
@@ -194,12 +197,9 @@ def check_request_path(path: str, info: ValidationInfo) -> str:
 
 
 def check_headers(headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
-    if _stored(info):
-        return headers
-    for name, value in headers.items():
-        problem = header_problem(name, value)
-        if problem is not None:
-            raise ValueError(problem)
+    problem = None if _stored(info) else headers_problem(headers.items())
+    if problem is not None:
+        raise ValueError(problem)
     return headers
 
 
