@@ -33,6 +33,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.http import Retries, send
+from bench.processes import cpu_seconds
 from bench.registry import daemon_argv, free_port, register_many, server, write_daemon_config
 from tests.flood import percentile
 
@@ -56,11 +57,6 @@ SMOKE = Sizes(
     services=5, instances=300, big=100, browsers=5, seconds=1.0, beating=100, beat_rate=200.0,
     beat_connections=4, runs=3,
 )  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def timed_get(

@@ -38,10 +38,10 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.registry import BARE_SERVER, free_port, rss_mb, server
+from bench.processes import cpu_seconds, tree_rss_mb
+from bench.registry import BARE_SERVER, free_port, server
 
 ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
 NGINX_PORTS = 8  # spreads the 4-tuples of fresh connections over several ports
 SETTLE = 25.0
 
@@ -58,11 +58,6 @@ HANG_SERVER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def raise_file_limit() -> None:
@@ -549,12 +544,12 @@ def main() -> None:
                 )
                 time.sleep(SETTLE)  # past every instance's prompt first probe: steady state
                 fleet = measure_daemon(daemon.pid, url, args.window)
-                fleet_rss = rss_mb(daemon.pid)
+                fleet_rss = tree_rss_mb(daemon.pid)
                 hung = [f"http://127.0.0.1:{hang_port}/h/{n}" for n in range(args.hung)]
                 asyncio.run(register(url, hung, "hung", {"interval": "10s"}))
                 time.sleep(SETTLE)  # past every instance's prompt first probe: steady state
                 with_hung = measure_daemon(daemon.pid, url, args.window)
-                hung_rss = rss_mb(daemon.pid)
+                hung_rss = tree_rss_mb(daemon.pid)
 
     def per_probe(cpu: float, probes: float, rate: float) -> str:
         return f"{cpu / probes * 1000:6.3f} ms CPU/probe  ({rate:7.0f} probes/s)"

@@ -47,6 +47,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.http import Retries, put_all
+from bench.processes import descendants, tree_rss_mb
 
 ROOT = Path(__file__).resolve().parent.parent
 # Before/after figures: HMS_BENCH_DAEMON_ROOT=<another checkout> runs its daemon instead.
@@ -219,33 +220,6 @@ def write_daemon_config(directory: Path, port: int, *, probe: str = "{type: none
 
 # Probed as a fleet is, every instance with its probe state (bench.registry's figures).
 PROBED = "{type: http, interval: 10s, timeout: 2s}"
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"VmRSS:\s+(\d+) kB", status)
-    return int(match.group(1)) / 1024 if match else float("nan")
-
-
-def descendants(pid: int) -> list[int]:
-    """`pid` and every process below it (probe workers, should probing move out)."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                queue.extend(int(child) for child in task.read_text().split())
-    return found
-
-
-def tree_rss_mb(pid: int) -> float:
-    """RSS of the daemon and every process it runs."""
-    total = 0.0
-    for process in descendants(pid):
-        with contextlib.suppress(OSError):
-            total += rss_mb(process)
-    return total
 
 
 def run_wrk(url: str, script: str, duration: int, connections: int, workdir: Path) -> Load:

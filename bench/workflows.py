@@ -30,7 +30,8 @@ import aiohttp
 import yaml
 
 from bench.http import Retries, send
-from bench.probes import cpu_seconds, nginx_config, process
+from bench.probes import nginx_config, process
+from bench.processes import cpu_seconds
 from bench.registry import BARE_SERVER, free_port, server
 
 SERVE = [sys.executable, "-m", "monitor", "serve", "--log-level", "warning", "--config"]

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules of bench/ that are not benches: shared code, and a peer run by bench.workflows.
-HELPERS = {"__init__", "http", "dbos_peer"}
+HELPERS = {"__init__", "http", "dbos_peer", "processes"}
 BENCHES = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if p.stem not in HELPERS)
 # A figure: a number with its unit, as every bench prints them.
 FIGURE = re.compile(r"\d[\d,.]*\s*(ms|us|s|MB|KiB|req/s|/s|%|x)\b")
