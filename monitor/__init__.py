@@ -1,6 +1,24 @@
-"""How services are doing, and the composition root that wires every package together."""
+"""How services are doing, and the composition root that wires every package together.
 
-from .app import build_app
-from .config import Config, ConfigError, load_config, parse_config
+The exports load on first use, so that `python -m monitor.probe_worker` starts a
+probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .app import build_app
+    from .config import Config, ConfigError, load_config, parse_config
 
 __all__ = ["Config", "ConfigError", "build_app", "load_config", "parse_config"]
+
+_HOMES = {"build_app": ".app"} | dict.fromkeys(__all__[:2] + __all__[3:], ".config")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)

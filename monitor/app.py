@@ -135,7 +135,10 @@ def build_app(
     checker = HealthChecker(
         catalog=catalog,
         book=book,
-        prober=Prober(concurrency=config.server.probe_budget.in_flight),
+        prober=Prober(
+            concurrency=config.server.probe_budget.in_flight,
+            workers=config.server.probe_budget.workers,
+        ),
         store=results,
         scheduler=scheduler,
         defaults=config.defaults.probe,

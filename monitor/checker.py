@@ -5,7 +5,8 @@ until it leaves, no restart), runs each probe as an owned task, hands the
 result to the health book, the result store and the metrics, and moves the
 instance between `interval` and `down_interval`.
 
-Probing shares the API's event loop, so it is capped (`server.probe_budget`): an
+Probe results are handled on the API's event loop (the network part runs in probe
+workers, probe_worker.py), so probing is capped (`server.probe_budget`): an
 instance's own `interval` is always kept, and the faster probes `down_interval`
 asks for come out of a global budget of probes per second, and so do the first
 probes of new instances (they are `unknown`, which probes at `down_interval`

@@ -127,6 +127,15 @@ class ProbeBudget(_Model):
         "instances together: what `down_interval` may add. Down instances share it, backing off.",
     )
     in_flight: int = Field(default=1000, ge=1, description="Probes running at once.")
+    workers: int = Field(
+        json_schema_extra=RESTART,
+        default=1,
+        ge=0,
+        le=64,
+        description="Processes doing the network part of probes (connect, send, read) beside "
+        "the API's event loop; conditions, health and SLOs stay in the daemon. 0: every probe "
+        "runs in the event loop. Probes with `keepalive` or `follow_redirects` always do.",
+    )
 
 
 class Server(_Model):

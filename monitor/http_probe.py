@@ -5,6 +5,9 @@ client spent more CPU per probe on its request machinery than on the
 connection itself (profiled: 57% of the daemon's time at 1,000 probes/s); a
 probe needs none of it: the request bytes are built once per target, and the
 response is read to the status, headers and a capped body.
+
+Standard library only: the probe workers (probe_worker.py) run it without
+importing the daemon.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ import asyncio
 import ssl
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urlsplit
-
-from registry.model import encode_request_target, request_problem
 
 MAX_HEAD = 64 * 1024
 
@@ -24,64 +24,15 @@ class ProbeProtocolError(Exception):
     """The server's answer is not HTTP/1.x we can read."""
 
 
-class ProbeRequestError(ValueError):
-    """The probe's request cannot be built from its settings (a path or header that
-    would not be one request): the probe fails with this reason, nothing is sent."""
-
-
-def check_request(target: str, headers: tuple[tuple[str, str], ...]) -> None:
-    """Raises ProbeRequestError when `target` or a header would not be one request."""
-    problem = request_problem(target or "/", headers)  # an empty path is sent as /
-    if problem is not None:
-        raise ProbeRequestError(problem)
-
-
 @dataclass(frozen=True, slots=True)
 class HttpTarget:
+    """Where to connect and the request's bytes, built and checked by the daemon
+    (probes.build_target)."""
+
     host: str
     port: int
     tls: bool
     request: bytes
-
-    @classmethod
-    def build(
-        cls,
-        url: str,
-        method: str,
-        path: str | None,
-        headers: tuple[tuple[str, str], ...],
-        agent: str,
-    ) -> HttpTarget:
-        """Raises ProbeRequestError for a path or header that cannot be sent as it is.
-
-        Registrations and config are validated already; this holds for anything stored
-        before that validation existed, and for URLs (urlsplit keeps CR/LF)."""
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        tls = parts.scheme == "https"
-        port = parts.port or (443 if tls else 80)
-        target = path if path is not None else (parts.path or "/")
-        if path is None and parts.query:
-            target += "?" + parts.query
-        check_request(target, headers)
-        host_header = f"[{host}]" if ":" in host else host
-        if parts.port:
-            host_header += f":{parts.port}"
-        # A configured Host (virtual hosting) replaces ours: two Host lines are invalid.
-        host_header = next((v for n, v in headers if n.lower() == "host"), host_header)
-        lines = [
-            f"{method} {encode_request_target(target)} HTTP/1.1",
-            f"Host: {host_header}",
-            f"User-Agent: {agent}",
-            "Accept: */*",
-            "Connection: close",
-            *(f"{name}: {value}" for name, value in headers if name.lower() != "host"),
-        ]
-        try:
-            request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        except UnicodeEncodeError:  # a host name outside Latin-1 (an IDN written as Unicode)
-            raise ProbeRequestError("the request has characters outside Latin-1") from None
-        return cls(host, port, tls, request)
 
 
 @dataclass(slots=True)
@@ -189,6 +140,32 @@ async def exchange(target: HttpTarget, *, cap: int, context: ssl.SSLContext | No
         return HttpAnswer(protocol.status, protocol.body(), expires)
     finally:
         transport.close()
+
+
+async def connect_only(host: str, port: int, *, context: ssl.SSLContext | None) -> float | None:
+    """Connect (and handshake with `context`), then close: a tcp or tls probe. Returns the
+    certificate's expiry under TLS. Raises OSError/ssl errors; the caller times out."""
+    _, writer = await asyncio.open_connection(
+        host, port, ssl=context, server_hostname=host if context else None
+    )
+    try:
+        return certificate_expiry(writer.transport) if context else None
+    finally:
+        writer.close()
+
+
+def describe_os_error(exc: BaseException) -> str | None:
+    """A short reason for a certificate or socket error; None for anything else."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate: {exc.verify_message}"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return f"connect: {exc.strerror}"
+    return None
+
+
+def short_text(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None:

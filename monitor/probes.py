@@ -26,17 +26,19 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
 from registry import ProbeSpec
-from registry.model import encode_request_target
+from registry.model import encode_request_target, request_problem
 
 from .conditions import MISSING, Condition, parse_conditions
 from .http_probe import (
     HttpTarget,
     ProbeProtocolError,
-    ProbeRequestError,
     certificate_expiry,
-    check_request,
+    connect_only,
+    describe_os_error,
     exchange,
+    short_text,
 )
+from .probe_worker import Job, ProbeWorkers, WorkerGone
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +129,61 @@ class ProbeResult:
         return self._json
 
 
+class ProbeRequestError(ValueError):
+    """The probe's request cannot be built from its settings (a path or header that
+    would not be one request): the probe fails with this reason, nothing is sent."""
+
+
+def check_request(target: str, headers: tuple[tuple[str, str], ...]) -> None:
+    """Raises ProbeRequestError when `target` or a header would not be one request."""
+    problem = request_problem(target or "/", headers)  # an empty path is sent as /
+    if problem is not None:
+        raise ProbeRequestError(problem)
+
+
+def build_target(
+    url: str, method: str, path: str | None, headers: tuple[tuple[str, str], ...], agent: str
+) -> HttpTarget:
+    """Raises ProbeRequestError for a path or header that cannot be sent as it is.
+
+    Registrations and config are validated already; this holds for anything stored
+    before that validation existed, and for URLs (urlsplit keeps CR/LF)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    target = path if path is not None else (parts.path or "/")
+    if path is None and parts.query:
+        target += "?" + parts.query
+    check_request(target, headers)
+    host_header = f"[{host}]" if ":" in host else host
+    if parts.port:
+        host_header += f":{parts.port}"
+    # A configured Host (virtual hosting) replaces ours: two Host lines are invalid.
+    host_header = next((v for n, v in headers if n.lower() == "host"), host_header)
+    lines = [
+        f"{method} {encode_request_target(target)} HTTP/1.1",
+        f"Host: {host_header}",
+        f"User-Agent: {agent}",
+        "Accept: */*",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in headers if name.lower() != "host"),
+    ]
+    try:
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    except UnicodeEncodeError:  # a host name outside Latin-1 (an IDN written as Unicode)
+        raise ProbeRequestError("the request has characters outside Latin-1") from None
+    return HttpTarget(host, port, tls, request)
+
+
 class Prober:
     """Runs probes; bounded global concurrency; owns the HTTP client sessions."""
 
-    def __init__(self, *, concurrency: int = 1000) -> None:
+    def __init__(self, *, concurrency: int = 1000, workers: int = 0) -> None:
+        """`workers`: probe worker processes doing the network part of fresh-connection
+        http, tcp and tls probes (probe_worker.py); 0 runs every probe in the loop."""
         self._slots = asyncio.Semaphore(concurrency)
+        self._workers = ProbeWorkers(workers) if workers else None
         self._fresh: aiohttp.ClientSession | None = None
         self._pooled: aiohttp.ClientSession | None = None
         self._insecure = ssl.create_default_context()
@@ -142,6 +194,8 @@ class Prober:
         self._logged: set[tuple[str, str]] = set()  # (url, fault) already in the log
 
     async def start(self) -> None:
+        if self._workers is not None:
+            await self._workers.start()
         headers = {"User-Agent": USER_AGENT}
         fresh = _CertificateRecorder(force_close=True, use_dns_cache=False, limit=0)
         pooled = _CertificateRecorder(limit=0, ttl_dns_cache=10)
@@ -154,6 +208,8 @@ class Prober:
         )
 
     async def close(self) -> None:
+        if self._workers is not None:
+            await self._workers.close()
         for session in (self._fresh, self._pooled):
             if session is not None:
                 await session.close()
@@ -163,14 +219,18 @@ class Prober:
         at, started = time.time(), time.perf_counter()
         async with self._slots:
             try:
+                if self._workers is not None and self._workers.ready and _lean(probe):
+                    return await self._remote(self._workers, url, probe)
                 async with asyncio.timeout(probe.timeout):
-                    if probe.type == "http" and not (probe.keepalive or probe.follow_redirects):
+                    if _lean(probe):
                         return await self._http_lean(url, probe, at, started)
                     if probe.type == "http":
                         return await self._http(url, probe, at, started)
                     return await self._connect(url, probe, at, started)
             except TimeoutError:
                 error = f"timeout after {probe.timeout:g}s"
+            except WorkerGone:  # not run again here: the request may have been sent
+                error = "probe worker ended before answering"
             except ProbeRequestError as exc:
                 error = f"request not sent: {exc}"
             except (aiohttp.ClientError, OSError, ProbeProtocolError) as exc:
@@ -191,14 +251,42 @@ class Prober:
         self._logged.add((url, kind))
         log.warning("probe of %s failed unexpectedly (%s): %s", url, kind, error)
 
-    async def _http_lean(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+    async def _remote(self, workers: ProbeWorkers, url: str, probe: Probe) -> ProbeResult:
+        """The probe run by a worker process, which times it out itself. Raises
+        WorkerGone, ProbeRequestError."""
+        if probe.type == "http":
+            target = self._target(url, probe)
+            host, port, tls, request = target.host, target.port, target.tls, target.request
+        else:
+            host, port = _address(url, probe)
+            tls, request = probe.type == "tls", None
+        cap, timeout = probe.max_body_bytes, probe.timeout
+        job = Job(0, host, port, tls, probe.tls_verify, request, cap, timeout)
+        answer = await workers.run(job)  # bounded: a stalled worker is killed
+        if answer.error is not None and answer.error.startswith("probe failed:"):
+            self._log_fault(url, "worker", answer.error)
+        return ProbeResult(
+            at=answer.at,
+            response_time=answer.response_time,
+            connected=answer.connected,
+            status=answer.status,
+            body=answer.body,
+            certificate_expires_at=answer.certificate_expires_at,
+            error=answer.error,
+        )
+
+    def _target(self, url: str, probe: Probe) -> HttpTarget:
         key = (url, probe.method, probe.path, probe.headers)
         target = self._targets.get(key)
         if target is None:
             if len(self._targets) >= MAX_CACHED_TARGETS:
                 self._targets.clear()
-            target = HttpTarget.build(url, probe.method, probe.path, probe.headers, USER_AGENT)
+            target = build_target(url, probe.method, probe.path, probe.headers, USER_AGENT)
             self._targets[key] = target
+        return target
+
+    async def _http_lean(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+        target = self._target(url, probe)
         context = self._verifying if probe.tls_verify else self._insecure
         answer = await exchange(target, cap=probe.max_body_bytes, context=context)
         return ProbeResult(
@@ -237,25 +325,30 @@ class Prober:
             )
 
     async def _connect(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = parts.port or (443 if parts.scheme == "https" or probe.type == "tls" else 80)
+        host, port = _address(url, probe)
         context = None
         if probe.type == "tls":
             context = self._verifying if probe.tls_verify else self._insecure
-        _, writer = await asyncio.open_connection(
-            host, port, ssl=context, server_hostname=host if context else None
-        )
-        try:
-            expires = certificate_expiry(writer.transport) if context else None
-        finally:
-            writer.close()
+        expires = await connect_only(host, port, context=context)
         return ProbeResult(
             at=at,
             response_time=time.perf_counter() - started,
             connected=True,
             certificate_expires_at=expires,
         )
+
+
+def _lean(probe: Probe) -> bool:
+    """A fresh connection, one request, no redirects: what a probe worker can run."""
+    return probe.type in ("tcp", "tls") or (
+        probe.type == "http" and not (probe.keepalive or probe.follow_redirects)
+    )
+
+
+def _address(url: str, probe: Probe) -> tuple[str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" or probe.type == "tls" else 80)
+    return parts.hostname or "", port
 
 
 _CERTIFICATES: ContextVar[list[float | None] | None] = ContextVar("certificates", default=None)
@@ -287,15 +380,13 @@ def _with_path(url: str, path: str | None) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"certificate: {exc.verify_message}"
-    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
-        return f"connect: {exc.strerror}"
+    described = describe_os_error(exc)
+    if described is not None:
+        return described
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return f"certificate: {exc.certificate_error}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "server closed the connection"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"connect: {exc.os_error.strerror or exc.os_error}"
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
+    return short_text(exc)

@@ -1,0 +1,160 @@
+"""Probe workers: the network part of probes runs in processes beside the daemon's loop.
+
+A real daemon process probes real targets; its worker is found, killed and
+replaced as an operator (or the OOM killer) would; nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestServer
+
+from monitor.probe_worker import FrameReader, encode
+
+from .conftest import until
+from .processes import ROOT, DaemonProcess, running_daemon
+from .test_probe_budget import refused_url
+
+FAST = {"type": "http", "interval": "100ms", "down_interval": "100ms", "timeout": "1s"}
+FAST_CHANGE = {"failure_threshold": 1, "success_threshold": 1}
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def workers(daemon: DaemonProcess) -> list[int]:
+    assert daemon.process is not None
+    return [
+        pid
+        for pid in children(daemon.process.pid)
+        if b"monitor.probe_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def get(daemon: DaemonProcess, path: str) -> Any:
+    with urllib.request.urlopen(daemon.url + path, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def register(daemon: DaemonProcess, instance: str, url: str, **probe: Any) -> None:
+    request = urllib.request.Request(
+        f"{daemon.url}/v1/services/payments/instances/{instance}",
+        data=json.dumps({"url": url, "probe": probe}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PUT",
+    )
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.status == 201
+
+
+def health(daemon: DaemonProcess, instance: str) -> dict[str, Any]:
+    body = get(daemon, "/v1/health?service=payments")
+    found: dict[str, Any] = next(i for i in body["instances"] if i["instance"] == instance)
+    return found
+
+
+def probes_of(daemon: DaemonProcess, instance: str, result: str = "") -> float:
+    with urllib.request.urlopen(daemon.url + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("hms_probe_total{")
+        and f'instance="{instance}"' in line
+        and f'result="{result}' in line
+    )
+
+
+async def eventually(check: Any, timeout: float = 15.0) -> None:
+    async def holds() -> bool:
+        return bool(await asyncio.to_thread(check))
+
+    await until(holds, timeout)
+
+
+async def test_probes_run_in_a_worker_and_a_killed_worker_is_replaced(
+    tmp_path: Path, target: TestServer
+) -> None:
+    defaults = {"probe": {**FAST, **FAST_CHANGE}}
+    with running_daemon(tmp_path, defaults=defaults) as daemon:
+        [worker] = workers(daemon)
+        register(daemon, "up", str(target.make_url("/ok")))
+        register(daemon, "down", refused_url())
+        register(daemon, "tcp", str(target.make_url("/")), type="tcp")
+        await eventually(lambda: health(daemon, "up")["state"] == "passing")
+        await eventually(lambda: health(daemon, "tcp")["state"] == "passing")
+        await eventually(lambda: health(daemon, "down")["state"] == "critical")
+        assert health(daemon, "up")["last_probe"]["status"] == 200
+        assert health(daemon, "down")["last_probe"]["error"] == "connect: Connection refused"
+
+        os.kill(worker, signal.SIGKILL)
+        await eventually(lambda: workers(daemon) not in ([], [worker]))
+        before = probes_of(daemon, "up")
+        await eventually(lambda: probes_of(daemon, "up") >= before + 5)
+        assert health(daemon, "up")["state"] == "passing"
+        assert "probe worker 0 exited" in daemon.log.read_text()
+        [replacement] = workers(daemon)
+    assert not Path(f"/proc/{replacement}").exists(), "the daemon left its worker running"
+
+
+async def test_a_stalled_worker_is_killed_and_replaced(tmp_path: Path, target: TestServer) -> None:
+    defaults = {"probe": {**FAST, **FAST_CHANGE}}
+    with running_daemon(tmp_path, defaults=defaults) as daemon:
+        register(daemon, "up", str(target.make_url("/ok")))
+        await eventually(lambda: health(daemon, "up")["state"] == "passing")
+        [worker] = workers(daemon)
+        failed = probes_of(daemon, "up", "failure")
+        os.kill(worker, signal.SIGSTOP)  # alive, answering nothing: probes go through it
+        # Its probe's timeout (1s) and the grace (5s) pass: killed, replaced, probing again.
+        await eventually(lambda: workers(daemon) not in ([], [worker]), timeout=20)
+        assert "did not answer a probe within 6s; killing it" in daemon.log.read_text()
+        assert probes_of(daemon, "up", "failure") > failed  # the probe it held failed
+        await eventually(lambda: health(daemon, "up")["state"] == "passing")
+    assert not Path(f"/proc/{worker}").exists()
+
+
+async def test_without_workers_the_loop_probes(tmp_path: Path, target: TestServer) -> None:
+    server = {"probe_budget": {"workers": 0}}
+    defaults = {"probe": {**FAST, **FAST_CHANGE}}
+    with running_daemon(tmp_path, server=server, defaults=defaults) as daemon:
+        register(daemon, "up", str(target.make_url("/ok")))
+        await eventually(lambda: health(daemon, "up")["state"] == "passing")
+        assert workers(daemon) == []
+
+
+def test_frames_survive_any_split() -> None:
+    items = [(1, "127.0.0.1", 80, False, True, b"GET / HTTP/1.1\r\n\r\n", 65536, 2.0)] * 3
+    stream = encode(items[:1]) + encode(items[1:])
+    for cut in range(len(stream) + 1):
+        got: list[Any] = []
+        reader = FrameReader(got.append)
+        reader.feed(stream[:cut])
+        reader.feed(stream[cut:])
+        assert got == items
+
+
+def test_a_worker_does_not_load_the_daemon() -> None:
+    """What keeps a worker a few MB: no pydantic, aiohttp, storage or daemon modules."""
+    code = (
+        "import sys, monitor.probe_worker\n"
+        "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2'}\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
+        "m.startswith('monitor.') and m not in ('monitor.probe_worker', 'monitor.http_probe')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
