@@ -1,6 +1,6 @@
 """How services are doing, and the composition root that wires every package together.
 
-The exports load on first use, so that `python -m monitor.probe_worker` starts a
+The exports load on first use, so that `python -m monitor.probing.worker` starts a
 probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
 """
 

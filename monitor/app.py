@@ -14,6 +14,27 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from monitor.health.book import HealthBook
+from monitor.health.checker import HealthChecker
+from monitor.health.maintenance import MaintenanceCalendar
+from monitor.health.metrics import ProbeMetrics, render
+from monitor.health.results import ResultStore
+from monitor.http import openapi as registry_openapi
+from monitor.http.auth import Authorizer
+from monitor.http.routes import health as health_api
+from monitor.http.routes import workflows_openapi as workflow_openapi
+from monitor.http.routes.health import HealthRoutes, SloRoutes
+from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
+from monitor.http.routes.workflows import WorkflowRoutes
+from monitor.http.shedding import NEVER_SHED, LoadShedder
+from monitor.metrics.exposition import gzip_join
+from monitor.metrics.runtime import register_runtime_collectors
+from monitor.notify.notifier import Notifier
+from monitor.page import status_page
+from monitor.page.status_page import StatusPage
+from monitor.probing.prober import Prober
+from monitor.slo.book import SloBook, SloMetrics, WorkflowSlos
+from monitor.storage.database import Database
 from registry import (
     Catalog,
     Clock,
@@ -24,37 +45,17 @@ from registry import (
     StoreUnavailable,
     SystemClock,
 )
-from registry import openapi as registry_openapi
-from registry.auth import Authorizer
 from registry.errors import MAX_BODY_BYTES, READ_TIMEOUT, error_middleware, error_response
 from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
-from registry.routes import LeaseDefaults, RegistryRoutes
 from scheduler import EventBus, Scheduler
 from workflows import Definition, from_config
-from workflows import openapi as workflow_openapi
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 from workflows.metrics import ProcessCollector, WorkflowMetrics, topic_label
-from workflows.routes import WorkflowRoutes
-from workflows.store import ProcessStore
+from workflows.stores.sqlite import ProcessStore
 
-from . import api as health_api
-from . import page as status_page
-from .api import HealthRoutes, SloRoutes
-from .checker import HealthChecker
 from .config import Config
-from .database import Database
-from .exposition import gzip_join
-from .health import HealthBook
-from .maintenance import MaintenanceCalendar
-from .metrics import ProbeMetrics, register_runtime_collectors, render
-from .notify import Notifier
-from .overload import NEVER_SHED, LoadShedder
-from .page import StatusPage
-from .probes import Prober
 from .reload import LiveConfig, Reloader, probe_latency_buckets
-from .results import ResultStore
-from .slo import SloBook, SloMetrics, WorkflowSlos
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from monitor.storage.database import DatabaseError
+
 from .config import Config, ConfigError, config_warnings, load_config
-from .database import DatabaseError
 
 log = logging.getLogger("hms-mgmt")
 # After answering a request whose body was not read (413, 408), how long the rest of it may
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
-    from .status import StatusError, daemon_url, first_token, status_report
+    from monitor.commands.status import StatusError, daemon_url, first_token, status_report
 
     try:
         base = daemon_url(config, args.url)
@@ -112,14 +113,14 @@ def _status(args: argparse.Namespace, config: Config) -> int:
 
 
 def _rules(args: argparse.Namespace, config: Config) -> int:
-    from .rules import render_rules
+    from monitor.slo.rules import render_rules
 
     _emit(render_rules(config), args.output)
     return 0
 
 
 def _dashboard(args: argparse.Namespace, config: Config) -> int:
-    from .dashboard import render_dashboard
+    from monitor.slo.dashboard import render_dashboard
 
     _emit(render_dashboard(config, datasource=args.datasource), args.output)
     return 0

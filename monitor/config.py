@@ -31,12 +31,11 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
+from monitor.probing.conditions import ConditionError, parse_condition
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
-
-from .conditions import ConditionError, parse_condition
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
 SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel")

@@ -23,7 +23,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
 
-from .checker import latency_buckets
+from monitor.health.checker import latency_buckets
+
 from .config import Config, ConfigError, load_config, needs_restart
 
 log = logging.getLogger(__name__)

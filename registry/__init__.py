@@ -1,5 +1,7 @@
 """The service registry: who is out there, at which URL, under which lease."""
 
+from registry.stores.sqlite import RegistryStore, SqliteRegistryStore, Transactor
+
 from .catalog import (
     Catalog,
     Change,
@@ -25,7 +27,6 @@ from .model import (
     RegistrationBody,
     Tags,
 )
-from .store import RegistryStore, SqliteRegistryStore, Transactor
 
 __all__ = [
     "Catalog",

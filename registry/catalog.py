@@ -23,9 +23,10 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from registry.stores.sqlite import RegistryStore
+
 from .errors import ApiError
 from .model import HealthState, Instance
-from .store import RegistryStore
 
 log = logging.getLogger(__name__)
 

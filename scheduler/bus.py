@@ -28,6 +28,12 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+# The daemon publishes these itself (health, SLO burn, process lifecycle); nobody else may.
+AUDIT_TOPICS = "audit."
+DAEMON_TOPICS = ("health.", "slo.", "workflow.", "registry.", AUDIT_TOPICS)
+# Of those, what whoever may read sees; audit.* is not (DESIGN §3: audit:read holders only).
+READABLE_TOPICS = tuple(topic for topic in DAEMON_TOPICS if topic != AUDIT_TOPICS)
+
 log = logging.getLogger(__name__)
 
 Handler = Callable[["Event"], Awaitable[None] | None]

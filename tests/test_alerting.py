@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from monitor.config import ConfigError, load_config, parse_config
-from monitor.rules import build_rules
+from monitor.slo import build_rules
 
 from .conftest import require_tool
 from .processes import ROOT, free_port, running_server

@@ -211,9 +211,9 @@ async def test_results_reach_sqlite_in_batches(
 
 
 async def test_old_raw_results_and_minutes_are_pruned(tmp_path: Any) -> None:
-    from monitor.database import Database
-    from monitor.probes import ProbeResult
-    from monitor.results import RAW_RETENTION, ResultStore
+    from monitor.health import RAW_RETENTION, ResultStore
+    from monitor.probing import ProbeResult
+    from monitor.storage import Database
 
     database = Database(tmp_path / "r.db")
     await database.open()

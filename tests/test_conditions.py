@@ -7,8 +7,7 @@ from typing import Any
 
 import pytest
 
-from monitor.conditions import ConditionError, parse_condition, parse_conditions
-from monitor.probes import ProbeResult
+from monitor.probing import ConditionError, ProbeResult, parse_condition, parse_conditions
 
 
 def result(

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from pydantic import BaseModel, Field
 
-from monitor.configdoc import COMMAND, render
+from monitor.commands.configdoc import COMMAND, render
 
 from .processes import ROOT
 

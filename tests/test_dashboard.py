@@ -14,8 +14,7 @@ from typing import Any
 import aiohttp
 
 from monitor.config import Config, load_config, parse_config
-from monitor.dashboard import build_dashboard, panel_queries, render_dashboard
-from monitor.rules import render_rules
+from monitor.slo import build_dashboard, panel_queries, render_dashboard, render_rules
 
 from .conftest import AppClient, FakeClock, require_tool
 from .processes import ROOT, running_prometheus

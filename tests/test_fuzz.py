@@ -11,9 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from monitor.conditions import ConditionError, parse_condition
 from monitor.config import Config, ConfigError, parse_config
-from monitor.probes import ProbeResult
+from monitor.probing import ConditionError, ProbeResult, parse_condition
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

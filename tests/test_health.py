@@ -8,9 +8,8 @@ from typing import Any
 import pytest
 
 from monitor.config import parse_config
-from monitor.health import HealthBook, Tracker, judge
-from monitor.maintenance import MaintenanceCalendar
-from monitor.probes import ProbeResult, resolve_probe
+from monitor.health import HealthBook, MaintenanceCalendar, Tracker, judge
+from monitor.probing import ProbeResult, resolve_probe
 from registry import HealthState, ProbeSpec
 from scheduler import Event, EventBus
 

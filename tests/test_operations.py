@@ -8,7 +8,7 @@ from aiohttp import web
 
 from monitor import build_app
 from monitor.app import openapi_document
-from workflows.routes import ROUTER_PATH
+from monitor.http.routes.workflows import ROUTER_PATH
 
 from .conftest import AppClient, metric_families
 from .test_registry import register

@@ -36,6 +36,11 @@ def test_the_wheel_builds_without_warnings_and_holds_templates_and_static(
     assert not [line for line in output if "Warning" in line or "absent from the" in line]
     (wheel,) = tmp_path.glob("hms_mgmt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for data in ("monitor/templates/base.html", "monitor/static/page.css", "monitor/py.typed"):
+    for data in (
+        "monitor/page/templates/base.html",
+        "monitor/page/static/page.css",
+        "monitor/py.typed",
+        "monitor/probing/worker.py",
+    ):
         assert data in names
     assert not [name for name in names if name.startswith(("tests/", "examples/", "bench/"))]

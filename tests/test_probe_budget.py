@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.checker import ProbeBucket
 from monitor.config import Config, ConfigError
+from monitor.health import ProbeBucket
 
 from .conftest import AppClient, FakeClock, metric_families, until
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestServer
 
-from monitor.probe_worker import FrameReader, encode
+from monitor.probing.worker import FrameReader, encode
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, running_daemon
@@ -40,7 +40,7 @@ def workers(daemon: DaemonProcess) -> list[int]:
     return [
         pid
         for pid in children(daemon.process.pid)
-        if b"monitor.probe_worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"monitor.probing.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
 
 
@@ -149,10 +149,12 @@ def test_frames_survive_any_split() -> None:
 def test_a_worker_does_not_load_the_daemon() -> None:
     """What keeps a worker a few MB: no pydantic, aiohttp, storage or daemon modules."""
     code = (
-        "import sys, monitor.probe_worker\n"
+        "import sys, monitor.probing.worker\n"
+        "LEAN = {'monitor.probing', 'monitor.probing.worker', 'monitor.probing.kinds', "
+        "'monitor.probing.kinds.http_wire'}\n"
         "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
-        "m.startswith('monitor.') and m not in ('monitor.probe_worker', 'monitor.http_probe')))"
+        "m.startswith('monitor.') and m not in LEAN))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.probes import Probe, Prober, resolve_probe
+from monitor.probing import Probe, Prober, resolve_probe
 from registry import ProbeSpec
 
 from .conftest import require_tool

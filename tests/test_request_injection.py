@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from monitor.config import Config, ConfigError, parse_config
-from monitor.probes import Probe, Prober
+from monitor.probing import Probe, Prober
 
 from .conftest import AppClient, until
 

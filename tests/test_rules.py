@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from monitor.config import parse_config
-from monitor.rules import TIERS, build_rules, render_rules
+from monitor.slo import TIERS, build_rules, render_rules
 
 from .conftest import require_tool
 

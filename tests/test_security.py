@@ -351,7 +351,7 @@ async def test_tokens_never_appear_in_logs_errors_or_config_errors(
 
 
 async def test_a_session_ends_with_its_token() -> None:
-    from registry.auth import Authorizer
+    from monitor.http.auth import Authorizer
 
     auth = Authorizer([(ADMIN, ["*"])], protect_reads=True)
     grant = auth.identify(f"Bearer {ADMIN}")

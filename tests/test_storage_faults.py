@@ -137,7 +137,7 @@ async def test_probe_results_and_slo_minutes_wait_out_a_full_disk(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
     from monitor.app import RESULTS
-    from monitor.probes import ProbeResult
+    from monitor.probing import ProbeResult
 
     client = await start_daemon(make_config())
     results = client.app[RESULTS]

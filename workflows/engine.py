@@ -34,12 +34,12 @@ import orjson
 
 from registry import StoreUnavailable
 from scheduler import EventBus
+from workflows.stores.sqlite import Attempt, NewEvent, Process, ProcessStore, StoredEvent
 
 from . import templates
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
 from .metrics import WorkflowMetrics
-from .store import Attempt, NewEvent, Process, ProcessStore, StoredEvent
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from registry.auth import DAEMON_TOPICS
+from scheduler.bus import DAEMON_TOPICS
 
 from .definition import Definition, Publish, WaitFor
 

@@ -1,0 +1,1 @@
+"""Commands beside the daemon: `hms-mgmt status` and the configuration reference."""

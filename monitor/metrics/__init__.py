@@ -1,0 +1,1 @@
+"""Metrics that belong to no room: exposition helpers and the runtime collectors."""

@@ -1,0 +1,417 @@
+"""Notifications: bus events POSTed to webhooks, signed, rate-limited, retried from an outbox.
+
+Flow: the bus hands each matching event to one subscription (its own queue, so a
+slow receiver never slows a probe or a workflow). The notifier drops what must
+not be sent (maintenance, dependency-suppressed instances), limits each
+(notification, event, subject) to one delivery per `min_interval`, stores the
+delivery in the outbox table and hands it to the receiver's worker. The outbox
+row is the durable timer: a failed attempt moves its `due` time on with
+backoff, a restart re-arms every row, success or the last attempt deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import secrets
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import sqlite_utils
+from prometheus_client import CollectorRegistry, Counter
+
+from monitor.config import Notification
+from registry import HealthState, StoreUnavailable, Transactor
+from scheduler import Event, EventBus
+from scheduler.bus import Subscription, matches
+from workflows.definition import Retry, retry_from_config
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_HEADER = "X-Hms-Signature"
+RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
+QUEUE_SIZE = 10_000
+MAX_RECENT = 100_000
+FIRST_PASS = (HealthState.UNKNOWN.value, HealthState.PASSING.value)
+
+
+class NotifyResult:
+    """Values of the `result` label of hms_notifications_total."""
+
+    SENT = "sent"  # the receiver answered 2xx
+    RETRIED = "retried"  # an attempt failed; another is scheduled
+    FAILED = "failed"  # out of attempts, or a status not worth retrying
+    SUPPRESSED = "suppressed"  # maintenance or a dependency is down
+    DEDUPED = "deduped"  # the state last sent for its subject, within min_interval
+
+
+@dataclass(slots=True, kw_only=True)
+class Delivery:
+    id: str
+    name: str
+    topic: str
+    body: bytes
+    attempts: int = 0
+    due: float = 0.0
+
+
+@dataclass(slots=True)
+class _Recent:
+    """What was last sent for one (notification, event, subject)."""
+
+    sent_at: float
+    fingerprint: str
+
+
+@dataclass(slots=True)
+class _Receiver:
+    notification: Notification
+    retry: Retry
+    queue: asyncio.Queue[Delivery] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    worker: asyncio.Task[None] | None = None
+
+
+def subject_of(event: Event) -> str:
+    """What an event is about: one notification per subject and state, not per event."""
+    data = event.data
+    if "instance" in data:
+        return f"{data.get('service')}/{data['instance']}"
+    if "slo" in data:
+        return f"{data.get('service')}/{data['slo']}"
+    for key in ("process", "service", "subject"):
+        if key in data:
+            return str(data[key])
+    return ""
+
+
+def fingerprint_of(event: Event) -> str:
+    """The state an event reports; the same state twice is not news."""
+    data = event.data
+    if event.topic == "health.changed":
+        return str(data.get("to"))
+    if event.topic == "slo.burn":
+        return str(data.get("severity"))
+    return hashlib.blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def summary_of(event: Event) -> str:
+    data = event.data
+    if event.topic == "health.changed":
+        reason = f": {data['reason']}" if data.get("reason") else ""
+        return (
+            f"{data.get('service')}/{data.get('instance')} is {data.get('to')} "
+            f"(was {data.get('from')}){reason}"
+        )
+    if event.topic == "slo.burn":
+        windows = "/".join(data.get("windows", []))
+        return (
+            f"SLO {data.get('service')}/{data.get('slo')} burning its error budget "
+            f"{data.get('burn_rate', 0):.1f}x over {windows} ({data.get('severity')})"
+        )
+    if event.topic.startswith("workflow."):
+        error = f": {data['error']}" if data.get("error") else ""
+        return (
+            f"{data.get('workflow')} process {data.get('process')} "
+            f"{event.topic.removeprefix('workflow.')}{error}"
+        )
+    return f"{event.topic} {subject_of(event)}".strip()
+
+
+def render_body(notification: Notification, event: Event) -> bytes:
+    if notification.format == "slack":
+        return orjson.dumps({"text": f"[hms-mgmt] {summary_of(event)}"})
+    return orjson.dumps(
+        {
+            "notification": notification.name,
+            "event": event.topic,
+            "subject": subject_of(event),
+            "summary": summary_of(event),
+            "time": event.time,
+            "data": dict(event.data),
+        }
+    )
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class Notifier:
+    def __init__(
+        self,
+        notifications: Iterable[Notification],
+        *,
+        db: Transactor,
+        bus: EventBus,
+        metrics: CollectorRegistry,
+        in_maintenance: Callable[[str], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self._db, self._bus, self._clock = db, bus, clock
+        self._in_maintenance = in_maintenance
+        self._counter = Counter(
+            "hms_notifications",
+            "Notifications by receiver and what became of them",
+            ["name", "result"],
+            registry=metrics,
+        )
+        self._receivers: dict[str, _Receiver] = {}
+        self._recent: dict[tuple[str, str, str], _Recent] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscription: Subscription | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._notifications = tuple(notifications)
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": "hms-mgmt-notifier"}, raise_for_status=False
+        )
+        await self._db.write(_create_table)
+        await self.configure(self._notifications)
+        for row in await self._db.read(_load_outbox):
+            self._arm(Delivery(**row))
+
+    async def configure(self, notifications: Iterable[Notification]) -> None:
+        """Take a new set of notifications; deliveries to removed ones are dropped."""
+        self._notifications = tuple(notifications)
+        wanted = {n.name: n for n in self._notifications}
+        for name in [n for n in self._receivers if n not in wanted]:
+            worker = self._receivers.pop(name).worker
+            if worker is not None:
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+        for name, notification in wanted.items():
+            self._counter.labels(name, NotifyResult.SENT)
+            self._counter.labels(name, NotifyResult.FAILED)
+            retry = retry_from_config(notification.retry, RETRYABLE)
+            if name in self._receivers:
+                self._receivers[name].notification = notification
+                self._receivers[name].retry = retry
+                continue
+            receiver = self._receivers[name] = _Receiver(notification, retry)
+            receiver.worker = asyncio.create_task(self._work(receiver), name=f"notify-{name}")
+        patterns = sorted({p for n in self._notifications for p in n.events})
+        if self._subscription is None or self._subscription.patterns != tuple(patterns):
+            old, self._subscription = self._subscription, None
+            if old is not None:
+                await old.close()
+            if patterns:
+                self._subscription = self._bus.subscribe(patterns, self._on_event, name="notifier")
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+        for timer in self._timers:
+            timer.cancel()
+        workers = [r.worker for r in self._receivers.values() if r.worker is not None]
+        workers += self._tasks
+        for worker in workers:
+            worker.cancel()
+        for worker in workers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+        if self._session is not None:
+            await self._session.close()
+
+    # -- from event to delivery ---------------------------------------------------------
+
+    async def _on_event(self, event: Event) -> None:
+        for notification in self._notifications:
+            if not matches(notification.events, event.topic):
+                continue
+            if self._suppressed(event):
+                self._counter.labels(notification.name, NotifyResult.SUPPRESSED).inc()
+                continue
+            await self._limit(notification, event)
+
+    def _suppressed(self, event: Event) -> bool:
+        data = event.data
+        if data.get("suppressed"):
+            return True
+        if event.topic == "health.changed" and (data.get("from"), data.get("to")) == FIRST_PASS:
+            return True  # a new instance coming up is not news; one coming up failing is
+        service = event.data.get("service")
+        return isinstance(service, str) and self._in_maintenance(service)
+
+    async def _limit(self, notification: Notification, event: Event) -> None:
+        """The same state for the same subject goes out once per min_interval; news at once."""
+        key = (notification.name, event.topic, subject_of(event))
+        now, fingerprint = self._clock(), fingerprint_of(event)
+        recent = self._recent.get(key)
+        if (
+            recent is not None
+            and recent.fingerprint == fingerprint
+            and now - recent.sent_at < notification.min_interval.total_seconds()
+        ):
+            self._counter.labels(notification.name, NotifyResult.DEDUPED).inc()
+            return
+        if len(self._recent) >= MAX_RECENT:  # subjects come from clients too: stay bounded
+            self._recent.clear()
+        self._recent[key] = _Recent(now, fingerprint)
+        await self._enqueue(notification, event)
+
+    async def _enqueue(self, notification: Notification, event: Event) -> None:
+        delivery = Delivery(
+            id=secrets.token_hex(8),
+            name=notification.name,
+            topic=event.topic,
+            body=render_body(notification, event),
+            due=self._clock(),
+        )
+        await self._keep(delivery)
+        self._arm(delivery)
+
+    async def _keep(self, delivery: Delivery) -> None:
+        """Store the delivery; when storage fails (disk full is itself worth an alert), it is
+        still sent, from memory only: at-least-once becomes best-effort until storage is back."""
+        try:
+            await self._db.write(lambda db: _store(db, delivery))
+        except StoreUnavailable:
+            log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
+
+    # -- delivery -------------------------------------------------------------------
+
+    def _arm(self, delivery: Delivery) -> None:
+        receiver = self._receivers.get(delivery.name)
+        if receiver is None:  # removed from the config: its outbox rows go too
+            self._spawn(self._forget(delivery))
+            return
+        delay = delivery.due - self._clock()
+        if delay <= 0:
+            _put(receiver, delivery)
+            return
+        timer: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            if timer is not None:
+                self._timers.discard(timer)
+            if (current := self._receivers.get(delivery.name)) is not None:
+                _put(current, delivery)
+
+        timer = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(timer)
+
+    async def _work(self, receiver: _Receiver) -> None:
+        """One worker per receiver: deliveries to it go in order, one at a time."""
+        while True:
+            delivery = await receiver.queue.get()
+            try:
+                await self._attempt(receiver.notification, receiver.retry, delivery)
+            except Exception:
+                log.exception("notification %s: delivery %s failed", delivery.name, delivery.id)
+
+    async def _attempt(self, notification: Notification, retry: Retry, delivery: Delivery) -> None:
+        delivery.attempts += 1
+        status, error = await self._post(notification, delivery)
+        if status is not None and 200 <= status < 300:
+            self._counter.labels(notification.name, NotifyResult.SENT).inc()
+            await self._forget(delivery)
+            return
+        retryable = status is None or status in retry.retry_on
+        if retryable and delivery.attempts < retry.max_attempts:
+            self._counter.labels(notification.name, NotifyResult.RETRIED).inc()
+            delivery.due = self._clock() + retry.delay(delivery.attempts, random.random())
+            await self._keep(delivery)
+            log.info(
+                "notification %s: attempt %d failed (%s); next in %.0f s",
+                notification.name,
+                delivery.attempts,
+                error,
+                delivery.due - self._clock(),
+            )
+            self._arm(delivery)
+            return
+        self._counter.labels(notification.name, NotifyResult.FAILED).inc()
+        log.warning(
+            "notification %s: gave up on %s after %d attempt(s): %s",
+            notification.name,
+            delivery.topic,
+            delivery.attempts,
+            error,
+        )
+        await self._forget(delivery)
+
+    async def _post(self, notification: Notification, delivery: Delivery) -> tuple[int | None, str]:
+        assert self._session is not None
+        headers = {
+            "Content-Type": "application/json",
+            "X-Hms-Event": delivery.topic,
+            "X-Hms-Delivery": delivery.id,
+        }
+        if notification.secret is not None:
+            headers[SIGNATURE_HEADER] = sign(notification.secret.get_secret_value(), delivery.body)
+        timeout = aiohttp.ClientTimeout(total=notification.timeout.total_seconds())
+        try:
+            async with self._session.post(
+                str(notification.url), data=delivery.body, headers=headers, timeout=timeout
+            ) as response:
+                await response.read()
+                return response.status, f"HTTP {response.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return None, str(exc) or type(exc).__name__
+
+    async def _forget(self, delivery: Delivery) -> None:
+        try:
+            await self._db.write(lambda db: _delete(db, delivery.id))
+        except StoreUnavailable:  # the row outlives the delivery: resent after a restart
+            log.debug("notification %s: %s stays in the outbox", delivery.name, delivery.id)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("notification bookkeeping failed: %s", task.exception())
+
+
+def _put(receiver: _Receiver, delivery: Delivery) -> None:
+    try:
+        receiver.queue.put_nowait(delivery)
+    except asyncio.QueueFull:  # stays in the outbox; the next restart re-arms it
+        log.warning("notification %s: queue full, delivery %s deferred", delivery.name, delivery.id)
+
+
+def _create_table(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS notification_outbox (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+        "topic TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, due REAL NOT NULL)"
+    )
+
+
+def _store(db: sqlite_utils.Database, delivery: Delivery) -> None:
+    db.execute(
+        "INSERT OR REPLACE INTO notification_outbox (id, name, topic, body, attempts, due) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            delivery.id,
+            delivery.name,
+            delivery.topic,
+            delivery.body,
+            delivery.attempts,
+            delivery.due,
+        ),
+    )
+
+
+def _delete(db: sqlite_utils.Database, delivery_id: str) -> None:
+    db.execute("DELETE FROM notification_outbox WHERE id = ?", (delivery_id,))
+
+
+def _load_outbox(db: sqlite_utils.Database) -> list[Mapping[str, Any]]:
+    cursor = db.execute(
+        "SELECT id, name, topic, body, attempts, due FROM notification_outbox ORDER BY due"
+    )
+    columns = [c[0] for c in cursor.description]
+    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]

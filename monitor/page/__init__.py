@@ -1,0 +1,1 @@
+"""The status page: views, templates and static files."""

@@ -1,0 +1,556 @@
+"""The status page: server-rendered HTML for people, live through the SSE stream.
+
+Every page is built from memory (catalog, health book, SLO ledgers, uptime
+rollup) or one query (workflow pages), never a query per row. The HTML stands
+on its own without JavaScript; `static/page.js` only applies events as they
+come. Assets are served by the daemon; the CSP allows nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import math
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import jinja2
+from aiohttp import web
+
+from monitor.config import Config
+from monitor.health.book import HealthBook
+from monitor.health.uptime import Uptime, UptimeSummary
+from monitor.http.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
+from monitor.http.openapi import error_responses, path_param, query_param
+from monitor.slo.book import SloBook
+from registry import Catalog, HealthState, InstanceStatus
+from registry.errors import ApiError, read_body
+from scheduler import Event, EventBus, Subscription
+from workflows.engine import Engine
+from workflows.stores.sqlite import STATUSES
+
+SERVICES_PER_PAGE = 200
+SLICE = 0.002  # seconds of page building or rendering between turns of the loop
+INSTANCES_PER_PAGE = 500
+RECENT_CHANGES = 20
+RECENT_PROCESSES = 50
+# Worst first: a service shows the worst state among its instances.
+SEVERITY = (
+    HealthState.CRITICAL,
+    HealthState.WARNING,
+    HealthState.UNKNOWN,
+    HealthState.MAINTENANCE,
+    HealthState.PASSING,
+)
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+NO_DATA = "\N{EN DASH}"
+ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
+FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
+FORM_CHARSETS = ("utf-8", "utf8")  # the page is UTF-8, so is what its form posts
+# The form has two fields (token, next); a few more leaves room, thousands is not a form.
+MAX_FORM_FIELDS = 16
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceRow:
+    name: str
+    state: HealthState
+    counts: Mapping[str, int]
+    uptime: UptimeSummary
+    objective: float  # percent: what a day's bar is measured against
+    budget: float | None  # lowest error budget remaining among its SLOs
+    sla: float | None  # this month's availability (ratio) of its first SLO
+
+
+@dataclass(slots=True)
+class _Group:
+    name: str
+    services: list[ServiceRow] = field(default_factory=list)
+
+
+class StatusPage:
+    def __init__(
+        self,
+        *,
+        catalog: Catalog,
+        book: HealthBook,
+        slos: SloBook,
+        uptime: Uptime,
+        engine: Engine,
+        bus: EventBus,
+        config: Callable[[], Config],
+        clock: Callable[[], float],
+        auth: Authorizer,
+    ) -> None:
+        self._auth = auth
+        self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
+        self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
+        self._changes: dict[str, deque[Event]] = {}
+        self._subscription: Subscription | None = None
+        self._assets = {name: _asset(name) for name in ASSETS}
+        self._templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("monitor.page", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._templates.filters.update(
+            when=_when, ago=self._ago, percent=_percent, seconds=_seconds, day=_day
+        )
+        self._templates.globals.update(bar_class=_bar_class, sparkline=_sparkline)
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/", self.overview),
+            web.get("/services/{service}", self.service),
+            web.get("/workflows", self.workflows),
+            web.get("/processes/{id}", self.process),
+            web.get("/static/{name}", self.asset),
+            web.get("/login", self.login_form),
+            web.post("/login", self.login),
+            web.post("/logout", self.logout),
+        ]
+
+    async def start(self) -> None:
+        self._subscription = self._bus.subscribe(
+            "health.changed", self._remember, name="status-page"
+        )
+
+    async def close(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+
+    def _remember(self, event: Event) -> None:
+        service = str(event.data.get("service"))
+        self._changes.setdefault(service, deque(maxlen=RECENT_CHANGES)).appendleft(event)
+
+    # -- pages ------------------------------------------------------------------------
+
+    async def overview(self, request: web.Request) -> web.Response:
+        now = self._clock()
+        self._slos.evaluate(now)
+        names = self._catalog.service_names()
+        page, pages = _page(request, len(names), SERVICES_PER_PAGE)
+        shown = names[page * SERVICES_PER_PAGE : (page + 1) * SERVICES_PER_PAGE]
+        groups: dict[str, _Group] = {}
+        slices = _Slices()
+        for name in shown:
+            statuses = self._catalog.instances(name)
+            row = self._service_row(name, statuses, now)
+            group = self._group_of(name, statuses)
+            groups.setdefault(group, _Group(group)).services.append(row)
+            await slices.pause()
+        # The banner speaks for every service, not only those on this page.
+        states = []
+        for name in names:
+            states.append(_worst([s.health for s in self._catalog.instances(name)]))
+            await slices.pause()
+        return await self._render(
+            "overview.html",
+            title="Status",
+            groups=sorted(groups.values(), key=lambda g: (g.name == "Other", g.name)),
+            worst=_worst(states),
+            state_counts=Counter(state.value for state in states),
+            service_count=len(names),
+            page=page,
+            pages=pages,
+            topics="health.changed",
+        )
+
+    async def service(self, request: web.Request) -> web.Response:
+        name = request.match_info["service"]
+        if name not in self._catalog.service_names():
+            raise ApiError(404, f"no service named {name!r}")
+        now = self._clock()
+        statuses = self._catalog.instances(name)
+        page, pages = _page(request, len(statuses), INSTANCES_PER_PAGE)
+        shown = statuses[page * INSTANCES_PER_PAGE : (page + 1) * INSTANCES_PER_PAGE]
+        instances = [self._instance(status) for status in shown]
+        return await self._render(
+            "service.html",
+            title=name,
+            service=self._service_row(name, statuses, now),
+            instances=instances,
+            changes=list(self._changes.get(name, ())),
+            slos=self._slos.statuses(name, now) or [],
+            page=page,
+            pages=pages,
+            topics="health.changed",
+        )
+
+    async def workflows(self, request: web.Request) -> web.Response:
+        counts = self._engine.counts
+        rows = [
+            {"name": name, "counts": {s: counts.get((name, s), 0) for s in STATUSES}}
+            for name in sorted(self._engine.definitions)
+        ]
+        recent = await self._engine.store.page(None, None, RECENT_PROCESSES, None)
+        live = self._engine.live
+        return await self._render(
+            "workflows.html",
+            title="Workflows",
+            workflows=rows,
+            statuses=STATUSES,
+            processes=[live.get(p.id, p).summary() for p in recent],
+            topics="workflow.*",
+        )
+
+    async def process(self, request: web.Request) -> web.Response:
+        described = await self._engine.describe(request.match_info["id"])
+        if described is None:
+            raise ApiError(404, f"no process {request.match_info['id']!r}")
+        return await self._render(
+            "process.html",
+            title=f"{described['workflow']} {described['id']}",
+            process=described,
+            steps=_timeline(described["history"]),
+            topics="workflow.*",
+        )
+
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._assets:
+            raise ApiError(404, f"no asset {name!r}")
+        return web.Response(
+            body=self._assets[name],
+            content_type=ASSETS[name],
+            headers={**HEADERS, "Cache-Control": "public, max-age=300"},
+        )
+
+    # -- models -----------------------------------------------------------------------
+
+    # -- sessions (registry/auth.py has the rules) ------------------------------------
+
+    async def login_form(self, request: web.Request) -> web.Response:
+        return await self._login_page(_next_path(request.query.get("next")))
+
+    async def login(self, request: web.Request) -> web.Response:
+        """Exchange a token (form field) for a read-only session cookie."""
+        if _cross_site(request):
+            raise ApiError(403, "sign-in from another site is refused", code="forbidden")
+        if not self._auth.enabled:
+            raise web.HTTPSeeOther("/")
+        raw = await read_body(request)  # bounded in size and time, like every other body
+        if request.content_type not in FORM_TYPES:
+            raise ApiError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
+        if (request.charset or "utf-8").lower() not in FORM_CHARSETS:
+            raise ApiError(415, f"expected a UTF-8 form, got charset {request.charset!r}")
+        form = _sign_in_form(raw)
+        target = _next_path(form.get("next", "/"))
+        grant = self._auth.identify(f"Bearer {form.get('token', '')}")
+        if grant is None:
+            return await self._login_page(target, error="That token is not valid.", status=401)
+        response = web.HTTPSeeOther(target)
+        response.set_cookie(
+            SESSION_COOKIE,
+            self._auth.session(grant),
+            max_age=SESSION_SECONDS,
+            path="/",
+            httponly=True,
+            samesite="Strict",
+            secure=request.secure,
+        )
+        raise response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(SESSION_COOKIE, path="/")
+        raise response
+
+    async def _login_page(self, target: str, *, error: str = "", status: int = 200) -> web.Response:
+        response = await self._render(
+            "login.html", title="Sign in", next=target, error=error, topics=""
+        )
+        response.set_status(status)
+        return response
+
+    def _service_row(self, name: str, statuses: list[InstanceStatus], now: float) -> ServiceRow:
+        counts: dict[str, int] = {}
+        for status in statuses:
+            counts[status.health.value] = counts.get(status.health.value, 0) + 1
+        summaries = self._slos.summaries(name, now)
+        budgets = [s.budget for s in summaries if s.budget is not None]
+        configured = self._config().service(name)
+        objective = configured.slos[0].objective if configured and configured.slos else 99.9
+        return ServiceRow(
+            name=name,
+            state=_worst([HealthState(state) for state in counts]),
+            counts=counts,
+            uptime=_frozen(self._uptime.summary(name, now)),
+            objective=objective,
+            budget=min(budgets) if budgets else None,
+            sla=summaries[0].sla if summaries else None,
+        )
+
+    def _group_of(self, name: str, statuses: list[InstanceStatus]) -> str:
+        configured = self._config().service(name)
+        if configured is not None and configured.tags:
+            return configured.tags[0]
+        tags = next((s.instance.tags for s in statuses if s.instance.tags), ())
+        return tags[0] if tags else "Other"
+
+    def _instance(self, status: InstanceStatus) -> dict[str, Any]:
+        instance = status.instance
+        detail = self._book.status((instance.service, instance.id)) or {}
+        return {
+            "id": instance.id,
+            "url": instance.url,
+            "state": status.health.value,
+            "since": detail.get("since"),
+            "reason": detail.get("reason", "lease lapsed" if status.lapsed else ""),
+            "suppressed": detail.get("suppressed", False),
+            "failing": detail.get("failing", []),
+            "last_probe": detail.get("last_probe"),
+        }
+
+    async def _render(self, template: str, **context: Any) -> web.Response:
+        """Render in slices, giving the loop back every few milliseconds: `/` for 10,000
+        instances is ~100 ms of Jinja, which in one piece would hold every heartbeat
+        behind it. `context` is a snapshot (fresh rows, dicts and copies), so what the
+        loop changes between slices is not read half-updated."""
+        parts, slices = [], _Slices()
+        chunks = self._templates.get_template(template).generate(now=self._clock(), **context)
+        for n, chunk in enumerate(chunks):
+            parts.append(chunk)
+            if n % 8 == 0:  # a chunk can be a whole macro call (a row of 90 bars)
+                await slices.pause()
+        return web.Response(text="".join(parts), content_type="text/html", headers=HEADERS)
+
+    def _ago(self, at: float | None) -> str:
+        if at is None:
+            return "never"
+        seconds = max(0.0, self._clock() - at)
+        for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+            if seconds >= size:
+                return f"{int(seconds // size)} {unit} ago"
+        return f"{int(seconds)} s ago"
+
+
+class _Slices:
+    """Yields to the loop once SLICE seconds of work have passed since the last yield.
+
+    Slices, not a worker thread: a thread rendering holds the GIL in 5 ms turns, and the
+    loop waits for a turn at every wake-up, so heartbeats still queued behind the render
+    (p99 122 ms with `/` loaded once a second, bench.page; 546 ms rendering on the loop)."""
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    async def pause(self) -> None:
+        if time.perf_counter() - self._since >= SLICE:
+            await asyncio.sleep(0)
+            self._since = time.perf_counter()
+
+
+def _frozen(summary: UptimeSummary) -> UptimeSummary:
+    """The summary with copies of its day tallies (the live ones change as probes land)."""
+    days = tuple((day, dataclasses.replace(t) if t else None) for day, t in summary.days)
+    return dataclasses.replace(summary, days=days)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("monitor.page").joinpath("static", name).read_bytes()
+
+
+def _cross_site(request: web.Request) -> bool:
+    """A form posted from another site. Browsers say so in Sec-Fetch-Site; older ones send
+    Origin, which is "null" under our no-referrer policy, so only a real other origin counts."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None:
+        return fetch_site not in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin not in (None, "null") and urlsplit(origin).netloc != request.host
+
+
+def _sign_in_form(raw: bytes) -> dict[str, str]:
+    """The urlencoded sign-in form, or a 400. The message never quotes the body: it
+    holds a token."""
+    try:
+        pairs = parse_qsl(
+            raw.decode("utf-8"),
+            keep_blank_values=True,
+            strict_parsing=True,
+            max_num_fields=MAX_FORM_FIELDS,
+        )
+    except (UnicodeDecodeError, ValueError):  # not UTF-8, a field without "=", too many
+        raise ApiError(
+            400,
+            "malformed form body: expected at most "
+            f"{MAX_FORM_FIELDS} UTF-8 name=value fields joined by &",
+        ) from None
+    return dict(pairs)
+
+
+def _next_path(raw: str | None) -> str:
+    """Where to go after signing in: a path on this daemon, never another site."""
+    if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw:
+        return "/"
+    return raw
+
+
+def _page(request: web.Request, total: int, size: int) -> tuple[int, int]:
+    pages = max(1, math.ceil(total / size))
+    try:
+        page = int(request.query.get("page", "1")) - 1
+    except ValueError:
+        raise ApiError(400, "page must be a whole number") from None
+    if not 0 <= page < pages:
+        raise ApiError(400, f"page must be between 1 and {pages}")
+    return page, pages
+
+
+def _worst(states: list[HealthState]) -> HealthState:
+    return min(states, key=SEVERITY.index) if states else HealthState.UNKNOWN
+
+
+def _timeline(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History grouped by step (in the order steps first ran), attempts in order."""
+    steps: dict[tuple[str, bool], dict[str, Any]] = {}
+    for attempt in history:
+        compensation = attempt["kind"] == "compensate"
+        step = steps.setdefault(
+            (attempt["step"], compensation),
+            {"name": attempt["step"], "compensation": compensation, "attempts": []},
+        )
+        step["attempts"].append(attempt)
+        step["outcome"] = attempt["outcome"]
+    return list(steps.values())
+
+
+def _bar_class(tally: Any, objective: float) -> str:
+    if tally is None or tally.ratio is None:
+        return "none"
+    if tally.ratio * 100 >= objective:
+        return "up"
+    return "partial" if tally.ratio >= 0.9 else "down"
+
+
+def _sparkline(values: tuple[float | None, ...], width: int = 96, height: int = 24) -> str:
+    """SVG polyline points for hourly latencies (gaps skipped), scaled to the maximum."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return ""
+    top = max(known) or 1.0
+    step = width / max(1, len(values) - 1)
+    points = [
+        f"{i * step:.1f},{height - 2 - (v / top) * (height - 4):.1f}"
+        for i, v in enumerate(values)
+        if v is not None
+    ]
+    if len(points) == 1:  # a service's first hour: one point draws nothing, so a short dash
+        x, y = (float(c) for c in points[0].split(","))
+        points.insert(0, f"{max(0.0, x - 4):.1f},{y:.1f}")
+    return " ".join(points)
+
+
+def _when(at: float | None) -> str:
+    if at is None:
+        return ""
+    return datetime.fromtimestamp(at, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@functools.lru_cache(maxsize=512)  # the same 90 days under every service's bars
+def _day(day: int) -> str:
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+
+
+def _percent(ratio: float | None, digits: int = 2) -> str:
+    return NO_DATA if ratio is None else f"{ratio * 100:.{digits}f}%"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return NO_DATA
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def openapi_paths() -> dict[str, Any]:
+    def html(summary: str, operation: str, *params: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "get": {
+                "summary": summary,
+                "operationId": operation,
+                "parameters": list(params),
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **error_responses(400, 401, 404),
+                },
+            }
+        }
+
+    page = query_param("page", "1-based page number", {"type": "integer", "minimum": 1})
+    return {
+        "/": html("Status page: services by tag, health, uptime, SLOs", "statusPage", page),
+        "/services/{service}": html(
+            "Status of one service: instances, failing conditions, SLOs, recent changes",
+            "servicePage",
+            path_param("service", "service name"),
+            page,
+        ),
+        "/workflows": html("Workflows: processes by status, recent processes", "workflowsPage"),
+        "/processes/{id}": html(
+            "One process as a timeline of steps and attempts",
+            "processPage",
+            path_param("id", "process id"),
+        ),
+        "/static/{name}": html(
+            "The page's stylesheet and script", "pageAsset", path_param("name", "asset")
+        ),
+        "/login": {
+            **html("Sign-in form (auth on): a token for a read-only session", "loginPage"),
+            "post": {
+                "summary": "Exchange a token for a read-only session cookie",
+                "operationId": "login",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {
+                                    "token": {"type": "string"},
+                                    "next": {"type": "string"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {"description": "signed in (or auth is off): to `next`"},
+                    "401": {
+                        "description": "not a valid token: the form again",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **error_responses(400, 403, 415),
+                },
+            },
+        },
+        "/logout": {
+            "post": {
+                "summary": "End the session",
+                "operationId": "logout",
+                "responses": {"303": {"description": "to /login"}},
+            }
+        },
+    }

@@ -1,0 +1,33 @@
+"""Probing: what a probe is, how it runs (in the loop or in a worker) and how its result is judged.
+
+The exports load on first use, so that `python -m monitor.probing.worker` starts a
+probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .conditions import ConditionError, parse_condition, parse_conditions
+    from .prober import Probe, Prober, ProbeResult, resolve_probe
+
+__all__ = [
+    "ConditionError",
+    "Probe",
+    "ProbeResult",
+    "Prober",
+    "parse_condition",
+    "parse_conditions",
+    "resolve_probe",
+]
+
+_HOMES = dict.fromkeys(["ConditionError", "parse_condition", "parse_conditions"], ".conditions")
+_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "Prober", "resolve_probe"], ".prober")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)

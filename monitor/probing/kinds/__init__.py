@@ -1,0 +1,1 @@
+"""Probe kinds: the wire code of each probe type."""

@@ -1,0 +1,398 @@
+"""Probe workers: processes that do the network part of probes beside the API's loop.
+
+A probe's connect, send, read and close cost the event loop more than anything
+else the daemon does for it (about 0.25 ms of loop time each), and a fleet of
+10,000 instances probed every 10 s asks for 1,000 a second: a quarter of the
+loop that serves registrations and heartbeats. So the daemon sends each probe
+(`Job`: where to connect, the request's bytes already built and checked) to a
+worker process over a pipe, and gets back its `Answer` (status, a capped body,
+timings, the error); conditions, health, SLOs and storage stay in the daemon.
+Both ends batch: every job or answer ready in one turn of a loop goes as one
+frame, so a thousand probes a second cost the daemon a few hundred small reads.
+
+The worker is `python -m monitor.probing.worker`: the standard library, uvloop
+when installed, and kinds/http_wire.py; nothing of the daemon (a few MB of RSS).
+A frame is a 4-byte big-endian length and a `marshal`ed list of tuples
+(both ends are this code, run by the same interpreter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import marshal
+import os
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
+
+from monitor.probing.kinds.http_wire import (
+    HttpTarget,
+    ProbeProtocolError,
+    connect_only,
+    describe_os_error,
+    exchange,
+    short_text,
+)
+
+log = logging.getLogger(__name__)
+
+FRAME = struct.Struct(">I")
+MAX_FRAME = 256 * 1024 * 1024
+FLUSH_BYTES = 4 * 1024 * 1024  # a batch of answers with bodies this large goes at once
+RESTART_DELAY = 1.0  # seconds before a worker that ended is started again; doubles
+
+
+class Job(NamedTuple):
+    id: int
+    host: str
+    port: int
+    tls: bool  # TLS: with a certificate check when `verify`
+    verify: bool
+    request: bytes | None  # None: connect (and handshake), nothing sent: tcp and tls probes
+    cap: int  # body bytes kept
+    timeout: float
+
+
+class Answer(NamedTuple):
+    id: int
+    at: float  # wall clock at the start
+    response_time: float
+    connected: bool
+    status: int | None
+    body: bytes
+    certificate_expires_at: float | None
+    error: str | None
+
+
+def encode(items: list[tuple[object, ...]]) -> bytes:
+    payload = marshal.dumps(items)
+    return FRAME.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frames and hands each decoded item to `take`."""
+
+    def __init__(self, take: Callable[[Any], None]) -> None:
+        self._take = take
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= FRAME.size:
+            (size,) = FRAME.unpack_from(buffer, start)
+            if size > MAX_FRAME:
+                raise ValueError(f"probe worker frame of {size} bytes")
+            end = start + FRAME.size + size
+            if len(buffer) < end:
+                break
+            # Only ever the daemon and its own worker on a pipe between them: not input.
+            for item in marshal.loads(bytes(buffer[start + FRAME.size : end])):  # noqa: S302
+                self._take(item)
+            start = end
+        del buffer[:start]
+
+
+class _Batcher:
+    """Everything `add`ed in one turn of the loop is written as one frame."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._write = write
+        self._items: list[tuple[object, ...]] = []
+        self._bytes = 0
+
+    def add(self, item: tuple[object, ...], size: int = 0) -> None:
+        """`size`: the item's bulk (a body); past FLUSH_BYTES the batch goes at once."""
+        if not self._items:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._items.append(tuple(item))  # marshal takes plain tuples only
+        self._bytes += size
+        if self._bytes > FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._items:
+            items, self._items, self._bytes = self._items, [], 0
+            self._write(encode(items))
+
+
+# -- the worker process ------------------------------------------------------------------
+
+
+class _Worker:
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        self._answers = _Batcher(write)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._verifying = ssl.create_default_context()
+        self._insecure = ssl.create_default_context()
+        self._insecure.check_hostname = False
+        self._insecure.verify_mode = ssl.CERT_NONE
+
+    def take(self, item: Any) -> None:
+        task = asyncio.ensure_future(self._run(Job(*item)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, job: Job) -> None:
+        at, started = time.time(), time.perf_counter()
+        context = (self._verifying if job.verify else self._insecure) if job.tls else None
+        status, body, expires, error = None, b"", None, None
+        try:
+            async with asyncio.timeout(job.timeout):
+                if job.request is None:
+                    expires = await connect_only(job.host, job.port, context=context)
+                else:
+                    target = HttpTarget(job.host, job.port, job.tls, job.request)
+                    answer = await exchange(target, cap=job.cap, context=context)
+                    status, body = answer.status, answer.body
+                    expires = answer.certificate_expires_at
+        except TimeoutError:
+            error = f"timeout after {job.timeout:g}s"
+        except (OSError, ProbeProtocolError) as exc:
+            error = describe_os_error(exc) or short_text(exc)
+        except Exception as exc:  # one probe's fault must not end the worker
+            error = f"probe failed: {describe_os_error(exc) or short_text(exc)}"
+        elapsed = time.perf_counter() - started
+        self._answers.add(Answer(job.id, at, elapsed, error is None, status, body, expires, error))
+
+
+async def _serve() -> None:
+    loop = asyncio.get_running_loop()
+    closed = loop.create_future()
+
+    class Output(asyncio.Protocol):
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not closed.done():
+                closed.set_result(None)
+
+    out, _ = await loop.connect_write_pipe(Output, os.fdopen(1, "wb", buffering=0))
+    worker = _Worker(out.write)
+    frames = FrameReader(worker.take)
+
+    class Input(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            try:
+                frames.feed(data)
+            except Exception:  # out of step with the daemon: end, it starts another
+                log.exception("probe worker: unreadable frame from the daemon")
+                if not closed.done():
+                    closed.set_result(None)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not closed.done():  # the daemon closed the pipe or exited: so do we
+                closed.set_result(None)
+
+    await loop.connect_read_pipe(Input, os.fdopen(0, "rb", buffering=0))
+    await closed
+
+
+def main() -> None:
+    sys.stdout = sys.stderr  # fd 1 carries frames; a stray print must not corrupt them
+    try:
+        import uvloop  # optional speed-up, as in the daemon
+
+        runner: Callable[..., object] = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    with contextlib.suppress(KeyboardInterrupt):
+        runner(_serve())
+
+
+# -- the daemon's side -------------------------------------------------------------------
+
+
+class WorkerGone(Exception):
+    """The worker running a probe exited, or stalled and was killed, before answering."""
+
+
+class _Pipe(asyncio.SubprocessProtocol):
+    def __init__(self, pool: ProbeWorkers, slot: int) -> None:
+        self.pool, self.slot = pool, slot
+        self.pending: dict[int, asyncio.Future[Answer]] = {}
+        self.frames = FrameReader(self._answer)
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.jobs: _Batcher | None = None
+        self.gone = asyncio.Event()
+        self.started = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if fd != 1 or not isinstance(data, bytes):
+            return
+        try:
+            self.frames.feed(data)
+        except Exception as exc:  # a frame we cannot read: this pipe is out of step for good
+            self.kill(f"sent a frame the daemon cannot read ({short_text(exc)})")
+
+    def _answer(self, item: Any) -> None:
+        answer = Answer(*item)
+        future = self.pending.pop(answer.id, None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    def kill(self, why: str) -> None:
+        """Stop using this worker and end it; its probes in flight raise WorkerGone."""
+        if self.pool.retire(self):
+            log.warning("probe worker %d %s; killing it", self.slot, why)
+        if self.transport is not None and self.transport.get_returncode() is None:
+            self.transport.kill()
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        if fd == 1:  # no answer can come any more (every one sent has been read)
+            self._fail_pending()
+
+    def process_exited(self) -> None:
+        self._fail_pending()
+        self.gone.set()
+        self.pool.exited(self)
+
+    def _fail_pending(self) -> None:
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(WorkerGone())
+        self.pending.clear()
+
+
+def _worker_argv() -> list[str]:
+    """`-P`: the working directory does not go first on the worker's path, so a
+    `monitor` package wherever the daemon was started cannot stand in for ours."""
+    return [sys.executable, "-P", "-m", "monitor.probing.worker"]
+
+
+def _worker_environment() -> dict[str, str]:
+    """The daemon's own module path, in its order: the worker imports exactly the
+    modules the daemon did (a checkout, an installed wheel, a venv alike)."""
+    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
+class ProbeWorkers:
+    """`count` probe worker processes; `run` sends a job to the one with the fewest in
+    flight. A worker that exits, stalls (no answer within a job's timeout plus
+    `grace`) or sends what cannot be read is killed and started again, after a
+    delay that doubles while they keep failing (1 s to a minute); its probes in
+    flight raise WorkerGone."""
+
+    def __init__(self, count: int, *, grace: float = 5.0) -> None:
+        self.count, self.grace = count, grace
+        self._pipes: list[_Pipe | None] = [None] * count
+        self._failures = [0] * count
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._ids = 0
+        self._closing = False
+
+    @property
+    def ready(self) -> bool:
+        return any(pipe is not None for pipe in self._pipes)
+
+    async def start(self) -> None:
+        for slot in range(self.count):
+            try:
+                await self._spawn(slot)
+            except OSError as exc:
+                log.error("probe worker %d could not start: %s", slot, exc)
+                self._restart(slot)
+
+    async def _spawn(self, slot: int) -> None:
+        loop = asyncio.get_running_loop()
+        pipe = _Pipe(self, slot)
+        transport, _ = await loop.subprocess_exec(
+            lambda: pipe,
+            *_worker_argv(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=None,  # the daemon's own stderr: a worker's traceback lands in its log
+            env=_worker_environment(),
+        )
+        # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check.
+        stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
+        pipe.jobs = _Batcher(stdin.write)
+        if self._closing:
+            transport.kill()
+            return
+        self._pipes[slot] = pipe
+
+    def retire(self, pipe: _Pipe) -> bool:
+        """Take `pipe` out of use (it is ending); False if it already was."""
+        if self._pipes[pipe.slot] is not pipe:
+            return False
+        self._pipes[pipe.slot] = None
+        if not self._closing:
+            # A worker that lived a minute was fine: its successor starts at once.
+            lived = time.monotonic() - pipe.started
+            self._failures[pipe.slot] = 0 if lived > 60 else self._failures[pipe.slot] + 1
+            self._restart(pipe.slot)
+        return True
+
+    def exited(self, pipe: _Pipe) -> None:
+        code = pipe.transport.get_returncode() if pipe.transport else None
+        if self.retire(pipe):
+            log.warning("probe worker %d exited (code %s); starting another", pipe.slot, code)
+
+    def _restart(self, slot: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._respawn(slot))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _respawn(self, slot: int) -> None:
+        while not self._closing:
+            await asyncio.sleep(min(60.0, RESTART_DELAY * 2 ** max(0, self._failures[slot] - 1)))
+            try:
+                await self._spawn(slot)
+                return
+            except OSError as exc:
+                self._failures[slot] += 1
+                log.error("probe worker %d could not start: %s", slot, exc)
+
+    async def run(self, job: Job) -> Answer:
+        """Raises WorkerGone when no worker runs, or its worker ends or stalls first."""
+        pipes = [pipe for pipe in self._pipes if pipe is not None and pipe.jobs is not None]
+        if not pipes:
+            raise WorkerGone()
+        pipe = min(pipes, key=lambda p: len(p.pending))
+        self._ids += 1
+        job = job._replace(id=self._ids)
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        pipe.pending[job.id] = future
+        assert pipe.jobs is not None
+        pipe.jobs.add(job)
+        try:
+            async with asyncio.timeout(job.timeout + self.grace):
+                return await future
+        except TimeoutError:  # the worker times its probes out itself: it has stalled
+            pipe.kill(f"did not answer a probe within {job.timeout + self.grace:g}s")
+            raise WorkerGone() from None
+        finally:
+            pipe.pending.pop(job.id, None)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in list(self._restarts):
+            task.cancel()
+        pipes = [pipe for pipe in self._pipes if pipe is not None and pipe.transport is not None]
+        for pipe in pipes:
+            stdin = pipe.transport.get_pipe_transport(0) if pipe.transport else None
+            if stdin is not None:
+                stdin.close()  # end of input: the worker exits
+        await asyncio.gather(*(self._ended(pipe) for pipe in pipes))
+        self._pipes = [None] * self.count
+
+    @staticmethod
+    async def _ended(pipe: _Pipe) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(pipe.gone.wait(), 2.0)
+        if pipe.transport is not None:
+            if pipe.transport.get_returncode() is None:
+                pipe.transport.kill()
+            pipe.transport.close()
+
+
+if __name__ == "__main__":
+    main()

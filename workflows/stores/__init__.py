@@ -1,0 +1,1 @@
+"""Where workflows keep processes and events: one module per database."""
