@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from monitor.convert import definition_from_config
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
@@ -21,6 +22,8 @@ from monitor.health.metrics import ProbeMetrics, render
 from monitor.health.results import ResultStore
 from monitor.http import openapi as registry_openapi
 from monitor.http.auth import Authorizer
+from monitor.http.errors import error_middleware, error_response
+from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
 from monitor.http.routes import health as health_api
 from monitor.http.routes import workflows_openapi as workflow_openapi
 from monitor.http.routes.health import HealthRoutes, SloRoutes
@@ -45,49 +48,50 @@ from registry import (
     StoreUnavailable,
     SystemClock,
 )
-from registry.errors import MAX_BODY_BYTES, READ_TIMEOUT, error_middleware, error_response
 from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
 from scheduler import EventBus, Scheduler
-from workflows import Definition, from_config
+from workflows import Definition
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 from workflows.metrics import ProcessCollector, WorkflowMetrics, topic_label
 from workflows.stores.sqlite import ProcessStore
 
 from .config import Config
+from .keys import (
+    AUTHORIZER,
+    BUS,
+    CALENDAR,
+    CATALOG,
+    CHECKER,
+    CONFIG,
+    DATABASE,
+    ENGINE,
+    HEAP,
+    LIVE_CONFIG,
+    METRICS,
+    NOTIFIER,
+    PAGE,
+    PROBE_METRICS,
+    REAPER,
+    REGISTRY_ROUTES,
+    RELOADER,
+    RESULTS,
+    SCHEDULER,
+    SHEDDER,
+    SLO_METRICS,
+    SLO_ROUTES,
+    SLOS,
+    WORKFLOW_ROUTES,
+    WORKFLOW_SLOS,
+)
 from .reload import LiveConfig, Reloader, probe_latency_buckets
 
 log = logging.getLogger(__name__)
 
-CONFIG = web.AppKey("config", Config)
-DATABASE = web.AppKey("database", Database)
-CATALOG = web.AppKey("catalog", Catalog)
-METRICS = web.AppKey("metrics", CollectorRegistry)
-REAPER = web.AppKey("reaper", asyncio.Task[None])
-BUS = web.AppKey("bus", EventBus)
-SCHEDULER = web.AppKey("scheduler", Scheduler)
-CHECKER = web.AppKey("checker", HealthChecker)
-RESULTS = web.AppKey("results", ResultStore)
-PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
-SLOS = web.AppKey("slos", SloBook)
-SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)
-ENGINE = web.AppKey("engine", Engine)
-WORKFLOW_SLOS = web.AppKey("workflow_slos", WorkflowSlos)
-NOTIFIER = web.AppKey("notifier", Notifier)
-PAGE = web.AppKey("page", StatusPage)
-LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
-RELOADER = web.AppKey("reloader", Reloader)
-SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
-CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
-REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
-SHEDDER = web.AppKey("shedder", LoadShedder)
-AUTHORIZER = web.AppKey("authorizer", Authorizer)
-WORKFLOW_ROUTES = web.AppKey("workflow_routes", WorkflowRoutes)
 SLO_INTERVAL = 30.0
 SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
-HEAP = web.AppKey("heap", asyncio.Task[None])
 FREEZE_INTERVAL = 1.0
 
 
@@ -242,7 +246,7 @@ def _workflow_engine(
 ) -> Engine:
     """Definitions from the config; steps call instances the registry and health book allow."""
     catalog = app[CATALOG]
-    definitions = [from_config(workflow) for workflow in config.workflows]
+    definitions = [definition_from_config(workflow) for workflow in config.workflows]
 
     def candidates(service: str) -> list[tuple[str, str]]:
         targets = app[REGISTRY_ROUTES].targets  # the live policy: a reload may narrow it
@@ -329,7 +333,7 @@ async def apply_config(app: web.Application, old: Config, new: Config) -> None:
     app[SHEDDER].max_lag = new.server.overload_lag.total_seconds()
     await app[SLOS].configure(new.services, app[DATABASE], clock)
     app[SLO_ROUTES].services = {s.name for s in new.services}
-    definitions = [from_config(workflow) for workflow in new.workflows]
+    definitions = [definition_from_config(workflow) for workflow in new.workflows]
     app[ENGINE].configure(definitions)
     await app[WORKFLOW_SLOS].configure(
         {d.name: d.objective for d in definitions}, app[ENGINE].store.outcomes, clock

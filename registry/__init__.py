@@ -7,16 +7,12 @@ from .catalog import (
     Change,
     ChangeKind,
     Clock,
-    Conflict,
     HealthSource,
     InstanceStatus,
-    NotFound,
-    Overloaded,
-    RegistryError,
-    StoreUnavailable,
     SystemClock,
 )
 from .durations import format_duration, parse_duration
+from .errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from .model import (
     Duration,
     HealthState,
@@ -41,7 +37,6 @@ __all__ = [
     "Instance",
     "InstanceStatus",
     "Name",
-    "NotFound",
     "Overloaded",
     "ProbeSpec",
     "RegistrationBody",
@@ -52,6 +47,7 @@ __all__ = [
     "SystemClock",
     "Tags",
     "Transactor",
+    "UnknownInstance",
     "format_duration",
     "parse_duration",
 ]

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from registry.stores.sqlite import RegistryStore
 
-from .errors import ApiError
+from .errors import Conflict, StoreUnavailable, UnknownInstance
 from .model import HealthState, Instance
 
 log = logging.getLogger(__name__)
@@ -45,39 +45,6 @@ class SystemClock:
 
     def time(self) -> float:
         return time.time()
-
-
-class RegistryError(ApiError):
-    """A registry operation refused; the class says which HTTP status it maps to."""
-
-    status = 400
-    code = "bad_request"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(type(self).status, message, code=type(self).code)
-
-
-class NotFound(RegistryError):
-    status = 404
-    code = "not_found"
-
-
-class Conflict(RegistryError):
-    status = 409
-    code = "conflict"
-
-
-class StoreUnavailable(RegistryError):
-    """The change could not be made durable, so it was not made at all."""
-
-    status = 503
-    code = "storage_unavailable"
-
-
-class Overloaded(StoreUnavailable):
-    """Too many changes are waiting for the disk: this one was refused before queueing."""
-
-    code = "overloaded"
 
 
 class ChangeKind(enum.StrEnum):
@@ -297,7 +264,7 @@ class Catalog:
         self.expire_due()
         entry = self._entry(service, instance_id)
         if entry is None or entry.removed:
-            raise NotFound(f"instance {service}/{instance_id} is not registered")
+            raise UnknownInstance(f"instance {service}/{instance_id} is not registered")
         if entry.instance.static:
             raise Conflict(f"{service}/{instance_id} is defined in config.yaml; change it there")
         return entry

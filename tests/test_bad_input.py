@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from monitor.app import CONFIG
 from monitor.config import Config
+from monitor.keys import CONFIG
 
 from .conftest import AppClient
 from .test_registry import PAYMENTS_1

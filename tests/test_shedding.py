@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 
-from monitor.app import SHEDDER
 from monitor.config import Config
+from monitor.http.errors import error_response
+from monitor.http.shedding import BODY
+from monitor.keys import SHEDDER
 
 from .conftest import AppClient, FakeClock, metric_families
 
@@ -87,3 +89,12 @@ async def test_with_overload_lag_zero_nothing_is_ever_shed(
     clock.advance(11)  # leases still lapse: expiry was not paused either
     listed = await (await client.get("/v1/services/a")).json()
     assert [i["health"] for i in listed["instances"]] == ["critical"]
+
+
+def test_the_shed_answer_is_the_error_shape_every_route_uses() -> None:
+    """The shedder sends bytes encoded once (it answers while the loop is behind);
+    they must stay the JSON error shape with its overloaded code."""
+    expected = error_response(
+        503, "the daemon is overloaded; retry after the Retry-After seconds", code="overloaded"
+    )
+    assert expected.body == BODY

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.app import BUS
 from monitor.config import Config
+from monitor.keys import BUS
 from scheduler import Event
 
 from .conftest import AppClient, FakeClock, metric_families

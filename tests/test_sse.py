@@ -13,8 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from monitor.app import BUS, CONFIG, ENGINE
 from monitor.config import Config, ConfigError, parse_config
+from monitor.keys import BUS, CONFIG, ENGINE
 
 from .conftest import AppClient, FakeClock, metric_families, until
 from .services import Receiver

@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from monitor.app import DATABASE
 from monitor.config import Config
+from monitor.keys import DATABASE
 from registry import StoreUnavailable
 
 from .conftest import AppClient, metric_families, until
@@ -136,7 +136,7 @@ async def test_a_read_only_database_refuses_writes_with_503_and_recovers(
 async def test_probe_results_and_slo_minutes_wait_out_a_full_disk(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
-    from monitor.app import RESULTS
+    from monitor.keys import RESULTS
     from monitor.probing import ProbeResult
 
     client = await start_daemon(make_config())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from monitor.config import ConfigError, config_warnings, parse_config
-from workflows import DefinitionError, Retry, Workflow, call, from_config, publish, wait_for
+from monitor.convert import definition_from_config
+from workflows import DefinitionError, Retry, Workflow, call, publish, wait_for
 
 YAML = """\
 workflows:
@@ -43,7 +44,7 @@ def test_the_builder_and_the_config_give_the_same_definition() -> None:
         .step("notify", publish("grant.paid"), delay="1h")
         .build()
     )
-    assert from_config(parse_config(YAML).workflows[0]) == built
+    assert definition_from_config(parse_config(YAML).workflows[0]) == built
 
 
 def test_the_builder_refuses_duplicates_and_unknown_references() -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.app import BUS
 from monitor.config import Config
+from monitor.keys import BUS
 from scheduler import Event
 
 from .conftest import AppClient, FakeClock, metric_families, until
@@ -360,7 +360,7 @@ async def test_events_stream_as_server_sent_events(daemon: AppClient) -> None:
 async def test_finished_processes_are_pruned_after_the_retention(
     daemon: AppClient, clock: FakeClock
 ) -> None:
-    from monitor.app import ENGINE
+    from monitor.keys import ENGINE
 
     done = await start(daemon, "GrantPayment", {"input": {"amount": 5}})
     running = await start(daemon, "Slow", {"input": {}}, wait="0s")

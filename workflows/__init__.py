@@ -1,16 +1,16 @@
-"""What runs across the services: workflow definitions, the durable engine, its routes."""
+"""What runs across the services: workflow definitions and the durable engine."""
+
+from scheduler.retry import Retry
 
 from .definition import (
     Call,
     Definition,
     DefinitionError,
     Publish,
-    Retry,
     Step,
     WaitFor,
     Workflow,
     call,
-    from_config,
     publish,
     wait_for,
 )
@@ -25,7 +25,6 @@ __all__ = [
     "WaitFor",
     "Workflow",
     "call",
-    "from_config",
     "publish",
     "wait_for",
 ]

@@ -18,8 +18,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from registry.errors import UnstorableJson, load_json
 from registry.model import request_problem
+from registry.storable import load_json
 
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
@@ -136,5 +136,5 @@ def _output(raw: bytes) -> Any:
         return None
     try:
         return load_json(raw)  # bounded like request bodies: the output is stored
-    except UnstorableJson:
+    except ValueError:  # malformed, or unstorable as it is
         return {"text": raw.decode("utf-8", "replace")}

@@ -19,18 +19,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from registry import parse_duration
+from scheduler.retry import DEFAULT_RETRY, Retry
 
 from . import templates
 
-if TYPE_CHECKING:
-    from monitor import config as cfg
-
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_OBJECTIVE = 99.0
-RETRYABLE = frozenset({429, *range(500, 600)})
 
 
 class DefinitionError(ValueError):
@@ -46,37 +43,6 @@ class Call:
     path: str = "/"
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class Retry:
-    """Exponential backoff with full jitter; which HTTP statuses are worth another try."""
-
-    max_attempts: int = 3
-    backoff: float = 1.0  # seconds before the second attempt (before jitter)
-    factor: float = 2.0
-    max_backoff: float = 60.0
-    retry_on: frozenset[int] = RETRYABLE  # plus connection errors and timeouts, always
-
-    def delay(self, attempt: int, jitter: float) -> float:
-        """Seconds to wait after failed attempt `attempt` (1-based); jitter in [0, 1)."""
-        ceiling = min(self.max_backoff, self.backoff * self.factor ** (attempt - 1))
-        return ceiling * (0.5 + jitter / 2)  # "equal jitter": never less than half
-
-
-def retry_from_config(retry: cfg.Retry, retry_on: frozenset[int] = RETRYABLE) -> Retry:
-    """A config `retry:` block as a policy; `retry_on` when the block names no statuses."""
-    return Retry(
-        retry.max_attempts,
-        retry.backoff.total_seconds(),
-        retry.factor,
-        retry.max_backoff.total_seconds(),
-        frozenset(retry.retry_on) if retry.retry_on is not None else retry_on,
-    )
-
-
-NO_RETRY = Retry(max_attempts=1)
-DEFAULT_RETRY = Retry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,48 +198,6 @@ def validate(definition: Definition) -> list[str]:
 def unknown_services(definition: Definition, known: set[str]) -> list[str]:
     """Warnings: services neither configured nor registered yet (they may register later)."""
     return sorted(definition.services() - known)
-
-
-def from_config(workflow: cfg.Workflow) -> Definition:
-    """The same frozen value as the builder's, from a validated config entry."""
-    steps = []
-    for step in workflow.steps:
-        action: Action
-        if step.call is not None:
-            action = _call(step.call)
-        elif step.publish is not None:
-            action = Publish(step.publish)
-        else:
-            assert step.wait_for is not None  # the config allows exactly one action
-            timeout = step.wait_for.timeout
-            action = WaitFor(
-                step.wait_for.event,
-                dict(step.wait_for.match),
-                timeout.total_seconds() if timeout else None,
-            )
-        retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
-        steps.append(
-            Step(
-                step.name,
-                action,
-                step.delay.total_seconds() if step.delay else None,
-                step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
-                retry,
-                _call(step.compensate) if step.compensate is not None else None,
-            )
-        )
-    return Definition(
-        workflow.name,
-        tuple(steps),
-        workflow.route,
-        workflow.trigger.event if workflow.trigger else None,
-        workflow.deadline.total_seconds() if workflow.deadline else None,
-        workflow.objective,
-    )
-
-
-def _call(spec: cfg.Call) -> Call:
-    return Call(spec.service, spec.method, spec.path, spec.body, dict(spec.headers))
 
 
 def _seconds(value: str | float | timedelta | None) -> float | None:

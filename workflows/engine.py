@@ -39,6 +39,7 @@ from workflows.stores.sqlite import Attempt, NewEvent, Process, ProcessStore, St
 from . import templates
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
+from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
 
 log = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ MIN_COMPENSATION_ATTEMPTS = 3
 STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
-
-
-class WorkflowError(Exception):
-    """A request the engine refuses (unknown workflow, cancel of a finished process)."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Engine:
@@ -122,7 +115,7 @@ class Engine:
         """Start a process (durable when this returns); the same key gives the same one."""
         definition = self.definitions.get(name)
         if definition is None:
-            raise WorkflowError(404, f"no workflow named {name!r}")
+            raise UnknownWorkflow(f"no workflow named {name!r}")
         [(process, new)], _ = await self.store.create(
             [self._new(definition, input_, idempotency_key)], None
         )
@@ -199,8 +192,8 @@ class Engine:
         if process is None:
             stored = await self.store.get(process_id)
             if stored is None:
-                raise WorkflowError(404, f"no process {process_id!r}")
-            raise WorkflowError(409, f"process {process_id} is {stored[0].status}")
+                raise UnknownProcess(f"no process {process_id!r}")
+            raise ProcessFinished(f"process {process_id} is {stored[0].status}")
         if not process.cancel_requested:
             process.cancel_requested = True
             process.updated_at = self._clock()

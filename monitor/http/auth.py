@@ -25,7 +25,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from registry.errors import ApiError, Handler
+from monitor.http.errors import Handler, HttpError
 from scheduler.bus import AUDIT_TOPICS, READABLE_TOPICS
 
 log = logging.getLogger(__name__)
@@ -140,9 +140,9 @@ class Authorizer:
             return
         grant = request.get(GRANT)
         if grant is None:
-            raise ApiError(401, "a bearer token is required", code="unauthorized")
+            raise HttpError(401, "a bearer token is required", code="unauthorized")
         if not grant.allows(verb, subject):
-            raise ApiError(403, f"token has no scope for {verb}:{subject}", code="forbidden")
+            raise HttpError(403, f"token has no scope for {verb}:{subject}", code="forbidden")
 
     def middleware(self) -> Middleware:
         @web.middleware
@@ -157,7 +157,7 @@ class Authorizer:
             if grant is None and (not safe or self.protect_reads):
                 if safe and "text/html" in request.headers.get("Accept", ""):
                     raise web.HTTPSeeOther(f"/login?{urlencode({'next': request.path_qs})}")
-                raise ApiError(401, "a valid bearer token is required", code="unauthorized")
+                raise HttpError(401, "a valid bearer token is required", code="unauthorized")
             if grant is not None:
                 request[GRANT] = grant
             return await handler(request)

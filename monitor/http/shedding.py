@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from registry.errors import Handler
+from monitor.http.errors import Handler
 
 SAMPLE_INTERVAL = 0.01
 HIGH_SAMPLES = 3

@@ -28,10 +28,11 @@ import sqlite_utils
 from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Notification
+from monitor.convert import retry_from_config
 from registry import HealthState, StoreUnavailable, Transactor
 from scheduler import Event, EventBus
 from scheduler.bus import Subscription, matches
-from workflows.definition import Retry, retry_from_config
+from scheduler.retry import Retry
 
 log = logging.getLogger(__name__)
 

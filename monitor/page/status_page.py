@@ -28,10 +28,11 @@ from monitor.config import Config
 from monitor.health.book import HealthBook
 from monitor.health.uptime import Uptime, UptimeSummary
 from monitor.http.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
+from monitor.http.body import read_body
+from monitor.http.errors import HttpError
 from monitor.http.openapi import error_responses, path_param, query_param
 from monitor.slo.book import SloBook
 from registry import Catalog, HealthState, InstanceStatus
-from registry.errors import ApiError, read_body
 from scheduler import Event, EventBus, Subscription
 from workflows.engine import Engine
 from workflows.stores.sqlite import STATUSES
@@ -177,7 +178,7 @@ class StatusPage:
     async def service(self, request: web.Request) -> web.Response:
         name = request.match_info["service"]
         if name not in self._catalog.service_names():
-            raise ApiError(404, f"no service named {name!r}")
+            raise HttpError(404, f"no service named {name!r}")
         now = self._clock()
         statuses = self._catalog.instances(name)
         page, pages = _page(request, len(statuses), INSTANCES_PER_PAGE)
@@ -215,7 +216,7 @@ class StatusPage:
     async def process(self, request: web.Request) -> web.Response:
         described = await self._engine.describe(request.match_info["id"])
         if described is None:
-            raise ApiError(404, f"no process {request.match_info['id']!r}")
+            raise HttpError(404, f"no process {request.match_info['id']!r}")
         return await self._render(
             "process.html",
             title=f"{described['workflow']} {described['id']}",
@@ -227,7 +228,7 @@ class StatusPage:
     async def asset(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self._assets:
-            raise ApiError(404, f"no asset {name!r}")
+            raise HttpError(404, f"no asset {name!r}")
         return web.Response(
             body=self._assets[name],
             content_type=ASSETS[name],
@@ -244,14 +245,14 @@ class StatusPage:
     async def login(self, request: web.Request) -> web.Response:
         """Exchange a token (form field) for a read-only session cookie."""
         if _cross_site(request):
-            raise ApiError(403, "sign-in from another site is refused", code="forbidden")
+            raise HttpError(403, "sign-in from another site is refused", code="forbidden")
         if not self._auth.enabled:
             raise web.HTTPSeeOther("/")
         raw = await read_body(request)  # bounded in size and time, like every other body
         if request.content_type not in FORM_TYPES:
-            raise ApiError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
+            raise HttpError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
         if (request.charset or "utf-8").lower() not in FORM_CHARSETS:
-            raise ApiError(415, f"expected a UTF-8 form, got charset {request.charset!r}")
+            raise HttpError(415, f"expected a UTF-8 form, got charset {request.charset!r}")
         form = _sign_in_form(raw)
         target = _next_path(form.get("next", "/"))
         grant = self._auth.identify(f"Bearer {form.get('token', '')}")
@@ -390,7 +391,7 @@ def _sign_in_form(raw: bytes) -> dict[str, str]:
             max_num_fields=MAX_FORM_FIELDS,
         )
     except (UnicodeDecodeError, ValueError):  # not UTF-8, a field without "=", too many
-        raise ApiError(
+        raise HttpError(
             400,
             "malformed form body: expected at most "
             f"{MAX_FORM_FIELDS} UTF-8 name=value fields joined by &",
@@ -410,9 +411,9 @@ def _page(request: web.Request, total: int, size: int) -> tuple[int, int]:
     try:
         page = int(request.query.get("page", "1")) - 1
     except ValueError:
-        raise ApiError(400, "page must be a whole number") from None
+        raise HttpError(400, "page must be a whole number") from None
     if not 0 <= page < pages:
-        raise ApiError(400, f"page must be between 1 and {pages}")
+        raise HttpError(400, f"page must be between 1 and {pages}")
     return page, pages
 
 

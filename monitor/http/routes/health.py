@@ -8,12 +8,12 @@ from typing import Any
 from aiohttp import web
 
 from monitor.health.book import HealthBook
+from monitor.http.errors import HttpError
 from monitor.http.openapi import error_responses, json_content, path_param, query_param
+from monitor.http.responses import json_response
 from monitor.http.routes.registry import health_filter
 from monitor.slo.book import WINDOWS, SloBook, WorkflowSlos
 from registry import HealthState
-from registry.errors import ApiError
-from registry.responses import json_response
 
 
 class HealthRoutes:
@@ -59,14 +59,14 @@ class SloRoutes:
         name = request.match_info["name"]
         status = self.workflows.status(name, self.clock())
         if status is None:
-            raise ApiError(404, f"no workflow named {name!r}")
+            raise HttpError(404, f"no workflow named {name!r}")
         return json_response(status)
 
     async def service_slos(self, request: web.Request) -> web.Response:
         """Each SLO of a service: SLI, budget remaining, burn rates, this and last month's SLA."""
         service = request.match_info["service"]
         if service not in self.services:
-            raise ApiError(404, f"service {service} is not configured (SLOs live in config.yaml)")
+            raise HttpError(404, f"service {service} is not configured (SLOs live in config.yaml)")
         statuses = self.slos.statuses(service, self.clock()) or []
         return json_response({"service": service, "slos": statuses})
 

@@ -11,11 +11,12 @@ from typing import Any
 from aiohttp import web
 
 from monitor.http.auth import Authorizer
+from monitor.http.body import parse_body
+from monitor.http.errors import HttpError
+from monitor.http.responses import json_response
 from registry.catalog import Catalog, InstanceStatus
 from registry.durations import parse_duration
-from registry.errors import ApiError, parse_body
 from registry.model import HealthState, Instance, ProbeSpec, RegistrationBody, is_valid_name
-from registry.responses import json_response
 from registry.sd import sd_groups
 from registry.targets import TargetPolicy
 
@@ -68,16 +69,16 @@ class RegistryRoutes:
         refusal = self.targets.refusal(body.url)
         if refusal is not None:
             details = [{"field": "url", "message": refusal}]
-            raise ApiError(403, refusal, code="target_not_allowed", details=details)
+            raise HttpError(403, refusal, code="target_not_allowed", details=details)
         ttl = body.lease_seconds(self.leases.ttl)
         if ttl is not None and ttl < MIN_TTL:
-            raise ApiError(422, f"ttl must be at least {MIN_TTL:g}s", details=[{"field": "ttl"}])
+            raise HttpError(422, f"ttl must be at least {MIN_TTL:g}s", details=[{"field": "ttl"}])
         if self.check_probe is not None:
             try:
                 self.check_probe(service, body.probe)
             except ValueError as exc:
                 details = [{"field": "probe", "message": str(exc)}]
-                raise ApiError(422, "invalid probe settings", details=details) from None
+                raise HttpError(422, "invalid probe settings", details=details) from None
         deregister_after = body.deregister_after or self.leases.deregister_after
         now = self.catalog.now()
         instance = Instance(
@@ -129,7 +130,7 @@ class RegistryRoutes:
     async def get_service(self, request: web.Request) -> web.Response:
         service = request.match_info["service"]
         if not is_valid_name(service):
-            raise ApiError(400, "invalid service name", details=[{"field": "service"}])
+            raise HttpError(400, "invalid service name", details=[{"field": "service"}])
         health = health_filter(request)
         index = _query_index(request)
         if index is not None:
@@ -175,7 +176,7 @@ def _names(request: web.Request) -> tuple[str, str]:
         if not is_valid_name(value)
     ]
     if bad:
-        raise ApiError(400, "invalid service name or instance id", details=bad)
+        raise HttpError(400, "invalid service name or instance id", details=bad)
     return service, instance_id
 
 
@@ -195,7 +196,7 @@ def health_filter(request: web.Request, parameter: str = "health") -> set[Health
         return {HealthState(value) for value in raw.split(",")}
     except ValueError:
         allowed = ", ".join(state.value for state in HealthState)
-        raise ApiError(400, f"{parameter} must be one or more of: {allowed}") from None
+        raise HttpError(400, f"{parameter} must be one or more of: {allowed}") from None
 
 
 def _query_index(request: web.Request) -> int | None:
@@ -203,7 +204,7 @@ def _query_index(request: web.Request) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit() or len(raw) > 18:
-        raise ApiError(400, "index must be a non-negative integer", details=[{"field": "index"}])
+        raise HttpError(400, "index must be a non-negative integer", details=[{"field": "index"}])
     return int(raw)
 
 
@@ -215,6 +216,6 @@ def _query_wait(request: web.Request) -> float:
         try:
             wait = min(parse_duration(raw).total_seconds(), MAX_WAIT)
         except ValueError as exc:
-            raise ApiError(400, str(exc), details=[{"field": "wait"}]) from None
+            raise HttpError(400, str(exc), details=[{"field": "wait"}]) from None
     # Up to wait/16 of jitter spreads the herd of clients that all started waiting together.
     return wait + random.uniform(0, wait / 16)

@@ -11,13 +11,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.http.auth import Authorizer
+from monitor.http.body import parse_body, parse_json_object, read_body
+from monitor.http.errors import HttpError
+from monitor.http.responses import json_response
 from monitor.http.sse import EventStream, Frames, MemoryTrim
 from registry import parse_duration
-from registry.errors import ApiError, parse_body, parse_json_object, read_body
-from registry.responses import json_response
 from scheduler import EventBus
 from scheduler.bus import DAEMON_TOPICS
-from workflows.engine import Engine, WorkflowError
+from workflows.engine import Engine
 from workflows.stores.sqlite import STATUSES, Process
 
 MAX_WAIT = 300.0
@@ -123,7 +124,7 @@ class WorkflowRoutes:
         name = request.match_info["name"]
         self.auth.require(request, "start", name)
         if name not in self.engine.definitions:
-            raise ApiError(404, f"no workflow named {name!r}")
+            raise HttpError(404, f"no workflow named {name!r}")
         body = await parse_body(request, StartBody) if await read_body(request) else StartBody()
         return await self._start(request, name, body.input, body.idempotency_key)
 
@@ -131,10 +132,7 @@ class WorkflowRoutes:
         self, request: web.Request, name: str, input_: dict[str, Any], key: str | None
     ) -> web.Response:
         wait = _wait(request)
-        try:
-            process, created = await self.engine.start(name, input_, key)
-        except WorkflowError as exc:
-            raise ApiError(exc.status, str(exc)) from None
+        process, created = await self.engine.start(name, input_, key)
         if wait and await self.engine.wait(process.id, wait):
             return json_response(await self._full(process.id), status=200)
         return json_response(
@@ -148,7 +146,7 @@ class WorkflowRoutes:
         query = request.query
         status = query.get("status")
         if status is not None and status not in STATUSES:
-            raise ApiError(400, f"status must be one of {', '.join(STATUSES)}")
+            raise HttpError(400, f"status must be one of {', '.join(STATUSES)}")
         limit = _int(query.get("limit", "100"), "limit", 1, MAX_LIMIT)
         cursor = _int(query["cursor"], "cursor", 1, 2**62) if "cursor" in query else None
         page = await self.engine.store.page(query.get("workflow"), status, limit + 1, cursor)
@@ -168,18 +166,15 @@ class WorkflowRoutes:
         process_id = request.match_info["id"]
         stored = await self.engine.store.get(process_id)
         if stored is None:
-            raise ApiError(404, f"no process {process_id!r}")
+            raise HttpError(404, f"no process {process_id!r}")
         self.auth.require(request, "cancel", stored[0].workflow)
-        try:
-            process = await self.engine.cancel(process_id)
-        except WorkflowError as exc:
-            raise ApiError(exc.status, str(exc)) from None
+        process = await self.engine.cancel(process_id)
         return json_response({"id": process.id, "status": process.status}, status=202)
 
     async def _full(self, process_id: str) -> dict[str, Any]:
         described = await self.engine.describe(process_id)
         if described is None:
-            raise ApiError(404, f"no process {process_id!r}")
+            raise HttpError(404, f"no process {process_id!r}")
         return described
 
     def _live(self, process: Process) -> Process:
@@ -190,9 +185,9 @@ class WorkflowRoutes:
     async def publish(self, request: web.Request) -> web.Response:
         topic = request.match_info["topic"]
         if not _valid_topic(topic):
-            raise ApiError(400, "topic must be 1-128 of A-Z a-z 0-9 . _ -")
+            raise HttpError(400, "topic must be 1-128 of A-Z a-z 0-9 . _ -")
         if topic.startswith(DAEMON_TOPICS):
-            raise ApiError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
+            raise HttpError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
         self.auth.require(request, "publish", topic)
         data = await parse_json_object(request, "the event")
         seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
@@ -266,9 +261,9 @@ def _last_event_id(request: web.Request) -> int | None:
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "Last-Event-ID must be an event id (an integer)") from None
+        raise HttpError(400, "Last-Event-ID must be an event id (an integer)") from None
     if value < 0:
-        raise ApiError(400, "Last-Event-ID must not be negative")
+        raise HttpError(400, "Last-Event-ID must not be negative")
     return value
 
 
@@ -283,7 +278,7 @@ def _wait(request: web.Request) -> float:
     try:
         seconds = parse_duration(raw).total_seconds()
     except ValueError:
-        raise ApiError(400, f"wait must be a duration like 30s, got {raw!r}") from None
+        raise HttpError(400, f"wait must be a duration like 30s, got {raw!r}") from None
     return min(seconds, MAX_WAIT)
 
 
@@ -291,7 +286,7 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, f"{name} must be an integer") from None
+        raise HttpError(400, f"{name} must be an integer") from None
     if not low <= value <= high:
-        raise ApiError(400, f"{name} must be between {low} and {high}")
+        raise HttpError(400, f"{name} must be between {low} and {high}")
     return value
