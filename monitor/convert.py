@@ -1,4 +1,4 @@
-"""Config entries turned into the domain's values: a workflow definition, a retry policy.
+"""Config entries turned into the domain's values: definitions, retry policies, instances.
 
 The packages below the daemon know nothing of config.yaml; the composition root
 hands them values built here.
@@ -6,7 +6,10 @@ hands them values built here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from monitor import config as cfg
+from registry import Instance, ProbeSpec
 from scheduler.retry import DEFAULT_RETRY, RETRYABLE, Retry
 from workflows.definition import (
     DEFAULT_TIMEOUT,
@@ -17,6 +20,7 @@ from workflows.definition import (
     Step,
     WaitFor,
 )
+from workflows.metrics import topic_label
 
 
 def retry_from_config(retry: cfg.Retry, retry_on: frozenset[int] = RETRYABLE) -> Retry:
@@ -70,3 +74,45 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
 
 def _call(spec: cfg.Call) -> Call:
     return Call(spec.service, spec.method, spec.path, spec.body, dict(spec.headers))
+
+
+def definitions_from_config(config: cfg.Config) -> list[Definition]:
+    return [definition_from_config(workflow) for workflow in config.workflows]
+
+
+def bus_topic_label(definitions: list[Definition], config: cfg.Config) -> Callable[[str], str]:
+    """The bus's metric label for a topic: the topics workflows and notifications name."""
+    return topic_label(definitions, (e for n in config.notifications for e in n.events))
+
+
+def tokens(config: cfg.Config) -> list[tuple[str, tuple[str, ...]]]:
+    auth = config.server.auth
+    return [] if auth is None else [(t.token.get_secret_value(), t.scopes) for t in auth.tokens]
+
+
+def protect_reads(config: cfg.Config) -> bool:
+    return config.server.auth is not None and config.server.auth.protect_reads
+
+
+def dependencies(config: cfg.Config) -> dict[str, tuple[str, ...]]:
+    return {s.name: tuple(s.depends_on) for s in config.services}
+
+
+def service_probes(config: cfg.Config) -> dict[str, ProbeSpec]:
+    return {s.name: s.probe for s in config.services if s.probe is not None}
+
+
+def static_instances(config: cfg.Config) -> list[Instance]:
+    return [
+        Instance(
+            service=service.name,
+            id=instance.id,
+            url=instance.url,
+            tags=service.tags,
+            meta={**service.meta, **instance.meta},
+            probe=service.probe,
+            static=True,
+        )
+        for service in config.services
+        for instance in service.instances
+    ]

@@ -12,9 +12,6 @@ from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics
 from monitor.health.results import ResultStore
 from monitor.http.auth import Authorizer
-from monitor.http.routes.health import SloRoutes
-from monitor.http.routes.registry import RegistryRoutes
-from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.notify.notifier import Notifier
 from monitor.page.status_page import StatusPage
@@ -25,6 +22,7 @@ from scheduler import EventBus, Scheduler
 from workflows.engine import Engine
 
 from .config import Config
+from .parts import Parts
 from .reload import LiveConfig, Reloader
 
 CONFIG = web.AppKey("config", Config)
@@ -45,10 +43,8 @@ NOTIFIER = web.AppKey("notifier", Notifier)
 PAGE = web.AppKey("page", StatusPage)
 LIVE_CONFIG = web.AppKey("live_config", LiveConfig)
 RELOADER = web.AppKey("reloader", Reloader)
-SLO_ROUTES = web.AppKey("slo_routes", SloRoutes)
 CALENDAR = web.AppKey("calendar", MaintenanceCalendar)
-REGISTRY_ROUTES = web.AppKey("registry_routes", RegistryRoutes)
 SHEDDER = web.AppKey("shedder", LoadShedder)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
-WORKFLOW_ROUTES = web.AppKey("workflow_routes", WorkflowRoutes)
 HEAP = web.AppKey("heap", asyncio.Task[None])
+PARTS = web.AppKey("parts", Parts)

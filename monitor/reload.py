@@ -19,6 +19,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
@@ -26,6 +27,18 @@ from pydantic import BaseModel
 from monitor.health.checker import latency_buckets
 
 from .config import Config, ConfigError, load_config, needs_restart
+from .convert import (
+    bus_topic_label,
+    definitions_from_config,
+    dependencies,
+    protect_reads,
+    service_probes,
+    static_instances,
+    tokens,
+)
+
+if TYPE_CHECKING:
+    from .parts import Parts
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +207,29 @@ def probe_latency_buckets(config: Config) -> tuple[float, ...]:
         if slo.latency_threshold is not None
     ]
     return latency_buckets(config.defaults.latency_buckets, thresholds)
+
+
+async def apply_config(parts: Parts, old: Config, new: Config) -> None:
+    """Apply a validated config to the running parts (the module docstring has the rules)."""
+    clock = parts.catalog.now()
+    parts.calendar.replace(new.maintenance)
+    parts.book.configure(dependencies(new))
+    parts.checker.configure(new.defaults.probe, service_probes(new))
+    parts.catalog.replace_static(static_instances(new), (s.name for s in new.services))
+    parts.registry_routes.targets = new.server.targets
+    parts.auth.replace(tokens(new), protect_reads=protect_reads(new))
+    if new.server.auth != old.server.auth:  # open streams keep the grant they opened with
+        parts.workflow_routes.end_streams()
+    parts.workflow_routes.sse_buffer = new.server.sse_buffer
+    parts.shedder.max_lag = new.server.overload_lag.total_seconds()
+    await parts.slos.configure(new.services, parts.database, clock)
+    parts.slo_routes.services = {s.name for s in new.services}
+    definitions = definitions_from_config(new)
+    parts.engine.configure(definitions)
+    await parts.workflow_slos.configure(
+        {d.name: d.objective for d in definitions}, parts.processes.outcomes, clock
+    )
+    await parts.notifier.configure(new.notifications)
+    parts.bus.label = bus_topic_label(definitions, new)
+    parts.slo_metrics.invalidate()
+    parts.live.current = new  # in force: what readers of the live config see from now on

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from monitor import parse_config
-from monitor.app import apply_config
 from monitor.config import Config, ConfigError
+from monitor.keys import PARTS
+from monitor.reload import apply_config
 
 from .conftest import AppClient, until
 from .services import Calls, service_app
@@ -316,7 +317,7 @@ async def test_workflow_calls_follow_allowed_targets_after_a_reload(
         first = await client.post("/v1/workflows/Pay?wait=5s", json={})
         assert (await first.json())["status"] == "completed"
         narrowed = make_config(server={"allowed_targets": ["10.0.0.0/8"]}, workflows=[workflow])
-        await apply_config(client.app, config, narrowed)
+        await apply_config(client.app[PARTS], config, narrowed)
         second = await client.post("/v1/workflows/Pay?wait=5s", json={})
         body = await second.json()
         assert body["status"] == "failed"

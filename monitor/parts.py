@@ -1,0 +1,67 @@
+"""Everything the composition root builds, kept in one place.
+
+app.py builds the parts and wires them; lifecycle.py starts and stops them in
+order; reload.py applies a new config to them. Each uses the parts themselves,
+never one part reached through another (`engine.caller`, `checker.prober`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+
+from monitor.health.book import HealthBook
+from monitor.health.checker import HealthChecker
+from monitor.health.maintenance import MaintenanceCalendar
+from monitor.health.results import ResultStore
+from monitor.http.auth import Authorizer
+from monitor.http.routes.health import SloRoutes
+from monitor.http.routes.registry import RegistryRoutes
+from monitor.http.routes.workflows import WorkflowRoutes
+from monitor.http.shedding import LoadShedder
+from monitor.notify.notifier import Notifier
+from monitor.page.status_page import StatusPage
+from monitor.probing.prober import Prober
+from monitor.slo.book import SloBook, SloMetrics, WorkflowSlos
+from monitor.storage.database import Database
+from registry import Catalog
+from scheduler import EventBus, Scheduler
+from workflows.caller import ServiceCaller
+from workflows.engine import Engine
+from workflows.stores.sqlite import ProcessStore
+
+from .config import Config
+
+if TYPE_CHECKING:
+    from .reload import LiveConfig
+
+
+@dataclass(kw_only=True, slots=True)
+class Parts:
+    config: Config  # as loaded at start; `live.current` is the one in force
+    live: LiveConfig
+    metrics: CollectorRegistry
+    database: Database
+    catalog: Catalog
+    bus: EventBus
+    scheduler: Scheduler
+    auth: Authorizer
+    shedder: LoadShedder
+    calendar: MaintenanceCalendar
+    book: HealthBook
+    prober: Prober
+    checker: HealthChecker
+    results: ResultStore
+    slos: SloBook
+    slo_metrics: SloMetrics
+    processes: ProcessStore
+    caller: ServiceCaller
+    engine: Engine
+    workflow_slos: WorkflowSlos
+    notifier: Notifier
+    page: StatusPage
+    registry_routes: RegistryRoutes
+    slo_routes: SloRoutes
+    workflow_routes: WorkflowRoutes
