@@ -86,8 +86,8 @@ from .keys import (
     SLOS,
     WORKFLOW_SLOS,
 )
-from .parts import Parts
-from .reload import LiveConfig, Reloader, apply_config, probe_latency_buckets
+from .parts import LiveConfig, Parts
+from .reload import Reloader, apply_config, probe_latency_buckets
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from scheduler import EventBus, Scheduler
 from workflows.engine import Engine
 
 from .config import Config
-from .parts import Parts
-from .reload import LiveConfig, Reloader
+from .parts import LiveConfig, Parts
+from .reload import Reloader
 
 CONFIG = web.AppKey("config", Config)
 DATABASE = web.AppKey("database", Database)

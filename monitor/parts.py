@@ -8,7 +8,6 @@ never one part reached through another (`engine.caller`, `checker.prober`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -34,8 +33,12 @@ from workflows.stores.sqlite import ProcessStore
 
 from .config import Config
 
-if TYPE_CHECKING:
-    from .reload import LiveConfig
+
+class LiveConfig:
+    """The config in force. Readers call `current` each time; a reload swaps it whole."""
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 @dataclass(kw_only=True, slots=True)

@@ -19,7 +19,6 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel
@@ -36,21 +35,12 @@ from .convert import (
     static_instances,
     tokens,
 )
-
-if TYPE_CHECKING:
-    from .parts import Parts
+from .parts import LiveConfig, Parts
 
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 2.0
 Apply = Callable[[Config, Config], Awaitable[None]]
-
-
-class LiveConfig:
-    """The config in force. Readers call `current` each time; a reload swaps it whole."""
-
-    def __init__(self, config: Config) -> None:
-        self.current = config
 
 
 class Reloader:
