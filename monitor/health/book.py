@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from monitor.health.maintenance import MaintenanceCalendar
-from monitor.probing.prober import Probe, ProbeResult
+from monitor.probing.probe import Probe, ProbeResult
 from registry import HealthState, Instance
 from scheduler import EventBus
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .conditions import ConditionError, parse_condition, parse_conditions
-    from .prober import Probe, Prober, ProbeResult, resolve_probe
+    from .probe import Probe, ProbeResult, resolve_probe
+    from .prober import Prober
 
 __all__ = [
     "ConditionError",
@@ -24,7 +25,8 @@ __all__ = [
 ]
 
 _HOMES = dict.fromkeys(["ConditionError", "parse_condition", "parse_conditions"], ".conditions")
-_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "Prober", "resolve_probe"], ".prober")
+_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
+_HOMES["Prober"] = ".prober"
 
 
 def __getattr__(name: str) -> Any:
