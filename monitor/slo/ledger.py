@@ -32,7 +32,7 @@ def _cells(count: int) -> array[int]:
     return array("i", bytes(4 * count))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Sums:
     good: int = 0
     valid: int = 0
@@ -46,7 +46,7 @@ class Sums:
         return None if self.valid == 0 else self.good / self.valid
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MonthReport:
     month: str  # 2026-11
     availability: float | None  # ratio; None without data
@@ -169,7 +169,7 @@ class SloLedger:
                 continue
             month = self.month_of(at)
             before = self._months.get(month, Sums())
-            self._months[month] = Sums(before.good + good, before.valid + valid)
+            self._months[month] = Sums(good=before.good + good, valid=before.valid + valid)
             if minute - at <= MINUTE_CELLS:
                 _put(self._minutes, at, good, valid)
             if (block := at // BLOCK) == open_block:
@@ -206,13 +206,14 @@ class SloLedger:
         )
 
     def window(self, name: str) -> Sums:
-        return Sums(*self._window(WINDOW_INDEX[name]))
+        good, valid = self._window(WINDOW_INDEX[name])
+        return Sums(good=good, valid=valid)
 
     def _window(self, index: int) -> tuple[int, int]:
         return window_sums(self.sums, self.open_block, index)
 
     def period(self) -> Sums:
-        return Sums(self.sums[2 * PERIOD_INDEX], self.sums[2 * PERIOD_INDEX + 1])
+        return Sums(good=self.sums[2 * PERIOD_INDEX], valid=self.sums[2 * PERIOD_INDEX + 1])
 
     def budget_remaining(self) -> float | None:
         """1 - (period error ratio / budget): 1 untouched, 0 spent, below 0 overspent."""
@@ -239,7 +240,12 @@ class SloLedger:
         minutes = (following - first).total_seconds() / 60
         availability = sums.sli
         downtime = None if availability is None else (1 - availability) * minutes
-        return MonthReport(month, availability, downtime, self.budget * minutes)
+        return MonthReport(
+            month=month,
+            availability=availability,
+            downtime_minutes=downtime,
+            allowed_minutes=self.budget * minutes,
+        )
 
     def month_of(self, minute: int) -> str:
         # UTC offsets are whole quarter hours (Asia/Kolkata +5:30, Asia/Kathmandu +5:45),
@@ -284,7 +290,7 @@ class SloLedger:
                 self.closed.append((minute, good, valid))
             month = self.month_of(minute)
             before = self._months.get(month, Sums())
-            self._months[month] = Sums(before.good + good, before.valid + valid)
+            self._months[month] = Sums(good=before.good + good, valid=before.valid + valid)
             if len(self._months) > 3:
                 del self._months[min(self._months)]
 
