@@ -2,36 +2,55 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from monitor.slo import SloMinuteStore, SqliteSloMinuteStore
 from monitor.storage import Database
+from registry import StoreUnavailable
+
+
+@dataclass(kw_only=True)
+class Backing:
+    """The store under test, and a way to break the storage under it."""
+
+    store: SloMinuteStore
+    break_storage: Callable[[], Awaitable[None]]  # later writes raise StoreUnavailable
 
 
 @asynccontextmanager
-async def sqlite_store(path: Path) -> AsyncIterator[SloMinuteStore]:
+async def sqlite_store(path: Path) -> AsyncIterator[Backing]:
     database = Database(path / "slo.db")
     await database.open()
+
+    async def break_storage() -> None:  # as when the disk or the file goes away
+        await database.read(lambda db: db.conn.close())
+
     try:
-        yield SqliteSloMinuteStore(database)
+        yield Backing(store=SqliteSloMinuteStore(database), break_storage=break_storage)
     finally:
         await database.close()
 
 
-FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[SloMinuteStore]]] = {
+FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[Backing]]] = {
     "sqlite": sqlite_store,
 }
 
 
 @pytest.fixture(params=sorted(FACTORIES))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SloMinuteStore]:
+async def backing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backing]:
     async with FACTORIES[request.param](tmp_path) as opened:
-        await opened.create_tables()
+        await opened.store.create_tables()
         yield opened
+
+
+@pytest.fixture
+def store(backing: Backing) -> SloMinuteStore:
+    return backing.store
 
 
 async def test_added_minutes_read_back(store: SloMinuteStore) -> None:
@@ -73,9 +92,17 @@ async def test_prune_forgets_minutes_before_the_boundary_only(store: SloMinuteSt
 
 async def test_minutes_survive_a_reopen(tmp_path: Path) -> None:
     for factory in FACTORIES.values():
-        async with factory(tmp_path) as first:
+        async with factory(tmp_path) as opened:
+            first = opened.store
             await first.create_tables()
             await first.add([("pay", "avail", 100, 5, 6)])
-        async with factory(tmp_path) as second:
+        async with factory(tmp_path) as opened:
+            second = opened.store
             await second.create_tables()
             assert await second.minutes("pay", "avail", 0) == [(100, 5, 6)]
+
+
+async def test_a_broken_storage_refuses_to_add(backing: Backing) -> None:
+    await backing.break_storage()
+    with pytest.raises(StoreUnavailable):
+        await backing.store.add([("pay", "avail", 100, 5, 6)])
