@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .abc import ProbeContext, ProbeKind
     from .conditions import ConditionError, parse_condition, parse_conditions
     from .probe import Probe, ProbeResult, resolve_probe
     from .prober import Prober
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ConditionError",
     "Probe",
+    "ProbeContext",
+    "ProbeKind",
     "ProbeResult",
     "Prober",
     "parse_condition",
@@ -26,6 +29,7 @@ __all__ = [
 
 _HOMES = dict.fromkeys(["ConditionError", "parse_condition", "parse_conditions"], ".conditions")
 _HOMES |= dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
+_HOMES |= dict.fromkeys(["ProbeContext", "ProbeKind"], ".abc")
 _HOMES["Prober"] = ".prober"
 
 
