@@ -36,7 +36,7 @@ from monitor.notify.notifier import Notifier
 from monitor.page import status_page
 from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
-from monitor.slo import SloBook, SloMetrics, WorkflowSlos
+from monitor.slo.book import SloBook, SloMetrics, WorkflowSlos
 from monitor.storage.database import Database
 from registry import (
     Catalog,

@@ -7,10 +7,13 @@ import asyncio
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from monitor.metrics.exposition import Deflated
-from monitor.slo.book import SloBook
 from monitor.slo.ledger import PERIOD_INDEX, WINDOW_INDEX, months_around, window_sums
+
+if TYPE_CHECKING:  # book.py imports this module for its older import path
+    from monitor.slo.book import SloBook
 
 
 @dataclass(frozen=True, slots=True)

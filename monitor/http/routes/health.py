@@ -12,7 +12,7 @@ from monitor.http.errors import HttpError
 from monitor.http.openapi import error_responses, json_content, path_param, query_param
 from monitor.http.responses import json_response
 from monitor.http.routes.registry import health_filter
-from monitor.slo import WINDOWS, SloBook, WorkflowSlos
+from monitor.slo.book import WINDOWS, SloBook, WorkflowSlos
 from registry import HealthState
 
 
