@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from monitor.health.maintenance import MaintenanceCalendar
-from monitor.probing.prober import Probe, ProbeResult
+from monitor.probing.probe import Probe, ProbeResult
 from registry import HealthState, Instance
 from scheduler import EventBus
 
@@ -123,7 +123,12 @@ class Tracker:
 
 
 class HealthBook:
-    """Every probed instance's health; the registry's health source."""
+    """Every probed instance's health; the registry's health source.
+
+    Kept whole at 20 methods: one state machine (track, record, lapse, reevaluate)
+    and the views of its state (health_of, status, suppressed) that the registry,
+    routes and page read; suppression needs every tracker of a dependency, so a
+    split part would reach into the others' state."""
 
     def __init__(
         self,

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from monitor.health.book import HealthBook, Key
 from monitor.health.results import ResultStore, bucket_index
-from monitor.probing.prober import Probe, Prober, ProbeResult, resolve_probe
+from monitor.probing.probe import Probe, ProbeResult, resolve_probe
+from monitor.probing.prober import Prober
 from monitor.slo.book import SloBook
 from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec
 from scheduler import Scheduler, Timetable

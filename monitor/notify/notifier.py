@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import random
 import secrets
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import orjson
-import sqlite_utils
 from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Notification
 from monitor.convert import retry_from_config
+from monitor.notify.abc import Delivery, NotifyResult, OutboxStore
+from monitor.notify.events import fingerprint_of, subject_of
+from monitor.notify.formats import FORMATS
+from monitor.notify.signing import SIGNATURE_HEADER, sign
+from monitor.notify.stores.sqlite import SqliteOutboxStore
 from registry import HealthState, StoreUnavailable, Transactor
 from scheduler import Event, EventBus
 from scheduler.bus import Subscription, matches
@@ -36,31 +37,10 @@ from scheduler.retry import Retry
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Hms-Signature"
 RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
 QUEUE_SIZE = 10_000
 MAX_RECENT = 100_000
 FIRST_PASS = (HealthState.UNKNOWN.value, HealthState.PASSING.value)
-
-
-class NotifyResult:
-    """Values of the `result` label of hms_notifications_total."""
-
-    SENT = "sent"  # the receiver answered 2xx
-    RETRIED = "retried"  # an attempt failed; another is scheduled
-    FAILED = "failed"  # out of attempts, or a status not worth retrying
-    SUPPRESSED = "suppressed"  # maintenance or a dependency is down
-    DEDUPED = "deduped"  # the state last sent for its subject, within min_interval
-
-
-@dataclass(slots=True, kw_only=True)
-class Delivery:
-    id: str
-    name: str
-    topic: str
-    body: bytes
-    attempts: int = 0
-    due: float = 0.0
 
 
 @dataclass(slots=True)
@@ -79,69 +59,8 @@ class _Receiver:
     worker: asyncio.Task[None] | None = None
 
 
-def subject_of(event: Event) -> str:
-    """What an event is about: one notification per subject and state, not per event."""
-    data = event.data
-    if "instance" in data:
-        return f"{data.get('service')}/{data['instance']}"
-    if "slo" in data:
-        return f"{data.get('service')}/{data['slo']}"
-    for key in ("process", "service", "subject"):
-        if key in data:
-            return str(data[key])
-    return ""
-
-
-def fingerprint_of(event: Event) -> str:
-    """The state an event reports; the same state twice is not news."""
-    data = event.data
-    if event.topic == "health.changed":
-        return str(data.get("to"))
-    if event.topic == "slo.burn":
-        return str(data.get("severity"))
-    return hashlib.blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
-
-
-def summary_of(event: Event) -> str:
-    data = event.data
-    if event.topic == "health.changed":
-        reason = f": {data['reason']}" if data.get("reason") else ""
-        return (
-            f"{data.get('service')}/{data.get('instance')} is {data.get('to')} "
-            f"(was {data.get('from')}){reason}"
-        )
-    if event.topic == "slo.burn":
-        windows = "/".join(data.get("windows", []))
-        return (
-            f"SLO {data.get('service')}/{data.get('slo')} burning its error budget "
-            f"{data.get('burn_rate', 0):.1f}x over {windows} ({data.get('severity')})"
-        )
-    if event.topic.startswith("workflow."):
-        error = f": {data['error']}" if data.get("error") else ""
-        return (
-            f"{data.get('workflow')} process {data.get('process')} "
-            f"{event.topic.removeprefix('workflow.')}{error}"
-        )
-    return f"{event.topic} {subject_of(event)}".strip()
-
-
 def render_body(notification: Notification, event: Event) -> bytes:
-    if notification.format == "slack":
-        return orjson.dumps({"text": f"[hms-mgmt] {summary_of(event)}"})
-    return orjson.dumps(
-        {
-            "notification": notification.name,
-            "event": event.topic,
-            "subject": subject_of(event),
-            "summary": summary_of(event),
-            "time": event.time,
-            "data": dict(event.data),
-        }
-    )
-
-
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return FORMATS[notification.format](notification, event)
 
 
 class Notifier:
@@ -149,13 +68,18 @@ class Notifier:
         self,
         notifications: Iterable[Notification],
         *,
-        db: Transactor,
+        db: Transactor | None = None,
+        outbox: OutboxStore | None = None,
         bus: EventBus,
         metrics: CollectorRegistry,
         in_maintenance: Callable[[str], bool],
         clock: Callable[[], float],
     ) -> None:
-        self._db, self._bus, self._clock = db, bus, clock
+        """`outbox`: where deliveries wait; without one, the SQLite outbox on `db`."""
+        if outbox is None:
+            assert db is not None, "Notifier needs outbox= or db="
+            outbox = SqliteOutboxStore(db)
+        self._outbox, self._bus, self._clock = outbox, bus, clock
         self._in_maintenance = in_maintenance
         self._counter = Counter(
             "hms_notifications",
@@ -175,10 +99,10 @@ class Notifier:
         self._session = aiohttp.ClientSession(
             headers={"User-Agent": "hms-mgmt-notifier"}, raise_for_status=False
         )
-        await self._db.write(_create_table)
+        await self._outbox.create_tables()
         await self.configure(self._notifications)
-        for row in await self._db.read(_load_outbox):
-            self._arm(Delivery(**row))
+        for delivery in await self._outbox.load():
+            self._arm(delivery)
 
     async def configure(self, notifications: Iterable[Notification]) -> None:
         """Take a new set of notifications; deliveries to removed ones are dropped."""
@@ -275,7 +199,7 @@ class Notifier:
         """Store the delivery; when storage fails (disk full is itself worth an alert), it is
         still sent, from memory only: at-least-once becomes best-effort until storage is back."""
         try:
-            await self._db.write(lambda db: _store(db, delivery))
+            await self._outbox.save(delivery)
         except StoreUnavailable:
             log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
 
@@ -362,7 +286,7 @@ class Notifier:
 
     async def _forget(self, delivery: Delivery) -> None:
         try:
-            await self._db.write(lambda db: _delete(db, delivery.id))
+            await self._outbox.delete(delivery.id)
         except StoreUnavailable:  # the row outlives the delivery: resent after a restart
             log.debug("notification %s: %s stays in the outbox", delivery.name, delivery.id)
 
@@ -382,37 +306,3 @@ def _put(receiver: _Receiver, delivery: Delivery) -> None:
         receiver.queue.put_nowait(delivery)
     except asyncio.QueueFull:  # stays in the outbox; the next restart re-arms it
         log.warning("notification %s: queue full, delivery %s deferred", delivery.name, delivery.id)
-
-
-def _create_table(db: sqlite_utils.Database) -> None:
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS notification_outbox (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
-        "topic TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, due REAL NOT NULL)"
-    )
-
-
-def _store(db: sqlite_utils.Database, delivery: Delivery) -> None:
-    db.execute(
-        "INSERT OR REPLACE INTO notification_outbox (id, name, topic, body, attempts, due) "
-        "VALUES (?, ?, ?, ?, ?, ?)",
-        (
-            delivery.id,
-            delivery.name,
-            delivery.topic,
-            delivery.body,
-            delivery.attempts,
-            delivery.due,
-        ),
-    )
-
-
-def _delete(db: sqlite_utils.Database, delivery_id: str) -> None:
-    db.execute("DELETE FROM notification_outbox WHERE id = ?", (delivery_id,))
-
-
-def _load_outbox(db: sqlite_utils.Database) -> list[Mapping[str, Any]]:
-    cursor = db.execute(
-        "SELECT id, name, topic, body, attempts, due FROM notification_outbox ORDER BY due"
-    )
-    columns = [c[0] for c in cursor.description]
-    return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]

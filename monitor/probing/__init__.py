@@ -10,12 +10,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .abc import ProbeContext, ProbeKind
     from .conditions import ConditionError, parse_condition, parse_conditions
-    from .prober import Probe, Prober, ProbeResult, resolve_probe
+    from .probe import Probe, ProbeResult, resolve_probe
+    from .prober import Prober
 
 __all__ = [
     "ConditionError",
     "Probe",
+    "ProbeContext",
+    "ProbeKind",
     "ProbeResult",
     "Prober",
     "parse_condition",
@@ -24,7 +28,9 @@ __all__ = [
 ]
 
 _HOMES = dict.fromkeys(["ConditionError", "parse_condition", "parse_conditions"], ".conditions")
-_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "Prober", "resolve_probe"], ".prober")
+_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
+_HOMES |= dict.fromkeys(["ProbeContext", "ProbeKind"], ".abc")
+_HOMES["Prober"] = ".prober"
 
 
 def __getattr__(name: str) -> Any:

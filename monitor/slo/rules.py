@@ -29,34 +29,13 @@ from typing import Any
 import yaml
 
 from monitor.config import Config, Service, Slo
-from registry import format_duration, parse_duration
+from monitor.slo.tiers import SEVERITIES, TIERS, BurnTier, Severity
+from registry import format_duration
 
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
-SEVERITIES = ("page", "ticket")
 INSTANCE_DOWN = (
     'hms_instance_health{{state="critical"{services}}} == 1 '
     "unless on(service, instance) hms_instance_suppressed == 1"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class BurnTier:
-    """One multiwindow pair: alert when both windows burn faster than `factor`."""
-
-    severity: str  # page | ticket
-    long: str
-    short: str
-    budget_spent: float  # fraction of the period's budget spent in `long` at `factor`
-
-    def factor(self, period: timedelta) -> float:
-        return self.budget_spent * period / parse_duration(self.long)
-
-
-TIERS = (
-    BurnTier("page", "1h", "5m", 0.02),
-    BurnTier("page", "6h", "30m", 0.05),
-    BurnTier("ticket", "1d", "2h", 0.10),
-    BurnTier("ticket", "3d", "6h", 0.10),
 )
 
 
@@ -162,7 +141,7 @@ def _slo_group(
 def _burn_alert(
     service: Service,
     slo: Slo,
-    severity: str,
+    severity: Severity,
     labels: dict[str, str],
     extra_labels: dict[str, str],
     runbooks: Runbooks,
@@ -190,8 +169,8 @@ def _burn_alert(
         "labels": {
             "service": service.name,
             "slo": slo.name,
-            "severity": severity,
-            "sloth_severity": severity,
+            "severity": severity.value,  # plain str: yaml.safe_dump knows no enums
+            "sloth_severity": severity.value,
             **labels,
             **extra_labels,
         },

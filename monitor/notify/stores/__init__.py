@@ -1,0 +1,1 @@
+"""Implementations of OutboxStore (notify/abc.py)."""

@@ -1,0 +1,54 @@
+"""The probe kind interface: what every probe type (kinds/) gives the prober."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from monitor.probing.kinds.http_wire import HttpTarget
+from monitor.probing.probe import Probe, ProbeResult
+from monitor.probing.worker import Job
+
+if TYPE_CHECKING:
+    import aiohttp
+
+
+def _insecure_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(kw_only=True, eq=False)
+class ProbeContext:
+    """What the kinds of one Prober share: TLS contexts, client sessions, built requests.
+
+    The prober opens the sessions in `start` and closes them in `close`."""
+
+    verifying: ssl.SSLContext = field(default_factory=ssl.create_default_context)
+    insecure: ssl.SSLContext = field(default_factory=_insecure_context)
+    fresh: aiohttp.ClientSession | None = None  # a new connection per request
+    pooled: aiohttp.ClientSession | None = None  # keepalive: true
+    targets: dict[tuple[object, ...], HttpTarget] = field(default_factory=dict)
+
+    def tls(self, probe: Probe) -> ssl.SSLContext:
+        return self.verifying if probe.tls_verify else self.insecure
+
+
+class ProbeKind(Protocol):
+    """One probe type. Its methods may raise; the prober turns every failure into a
+    result with `error` set and bounds `run` by the probe's timeout."""
+
+    def job(self, url: str, probe: Probe, context: ProbeContext) -> Job | None:
+        """What a probe worker process runs for this probe (it times the job out
+        itself), or None when only the loop can run it."""
+        ...
+
+    async def run(
+        self, url: str, probe: Probe, context: ProbeContext, at: float, started: float
+    ) -> ProbeResult:
+        """Probe `url` in the loop. `at` is the wall clock and `started` the
+        perf_counter when the probe began, before it waited for a slot."""
+        ...
