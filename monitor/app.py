@@ -32,11 +32,11 @@ from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import NEVER_SHED, LoadShedder
 from monitor.metrics.exposition import gzip_join
 from monitor.metrics.runtime import register_runtime_collectors
-from monitor.notify.notifier import Notifier
+from monitor.notify import Notifier, SqliteOutboxStore
 from monitor.page import status_page
 from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
-from monitor.slo.book import SloBook, SloMetrics, WorkflowSlos
+from monitor.slo import SloBook, SloMetrics, SqliteSloMinuteStore, WorkflowSlos
 from monitor.storage.database import Database
 from registry import (
     Catalog,
@@ -172,7 +172,7 @@ def _build(
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
     results = ResultStore(database, probe_latency_buckets(config))
-    slos = SloBook(config.services, bus=bus)
+    slos = SloBook(config.services, bus=bus, store=SqliteSloMinuteStore(database))
     budget = config.server.probe_budget
     prober = Prober(concurrency=budget.in_flight, workers=budget.workers)
     checker = HealthChecker(
@@ -224,7 +224,7 @@ def _build(
     bus.label = bus_topic_label(definitions, config)
     notifier = Notifier(
         config.notifications,
-        db=database,
+        outbox=SqliteOutboxStore(database),
         bus=bus,
         metrics=registry,
         in_maintenance=book.in_maintenance,

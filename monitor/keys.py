@@ -15,7 +15,7 @@ from monitor.http.auth import Authorizer
 from monitor.http.shedding import LoadShedder
 from monitor.notify.notifier import Notifier
 from monitor.page.status_page import StatusPage
-from monitor.slo.book import SloBook, SloMetrics, WorkflowSlos
+from monitor.slo import SloBook, SloMetrics, WorkflowSlos
 from monitor.storage.database import Database
 from registry import Catalog
 from scheduler import EventBus, Scheduler

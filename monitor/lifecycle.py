@@ -71,9 +71,9 @@ def _monitor(parts: Parts) -> Context:
 
     async def run(app: web.Application) -> AsyncIterator[None]:
         scheduler, checker, results = parts.scheduler, parts.checker, parts.results
-        slos, database, clock = parts.slos, parts.database, parts.catalog.now
+        slos, clock = parts.slos, parts.catalog.now
         await results.create_tables(clock())
-        await slos.load(database, clock())
+        await slos.load(clock())
         await parts.prober.start()
         scheduler.start()
         checker.start()
@@ -82,7 +82,7 @@ def _monitor(parts: Parts) -> Context:
             # While storage fails (Database logs it once) both keep their rows for the next go.
             with contextlib.suppress(StoreUnavailable):
                 await results.flush(clock())
-                await slos.flush(database)
+                await slos.flush()
 
         scheduler.every("results.flush", FLUSH_INTERVAL, flush)
         scheduler.every("slo.evaluate", SLO_INTERVAL, lambda: slos.evaluate(clock()))
@@ -93,7 +93,7 @@ def _monitor(parts: Parts) -> Context:
             retention = parts.config.storage.retention.total_seconds()
             with contextlib.suppress(StoreUnavailable):  # the next hour's prune catches up
                 await results.prune(clock(), retention)
-                await slos.prune(database, clock(), retention)
+                await slos.prune(clock(), retention)
 
         scheduler.every("results.prune", PRUNE_INTERVAL, prune, first_in=60)
         # Maintenance windows open and close on the clock, not on probe results.
@@ -106,7 +106,7 @@ def _monitor(parts: Parts) -> Context:
             slos.evaluate(clock())  # closes the finished minutes, so they are stored too
             try:
                 await results.flush(clock(), everything=True)
-                await slos.flush(database)
+                await slos.flush()
             except StoreUnavailable:
                 log.error("storage failing at shutdown: the last probe results were not stored")
             await parts.prober.close()

@@ -212,7 +212,7 @@ async def apply_config(parts: Parts, old: Config, new: Config) -> None:
         parts.workflow_routes.end_streams()
     parts.workflow_routes.sse_buffer = new.server.sse_buffer
     parts.shedder.max_lag = new.server.overload_lag.total_seconds()
-    await parts.slos.configure(new.services, parts.database, clock)
+    await parts.slos.configure(new.services, clock)
     parts.slo_routes.services = {s.name for s in new.services}
     definitions = definitions_from_config(new)
     parts.engine.configure(definitions)

@@ -29,8 +29,7 @@ from monitor.notify.abc import Delivery, NotifyResult, OutboxStore
 from monitor.notify.events import fingerprint_of, subject_of
 from monitor.notify.formats import FORMATS
 from monitor.notify.signing import SIGNATURE_HEADER, sign
-from monitor.notify.stores.sqlite import SqliteOutboxStore
-from registry import HealthState, StoreUnavailable, Transactor
+from registry import HealthState, StoreUnavailable
 from scheduler import Event, EventBus
 from scheduler.bus import Subscription, matches
 from scheduler.retry import Retry
@@ -68,17 +67,13 @@ class Notifier:
         self,
         notifications: Iterable[Notification],
         *,
-        db: Transactor | None = None,
-        outbox: OutboxStore | None = None,
+        outbox: OutboxStore,
         bus: EventBus,
         metrics: CollectorRegistry,
         in_maintenance: Callable[[str], bool],
         clock: Callable[[], float],
     ) -> None:
-        """`outbox`: where deliveries wait; without one, the SQLite outbox on `db`."""
-        if outbox is None:
-            assert db is not None, "Notifier needs outbox= or db="
-            outbox = SqliteOutboxStore(db)
+        """`outbox`: where deliveries wait (their rows are the durable timers)."""
         self._outbox, self._bus, self._clock = outbox, bus, clock
         self._in_maintenance = in_maintenance
         self._counter = Counter(

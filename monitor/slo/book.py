@@ -11,10 +11,9 @@ from monitor.config import Service, Slo
 from monitor.slo.abc import SloMinuteStore
 from monitor.slo.ledger import WINDOWS, SloLedger, ledger_report, months_around
 from monitor.slo.metrics import SloMetrics
-from monitor.slo.stores.sqlite import SqliteSloMinuteStore
 from monitor.slo.tiers import TIERS
 from monitor.slo.workflows import WorkflowSlos
-from registry import Transactor, format_duration
+from registry import format_duration
 from scheduler import EventBus
 
 # SloMetrics, WorkflowSlos and WINDOWS were here before the split: modules written against
@@ -53,8 +52,8 @@ class SloBook:
         timezone: str = "UTC",
         store: SloMinuteStore | None = None,
     ) -> None:
-        """`store`: where closed minutes are kept. Without one, `configure`, `load`,
-        `flush` and `prune` take the database (`db`) and use it as SQLite does."""
+        """`store`: where closed minutes are kept (none: nothing is stored or restored,
+        as in benchmarks that only evaluate)."""
         self._bus = bus
         self._store = store
         self._zone = ZoneInfo(timezone)
@@ -86,20 +85,17 @@ class SloBook:
                 tracked.setdefault(service.name, []).append(entry)
         return tracked
 
-    async def configure(
-        self, services: Iterable[Service], db: Transactor | None, now: float
-    ) -> None:
+    async def configure(self, services: Iterable[Service], now: float) -> None:
         """New SLO config (reload): unchanged SLOs go on; new and changed ones are
         restored from the minutes stored under their name."""
-        store = self._store_for(db)
-        await self.flush(db)  # closed minutes of every ledger are on disk first
+        await self.flush()  # closed minutes of every ledger are on disk first
         old = {(e.service, e.slo): e for e in self._all()}
         tracked = self._track(services, old)
         minute = int(now // 60)
         for entry in (e for entries in tracked.values() for e in entries):
-            if (entry.service, entry.slo) not in old:
+            if (entry.service, entry.slo) not in old and self._store is not None:
                 since = entry.ledger.history_start(minute)
-                rows = await store.minutes(entry.service, entry.slo.name, since)
+                rows = await self._store.minutes(entry.service, entry.slo.name, since)
                 entry.ledger.restore(rows, minute)
         self._tracked = tracked
 
@@ -145,9 +141,11 @@ class SloBook:
     def entries(self) -> list[_Tracked]:
         return self._all()
 
-    async def load(self, db: Transactor | None, now: float) -> None:
+    async def load(self, now: float) -> None:
         """Restore every ledger from the stored minutes it still needs (see `restore`)."""
-        store = self._store_for(db)
+        store = self._store
+        if store is None:
+            return
         await store.create_tables()
         minute = int(now // 60)
         for entry in self._all():
@@ -155,26 +153,20 @@ class SloBook:
             rows = await store.minutes(entry.service, entry.slo.name, since)
             entry.ledger.restore(rows, minute)
 
-    async def flush(self, db: Transactor | None = None) -> None:
+    async def flush(self) -> None:
         rows: list[tuple[str, str, int, int, int]] = []
         taken: list[tuple[_Tracked, int]] = []
         for entry in self._all():
             rows += [(entry.service, entry.slo.name, *m) for m in entry.ledger.closed]
             taken.append((entry, len(entry.ledger.closed)))
-        if rows:  # on failure the minutes stay queued for the next flush
-            await self._store_for(db).add(rows)
+        if rows and self._store is not None:  # on failure they stay queued for the next
+            await self._store.add(rows)
         for entry, count in taken:
             del entry.ledger.closed[:count]
 
-    async def prune(self, db: Transactor | None, now: float, retention: float) -> None:
-        await self._store_for(db).prune(int((now - retention) // 60))
-
-    def _store_for(self, db: Transactor | None) -> SloMinuteStore:
-        """The book's store, else the SQLite one on `db` (the wiring before `store=`)."""
+    async def prune(self, now: float, retention: float) -> None:
         if self._store is not None:
-            return self._store
-        assert db is not None, "SloBook without store= needs the database"
-        return SqliteSloMinuteStore(db)
+            await self._store.prune(int((now - retention) // 60))
 
     def _all(self) -> list[_Tracked]:
         return [entry for entries in self._tracked.values() for entry in entries]
