@@ -20,6 +20,7 @@ from .model import (
     Instance,
     Name,
     ProbeSpec,
+    ProbeType,
     RegistrationBody,
     Tags,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "Name",
     "Overloaded",
     "ProbeSpec",
+    "ProbeType",
     "RegistrationBody",
     "RegistryError",
     "RegistryStore",
