@@ -1,6 +1,7 @@
 """The service registry: who is out there, at which URL, under which lease."""
 
-from registry.stores.sqlite import RegistryStore, SqliteRegistryStore, Transactor
+from registry.abc import RegistryStore
+from registry.stores.sqlite import SqliteRegistryStore, Transactor
 
 from .catalog import (
     Catalog,

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from registry.stores.sqlite import RegistryStore
+from registry.abc import RegistryStore
 
 from .errors import Conflict, StoreUnavailable, UnknownInstance
 from .model import HealthState, Instance
