@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from monitor.health.abc import DayRow, HourRow
+
 UPTIME_DAYS = 90
 SPARK_HOURS = 24
-
-DayRow = tuple[str, int, int, int]  # service, day, count, successes
-HourRow = tuple[str, int, int, int, float]  # service, hour, count, successes, latency_sum
 
 
 @dataclass(slots=True)
