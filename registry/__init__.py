@@ -3,15 +3,8 @@
 from registry.abc import RegistryStore
 from registry.stores.sqlite import SqliteRegistryStore, Transactor
 
-from .catalog import (
-    Catalog,
-    Change,
-    ChangeKind,
-    Clock,
-    HealthSource,
-    InstanceStatus,
-    SystemClock,
-)
+from .catalog import Catalog, Clock, HealthSource, InstanceStatus, SystemClock
+from .changes import Change, ChangeKind
 from .durations import format_duration, parse_duration
 from .errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from .model import (
