@@ -53,7 +53,7 @@ class UnknownHealth:
         return HealthState.UNKNOWN
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class InstanceStatus:
     """An instance as readers see it."""
 
@@ -104,12 +104,12 @@ class Catalog:
         now = self._clock.monotonic()
         self._declared = frozenset(declared)
         for instance in static:
-            self._put(Entry(replace(instance, static=True), now))
+            self._put(Entry(instance=replace(instance, static=True), renewed_at=now))
         for instance in instances:
             if self._entry(instance.service, instance.id) is not None:
                 log.warning("registered %s/%s shadowed by a static instance", *instance.key)
                 continue
-            self._put(Entry(instance, now))
+            self._put(Entry(instance=instance, renewed_at=now))
         # Above anything a client saw before the restart (see ARCHITECTURE.md, "index").
         changes = self._changes
         changes.index = index + 1
@@ -128,15 +128,16 @@ class Catalog:
                 if entry.instance.static and entry.instance.key not in wanted:
                     self._drop(entry)
                     self._changes.announce(
-                        entry.instance.service, Change(ChangeKind.DEREGISTERED, entry.instance)
+                        entry.instance.service,
+                        Change(kind=ChangeKind.DEREGISTERED, instance=entry.instance),
                     )
         for key, instance in wanted.items():
             current = self._entry(*key)
             if current is not None and current.instance == instance:
                 continue
             kind = ChangeKind.REGISTERED if current is None else ChangeKind.UPDATED
-            self._put(Entry(instance, now))
-            self._changes.announce(instance.service, Change(kind, instance))
+            self._put(Entry(instance=instance, renewed_at=now))
+            self._changes.announce(instance.service, Change(kind=kind, instance=instance))
         for service in self._declared:
             self._changes.service_index.setdefault(service, self._changes.index)
 
@@ -166,10 +167,10 @@ class Catalog:
             elif not instance.registered_at:
                 instance = replace(instance, registered_at=instance.updated_at or self.now())
             await self._durably(self._store.save(instance, self._changes.index + 1))
-            entry = Entry(instance, self._clock.monotonic())
+            entry = Entry(instance=instance, renewed_at=self._clock.monotonic())
             self._put(entry)
             kind = ChangeKind.REGISTERED if created else ChangeKind.UPDATED
-            self._changes.announce(instance.service, Change(kind, instance))
+            self._changes.announce(instance.service, Change(kind=kind, instance=instance))
             return self._status(entry, entry.renewed_at), created
 
     def heartbeat(self, service: str, instance_id: str) -> InstanceStatus:
@@ -182,7 +183,9 @@ class Catalog:
         if entry.lapsed:
             entry.lapsed = False
             self._leases.push(entry)
-            self._changes.announce(service, Change(ChangeKind.RENEWED, entry.instance))
+            self._changes.announce(
+                service, Change(kind=ChangeKind.RENEWED, instance=entry.instance)
+            )
         return self._status(entry, entry.renewed_at)
 
     async def deregister(self, service: str, instance_id: str) -> None:
@@ -190,7 +193,9 @@ class Catalog:
             entry = self._registered(service, instance_id)
             await self._durably(self._store.delete(service, instance_id, self._changes.index + 1))
             self._drop(entry)
-            self._changes.announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
+            self._changes.announce(
+                service, Change(kind=ChangeKind.DEREGISTERED, instance=entry.instance)
+            )
 
     def _registered(self, service: str, instance_id: str) -> Entry:
         """The live, API-managed entry: 404 when unknown, 409 when it comes from config."""

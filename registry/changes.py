@@ -23,7 +23,7 @@ class ChangeKind(enum.StrEnum):
     RENEWED = "renewed"  # back from a lapse
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Change:
     kind: ChangeKind
     instance: Instance

@@ -25,7 +25,7 @@ log = logging.getLogger("registry.catalog")  # the logger these lines were alway
 MAX_REAPER_SLEEP = 1.0
 
 
-@dataclass(slots=True)
+@dataclass(kw_only=True, slots=True)
 class Entry:
     """An instance in the catalog, with its lease."""
 
@@ -99,12 +99,16 @@ class Leases:
                 self.expirations_total += 1
                 heapq.heappush(self._deadlines, (removal, service, instance_id))
                 log.info("lease of %s/%s lapsed; instance is critical", service, instance_id)
-                self._changes.announce(service, Change(ChangeKind.LAPSED, entry.instance))
+                self._changes.announce(
+                    service, Change(kind=ChangeKind.LAPSED, instance=entry.instance)
+                )
             elif now >= removal:
                 entry.removed = True
                 self._removals.append(entry)
                 self._wakeup.set()
-                self._changes.announce(service, Change(ChangeKind.DEREGISTERED, entry.instance))
+                self._changes.announce(
+                    service, Change(kind=ChangeKind.DEREGISTERED, instance=entry.instance)
+                )
             else:
                 heapq.heappush(self._deadlines, (removal, service, instance_id))
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass(slots=True)
+@dataclass(kw_only=True, slots=True)
 class Minute:
     """One instance's probes within one minute (maintenance-time probes counted apart)."""
 
