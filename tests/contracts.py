@@ -2,7 +2,8 @@
 make it refuse writes.
 
 Each tests/test_contract_*.py has FACTORIES, one entry per implementation, each an async
-context manager over a directory that yields a `Backing` with the store in it. The tests use
+context manager over a directory that yields a `Backing` with the store in it
+(`"sqlite": sqlite_factory(SqliteXStore)`). The tests use
 only the store's Protocol, never its tables; issue 17 adds a "postgres" entry beside each
 "sqlite" one."""
 
@@ -53,6 +54,17 @@ async def close_underneath(database: Database) -> None:
         db.conn.close()  # type: ignore[attr-defined]
 
     await database.read(close)
+
+
+def sqlite_factory(make: Callable[[Database], S]) -> Factory[S]:
+    """A factory of SQLite stores: `make` builds one over the daemon's Database."""
+
+    @asynccontextmanager
+    async def backing(tmp_path: Path) -> AsyncIterator[Backing[S]]:
+        async with sqlite_database(tmp_path) as database:
+            yield Backing(store=make(database), break_storage=lambda: close_underneath(database))
+
+    return backing
 
 
 def factory_for(factories: dict[str, Factory[S]], backend: str) -> Factory[S]:

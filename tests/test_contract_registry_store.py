@@ -3,26 +3,15 @@ Protocol alone: what is saved loads back, the index only rises, a broken storage
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from registry import Instance, ProbeSpec, RegistryStore, SqliteRegistryStore, StoreUnavailable
 
-from .contracts import Backing, Factory, close_underneath, factory_for, sqlite_database
+from .contracts import Factory, factory_for, sqlite_factory
 
-
-@asynccontextmanager
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Backing[RegistryStore]]:
-    async with sqlite_database(tmp_path) as database:
-        yield Backing(
-            store=SqliteRegistryStore(database), break_storage=lambda: close_underneath(database)
-        )
-
-
-FACTORIES: dict[str, Factory[RegistryStore]] = {"sqlite": sqlite_store}
+FACTORIES: dict[str, Factory[RegistryStore]] = {"sqlite": sqlite_factory(SqliteRegistryStore)}
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ boundaries, the rollup restores, a broken storage refuses."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,9 @@ from monitor.health import RAW_RETENTION, ResultStore, SqliteResultStore
 from monitor.health.abc import HourRow, MinuteRow, RawRow
 from registry import StoreUnavailable
 
-from .contracts import Backing, Factory, close_underneath, factory_for, sqlite_database
+from .contracts import Factory, factory_for, sqlite_factory
 
-
-@asynccontextmanager
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[Backing[ResultStore]]:
-    async with sqlite_database(tmp_path) as database:
-        yield Backing(
-            store=SqliteResultStore(database), break_storage=lambda: close_underneath(database)
-        )
-
-
-FACTORIES: dict[str, Factory[ResultStore]] = {"sqlite": sqlite_store}
+FACTORIES: dict[str, Factory[ResultStore]] = {"sqlite": sqlite_factory(SqliteResultStore)}
 
 
 @pytest.fixture
