@@ -1,16 +1,10 @@
 """The service registry: who is out there, at which URL, under which lease."""
 
-from registry.stores.sqlite import RegistryStore, SqliteRegistryStore, Transactor
+from registry.abc import RegistryStore
+from registry.stores.sqlite import SqliteRegistryStore, Transactor
 
-from .catalog import (
-    Catalog,
-    Change,
-    ChangeKind,
-    Clock,
-    HealthSource,
-    InstanceStatus,
-    SystemClock,
-)
+from .catalog import Catalog, Clock, HealthSource, InstanceStatus, SystemClock
+from .changes import Change, ChangeKind
 from .durations import format_duration, parse_duration
 from .errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from .model import (
@@ -20,6 +14,7 @@ from .model import (
     Instance,
     Name,
     ProbeSpec,
+    ProbeType,
     RegistrationBody,
     Tags,
 )
@@ -39,6 +34,7 @@ __all__ = [
     "Name",
     "Overloaded",
     "ProbeSpec",
+    "ProbeType",
     "RegistrationBody",
     "RegistryError",
     "RegistryStore",

@@ -41,6 +41,21 @@ class HealthState(enum.StrEnum):
     UNKNOWN = "unknown"
 
 
+class ProbeType(enum.StrEnum):
+    """How an instance is probed; `none`: its health comes from the lease alone."""
+
+    HTTP = "http"
+    TCP = "tcp"
+    TLS = "tls"
+    NONE = "none"
+
+
+# The schema a Literal of the same values had: the OpenAPI document stays as it was.
+ProbeTypeField = Annotated[
+    ProbeType, WithJsonSchema({"enum": [kind.value for kind in ProbeType], "type": "string"})
+]
+
+
 def is_valid_name(name: str) -> bool:
     """Service names and instance ids: `[A-Za-z0-9._-]`, 1 to 128 characters."""
     return NAME_PATTERN.fullmatch(name) is not None
@@ -232,8 +247,9 @@ class ProbeSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["http", "tcp", "tls", "none"] | None = Field(
+    type: ProbeTypeField | None = Field(
         default=None,
+        title="Type",
         description="`none`: not probed; health comes from the lease alone "
         "(critical once it lapses).",
     )

@@ -33,7 +33,7 @@ def parse_target(entry: str) -> Network | str:
     return text.lower()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class TargetPolicy:
     networks: tuple[Network, ...] = ()
     hosts: tuple[str, ...] = ()

@@ -133,3 +133,16 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
     while not await predicate():
         assert asyncio.get_running_loop().time() < deadline, "not reached in time"
         await asyncio.sleep(0.05)
+
+
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store implementation a contract test runs against (tests/contracts.py):
+    PostgreSQL only when HMS_TEST_POSTGRES_DSN names a server to use."""
+    name: str = request.param
+    if name == "postgres" and not os.environ.get("HMS_TEST_POSTGRES_DSN"):
+        pytest.skip("set HMS_TEST_POSTGRES_DSN to run the contract against PostgreSQL")
+    return name

@@ -211,14 +211,14 @@ async def test_results_reach_sqlite_in_batches(
 
 
 async def test_old_raw_results_and_minutes_are_pruned(tmp_path: Any) -> None:
-    from monitor.health import RAW_RETENTION, ResultStore
+    from monitor.health import RAW_RETENTION, ProbeResults, SqliteResultStore
     from monitor.probing import ProbeResult
     from monitor.storage import Database
 
     database = Database(tmp_path / "r.db")
     await database.open()
     try:
-        store = ResultStore(database)
+        store = ProbeResults(SqliteResultStore(database))
         await store.create_tables(0.0)
         now = 1_800_000_000.0
         for age in (RAW_RETENTION + 60, 60.0):

@@ -154,6 +154,8 @@ def _type_name(annotation: Any, anchors: dict[type[BaseModel], str]) -> str:
         return f"map of {_type_name(args[0], anchors)} to {_type_name(args[1], anchors)}"
     if origin is Literal:
         return " \\| ".join(f"`{a}`" for a in args)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return " \\| ".join(f"`{member.value}`" for member in annotation)
     return SIMPLE.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 

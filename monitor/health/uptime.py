@@ -10,14 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from monitor.health.abc import DayRow, HourRow
+
 UPTIME_DAYS = 90
 SPARK_HOURS = 24
 
-DayRow = tuple[str, int, int, int]  # service, day, count, successes
-HourRow = tuple[str, int, int, int, float]  # service, hour, count, successes, latency_sum
 
-
-@dataclass(slots=True)
+@dataclass(kw_only=True, slots=True)
 class Tally:
     count: int = 0
     successes: int = 0
@@ -50,9 +49,11 @@ class Uptime:
         self._hours.clear()
         self._trimmed_at = -1
         for service, day, count, successes in days:
-            self._days.setdefault(service, {})[day] = Tally(count, successes)
+            self._days.setdefault(service, {})[day] = Tally(count=count, successes=successes)
         for service, hour, count, successes, latency_sum in hours:
-            self._hours.setdefault(service, {})[hour] = Tally(count, successes, latency_sum)
+            self._hours.setdefault(service, {})[hour] = Tally(
+                count=count, successes=successes, latency_sum=latency_sum
+            )
         self._trim(now)
 
     def add(self, hours: Iterable[HourRow], now: float) -> None:

@@ -1,4 +1,7 @@
-"""Durable storage of registered instances (static ones come from config and are not stored)."""
+"""Registered instances in SQLite (static ones come from config and are not stored).
+
+`Transactor` is the SQLite stores' handle (serialized reads, durable writes), not a domain
+interface: every SQLite store of every package takes one."""
 
 from __future__ import annotations
 
@@ -25,17 +28,9 @@ class Transactor(Protocol):
     async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T: ...
 
 
-class RegistryStore(Protocol):
-    """Narrow on purpose, so a PostgreSQL store can stand in for multi-replica setups."""
-
-    async def load(self) -> tuple[list[Instance], int]: ...
-
-    async def save(self, instance: Instance, index: int) -> None: ...
-
-    async def delete(self, service: str, instance_id: str, index: int) -> None: ...
-
-
 class SqliteRegistryStore:
+    """The registry's store (registry.abc.RegistryStore) in the daemon's SQLite file."""
+
     def __init__(self, db: Transactor) -> None:
         self._db = db
 

@@ -1,0 +1,1 @@
+"""Implementations of monitor.health.abc.ResultStore, one module each."""
