@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 from registry import parse_duration
 from scheduler.retry import DEFAULT_RETRY, Retry
 
 from . import templates
+from .states import StepKind
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_OBJECTIVE = 99.0
@@ -71,10 +72,10 @@ class Step:
     compensate: Call | None = None
 
     @property
-    def kind(self) -> Literal["call", "publish", "wait_for"]:
+    def kind(self) -> StepKind:
         if isinstance(self.action, Call):
-            return "call"
-        return "publish" if isinstance(self.action, Publish) else "wait_for"
+            return StepKind.CALL
+        return StepKind.PUBLISH if isinstance(self.action, Publish) else StepKind.WAIT_FOR
 
 
 @dataclass(frozen=True, slots=True)

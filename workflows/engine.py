@@ -41,11 +41,18 @@ from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
 from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
+from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind, StepState, WaitKind
 
 log = logging.getLogger(__name__)
 
 MIN_COMPENSATION_ATTEMPTS = 3
 STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
+# A step's attempts are recorded under its kind; compensations under their own.
+_ATTEMPT_KIND = {
+    StepKind.CALL: AttemptKind.CALL,
+    StepKind.PUBLISH: AttemptKind.PUBLISH,
+    StepKind.WAIT_FOR: AttemptKind.WAIT_FOR,
+}
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
 
@@ -75,7 +82,7 @@ class Engine:
         self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see _deliver)
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._marking: set[asyncio.Task[None]] = set()  # deadline marks being written
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------
@@ -162,7 +169,7 @@ class Engine:
         return Process(
             process_id,
             definition.name,
-            "started",
+            ProcessStatus.STARTED,
             dict(input_),
             {},
             key,
@@ -222,7 +229,7 @@ class Engine:
         try:
             if definition is None:
                 process.error = f"workflow {process.workflow!r} is no longer defined"
-                await self._finish(process, "failed")
+                await self._finish(process, ProcessStatus.FAILED)
                 return
             pause = STORAGE_RETRY_MIN
             while not process.finished:
@@ -240,7 +247,7 @@ class Engine:
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
             process.error = f"internal error: {exc}"
-            await self._finish(process, "failed")
+            await self._finish(process, ProcessStatus.FAILED)
         finally:
             if process.finished or not self._stopping:
                 self._forget(process)
@@ -250,7 +257,7 @@ class Engine:
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
-            await self._finish(process, "completed")
+            await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
         if isinstance(step.action, WaitFor):
@@ -258,7 +265,7 @@ class Engine:
             return
         if process.wake_at is None and process.attempt == 0 and step.delay:
             process.wake_at = self._clock() + step.delay
-            await self._checkpoint(process, "waiting")
+            await self._checkpoint(process, ProcessStatus.WAITING)
         if process.wake_at is not None:
             if not await self._sleep(process, process.wake_at):
                 return  # cancelled meanwhile
@@ -266,22 +273,22 @@ class Engine:
         await self._attempt(definition, process, step)
 
     async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
-        self._set_status(process, "running")
+        self._set_status(process, ProcessStatus.RUNNING)
         started = self._clock()
         attempt = process.attempt + 1
         result = await self._act(process, step)
-        self._record(process, step.name, step.kind, attempt, started, result)
+        self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
         if result.ok:
             process.outputs[step.name] = result.output
             process.position += 1
             process.attempt = 0
-            await self._checkpoint(process, "running")
+            await self._checkpoint(process, ProcessStatus.RUNNING)
             self._emit("workflow.step_completed", process, step=step.name)
             return
         process.attempt = attempt
         if result.retryable and attempt < step.retry.max_attempts:
             process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, "waiting")
+            await self._checkpoint(process, ProcessStatus.WAITING)
             return
         process.error = f"step {step.name}: {result.error}"
         await self._begin_compensation(definition, process, cancelled=False)
@@ -343,7 +350,7 @@ class Engine:
                 process.wait_seq = self._bus.position  # later events are delivered live
                 if wait.timeout is not None:
                     process.wake_at = started + wait.timeout
-                await self._checkpoint(process, "waiting")
+                await self._checkpoint(process, ProcessStatus.WAITING)
             else:  # resumed: an event may have come while the daemon was down
                 for stored in await self.store.events_since(wait.event, process.wait_seq):
                     if _matches(match, stored.data):
@@ -360,16 +367,21 @@ class Engine:
         process.wake_at, process.wait_seq = None, None
         if event is None:
             result = CallResult(False, error=f"no {wait.event} event within {wait.timeout:g}s")
-            self._record(process, step.name, "wait_for", 1, started, result)
+            self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
             process.error = f"step {step.name}: {result.error}"
             await self._begin_compensation(definition, process, cancelled=False)
             return
         self._record(
-            process, step.name, "wait_for", 1, started, CallResult(True, output=event.data)
+            process,
+            step.name,
+            AttemptKind.WAIT_FOR,
+            1,
+            started,
+            CallResult(True, output=event.data),
         )
         process.outputs[step.name] = event.data
         process.position += 1
-        await self._checkpoint(process, "running")
+        await self._checkpoint(process, ProcessStatus.RUNNING)
         self._emit("workflow.step_completed", process, step=step.name)
 
     # -- compensation --------------------------------------------------------------
@@ -379,11 +391,13 @@ class Engine:
     ) -> None:
         done = definition.steps[: process.position]
         if not any(step.compensate is not None for step in done):
-            await self._finish(process, "cancelled" if cancelled else "failed")
+            await self._finish(
+                process, ProcessStatus.CANCELLED if cancelled else ProcessStatus.FAILED
+            )
             return
         process.compensating_from = process.position - 1
         process.attempt, process.wake_at = 0, None
-        await self._checkpoint(process, "compensating")
+        await self._checkpoint(process, ProcessStatus.COMPENSATING)
 
     async def _compensate(self, definition: Definition, process: Process) -> None:
         index = process.compensating_from
@@ -391,7 +405,10 @@ class Engine:
         while index >= 0 and definition.steps[index].compensate is None:
             index -= 1
         if index < 0:
-            await self._finish(process, "cancelled" if process.cancel_requested else "compensated")
+            status = (
+                ProcessStatus.CANCELLED if process.cancel_requested else ProcessStatus.COMPENSATED
+            )
+            await self._finish(process, status)
             return
         process.compensating_from = index
         step = definition.steps[index]
@@ -403,24 +420,24 @@ class Engine:
         result = await self._call(
             process, f"{step.name}.compensate", step.compensate, step, self._context(process)
         )
-        self._record(process, step.name, "compensate", attempt, started, result)
+        self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
         if result.ok:
             process.compensating_from, process.attempt = index - 1, 0
-            await self._checkpoint(process, "compensating")
+            await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
         process.attempt = attempt
         retry = step.retry
         attempts = max(retry.max_attempts, MIN_COMPENSATION_ATTEMPTS)
         if result.retryable and attempt < attempts:
             process.wake_at = self._clock() + retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, "compensating")
+            await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
         process.error = f"{process.error}; compensation of {step.name} failed: {result.error}"
-        await self._finish(process, "failed")
+        await self._finish(process, ProcessStatus.FAILED)
 
     # -- endings, deadlines, events ----------------------------------------------
 
-    async def _finish(self, process: Process, status: str) -> None:
+    async def _finish(self, process: Process, status: ProcessStatus) -> None:
         now = self._clock()
         process.finished_at, process.wake_at = now, None
         await self._checkpoint(process, status)
@@ -430,7 +447,7 @@ class Engine:
         if handle is not None:
             handle.cancel()
         if self._outcome is not None and not process.deadline_missed:
-            self._outcome(process.workflow, now, status == "completed")
+            self._outcome(process.workflow, now, status == ProcessStatus.COMPLETED)
 
     def _arm_deadline(self, process: Process) -> None:
         if process.deadline_at is None or process.deadline_missed:
@@ -489,13 +506,17 @@ class Engine:
         self,
         process: Process,
         step: str,
-        kind: str,
+        kind: AttemptKind,
         attempt: int,
         started: float,
         result: CallResult,
     ) -> None:
         ended = self._clock()
-        outcome = "ok" if result.ok else ("timeout" if result.timed_out else "error")
+        outcome = (
+            AttemptOutcome.OK
+            if result.ok
+            else (AttemptOutcome.TIMEOUT if result.timed_out else AttemptOutcome.ERROR)
+        )
         process.pending.append(
             Attempt(
                 step,
@@ -545,7 +566,7 @@ class Engine:
         """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
         None for no limit) and detail."""
         definition = self.definitions.get(process.workflow)
-        if process.status != "waiting" or definition is None:
+        if process.status != ProcessStatus.WAITING or definition is None:
             return None
         if not 0 <= process.position < len(definition.steps):
             return None
@@ -557,32 +578,40 @@ class Engine:
                 match = dict(step.action.match)
             wanted = ", ".join(f"{k}={v}" for k, v in match.items())
             detail = step.action.event + (f" with {wanted}" if wanted else "")
-            return {"kind": "event", "until": process.wake_at, "detail": detail}
+            return {"kind": WaitKind.EVENT, "until": process.wake_at, "detail": detail}
         if process.attempt > 0:
             detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
-            return {"kind": "retry", "until": process.wake_at, "detail": detail}
-        return {"kind": "delay", "until": process.wake_at, "detail": f"{step.name} starts"}
+            return {"kind": WaitKind.RETRY, "until": process.wake_at, "detail": detail}
+        return {"kind": WaitKind.DELAY, "until": process.wake_at, "detail": f"{step.name} starts"}
 
     def _step_states(self, process: Process, history: list[Attempt]) -> list[dict[str, str]]:
         """Every step of the definition with its state, those not yet run included."""
         definition = self.definitions.get(process.workflow)
         if definition is None:
             return []
-        compensated = {a.step for a in history if a.kind == "compensate" and a.outcome == "ok"}
+        compensated = {
+            a.step
+            for a in history
+            if a.kind == AttemptKind.COMPENSATE and a.outcome == AttemptOutcome.OK
+        }
         states = []
         for index, step in enumerate(definition.steps):
             if step.name in compensated:
-                state = "compensated"
+                state = StepState.COMPENSATED
             elif index < process.position:
-                state = "completed"
+                state = StepState.COMPLETED
             elif index > process.position or process.cancel_requested:
-                state = "pending"
-            elif process.status == "completed":
-                state = "completed"
-            elif process.finished or process.status == "compensating":
-                state = "failed"
+                state = StepState.PENDING
+            elif process.status == ProcessStatus.COMPLETED:
+                state = StepState.COMPLETED
+            elif process.finished or process.status == ProcessStatus.COMPENSATING:
+                state = StepState.FAILED
             else:
-                state = "waiting" if process.status == "waiting" else "running"
+                state = (
+                    StepState.WAITING
+                    if process.status == ProcessStatus.WAITING
+                    else StepState.RUNNING
+                )
             states.append({"name": step.name, "state": state})
         return states
 
@@ -595,7 +624,7 @@ class Engine:
         )
         return definition.steps[index].name if 0 <= index < len(definition.steps) else None
 
-    async def _checkpoint(self, process: Process, status: str) -> None:
+    async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
         self._set_status(process, status)
         process.updated_at = self._clock()
         await self._store_durably(process)
@@ -613,7 +642,7 @@ class Engine:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
 
-    def _set_status(self, process: Process, status: str) -> None:
+    def _set_status(self, process: Process, status: ProcessStatus) -> None:
         if process.status != status:
             self.counts[(process.workflow, process.status)] -= 1
             self.counts[(process.workflow, status)] += 1

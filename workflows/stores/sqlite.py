@@ -16,18 +16,16 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-
-FINAL = frozenset({"completed", "failed", "compensated", "cancelled"})
-STATUSES = (
-    "started",
-    "running",
-    "waiting",
-    "completed",
-    "failed",
-    "compensating",
-    "compensated",
-    "cancelled",
+from workflows.states import (
+    FINAL,
+    STATUSES,
+    AttemptKind,
+    AttemptOutcome,
+    ProcessStatus,
 )
+
+__all__ = ["FINAL", "STATUSES", "Attempt", "NewEvent", "Process", "ProcessStore", "StoredEvent"]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
@@ -105,11 +103,11 @@ class Attempt:
     """One line of a process's history."""
 
     step: str
-    kind: str  # call | publish | wait_for | compensate
+    kind: AttemptKind
     attempt: int
     started_at: float
     ended_at: float
-    outcome: str  # ok | error | timeout
+    outcome: AttemptOutcome
     error: str | None = None
     instance: str | None = None
     http_status: int | None = None
@@ -134,7 +132,7 @@ class Process:
 
     id: str
     workflow: str
-    status: str
+    status: ProcessStatus
     input: dict[str, Any]
     outputs: dict[str, Any]
     idempotency_key: str | None
@@ -200,7 +198,7 @@ def _process(row: tuple[Any, ...]) -> Process:
     return Process(
         id_,
         workflow,
-        status,
+        ProcessStatus(status),
         orjson.loads(input_),
         orjson.loads(outputs),
         key,
@@ -218,6 +216,21 @@ def _process(row: tuple[Any, ...]) -> Process:
         error,
         seq,
         row[19],  # every query selects the history count (or 0) last
+    )
+
+
+def _attempt(row: tuple[Any, ...]) -> Attempt:
+    step, kind, attempt, started, ended, outcome, error, instance, http_status = row
+    return Attempt(
+        step,
+        AttemptKind(kind),
+        attempt,
+        started,
+        ended,
+        AttemptOutcome(outcome),
+        error,
+        instance,
+        http_status,
     )
 
 
@@ -335,12 +348,12 @@ class ProcessStore:
                 "http_status FROM process_history WHERE process = ? ORDER BY n",
                 [row[0]],
             ).fetchall()
-            return _process(row), [Attempt(*h) for h in history]
+            return _process(row), [_attempt(h) for h in history]
 
         return await self._db.read(read)
 
     async def page(
-        self, workflow: str | None, status: str | None, limit: int, before: int | None
+        self, workflow: str | None, status: ProcessStatus | None, limit: int, before: int | None
     ) -> list[Process]:
         """Newest first; `before` is the cursor (a sequence number)."""
         where: list[str] = []
@@ -363,12 +376,12 @@ class ProcessStore:
 
         return await self._db.read(read)
 
-    async def counts(self) -> dict[tuple[str, str], int]:
-        def read(d: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+    async def counts(self) -> dict[tuple[str, ProcessStatus], int]:
+        def read(d: sqlite_utils.Database) -> dict[tuple[str, ProcessStatus], int]:
             rows = d.execute(
                 "SELECT workflow, status, count(*) FROM processes GROUP BY workflow, status"
             ).fetchall()
-            return {(w, s): n for w, s, n in rows}
+            return {(w, ProcessStatus(s)): n for w, s, n in rows}
 
         return await self._db.read(read)
 
@@ -428,11 +441,13 @@ class ProcessStore:
 
         return await self._db.read(read)
 
-    async def prune(self, before: float, events_before: float) -> dict[tuple[str, str], int]:
+    async def prune(
+        self, before: float, events_before: float
+    ) -> dict[tuple[str, ProcessStatus], int]:
         """Forget processes finished before `before` and events published before
         `events_before`; what went."""
 
-        def write(d: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+        def write(d: sqlite_utils.Database) -> dict[tuple[str, ProcessStatus], int]:
             conn = d.conn
             gone = conn.execute(
                 "SELECT workflow, status, count(*) FROM processes WHERE finished_at < ? "
@@ -442,6 +457,6 @@ class ProcessStore:
             conn.execute(_HISTORY_OF_OLD, [before])
             conn.execute("DELETE FROM processes WHERE finished_at < ?", [before])
             conn.execute("DELETE FROM events WHERE published_at < ?", [events_before])
-            return {(w, s): n for w, s, n in gone}
+            return {(w, ProcessStatus(s)): n for w, s, n in gone}
 
         return await self._db.write(write)
