@@ -2,7 +2,7 @@
 
 Each unfinished process is one asyncio task that loops: do the next unit of
 work (a delay, an attempt, a wait, a compensation), checkpoint its outcome,
-go on. Everything a restart needs is in the process row (workflows/store.py);
+go on. Everything a restart needs is in the process row (workflows/records.py);
 on start every unfinished process resumes from its last checkpoint, and its
 timers (delay, retry backoff, wait timeout, deadline) are re-armed from the
 stored due times, firing at once when they passed during downtime. A step
@@ -34,13 +34,14 @@ import orjson
 
 from registry import StoreUnavailable
 from scheduler import EventBus
-from workflows.stores.sqlite import Attempt, NewEvent, Process, ProcessStore, StoredEvent
 
 from . import templates
+from .abc import WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
 from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
+from .records import Attempt, NewEvent, Process, StoredEvent
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind, StepState, WaitKind
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Engine:
         self,
         definitions: Iterable[Definition],
         *,
-        store: ProcessStore,
+        store: WorkflowStore,
         caller: ServiceCaller,
         bus: EventBus,
         metrics: WorkflowMetrics,
@@ -159,7 +160,7 @@ class Engine:
                 self._started(process)
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
-            self._deliver(StoredEvent(seq, topic, snapshot, now))
+            self._deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
         return seq
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
@@ -167,14 +168,14 @@ class Engine:
         deadline = now + definition.deadline if definition.deadline is not None else None
         process_id = f"{int(now * 1000):012x}{secrets.token_hex(6)}"  # sorts by start time
         return Process(
-            process_id,
-            definition.name,
-            ProcessStatus.STARTED,
-            dict(input_),
-            {},
-            key,
-            now,
-            now,
+            id=process_id,
+            workflow=definition.name,
+            status=ProcessStatus.STARTED,
+            input=dict(input_),
+            outputs={},
+            idempotency_key=key,
+            created_at=now,
+            updated_at=now,
             deadline_at=deadline,
         )
 
@@ -519,15 +520,15 @@ class Engine:
         )
         process.pending.append(
             Attempt(
-                step,
-                kind,
-                attempt,
-                started,
-                ended,
-                outcome,
-                result.error,
-                result.instance,
-                result.status,
+                step=step,
+                kind=kind,
+                attempt=attempt,
+                started_at=started,
+                ended_at=ended,
+                outcome=outcome,
+                error=result.error,
+                instance=result.instance,
+                http_status=result.status,
             )
         )
         self._metrics.attempt(process.workflow, step, outcome, ended - started)
