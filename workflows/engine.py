@@ -306,11 +306,11 @@ class Engine:
                 else {"process": process.id, "workflow": process.workflow, **context}
             )
         except templates.TemplateError as exc:
-            return CallResult(False, error=str(exc), retryable=False)
+            return CallResult(ok=False, error=str(exc), retryable=False)
         if not isinstance(data, dict):
             data = {"value": data}
         seq = await self.publish(step.action.topic, data, key=f"{process.id}/{step.name}")
-        return CallResult(True, output={"event": seq})
+        return CallResult(ok=True, output={"event": seq})
 
     async def _call(
         self, process: Process, name: str, call: Call, step: Step, context: dict[str, Any]
@@ -323,7 +323,7 @@ class Engine:
             path = str(templates.render(call.path, context))
             body = templates.render(call.body, context) if call.body is not None else None
         except templates.TemplateError as exc:
-            return CallResult(False, error=str(exc), retryable=False)
+            return CallResult(ok=False, error=str(exc), retryable=False)
         headers = {**rendered, "Idempotency-Key": f"{process.id}/{name}"}
         return await self.caller.call(
             call.service,
@@ -367,7 +367,7 @@ class Engine:
         event = self._arrived.pop(process.id, None)
         process.wake_at, process.wait_seq = None, None
         if event is None:
-            result = CallResult(False, error=f"no {wait.event} event within {wait.timeout:g}s")
+            result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
             process.error = f"step {step.name}: {result.error}"
             await self._begin_compensation(definition, process, cancelled=False)
@@ -378,7 +378,7 @@ class Engine:
             AttemptKind.WAIT_FOR,
             1,
             started,
-            CallResult(True, output=event.data),
+            CallResult(ok=True, output=event.data),
         )
         process.outputs[step.name] = event.data
         process.position += 1
