@@ -39,10 +39,11 @@ from . import templates
 from .abc import WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
+from .describe import describe_process, template_context
 from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
 from .records import Attempt, NewEvent, Process, StoredEvent
-from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind, StepState, WaitKind
+from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class Engine:
         await self._begin_compensation(definition, process, cancelled=False)
 
     async def _act(self, process: Process, step: Step) -> CallResult:
-        context = self._context(process)
+        context = template_context(process)
         if isinstance(step.action, Call):
             return await self._call(process, step.name, step.action, step, context)
         assert isinstance(step.action, Publish)
@@ -339,7 +340,7 @@ class Engine:
         self, definition: Definition, process: Process, step: Step, wait: WaitFor
     ) -> None:
         try:
-            match = templates.render(dict(wait.match), self._context(process))
+            match = templates.render(dict(wait.match), template_context(process))
         except templates.TemplateError as exc:
             process.error = f"step {step.name}: {exc}"
             await self._begin_compensation(definition, process, cancelled=False)
@@ -419,7 +420,7 @@ class Engine:
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
         result = await self._call(
-            process, f"{step.name}.compensate", step.compensate, step, self._context(process)
+            process, f"{step.name}.compensate", step.compensate, step, template_context(process)
         )
         self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
         if result.ok:
@@ -500,9 +501,6 @@ class Engine:
 
     # -- helpers -------------------------------------------------------------------
 
-    def _context(self, process: Process) -> dict[str, Any]:
-        return {"input": process.input, "steps": process.outputs}
-
     def _record(
         self,
         process: Process,
@@ -552,78 +550,7 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history not yet checkpointed is shown too
             process, history = live, history + list(live.pending)
-        return {
-            **process.summary(),
-            "idempotency_key": process.idempotency_key,
-            "current_step": self._current_step(process),
-            "waiting_for": self._waiting_for(process),
-            "steps": self._step_states(process, history),
-            "input": process.input,
-            "outputs": process.outputs,
-            "history": [attempt.to_json() for attempt in history],
-        }
-
-    def _waiting_for(self, process: Process) -> dict[str, Any] | None:
-        """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
-        None for no limit) and detail."""
-        definition = self.definitions.get(process.workflow)
-        if process.status != ProcessStatus.WAITING or definition is None:
-            return None
-        if not 0 <= process.position < len(definition.steps):
-            return None
-        step = definition.steps[process.position]
-        if isinstance(step.action, WaitFor):
-            try:  # the values the event must carry, as _wait_for matches them
-                match = templates.render(dict(step.action.match), self._context(process))
-            except templates.TemplateError:
-                match = dict(step.action.match)
-            wanted = ", ".join(f"{k}={v}" for k, v in match.items())
-            detail = step.action.event + (f" with {wanted}" if wanted else "")
-            return {"kind": WaitKind.EVENT, "until": process.wake_at, "detail": detail}
-        if process.attempt > 0:
-            detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
-            return {"kind": WaitKind.RETRY, "until": process.wake_at, "detail": detail}
-        return {"kind": WaitKind.DELAY, "until": process.wake_at, "detail": f"{step.name} starts"}
-
-    def _step_states(self, process: Process, history: list[Attempt]) -> list[dict[str, str]]:
-        """Every step of the definition with its state, those not yet run included."""
-        definition = self.definitions.get(process.workflow)
-        if definition is None:
-            return []
-        compensated = {
-            a.step
-            for a in history
-            if a.kind == AttemptKind.COMPENSATE and a.outcome == AttemptOutcome.OK
-        }
-        states = []
-        for index, step in enumerate(definition.steps):
-            if step.name in compensated:
-                state = StepState.COMPENSATED
-            elif index < process.position:
-                state = StepState.COMPLETED
-            elif index > process.position or process.cancel_requested:
-                state = StepState.PENDING
-            elif process.status == ProcessStatus.COMPLETED:
-                state = StepState.COMPLETED
-            elif process.finished or process.status == ProcessStatus.COMPENSATING:
-                state = StepState.FAILED
-            else:
-                state = (
-                    StepState.WAITING
-                    if process.status == ProcessStatus.WAITING
-                    else StepState.RUNNING
-                )
-            states.append({"name": step.name, "state": state})
-        return states
-
-    def _current_step(self, process: Process) -> str | None:
-        definition = self.definitions.get(process.workflow)
-        if definition is None or process.finished:
-            return None
-        index = (
-            process.compensating_from if process.compensating_from is not None else process.position
-        )
-        return definition.steps[index].name if 0 <= index < len(definition.steps) else None
+        return describe_process(process, history, self.definitions.get(process.workflow))
 
     async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
         self._set_status(process, status)
