@@ -42,38 +42,44 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         if step.call is not None:
             action = _call(step.call)
         elif step.publish is not None:
-            action = Publish(step.publish)
+            action = Publish(topic=step.publish)
         else:
             assert step.wait_for is not None  # the config allows exactly one action
             timeout = step.wait_for.timeout
             action = WaitFor(
-                step.wait_for.event,
-                dict(step.wait_for.match),
-                timeout.total_seconds() if timeout else None,
+                event=step.wait_for.event,
+                match=dict(step.wait_for.match),
+                timeout=timeout.total_seconds() if timeout else None,
             )
         retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
         steps.append(
             Step(
-                step.name,
-                action,
-                step.delay.total_seconds() if step.delay else None,
-                step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
-                retry,
-                _call(step.compensate) if step.compensate is not None else None,
+                name=step.name,
+                action=action,
+                delay=step.delay.total_seconds() if step.delay else None,
+                timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
+                retry=retry,
+                compensate=_call(step.compensate) if step.compensate is not None else None,
             )
         )
     return Definition(
-        workflow.name,
-        tuple(steps),
-        workflow.route,
-        workflow.trigger.event if workflow.trigger else None,
-        workflow.deadline.total_seconds() if workflow.deadline else None,
-        workflow.objective,
+        name=workflow.name,
+        steps=tuple(steps),
+        route=workflow.route,
+        trigger=workflow.trigger.event if workflow.trigger else None,
+        deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
+        objective=workflow.objective,
     )
 
 
 def _call(spec: cfg.Call) -> Call:
-    return Call(spec.service, spec.method, spec.path, spec.body, dict(spec.headers))
+    return Call(
+        service=spec.service,
+        method=spec.method,
+        path=spec.path,
+        body=spec.body,
+        headers=dict(spec.headers),
+    )
 
 
 def definitions_from_config(config: cfg.Config) -> list[Definition]:

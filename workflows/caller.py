@@ -26,7 +26,7 @@ Candidates = Callable[[str], list[tuple[str, str]]]
 MAX_RESPONSE_BYTES = 1 << 20
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallResult:
     ok: bool
     status: int | None = None
@@ -77,15 +77,15 @@ class ServiceCaller:
         if problem is not None:
             # Paths and headers are rendered from process input: a CR/LF there would
             # smuggle another request to the service. Never sent, and retrying cannot help.
-            return CallResult(False, error=f"request not sent: {problem}", retryable=False)
+            return CallResult(ok=False, error=f"request not sent: {problem}", retryable=False)
         instances = self._candidates(service)
         if not instances:
-            return CallResult(False, error=f"no passing instance of {service!r}")
+            return CallResult(ok=False, error=f"no passing instance of {service!r}")
         turn = next(self._turns.setdefault(service, itertools.count()))
         order = instances[turn % len(instances) :] + instances[: turn % len(instances)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        last = CallResult(False, error="not called")
+        last = CallResult(ok=False, error="not called")
         for instance, url in order:
             left = deadline - loop.time()
             if left <= 0:
@@ -110,19 +110,19 @@ class ServiceCaller:
                     status = resp.status
         except TimeoutError:
             return CallResult(
-                False, error=f"timed out after {timeout:.3g}s", instance=instance, timed_out=True
+                ok=False, error=f"timed out after {timeout:.3g}s", instance=instance, timed_out=True
             )
         except aiohttp.ClientConnectionError as exc:
-            return CallResult(False, error=f"connection failed: {exc}", instance=instance)
+            return CallResult(ok=False, error=f"connection failed: {exc}", instance=instance)
         except aiohttp.ClientError as exc:
-            return CallResult(False, error=f"bad response: {exc}", instance=instance)
+            return CallResult(ok=False, error=f"bad response: {exc}", instance=instance)
         output = _output(raw)
         if 200 <= status < 300:
-            return CallResult(True, status, output, instance=instance)
+            return CallResult(ok=True, status=status, output=output, instance=instance)
         return CallResult(
-            False,
-            status,
-            output,
+            ok=False,
+            status=status,
+            output=output,
             error=f"HTTP {status}",
             instance=instance,
             retryable=status in request.retry_on,

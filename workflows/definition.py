@@ -19,12 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 from registry import parse_duration
 from scheduler.retry import DEFAULT_RETRY, Retry
 
 from . import templates
+from .states import StepKind
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_OBJECTIVE = 99.0
@@ -36,7 +37,7 @@ class DefinitionError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Call:
     service: str
     method: str = "POST"
@@ -45,14 +46,14 @@ class Call:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class WaitFor:
     event: str
     match: Mapping[str, Any] = field(default_factory=dict)  # data field -> template
     timeout: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Publish:
     topic: str
     data: Any = None  # template; default: the process's input and step outputs
@@ -61,7 +62,7 @@ class Publish:
 Action = Call | Publish | WaitFor
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     name: str
     action: Action
@@ -71,13 +72,13 @@ class Step:
     compensate: Call | None = None
 
     @property
-    def kind(self) -> Literal["call", "publish", "wait_for"]:
+    def kind(self) -> StepKind:
         if isinstance(self.action, Call):
-            return "call"
-        return "publish" if isinstance(self.action, Publish) else "wait_for"
+            return StepKind.CALL
+        return StepKind.PUBLISH if isinstance(self.action, Publish) else StepKind.WAIT_FOR
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Definition:
     name: str
     steps: tuple[Step, ...]
@@ -102,17 +103,19 @@ def call(
     body: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> Call:
-    return Call(service, method.upper(), path, body, dict(headers or {}))
+    return Call(
+        service=service, method=method.upper(), path=path, body=body, headers=dict(headers or {})
+    )
 
 
 def publish(topic: str, data: Any = None) -> Publish:
-    return Publish(topic, data)
+    return Publish(topic=topic, data=data)
 
 
 def wait_for(
     event: str, *, match: Mapping[str, Any] | None = None, timeout: str | float | None = None
 ) -> WaitFor:
-    return WaitFor(event, dict(match or {}), _seconds(timeout))
+    return WaitFor(event=event, match=dict(match or {}), timeout=_seconds(timeout))
 
 
 class Workflow:
@@ -143,24 +146,24 @@ class Workflow:
     ) -> Workflow:
         self._steps.append(
             Step(
-                name,
-                action,
-                _seconds(delay),
-                _seconds(timeout) or DEFAULT_TIMEOUT,
-                retry or DEFAULT_RETRY,
-                compensate,
+                name=name,
+                action=action,
+                delay=_seconds(delay),
+                timeout=_seconds(timeout) or DEFAULT_TIMEOUT,
+                retry=retry or DEFAULT_RETRY,
+                compensate=compensate,
             )
         )
         return self
 
     def build(self) -> Definition:
         definition = Definition(
-            self._name,
-            tuple(self._steps),
-            self._route,
-            self._trigger,
-            self._deadline,
-            self._objective,
+            name=self._name,
+            steps=tuple(self._steps),
+            route=self._route,
+            trigger=self._trigger,
+            deadline=self._deadline,
+            objective=self._objective,
         )
         problems = validate(definition)
         if problems:

@@ -2,7 +2,7 @@
 
 Each unfinished process is one asyncio task that loops: do the next unit of
 work (a delay, an attempt, a wait, a compensation), checkpoint its outcome,
-go on. Everything a restart needs is in the process row (workflows/store.py);
+go on. Everything a restart needs is in the process row (workflows/records.py);
 on start every unfinished process resumes from its last checkpoint, and its
 timers (delay, retry backoff, wait timeout, deadline) are re-armed from the
 stored due times, firing at once when they passed during downtime. A step
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import random
 import secrets
 import time
@@ -34,28 +33,33 @@ import orjson
 
 from registry import StoreUnavailable
 from scheduler import EventBus
-from workflows.stores.sqlite import Attempt, NewEvent, Process, ProcessStore, StoredEvent
 
-from . import templates
-from .caller import CallResult, ServiceCaller
-from .definition import Call, Definition, Publish, Step, WaitFor
+from .abc import WorkflowStore
+from .caller import ServiceCaller
+from .definition import Definition
+from .describe import describe_process
 from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
+from .records import NewEvent, Process, StoredEvent
+from .runner import Outcome, ProcessRunner
+from .states import ProcessStatus
+from .waits import EventWaits, Wakeups
 
-log = logging.getLogger(__name__)
-
-MIN_COMPENSATION_ATTEMPTS = 3
-STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
-# Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
-Outcome = Callable[[str, float, bool], None]
+__all__ = ["Engine", "Outcome"]
 
 
 class Engine:
+    """The facade: starts, publishes, cancels and describes; owns each process's task.
+
+    The loop itself is workflows/runner.py, what processes wait on workflows/waits.py,
+    the view of a process workflows/describe.py.
+    """
+
     def __init__(
         self,
         definitions: Iterable[Definition],
         *,
-        store: ProcessStore,
+        store: WorkflowStore,
         caller: ServiceCaller,
         bus: EventBus,
         metrics: WorkflowMetrics,
@@ -64,19 +68,29 @@ class Engine:
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
-        self._clock, self._outcome, self._jitter = clock, outcome, jitter
+        self._clock = clock
         self.configure(definitions)
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._wakeups: dict[str, asyncio.Event] = {}
         self._done: dict[str, asyncio.Event] = {}
-        self._waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> id -> match
-        self._arrived: dict[str, StoredEvent] = {}
-        self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see _deliver)
-        self._deadlines: dict[str, asyncio.TimerHandle] = {}
-        self._marking: set[asyncio.Task[None]] = set()  # deadline marks being written
-        self.counts: Counter[tuple[str, str]] = Counter()
+        self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
+        self._wakeups = Wakeups(clock)
+        self._waits = EventWaits(bus, self._wakeups.wake)
+        self._runner = ProcessRunner(
+            definition=self._definition,
+            store=store,
+            caller=caller,
+            bus=bus,
+            metrics=metrics,
+            publish=self.publish,
+            counts=self.counts,
+            wakeups=self._wakeups,
+            waits=self._waits,
+            clock=clock,
+            outcome=outcome,
+            jitter=jitter,
+        )
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -91,8 +105,7 @@ class Engine:
     async def close(self) -> None:
         """Stop every task; their state is what the last checkpoint says."""
         self._stopping = True
-        for handle in self._deadlines.values():
-            handle.cancel()
+        self._runner.deadlines.cancel_all()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -146,13 +159,13 @@ class Engine:
         finally:
             if seq is None:  # a duplicate key, or the write failed
                 self._bus.release(reserved)
-                self._deliver()  # the release may let later events through
+                self._waits.deliver()  # the release may let later events through
         for process, new in created:
             if new:
                 self._started(process)
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
-            self._deliver(StoredEvent(seq, topic, snapshot, now))
+            self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
         return seq
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
@@ -160,28 +173,28 @@ class Engine:
         deadline = now + definition.deadline if definition.deadline is not None else None
         process_id = f"{int(now * 1000):012x}{secrets.token_hex(6)}"  # sorts by start time
         return Process(
-            process_id,
-            definition.name,
-            "started",
-            dict(input_),
-            {},
-            key,
-            now,
-            now,
+            id=process_id,
+            workflow=definition.name,
+            status=ProcessStatus.STARTED,
+            input=dict(input_),
+            outputs={},
+            idempotency_key=key,
+            created_at=now,
+            updated_at=now,
             deadline_at=deadline,
         )
 
     def _started(self, process: Process) -> None:
         self.counts[(process.workflow, process.status)] += 1
         self._metrics.started(process.workflow)
-        self._emit("workflow.started", process)
+        self._runner.emit("workflow.started", process)
         self._spawn(process)
 
     def _spawn(self, process: Process) -> None:
         self.live[process.id] = process
-        self._wakeups[process.id] = asyncio.Event()
+        self._wakeups.add(process.id)
         self._done.setdefault(process.id, asyncio.Event())
-        self._arm_deadline(process)
+        self._runner.deadlines.arm(process)
         task = asyncio.create_task(self._run(process), name=f"process:{process.id}")
         self._tasks[process.id] = task
 
@@ -202,7 +215,7 @@ class Engine:
             except StoreUnavailable:
                 process.cancel_requested = False  # the 503 says "not made": make it so
                 raise
-            self._wake(process.id)
+            self._wakeups.wake(process.id)
         return process
 
     async def wait(self, process_id: str, seconds: float) -> bool:
@@ -215,301 +228,14 @@ class Engine:
                 await done.wait()
         return done.is_set()
 
-    # -- the process loop --------------------------------------------------------
+    # -- the process task --------------------------------------------------------
 
     async def _run(self, process: Process) -> None:
-        definition = self.definitions.get(process.workflow)
         try:
-            if definition is None:
-                process.error = f"workflow {process.workflow!r} is no longer defined"
-                await self._finish(process, "failed")
-                return
-            pause = STORAGE_RETRY_MIN
-            while not process.finished:
-                try:
-                    if process.compensating_from is None:
-                        await self._forward(definition, process)
-                    else:
-                        await self._compensate(definition, process)
-                    pause = STORAGE_RETRY_MIN
-                except StoreUnavailable:  # e.g. a publish step: retried with its same key
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, STORAGE_RETRY_MAX)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug must not leave a process silently stuck
-            log.exception("process %s failed inside the engine", process.id)
-            process.error = f"internal error: {exc}"
-            await self._finish(process, "failed")
+            await self._runner.run(process)
         finally:
             if process.finished or not self._stopping:
                 self._forget(process)
-
-    async def _forward(self, definition: Definition, process: Process) -> None:
-        if process.cancel_requested:
-            await self._begin_compensation(definition, process, cancelled=True)
-            return
-        if process.position >= len(definition.steps):
-            await self._finish(process, "completed")
-            return
-        step = definition.steps[process.position]
-        if isinstance(step.action, WaitFor):
-            await self._wait_for(definition, process, step, step.action)
-            return
-        if process.wake_at is None and process.attempt == 0 and step.delay:
-            process.wake_at = self._clock() + step.delay
-            await self._checkpoint(process, "waiting")
-        if process.wake_at is not None:
-            if not await self._sleep(process, process.wake_at):
-                return  # cancelled meanwhile
-            process.wake_at = None
-        await self._attempt(definition, process, step)
-
-    async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
-        self._set_status(process, "running")
-        started = self._clock()
-        attempt = process.attempt + 1
-        result = await self._act(process, step)
-        self._record(process, step.name, step.kind, attempt, started, result)
-        if result.ok:
-            process.outputs[step.name] = result.output
-            process.position += 1
-            process.attempt = 0
-            await self._checkpoint(process, "running")
-            self._emit("workflow.step_completed", process, step=step.name)
-            return
-        process.attempt = attempt
-        if result.retryable and attempt < step.retry.max_attempts:
-            process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, "waiting")
-            return
-        process.error = f"step {step.name}: {result.error}"
-        await self._begin_compensation(definition, process, cancelled=False)
-
-    async def _act(self, process: Process, step: Step) -> CallResult:
-        context = self._context(process)
-        if isinstance(step.action, Call):
-            return await self._call(process, step.name, step.action, step, context)
-        assert isinstance(step.action, Publish)
-        try:
-            data = (
-                templates.render(step.action.data, context)
-                if step.action.data is not None
-                else {"process": process.id, "workflow": process.workflow, **context}
-            )
-        except templates.TemplateError as exc:
-            return CallResult(False, error=str(exc), retryable=False)
-        if not isinstance(data, dict):
-            data = {"value": data}
-        seq = await self.publish(step.action.topic, data, key=f"{process.id}/{step.name}")
-        return CallResult(True, output={"event": seq})
-
-    async def _call(
-        self, process: Process, name: str, call: Call, step: Step, context: dict[str, Any]
-    ) -> CallResult:
-        """A step's call or compensation; a template without a value fails it for good."""
-        try:
-            rendered = {
-                str(k): str(v) for k, v in templates.render(dict(call.headers), context).items()
-            }
-            path = str(templates.render(call.path, context))
-            body = templates.render(call.body, context) if call.body is not None else None
-        except templates.TemplateError as exc:
-            return CallResult(False, error=str(exc), retryable=False)
-        headers = {**rendered, "Idempotency-Key": f"{process.id}/{name}"}
-        return await self.caller.call(
-            call.service,
-            call.method,
-            path,
-            body=body,
-            headers=headers,
-            timeout=step.timeout,
-            retry_on=step.retry.retry_on,
-        )
-
-    async def _wait_for(
-        self, definition: Definition, process: Process, step: Step, wait: WaitFor
-    ) -> None:
-        try:
-            match = templates.render(dict(wait.match), self._context(process))
-        except templates.TemplateError as exc:
-            process.error = f"step {step.name}: {exc}"
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
-        started = self._clock()
-        self._waiting.setdefault(wait.event, {})[process.id] = match
-        try:
-            if process.wait_seq is None:  # registered above first, so nothing slips between
-                process.wait_seq = self._bus.position  # later events are delivered live
-                if wait.timeout is not None:
-                    process.wake_at = started + wait.timeout
-                await self._checkpoint(process, "waiting")
-            else:  # resumed: an event may have come while the daemon was down
-                for stored in await self.store.events_since(wait.event, process.wait_seq):
-                    if _matches(match, stored.data):
-                        self._arrived.setdefault(process.id, stored)
-                        break
-            while process.id not in self._arrived and not process.cancel_requested:
-                if await self._sleep(process, process.wake_at):
-                    break  # timed out
-        finally:
-            self._waiting.get(wait.event, {}).pop(process.id, None)
-        if process.cancel_requested:
-            return
-        event = self._arrived.pop(process.id, None)
-        process.wake_at, process.wait_seq = None, None
-        if event is None:
-            result = CallResult(False, error=f"no {wait.event} event within {wait.timeout:g}s")
-            self._record(process, step.name, "wait_for", 1, started, result)
-            process.error = f"step {step.name}: {result.error}"
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
-        self._record(
-            process, step.name, "wait_for", 1, started, CallResult(True, output=event.data)
-        )
-        process.outputs[step.name] = event.data
-        process.position += 1
-        await self._checkpoint(process, "running")
-        self._emit("workflow.step_completed", process, step=step.name)
-
-    # -- compensation --------------------------------------------------------------
-
-    async def _begin_compensation(
-        self, definition: Definition, process: Process, *, cancelled: bool
-    ) -> None:
-        done = definition.steps[: process.position]
-        if not any(step.compensate is not None for step in done):
-            await self._finish(process, "cancelled" if cancelled else "failed")
-            return
-        process.compensating_from = process.position - 1
-        process.attempt, process.wake_at = 0, None
-        await self._checkpoint(process, "compensating")
-
-    async def _compensate(self, definition: Definition, process: Process) -> None:
-        index = process.compensating_from
-        assert index is not None
-        while index >= 0 and definition.steps[index].compensate is None:
-            index -= 1
-        if index < 0:
-            await self._finish(process, "cancelled" if process.cancel_requested else "compensated")
-            return
-        process.compensating_from = index
-        step = definition.steps[index]
-        assert step.compensate is not None
-        if process.wake_at is not None:
-            await self._sleep(process, process.wake_at, cancellable=False)
-            process.wake_at = None
-        started, attempt = self._clock(), process.attempt + 1
-        result = await self._call(
-            process, f"{step.name}.compensate", step.compensate, step, self._context(process)
-        )
-        self._record(process, step.name, "compensate", attempt, started, result)
-        if result.ok:
-            process.compensating_from, process.attempt = index - 1, 0
-            await self._checkpoint(process, "compensating")
-            return
-        process.attempt = attempt
-        retry = step.retry
-        attempts = max(retry.max_attempts, MIN_COMPENSATION_ATTEMPTS)
-        if result.retryable and attempt < attempts:
-            process.wake_at = self._clock() + retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, "compensating")
-            return
-        process.error = f"{process.error}; compensation of {step.name} failed: {result.error}"
-        await self._finish(process, "failed")
-
-    # -- endings, deadlines, events ----------------------------------------------
-
-    async def _finish(self, process: Process, status: str) -> None:
-        now = self._clock()
-        process.finished_at, process.wake_at = now, None
-        await self._checkpoint(process, status)
-        self._metrics.finished(process.workflow, status, now - process.created_at)
-        self._emit(f"workflow.{status}", process)
-        handle = self._deadlines.pop(process.id, None)
-        if handle is not None:
-            handle.cancel()
-        if self._outcome is not None and not process.deadline_missed:
-            self._outcome(process.workflow, now, status == "completed")
-
-    def _arm_deadline(self, process: Process) -> None:
-        if process.deadline_at is None or process.deadline_missed:
-            return
-        delay = max(0.0, process.deadline_at - self._clock())
-
-        def passed() -> None:  # the loop keeps only weak references to tasks: hold it
-            task = asyncio.create_task(self._deadline_passed(process))
-            self._marking.add(task)
-            task.add_done_callback(self._marking.discard)
-
-        self._deadlines[process.id] = asyncio.get_running_loop().call_later(delay, passed)
-
-    async def _deadline_passed(self, process: Process) -> None:
-        self._deadlines.pop(process.id, None)
-        if process.finished or process.deadline_missed:
-            return
-        process.deadline_missed = True
-        await self._store_durably(process)
-        self._metrics.deadline_missed(process.workflow)
-        self._emit("workflow.deadline_missed", process)
-        if self._outcome is not None:
-            self._outcome(process.workflow, process.deadline_at or self._clock(), False)
-
-    def _deliver(self, event: StoredEvent | None = None) -> None:
-        """Hand stored events to waiting processes in id order, up to the bus's position,
-        as the bus does: an event whose earlier reservation is still being written waits.
-        So a process that starts waiting at `bus.position` gets live exactly the events
-        after it, as `events_since(wait_seq)` finds them after a restart."""
-        if event is not None:
-            self._stored[event.seq] = event
-        while self._stored and (first := min(self._stored)) <= self._bus.position:
-            event = self._stored.pop(first)
-            for process_id, match in list(self._waiting.get(event.topic, {}).items()):
-                if _matches(match, event.data) and process_id not in self._arrived:
-                    self._arrived[process_id] = event
-                    self._wake(process_id)
-
-    def _emit(self, topic: str, process: Process, **extra: Any) -> None:
-        data = {
-            "process": process.id,
-            "workflow": process.workflow,
-            "status": process.status,
-            **extra,
-        }
-        if process.error and topic != "workflow.step_completed":
-            data["error"] = process.error
-        self._bus.publish(topic, data)
-
-    # -- helpers -------------------------------------------------------------------
-
-    def _context(self, process: Process) -> dict[str, Any]:
-        return {"input": process.input, "steps": process.outputs}
-
-    def _record(
-        self,
-        process: Process,
-        step: str,
-        kind: str,
-        attempt: int,
-        started: float,
-        result: CallResult,
-    ) -> None:
-        ended = self._clock()
-        outcome = "ok" if result.ok else ("timeout" if result.timed_out else "error")
-        process.pending.append(
-            Attempt(
-                step,
-                kind,
-                attempt,
-                started,
-                ended,
-                outcome,
-                result.error,
-                result.instance,
-                result.status,
-            )
-        )
-        self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
     def configure(self, definitions: Iterable[Definition]) -> None:
         """Take new definitions (config reload). A running process keeps the definition it
@@ -530,127 +256,16 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history not yet checkpointed is shown too
             process, history = live, history + list(live.pending)
-        return {
-            **process.summary(),
-            "idempotency_key": process.idempotency_key,
-            "current_step": self._current_step(process),
-            "waiting_for": self._waiting_for(process),
-            "steps": self._step_states(process, history),
-            "input": process.input,
-            "outputs": process.outputs,
-            "history": [attempt.to_json() for attempt in history],
-        }
+        return describe_process(process, history, self.definitions.get(process.workflow))
 
-    def _waiting_for(self, process: Process) -> dict[str, Any] | None:
-        """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
-        None for no limit) and detail."""
-        definition = self.definitions.get(process.workflow)
-        if process.status != "waiting" or definition is None:
-            return None
-        if not 0 <= process.position < len(definition.steps):
-            return None
-        step = definition.steps[process.position]
-        if isinstance(step.action, WaitFor):
-            try:  # the values the event must carry, as _wait_for matches them
-                match = templates.render(dict(step.action.match), self._context(process))
-            except templates.TemplateError:
-                match = dict(step.action.match)
-            wanted = ", ".join(f"{k}={v}" for k, v in match.items())
-            detail = step.action.event + (f" with {wanted}" if wanted else "")
-            return {"kind": "event", "until": process.wake_at, "detail": detail}
-        if process.attempt > 0:
-            detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
-            return {"kind": "retry", "until": process.wake_at, "detail": detail}
-        return {"kind": "delay", "until": process.wake_at, "detail": f"{step.name} starts"}
-
-    def _step_states(self, process: Process, history: list[Attempt]) -> list[dict[str, str]]:
-        """Every step of the definition with its state, those not yet run included."""
-        definition = self.definitions.get(process.workflow)
-        if definition is None:
-            return []
-        compensated = {a.step for a in history if a.kind == "compensate" and a.outcome == "ok"}
-        states = []
-        for index, step in enumerate(definition.steps):
-            if step.name in compensated:
-                state = "compensated"
-            elif index < process.position:
-                state = "completed"
-            elif index > process.position or process.cancel_requested:
-                state = "pending"
-            elif process.status == "completed":
-                state = "completed"
-            elif process.finished or process.status == "compensating":
-                state = "failed"
-            else:
-                state = "waiting" if process.status == "waiting" else "running"
-            states.append({"name": step.name, "state": state})
-        return states
-
-    def _current_step(self, process: Process) -> str | None:
-        definition = self.definitions.get(process.workflow)
-        if definition is None or process.finished:
-            return None
-        index = (
-            process.compensating_from if process.compensating_from is not None else process.position
-        )
-        return definition.steps[index].name if 0 <= index < len(definition.steps) else None
-
-    async def _checkpoint(self, process: Process, status: str) -> None:
-        self._set_status(process, status)
-        process.updated_at = self._clock()
-        await self._store_durably(process)
-
-    async def _store_durably(self, process: Process) -> None:
-        """Checkpoint, waiting out a storage failure (disk full, read-only): the process
-        holds where it is rather than fail or run ahead of what is on disk."""
-        pause = STORAGE_RETRY_MIN
-        while True:
-            try:
-                await self.store.checkpoint(process)
-                return
-            except StoreUnavailable:
-                log.debug("process %s waits for storage (%.1fs)", process.id, pause)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, STORAGE_RETRY_MAX)
-
-    def _set_status(self, process: Process, status: str) -> None:
-        if process.status != status:
-            self.counts[(process.workflow, process.status)] -= 1
-            self.counts[(process.workflow, status)] += 1
-            process.status = status
-
-    async def _sleep(
-        self, process: Process, until: float | None, *, cancellable: bool = True
-    ) -> bool:
-        """Sleep until `until` (None: until woken). False when woken early (cancel, event)."""
-        wakeup = self._wakeups[process.id]
-        wakeup.clear()
-        if cancellable and process.cancel_requested:
-            return False
-        timeout = None if until is None else max(0.0, until - self._clock())
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    await wakeup.wait()
-                    wakeup.clear()
-                    if cancellable:
-                        return False
-        except TimeoutError:
-            return True
-
-    def _wake(self, process_id: str) -> None:
-        wakeup = self._wakeups.get(process_id)
-        if wakeup is not None:
-            wakeup.set()
+    def _definition(self, name: str) -> Definition | None:
+        """The current one: `configure` replaces the whole mapping."""
+        return self.definitions.get(name)
 
     def _forget(self, process: Process) -> None:
         self.live.pop(process.id, None)
         self._tasks.pop(process.id, None)
-        self._wakeups.pop(process.id, None)
+        self._wakeups.remove(process.id)
         done = self._done.pop(process.id, None)
         if done is not None:
             done.set()
-
-
-def _matches(match: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
-    return all(data.get(key) == value for key, value in match.items())

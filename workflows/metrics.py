@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 from scheduler.bus import DAEMON_TOPICS
 
 from .definition import Definition, Publish, WaitFor
+from .states import AttemptOutcome, ProcessStatus
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -87,11 +88,11 @@ class WorkflowMetrics:
     def started(self, workflow: str) -> None:
         self._started.labels(workflow).inc()
 
-    def finished(self, workflow: str, status: str, seconds: float) -> None:
+    def finished(self, workflow: str, status: ProcessStatus, seconds: float) -> None:
         self._finished.labels(workflow, status).inc()
         self._duration.labels(workflow).observe(seconds)
 
-    def attempt(self, workflow: str, step: str, result: str, seconds: float) -> None:
+    def attempt(self, workflow: str, step: str, result: AttemptOutcome, seconds: float) -> None:
         self._attempts.labels(workflow, step, result).inc()
         self._step.labels(workflow, step).observe(seconds)
 

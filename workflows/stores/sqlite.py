@@ -9,25 +9,26 @@ step starts, so a restart resumes from the last outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import sqlite_utils
 
 from registry import Transactor
+from workflows.records import Attempt, NewEvent, Process, StoredEvent
+from workflows.states import FINAL, STATUSES, AttemptKind, AttemptOutcome, ProcessStatus
 
-FINAL = frozenset({"completed", "failed", "compensated", "cancelled"})
-STATUSES = (
-    "started",
-    "running",
-    "waiting",
-    "completed",
-    "failed",
-    "compensating",
-    "compensated",
-    "cancelled",
-)
+__all__ = [
+    "FINAL",
+    "STATUSES",
+    "Attempt",
+    "NewEvent",
+    "Process",
+    "ProcessStore",
+    "SqliteWorkflowStore",
+    "StoredEvent",
+]
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
@@ -100,145 +101,76 @@ _HISTORY_OF_OLD = (
 )
 
 
-@dataclass(slots=True)
-class Attempt:
-    """One line of a process's history."""
-
-    step: str
-    kind: str  # call | publish | wait_for | compensate
-    attempt: int
-    started_at: float
-    ended_at: float
-    outcome: str  # ok | error | timeout
-    error: str | None = None
-    instance: str | None = None
-    http_status: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "kind": self.kind,
-            "attempt": self.attempt,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "outcome": self.outcome,
-            "error": self.error,
-            "instance": self.instance,
-            "http_status": self.http_status,
-        }
-
-
-@dataclass(slots=True)
-class Process:
-    """A process's checkpointed state (the row), plus its database sequence number."""
-
-    id: str
-    workflow: str
-    status: str
-    input: dict[str, Any]
-    outputs: dict[str, Any]
-    idempotency_key: str | None
-    created_at: float
-    updated_at: float
-    finished_at: float | None = None
-    deadline_at: float | None = None
-    deadline_missed: bool = False
-    position: int = 0
-    attempt: int = 0
-    wake_at: float | None = None
-    wait_seq: int | None = None
-    compensating_from: int | None = None
-    cancel_requested: bool = False
-    error: str | None = None
-    seq: int = 0
-    history_count: int = 0
-    pending: list[Attempt] = field(default_factory=list)  # history not yet written
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINAL
-
-    def row(self) -> tuple[Any, ...]:
-        return (
-            self.id,
-            self.workflow,
-            self.status,
-            orjson.dumps(self.input).decode(),
-            orjson.dumps(self.outputs).decode(),
-            self.idempotency_key,
-            self.created_at,
-            self.updated_at,
-            self.finished_at,
-            self.deadline_at,
-            int(self.deadline_missed),
-            self.position,
-            self.attempt,
-            self.wake_at,
-            self.wait_seq,
-            self.compensating_from,
-            int(self.cancel_requested),
-            self.error,
-        )
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "workflow": self.workflow,
-            "status": self.status,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "finished_at": self.finished_at,
-            "deadline_at": self.deadline_at,
-            "deadline_missed": self.deadline_missed,
-            "error": self.error,
-        }
+def _row(process: Process) -> tuple[Any, ...]:
+    return (
+        process.id,
+        process.workflow,
+        process.status,
+        orjson.dumps(process.input).decode(),
+        orjson.dumps(process.outputs).decode(),
+        process.idempotency_key,
+        process.created_at,
+        process.updated_at,
+        process.finished_at,
+        process.deadline_at,
+        int(process.deadline_missed),
+        process.position,
+        process.attempt,
+        process.wake_at,
+        process.wait_seq,
+        process.compensating_from,
+        int(process.cancel_requested),
+        process.error,
+    )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
     return Process(
-        id_,
-        workflow,
-        status,
-        orjson.loads(input_),
-        orjson.loads(outputs),
-        key,
-        created,
-        updated,
-        finished,
-        deadline,
-        bool(missed),
-        position,
-        attempt,
-        wake,
-        wait_seq,
-        compensating,
-        bool(cancel),
-        error,
-        seq,
-        row[19],  # every query selects the history count (or 0) last
+        id=id_,
+        workflow=workflow,
+        status=ProcessStatus(status),
+        input=orjson.loads(input_),
+        outputs=orjson.loads(outputs),
+        idempotency_key=key,
+        created_at=created,
+        updated_at=updated,
+        finished_at=finished,
+        deadline_at=deadline,
+        deadline_missed=bool(missed),
+        position=position,
+        attempt=attempt,
+        wake_at=wake,
+        wait_seq=wait_seq,
+        compensating_from=compensating,
+        cancel_requested=bool(cancel),
+        error=error,
+        seq=seq,
+        history_count=row[19],  # every query selects the history count (or 0) last
     )
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    seq: int
-    topic: str
-    data: dict[str, Any]
-    published_at: float
+def _attempt(row: tuple[Any, ...]) -> Attempt:
+    step, kind, attempt, started, ended, outcome, error, instance, http_status = row
+    return Attempt(
+        step=step,
+        kind=AttemptKind(kind),
+        attempt=attempt,
+        started_at=started,
+        ended_at=ended,
+        outcome=AttemptOutcome(outcome),
+        error=error,
+        instance=instance,
+        http_status=http_status,
+    )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NewEvent:
-    seq: int  # the bus reserved it: stored and live events share one id sequence
-    topic: str
-    data: bytes  # JSON, encoded once at publish: the stored row is the event as published
-    key: str
-    published_at: float
+class SqliteWorkflowStore:
+    """Processes, history and events in the daemon's SQLite file: a `ProcessStore` and an
+    `EventStore` (workflows/abc.py) in one, so a publish and the processes it starts
+    commit together."""
 
-
-class ProcessStore:
     def __init__(self, db: Transactor) -> None:
         self._db = db
 
@@ -279,7 +211,7 @@ class ProcessStore:
                     if row is not None:
                         out.append((_process(row), False))
                         continue
-                cursor = conn.execute(_INSERT, process.row())
+                cursor = conn.execute(_INSERT, _row(process))
                 process.seq = int(cursor.lastrowid or 0)
                 out.append((process, True))
             return out, seq
@@ -291,7 +223,7 @@ class ProcessStore:
         history, process.pending = process.pending, []
         first = process.history_count
         process.history_count += len(history)
-        row, seq = process.row(), process.seq
+        row, seq = _row(process), process.seq
 
         def write(d: sqlite_utils.Database) -> None:
             d.conn.execute(_UPDATE, (*row, seq))
@@ -335,12 +267,12 @@ class ProcessStore:
                 "http_status FROM process_history WHERE process = ? ORDER BY n",
                 [row[0]],
             ).fetchall()
-            return _process(row), [Attempt(*h) for h in history]
+            return _process(row), [_attempt(h) for h in history]
 
         return await self._db.read(read)
 
     async def page(
-        self, workflow: str | None, status: str | None, limit: int, before: int | None
+        self, workflow: str | None, status: ProcessStatus | None, limit: int, before: int | None
     ) -> list[Process]:
         """Newest first; `before` is the cursor (a sequence number)."""
         where: list[str] = []
@@ -363,12 +295,12 @@ class ProcessStore:
 
         return await self._db.read(read)
 
-    async def counts(self) -> dict[tuple[str, str], int]:
-        def read(d: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+    async def counts(self) -> dict[tuple[str, ProcessStatus], int]:
+        def read(d: sqlite_utils.Database) -> dict[tuple[str, ProcessStatus], int]:
             rows = d.execute(
                 "SELECT workflow, status, count(*) FROM processes GROUP BY workflow, status"
             ).fetchall()
-            return {(w, s): n for w, s, n in rows}
+            return {(w, ProcessStatus(s)): n for w, s, n in rows}
 
         return await self._db.read(read)
 
@@ -379,7 +311,10 @@ class ProcessStore:
                 "WHERE topic = ? AND seq > ? ORDER BY seq",
                 [topic, seq],
             ).fetchall()
-            return [StoredEvent(s, t, orjson.loads(data), at) for s, t, data, at in rows]
+            return [
+                StoredEvent(seq=s, topic=t, data=orjson.loads(data), published_at=at)
+                for s, t, data, at in rows
+            ]
 
         return await self._db.read(read)
 
@@ -428,11 +363,13 @@ class ProcessStore:
 
         return await self._db.read(read)
 
-    async def prune(self, before: float, events_before: float) -> dict[tuple[str, str], int]:
+    async def prune(
+        self, before: float, events_before: float
+    ) -> dict[tuple[str, ProcessStatus], int]:
         """Forget processes finished before `before` and events published before
         `events_before`; what went."""
 
-        def write(d: sqlite_utils.Database) -> dict[tuple[str, str], int]:
+        def write(d: sqlite_utils.Database) -> dict[tuple[str, ProcessStatus], int]:
             conn = d.conn
             gone = conn.execute(
                 "SELECT workflow, status, count(*) FROM processes WHERE finished_at < ? "
@@ -442,6 +379,11 @@ class ProcessStore:
             conn.execute(_HISTORY_OF_OLD, [before])
             conn.execute("DELETE FROM processes WHERE finished_at < ?", [before])
             conn.execute("DELETE FROM events WHERE published_at < ?", [events_before])
-            return {(w, s): n for w, s, n in gone}
+            return {(w, ProcessStatus(s)): n for w, s, n in gone}
 
         return await self._db.write(write)
+
+
+# The names other rooms import today; they move to workflows.states / workflows.records
+# and this class's own name as those files switch.
+ProcessStore = SqliteWorkflowStore

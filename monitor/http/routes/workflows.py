@@ -19,6 +19,7 @@ from registry import parse_duration
 from scheduler import EventBus
 from scheduler.bus import DAEMON_TOPICS
 from workflows.engine import Engine
+from workflows.states import ProcessStatus
 from workflows.stores.sqlite import STATUSES, Process
 
 MAX_WAIT = 300.0
@@ -149,7 +150,8 @@ class WorkflowRoutes:
             raise HttpError(400, f"status must be one of {', '.join(STATUSES)}")
         limit = _int(query.get("limit", "100"), "limit", 1, MAX_LIMIT)
         cursor = _int(query["cursor"], "cursor", 1, 2**62) if "cursor" in query else None
-        page = await self.engine.store.page(query.get("workflow"), status, limit + 1, cursor)
+        wanted = ProcessStatus(status) if status is not None else None
+        page = await self.engine.store.page(query.get("workflow"), wanted, limit + 1, cursor)
         more = len(page) > limit
         page = page[:limit]
         return json_response(

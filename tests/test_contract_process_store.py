@@ -1,0 +1,303 @@
+"""The workflow store contract: what the engine relies on, run against every implementation.
+
+Only the Protocols (workflows/abc.py) are used here, never tables, so a new store
+(issue 17: PostgreSQL) proves itself by adding one entry to FACTORIES.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from monitor.storage import Database, DatabaseError
+from registry import StoreUnavailable
+from workflows.abc import WorkflowStore
+from workflows.records import Attempt, NewEvent, Process
+from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
+from workflows.stores.sqlite import SqliteWorkflowStore
+
+
+@dataclass
+class Handle:
+    """A store, and the faults a backend can be put into."""
+
+    store: WorkflowStore
+    refuse_writes: Callable[[bool], Awaitable[None]]  # as a full or read-only disk does
+    closed_error: tuple[type[Exception], ...]  # what a closed store raises
+
+
+@contextlib.asynccontextmanager
+async def sqlite_store(path: Path) -> AsyncIterator[Handle]:
+    db = Database(path / "hms.db")
+    await db.open()
+
+    async def refuse_writes(refuse: bool) -> None:
+        def run(d: Any) -> None:
+            d.execute(f"PRAGMA query_only = {int(refuse)}")
+
+        await db.read(run)
+
+    try:
+        # A closed Database says DatabaseError today; StoreUnavailable is the promise.
+        yield Handle(SqliteWorkflowStore(db), refuse_writes, (StoreUnavailable, DatabaseError))
+    finally:
+        await db.close()
+
+
+Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[Handle]]
+FACTORIES: dict[str, Factory] = {"sqlite": sqlite_store}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def factory(request: pytest.FixtureRequest) -> Factory:
+    return FACTORIES[request.param]
+
+
+@pytest.fixture
+async def handle(factory: Factory, tmp_path: Path) -> AsyncIterator[Handle]:
+    async with factory(tmp_path) as opened:
+        await opened.store.create_tables()
+        yield opened
+
+
+def new_process(n: int, workflow: str = "Pay", key: str | None = None, **kw: Any) -> Process:
+    return Process(
+        id=f"p{n:04d}",
+        workflow=workflow,
+        status=kw.pop("status", ProcessStatus.STARTED),
+        input={"n": n},
+        outputs={},
+        idempotency_key=key,
+        created_at=100.0 + n,
+        updated_at=100.0 + n,
+        **kw,
+    )
+
+
+def attempt(step: str, outcome: AttemptOutcome = AttemptOutcome.OK) -> Attempt:
+    return Attempt(
+        step=step,
+        kind=AttemptKind.CALL,
+        attempt=1,
+        started_at=1.0,
+        ended_at=2.0,
+        outcome=outcome,
+        error=None if outcome is AttemptOutcome.OK else "HTTP 503",
+        instance="i1",
+        http_status=200 if outcome is AttemptOutcome.OK else 503,
+    )
+
+
+def event(seq: int, topic: str = "paid", key: str | None = None, at: float = 0.0) -> NewEvent:
+    data = orjson.dumps({"n": seq})
+    return NewEvent(seq=seq, topic=topic, data=data, key=key or f"k{seq}", published_at=at)
+
+
+async def create(store: WorkflowStore, *processes: Process) -> list[Process]:
+    created, _ = await store.create(list(processes), None)
+    return [p for p, _ in created]
+
+
+async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
+    await create(handle.store, new_process(1))
+    await handle.store.create_tables()
+    assert await handle.store.get("p0001") is not None
+
+
+async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
+    store = handle.store
+    [process] = await create(store, new_process(1, key="k", deadline_at=500.0))
+    process.status, process.position, process.outputs = ProcessStatus.WAITING, 1, {"a": {"x": 1}}
+    process.wake_at, process.wait_seq, process.error = 300.0, 7, "step b: HTTP 503"
+    process.pending = [attempt("a"), attempt("b", AttemptOutcome.ERROR)]
+    await store.checkpoint(process)
+    assert process.pending == []
+    process.pending = [attempt("b")]
+    process.status, process.finished_at = ProcessStatus.COMPLETED, 400.0
+    await store.checkpoint(process)
+
+    stored = await store.get("p0001")
+    assert stored is not None
+    got, history = stored
+    assert (got.status, got.position, got.outputs) == (ProcessStatus.COMPLETED, 1, {"a": {"x": 1}})
+    assert (got.wake_at, got.wait_seq, got.deadline_at) == (300.0, 7, 500.0)
+    assert (got.idempotency_key, got.input, got.finished_at) == ("k", {"n": 1}, 400.0)
+    assert got.status is ProcessStatus.COMPLETED  # read back as the enum
+    assert [(a.step, a.outcome) for a in history] == [
+        ("a", AttemptOutcome.OK),
+        ("b", AttemptOutcome.ERROR),
+        ("b", AttemptOutcome.OK),
+    ]
+    assert history[1] == attempt("b", AttemptOutcome.ERROR)
+
+
+async def test_an_unknown_process_is_none(handle: Handle) -> None:
+    assert await handle.store.get("nope") is None
+
+
+async def test_the_same_idempotency_key_gives_the_stored_process(handle: Handle) -> None:
+    store = handle.store
+    await create(store, new_process(1, key="k"))
+    created, _ = await store.create(
+        [new_process(2, key="k"), new_process(3, workflow="Other", key="k")], None
+    )
+    assert [(p.id, new) for p, new in created] == [("p0001", False), ("p0003", True)]
+
+
+async def test_an_event_and_its_processes_are_stored_once(handle: Handle) -> None:
+    store = handle.store
+    created, seq = await store.create([new_process(1, key="event:k1")], event(5, key="k1"))
+    assert (seq, created[0][1]) == (5, True)
+    again, seq = await store.create([new_process(2, key="event:k1")], event(6, key="k1"))
+    assert (seq, again[0][1]) == (None, False)
+    assert [e.seq for e in await store.events_since("paid", 0)] == [5]
+
+
+async def test_unfinished_are_the_open_processes_oldest_first(handle: Handle) -> None:
+    store = handle.store
+    _, b, c = await create(store, new_process(1), new_process(2), new_process(3))
+    b.status, b.finished_at = ProcessStatus.FAILED, 200.0
+    c.pending = [attempt("x"), attempt("y")]
+    await store.checkpoint(b)
+    await store.checkpoint(c)
+    open_ = await store.unfinished()
+    assert [(p.id, p.history_count) for p in open_] == [("p0001", 0), ("p0003", 2)]
+
+
+async def test_page_is_newest_first_with_a_cursor_and_filters(handle: Handle) -> None:
+    store = handle.store
+    processes = await create(store, *(new_process(n, "Pay" if n % 2 else "Ship") for n in range(6)))
+    processes[4].status = ProcessStatus.RUNNING
+    await store.checkpoint(processes[4])
+    first = await store.page(None, None, 2, None)
+    assert [p.id for p in first] == ["p0005", "p0004"]
+    rest = await store.page(None, None, 10, first[-1].seq)
+    assert [p.id for p in rest] == ["p0003", "p0002", "p0001", "p0000"]
+    assert [p.id for p in await store.page("Pay", None, 10, None)] == ["p0005", "p0003", "p0001"]
+    running = await store.page(None, ProcessStatus.RUNNING, 10, None)
+    assert [p.id for p in running] == ["p0004"]
+
+
+async def test_counts_are_by_workflow_and_status(handle: Handle) -> None:
+    store = handle.store
+    a, _, _ = await create(store, new_process(1), new_process(2), new_process(3, "Ship"))
+    a.status = ProcessStatus.RUNNING
+    await store.checkpoint(a)
+    assert await store.counts() == {
+        ("Pay", ProcessStatus.RUNNING): 1,
+        ("Pay", ProcessStatus.STARTED): 1,
+        ("Ship", ProcessStatus.STARTED): 1,
+    }
+
+
+async def test_prune_forgets_only_what_ended_before_the_boundaries(handle: Handle) -> None:
+    store = handle.store
+    early, late, _ = await create(store, new_process(1), new_process(2), new_process(3))
+    for process, at in ((early, 199.0), (late, 200.0)):
+        process.status, process.finished_at = ProcessStatus.COMPLETED, at
+        process.pending = [attempt("a")]
+        await store.checkpoint(process)
+    await store.create([], event(1, at=99.0))
+    await store.create([], event(2, at=100.0))
+
+    gone = await store.prune(200.0, 100.0)
+    assert gone == {("Pay", ProcessStatus.COMPLETED): 1}
+    assert await store.get("p0001") is None
+    assert await store.get("p0002") is not None
+    assert await store.get("p0003") is not None  # unfinished: never pruned
+    assert [e.seq for e in await store.events_since("paid", 0)] == [2]
+    assert await store.last_event_seq() == 2
+
+
+async def test_events_since_are_one_topic_in_order(handle: Handle) -> None:
+    store = handle.store
+    for seq, topic in ((1, "paid"), (2, "shipped"), (3, "paid"), (4, "paid")):
+        await store.create([], event(seq, topic, at=float(seq)))
+    since = await store.events_since("paid", 1)
+    assert [(e.seq, e.topic, e.data, e.published_at) for e in since] == [
+        (3, "paid", {"n": 3}, 3.0),
+        (4, "paid", {"n": 4}, 4.0),
+    ]
+
+
+async def test_events_after_are_bounded_and_ordered(handle: Handle) -> None:
+    store = handle.store
+    for seq in (1, 2, 3, 4, 5):
+        await store.create([], event(seq, "paid" if seq % 2 else "shipped", at=float(seq)))
+    after = await store.events_after(1, 4, 10)
+    assert [(s, t, orjson.loads(d)) for s, t, d, _ in after] == [
+        (2, "shipped", {"n": 2}),
+        (3, "paid", {"n": 3}),
+        (4, "shipped", {"n": 4}),
+    ]
+    assert [s for s, *_ in await store.events_after(0, 5, 2)] == [1, 2]
+
+
+async def test_last_event_seq_starts_at_zero(handle: Handle) -> None:
+    assert await handle.store.last_event_seq() == 0
+
+
+async def test_outcomes_count_a_process_once_per_minute(handle: Handle) -> None:
+    store = handle.store
+    ok, failed, late = await create(
+        store, new_process(1), new_process(2), new_process(3, deadline_at=150.0)
+    )
+    ok.status, ok.finished_at = ProcessStatus.COMPLETED, 130.0
+    failed.status, failed.finished_at = ProcessStatus.FAILED, 170.0
+    late.deadline_missed = True  # bad at its deadline, finished or not
+    for process in (ok, failed, late):
+        await store.checkpoint(process)
+    assert await store.outcomes("Pay", 0.0) == [(2, 1, 3)]
+    assert await store.outcomes("Pay", 200.0) == []
+
+
+async def test_refused_writes_raise_store_unavailable(handle: Handle) -> None:
+    [process] = await create(handle.store, new_process(1))
+    await handle.refuse_writes(True)
+    process.status = ProcessStatus.RUNNING
+    with pytest.raises(StoreUnavailable):
+        await handle.store.checkpoint(process)
+    with pytest.raises(StoreUnavailable):
+        await handle.store.create([new_process(2)], None)
+    await handle.refuse_writes(False)
+    stored = await handle.store.get("p0001")
+    assert stored is not None
+    assert stored[0].status is ProcessStatus.STARTED  # the refused checkpoint left nothing
+
+
+async def test_a_closed_store_refuses(factory: Factory, tmp_path: Path) -> None:
+    async with factory(tmp_path) as handle:
+        await handle.store.create_tables()
+    with pytest.raises(handle.closed_error):
+        await handle.store.get("p0001")
+    with pytest.raises(handle.closed_error):
+        await handle.store.create([new_process(1)], None)
+
+
+async def test_a_reopened_store_reads_back_what_was_written(
+    factory: Factory, tmp_path: Path
+) -> None:
+    async with factory(tmp_path) as handle:
+        await handle.store.create_tables()
+        [process] = await create(handle.store, new_process(1, key="k"))
+        process.status, process.position = ProcessStatus.WAITING, 2
+        process.pending = [attempt("a")]
+        await handle.store.checkpoint(process)
+        await handle.store.create([], event(9))
+    async with factory(tmp_path) as handle:
+        await handle.store.create_tables()
+        [open_] = await handle.store.unfinished()
+        assert (open_.id, open_.status, open_.position, open_.history_count) == (
+            "p0001",
+            ProcessStatus.WAITING,
+            2,
+            1,
+        )
+        assert await handle.store.last_event_seq() == 9
+        assert await handle.store.counts() == {("Pay", ProcessStatus.WAITING): 1}

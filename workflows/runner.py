@@ -1,0 +1,364 @@
+"""The process loop: each live process is one task running `ProcessRunner.run`.
+
+It does the next unit of work (a delay, an attempt, a wait, a compensation),
+checkpoints its outcome and goes on, until the process finishes. One runner
+serves every process of an engine; what it shares with the engine (the
+counts, the wakeups, the event waits) is handed in, never reached for.
+Over 15 methods because they are one state machine's transitions: forward,
+attempt, wait, compensate, finish, each with its checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from registry import StoreUnavailable
+from scheduler import EventBus
+
+from . import templates
+from .abc import WorkflowStore
+from .caller import CallResult, ServiceCaller
+from .definition import Call, Definition, Publish, Step, WaitFor
+from .describe import template_context
+from .metrics import WorkflowMetrics
+from .records import Attempt, Process
+from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
+from .waits import Deadlines, EventWaits, Wakeups, matches
+
+log = logging.getLogger("workflows.engine")  # the name operators know these lines by
+
+MIN_COMPENSATION_ATTEMPTS = 3
+STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
+# A step's attempts are recorded under its kind; compensations under their own.
+_ATTEMPT_KIND = {
+    StepKind.CALL: AttemptKind.CALL,
+    StepKind.PUBLISH: AttemptKind.PUBLISH,
+    StepKind.WAIT_FOR: AttemptKind.WAIT_FOR,
+}
+# Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
+Outcome = Callable[[str, float, bool], None]
+# Engine.publish: a publish step stores its event as any publisher does.
+Publisher = Callable[[str, Mapping[str, Any], str | None], Awaitable[int | None]]
+
+
+class ProcessRunner:
+    def __init__(
+        self,
+        *,
+        definition: Callable[[str], Definition | None],
+        store: WorkflowStore,
+        caller: ServiceCaller,
+        bus: EventBus,
+        metrics: WorkflowMetrics,
+        publish: Publisher,
+        counts: Counter[tuple[str, str]],
+        wakeups: Wakeups,
+        waits: EventWaits,
+        clock: Callable[[], float],
+        outcome: Outcome | None,
+        jitter: Callable[[], float],
+    ) -> None:
+        self._definition, self._store, self._caller = definition, store, caller
+        self._bus, self._metrics, self._publish = bus, metrics, publish
+        self._counts, self._wakeups, self._waits = counts, wakeups, waits
+        self._clock, self._outcome, self._jitter = clock, outcome, jitter
+        self.deadlines = Deadlines(clock, self._deadline_passed)
+
+    async def run(self, process: Process) -> None:
+        """Run the process until it finishes (or the task is cancelled: then the last
+        checkpoint is where it resumes)."""
+        definition = self._definition(process.workflow)
+        try:
+            if definition is None:
+                process.error = f"workflow {process.workflow!r} is no longer defined"
+                await self._finish(process, ProcessStatus.FAILED)
+                return
+            pause = STORAGE_RETRY_MIN
+            while not process.finished:
+                try:
+                    if process.compensating_from is None:
+                        await self._forward(definition, process)
+                    else:
+                        await self._compensate(definition, process)
+                    pause = STORAGE_RETRY_MIN
+                except StoreUnavailable:  # e.g. a publish step: retried with its same key
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, STORAGE_RETRY_MAX)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not leave a process silently stuck
+            log.exception("process %s failed inside the engine", process.id)
+            process.error = f"internal error: {exc}"
+            await self._finish(process, ProcessStatus.FAILED)
+
+    async def _forward(self, definition: Definition, process: Process) -> None:
+        if process.cancel_requested:
+            await self._begin_compensation(definition, process, cancelled=True)
+            return
+        if process.position >= len(definition.steps):
+            await self._finish(process, ProcessStatus.COMPLETED)
+            return
+        step = definition.steps[process.position]
+        if isinstance(step.action, WaitFor):
+            await self._wait_for(definition, process, step, step.action)
+            return
+        if process.wake_at is None and process.attempt == 0 and step.delay:
+            process.wake_at = self._clock() + step.delay
+            await self._checkpoint(process, ProcessStatus.WAITING)
+        if process.wake_at is not None:
+            if not await self._wakeups.sleep(process, process.wake_at):
+                return  # cancelled meanwhile
+            process.wake_at = None
+        await self._attempt(definition, process, step)
+
+    async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
+        self._set_status(process, ProcessStatus.RUNNING)
+        started = self._clock()
+        attempt = process.attempt + 1
+        result = await self._act(process, step)
+        self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
+        if result.ok:
+            process.outputs[step.name] = result.output
+            process.position += 1
+            process.attempt = 0
+            await self._checkpoint(process, ProcessStatus.RUNNING)
+            self.emit("workflow.step_completed", process, step=step.name)
+            return
+        process.attempt = attempt
+        if result.retryable and attempt < step.retry.max_attempts:
+            process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
+            await self._checkpoint(process, ProcessStatus.WAITING)
+            return
+        process.error = f"step {step.name}: {result.error}"
+        await self._begin_compensation(definition, process, cancelled=False)
+
+    async def _act(self, process: Process, step: Step) -> CallResult:
+        context = template_context(process)
+        if isinstance(step.action, Call):
+            return await self._call(process, step.name, step.action, step, context)
+        assert isinstance(step.action, Publish)
+        try:
+            data = (
+                templates.render(step.action.data, context)
+                if step.action.data is not None
+                else {"process": process.id, "workflow": process.workflow, **context}
+            )
+        except templates.TemplateError as exc:
+            return CallResult(ok=False, error=str(exc), retryable=False)
+        if not isinstance(data, dict):
+            data = {"value": data}
+        seq = await self._publish(step.action.topic, data, f"{process.id}/{step.name}")
+        return CallResult(ok=True, output={"event": seq})
+
+    async def _call(
+        self, process: Process, name: str, call: Call, step: Step, context: dict[str, Any]
+    ) -> CallResult:
+        """A step's call or compensation; a template without a value fails it for good."""
+        try:
+            rendered = {
+                str(k): str(v) for k, v in templates.render(dict(call.headers), context).items()
+            }
+            path = str(templates.render(call.path, context))
+            body = templates.render(call.body, context) if call.body is not None else None
+        except templates.TemplateError as exc:
+            return CallResult(ok=False, error=str(exc), retryable=False)
+        headers = {**rendered, "Idempotency-Key": f"{process.id}/{name}"}
+        return await self._caller.call(
+            call.service,
+            call.method,
+            path,
+            body=body,
+            headers=headers,
+            timeout=step.timeout,
+            retry_on=step.retry.retry_on,
+        )
+
+    async def _wait_for(
+        self, definition: Definition, process: Process, step: Step, wait: WaitFor
+    ) -> None:
+        try:
+            match = templates.render(dict(wait.match), template_context(process))
+        except templates.TemplateError as exc:
+            process.error = f"step {step.name}: {exc}"
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        started = self._clock()
+        self._waits.waiting.setdefault(wait.event, {})[process.id] = match
+        try:
+            if process.wait_seq is None:  # registered above first, so nothing slips between
+                process.wait_seq = self._bus.position  # later events are delivered live
+                if wait.timeout is not None:
+                    process.wake_at = started + wait.timeout
+                await self._checkpoint(process, ProcessStatus.WAITING)
+            else:  # resumed: an event may have come while the daemon was down
+                for stored in await self._store.events_since(wait.event, process.wait_seq):
+                    if matches(match, stored.data):
+                        self._waits.arrived.setdefault(process.id, stored)
+                        break
+            while process.id not in self._waits.arrived and not process.cancel_requested:
+                if await self._wakeups.sleep(process, process.wake_at):
+                    break  # timed out
+        finally:
+            self._waits.waiting.get(wait.event, {}).pop(process.id, None)
+        if process.cancel_requested:
+            return
+        event = self._waits.arrived.pop(process.id, None)
+        process.wake_at, process.wait_seq = None, None
+        if event is None:
+            result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
+            self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+            process.error = f"step {step.name}: {result.error}"
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        self._record(
+            process,
+            step.name,
+            AttemptKind.WAIT_FOR,
+            1,
+            started,
+            CallResult(ok=True, output=event.data),
+        )
+        process.outputs[step.name] = event.data
+        process.position += 1
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        self.emit("workflow.step_completed", process, step=step.name)
+
+    # -- compensation --------------------------------------------------------------
+
+    async def _begin_compensation(
+        self, definition: Definition, process: Process, *, cancelled: bool
+    ) -> None:
+        done = definition.steps[: process.position]
+        if not any(step.compensate is not None for step in done):
+            await self._finish(
+                process, ProcessStatus.CANCELLED if cancelled else ProcessStatus.FAILED
+            )
+            return
+        process.compensating_from = process.position - 1
+        process.attempt, process.wake_at = 0, None
+        await self._checkpoint(process, ProcessStatus.COMPENSATING)
+
+    async def _compensate(self, definition: Definition, process: Process) -> None:
+        index = process.compensating_from
+        assert index is not None
+        while index >= 0 and definition.steps[index].compensate is None:
+            index -= 1
+        if index < 0:
+            status = (
+                ProcessStatus.CANCELLED if process.cancel_requested else ProcessStatus.COMPENSATED
+            )
+            await self._finish(process, status)
+            return
+        process.compensating_from = index
+        step = definition.steps[index]
+        assert step.compensate is not None
+        if process.wake_at is not None:
+            await self._wakeups.sleep(process, process.wake_at, cancellable=False)
+            process.wake_at = None
+        started, attempt = self._clock(), process.attempt + 1
+        result = await self._call(
+            process, f"{step.name}.compensate", step.compensate, step, template_context(process)
+        )
+        self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
+        if result.ok:
+            process.compensating_from, process.attempt = index - 1, 0
+            await self._checkpoint(process, ProcessStatus.COMPENSATING)
+            return
+        process.attempt = attempt
+        retry = step.retry
+        attempts = max(retry.max_attempts, MIN_COMPENSATION_ATTEMPTS)
+        if result.retryable and attempt < attempts:
+            process.wake_at = self._clock() + retry.delay(attempt, self._jitter())
+            await self._checkpoint(process, ProcessStatus.COMPENSATING)
+            return
+        process.error = f"{process.error}; compensation of {step.name} failed: {result.error}"
+        await self._finish(process, ProcessStatus.FAILED)
+
+    async def _finish(self, process: Process, status: ProcessStatus) -> None:
+        now = self._clock()
+        process.finished_at, process.wake_at = now, None
+        await self._checkpoint(process, status)
+        self._metrics.finished(process.workflow, status, now - process.created_at)
+        self.emit(f"workflow.{status}", process)
+        self.deadlines.cancel(process.id)
+        if self._outcome is not None and not process.deadline_missed:
+            self._outcome(process.workflow, now, status == ProcessStatus.COMPLETED)
+
+    async def _deadline_passed(self, process: Process) -> None:
+        if process.finished or process.deadline_missed:
+            return
+        process.deadline_missed = True
+        await self._store_durably(process)
+        self._metrics.deadline_missed(process.workflow)
+        self.emit("workflow.deadline_missed", process)
+        if self._outcome is not None:
+            self._outcome(process.workflow, process.deadline_at or self._clock(), False)
+
+    def emit(self, topic: str, process: Process, **extra: Any) -> None:
+        data = {
+            "process": process.id,
+            "workflow": process.workflow,
+            "status": process.status,
+            **extra,
+        }
+        if process.error and topic != "workflow.step_completed":
+            data["error"] = process.error
+        self._bus.publish(topic, data)
+
+    def _record(
+        self,
+        process: Process,
+        step: str,
+        kind: AttemptKind,
+        attempt: int,
+        started: float,
+        result: CallResult,
+    ) -> None:
+        ended = self._clock()
+        outcome = (
+            AttemptOutcome.OK
+            if result.ok
+            else (AttemptOutcome.TIMEOUT if result.timed_out else AttemptOutcome.ERROR)
+        )
+        process.pending.append(
+            Attempt(
+                step=step,
+                kind=kind,
+                attempt=attempt,
+                started_at=started,
+                ended_at=ended,
+                outcome=outcome,
+                error=result.error,
+                instance=result.instance,
+                http_status=result.status,
+            )
+        )
+        self._metrics.attempt(process.workflow, step, outcome, ended - started)
+
+    async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
+        self._set_status(process, status)
+        process.updated_at = self._clock()
+        await self._store_durably(process)
+
+    async def _store_durably(self, process: Process) -> None:
+        """Checkpoint, waiting out a storage failure (disk full, read-only): the process
+        holds where it is rather than fail or run ahead of what is on disk."""
+        pause = STORAGE_RETRY_MIN
+        while True:
+            try:
+                await self._store.checkpoint(process)
+                return
+            except StoreUnavailable:
+                log.debug("process %s waits for storage (%.1fs)", process.id, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    def _set_status(self, process: Process, status: ProcessStatus) -> None:
+        if process.status != status:
+            self._counts[(process.workflow, process.status)] -= 1
+            self._counts[(process.workflow, status)] += 1
+            process.status = status

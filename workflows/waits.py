@@ -1,0 +1,123 @@
+"""What a process waits on: its wakeup, the events it waits for, its deadline.
+
+The three are separate because each has its own owner of time: a wakeup is
+set by a cancel or an arrived event, events come from `Engine.publish` in the
+bus's order, a deadline is a loop timer that outlives every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from scheduler import EventBus
+
+from .records import Process, StoredEvent
+
+
+class Wakeups:
+    """One event per live process: set to end its sleep early (a cancel, an event)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._events: dict[str, asyncio.Event] = {}
+
+    def add(self, process_id: str) -> None:
+        self._events[process_id] = asyncio.Event()
+
+    def remove(self, process_id: str) -> None:
+        self._events.pop(process_id, None)
+
+    async def sleep(
+        self, process: Process, until: float | None, *, cancellable: bool = True
+    ) -> bool:
+        """Sleep until `until` (None: until woken). False when woken early (cancel, event)."""
+        wakeup = self._events[process.id]
+        wakeup.clear()
+        if cancellable and process.cancel_requested:
+            return False
+        timeout = None if until is None else max(0.0, until - self._clock())
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    await wakeup.wait()
+                    wakeup.clear()
+                    if cancellable:
+                        return False
+        except TimeoutError:
+            return True
+
+    def wake(self, process_id: str) -> None:
+        wakeup = self._events.get(process_id)
+        if wakeup is not None:
+            wakeup.set()
+
+
+class EventWaits:
+    """Processes waiting for events, and the events handed to them.
+
+    The runner registers in `waiting` and takes from `arrived` directly (a
+    step's hot path); `deliver` is the one writer of `arrived` for live events.
+    """
+
+    def __init__(self, bus: EventBus, wake: Callable[[str], None]) -> None:
+        self._bus, self._wake = bus, wake
+        self.waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> id -> match
+        self.arrived: dict[str, StoredEvent] = {}
+        self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see deliver)
+
+    def deliver(self, event: StoredEvent | None = None) -> None:
+        """Hand stored events to waiting processes in id order, up to the bus's position,
+        as the bus does: an event whose earlier reservation is still being written waits.
+        So a process that starts waiting at `bus.position` gets live exactly the events
+        after it, as `events_since(wait_seq)` finds them after a restart."""
+        if event is not None:
+            self._stored[event.seq] = event
+        while self._stored and (first := min(self._stored)) <= self._bus.position:
+            event = self._stored.pop(first)
+            for process_id, match in list(self.waiting.get(event.topic, {}).items()):
+                if matches(match, event.data) and process_id not in self.arrived:
+                    self.arrived[process_id] = event
+                    self._wake(process_id)
+
+
+class Deadlines:
+    """A loop timer per process with a deadline; `passed` runs once when it fires."""
+
+    def __init__(
+        self, clock: Callable[[], float], passed: Callable[[Process], Awaitable[None]]
+    ) -> None:
+        self._clock, self._passed = clock, passed
+        self._handles: dict[str, asyncio.TimerHandle] = {}
+        self._marking: set[asyncio.Task[None]] = set()  # deadline marks being written
+
+    def arm(self, process: Process) -> None:
+        if process.deadline_at is None or process.deadline_missed:
+            return
+        delay = max(0.0, process.deadline_at - self._clock())
+
+        def fire() -> None:  # the loop keeps only weak references to tasks: hold it
+            task = asyncio.create_task(self._mark(process))
+            self._marking.add(task)
+            task.add_done_callback(self._marking.discard)
+
+        self._handles[process.id] = asyncio.get_running_loop().call_later(delay, fire)
+
+    async def _mark(self, process: Process) -> None:
+        self._handles.pop(process.id, None)
+        await self._passed(process)
+
+    def cancel(self, process_id: str) -> None:
+        handle = self._handles.pop(process_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def cancel_all(self) -> None:
+        """At close: the timers go; marks being written finish on their own."""
+        for handle in self._handles.values():
+            handle.cancel()
+
+
+def matches(match: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
+    return all(data.get(key) == value for key, value in match.items())
