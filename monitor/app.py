@@ -15,11 +15,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from monitor.health import ProbeResults, SqliteResultStore
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics, render
-from monitor.health.results import ResultStore
 from monitor.http import openapi as registry_openapi
 from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware, error_response
@@ -50,7 +50,7 @@ from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 from workflows.metrics import ProcessCollector, WorkflowMetrics
-from workflows.stores.sqlite import ProcessStore
+from workflows.stores.sqlite import SqliteWorkflowStore
 
 from . import lifecycle
 from .config import Config
@@ -171,7 +171,7 @@ def _build(
         lambda shedding: catalog.pause_expiry() if shedding else catalog.resume_expiry()
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
-    results = ResultStore(database, probe_latency_buckets(config))
+    results = ProbeResults(SqliteResultStore(database), probe_latency_buckets(config))
     slos = SloBook(config.services, bus=bus, store=SqliteSloMinuteStore(database))
     budget = config.server.probe_budget
     prober = Prober(concurrency=budget.in_flight, workers=budget.workers)
@@ -209,7 +209,7 @@ def _build(
 
     definitions = definitions_from_config(config)
     workflow_slos = WorkflowSlos({d.name: d.objective for d in definitions})
-    processes = ProcessStore(database)
+    processes = SqliteWorkflowStore(database)
     caller = ServiceCaller(candidates)
     engine = Engine(
         definitions,

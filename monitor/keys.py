@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics
-from monitor.health.results import ResultStore
+from monitor.health.results import ProbeResults
 from monitor.http.auth import Authorizer
 from monitor.http.shedding import LoadShedder
 from monitor.notify.notifier import Notifier
@@ -33,7 +33,7 @@ REAPER = web.AppKey("reaper", asyncio.Task[None])
 BUS = web.AppKey("bus", EventBus)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 CHECKER = web.AppKey("checker", HealthChecker)
-RESULTS = web.AppKey("results", ResultStore)
+RESULTS = web.AppKey("results", ProbeResults)
 PROBE_METRICS = web.AppKey("probe_metrics", ProbeMetrics)
 SLOS = web.AppKey("slos", SloBook)
 SLO_METRICS = web.AppKey("slo_metrics", SloMetrics)

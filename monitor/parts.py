@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
-from monitor.health.results import ResultStore
+from monitor.health.results import ProbeResults
 from monitor.http.auth import Authorizer
 from monitor.http.routes.health import SloRoutes
 from monitor.http.routes.registry import RegistryRoutes
@@ -27,9 +27,9 @@ from monitor.slo import SloBook, SloMetrics, WorkflowSlos
 from monitor.storage.database import Database
 from registry import Catalog
 from scheduler import EventBus, Scheduler
+from workflows.abc import WorkflowStore
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
-from workflows.stores.sqlite import ProcessStore
 
 from .config import Config
 
@@ -56,10 +56,10 @@ class Parts:
     book: HealthBook
     prober: Prober
     checker: HealthChecker
-    results: ResultStore
+    results: ProbeResults
     slos: SloBook
     slo_metrics: SloMetrics
-    processes: ProcessStore
+    processes: WorkflowStore
     caller: ServiceCaller
     engine: Engine
     workflow_slos: WorkflowSlos

@@ -10,8 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from monitor.config import Config
+from workflows.states import ACTIVE as ACTIVE_STATES
+from workflows.states import ProcessStatus
 
-ACTIVE = ("started", "running", "waiting", "compensating")
+# The columns, in a process's order: started, running, waiting, compensating.
+ACTIVE = tuple(status for status in ProcessStatus if status in ACTIVE_STATES)
 SEVERITY = ("critical", "warning", "unknown", "maintenance", "passing")
 TIMEOUT = 10.0
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from monitor.health.book import HealthBook, Key
-from monitor.health.results import ResultStore, bucket_index
+from monitor.health.results import ProbeResults, bucket_index
 from monitor.probing.probe import Probe, ProbeResult, resolve_probe
 from monitor.probing.prober import Prober
 from monitor.slo.book import SloBook
@@ -124,7 +124,7 @@ class HealthChecker:
         catalog: Catalog,
         book: HealthBook,
         prober: Prober,
-        store: ResultStore,
+        store: ProbeResults,
         scheduler: Scheduler,
         defaults: ProbeSpec,
         service_probes: dict[str, ProbeSpec],

@@ -18,14 +18,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from monitor.health.abc import RAW_RETENTION, HourRow, MinuteRow, RawRow
-from monitor.health.abc import ResultStore as AnyResultStore  # the name below is the old buffer's
-from monitor.health.stores.sqlite import SqliteResultStore
+from monitor.health.abc import RAW_RETENTION, HourRow, MinuteRow, RawRow, ResultStore
 from monitor.health.uptime import Uptime
 from monitor.probing.prober import ProbeResult
-from registry import Transactor
 
-__all__ = ["RAW_RETENTION", "ProbeResults", "ResultStore", "bucket_index", "bucket_label"]
+__all__ = ["RAW_RETENTION", "ProbeResults", "bucket_index", "bucket_label"]
 
 MAX_UNFLUSHED_RAW = 200_000  # ~20 s of 10k instances at 1 s; minutes are never dropped
 
@@ -63,7 +60,7 @@ def bucket_label(boundary: float) -> str:
 class ProbeResults:
     """The buffer between the probes and the ResultStore, and the uptime kept in memory."""
 
-    def __init__(self, store: AnyResultStore, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
+    def __init__(self, store: ResultStore, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
         self._store = store
         self.uptime = Uptime()
         self.boundaries = (*sorted(set(buckets)), math.inf)
@@ -171,12 +168,3 @@ def _by_hour(minutes: dict[tuple[str, str, int], Minute]) -> list[HourRow]:
         total[1] += m.successes
         total[2] += m.latency_sum
     return [(s, h, int(c), int(ok), lat) for (s, h), (c, ok, lat) in sums.items()]
-
-
-class ResultStore(ProbeResults):
-    """The buffer's old name and constructor, over the SQLite store: app.py and keys.py use
-    it until app.py builds `ProbeResults(SqliteResultStore(database), buckets)`; then it
-    goes, and `ResultStore` is only the Protocol (monitor.health.abc)."""
-
-    def __init__(self, db: Transactor, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        super().__init__(SqliteResultStore(db), buckets)

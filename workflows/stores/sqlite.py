@@ -24,7 +24,6 @@ __all__ = [
     "Attempt",
     "NewEvent",
     "Process",
-    "ProcessStore",
     "SqliteWorkflowStore",
     "StoredEvent",
 ]
@@ -382,8 +381,3 @@ class SqliteWorkflowStore:
             return {(w, ProcessStatus(s)): n for w, s, n in gone}
 
         return await self._db.write(write)
-
-
-# The names other rooms import today; they move to workflows.states / workflows.records
-# and this class's own name as those files switch.
-ProcessStore = SqliteWorkflowStore
