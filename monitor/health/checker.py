@@ -34,7 +34,7 @@ from monitor.health.results import ProbeResults, bucket_index
 from monitor.probing.probe import Probe, ProbeResult, resolve_probe
 from monitor.probing.prober import Prober
 from monitor.slo.book import SloBook
-from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec
+from registry import Catalog, Change, ChangeKind, Instance, ProbeSpec, ProbeType
 from scheduler import Scheduler, Timetable
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class HealthChecker:
         stats = current.stats if current else ProbeStats(self.store.boundaries)
         target = self.targets[key] = _Target(instance.url, probe, stats, probe.interval)
         self.book.track(key, probe)  # unprobed ones too: their lease lapses still count
-        if probe.type == "none":
+        if probe.type == ProbeType.NONE:
             self.timetable.remove(key)
             self._down.discard(key)
         elif current is None and not spread:

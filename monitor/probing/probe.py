@@ -9,10 +9,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 from monitor.probing.conditions import MISSING, Condition, parse_conditions
-from registry import ProbeSpec
+from registry import ProbeSpec, ProbeType
 
 DEFAULT_MAX_BODY = 64 * 1024
 
@@ -21,7 +21,7 @@ DEFAULT_MAX_BODY = 64 * 1024
 class Probe:
     """Probe settings with every default filled in, conditions parsed."""
 
-    type: Literal["http", "tcp", "tls", "none"] = "http"
+    type: ProbeType = ProbeType.HTTP
     method: str = "GET"
     path: str | None = None  # None: the instance URL's own path
     headers: tuple[tuple[str, str], ...] = ()
@@ -39,12 +39,12 @@ class Probe:
     max_body_bytes: int = DEFAULT_MAX_BODY
 
 
-DEFAULT_CONDITIONS: dict[str, tuple[str, ...]] = {
-    "http": ("[STATUS] < 400",),
-    "tcp": ("[CONNECTED] == true",),
+DEFAULT_CONDITIONS: dict[ProbeType, tuple[str, ...]] = {
+    ProbeType.HTTP: ("[STATUS] < 400",),
+    ProbeType.TCP: ("[CONNECTED] == true",),
+    ProbeType.TLS: ("[CONNECTED] == true",),
+    ProbeType.NONE: (),
 }
-DEFAULT_CONDITIONS["tls"] = DEFAULT_CONDITIONS["tcp"]
-DEFAULT_CONDITIONS["none"] = ()
 
 
 def resolve_probe(layers: Sequence[ProbeSpec | None]) -> Probe:
@@ -56,9 +56,9 @@ def resolve_probe(layers: Sequence[ProbeSpec | None]) -> Probe:
     for layer in layers:
         if layer is not None:  # iterating a model gives raw values (timedelta, not "10s")
             merged.update((name, value) for name, value in layer if value is not None)
-    kind = merged.get("type", "http")
+    kind = ProbeType(merged.get("type", ProbeType.HTTP))
     texts = merged.pop("conditions", None) or DEFAULT_CONDITIONS[kind]
-    if kind == "none":
+    if kind == ProbeType.NONE:
         texts = ()
     for name in ("interval", "timeout", "down_interval", "warning_latency", "warning_certificate"):
         if isinstance(merged.get(name), timedelta):

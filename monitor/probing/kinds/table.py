@@ -12,6 +12,11 @@ from monitor.probing.abc import ProbeKind
 from monitor.probing.kinds.http import HttpKind
 from monitor.probing.kinds.tcp import TcpKind
 from monitor.probing.kinds.tls import TlsKind
+from registry.model import ProbeType
 
-# Keyed by the probe's `type`; "none" has no kind: the checker never runs it.
-KINDS: Final[Mapping[str, ProbeKind]] = {"http": HttpKind(), "tcp": TcpKind(), "tls": TlsKind()}
+# Keyed by the probe's `type`; NONE has no kind: the checker never runs it.
+KINDS: Final[Mapping[ProbeType, ProbeKind]] = {
+    ProbeType.HTTP: HttpKind(),
+    ProbeType.TCP: TcpKind(),
+    ProbeType.TLS: TlsKind(),
+}
