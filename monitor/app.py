@@ -22,10 +22,11 @@ from monitor.health.results import ResultStore
 from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
-from monitor.http.routes.health import HealthRoutes, SloRoutes
+from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.operations import OperationsRoutes, daemon_document
-from monitor.http.routes.operations import routes as operations_routes
+from monitor.http.routes.operations import table as operations_table
 from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
+from monitor.http.routes.slos import SloRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.metrics.runtime import register_runtime_collectors
@@ -211,7 +212,7 @@ def build_app(
         slo_metrics=app[SLO_METRICS],
         document=lambda: openapi_document(live.current),
     )
-    app.add_routes(operations_routes.route_defs(operations))
+    app.add_routes(operations_table.route_defs(operations))
     app.add_routes([workflow_routes.router()])  # last: it sees only paths nothing else has
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)

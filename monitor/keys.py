@@ -12,8 +12,8 @@ from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics
 from monitor.health.results import ResultStore
 from monitor.http.auth import Authorizer
-from monitor.http.routes.health import SloRoutes
 from monitor.http.routes.registry import RegistryRoutes
+from monitor.http.routes.slos import SloRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.notify.notifier import Notifier

@@ -30,7 +30,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from monitor.http.errors import Handler
-from monitor.http.routes.operations import routes as operations
+from monitor.http.routes.operations import table as operations
 
 SAMPLE_INTERVAL = 0.01
 HIGH_SAMPLES = 3

@@ -16,7 +16,7 @@ from monitor.http import openapi as registry_openapi
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
-from monitor.http.routes import health as health_api
+from monitor.http.routes import health, slos
 from monitor.http.routes import workflows_openapi as workflow_openapi
 from monitor.metrics.exposition import gzip_join
 from monitor.page import status_page
@@ -26,7 +26,7 @@ from registry import Catalog
 from registry.metrics import instance_counts, render_instance_counts
 from scheduler import Scheduler
 
-routes = RouteTable()
+table = RouteTable()
 
 
 class Liveness(BaseModel):
@@ -59,7 +59,7 @@ class OperationsRoutes:
         self.metrics, self.slo_metrics = metrics, slo_metrics
         self.document = document
 
-    @routes.get(
+    @table.get(
         "/healthz",
         operation_id="healthz",
         summary="Liveness",
@@ -69,7 +69,7 @@ class OperationsRoutes:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    @routes.get(
+    @table.get(
         "/readyz",
         operation_id="readyz",
         summary="Readiness: store open, background jobs running",
@@ -90,7 +90,7 @@ class OperationsRoutes:
         failing = [name for name, ok in checks.items() if not ok]
         return error_response(503, f"not ready: {', '.join(failing)}", details=checks)
 
-    @routes.get(
+    @table.get(
         "/metrics",
         operation_id="metrics",
         summary="Prometheus exposition",
@@ -116,7 +116,7 @@ class OperationsRoutes:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
 
-    @routes.get(
+    @table.get(
         "/openapi.json",
         operation_id="openapi",
         summary="This document",
@@ -132,13 +132,11 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
     (config.yaml) -> its name, served by the request router."""
     paths = {
         **registry_openapi.paths(),
-        **health_api.openapi_paths(),
-        **health_api.slo_openapi_paths(),
         **workflow_openapi.paths(dict(workflow_routes or {})),
         **status_page.openapi_paths(),
     }
     return openapi_document(
-        [*routes.routes],
+        [*table.routes, *health.table.routes, *slos.table.routes],
         version=_version(),
         legacy_paths=paths,
         legacy_schemas=registry_openapi.components(),
