@@ -12,11 +12,11 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_late
 from pydantic import BaseModel
 
 from monitor.health.metrics import ProbeMetrics, render
-from monitor.http import openapi as registry_openapi
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes import health, slos
+from monitor.http.routes import registry as registry_routes
 from monitor.http.routes import workflows_openapi as workflow_openapi
 from monitor.metrics.exposition import gzip_join
 from monitor.page import status_page
@@ -131,15 +131,13 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
     """/openapi.json: every declared route. `workflow_routes`: each workflow's `route:`
     (config.yaml) -> its name, served by the request router."""
     paths = {
-        **registry_openapi.paths(),
         **workflow_openapi.paths(dict(workflow_routes or {})),
         **status_page.openapi_paths(),
     }
     return openapi_document(
-        [*table.routes, *health.table.routes, *slos.table.routes],
+        [*table.routes, *registry_routes.table.routes, *health.table.routes, *slos.table.routes],
         version=_version(),
         legacy_paths=paths,
-        legacy_schemas=registry_openapi.components(),
     )
 
 
