@@ -15,9 +15,8 @@ from monitor.health.metrics import ProbeMetrics, render
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
-from monitor.http.routes import health, slos
+from monitor.http.routes import events, health, slos, workflows
 from monitor.http.routes import registry as registry_routes
-from monitor.http.routes import workflows_openapi as workflow_openapi
 from monitor.metrics.exposition import gzip_join
 from monitor.page import status_page
 from monitor.slo.book import SloMetrics
@@ -130,12 +129,20 @@ class OperationsRoutes:
 def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[str, Any]:
     """/openapi.json: every declared route. `workflow_routes`: each workflow's `route:`
     (config.yaml) -> its name, served by the request router."""
+    routed = workflow_routes or {}
     paths = {
-        **workflow_openapi.paths(dict(workflow_routes or {})),
         **status_page.openapi_paths(),
     }
     return openapi_document(
-        [*table.routes, *registry_routes.table.routes, *health.table.routes, *slos.table.routes],
+        [
+            *table.routes,
+            *registry_routes.table.routes,
+            *health.table.routes,
+            *slos.table.routes,
+            *workflows.table.routes,
+            *events.table.routes,
+            *(workflows.workflow_route(path, name) for path, name in routed.items()),
+        ],
         version=_version(),
         legacy_paths=paths,
     )
