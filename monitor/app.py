@@ -23,8 +23,10 @@ from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
 from monitor.http.routes.health import HealthRoutes
+from monitor.http.routes.login import LoginRoutes
 from monitor.http.routes.operations import OperationsRoutes, daemon_document
 from monitor.http.routes.operations import table as operations_table
+from monitor.http.routes.page import PageRoutes
 from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
 from monitor.http.routes.slos import SloRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
@@ -182,9 +184,9 @@ def build_app(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
-        auth=auth,
     )
-    app.add_routes(app[PAGE].routes())
+    app.add_routes(PageRoutes(app[PAGE]).routes())
+    app.add_routes(LoginRoutes(auth, app[PAGE]).routes())
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
     )

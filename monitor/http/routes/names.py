@@ -31,10 +31,6 @@ class TopicName(BaseModel):
     topic: Annotated[str, _name("event topic")]
 
 
-class PageService(BaseModel):
-    service: Annotated[str, _name("service name")]
-
-
 class ProcessPageId(BaseModel):
     id: Annotated[str, _name("process id")]
 

@@ -15,10 +15,9 @@ from monitor.health.metrics import ProbeMetrics, render
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
-from monitor.http.routes import events, health, slos, workflows
+from monitor.http.routes import events, health, login, page, slos, workflows
 from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
-from monitor.page import status_page
 from monitor.slo.book import SloMetrics
 from monitor.storage.database import Database
 from registry import Catalog
@@ -130,9 +129,6 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
     """/openapi.json: every declared route. `workflow_routes`: each workflow's `route:`
     (config.yaml) -> its name, served by the request router."""
     routed = workflow_routes or {}
-    paths = {
-        **status_page.openapi_paths(),
-    }
     return openapi_document(
         [
             *table.routes,
@@ -141,10 +137,11 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
             *slos.table.routes,
             *workflows.table.routes,
             *events.table.routes,
+            *page.table.routes,
+            *login.table.routes,
             *(workflows.workflow_route(path, name) for path, name in routed.items()),
         ],
         version=_version(),
-        legacy_paths=paths,
     )
 
 
