@@ -32,14 +32,12 @@ def openapi_document(
     routes: Iterable[Route],
     *,
     version: str,
-    legacy_paths: Mapping[str, Any] | None = None,
-    legacy_schemas: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The document for `routes`, in order. `legacy_*`: hand-written parts not yet declared
-    as Routes, merged in (they go as the route modules are converted)."""
+    """The document for `routes`, in order: each route's parameters, request body and
+    answers, and each model it names once under components/schemas."""
     routes = list(routes)
     refs, schemas = _components(routes)
-    paths: dict[str, Any] = {path: dict(item) for path, item in (legacy_paths or {}).items()}
+    paths: dict[str, Any] = {}
     never_shed = {route.path for route in routes if not route.shed}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, refs)
@@ -49,7 +47,7 @@ def openapi_document(
         "info": {"title": "hms-mgmt", "version": version},
         "paths": paths,
         "components": {
-            "schemas": {**(legacy_schemas or {}), **schemas},
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
