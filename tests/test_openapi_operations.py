@@ -13,7 +13,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+from pydantic import BaseModel, Field
+
 from monitor import Config
+from monitor.http.document import openapi_document
+from monitor.http.route import Reply, RouteTable
 
 from .conftest import AppClient
 
@@ -73,6 +78,60 @@ async def test_every_operation_keeps_its_shape(
     resp = await daemon.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status == 200
     assert operations(await resp.json()) == json.loads(GOLDEN.read_text())
+
+
+class Greeting(BaseModel):
+    text: str
+
+
+class Who(BaseModel):
+    name: str = Field(default="", description="whom to greet")
+
+
+demo = RouteTable()
+
+
+class Demo:
+    @demo.get(
+        "/hello/{lang}",
+        operation_id="hello",
+        summary="Greet",
+        query=Who,
+        replies=(Reply(status=200, model=Greeting),),
+        errors=(404,),
+        scope="greet",
+    )
+    async def hello(self, request: web.Request) -> web.Response:
+        return web.json_response({"text": "hi"})
+
+    @demo.get(
+        "/up", operation_id="up", summary="Up", replies=(Reply(status=204, body=False),), shed=False
+    )
+    async def up(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+
+def test_routes_are_bound_to_the_plain_handlers() -> None:
+    owner = Demo()
+    bound = demo.bind(owner)
+    assert [route.operation_id for route, _ in bound] == ["hello", "up"]
+    assert [definition.handler for _, definition in bound] == [owner.hello, owner.up]
+
+
+def test_a_declaration_becomes_its_operation() -> None:
+    document = openapi_document(demo.routes, version="1")
+    hello = document["paths"]["/hello/{lang}"]["get"]
+    assert hello["security"] == [{"bearer": []}]
+    assert [(p["name"], p["in"]) for p in hello["parameters"]] == [
+        ("lang", "path"),
+        ("name", "query"),
+    ]
+    assert hello["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Greeting"
+    }
+    assert sorted(hello["responses"]) == ["200", "401", "403", "404", "503"]
+    assert document["paths"]["/up"]["get"]["responses"] == {"204": {"description": "OK"}}
+    assert {"Greeting", "Error"} <= set(document["components"]["schemas"])
 
 
 if __name__ == "__main__":
