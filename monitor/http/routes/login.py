@@ -9,11 +9,12 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 from pydantic import BaseModel
 
-from monitor.http.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
+from monitor.http.auth import Authorizer
 from monitor.http.body import read_body
 from monitor.http.errors import HttpError
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.page import HTML
+from monitor.http.sessions import SESSION_COOKIE, SESSION_SECONDS
 from monitor.page.status_page import StatusPage
 
 FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
