@@ -1,4 +1,5 @@
-"""HTTP routes for workflows, processes and events (DESIGN.md §3 Events and Workflows)."""
+"""HTTP routes for workflows and processes, and the request router serving each workflow's
+`route:` (DESIGN.md §3 Workflows). Events are in events.py."""
 
 from __future__ import annotations
 
