@@ -25,7 +25,6 @@ from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
 from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.login import LoginRoutes
 from monitor.http.routes.operations import OperationsRoutes, daemon_document
-from monitor.http.routes.operations import table as operations_table
 from monitor.http.routes.page import PageRoutes
 from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
 from monitor.http.routes.slos import SloRoutes
@@ -214,7 +213,7 @@ def build_app(
         slo_metrics=app[SLO_METRICS],
         document=lambda: openapi_document(live.current),
     )
-    app.add_routes(operations_table.route_defs(operations))
+    app.add_routes(operations.routes())
     app.add_routes([workflow_routes.router()])  # last: it sees only paths nothing else has
     app.cleanup_ctx.append(_run_registry)
     app.cleanup_ctx.append(_run_monitor)

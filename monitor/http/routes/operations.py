@@ -57,6 +57,9 @@ class OperationsRoutes:
         self.metrics, self.slo_metrics = metrics, slo_metrics
         self.document = document
 
+    def routes(self) -> list[web.RouteDef]:
+        return table.route_defs(self)
+
     @table.get(
         "/healthz",
         operation_id="healthz",
