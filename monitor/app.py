@@ -6,34 +6,31 @@ reload.py applies a new config, convert.py maps config entries to domain values.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
 from monitor.health import ProbeResults, SqliteResultStore
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
-from monitor.health.metrics import ProbeMetrics, render
-from monitor.http import openapi as registry_openapi
+from monitor.health.metrics import ProbeMetrics
 from monitor.http.auth import Authorizer
-from monitor.http.errors import error_middleware, error_response
+from monitor.http.errors import error_middleware
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
-from monitor.http.routes import health as health_api
-from monitor.http.routes import workflows_openapi as workflow_openapi
-from monitor.http.routes.health import HealthRoutes, SloRoutes
+from monitor.http.routes.health import HealthRoutes
+from monitor.http.routes.login import LoginRoutes
+from monitor.http.routes.operations import OperationsRoutes, daemon_document
+from monitor.http.routes.page import PageRoutes
 from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
+from monitor.http.routes.slos import SloRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
-from monitor.http.shedding import NEVER_SHED, LoadShedder
-from monitor.metrics.exposition import gzip_join
+from monitor.http.shedding import LoadShedder
 from monitor.metrics.runtime import register_runtime_collectors
 from monitor.notify import Notifier, SqliteOutboxStore
-from monitor.page import status_page
 from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
 from monitor.slo import SloBook, SloMetrics, SqliteSloMinuteStore, WorkflowSlos
@@ -45,7 +42,7 @@ from registry import (
     SqliteRegistryStore,
     SystemClock,
 )
-from registry.metrics import RegistryCollector, instance_counts, render_instance_counts
+from registry.metrics import RegistryCollector
 from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
@@ -116,20 +113,24 @@ def build_app(
     app.cleanup_ctx.append(shedder.context)
     parts = _build(config, clock or SystemClock(), registry, auth, shedder)
     _keep(app, parts)
-    app.add_routes(parts.page.routes())
+    app.add_routes(PageRoutes(parts.page).routes())
+    app.add_routes(LoginRoutes(parts.auth, parts.page).routes())
     app.add_routes(parts.registry_routes.routes())
     app.add_routes(HealthRoutes(parts.book).routes())
     app.add_routes(parts.slo_routes.routes())
     app.add_routes(parts.workflow_routes.routes())
     app.on_shutdown.append(parts.workflow_routes.close_streams)
-    app.add_routes(
-        [
-            web.get("/healthz", healthz),
-            web.get("/readyz", readyz),
-            web.get("/metrics", metrics_handler),
-            web.get("/openapi.json", openapi_handler),
-        ]
+    operations = OperationsRoutes(
+        database=parts.database,
+        scheduler=parts.scheduler,
+        registry_running=lambda: REAPER in app and not app[REAPER].done(),
+        catalog=parts.catalog,
+        probe_metrics=app[PROBE_METRICS],
+        metrics=parts.metrics,
+        slo_metrics=parts.slo_metrics,
+        document=lambda: openapi_document(parts.live.current),
     )
+    app.add_routes(operations.routes())
     app.add_routes([parts.workflow_routes.router()])  # last: only paths nothing else has
     reloader = None
     if config_path is not None:
@@ -239,7 +240,6 @@ def _build(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
-        auth=auth,
     )
     leases = LeaseDefaults(
         ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
@@ -305,138 +305,7 @@ def _keep(app: web.Application, parts: Parts) -> None:
     app[NOTIFIER], app[PAGE], app[CALENDAR] = parts.notifier, parts.page, parts.calendar
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    app = request.app
-    checks = {
-        "store": app[DATABASE].is_open,
-        "registry": REAPER in app and not app[REAPER].done(),
-        "scheduler": app[SCHEDULER].running,
-    }
-    # A failing disk does not make the daemon unready: reads, probes and the page still work.
-    writable = app[DATABASE].writable
-    if all(checks.values()):
-        return web.json_response({"status": "ready", "checks": checks, "writable": writable})
-    failing = [name for name, ok in checks.items() if not ok]
-    return error_response(503, f"not ready: {', '.join(failing)}", details=checks)
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    app = request.app
-    # Large families: counted or copied on the loop, formatted off it (monitor/metrics.py).
-    # Counting first also expires due leases, so the expirations counter includes them.
-    counts, probes = instance_counts(app[CATALOG]), app[PROBE_METRICS].snapshot()
-    small = generate_latest(app[METRICS])
-    slos = await app[SLO_METRICS].current()  # rendered and deflated once a minute
-    gzip = "gzip" in request.headers.get("Accept-Encoding", "")
-
-    def build() -> bytes:
-        head = small + (render_instance_counts(counts) + render(probes)).encode()
-        return gzip_join(head, slos) if gzip else head + slos.text
-
-    body = await asyncio.get_running_loop().run_in_executor(None, build)
-    headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
-    if gzip:
-        headers["Content-Encoding"] = "gzip"
-    return web.Response(body=body, headers=headers)
-
-
-async def openapi_handler(request: web.Request) -> web.Response:
-    return web.json_response(openapi_document(request.app[LIVE_CONFIG].current))
-
-
 def openapi_document(config: Config | None = None) -> dict[str, Any]:
-    error = registry_openapi.error_responses
-    status = {
-        "description": "status",
-        "content": registry_openapi.json_content({"type": "object"}),
-    }
-    operations: dict[str, Any] = {
-        "/healthz": {
-            "get": {"summary": "Liveness", "operationId": "healthz", "responses": {"200": status}}
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Readiness: store open, background jobs running",
-                "operationId": "readyz",
-                "responses": {"200": status, **error(503)},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus exposition",
-                "operationId": "metrics",
-                "responses": {
-                    "200": {
-                        "description": "metrics",
-                        "content": {"text/plain": {"schema": {"type": "string"}}},
-                    },
-                    **error(401),
-                },
-            }
-        },
-        "/openapi.json": {
-            "get": {
-                "summary": "This document",
-                "operationId": "openapi",
-                "responses": {
-                    "200": {
-                        "description": "OpenAPI 3.1",
-                        "content": registry_openapi.json_content({"type": "object"}),
-                    },
-                    **error(401),
-                },
-            }
-        },
-    }
-    paths = {
-        **registry_openapi.paths(),
-        **health_api.openapi_paths(),
-        **health_api.slo_openapi_paths(),
-        **workflow_openapi.paths(
-            {w.route: w.name for w in config.workflows if w.route} if config else None
-        ),
-        **status_page.openapi_paths(),
-        **operations,
-    }
-    _add_daemon_wide_answers(paths)
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "hms-mgmt", "version": _version()},
-        "paths": paths,
-        "components": {
-            "schemas": registry_openapi.components(),
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
-    }
-
-
-def _add_daemon_wide_answers(paths: dict[str, Any]) -> None:
-    """Answers any operation can give, whatever its route: 503 when shedding load
-    (monitor/overload.py) or when a change cannot be stored; 408 and 413 where a body is read,
-    415 where a JSON one is."""
-    error = registry_openapi.error_responses
-    for path, item in paths.items():
-        for method, operation in item.items():
-            if method == "parameters":
-                continue
-            responses = operation["responses"]
-            if path not in NEVER_SHED:
-                responses.setdefault("503", error(503)["503"])
-            if method in ("put", "post", "patch"):
-                responses.setdefault("408", error(408)["408"])
-                responses.setdefault("413", error(413)["413"])
-            if "application/json" in operation.get("requestBody", {}).get("content", {}):
-                responses.setdefault("415", error(415)["415"])  # a body that is surely not JSON
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("hms-mgmt")
-    except PackageNotFoundError:
-        return "0+unknown"
+    """/openapi.json for `config`: each workflow's `route:` is documented too."""
+    workflow_routes = {w.route: w.name for w in config.workflows if w.route} if config else None
+    return daemon_document(workflow_routes)

@@ -16,8 +16,8 @@ from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.results import ProbeResults
 from monitor.http.auth import Authorizer
-from monitor.http.routes.health import SloRoutes
 from monitor.http.routes.registry import RegistryRoutes
+from monitor.http.routes.slos import SloRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.notify.notifier import Notifier

@@ -8,7 +8,7 @@ Browsers cannot send a bearer header, so a person signs in once at `/login`
 with a token and gets a session cookie: HttpOnly, SameSite=Strict, signed
 with a key derived from that token (removing or changing the token ends its
 sessions) and good for reads only. Every state change still needs the header,
-so a forged cross-site request has nothing to ride on.
+so a forged cross-site request has nothing to ride on. The cookie itself: sessions.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -25,7 +24,9 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from monitor.http import sessions
 from monitor.http.errors import Handler, HttpError
+from monitor.http.sessions import SESSION_COOKIE
 from scheduler.bus import AUDIT_TOPICS, READABLE_TOPICS
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 UNPROTECTED_PATHS = frozenset({"/healthz", "/readyz", "/login"})
 UNPROTECTED_PREFIXES = ("/static/",)
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-SESSION_COOKIE = "hms_session"
-SESSION_SECONDS = 12 * 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,31 +93,12 @@ class Authorizer:
         return found
 
     def session(self, grant: Grant, now: float | None = None) -> str:
-        """A cookie value standing for `grant` until SESSION_SECONDS from now."""
-        expires = int((time.time() if now is None else now) + SESSION_SECONDS)
-        return f"v1.{expires}.{grant.id}.{self._sign(expires, grant)}"
+        """A cookie value standing for `grant` (sessions.py)."""
+        return sessions.session(grant, now)
 
     def from_session(self, value: str | None, now: float | None = None) -> Grant | None:
-        if not value:
-            return None
-        version, _, rest = value.partition(".")
-        expires_text, _, rest = rest.partition(".")
-        grant_id, _, mac = rest.partition(".")
-        if version != "v1" or not expires_text.isdigit():
-            return None
-        expires = int(expires_text)
-        if expires < (time.time() if now is None else now):
-            return None
-        for grant in self._grants:
-            if grant.id == grant_id and hmac.compare_digest(mac, self._sign(expires, grant)):
-                return grant
-        return None
-
-    def _sign(self, expires: int, grant: Grant) -> str:
-        # Keyed by the token itself: only its holder could have signed in, and a session ends
-        # with its token without touching the sessions of the others.
-        key = hashlib.sha256(b"hms-session" + grant.digest).digest()
-        return hmac.new(key, b"%d." % expires, hashlib.sha256).hexdigest()
+        """The grant of a session cookie, while its token is still configured."""
+        return sessions.from_session(value, self._grants, now)
 
     def may_subscribe(self, request: web.Request, topic: str) -> bool:
         """Events of `topic` on the SSE stream: the daemon's own topics go to whoever may

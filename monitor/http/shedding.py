@@ -30,10 +30,12 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from monitor.http.errors import Handler
+from monitor.http.routes.operations import table as operations
 
 SAMPLE_INTERVAL = 0.01
 HIGH_SAMPLES = 3
-NEVER_SHED = frozenset({"/healthz", "/readyz", "/metrics"})
+# Declared with `shed=False` beside their handlers: /healthz, /readyz, /metrics.
+NEVER_SHED = frozenset(route.path for route in operations.routes if not route.shed)
 RETRY_AFTER = "1"
 BODY = (
     b'{"error":{"code":"overloaded","message":"the daemon is overloaded; '

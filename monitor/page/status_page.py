@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import jinja2
 from aiohttp import web
@@ -27,10 +26,7 @@ from aiohttp import web
 from monitor.config import Config
 from monitor.health.book import HealthBook
 from monitor.health.uptime import Uptime, UptimeSummary
-from monitor.http.auth import SESSION_COOKIE, SESSION_SECONDS, Authorizer
-from monitor.http.body import read_body
 from monitor.http.errors import HttpError
-from monitor.http.openapi import error_responses, path_param, query_param
 from monitor.slo.book import SloBook
 from registry import Catalog, HealthState, InstanceStatus
 from scheduler import Event, EventBus, Subscription
@@ -62,10 +58,6 @@ HEADERS = {
 }
 NO_DATA = "\N{EN DASH}"
 ASSETS = {"page.css": "text/css", "page.js": "text/javascript"}
-FORM_TYPES = ("application/x-www-form-urlencoded",)  # what the sign-in form sends
-FORM_CHARSETS = ("utf-8", "utf8")  # the page is UTF-8, so is what its form posts
-# The form has two fields (token, next); a few more leaves room, thousands is not a form.
-MAX_FORM_FIELDS = 16
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,9 +89,7 @@ class StatusPage:
         bus: EventBus,
         config: Callable[[], Config],
         clock: Callable[[], float],
-        auth: Authorizer,
     ) -> None:
-        self._auth = auth
         self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
         self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
         self._changes: dict[str, deque[Event]] = {}
@@ -117,18 +107,6 @@ class StatusPage:
         )
         self._templates.globals.update(bar_class=_bar_class, sparkline=_sparkline)
 
-    def routes(self) -> list[web.AbstractRouteDef]:
-        return [
-            web.get("/", self.overview),
-            web.get("/services/{service}", self.service),
-            web.get("/workflows", self.workflows),
-            web.get("/processes/{id}", self.process),
-            web.get("/static/{name}", self.asset),
-            web.get("/login", self.login_form),
-            web.post("/login", self.login),
-            web.post("/logout", self.logout),
-        ]
-
     async def start(self) -> None:
         self._subscription = self._bus.subscribe(
             "health.changed", self._remember, name="status-page"
@@ -142,13 +120,13 @@ class StatusPage:
         service = str(event.data.get("service"))
         self._changes.setdefault(service, deque(maxlen=RECENT_CHANGES)).appendleft(event)
 
-    # -- pages ------------------------------------------------------------------------
+    # -- pages (monitor/http/routes/page.py serves them; `page` is the raw query value) --
 
-    async def overview(self, request: web.Request) -> web.Response:
+    async def overview(self, page_number: str | None) -> web.Response:
         now = self._clock()
         self._slos.evaluate(now)
         names = self._catalog.service_names()
-        page, pages = _page(request, len(names), SERVICES_PER_PAGE)
+        page, pages = _page(page_number, len(names), SERVICES_PER_PAGE)
         shown = names[page * SERVICES_PER_PAGE : (page + 1) * SERVICES_PER_PAGE]
         groups: dict[str, _Group] = {}
         slices = _Slices()
@@ -175,13 +153,12 @@ class StatusPage:
             topics="health.changed",
         )
 
-    async def service(self, request: web.Request) -> web.Response:
-        name = request.match_info["service"]
+    async def service(self, name: str, page_number: str | None) -> web.Response:
         if name not in self._catalog.service_names():
             raise HttpError(404, f"no service named {name!r}")
         now = self._clock()
         statuses = self._catalog.instances(name)
-        page, pages = _page(request, len(statuses), INSTANCES_PER_PAGE)
+        page, pages = _page(page_number, len(statuses), INSTANCES_PER_PAGE)
         shown = statuses[page * INSTANCES_PER_PAGE : (page + 1) * INSTANCES_PER_PAGE]
         instances = [self._instance(status) for status in shown]
         return await self._render(
@@ -196,7 +173,7 @@ class StatusPage:
             topics="health.changed",
         )
 
-    async def workflows(self, request: web.Request) -> web.Response:
+    async def workflows(self) -> web.Response:
         counts = self._engine.counts
         rows = [
             {"name": name, "counts": {s: counts.get((name, s), 0) for s in STATUSES}}
@@ -213,10 +190,10 @@ class StatusPage:
             topics="workflow.*",
         )
 
-    async def process(self, request: web.Request) -> web.Response:
-        described = await self._engine.describe(request.match_info["id"])
+    async def process(self, process_id: str) -> web.Response:
+        described = await self._engine.describe(process_id)
         if described is None:
-            raise HttpError(404, f"no process {request.match_info['id']!r}")
+            raise HttpError(404, f"no process {process_id!r}")
         return await self._render(
             "process.html",
             title=f"{described['workflow']} {described['id']}",
@@ -225,8 +202,7 @@ class StatusPage:
             topics="workflow.*",
         )
 
-    async def asset(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def asset(self, name: str) -> web.Response:
         if name not in self._assets:
             raise HttpError(404, f"no asset {name!r}")
         return web.Response(
@@ -235,47 +211,8 @@ class StatusPage:
             headers={**HEADERS, "Cache-Control": "public, max-age=300"},
         )
 
-    # -- models -----------------------------------------------------------------------
-
-    # -- sessions (registry/auth.py has the rules) ------------------------------------
-
-    async def login_form(self, request: web.Request) -> web.Response:
-        return await self._login_page(_next_path(request.query.get("next")))
-
-    async def login(self, request: web.Request) -> web.Response:
-        """Exchange a token (form field) for a read-only session cookie."""
-        if _cross_site(request):
-            raise HttpError(403, "sign-in from another site is refused", code="forbidden")
-        if not self._auth.enabled:
-            raise web.HTTPSeeOther("/")
-        raw = await read_body(request)  # bounded in size and time, like every other body
-        if request.content_type not in FORM_TYPES:
-            raise HttpError(415, f"expected a form ({FORM_TYPES[0]}), got {request.content_type!r}")
-        if (request.charset or "utf-8").lower() not in FORM_CHARSETS:
-            raise HttpError(415, f"expected a UTF-8 form, got charset {request.charset!r}")
-        form = _sign_in_form(raw)
-        target = _next_path(form.get("next", "/"))
-        grant = self._auth.identify(f"Bearer {form.get('token', '')}")
-        if grant is None:
-            return await self._login_page(target, error="That token is not valid.", status=401)
-        response = web.HTTPSeeOther(target)
-        response.set_cookie(
-            SESSION_COOKIE,
-            self._auth.session(grant),
-            max_age=SESSION_SECONDS,
-            path="/",
-            httponly=True,
-            samesite="Strict",
-            secure=request.secure,
-        )
-        raise response
-
-    async def logout(self, request: web.Request) -> web.Response:
-        response = web.HTTPSeeOther("/login")
-        response.del_cookie(SESSION_COOKIE, path="/")
-        raise response
-
-    async def _login_page(self, target: str, *, error: str = "", status: int = 200) -> web.Response:
+    async def login_page(self, target: str, *, error: str = "", status: int = 200) -> web.Response:
+        """The sign-in form (monitor/http/routes/login.py serves it)."""
         response = await self._render(
             "login.html", title="Sign in", next=target, error=error, topics=""
         )
@@ -370,46 +307,10 @@ def _asset(name: str) -> bytes:
     return resources.files("monitor.page").joinpath("static", name).read_bytes()
 
 
-def _cross_site(request: web.Request) -> bool:
-    """A form posted from another site. Browsers say so in Sec-Fetch-Site; older ones send
-    Origin, which is "null" under our no-referrer policy, so only a real other origin counts."""
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None:
-        return fetch_site not in ("same-origin", "none")
-    origin = request.headers.get("Origin")
-    return origin not in (None, "null") and urlsplit(origin).netloc != request.host
-
-
-def _sign_in_form(raw: bytes) -> dict[str, str]:
-    """The urlencoded sign-in form, or a 400. The message never quotes the body: it
-    holds a token."""
-    try:
-        pairs = parse_qsl(
-            raw.decode("utf-8"),
-            keep_blank_values=True,
-            strict_parsing=True,
-            max_num_fields=MAX_FORM_FIELDS,
-        )
-    except (UnicodeDecodeError, ValueError):  # not UTF-8, a field without "=", too many
-        raise HttpError(
-            400,
-            "malformed form body: expected at most "
-            f"{MAX_FORM_FIELDS} UTF-8 name=value fields joined by &",
-        ) from None
-    return dict(pairs)
-
-
-def _next_path(raw: str | None) -> str:
-    """Where to go after signing in: a path on this daemon, never another site."""
-    if not raw or not raw.startswith("/") or raw.startswith("//") or "\\" in raw:
-        return "/"
-    return raw
-
-
-def _page(request: web.Request, total: int, size: int) -> tuple[int, int]:
+def _page(raw: str | None, total: int, size: int) -> tuple[int, int]:
     pages = max(1, math.ceil(total / size))
     try:
-        page = int(request.query.get("page", "1")) - 1
+        page = int(raw if raw is not None else "1") - 1
     except ValueError:
         raise HttpError(400, "page must be a whole number") from None
     if not 0 <= page < pages:
@@ -480,78 +381,3 @@ def _seconds(value: float | None) -> str:
     if value is None:
         return NO_DATA
     return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
-
-
-def openapi_paths() -> dict[str, Any]:
-    def html(summary: str, operation: str, *params: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "get": {
-                "summary": summary,
-                "operationId": operation,
-                "parameters": list(params),
-                "responses": {
-                    "200": {
-                        "description": "HTML",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    },
-                    **error_responses(400, 401, 404),
-                },
-            }
-        }
-
-    page = query_param("page", "1-based page number", {"type": "integer", "minimum": 1})
-    return {
-        "/": html("Status page: services by tag, health, uptime, SLOs", "statusPage", page),
-        "/services/{service}": html(
-            "Status of one service: instances, failing conditions, SLOs, recent changes",
-            "servicePage",
-            path_param("service", "service name"),
-            page,
-        ),
-        "/workflows": html("Workflows: processes by status, recent processes", "workflowsPage"),
-        "/processes/{id}": html(
-            "One process as a timeline of steps and attempts",
-            "processPage",
-            path_param("id", "process id"),
-        ),
-        "/static/{name}": html(
-            "The page's stylesheet and script", "pageAsset", path_param("name", "asset")
-        ),
-        "/login": {
-            **html("Sign-in form (auth on): a token for a read-only session", "loginPage"),
-            "post": {
-                "summary": "Exchange a token for a read-only session cookie",
-                "operationId": "login",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/x-www-form-urlencoded": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["token"],
-                                "properties": {
-                                    "token": {"type": "string"},
-                                    "next": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "303": {"description": "signed in (or auth is off): to `next`"},
-                    "401": {
-                        "description": "not a valid token: the form again",
-                        "content": {"text/html": {"schema": {"type": "string"}}},
-                    },
-                    **error_responses(400, 403, 415),
-                },
-            },
-        },
-        "/logout": {
-            "post": {
-                "summary": "End the session",
-                "operationId": "logout",
-                "responses": {"303": {"description": "to /login"}},
-            }
-        },
-    }

@@ -9,14 +9,18 @@ from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, Field, RootModel
 
 from monitor.http.auth import Authorizer
 from monitor.http.body import parse_body
 from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
+from monitor.http.route import Reply, RouteTable
+from monitor.http.routes.names import InstanceKey, ServiceName
+from registry import model as registry_model
 from registry.catalog import Catalog, InstanceStatus
 from registry.durations import parse_duration
-from registry.model import HealthState, Instance, ProbeSpec, RegistrationBody, is_valid_name
+from registry.model import HealthState, ProbeSpec, RegistrationBody, is_valid_name
 from registry.sd import sd_groups
 from registry.targets import TargetPolicy
 
@@ -33,6 +37,87 @@ class LeaseDefaults:
 
 
 ProbeCheck = Callable[[str, ProbeSpec | None], object]
+table = RouteTable()
+INDEX = {INDEX_HEADER: "registry modify index"}
+
+
+class Lease(BaseModel):
+    expires_in: float | None = None
+    lapsed: bool | None = None
+
+
+class Instance(BaseModel):
+    service: str
+    id: str
+    url: str
+    tags: list[str]
+    meta: dict[str, str]
+    probe: dict[str, Any] | None = None
+    ttl: str | None = None
+    deregister_after: str | None = None
+    static: bool
+    health: HealthState
+    registered_at: str | None = None
+    updated_at: str | None = None
+    lease: Lease | None = None
+
+
+class Renewed(BaseModel):
+    """A heartbeat's answer: small, the hottest route's client needs only the lease."""
+
+    service: str
+    id: str
+    health: HealthState
+    lease: Lease | None = None
+
+
+class ServiceSummary(BaseModel):
+    name: str
+    instances: int
+    health: dict[str, int]
+    tags: list[str]
+
+
+class Services(BaseModel):
+    services: list[ServiceSummary]
+
+
+class Service(BaseModel):
+    service: str
+    instances: list[Instance]
+
+
+class TargetGroup(BaseModel):
+    targets: list[str]
+    labels: dict[str, str]
+
+
+class TargetGroups(RootModel[list[TargetGroup]]):
+    pass
+
+
+HEALTH = Field(
+    default="",
+    description="comma-separated health states to keep",
+    examples=["passing", "passing,warning"],
+)
+
+
+class ServiceQuery(BaseModel):
+    health: str = HEALTH
+    index: int = Field(
+        default=0, ge=0, description="return once the service's index passes this value"
+    )
+    wait: str = Field(
+        default="",
+        description="longest wait with index (default 5m, at most 10m)",
+        examples=["30s"],
+    )
+
+
+class SdQuery(BaseModel):
+    service: str = ""
+    health: str = HEALTH
 
 
 class RegistryRoutes:
@@ -51,17 +136,22 @@ class RegistryRoutes:
         # From the monitor: parses conditions, so a bad one is a 422 here, not a probe crash.
         self.check_probe = check_probe
 
-    def routes(self) -> list[web.AbstractRouteDef]:
-        instance = "/v1/services/{service}/instances/{id}"
-        return [
-            web.put(instance, self.register),
-            web.post(instance + "/heartbeat", self.heartbeat),
-            web.delete(instance, self.deregister),
-            web.get("/v1/services", self.list_services),
-            web.get("/v1/services/{service}", self.get_service),
-            web.get("/v1/sd", self.http_sd),
-        ]
+    def routes(self) -> list[web.RouteDef]:
+        return table.route_defs(self)
 
+    @table.put(
+        "/v1/services/{service}/instances/{id}",
+        operation_id="registerInstance",
+        summary="Register or update an instance (idempotent)",
+        match=InstanceKey,
+        body=RegistrationBody,
+        replies=(
+            Reply(status=200, description="updated", model=Instance, headers=INDEX),
+            Reply(status=201, description="created", model=Instance, headers=INDEX),
+        ),
+        errors=(400, 409, 413, 422, 503),
+        scope="register",
+    )
     async def register(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
@@ -81,7 +171,7 @@ class RegistryRoutes:
                 raise HttpError(422, "invalid probe settings", details=details) from None
         deregister_after = body.deregister_after or self.leases.deregister_after
         now = self.catalog.now()
-        instance = Instance(
+        instance = registry_model.Instance(
             service=service,
             id=instance_id,
             url=body.url,
@@ -96,6 +186,15 @@ class RegistryRoutes:
         status, created = await self.catalog.register(instance)
         return _json(instance_json(status), self.catalog.index, status=201 if created else 200)
 
+    @table.post(
+        "/v1/services/{service}/instances/{id}/heartbeat",
+        operation_id="heartbeat",
+        summary="Renew the instance's lease",
+        match=InstanceKey,
+        replies=(Reply(status=200, description="renewed", model=Renewed, headers=INDEX),),
+        errors=(400, 404, 409),
+        scope="register",
+    )
     async def heartbeat(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
@@ -109,12 +208,28 @@ class RegistryRoutes:
         }
         return _json(body, self.catalog.index)
 
+    @table.delete(
+        "/v1/services/{service}/instances/{id}",
+        operation_id="deregisterInstance",
+        summary="Deregister an instance",
+        match=InstanceKey,
+        replies=(Reply(status=204, description="deregistered", body=False, headers=INDEX),),
+        errors=(400, 404, 409, 503),
+        scope="register",
+    )
     async def deregister(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
         await self.catalog.deregister(service, instance_id)
         return web.Response(status=204, headers={INDEX_HEADER: str(self.catalog.index)})
 
+    @table.get(
+        "/v1/services",
+        operation_id="listServices",
+        summary="Every service with instance counts by health",
+        replies=(Reply(status=200, description="services", model=Services, headers=INDEX),),
+        errors=(401,),
+    )
     async def list_services(self, request: web.Request) -> web.Response:
         services = [
             {
@@ -127,6 +242,22 @@ class RegistryRoutes:
         ]
         return _json({"services": services}, self.catalog.index)
 
+    @table.get(
+        "/v1/services/{service}",
+        operation_id="getService",
+        summary="A service's instances; a blocking query with index and wait",
+        match=ServiceName,
+        query=ServiceQuery,
+        replies=(
+            Reply(
+                status=200,
+                description="instances of the service (empty when none)",
+                model=Service,
+                headers=INDEX,
+            ),
+        ),
+        errors=(400, 401),
+    )
     async def get_service(self, request: web.Request) -> web.Response:
         service = request.match_info["service"]
         if not is_valid_name(service):
@@ -141,6 +272,14 @@ class RegistryRoutes:
         body = {"service": service, "instances": [instance_json(s) for s in statuses]}
         return _json(body, self.catalog.service_index(service))
 
+    @table.get(
+        "/v1/sd",
+        operation_id="httpSd",
+        summary="Prometheus http_sd target groups, one per instance",
+        query=SdQuery,
+        replies=(Reply(status=200, description="target groups", model=TargetGroups),),
+        errors=(400, 401),
+    )
     async def http_sd(self, request: web.Request) -> web.Response:
         service = request.query.get("service")
         health = health_filter(request)

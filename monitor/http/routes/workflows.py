@@ -1,41 +1,142 @@
-"""HTTP routes for workflows, processes and events (DESIGN.md §3 Events and Workflows)."""
+"""HTTP routes for workflows and processes, and the request router serving each workflow's
+`route:` (DESIGN.md §3 Workflows). Events are in events.py."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from monitor.http.auth import Authorizer
 from monitor.http.body import parse_body, parse_json_object, read_body
 from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
-from monitor.http.sse import EventStream, Frames, MemoryTrim
+from monitor.http.route import Reply, Route, RouteTable
+from monitor.http.routes.events import DEFAULT_SSE_BUFFER, EventRoutes
+from monitor.http.routes.names import WorkflowName
 from registry import parse_duration
 from scheduler import EventBus
-from scheduler.bus import DAEMON_TOPICS
+from workflows import records
 from workflows.engine import Engine
-from workflows.states import ProcessStatus
-from workflows.stores.sqlite import STATUSES, Process
+from workflows.states import STATUSES, ProcessStatus
 
 MAX_WAIT = 300.0
 MAX_LIMIT = 1000
-VISIBLE_TOPICS = 1024  # topic -> may the caller see it, remembered per stream
-DEFAULT_SSE_BUFFER = 8 * 1024 * 1024
-TOPIC = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 ROUTER_PATH = "/{route:.+}"
+table = RouteTable()
 
 
 class StartBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class WorkflowInput(RootModel[dict[str, Any]]):
+    """A workflow `route:`'s body: the process's input, any JSON object."""
+
+
+class WorkflowSummary(BaseModel):
+    name: str
+    steps: list[str] | None = None
+    route: str | None = None
+    trigger: Any = None
+    deadline_seconds: float | None = None
+    counts: dict[str, int] | None = None
+
+
+class Workflows(BaseModel):
+    workflows: list[WorkflowSummary] | None = None
+
+
+class Started(BaseModel):
+    id: str
+    status: str
+    created: bool | None = Field(default=None, description="false: the idempotency key's process")
+
+
+class ProcessSummary(BaseModel):
+    id: str
+    workflow: str
+    status: str
+    created_at: float
+    updated_at: float | None = None
+    finished_at: float | None = None
+    deadline_at: float | None = None
+    deadline_missed: bool | None = None
+    error: str | None = None
+
+
+class WaitingFor(BaseModel):
+    """While waiting: kind (delay, retry, event), until (epoch seconds, null: no limit)."""
+
+    kind: Literal["delay", "retry", "event"] | None = None
+    until: float | None = None
+    detail: str | None = None
+
+
+class ProcessStep(BaseModel):
+    name: str | None = None
+    state: Literal["pending", "running", "waiting", "completed", "failed", "compensated"] | None = (
+        None
+    )
+
+
+class Process(ProcessSummary):
+    idempotency_key: str | None = None
+    current_step: str | None = None
+    waiting_for: WaitingFor | None = None
+    steps: list[ProcessStep] | None = Field(
+        default=None, description="every step of the definition, those not yet run included"
+    )
+    input: dict[str, Any]
+    outputs: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+class ProcessPage(BaseModel):
+    processes: list[ProcessSummary] | None = None
+    next_cursor: str | None = None
+
+
+class StartQuery(BaseModel):
+    wait: str = Field(
+        default="",
+        description="wait up to this long (e.g. 30s, at most 5m) for the process to end",
+    )
+
+
+class ProcessQuery(BaseModel):
+    workflow: str = Field(default="", description="only this workflow")
+    status: str = Field(default="", description="only this status")
+    limit: str = Field(default="", description="1-1000, default 100")
+    cursor: str = Field(default="", description="next_cursor of the previous page")
+
+
+START_REPLIES = (
+    Reply(status=200, description="ended within `wait`", model=Process),
+    Reply(status=202, description="started (or running)", model=Started),
+)
+START_ERRORS = (400, 401, 403, 404, 422)
+
+
+def workflow_route(path: str, name: str) -> Route:
+    """A workflow's `route:` (config.yaml), served by the request router: declared from the
+    live config each time the document is built, so a reload shows at once."""
+    return Route(
+        method="POST",
+        path=path,
+        operation_id=f"route_{name}",
+        summary=f"Start {name} with the body as input",
+        query=StartQuery,
+        body=WorkflowInput,
+        body_required=False,
+        replies=START_REPLIES,
+        errors=START_ERRORS,
+    )
 
 
 class WorkflowRoutes:
@@ -46,25 +147,12 @@ class WorkflowRoutes:
         auth: Authorizer,
         sse_buffer: int = DEFAULT_SSE_BUFFER,
     ) -> None:
-        self.engine, self.bus, self.auth = engine, bus, auth
-        # Bytes a stream may be behind before it is cut off; read by each new stream, so a
-        # reload sets it for the streams opened after.
-        self.sse_buffer = sse_buffer
-        self._streams: set[asyncio.Task[Any]] = set()
-        self._frames = Frames()
-        self._trim = MemoryTrim()
+        self.engine, self.auth = engine, auth
+        # The event routes (publish, stream) are theirs; kept here so the app sees one part.
+        self.events = EventRoutes(engine, bus, auth, sse_buffer)
 
-    def routes(self) -> list[web.AbstractRouteDef]:
-        routes: list[web.AbstractRouteDef] = [
-            web.get("/v1/workflows", self.list_workflows),
-            web.post("/v1/workflows/{name}", self.start),
-            web.get("/v1/processes", self.list_processes),
-            web.get("/v1/processes/{id}", self.get_process),
-            web.post("/v1/processes/{id}/cancel", self.cancel),
-            web.post("/v1/events/{topic}", self.publish),
-            web.get("/v1/events", self.stream),
-        ]
-        return routes
+    def routes(self) -> list[web.RouteDef]:
+        return [*table.route_defs(self), *self.events.routes()]
 
     def router(self) -> web.AbstractRouteDef:
         """The seeds' request router: `POST {route}` of each workflow, looked up per request
@@ -90,20 +178,29 @@ class WorkflowRoutes:
         data = await parse_json_object(request, "the request body")
         return await self._start(request, name, data, request.headers.get("Idempotency-Key"))
 
+    @property
+    def sse_buffer(self) -> int:
+        return self.events.sse_buffer
+
+    @sse_buffer.setter
+    def sse_buffer(self, size: int) -> None:
+        self.events.sse_buffer = size
+
     async def close_streams(self, app: web.Application) -> None:
-        """on_shutdown: end open event streams, or shutdown would wait for them."""
-        self._trim.cancel()
-        self.end_streams()
+        await self.events.close_streams(app)
 
     def end_streams(self) -> None:
-        """End every open event stream now. A stream is authorized when it opens, so when
-        tokens change (a reload) the open ones end: their clients reconnect with
-        `Last-Event-ID` and pass auth again, missing nothing they may still see."""
-        for task in list(self._streams):
-            task.cancel()
+        self.events.end_streams()
 
     # -- workflows -----------------------------------------------------------------
 
+    @table.get(
+        "/v1/workflows",
+        operation_id="listWorkflows",
+        summary="Workflow definitions with their processes counted by status",
+        replies=(Reply(status=200, description="definitions", model=Workflows),),
+        errors=(401,),
+    )
     async def list_workflows(self, request: web.Request) -> web.Response:
         """Every definition with its processes counted by status."""
         out = []
@@ -121,6 +218,17 @@ class WorkflowRoutes:
             )
         return json_response({"workflows": out})
 
+    @table.post(
+        "/v1/workflows/{name}",
+        operation_id="startWorkflow",
+        summary="Start a process",
+        match=WorkflowName,
+        query=StartQuery,
+        body=StartBody,
+        body_required=False,
+        replies=START_REPLIES,
+        errors=START_ERRORS,
+    )
     async def start(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self.auth.require(request, "start", name)
@@ -142,6 +250,14 @@ class WorkflowRoutes:
 
     # -- processes -----------------------------------------------------------------
 
+    @table.get(
+        "/v1/processes",
+        operation_id="listProcesses",
+        summary="Processes, newest first, with filters and cursor paging",
+        query=ProcessQuery,
+        replies=(Reply(status=200, description="a page", model=ProcessPage),),
+        errors=(400, 401),
+    )
     async def list_processes(self, request: web.Request) -> web.Response:
         """Newest first; `cursor` from the previous page's `next_cursor`."""
         query = request.query
@@ -161,9 +277,23 @@ class WorkflowRoutes:
             }
         )
 
+    @table.get(
+        "/v1/processes/{id}",
+        operation_id="getProcess",
+        summary="A process: status, input, outputs and every attempt",
+        replies=(Reply(status=200, description="the process", model=Process),),
+        errors=(401, 404),
+    )
     async def get_process(self, request: web.Request) -> web.Response:
         return json_response(await self._full(request.match_info["id"]))
 
+    @table.post(
+        "/v1/processes/{id}/cancel",
+        operation_id="cancelProcess",
+        summary="Cancel: stop and compensate the done steps",
+        replies=(Reply(status=202, description="cancelling", model=Started),),
+        errors=(401, 403, 404, 409),
+    )
     async def cancel(self, request: web.Request) -> web.Response:
         process_id = request.match_info["id"]
         stored = await self.engine.store.get(process_id)
@@ -179,98 +309,8 @@ class WorkflowRoutes:
             raise HttpError(404, f"no process {process_id!r}")
         return described
 
-    def _live(self, process: Process) -> Process:
+    def _live(self, process: records.Process) -> records.Process:
         return self.engine.live.get(process.id, process)
-
-    # -- events --------------------------------------------------------------------
-
-    async def publish(self, request: web.Request) -> web.Response:
-        topic = request.match_info["topic"]
-        if not _valid_topic(topic):
-            raise HttpError(400, "topic must be 1-128 of A-Z a-z 0-9 . _ -")
-        if topic.startswith(DAEMON_TOPICS):
-            raise HttpError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
-        self.auth.require(request, "publish", topic)
-        data = await parse_json_object(request, "the event")
-        seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
-        return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
-
-    async def stream(self, request: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: the stored events after `Last-Event-ID`, then every bus event
-        whose topic matches `topics` (globs) and that the caller may see
-        (Authorizer.may_subscribe). See workflows/sse.py."""
-        visible: dict[str, bool] = {}
-
-        def allowed(topic: str) -> bool:
-            seen = visible.get(topic)
-            if seen is None:
-                if len(visible) > VISIBLE_TOPICS:
-                    visible.clear()
-                seen = visible[topic] = self.auth.may_subscribe(request, topic)
-            return seen
-
-        after = _last_event_id(request)
-        patterns = [t.strip() for t in request.query.get("topics", "*").split(",") if t.strip()]
-        patterns = patterns or ["*"]
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        task = asyncio.current_task()
-        if task is not None:  # before the first await: from here on a reload ends the stream
-            self._streams.add(task)
-        try:
-            writer = await response.prepare(request)
-        except asyncio.CancelledError:  # ended (a reload, shutdown) before it began
-            writer = None
-        if writer is None or writer.transport is None:
-            if task is not None:
-                self._streams.discard(task)
-            return response  # the client left already, or the stream was ended
-        writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
-        stream = EventStream(
-            response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
-        )
-        # Subscribe and note the position in one tick: replay ends where live begins.
-        subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
-        upto = self.bus.position
-        try:
-            await stream.send(b": connected\n\n")
-            if after is not None:
-                await stream.replay(patterns, after, upto, self.engine.store.events_after)
-            await stream.run()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            if task is not None:
-                self._streams.discard(task)
-            await subscription.close()
-        if stream.cut_off:
-            self._trim.soon()
-        else:
-            with contextlib.suppress(ConnectionError):
-                await response.write_eof()
-        return response
-
-
-def _last_event_id(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID")
-    if raw is None or not raw.strip():
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HttpError(400, "Last-Event-ID must be an event id (an integer)") from None
-    if value < 0:
-        raise HttpError(400, "Last-Event-ID must not be negative")
-    return value
-
-
-def _valid_topic(topic: str) -> bool:
-    return TOPIC.fullmatch(topic) is not None
 
 
 def _wait(request: web.Request) -> float:

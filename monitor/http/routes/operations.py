@@ -1,0 +1,157 @@
+"""The daemon's own routes: liveness, readiness, Prometheus metrics and /openapi.json."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from pydantic import BaseModel
+
+from monitor.health.metrics import ProbeMetrics, render
+from monitor.http.document import openapi_document
+from monitor.http.errors import error_response
+from monitor.http.route import Reply, RouteTable
+from monitor.http.routes import events, health, login, page, slos, workflows
+from monitor.http.routes import registry as registry_routes
+from monitor.metrics.exposition import gzip_join
+from monitor.slo.book import SloMetrics
+from monitor.storage.database import Database
+from registry import Catalog
+from registry.metrics import instance_counts, render_instance_counts
+from scheduler import Scheduler
+
+table = RouteTable()
+
+
+class Liveness(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str
+    checks: dict[str, bool]
+    writable: bool
+
+
+class OperationsRoutes:
+    """What orchestrators, Prometheus and API clients ask of the daemon itself."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        scheduler: Scheduler,
+        registry_running: Callable[[], bool],
+        catalog: Catalog,
+        probe_metrics: ProbeMetrics,
+        metrics: CollectorRegistry,
+        slo_metrics: SloMetrics,
+        document: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.database, self.scheduler, self.registry_running = database, scheduler, registry_running
+        self.catalog, self.probe_metrics = catalog, probe_metrics
+        self.metrics, self.slo_metrics = metrics, slo_metrics
+        self.document = document
+
+    def routes(self) -> list[web.RouteDef]:
+        return table.route_defs(self)
+
+    @table.get(
+        "/healthz",
+        operation_id="healthz",
+        summary="Liveness",
+        replies=(Reply(status=200, description="status", model=Liveness),),
+        shed=False,
+    )
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    @table.get(
+        "/readyz",
+        operation_id="readyz",
+        summary="Readiness: store open, background jobs running",
+        replies=(Reply(status=200, description="status", model=Ready),),
+        errors=(503,),
+        shed=False,
+    )
+    async def readyz(self, request: web.Request) -> web.Response:
+        checks = {
+            "store": self.database.is_open,
+            "registry": self.registry_running(),
+            "scheduler": self.scheduler.running,
+        }
+        # A failing disk does not make the daemon unready: reads, probes and the page work.
+        writable = self.database.writable
+        if all(checks.values()):
+            return web.json_response({"status": "ready", "checks": checks, "writable": writable})
+        failing = [name for name, ok in checks.items() if not ok]
+        return error_response(503, f"not ready: {', '.join(failing)}", details=checks)
+
+    @table.get(
+        "/metrics",
+        operation_id="metrics",
+        summary="Prometheus exposition",
+        replies=(Reply(status=200, description="metrics", media="text/plain"),),
+        errors=(401,),
+        shed=False,
+    )
+    async def exposition(self, request: web.Request) -> web.Response:
+        # Large families: counted or copied on the loop, formatted off it (monitor/metrics/).
+        # Counting first also expires due leases, so the expirations counter includes them.
+        counts, probes = instance_counts(self.catalog), self.probe_metrics.snapshot()
+        small = generate_latest(self.metrics)
+        slos = await self.slo_metrics.current()  # rendered and deflated once a minute
+        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
+
+        def build() -> bytes:
+            head = small + (render_instance_counts(counts) + render(probes)).encode()
+            return gzip_join(head, slos) if gzip else head + slos.text
+
+        body = await asyncio.get_running_loop().run_in_executor(None, build)
+        headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
+
+    @table.get(
+        "/openapi.json",
+        operation_id="openapi",
+        summary="This document",
+        replies=(Reply(status=200, description="OpenAPI 3.1"),),
+        errors=(401,),
+    )
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self.document())
+
+
+def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """/openapi.json: every declared route. `workflow_routes`: each workflow's `route:`
+    (config.yaml) -> its name, served by the request router."""
+    routed = workflow_routes or {}
+    return openapi_document(
+        [
+            *table.routes,
+            *registry_routes.table.routes,
+            *health.table.routes,
+            *slos.table.routes,
+            *workflows.table.routes,
+            *events.table.routes,
+            *page.table.routes,
+            *login.table.routes,
+            *(workflows.workflow_route(path, name) for path, name in routed.items()),
+        ],
+        version=_version(),
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hms-mgmt")
+    except PackageNotFoundError:
+        return "0+unknown"
