@@ -16,7 +16,7 @@ over it (hysteresis: one slow moment is not overload).
 
 Durable writes have their own bound: a write queue deeper than
 MAX_PENDING_WRITES answers 503 rather than queueing seconds of commits
-(monitor/database.py).
+(monitor/storage/database.py).
 """
 
 from __future__ import annotations

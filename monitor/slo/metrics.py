@@ -55,7 +55,7 @@ class SloMetrics:
         self._rendered = None
 
     async def current(self) -> Deflated:
-        """This minute's text, plain and deflated (see monitor/exposition.py)."""
+        """This minute's text, plain and deflated (see monitor/metrics/exposition.py)."""
         minute = int(self._clock() // 60)
         rendered = self._rendered
         if rendered is None or rendered[0] != minute or _failed(rendered[1]):

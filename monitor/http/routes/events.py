@@ -114,7 +114,7 @@ class EventRoutes:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: the stored events after `Last-Event-ID`, then every bus event
         whose topic matches `topics` (globs) and that the caller may see
-        (Authorizer.may_subscribe). See workflows/sse.py."""
+        (Authorizer.may_subscribe). See monitor/http/sse.py."""
         visible: dict[str, bool] = {}
 
         def allowed(topic: str) -> bool:
