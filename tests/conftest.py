@@ -135,14 +135,11 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
         await asyncio.sleep(0.05)
 
 
-BACKENDS = ("sqlite", "postgres")
+BACKENDS = ("sqlite",)  # issue 17 adds "postgres", on a cluster the test run starts
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """The store implementation a contract test runs against (tests/contracts.py):
-    PostgreSQL only when HMS_TEST_POSTGRES_DSN names a server to use."""
+    """The store implementation a contract test runs against (tests/contracts.py)."""
     name: str = request.param
-    if name == "postgres" and not os.environ.get("HMS_TEST_POSTGRES_DSN"):
-        pytest.skip("set HMS_TEST_POSTGRES_DSN to run the contract against PostgreSQL")
     return name
