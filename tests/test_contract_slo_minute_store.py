@@ -2,54 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from monitor.slo import SloMinuteStore, SqliteSloMinuteStore
-from monitor.storage import Database
 from registry import StoreUnavailable
 
+from .contracts import Backing, Factory, factory_for, sqlite_factory
 
-@dataclass(kw_only=True)
-class Backing:
-    """The store under test, and a way to break the storage under it."""
-
-    store: SloMinuteStore
-    break_storage: Callable[[], Awaitable[None]]  # later writes raise StoreUnavailable
+FACTORIES: dict[str, Factory[SloMinuteStore]] = {"sqlite": sqlite_factory(SqliteSloMinuteStore)}
 
 
-@asynccontextmanager
-async def sqlite_store(path: Path) -> AsyncIterator[Backing]:
-    database = Database(path / "slo.db")
-    await database.open()
-
-    async def break_storage() -> None:  # as when the disk or the file goes away
-        await database.read(lambda db: db.conn.close())
-
-    try:
-        yield Backing(store=SqliteSloMinuteStore(database), break_storage=break_storage)
-    finally:
-        await database.close()
-
-
-FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[Backing]]] = {
-    "sqlite": sqlite_store,
-}
-
-
-@pytest.fixture(params=sorted(FACTORIES))
-async def backing(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backing]:
-    async with FACTORIES[request.param](tmp_path) as opened:
+@pytest.fixture
+async def backing(backend: str, tmp_path: Path) -> AsyncIterator[Backing[SloMinuteStore]]:
+    async with factory_for(FACTORIES, backend)(tmp_path) as opened:
         await opened.store.create_tables()
         yield opened
 
 
 @pytest.fixture
-def store(backing: Backing) -> SloMinuteStore:
+def store(backing: Backing[SloMinuteStore]) -> SloMinuteStore:
     return backing.store
 
 
@@ -102,7 +76,7 @@ async def test_minutes_survive_a_reopen(tmp_path: Path) -> None:
             assert await second.minutes("pay", "avail", 0) == [(100, 5, 6)]
 
 
-async def test_a_broken_storage_refuses_to_add(backing: Backing) -> None:
+async def test_a_broken_storage_refuses_to_add(backing: Backing[SloMinuteStore]) -> None:
     await backing.break_storage()
     with pytest.raises(StoreUnavailable):
         await backing.store.add([("pay", "avail", 100, 5, 6)])
