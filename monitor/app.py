@@ -60,28 +60,14 @@ from .convert import (
     tokens,
 )
 from .keys import (
-    AUTHORIZER,
     BUS,
-    CALENDAR,
-    CATALOG,
-    CHECKER,
     CONFIG,
     DATABASE,
     ENGINE,
-    LIVE_CONFIG,
-    METRICS,
-    NOTIFIER,
-    PAGE,
     PARTS,
-    PROBE_METRICS,
     REAPER,
-    RELOADER,
     RESULTS,
-    SCHEDULER,
     SHEDDER,
-    SLO_METRICS,
-    SLOS,
-    WORKFLOW_SLOS,
 )
 from .parts import LiveConfig, Parts
 from .reload import Reloader, apply_config, probe_latency_buckets
@@ -125,7 +111,7 @@ def build_app(
         scheduler=parts.scheduler,
         registry_running=lambda: REAPER in app and not app[REAPER].done(),
         catalog=parts.catalog,
-        probe_metrics=app[PROBE_METRICS],
+        probe_metrics=parts.probe_metrics,
         metrics=parts.metrics,
         slo_metrics=parts.slo_metrics,
         document=lambda: openapi_document(parts.live.current),
@@ -134,7 +120,7 @@ def build_app(
     app.add_routes([parts.workflow_routes.router()])  # last: only paths nothing else has
     reloader = None
     if config_path is not None:
-        reloader = app[RELOADER] = Reloader(
+        reloader = Reloader(
             config_path,
             parts.live,
             lambda old, new: apply_config(parts, old, new),
@@ -196,10 +182,20 @@ def _build(
         registry=registry,
     ).set_function(lambda: float(database.writable))
 
+    registry_routes = RegistryRoutes(
+        catalog,
+        auth,
+        LeaseDefaults(
+            ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
+        ),
+        checker.probe_for,
+        config.server.targets,
+    )
+
     def candidates(service: str) -> list[tuple[str, str]]:
         """Instances a workflow step may call: not critical, not suppressed, and allowed
-        by the targets policy in force (a reload may narrow it)."""
-        targets = live.current.server.targets
+        by the targets policy registrations are held to (a reload narrows both at once)."""
+        targets = registry_routes.targets
         return [
             (status.instance.id, status.instance.url)
             for status in catalog.instances(service)
@@ -241,9 +237,6 @@ def _build(
         config=lambda: live.current,
         clock=clock.time,
     )
-    leases = LeaseDefaults(
-        ttl=config.defaults.lease.ttl, deregister_after=config.defaults.lease.deregister_after
-    )
     return Parts(
         config=config,
         live=live,
@@ -261,48 +254,28 @@ def _build(
         results=results,
         slos=slos,
         slo_metrics=SloMetrics(slos, clock.time),
+        probe_metrics=ProbeMetrics(checker, lambda: calendar.services),
         processes=processes,
         caller=caller,
         engine=engine,
         workflow_slos=workflow_slos,
         notifier=notifier,
         page=page,
-        registry_routes=RegistryRoutes(
-            catalog, auth, leases, checker.probe_for, config.server.targets
-        ),
+        registry_routes=registry_routes,
         slo_routes=SloRoutes(slos, {s.name for s in config.services}, clock.time, workflow_slos),
         workflow_routes=WorkflowRoutes(engine, bus, auth, config.server.sse_buffer),
     )
 
 
 def _keep(app: web.Application, parts: Parts) -> None:
-    """The parts request handlers and tests look up on the app."""
-    app[PARTS], app[CONFIG], app[LIVE_CONFIG], app[METRICS] = (
+    """All the parts under PARTS, and the few that tests look up by their own key."""
+    app[PARTS], app[CONFIG], app[DATABASE], app[BUS] = (
         parts,
         parts.config,
-        parts.live,
-        parts.metrics,
-    )
-    app[DATABASE], app[CATALOG], app[BUS], app[SCHEDULER] = (
         parts.database,
-        parts.catalog,
         parts.bus,
-        parts.scheduler,
     )
-    app[SHEDDER], app[AUTHORIZER], app[CHECKER], app[RESULTS] = (
-        parts.shedder,
-        parts.auth,
-        parts.checker,
-        parts.results,
-    )
-    app[SLOS], app[SLO_METRICS], app[ENGINE], app[WORKFLOW_SLOS] = (
-        parts.slos,
-        parts.slo_metrics,
-        parts.engine,
-        parts.workflow_slos,
-    )
-    app[PROBE_METRICS] = ProbeMetrics(parts.checker, lambda: parts.calendar.services)
-    app[NOTIFIER], app[PAGE], app[CALENDAR] = parts.notifier, parts.page, parts.calendar
+    app[RESULTS], app[SHEDDER], app[ENGINE] = parts.results, parts.shedder, parts.engine
 
 
 def openapi_document(config: Config | None = None) -> dict[str, Any]:

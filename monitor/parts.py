@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
+from monitor.health.metrics import ProbeMetrics
 from monitor.health.results import ProbeResults
 from monitor.http.auth import Authorizer
 from monitor.http.routes.registry import RegistryRoutes
@@ -59,6 +60,7 @@ class Parts:
     results: ProbeResults
     slos: SloBook
     slo_metrics: SloMetrics
+    probe_metrics: ProbeMetrics
     processes: WorkflowStore
     caller: ServiceCaller
     engine: Engine

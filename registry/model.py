@@ -196,7 +196,8 @@ def request_problem(path: str, headers: Iterable[tuple[str, str]]) -> str | None
 
 
 # Validation context of rows read back from the store: a registration an older version
-# accepted still loads, and its probe fails with the reason instead (monitor.probes.build_target).
+# accepted still loads, and its probe fails with the reason instead
+# (monitor.probing.kinds.http.build_target).
 STORED = {"stored": True}
 
 

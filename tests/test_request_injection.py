@@ -177,7 +177,7 @@ async def test_a_probe_that_cannot_be_built_fails_with_a_reason_and_sends_nothin
         assert result.error is not None and result.error.startswith("request not sent: path")
         # Anything unexpected while building or sending is a failed probe too, logged once.
         broken = Probe(headers=(("X-Count", 5),), timeout=1)  # type: ignore[arg-type]
-        with caplog.at_level(logging.WARNING, logger="monitor.probes"):
+        with caplog.at_level(logging.WARNING, logger="monitor.probing"):
             first = await prober.run(recorder.url, broken)
             second = await prober.run(recorder.url, broken)
     finally:

@@ -13,9 +13,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from registry.errors import Conflict, Overloaded, StoreUnavailable, UnknownInstance
+from registry.errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from registry.storable import MalformedJson, UnstorableJson
-from workflows.errors import ProcessFinished, UnknownProcess, UnknownWorkflow
+from workflows.errors import ProcessFinished, UnknownProcess, UnknownWorkflow, WorkflowError
 
 from .limits import MAX_BODY_BYTES
 from .responses import json_response
@@ -66,10 +66,12 @@ def error_response(
 
 # A core error's status and code; the first class of an exception's MRO listed here wins.
 STATUS: Final[Mapping[type[Exception], tuple[int, str]]] = {
+    RegistryError: (400, "bad_request"),  # a refusal not listed below: as the old base did
     UnknownInstance: (404, "not_found"),
     Conflict: (409, "conflict"),
     Overloaded: (503, "overloaded"),
     StoreUnavailable: (503, "storage_unavailable"),
+    WorkflowError: (400, "bad_request"),
     UnknownWorkflow: (404, "not_found"),
     UnknownProcess: (404, "not_found"),
     ProcessFinished: (409, "conflict"),

@@ -31,7 +31,7 @@ from monitor.slo.book import SloBook
 from registry import Catalog, HealthState, InstanceStatus
 from scheduler import Event, EventBus, Subscription
 from workflows.engine import Engine
-from workflows.stores.sqlite import STATUSES
+from workflows.states import STATUSES
 
 SERVICES_PER_PAGE = 200
 SLICE = 0.002  # seconds of page building or rendering between turns of the loop

@@ -30,7 +30,7 @@ class ConditionError(ValueError):
 
 
 class Observation(Protocol):
-    """What a probe saw; monitor.probes.ProbeResult is one."""
+    """What a probe saw; monitor.probing.probe.ProbeResult is one."""
 
     @property
     def status(self) -> int | None: ...

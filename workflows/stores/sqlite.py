@@ -16,17 +16,9 @@ import sqlite_utils
 
 from registry import Transactor
 from workflows.records import Attempt, NewEvent, Process, StoredEvent
-from workflows.states import FINAL, STATUSES, AttemptKind, AttemptOutcome, ProcessStatus
+from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
-__all__ = [
-    "FINAL",
-    "STATUSES",
-    "Attempt",
-    "NewEvent",
-    "Process",
-    "SqliteWorkflowStore",
-    "StoredEvent",
-]
+__all__ = ["SqliteWorkflowStore"]
 
 
 _SCHEMA = """
