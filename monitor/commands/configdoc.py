@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from monitor.config import Config, needs_restart
-from monitor.probing.prober import Probe
+from monitor.probing.probe import Probe
 from registry import ProbeSpec
 from registry.durations import format_duration
 

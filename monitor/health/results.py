@@ -20,7 +20,7 @@ from typing import Any
 
 from monitor.health.abc import RAW_RETENTION, HourRow, MinuteRow, RawRow, ResultStore
 from monitor.health.uptime import Uptime
-from monitor.probing.prober import ProbeResult
+from monitor.probing.probe import ProbeResult
 
 __all__ = ["RAW_RETENTION", "ProbeResults", "bucket_index", "bucket_label"]
 

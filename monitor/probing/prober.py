@@ -19,10 +19,8 @@ from monitor.probing.abc import ProbeContext
 from monitor.probing.kinds.http import open_sessions
 from monitor.probing.kinds.http_wire import ProbeProtocolError, describe_os_error, short_text
 from monitor.probing.kinds.table import KINDS
-from monitor.probing.probe import Probe, ProbeRequestError, ProbeResult, resolve_probe
+from monitor.probing.probe import Probe, ProbeRequestError, ProbeResult
 from monitor.probing.worker import Job, ProbeWorkers, WorkerGone
-
-__all__ = ["Probe", "ProbeResult", "Prober", "resolve_probe"]  # Probe and co: older import path
 
 log = logging.getLogger(__name__)
 

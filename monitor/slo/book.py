@@ -9,16 +9,10 @@ from zoneinfo import ZoneInfo
 
 from monitor.config import Service, Slo
 from monitor.slo.abc import SloMinuteStore
-from monitor.slo.ledger import WINDOWS, SloLedger, ledger_report, months_around
-from monitor.slo.metrics import SloMetrics
+from monitor.slo.ledger import SloLedger, ledger_report, months_around
 from monitor.slo.tiers import TIERS
-from monitor.slo.workflows import WorkflowSlos
 from registry import format_duration
 from scheduler import EventBus
-
-# SloMetrics, WorkflowSlos and WINDOWS were here before the split: modules written against
-# that path keep working. New code imports them from the door, monitor.slo.
-__all__ = ["WINDOWS", "SloBook", "SloMetrics", "SloSummary", "WorkflowSlos"]
 
 
 @dataclass(slots=True)

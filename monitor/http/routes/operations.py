@@ -18,7 +18,7 @@ from monitor.http.route import Reply, RouteTable
 from monitor.http.routes import events, health, login, page, slos, workflows
 from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
-from monitor.slo.book import SloMetrics
+from monitor.slo.metrics import SloMetrics
 from monitor.storage.database import Database
 from registry import Catalog
 from registry.metrics import instance_counts, render_instance_counts

@@ -12,7 +12,8 @@ from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.names import WorkflowName
-from monitor.slo.book import SloBook, WorkflowSlos
+from monitor.slo.book import SloBook
+from monitor.slo.workflows import WorkflowSlos
 
 table = RouteTable()
 Ratio = float | None
