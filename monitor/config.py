@@ -38,7 +38,7 @@ from registry.targets import TargetPolicy, parse_target
 from workflows import templates
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
-SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel")
+SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel", "work")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -453,33 +453,57 @@ class WaitFor(_Model):
     )
 
 
+class TaskCompensation(_Model):
+    task: Name = Field(description="Run by a worker of the workflow's queue to undo the step.")
+
+
 class Step(_Model):
     name: Name = Field(description="Unique in the workflow; `{steps.<name>.x}` reads its output.")
     call: Call | None = Field(
-        default=None, description="Call a service (one of call, publish, wait_for)."
+        default=None, description="Call a service (one of call, publish, wait_for, task)."
     )
     publish: str | None = Field(
         default=None, min_length=1, description="Publish this topic on the event bus."
     )
     wait_for: WaitFor | None = Field(default=None, description="Wait for an event.")
+    task: Name | None = Field(
+        default=None,
+        description="Run by a worker polling the workflow's `queue` (`POST /v1/tasks/poll`); "
+        "`timeout` is its lease, renewed by heartbeats.",
+    )
     delay: Duration | None = Field(
         default=None, description="Wait this long before the step runs (durable)."
     )
-    timeout: Duration | None = Field(default=None, description="Per attempt of a call.")
-    retry: Retry | None = Field(
-        default=None, description="Retries of a call; absent: the call is tried once."
+    timeout: Duration | None = Field(
+        default=None, description="Per attempt of a call or a task (a task's lease)."
     )
-    compensate: Call | None = Field(
+    retry: Retry | None = Field(
+        default=None, description="Retries of a call or task; absent: it is tried once."
+    )
+    compensate: Call | TaskCompensation | None = Field(
         default=None,
         description="Undoes the step when a later one fails for good or the process is "
-        "cancelled (retried too).",
+        "cancelled (retried too): a call, or `{task: name}` run by a worker.",
     )
+
+    @field_validator("compensate", mode="before")
+    @classmethod
+    def _call_or_task(cls, value: Any) -> Any:
+        """A call or a task, never both; validated as the one it names, so an error speaks
+        of that one's fields only (not of both models of the union)."""
+        if not isinstance(value, dict):
+            return value
+        if "task" in value and value.keys() - {"task"}:
+            raise ValueError("a compensation is a call or {task: name}, not both")
+        if "task" not in value and "service" not in value:
+            raise ValueError("a compensation needs a call (service, path) or a task")
+        return TaskCompensation(**value) if "task" in value else Call(**value)
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
-        actions = [self.call, self.publish, self.wait_for]
+        actions = [self.call, self.publish, self.wait_for, self.task]
         if sum(action is not None for action in actions) != 1:
-            raise ValueError("a step needs exactly one of call, publish, wait_for")
+            raise ValueError("a step needs exactly one of call, publish, wait_for, task")
         return self
 
 
@@ -494,6 +518,11 @@ class Workflow(_Model):
         description="A path outside `/v1` where a POST starts a process with the body as input.",
     )
     trigger: Trigger | None = Field(default=None, description="Start a process on an event.")
+    queue: Name | None = Field(
+        default=None,
+        description="The task queue workers poll for this workflow's `task` steps; absent: "
+        "the workflow's name.",
+    )
     deadline: Duration | None = Field(
         default=None,
         description="Each process should finish within this; a miss publishes "
@@ -628,7 +657,7 @@ def config_warnings(config: Config) -> list[str]:
     for w, workflow in enumerate(config.workflows):
         for s, step in enumerate(workflow.steps):
             for call in (step.call, step.compensate):
-                if call is not None and call.service not in known:
+                if isinstance(call, Call) and call.service not in known:
                     warnings.append(
                         f"workflows[{w}].steps[{s}]: service {call.service!r} is not configured "
                         "(it must self-register before the step runs)"

@@ -18,6 +18,7 @@ from workflows.definition import (
     Definition,
     Publish,
     Step,
+    Task,
     WaitFor,
 )
 from workflows.metrics import topic_label
@@ -43,6 +44,8 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
             action = _call(step.call)
         elif step.publish is not None:
             action = Publish(topic=step.publish)
+        elif step.task is not None:
+            action = Task(name=step.task)
         else:
             assert step.wait_for is not None  # the config allows exactly one action
             timeout = step.wait_for.timeout
@@ -59,7 +62,7 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
                 delay=step.delay.total_seconds() if step.delay else None,
                 timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
                 retry=retry,
-                compensate=_call(step.compensate) if step.compensate is not None else None,
+                compensate=_compensation(step.compensate),
             )
         )
     return Definition(
@@ -69,7 +72,14 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         trigger=workflow.trigger.event if workflow.trigger else None,
         deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
         objective=workflow.objective,
+        queue=workflow.queue,
     )
+
+
+def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:
+    if spec is None:
+        return None
+    return Task(name=spec.task) if isinstance(spec, cfg.TaskCompensation) else _call(spec)
 
 
 def _call(spec: cfg.Call) -> Call:

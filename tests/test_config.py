@@ -59,7 +59,6 @@ PENDING = {
     "storage.audit_retention": 18,
     "workflows[0].steps[3].data": 15,
     "resources": 16,
-    "workflows[0].queue": 15,
     "workflows[0].trigger.event": 16,  # "Field required": a schedule trigger has no event
     "workflows[0].trigger.schedule": 16,
     "workflows[0].trigger.timezone": 16,
@@ -67,10 +66,6 @@ PENDING = {
     "workflows[0].respond_after": 15,
     "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
-    "workflows[0].steps[1].task": 15,
-    "workflows[0].steps[1].compensate.service": 15,  # a task compensation has no service
-    "workflows[0].steps[1].compensate.path": 15,
-    "workflows[0].steps[1].compensate.task": 15,
     "workflows[0].steps[2].parallel": 16,
     "workflows[0].steps[3].when": 16,
     "workflows[0].steps[4].wait_for.event": 15,  # a signal wait has no event

@@ -30,11 +30,11 @@ def test_the_values_are_the_stored_strings() -> None:
         "cancelled",
     )
     assert [s.value for s in ProcessStatus] == list(STATUSES)
-    assert list(StepKind) == ["call", "publish", "wait_for"]
-    assert list(AttemptKind) == ["call", "publish", "wait_for", "compensate"]
+    assert list(StepKind) == ["call", "publish", "wait_for", "task"]
+    assert list(AttemptKind) == ["call", "publish", "wait_for", "task", "compensate"]
     assert list(AttemptOutcome) == ["ok", "error", "timeout"]
     assert set(StepState) == {"pending", "running", "waiting", "completed", "failed", "compensated"}
-    assert list(WaitKind) == ["delay", "retry", "event"]
+    assert list(WaitKind) == ["delay", "retry", "event", "task"]
 
 
 def test_final_and_active_split_the_statuses() -> None:

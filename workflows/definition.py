@@ -59,7 +59,14 @@ class Publish:
     data: Any = None  # template; default: the process's input and step outputs
 
 
-Action = Call | Publish | WaitFor
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """Code a worker runs: the step's task goes on the workflow's queue (DESIGN.md §3)."""
+
+    name: str
+
+
+Action = Call | Publish | WaitFor | Task
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,12 +76,14 @@ class Step:
     delay: float | None = None
     timeout: float = DEFAULT_TIMEOUT
     retry: Retry = DEFAULT_RETRY
-    compensate: Call | None = None
+    compensate: Call | Task | None = None
 
     @property
     def kind(self) -> StepKind:
         if isinstance(self.action, Call):
             return StepKind.CALL
+        if isinstance(self.action, Task):
+            return StepKind.TASK
         return StepKind.PUBLISH if isinstance(self.action, Publish) else StepKind.WAIT_FOR
 
 
@@ -86,6 +95,11 @@ class Definition:
     trigger: str | None = None  # event topic that starts a process
     deadline: float | None = None  # seconds from start
     objective: float = DEFAULT_OBJECTIVE  # percent of processes completed within deadline
+    queue: str | None = None  # where its task steps go; None: the workflow's name
+
+    @property
+    def task_queue(self) -> str:
+        return self.queue or self.name
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)
@@ -184,10 +198,10 @@ def validate(definition: Definition) -> list[str]:
             fields += [step.action.path, step.action.body, dict(step.action.headers)]
         elif isinstance(step.action, Publish):
             fields.append(step.action.data)
-        else:
+        elif isinstance(step.action, WaitFor):
             fields.append(dict(step.action.match))
         problems += [f"{where}: {p}" for f in fields for p in templates.check(f, earlier)]
-        if step.compensate is not None:  # runs after the step: may use its own output
+        if isinstance(step.compensate, Call):  # runs after the step: may use its own output
             compensate = step.compensate
             problems += [
                 f"{where}.compensate: {p}"

@@ -22,7 +22,7 @@ from scheduler import EventBus
 from . import templates
 from .abc import WorkflowStore
 from .caller import CallResult, ServiceCaller
-from .definition import Call, Definition, Publish, Step, WaitFor
+from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process
@@ -38,6 +38,7 @@ _ATTEMPT_KIND = {
     StepKind.CALL: AttemptKind.CALL,
     StepKind.PUBLISH: AttemptKind.PUBLISH,
     StepKind.WAIT_FOR: AttemptKind.WAIT_FOR,
+    StepKind.TASK: AttemptKind.TASK,
 }
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
@@ -260,9 +261,12 @@ class ProcessRunner:
             await self._wakeups.sleep(process, process.wake_at, cancellable=False)
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
-        result = await self._call(
-            process, f"{step.name}.compensate", step.compensate, step, template_context(process)
-        )
+        if isinstance(step.compensate, Task):  # served once task queues are wired
+            result = CallResult(ok=False, error="no task queues", retryable=False)
+        else:
+            result = await self._call(
+                process, f"{step.name}.compensate", step.compensate, step, template_context(process)
+            )
         self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
         if result.ok:
             process.compensating_from, process.attempt = index - 1, 0

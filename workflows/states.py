@@ -44,6 +44,7 @@ class StepKind(enum.StrEnum):
     CALL = "call"
     PUBLISH = "publish"
     WAIT_FOR = "wait_for"
+    TASK = "task"
 
 
 class AttemptKind(enum.StrEnum):
@@ -52,6 +53,7 @@ class AttemptKind(enum.StrEnum):
     CALL = "call"
     PUBLISH = "publish"
     WAIT_FOR = "wait_for"
+    TASK = "task"
     COMPENSATE = "compensate"
 
 
@@ -80,3 +82,4 @@ class WaitKind(enum.StrEnum):
     DELAY = "delay"
     RETRY = "retry"
     EVENT = "event"
+    TASK = "task"
