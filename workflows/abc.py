@@ -1,4 +1,5 @@
-"""The interfaces of the workflow stores; `stores/sqlite.py` implements both.
+"""The interfaces of the workflow stores; `stores/sqlite.py` implements the process and
+event stores, `stores/sqlite_tasks.py` the task store.
 
 Narrow on purpose (today's calls, nothing more), so another store (issue 17:
 PostgreSQL, for several replicas) can stand in. Writes that cannot be made
@@ -7,10 +8,11 @@ raise `registry.StoreUnavailable`; the engine waits those out.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from .records import Attempt, NewEvent, Process, StoredEvent
-from .states import ProcessStatus
+from .states import ProcessStatus, TaskState
 
 
 class ProcessStore(Protocol):
@@ -78,3 +80,94 @@ class EventStore(Protocol):
 
 class WorkflowStore(ProcessStore, EventStore, Protocol):
     """Both, in one store: an event and the processes it starts are one transaction."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewTask:
+    """One attempt of a task step (or of a task compensation), as the runner opens it."""
+
+    process: str
+    key: str  # the idempotency key: `<process>/<step>`, or `<process>/<step>.compensate`
+    attempt: int  # the runner's attempt number: (key, attempt) names the task
+    queue: str
+    lease: float  # seconds a claim holds without a heartbeat (the step's timeout)
+    payload: bytes  # the JSON a poll hands out, but for `id` and `deadline`
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskRecord:
+    """A task as stored; `delivery` names its claim, the only one a worker may answer."""
+
+    seq: int
+    process: str
+    key: str
+    attempt: int
+    queue: str
+    state: TaskState
+    lease: float
+    payload: bytes
+    delivery: str | None = None
+    worker: str | None = None
+    lease_until: float | None = None
+    output: Any = None
+    error: str | None = None
+    retryable: bool = True
+
+
+# Why a complete, fail or heartbeat changed nothing: no such delivery ever, or one that is
+# no longer the open claim of its task (reassigned after its lease, answered, cancelled).
+Refusal = Literal["unknown", "stale"]
+
+
+class TaskStore(Protocol):
+    """Task steps waiting for workers: created by the runner, claimed by polls, answered
+    by delivery id. Every method is one statement, so claims stay correct with several
+    daemons on one database (PostgreSQL: `FOR UPDATE SKIP LOCKED` in the claim)."""
+
+    async def create_tables(self) -> None:
+        """Make the store ready; safe to call on a store made ready before."""
+
+    async def open(self, task: NewTask) -> TaskRecord:
+        """The task for (key, attempt): created due, or the stored one as it now is (a
+        resumed process finds its task again, never a second one)."""
+        ...
+
+    async def claim(
+        self, queue: str, worker: str | None, limit: int, now: float
+    ) -> list[TaskRecord]:
+        """Claim up to `limit` due tasks of `queue`, oldest first, each with a new delivery
+        id and a lease ending `now` + its lease."""
+        ...
+
+    async def complete(self, delivery: str, output: Any, now: float) -> TaskRecord | Refusal:
+        """Finish the task of an open claim with `output` (JSON)."""
+        ...
+
+    async def fail(
+        self, delivery: str, error: str, retryable: bool, now: float
+    ) -> TaskRecord | Refusal:
+        """Finish the task of an open claim as failed."""
+        ...
+
+    async def heartbeat(self, delivery: str, now: float) -> TaskRecord | Refusal:
+        """Renew an open claim's lease: it ends `now` + the task's lease."""
+        ...
+
+    async def expire(self, delivery: str, now: float) -> TaskRecord | None:
+        """End a claim whose lease has passed (`expired`); None when it is no longer open
+        or a heartbeat moved its lease past `now`."""
+        ...
+
+    async def cancel(self, key: str, attempt: int, now: float) -> TaskRecord | None:
+        """Cancel the task while open (due or claimed); else the task as it ended, None
+        when there is none."""
+        ...
+
+    async def depths(self) -> dict[str, int]:
+        """Due tasks per queue."""
+        ...
+
+    async def prune(self, before: float) -> int:
+        """Forget tasks that ended before `before`; how many went."""
+        ...

@@ -83,3 +83,15 @@ class WaitKind(enum.StrEnum):
     RETRY = "retry"
     EVENT = "event"
     TASK = "task"
+
+
+class TaskState(enum.StrEnum):
+    """Where a task (one attempt of a task step, workflows/tasks.py) is: `due` until a
+    worker claims it, `claimed` while its lease runs, then one of the final four."""
+
+    DUE = "due"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    EXPIRED = "expired"  # the lease passed without an answer: a timed-out attempt
+    CANCELLED = "cancelled"  # its process was cancelled while it was open

@@ -1,0 +1,154 @@
+"""The TaskStore contract, run against every implementation (workflows/abc.py): what the
+task queues rely on, through the Protocol only."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from registry import StoreUnavailable
+from workflows.abc import NewTask, TaskRecord, TaskStore
+from workflows.states import TaskState
+from workflows.stores.sqlite_tasks import SqliteTaskStore
+
+from .contracts import Backing, Factory, factory_for, sqlite_factory
+
+FACTORIES: dict[str, Factory[TaskStore]] = {"sqlite": sqlite_factory(SqliteTaskStore)}
+
+
+@pytest.fixture
+async def backing(backend: str, tmp_path: Path) -> AsyncIterator[Backing[TaskStore]]:
+    async with factory_for(FACTORIES, backend)(tmp_path) as opened:
+        await opened.store.create_tables()
+        yield opened
+
+
+@pytest.fixture
+def store(backing: Backing[TaskStore]) -> TaskStore:
+    return backing.store
+
+
+def task(step: str = "reserve", attempt: int = 1, queue: str = "q", lease: float = 30.0) -> NewTask:
+    return NewTask(
+        process="p1",
+        key=f"p1/{step}",
+        attempt=attempt,
+        queue=queue,
+        lease=lease,
+        payload=b'{"task":"reserveFunds"}',
+        created_at=100.0,
+    )
+
+
+def record(value: TaskRecord | str | None) -> TaskRecord:
+    assert isinstance(value, TaskRecord), value
+    return value
+
+
+async def test_a_task_opens_due_and_opening_it_again_finds_the_same_one(store: TaskStore) -> None:
+    first = await store.open(task())
+    assert (first.state, first.delivery, first.payload) == (
+        TaskState.DUE,
+        None,
+        b'{"task":"reserveFunds"}',
+    )
+    assert (await store.open(task())).seq == first.seq
+    assert (await store.open(task(attempt=2))).seq != first.seq
+    assert await store.depths() == {"q": 2}
+
+
+async def test_a_claim_takes_due_tasks_of_its_queue_oldest_first_each_once(
+    store: TaskStore,
+) -> None:
+    opened = [await store.open(task(f"s{i}")) for i in range(3)]
+    await store.open(task("other", queue="elsewhere"))
+    claimed = await store.claim("q", "w1", 2, now=1000.0)
+    assert [c.seq for c in claimed] == [opened[0].seq, opened[1].seq]
+    assert all(c.state == TaskState.CLAIMED and c.worker == "w1" for c in claimed)
+    assert [c.lease_until for c in claimed] == [1030.0, 1030.0]
+    assert len({c.delivery for c in claimed}) == 2
+    assert [c.seq for c in await store.claim("q", "w2", 10, now=1000.0)] == [opened[2].seq]
+    assert await store.claim("q", "w2", 10, now=1000.0) == []
+    assert await store.depths() == {"elsewhere": 1}
+
+
+async def test_concurrent_claims_never_share_a_task(store: TaskStore) -> None:
+    for i in range(20):
+        await store.open(task(f"s{i}"))
+    batches = await asyncio.gather(*(store.claim("q", f"w{n}", 3, 1.0) for n in range(10)))
+    seqs = [c.seq for batch in batches for c in batch]
+    assert len(seqs) == len(set(seqs)) == 20
+
+
+async def test_complete_answers_only_the_open_claim(store: TaskStore) -> None:
+    await store.open(task())
+    [claim] = await store.claim("q", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    done = record(await store.complete(claim.delivery, {"reservation": "r-1"}, now=11.0))
+    assert (done.state, done.output) == (TaskState.DONE, {"reservation": "r-1"})
+    assert await store.complete(claim.delivery, {"again": True}, now=12.0) == "stale"
+    assert await store.fail(claim.delivery, "late", True, now=12.0) == "stale"
+    assert await store.heartbeat(claim.delivery, now=12.0) == "stale"
+    assert await store.complete("no-such-delivery", None, now=12.0) == "unknown"
+    assert record(await store.open(task())).output == {"reservation": "r-1"}
+
+
+async def test_fail_keeps_the_message_and_whether_to_retry(store: TaskStore) -> None:
+    await store.open(task())
+    [claim] = await store.claim("q", None, 1, now=10.0)
+    assert claim.delivery is not None
+    failed = record(await store.fail(claim.delivery, "card declined", False, now=11.0))
+    assert (failed.state, failed.error, failed.retryable) == (
+        TaskState.FAILED,
+        "card declined",
+        False,
+    )
+
+
+async def test_a_heartbeat_renews_the_lease_and_holds_off_expiry(store: TaskStore) -> None:
+    await store.open(task(lease=5.0))
+    [claim] = await store.claim("q", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    assert record(await store.heartbeat(claim.delivery, now=14.0)).lease_until == 19.0
+    assert await store.expire(claim.delivery, now=15.0) is None  # renewed meanwhile
+    expired = record(await store.expire(claim.delivery, now=19.0))
+    assert expired.state == TaskState.EXPIRED
+    assert await store.complete(claim.delivery, {}, now=20.0) == "stale"
+    assert await store.claim("q", "w2", 1, now=20.0) == []  # the runner opens the next attempt
+
+
+async def test_cancel_closes_an_open_task_and_leaves_an_ended_one(store: TaskStore) -> None:
+    await store.open(task())
+    [claim] = await store.claim("q", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    assert record(await store.cancel("p1/reserve", 1, now=11.0)).state == TaskState.CANCELLED
+    assert await store.complete(claim.delivery, {}, now=12.0) == "stale"
+    await store.open(task(attempt=2))
+    [second] = await store.claim("q", "w1", 1, now=10.0)
+    assert second.delivery is not None
+    await store.complete(second.delivery, {"ok": 1}, now=12.0)
+    assert record(await store.cancel("p1/reserve", 2, now=13.0)).state == TaskState.DONE
+    assert await store.cancel("p1/never", 1, now=13.0) is None
+
+
+async def test_prune_forgets_ended_tasks_only(store: TaskStore) -> None:
+    await store.open(task("open"))
+    await store.open(task("ended"))
+    claims = await store.claim("q", "w1", 2, now=10.0)
+    ended = next(c for c in claims if c.key == "p1/ended")
+    assert ended.delivery is not None
+    await store.complete(ended.delivery, None, now=20.0)
+    assert await store.prune(before=15.0) == 0
+    assert await store.prune(before=21.0) == 1
+    assert (await store.open(task("open"))).state == TaskState.CLAIMED
+
+
+async def test_a_broken_storage_refuses_with_store_unavailable(
+    backing: Backing[TaskStore],
+) -> None:
+    await backing.break_storage()
+    with pytest.raises(StoreUnavailable):
+        await backing.store.open(task())
