@@ -152,3 +152,11 @@ async def test_a_broken_storage_refuses_with_store_unavailable(
     await backing.break_storage()
     with pytest.raises(StoreUnavailable):
         await backing.store.open(task())
+
+
+async def test_a_delivery_names_its_queue(store: TaskStore) -> None:
+    await store.open(task(queue="payments"))
+    [claim] = await store.claim("payments", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    assert await store.queue_of(claim.delivery) == "payments"
+    assert await store.queue_of("no-such-delivery") is None

@@ -155,13 +155,17 @@ class TaskStore(Protocol):
         ...
 
     async def expire(self, delivery: str, now: float) -> TaskRecord | None:
-        """End a claim whose lease has passed (`expired`); None when it is no longer open
-        or a heartbeat moved its lease past `now`."""
+        """End a claim whose lease ends no later than `now` (`expired`); None when it is
+        no longer open or a heartbeat moved its lease past `now`."""
         ...
 
     async def cancel(self, key: str, attempt: int, now: float) -> TaskRecord | None:
         """Cancel the task while open (due or claimed); else the task as it ended, None
         when there is none."""
+        ...
+
+    async def queue_of(self, delivery: str) -> str | None:
+        """The queue of the task a delivery id was given for; None: never given."""
         ...
 
     async def depths(self) -> dict[str, int]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import templates
-from .definition import Definition, WaitFor
+from .definition import Definition, Task, WaitFor
 from .records import Attempt, Process
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepState, WaitKind
 
@@ -51,6 +51,9 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
         wanted = ", ".join(f"{k}={v}" for k, v in match.items())
         detail = step.action.event + (f" with {wanted}" if wanted else "")
         return {"kind": WaitKind.EVENT, "until": process.wake_at, "detail": detail}
+    if isinstance(step.action, Task) and process.wake_at is None:  # Engine.describe: until
+        detail = f"{step.action.name} on {definition.task_queue}"
+        return {"kind": WaitKind.TASK, "until": None, "detail": detail}
     if process.attempt > 0:
         detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
         return {"kind": WaitKind.RETRY, "until": process.wake_at, "detail": detail}

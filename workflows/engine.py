@@ -34,7 +34,7 @@ import orjson
 from registry import StoreUnavailable
 from scheduler import EventBus
 
-from .abc import WorkflowStore
+from .abc import TaskStore, WorkflowStore
 from .caller import ServiceCaller
 from .definition import Definition
 from .describe import describe_process
@@ -42,7 +42,8 @@ from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
 from .metrics import WorkflowMetrics
 from .records import NewEvent, Process, StoredEvent
 from .runner import Outcome, ProcessRunner
-from .states import ProcessStatus
+from .states import ProcessStatus, WaitKind
+from .tasks import TaskQueues
 from .waits import EventWaits, Wakeups
 
 __all__ = ["Engine", "Outcome"]
@@ -66,6 +67,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         outcome: Outcome | None = None,
         jitter: Callable[[], float] = random.random,
+        tasks: TaskStore | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock = clock
@@ -77,6 +79,10 @@ class Engine:
         self._stopping = False
         self._wakeups = Wakeups(clock)
         self._waits = EventWaits(bus, self._wakeups.wake)
+        # Task steps' queues (workflows/tasks.py); None: a task step fails, not served.
+        self.tasks = (
+            TaskQueues(tasks, clock=clock, wake=self._wakeups.wake) if tasks is not None else None
+        )
         self._runner = ProcessRunner(
             definition=self._definition,
             store=store,
@@ -90,6 +96,7 @@ class Engine:
             clock=clock,
             outcome=outcome,
             jitter=jitter,
+            tasks=self.tasks,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -97,6 +104,8 @@ class Engine:
     async def open(self) -> None:
         """Create tables, load counts and resume every unfinished process."""
         await self.store.create_tables()
+        if self.tasks is not None:
+            await self.tasks.store.create_tables()
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
         for process in await self.store.unfinished():
@@ -112,6 +121,8 @@ class Engine:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.tasks is not None:
+            self.tasks.close()
 
     async def prune(self, retention: float, event_retention: float | None = None) -> None:
         """Forget processes that finished more than `retention` seconds ago and events
@@ -119,6 +130,8 @@ class Engine:
         now = self._clock()
         events = retention if event_retention is None else event_retention
         self.counts.subtract(await self.store.prune(now - retention, now - events))
+        if self.tasks is not None:  # a finished process's tasks ended no later than it
+            await self.tasks.store.prune(now - retention)
 
     # -- starting ----------------------------------------------------------------
 
@@ -256,7 +269,11 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history not yet checkpointed is shown too
             process, history = live, history + list(live.pending)
-        return describe_process(process, history, self.definitions.get(process.workflow))
+        view = describe_process(process, history, self.definitions.get(process.workflow))
+        waiting = view["waiting_for"]
+        if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
+            waiting["until"] = self.tasks.lease_end(process_id)  # the lease, once claimed
+        return view
 
     def _definition(self, name: str) -> Definition | None:
         """The current one: `configure` replaces the whole mapping."""

@@ -12,7 +12,7 @@ from prometheus_client.registry import Collector
 
 from scheduler.bus import DAEMON_TOPICS
 
-from .definition import Definition, Publish, WaitFor
+from .definition import Definition, Publish, Task, WaitFor
 from .states import AttemptOutcome, ProcessStatus
 
 DURATION_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 7 * 86400)
@@ -127,3 +127,43 @@ class ProcessCollector(Collector):
         for topic, count in sorted(self._published().items()):
             events.add_metric([topic], count)
         yield events
+
+
+class TaskCollector(Collector):
+    """`hms_task_queue_depth{queue}` and `hms_task_workers{queue}` (workflows/tasks.py),
+    for the queues the definitions name: a poll may name any queue, a label may not."""
+
+    def __init__(
+        self,
+        queues: Callable[[], Iterable[str]],
+        depths: Callable[[], dict[str, int]],
+        workers: Callable[[], dict[str, int]],
+    ) -> None:
+        self._queues, self._depths, self._workers = queues, depths, workers
+
+    def collect(self) -> Iterator[Metric]:
+        queues = sorted(set(self._queues()))
+        depths, workers = self._depths(), self._workers()
+        depth = GaugeMetricFamily(
+            "hms_task_queue_depth", "Tasks due, waiting for a worker.", labels=["queue"]
+        )
+        polling = GaugeMetricFamily(
+            "hms_task_workers",
+            "Workers that polled the queue in the last minute.",
+            labels=["queue"],
+        )
+        for queue in queues:
+            depth.add_metric([queue], depths.get(queue, 0))
+            polling.add_metric([queue], workers.get(queue, 0))
+        yield depth
+        yield polling
+
+
+def task_queues(definitions: Iterable[Definition]) -> set[str]:
+    """The queues the definitions' task steps and task compensations go to."""
+    return {
+        definition.task_queue
+        for definition in definitions
+        for step in definition.steps
+        if isinstance(step.action, Task) or isinstance(step.compensate, Task)
+    }

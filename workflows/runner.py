@@ -16,17 +16,20 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import orjson
+
 from registry import StoreUnavailable
 from scheduler import EventBus
 
 from . import templates
-from .abc import WorkflowStore
+from .abc import NewTask, WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
+from .tasks import TaskQueues, outcome
 from .waits import Deadlines, EventWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
@@ -62,8 +65,10 @@ class ProcessRunner:
         clock: Callable[[], float],
         outcome: Outcome | None,
         jitter: Callable[[], float],
+        tasks: TaskQueues | None = None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
+        self._tasks = tasks
         self._bus, self._metrics, self._publish = bus, metrics, publish
         self._counts, self._wakeups, self._waits = counts, wakeups, waits
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
@@ -120,7 +125,13 @@ class ProcessRunner:
         self._set_status(process, ProcessStatus.RUNNING)
         started = self._clock()
         attempt = process.attempt + 1
-        result = await self._act(process, step)
+        if isinstance(step.action, Task):
+            task = await self._task(definition, process, step, step.action, attempt, forward=True)
+            if task is None:
+                return  # cancelled while open: the next turn compensates
+            result = task
+        else:
+            result = await self._act(process, step)
         self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
         if result.ok:
             process.outputs[step.name] = result.output
@@ -177,6 +188,55 @@ class ProcessRunner:
             timeout=step.timeout,
             retry_on=step.retry.retry_on,
         )
+
+    async def _task(
+        self,
+        definition: Definition,
+        process: Process,
+        step: Step,
+        task: Task,
+        attempt: int,
+        *,
+        forward: bool,
+    ) -> CallResult | None:
+        """A task step's attempt (`forward`) or a task compensation: open its task (found
+        again after a restart) and wait for its end. None: the process was cancelled while
+        the task was open; the task is cancelled too, its delivery answers 409."""
+        if self._tasks is None:
+            return CallResult(ok=False, error="task queues are not served", retryable=False)
+        key = f"{process.id}/{step.name}" + ("" if forward else ".compensate")
+        payload = {
+            "process": process.id,
+            "workflow": process.workflow,
+            "step": step.name,
+            "task": task.name,
+            "input": process.input,
+            "steps": process.outputs,
+            "attempt": attempt,
+            "idempotency_key": key,
+        }
+        new = NewTask(
+            process=process.id,
+            key=key,
+            attempt=attempt,
+            queue=definition.task_queue,
+            lease=step.timeout,
+            payload=orjson.dumps(payload),
+            created_at=self._clock(),
+        )
+        opened = await self._tasks.open(new)
+        try:
+            if not forward:  # a compensation runs to its end, cancel or not
+                return outcome(await opened.outcome)
+            self._set_status(process, ProcessStatus.WAITING)
+            while not opened.outcome.done():
+                await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
+                if process.cancel_requested and not opened.outcome.done():
+                    ended = await self._tasks.cancel(opened, self._clock())
+                    return outcome(ended) if ended is not None else None
+            return outcome(opened.outcome.result())
+        finally:
+            self._tasks.close_task(opened)
 
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor
@@ -261,8 +321,12 @@ class ProcessRunner:
             await self._wakeups.sleep(process, process.wake_at, cancellable=False)
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
-        if isinstance(step.compensate, Task):  # served once task queues are wired
-            result = CallResult(ok=False, error="no task queues", retryable=False)
+        if isinstance(step.compensate, Task):
+            task = await self._task(
+                definition, process, step, step.compensate, attempt, forward=False
+            )
+            assert task is not None  # a compensation is not cancelled
+            result = task
         else:
             result = await self._call(
                 process, f"{step.name}.compensate", step.compensate, step, template_context(process)

@@ -184,6 +184,13 @@ class SqliteTaskStore:
 
         return await self._db.write(write)
 
+    async def queue_of(self, delivery: str) -> str | None:
+        def read(d: sqlite_utils.Database) -> str | None:
+            row = d.execute("SELECT queue FROM tasks WHERE delivery = ?", [delivery]).fetchone()
+            return str(row[0]) if row is not None else None
+
+        return await self._db.read(read)
+
     async def depths(self) -> dict[str, int]:
         def read(d: sqlite_utils.Database) -> dict[str, int]:
             rows = d.execute(

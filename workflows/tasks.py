@@ -1,0 +1,267 @@
+"""Task queues: task steps handed to workers that poll for them (DESIGN.md §3).
+
+The runner opens a task (one attempt of a task step) and awaits its outcome;
+a poll claims due tasks of a queue, each under a lease; the worker answers by
+the delivery id the claim gave it. Nothing here polls the database: a long
+poll waits on a future that the opening of a due task resolves, claims are
+made only when a task is known due, and each claim's lease is a loop timer
+that ends it (a timed-out attempt; the runner's retry policy decides what
+follows, so the next attempt is a new task with a new delivery id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from registry import StoreUnavailable
+
+from .abc import NewTask, Refusal, TaskRecord, TaskStore
+from .caller import CallResult
+from .states import TaskState
+
+STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
+WORKER_WINDOW = 60.0  # a worker counts for `hms_task_workers` this long after its last poll
+
+
+class UnknownDelivery(LookupError):
+    """No task was ever handed out under this delivery id (HTTP 404)."""
+
+
+class StaleDelivery(Exception):
+    """The delivery is no longer its task's open claim: reassigned after its lease,
+    answered already, or its process was cancelled (HTTP 409)."""
+
+
+@dataclass(slots=True)
+class Opened:
+    """A task the runner waits on: `outcome` resolves when it ends."""
+
+    record: TaskRecord
+    outcome: asyncio.Future[TaskRecord]
+
+
+class TaskQueues:
+    """Open tasks, their leases, and the polls waiting for them, per queue."""
+
+    def __init__(
+        self, store: TaskStore, *, clock: Callable[[], float], wake: Callable[[str], None]
+    ) -> None:
+        self.store, self._clock, self._wake = store, clock, wake
+        self._due: dict[str, set[int]] = {}  # queue -> seqs of tasks known due
+        self._polls: dict[str, deque[asyncio.Future[None]]] = {}  # long polls per queue
+        self._open: dict[int, Opened] = {}  # seq -> the runner's wait
+        self._by_process: dict[str, int] = {}  # process id -> seq of its open task
+        self._leases: dict[int, asyncio.TimerHandle] = {}
+        self._expiring: set[asyncio.Task[None]] = set()
+        self._seen: dict[str, dict[str, float]] = {}  # queue -> worker -> last poll
+
+    # -- the runner's side -----------------------------------------------------
+
+    async def open(self, task: NewTask) -> Opened:
+        """Open (or find again, after a restart) the task; its outcome resolves when a
+        worker answers, its lease passes, or it had ended already."""
+        record = await self.store.open(task)
+        opened = Opened(record, asyncio.get_running_loop().create_future())
+        self._open[record.seq] = opened
+        self._by_process[task.process] = record.seq
+        self._track(record)
+        return opened
+
+    async def cancel(self, opened: Opened, now: float) -> TaskRecord | None:
+        """Cancel the open task (its delivery answers 409 from now on); the task as it
+        ended when a worker's answer came first."""
+        record = opened.record
+        ended = await self.store.cancel(record.key, record.attempt, now)
+        self._due.get(record.queue, set()).discard(record.seq)
+        if ended is not None and ended.state != TaskState.CANCELLED:
+            return ended
+        return None
+
+    def close_task(self, opened: Opened) -> None:
+        """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
+        seq = opened.record.seq
+        self._open.pop(seq, None)
+        if self._by_process.get(opened.record.process) == seq:
+            del self._by_process[opened.record.process]
+        self._disarm(seq)
+
+    def lease_end(self, process_id: str) -> float | None:
+        """When the open task of the process must be answered; None while it is due."""
+        seq = self._by_process.get(process_id)
+        opened = self._open.get(seq) if seq is not None else None
+        return opened.record.lease_until if opened is not None else None
+
+    # -- the workers' side -----------------------------------------------------
+
+    async def poll(
+        self,
+        queue: str,
+        worker: str | None,
+        wait: float,
+        limit: int,
+    ) -> list[TaskRecord]:
+        """Claim up to `limit` due tasks of `queue`; wait up to `wait` seconds for one."""
+        if worker is not None:
+            self._seen.setdefault(queue, {})[worker] = self._clock()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            if self._due.get(queue):
+                claimed = await self.store.claim(queue, worker, limit, self._clock())
+                if claimed:
+                    for record in claimed:
+                        self._track(record)
+                    return claimed
+            left = deadline - loop.time()
+            if left <= 0:
+                return []
+            waiter: asyncio.Future[None] = loop.create_future()
+            polls = self._polls.setdefault(queue, deque())
+            polls.append(waiter)
+            try:
+                async with asyncio.timeout(left):
+                    await waiter
+            except TimeoutError:
+                return []
+            finally:
+                with contextlib.suppress(ValueError):
+                    polls.remove(waiter)
+
+    async def complete(self, delivery: str, output: Any) -> TaskRecord:
+        return self._answered(await self.store.complete(delivery, output, self._clock()))
+
+    async def fail(self, delivery: str, error: str, retryable: bool) -> TaskRecord:
+        return self._answered(await self.store.fail(delivery, error, retryable, self._clock()))
+
+    async def heartbeat(self, delivery: str) -> TaskRecord:
+        return self._answered(await self.store.heartbeat(delivery, self._clock()))
+
+    async def queue_of(self, delivery: str) -> str | None:
+        """The queue a delivery's task is on (its scope is `work:<queue>`); None: unknown."""
+        for opened in self._open.values():
+            if opened.record.delivery == delivery:
+                return opened.record.queue
+        return await self.store.queue_of(delivery)
+
+    # -- metrics ---------------------------------------------------------------
+
+    def depths(self) -> dict[str, int]:
+        """Due tasks per queue (`hms_task_queue_depth`)."""
+        return {queue: len(seqs) for queue, seqs in self._due.items()}
+
+    def workers(self) -> dict[str, int]:
+        """Workers that polled each queue in the last minute (`hms_task_workers`)."""
+        since = self._clock() - WORKER_WINDOW
+        counts = {}
+        for queue, seen in self._seen.items():
+            for worker in [w for w, at in seen.items() if at < since]:
+                del seen[worker]
+            counts[queue] = len(seen)
+        return counts
+
+    def close(self) -> None:
+        """At daemon stop: timers go; the stored leases are re-armed on the next start."""
+        for handle in self._leases.values():
+            handle.cancel()
+        self._leases.clear()
+        for polls in self._polls.values():
+            for waiter in polls:
+                waiter.cancel()
+
+    # -- inside ----------------------------------------------------------------
+
+    def _answered(self, answer: TaskRecord | Refusal) -> TaskRecord:
+        if answer == "unknown":
+            raise UnknownDelivery("no task was handed out under this id")
+        if answer == "stale":
+            raise StaleDelivery(
+                "this delivery is no longer current (reassigned, answered, or cancelled)"
+            )
+        assert isinstance(answer, TaskRecord)
+        self._track(answer)
+        return answer
+
+    def _track(self, record: TaskRecord) -> None:
+        """Bring memory in line with the task as stored: due (wake a poll), claimed (arm
+        its lease), or ended (resolve the runner's wait)."""
+        opened = self._open.get(record.seq)
+        if opened is not None:
+            opened.record = record
+        if record.state == TaskState.DUE:
+            self._due.setdefault(record.queue, set()).add(record.seq)
+            polls = self._polls.get(record.queue)
+            while polls:
+                waiter = polls.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+            return
+        self._due.get(record.queue, set()).discard(record.seq)
+        if record.state == TaskState.CLAIMED:
+            self._arm(record)
+            return
+        self._disarm(record.seq)
+        if opened is not None and not opened.outcome.done():
+            opened.outcome.set_result(record)
+            self._wake(record.process)
+
+    def _arm(self, record: TaskRecord) -> None:
+        assert record.lease_until is not None and record.delivery is not None
+        self._disarm(record.seq)
+        delivery, until = record.delivery, record.lease_until
+        delay = max(0.0, until - self._clock())
+
+        def fire() -> None:  # the loop keeps only weak references to tasks: hold it
+            self._leases.pop(record.seq, None)
+            task = asyncio.create_task(self._expire(delivery, until))
+            self._expiring.add(task)
+            task.add_done_callback(self._expiring.discard)
+
+        self._leases[record.seq] = asyncio.get_running_loop().call_later(delay, fire)
+
+    def _disarm(self, seq: int) -> None:
+        handle = self._leases.pop(seq, None)
+        if handle is not None:
+            handle.cancel()
+
+    async def _expire(self, delivery: str, until: float) -> None:
+        """End the claim if its lease still ends at `until` (a heartbeat moved it: not)."""
+        pause = STORAGE_RETRY_MIN
+        while True:
+            try:
+                record = await self.store.expire(delivery, until)
+                break
+            except StoreUnavailable:  # the lease stays passed: end it once storage is back
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
+        if record is not None:
+            self._track(record)
+
+
+def outcome(record: TaskRecord) -> CallResult:
+    """A task's end as the runner's attempts see every outcome."""
+    if record.state == TaskState.DONE:
+        return CallResult(ok=True, output=record.output, instance=record.worker)
+    if record.state == TaskState.FAILED:
+        return CallResult(
+            ok=False, error=record.error, retryable=record.retryable, instance=record.worker
+        )
+    return CallResult(
+        ok=False,
+        error=f"no answer from {record.worker or 'a worker'} within {record.lease:g}s",
+        instance=record.worker,
+        timed_out=True,
+    )
+
+
+def delivery_json(record: TaskRecord) -> dict[str, Any]:
+    """A claimed task as a poll hands it out (DESIGN.md §3)."""
+    payload: dict[str, Any] = orjson.loads(record.payload)
+    return {"id": record.delivery, **payload, "deadline": record.lease_until}
