@@ -27,6 +27,7 @@ from monitor.http.routes.operations import OperationsRoutes, daemon_document
 from monitor.http.routes.page import PageRoutes
 from monitor.http.routes.registry import LeaseDefaults, RegistryRoutes
 from monitor.http.routes.slos import SloRoutes
+from monitor.http.routes.tasks import TaskRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.metrics.runtime import register_runtime_collectors
@@ -46,8 +47,9 @@ from registry.metrics import RegistryCollector
 from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
-from workflows.metrics import ProcessCollector, WorkflowMetrics
+from workflows.metrics import ProcessCollector, TaskCollector, WorkflowMetrics, task_queues
 from workflows.stores.sqlite import SqliteWorkflowStore
+from workflows.stores.sqlite_tasks import SqliteTaskStore
 
 from . import lifecycle
 from .config import Config
@@ -105,6 +107,7 @@ def build_app(
     app.add_routes(HealthRoutes(parts.book).routes())
     app.add_routes(parts.slo_routes.routes())
     app.add_routes(parts.workflow_routes.routes())
+    app.add_routes(TaskRoutes(parts.engine.tasks, parts.catalog, parts.auth).routes())
     app.on_shutdown.append(parts.workflow_routes.close_streams)
     operations = OperationsRoutes(
         database=parts.database,
@@ -216,8 +219,18 @@ def _build(
         metrics=WorkflowMetrics(registry),
         clock=clock.time,
         outcome=workflow_slos.record,
+        tasks=SqliteTaskStore(database),
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
+    if engine.tasks is not None:
+        queues = engine.tasks
+        registry.register(
+            TaskCollector(
+                lambda: task_queues(engine.definitions.values()),
+                queues.depths,
+                queues.workers,
+            )
+        )
     bus.label = bus_topic_label(definitions, config)
     notifier = Notifier(
         config.notifications,

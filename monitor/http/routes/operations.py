@@ -15,7 +15,7 @@ from monitor.health.metrics import ProbeMetrics, render
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
-from monitor.http.routes import events, health, login, page, slos, workflows
+from monitor.http.routes import events, health, login, page, slos, tasks, workflows
 from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
 from monitor.slo.metrics import SloMetrics
@@ -139,6 +139,7 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
             *health.table.routes,
             *slos.table.routes,
             *workflows.table.routes,
+            *tasks.table.routes,
             *events.table.routes,
             *page.table.routes,
             *login.table.routes,
