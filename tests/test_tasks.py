@@ -1,0 +1,424 @@
+"""Task steps and the task queues (DESIGN.md §3 Task queues): a real daemon, workers as
+real processes where a worker's death or a daemon's matters (tests/task_worker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from monitor.config import Config, ConfigError, parse_config
+from monitor.keys import PARTS
+
+from .conftest import AppClient, metric_families, until
+from .processes import ROOT, running_daemon
+
+Start = Callable[..., Awaitable[AppClient]]
+
+
+def task_workflow(**extra: Any) -> dict[str, Any]:
+    """Reserve (a task, undone by a task), then charge (a task)."""
+    workflow: dict[str, Any] = {
+        "name": "Payment",
+        "queue": "payments",
+        "steps": [
+            {"name": "reserve", "task": "reserveFunds", "compensate": {"task": "releaseFunds"}},
+            {"name": "charge", "task": "chargeCard", "timeout": "1s"},
+        ],
+    }
+    workflow.update(extra)
+    return workflow
+
+
+@pytest.fixture
+async def payments(make_config: Callable[..., Config], start_daemon: Start) -> AppClient:
+    return await start_daemon(make_config(workflows=[task_workflow()]))
+
+
+async def start(client: AppClient, workflow: str = "Payment", **input_: Any) -> str:
+    resp = await client.post(f"/v1/workflows/{workflow}", json={"input": input_})
+    assert resp.status == 202, await resp.text()
+    process_id: str = (await resp.json())["id"]
+    return process_id
+
+
+async def poll(
+    client: AppClient, queue: str = "payments", wait: str = "5s", **extra: Any
+) -> list[dict[str, Any]]:
+    resp = await client.post("/v1/tasks/poll", json={"queue": queue, "wait": wait, **extra})
+    assert resp.status == 200, await resp.text()
+    tasks: list[dict[str, Any]] = (await resp.json())["tasks"]
+    return tasks
+
+
+async def take(client: AppClient, task: str, queue: str = "payments") -> dict[str, Any]:
+    """The next task of `queue`, which must be `task`."""
+    [got] = await poll(client, queue, worker="w-test", max=1)
+    assert got["task"] == task, got
+    return got
+
+
+async def process(client: AppClient, process_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/v1/processes/{process_id}")
+    assert resp.status == 200
+    body: dict[str, Any] = await resp.json()
+    return body
+
+
+async def finished(client: AppClient, process_id: str, status: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    async def ended() -> bool:
+        seen.update(await process(client, process_id))
+        return seen["status"] == status
+
+    await until(ended)
+    return seen
+
+
+@contextlib.contextmanager
+def worker(
+    url: str, worker_id: str, mode: str, log: Path, queue: str = "payments"
+) -> Iterator[subprocess.Popen[bytes]]:
+    """tests/task_worker.py as a real process; its stdout (a line per task taken) in `log`."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.task_worker", url, queue, worker_id, mode],
+            cwd=ROOT,
+            stdout=out,
+        )
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def taken(log: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in log.read_bytes().splitlines()]
+
+
+# -- config ----------------------------------------------------------------------------
+
+
+def test_a_compensation_is_a_call_or_a_task_never_both_nor_neither() -> None:
+    def errors(compensate: str) -> list[str]:
+        step = f"{{name: a, task: t, compensate: {compensate}}}"
+        text = f"workflows:\n  - name: W\n    steps:\n      - {step}\n"
+        with pytest.raises(ConfigError) as caught:
+            parse_config(text)
+        return caught.value.errors
+
+    assert errors("{task: undo, service: s, path: /x}") == [
+        "config.yaml:4: workflows[0].steps[0].compensate: a compensation is a call or "
+        "{task: name}, not both"
+    ]
+    assert errors("{}") == [
+        "config.yaml:4: workflows[0].steps[0].compensate: a compensation needs a call "
+        "(service, path) or a task"
+    ]
+    assert errors("{service: s}") == [
+        "config.yaml:4: workflows[0].steps[0].compensate.path: Field required"
+    ]
+
+
+# -- the whole way, with real worker processes ------------------------------------------
+
+
+async def test_a_yaml_task_step_is_served_by_a_worker_process(
+    payments: AppClient, tmp_path: Path
+) -> None:
+    url = str(payments.make_url("")).rstrip("/")
+    with worker(url, "w1", "complete", tmp_path / "w1.log"):
+        process_id = await start(payments, amount=12)
+        done = await finished(payments, process_id, "completed")
+    assert done["outputs"] == {
+        "reserve": {"by": "w1", "task": "reserveFunds", "key": f"{process_id}/reserve"},
+        "charge": {"by": "w1", "task": "chargeCard", "key": f"{process_id}/charge"},
+    }
+    assert [(a["step"], a["kind"], a["outcome"], a["instance"]) for a in done["history"]] == [
+        ("reserve", "task", "ok", "w1"),
+        ("charge", "task", "ok", "w1"),
+    ]
+    first = taken(tmp_path / "w1.log")[0]
+    assert first["input"] == {"amount": 12} and first["steps"] == {}
+    assert (first["process"], first["workflow"], first["step"], first["attempt"]) == (
+        process_id,
+        "Payment",
+        "reserve",
+        1,
+    )
+
+
+async def test_a_killed_worker_s_task_goes_to_another_worker_once(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    steps = [
+        {
+            "name": "charge",
+            "task": "chargeCard",
+            "timeout": "1s",
+            "retry": {"max_attempts": 3, "backoff": "100ms"},
+        }
+    ]
+    client = await start_daemon(
+        make_config(workflows=[{"name": "Payment", "queue": "payments", "steps": steps}])
+    )
+    url = str(client.make_url("")).rstrip("/")
+    process_id = await start(client)
+    with worker(url, "w-hang", "hang", tmp_path / "hang.log") as hanging:
+
+        async def took() -> bool:
+            return bool(taken(tmp_path / "hang.log"))
+
+        await until(took)
+        hanging.kill()  # SIGKILL mid-task: the lease is all that is left of it
+    [lost] = taken(tmp_path / "hang.log")
+    with worker(url, "w-ok", "complete", tmp_path / "ok.log"):
+        done = await finished(client, process_id, "completed")
+    [second] = taken(tmp_path / "ok.log")
+    assert second["idempotency_key"] == lost["idempotency_key"] == f"{process_id}/charge"
+    assert second["id"] != lost["id"]
+    assert (lost["attempt"], second["attempt"]) == (1, 2)
+    assert [(a["attempt"], a["outcome"], a["instance"]) for a in done["history"]] == [
+        (1, "timeout", "w-hang"),
+        (2, "ok", "w-ok"),
+    ]
+    assert done["outputs"]["charge"]["by"] == "w-ok"
+    # The reassigned delivery answers late: refused, nothing changes.
+    late = await client.post(f"/v1/tasks/{lost['id']}/complete", json={"output": {"by": "late"}})
+    assert late.status == 409
+    assert (await late.json())["error"]["code"] == "conflict"
+    again = await process(client, process_id)
+    assert again["outputs"] == done["outputs"] and len(again["history"]) == 2
+
+
+async def test_the_daemon_killed_mid_task_takes_the_workers_answer_after_restart(
+    tmp_path: Path,
+) -> None:
+    with running_daemon(tmp_path, workflows=[task_workflow()]) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+            async with http.post("/v1/workflows/Payment", json={"input": {"n": 1}}) as resp:
+                process_id = (await resp.json())["id"]
+            body = {"queue": "payments", "worker": "w1", "wait": "10s"}
+            async with http.post("/v1/tasks/poll", json=body) as resp:
+                [task] = (await resp.json())["tasks"]
+        daemon.kill()  # the task is claimed; the daemon dies with no shutdown code
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            answer = {"output": {"reservation": "r-1"}}
+            async with http.post(f"/v1/tasks/{task['id']}/complete", json=answer) as resp:
+                assert resp.status == 200, await resp.text()
+            async with http.post("/v1/tasks/poll", json=body) as resp:
+                [charge] = (await resp.json())["tasks"]
+            assert charge["steps"] == {"reserve": {"reservation": "r-1"}}
+            async with http.post(f"/v1/tasks/{charge['id']}/complete", json={}) as resp:
+                assert resp.status == 200
+
+            async def completed() -> bool:
+                async with http.get(f"/v1/processes/{process_id}") as resp:
+                    return (await resp.json())["status"] == "completed"
+
+            await until(completed)
+            async with http.get(f"/v1/processes/{process_id}") as resp:
+                history = (await resp.json())["history"]
+            assert [(a["step"], a["outcome"]) for a in history] == [
+                ("reserve", "ok"),
+                ("charge", "ok"),
+            ]
+            async with http.post("/v1/tasks/poll", json={**body, "wait": "0s"}) as resp:
+                assert (await resp.json())["tasks"] == []  # nothing handed out twice
+
+
+# -- answers, leases, failures ---------------------------------------------------------
+
+
+async def test_heartbeats_keep_a_task_past_its_timeout(payments: AppClient, tmp_path: Path) -> None:
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    charge = await take(payments, "chargeCard")  # timeout 1s
+    for _ in range(8):  # 2s in all, twice the timeout
+        await asyncio.sleep(0.25)
+        resp = await payments.post(f"/v1/tasks/{charge['id']}/heartbeat")
+        assert resp.status == 200
+        assert (await resp.json())["deadline"] >= charge["deadline"]
+    resp = await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {"ok": 1}})
+    assert resp.status == 200
+    done = await finished(payments, process_id, "completed")
+    assert [a["outcome"] for a in done["history"]] == ["ok", "ok"]
+
+
+async def test_a_failure_not_to_retry_compensates_with_a_task(payments: AppClient) -> None:
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {"hold": "h1"}})
+    charge = await take(payments, "chargeCard")
+    resp = await payments.post(
+        f"/v1/tasks/{charge['id']}/fail", json={"error": "card declined", "retryable": False}
+    )
+    assert resp.status == 200
+    release = await take(payments, "releaseFunds")
+    assert release["idempotency_key"] == f"{process_id}/reserve.compensate"
+    assert release["steps"]["reserve"] == {"hold": "h1"}
+    await payments.post(f"/v1/tasks/{release['id']}/complete", json={"output": None})
+    done = await finished(payments, process_id, "compensated")
+    assert [(a["step"], a["kind"], a["outcome"]) for a in done["history"]] == [
+        ("reserve", "task", "ok"),
+        ("charge", "task", "error"),
+        ("reserve", "compensate", "ok"),
+    ]
+    assert "card declined" in str(done["error"])
+
+
+async def test_a_retryable_failure_is_tried_again_under_the_step_s_retry(
+    make_config: Callable[..., Config], start_daemon: Start
+) -> None:
+    steps = [{"name": "s", "task": "t", "retry": {"max_attempts": 2, "backoff": "50ms"}}]
+    client = await start_daemon(make_config(workflows=[{"name": "W", "steps": steps}]))
+    process_id = await start(client, "W")
+    first = await take(client, "t", queue="W")  # the queue defaults to the workflow's name
+    await client.post(f"/v1/tasks/{first['id']}/fail", json={"error": "busy"})
+    second = await take(client, "t", queue="W")
+    assert (second["attempt"], second["idempotency_key"]) == (2, first["idempotency_key"])
+    await client.post(f"/v1/tasks/{second['id']}/fail", json={"error": "still busy"})
+    done = await finished(client, process_id, "failed")
+    assert [a["outcome"] for a in done["history"]] == ["error", "error"]
+
+
+async def test_a_cancelled_process_s_open_task_answers_409(payments: AppClient) -> None:
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await finished(payments, process_id, "cancelled")
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    assert resp.status == 409
+    assert (await poll(payments, wait="0s")) == []  # the step was not done: nothing to undo
+
+
+async def test_while_a_task_is_open_the_process_waits_for_it(payments: AppClient) -> None:
+    process_id = await start(payments)
+
+    async def waiting() -> bool:
+        return (await process(payments, process_id))["waiting_for"] is not None
+
+    await until(waiting)
+    due = (await process(payments, process_id))["waiting_for"]
+    assert due == {"kind": "task", "until": None, "detail": "reserveFunds on payments"}
+    reserve = await take(payments, "reserveFunds")
+    claimed = await process(payments, process_id)
+    assert claimed["status"] == "waiting"
+    assert claimed["waiting_for"]["until"] == reserve["deadline"]
+
+
+# -- the poll ----------------------------------------------------------------------------
+
+
+async def test_a_long_poll_is_answered_as_soon_as_a_task_is_due(payments: AppClient) -> None:
+    polling = asyncio.create_task(poll(payments, wait="60s"))
+    await asyncio.sleep(0.2)
+    assert not polling.done()
+    process_id = await start(payments)
+    async with asyncio.timeout(10):  # far below the 60s wait: the creation woke it
+        [task] = await polling
+    assert task["process"] == process_id
+
+
+async def test_an_unknown_queue_answers_no_tasks_after_the_wait(payments: AppClient) -> None:
+    assert await poll(payments, queue="nobody-serves-this", wait="100ms") == []
+
+
+async def test_bad_polls_and_answers_are_refused(payments: AppClient) -> None:
+    for body, status in (
+        ({"queue": "payments", "max": 0}, 422),
+        ({"queue": "payments", "max": 101}, 422),
+        ({"queue": "payments", "wait": "soon"}, 422),
+        ({"queue": "bad queue"}, 422),
+        ({"wait": "1s"}, 422),
+    ):
+        resp = await payments.post("/v1/tasks/poll", json=body)
+        assert resp.status == status, body
+        assert set((await resp.json())["error"]) == {"code", "message", "details"}
+    resp = await payments.post("/v1/tasks/nope/complete", json={"output": 1})
+    assert resp.status == 404
+    await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/fail", json={"retryable": False})
+    assert resp.status == 422
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"result": 1})
+    assert resp.status == 422
+
+
+async def test_a_worker_s_poll_renews_its_registration(payments: AppClient) -> None:
+    put = await payments.put(
+        "/v1/services/payments/instances/w9", json={"url": "http://127.0.0.1:9", "ttl": "30s"}
+    )
+    assert put.status == 201, await put.text()
+    catalog = payments.app[PARTS].catalog
+    before = catalog.heartbeats_total
+    assert await poll(payments, wait="0s", worker="w9") == []
+    assert catalog.heartbeats_total == before + 1
+    families = await metric_families(payments)
+    workers = {s.labels["queue"]: s.value for s in families["hms_task_workers"].samples}
+    assert workers == {"payments": 1}
+    assert await poll(payments, wait="0s", worker="unregistered") == []  # fine too
+
+
+async def test_depth_counts_due_tasks(payments: AppClient) -> None:
+    for _ in range(3):
+        await start(payments)
+
+    async def three_due() -> bool:
+        families = await metric_families(payments)
+        return [s.value for s in families["hms_task_queue_depth"].samples] == [3]
+
+    await until(three_due)
+    await poll(payments, max=2)
+    families = await metric_families(payments)
+    assert [s.value for s in families["hms_task_queue_depth"].samples] == [1]
+
+
+async def test_work_scope_is_required(
+    make_config: Callable[..., Config], start_daemon: Start
+) -> None:
+    tokens = [
+        {"token": "admin-token-0001", "scopes": ["*"]},
+        {"token": "worker-token-001", "scopes": ["work:payments"]},
+        {"token": "starter-token-01", "scopes": ["start:*"]},
+    ]
+    client = await start_daemon(
+        make_config(server={"auth": {"tokens": tokens}}, workflows=[task_workflow()])
+    )
+
+    def bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    body = {"queue": "payments", "wait": "0s"}
+    resp = await client.post("/v1/tasks/poll", json=body, headers=bearer("starter-token-01"))
+    assert resp.status == 403
+    resp = await client.post(
+        "/v1/tasks/poll", json={**body, "queue": "other"}, headers=bearer("worker-token-001")
+    )
+    assert resp.status == 403
+    assert (await client.post("/v1/tasks/poll", json=body)).status == 401
+    start_resp = await client.post(
+        "/v1/workflows/Payment", json={}, headers=bearer("starter-token-01")
+    )
+    assert start_resp.status == 202
+    resp = await client.post(
+        "/v1/tasks/poll", json={**body, "wait": "5s"}, headers=bearer("worker-token-001")
+    )
+    [task] = (await resp.json())["tasks"]
+    answer = f"/v1/tasks/{task['id']}/complete"
+    resp = await client.post(answer, json={"output": 1}, headers=bearer("starter-token-01"))
+    assert resp.status == 403
+    resp = await client.post(answer, json={"output": 1}, headers=bearer("worker-token-001"))
+    assert resp.status == 200
