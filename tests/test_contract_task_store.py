@@ -49,21 +49,39 @@ def record(value: TaskRecord | str | None) -> TaskRecord:
 
 
 async def test_a_task_opens_due_and_opening_it_again_finds_the_same_one(store: TaskStore) -> None:
-    first = await store.open(task())
+    first, new = await store.open(task())
+    assert new
     assert (first.state, first.delivery, first.payload) == (
         TaskState.DUE,
         None,
         b'{"task":"reserveFunds"}',
     )
-    assert (await store.open(task())).seq == first.seq
-    assert (await store.open(task(attempt=2))).seq != first.seq
+    again, new = await store.open(task())
+    assert (again, new) == (first, False)
+    second, new = await store.open(task(attempt=2))
+    assert new and second.seq != first.seq
     assert await store.depths() == {"q": 2}
+
+
+async def test_a_task_may_open_claimed_for_a_waiting_worker(store: TaskStore) -> None:
+    claimed, new = await store.open(task(lease=5.0), claim_for="w1", now=50.0)
+    assert new
+    assert (claimed.state, claimed.worker, claimed.lease_until) == (TaskState.CLAIMED, "w1", 55.0)
+    assert claimed.delivery is not None
+    assert await store.claim("q", "w2", 10, now=50.0) == []
+    again, new = await store.open(task(), claim_for="w2", now=60.0)  # found again: as it was
+    assert (again, new) == (claimed, False)
+    released = record(await store.release(claimed.delivery))  # its poll went away
+    assert (released.state, released.delivery) == (TaskState.DUE, None)
+    assert await store.complete(claimed.delivery, {}, now=61.0) == "unknown"
+    [reclaimed] = await store.claim("q", "w2", 10, now=62.0)
+    assert reclaimed.seq == claimed.seq and reclaimed.delivery != claimed.delivery
 
 
 async def test_a_claim_takes_due_tasks_of_its_queue_oldest_first_each_once(
     store: TaskStore,
 ) -> None:
-    opened = [await store.open(task(f"s{i}")) for i in range(3)]
+    opened = [(await store.open(task(f"s{i}")))[0] for i in range(3)]
     await store.open(task("other", queue="elsewhere"))
     claimed = await store.claim("q", "w1", 2, now=1000.0)
     assert [c.seq for c in claimed] == [opened[0].seq, opened[1].seq]
@@ -93,7 +111,7 @@ async def test_complete_answers_only_the_open_claim(store: TaskStore) -> None:
     assert await store.fail(claim.delivery, "late", True, now=12.0) == "stale"
     assert await store.heartbeat(claim.delivery, now=12.0) == "stale"
     assert await store.complete("no-such-delivery", None, now=12.0) == "unknown"
-    assert record(await store.open(task())).output == {"reservation": "r-1"}
+    assert (await store.open(task()))[0].output == {"reservation": "r-1"}
 
 
 async def test_fail_keeps_the_message_and_whether_to_retry(store: TaskStore) -> None:
@@ -143,7 +161,7 @@ async def test_prune_forgets_ended_tasks_only(store: TaskStore) -> None:
     await store.complete(ended.delivery, None, now=20.0)
     assert await store.prune(before=15.0) == 0
     assert await store.prune(before=21.0) == 1
-    assert (await store.open(task("open"))).state == TaskState.CLAIMED
+    assert (await store.open(task("open")))[0].state == TaskState.CLAIMED
 
 
 async def test_a_broken_storage_refuses_with_store_unavailable(

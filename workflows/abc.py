@@ -128,9 +128,17 @@ class TaskStore(Protocol):
     async def create_tables(self) -> None:
         """Make the store ready; safe to call on a store made ready before."""
 
-    async def open(self, task: NewTask) -> TaskRecord:
-        """The task for (key, attempt): created due, or the stored one as it now is (a
-        resumed process finds its task again, never a second one)."""
+    async def open(
+        self, task: NewTask, *, claim_for: str | None = None, now: float | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """The task for (key, attempt), and whether it is new: created due, or claimed at
+        once (for worker `claim_for`, lease from `now`) when `now` is given, as a long poll
+        waits for it; else the stored one as it now is (a resumed process finds its task
+        again, never a second one)."""
+        ...
+
+    async def release(self, delivery: str) -> TaskRecord | None:
+        """Undo a claim nobody received (its poll went away): the task is due again."""
         ...
 
     async def claim(

@@ -39,6 +39,19 @@ class StaleDelivery(Exception):
     answered already, or its process was cancelled (HTTP 409)."""
 
 
+@dataclass(slots=True, eq=False)
+class _Poll:
+    """A long poll waiting: handed a task claimed for it as the task opens, or None (woken
+    to claim: a task became due otherwise, e.g. released)."""
+
+    worker: str | None
+    answer: asyncio.Future[TaskRecord | None]
+
+    def handed(self) -> TaskRecord | None:
+        answer = self.answer
+        return answer.result() if answer.done() and not answer.cancelled() else None
+
+
 @dataclass(slots=True)
 class Opened:
     """A task the runner waits on: `outcome` resolves when it ends."""
@@ -55,7 +68,7 @@ class TaskQueues:
     ) -> None:
         self.store, self._clock, self._wake = store, clock, wake
         self._due: dict[str, set[int]] = {}  # queue -> seqs of tasks known due
-        self._polls: dict[str, deque[asyncio.Future[None]]] = {}  # long polls per queue
+        self._polls: dict[str, deque[_Poll]] = {}  # long polls waiting, per queue
         self._open: dict[int, Opened] = {}  # seq -> the runner's wait
         self._by_process: dict[str, int] = {}  # process id -> seq of its open task
         self._leases: dict[int, asyncio.TimerHandle] = {}
@@ -66,8 +79,27 @@ class TaskQueues:
 
     async def open(self, task: NewTask) -> Opened:
         """Open (or find again, after a restart) the task; its outcome resolves when a
-        worker answers, its lease passes, or it had ended already."""
-        record = await self.store.open(task)
+        worker answers, its lease passes, or it had ended already.
+
+        When a long poll is waiting on the queue, the task is created claimed for it, in
+        the same commit (as Temporal's sync match): it reaches the worker as it becomes
+        due, with no second write."""
+        poll = self._waiting(task.queue)
+        if poll is None:
+            record, _ = await self.store.open(task)
+        else:
+            try:
+                record, new = await self.store.open(task, claim_for=poll.worker, now=self._clock())
+            except BaseException:
+                self._requeue(task.queue, poll)
+                raise
+            if not new:  # found again (a restart): not claimed for this poll
+                self._requeue(task.queue, poll)
+            elif poll.answer.done():  # the poll ended meanwhile: nobody got the claim
+                assert record.delivery is not None
+                record = await self.store.release(record.delivery) or record
+            else:
+                poll.answer.set_result(record)
         opened = Opened(record, asyncio.get_running_loop().create_future())
         self._open[record.seq] = opened
         self._by_process[task.process] = record.seq
@@ -122,17 +154,23 @@ class TaskQueues:
             left = deadline - loop.time()
             if left <= 0:
                 return []
-            waiter: asyncio.Future[None] = loop.create_future()
+            poll = _Poll(worker, loop.create_future())
             polls = self._polls.setdefault(queue, deque())
-            polls.append(waiter)
+            polls.append(poll)
             try:
                 async with asyncio.timeout(left):
-                    await waiter
-            except TimeoutError:
-                return []
+                    handed = await poll.answer
+            except TimeoutError:  # a task handed over just as the wait ended is still given
+                handed = poll.handed()
+                if handed is None:
+                    return []
             finally:
                 with contextlib.suppress(ValueError):
-                    polls.remove(waiter)
+                    polls.remove(poll)
+                if not polls:  # a poll may name any queue: none is kept for nothing
+                    self._polls.pop(queue, None)
+            if handed is not None:
+                return [handed]
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
         return self._answered(await self.store.complete(delivery, output, self._clock()))
@@ -160,10 +198,13 @@ class TaskQueues:
         """Workers that polled each queue in the last minute (`hms_task_workers`)."""
         since = self._clock() - WORKER_WINDOW
         counts = {}
-        for queue, seen in self._seen.items():
+        for queue, seen in list(self._seen.items()):
             for worker in [w for w, at in seen.items() if at < since]:
                 del seen[worker]
-            counts[queue] = len(seen)
+            if seen:
+                counts[queue] = len(seen)
+            else:
+                del self._seen[queue]
         return counts
 
     def close(self) -> None:
@@ -172,8 +213,8 @@ class TaskQueues:
             handle.cancel()
         self._leases.clear()
         for polls in self._polls.values():
-            for waiter in polls:
-                waiter.cancel()
+            for poll in polls:
+                poll.answer.cancel()
 
     # -- inside ----------------------------------------------------------------
 
@@ -196,12 +237,9 @@ class TaskQueues:
             opened.record = record
         if record.state == TaskState.DUE:
             self._due.setdefault(record.queue, set()).add(record.seq)
-            polls = self._polls.get(record.queue)
-            while polls:
-                waiter = polls.popleft()
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+            poll = self._waiting(record.queue)
+            if poll is not None:
+                poll.answer.set_result(None)  # it claims (with whatever else is due)
             return
         self._due.get(record.queue, set()).discard(record.seq)
         if record.state == TaskState.CLAIMED:
@@ -211,6 +249,19 @@ class TaskQueues:
         if opened is not None and not opened.outcome.done():
             opened.outcome.set_result(record)
             self._wake(record.process)
+
+    def _waiting(self, queue: str) -> _Poll | None:
+        """The longest-waiting poll of `queue` still waiting, taken off the queue."""
+        polls = self._polls.get(queue)
+        while polls:
+            poll = polls.popleft()
+            if not poll.answer.done():
+                return poll
+        return None
+
+    def _requeue(self, queue: str, poll: _Poll) -> None:
+        if not poll.answer.done():
+            self._polls.setdefault(queue, deque()).appendleft(poll)
 
     def _arm(self, record: TaskRecord) -> None:
         assert record.lease_until is not None and record.delivery is not None

@@ -9,6 +9,7 @@ Procrastinate claim jobs, so concurrent pollers never get the same task.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 import orjson
@@ -50,9 +51,13 @@ _COLUMNS = (
 )
 # Built from the constants above only (no input reaches these strings).
 _OPEN = (
-    "INSERT INTO tasks (process, key, attempt, queue, state, lease, payload, created_at) "  # noqa: S608
-    f"VALUES (?, ?, ?, ?, 'due', ?, ?, ?) ON CONFLICT (key, attempt) DO UPDATE SET "
-    f"attempt = attempt RETURNING {_COLUMNS}"
+    "INSERT INTO tasks (process, key, attempt, queue, state, lease, payload, created_at, "  # noqa: S608
+    "delivery, worker, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    f"ON CONFLICT (key, attempt) DO NOTHING RETURNING {_COLUMNS}"
+)
+_RELEASE = (
+    "UPDATE tasks SET state = 'due', delivery = NULL, worker = NULL, lease_until = NULL "  # noqa: S608
+    f"WHERE delivery = ? AND state = 'claimed' RETURNING {_COLUMNS}"
 )
 _CLAIM = (
     "UPDATE tasks SET state = 'claimed', delivery = lower(hex(randomblob(12))), worker = ?, "  # noqa: S608
@@ -118,19 +123,36 @@ class SqliteTaskStore:
 
         await self._db.write(create)
 
-    async def open(self, task: NewTask) -> TaskRecord:
+    async def open(
+        self, task: NewTask, *, claim_for: str | None = None, now: float | None = None
+    ) -> tuple[TaskRecord, bool]:
+        claimed = now is not None
         args = (
             task.process,
             task.key,
             task.attempt,
             task.queue,
+            TaskState.CLAIMED if claimed else TaskState.DUE,
             task.lease,
             task.payload,
             task.created_at,
+            secrets.token_hex(12) if claimed else None,
+            claim_for if claimed else None,
+            now + task.lease if now is not None else None,
         )
 
-        def write(d: sqlite_utils.Database) -> TaskRecord:
-            return _record(d.conn.execute(_OPEN, args).fetchone())
+        def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool]:
+            row = d.conn.execute(_OPEN, args).fetchone()
+            if row is not None:
+                return _record(row), True
+            return _record(d.conn.execute(_SELECT_TASK, (task.key, task.attempt)).fetchone()), False
+
+        return await self._db.write(write)
+
+    async def release(self, delivery: str) -> TaskRecord | None:
+        def write(d: sqlite_utils.Database) -> TaskRecord | None:
+            row = d.conn.execute(_RELEASE, (delivery,)).fetchone()
+            return _record(row) if row is not None else None
 
         return await self._db.write(write)
 
