@@ -22,14 +22,14 @@ from registry import StoreUnavailable
 from scheduler import EventBus
 
 from . import templates
-from .abc import NewTask, WorkflowStore
+from .abc import NewTask, TaskRecord, WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
-from .tasks import TaskQueues, outcome
+from .tasks import Opened, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
@@ -232,11 +232,23 @@ class ProcessRunner:
             while not opened.outcome.done():
                 await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
                 if process.cancel_requested and not opened.outcome.done():
-                    ended = await self._tasks.cancel(opened, self._clock())
+                    ended = await self._cancel_task(opened)
                     return outcome(ended) if ended is not None else None
             return outcome(opened.outcome.result())
         finally:
             self._tasks.close_task(opened)
+
+    async def _cancel_task(self, opened: Opened) -> TaskRecord | None:
+        """Cancel the open task, waiting out a storage failure: a cancelled process's
+        task must not be answered afterwards."""
+        assert self._tasks is not None
+        pause = STORAGE_RETRY_MIN
+        while True:
+            try:
+                return await self._tasks.cancel(opened, self._clock())
+            except StoreUnavailable:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
 
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor

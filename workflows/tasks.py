@@ -74,6 +74,7 @@ class TaskQueues:
         self._leases: dict[int, asyncio.TimerHandle] = {}
         self._expiring: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[str, float]] = {}  # queue -> worker -> last poll
+        self._closed = False
 
     # -- the runner's side -----------------------------------------------------
 
@@ -120,6 +121,8 @@ class TaskQueues:
         """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
         seq = opened.record.seq
         self._open.pop(seq, None)
+        # Only a task someone waits on is handed out; a resumed process opens it again.
+        self._due.get(opened.record.queue, set()).discard(seq)
         if self._by_process.get(opened.record.process) == seq:
             del self._by_process[opened.record.process]
         self._disarm(seq)
@@ -144,7 +147,7 @@ class TaskQueues:
             self._seen.setdefault(queue, {})[worker] = self._clock()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while True:
+        while not self._closed:
             if self._due.get(queue):
                 claimed = await self.store.claim(queue, worker, limit, self._clock())
                 if claimed:
@@ -171,6 +174,7 @@ class TaskQueues:
                     self._polls.pop(queue, None)
             if handed is not None:
                 return [handed]
+        return []  # the daemon stops
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
         return self._answered(await self.store.complete(delivery, output, self._clock()))
@@ -212,9 +216,11 @@ class TaskQueues:
         for handle in self._leases.values():
             handle.cancel()
         self._leases.clear()
+        self._closed = True
         for polls in self._polls.values():
             for poll in polls:
-                poll.answer.cancel()
+                if not poll.answer.done():
+                    poll.answer.set_result(None)  # answered with no tasks
 
     # -- inside ----------------------------------------------------------------
 
