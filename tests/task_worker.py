@@ -3,14 +3,14 @@
     python -m tests.task_worker URL QUEUE WORKER MODE [TOKEN]
 
 It polls QUEUE and writes one JSON line per task it takes to stdout, then acts by MODE:
-`complete` (output {"by", "task", "key"}), `fail` (retryable false), `hang` (never
-answers: the test kills it), `heartbeat:<seconds>` (heartbeats that long, then completes).
+`complete` (output {"by", "task", "key"}) or `hang` (never answers: the test kills it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Any
 
 import aiohttp
 import orjson
@@ -29,23 +29,13 @@ async def work(url: str, queue: str, worker: str, mode: str, token: str | None) 
                 await answer(session, task, worker, mode)
 
 
-async def answer(session: aiohttp.ClientSession, task: dict, worker: str, mode: str) -> None:  # type: ignore[type-arg]
-    base = f"/v1/tasks/{task['id']}"
+async def answer(
+    session: aiohttp.ClientSession, task: dict[str, Any], worker: str, mode: str
+) -> None:
     if mode == "hang":
         await asyncio.sleep(3600)
-    if mode.startswith("heartbeat:"):
-        end = asyncio.get_running_loop().time() + float(mode.partition(":")[2])
-        while asyncio.get_running_loop().time() < end:
-            await asyncio.sleep(0.2)
-            async with session.post(base + "/heartbeat") as resp:
-                assert resp.status == 200, await resp.text()
-    if mode == "fail":
-        body = {"error": f"{task['task']} refused by {worker}", "retryable": False}
-        async with session.post(base + "/fail", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-        return
     output = {"by": worker, "task": task["task"], "key": task["idempotency_key"]}
-    async with session.post(base + "/complete", json={"output": output}) as resp:
+    async with session.post(f"/v1/tasks/{task['id']}/complete", json={"output": output}) as resp:
         assert resp.status == 200, await resp.text()
 
 

@@ -422,3 +422,37 @@ async def test_work_scope_is_required(
     assert resp.status == 403
     resp = await client.post(answer, json={"output": 1}, headers=bearer("worker-token-001"))
     assert resp.status == 200
+
+
+async def test_a_lease_that_passed_while_the_daemon_was_down_ends_on_restart(
+    tmp_path: Path,
+) -> None:
+    steps = [{"name": "s", "task": "t", "timeout": "1s", "retry": {"max_attempts": 2}}]
+    with running_daemon(tmp_path, workflows=[{"name": "W", "steps": steps}]) as daemon:
+        body = {"queue": "W", "worker": "w1", "wait": "10s"}
+        async with aiohttp.ClientSession(daemon.url) as http:
+            async with http.post("/v1/workflows/W", json={}) as resp:
+                process_id = (await resp.json())["id"]
+            async with http.post("/v1/tasks/poll", json=body) as resp:
+                [first] = (await resp.json())["tasks"]
+        daemon.kill()
+        await asyncio.sleep(1.2)  # the lease passes while nobody runs
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            async with http.post("/v1/tasks/poll", json=body) as resp:
+                [second] = (await resp.json())["tasks"]
+            assert (second["attempt"], second["idempotency_key"]) == (2, first["idempotency_key"])
+            async with http.post(f"/v1/tasks/{first['id']}/complete", json={}) as resp:
+                assert resp.status == 409
+            async with http.post(f"/v1/tasks/{second['id']}/complete", json={}) as resp:
+                assert resp.status == 200
+            history: list[dict[str, Any]] = []
+
+            async def completed() -> bool:
+                async with http.get(f"/v1/processes/{process_id}") as resp:
+                    described = await resp.json()
+                history[:] = described["history"]
+                return described["status"] == "completed"
+
+            await until(completed)
+    assert [(a["attempt"], a["outcome"]) for a in history] == [(1, "timeout"), (2, "ok")]
