@@ -71,6 +71,7 @@ class TaskQueues:
         self._polls: dict[str, deque[_Poll]] = {}  # long polls waiting, per queue
         self._open: dict[int, Opened] = {}  # seq -> the runner's wait
         self._by_process: dict[str, int] = {}  # process id -> seq of its open task
+        self._deliveries: dict[str, int] = {}  # delivery id -> seq, while its task is open
         self._leases: dict[int, asyncio.TimerHandle] = {}
         self._expiring: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[str, float]] = {}  # queue -> worker -> last poll
@@ -121,6 +122,8 @@ class TaskQueues:
         """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
         seq = opened.record.seq
         self._open.pop(seq, None)
+        if opened.record.delivery is not None:
+            self._deliveries.pop(opened.record.delivery, None)
         # Only a task someone waits on is handed out; a resumed process opens it again.
         self._due.get(opened.record.queue, set()).discard(seq)
         if self._by_process.get(opened.record.process) == seq:
@@ -187,9 +190,9 @@ class TaskQueues:
 
     async def queue_of(self, delivery: str) -> str | None:
         """The queue a delivery's task is on (its scope is `work:<queue>`); None: unknown."""
-        for opened in self._open.values():
-            if opened.record.delivery == delivery:
-                return opened.record.queue
+        opened = self._open.get(self._deliveries.get(delivery, -1))
+        if opened is not None and opened.record.delivery == delivery:
+            return opened.record.queue
         return await self.store.queue_of(delivery)
 
     # -- metrics ---------------------------------------------------------------
@@ -249,6 +252,9 @@ class TaskQueues:
             return
         self._due.get(record.queue, set()).discard(record.seq)
         if record.state == TaskState.CLAIMED:
+            if opened is not None:
+                assert record.delivery is not None
+                self._deliveries[record.delivery] = record.seq
             self._arm(record)
             return
         self._disarm(record.seq)
