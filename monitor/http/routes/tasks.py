@@ -127,6 +127,7 @@ class TaskRoutes:
         scope="work",
     )
     async def poll(self, request: web.Request) -> web.Response:
+        self._may_work(request)
         body = await parse_body(request, PollBody)
         self.auth.require(request, "work", body.queue)
         if body.worker is not None:
@@ -191,12 +192,22 @@ class TaskRoutes:
             raise HttpError(503, "task queues are not served", code="unavailable")
         return self.tasks
 
+    def _may_work(self, request: web.Request) -> None:
+        """401 without a token, 403 for a token with no `work:` scope at all: answered
+        before the body or the delivery is looked at; the queue's own scope after."""
+        if not self.auth.enabled:
+            return
+        grant = request.get(GRANT)
+        if grant is None:
+            raise HttpError(401, "a bearer token is required", code="unauthorized")
+        if not any(scope == "*" or scope.startswith("work:") for scope in grant.scopes):
+            raise HttpError(403, "token has no work:<queue> scope", code="forbidden")
+
     async def _authorized(self, request: web.Request) -> str:
         """The delivery id, once the token may work the queue of its task (401 before 404,
         so ids are not confirmed to whoever has no token)."""
         delivery = request.match_info["id"]
-        if self.auth.enabled and request.get(GRANT) is None:
-            raise HttpError(401, "a bearer token is required", code="unauthorized")
+        self._may_work(request)
         queue = await self._queues().queue_of(delivery)
         if queue is None:
             raise HttpError(404, f"no task delivery {delivery!r}")
