@@ -42,12 +42,13 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         if step.call is not None:
             action = _call(step.call)
         elif step.publish is not None:
-            action = Publish(topic=step.publish)
+            action = Publish(topic=step.publish, data=step.data)
         else:
             assert step.wait_for is not None  # the config allows exactly one action
             timeout = step.wait_for.timeout
             action = WaitFor(
                 event=step.wait_for.event,
+                signal=step.wait_for.signal,
                 match=dict(step.wait_for.match),
                 timeout=timeout.total_seconds() if timeout else None,
             )
@@ -69,6 +70,8 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         trigger=workflow.trigger.event if workflow.trigger else None,
         deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
         objective=workflow.objective,
+        output=workflow.output,
+        respond_after=workflow.respond_after,
     )
 
 

@@ -114,7 +114,11 @@ async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     store = handle.store
     [process] = await create(store, new_process(1, key="k", deadline_at=500.0))
     process.status, process.position, process.outputs = ProcessStatus.WAITING, 1, {"a": {"x": 1}}
-    process.wake_at, process.wait_seq, process.error = 300.0, 7, "step b: HTTP 503"
+    process.wake_at, process.wait_seq, process.error = (
+        300.0,
+        7,
+        {"step": "b", "message": "HTTP 503", "status": 503, "body": "down"},
+    )
     process.pending = [attempt("a"), attempt("b", AttemptOutcome.ERROR)]
     await store.checkpoint(process)
     assert process.pending == []
@@ -127,6 +131,7 @@ async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     got, history = stored
     assert (got.status, got.position, got.outputs) == (ProcessStatus.COMPLETED, 1, {"a": {"x": 1}})
     assert (got.wake_at, got.wait_seq, got.deadline_at) == (300.0, 7, 500.0)
+    assert got.error == {"step": "b", "message": "HTTP 503", "status": 503, "body": "down"}
     assert (got.idempotency_key, got.input, got.finished_at) == ("k", {"n": 1}, 400.0)
     assert got.status is ProcessStatus.COMPLETED  # read back as the enum
     assert [(a.step, a.outcome) for a in history] == [

@@ -69,7 +69,7 @@ def test_config_template_errors_name_the_key_and_line() -> None:
         parse_config(bad, source="config.yaml")
     assert error.value.errors == [
         "config.yaml:9: workflows[0].steps[1].call.body: {amount} must start with input. or "
-        "steps.<step>.",
+        "steps.<step>., or be process.id",
         "config.yaml:10: workflows[0].steps[1].compensate.path: {steps.notify.id} refers to "
         "step 'notify', which does not run before",
     ]

@@ -48,9 +48,13 @@ class Call:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class WaitFor:
-    event: str
+    """Wait for an `event` on the bus (matching `match`) or for a `signal` sent to this
+    process (POST /v1/processes/{id}/signals/{name}); exactly one of the two."""
+
+    event: str | None = None
     match: Mapping[str, Any] = field(default_factory=dict)  # data field -> template
     timeout: float | None = None
+    signal: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +90,10 @@ class Definition:
     trigger: str | None = None  # event topic that starts a process
     deadline: float | None = None  # seconds from start
     objective: float = DEFAULT_OBJECTIVE  # percent of processes completed within deadline
+    output: Any = None  # the process's result, a template; None: every step's output
+    respond_after: str | None = None  # a synchronous start answers once this step is done
+    version: int = 1  # a new one each time the definition changes (API or config)
+    source: str = "config"  # "config" (config.yaml) or "api" (PUT /v1/workflows/{name})
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)

@@ -90,6 +90,7 @@ class Engine:
             clock=clock,
             outcome=outcome,
             jitter=jitter,
+            respond=self._respond,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -193,7 +194,12 @@ class Engine:
     def _spawn(self, process: Process) -> None:
         self.live[process.id] = process
         self._wakeups.add(process.id)
-        self._done.setdefault(process.id, asyncio.Event())
+        answered = self._done.setdefault(process.id, asyncio.Event())
+        definition = self.definitions.get(process.workflow)
+        if definition is not None and definition.respond_after is not None:
+            names = [step.name for step in definition.steps[: process.position]]
+            if definition.respond_after in names:  # resumed past it: answer at once
+                answered.set()
         self._runner.deadlines.arm(process)
         task = asyncio.create_task(self._run(process), name=f"process:{process.id}")
         self._tasks[process.id] = task
@@ -219,7 +225,8 @@ class Engine:
         return process
 
     async def wait(self, process_id: str, seconds: float) -> bool:
-        """True when the process has finished within `seconds`."""
+        """True when the process has finished within `seconds`, or done its workflow's
+        `respond_after` step."""
         done = self._done.get(process_id)
         if done is None:
             return True  # not live: finished already (or unknown)
@@ -261,6 +268,11 @@ class Engine:
     def _definition(self, name: str) -> Definition | None:
         """The current one: `configure` replaces the whole mapping."""
         return self.definitions.get(name)
+
+    def _respond(self, process_id: str) -> None:
+        answered = self._done.get(process_id)
+        if answered is not None:
+            answered.set()
 
     def _forget(self, process: Process) -> None:
         self.live.pop(process.id, None)

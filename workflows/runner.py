@@ -25,7 +25,7 @@ from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
-from .records import Attempt, Process
+from .records import Attempt, Process, failure
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
 from .waits import Deadlines, EventWaits, Wakeups, matches
 
@@ -61,11 +61,13 @@ class ProcessRunner:
         clock: Callable[[], float],
         outcome: Outcome | None,
         jitter: Callable[[], float],
+        respond: Callable[[str], None] = lambda process_id: None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
         self._bus, self._metrics, self._publish = bus, metrics, publish
         self._counts, self._wakeups, self._waits = counts, wakeups, waits
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
+        self._respond = respond  # a synchronous start may answer now (respond_after)
         self.deadlines = Deadlines(clock, self._deadline_passed)
 
     async def run(self, process: Process) -> None:
@@ -74,7 +76,7 @@ class ProcessRunner:
         definition = self._definition(process.workflow)
         try:
             if definition is None:
-                process.error = f"workflow {process.workflow!r} is no longer defined"
+                process.error = failure(None, f"workflow {process.workflow!r} is no longer defined")
                 await self._finish(process, ProcessStatus.FAILED)
                 return
             pause = STORAGE_RETRY_MIN
@@ -92,7 +94,7 @@ class ProcessRunner:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
-            process.error = f"internal error: {exc}"
+            process.error = failure(None, f"internal error: {exc}")
             await self._finish(process, ProcessStatus.FAILED)
 
     async def _forward(self, definition: Definition, process: Process) -> None:
@@ -100,6 +102,9 @@ class ProcessRunner:
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
+            if definition.output is not None:  # else the output is every step's (describe)
+                context = template_context(process)
+                process.output = templates.render(definition.output, context, strict=False)
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
@@ -126,14 +131,14 @@ class ProcessRunner:
             process.position += 1
             process.attempt = 0
             await self._checkpoint(process, ProcessStatus.RUNNING)
-            self.emit("workflow.step_completed", process, step=step.name)
+            self._step_done(definition, process, step.name)
             return
         process.attempt = attempt
         if result.retryable and attempt < step.retry.max_attempts:
             process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
             await self._checkpoint(process, ProcessStatus.WAITING)
             return
-        process.error = f"step {step.name}: {result.error}"
+        process.error = failure(step.name, str(result.error), result.status, result.body)
         await self._begin_compensation(definition, process, cancelled=False)
 
     async def _act(self, process: Process, step: Step) -> CallResult:
@@ -145,7 +150,12 @@ class ProcessRunner:
             data = (
                 templates.render(step.action.data, context)
                 if step.action.data is not None
-                else {"process": process.id, "workflow": process.workflow, **context}
+                else {
+                    "process": process.id,
+                    "workflow": process.workflow,
+                    "input": process.input,
+                    "steps": process.outputs,
+                }
             )
         except templates.TemplateError as exc:
             return CallResult(ok=False, error=str(exc), retryable=False)
@@ -180,10 +190,11 @@ class ProcessRunner:
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor
     ) -> None:
+        assert wait.event is not None
         try:
             match = templates.render(dict(wait.match), template_context(process))
         except templates.TemplateError as exc:
-            process.error = f"step {step.name}: {exc}"
+            process.error = failure(step.name, str(exc))
             await self._begin_compensation(definition, process, cancelled=False)
             return
         started = self._clock()
@@ -211,7 +222,7 @@ class ProcessRunner:
         if event is None:
             result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = f"step {step.name}: {result.error}"
+            process.error = failure(step.name, str(result.error))
             await self._begin_compensation(definition, process, cancelled=False)
             return
         self._record(
@@ -225,7 +236,14 @@ class ProcessRunner:
         process.outputs[step.name] = event.data
         process.position += 1
         await self._checkpoint(process, ProcessStatus.RUNNING)
-        self.emit("workflow.step_completed", process, step=step.name)
+        self._step_done(definition, process, step.name)
+
+    def _step_done(self, definition: Definition, process: Process, step: str) -> None:
+        """After a step's checkpoint: tell listeners, and answer a synchronous start
+        waiting for this step (`respond_after`)."""
+        self.emit("workflow.step_completed", process, step=step)
+        if definition.respond_after == step:
+            self._respond(process.id)
 
     # -- compensation --------------------------------------------------------------
 
@@ -275,7 +293,11 @@ class ProcessRunner:
             process.wake_at = self._clock() + retry.delay(attempt, self._jitter())
             await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
-        process.error = f"{process.error}; compensation of {step.name} failed: {result.error}"
+        reason = f"compensation of {step.name} failed: {result.error}"
+        if process.error is None:  # a cancel: nothing failed before the compensation
+            process.error = failure(step.name, reason, result.status, result.body)
+        else:  # the step's failure stays the error; the message says what followed
+            process.error = {**process.error, "message": f"{process.error['message']}; {reason}"}
         await self._finish(process, ProcessStatus.FAILED)
 
     async def _finish(self, process: Process, status: ProcessStatus) -> None:
@@ -306,7 +328,8 @@ class ProcessRunner:
             **extra,
         }
         if process.error and topic != "workflow.step_completed":
-            data["error"] = process.error
+            data["error"] = process.error_text  # the line notifications show
+            data["failure"] = process.error
         self._bus.publish(topic, data)
 
     def _record(

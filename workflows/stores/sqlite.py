@@ -15,7 +15,7 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.records import Attempt, NewEvent, Process, StoredEvent
+from workflows.records import Attempt, NewEvent, Process, StoredEvent, stored_failure
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
 __all__ = ["SqliteWorkflowStore"]
@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS processes (
     compensating_from INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    output TEXT,
+    workflow_version INTEGER NOT NULL DEFAULT 1,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -76,11 +78,13 @@ CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 _COLUMNS = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
-    "compensating_from, cancel_requested, error"
+    "compensating_from, cancel_requested, error, output, workflow_version"
 )
+# Columns added since the first release: a file written before gets them at open.
+_ADDED_COLUMNS = {"output": "TEXT", "workflow_version": "INTEGER NOT NULL DEFAULT 1"}
 
 
-_MARKS = ", ".join("?" * 18)
+_MARKS = ", ".join("?" * 20)
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
@@ -111,13 +115,16 @@ def _row(process: Process) -> tuple[Any, ...]:
         process.wait_seq,
         process.compensating_from,
         int(process.cancel_requested),
-        process.error,
+        None if process.error is None else orjson.dumps(process.error).decode(),
+        None if process.output is None else orjson.dumps(process.output).decode(),
+        process.workflow_version,
     )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
+    output, version = row[19:21]
     return Process(
         id=id_,
         workflow=workflow,
@@ -136,9 +143,11 @@ def _process(row: tuple[Any, ...]) -> Process:
         wait_seq=wait_seq,
         compensating_from=compensating,
         cancel_requested=bool(cancel),
-        error=error,
+        error=stored_failure(error),
+        output=None if output is None else orjson.loads(output),
+        workflow_version=version,
         seq=seq,
-        history_count=row[19],  # every query selects the history count (or 0) last
+        history_count=row[21],  # every query selects the history count (or 0) last
     )
 
 
@@ -170,6 +179,10 @@ class SqliteWorkflowStore:
             # One statement at a time: executescript would commit the group's transaction.
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 d.conn.execute(statement)
+            have = {row[1] for row in d.conn.execute("PRAGMA table_info(processes)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:  # constants only reach this statement
+                    d.conn.execute(f"ALTER TABLE processes ADD COLUMN {column} {kind}")
 
         await self._db.write(create)
 

@@ -58,6 +58,15 @@ class Started(BaseModel):
     created: bool | None = Field(default=None, description="false: the idempotency key's process")
 
 
+class ProcessError(BaseModel):
+    """Why a process failed: the step, the reason, and what the service answered."""
+
+    step: str | None = None
+    message: str
+    status: int | None = Field(default=None, description="the failing answer's HTTP status")
+    body: str | None = Field(default=None, description="its body's first KiB, as text")
+
+
 class ProcessSummary(BaseModel):
     id: str
     workflow: str
@@ -67,13 +76,16 @@ class ProcessSummary(BaseModel):
     finished_at: float | None = None
     deadline_at: float | None = None
     deadline_missed: bool | None = None
-    error: str | None = None
+    error: ProcessError | None = None
+    workflow_version: int | None = Field(
+        default=None, description="the definition version the process runs"
+    )
 
 
 class WaitingFor(BaseModel):
-    """While waiting: kind (delay, retry, event), until (epoch seconds, null: no limit)."""
+    """While waiting: kind, until (epoch seconds, null: no limit) and detail."""
 
-    kind: Literal["delay", "retry", "event"] | None = None
+    kind: Literal["delay", "retry", "signal", "event", "resource", "task"] | None = None
     until: float | None = None
     detail: str | None = None
 
@@ -94,6 +106,11 @@ class Process(ProcessSummary):
     )
     input: dict[str, Any]
     outputs: dict[str, Any]
+    output: Any = Field(
+        default=None,
+        description="the result: the `output:` template (so far, while running), else every "
+        "step's output; null when the process failed",
+    )
     history: list[dict[str, Any]]
 
 
@@ -105,7 +122,8 @@ class ProcessPage(BaseModel):
 class StartQuery(BaseModel):
     wait: str = Field(
         default="",
-        description="wait up to this long (e.g. 30s, at most 5m) for the process to end",
+        description="wait up to this long (e.g. 30s, at most 5m) for the process to end "
+        "or do its `respond_after` step",
     )
 
 
@@ -117,7 +135,11 @@ class ProcessQuery(BaseModel):
 
 
 START_REPLIES = (
-    Reply(status=200, description="ended within `wait`", model=Process),
+    Reply(
+        status=200,
+        description="ended, or did its `respond_after` step, within `wait`",
+        model=Process,
+    ),
     Reply(status=202, description="started (or running)", model=Started),
 )
 START_ERRORS = (400, 401, 403, 404, 422)

@@ -1,0 +1,241 @@
+"""Results, errors, early answers, signals and definitions over the API, on a real daemon
+calling a real HTTP service, across restarts of the app on the same SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from monitor.config import Config
+from monitor.storage.database import APPLICATION_ID
+
+from .conftest import AppClient, until
+from .services import Calls, service_app
+from .test_workflows import events_of, process, register, until_status
+
+Start = Callable[..., Awaitable[AppClient]]
+
+GRANT = {
+    "name": "Grant",
+    "output": {"payment": "{steps.pay.payment_id}", "amount": "{input.amount}"},
+    "respond_after": "pay",
+    "steps": [
+        {"name": "validate", "call": {"service": "ach", "path": "/validate"}},
+        {
+            "name": "pay",
+            "call": {"service": "ach", "path": "/transfers", "body": {"amount": "{input.amount}"}},
+        },
+        {"name": "follow_up", "delay": "1h", "call": {"service": "ach", "path": "/follow"}},
+    ],
+}
+PLAIN = {
+    "name": "Plain",
+    "steps": [
+        {"name": "validate", "call": {"service": "ach", "path": "/validate"}},
+        {"name": "pay", "call": {"service": "ach", "path": "/transfers", "body": {"amount": 1}}},
+    ],
+}
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+async def service(calls: Calls) -> AsyncIterator[TestServer]:
+    server = TestServer(service_app(calls), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config]) -> Config:
+    return make_config(workflows=[GRANT, PLAIN])
+
+
+@pytest.fixture
+def up(start_daemon: Start, service: TestServer) -> Start:
+    """Start (or restart) the daemon on `config`, with the service registered."""
+
+    async def start(config: Config) -> AppClient:
+        client = await start_daemon(config)
+        await register(client, "ach", "i1", str(service.make_url("/")))
+        return client
+
+    return start
+
+
+async def start(client: AppClient, name: str, input_: Any, wait: str = "10s") -> Any:
+    resp = await client.post(f"/v1/workflows/{name}", params={"wait": wait}, json={"input": input_})
+    assert resp.status in (200, 202), await resp.text()
+    return await resp.json()
+
+
+# -- results and errors ---------------------------------------------------------------
+
+
+async def test_a_completed_process_has_every_step_output_by_default(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    done = await start(client, "Plain", {})
+    assert done["status"] == "completed"
+    assert done["output"] == {"validate": {"valid": True}, "pay": done["outputs"]["pay"]}
+    assert done["error"] is None
+
+
+async def test_the_output_template_is_the_result_and_survives_a_restart(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    answered = await start(client, "Grant", {"amount": 12.5})
+    process_id = answered["id"]
+    await client.close()
+
+    client = await up(config)
+    running = await process(client, process_id)
+    assert running["status"] == "waiting"  # the follow-up is an hour away
+    assert running["output"] == {"payment": running["outputs"]["pay"]["payment_id"], "amount": 12.5}
+
+
+async def test_a_failed_step_gives_its_status_and_the_start_of_the_body(
+    up: Start, config: Config, calls: Calls
+) -> None:
+    calls.fail["/transfers"] = [422]
+    client = await up(config)
+    failed_events = events_of(client, "workflow.failed")
+    done = await start(client, "Plain", {})
+    assert done["status"] == "failed"
+    error = {"step": "pay", "message": "HTTP 422", "status": 422}
+    assert done["error"] == {**error, "body": '{"error": "planned failure"}'}
+    assert done["output"] is None
+    await until(lambda: _nonempty(failed_events))
+    data = failed_events[0].data
+    assert data["error"] == "step pay: HTTP 422"  # the line notifications show
+    assert data["failure"] == done["error"]
+    listed = await (await client.get("/v1/processes", params={"workflow": "Plain"})).json()
+    assert listed["processes"][0]["error"] == done["error"]
+    page = await (await client.get(f"/processes/{done['id']}")).text()
+    assert "step pay: HTTP 422 (HTTP 422)" in page and "planned failure" in page
+
+
+async def test_an_error_body_is_cut_to_a_kibibyte(
+    up: Start, config: Config, calls: Calls, service: TestServer
+) -> None:
+    client = await up(config)
+    calls.fail["/validate"] = [400]
+    calls.fail_body["/validate"] = "x" + "é" * 2000  # the cut falls inside a character
+    done = await start(client, "Plain", {})
+    assert done["error"]["status"] == 400
+    assert done["error"]["body"] == "x" + "é" * 511 + "\ufffd"
+
+
+async def test_rows_written_before_errors_had_a_shape_still_load(up: Start, config: Config) -> None:
+    path = Path(config.storage.path)
+    with sqlite3.connect(path) as db:  # the processes table as the first release wrote it
+        db.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        db.execute(OLD_PROCESSES)
+        db.execute(
+            "INSERT INTO processes (id, workflow, status, input, outputs, created_at, "
+            "updated_at, finished_at, error) VALUES "
+            "('p-old', 'Plain', 'failed', '{}', '{}', 1.0, 2.0, 2.0, 'step pay: HTTP 503')"
+        )
+    client = await up(config)
+    old = await process(client, "p-old")
+    assert old["error"] == {
+        "step": None,
+        "message": "step pay: HTTP 503",
+        "status": None,
+        "body": None,
+    }
+    assert old["workflow_version"] == 1
+    assert (await start(client, "Plain", {}))["status"] == "completed"  # new columns added
+
+
+# -- respond_after ---------------------------------------------------------------------
+
+
+async def test_a_synchronous_start_answers_after_the_respond_after_step(
+    up: Start, config: Config, calls: Calls
+) -> None:
+    client = await up(config)
+    resp = await client.post(
+        "/v1/workflows/Grant", params={"wait": "30s"}, json={"input": {"amount": 3}}
+    )
+    assert resp.status == 200
+    answered = await resp.json()
+    assert answered["status"] in ("running", "waiting")  # the process goes on
+    payment = answered["outputs"]["pay"]["payment_id"]
+    assert answered["output"] == {"payment": payment, "amount": 3}
+    assert "/follow" not in calls.paths()
+    assert (await process(client, answered["id"]))["current_step"] == "follow_up"
+
+
+async def test_a_process_resumed_past_its_respond_after_step_answers_at_once(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    first = await start(client, "Grant", {"amount": 1}, wait="0s")
+    await until_status(client, first["id"], "waiting")
+    await client.close()
+
+    client = await up(config)
+    resp = await client.post(
+        "/v1/workflows/Grant",
+        params={"wait": "30s"},
+        json={"input": {"amount": 1}, "idempotency_key": "k"},
+    )
+    assert resp.status == 200
+    again = await client.post(
+        "/v1/workflows/Grant",
+        params={"wait": "30s"},
+        json={"input": {"amount": 1}, "idempotency_key": "k"},
+    )
+    assert again.status == 200 and (await again.json())["id"] == (await resp.json())["id"]
+
+
+async def test_respond_after_must_name_a_step(make_config: Callable[..., Config]) -> None:
+    from monitor.config import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        make_config(workflows=[{**GRANT, "respond_after": "payy"}])
+    assert any(
+        "workflows[0].respond_after: no step named 'payy'" in line for line in error.value.errors
+    )
+
+
+async def _nonempty(items: list[Any]) -> bool:
+    return bool(items)
+
+
+OLD_PROCESSES = """
+CREATE TABLE processes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    workflow TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    idempotency_key TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    deadline_at REAL,
+    deadline_missed INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    wake_at REAL,
+    wait_seq INTEGER,
+    compensating_from INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    UNIQUE (workflow, idempotency_key)
+)
+"""
