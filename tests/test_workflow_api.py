@@ -239,3 +239,49 @@ CREATE TABLE processes (
     UNIQUE (workflow, idempotency_key)
 )
 """
+
+
+# -- {process.id} and publish data ------------------------------------------------------
+
+NOTIFY = {
+    "name": "Notify",
+    "steps": [
+        {
+            "name": "register",
+            "call": {
+                "service": "ach",
+                "path": "/{process.id}",
+                "body": {"reply_to": "{process.id}", "who": "{input.who}"},
+            },
+        },
+        {
+            "name": "notify",
+            "publish": "grant.paid",
+            "data": {"application": "{input.who}", "process": "{process.id}"},
+        },
+    ],
+}
+
+
+async def test_a_step_sends_its_process_id_and_a_publish_step_its_data(
+    up: Start, make_config: Callable[..., Config], calls: Calls
+) -> None:
+    client = await up(make_config(workflows=[NOTIFY]))
+    paid = events_of(client, "grant.paid")
+    done = await start(client, "Notify", {"who": "A-7"})
+    assert done["status"] == "completed"
+    [(_, path, body, _)] = calls.seen
+    assert (path, body) == (f"/{done['id']}", {"reply_to": done["id"], "who": "A-7"})
+    await until(lambda: _nonempty(paid))
+    assert paid[0].data == {"application": "A-7", "process": done["id"]}
+
+
+async def test_data_templates_are_checked_at_load(make_config: Callable[..., Config]) -> None:
+    from monitor.config import ConfigError
+
+    steps = [dict(NOTIFY["steps"][0]), {**NOTIFY["steps"][1], "data": {"x": "{process.name}"}}]
+    with pytest.raises(ConfigError) as error:
+        make_config(workflows=[{**NOTIFY, "steps": steps}])
+    assert any(
+        "workflows[0].steps[1].data: {process.name} must start" in e for e in error.value.errors
+    )
