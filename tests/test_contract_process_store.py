@@ -110,6 +110,26 @@ async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
     assert await handle.store.get("p0001") is not None
 
 
+async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) -> None:
+    store = handle.store
+    [waiting, other] = await create(store, new_process(1), new_process(2))
+    first = await store.add_signal("p0001", "docs", b'{"n": 1}', 10.0)
+    second = await store.add_signal("p0001", "docs", b'{"n": 2}', 11.0)
+    await store.add_signal("p0002", "docs", b"{}", 12.0)
+    assert [(s.process, s.data) for s in await store.pending_signals()] == [
+        ("p0001", {"n": 1}),
+        ("p0001", {"n": 2}),
+        ("p0002", {}),
+    ]
+    assert first.seq < second.seq
+    waiting.taken_signal = first.seq
+    await store.checkpoint(waiting)
+    assert waiting.taken_signal is None
+    other.status, other.finished_at = ProcessStatus.COMPLETED, 20.0  # no one takes them now
+    await store.checkpoint(other)
+    assert [s.data for s in await store.pending_signals()] == [{"n": 2}]
+
+
 async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     store = handle.store
     [process] = await create(store, new_process(1, key="k", deadline_at=500.0))

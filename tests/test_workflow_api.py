@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from monitor.config import Config
 from monitor.storage.database import APPLICATION_ID
 
-from .conftest import AppClient, until
+from .conftest import AppClient, FakeClock, until
 from .services import Calls, service_app
 from .test_workflows import events_of, process, register, until_status
 
@@ -285,3 +285,145 @@ async def test_data_templates_are_checked_at_load(make_config: Callable[..., Con
     assert any(
         "workflows[0].steps[1].data: {process.name} must start" in e for e in error.value.errors
     )
+
+
+# -- signals ----------------------------------------------------------------------------
+
+PERMIT = {
+    "name": "Permit",
+    "steps": [
+        {"name": "submit", "call": {"service": "ach", "path": "/submit"}},
+        {"name": "docs", "wait_for": {"signal": "docsValidated", "timeout": "1h"}},
+        {"name": "approve", "call": {"service": "ach", "path": "/approve", "body": "{steps.docs}"}},
+        {"name": "again", "wait_for": {"signal": "docsValidated"}},
+    ],
+}
+EARLY = {
+    "name": "Early",
+    "steps": [
+        {"name": "submit", "delay": "300ms", "call": {"service": "ach", "path": "/submit"}},
+        {"name": "docs", "wait_for": {"signal": "docsValidated"}},
+        {"name": "again", "wait_for": {"signal": "docsValidated", "timeout": "300ms"}},
+    ],
+}
+KEEP = {
+    "name": "Keep",
+    "steps": [
+        {"name": "submit", "delay": "10m", "call": {"service": "ach", "path": "/submit"}},
+        {"name": "docs", "wait_for": {"signal": "docsValidated"}},
+    ],
+}
+AUTH = {
+    "auth": {
+        "tokens": [
+            {"token": "admin-token", "scopes": ["*"]},
+            {"token": "permit-token", "scopes": ["signal:Permit", "start:*"]},
+            {"token": "other-token", "scopes": ["signal:Grant"]},
+        ]
+    }
+}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def signal(client: AppClient, process_id: str, data: Any = None, **kw: Any) -> Any:
+    resp = await client.post(f"/v1/processes/{process_id}/signals/docsValidated", json=data, **kw)
+    return resp
+
+
+async def test_a_signal_is_the_output_of_the_step_waiting_for_it(
+    up: Start, make_config: Callable[..., Config], calls: Calls
+) -> None:
+    client = await up(make_config(workflows=[PERMIT]))
+    started = await start(client, "Permit", {}, wait="0s")
+    waiting = await until_status(client, started["id"], "waiting")
+    assert waiting["current_step"] == "docs"
+    assert waiting["waiting_for"]["kind"] == "signal"
+    assert waiting["waiting_for"]["detail"] == "signal docsValidated"
+    resp = await signal(client, started["id"], {"ok": True, "by": "clerk"})
+    assert resp.status == 202
+    moved = await until_status(client, started["id"], "waiting")
+    await until(lambda: _at_step(client, started["id"], "again"))
+    moved = await process(client, started["id"])
+    assert moved["outputs"]["docs"] == {"ok": True, "by": "clerk"}
+    assert [b for _, p, b, _ in calls.seen if p == "/approve"] == [{"ok": True, "by": "clerk"}]
+    resp = await signal(client, started["id"])  # an empty body is {}
+    assert resp.status == 202
+    done = await until_status(client, started["id"], "completed")
+    assert done["outputs"]["again"] == {}
+
+
+async def test_a_signal_that_comes_early_is_kept_and_taken_once(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[EARLY]))
+    started = await start(client, "Early", {}, wait="0s")
+    assert (await signal(client, started["id"], {"n": 1})).status == 202  # still in its delay
+    done = await until_status(client, started["id"], "failed")
+    assert done["outputs"]["docs"] == {"n": 1}
+    assert done["error"]["step"] == "again"  # the one signal went to the first wait only
+    assert done["error"]["message"] == "no docsValidated signal within 0.3s"
+
+
+async def test_signals_survive_a_restart_kept_or_awaited(
+    up: Start, make_config: Callable[..., Config], clock: FakeClock
+) -> None:
+    config = make_config(workflows=[PERMIT, KEEP])
+    client = await up(config)
+    kept = await start(client, "Keep", {}, wait="0s")
+    awaited = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, kept["id"], "waiting")
+    before = await until_status(client, awaited["id"], "waiting")
+    assert (await signal(client, kept["id"], {"n": 1})).status == 202  # before its wait
+    await client.close()
+
+    clock.advance(601)  # the delay has passed while the daemon was down
+    client = await up(config)
+    done = await until_status(client, kept["id"], "completed")
+    assert done["outputs"]["docs"] == {"n": 1}
+    waiting = await process(client, awaited["id"])
+    assert waiting["waiting_for"] == before["waiting_for"]  # same signal, same timeout
+    assert (await signal(client, awaited["id"], {"n": 2})).status == 202
+    await until(lambda: _at_step(client, awaited["id"], "again"))
+    assert (await process(client, awaited["id"]))["outputs"]["docs"] == {"n": 2}
+
+
+async def test_signals_to_unknown_or_finished_processes_and_bad_bodies(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT, PLAIN]))
+    assert (await signal(client, "nope")).status == 404
+    done = await start(client, "Plain", {})
+    resp = await signal(client, done["id"], {"x": 1})
+    assert resp.status == 409
+    assert set((await resp.json())["error"]) == {"code", "message", "details"}
+    started = await start(client, "Permit", {}, wait="0s")
+    assert (await signal(client, started["id"], [1, 2])).status == 422
+    bad = await client.post(f"/v1/processes/{started['id']}/signals/no%20spaces", json={})
+    assert bad.status == 400
+
+
+async def test_a_signal_needs_the_signal_scope_of_the_workflow(
+    start_daemon: Start, make_config: Callable[..., Config], service: TestServer
+) -> None:
+    client = await start_daemon(make_config(workflows=[PERMIT], server=AUTH))
+    url = str(service.make_url("/"))
+    put = await client.put(
+        "/v1/services/ach/instances/i1", json={"url": url}, headers=bearer("admin-token")
+    )
+    assert put.status == 201
+    resp = await client.post(
+        "/v1/workflows/Permit", json={"input": {}}, headers=bearer("permit-token")
+    )
+    assert resp.status == 202
+    process_id = (await resp.json())["id"]
+    refused = await signal(client, process_id, {}, headers=bearer("other-token"))
+    assert refused.status == 403
+    assert (await signal(client, process_id, {}, headers=bearer("permit-token"))).status == 202
+
+
+async def _at_step(client: AppClient, process_id: str, step: str) -> bool:
+    seen = await process(client, process_id)
+    return seen["current_step"] == step and seen["status"] == "waiting"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .records import Attempt, NewEvent, Process, StoredEvent
+from .records import Attempt, NewEvent, Process, Signal, StoredEvent
 from .states import ProcessStatus
 
 
@@ -34,6 +34,15 @@ class ProcessStore(Protocol):
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""
+        ...
+
+    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+        """Keep a signal for a process (durable when this returns); a checkpoint whose
+        process has `taken_signal` set deletes that one in the same transaction."""
+        ...
+
+    async def pending_signals(self) -> list[Signal]:
+        """Signals not yet taken by unfinished processes, oldest first."""
         ...
 
     async def get(self, process_id: str) -> tuple[Process, list[Attempt]] | None: ...

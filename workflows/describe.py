@@ -57,6 +57,9 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
     if not 0 <= process.position < len(definition.steps):
         return None
     step = definition.steps[process.position]
+    if isinstance(step.action, WaitFor) and step.action.signal is not None:
+        detail = f"signal {step.action.signal}"
+        return {"kind": WaitKind.SIGNAL, "until": process.wake_at, "detail": detail}
     if isinstance(step.action, WaitFor):
         try:  # the values the event must carry, as the runner matches them
             match = templates.render(dict(step.action.match), template_context(process))

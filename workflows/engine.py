@@ -43,7 +43,7 @@ from .metrics import WorkflowMetrics
 from .records import NewEvent, Process, StoredEvent
 from .runner import Outcome, ProcessRunner
 from .states import ProcessStatus
-from .waits import EventWaits, Wakeups
+from .waits import EventWaits, SignalWaits, Wakeups
 
 __all__ = ["Engine", "Outcome"]
 
@@ -77,6 +77,7 @@ class Engine:
         self._stopping = False
         self._wakeups = Wakeups(clock)
         self._waits = EventWaits(bus, self._wakeups.wake)
+        self._signals = SignalWaits(self._wakeups.wake)
         self._runner = ProcessRunner(
             definition=self._definition,
             store=store,
@@ -90,6 +91,7 @@ class Engine:
             clock=clock,
             outcome=outcome,
             jitter=jitter,
+            signals=self._signals,
             respond=self._respond,
         )
 
@@ -100,6 +102,8 @@ class Engine:
         await self.store.create_tables()
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
+        for signal in await self.store.pending_signals():
+            self._signals.keep(signal)
         for process in await self.store.unfinished():
             self._spawn(process)
 
@@ -224,6 +228,21 @@ class Engine:
             self._wakeups.wake(process.id)
         return process
 
+    async def signal(self, process_id: str, name: str, data: Mapping[str, Any]) -> Process:
+        """Keep a signal for a running process (durable when this returns) and wake it when
+        a step waits for that name; a step takes each signal once."""
+        process = self.live.get(process_id)
+        if process is None:
+            stored = await self.store.get(process_id)
+            if stored is None:
+                raise UnknownProcess(f"no process {process_id!r}")
+            raise ProcessFinished(f"process {process_id} is {stored[0].status}")
+        encoded = orjson.dumps(data)
+        signal = await self.store.add_signal(process_id, name, encoded, self._clock())
+        if process_id in self.live:  # else it finished meanwhile: nothing will take it
+            self._signals.keep(signal)
+        return process
+
     async def wait(self, process_id: str, seconds: float) -> bool:
         """True when the process has finished within `seconds`, or done its workflow's
         `respond_after` step."""
@@ -278,6 +297,7 @@ class Engine:
         self.live.pop(process.id, None)
         self._tasks.pop(process.id, None)
         self._wakeups.remove(process.id)
+        self._signals.forget(process.id)
         done = self._done.pop(process.id, None)
         if done is not None:
             done.set()

@@ -122,6 +122,18 @@ def stored_failure(text: str | None) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Signal:
+    """JSON sent to one process (`POST /v1/processes/{id}/signals/{name}`), kept until a
+    `wait_for: {signal: name}` step takes it; `seq` orders and names it."""
+
+    seq: int
+    process: str
+    name: str
+    data: dict[str, Any]
+    sent_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StoredEvent:
     """An event as stored: its id (the bus's sequence), topic, decoded data and time."""
 

@@ -27,7 +27,7 @@ from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process, failure
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
-from .waits import Deadlines, EventWaits, Wakeups, matches
+from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
 
@@ -61,6 +61,7 @@ class ProcessRunner:
         clock: Callable[[], float],
         outcome: Outcome | None,
         jitter: Callable[[], float],
+        signals: SignalWaits,
         respond: Callable[[str], None] = lambda process_id: None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
@@ -68,6 +69,7 @@ class ProcessRunner:
         self._counts, self._wakeups, self._waits = counts, wakeups, waits
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
         self._respond = respond  # a synchronous start may answer now (respond_after)
+        self._signals = signals
         self.deadlines = Deadlines(clock, self._deadline_passed)
 
     async def run(self, process: Process) -> None:
@@ -109,7 +111,10 @@ class ProcessRunner:
             return
         step = definition.steps[process.position]
         if isinstance(step.action, WaitFor):
-            await self._wait_for(definition, process, step, step.action)
+            if step.action.signal is not None:
+                await self._wait_signal(definition, process, step, step.action)
+            else:
+                await self._wait_for(definition, process, step, step.action)
             return
         if process.wake_at is None and process.attempt == 0 and step.delay:
             process.wake_at = self._clock() + step.delay
@@ -235,6 +240,44 @@ class ProcessRunner:
         )
         process.outputs[step.name] = event.data
         process.position += 1
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        self._step_done(definition, process, step.name)
+
+    async def _wait_signal(
+        self, definition: Definition, process: Process, step: Step, wait: WaitFor
+    ) -> None:
+        """Take the step's signal: one kept from before, or the next to come. `wait_seq`
+        0 marks the wait begun, so a restart keeps its timeout instead of starting anew."""
+        assert wait.signal is not None
+        started, name, timeout = self._clock(), wait.signal, wait.timeout
+        if process.wait_seq is None:
+            process.wait_seq = 0
+            process.wake_at = started + timeout if timeout is not None else None
+            await self._checkpoint(process, ProcessStatus.WAITING)
+        self._signals.waiting[process.id] = name
+        try:
+            signal = self._signals.take(process.id, name)
+            while signal is None and not process.cancel_requested:
+                if await self._wakeups.sleep(process, process.wake_at):
+                    break  # timed out
+                signal = self._signals.take(process.id, name)
+        finally:
+            self._signals.waiting.pop(process.id, None)
+        if process.cancel_requested and signal is None:
+            return
+        process.wake_at, process.wait_seq = None, None
+        if signal is None:
+            error = f"no {name} signal within {timeout:g}s"
+            result = CallResult(ok=False, error=error)
+            self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+            process.error = failure(step.name, error)
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        result = CallResult(ok=True, output=signal.data)
+        self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+        process.outputs[step.name] = signal.data
+        process.position += 1
+        process.taken_signal = signal.seq  # deleted by this checkpoint: taken once
         await self._checkpoint(process, ProcessStatus.RUNNING)
         self._step_done(definition, process, step.name)
 

@@ -80,3 +80,4 @@ class WaitKind(enum.StrEnum):
     DELAY = "delay"
     RETRY = "retry"
     EVENT = "event"
+    SIGNAL = "signal"

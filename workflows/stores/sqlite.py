@@ -15,7 +15,7 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.records import Attempt, NewEvent, Process, StoredEvent, stored_failure
+from workflows.records import Attempt, NewEvent, Process, Signal, StoredEvent, stored_failure
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
 __all__ = ["SqliteWorkflowStore"]
@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS events (
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
+CREATE TABLE IF NOT EXISTS process_signals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    process TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS process_signals_process ON process_signals (process, seq);
 CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 """
 
@@ -225,12 +233,15 @@ class SqliteWorkflowStore:
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically."""
         history, process.pending = process.pending, []
+        taken, process.taken_signal = process.taken_signal, None
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
 
         def write(d: sqlite_utils.Database) -> None:
             d.conn.execute(_UPDATE, (*row, seq))
+            if taken is not None:  # taken once: gone with the checkpoint of the step
+                d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
             if history:
                 d.conn.executemany(
                     "INSERT INTO process_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -253,6 +264,32 @@ class SqliteWorkflowStore:
                 )
 
         await self._db.write(write)
+
+    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+        def write(d: sqlite_utils.Database) -> int:
+            cursor = d.conn.execute(
+                "INSERT INTO process_signals (process, name, data, sent_at) VALUES (?, ?, ?, ?)",
+                (process_id, name, data.decode(), at),
+            )
+            return int(cursor.lastrowid or 0)
+
+        seq = await self._db.write(write)
+        return Signal(seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at)
+
+    async def pending_signals(self) -> list[Signal]:
+        """Signals not yet taken by unfinished processes, oldest first."""
+
+        def read(d: sqlite_utils.Database) -> list[Signal]:
+            rows = d.execute(
+                "SELECT s.seq, s.process, s.name, s.data, s.sent_at FROM process_signals s "
+                "JOIN processes p ON p.id = s.process WHERE p.finished_at IS NULL ORDER BY s.seq"
+            ).fetchall()
+            return [
+                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at)
+                for seq, p, n, data, at in rows
+            ]
+
+        return await self._db.read(read)
 
     async def unfinished(self) -> list[Process]:
         def read(d: sqlite_utils.Database) -> list[Process]:
@@ -381,6 +418,11 @@ class SqliteWorkflowStore:
                 [before],
             ).fetchall()
             conn.execute(_HISTORY_OF_OLD, [before])
+            conn.execute(
+                "DELETE FROM process_signals WHERE process IN "
+                "(SELECT id FROM processes WHERE finished_at < ?)",
+                [before],
+            )
             conn.execute("DELETE FROM processes WHERE finished_at < ?", [before])
             conn.execute("DELETE FROM events WHERE published_at < ?", [events_before])
             return {(w, ProcessStatus(s)): n for w, s, n in gone}

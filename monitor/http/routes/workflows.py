@@ -14,8 +14,9 @@ from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, Route, RouteTable
 from monitor.http.routes.events import DEFAULT_SSE_BUFFER, EventRoutes
-from monitor.http.routes.names import WorkflowName
+from monitor.http.routes.names import SignalKey, WorkflowName
 from registry import parse_duration
+from registry.model import is_valid_name
 from scheduler import EventBus
 from workflows import records
 from workflows.engine import Engine
@@ -33,6 +34,10 @@ class StartBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     input: dict[str, Any] = Field(default_factory=dict)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+class SignalData(RootModel[dict[str, Any]]):
+    """A signal's JSON: the output of the step that takes it (empty body: {})."""
 
 
 class WorkflowInput(RootModel[dict[str, Any]]):
@@ -323,6 +328,28 @@ class WorkflowRoutes:
             raise HttpError(404, f"no process {process_id!r}")
         self.auth.require(request, "cancel", stored[0].workflow)
         process = await self.engine.cancel(process_id)
+        return json_response({"id": process.id, "status": process.status}, status=202)
+
+    @table.post(
+        "/v1/processes/{id}/signals/{name}",
+        operation_id="signalProcess",
+        summary="Send a signal: JSON a `wait_for: {signal}` step takes (kept until then)",
+        match=SignalKey,
+        body=SignalData,
+        body_required=False,
+        replies=(Reply(status=202, description="kept for the process", model=Started),),
+        errors=(400, 401, 403, 404, 409, 422),
+    )
+    async def signal(self, request: web.Request) -> web.Response:
+        process_id, name = request.match_info["id"], request.match_info["name"]
+        if not is_valid_name(name):
+            raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
+        stored = await self.engine.store.get(process_id)
+        if stored is None:
+            raise HttpError(404, f"no process {process_id!r}")
+        self.auth.require(request, "signal", stored[0].workflow)
+        data = await parse_json_object(request, "a signal")
+        process = await self.engine.signal(process_id, name, data)
         return json_response({"id": process.id, "status": process.status}, status=202)
 
     async def _full(self, process_id: str) -> dict[str, Any]:
