@@ -53,6 +53,7 @@ from . import lifecycle
 from .config import Config
 from .convert import (
     bus_topic_label,
+    definition_from_json,
     definitions_from_config,
     dependencies,
     protect_reads,
@@ -216,6 +217,7 @@ def _build(
         metrics=WorkflowMetrics(registry),
         clock=clock.time,
         outcome=workflow_slos.record,
+        parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     bus.label = bus_topic_label(definitions, config)

@@ -36,6 +36,7 @@ from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
+from workflows.errors import InvalidDefinition
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
 SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel", "signal", "define")
@@ -889,6 +890,31 @@ def _check_targets(
             refusal = policy.refusal(url) if isinstance(url, str) else None
             if refusal is not None:
                 yield ("services", i, "instances", j, "url"), refusal
+
+
+def parse_workflow(data: Any) -> Workflow:
+    """One workflow entry from JSON (`PUT /v1/workflows/{name}`, or a stored version), with
+    every check a config.yaml entry gets; `InvalidDefinition` names each bad field."""
+    problems: list[tuple[Path_, str]] = []
+    if isinstance(data, dict):
+        problems += workflow_problems(data)
+    workflow = None
+    try:
+        workflow = Workflow.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append((tuple(error["loc"]), message))
+    if problems or workflow is None:
+        raise InvalidDefinition([(_json_path(loc), message) for loc, message in problems])
+    return workflow
+
+
+def _json_path(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in p or "function" in p)]
+    return ".".join(parts) or "(top level)"
 
 
 def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tuple[Path_, str]]:

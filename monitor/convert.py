@@ -6,7 +6,8 @@ hands them values built here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from monitor import config as cfg
 from registry import Instance, ProbeSpec
@@ -72,7 +73,14 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         objective=workflow.objective,
         output=workflow.output,
         respond_after=workflow.respond_after,
+        spec=workflow.model_dump(mode="json", exclude_defaults=True),
     )
+
+
+def definition_from_json(data: Mapping[str, Any]) -> Definition:
+    """A stored or deployed definition (a config.yaml entry as JSON), checked as config.yaml
+    is; `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path."""
+    return definition_from_config(cfg.parse_workflow(data))
 
 
 def _call(spec: cfg.Call) -> Call:

@@ -427,3 +427,124 @@ async def test_a_signal_needs_the_signal_scope_of_the_workflow(
 async def _at_step(client: AppClient, process_id: str, step: str) -> bool:
     seen = await process(client, process_id)
     return seen["current_step"] == step and seen["status"] == "waiting"
+
+
+# -- definitions API and versions ---------------------------------------------------------
+
+DEPLOYED = {
+    "steps": [
+        {"name": "submit", "call": {"service": "ach", "path": "/submit"}},
+        {"name": "docs", "wait_for": {"signal": "docsValidated", "timeout": "1h"}},
+    ],
+}
+CHANGED = {
+    "steps": [
+        {"name": "submit", "call": {"service": "ach", "path": "/submit-v2"}},
+        {"name": "docs", "wait_for": {"signal": "docsValidated", "timeout": "1h"}},
+        {"name": "approve", "call": {"service": "ach", "path": "/approve"}},
+    ],
+}
+
+
+async def define(client: AppClient, name: str, body: Any, **kw: Any) -> Any:
+    return await client.put(f"/v1/workflows/{name}", json=body, **kw)
+
+
+async def test_a_deployed_definition_is_versioned_and_processes_keep_theirs(
+    up: Start, config: Config, calls: Calls
+) -> None:
+    client = await up(config)
+    created = await define(client, "Deployed", DEPLOYED)
+    assert created.status == 201
+    first = await created.json()
+    assert (first["name"], first["version"], first["source"]) == ("Deployed", 1, "api")
+    assert first["definition"]["steps"][0]["call"]["path"] == "/submit"
+    again = await define(client, "Deployed", {**DEPLOYED, "name": "Deployed"})
+    assert (again.status, (await again.json())["version"]) == (200, 1)  # the same: unchanged
+    old = await start(client, "Deployed", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+
+    changed = await define(client, "Deployed", CHANGED)
+    assert (changed.status, (await changed.json())["version"]) == (200, 2)
+    new = await start(client, "Deployed", {}, wait="0s")
+    await until_status(client, new["id"], "waiting")
+    assert (await process(client, old["id"]))["workflow_version"] == 1
+    assert (await process(client, new["id"]))["workflow_version"] == 2
+    listed = (await (await client.get("/v1/workflows")).json())["workflows"]
+    assert {w["name"]: (w["version"], w["source"]) for w in listed}["Deployed"] == (2, "api")
+    await client.close()
+
+    client = await up(config)  # a restart keeps every version
+    got = await (await client.get("/v1/workflows/Deployed")).json()
+    assert (got["version"], got["source"]) == (2, "api")
+    assert [s["name"] for s in got["definition"]["steps"]] == ["submit", "docs", "approve"]
+    for p in (old, new):
+        assert (await signal(client, p["id"], {})).status == 202
+    done_old = await until_status(client, old["id"], "completed")
+    done_new = await until_status(client, new["id"], "completed")
+    assert [s["name"] for s in done_old["steps"]] == ["submit", "docs"]  # version 1's steps
+    assert "approve" in done_new["outputs"]
+    assert calls.paths().count("/approve") == 1 and calls.paths()[:2] == ["/submit", "/submit-v2"]
+
+
+async def test_config_definitions_get_a_new_version_only_when_changed(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT]))
+    old = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+    assert (await (await client.get("/v1/workflows/Permit")).json())["version"] == 1
+    await client.close()
+
+    client = await up(make_config(workflows=[PERMIT]))  # unchanged: still version 1
+    got = await (await client.get("/v1/workflows/Permit")).json()
+    assert (got["version"], got["source"]) == (1, "config")
+    await client.close()
+
+    shorter = {**PERMIT, "steps": PERMIT["steps"][:2]}
+    client = await up(make_config(workflows=[shorter]))
+    assert (await (await client.get("/v1/workflows/Permit")).json())["version"] == 2
+    assert (await process(client, old["id"]))["workflow_version"] == 1
+    assert (await signal(client, old["id"], {"n": 1})).status == 202
+    await until(lambda: _at_step(client, old["id"], "again"))  # version 1 goes on to "again"
+
+
+async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    bad = {"steps": [DEPLOYED["steps"][0], {"name": "pay", "call": {"path": "/x"}}]}
+    resp = await define(client, "Bad", bad)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert {"path": "steps.1.call.service", "message": "Field required"} in error["details"]
+    assert "steps.1.call.service" in error["message"]
+    resp = await define(client, "Bad", {**DEPLOYED, "colour": "red"})
+    assert {"path": "colour", "message": "unknown key"} in (await resp.json())["error"]["details"]
+    resp = await define(client, "Bad", {**DEPLOYED, "respond_after": "nope"})
+    [problem] = (await resp.json())["error"]["details"]
+    assert problem["path"] == "respond_after"
+    resp = await define(client, "Bad", {**DEPLOYED, "name": "Other"})
+    assert resp.status == 422 and (await resp.json())["error"]["details"][0]["path"] == "name"
+    assert (await define(client, "Bad", [1])).status == 422
+    assert (await client.get("/v1/workflows/Bad")).status == 404
+
+
+async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: Config) -> None:
+    client = await up(config)
+    resp = await define(client, "Plain", DEPLOYED)
+    assert resp.status == 409
+    assert (await resp.json())["error"]["code"] == "conflict"
+    got = await (await client.get("/v1/workflows/Plain")).json()
+    assert (got["version"], got["source"]) == (1, "config")
+
+
+async def test_defining_needs_the_define_scope(
+    start_daemon: Start, make_config: Callable[..., Config]
+) -> None:
+    scoped = {"auth": {"tokens": [{"token": "deployer", "scopes": ["define:Deployed"]}]}}
+    client = await start_daemon(make_config(server=scoped))
+    assert (await define(client, "Deployed", DEPLOYED)).status == 401
+    resp = await define(client, "Other", DEPLOYED, headers=bearer("deployer"))
+    assert resp.status == 403
+    assert (await define(client, "Deployed", DEPLOYED, headers=bearer("deployer"))).status == 201

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .records import Attempt, NewEvent, Process, Signal, StoredEvent
+from .records import Attempt, NewEvent, Process, Signal, StoredDefinition, StoredEvent
 from .states import ProcessStatus
 
 
@@ -85,5 +85,17 @@ class EventStore(Protocol):
         ...
 
 
-class WorkflowStore(ProcessStore, EventStore, Protocol):
-    """Both, in one store: an event and the processes it starts are one transaction."""
+class DefinitionStore(Protocol):
+    """Every version of every workflow definition, config or API, so a process runs the
+    version it started with across restarts."""
+
+    async def definitions(self) -> list[StoredDefinition]:
+        """Every stored version, oldest first."""
+        ...
+
+    async def add_definition(self, definition: StoredDefinition) -> None:
+        """Store a new version (durable when this returns)."""
+
+
+class WorkflowStore(ProcessStore, EventStore, DefinitionStore, Protocol):
+    """All three, in one store: an event and the processes it starts are one transaction."""

@@ -17,7 +17,7 @@ first (a durable timer).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -94,6 +94,14 @@ class Definition:
     respond_after: str | None = None  # a synchronous start answers once this step is done
     version: int = 1  # a new one each time the definition changes (API or config)
     source: str = "config"  # "config" (config.yaml) or "api" (PUT /v1/workflows/{name})
+    # The JSON entry it was built from (a config.yaml entry's schema): stored per version,
+    # parsed again at start, shown by GET /v1/workflows/{name}. Not part of equality: two
+    # spellings of one definition ("60s", "1m") are the same version.
+    spec: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    def same_as(self, other: Definition) -> bool:
+        """The same steps and settings, whatever the version and source."""
+        return replace(self, version=other.version, source=other.source) == other
 
     def step(self, name: str) -> Step:
         return next(s for s in self.steps if s.name == name)

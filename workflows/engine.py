@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -38,14 +40,25 @@ from .abc import WorkflowStore
 from .caller import ServiceCaller
 from .definition import Definition
 from .describe import describe_process
-from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
+from .errors import (
+    DefinitionConflict,
+    InvalidDefinition,
+    ProcessFinished,
+    UnknownProcess,
+    UnknownWorkflow,
+)
 from .metrics import WorkflowMetrics
-from .records import NewEvent, Process, StoredEvent
+from .records import NewEvent, Process, StoredDefinition, StoredEvent
 from .runner import Outcome, ProcessRunner
 from .states import ProcessStatus
 from .waits import EventWaits, SignalWaits, Wakeups
 
-__all__ = ["Engine", "Outcome"]
+__all__ = ["Engine", "Outcome", "Parse"]
+
+log = logging.getLogger("workflows.engine")
+# A stored definition's JSON back into a Definition (the root's: workflows/ cannot know
+# config.yaml's schema). Raises ValueError when it no longer validates.
+Parse = Callable[[Mapping[str, Any]], Definition]
 
 
 class Engine:
@@ -66,10 +79,16 @@ class Engine:
         clock: Callable[[], float] = time.time,
         outcome: Outcome | None = None,
         jitter: Callable[[], float] = random.random,
+        parse: Parse | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
-        self._clock = clock
-        self.configure(definitions)
+        self._clock, self._parse = clock, parse
+        self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
+        self._latest: dict[str, Definition] = {}  # the newest stored version, by name
+        self._api: dict[str, Definition] = {}  # the newest API definition, by name
+        self._config = {d.name: d for d in definitions}  # versioned with the store at open
+        self._versions.update(((d.name, d.version), d) for d in self._config.values())
+        self._install()
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -79,7 +98,7 @@ class Engine:
         self._waits = EventWaits(bus, self._wakeups.wake)
         self._signals = SignalWaits(self._wakeups.wake)
         self._runner = ProcessRunner(
-            definition=self._definition,
+            definition=self.definition_of,
             store=store,
             caller=caller,
             bus=bus,
@@ -100,6 +119,9 @@ class Engine:
     async def open(self) -> None:
         """Create tables, load counts and resume every unfinished process."""
         await self.store.create_tables()
+        for stored in await self.store.definitions():
+            self._restore(stored)
+        await self.configure(self._config.values())
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
         for signal in await self.store.pending_signals():
@@ -180,6 +202,7 @@ class Engine:
         return Process(
             id=process_id,
             workflow=definition.name,
+            workflow_version=definition.version,
             status=ProcessStatus.STARTED,
             input=dict(input_),
             outputs={},
@@ -199,7 +222,7 @@ class Engine:
         self.live[process.id] = process
         self._wakeups.add(process.id)
         answered = self._done.setdefault(process.id, asyncio.Event())
-        definition = self.definitions.get(process.workflow)
+        definition = self.definition_of(process)
         if definition is not None and definition.respond_after is not None:
             names = [step.name for step in definition.steps[: process.position]]
             if definition.respond_after in names:  # resumed past it: answer at once
@@ -263,10 +286,90 @@ class Engine:
             if process.finished or not self._stopping:
                 self._forget(process)
 
-    def configure(self, definitions: Iterable[Definition]) -> None:
-        """Take new definitions (config reload). A running process keeps the definition it
-        started with (its task holds it); new starts and triggers use the new ones."""
-        self.definitions = {d.name: d for d in definitions}
+    # -- definitions -------------------------------------------------------------
+
+    async def configure(self, definitions: Iterable[Definition]) -> None:
+        """Take config.yaml's definitions (at open, and on a reload): one that changed since
+        the last stored version of its name becomes a new version. A running process keeps
+        the version it started with; new starts and triggers use the new ones. API
+        definitions stay, but config.yaml wins a name both define."""
+        config = {}
+        for definition in definitions:
+            latest = self._latest.get(definition.name)
+            if latest is not None and latest.source == "config" and definition.same_as(latest):
+                definition = latest
+            else:
+                version = latest.version + 1 if latest is not None else 1
+                definition = replace(definition, version=version, source="config")
+                await self._store_version(definition)
+            config[definition.name] = definition
+        self._config = config
+        self._install()
+
+    async def define(self, definition: Definition) -> tuple[Definition, bool]:
+        """Define or replace a workflow from the API (durable when this returns): the same
+        definition again changes nothing, a changed one is the next version. True when
+        the name was not defined before."""
+        name = definition.name
+        if name in self._config:
+            raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
+        current = self._api.get(name)
+        if current is not None and definition.same_as(current):
+            return current, False
+        latest = self._latest.get(name)
+        version = latest.version + 1 if latest is not None else 1
+        definition = replace(definition, version=version, source="api")
+        await self._store_version(definition)
+        self._api[name] = definition
+        created = name not in self.definitions
+        self._install()
+        return definition, created
+
+    def parse(self, spec: Mapping[str, Any]) -> Definition:
+        """A definition from its JSON (a config.yaml entry), checked as config.yaml is."""
+        if self._parse is None:
+            raise InvalidDefinition([("(top level)", "this engine takes no JSON definitions")])
+        return self._parse(spec)
+
+    def definition_of(self, process: Process) -> Definition | None:
+        """The version the process started with (None: it can no longer be built)."""
+        return self._versions.get((process.workflow, process.workflow_version))
+
+    async def _store_version(self, definition: Definition) -> None:
+        spec = dict(definition.spec or {"name": definition.name})
+        await self.store.add_definition(
+            StoredDefinition(
+                name=definition.name,
+                version=definition.version,
+                source=definition.source,
+                spec=spec,
+                defined_at=self._clock(),
+            )
+        )
+        self._latest[definition.name] = definition
+        self._versions[(definition.name, definition.version)] = definition
+
+    def _restore(self, stored: StoredDefinition) -> None:
+        """A stored version, parsed again, for the processes that run it."""
+        if self._parse is None:
+            return
+        try:
+            parsed = self._parse(stored.spec)
+        except ValueError as exc:  # the schema moved on: its processes fail, others run
+            log.warning("workflow %s v%d no longer loads: %s", stored.name, stored.version, exc)
+            return
+        definition = replace(parsed, version=stored.version, source=stored.source)
+        self._versions[(stored.name, stored.version)] = definition
+        latest = self._latest.get(stored.name)
+        if latest is None or stored.version > latest.version:
+            self._latest[stored.name] = definition
+        current = self._api.get(stored.name)
+        if stored.source == "api" and (current is None or stored.version > current.version):
+            self._api[stored.name] = definition
+
+    def _install(self) -> None:
+        """What starts and triggers use: the API's definitions and config.yaml's over them."""
+        self.definitions = {**self._api, **self._config}
         self._triggers: dict[str, list[Definition]] = {}
         for definition in self.definitions.values():
             self._metrics.declare(definition.name)
@@ -282,11 +385,7 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history not yet checkpointed is shown too
             process, history = live, history + list(live.pending)
-        return describe_process(process, history, self.definitions.get(process.workflow))
-
-    def _definition(self, name: str) -> Definition | None:
-        """The current one: `configure` replaces the whole mapping."""
-        return self.definitions.get(name)
+        return describe_process(process, history, self.definition_of(process))
 
     def _respond(self, process_id: str) -> None:
         answered = self._done.get(process_id)

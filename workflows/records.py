@@ -122,6 +122,18 @@ def stored_failure(text: str | None) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class StoredDefinition:
+    """One version of a workflow definition as stored: its JSON entry and where it came
+    from (`config` or `api`)."""
+
+    name: str
+    version: int
+    source: str
+    spec: dict[str, Any]
+    defined_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Signal:
     """JSON sent to one process (`POST /v1/processes/{id}/signals/{name}`), kept until a
     `wait_for: {signal: name}` step takes it; `seq` orders and names it."""

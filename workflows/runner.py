@@ -49,7 +49,7 @@ class ProcessRunner:
     def __init__(
         self,
         *,
-        definition: Callable[[str], Definition | None],
+        definition: Callable[[Process], Definition | None],
         store: WorkflowStore,
         caller: ServiceCaller,
         bus: EventBus,
@@ -75,7 +75,7 @@ class ProcessRunner:
     async def run(self, process: Process) -> None:
         """Run the process until it finishes (or the task is cancelled: then the last
         checkpoint is where it resumes)."""
-        definition = self._definition(process.workflow)
+        definition = self._definition(process)  # the version it started with
         try:
             if definition is None:
                 process.error = failure(None, f"workflow {process.workflow!r} is no longer defined")

@@ -15,7 +15,15 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.records import Attempt, NewEvent, Process, Signal, StoredEvent, stored_failure
+from workflows.records import (
+    Attempt,
+    NewEvent,
+    Process,
+    Signal,
+    StoredDefinition,
+    StoredEvent,
+    stored_failure,
+)
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
 __all__ = ["SqliteWorkflowStore"]
@@ -72,6 +80,14 @@ CREATE TABLE IF NOT EXISTS events (
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
+CREATE TABLE IF NOT EXISTS workflow_definitions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    defined_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS process_signals (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     process TEXT NOT NULL,
@@ -264,6 +280,33 @@ class SqliteWorkflowStore:
                 )
 
         await self._db.write(write)
+
+    async def definitions(self) -> list[StoredDefinition]:
+        def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
+            rows = d.execute(
+                "SELECT name, version, source, spec, defined_at FROM workflow_definitions "
+                "ORDER BY defined_at, name, version"
+            ).fetchall()
+            return [
+                StoredDefinition(
+                    name=n, version=v, source=s, spec=orjson.loads(spec), defined_at=at
+                )
+                for n, v, s, spec, at in rows
+            ]
+
+        return await self._db.read(read)
+
+    async def add_definition(self, definition: StoredDefinition) -> None:
+        row = (
+            definition.name,
+            definition.version,
+            definition.source,
+            orjson.dumps(definition.spec).decode(),
+            definition.defined_at,
+        )
+        await self._db.write(
+            lambda d: d.conn.execute("INSERT INTO workflow_definitions VALUES (?, ?, ?, ?, ?)", row)
+        )
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
         def write(d: sqlite_utils.Database) -> int:

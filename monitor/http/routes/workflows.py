@@ -18,8 +18,9 @@ from monitor.http.routes.names import SignalKey, WorkflowName
 from registry import parse_duration
 from registry.model import is_valid_name
 from scheduler import EventBus
-from workflows import records
+from workflows import Definition, records
 from workflows.engine import Engine
+from workflows.errors import InvalidDefinition
 from workflows.states import STATUSES, ProcessStatus
 
 MAX_WAIT = 300.0
@@ -46,11 +47,24 @@ class WorkflowInput(RootModel[dict[str, Any]]):
 
 class WorkflowSummary(BaseModel):
     name: str
+    version: int | None = None
+    source: Literal["config", "api"] | None = None
     steps: list[str] | None = None
     route: str | None = None
     trigger: Any = None
     deadline_seconds: float | None = None
     counts: dict[str, int] | None = None
+
+
+class WorkflowDefinition(BaseModel):
+    name: str
+    version: int
+    source: Literal["config", "api"]
+    definition: dict[str, Any] = Field(description="the config.yaml entry's schema, as JSON")
+
+
+class DefinitionBody(RootModel[dict[str, Any]]):
+    """A config.yaml workflow entry as JSON (`name` may be left out)."""
 
 
 class Workflows(BaseModel):
@@ -236,6 +250,8 @@ class WorkflowRoutes:
             out.append(
                 {
                     "name": definition.name,
+                    "version": definition.version,
+                    "source": definition.source,
                     "steps": [step.name for step in definition.steps],
                     "route": definition.route,
                     "trigger": definition.trigger,
@@ -244,6 +260,52 @@ class WorkflowRoutes:
                 }
             )
         return json_response({"workflows": out})
+
+    @table.get(
+        "/v1/workflows/{name}",
+        operation_id="getWorkflow",
+        summary="A workflow definition: its current version, source and JSON",
+        match=WorkflowName,
+        replies=(Reply(status=200, description="the definition", model=WorkflowDefinition),),
+        errors=(401, 404),
+    )
+    async def get_workflow(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        definition = self.engine.definitions.get(name)
+        if definition is None:
+            raise HttpError(404, f"no workflow named {name!r}")
+        return json_response(_definition(definition))
+
+    @table.put(
+        "/v1/workflows/{name}",
+        operation_id="defineWorkflow",
+        summary="Define or replace a workflow (versioned; running processes keep theirs)",
+        match=WorkflowName,
+        body=DefinitionBody,
+        replies=(
+            Reply(status=201, description="defined", model=WorkflowDefinition),
+            Reply(status=200, description="replaced, or unchanged", model=WorkflowDefinition),
+        ),
+        errors=(400, 401, 403, 409, 422),
+    )
+    async def define(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not is_valid_name(name):
+            raise HttpError(400, "a workflow name is 1-128 of A-Z a-z 0-9 . _ -")
+        self.auth.require(request, "define", name)
+        data = await parse_json_object(request, "a workflow definition")
+        if data.setdefault("name", name) != name:
+            problem = {"path": "name", "message": f"must be {name!r}, the name in the path"}
+            raise HttpError(422, "the definition does not validate", details=[problem])
+        try:
+            parsed = self.engine.parse(data)
+        except InvalidDefinition as exc:
+            problems = [{"path": path, "message": message} for path, message in exc.problems]
+            raise HttpError(
+                422, f"the definition does not validate: {exc}", details=problems
+            ) from None
+        definition, created = await self.engine.define(parsed)
+        return json_response(_definition(definition), status=201 if created else 200)
 
     @table.post(
         "/v1/workflows/{name}",
@@ -360,6 +422,15 @@ class WorkflowRoutes:
 
     def _live(self, process: records.Process) -> records.Process:
         return self.engine.live.get(process.id, process)
+
+
+def _definition(definition: Definition) -> dict[str, Any]:
+    return {
+        "name": definition.name,
+        "version": definition.version,
+        "source": definition.source,
+        "definition": definition.spec or {"name": definition.name},
+    }
 
 
 def _wait(request: web.Request) -> float:
