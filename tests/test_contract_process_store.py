@@ -18,7 +18,7 @@ import pytest
 from monitor.storage import Database, DatabaseError
 from registry import StoreUnavailable
 from workflows.abc import WorkflowStore
-from workflows.records import Attempt, NewEvent, Process
+from workflows.records import Attempt, NewEvent, Process, StoredDefinition
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 from workflows.stores.sqlite import SqliteWorkflowStore
 
@@ -108,6 +108,22 @@ async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
     await create(handle.store, new_process(1))
     await handle.store.create_tables()
     assert await handle.store.get("p0001") is not None
+
+
+async def test_definition_versions_read_back_in_order(handle: Handle) -> None:
+    store = handle.store
+    for version, source in ((1, "config"), (2, "api")):
+        spec = {"name": "Pay", "steps": [{"name": "s", "publish": f"t{version}"}]}
+        await store.add_definition(
+            StoredDefinition(
+                name="Pay", version=version, source=source, spec=spec, defined_at=float(version)
+            )
+        )
+    stored = await store.definitions()
+    assert [(d.version, d.source) for d in stored] == [(1, "config"), (2, "api")]
+    assert stored[1].spec["steps"][0]["publish"] == "t2"
+    with pytest.raises(Exception):  # a version is written once  # noqa: B017
+        await store.add_definition(stored[0])
 
 
 async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) -> None:

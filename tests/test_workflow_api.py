@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
@@ -548,3 +549,35 @@ async def test_defining_needs_the_define_scope(
     resp = await define(client, "Other", DEPLOYED, headers=bearer("deployer"))
     assert resp.status == 403
     assert (await define(client, "Deployed", DEPLOYED, headers=bearer("deployer"))).status == 201
+
+
+async def test_a_config_reload_keeps_api_definitions_and_versions_what_changed(
+    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from monitor import build_app, load_config
+
+    from .test_reload import reloaded
+
+    def write(workflows: list[dict[str, Any]]) -> Path:
+        path = tmp_path / "config.yaml"
+        data = {"storage": {"path": str(tmp_path / "hms.db")}, "workflows": workflows}
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    path = write([PLAIN])
+    app = build_app(
+        load_config(path),
+        clock=clock,
+        metrics=CollectorRegistry(),
+        config_path=path,
+        watch_interval=0.05,
+    )
+    client = await aiohttp_client(app)
+    assert (await define(client, "Deployed", DEPLOYED)).status == 201
+    write([{**PLAIN, "steps": PLAIN["steps"][:1]}])
+    await reloaded(client, "success")
+    listed = (await (await client.get("/v1/workflows")).json())["workflows"]
+    versions = {w["name"]: (w["version"], w["source"]) for w in listed}
+    assert versions == {"Plain": (2, "config"), "Deployed": (1, "api")}
