@@ -234,12 +234,7 @@ class Engine:
     # -- requests on running processes -------------------------------------------
 
     async def cancel(self, process_id: str) -> Process:
-        process = self.live.get(process_id)
-        if process is None:
-            stored = await self.store.get(process_id)
-            if stored is None:
-                raise UnknownProcess(f"no process {process_id!r}")
-            raise ProcessFinished(f"process {process_id} is {stored[0].status}")
+        process = await self._running(process_id)
         if not process.cancel_requested:
             process.cancel_requested = True
             process.updated_at = self._clock()
@@ -254,16 +249,21 @@ class Engine:
     async def signal(self, process_id: str, name: str, data: Mapping[str, Any]) -> Process:
         """Keep a signal for a running process (durable when this returns) and wake it when
         a step waits for that name; a step takes each signal once."""
+        process = await self._running(process_id)
+        encoded = orjson.dumps(data)
+        signal = await self.store.add_signal(process_id, name, encoded, self._clock())
+        if process_id in self.live:  # else it finished meanwhile: nothing will take it
+            self._signals.keep(signal)
+        return process
+
+    async def _running(self, process_id: str) -> Process:
+        """The live process, else UnknownProcess (404) or ProcessFinished (409)."""
         process = self.live.get(process_id)
         if process is None:
             stored = await self.store.get(process_id)
             if stored is None:
                 raise UnknownProcess(f"no process {process_id!r}")
             raise ProcessFinished(f"process {process_id} is {stored[0].status}")
-        encoded = orjson.dumps(data)
-        signal = await self.store.add_signal(process_id, name, encoded, self._clock())
-        if process_id in self.live:  # else it finished meanwhile: nothing will take it
-            self._signals.keep(signal)
         return process
 
     async def wait(self, process_id: str, seconds: float) -> bool:
