@@ -55,6 +55,7 @@ from . import lifecycle
 from .config import Config
 from .convert import (
     bus_topic_label,
+    definition_from_json,
     definitions_from_config,
     dependencies,
     protect_reads,
@@ -220,6 +221,7 @@ def _build(
         clock=clock.time,
         outcome=workflow_slos.record,
         tasks=SqliteTaskStore(database),
+        parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:

@@ -36,9 +36,10 @@ from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
+from workflows.errors import InvalidDefinition
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
-SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel", "work")
+SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel", "signal", "define", "work")
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -443,7 +444,14 @@ class Alerting(_Model):
 
 
 class WaitFor(_Model):
-    event: str = Field(min_length=1, description="The topic to wait for.")
+    event: str | None = Field(
+        default=None, min_length=1, description="The topic to wait for (or `signal`)."
+    )
+    signal: Name | None = Field(
+        default=None,
+        description="A signal sent to the process (`POST /v1/processes/<id>/signals/<name>`); "
+        "one that came before the step is kept for it. Its JSON is the step's output.",
+    )
     match: dict[str, Any] = Field(
         default_factory=dict,
         description="Keys the event's data must have, with these values (templates allowed).",
@@ -451,6 +459,14 @@ class WaitFor(_Model):
     timeout: Duration | None = Field(
         default=None, description="The step fails when no event came in time; absent: no limit."
     )
+
+    @model_validator(mode="after")
+    def _event_or_signal(self) -> WaitFor:
+        if (self.event is None) == (self.signal is None):
+            raise ValueError("wait_for needs exactly one of event, signal")
+        if self.signal is not None and self.match:
+            raise ValueError("match applies to events; a signal is sent to one process")
+        return self
 
 
 class TaskCompensation(_Model):
@@ -464,6 +480,11 @@ class Step(_Model):
     )
     publish: str | None = Field(
         default=None, min_length=1, description="Publish this topic on the event bus."
+    )
+    data: Any = Field(
+        default=None,
+        description="A publish step's event data (templates allowed, `{process.id}` too); "
+        "absent: the process id, the workflow, its input and step outputs.",
     )
     wait_for: WaitFor | None = Field(default=None, description="Wait for an event.")
     task: Name | None = Field(
@@ -504,6 +525,8 @@ class Step(_Model):
         actions = [self.call, self.publish, self.wait_for, self.task]
         if sum(action is not None for action in actions) != 1:
             raise ValueError("a step needs exactly one of call, publish, wait_for, task")
+        if self.data is not None and self.publish is None:
+            raise ValueError("data is the event of a publish step")
         return self
 
 
@@ -534,6 +557,16 @@ class Workflow(_Model):
         lt=100,
         description="Percent of processes completed within `deadline` "
         "(`GET /v1/workflows/<name>/slo`).",
+    )
+    output: Any = Field(
+        default=None,
+        description="The process's result (templates over `input`, `steps`, `process.id`); "
+        "absent: every step's output.",
+    )
+    respond_after: Name | None = Field(
+        default=None,
+        description="A synchronous start (`?wait=`) answers once this step is done, with the "
+        "output so far, while the process goes on.",
     )
     steps: tuple[Step, ...] = Field(min_length=1, description="Run in order, each checkpointed.")
 
@@ -865,9 +898,7 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
         )
     yield from _check_targets(data, services)
     for i, workflow in workflows:
-        steps = _items(workflow, "steps")
-        yield from _unique((("workflows", i, "steps", j), x.get("name")) for j, x in steps)
-        yield from _check_templates(i, steps)
+        yield from workflow_problems(workflow, ("workflows", i))
 
 
 def _check_targets(
@@ -890,14 +921,58 @@ def _check_targets(
                 yield ("services", i, "instances", j, "url"), refusal
 
 
+def parse_workflow(data: Any) -> Workflow:
+    """One workflow entry from JSON (`PUT /v1/workflows/{name}`, or a stored version), with
+    every check a config.yaml entry gets; `InvalidDefinition` names each bad field."""
+    problems: list[tuple[Path_, str]] = []
+    if isinstance(data, dict):
+        problems += workflow_problems(data)
+    workflow = None
+    try:
+        workflow = Workflow.model_validate(data)
+    except ValidationError as exc:
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown key"
+            problems.append((tuple(error["loc"]), message))
+    if problems or workflow is None:
+        raise InvalidDefinition([(_json_path(loc), message) for loc, message in problems])
+    return workflow
+
+
+def _json_path(loc: tuple[int | str, ...]) -> str:
+    parts = [str(p) for p in loc if isinstance(p, int) or not ("[" in p or "function" in p)]
+    return ".".join(parts) or "(top level)"
+
+
+def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tuple[Path_, str]]:
+    """Checks across one workflow's steps, beside its model's (a config entry, or a body of
+    `PUT /v1/workflows/{name}`): unique step names, templates, `respond_after`."""
+    steps = _items(workflow, "steps")
+    yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
+    yield from _check_templates(at, steps)
+    names = {x.get("name") for _, x in steps}
+    if "output" in workflow:
+        known = {n for n in names if isinstance(n, str)}
+        for problem in templates.check(workflow["output"], known):
+            yield (*at, "output"), problem
+    after = workflow.get("respond_after")
+    if isinstance(after, str) and after not in names:
+        yield (*at, "respond_after"), f"no step named {after!r} in this workflow"
+
+
 def _check_templates(
-    workflow: int, steps: list[tuple[int, dict[str, Any]]]
+    at: Path_, steps: list[tuple[int, dict[str, Any]]]
 ) -> Iterator[tuple[Path_, str]]:
-    """References in paths and bodies: `input.*` or an earlier step's output."""
+    """References in paths and bodies: `input.*`, `process.id` or an earlier step's output."""
     earlier: set[str] = set()
     for j, step in steps:
-        path: Path_ = ("workflows", workflow, "steps", j)
+        path: Path_ = (*at, "steps", j)
         name = step.get("name")
+        if "data" in step:
+            for problem in templates.check(step["data"], earlier):
+                yield (*path, "data"), problem
         for key in ("call", "wait_for", "compensate"):
             value = step.get(key)
             if not isinstance(value, dict):

@@ -6,7 +6,8 @@ hands them values built here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from monitor import config as cfg
 from registry import Instance, ProbeSpec
@@ -43,7 +44,7 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         if step.call is not None:
             action = _call(step.call)
         elif step.publish is not None:
-            action = Publish(topic=step.publish)
+            action = Publish(topic=step.publish, data=step.data)
         elif step.task is not None:
             action = Task(name=step.task)
         else:
@@ -51,6 +52,7 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
             timeout = step.wait_for.timeout
             action = WaitFor(
                 event=step.wait_for.event,
+                signal=step.wait_for.signal,
                 match=dict(step.wait_for.match),
                 timeout=timeout.total_seconds() if timeout else None,
             )
@@ -73,7 +75,16 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
         objective=workflow.objective,
         queue=workflow.queue,
+        output=workflow.output,
+        respond_after=workflow.respond_after,
+        spec=workflow.model_dump(mode="json", exclude_defaults=True),
     )
+
+
+def definition_from_json(data: Mapping[str, Any]) -> Definition:
+    """A stored or deployed definition (a config.yaml entry as JSON), checked as config.yaml
+    is; `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path."""
+    return definition_from_config(cfg.parse_workflow(data))
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

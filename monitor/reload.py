@@ -215,7 +215,7 @@ async def apply_config(parts: Parts, old: Config, new: Config) -> None:
     await parts.slos.configure(new.services, clock)
     parts.slo_routes.services = {s.name for s in new.services}
     definitions = definitions_from_config(new)
-    parts.engine.configure(definitions)
+    await parts.engine.configure(definitions)
     await parts.workflow_slos.configure(
         {d.name: d.objective for d in definitions}, parts.processes.outcomes, clock
     )

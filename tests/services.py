@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 class Calls:
     seen: list[tuple[str, str, Any, str | None]] = field(default_factory=list)
     fail: dict[str, list[int]] = field(default_factory=dict)
+    fail_body: dict[str, str] = field(default_factory=dict)  # a planned failure's text body
     hang: set[str] = field(default_factory=set)
 
     def paths(self) -> list[str]:
@@ -45,6 +46,8 @@ def service_app(calls: Calls) -> web.Application:
         planned = calls.fail.get(request.path)
         if planned:
             status = planned.pop(0)
+            if request.path in calls.fail_body:
+                return web.Response(text=calls.fail_body[request.path], status=status)
             return web.json_response({"error": "planned failure"}, status=status)
         response: web.StreamResponse = await handler(request)
         return response

@@ -57,19 +57,14 @@ PENDING = {
     "server.auth.tokens[0].name": 18,
     "server.auth.tokens[1].name": 18,
     "storage.audit_retention": 18,
-    "workflows[0].steps[3].data": 15,
     "resources": 16,
     "workflows[0].trigger.event": 16,  # "Field required": a schedule trigger has no event
     "workflows[0].trigger.schedule": 16,
     "workflows[0].trigger.timezone": 16,
-    "workflows[0].output": 15,
-    "workflows[0].respond_after": 15,
     "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
     "workflows[0].steps[2].parallel": 16,
     "workflows[0].steps[3].when": 16,
-    "workflows[0].steps[4].wait_for.event": 15,  # a signal wait has no event
-    "workflows[0].steps[4].wait_for.signal": 15,
     "storage.url": 17,
     "cluster": 17,
 }

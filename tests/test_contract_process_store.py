@@ -18,7 +18,7 @@ import pytest
 from monitor.storage import Database, DatabaseError
 from registry import StoreUnavailable
 from workflows.abc import WorkflowStore
-from workflows.records import Attempt, NewEvent, Process
+from workflows.records import Attempt, NewEvent, Process, StoredDefinition
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 from workflows.stores.sqlite import SqliteWorkflowStore
 
@@ -110,11 +110,51 @@ async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
     assert await handle.store.get("p0001") is not None
 
 
+async def test_definition_versions_read_back_in_order(handle: Handle) -> None:
+    store = handle.store
+    for version, source in ((1, "config"), (2, "api")):
+        spec = {"name": "Pay", "steps": [{"name": "s", "publish": f"t{version}"}]}
+        await store.add_definition(
+            StoredDefinition(
+                name="Pay", version=version, source=source, spec=spec, defined_at=float(version)
+            )
+        )
+    stored = await store.definitions()
+    assert [(d.version, d.source) for d in stored] == [(1, "config"), (2, "api")]
+    assert stored[1].spec["steps"][0]["publish"] == "t2"
+    with pytest.raises(Exception):  # a version is written once  # noqa: B017
+        await store.add_definition(stored[0])
+
+
+async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) -> None:
+    store = handle.store
+    [waiting, other] = await create(store, new_process(1), new_process(2))
+    first = await store.add_signal("p0001", "docs", b'{"n": 1}', 10.0)
+    second = await store.add_signal("p0001", "docs", b'{"n": 2}', 11.0)
+    await store.add_signal("p0002", "docs", b"{}", 12.0)
+    assert [(s.process, s.data) for s in await store.pending_signals()] == [
+        ("p0001", {"n": 1}),
+        ("p0001", {"n": 2}),
+        ("p0002", {}),
+    ]
+    assert first.seq < second.seq
+    waiting.taken_signal = first.seq
+    await store.checkpoint(waiting)
+    assert waiting.taken_signal is None
+    other.status, other.finished_at = ProcessStatus.COMPLETED, 20.0  # no one takes them now
+    await store.checkpoint(other)
+    assert [s.data for s in await store.pending_signals()] == [{"n": 2}]
+
+
 async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     store = handle.store
     [process] = await create(store, new_process(1, key="k", deadline_at=500.0))
     process.status, process.position, process.outputs = ProcessStatus.WAITING, 1, {"a": {"x": 1}}
-    process.wake_at, process.wait_seq, process.error = 300.0, 7, "step b: HTTP 503"
+    process.wake_at, process.wait_seq, process.error = (
+        300.0,
+        7,
+        {"step": "b", "message": "HTTP 503", "status": 503, "body": "down"},
+    )
     process.pending = [attempt("a"), attempt("b", AttemptOutcome.ERROR)]
     await store.checkpoint(process)
     assert process.pending == []
@@ -127,6 +167,7 @@ async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     got, history = stored
     assert (got.status, got.position, got.outputs) == (ProcessStatus.COMPLETED, 1, {"a": {"x": 1}})
     assert (got.wake_at, got.wait_seq, got.deadline_at) == (300.0, 7, 500.0)
+    assert got.error == {"step": "b", "message": "HTTP 503", "status": 503, "body": "down"}
     assert (got.idempotency_key, got.input, got.finished_at) == ("k", {"n": 1}, 400.0)
     assert got.status is ProcessStatus.COMPLETED  # read back as the enum
     assert [(a.step, a.outcome) for a in history] == [

@@ -7,7 +7,14 @@ import pytest
 from monitor.http.errors import STATUS, status_of
 from registry.errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from registry.storable import MalformedJson, UnstorableJson
-from workflows.errors import ProcessFinished, UnknownProcess, UnknownWorkflow, WorkflowError
+from workflows.errors import (
+    DefinitionConflict,
+    InvalidDefinition,
+    ProcessFinished,
+    UnknownProcess,
+    UnknownWorkflow,
+    WorkflowError,
+)
 
 ANSWERS = [
     (UnknownInstance, 404, "not_found"),
@@ -17,6 +24,8 @@ ANSWERS = [
     (UnknownWorkflow, 404, "not_found"),
     (UnknownProcess, 404, "not_found"),
     (ProcessFinished, 409, "conflict"),
+    (DefinitionConflict, 409, "conflict"),
+    (InvalidDefinition, 422, "invalid"),
     (MalformedJson, 400, "malformed_json"),
     (UnstorableJson, 422, "invalid"),
     # A refusal added later without a row of its own answers as its base, never a 500.

@@ -290,13 +290,15 @@ async def test_a_call_rendered_into_bad_request_bytes_fails_its_step_unsent(
     finally:
         await service.close()
     assert done["status"] in ("failed", "compensated"), done
-    assert "step pay: request not sent: " in done["error"] and problem in done["error"]
+    error = done["error"]
+    assert error["step"] == "pay" and error["message"].startswith("request not sent: ")
+    assert problem in error["message"]
     pay = [a for a in done["history"] if a["step"] == "pay"]
     assert len(pay) == 1  # not retried: the same input would render the same request
     sent = calls.paths()
     assert sent[0] == "/reserve" and "/steal" not in sent and not any("pay" in p for p in sent)
     if "ref" in inputs and inputs["ref"] == SMUGGLE:  # the compensation renders it too
-        assert done["status"] == "failed" and "compensation of reserve failed" in done["error"]
+        assert done["status"] == "failed" and "compensation of reserve failed" in error["message"]
         assert sent == ["/reserve"]
     else:
         assert done["status"] == "compensated" and sent == ["/reserve", "/release-r1"]

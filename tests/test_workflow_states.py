@@ -34,7 +34,7 @@ def test_the_values_are_the_stored_strings() -> None:
     assert list(AttemptKind) == ["call", "publish", "wait_for", "task", "compensate"]
     assert list(AttemptOutcome) == ["ok", "error", "timeout"]
     assert set(StepState) == {"pending", "running", "waiting", "completed", "failed", "compensated"}
-    assert list(WaitKind) == ["delay", "retry", "event", "task"]
+    assert list(WaitKind) == ["delay", "retry", "event", "task", "signal"]
 
 
 def test_final_and_active_split_the_statuses() -> None:

@@ -195,7 +195,7 @@ async def test_a_payment_that_fails_for_good_is_compensated(
     ended = events_of(daemon, "workflow.*")
     done = await start(daemon, "ChildSupportPayment", {"input": {"amount": 40}})
     assert done["status"] == "compensated"
-    assert "step pay: HTTP 503" in done["error"]
+    assert (done["error"]["step"], done["error"]["message"]) == ("pay", "HTTP 503")
     assert calls.paths() == [
         "/validate",
         "/reserve",
@@ -217,7 +217,7 @@ async def test_a_failed_compensation_fails_the_process_with_the_reason(
     calls.fail["/release"] = [500, 500, 500]
     done = await start(daemon, "ChildSupportPayment", {"input": {"amount": 40}})
     assert done["status"] == "failed"
-    assert "compensation of reserve failed: HTTP 500" in done["error"]
+    assert "compensation of reserve failed: HTTP 500" in done["error"]["message"]
 
 
 async def test_building_permit_waits_for_the_matching_reply(

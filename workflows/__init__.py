@@ -5,14 +5,9 @@ from scheduler.retry import Retry
 from .definition import (
     Call,
     Definition,
-    DefinitionError,
     Publish,
     Step,
     WaitFor,
-    Workflow,
-    call,
-    publish,
-    wait_for,
 )
 from .states import (
     ACTIVE,
@@ -34,7 +29,6 @@ __all__ = [
     "AttemptOutcome",
     "Call",
     "Definition",
-    "DefinitionError",
     "ProcessStatus",
     "Publish",
     "Retry",
@@ -43,8 +37,4 @@ __all__ = [
     "StepState",
     "WaitFor",
     "WaitKind",
-    "Workflow",
-    "call",
-    "publish",
-    "wait_for",
 ]

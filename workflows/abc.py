@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .records import Attempt, NewEvent, Process, StoredEvent
+from .records import Attempt, NewEvent, Process, Signal, StoredDefinition, StoredEvent
 from .states import ProcessStatus, TaskState
 
 
@@ -36,6 +36,15 @@ class ProcessStore(Protocol):
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""
+        ...
+
+    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+        """Keep a signal for a process (durable when this returns); a checkpoint whose
+        process has `taken_signal` set deletes that one in the same transaction."""
+        ...
+
+    async def pending_signals(self) -> list[Signal]:
+        """Signals not yet taken by unfinished processes, oldest first."""
         ...
 
     async def get(self, process_id: str) -> tuple[Process, list[Attempt]] | None: ...
@@ -78,8 +87,20 @@ class EventStore(Protocol):
         ...
 
 
-class WorkflowStore(ProcessStore, EventStore, Protocol):
-    """Both, in one store: an event and the processes it starts are one transaction."""
+class DefinitionStore(Protocol):
+    """Every version of every workflow definition, config or API, so a process runs the
+    version it started with across restarts."""
+
+    async def definitions(self) -> list[StoredDefinition]:
+        """Every stored version, oldest first."""
+        ...
+
+    async def add_definition(self, definition: StoredDefinition) -> None:
+        """Store a new version (durable when this returns)."""
+
+
+class WorkflowStore(ProcessStore, EventStore, DefinitionStore, Protocol):
+    """All three, in one store: an event and the processes it starts are one transaction."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -24,6 +24,7 @@ from registry.storable import load_json
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
 MAX_RESPONSE_BYTES = 1 << 20
+ERROR_BODY_BYTES = 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,6 +36,7 @@ class CallResult:
     instance: str | None = None
     retryable: bool = True
     timed_out: bool = False
+    body: str | None = None  # a failing answer's first KiB, for the process's `error`
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,7 @@ class ServiceCaller:
             error=f"HTTP {status}",
             instance=instance,
             retryable=status in request.retry_on,
+            body=raw[:ERROR_BODY_BYTES].decode("utf-8", "replace") if raw else None,
         )
 
 

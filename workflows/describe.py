@@ -26,13 +26,27 @@ def describe_process(
         "steps": step_states(process, history, definition),
         "input": process.input,
         "outputs": process.outputs,
+        "output": output(process, definition),
         "history": [attempt.to_json() for attempt in history],
     }
 
 
 def template_context(process: Process) -> dict[str, Any]:
-    """What templates see: `{input.x}` and `{steps.name.field}`."""
-    return {"input": process.input, "steps": process.outputs}
+    """What templates see: `{input.x}`, `{steps.name.field}` and `{process.id}`."""
+    return {"input": process.input, "steps": process.outputs, "process": {"id": process.id}}
+
+
+def output(process: Process, definition: Definition | None) -> Any:
+    """The process's result: its `output:` template as rendered at completion (before
+    then, rendered from the steps done so far), else every step's output. None when the
+    process failed or was undone."""
+    if process.output is not None:
+        return process.output
+    if process.finished and process.status != ProcessStatus.COMPLETED:
+        return None
+    if definition is not None and definition.output is not None and not process.finished:
+        return templates.render(definition.output, template_context(process), strict=False)
+    return process.outputs
 
 
 def waiting_for(process: Process, definition: Definition | None) -> dict[str, Any] | None:
@@ -43,13 +57,16 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
     if not 0 <= process.position < len(definition.steps):
         return None
     step = definition.steps[process.position]
+    if isinstance(step.action, WaitFor) and step.action.signal is not None:
+        detail = f"signal {step.action.signal}"
+        return {"kind": WaitKind.SIGNAL, "until": process.wake_at, "detail": detail}
     if isinstance(step.action, WaitFor):
         try:  # the values the event must carry, as the runner matches them
             match = templates.render(dict(step.action.match), template_context(process))
         except templates.TemplateError:
             match = dict(step.action.match)
         wanted = ", ".join(f"{k}={v}" for k, v in match.items())
-        detail = step.action.event + (f" with {wanted}" if wanted else "")
+        detail = f"{step.action.event}" + (f" with {wanted}" if wanted else "")
         return {"kind": WaitKind.EVENT, "until": process.wake_at, "detail": detail}
     if isinstance(step.action, Task) and process.wake_at is None:  # Engine.describe: until
         detail = f"{step.action.name} on {definition.task_queue}"

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -38,15 +40,26 @@ from .abc import TaskStore, WorkflowStore
 from .caller import ServiceCaller
 from .definition import Definition
 from .describe import describe_process
-from .errors import ProcessFinished, UnknownProcess, UnknownWorkflow
+from .errors import (
+    DefinitionConflict,
+    InvalidDefinition,
+    ProcessFinished,
+    UnknownProcess,
+    UnknownWorkflow,
+)
 from .metrics import WorkflowMetrics
-from .records import NewEvent, Process, StoredEvent
+from .records import NewEvent, Process, StoredDefinition, StoredEvent
 from .runner import Outcome, ProcessRunner
 from .states import ProcessStatus, WaitKind
 from .tasks import TaskQueues
-from .waits import EventWaits, Wakeups
+from .waits import EventWaits, SignalWaits, Wakeups
 
-__all__ = ["Engine", "Outcome"]
+__all__ = ["Engine", "Outcome", "Parse"]
+
+log = logging.getLogger("workflows.engine")
+# A stored definition's JSON back into a Definition (the root's: workflows/ cannot know
+# config.yaml's schema). Raises ValueError when it no longer validates.
+Parse = Callable[[Mapping[str, Any]], Definition]
 
 
 class Engine:
@@ -68,10 +81,16 @@ class Engine:
         outcome: Outcome | None = None,
         jitter: Callable[[], float] = random.random,
         tasks: TaskStore | None = None,
+        parse: Parse | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
-        self._clock = clock
-        self.configure(definitions)
+        self._clock, self._parse = clock, parse
+        self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
+        self._latest: dict[str, Definition] = {}  # the newest stored version, by name
+        self._api: dict[str, Definition] = {}  # the newest API definition, by name
+        self._config = {d.name: d for d in definitions}  # versioned with the store at open
+        self._versions.update(((d.name, d.version), d) for d in self._config.values())
+        self._install()
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -79,12 +98,13 @@ class Engine:
         self._stopping = False
         self._wakeups = Wakeups(clock)
         self._waits = EventWaits(bus, self._wakeups.wake)
+        self._signals = SignalWaits(self._wakeups.wake)
         # Task steps' queues (workflows/tasks.py); None: a task step fails, not served.
         self.tasks = (
             TaskQueues(tasks, clock=clock, wake=self._wakeups.wake) if tasks is not None else None
         )
         self._runner = ProcessRunner(
-            definition=self._definition,
+            definition=self.definition_of,
             store=store,
             caller=caller,
             bus=bus,
@@ -96,6 +116,8 @@ class Engine:
             clock=clock,
             outcome=outcome,
             jitter=jitter,
+            signals=self._signals,
+            respond=self._respond,
             tasks=self.tasks,
         )
 
@@ -106,8 +128,13 @@ class Engine:
         await self.store.create_tables()
         if self.tasks is not None:
             await self.tasks.store.create_tables()
+        for stored in await self.store.definitions():
+            self._restore(stored)
+        await self.configure(self._config.values())
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
+        for signal in await self.store.pending_signals():
+            self._signals.keep(signal)
         for process in await self.store.unfinished():
             self._spawn(process)
 
@@ -188,6 +215,7 @@ class Engine:
         return Process(
             id=process_id,
             workflow=definition.name,
+            workflow_version=definition.version,
             status=ProcessStatus.STARTED,
             input=dict(input_),
             outputs={},
@@ -206,7 +234,12 @@ class Engine:
     def _spawn(self, process: Process) -> None:
         self.live[process.id] = process
         self._wakeups.add(process.id)
-        self._done.setdefault(process.id, asyncio.Event())
+        answered = self._done.setdefault(process.id, asyncio.Event())
+        definition = self.definition_of(process)
+        if definition is not None and definition.respond_after is not None:
+            names = [step.name for step in definition.steps[: process.position]]
+            if definition.respond_after in names:  # resumed past it: answer at once
+                answered.set()
         self._runner.deadlines.arm(process)
         task = asyncio.create_task(self._run(process), name=f"process:{process.id}")
         self._tasks[process.id] = task
@@ -214,12 +247,7 @@ class Engine:
     # -- requests on running processes -------------------------------------------
 
     async def cancel(self, process_id: str) -> Process:
-        process = self.live.get(process_id)
-        if process is None:
-            stored = await self.store.get(process_id)
-            if stored is None:
-                raise UnknownProcess(f"no process {process_id!r}")
-            raise ProcessFinished(f"process {process_id} is {stored[0].status}")
+        process = await self._running(process_id)
         if not process.cancel_requested:
             process.cancel_requested = True
             process.updated_at = self._clock()
@@ -231,8 +259,29 @@ class Engine:
             self._wakeups.wake(process.id)
         return process
 
+    async def signal(self, process_id: str, name: str, data: Mapping[str, Any]) -> Process:
+        """Keep a signal for a running process (durable when this returns) and wake it when
+        a step waits for that name; a step takes each signal once."""
+        process = await self._running(process_id)
+        encoded = orjson.dumps(data)
+        signal = await self.store.add_signal(process_id, name, encoded, self._clock())
+        if process_id in self.live:  # else it finished meanwhile: nothing will take it
+            self._signals.keep(signal)
+        return process
+
+    async def _running(self, process_id: str) -> Process:
+        """The live process, else UnknownProcess (404) or ProcessFinished (409)."""
+        process = self.live.get(process_id)
+        if process is None:
+            stored = await self.store.get(process_id)
+            if stored is None:
+                raise UnknownProcess(f"no process {process_id!r}")
+            raise ProcessFinished(f"process {process_id} is {stored[0].status}")
+        return process
+
     async def wait(self, process_id: str, seconds: float) -> bool:
-        """True when the process has finished within `seconds`."""
+        """True when the process has finished within `seconds`, or done its workflow's
+        `respond_after` step."""
         done = self._done.get(process_id)
         if done is None:
             return True  # not live: finished already (or unknown)
@@ -250,10 +299,90 @@ class Engine:
             if process.finished or not self._stopping:
                 self._forget(process)
 
-    def configure(self, definitions: Iterable[Definition]) -> None:
-        """Take new definitions (config reload). A running process keeps the definition it
-        started with (its task holds it); new starts and triggers use the new ones."""
-        self.definitions = {d.name: d for d in definitions}
+    # -- definitions -------------------------------------------------------------
+
+    async def configure(self, definitions: Iterable[Definition]) -> None:
+        """Take config.yaml's definitions (at open, and on a reload): one that changed since
+        the last stored version of its name becomes a new version. A running process keeps
+        the version it started with; new starts and triggers use the new ones. API
+        definitions stay, but config.yaml wins a name both define."""
+        config = {}
+        for definition in definitions:
+            latest = self._latest.get(definition.name)
+            if latest is not None and latest.source == "config" and definition.same_as(latest):
+                definition = latest
+            else:
+                version = latest.version + 1 if latest is not None else 1
+                definition = replace(definition, version=version, source="config")
+                await self._store_version(definition)
+            config[definition.name] = definition
+        self._config = config
+        self._install()
+
+    async def define(self, definition: Definition) -> tuple[Definition, bool]:
+        """Define or replace a workflow from the API (durable when this returns): the same
+        definition again changes nothing, a changed one is the next version. True when
+        the name was not defined before."""
+        name = definition.name
+        if name in self._config:
+            raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
+        current = self._api.get(name)
+        if current is not None and definition.same_as(current):
+            return current, False
+        latest = self._latest.get(name)
+        version = latest.version + 1 if latest is not None else 1
+        definition = replace(definition, version=version, source="api")
+        await self._store_version(definition)
+        self._api[name] = definition
+        created = name not in self.definitions
+        self._install()
+        return definition, created
+
+    def parse(self, spec: Mapping[str, Any]) -> Definition:
+        """A definition from its JSON (a config.yaml entry), checked as config.yaml is."""
+        if self._parse is None:
+            raise InvalidDefinition([("(top level)", "this engine takes no JSON definitions")])
+        return self._parse(spec)
+
+    def definition_of(self, process: Process) -> Definition | None:
+        """The version the process started with (None: it can no longer be built)."""
+        return self._versions.get((process.workflow, process.workflow_version))
+
+    async def _store_version(self, definition: Definition) -> None:
+        spec = dict(definition.spec or {"name": definition.name})
+        await self.store.add_definition(
+            StoredDefinition(
+                name=definition.name,
+                version=definition.version,
+                source=definition.source,
+                spec=spec,
+                defined_at=self._clock(),
+            )
+        )
+        self._latest[definition.name] = definition
+        self._versions[(definition.name, definition.version)] = definition
+
+    def _restore(self, stored: StoredDefinition) -> None:
+        """A stored version, parsed again, for the processes that run it."""
+        if self._parse is None:
+            return
+        try:
+            parsed = self._parse(stored.spec)
+        except ValueError as exc:  # the schema moved on: its processes fail, others run
+            log.warning("workflow %s v%d no longer loads: %s", stored.name, stored.version, exc)
+            return
+        definition = replace(parsed, version=stored.version, source=stored.source)
+        self._versions[(stored.name, stored.version)] = definition
+        latest = self._latest.get(stored.name)
+        if latest is None or stored.version > latest.version:
+            self._latest[stored.name] = definition
+        current = self._api.get(stored.name)
+        if stored.source == "api" and (current is None or stored.version > current.version):
+            self._api[stored.name] = definition
+
+    def _install(self) -> None:
+        """What starts and triggers use: the API's definitions and config.yaml's over them."""
+        self.definitions = {**self._api, **self._config}
         self._triggers: dict[str, list[Definition]] = {}
         for definition in self.definitions.values():
             self._metrics.declare(definition.name)
@@ -269,20 +398,22 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history not yet checkpointed is shown too
             process, history = live, history + list(live.pending)
-        view = describe_process(process, history, self.definitions.get(process.workflow))
+        view = describe_process(process, history, self.definition_of(process))
         waiting = view["waiting_for"]
         if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
             waiting["until"] = self.tasks.lease_end(process_id)  # the lease, once claimed
         return view
 
-    def _definition(self, name: str) -> Definition | None:
-        """The current one: `configure` replaces the whole mapping."""
-        return self.definitions.get(name)
+    def _respond(self, process_id: str) -> None:
+        answered = self._done.get(process_id)
+        if answered is not None:
+            answered.set()
 
     def _forget(self, process: Process) -> None:
         self.live.pop(process.id, None)
         self._tasks.pop(process.id, None)
         self._wakeups.remove(process.id)
+        self._signals.forget(process.id)
         done = self._done.pop(process.id, None)
         if done is not None:
             done.set()

@@ -15,5 +15,20 @@ class UnknownProcess(WorkflowError, LookupError):
     """No process with that id."""
 
 
+class InvalidDefinition(WorkflowError, ValueError):
+    """A definition sent as JSON does not validate: (JSON path, message) pairs, the path
+    as pydantic's `loc` joined with dots (`steps.1.call.service`)."""
+
+    def __init__(self, problems: list[tuple[str, str]] | str) -> None:
+        if isinstance(problems, str):
+            problems = [("(top level)", problems)]
+        super().__init__("; ".join(f"{path}: {message}" for path, message in problems))
+        self.problems = problems
+
+
+class DefinitionConflict(WorkflowError):
+    """config.yaml defines that workflow: the API may not replace it."""
+
+
 class ProcessFinished(WorkflowError):
     """The process has ended already (a cancel came too late)."""

@@ -32,7 +32,7 @@ def topic_label(definitions: Iterable[Definition], named: Iterable[str]) -> Call
         for step in definition.steps:
             if isinstance(step.action, Publish):
                 known.add(step.action.topic)
-            elif isinstance(step.action, WaitFor):
+            elif isinstance(step.action, WaitFor) and step.action.event is not None:
                 known.add(step.action.event)
     frozen = frozenset(known)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from .states import FINAL, AttemptKind, AttemptOutcome, ProcessStatus
 
 
@@ -61,10 +63,13 @@ class Process:
     wait_seq: int | None = None
     compensating_from: int | None = None
     cancel_requested: bool = False
-    error: str | None = None
+    error: dict[str, Any] | None = None  # {step, message, status, body}: see `failure`
+    output: Any = None  # the `output:` template, rendered at completion (None: every output)
+    workflow_version: int = 1
     seq: int = 0
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
+    taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
 
     @property
     def finished(self) -> bool:
@@ -81,7 +86,63 @@ class Process:
             "deadline_at": self.deadline_at,
             "deadline_missed": self.deadline_missed,
             "error": self.error,
+            "workflow_version": self.workflow_version,
         }
+
+    @property
+    def error_text(self) -> str | None:
+        """The error as one line, as notifications and logs have always shown it."""
+        if self.error is None:
+            return None
+        step, message = self.error.get("step"), self.error.get("message")
+        return f"step {step}: {message}" if step else str(message)
+
+
+def failure(
+    step: str | None, message: str, status: int | None = None, body: str | None = None
+) -> dict[str, Any]:
+    """A process's `error` (DESIGN.md §3): the failing step, why, and what the service
+    answered (its HTTP status and the first KiB of its body) when it answered."""
+    return {"step": step, "message": message, "status": status, "body": body}
+
+
+def stored_failure(text: str | None) -> dict[str, Any] | None:
+    """The `error` column as written: JSON, or the plain text of rows before errors had
+    a shape (`step pay: HTTP 503`), which becomes the message."""
+    if text is None:
+        return None
+    if text.startswith("{"):
+        try:
+            value = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = None
+        if isinstance(value, dict):
+            return value
+    return failure(None, text)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredDefinition:
+    """One version of a workflow definition as stored: its JSON entry and where it came
+    from (`config` or `api`)."""
+
+    name: str
+    version: int
+    source: str
+    spec: dict[str, Any]
+    defined_at: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Signal:
+    """JSON sent to one process (`POST /v1/processes/{id}/signals/{name}`), kept until a
+    `wait_for: {signal: name}` step takes it; `seq` orders and names it."""
+
+    seq: int
+    process: str
+    name: str
+    data: dict[str, Any]
+    sent_at: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,10 +27,10 @@ from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
-from .records import Attempt, Process
+from .records import Attempt, Process, failure
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
 from .tasks import Opened, TaskQueues, outcome
-from .waits import Deadlines, EventWaits, Wakeups, matches
+from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
 
@@ -53,7 +53,7 @@ class ProcessRunner:
     def __init__(
         self,
         *,
-        definition: Callable[[str], Definition | None],
+        definition: Callable[[Process], Definition | None],
         store: WorkflowStore,
         caller: ServiceCaller,
         bus: EventBus,
@@ -65,6 +65,8 @@ class ProcessRunner:
         clock: Callable[[], float],
         outcome: Outcome | None,
         jitter: Callable[[], float],
+        signals: SignalWaits,
+        respond: Callable[[str], None] = lambda process_id: None,
         tasks: TaskQueues | None = None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
@@ -72,15 +74,17 @@ class ProcessRunner:
         self._bus, self._metrics, self._publish = bus, metrics, publish
         self._counts, self._wakeups, self._waits = counts, wakeups, waits
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
+        self._respond = respond  # a synchronous start may answer now (respond_after)
+        self._signals = signals
         self.deadlines = Deadlines(clock, self._deadline_passed)
 
     async def run(self, process: Process) -> None:
         """Run the process until it finishes (or the task is cancelled: then the last
         checkpoint is where it resumes)."""
-        definition = self._definition(process.workflow)
+        definition = self._definition(process)  # the version it started with
         try:
             if definition is None:
-                process.error = f"workflow {process.workflow!r} is no longer defined"
+                process.error = failure(None, f"workflow {process.workflow!r} is no longer defined")
                 await self._finish(process, ProcessStatus.FAILED)
                 return
             pause = STORAGE_RETRY_MIN
@@ -98,7 +102,7 @@ class ProcessRunner:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
-            process.error = f"internal error: {exc}"
+            process.error = failure(None, f"internal error: {exc}")
             await self._finish(process, ProcessStatus.FAILED)
 
     async def _forward(self, definition: Definition, process: Process) -> None:
@@ -106,11 +110,17 @@ class ProcessRunner:
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
+            if definition.output is not None:  # else the output is every step's (describe)
+                context = template_context(process)
+                process.output = templates.render(definition.output, context, strict=False)
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
         if isinstance(step.action, WaitFor):
-            await self._wait_for(definition, process, step, step.action)
+            if step.action.signal is not None:
+                await self._wait_signal(definition, process, step, step.action)
+            else:
+                await self._wait_for(definition, process, step, step.action)
             return
         if process.wake_at is None and process.attempt == 0 and step.delay:
             process.wake_at = self._clock() + step.delay
@@ -138,14 +148,14 @@ class ProcessRunner:
             process.position += 1
             process.attempt = 0
             await self._checkpoint(process, ProcessStatus.RUNNING)
-            self.emit("workflow.step_completed", process, step=step.name)
+            self._step_done(definition, process, step.name)
             return
         process.attempt = attempt
         if result.retryable and attempt < step.retry.max_attempts:
             process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
             await self._checkpoint(process, ProcessStatus.WAITING)
             return
-        process.error = f"step {step.name}: {result.error}"
+        process.error = failure(step.name, str(result.error), result.status, result.body)
         await self._begin_compensation(definition, process, cancelled=False)
 
     async def _act(self, process: Process, step: Step) -> CallResult:
@@ -157,7 +167,12 @@ class ProcessRunner:
             data = (
                 templates.render(step.action.data, context)
                 if step.action.data is not None
-                else {"process": process.id, "workflow": process.workflow, **context}
+                else {
+                    "process": process.id,
+                    "workflow": process.workflow,
+                    "input": process.input,
+                    "steps": process.outputs,
+                }
             )
         except templates.TemplateError as exc:
             return CallResult(ok=False, error=str(exc), retryable=False)
@@ -253,10 +268,11 @@ class ProcessRunner:
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor
     ) -> None:
+        assert wait.event is not None
         try:
             match = templates.render(dict(wait.match), template_context(process))
         except templates.TemplateError as exc:
-            process.error = f"step {step.name}: {exc}"
+            process.error = failure(step.name, str(exc))
             await self._begin_compensation(definition, process, cancelled=False)
             return
         started = self._clock()
@@ -284,7 +300,7 @@ class ProcessRunner:
         if event is None:
             result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = f"step {step.name}: {result.error}"
+            process.error = failure(step.name, str(result.error))
             await self._begin_compensation(definition, process, cancelled=False)
             return
         self._record(
@@ -298,7 +314,52 @@ class ProcessRunner:
         process.outputs[step.name] = event.data
         process.position += 1
         await self._checkpoint(process, ProcessStatus.RUNNING)
-        self.emit("workflow.step_completed", process, step=step.name)
+        self._step_done(definition, process, step.name)
+
+    async def _wait_signal(
+        self, definition: Definition, process: Process, step: Step, wait: WaitFor
+    ) -> None:
+        """Take the step's signal: one kept from before, or the next to come. `wait_seq`
+        0 marks the wait begun, so a restart keeps its timeout instead of starting anew."""
+        assert wait.signal is not None
+        started, name, timeout = self._clock(), wait.signal, wait.timeout
+        if process.wait_seq is None:
+            process.wait_seq = 0
+            process.wake_at = started + timeout if timeout is not None else None
+            await self._checkpoint(process, ProcessStatus.WAITING)
+        self._signals.waiting[process.id] = name
+        try:
+            signal = self._signals.take(process.id, name)
+            while signal is None and not process.cancel_requested:
+                if await self._wakeups.sleep(process, process.wake_at):
+                    break  # timed out
+                signal = self._signals.take(process.id, name)
+        finally:
+            self._signals.waiting.pop(process.id, None)
+        if process.cancel_requested and signal is None:
+            return
+        process.wake_at, process.wait_seq = None, None
+        if signal is None:
+            error = f"no {name} signal within {timeout:g}s"
+            result = CallResult(ok=False, error=error)
+            self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+            process.error = failure(step.name, error)
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        result = CallResult(ok=True, output=signal.data)
+        self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+        process.outputs[step.name] = signal.data
+        process.position += 1
+        process.taken_signal = signal.seq  # deleted by this checkpoint: taken once
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        self._step_done(definition, process, step.name)
+
+    def _step_done(self, definition: Definition, process: Process, step: str) -> None:
+        """After a step's checkpoint: tell listeners, and answer a synchronous start
+        waiting for this step (`respond_after`)."""
+        self.emit("workflow.step_completed", process, step=step)
+        if definition.respond_after == step:
+            self._respond(process.id)
 
     # -- compensation --------------------------------------------------------------
 
@@ -355,7 +416,11 @@ class ProcessRunner:
             process.wake_at = self._clock() + retry.delay(attempt, self._jitter())
             await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
-        process.error = f"{process.error}; compensation of {step.name} failed: {result.error}"
+        reason = f"compensation of {step.name} failed: {result.error}"
+        if process.error is None:  # a cancel: nothing failed before the compensation
+            process.error = failure(step.name, reason, result.status, result.body)
+        else:  # the step's failure stays the error; the message says what followed
+            process.error = {**process.error, "message": f"{process.error['message']}; {reason}"}
         await self._finish(process, ProcessStatus.FAILED)
 
     async def _finish(self, process: Process, status: ProcessStatus) -> None:
@@ -386,7 +451,8 @@ class ProcessRunner:
             **extra,
         }
         if process.error and topic != "workflow.step_completed":
-            data["error"] = process.error
+            data["error"] = process.error_text  # the line notifications show
+            data["failure"] = process.error
         self._bus.publish(topic, data)
 
     def _record(

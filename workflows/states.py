@@ -83,6 +83,7 @@ class WaitKind(enum.StrEnum):
     RETRY = "retry"
     EVENT = "event"
     TASK = "task"
+    SIGNAL = "signal"
 
 
 class TaskState(enum.StrEnum):

@@ -1,9 +1,10 @@
-"""Templates in step paths and bodies: `{input.amount}`, `{steps.pay.payment_id}`.
+"""Templates in step paths and bodies: `{input.amount}`, `{steps.pay.payment_id}`,
+`{process.id}` (so a service can name the process in its reply).
 
 A string that is one whole reference keeps the referenced value's JSON type
 (`"{input.amount}"` with amount 12.5 renders 12.5, not "12.5"); references
 inside a longer string are interpolated as text. `{{` and `}}` are literal
-braces. References are checked when a definition is loaded: `input.*` and
+braces. References are checked when a definition is loaded: `input.*`, `process.id` and
 `steps.<an earlier step>.*` only, so a typo is a config error, not a failed
 process at 3 a.m.
 """
@@ -43,8 +44,10 @@ def check(value: Any, earlier_steps: frozenset[str] | set[str]) -> list[str]:
     for reference in references(value):
         parts = _split(reference)
         if parts is None:
-            problems.append(f"{{{reference}}} is not a reference (input.x or steps.<step>.x)")
-        elif parts[0] == "input":
+            problems.append(
+                f"{{{reference}}} is not a reference (input.x, steps.<step>.x or process.id)"
+            )
+        elif parts[0] == "input" or parts == ["process", "id"]:
             continue
         elif parts[0] == "steps" and len(parts) >= 2 and isinstance(parts[1], str):
             if parts[1] not in earlier_steps:
@@ -52,42 +55,52 @@ def check(value: Any, earlier_steps: frozenset[str] | set[str]) -> list[str]:
                     f"{{{reference}}} refers to step {parts[1]!r}, which does not run before"
                 )
         else:
-            problems.append(f"{{{reference}}} must start with input. or steps.<step>.")
+            problems.append(
+                f"{{{reference}}} must start with input. or steps.<step>., or be process.id"
+            )
     return problems
 
 
-def render(value: Any, context: Mapping[str, Any]) -> Any:
-    """`value` with its references filled from `context` ({"input": ..., "steps": ...})."""
+def render(value: Any, context: Mapping[str, Any], *, strict: bool = True) -> Any:
+    """`value` with its references filled from `context` ({"input": ..., "steps": ...}).
+
+    Not `strict`: a reference without a value renders as null (an `output:` template
+    read before every step has run, or a field a step did not return)."""
     if isinstance(value, str):
         whole = REFERENCE.fullmatch(value)
         if whole is not None and whole.group(1) is not None:
-            return _lookup(whole.group(1).strip(), context)
-        return REFERENCE.sub(lambda m: _text(m, context), value)
+            return _lookup(whole.group(1).strip(), context, strict)
+        return REFERENCE.sub(lambda m: _text(m, context, strict), value)
     if isinstance(value, Mapping):
-        return {key: render(item, context) for key, item in value.items()}
+        return {key: render(item, context, strict=strict) for key, item in value.items()}
     if isinstance(value, list | tuple):
-        return [render(item, context) for item in value]
+        return [render(item, context, strict=strict) for item in value]
     return value
 
 
-def _text(match: re.Match[str], context: Mapping[str, Any]) -> str:
+def _text(match: re.Match[str], context: Mapping[str, Any], strict: bool) -> str:
     if match.group(0) == "{{":
         return "{"
     if match.group(0) == "}}":
         return "}"
-    value = _lookup(match.group(1).strip(), context)
+    value = _lookup(match.group(1).strip(), context, strict)
     if isinstance(value, bool):
         return "true" if value else "false"
     return "" if value is None else str(value)
 
 
-def _lookup(reference: str, context: Mapping[str, Any]) -> Any:
+def _lookup(reference: str, context: Mapping[str, Any], strict: bool = True) -> Any:
     parts = _split(reference)
     if parts is None:
         raise TemplateError(f"{{{reference}}} is not a reference")
     current: Any = context
-    for part in parts:
-        current = _child(current, part, reference)
+    try:
+        for part in parts:
+            current = _child(current, part, reference)
+    except TemplateError:
+        if strict:
+            raise
+        return None
     return current
 
 

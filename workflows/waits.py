@@ -13,7 +13,7 @@ from typing import Any
 
 from scheduler import EventBus
 
-from .records import Process, StoredEvent
+from .records import Process, Signal, StoredEvent
 
 
 class Wakeups:
@@ -80,6 +80,33 @@ class EventWaits:
                 if matches(match, event.data) and process_id not in self.arrived:
                     self.arrived[process_id] = event
                     self._wake(process_id)
+
+
+class SignalWaits:
+    """Signals kept for live processes until a step takes them, and which process waits
+    for which signal now (only those are woken)."""
+
+    def __init__(self, wake: Callable[[str], None]) -> None:
+        self._wake = wake
+        self.waiting: dict[str, str] = {}  # process id -> signal name
+        self._kept: dict[str, list[Signal]] = {}  # process id -> signals, oldest first
+
+    def keep(self, signal: Signal) -> None:
+        self._kept.setdefault(signal.process, []).append(signal)
+        if self.waiting.get(signal.process) == signal.name:
+            self._wake(signal.process)
+
+    def take(self, process_id: str, name: str) -> Signal | None:
+        """The oldest kept signal of that name, now the step's (once)."""
+        kept = self._kept.get(process_id, [])
+        for i, signal in enumerate(kept):
+            if signal.name == name:
+                return kept.pop(i)
+        return None
+
+    def forget(self, process_id: str) -> None:
+        self._kept.pop(process_id, None)
+        self.waiting.pop(process_id, None)
 
 
 class Deadlines:

@@ -15,7 +15,14 @@ from aiohttp import web
 
 from registry.errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from registry.storable import MalformedJson, UnstorableJson
-from workflows.errors import ProcessFinished, UnknownProcess, UnknownWorkflow, WorkflowError
+from workflows.errors import (
+    DefinitionConflict,
+    InvalidDefinition,
+    ProcessFinished,
+    UnknownProcess,
+    UnknownWorkflow,
+    WorkflowError,
+)
 
 from .limits import MAX_BODY_BYTES
 from .responses import json_response
@@ -75,6 +82,8 @@ STATUS: Final[Mapping[type[Exception], tuple[int, str]]] = {
     UnknownWorkflow: (404, "not_found"),
     UnknownProcess: (404, "not_found"),
     ProcessFinished: (409, "conflict"),
+    DefinitionConflict: (409, "conflict"),
+    InvalidDefinition: (422, "invalid"),
     MalformedJson: (400, "malformed_json"),
     UnstorableJson: (422, "invalid"),
 }

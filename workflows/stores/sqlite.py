@@ -15,7 +15,15 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.records import Attempt, NewEvent, Process, StoredEvent
+from workflows.records import (
+    Attempt,
+    NewEvent,
+    Process,
+    Signal,
+    StoredDefinition,
+    StoredEvent,
+    stored_failure,
+)
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
 __all__ = ["SqliteWorkflowStore"]
@@ -42,6 +50,8 @@ CREATE TABLE IF NOT EXISTS processes (
     compensating_from INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error TEXT,
+    output TEXT,
+    workflow_version INTEGER NOT NULL DEFAULT 1,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -70,17 +80,35 @@ CREATE TABLE IF NOT EXISTS events (
     published_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
+CREATE TABLE IF NOT EXISTS workflow_definitions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    defined_at REAL NOT NULL,
+    PRIMARY KEY (name, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS process_signals (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    process TEXT NOT NULL,
+    name TEXT NOT NULL,
+    data TEXT NOT NULL,
+    sent_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS process_signals_process ON process_signals (process, seq);
 CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 """
 
 _COLUMNS = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
-    "compensating_from, cancel_requested, error"
+    "compensating_from, cancel_requested, error, output, workflow_version"
 )
+# Columns added since the first release: a file written before gets them at open.
+_ADDED_COLUMNS = {"output": "TEXT", "workflow_version": "INTEGER NOT NULL DEFAULT 1"}
 
 
-_MARKS = ", ".join("?" * 18)
+_MARKS = ", ".join("?" * 20)
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
@@ -111,13 +139,16 @@ def _row(process: Process) -> tuple[Any, ...]:
         process.wait_seq,
         process.compensating_from,
         int(process.cancel_requested),
-        process.error,
+        None if process.error is None else orjson.dumps(process.error).decode(),
+        None if process.output is None else orjson.dumps(process.output).decode(),
+        process.workflow_version,
     )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
+    output, version = row[19:21]
     return Process(
         id=id_,
         workflow=workflow,
@@ -136,9 +167,11 @@ def _process(row: tuple[Any, ...]) -> Process:
         wait_seq=wait_seq,
         compensating_from=compensating,
         cancel_requested=bool(cancel),
-        error=error,
+        error=stored_failure(error),
+        output=None if output is None else orjson.loads(output),
+        workflow_version=version,
         seq=seq,
-        history_count=row[19],  # every query selects the history count (or 0) last
+        history_count=row[21],  # every query selects the history count (or 0) last
     )
 
 
@@ -170,6 +203,10 @@ class SqliteWorkflowStore:
             # One statement at a time: executescript would commit the group's transaction.
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 d.conn.execute(statement)
+            have = {row[1] for row in d.conn.execute("PRAGMA table_info(processes)")}
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in have:  # constants only reach this statement
+                    d.conn.execute(f"ALTER TABLE processes ADD COLUMN {column} {kind}")
 
         await self._db.write(create)
 
@@ -212,12 +249,15 @@ class SqliteWorkflowStore:
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically."""
         history, process.pending = process.pending, []
+        taken, process.taken_signal = process.taken_signal, None
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
 
         def write(d: sqlite_utils.Database) -> None:
             d.conn.execute(_UPDATE, (*row, seq))
+            if taken is not None:  # taken once: gone with the checkpoint of the step
+                d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
             if history:
                 d.conn.executemany(
                     "INSERT INTO process_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -240,6 +280,59 @@ class SqliteWorkflowStore:
                 )
 
         await self._db.write(write)
+
+    async def definitions(self) -> list[StoredDefinition]:
+        def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
+            rows = d.execute(
+                "SELECT name, version, source, spec, defined_at FROM workflow_definitions "
+                "ORDER BY defined_at, name, version"
+            ).fetchall()
+            return [
+                StoredDefinition(
+                    name=n, version=v, source=s, spec=orjson.loads(spec), defined_at=at
+                )
+                for n, v, s, spec, at in rows
+            ]
+
+        return await self._db.read(read)
+
+    async def add_definition(self, definition: StoredDefinition) -> None:
+        row = (
+            definition.name,
+            definition.version,
+            definition.source,
+            orjson.dumps(definition.spec).decode(),
+            definition.defined_at,
+        )
+        await self._db.write(
+            lambda d: d.conn.execute("INSERT INTO workflow_definitions VALUES (?, ?, ?, ?, ?)", row)
+        )
+
+    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+        def write(d: sqlite_utils.Database) -> int:
+            cursor = d.conn.execute(
+                "INSERT INTO process_signals (process, name, data, sent_at) VALUES (?, ?, ?, ?)",
+                (process_id, name, data.decode(), at),
+            )
+            return int(cursor.lastrowid or 0)
+
+        seq = await self._db.write(write)
+        return Signal(seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at)
+
+    async def pending_signals(self) -> list[Signal]:
+        """Signals not yet taken by unfinished processes, oldest first."""
+
+        def read(d: sqlite_utils.Database) -> list[Signal]:
+            rows = d.execute(
+                "SELECT s.seq, s.process, s.name, s.data, s.sent_at FROM process_signals s "
+                "JOIN processes p ON p.id = s.process WHERE p.finished_at IS NULL ORDER BY s.seq"
+            ).fetchall()
+            return [
+                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at)
+                for seq, p, n, data, at in rows
+            ]
+
+        return await self._db.read(read)
 
     async def unfinished(self) -> list[Process]:
         def read(d: sqlite_utils.Database) -> list[Process]:
@@ -368,6 +461,11 @@ class SqliteWorkflowStore:
                 [before],
             ).fetchall()
             conn.execute(_HISTORY_OF_OLD, [before])
+            conn.execute(
+                "DELETE FROM process_signals WHERE process IN "
+                "(SELECT id FROM processes WHERE finished_at < ?)",
+                [before],
+            )
             conn.execute("DELETE FROM processes WHERE finished_at < ?", [before])
             conn.execute("DELETE FROM events WHERE published_at < ?", [events_before])
             return {(w, ProcessStatus(s)): n for w, s, n in gone}

@@ -32,6 +32,11 @@ class TopicName(BaseModel):
     topic: Annotated[str, _name("event topic")]
 
 
+class SignalKey(BaseModel):
+    id: Annotated[str, _name("process id")]
+    name: Annotated[str, _name("signal name")]
+
+
 class ProcessPageId(BaseModel):
     id: Annotated[str, _name("process id")]
 

@@ -14,11 +14,13 @@ from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, Route, RouteTable
 from monitor.http.routes.events import DEFAULT_SSE_BUFFER, EventRoutes
-from monitor.http.routes.names import WorkflowName
+from monitor.http.routes.names import SignalKey, WorkflowName
 from registry import parse_duration
+from registry.model import is_valid_name
 from scheduler import EventBus
-from workflows import records
+from workflows import Definition, records
 from workflows.engine import Engine
+from workflows.errors import InvalidDefinition
 from workflows.states import STATUSES, ProcessStatus
 
 MAX_WAIT = 300.0
@@ -35,17 +37,34 @@ class StartBody(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
 
+class SignalData(RootModel[dict[str, Any]]):
+    """A signal's JSON: the output of the step that takes it (empty body: {})."""
+
+
 class WorkflowInput(RootModel[dict[str, Any]]):
     """A workflow `route:`'s body: the process's input, any JSON object."""
 
 
 class WorkflowSummary(BaseModel):
     name: str
+    version: int | None = None
+    source: Literal["config", "api"] | None = None
     steps: list[str] | None = None
     route: str | None = None
     trigger: Any = None
     deadline_seconds: float | None = None
     counts: dict[str, int] | None = None
+
+
+class WorkflowDefinition(BaseModel):
+    name: str
+    version: int
+    source: Literal["config", "api"]
+    definition: dict[str, Any] = Field(description="the config.yaml entry's schema, as JSON")
+
+
+class DefinitionBody(RootModel[dict[str, Any]]):
+    """A config.yaml workflow entry as JSON (`name` may be left out)."""
 
 
 class Workflows(BaseModel):
@@ -58,6 +77,15 @@ class Started(BaseModel):
     created: bool | None = Field(default=None, description="false: the idempotency key's process")
 
 
+class ProcessError(BaseModel):
+    """Why a process failed: the step, the reason, and what the service answered."""
+
+    step: str | None = None
+    message: str
+    status: int | None = Field(default=None, description="the failing answer's HTTP status")
+    body: str | None = Field(default=None, description="its body's first KiB, as text")
+
+
 class ProcessSummary(BaseModel):
     id: str
     workflow: str
@@ -67,13 +95,16 @@ class ProcessSummary(BaseModel):
     finished_at: float | None = None
     deadline_at: float | None = None
     deadline_missed: bool | None = None
-    error: str | None = None
+    error: ProcessError | None = None
+    workflow_version: int | None = Field(
+        default=None, description="the definition version the process runs"
+    )
 
 
 class WaitingFor(BaseModel):
-    """While waiting: kind (delay, retry, event), until (epoch seconds, null: no limit)."""
+    """While waiting: kind, until (epoch seconds, null: no limit) and detail."""
 
-    kind: Literal["delay", "retry", "event"] | None = None
+    kind: Literal["delay", "retry", "signal", "event", "resource", "task"] | None = None
     until: float | None = None
     detail: str | None = None
 
@@ -94,6 +125,11 @@ class Process(ProcessSummary):
     )
     input: dict[str, Any]
     outputs: dict[str, Any]
+    output: Any = Field(
+        default=None,
+        description="the result: the `output:` template (so far, while running), else every "
+        "step's output; null when the process failed",
+    )
     history: list[dict[str, Any]]
 
 
@@ -105,7 +141,8 @@ class ProcessPage(BaseModel):
 class StartQuery(BaseModel):
     wait: str = Field(
         default="",
-        description="wait up to this long (e.g. 30s, at most 5m) for the process to end",
+        description="wait up to this long (e.g. 30s, at most 5m) for the process to end "
+        "or do its `respond_after` step",
     )
 
 
@@ -117,7 +154,11 @@ class ProcessQuery(BaseModel):
 
 
 START_REPLIES = (
-    Reply(status=200, description="ended within `wait`", model=Process),
+    Reply(
+        status=200,
+        description="ended, or did its `respond_after` step, within `wait`",
+        model=Process,
+    ),
     Reply(status=202, description="started (or running)", model=Started),
 )
 START_ERRORS = (400, 401, 403, 404, 422)
@@ -209,6 +250,8 @@ class WorkflowRoutes:
             out.append(
                 {
                     "name": definition.name,
+                    "version": definition.version,
+                    "source": definition.source,
                     "steps": [step.name for step in definition.steps],
                     "route": definition.route,
                     "trigger": definition.trigger,
@@ -217,6 +260,52 @@ class WorkflowRoutes:
                 }
             )
         return json_response({"workflows": out})
+
+    @table.get(
+        "/v1/workflows/{name}",
+        operation_id="getWorkflow",
+        summary="A workflow definition: its current version, source and JSON",
+        match=WorkflowName,
+        replies=(Reply(status=200, description="the definition", model=WorkflowDefinition),),
+        errors=(401, 404),
+    )
+    async def get_workflow(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        definition = self.engine.definitions.get(name)
+        if definition is None:
+            raise HttpError(404, f"no workflow named {name!r}")
+        return json_response(_definition(definition))
+
+    @table.put(
+        "/v1/workflows/{name}",
+        operation_id="defineWorkflow",
+        summary="Define or replace a workflow (versioned; running processes keep theirs)",
+        match=WorkflowName,
+        body=DefinitionBody,
+        replies=(
+            Reply(status=201, description="defined", model=WorkflowDefinition),
+            Reply(status=200, description="replaced, or unchanged", model=WorkflowDefinition),
+        ),
+        errors=(400, 401, 403, 409, 422),
+    )
+    async def define(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if not is_valid_name(name):
+            raise HttpError(400, "a workflow name is 1-128 of A-Z a-z 0-9 . _ -")
+        self.auth.require(request, "define", name)
+        data = await parse_json_object(request, "a workflow definition")
+        if data.setdefault("name", name) != name:
+            problem = {"path": "name", "message": f"must be {name!r}, the name in the path"}
+            raise HttpError(422, "the definition does not validate", details=[problem])
+        try:
+            parsed = self.engine.parse(data)
+        except InvalidDefinition as exc:
+            problems = [{"path": path, "message": message} for path, message in exc.problems]
+            raise HttpError(
+                422, f"the definition does not validate: {exc}", details=problems
+            ) from None
+        definition, created = await self.engine.define(parsed)
+        return json_response(_definition(definition), status=201 if created else 200)
 
     @table.post(
         "/v1/workflows/{name}",
@@ -303,6 +392,28 @@ class WorkflowRoutes:
         process = await self.engine.cancel(process_id)
         return json_response({"id": process.id, "status": process.status}, status=202)
 
+    @table.post(
+        "/v1/processes/{id}/signals/{name}",
+        operation_id="signalProcess",
+        summary="Send a signal: JSON a `wait_for: {signal}` step takes (kept until then)",
+        match=SignalKey,
+        body=SignalData,
+        body_required=False,
+        replies=(Reply(status=202, description="kept for the process", model=Started),),
+        errors=(400, 401, 403, 404, 409, 422),
+    )
+    async def signal(self, request: web.Request) -> web.Response:
+        process_id, name = request.match_info["id"], request.match_info["name"]
+        if not is_valid_name(name):
+            raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
+        stored = await self.engine.store.get(process_id)
+        if stored is None:
+            raise HttpError(404, f"no process {process_id!r}")
+        self.auth.require(request, "signal", stored[0].workflow)
+        data = await parse_json_object(request, "a signal")
+        process = await self.engine.signal(process_id, name, data)
+        return json_response({"id": process.id, "status": process.status}, status=202)
+
     async def _full(self, process_id: str) -> dict[str, Any]:
         described = await self.engine.describe(process_id)
         if described is None:
@@ -311,6 +422,15 @@ class WorkflowRoutes:
 
     def _live(self, process: records.Process) -> records.Process:
         return self.engine.live.get(process.id, process)
+
+
+def _definition(definition: Definition) -> dict[str, Any]:
+    return {
+        "name": definition.name,
+        "version": definition.version,
+        "source": definition.source,
+        "definition": definition.spec or {"name": definition.name},
+    }
 
 
 def _wait(request: web.Request) -> float:
