@@ -1,4 +1,4 @@
-"""registry.client against a real daemon process, which goes down and comes back."""
+"""hms_mgmt.Registration against a real daemon process, which goes down and comes back."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from registry.client import Registration, registration_ctx
+from hms_mgmt import Registration, registration_ctx
 
 from .processes import DaemonProcess, free_port, running_daemon, write_config
 
