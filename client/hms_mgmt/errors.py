@@ -36,6 +36,10 @@ class Unavailable(HmsError):
     """429 or 5xx: the daemon is overloaded, restarting or its store is down; try again."""
 
 
+class Unreachable(Unavailable):
+    """No answer at all: the daemon is down or the address is wrong (status 0)."""
+
+
 def error_for(status: int, body: Any) -> HmsError:
     """The exception for a non-2xx answer; `body` is its decoded JSON (or text)."""
     error = body.get("error") if isinstance(body, dict) else None
