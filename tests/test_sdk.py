@@ -16,10 +16,17 @@ from aiohttp.test_utils import TestServer
 from hms_mgmt import (
     BadRequest,
     Client,
+    DefinitionError,
     NotFound,
+    Retry,
+    StepContext,
     SyncClient,
     Unauthorized,
     Unreachable,
+    Workflow,
+    call,
+    publish,
+    wait_for,
 )
 
 from .conftest import until
@@ -273,3 +280,208 @@ def test_sync_client_runs_publishes_looks_up_and_subscribes(tmp_path: Path) -> N
         assert (event.id, event.data) == (event_id, {"n": 1})
         with pytest.raises(RuntimeError):
             hms.lookup("payments")  # closed
+
+
+# The builder: a workflow in Python is the JSON of a config.yaml workflow entry.
+
+
+def validate(ctx: StepContext) -> dict[str, Any]:
+    return {"valid": True}
+
+
+async def reserve(ctx: StepContext) -> dict[str, Any]:
+    return {"reservation": "r-1"}
+
+
+def release(ctx: StepContext) -> None:
+    return None
+
+
+def test_a_built_workflow_is_the_json_of_a_config_workflow_entry() -> None:
+    payment = (
+        Workflow("ChildSupportPayment", deadline="2d", queue="child-support", trigger="case.opened")
+        .step("validate", validate, timeout=30, retry=Retry(5, "2s", 2.0, "1m"))
+        .step("reserve", reserve, compensate=release)
+        .step(
+            "pay",
+            call("payments", "post", "/pay", body={"amount": "{input.amount}"}),
+            compensate=call("payments", "POST", "/pay/{steps.pay.id}/cancel"),
+        )
+        .step("docs", wait_for(signal="docsValidated", timeout="2d"))
+        .step("notify", publish("payment.done", {"process": "{process.id}"}), delay=1.5)
+    )
+    assert payment.definition() == {
+        "name": "ChildSupportPayment",
+        "queue": "child-support",
+        "trigger": {"event": "case.opened"},
+        "deadline": "2d",
+        "steps": [
+            {
+                "name": "validate",
+                "task": "validate",
+                "timeout": "30s",
+                "retry": {"max_attempts": 5, "backoff": "2s", "factor": 2.0, "max_backoff": "1m"},
+            },
+            {"name": "reserve", "task": "reserve", "compensate": {"task": "reserve.compensate"}},
+            {
+                "name": "pay",
+                "call": {
+                    "service": "payments",
+                    "method": "POST",
+                    "path": "/pay",
+                    "body": {"amount": "{input.amount}"},
+                },
+                "compensate": {
+                    "service": "payments",
+                    "method": "POST",
+                    "path": "/pay/{steps.pay.id}/cancel",
+                },
+            },
+            {"name": "docs", "wait_for": {"signal": "docsValidated", "timeout": "2d"}},
+            {
+                "name": "notify",
+                "publish": "payment.done",
+                "data": {"process": "{process.id}"},
+                "delay": "1500ms",
+            },
+        ],
+    }
+    assert payment.tasks() == {
+        "validate": validate,
+        "reserve": reserve,
+        "reserve.compensate": release,
+    }
+    assert payment.queue == "child-support"
+    assert Workflow("Plain").queue == "Plain"  # the daemon's default queue: the workflow name
+
+
+async def test_a_built_workflow_of_calls_runs_in_the_daemon_as_config(
+    tmp_path: Path, ach: tuple[str, Calls]
+) -> None:
+    ach[1].fail["/notify"] = [422]  # fails for good: the payment is compensated
+    grant = (
+        Workflow("BuiltGrant", deadline=3600)
+        .step("validate", call("ach", "POST", "/validate"), timeout=5)
+        .step(
+            "pay",
+            call("ach", "POST", "/transfers", body={"amount": "{input.amount}"}),
+            compensate=call("ach", "POST", "/transfers/{steps.pay.payment_id}/cancel"),
+            retry=Retry(max_attempts=2, backoff=0.1),
+        )
+        .step("notify", call("ach", "POST", "/notify"))
+    )
+    services = [{"name": "ach", "instances": [{"id": "ach-1", "url": ach[0]}]}]
+    definition = grant.definition()
+    with running_daemon(tmp_path, services=services, workflows=[definition]) as daemon:
+        async with Client(daemon.url) as hms:
+            report = await hms.run("BuiltGrant", {"amount": 9}, timeout=15)
+    assert report.status == "compensated" and not report.success
+    payment = report.process["outputs"]["pay"]["payment_id"]
+    assert f"/transfers/{payment}/cancel" in ach[1].paths()
+
+
+@pytest.mark.parametrize(
+    ("build", "problem"),
+    [
+        (lambda: Workflow("W").step("a", validate).step("a", validate), "duplicate step"),
+        (lambda: Workflow("W").step("a", wait_for("e"), compensate=release), "nothing to"),
+        (lambda: Workflow("W").step("a", publish("t"), compensate=release), "nothing to"),
+        (lambda: wait_for("e", signal="s"), "exactly one"),
+        (lambda: wait_for(), "exactly one"),
+        (lambda: Workflow("W").step("a", validate, timeout="soon"), "W.a.timeout"),
+        (lambda: Workflow("W", deadline=-1), "deadline"),
+        (lambda: Workflow("W", respond_after="b").step("a", validate).definition(), "no step"),
+        (lambda: Workflow("W").definition(), "needs steps"),
+        (lambda: Workflow("W").step("a", "not a step"), "a step is a function"),  # type: ignore[arg-type]
+        (lambda: Workflow("W").step("a b", validate), "step name"),
+        (lambda: Retry(max_attempts=0), "max_attempts"),
+    ],
+)
+def test_mistakes_python_can_see_raise_while_building(build: Any, problem: str) -> None:
+    with pytest.raises(DefinitionError, match=problem):
+        build()
+
+
+@pytest.mark.needs_issue15_daemon
+def test_a_built_definition_passes_the_daemons_config_model(tmp_path: Path) -> None:
+    """What the builder emits is what config.yaml accepts: task steps, data, signals, output."""
+    from monitor.config import Workflow as ConfigWorkflow
+
+    built = (
+        Workflow(
+            "Case",
+            queue="cases",
+            output={"r": "{steps.reserve.reservation}"},
+            respond_after="reserve",
+        )
+        .step("reserve", reserve, compensate=release, timeout=10)
+        .step("notify", publish("case.done", {"process": "{process.id}"}))
+        .step("docs", wait_for(signal="docsValidated", timeout="1d"))
+    )
+    ConfigWorkflow.model_validate(built.definition())
+
+
+@pytest.mark.needs_issue15_daemon
+async def test_deploy_then_signal_a_waiting_process(tmp_path: Path) -> None:
+    permit = (
+        Workflow("Permit", output={"docs": "{steps.docs.ok}", "process": "{process.id}"})
+        .step("docs", wait_for(signal="docsValidated", timeout="1h"))
+        .step("announce", publish("permit.granted", {"process": "{process.id}"}))
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            deployed = await hms.deploy(permit.definition())
+            assert deployed["version"] == 1
+            again = await hms.deploy(permit.definition())
+            assert again["version"] == 1  # unchanged: no new version
+            handle = await hms.start("Permit", {"applicant_id": "A-1"})
+            await hms.signal(handle.id, "docsValidated", {"ok": True})
+            report = await handle.result(timeout=10)
+            stored = await hms.workflow("Permit")
+    assert report.success and report.output == {"docs": True, "process": handle.id}
+    assert stored["source"] == "api" and stored["definition"]["name"] == "Permit"
+
+
+@pytest.mark.needs_issue15_daemon
+async def test_process_workflow_answers_at_respond_after_while_the_rest_goes_on(
+    tmp_path: Path, ach: tuple[str, Calls]
+) -> None:
+    grant = (
+        Workflow("Grant", output={"payment_id": "{steps.pay.payment_id}"}, respond_after="pay")
+        .step("pay", call("ach", "POST", "/transfers", body={"amount": "{input.amount}"}))
+        .step("follow_up", call("ach", "GET", "/transfers/{steps.pay.payment_id}"), delay="1h")
+    )
+    services = [{"name": "ach", "instances": [{"id": "ach-1", "url": ach[0]}]}]
+    with running_daemon(tmp_path, services=services) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(grant.definition())
+            answer = await hms.process_workflow("Grant", {"amount": 3}, timeout=10)
+    assert answer["payment_id"].startswith("pay-")
+    assert answer["status"] in ("running", "waiting")  # the 1 h follow-up goes on
+
+
+@pytest.mark.needs_issue15_daemon
+async def test_a_failed_report_carries_the_step_status_and_body(
+    tmp_path: Path, ach: tuple[str, Calls]
+) -> None:
+    ach[1].fail["/transfers"] = [422]
+    grant = Workflow("Grant").step("pay", call("ach", "POST", "/transfers", body={"amount": 1}))
+    services = [{"name": "ach", "instances": [{"id": "ach-1", "url": ach[0]}]}]
+    with running_daemon(tmp_path, services=services) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(grant.definition())
+            report = await hms.run("Grant", timeout=10)
+    assert report.status == "failed" and report.error is not None
+    assert report.error["step"] == "pay" and report.error["status"] == 422
+    assert "planned failure" in report.error["body"]
+
+
+@pytest.mark.needs_issue15_daemon
+async def test_a_definition_the_daemon_refuses_raises_bad_request(tmp_path: Path) -> None:
+    broken = Workflow("Broken").step("pay", call("ach", "POST", "/x")).definition()
+    broken["steps"][0]["call"]["method"] = "BREW"
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            with pytest.raises(BadRequest) as refused:
+                await hms.deploy(broken)
+    assert refused.value.status == 422 and "method" in str(refused.value.details)
