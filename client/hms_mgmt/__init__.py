@@ -14,6 +14,7 @@ from .errors import (
 )
 from .registration import Registration, Rejected, registration_ctx
 from .sync import SyncClient, SyncProcessHandle
+from .worker import Worker
 from .workflow import (
     Call,
     DefinitionError,
@@ -56,6 +57,7 @@ __all__ = [
     "Unavailable",
     "Unreachable",
     "WaitFor",
+    "Worker",
     "Workflow",
     "__version__",
     "call",
