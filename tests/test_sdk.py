@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import re
+import subprocess
+import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,6 +36,7 @@ from .conftest import until
 from .processes import ROOT, DaemonProcess, free_port, running_daemon, write_config
 from .services import Calls, service_app
 from .test_auth import ADMIN
+from .test_readme_tour import DAEMON, shipped_config
 
 DAEMON_PACKAGES = {"registry", "scheduler", "monitor", "workflows"}
 
@@ -485,3 +489,44 @@ async def test_a_definition_the_daemon_refuses_raises_bad_request(tmp_path: Path
             with pytest.raises(BadRequest) as refused:
                 await hms.deploy(broken)
     assert refused.value.status == 422 and "method" in str(refused.value.details)
+
+
+# The README's "From Python" section works as written (its first block, the registration,
+# is tests/test_readme_tour.py's).
+
+
+def readme_python_blocks() -> list[str]:
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### From Python", 1)[1]
+    section = section.split("\n### ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)
+
+
+def run_readme_block(block: str, tmp_path: Path) -> str:
+    port = free_port()
+    daemon = DaemonProcess(shipped_config(tmp_path, port), port, tmp_path / "daemon.log")
+    daemon.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", DAEMON.sub(f"127.0.0.1:{port}", block)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+    finally:
+        daemon.stop()
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_the_readme_sync_client_block_works_as_written(tmp_path: Path) -> None:
+    (block,) = [b for b in readme_python_blocks() if "SyncClient(" in b]
+    out = run_readme_block(block, tmp_path)
+    assert "grant.submitted {'application_id': 'GR-2023-55'}" in out
+
+
+@pytest.mark.needs_issue15_daemon
+def test_the_readme_worker_block_works_as_written(tmp_path: Path) -> None:
+    (block,) = [b for b in readme_python_blocks() if "Worker(" in b]
+    out = run_readme_block(block, tmp_path)
+    assert "completed {'greeting': 'hello Ada'}" in out
