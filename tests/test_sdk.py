@@ -155,6 +155,16 @@ async def test_process_workflow_answers_status_and_output(daemon: DaemonProcess)
     assert answer["pay"]["payment_id"].startswith("pay-")
 
 
+async def test_process_workflow_answers_a_failure_with_its_error(
+    daemon: DaemonProcess, ach: tuple[str, Calls]
+) -> None:
+    ach[1].fail["/transfers"] = [422]
+    async with Client(daemon.url) as hms:
+        answer = await hms.process_workflow("Grant", {"amount": 7})
+    assert answer["status"] == "failed"
+    assert "422" in answer["error"]["message"]
+
+
 async def test_refusals_raise_with_the_daemons_code_message_and_status(
     daemon: DaemonProcess,
 ) -> None:

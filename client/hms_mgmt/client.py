@@ -221,10 +221,16 @@ class Client:
         """`{"status": <process status>, **output}`, as the seeds' ManagementLayer answers.
 
         The output is the workflow's `output:` (all step outputs without one); an output
-        that is not an object comes as `"output"`. TimeoutError when `timeout` passes."""
+        that is not an object comes as `"output"`, a failure's error as `"error"`.
+        TimeoutError when `timeout` passes first."""
         report = await self.run(workflow, input, timeout=timeout)
-        output = report.output if isinstance(report.output, Mapping) else {"output": report.output}
-        answer: dict[str, Any] = {**output, "status": report.status}
+        if report.output is None:  # a failed process has no output
+            output: Mapping[str, Any] = {}
+        elif isinstance(report.output, Mapping):
+            output = report.output
+        else:
+            output = {"output": report.output}
+        answer: dict[str, Any] = {"status": report.status, **output}
         if report.error is not None:
             answer["error"] = report.error
         return answer
