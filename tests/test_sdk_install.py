@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import venv
 from pathlib import Path
@@ -48,8 +49,10 @@ def sdk_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     home = tmp_path_factory.mktemp("sdk-venv")
     venv.EnvBuilder(with_pip=True).create(home)
     python = home / "bin" / "python"
+    # Built from a copy: setuptools writes build/ and *.egg-info/ beside the sources.
+    source = shutil.copytree(ROOT / "client", home / "source", ignore=_BUILT)
     done = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", str(ROOT / "client")],
+        [str(python), "-m", "pip", "install", "--quiet", str(source)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -57,6 +60,9 @@ def sdk_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return python
+
+
+_BUILT = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
 
 
 def _isolated_env() -> dict[str, str]:
