@@ -33,7 +33,7 @@ from hms_mgmt import (
 )
 
 from .conftest import until
-from .processes import ROOT, DaemonProcess, free_port, running_daemon, write_config
+from .processes import ROOT, DaemonProcess, free_port, running_daemon
 from .services import Calls, service_app
 from .test_auth import ADMIN
 from .test_readme_tour import DAEMON, shipped_config
@@ -245,27 +245,17 @@ async def test_subscribe_yields_published_events_in_order(daemon: DaemonProcess)
     assert [(e.topic, e.data) for e in got] == [("grant.submitted", {"n": n}) for n in range(3)]
 
 
-@pytest.fixture
-def restartable(tmp_path: Path) -> Iterator[DaemonProcess]:
-    """A daemon process the test may kill and start again."""
-    port = free_port()
-    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
-    process.start()
-    yield process
-    process.stop()
-
-
 async def test_subscribe_resumes_after_the_daemon_restarts_without_loss_or_repeat(
-    restartable: DaemonProcess,
+    restartable_daemon: DaemonProcess,
 ) -> None:
-    async with Client(restartable.url) as hms:
+    async with Client(restartable_daemon.url) as hms:
         events = hms.subscribe("grant.*")
         first = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0.3)
         await hms.publish("grant.submitted", {"n": 0})
         assert (await asyncio.wait_for(first, 10)).data == {"n": 0}
-        restartable.kill()
-        await asyncio.to_thread(restartable.start)
+        restartable_daemon.kill()
+        await asyncio.to_thread(restartable_daemon.start)
         # Published before the client has reconnected: it gets them from the store.
         for n in (1, 2):
             await hms.publish("grant.submitted", {"n": n})

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from hms_mgmt import (
 )
 
 from .conftest import until
-from .processes import DaemonProcess, free_port, running_daemon, write_config
+from .processes import DaemonProcess, running_daemon
 
 pytestmark = pytest.mark.needs_issue15_daemon
 
@@ -200,17 +199,8 @@ async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -
     assert instances == []  # deregistered
 
 
-@pytest.fixture
-def restartable(tmp_path: Path) -> Iterator[DaemonProcess]:
-    port = free_port()
-    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
-    process.start()
-    yield process
-    process.stop()
-
-
 async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
-    restartable: DaemonProcess,
+    restartable_daemon: DaemonProcess,
 ) -> None:
     release = asyncio.Event()
     runs: list[str] = []
@@ -224,11 +214,11 @@ async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
         return "noted"
 
     flow = Workflow("Restart").step("pay", gated, timeout=30).step("note", after)
-    async with worker(restartable.url, flow), Client(restartable.url) as hms:
+    async with worker(restartable_daemon.url, flow), Client(restartable_daemon.url) as hms:
         handle = await hms.start("Restart")
         await until(lambda: _true(bool(runs)))
-        restartable.kill()
-        await asyncio.to_thread(restartable.start)
+        restartable_daemon.kill()
+        await asyncio.to_thread(restartable_daemon.start)
         release.set()  # the result goes out once the daemon answers again
         report = await handle.result(timeout=30)
         again = await hms.run("Restart", timeout=20)  # and the worker polls the new daemon
