@@ -245,6 +245,17 @@ async def test_subscribe_yields_published_events_in_order(daemon: DaemonProcess)
     assert [(e.topic, e.data) for e in got] == [("grant.submitted", {"n": n}) for n in range(3)]
 
 
+async def test_subscribe_passes_a_large_event_whole(daemon: DaemonProcess) -> None:
+    blob = "x" * 300_000  # one `data:` line of 300 KB
+    async with Client(daemon.url) as hms:
+        event_id = await hms.publish("grant.large", {"blob": blob})
+        assert event_id is not None
+        events = hms.subscribe("grant.*", last_event_id=event_id - 1)
+        event = await asyncio.wait_for(anext(events), 10)
+        await events.aclose()
+    assert event.data == {"blob": blob}
+
+
 async def test_subscribe_resumes_after_the_daemon_restarts_without_loss_or_repeat(
     restartable_daemon: DaemonProcess,
 ) -> None:

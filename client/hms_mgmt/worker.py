@@ -54,6 +54,7 @@ RETRY_FIRST, RETRY_MAX = 0.1, 5.0
 REPORT_FOR = 300.0  # seconds a result is retried while the daemon is unreachable
 MIN_HEARTBEAT = 0.05
 MAX_POLL = 100  # the daemon hands out at most this many tasks per poll
+DEFAULT_LEASE = 30.0  # seconds, for a delivery that names no deadline
 
 
 class Worker:
@@ -235,10 +236,12 @@ class Worker:
                 task.add_done_callback(self._in_flight.discard)
 
     async def _take_slots(self) -> int:
-        """At least one free slot (waiting for one), and every other free one."""
+        """At least one free slot (waiting for one), and more while free, up to this queue's
+        share: a long poll holding every slot would starve the worker's other queues."""
+        share = max(1, self.concurrency // len(self.functions))
         await self._slots.acquire()
         taken = 1
-        while taken < self.concurrency and not self._slots.locked():
+        while taken < share and not self._slots.locked():
             await self._slots.acquire()
             taken += 1
         return taken
@@ -312,7 +315,7 @@ class Worker:
     async def _heartbeat(self, delivery: Mapping[str, Any]) -> None:
         """Renew the lease at a third of its length while the function runs."""
         url = f"/v1/tasks/{delivery['id']}/heartbeat"
-        deadline = float(delivery.get("deadline") or 0)
+        deadline = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE)
         while True:
             await asyncio.sleep(max((deadline - time.time()) / 3, MIN_HEARTBEAT))
             try:
