@@ -7,6 +7,10 @@ tests are skipped (tests/conftest.py: HMS_ISSUE15=1 runs them).
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -243,3 +247,46 @@ async def test_a_worker_without_the_work_scope_is_refused(tmp_path: Path) -> Non
 
 async def _true(value: bool) -> bool:
     return value
+
+
+WORKER_MODULE = """
+from hms_mgmt import StepContext, Workflow
+
+
+def shout(ctx: StepContext) -> dict:
+    return {"loud": ctx.input["word"].upper()}
+
+
+flow = Workflow("Shout", queue="shouters").step("shout", shout)
+"""
+
+
+async def test_python_m_hms_mgmt_worker_serves_a_module_until_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "shouting.py").write_text(WORKER_MODULE, encoding="utf-8")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    with running_daemon(tmp_path) as daemon:
+
+        async def registered() -> bool:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{daemon.url}/v1/services/shouters") as r,
+            ):
+                return len((await r.json())["instances"]) == 1
+
+        with (tmp_path / "worker.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hms_mgmt.worker", "shouting:flow", "--url", daemon.url],
+                env={**os.environ, "PYTHONPATH": path},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            async with Client(daemon.url) as hms:
+                report = await hms.run("Shout", {"word": "hello"}, timeout=20)
+            await until(registered)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(process.wait, 15)
+        assert not await registered()  # deregistered on the way out
+    assert report.output == {"shout": {"loud": "HELLO"}}
+    assert code == 0, (tmp_path / "worker.log").read_text()

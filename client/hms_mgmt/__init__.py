@@ -1,5 +1,7 @@
 """hms_mgmt: the Python SDK of hms-mgmt (DESIGN.md §7), over its HTTP API (§3) and aiohttp only."""
 
+from typing import TYPE_CHECKING, Any
+
 from .client import Client, Event, ProcessHandle, Report, RoundRobin
 from .context import NonRetryable, StepContext
 from .durations import Duration
@@ -14,7 +16,6 @@ from .errors import (
 )
 from .registration import Registration, Rejected, registration_ctx
 from .sync import SyncClient, SyncProcessHandle
-from .worker import Worker
 from .workflow import (
     Call,
     DefinitionError,
@@ -29,7 +30,20 @@ from .workflow import (
     wait_for,
 )
 
+if TYPE_CHECKING:
+    from .worker import Worker
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """Worker on first use: `python -m hms_mgmt.worker` then runs a module not yet imported."""
+    if name == "Worker":
+        from .worker import Worker
+
+        return Worker
+    raise AttributeError(f"module 'hms_mgmt' has no attribute {name!r}")
+
 
 __all__ = [
     "BadRequest",
