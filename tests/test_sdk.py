@@ -21,6 +21,7 @@ from hms_mgmt import (
     Client,
     DefinitionError,
     NotFound,
+    Registration,
     Retry,
     StepContext,
     SyncClient,
@@ -230,6 +231,34 @@ async def test_lookup_lists_passing_instances_and_round_robin_takes_turns(
         await other.close()
     assert sorted(urls) == sorted(up)
     assert turns[:2] == turns[2:] and sorted(turns[:2]) == sorted(up)
+
+
+async def test_a_worker_registers_without_url_and_is_neither_scraped_nor_called(
+    tmp_path: Path,
+) -> None:
+    """DESIGN §3: `url` is required unless `probe.type` is `none` (how a Worker registers)."""
+    call_workers = {"service": "workers", "path": "/"}
+    calling = {"name": "CallWorkers", "steps": [{"name": "c", "call": call_workers}]}
+    with running_daemon(tmp_path, workflows=[calling]) as daemon:
+        worker = Registration(
+            daemon.url, "workers", "w-1", url=None, probe={"type": "none"}, ttl="30s"
+        )
+        unprobed_only = Registration(daemon.url, "workers", "w-2", url=None, max_backoff=0.5)
+        async with worker, unprobed_only:
+            await asyncio.wait_for(worker.registered.wait(), 10)
+            await asyncio.sleep(0.5)
+            async with aiohttp.ClientSession(daemon.url) as http:
+                async with http.get("/v1/health") as r:
+                    health = [(i["service"], i["instance"]) for i in (await r.json())["instances"]]
+                async with http.get("/v1/sd") as r:
+                    targets = await r.json()
+            async with Client(daemon.url) as hms:
+                report = await hms.run("CallWorkers", timeout=10)
+    assert ("workers", "w-1") in health and ("workers", "w-2") not in health
+    assert unprobed_only.last_error is not None and "422" in unprobed_only.last_error
+    assert targets == []
+    assert report.status == "failed" and report.error is not None
+    assert "no passing instance" in report.error["message"]
 
 
 async def test_subscribe_yields_published_events_in_order(daemon: DaemonProcess) -> None:
