@@ -474,7 +474,7 @@ async def test_deploy_then_signal_a_waiting_process(tmp_path: Path) -> None:
     )
     with running_daemon(tmp_path) as daemon:
         async with Client(daemon.url) as hms:
-            deployed = await hms.deploy(permit.definition())
+            deployed = await hms.deploy(permit)
             assert deployed["version"] == 1
             again = await hms.deploy(permit.definition())
             assert again["version"] == 1  # unchanged: no new version
@@ -570,3 +570,10 @@ def test_the_readme_worker_block_works_as_written(tmp_path: Path) -> None:
     (block,) = [b for b in readme_python_blocks() if "Worker(" in b]
     out = run_readme_block(block, tmp_path)
     assert "completed {'greeting': 'hello Ada'}" in out
+
+
+async def test_sync_client_works_inside_a_running_event_loop(daemon: DaemonProcess) -> None:
+    """Where asyncio.run would refuse (a notebook, a framework's handler), it still works."""
+    with SyncClient(daemon.url) as hms:
+        report = hms.run("Announce", timeout=10)
+    assert report.success

@@ -27,6 +27,7 @@ import aiohttp
 
 from .durations import Duration, duration_text, seconds
 from .errors import HmsError, Unreachable, error_for
+from .workflow import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +249,12 @@ class Client:
         """Stop the process; the daemon compensates the steps already done."""
         return dict(await self._call("POST", f"/v1/processes/{_seg(process_id)}/cancel"))
 
-    async def deploy(self, definition: Mapping[str, Any]) -> dict[str, Any]:
-        """`PUT /v1/workflows/{name}`: define or replace a workflow from its JSON (the Worker
-        does this for its `workflows`); the answer carries its `version`."""
+    async def deploy(self, definition: Workflow | Mapping[str, Any]) -> dict[str, Any]:
+        """`PUT /v1/workflows/{name}`: define or replace a workflow, built or as JSON (a
+        Worker deploys its `workflows` itself); the answer carries its `version`. The same
+        definition again changes nothing; a changed one is a new version."""
+        if isinstance(definition, Workflow):
+            definition = definition.definition()
         name = str(definition["name"])
         return dict(await self._call("PUT", f"/v1/workflows/{_seg(name)}", json=definition))
 

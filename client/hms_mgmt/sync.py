@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from .client import REQUEST_TIMEOUT, Client, Event, Report
 from .durations import Duration
+from .workflow import Workflow
 
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ class SyncClient:
     def cancel(self, process_id: str) -> dict[str, Any]:
         return self._call(self._async.cancel(process_id))
 
-    def deploy(self, definition: Mapping[str, Any]) -> dict[str, Any]:
+    def deploy(self, definition: Workflow | Mapping[str, Any]) -> dict[str, Any]:
         return self._call(self._async.deploy(definition))
 
     def workflow(self, name: str) -> dict[str, Any]:
