@@ -64,11 +64,17 @@ async def test_a_worker_deploys_registers_and_runs_sync_and_async_functions(
     with running_daemon(tmp_path) as daemon:
         async with worker(daemon.url, payment) as w, Client(daemon.url) as hms:
             report = await hms.run("ChildSupportPayment", {"amount": 10}, timeout=15)
-            async with (
-                aiohttp.ClientSession() as http,
-                http.get(f"{daemon.url}/v1/services/child-support") as r,
-            ):
-                instances = (await r.json())["instances"]
+            instances: list[dict[str, Any]] = []
+
+            async def registered() -> bool:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"{daemon.url}/v1/services/child-support") as r,
+                ):
+                    instances[:] = (await r.json())["instances"]
+                return bool(instances)
+
+            await until(registered)  # registration runs beside the polls, not before them
             deployed = await hms.workflow("ChildSupportPayment")
     assert report.success and report.status == "completed"
     assert report.output["reserve"] == {"reservation": "r-True"}
