@@ -6,10 +6,10 @@ CONFIG ?= config.yaml
 
 .PHONY: run test demo lint typecheck pytest bench clean tools
 
-$(BIN)/hms-mgmt: pyproject.toml
+$(BIN)/hms-mgmt: pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./client
 	touch $@
 
 run: $(BIN)/hms-mgmt

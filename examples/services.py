@@ -4,7 +4,7 @@
     python -m examples.services ach --port 8102 --fail-rate 0.15
     python -m examples.services notifier --port 8103
 
-Each serves /health, registers with the daemon via `registry.client` while it
+Each serves /health, registers with the daemon via `hms_mgmt.registration_ctx` while it
 runs (heartbeats, deregistration at exit) and answers the GrantPayment steps.
 The ach service fails a share of its transfers with 503 (retried) and bounces
 some at the follow-up with 422 (compensated), and its health check is now and
@@ -21,7 +21,7 @@ import secrets
 
 from aiohttp import web
 
-from registry.client import registration_ctx
+from hms_mgmt import registration_ctx
 
 log = logging.getLogger("examples")
 

@@ -203,7 +203,8 @@ def _build(
         return [
             (status.instance.id, status.instance.url)
             for status in catalog.instances(service)
-            if status.health is not HealthState.CRITICAL
+            if status.instance.url  # a worker registers without one: it is not called
+            and status.health is not HealthState.CRITICAL
             and not book.suppressed((service, status.instance.id))
             and targets.allows_url(status.instance.url)
         ]

@@ -22,6 +22,7 @@ from pydantic import (
     PlainSerializer,
     ValidationInfo,
     WithJsonSchema,
+    model_validator,
 )
 
 from .durations import format_duration, parse_duration
@@ -309,7 +310,9 @@ class RegistrationBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    url: HttpUrl
+    url: HttpUrl | None = Field(
+        default=None, description="Required unless `probe.type` is `none` (a worker, a job)."
+    )
     tags: Tags = ()
     meta: Meta = Field(default_factory=dict)
     probe: ProbeSpec | None = None
@@ -324,6 +327,12 @@ class RegistrationBody(BaseModel):
         description="How long a lapsed instance stays (critical) before removal; "
         "absent: defaults.lease.deregister_after.",
     )
+
+    @model_validator(mode="after")
+    def _url_unless_unprobed(self) -> RegistrationBody:
+        if self.url is None and (self.probe is None or self.probe.type != ProbeType.NONE):
+            raise ValueError("url is required unless probe.type is none")
+        return self
 
     def lease_seconds(self, default_ttl: timedelta) -> float | None:
         if self.ttl is None:

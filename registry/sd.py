@@ -15,7 +15,7 @@ DEFAULT_METRICS_PATH = "/metrics"
 
 
 def sd_groups(statuses: list[InstanceStatus]) -> list[dict[str, Any]]:
-    return [_group(status) for status in statuses]
+    return [_group(status) for status in statuses if status.instance.url]  # workers have none
 
 
 def _group(status: InstanceStatus) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from monitor import build_app, parse_config
 from monitor.cli import raise_open_file_limit
 from monitor.config import Config
 
+from .processes import DaemonProcess, free_port, write_config
 from .services import Receiver, start_receiver
 
 AppClient = TestClient  # type: ignore[type-arg]
@@ -143,3 +144,31 @@ def backend(request: pytest.FixtureRequest) -> str:
     """The store implementation a contract test runs against (tests/contracts.py)."""
     name: str = request.param
     return name
+
+
+# Processes the tests start (workers, examples, the README's Python) import the SDK from
+# this checkout's client/, as pytest itself does (pyproject: pythonpath), installed or not.
+_CLIENT = str(Path(__file__).resolve().parent.parent / "client")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CLIENT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of issue 15's daemon side wait for it: HMS_ISSUE15=1 runs them."""
+    if os.environ.get("HMS_ISSUE15") == "1":
+        return
+    waiting = pytest.mark.skip(reason="needs issue 15's daemon side (set HMS_ISSUE15=1)")
+    for item in items:
+        if "needs_issue15_daemon" in item.keywords:
+            item.add_marker(waiting)
+
+
+@pytest.fixture
+def restartable_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon process (tests/processes.py) the test may kill and start again."""
+    port = free_port()
+    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
+    process.start()
+    yield process
+    process.stop()

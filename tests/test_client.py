@@ -1,18 +1,16 @@
-"""registry.client against a real daemon process, which goes down and comes back."""
+"""hms_mgmt.Registration against a real daemon process, which goes down and comes back."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from registry.client import Registration, registration_ctx
+from hms_mgmt import Registration, registration_ctx
 
 from .processes import DaemonProcess, free_port, running_daemon, write_config
 
@@ -65,17 +63,8 @@ async def test_waits_for_a_daemon_that_is_not_up_yet(tmp_path: Path) -> None:
             daemon.stop()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    """A daemon process the test may kill and start again."""
-    port = free_port()
-    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
-    process.start()
-    yield process
-    process.stop()
-
-
-async def test_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
+async def test_survives_a_daemon_restart(restartable_daemon: DaemonProcess) -> None:
+    daemon = restartable_daemon
     async with registration(daemon.url) as reg:
         await asyncio.wait_for(reg.registered.wait(), 10)
         daemon.kill()
@@ -87,8 +76,9 @@ async def test_survives_a_daemon_restart(daemon: DaemonProcess) -> None:
 
 
 async def test_registers_again_when_the_daemon_lost_it(
-    daemon: DaemonProcess, tmp_path: Path
+    restartable_daemon: DaemonProcess, tmp_path: Path
 ) -> None:
+    daemon = restartable_daemon
     async with registration(daemon.url) as reg:
         await asyncio.wait_for(reg.registered.wait(), 10)
         daemon.kill()

@@ -156,7 +156,7 @@ class RegistryRoutes:
         service, instance_id = _names(request)
         self.auth.require(request, "register", service)
         body = await parse_body(request, RegistrationBody)
-        refusal = self.targets.refusal(body.url)
+        refusal = self.targets.refusal(body.url) if body.url is not None else None
         if refusal is not None:
             details = [{"field": "url", "message": refusal}]
             raise HttpError(403, refusal, code="target_not_allowed", details=details)
@@ -174,7 +174,7 @@ class RegistryRoutes:
         instance = registry_model.Instance(
             service=service,
             id=instance_id,
-            url=body.url,
+            url=body.url or "",
             tags=body.tags,
             meta=body.meta,
             probe=body.probe,

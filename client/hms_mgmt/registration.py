@@ -1,6 +1,6 @@
 """Self-registration for Python services: register at startup, heartbeat, deregister at exit.
 
-    from registry.client import Registration
+    from hms_mgmt import Registration
 
     async with Registration("http://127.0.0.1:9797", "payments", "payments-1",
                             url="http://127.0.0.1:8001", ttl="30s"):
@@ -27,7 +27,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from .durations import parse_duration
+from .durations import Duration, duration_text, seconds
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class Registration:
         service: str,
         instance_id: str,
         *,
-        url: str,
-        ttl: str | None = "30s",
+        url: str | None,
+        ttl: Duration | None = "30s",
         tags: Sequence[str] = (),
         meta: Mapping[str, str] | None = None,
         probe: Mapping[str, Any] | None = None,
@@ -61,12 +61,14 @@ class Registration:
         self.endpoint = f"{base}/v1/services/{quote(service, safe='')}/instances/" + quote(
             instance_id, safe=""
         )
-        self.body: dict[str, Any] = {"url": url, "tags": list(tags), "meta": dict(meta or {})}
+        self.body: dict[str, Any] = {"tags": list(tags), "meta": dict(meta or {})}
+        if url is not None:  # may be absent with `probe: {type: none}` (a worker, a batch job)
+            self.body["url"] = url
         if ttl is not None:
-            self.body["ttl"] = ttl
+            self.body["ttl"] = ttl if ttl == "default" else duration_text(ttl)
         if probe is not None:
             self.body["probe"] = dict(probe)
-        self.ttl = parse_duration(ttl).total_seconds() if ttl not in (None, "default") else None
+        self.ttl = None if ttl is None or ttl == "default" else seconds(ttl)
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.max_backoff = max_backoff
         self.registered = asyncio.Event()
@@ -119,7 +121,7 @@ class Registration:
                 raise Rejected(f"register answered {resp.status}: {await resp.text()}")
             body = await resp.json()
         if body.get("ttl"):
-            self.ttl = parse_duration(body["ttl"]).total_seconds()  # "default" resolved
+            self.ttl = seconds(body["ttl"])  # "default" resolved
         self.last_error = None
         self.registered.set()
         log.info("registered at %s", self.endpoint)

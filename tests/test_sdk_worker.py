@@ -1,0 +1,298 @@
+"""hms_mgmt.Worker against a real daemon process: deploys, registers, polls, runs, reports.
+
+The daemon side of task queues (issue 15) lands with T's and D's work; until then these
+tests are skipped (tests/conftest.py: HMS_ISSUE15=1 runs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from hms_mgmt import (
+    Client,
+    NonRetryable,
+    Retry,
+    StepContext,
+    Unauthorized,
+    Worker,
+    Workflow,
+    publish,
+)
+
+from .conftest import until
+from .processes import DaemonProcess, running_daemon
+
+pytestmark = pytest.mark.needs_issue15_daemon
+
+
+def worker(url: str, *workflows: Workflow, **kwargs: Any) -> Worker:
+    kwargs.setdefault("poll_wait", "1s")
+    kwargs.setdefault("stop_timeout", "10s")
+    return Worker(url, workflows=workflows, **kwargs)
+
+
+async def test_a_worker_deploys_registers_and_runs_sync_and_async_functions(
+    tmp_path: Path,
+) -> None:
+    seen: list[StepContext] = []
+
+    def validate(ctx: StepContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {"valid": ctx.input["amount"] > 0}
+
+    async def reserve(ctx: StepContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {"reservation": f"r-{ctx.steps['validate']['valid']}"}
+
+    payment = (
+        Workflow("ChildSupportPayment", queue="child-support")
+        .step("validate", validate)
+        .step("reserve", reserve)
+        .step("notify", publish("payment.done", {"process": "{process.id}"}))
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, payment) as w, Client(daemon.url) as hms:
+            report = await hms.run("ChildSupportPayment", {"amount": 10}, timeout=15)
+            instances: list[dict[str, Any]] = []
+
+            async def registered() -> bool:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(f"{daemon.url}/v1/services/child-support") as r,
+                ):
+                    instances[:] = (await r.json())["instances"]
+                return bool(instances)
+
+            await until(registered)  # registration runs beside the polls, not before them
+            deployed = await hms.workflow("ChildSupportPayment")
+    assert report.success and report.status == "completed"
+    assert report.output["reserve"] == {"reservation": "r-True"}
+    assert [(c.step, c.attempt) for c in seen] == [("validate", 1), ("reserve", 1)]
+    assert {c.process_id for c in seen} == {report.process_id}
+    assert seen[1].idempotency_key == f"{report.process_id}/reserve"
+    assert [i["id"] for i in instances] == [w.id]
+    assert deployed["source"] == "api" and deployed["version"] == 1
+
+
+async def test_non_retryable_fails_at_once_and_the_compensation_runs(tmp_path: Path) -> None:
+    attempts: list[int] = []
+    released: list[str] = []
+
+    def reserve(ctx: StepContext) -> dict[str, Any]:
+        return {"reservation": "r-1"}
+
+    def release(ctx: StepContext) -> None:
+        released.append(ctx.idempotency_key)
+
+    def pay(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        raise NonRetryable("account closed")
+
+    payment = (
+        Workflow("Payment")
+        .step("reserve", reserve, compensate=release)
+        .step("pay", pay, retry=Retry(max_attempts=3, backoff=0.1))
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, payment), Client(daemon.url) as hms:
+            report = await hms.run("Payment", timeout=15)
+    assert report.status == "compensated" and not report.success
+    assert attempts == [1]
+    assert released == [f"{report.process_id}/reserve.compensate"]
+    failed = [h for h in report.process["history"] if h.get("step") == "pay"]
+    assert "account closed" in str(failed)
+
+
+async def test_an_exception_is_retried_and_its_message_kept(tmp_path: Path) -> None:
+    def flaky(ctx: StepContext) -> dict[str, int]:
+        if ctx.attempt < 3:
+            raise ValueError(f"flaky {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+
+    flow = Workflow("Flaky").step("try", flaky, retry=Retry(max_attempts=3, backoff=0.05))
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, flow), Client(daemon.url) as hms:
+            report = await hms.run("Flaky", timeout=15)
+    assert report.success and report.output == {"try": {"attempt": 3}}
+    assert "ValueError: flaky 1" in str(report.process["history"])
+
+
+async def test_tasks_serve_the_task_steps_of_a_yaml_workflow(tmp_path: Path) -> None:
+    def reserve_funds(ctx: StepContext) -> dict[str, Any]:
+        return {"reservation": f"funds-{ctx.input['parent_id']}"}
+
+    case = {
+        "name": "ChildSupportCase",
+        "queue": "child-support",
+        "steps": [{"name": "reserve", "task": "reserveFunds"}],
+    }
+    with running_daemon(tmp_path, workflows=[case]) as daemon:
+        serving = Worker(
+            daemon.url, tasks={"reserveFunds": reserve_funds}, queue="child-support", poll_wait=1
+        )
+        async with serving, Client(daemon.url) as hms:
+            report = await hms.run("ChildSupportCase", {"parent_id": "P-1"}, timeout=15)
+    assert report.output == {"reserve": {"reservation": "funds-P-1"}}
+
+
+async def test_a_long_task_heartbeats_its_lease_and_runs_once(tmp_path: Path) -> None:
+    runs: list[int] = []
+
+    async def slow(ctx: StepContext) -> str:
+        runs.append(ctx.attempt)
+        await asyncio.sleep(3)  # three times the step's timeout: only heartbeats keep it
+        return "done"
+
+    flow = Workflow("Slow").step("slow", slow, timeout=1, retry=Retry(max_attempts=3))
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, flow), Client(daemon.url) as hms:
+            report = await hms.run("Slow", timeout=20)
+    assert report.success and report.output == {"slow": "done"}
+    assert runs == [1]
+
+
+async def test_concurrency_bounds_the_tasks_in_flight(tmp_path: Path) -> None:
+    lock = threading.Lock()
+    running, most = [0], [0]
+
+    def busy(ctx: StepContext) -> None:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.3)  # a sync function: in the worker's threads, not on its loop
+        with lock:
+            running[0] -= 1
+
+    flow = Workflow("Busy").step("busy", busy)
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, flow, concurrency=2), Client(daemon.url) as hms:
+            handles = [await hms.start("Busy") for _ in range(6)]
+            reports = [await h.result(timeout=20) for h in handles]
+    assert all(r.success for r in reports)
+    assert most[0] == 2
+
+
+async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -> None:
+    started = asyncio.Event()
+
+    async def slow(ctx: StepContext) -> str:
+        started.set()
+        await asyncio.sleep(1)
+        return "finished"
+
+    flow = Workflow("Stopping").step("slow", slow)
+    with running_daemon(tmp_path) as daemon:
+        serving = worker(daemon.url, flow)
+        async with Client(daemon.url) as hms:
+            await serving.start()
+            handle = await hms.start("Stopping")
+            await asyncio.wait_for(started.wait(), 10)
+            await serving.stop()
+            report = await handle.result(timeout=5)
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{daemon.url}/v1/services/Stopping") as r,
+            ):
+                instances = (await r.json())["instances"]
+    assert report.success and report.output == {"slow": "finished"}
+    assert instances == []  # deregistered
+
+
+async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
+    restartable_daemon: DaemonProcess,
+) -> None:
+    release = asyncio.Event()
+    runs: list[str] = []
+
+    async def gated(ctx: StepContext) -> str:
+        runs.append(ctx.idempotency_key)
+        await release.wait()
+        return "paid"
+
+    def after(ctx: StepContext) -> str:
+        return "noted"
+
+    flow = Workflow("Restart").step("pay", gated, timeout=30).step("note", after)
+    async with worker(restartable_daemon.url, flow), Client(restartable_daemon.url) as hms:
+        handle = await hms.start("Restart")
+        await until(lambda: _true(bool(runs)))
+        restartable_daemon.kill()
+        await asyncio.to_thread(restartable_daemon.start)
+        release.set()  # the result goes out once the daemon answers again
+        report = await handle.result(timeout=30)
+        again = await hms.run("Restart", timeout=20)  # and the worker polls the new daemon
+    assert report.success and report.output == {"pay": "paid", "note": "noted"}
+    assert again.success
+    assert runs.count(f"{handle.id}/pay") == 1
+
+
+async def test_a_worker_without_the_work_scope_is_refused(tmp_path: Path) -> None:
+    tokens = [{"token": "worker-token-123", "scopes": ["define:*", "register:*"]}]
+
+    def noop(ctx: StepContext) -> None:
+        return None
+
+    flow = Workflow("Scoped").step("noop", noop)
+    with running_daemon(tmp_path, server={"auth": {"tokens": tokens}}) as daemon:
+        serving = worker(daemon.url, flow, token="worker-token-123")
+        with pytest.raises(Unauthorized) as refused:
+            await asyncio.wait_for(serving.run(), 15)
+    assert refused.value.status == 403
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+WORKER_MODULE = """
+from hms_mgmt import StepContext, Workflow
+
+
+def shout(ctx: StepContext) -> dict:
+    return {"loud": ctx.input["word"].upper()}
+
+
+flow = Workflow("Shout", queue="shouters").step("shout", shout)
+"""
+
+
+async def test_python_m_hms_mgmt_worker_serves_a_module_until_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "shouting.py").write_text(WORKER_MODULE, encoding="utf-8")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    with running_daemon(tmp_path) as daemon:
+
+        async def registered() -> bool:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{daemon.url}/v1/services/shouters") as r,
+            ):
+                return len((await r.json())["instances"]) == 1
+
+        with (tmp_path / "worker.log").open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hms_mgmt.worker", "shouting:flow", "--url", daemon.url],
+                env={**os.environ, "PYTHONPATH": path},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            async with Client(daemon.url) as hms:
+                report = await hms.run("Shout", {"word": "hello"}, timeout=20)
+            await until(registered)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(process.wait, 15)
+        assert not await registered()  # deregistered on the way out
+    assert report.output == {"shout": {"loud": "HELLO"}}
+    assert code == 0, (tmp_path / "worker.log").read_text()
