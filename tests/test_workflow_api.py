@@ -528,6 +528,11 @@ async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(
     resp = await define(client, "Bad", {**DEPLOYED, "name": "Other"})
     assert resp.status == 422 and (await resp.json())["error"]["details"][0]["path"] == "name"
     assert (await define(client, "Bad", [1])).status == 422
+    assert (await define(client, "Routed", {**DEPLOYED, "route": "/api/permits"})).status == 201
+    resp = await define(client, "Bad", {**DEPLOYED, "route": "/api/permits"})
+    assert (await resp.json())["error"]["details"][0]["path"] == "route"
+    routed = await client.post("/api/permits", json={"who": "A-7"})  # the router serves it
+    assert routed.status == 202
     assert (await client.get("/v1/workflows/Bad")).status == 404
 
 

@@ -304,6 +304,10 @@ class WorkflowRoutes:
             raise HttpError(
                 422, f"the definition does not validate: {exc}", details=problems
             ) from None
+        routes = {d.route for d in self.engine.definitions.values() if d.name != name}
+        if parsed.route is not None and parsed.route in routes:
+            problem = {"path": "route", "message": f"{parsed.route} starts another workflow"}
+            raise HttpError(422, "the definition does not validate", details=[problem])
         definition, created = await self.engine.define(parsed)
         return json_response(_definition(definition), status=201 if created else 200)
 
