@@ -125,6 +125,7 @@ async def test_a_failed_step_gives_its_status_and_the_start_of_the_body(
     assert listed["processes"][0]["error"] == done["error"]
     page = await (await client.get(f"/processes/{done['id']}")).text()
     assert "step pay: HTTP 422 (HTTP 422)" in page and "planned failure" in page
+    assert "<dt>Definition</dt><dd>version 1</dd>" in page
 
 
 async def test_an_error_body_is_cut_to_a_kibibyte(
