@@ -218,6 +218,7 @@ def _build(
         clock=clock.time,
         outcome=workflow_slos.record,
         parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
+        declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     bus.label = bus_topic_label(definitions, config)

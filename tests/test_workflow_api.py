@@ -474,12 +474,15 @@ async def test_a_deployed_definition_is_versioned_and_processes_keep_theirs(
     assert (await process(client, new["id"]))["workflow_version"] == 2
     listed = (await (await client.get("/v1/workflows")).json())["workflows"]
     assert {w["name"]: (w["version"], w["source"]) for w in listed}["Deployed"] == (2, "api")
+    slo = await client.get("/v1/workflows/Deployed/slo")
+    assert slo.status == 200 and (await slo.json())["objective"] == 99.0
     await client.close()
 
     client = await up(config)  # a restart keeps every version
     got = await (await client.get("/v1/workflows/Deployed")).json()
     assert (got["version"], got["source"]) == (2, "api")
     assert [s["name"] for s in got["definition"]["steps"]] == ["submit", "docs", "approve"]
+    assert (await client.get("/v1/workflows/Deployed/slo")).status == 200
     for p in (old, new):
         assert (await signal(client, p["id"], {})).status == 202
     done_old = await until_status(client, old["id"], "completed")
@@ -587,3 +590,4 @@ async def test_a_config_reload_keeps_api_definitions_and_versions_what_changed(
     listed = (await (await client.get("/v1/workflows")).json())["workflows"]
     versions = {w["name"]: (w["version"], w["source"]) for w in listed}
     assert versions == {"Plain": (2, "config"), "Deployed": (1, "api")}
+    assert (await client.get("/v1/workflows/Deployed/slo")).status == 200  # its SLO stays
