@@ -540,6 +540,19 @@ async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(
     assert (await client.get("/v1/workflows/Bad")).status == 404
 
 
+async def test_the_definition_view_hides_header_values(up: Start, config: Config) -> None:
+    client = await up(config)
+    call = {"service": "ach", "path": "/x", "headers": {"Authorization": "Bearer s3cret"}}
+    steps = [{"name": "a", "call": call, "compensate": call}]
+    assert (await define(client, "Secret", {"steps": steps})).status == 201
+    text = await (await client.get("/v1/workflows/Secret")).text()
+    assert "s3cret" not in text
+    shown = (await (await client.get("/v1/workflows/Secret")).json())["definition"]["steps"][0]
+    assert (
+        shown["call"]["headers"] == shown["compensate"]["headers"] == {"Authorization": "(hidden)"}
+    )
+
+
 async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: Config) -> None:
     client = await up(config)
     resp = await define(client, "Plain", DEPLOYED)
