@@ -223,6 +223,7 @@ def _build(
         outcome=workflow_slos.record,
         tasks=SqliteTaskStore(database),
         parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
+        declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:

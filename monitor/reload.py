@@ -216,8 +216,10 @@ async def apply_config(parts: Parts, old: Config, new: Config) -> None:
     parts.slo_routes.services = {s.name for s in new.services}
     definitions = definitions_from_config(new)
     await parts.engine.configure(definitions)
-    await parts.workflow_slos.configure(
-        {d.name: d.objective for d in definitions}, parts.processes.outcomes, clock
+    await parts.workflow_slos.configure(  # the API's definitions stay, with their SLOs
+        {d.name: d.objective for d in parts.engine.definitions.values()},
+        parts.processes.outcomes,
+        clock,
     )
     await parts.notifier.configure(new.notifications)
     parts.bus.label = bus_topic_label(definitions, new)

@@ -125,6 +125,7 @@ async def test_a_failed_step_gives_its_status_and_the_start_of_the_body(
     assert listed["processes"][0]["error"] == done["error"]
     page = await (await client.get(f"/processes/{done['id']}")).text()
     assert "step pay: HTTP 422 (HTTP 422)" in page and "planned failure" in page
+    assert "<dt>Definition</dt><dd>version 1</dd>" in page
 
 
 async def test_an_error_body_is_cut_to_a_kibibyte(
@@ -473,12 +474,15 @@ async def test_a_deployed_definition_is_versioned_and_processes_keep_theirs(
     assert (await process(client, new["id"]))["workflow_version"] == 2
     listed = (await (await client.get("/v1/workflows")).json())["workflows"]
     assert {w["name"]: (w["version"], w["source"]) for w in listed}["Deployed"] == (2, "api")
+    slo = await client.get("/v1/workflows/Deployed/slo")
+    assert slo.status == 200 and (await slo.json())["objective"] == 99.0
     await client.close()
 
     client = await up(config)  # a restart keeps every version
     got = await (await client.get("/v1/workflows/Deployed")).json()
     assert (got["version"], got["source"]) == (2, "api")
     assert [s["name"] for s in got["definition"]["steps"]] == ["submit", "docs", "approve"]
+    assert (await client.get("/v1/workflows/Deployed/slo")).status == 200
     for p in (old, new):
         assert (await signal(client, p["id"], {})).status == 202
     done_old = await until_status(client, old["id"], "completed")
@@ -528,7 +532,25 @@ async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(
     resp = await define(client, "Bad", {**DEPLOYED, "name": "Other"})
     assert resp.status == 422 and (await resp.json())["error"]["details"][0]["path"] == "name"
     assert (await define(client, "Bad", [1])).status == 422
+    assert (await define(client, "Routed", {**DEPLOYED, "route": "/api/permits"})).status == 201
+    resp = await define(client, "Bad", {**DEPLOYED, "route": "/api/permits"})
+    assert (await resp.json())["error"]["details"][0]["path"] == "route"
+    routed = await client.post("/api/permits", json={"who": "A-7"})  # the router serves it
+    assert routed.status == 202
     assert (await client.get("/v1/workflows/Bad")).status == 404
+
+
+async def test_the_definition_view_hides_header_values(up: Start, config: Config) -> None:
+    client = await up(config)
+    call = {"service": "ach", "path": "/x", "headers": {"Authorization": "Bearer s3cret"}}
+    steps = [{"name": "a", "call": call, "compensate": call}]
+    assert (await define(client, "Secret", {"steps": steps})).status == 201
+    text = await (await client.get("/v1/workflows/Secret")).text()
+    assert "s3cret" not in text
+    shown = (await (await client.get("/v1/workflows/Secret")).json())["definition"]["steps"][0]
+    assert (
+        shown["call"]["headers"] == shown["compensate"]["headers"] == {"Authorization": "(hidden)"}
+    )
 
 
 async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: Config) -> None:
@@ -581,3 +603,4 @@ async def test_a_config_reload_keeps_api_definitions_and_versions_what_changed(
     listed = (await (await client.get("/v1/workflows")).json())["workflows"]
     versions = {w["name"]: (w["version"], w["source"]) for w in listed}
     assert versions == {"Plain": (2, "config"), "Deployed": (1, "api")}
+    assert (await client.get("/v1/workflows/Deployed/slo")).status == 200  # its SLO stays

@@ -82,9 +82,11 @@ class Engine:
         jitter: Callable[[], float] = random.random,
         tasks: TaskStore | None = None,
         parse: Parse | None = None,
+        declare: Callable[[Definition], None] = lambda definition: None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
+        self._declare = declare  # told of each definition in force (its SLO ledger)
         self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
         self._latest: dict[str, Definition] = {}  # the newest stored version, by name
         self._api: dict[str, Definition] = {}  # the newest API definition, by name
@@ -386,6 +388,7 @@ class Engine:
         self._triggers: dict[str, list[Definition]] = {}
         for definition in self.definitions.values():
             self._metrics.declare(definition.name)
+            self._declare(definition)
             if definition.trigger is not None:
                 self._triggers.setdefault(definition.trigger, []).append(definition)
 

@@ -42,6 +42,13 @@ class WorkflowSlos:
             ledgers[name] = ledger
         self.objectives, self.ledgers = objectives, ledgers
 
+    def declare(self, workflow: str, objective: float) -> None:
+        """A workflow defined while running (PUT /v1/workflows/{name}): a ledger from now
+        on; `load` at the next start restores its history from the processes table."""
+        if self.objectives.get(workflow) != objective:
+            self.ledgers[workflow] = SloLedger(objective / 100, self.PERIOD_MINUTES, self._zone)
+            self.objectives = {**self.objectives, workflow: objective}
+
     def record(self, workflow: str, at: float, good: bool) -> None:
         ledger = self.ledgers.get(workflow)
         if ledger is not None:

@@ -24,6 +24,7 @@ from workflows.errors import InvalidDefinition
 from workflows.states import STATUSES, ProcessStatus
 
 MAX_WAIT = 300.0
+HIDDEN = "(hidden)"
 MAX_LIMIT = 1000
 
 
@@ -304,6 +305,10 @@ class WorkflowRoutes:
             raise HttpError(
                 422, f"the definition does not validate: {exc}", details=problems
             ) from None
+        routes = {d.route for d in self.engine.definitions.values() if d.name != name}
+        if parsed.route is not None and parsed.route in routes:
+            problem = {"path": "route", "message": f"{parsed.route} starts another workflow"}
+            raise HttpError(422, "the definition does not validate", details=[problem])
         definition, created = await self.engine.define(parsed)
         return json_response(_definition(definition), status=201 if created else 200)
 
@@ -425,12 +430,28 @@ class WorkflowRoutes:
 
 
 def _definition(definition: Definition) -> dict[str, Any]:
+    spec = dict(definition.spec or {"name": definition.name})
+    if isinstance(spec.get("steps"), list):
+        spec["steps"] = [_hide_headers(step) for step in spec["steps"]]
     return {
         "name": definition.name,
         "version": definition.version,
         "source": definition.source,
-        "definition": definition.spec or {"name": definition.name},
+        "definition": spec,
     }
+
+
+def _hide_headers(step: Any) -> Any:
+    """A call's header values are where credentials go (`Bearer ${TOKEN}` in config.yaml):
+    the view names the headers and hides what they hold."""
+    if not isinstance(step, dict):
+        return step
+    shown = dict(step)
+    for key in ("call", "compensate"):
+        call = step.get(key)
+        if isinstance(call, dict) and isinstance(call.get("headers"), dict):
+            shown[key] = {**call, "headers": dict.fromkeys(call["headers"], HIDDEN)}
+    return shown
 
 
 def _wait(request: web.Request) -> float:
