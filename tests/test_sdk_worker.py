@@ -287,9 +287,9 @@ async def test_python_m_hms_mgmt_worker_serves_a_module_until_sigterm(tmp_path: 
                 stderr=subprocess.STDOUT,
             )
         try:
+            await until(registered)  # deployed first, then registered: Shout is defined now
             async with Client(daemon.url) as hms:
                 report = await hms.run("Shout", {"word": "hello"}, timeout=20)
-            await until(registered)
         finally:
             process.send_signal(signal.SIGTERM)
             code = await asyncio.to_thread(process.wait, 15)
