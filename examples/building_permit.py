@@ -70,21 +70,23 @@ async def waiting_for_signal(handle: ProcessHandle, limit: float = 30) -> dict[s
         await asyncio.sleep(0.05)
 
 
-async def apply_for_permit(url: str, application: dict[str, Any]) -> dict[str, Any]:
-    """Start, wait for the signal, signal, and return the ended process."""
+async def apply_for_permit(
+    url: str, application: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Start, wait for the signal, signal: the process while it waited, and once ended."""
     async with Worker(url, workflows=[permit]), Client(url) as hms:
         handle = await hms.start("BuildingPermit", application)
         print(f"application {handle.id} started")
 
-        process = await waiting_for_signal(handle)
-        print(f"  {process['status']}: {process['waiting_for']}")
+        waiting = await waiting_for_signal(handle)
+        print(f"  {waiting['status']}: {waiting['waiting_for']}")
 
         # The document service has checked the documents: it answers with a signal.
         await hms.signal(handle.id, "docsValidated", {"valid": True, "checked_by": "docs-1"})
 
         report = await handle.result(timeout=30)
         print(f"  {report.status}: {report.output}")
-        return await handle.status()
+        return waiting, await handle.status()
 
 
 def main() -> None:

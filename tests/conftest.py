@@ -143,3 +143,21 @@ def backend(request: pytest.FixtureRequest) -> str:
     """The store implementation a contract test runs against (tests/contracts.py)."""
     name: str = request.param
     return name
+
+
+# Processes the tests start (workers, examples, the README's Python) import the SDK from
+# this checkout's client/, as pytest itself does (pyproject: pythonpath), installed or not.
+_CLIENT = str(Path(__file__).resolve().parent.parent / "client")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CLIENT, *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)]
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests of issue 15's daemon side wait for it: HMS_ISSUE15=1 runs them."""
+    if os.environ.get("HMS_ISSUE15") == "1":
+        return
+    waiting = pytest.mark.skip(reason="needs issue 15's daemon side (set HMS_ISSUE15=1)")
+    for item in items:
+        if "needs_issue15_daemon" in item.keywords:
+            item.add_marker(waiting)
