@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -100,10 +99,7 @@ async def serve_worker(url: str) -> None:
     """The worker process: deploys the workflow, serves its steps until SIGTERM."""
     from hms_mgmt import Worker
 
-    stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    async with Worker(url, workflows=[bench_workflow()], concurrency=CONCURRENCY):
-        await stop.wait()
+    await Worker(url, workflows=[bench_workflow()], concurrency=CONCURRENCY).run()
 
 
 def write_config(workdir: Path, port: int) -> Path:
@@ -285,7 +281,7 @@ def dbos(workdir: Path, count: int, threads: int) -> dict[str, Any]:
 
 def print_rates(count: int, result: dict[str, Any], cpu_of: str) -> float:
     steps = 3 * count
-    rate = steps / result["seconds"]
+    rate: float = steps / result["seconds"]
     print(f"    completed workflows/s              {count / result['seconds']:8.0f}")
     print(
         f"    durable steps/s                    {rate:8.0f}   "
@@ -296,7 +292,7 @@ def print_rates(count: int, result: dict[str, Any], cpu_of: str) -> float:
 
 def print_spread(label: str, values: list[float], note: str) -> None:
     p50, p99 = quantile(values, 0.5) * 1000, quantile(values, 0.99) * 1000
-    print(f"    {label:34} {p50:6.2f} / {p99:.2f} ms   {note}")
+    print(f"    {label:38} {p50:6.2f} / {p99:.2f} ms   {note}")
 
 
 def main() -> None:

@@ -119,8 +119,9 @@ async def pay_child_support(url: str, requests: list[dict[str, Any]]) -> list[di
             report = await handle.result(timeout=30)
             if report.success:
                 print(f"{handle.id}: paid, {report.output['pay']['transaction_id']}")
-            else:
-                print(f"{handle.id}: {report.status}: {report.error}")
+            elif report.error is not None:  # {"step", "message", "status", "body"}
+                error = report.error
+                print(f"{handle.id}: {report.status}, {error['step']} failed: {error['message']}")
             processes.append(await handle.status())
     return processes
 
@@ -136,6 +137,7 @@ def main() -> None:
     ]
     processes = asyncio.run(pay_child_support(args.url, requests))
     # The history of the refused payment: the failed `pay`, then `reserve` compensated.
+    print(f"history of {processes[-1]['id']}:")
     for attempt in processes[-1]["history"]:
         print(
             f"  {attempt['step']:9} {attempt['kind']:10} {attempt['outcome']:7} "

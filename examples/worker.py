@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from hms_mgmt import Worker
 
@@ -20,20 +19,13 @@ from .building_permit import permit
 from .child_support import payment
 
 
-async def serve(url: str) -> None:
-    stop = asyncio.Event()
-    for number in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(number, stop.set)
-    async with Worker(url, workflows=[payment, permit]):
-        await stop.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--url", default="http://127.0.0.1:9797", help="the daemon")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    asyncio.run(serve(args.url))
+    # run() serves until Ctrl-C or SIGTERM, then lets the steps in flight finish.
+    asyncio.run(Worker(args.url, workflows=[payment, permit]).run())
 
 
 if __name__ == "__main__":

@@ -131,9 +131,9 @@ def test_grant_payment_answers_once_paid_while_the_follow_up_waits(tmp_path: Pat
             running_service(services[0], d.url, tmp_path),
             running_service(services[1], d.url, tmp_path),
         ):
-            for name, _ in services:
+            for name, _ in services:  # registered; calls may go to them before a probe
                 eventually(
-                    lambda n=name: get_json(f"{d.url}/v1/services/{n}?health=passing"),
+                    lambda n=name: get_json(f"{d.url}/v1/services/{n}"),
                     lambda s: s["instances"],
                 )
             answer = grant_payment.process_grant(d.url, request)
@@ -177,11 +177,12 @@ def test_examples_run_from_the_command_line(tmp_path: Path) -> None:
         child_support = run_example("child_support", daemon.url)
         permit = run_example("building_permit", daemon.url)
     assert ": paid, tx-" in child_support
-    assert ": compensated: " in child_support
+    assert ": compensated, pay failed: " in child_support
     assert "reserve   compensate ok" in child_support
     assert "treasury: balance 49550, held 0" in child_support
     assert "waiting: " in permit
-    assert "completed: {'receipt': 'fee-" in permit
+    assert "  completed: {" in permit
+    assert "'receipt': 'fee-" in permit
 
 
 def test_the_demo_worker_serves_child_support_payments_until_sigterm(tmp_path: Path) -> None:
