@@ -60,7 +60,7 @@ class Treasury:
             return amount
 
 
-TREASURY = Treasury(balance=50_000)
+TREASURY = Treasury(balance=1_000_000)
 
 
 # Each step function takes a StepContext (input, steps so far, process_id, attempt, ...)

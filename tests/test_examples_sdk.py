@@ -179,7 +179,7 @@ def test_examples_run_from_the_command_line(tmp_path: Path) -> None:
     assert ": paid, tx-" in child_support
     assert ": compensated, pay failed: " in child_support
     assert "reserve   compensate ok" in child_support
-    assert "treasury: balance 49550, held 0" in child_support
+    assert "treasury: balance 999550, held 0" in child_support
     assert "waiting: " in permit
     assert "  completed: {" in permit
     assert "'receipt': 'fee-" in permit
