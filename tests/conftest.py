@@ -154,16 +154,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests of issue 15's daemon side wait for it: HMS_ISSUE15=1 runs them."""
-    if os.environ.get("HMS_ISSUE15") == "1":
-        return
-    waiting = pytest.mark.skip(reason="needs issue 15's daemon side (set HMS_ISSUE15=1)")
-    for item in items:
-        if "needs_issue15_daemon" in item.keywords:
-            item.add_marker(waiting)
-
-
 @pytest.fixture
 def restartable_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
     """A daemon process (tests/processes.py) the test may kill and start again."""

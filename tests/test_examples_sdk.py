@@ -23,8 +23,6 @@ import yaml
 
 from .processes import ROOT, free_port, running_daemon, running_server
 
-pytestmark = pytest.mark.needs_issue15_daemon
-
 
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as resp:

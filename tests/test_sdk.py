@@ -446,7 +446,6 @@ def test_mistakes_python_can_see_raise_while_building(build: Any, problem: str) 
         build()
 
 
-@pytest.mark.needs_issue15_daemon
 def test_a_built_definition_passes_the_daemons_config_model(tmp_path: Path) -> None:
     """What the builder emits is what config.yaml accepts: task steps, data, signals, output."""
     from monitor.config import Workflow as ConfigWorkflow
@@ -465,7 +464,6 @@ def test_a_built_definition_passes_the_daemons_config_model(tmp_path: Path) -> N
     ConfigWorkflow.model_validate(built.definition())
 
 
-@pytest.mark.needs_issue15_daemon
 async def test_deploy_then_signal_a_waiting_process(tmp_path: Path) -> None:
     permit = (
         Workflow("Permit", output={"docs": "{steps.docs.ok}", "process": "{process.id}"})
@@ -486,7 +484,6 @@ async def test_deploy_then_signal_a_waiting_process(tmp_path: Path) -> None:
     assert stored["source"] == "api" and stored["definition"]["name"] == "Permit"
 
 
-@pytest.mark.needs_issue15_daemon
 async def test_process_workflow_answers_at_respond_after_while_the_rest_goes_on(
     tmp_path: Path, ach: tuple[str, Calls]
 ) -> None:
@@ -504,7 +501,6 @@ async def test_process_workflow_answers_at_respond_after_while_the_rest_goes_on(
     assert answer["status"] in ("running", "waiting")  # the 1 h follow-up goes on
 
 
-@pytest.mark.needs_issue15_daemon
 async def test_a_failed_report_carries_the_step_status_and_body(
     tmp_path: Path, ach: tuple[str, Calls]
 ) -> None:
@@ -520,7 +516,6 @@ async def test_a_failed_report_carries_the_step_status_and_body(
     assert "planned failure" in report.error["body"]
 
 
-@pytest.mark.needs_issue15_daemon
 async def test_a_definition_the_daemon_refuses_raises_bad_request(tmp_path: Path) -> None:
     broken = Workflow("Broken").step("pay", call("ach", "POST", "/x")).definition()
     broken["steps"][0]["call"]["method"] = "BREW"
@@ -565,7 +560,6 @@ def test_the_readme_sync_client_block_works_as_written(tmp_path: Path) -> None:
     assert "grant.submitted {'application_id': 'GR-2023-55'}" in out
 
 
-@pytest.mark.needs_issue15_daemon
 def test_the_readme_worker_block_works_as_written(tmp_path: Path) -> None:
     (block,) = [b for b in readme_python_blocks() if "Worker(" in b]
     out = run_readme_block(block, tmp_path)

@@ -1,8 +1,4 @@
-"""hms_mgmt.Worker against a real daemon process: deploys, registers, polls, runs, reports.
-
-The daemon side of task queues (issue 15) lands with T's and D's work; until then these
-tests are skipped (tests/conftest.py: HMS_ISSUE15=1 runs them).
-"""
+"""hms_mgmt.Worker against a real daemon process: deploys, registers, polls, runs, reports."""
 
 from __future__ import annotations
 
@@ -32,8 +28,6 @@ from hms_mgmt import (
 
 from .conftest import until
 from .processes import DaemonProcess, running_daemon
-
-pytestmark = pytest.mark.needs_issue15_daemon
 
 
 def worker(url: str, *workflows: Workflow, **kwargs: Any) -> Worker:
