@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from monitor import build_app, parse_config
 from monitor.cli import raise_open_file_limit
 from monitor.config import Config
 
+from .processes import DaemonProcess, free_port, write_config
 from .services import Receiver, start_receiver
 
 AppClient = TestClient  # type: ignore[type-arg]
@@ -161,3 +162,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "needs_issue15_daemon" in item.keywords:
             item.add_marker(waiting)
+
+
+@pytest.fixture
+def restartable_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A daemon process (tests/processes.py) the test may kill and start again."""
+    port = free_port()
+    process = DaemonProcess(write_config(tmp_path, port), port, tmp_path / "daemon.log")
+    process.start()
+    yield process
+    process.stop()
