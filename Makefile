@@ -38,6 +38,7 @@ bench: $(BIN)/hms-mgmt
 	$(BIN)/python -m bench.probes
 	$(BIN)/python -m bench.slo
 	$(BIN)/python -m bench.workflows
+	$(BIN)/python -m bench.tasks
 	$(BIN)/python -m bench.page
 	$(BIN)/python -m bench.overload
 

@@ -56,6 +56,10 @@ for service in applications "ach --fail-rate 0.2" notifier; do
     services+=($!)
     port=$((port + 1))
 done
+# The worker of the code-first examples (examples/worker.py): it deploys ChildSupportPayment
+# and BuildingPermit and runs their Python steps.
+$BIN/python -m examples.worker --url "$REGISTRY" &
+services+=($!)
 echo "status page: $REGISTRY/   (grant applications arrive every 3 s; Ctrl-C stops the demo)"
 n=0
 # Ends when the daemon does, whoever stopped it.
@@ -67,5 +71,14 @@ while kill -0 "$daemon" 2>/dev/null; do
     amount=$(((RANDOM % 9000) + 500))
     curl -s --max-time 5 -X POST "$REGISTRY/api/grants" -H 'Content-Type: application/json' \
         -d "{\"application\": \"GR-2026-$n\", \"amount\": $amount}" >/dev/null || true
+    # A child-support payment every other tick; every tenth is over the payment limit, so
+    # it fails and its reserved funds are released (a compensation on the page).
+    if [ $((n % 2)) = 0 ]; then
+        support=$(((RANDOM % 900) + 100))
+        [ $((n % 10)) = 0 ] && support=12000
+        curl -s --max-time 5 -X POST "$REGISTRY/v1/workflows/ChildSupportPayment" \
+            -H 'Content-Type: application/json' \
+            -d "{\"input\": {\"parent_id\": \"P-$n\", \"amount\": $support}}" >/dev/null || true
+    fi
 done
 echo "the daemon stopped; stopping the services" >&2
