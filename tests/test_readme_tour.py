@@ -107,13 +107,15 @@ def test_the_tour_works_as_written_on_the_shipped_config(tmp_path: Path) -> None
 
 
 def test_the_workflow_tour_works_as_written_with_the_demo(tmp_path: Path) -> None:
-    (block,) = tour_blocks(with_demo=True)
+    blocks = tour_blocks(with_demo=True)
+    assert len(blocks) >= 2  # the workflow tour, and the code-first one (definitions, signals)
     with running_demo(tmp_path) as demo:
-        run_block(block, demo.port)
+        for block in blocks:
+            run_block(block, demo.port)
 
 
 def python_example() -> str:
-    """The registry.client example of the README."""
+    """The self-registration example of the README (hms_mgmt.registration_ctx)."""
     section = README.read_text(encoding="utf-8").split("### From Python", 1)[1]
     (code,) = re.findall(r"^```python\n(.*?)^```", section, flags=re.MULTILINE | re.DOTALL)[:1]
     return code

@@ -571,3 +571,20 @@ async def test_sync_client_works_inside_a_running_event_loop(daemon: DaemonProce
     with SyncClient(daemon.url) as hms:
         report = hms.run("Announce", timeout=10)
     assert report.success
+
+
+def test_the_readme_builder_blocks_run_as_written(tmp_path: Path) -> None:
+    """The Python blocks of the workflow sections build their workflows (no daemon needed:
+    building and `definition()` are local; a Worker connects only when started)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Workflows and events", 1)[1]
+    blocks = re.findall(r"^```python\n(.*?)^```", readme, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) >= 2
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block + "\nprint('built')"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert done.returncode == 0 and done.stdout.endswith("built\n"), block + done.stderr
