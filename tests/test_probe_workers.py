@@ -15,10 +15,15 @@ import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp.test_utils import TestServer
 
-from monitor.probing.worker import FrameReader, encode
+from monitor.probing.abc import ProbeContext
+from monitor.probing.kinds.http import HttpKind
+from monitor.probing.probe import resolve_probe
+from monitor.probing.worker import FrameReader, ProbeWorkers, encode
+from registry import ProbeSpec
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, running_daemon
@@ -160,3 +165,24 @@ def test_a_worker_does_not_load_the_daemon() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_worker_sends_the_body_back_only_when_asked(target: TestServer) -> None:
+    """Most probes check the status alone: their answers cross the pipe without the body
+    (it is still read, so response times do not change); a [BODY] condition gets it."""
+    url = str(target.make_url("/ok"))
+    plain = resolve_probe([ProbeSpec()])
+    reading = resolve_probe([ProbeSpec(conditions=["[BODY].status == UP"])])
+    assert not plain.reads_body and reading.reads_body
+    context = ProbeContext()
+    pool = ProbeWorkers(1)
+    await pool.start()
+    try:
+        jobs = [HttpKind().job(url, probe, context) for probe in (plain, reading, plain)]
+        assert all(job is not None and job.port == urlsplit(url).port for job in jobs)
+        answers = await asyncio.gather(*(pool.run(job) for job in jobs if job is not None))
+    finally:
+        await pool.close()
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert [bool(answer.body) for answer in answers] == [False, True, False]
+    assert json.loads(answers[1].body)["status"] == "UP"
