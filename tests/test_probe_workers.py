@@ -156,7 +156,7 @@ def test_a_worker_does_not_load_the_daemon() -> None:
     code = (
         "import sys, monitor.probing.worker\n"
         "LEAN = {'monitor.probing', 'monitor.probing.worker', 'monitor.probing.kinds', "
-        "'monitor.probing.kinds.http_wire'}\n"
+        "'monitor.probing.kinds.http_wire', 'monitor.exports'}\n"
         "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
         "m.startswith('monitor.') and m not in LEAN))\n"
