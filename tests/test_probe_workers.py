@@ -17,17 +17,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from monitor.probing.abc import ProbeContext
 from monitor.probing.kinds.http import HttpKind
 from monitor.probing.probe import resolve_probe
+from monitor.probing.prober import Prober
 from monitor.probing.worker import FrameReader, ProbeWorkers, encode
 from registry import ProbeSpec
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, running_daemon
 from .test_probe_budget import refused_url
+from .test_probes import tls_target  # noqa: F401 (a fixture)
 
 FAST = {"type": "http", "interval": "100ms", "down_interval": "100ms", "timeout": "1s"}
 FAST_CHANGE = {"failure_threshold": 1, "success_threshold": 1}
@@ -186,3 +189,31 @@ async def test_a_worker_sends_the_body_back_only_when_asked(target: TestServer) 
     assert [answer.status for answer in answers] == [200, 200, 200]
     assert [bool(answer.body) for answer in answers] == [False, True, False]
     assert json.loads(answers[1].body)["status"] == "UP"
+
+
+async def test_a_worker_checks_certificates_as_the_loop_does(
+    tls_target: tuple[TestServer, Path],  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS contexts are made in the worker on its first TLS probe: verified by default,
+    not with `tls_verify: false`, trusting SSL_CERT_FILE, the expiry measured."""
+    server, ca = tls_target
+    url = str(server.make_url("/ok"))
+    prober = Prober(workers=1)
+    await prober.start()
+    try:
+        untrusted = await prober.run(url, resolve_probe([ProbeSpec()]))
+        unverified = await prober.run(url, resolve_probe([ProbeSpec(tls_verify=False)]))
+    finally:
+        await prober.close()
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # read by the worker when it starts
+    prober = Prober(workers=1)
+    await prober.start()
+    try:
+        trusted = await prober.run(url, resolve_probe([ProbeSpec()]))
+    finally:
+        await prober.close()
+    assert untrusted.error is not None and untrusted.error.startswith("certificate:")
+    assert unverified.status == 200 and unverified.error is None
+    assert trusted.status == 200 and trusted.certificate_expires_in is not None
+    assert 86400 < trusted.certificate_expires_in <= 2 * 86400

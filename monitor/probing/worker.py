@@ -143,10 +143,17 @@ class _Worker:
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._answers = _Batcher(write)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._verifying = ssl.create_default_context()
-        self._insecure = ssl.create_default_context()
-        self._insecure.check_hostname = False
-        self._insecure.verify_mode = ssl.CERT_NONE
+        # Made on the first TLS job: each holds the system's CA certificates (~1 MB).
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        context = self._contexts.get(verify)
+        if context is None:
+            context = self._contexts[verify] = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return context
 
     def take(self, item: Any) -> None:
         task = asyncio.ensure_future(self._run(Job(*item)))
@@ -155,7 +162,7 @@ class _Worker:
 
     async def _run(self, job: Job) -> None:
         at, started = time.time(), time.perf_counter()
-        context = (self._verifying if job.verify else self._insecure) if job.tls else None
+        context = self._context(job.verify) if job.tls else None
         status, body, expires, error = None, b"", None, None
         try:
             async with asyncio.timeout(job.timeout):
