@@ -6,8 +6,9 @@ probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from monitor.exports import lazy_exports
 
 if TYPE_CHECKING:
     from .app import build_app
@@ -17,8 +18,4 @@ __all__ = ["Config", "ConfigError", "build_app", "load_config", "parse_config"]
 
 _HOMES = {"build_app": ".app"} | dict.fromkeys(__all__[:2] + __all__[3:], ".config")
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name], __name__), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

@@ -125,6 +125,31 @@ async def test_deregistered_instances_are_no_longer_probed(
     assert body["instances"] == []
 
 
+async def test_a_new_instance_starts_its_probe_counters_at_zero(
+    monitored: AppClient, target: TestServer
+) -> None:
+    """Counters live in shared arrays, a slot per instance: one freed by a departed
+    instance is handed on zeroed, so nothing it counted shows under the next one."""
+
+    async def counters(instance: str) -> dict[str, float]:
+        samples = (await metric_families(monitored))["hms_probe"].samples
+        return {s.labels["result"]: s.value for s in samples if s.labels["instance"] == instance}
+
+    await register(monitored, target, "old", path="/fail")
+    await state_is(monitored, "critical", "old")
+    assert (await counters("old"))["failure"] >= 2
+    await monitored.delete("/v1/services/payments/instances/old")
+    await register(monitored, target, "new", type="none")  # never probed
+    assert await counters("new") == {"success": 0, "failure": 0}
+    families = await metric_families(monitored)
+    assert not [s for s in families["hms_probe_success"].samples if s.labels["instance"] == "new"]
+    assert not [
+        s
+        for s in families["hms_probe_duration_seconds"].samples
+        if s.labels["instance"] == "new" and s.value != 0
+    ]
+
+
 async def test_a_hung_target_does_not_hold_up_a_healthy_one(
     monitored: AppClient, target: TestServer
 ) -> None:

@@ -15,14 +15,22 @@ import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import pytest
 from aiohttp.test_utils import TestServer
 
-from monitor.probing.worker import FrameReader, encode
+from monitor.probing.abc import ProbeContext
+from monitor.probing.kinds.http import HttpKind
+from monitor.probing.probe import resolve_probe
+from monitor.probing.prober import Prober
+from monitor.probing.worker import FrameReader, ProbeWorkers, encode
+from registry import ProbeSpec
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, running_daemon
 from .test_probe_budget import refused_url
+from .test_probes import tls_target  # noqa: F401 (a fixture)
 
 FAST = {"type": "http", "interval": "100ms", "down_interval": "100ms", "timeout": "1s"}
 FAST_CHANGE = {"failure_threshold": 1, "success_threshold": 1}
@@ -151,7 +159,7 @@ def test_a_worker_does_not_load_the_daemon() -> None:
     code = (
         "import sys, monitor.probing.worker\n"
         "LEAN = {'monitor.probing', 'monitor.probing.worker', 'monitor.probing.kinds', "
-        "'monitor.probing.kinds.http_wire'}\n"
+        "'monitor.probing.kinds.http_wire', 'monitor.exports'}\n"
         "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
         "m.startswith('monitor.') and m not in LEAN))\n"
@@ -160,3 +168,52 @@ def test_a_worker_does_not_load_the_daemon() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_worker_sends_the_body_back_only_when_asked(target: TestServer) -> None:
+    """Most probes check the status alone: their answers cross the pipe without the body
+    (it is still read, so response times do not change); a [BODY] condition gets it."""
+    url = str(target.make_url("/ok"))
+    plain = resolve_probe([ProbeSpec()])
+    reading = resolve_probe([ProbeSpec(conditions=["[BODY].status == UP"])])
+    assert not plain.reads_body and reading.reads_body
+    context = ProbeContext()
+    pool = ProbeWorkers(1)
+    await pool.start()
+    try:
+        jobs = [HttpKind().job(url, probe, context) for probe in (plain, reading, plain)]
+        assert all(job is not None and job.port == urlsplit(url).port for job in jobs)
+        answers = await asyncio.gather(*(pool.run(job) for job in jobs if job is not None))
+    finally:
+        await pool.close()
+    assert [answer.status for answer in answers] == [200, 200, 200]
+    assert [bool(answer.body) for answer in answers] == [False, True, False]
+    assert json.loads(answers[1].body)["status"] == "UP"
+
+
+async def test_a_worker_checks_certificates_as_the_loop_does(
+    tls_target: tuple[TestServer, Path],  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS contexts are made in the worker on its first TLS probe: verified by default,
+    not with `tls_verify: false`, trusting SSL_CERT_FILE, the expiry measured."""
+    server, ca = tls_target
+    url = str(server.make_url("/ok"))
+    prober = Prober(workers=1)
+    await prober.start()
+    try:
+        untrusted = await prober.run(url, resolve_probe([ProbeSpec()]))
+        unverified = await prober.run(url, resolve_probe([ProbeSpec(tls_verify=False)]))
+    finally:
+        await prober.close()
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # read by the worker when it starts
+    prober = Prober(workers=1)
+    await prober.start()
+    try:
+        trusted = await prober.run(url, resolve_probe([ProbeSpec()]))
+    finally:
+        await prober.close()
+    assert untrusted.error is not None and untrusted.error.startswith("certificate:")
+    assert unverified.status == 200 and unverified.error is None
+    assert trusted.status == 200 and trusted.certificate_expires_in is not None
+    assert 86400 < trusted.certificate_expires_in <= 2 * 86400

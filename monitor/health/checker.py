@@ -14,20 +14,22 @@ too). When many instances are down or new at once they share it, each backing
 off towards its `interval`, so a mass outage or a burst of registrations costs
 the loop no more than the budget (ARCHITECTURE.md, Health checking).
 
-Per-instance state is kept small (10,000 instances held < 100 MB with all the
-rest): slotted objects, a compact histogram, no asyncio objects kept between
-probes, and the last result without its body.
+Per-instance state is kept small: slotted objects, the probe counters in shared
+arrays (ProbeStats), no asyncio objects kept between probes, and the last result
+without its body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from monitor.health.book import HealthBook, Key
 from monitor.health.results import ProbeResults, bucket_index
@@ -43,39 +45,86 @@ NEW_INSTANCE_SPREAD = 1.0
 MAX_CACHED_PROBES = 10_000
 
 
-@dataclass(slots=True)
 class ProbeStats:
-    """Counters behind the probe metrics of one instance."""
+    """Counters behind the probe metrics, every instance's together: one slot per
+    instance in a few flat arrays (struct of arrays), ~130 bytes a slot where an
+    object per instance, its histogram and its boxed numbers took ~330."""
 
-    boundaries: tuple[float, ...]
-    successes: int = 0
-    failures: int = 0
-    # Per boundary, not cumulative; 8 bytes a count where a list takes 36 past 256.
-    buckets: array[int] | tuple[()] = ()
-    duration_sum: float = 0.0
-    last_ok: bool | None = None
-    certificate_expires_at: float | None = None
+    def __init__(self, boundaries: tuple[float, ...]) -> None:
+        self.boundaries = boundaries
+        self._width = len(boundaries)
+        self._successes = array("Q")
+        self._failures = array("Q")
+        self._duration_sums = array("d")
+        self._last_ok = array("b")  # -1: no probe yet
+        self._certificates = array("d")  # NaN: none seen
+        self._buckets = array("Q")  # per slot, `_width` counts per boundary, not cumulative
+        self._free: list[int] = []
 
-    def observe(self, result: ProbeResult, ok: bool, *, counted: bool = True) -> None:
+    def allocate(self) -> int:
+        """A slot for a new instance, all counters zero."""
+        if self._free:
+            slot = self._free.pop()
+            self._successes[slot] = self._failures[slot] = 0
+            self._duration_sums[slot] = 0.0
+            self._last_ok[slot] = -1
+            self._certificates[slot] = math.nan
+            start = slot * self._width
+            self._buckets[start : start + self._width] = array("Q", bytes(8 * self._width))
+            return slot
+        self._successes.append(0)
+        self._failures.append(0)
+        self._duration_sums.append(0.0)
+        self._last_ok.append(-1)
+        self._certificates.append(math.nan)
+        self._buckets.frombytes(bytes(8 * self._width))
+        return len(self._successes) - 1
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def observe(self, slot: int, result: ProbeResult, ok: bool, *, counted: bool = True) -> None:
         """Take one probe; `counted=False` (maintenance) updates only the last result.
 
         Probes inside a maintenance window stay out of the counters and the
         histogram, so the Prometheus-side SLIs (increases of those series)
         exclude maintenance time exactly as the daemon's own SLOs do.
         """
-        self.last_ok = ok
+        self._last_ok[slot] = ok
         if result.certificate_expires_at is not None:
-            self.certificate_expires_at = result.certificate_expires_at
+            self._certificates[slot] = result.certificate_expires_at
         if not counted:
             return
         if not ok:
-            self.failures += 1
+            self._failures[slot] += 1
             return
-        self.successes += 1
-        self.duration_sum += result.response_time
-        if not self.buckets:
-            self.buckets = array("Q", bytes(8 * len(self.boundaries)))
-        self.buckets[bucket_index(self.boundaries, result.response_time)] += 1
+        self._successes[slot] += 1
+        self._duration_sums[slot] += result.response_time
+        self._buckets[slot * self._width + bucket_index(self.boundaries, result.response_time)] += 1
+
+    def row(self, slot: int) -> StatsRow:
+        last_ok, certificate = self._last_ok[slot], self._certificates[slot]
+        start = slot * self._width
+        buckets = tuple(self._buckets[start : start + self._width])
+        return StatsRow(
+            self._successes[slot],
+            self._failures[slot],
+            buckets if self._successes[slot] else (),
+            self._duration_sums[slot],
+            None if last_ok < 0 else bool(last_ok),
+            None if math.isnan(certificate) else certificate,
+        )
+
+
+class StatsRow(NamedTuple):
+    """One instance's counters, copied out of ProbeStats (metrics.py renders them)."""
+
+    successes: int
+    failures: int
+    buckets: tuple[int, ...]  # () before the first success
+    duration_sum: float
+    last_ok: bool | None
+    certificate_expires_at: float | None
 
 
 class ProbeBucket:
@@ -110,7 +159,7 @@ class ProbeBucket:
 class _Target:
     url: str
     probe: Probe
-    stats: ProbeStats
+    stats: int  # its slot in HealthChecker.stats
     gap: float  # the timetable's interval for it now: `interval`, or a down one
     last_start: float | None = None  # loop time; a new instance's: its registration
     busy: bool = False  # a probe of it is running (its task is in HealthChecker._tasks)
@@ -140,6 +189,7 @@ class HealthChecker:
         self._clock = clock or time.monotonic
         self.budget = ProbeBucket(budget, self._clock)
         self.targets: dict[Key, _Target] = {}
+        self.stats = ProbeStats(store.boundaries)
         self._down: set[Key] = set()  # instances probed at a down interval
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[tuple[str, str], Probe] = {}
@@ -187,7 +237,9 @@ class HealthChecker:
             self._track(change.instance)
         elif change.kind is ChangeKind.DEREGISTERED:
             self.timetable.remove(key)
-            self.targets.pop(key, None)
+            gone = self.targets.pop(key, None)
+            if gone is not None:
+                self.stats.release(gone.stats)
             self._down.discard(key)
             self.book.forget(key)
         elif change.kind in (ChangeKind.LAPSED, ChangeKind.RENEWED):
@@ -201,7 +253,7 @@ class HealthChecker:
             return
         key = instance.key
         current = self.targets.get(key)
-        stats = current.stats if current else ProbeStats(self.store.boundaries)
+        stats = current.stats if current else self.stats.allocate()
         target = self.targets[key] = _Target(instance.url, probe, stats, probe.interval)
         self.book.track(key, probe)  # unprobed ones too: their lease lapses still count
         if probe.type == ProbeType.NONE:
@@ -250,7 +302,7 @@ class HealthChecker:
         if verdict is None:
             return
         maintenance = self.book.in_maintenance(key[0])
-        target.stats.observe(result, verdict.ok, counted=not maintenance)
+        self.stats.observe(target.stats, result, verdict.ok, counted=not maintenance)
         self.store.add(
             key[0],
             key[1],

@@ -54,23 +54,13 @@ class ProbeMetrics:
         """Copy every value; runs on the event loop, so the copy is consistent."""
         book = self._checker.book
         rows = []
+        stats = self._checker.stats
         for key, target in sorted(self._checker.targets.items()):
             labels = self._labels.get(key)
             if labels is None:  # names are [A-Za-z0-9._-]: nothing to escape
                 labels = self._labels[key] = f'instance="{key[1]}",service="{key[0]}"'
-            stats = target.stats
             rows.append(
-                _Row(
-                    labels,
-                    stats.successes,
-                    stats.failures,
-                    tuple(stats.buckets),
-                    stats.duration_sum,
-                    stats.last_ok,
-                    stats.certificate_expires_at,
-                    book.state_of(key),
-                    book.suppressed(key),
-                )
+                _Row(labels, *stats.row(target.stats), book.state_of(key), book.suppressed(key))
             )
         if len(self._labels) > 2 * len(rows) + 1000:
             self._labels.clear()  # forget departed instances now and then

@@ -6,8 +6,9 @@ probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from monitor.exports import lazy_exports
 
 if TYPE_CHECKING:
     from .abc import ProbeContext, ProbeKind
@@ -32,8 +33,4 @@ _HOMES |= dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
 _HOMES |= dict.fromkeys(["ProbeContext", "ProbeKind"], ".abc")
 _HOMES["Prober"] = ".prober"
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name], __name__), name)
+__getattr__ = lazy_exports(__name__, _HOMES)

@@ -5,6 +5,7 @@ Below the prober and the probe kinds, which both speak these types.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ class Probe:
     tls_verify: bool = True
     follow_redirects: bool = False
     max_body_bytes: int = DEFAULT_MAX_BODY
+
+    @functools.cached_property
+    def reads_body(self) -> bool:
+        """Whether a condition looks at the body: a probe worker sends it back only then."""
+        return any(condition.left.placeholder == "BODY" for condition in self.conditions)
 
 
 DEFAULT_CONDITIONS: dict[ProbeType, tuple[str, ...]] = {

@@ -7,8 +7,12 @@ loop that serves registrations and heartbeats. So the daemon sends each probe
 (`Job`: where to connect, the request's bytes already built and checked) to a
 worker process over a pipe, and gets back its `Answer` (status, a capped body,
 timings, the error); conditions, health, SLOs and storage stay in the daemon.
-Both ends batch: every job or answer ready in one turn of a loop goes as one
-frame, so a thousand probes a second cost the daemon a few hundred small reads.
+Both ends batch: every job or answer ready within BATCH_DELAY goes as one frame,
+so a thousand probes a second cost each side about a hundred writes and reads a
+second, not a thousand (a pipe write and the wake-up it causes on the other side
+cost more than marshalling the job). An answer carries the body only when a
+condition reads it, and the daemon's side watches for a stalled worker with one
+timer per worker, not one per job.
 
 The worker is `python -m monitor.probing.worker`: the standard library, uvloop
 when installed, and kinds/http_wire.py; nothing of the daemon (a few MB of RSS).
@@ -45,6 +49,10 @@ FRAME = struct.Struct(">I")
 MAX_FRAME = 256 * 1024 * 1024
 FLUSH_BYTES = 4 * 1024 * 1024  # a batch of answers with bodies this large goes at once
 RESTART_DELAY = 1.0  # seconds before a worker that ended is started again; doubles
+# Jobs and answers wait this long for company before their frame is written: more a
+# frame, fewer writes and wake-ups. Timings are taken in the worker: none includes it.
+BATCH_DELAY = 0.01
+WATCH_EVERY = 1.0  # seconds between checks for a job its worker should have answered
 
 
 class Job(NamedTuple):
@@ -54,8 +62,9 @@ class Job(NamedTuple):
     tls: bool  # TLS: with a certificate check when `verify`
     verify: bool
     request: bytes | None  # None: connect (and handshake), nothing sent: tcp and tls probes
-    cap: int  # body bytes kept
+    cap: int  # body bytes read at most
     timeout: float
+    body: bool = True  # the answer carries the body (read either way): a condition reads it
 
 
 class Answer(NamedTuple):
@@ -100,23 +109,28 @@ class FrameReader:
 
 
 class _Batcher:
-    """Everything `add`ed in one turn of the loop is written as one frame."""
+    """Everything `add`ed within `delay` seconds of the first is written as one frame."""
 
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._write = write
+    def __init__(self, write: Callable[[bytes], None], delay: float = BATCH_DELAY) -> None:
+        self._write, self._delay = write, delay
         self._items: list[tuple[object, ...]] = []
         self._bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
 
     def add(self, item: tuple[object, ...], size: int = 0) -> None:
-        """`size`: the item's bulk (a body); past FLUSH_BYTES the batch goes at once."""
-        if not self._items:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._items.append(tuple(item))  # marshal takes plain tuples only
+        """`item`: a plain tuple (marshal takes no NamedTuple); `size`: its bulk (a
+        body): past FLUSH_BYTES the batch goes at once."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay, self._flush)
+        self._items.append(item)
         self._bytes += size
         if self._bytes > FLUSH_BYTES:
             self._flush()
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._items:
             items, self._items, self._bytes = self._items, [], 0
             self._write(encode(items))
@@ -129,10 +143,17 @@ class _Worker:
     def __init__(self, write: Callable[[bytes], None]) -> None:
         self._answers = _Batcher(write)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._verifying = ssl.create_default_context()
-        self._insecure = ssl.create_default_context()
-        self._insecure.check_hostname = False
-        self._insecure.verify_mode = ssl.CERT_NONE
+        # Made on the first TLS job: each holds the system's CA certificates (~1 MB).
+        self._contexts: dict[bool, ssl.SSLContext] = {}
+
+    def _context(self, verify: bool) -> ssl.SSLContext:
+        context = self._contexts.get(verify)
+        if context is None:
+            context = self._contexts[verify] = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+        return context
 
     def take(self, item: Any) -> None:
         task = asyncio.ensure_future(self._run(Job(*item)))
@@ -141,7 +162,7 @@ class _Worker:
 
     async def _run(self, job: Job) -> None:
         at, started = time.time(), time.perf_counter()
-        context = (self._verifying if job.verify else self._insecure) if job.tls else None
+        context = self._context(job.verify) if job.tls else None
         status, body, expires, error = None, b"", None, None
         try:
             async with asyncio.timeout(job.timeout):
@@ -159,7 +180,10 @@ class _Worker:
         except Exception as exc:  # one probe's fault must not end the worker
             error = f"probe failed: {describe_os_error(exc) or short_text(exc)}"
         elapsed = time.perf_counter() - started
-        self._answers.add(Answer(job.id, at, elapsed, error is None, status, body, expires, error))
+        if not job.body:
+            body = b""
+        reply = (job.id, at, elapsed, error is None, status, body, expires, error)
+        self._answers.add(reply, len(body))
 
 
 async def _serve() -> None:
@@ -214,7 +238,10 @@ class WorkerGone(Exception):
 class _Pipe(asyncio.SubprocessProtocol):
     def __init__(self, pool: ProbeWorkers, slot: int) -> None:
         self.pool, self.slot = pool, slot
-        self.pending: dict[int, asyncio.Future[Answer]] = {}
+        # Jobs sent and not answered: the future, when (loop time) the worker has stalled
+        # if it has not answered, and that limit in seconds (for the log).
+        self.pending: dict[int, tuple[asyncio.Future[Answer], float, float]] = {}
+        self._watch: asyncio.TimerHandle | None = None
         self.frames = FrameReader(self._answer)
         self.transport: asyncio.SubprocessTransport | None = None
         self.jobs: _Batcher | None = None
@@ -233,10 +260,33 @@ class _Pipe(asyncio.SubprocessProtocol):
             self.kill(f"sent a frame the daemon cannot read ({short_text(exc)})")
 
     def _answer(self, item: Any) -> None:
-        answer = Answer(*item)
-        future = self.pending.pop(answer.id, None)
-        if future is not None and not future.done():
-            future.set_result(answer)
+        waiting = self.pending.pop(item[0], None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_result(Answer(*item))
+
+    def send(self, job: Job, limit: float) -> asyncio.Future[Answer]:
+        """Send `job`; the worker has stalled if it has not answered within `limit` s."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Answer] = loop.create_future()
+        self.pending[job.id] = (future, loop.time() + limit, limit)
+        assert self.jobs is not None
+        self.jobs.add(tuple(job))
+        if self._watch is None:
+            self._watch = loop.call_later(WATCH_EVERY, self._check)
+        return future
+
+    def _check(self) -> None:
+        """One timer a worker, not one a job: kill the worker once a job is overdue (the
+        worker times each probe out itself, so an overdue answer means it stalled)."""
+        self._watch = None
+        now = asyncio.get_running_loop().time()
+        for future, deadline, limit in self.pending.values():
+            if deadline < now and not future.done():
+                self.kill(f"did not answer a probe within {limit:g}s")
+                self._fail_pending()
+                return
+        if self.pending:
+            self._watch = asyncio.get_running_loop().call_later(WATCH_EVERY, self._check)
 
     def kill(self, why: str) -> None:
         """Stop using this worker and end it; its probes in flight raise WorkerGone."""
@@ -255,10 +305,13 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.pool.exited(self)
 
     def _fail_pending(self) -> None:
-        for future in self.pending.values():
+        for future, _, _ in self.pending.values():
             if not future.done():
                 future.set_exception(WorkerGone())
         self.pending.clear()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
 
 
 def _worker_argv() -> list[str]:
@@ -283,6 +336,7 @@ class ProbeWorkers:
     def __init__(self, count: int, *, grace: float = 5.0) -> None:
         self.count, self.grace = count, grace
         self._pipes: list[_Pipe | None] = [None] * count
+        self._live: list[_Pipe] = []  # the pipes in use, kept as they start and end
         self._failures = [0] * count
         self._restarts: set[asyncio.Task[None]] = set()
         self._ids = 0
@@ -290,7 +344,7 @@ class ProbeWorkers:
 
     @property
     def ready(self) -> bool:
-        return any(pipe is not None for pipe in self._pipes)
+        return bool(self._live)
 
     async def start(self) -> None:
         for slot in range(self.count):
@@ -318,12 +372,14 @@ class ProbeWorkers:
             transport.kill()
             return
         self._pipes[slot] = pipe
+        self._live = [pipe for pipe in self._pipes if pipe is not None]
 
     def retire(self, pipe: _Pipe) -> bool:
         """Take `pipe` out of use (it is ending); False if it already was."""
         if self._pipes[pipe.slot] is not pipe:
             return False
         self._pipes[pipe.slot] = None
+        self._live = [pipe for pipe in self._pipes if pipe is not None]
         if not self._closing:
             # A worker that lived a minute was fine: its successor starts at once.
             lived = time.monotonic() - pipe.started
@@ -353,22 +409,14 @@ class ProbeWorkers:
 
     async def run(self, job: Job) -> Answer:
         """Raises WorkerGone when no worker runs, or its worker ends or stalls first."""
-        pipes = [pipe for pipe in self._pipes if pipe is not None and pipe.jobs is not None]
-        if not pipes:
+        live = self._live
+        if not live:
             raise WorkerGone()
-        pipe = min(pipes, key=lambda p: len(p.pending))
+        pipe = live[0] if len(live) == 1 else min(live, key=lambda p: len(p.pending))
         self._ids += 1
         job = job._replace(id=self._ids)
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        pipe.pending[job.id] = future
-        assert pipe.jobs is not None
-        pipe.jobs.add(job)
         try:
-            async with asyncio.timeout(job.timeout + self.grace):
-                return await future
-        except TimeoutError:  # the worker times its probes out itself: it has stalled
-            pipe.kill(f"did not answer a probe within {job.timeout + self.grace:g}s")
-            raise WorkerGone() from None
+            return await pipe.send(job, job.timeout + self.grace)
         finally:
             pipe.pending.pop(job.id, None)
 
@@ -383,6 +431,7 @@ class ProbeWorkers:
                 stdin.close()  # end of input: the worker exits
         await asyncio.gather(*(self._ended(pipe) for pipe in pipes))
         self._pipes = [None] * self.count
+        self._live = []
 
     @staticmethod
     async def _ended(pipe: _Pipe) -> None:

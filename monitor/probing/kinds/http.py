@@ -29,7 +29,15 @@ class HttpKind:
         target = _target(context, url, probe)
         cap, timeout = probe.max_body_bytes, probe.timeout
         return Job(
-            0, target.host, target.port, target.tls, probe.tls_verify, target.request, cap, timeout
+            0,
+            target.host,
+            target.port,
+            target.tls,
+            probe.tls_verify,
+            target.request,
+            cap,
+            timeout,
+            probe.reads_body,
         )
 
     async def run(
