@@ -312,6 +312,29 @@ async def test_refused_writes_raise_store_unavailable(handle: Handle) -> None:
     assert stored[0].status is ProcessStatus.STARTED  # the refused checkpoint left nothing
 
 
+async def test_a_refused_checkpoint_is_written_whole_by_its_retry(handle: Handle) -> None:
+    """A checkpoint refused (Overloaded, a full disk) and retried: the retry writes the
+    history and deletes the taken signal, so no row is lost and no signal is taken twice."""
+    store = handle.store
+    [process] = await create(store, new_process(1))
+    signal = await store.add_signal("p0001", "approve", b'{"by": "alice"}', 10.0)
+    process.status, process.position = ProcessStatus.WAITING, 1
+    process.pending, process.taken_signal = [attempt("first")], signal.seq
+    await handle.refuse_writes(True)
+    with pytest.raises(StoreUnavailable):
+        await store.checkpoint(process)
+    await handle.refuse_writes(False)
+    assert [s.seq for s in await store.pending_signals()] == [signal.seq]  # not taken yet
+    await store.checkpoint(process)  # the retry
+    assert (process.pending, process.taken_signal, process.history_count) == ([], None, 1)
+    assert await store.pending_signals() == []  # taken once
+    process.pending = [attempt("second")]
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert [a.step for a in stored[1]] == ["first", "second"]
+
+
 async def test_a_closed_store_refuses(factory: Factory, tmp_path: Path) -> None:
     async with factory(tmp_path) as handle:
         await handle.store.create_tables()

@@ -247,7 +247,12 @@ class SqliteWorkflowStore:
         return await self._db.write(write)
 
     async def checkpoint(self, process: Process) -> None:
-        """The row and the history gathered since the last checkpoint, atomically."""
+        """The row and the history gathered since the last checkpoint, atomically.
+
+        A refused write (Overloaded, StoreUnavailable) puts the history and the taken
+        signal back, so the retry writes them: no row lost, no signal taken twice. They
+        leave the process before the write, not after, so a checkpoint made meanwhile
+        (a cancel's) does not write the same history rows again."""
         history, process.pending = process.pending, []
         taken, process.taken_signal = process.taken_signal, None
         first = process.history_count
@@ -279,7 +284,14 @@ class SqliteWorkflowStore:
                     ],
                 )
 
-        await self._db.write(write)
+        try:
+            await self._db.write(write)
+        except BaseException:
+            process.pending[:0] = history
+            process.history_count -= len(history)  # not `= first`: another may have failed too
+            if taken is not None and process.taken_signal is None:
+                process.taken_signal = taken
+            raise
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
