@@ -6,6 +6,7 @@ Only the Protocols (workflows/abc.py) are used here, never tables, so a new stor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -110,20 +111,34 @@ async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
     assert await handle.store.get("p0001") is not None
 
 
-async def test_definition_versions_read_back_in_order(handle: Handle) -> None:
+async def test_definition_versions_are_numbered_in_the_write(handle: Handle) -> None:
     store = handle.store
-    for version, source in ((1, "config"), (2, "api")):
-        spec = {"name": "Pay", "steps": [{"name": "s", "publish": f"t{version}"}]}
-        await store.add_definition(
-            StoredDefinition(
-                name="Pay", version=version, source=source, spec=spec, defined_at=float(version)
-            )
-        )
+
+    def version(n: int, source: str, name: str = "Pay") -> StoredDefinition:
+        spec = {"name": name, "steps": [{"name": "s", "publish": f"t{n}"}]}
+        return StoredDefinition(name=name, version=0, source=source, spec=spec, defined_at=n)
+
+    assert await store.add_definitions([version(1, "config")]) == [1]
+    assert await store.add_definitions([version(2, "api"), version(3, "config", "Ship")]) == [2, 1]
     stored = await store.definitions()
-    assert [(d.version, d.source) for d in stored] == [(1, "config"), (2, "api")]
+    assert [(d.name, d.version, d.source) for d in stored] == [
+        ("Pay", 1, "config"),
+        ("Pay", 2, "api"),
+        ("Ship", 1, "config"),
+    ]
     assert stored[1].spec["steps"][0]["publish"] == "t2"
-    with pytest.raises(Exception):  # a version is written once  # noqa: B017
-        await store.add_definition(stored[0])
+    # Two writers at once (two workers deploying): each gets its own number.
+    got = await asyncio.gather(*(store.add_definitions([version(4, "api")]) for _ in range(4)))
+    assert sorted(v for [v] in got) == [3, 4, 5, 6]
+
+
+async def test_definition_versions_are_stored_all_or_none(handle: Handle) -> None:
+    store = handle.store
+    good = StoredDefinition(name="Pay", version=0, source="config", spec={}, defined_at=1.0)
+    bad = StoredDefinition(name=None, version=0, source="config", spec={}, defined_at=1.0)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 - a NOT NULL column refuses it
+        await store.add_definitions([good, bad])
+    assert await store.definitions() == []
 
 
 async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) -> None:

@@ -3,6 +3,8 @@ calling a real HTTP service, across restarts of the app on the same SQLite file.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,6 +15,8 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
+from monitor.convert import definitions_from_config
+from monitor.keys import DATABASE, ENGINE
 from monitor.storage.database import APPLICATION_ID
 
 from .conftest import AppClient, FakeClock, until
@@ -512,6 +516,78 @@ async def test_config_definitions_get_a_new_version_only_when_changed(
     assert (await process(client, old["id"]))["workflow_version"] == 1
     assert (await signal(client, old["id"], {"n": 1})).status == 202
     await until(lambda: _at_step(client, old["id"], "again"))  # version 1 goes on to "again"
+
+
+async def test_a_stored_version_that_no_longer_parses_fails_its_processes_only(
+    up: Start, make_config: Callable[..., Config], calls: Calls
+) -> None:
+    config = make_config(workflows=[PERMIT])
+    client = await up(config)
+    old = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+    await client.close()
+    with sqlite3.connect(Path(config.storage.path)) as db:  # as a newer schema would refuse
+        [(spec,)] = db.execute("SELECT spec FROM workflow_definitions WHERE name = 'Permit'")
+        changed = json.loads(spec)
+        changed["steps"][1]["removed_in_a_later_release"] = 1
+        db.execute("UPDATE workflow_definitions SET spec = ?", [json.dumps(changed)])
+    db.close()
+
+    client = await up(config)  # the daemon starts; today's definition is the next version
+    got = await (await client.get("/v1/workflows/Permit")).json()
+    assert (got["version"], got["source"]) == (2, "config")
+    failed = await until_status(client, old["id"], "failed")  # not run on version 2
+    assert failed["workflow_version"] == 1
+    assert "Permit" in failed["error"]["message"]
+    assert calls.paths().count("/approve") == 0
+    new = await start(client, "Permit", {}, wait="0s")
+    assert (await until_status(client, new["id"], "waiting"))["workflow_version"] == 2
+
+
+async def test_concurrent_deploys_of_a_definition_make_one_version(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    same = await asyncio.gather(*(define(client, "Deployed", DEPLOYED) for _ in range(4)))
+    answers = sorted([(r.status, (await r.json())["version"]) for r in same])
+    assert answers == [(200, 1), (200, 1), (200, 1), (201, 1)]
+    bodies = [{**DEPLOYED, "deadline": f"{n}h"} for n in range(1, 5)]
+    changed = await asyncio.gather(*(define(client, "Deployed", body) for body in bodies))
+    assert sorted([(await r.json())["version"] for r in changed]) == [2, 3, 4, 5]
+    assert {r.status for r in changed} == {200}
+    routed = {**DEPLOYED, "route": "/api/permits"}
+    both = await asyncio.gather(define(client, "A", routed), define(client, "B", routed))
+    assert sorted(r.status for r in both) == [201, 422]  # one route, one workflow
+
+
+async def test_a_reload_the_store_refuses_changes_no_definition(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT, PLAIN]))
+    engine, db = client.app[ENGINE], client.app[DATABASE]
+    before = dict(engine.definitions)
+    shorter = {**PERMIT, "steps": PERMIT["steps"][:2]}
+    changed = make_config(workflows=[shorter, {**PLAIN, "steps": PLAIN["steps"][:1]}])
+
+    stored = await engine.store.definitions()
+
+    def refuse_plain(d: Any) -> None:  # the second version's write fails, the first's not
+        d.conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON workflow_definitions WHEN NEW.name = 'Plain' "
+            "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END"
+        )
+
+    await db.write(refuse_plain)
+    with pytest.raises(sqlite3.IntegrityError):
+        await engine.configure(definitions_from_config(changed))
+    await db.write(lambda d: d.conn.execute("DROP TRIGGER refuse"))
+    assert await engine.store.definitions() == stored  # no half of it stored
+    assert engine.definitions == before  # nor in force
+    got = await (await client.get("/v1/workflows/Plain")).json()
+    assert (got["version"], len(got["definition"]["steps"])) == (1, 2)
+    await engine.configure(definitions_from_config(changed))  # applied again: whole
+    listed = (await (await client.get("/v1/workflows")).json())["workflows"]
+    assert {w["name"]: w["version"] for w in listed} == {"Permit": 2, "Plain": 2}
 
 
 async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(

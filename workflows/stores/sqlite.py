@@ -308,17 +308,29 @@ class SqliteWorkflowStore:
 
         return await self._db.read(read)
 
-    async def add_definition(self, definition: StoredDefinition) -> None:
-        row = (
-            definition.name,
-            definition.version,
-            definition.source,
-            orjson.dumps(definition.spec).decode(),
-            definition.defined_at,
-        )
-        await self._db.write(
-            lambda d: d.conn.execute("INSERT INTO workflow_definitions VALUES (?, ?, ?, ?, ?)", row)
-        )
+    async def add_definitions(self, definitions: list[StoredDefinition]) -> list[int]:
+        """Store new versions in one transaction, each numbered there: one more than the
+        highest stored version of its name (whatever its `version` says), so two writers
+        never pick the same number and a version that no longer parses still counts."""
+
+        def write(d: sqlite_utils.Database) -> list[int]:
+            versions = []
+            for definition in definitions:
+                (version,) = d.conn.execute(
+                    "INSERT INTO workflow_definitions SELECT ?, coalesce(max(version), 0) + 1, "
+                    "?, ?, ? FROM workflow_definitions WHERE name = ? RETURNING version",
+                    (
+                        definition.name,
+                        definition.source,
+                        orjson.dumps(definition.spec).decode(),
+                        definition.defined_at,
+                        definition.name,
+                    ),
+                ).fetchone()
+                versions.append(int(version))
+            return versions
+
+        return await self._db.write(write)
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
         def write(d: sqlite_utils.Database) -> int:

@@ -300,16 +300,12 @@ class WorkflowRoutes:
             raise HttpError(422, "the definition does not validate", details=[problem])
         try:
             parsed = self.engine.parse(data)
+            definition, created = await self.engine.define(parsed)  # checks its route too
         except InvalidDefinition as exc:
             problems = [{"path": path, "message": message} for path, message in exc.problems]
             raise HttpError(
                 422, f"the definition does not validate: {exc}", details=problems
             ) from None
-        routes = {d.route for d in self.engine.definitions.values() if d.name != name}
-        if parsed.route is not None and parsed.route in routes:
-            problem = {"path": "route", "message": f"{parsed.route} starts another workflow"}
-            raise HttpError(422, "the definition does not validate", details=[problem])
-        definition, created = await self.engine.define(parsed)
         return json_response(_definition(definition), status=201 if created else 200)
 
     @table.post(
