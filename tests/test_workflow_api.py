@@ -18,6 +18,7 @@ from monitor.config import Config
 from monitor.convert import definitions_from_config
 from monitor.keys import DATABASE, ENGINE
 from monitor.storage.database import APPLICATION_ID
+from workflows.records import Signal
 
 from .conftest import AppClient, FakeClock, until
 from .services import Calls, service_app
@@ -426,8 +427,31 @@ async def test_a_signal_needs_the_signal_scope_of_the_workflow(
     assert resp.status == 202
     process_id = (await resp.json())["id"]
     refused = await signal(client, process_id, {}, headers=bearer("other-token"))
-    assert refused.status == 403
+    unknown = await signal(client, "0" * len(process_id), {}, headers=bearer("other-token"))
+    assert refused.status == unknown.status == 404  # not yours reads as not there
+    assert (await refused.json())["error"]["code"] == (await unknown.json())["error"]["code"]
     assert (await signal(client, process_id, {}, headers=bearer("permit-token"))).status == 202
+
+
+async def test_a_signal_that_comes_as_the_process_finishes_is_refused(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT]))
+    engine = client.app[ENGINE]
+    started = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, started["id"], "waiting")
+    add_signal = engine.store.add_signal
+
+    async def finishing(process_id: str, name: str, data: bytes, at: float) -> Signal:
+        kept = await add_signal(process_id, name, data, at)
+        await engine.cancel(process_id)  # it finishes while the signal is written
+        await engine.wait(process_id, 10)  # set when it is forgotten
+        return kept
+
+    engine.store.add_signal = finishing  # type: ignore[method-assign]
+    resp = await signal(client, started["id"], {"n": 1})
+    assert resp.status == 409  # not "kept": nothing will ever take it
+    assert (await resp.json())["error"]["code"] == "conflict"
 
 
 async def _at_step(client: AppClient, process_id: str, step: str) -> bool:

@@ -270,10 +270,14 @@ class Engine:
         """Keep a signal for a running process (durable when this returns) and wake it when
         a step waits for that name; a step takes each signal once."""
         process = await self._running(process_id)
+        if process.finished:  # its last checkpoint is being written
+            raise ProcessFinished(f"process {process_id} is {process.status}")
         encoded = orjson.dumps(data)
         signal = await self.store.add_signal(process_id, name, encoded, self._clock())
-        if process_id in self.live:  # else it finished meanwhile: nothing will take it
-            self._signals.keep(signal)
+        if process.finished or process_id not in self.live:
+            # It finished meanwhile: nothing will take it (the row goes with the process).
+            raise ProcessFinished(f"process {process_id} is {process.status}")
+        self._signals.keep(signal)
         return process
 
     async def _running(self, process_id: str) -> Process:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from monitor.http.auth import Authorizer
+from monitor.http.auth import GRANT, Authorizer, Grant
 from monitor.http.body import parse_body, parse_json_object, read_body
 from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
@@ -407,13 +407,27 @@ class WorkflowRoutes:
         process_id, name = request.match_info["id"], request.match_info["name"]
         if not is_valid_name(name):
             raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
+        if not self._may(request, "signal", None):  # no signal scope at all: 403 for any id
+            raise HttpError(403, "token has no scope for signal:<workflow>", code="forbidden")
         stored = await self.engine.store.get(process_id)
-        if stored is None:
+        # Unknown and another workflow's answer alike: a 403 would tell which ids exist.
+        if stored is None or not self._may(request, "signal", stored[0].workflow):
             raise HttpError(404, f"no process {process_id!r}")
-        self.auth.require(request, "signal", stored[0].workflow)
         data = await parse_json_object(request, "a signal")
         process = await self.engine.signal(process_id, name, data)
         return json_response({"id": process.id, "status": process.status}, status=202)
+
+    def _may(self, request: web.Request, verb: str, subject: str | None) -> bool:
+        """Whether the caller's token has a scope for `verb` on `subject`, or on anything
+        when `subject` is None (auth off: yes)."""
+        grant: Grant | None = request.get(GRANT)
+        if not self.auth.enabled:
+            return True
+        if grant is None:
+            return False
+        if subject is not None:
+            return grant.allows(verb, subject)
+        return any(s == "*" or s.partition(":")[0] == verb for s in grant.scopes)
 
     async def _full(self, process_id: str) -> dict[str, Any]:
         described = await self.engine.describe(process_id)
