@@ -653,6 +653,60 @@ async def test_the_definition_view_hides_header_values(up: Start, config: Config
     )
 
 
+SECRET = {
+    "name": "Pay",
+    "steps": [
+        {
+            "name": "pay",
+            "call": {
+                "service": "ach",
+                "path": "/pay-${ACH_KEY}",
+                "body": {"auth": "Key ${ACH_KEY}", "price": "$$5"},
+                "headers": {"Authorization": "Bearer ${ACH_KEY}"},
+            },
+        },
+        {"name": "docs", "wait_for": {"signal": "docsValidated"}},
+        {"name": "again", "call": {"service": "ach", "path": "/again-${ACH_KEY}"}},
+    ],
+}
+
+
+async def test_secrets_from_the_environment_are_neither_stored_nor_served(
+    up: Start, make_config: Callable[..., Config], calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACH_KEY", "s3cr3t-one")
+    config = make_config(workflows=[SECRET])
+    client = await up(config)
+    got = await client.get("/v1/workflows/Pay")
+    assert "s3cr3t" not in await got.text()
+    call = (await got.json())["definition"]["steps"][0]["call"]
+    assert (call["path"], call["body"]) == (
+        "/pay-${ACH_KEY}",
+        {"auth": "Key ${ACH_KEY}", "price": "$$5"},  # as written
+    )
+    old = await start(client, "Pay", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+    assert calls.seen[-1][1:3] == ("/pay-s3cr3t-one", {"auth": "Key s3cr3t-one", "price": "$5"})
+    await client.close()
+
+    def stored() -> str:
+        with sqlite3.connect(Path(config.storage.path)) as db:
+            specs = str(
+                db.execute("SELECT name, version, spec FROM workflow_definitions").fetchall()
+            )
+        db.close()
+        return specs
+
+    assert "s3cr3t" not in stored()
+    monkeypatch.setenv("ACH_KEY", "s3cr3t-two")  # the secret is rotated
+    client = await up(make_config(workflows=[SECRET]))
+    assert (await (await client.get("/v1/workflows/Pay")).json())["version"] == 1  # as written
+    assert (await signal(client, old["id"], {})).status == 202
+    await until_status(client, old["id"], "completed")
+    assert calls.paths()[-1] == "/again-s3cr3t-two"  # today's value, in the version it runs
+    assert "s3cr3t" not in stored()
+
+
 async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: Config) -> None:
     client = await up(config)
     resp = await define(client, "Plain", DEPLOYED)

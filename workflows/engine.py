@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -57,9 +57,14 @@ from .waits import EventWaits, SignalWaits, Wakeups
 __all__ = ["Engine", "Outcome", "Parse"]
 
 log = logging.getLogger("workflows.engine")
-# A stored definition's JSON back into a Definition (the root's: workflows/ cannot know
-# config.yaml's schema). Raises ValueError when it no longer validates.
-Parse = Callable[[Mapping[str, Any]], Definition]
+
+
+class Parse(Protocol):
+    """A stored definition's JSON back into a Definition (the root's: workflows/ cannot
+    know config.yaml's schema). Raises ValueError when it no longer validates. `source`
+    is the version's ("config": stored as config.yaml wrote it, `${VAR}` unexpanded)."""
+
+    def __call__(self, spec: Mapping[str, Any], /, *, source: str = "api") -> Definition: ...
 
 
 class Engine:
@@ -414,7 +419,7 @@ class Engine:
         if self._parse is None:
             return
         try:
-            parsed = self._parse(stored.spec)
+            parsed = self._parse(stored.spec, source=stored.source)
         except ValueError as exc:  # the schema moved on: its processes fail, others run
             log.warning("workflow %s v%d no longer loads: %s", stored.name, stored.version, exc)
             return
