@@ -325,7 +325,7 @@ AUTH = {
         "tokens": [
             {"token": "admin-token", "scopes": ["*"]},
             {"token": "permit-token", "scopes": ["signal:Permit", "start:*"]},
-            {"token": "other-token", "scopes": ["signal:Grant"]},
+            {"token": "other-token", "scopes": ["signal:Grant", "cancel:Grant"]},
         ]
     }
 }
@@ -430,6 +430,9 @@ async def test_a_signal_needs_the_signal_scope_of_the_workflow(
     unknown = await signal(client, "0" * len(process_id), {}, headers=bearer("other-token"))
     assert refused.status == unknown.status == 404  # not yours reads as not there
     assert (await refused.json())["error"]["code"] == (await unknown.json())["error"]["code"]
+    cancel = f"/v1/processes/{process_id}/cancel"
+    assert (await client.post(cancel, headers=bearer("other-token"))).status == 404  # the same
+    assert (await client.post(cancel, headers=bearer("permit-token"))).status == 403  # no cancel:
     assert (await signal(client, process_id, {}, headers=bearer("permit-token"))).status == 202
 
 

@@ -386,10 +386,7 @@ class WorkflowRoutes:
     )
     async def cancel(self, request: web.Request) -> web.Response:
         process_id = request.match_info["id"]
-        stored = await self.engine.store.get(process_id)
-        if stored is None:
-            raise HttpError(404, f"no process {process_id!r}")
-        self.auth.require(request, "cancel", stored[0].workflow)
+        await self._scoped(request, "cancel", process_id)
         process = await self.engine.cancel(process_id)
         return json_response({"id": process.id, "status": process.status}, status=202)
 
@@ -407,15 +404,20 @@ class WorkflowRoutes:
         process_id, name = request.match_info["id"], request.match_info["name"]
         if not is_valid_name(name):
             raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
-        if not self._may(request, "signal", None):  # no signal scope at all: 403 for any id
-            raise HttpError(403, "token has no scope for signal:<workflow>", code="forbidden")
-        stored = await self.engine.store.get(process_id)
-        # Unknown and another workflow's answer alike: a 403 would tell which ids exist.
-        if stored is None or not self._may(request, "signal", stored[0].workflow):
-            raise HttpError(404, f"no process {process_id!r}")
+        await self._scoped(request, "signal", process_id)
         data = await parse_json_object(request, "a signal")
         process = await self.engine.signal(process_id, name, data)
         return json_response({"id": process.id, "status": process.status}, status=202)
+
+    async def _scoped(self, request: web.Request, verb: str, process_id: str) -> None:
+        """403 when the token has no `verb` scope at all (whatever the id); 404 when the
+        process is unknown or its workflow is not in the token's scopes: the two answer
+        alike, as a 403 would tell which ids exist."""
+        if not self._may(request, verb, None):
+            raise HttpError(403, f"token has no scope for {verb}:<workflow>", code="forbidden")
+        stored = await self.engine.store.get(process_id)
+        if stored is None or not self._may(request, verb, stored[0].workflow):
+            raise HttpError(404, f"no process {process_id!r}")
 
     def _may(self, request: web.Request, verb: str, subject: str | None) -> bool:
         """Whether the caller's token has a scope for `verb` on `subject`, or on anything
