@@ -23,6 +23,7 @@ from pydantic import (
     ByteSize,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -604,8 +605,36 @@ class Config(_Model):
         default=(), description="Durable multi-step processes across services."
     )
 
+    # What `${VAR}` hid (parse_config fills them): each workflows entry as written, and
+    # each variable's (value, "${VAR}"), so a stored definition keeps `${VAR}` and never
+    # its value (monitor/convert.py), and a rotated secret is no new version.
+    _written_workflows: tuple[Any, ...] = PrivateAttr(default=())
+    _variables: tuple[tuple[str, str], ...] = PrivateAttr(default=())
+
     def service(self, name: str) -> Service | None:
         return next((s for s in self.services if s.name == name), None)
+
+    def workflow_as_written(self, index: int) -> Any:
+        """workflows[index] as config.yaml wrote it, `${VAR}` unexpanded (None: unknown)."""
+        written = self._written_workflows
+        return written[index] if index < len(written) else None
+
+    @property
+    def variables(self) -> tuple[tuple[str, str], ...]:
+        """(value, "${VAR}") of each variable that changed a string."""
+        return self._variables
+
+
+def expand_variables(data: Any, env: Mapping[str, str] | None = None) -> Any:
+    """A workflow entry stored as config.yaml wrote it, its `${VAR}`s expanded again from
+    the environment; InvalidDefinition names each one that is not set."""
+    unset: list[tuple[Path_, str]] = []
+    expanded = _expand(data, (), os.environ if env is None else env, unset, [])
+    if unset:
+        raise InvalidDefinition(
+            [(_json_path(p), f"environment variable {name} is not set") for p, name in unset]
+        )
+    return expanded
 
 
 # -- loading -----------------------------------------------------------------------
@@ -642,6 +671,7 @@ def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None
     problems: list[tuple[Path_, str]] = list(_duplicate_keys(node, ()))
     unset: list[tuple[Path_, str]] = []
     expanded: list[Expansion] = []
+    written = data
     data = _expand(data, (), env, unset, expanded)
     problems += [(p, f"environment variable {name} is not set") for p, name in unset]
     if data is None:
@@ -669,6 +699,9 @@ def _parse(text: str, source: str, env: Mapping[str, str], base_dir: Path | None
         raise ConfigError(
             list(dict.fromkeys(f"{source}:{line}: {path}: {msg}" for line, path, msg in located))
         )
+    if isinstance(written, dict) and isinstance(written.get("workflows"), list):
+        config._written_workflows = tuple(written["workflows"])
+    config._variables = tuple(pair for e in expanded for pair in e.variables)
     return config
 
 

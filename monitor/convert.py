@@ -36,8 +36,12 @@ def retry_from_config(retry: cfg.Retry, retry_on: frozenset[int] = RETRYABLE) ->
     )
 
 
-def definition_from_config(workflow: cfg.Workflow) -> Definition:
-    """The same frozen value as the builder's, from a validated config entry."""
+def definition_from_config(
+    workflow: cfg.Workflow, written: Any = None, variables: tuple[tuple[str, str], ...] = ()
+) -> Definition:
+    """The same frozen value as the builder's, from a validated config entry. Its `spec`
+    (stored, shown by the API) holds each string as `written` (`${VAR}`, not the value)
+    and no variable's value elsewhere either: a secret is neither stored nor served."""
     steps = []
     for step in workflow.steps:
         action: Action
@@ -77,14 +81,41 @@ def definition_from_config(workflow: cfg.Workflow) -> Definition:
         queue=workflow.queue,
         output=workflow.output,
         respond_after=workflow.respond_after,
-        spec=workflow.model_dump(mode="json", exclude_defaults=True),
+        spec=_as_written(
+            workflow.model_dump(mode="json", exclude_defaults=True), written, variables
+        ),
     )
 
 
-def definition_from_json(data: Mapping[str, Any]) -> Definition:
+def definition_from_json(data: Mapping[str, Any], *, source: str = "api") -> Definition:
     """A stored or deployed definition (a config.yaml entry as JSON), checked as config.yaml
-    is; `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path."""
-    return definition_from_config(cfg.parse_workflow(data))
+    is; `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path.
+    A stored config.yaml version has its `${VAR}`s expanded from today's environment (it
+    was stored as written); an API one never is (a deployer may not read the environment)."""
+    if source != "config":
+        return definition_from_config(cfg.parse_workflow(data))
+    return definition_from_config(cfg.parse_workflow(cfg.expand_variables(data)), data)
+
+
+def _as_written(dumped: Any, written: Any, variables: tuple[tuple[str, str], ...]) -> Any:
+    """`dumped` (a validated entry as JSON) with each string that had `$` in `written`
+    (the entry before expansion) as written; where the two differ in shape, each
+    variable's value left in a string is put back as its `${VAR}`."""
+    if isinstance(written, str) and "$" in written:
+        return written
+    if isinstance(dumped, dict):
+        at = written if isinstance(written, dict) else {}
+        return {k: _as_written(v, at.get(k), variables) for k, v in dumped.items()}
+    if isinstance(dumped, list):
+        same = isinstance(written, list) and len(written) == len(dumped)
+        return [
+            _as_written(v, written[i] if same else None, variables) for i, v in enumerate(dumped)
+        ]
+    if isinstance(dumped, str) and written is None:  # not where it was written: moved
+        for value, form in variables:
+            if len(value) >= cfg.MIN_HIDDEN_ELSEWHERE:  # "1" would change every "1" in it
+                dumped = dumped.replace(value, form)
+    return dumped
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:
@@ -104,7 +135,10 @@ def _call(spec: cfg.Call) -> Call:
 
 
 def definitions_from_config(config: cfg.Config) -> list[Definition]:
-    return [definition_from_config(workflow) for workflow in config.workflows]
+    return [
+        definition_from_config(workflow, config.workflow_as_written(i), config.variables)
+        for i, workflow in enumerate(config.workflows)
+    ]
 
 
 def bus_topic_label(definitions: list[Definition], config: cfg.Config) -> Callable[[str], str]:

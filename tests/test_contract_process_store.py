@@ -6,6 +6,7 @@ Only the Protocols (workflows/abc.py) are used here, never tables, so a new stor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -110,20 +111,34 @@ async def test_create_tables_twice_keeps_what_is_stored(handle: Handle) -> None:
     assert await handle.store.get("p0001") is not None
 
 
-async def test_definition_versions_read_back_in_order(handle: Handle) -> None:
+async def test_definition_versions_are_numbered_in_the_write(handle: Handle) -> None:
     store = handle.store
-    for version, source in ((1, "config"), (2, "api")):
-        spec = {"name": "Pay", "steps": [{"name": "s", "publish": f"t{version}"}]}
-        await store.add_definition(
-            StoredDefinition(
-                name="Pay", version=version, source=source, spec=spec, defined_at=float(version)
-            )
-        )
+
+    def version(n: int, source: str, name: str = "Pay") -> StoredDefinition:
+        spec = {"name": name, "steps": [{"name": "s", "publish": f"t{n}"}]}
+        return StoredDefinition(name=name, version=0, source=source, spec=spec, defined_at=n)
+
+    assert await store.add_definitions([version(1, "config")]) == [1]
+    assert await store.add_definitions([version(2, "api"), version(3, "config", "Ship")]) == [2, 1]
     stored = await store.definitions()
-    assert [(d.version, d.source) for d in stored] == [(1, "config"), (2, "api")]
+    assert [(d.name, d.version, d.source) for d in stored] == [
+        ("Pay", 1, "config"),
+        ("Pay", 2, "api"),
+        ("Ship", 1, "config"),
+    ]
     assert stored[1].spec["steps"][0]["publish"] == "t2"
-    with pytest.raises(Exception):  # a version is written once  # noqa: B017
-        await store.add_definition(stored[0])
+    # Two writers at once (two workers deploying): each gets its own number.
+    got = await asyncio.gather(*(store.add_definitions([version(4, "api")]) for _ in range(4)))
+    assert sorted(v for [v] in got) == [3, 4, 5, 6]
+
+
+async def test_definition_versions_are_stored_all_or_none(handle: Handle) -> None:
+    store = handle.store
+    good = StoredDefinition(name="Pay", version=0, source="config", spec={}, defined_at=1.0)
+    bad = StoredDefinition(name=None, version=0, source="config", spec={}, defined_at=1.0)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 - a NOT NULL column refuses it
+        await store.add_definitions([good, bad])
+    assert await store.definitions() == []
 
 
 async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) -> None:
@@ -310,6 +325,29 @@ async def test_refused_writes_raise_store_unavailable(handle: Handle) -> None:
     stored = await handle.store.get("p0001")
     assert stored is not None
     assert stored[0].status is ProcessStatus.STARTED  # the refused checkpoint left nothing
+
+
+async def test_a_refused_checkpoint_is_written_whole_by_its_retry(handle: Handle) -> None:
+    """A checkpoint refused (Overloaded, a full disk) and retried: the retry writes the
+    history and deletes the taken signal, so no row is lost and no signal is taken twice."""
+    store = handle.store
+    [process] = await create(store, new_process(1))
+    signal = await store.add_signal("p0001", "approve", b'{"by": "alice"}', 10.0)
+    process.status, process.position = ProcessStatus.WAITING, 1
+    process.pending, process.taken_signal = [attempt("first")], signal.seq
+    await handle.refuse_writes(True)
+    with pytest.raises(StoreUnavailable):
+        await store.checkpoint(process)
+    await handle.refuse_writes(False)
+    assert [s.seq for s in await store.pending_signals()] == [signal.seq]  # not taken yet
+    await store.checkpoint(process)  # the retry
+    assert (process.pending, process.taken_signal, process.history_count) == ([], None, 1)
+    assert await store.pending_signals() == []  # taken once
+    process.pending = [attempt("second")]
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert [a.step for a in stored[1]] == ["first", "second"]
 
 
 async def test_a_closed_store_refuses(factory: Factory, tmp_path: Path) -> None:

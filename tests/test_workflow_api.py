@@ -3,6 +3,8 @@ calling a real HTTP service, across restarts of the app on the same SQLite file.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -13,7 +15,10 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
+from monitor.convert import definitions_from_config
+from monitor.keys import DATABASE, ENGINE
 from monitor.storage.database import APPLICATION_ID
+from workflows.records import Signal
 
 from .conftest import AppClient, FakeClock, until
 from .services import Calls, service_app
@@ -320,7 +325,7 @@ AUTH = {
         "tokens": [
             {"token": "admin-token", "scopes": ["*"]},
             {"token": "permit-token", "scopes": ["signal:Permit", "start:*"]},
-            {"token": "other-token", "scopes": ["signal:Grant"]},
+            {"token": "other-token", "scopes": ["signal:Grant", "cancel:Grant"]},
         ]
     }
 }
@@ -422,8 +427,34 @@ async def test_a_signal_needs_the_signal_scope_of_the_workflow(
     assert resp.status == 202
     process_id = (await resp.json())["id"]
     refused = await signal(client, process_id, {}, headers=bearer("other-token"))
-    assert refused.status == 403
+    unknown = await signal(client, "0" * len(process_id), {}, headers=bearer("other-token"))
+    assert refused.status == unknown.status == 404  # not yours reads as not there
+    assert (await refused.json())["error"]["code"] == (await unknown.json())["error"]["code"]
+    cancel = f"/v1/processes/{process_id}/cancel"
+    assert (await client.post(cancel, headers=bearer("other-token"))).status == 404  # the same
+    assert (await client.post(cancel, headers=bearer("permit-token"))).status == 403  # no cancel:
     assert (await signal(client, process_id, {}, headers=bearer("permit-token"))).status == 202
+
+
+async def test_a_signal_that_comes_as_the_process_finishes_is_refused(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT]))
+    engine = client.app[ENGINE]
+    started = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, started["id"], "waiting")
+    add_signal = engine.store.add_signal
+
+    async def finishing(process_id: str, name: str, data: bytes, at: float) -> Signal:
+        kept = await add_signal(process_id, name, data, at)
+        await engine.cancel(process_id)  # it finishes while the signal is written
+        await engine.wait(process_id, 10)  # set when it is forgotten
+        return kept
+
+    engine.store.add_signal = finishing  # type: ignore[method-assign]
+    resp = await signal(client, started["id"], {"n": 1})
+    assert resp.status == 409  # not "kept": nothing will ever take it
+    assert (await resp.json())["error"]["code"] == "conflict"
 
 
 async def _at_step(client: AppClient, process_id: str, step: str) -> bool:
@@ -514,6 +545,78 @@ async def test_config_definitions_get_a_new_version_only_when_changed(
     await until(lambda: _at_step(client, old["id"], "again"))  # version 1 goes on to "again"
 
 
+async def test_a_stored_version_that_no_longer_parses_fails_its_processes_only(
+    up: Start, make_config: Callable[..., Config], calls: Calls
+) -> None:
+    config = make_config(workflows=[PERMIT])
+    client = await up(config)
+    old = await start(client, "Permit", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+    await client.close()
+    with sqlite3.connect(Path(config.storage.path)) as db:  # as a newer schema would refuse
+        [(spec,)] = db.execute("SELECT spec FROM workflow_definitions WHERE name = 'Permit'")
+        changed = json.loads(spec)
+        changed["steps"][1]["removed_in_a_later_release"] = 1
+        db.execute("UPDATE workflow_definitions SET spec = ?", [json.dumps(changed)])
+    db.close()
+
+    client = await up(config)  # the daemon starts; today's definition is the next version
+    got = await (await client.get("/v1/workflows/Permit")).json()
+    assert (got["version"], got["source"]) == (2, "config")
+    failed = await until_status(client, old["id"], "failed")  # not run on version 2
+    assert failed["workflow_version"] == 1
+    assert "Permit" in failed["error"]["message"]
+    assert calls.paths().count("/approve") == 0
+    new = await start(client, "Permit", {}, wait="0s")
+    assert (await until_status(client, new["id"], "waiting"))["workflow_version"] == 2
+
+
+async def test_concurrent_deploys_of_a_definition_make_one_version(
+    up: Start, config: Config
+) -> None:
+    client = await up(config)
+    same = await asyncio.gather(*(define(client, "Deployed", DEPLOYED) for _ in range(4)))
+    answers = sorted([(r.status, (await r.json())["version"]) for r in same])
+    assert answers == [(200, 1), (200, 1), (200, 1), (201, 1)]
+    bodies = [{**DEPLOYED, "deadline": f"{n}h"} for n in range(1, 5)]
+    changed = await asyncio.gather(*(define(client, "Deployed", body) for body in bodies))
+    assert sorted([(await r.json())["version"] for r in changed]) == [2, 3, 4, 5]
+    assert {r.status for r in changed} == {200}
+    routed = {**DEPLOYED, "route": "/api/permits"}
+    both = await asyncio.gather(define(client, "A", routed), define(client, "B", routed))
+    assert sorted(r.status for r in both) == [201, 422]  # one route, one workflow
+
+
+async def test_a_reload_the_store_refuses_changes_no_definition(
+    up: Start, make_config: Callable[..., Config]
+) -> None:
+    client = await up(make_config(workflows=[PERMIT, PLAIN]))
+    engine, db = client.app[ENGINE], client.app[DATABASE]
+    before = dict(engine.definitions)
+    shorter = {**PERMIT, "steps": PERMIT["steps"][:2]}
+    changed = make_config(workflows=[shorter, {**PLAIN, "steps": PLAIN["steps"][:1]}])
+
+    stored = await engine.store.definitions()
+
+    def refuse_plain(d: Any) -> None:  # the second version's write fails, the first's not
+        d.conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON workflow_definitions WHEN NEW.name = 'Plain' "
+            "BEGIN SELECT RAISE(ABORT, 'the disk is full'); END"
+        )
+
+    await db.write(refuse_plain)
+    with pytest.raises(sqlite3.IntegrityError):
+        await engine.configure(definitions_from_config(changed))
+    await db.write(lambda d: d.conn.execute("DROP TRIGGER refuse"))
+    assert await engine.store.definitions() == stored  # no half of it stored
+    assert engine.definitions == before  # nor in force
+    got = await (await client.get("/v1/workflows/Plain")).json()
+    assert (got["version"], len(got["definition"]["steps"])) == (1, 2)
+    await engine.configure(definitions_from_config(changed))  # applied again: whole
+    listed = (await (await client.get("/v1/workflows")).json())["workflows"]
+    assert {w["name"]: w["version"] for w in listed} == {"Permit": 2, "Plain": 2}
+
+
 async def test_a_bad_definition_is_refused_naming_the_path_of_the_field(
     up: Start, config: Config
 ) -> None:
@@ -551,6 +654,60 @@ async def test_the_definition_view_hides_header_values(up: Start, config: Config
     assert (
         shown["call"]["headers"] == shown["compensate"]["headers"] == {"Authorization": "(hidden)"}
     )
+
+
+SECRET = {
+    "name": "Pay",
+    "steps": [
+        {
+            "name": "pay",
+            "call": {
+                "service": "ach",
+                "path": "/pay-${ACH_KEY}",
+                "body": {"auth": "Key ${ACH_KEY}", "price": "$$5"},
+                "headers": {"Authorization": "Bearer ${ACH_KEY}"},
+            },
+        },
+        {"name": "docs", "wait_for": {"signal": "docsValidated"}},
+        {"name": "again", "call": {"service": "ach", "path": "/again-${ACH_KEY}"}},
+    ],
+}
+
+
+async def test_secrets_from_the_environment_are_neither_stored_nor_served(
+    up: Start, make_config: Callable[..., Config], calls: Calls, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACH_KEY", "s3cr3t-one")
+    config = make_config(workflows=[SECRET])
+    client = await up(config)
+    got = await client.get("/v1/workflows/Pay")
+    assert "s3cr3t" not in await got.text()
+    call = (await got.json())["definition"]["steps"][0]["call"]
+    assert (call["path"], call["body"]) == (
+        "/pay-${ACH_KEY}",
+        {"auth": "Key ${ACH_KEY}", "price": "$$5"},  # as written
+    )
+    old = await start(client, "Pay", {}, wait="0s")
+    await until_status(client, old["id"], "waiting")
+    assert calls.seen[-1][1:3] == ("/pay-s3cr3t-one", {"auth": "Key s3cr3t-one", "price": "$5"})
+    await client.close()
+
+    def stored() -> str:
+        with sqlite3.connect(Path(config.storage.path)) as db:
+            specs = str(
+                db.execute("SELECT name, version, spec FROM workflow_definitions").fetchall()
+            )
+        db.close()
+        return specs
+
+    assert "s3cr3t" not in stored()
+    monkeypatch.setenv("ACH_KEY", "s3cr3t-two")  # the secret is rotated
+    client = await up(make_config(workflows=[SECRET]))
+    assert (await (await client.get("/v1/workflows/Pay")).json())["version"] == 1  # as written
+    assert (await signal(client, old["id"], {})).status == 202
+    await until_status(client, old["id"], "completed")
+    assert calls.paths()[-1] == "/again-s3cr3t-two"  # today's value, in the version it runs
+    assert "s3cr3t" not in stored()
 
 
 async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: Config) -> None:

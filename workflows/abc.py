@@ -95,8 +95,10 @@ class DefinitionStore(Protocol):
         """Every stored version, oldest first."""
         ...
 
-    async def add_definition(self, definition: StoredDefinition) -> None:
-        """Store a new version (durable when this returns)."""
+    async def add_definitions(self, definitions: list[StoredDefinition]) -> list[int]:
+        """Store new versions, all or none (durable when this returns); each gets the next
+        version of its name, allocated in the write (its `version` is ignored), and the
+        versions are returned in order."""
 
 
 class WorkflowStore(ProcessStore, EventStore, DefinitionStore, Protocol):

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -57,9 +57,14 @@ from .waits import EventWaits, SignalWaits, Wakeups
 __all__ = ["Engine", "Outcome", "Parse"]
 
 log = logging.getLogger("workflows.engine")
-# A stored definition's JSON back into a Definition (the root's: workflows/ cannot know
-# config.yaml's schema). Raises ValueError when it no longer validates.
-Parse = Callable[[Mapping[str, Any]], Definition]
+
+
+class Parse(Protocol):
+    """A stored definition's JSON back into a Definition (the root's: workflows/ cannot
+    know config.yaml's schema). Raises ValueError when it no longer validates. `source`
+    is the version's ("config": stored as config.yaml wrote it, `${VAR}` unexpanded)."""
+
+    def __call__(self, spec: Mapping[str, Any], /, *, source: str = "api") -> Definition: ...
 
 
 class Engine:
@@ -89,9 +94,14 @@ class Engine:
         self._declare = declare  # told of each definition in force (its SLO ledger)
         self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
         self._latest: dict[str, Definition] = {}  # the newest stored version, by name
+        self._newest: dict[str, int] = {}  # the highest stored version, parsed or not
         self._api: dict[str, Definition] = {}  # the newest API definition, by name
-        self._config = {d.name: d for d in definitions}  # versioned with the store at open
-        self._versions.update(((d.name, d.version), d) for d in self._config.values())
+        # Versioned with the store at open; none is in _versions before: a process of a
+        # stored version that no longer parses must fail, not run today's definition.
+        self._config = {d.name: d for d in definitions}
+        # Definitions change one at a time (define, configure): each compares against and
+        # installs what the one before left, and route uniqueness holds across names.
+        self._defining = asyncio.Lock()
         self._install()
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -265,10 +275,14 @@ class Engine:
         """Keep a signal for a running process (durable when this returns) and wake it when
         a step waits for that name; a step takes each signal once."""
         process = await self._running(process_id)
+        if process.finished:  # its last checkpoint is being written
+            raise ProcessFinished(f"process {process_id} is {process.status}")
         encoded = orjson.dumps(data)
         signal = await self.store.add_signal(process_id, name, encoded, self._clock())
-        if process_id in self.live:  # else it finished meanwhile: nothing will take it
-            self._signals.keep(signal)
+        if process.finished or process_id not in self.live:
+            # It finished meanwhile: nothing will take it (the row goes with the process).
+            raise ProcessFinished(f"process {process_id} is {process.status}")
+        self._signals.keep(signal)
         return process
 
     async def _running(self, process_id: str) -> Process:
@@ -307,38 +321,55 @@ class Engine:
         """Take config.yaml's definitions (at open, and on a reload): one that changed since
         the last stored version of its name becomes a new version. A running process keeps
         the version it started with; new starts and triggers use the new ones. API
-        definitions stay, but config.yaml wins a name both define."""
-        config = {}
-        for definition in definitions:
-            latest = self._latest.get(definition.name)
-            if latest is not None and latest.source == "config" and definition.same_as(latest):
-                definition = latest
-            else:
-                version = latest.version + 1 if latest is not None else 1
-                definition = replace(definition, version=version, source="config")
-                await self._store_version(definition)
-            config[definition.name] = definition
-        self._config = config
-        self._install()
+        definitions stay, but config.yaml wins a name both define. All or nothing: the
+        new versions are stored in one transaction, and nothing changes when it fails."""
+        async with self._defining:
+            config, changed = {}, []
+            for definition in definitions:
+                latest = self._current(definition.name)
+                if (
+                    latest is not None
+                    and latest.source == "config"
+                    and _same_entry(latest, definition)
+                ):
+                    # The same entry as written: the same version, with today's values of
+                    # its ${VAR}s (a rotated secret is no new version).
+                    definition = replace(
+                        definition, version=latest.version, source="config", spec=latest.spec
+                    )
+                else:
+                    definition = replace(definition, source="config")
+                    changed.append(definition)
+                config[definition.name] = definition
+            stored = await self._store_versions(changed)
+            config.update((d.name, d) for d in stored)
+            for definition in config.values():
+                self._keep(definition)
+            self._config = config
+            self._install()
 
     async def define(self, definition: Definition) -> tuple[Definition, bool]:
         """Define or replace a workflow from the API (durable when this returns): the same
         definition again changes nothing, a changed one is the next version. True when
-        the name was not defined before."""
+        the name was not defined before. InvalidDefinition when its route starts another
+        workflow (checked here, under the lock, so two deploys cannot both take it)."""
         name = definition.name
-        if name in self._config:
-            raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
-        current = self._api.get(name)
-        if current is not None and definition.same_as(current):
-            return current, False
-        latest = self._latest.get(name)
-        version = latest.version + 1 if latest is not None else 1
-        definition = replace(definition, version=version, source="api")
-        await self._store_version(definition)
-        self._api[name] = definition
-        created = name not in self.definitions
-        self._install()
-        return definition, created
+        async with self._defining:
+            if name in self._config:
+                raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
+            others = {d.route for d in self.definitions.values() if d.name != name}
+            if definition.route is not None and definition.route in others:
+                problem = f"{definition.route} starts another workflow"
+                raise InvalidDefinition([("route", problem)])
+            current = self._api.get(name)
+            if current is not None and definition.same_as(current):
+                return current, False
+            [definition] = await self._store_versions([replace(definition, source="api")])
+            self._keep(definition)
+            self._api[name] = definition
+            created = name not in self.definitions
+            self._install()
+            return definition, created
 
     def parse(self, spec: Mapping[str, Any]) -> Definition:
         """A definition from its JSON (a config.yaml entry), checked as config.yaml is."""
@@ -350,26 +381,45 @@ class Engine:
         """The version the process started with (None: it can no longer be built)."""
         return self._versions.get((process.workflow, process.workflow_version))
 
-    async def _store_version(self, definition: Definition) -> None:
-        spec = dict(definition.spec or {"name": definition.name})
-        await self.store.add_definition(
+    def _current(self, name: str) -> Definition | None:
+        """The newest stored version of `name`, None when there is none or it no longer
+        parses (then a definition is always a new version)."""
+        latest = self._latest.get(name)
+        return latest if latest is not None and latest.version == self._newest[name] else None
+
+    async def _store_versions(self, definitions: list[Definition]) -> list[Definition]:
+        """Store new versions in one transaction; the store numbers them."""
+        if not definitions:
+            return []
+        now = self._clock()
+        rows = [
             StoredDefinition(
-                name=definition.name,
-                version=definition.version,
-                source=definition.source,
-                spec=spec,
-                defined_at=self._clock(),
+                name=d.name,
+                version=0,  # allocated by the store, in the write
+                source=d.source,
+                spec=dict(d.spec or {"name": d.name}),
+                defined_at=now,
             )
-        )
-        self._latest[definition.name] = definition
+            for d in definitions
+        ]
+        versions = await self.store.add_definitions(rows)
+        return [replace(d, version=v) for d, v in zip(definitions, versions, strict=True)]
+
+    def _keep(self, definition: Definition) -> None:
+        """A stored version: processes of it find it, and it is the newest of its name."""
         self._versions[(definition.name, definition.version)] = definition
+        if definition.version >= self._newest.get(definition.name, 0):
+            self._newest[definition.name] = definition.version
+            self._latest[definition.name] = definition
 
     def _restore(self, stored: StoredDefinition) -> None:
         """A stored version, parsed again, for the processes that run it."""
+        newest = self._newest.get(stored.name, 0)
+        self._newest[stored.name] = max(newest, stored.version)  # counts, parsed or not
         if self._parse is None:
             return
         try:
-            parsed = self._parse(stored.spec)
+            parsed = self._parse(stored.spec, source=stored.source)
         except ValueError as exc:  # the schema moved on: its processes fail, others run
             log.warning("workflow %s v%d no longer loads: %s", stored.name, stored.version, exc)
             return
@@ -420,3 +470,11 @@ class Engine:
         done = self._done.pop(process.id, None)
         if done is not None:
             done.set()
+
+
+def _same_entry(stored: Definition, definition: Definition) -> bool:
+    """Whether a config entry is the stored version again: the same steps and settings, or
+    the same entry as written (its `${VAR}`s may give other values today)."""
+    return definition.same_as(stored) or (
+        stored.spec is not None and stored.spec == definition.spec
+    )

@@ -247,7 +247,12 @@ class SqliteWorkflowStore:
         return await self._db.write(write)
 
     async def checkpoint(self, process: Process) -> None:
-        """The row and the history gathered since the last checkpoint, atomically."""
+        """The row and the history gathered since the last checkpoint, atomically.
+
+        A refused write (Overloaded, StoreUnavailable) puts the history and the taken
+        signal back, so the retry writes them: no row lost, no signal taken twice. They
+        leave the process before the write, not after, so a checkpoint made meanwhile
+        (a cancel's) does not write the same history rows again."""
         history, process.pending = process.pending, []
         taken, process.taken_signal = process.taken_signal, None
         first = process.history_count
@@ -279,7 +284,14 @@ class SqliteWorkflowStore:
                     ],
                 )
 
-        await self._db.write(write)
+        try:
+            await self._db.write(write)
+        except BaseException:
+            process.pending[:0] = history
+            process.history_count -= len(history)  # not `= first`: another may have failed too
+            if taken is not None and process.taken_signal is None:
+                process.taken_signal = taken
+            raise
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
@@ -296,17 +308,29 @@ class SqliteWorkflowStore:
 
         return await self._db.read(read)
 
-    async def add_definition(self, definition: StoredDefinition) -> None:
-        row = (
-            definition.name,
-            definition.version,
-            definition.source,
-            orjson.dumps(definition.spec).decode(),
-            definition.defined_at,
-        )
-        await self._db.write(
-            lambda d: d.conn.execute("INSERT INTO workflow_definitions VALUES (?, ?, ?, ?, ?)", row)
-        )
+    async def add_definitions(self, definitions: list[StoredDefinition]) -> list[int]:
+        """Store new versions in one transaction, each numbered there: one more than the
+        highest stored version of its name (whatever its `version` says), so two writers
+        never pick the same number and a version that no longer parses still counts."""
+
+        def write(d: sqlite_utils.Database) -> list[int]:
+            versions = []
+            for definition in definitions:
+                (version,) = d.conn.execute(
+                    "INSERT INTO workflow_definitions SELECT ?, coalesce(max(version), 0) + 1, "
+                    "?, ?, ? FROM workflow_definitions WHERE name = ? RETURNING version",
+                    (
+                        definition.name,
+                        definition.source,
+                        orjson.dumps(definition.spec).decode(),
+                        definition.defined_at,
+                        definition.name,
+                    ),
+                ).fetchone()
+                versions.append(int(version))
+            return versions
+
+        return await self._db.write(write)
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
         def write(d: sqlite_utils.Database) -> int:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from monitor.http.auth import Authorizer
+from monitor.http.auth import GRANT, Authorizer, Grant
 from monitor.http.body import parse_body, parse_json_object, read_body
 from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
@@ -300,16 +300,12 @@ class WorkflowRoutes:
             raise HttpError(422, "the definition does not validate", details=[problem])
         try:
             parsed = self.engine.parse(data)
+            definition, created = await self.engine.define(parsed)  # checks its route too
         except InvalidDefinition as exc:
             problems = [{"path": path, "message": message} for path, message in exc.problems]
             raise HttpError(
                 422, f"the definition does not validate: {exc}", details=problems
             ) from None
-        routes = {d.route for d in self.engine.definitions.values() if d.name != name}
-        if parsed.route is not None and parsed.route in routes:
-            problem = {"path": "route", "message": f"{parsed.route} starts another workflow"}
-            raise HttpError(422, "the definition does not validate", details=[problem])
-        definition, created = await self.engine.define(parsed)
         return json_response(_definition(definition), status=201 if created else 200)
 
     @table.post(
@@ -390,10 +386,7 @@ class WorkflowRoutes:
     )
     async def cancel(self, request: web.Request) -> web.Response:
         process_id = request.match_info["id"]
-        stored = await self.engine.store.get(process_id)
-        if stored is None:
-            raise HttpError(404, f"no process {process_id!r}")
-        self.auth.require(request, "cancel", stored[0].workflow)
+        await self._scoped(request, "cancel", process_id)
         process = await self.engine.cancel(process_id)
         return json_response({"id": process.id, "status": process.status}, status=202)
 
@@ -411,13 +404,32 @@ class WorkflowRoutes:
         process_id, name = request.match_info["id"], request.match_info["name"]
         if not is_valid_name(name):
             raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
-        stored = await self.engine.store.get(process_id)
-        if stored is None:
-            raise HttpError(404, f"no process {process_id!r}")
-        self.auth.require(request, "signal", stored[0].workflow)
+        await self._scoped(request, "signal", process_id)
         data = await parse_json_object(request, "a signal")
         process = await self.engine.signal(process_id, name, data)
         return json_response({"id": process.id, "status": process.status}, status=202)
+
+    async def _scoped(self, request: web.Request, verb: str, process_id: str) -> None:
+        """403 when the token has no `verb` scope at all (whatever the id); 404 when the
+        process is unknown or its workflow is not in the token's scopes: the two answer
+        alike, as a 403 would tell which ids exist."""
+        if not self._may(request, verb, None):
+            raise HttpError(403, f"token has no scope for {verb}:<workflow>", code="forbidden")
+        stored = await self.engine.store.get(process_id)
+        if stored is None or not self._may(request, verb, stored[0].workflow):
+            raise HttpError(404, f"no process {process_id!r}")
+
+    def _may(self, request: web.Request, verb: str, subject: str | None) -> bool:
+        """Whether the caller's token has a scope for `verb` on `subject`, or on anything
+        when `subject` is None (auth off: yes)."""
+        grant: Grant | None = request.get(GRANT)
+        if not self.auth.enabled:
+            return True
+        if grant is None:
+            return False
+        if subject is not None:
+            return grant.allows(verb, subject)
+        return any(s == "*" or s.partition(":")[0] == verb for s in grant.scopes)
 
     async def _full(self, process_id: str) -> dict[str, Any]:
         described = await self.engine.describe(process_id)
