@@ -84,7 +84,11 @@ class ProcessRunner:
         definition = self._definition(process)  # the version it started with
         try:
             if definition is None:
-                process.error = failure(None, f"workflow {process.workflow!r} is no longer defined")
+                process.error = failure(
+                    None,
+                    f"workflow {process.workflow!r} v{process.workflow_version} "
+                    "is no longer defined or no longer loads",
+                )
                 await self._finish(process, ProcessStatus.FAILED)
                 return
             pause = STORAGE_RETRY_MIN
