@@ -203,6 +203,29 @@ async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -
     assert instances == []  # deregistered
 
 
+async def test_a_rolling_restart_hands_the_next_task_to_the_new_worker_at_once(
+    tmp_path: Path,
+) -> None:
+    """The old worker's long poll, cancelled by stop(), must not take the next task for
+    nobody: that task would come back only after its lease, as a failed attempt."""
+
+    def charge(ctx: StepContext) -> dict[str, Any]:
+        return {"charged": ctx.input["amount"]}
+
+    flow = Workflow("Charge").step("charge", charge, timeout=20)
+    with running_daemon(tmp_path) as daemon:
+        old = worker(daemon.url, flow, worker_id="old", poll_wait="30s")
+        await old.start()
+        await asyncio.sleep(1)  # the old worker is long-polling
+        await old.stop()
+        async with worker(daemon.url, flow, worker_id="new"), Client(daemon.url) as hms:
+            await asyncio.sleep(0.5)
+            report = await hms.run("Charge", {"amount": 5}, timeout=10)
+    assert report.success and report.output == {"charge": {"charged": 5}}
+    history = [(a["attempt"], a["instance"], a["outcome"]) for a in report.process["history"]]
+    assert history == [(1, "new", "ok")]
+
+
 async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
     restartable_daemon: DaemonProcess,
 ) -> None:

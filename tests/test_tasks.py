@@ -332,6 +332,54 @@ async def test_a_long_poll_is_answered_as_soon_as_a_task_is_due(payments: AppCli
     assert task["process"] == process_id
 
 
+async def test_a_poll_whose_worker_went_away_takes_no_task(tmp_path: Path) -> None:
+    """The daemon's server does not end a handler whose client left: the poll stays
+    waiting, and must not take the next task for nobody (it would come back only after its
+    lease, as a timed-out attempt). A real process: the test server does cancel handlers."""
+    with running_daemon(tmp_path, workflows=[task_workflow()]) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+
+            async def poll_as(worker: str, wait: str) -> list[dict[str, Any]]:
+                body = {"queue": "payments", "worker": worker, "wait": wait}
+                async with http.post("/v1/tasks/poll", json=body) as resp:
+                    tasks: list[dict[str, Any]] = (await resp.json())["tasks"]
+                    return tasks
+
+            async def gone_away(worker: str) -> None:  # a long poll, then stop() or a crash
+                async with aiohttp.ClientSession(daemon.url) as own:
+                    polling = asyncio.create_task(
+                        own.post(
+                            "/v1/tasks/poll",
+                            json={"queue": "payments", "worker": worker, "wait": "60s"},
+                        )
+                    )
+                    await asyncio.sleep(0.3)  # it waits in the daemon
+                    polling.cancel()  # its connection closes
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await polling
+                await asyncio.sleep(0.2)
+
+            async def started() -> str:
+                async with http.post("/v1/workflows/Payment", json={"input": {}}) as resp:
+                    process_id: str = (await resp.json())["id"]
+                    return process_id
+
+            await gone_away("gone-1")
+            first = await started()  # the only poll waiting is gone: the task stays due
+            [task] = await poll_as("w-test", "5s")
+            assert (task["process"], task["attempt"]) == (first, 1)
+            await gone_away("gone-2")
+            live = asyncio.create_task(poll_as("alive", "10s"))
+            await asyncio.sleep(0.3)
+            second = await started()  # handed to the live poll behind the dead one, at once
+            async with asyncio.timeout(5):
+                [handed] = await live
+            assert (handed["process"], handed["attempt"]) == (second, 1)
+            for answered in (task, handed):
+                async with http.post(f"/v1/tasks/{answered['id']}/complete", json={}) as resp:
+                    assert resp.status == 200
+
+
 async def test_an_unknown_queue_answers_no_tasks_after_the_wait(payments: AppClient) -> None:
     assert await poll(payments, queue="nobody-serves-this", wait="100ms") == []
 

@@ -4,7 +4,7 @@ answer them by delivery id. The queues themselves are workflows/tasks.py."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -54,6 +54,17 @@ class PollBody(BaseModel):
     @property
     def seconds(self) -> float:
         return min(_seconds(self.wait), MAX_WAIT)
+
+
+def _connected(request: web.Request) -> Callable[[], bool]:
+    """Whether the request's client is still connected: aiohttp does not cancel a handler
+    whose client went away, so a long poll asks before it takes a task for its worker."""
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return alive
 
 
 def _seconds(wait: str | float) -> float:
@@ -134,7 +145,12 @@ class TaskRoutes:
             # The SDK's worker registers as an instance of its queue: its polls renew it.
             with contextlib.suppress(RegistryError):
                 self.catalog.heartbeat(body.queue, body.worker)
-        claimed = await self._queues().poll(body.queue, body.worker, body.seconds, body.max)
+        alive = _connected(request)
+        queues = self._queues()
+        claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max, alive)
+        if claimed and not alive():  # the worker went away: the tasks are due again, now
+            await queues.release(claimed)
+            claimed = []
         return json_response({"tasks": [delivery_json(record) for record in claimed]})
 
     @table.post(
