@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hms_mgmt import (
@@ -26,6 +27,7 @@ from hms_mgmt import (
     StepContext,
     SyncClient,
     Unauthorized,
+    Unavailable,
     Unreachable,
     Workflow,
     call,
@@ -38,6 +40,7 @@ from .processes import ROOT, DaemonProcess, free_port, running_daemon
 from .services import Calls, service_app
 from .test_auth import ADMIN
 from .test_readme_tour import DAEMON, shipped_config
+from .test_sdk_worker import cut
 
 DAEMON_PACKAGES = {"registry", "scheduler", "monitor", "workflows"}
 
@@ -185,6 +188,30 @@ async def test_a_daemon_that_is_not_there_is_unreachable() -> None:
     async with Client(f"http://127.0.0.1:{free_port()}") as hms:
         with pytest.raises(Unreachable):
             await hms.start("Grant")
+
+
+async def test_a_cut_answer_or_a_request_timeout_is_unavailable() -> None:
+    """Faults with no HTTP status are Unavailable too, the error callers retry on (the
+    Worker's poller died of them): a real server, since the daemon cannot be made to."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/processes/cut", cut)
+    app.router.add_get("/v1/processes/slow", slow)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with Client(url, request_timeout=0.2) as hms:
+            for process_id in ("cut", "slow"):
+                with pytest.raises(Unavailable) as raised:
+                    await hms.process(process_id)
+                assert raised.value.status == 0
+    finally:
+        await server.close()
 
 
 async def test_the_token_is_sent_and_a_missing_one_is_unauthorized(tmp_path: Path) -> None:

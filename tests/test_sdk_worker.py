@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from hms_mgmt import (
     Client,
@@ -313,3 +317,94 @@ async def test_python_m_hms_mgmt_worker_serves_a_module_until_sigterm(tmp_path: 
         assert not await registered()  # deregistered on the way out
     assert report.output == {"shout": {"loud": "HELLO"}}
     assert code == 0, (tmp_path / "worker.log").read_text()
+
+
+# -- faults the real daemon cannot be made to show: a stand-in daemon, a real HTTP server ----
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def cut(request: web.Request) -> web.StreamResponse:
+    """An answer cut mid-body: the daemon killed while writing, a proxy's reset."""
+    resp = web.StreamResponse(headers={"Content-Length": "100", "Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b'{"tasks": [')
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+def delivery(deadline: float, **extra: Any) -> dict[str, Any]:
+    """A task as the daemon's poll hands it out, for the step `a` of workflow `W`."""
+    return {
+        "id": "d1",
+        "process": "p1",
+        "workflow": "W",
+        "step": "a",
+        "task": "a",
+        "input": {},
+        "steps": {},
+        "attempt": 1,
+        "idempotency_key": "p1/a",
+        "deadline": deadline,
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def stand_in(
+    poll: Handler, answers: list[tuple[str, Any]], heartbeat: Handler | None = None
+) -> AsyncIterator[str]:
+    """A daemon that serves `poll` (and `heartbeat`), keeps the answers to tasks in
+    `answers` as (verb, body), and says yes to everything else (deploy, registration)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        answers.append((request.match_info["verb"], await request.json()))
+        return web.json_response({"id": request.match_info["id"], "state": "done"})
+
+    async def yes(request: web.Request) -> web.Response:
+        return web.json_response({"version": 1})
+
+    app = web.Application()
+    app.router.add_post("/v1/tasks/poll", poll)
+    if heartbeat is not None:
+        app.router.add_post("/v1/tasks/{id}/heartbeat", heartbeat)
+    app.router.add_post("/v1/tasks/{id}/{verb:complete|fail}", answer)
+    app.router.add_route("*", "/{tail:.*}", yes)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+def idle_after(*first: Handler) -> Handler:
+    """A poll handler: `first` answer the first polls, then no tasks after a short wait."""
+    polls = [0]
+
+    async def poll(request: web.Request) -> web.StreamResponse:
+        polls[0] += 1
+        if polls[0] <= len(first):
+            return await first[polls[0] - 1](request)
+        await asyncio.sleep(0.2)
+        return web.json_response({"tasks": []})
+
+    return poll
+
+
+def handing(*tasks: dict[str, Any]) -> Handler:
+    async def hand(request: web.Request) -> web.Response:
+        return web.json_response({"tasks": list(tasks)})
+
+    return hand
+
+
+async def test_a_cut_poll_answer_does_not_end_the_worker_s_polling() -> None:
+    """A non-HTTP fault (a cut answer, a timeout) used to end the poller silently: the
+    worker stayed registered and never polled again."""
+    answers: list[tuple[str, Any]] = []
+    poll = idle_after(cut, handing(delivery(time.time() + 30)))
+    async with stand_in(poll, answers) as url, worker(url, Workflow("W").step("a", lambda c: 1)):
+        await until(lambda: _true(bool(answers)))
+    assert answers == [("complete", {"output": 1})]

@@ -26,7 +26,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .durations import Duration, duration_text, seconds
-from .errors import HmsError, Unreachable, error_for
+from .errors import HmsError, Unavailable, Unreachable, error_for
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -395,6 +395,12 @@ class Client:
                 return resp.status, body if body is not None else {}
         except aiohttp.ClientConnectionError as exc:
             raise Unreachable(0, "unreachable", f"{self.url}: {exc}") from exc
+        except aiohttp.InvalidURL:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # A cut answer, a request that outlived its timeout: the daemon may answer the
+            # next one, like a 5xx. Callers that retry on Unavailable retry these too.
+            raise Unavailable(0, "unavailable", f"{self.url}: {_reason(exc)}") from exc
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -411,6 +417,10 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _seg(value: str) -> str:

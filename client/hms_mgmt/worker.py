@@ -44,7 +44,7 @@ import aiohttp
 from .client import Client
 from .context import NonRetryable, StepContext
 from .durations import Duration, duration_text, seconds
-from .errors import Conflict, HmsError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, HmsError, NotFound, Unauthorized, Unavailable
 from .registration import Registration
 from .workflow import StepFunction, Workflow
 
@@ -220,12 +220,20 @@ class Worker:
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MAX)
                 continue
-            except HmsError as exc:  # 401/403 (no `work:` scope), 400: no use polling again
+            except (Unauthorized, BadRequest) as exc:  # 401/403 (no `work:` scope), 400/422
                 self._release(taken)
                 log.error("worker %s: polling %s refused: %s", self.id, queue, exc)
                 self._failure = exc
                 self._stopping.set()
                 return
+            except Exception as exc:  # any other answer or fault: the poller must not die
+                self._release(taken)
+                log.exception(
+                    "worker %s: polling %s: %s; again in %.1fs", self.id, queue, exc, pause
+                )
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, RETRY_MAX)
+                continue
             except BaseException:
                 self._release(taken)
                 raise
