@@ -408,3 +408,27 @@ async def test_a_cut_poll_answer_does_not_end_the_worker_s_polling() -> None:
     async with stand_in(poll, answers) as url, worker(url, Workflow("W").step("a", lambda c: 1)):
         await until(lambda: _true(bool(answers)))
     assert answers == [("complete", {"output": 1})]
+
+
+async def test_a_failing_heartbeat_does_not_lose_the_task_s_result() -> None:
+    """A heartbeat cut mid-answer, then one answered with a proxy's page: the function's
+    result is still reported (a heartbeat's error used to escape and skip the report)."""
+    answers: list[tuple[str, Any]] = []
+    beats = [0]
+
+    async def heartbeat(request: web.Request) -> web.StreamResponse:
+        beats[0] += 1
+        if beats[0] == 1:
+            return await cut(request)
+        return web.Response(text="<html>a proxy's page</html>")
+
+    async def slow(ctx: StepContext) -> dict[str, bool]:
+        await asyncio.sleep(1)  # several heartbeats at a third of the 0.3 s lease
+        return {"ok": True}
+
+    poll = idle_after(handing(delivery(time.time() + 0.3, lease=0.3)))
+    flow = Workflow("W").step("a", slow)
+    async with stand_in(poll, answers, heartbeat) as url, worker(url, flow):
+        await until(lambda: _true(bool(answers)))
+    assert beats[0] >= 2
+    assert answers == [("complete", {"output": {"ok": True}})]

@@ -279,7 +279,7 @@ class Worker:
                 outcome = await self._outcome(queue, delivery)
             finally:
                 heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # report regardless
                     await heartbeat
             await self._report(delivery, outcome)
         finally:
@@ -321,7 +321,8 @@ class Worker:
         return result
 
     async def _heartbeat(self, delivery: Mapping[str, Any]) -> None:
-        """Renew the lease at a third of its length while the function runs."""
+        """Renew the lease at a third of its length while the function runs. A heartbeat
+        that fails (any error: it must not cost the task its report) is tried again."""
         url = f"/v1/tasks/{delivery['id']}/heartbeat"
         deadline = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE)
         while True:
@@ -332,7 +333,7 @@ class Worker:
             except (NotFound, Conflict):
                 log.warning("task %s is no longer this worker's; its result goes nowhere", url)
                 return
-            except HmsError as exc:
+            except Exception as exc:
                 log.warning("heartbeat of %s: %s", url, exc)
 
     async def _report(self, delivery: Mapping[str, Any], outcome: tuple[str, Any]) -> None:
