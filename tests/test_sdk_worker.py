@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
@@ -432,3 +433,28 @@ async def test_a_failing_heartbeat_does_not_lose_the_task_s_result() -> None:
         await until(lambda: _true(bool(answers)))
     assert beats[0] >= 2
     assert answers == [("complete", {"output": {"ok": True}})]
+
+
+@pytest.mark.parametrize("skew", [-60.0, 60.0], ids=["worker-clock-ahead", "worker-clock-behind"])
+async def test_heartbeats_keep_their_pace_whatever_the_daemon_s_clock(skew: float) -> None:
+    """The daemon's deadlines are on its own clock, `skew` seconds off this one: the
+    heartbeats go at a third of the lease all the same (ahead, they went every 50 ms;
+    behind, far too late)."""
+    answers: list[tuple[str, Any]] = []
+    beats: list[float] = []
+
+    async def heartbeat(request: web.Request) -> web.Response:
+        beats.append(time.monotonic())
+        return web.json_response({"deadline": time.time() + skew + 1.5, "lease": 1.5})
+
+    async def slow(ctx: StepContext) -> str:
+        await asyncio.sleep(2.2)
+        return "done"
+
+    poll = idle_after(handing(delivery(time.time() + skew + 1.5, lease=1.5)))
+    flow = Workflow("W").step("a", slow)
+    async with stand_in(poll, answers, heartbeat) as url, worker(url, flow):
+        await until(lambda: _true(bool(answers)))
+    assert answers == [("complete", {"output": "done"})]
+    assert 3 <= len(beats) <= 5  # every 0.5 s over 2.2 s: 4, give or take a slow machine
+    assert all(later - earlier > 0.3 for earlier, later in itertools.pairwise(beats))

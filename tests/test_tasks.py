@@ -246,11 +246,13 @@ async def test_heartbeats_keep_a_task_past_its_timeout(payments: AppClient, tmp_
     reserve = await take(payments, "reserveFunds")
     await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     charge = await take(payments, "chargeCard")  # timeout 1s
+    assert charge["lease"] == 1  # its length: a worker whose clock is off paces by it
     for _ in range(8):  # 2s in all, twice the timeout
         await asyncio.sleep(0.25)
         resp = await payments.post(f"/v1/tasks/{charge['id']}/heartbeat")
         assert resp.status == 200
-        assert (await resp.json())["deadline"] >= charge["deadline"]
+        renewed = await resp.json()
+        assert renewed["deadline"] >= charge["deadline"] and renewed["lease"] == 1
     resp = await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {"ok": 1}})
     assert resp.status == 200
     done = await finished(payments, process_id, "completed")

@@ -347,6 +347,12 @@ def outcome(record: TaskRecord) -> CallResult:
 
 
 def delivery_json(record: TaskRecord) -> dict[str, Any]:
-    """A claimed task as a poll hands it out (DESIGN.md §3)."""
+    """A claimed task as a poll hands it out (DESIGN.md §3). `lease` (seconds) beside the
+    `deadline` paces heartbeats without trusting the worker's clock to match the daemon's."""
     payload: dict[str, Any] = orjson.loads(record.payload)
-    return {"id": record.delivery, **payload, "deadline": record.lease_until}
+    return {
+        "id": record.delivery,
+        **payload,
+        "deadline": record.lease_until,
+        "lease": record.lease,
+    }

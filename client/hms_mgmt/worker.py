@@ -321,15 +321,20 @@ class Worker:
         return result
 
     async def _heartbeat(self, delivery: Mapping[str, Any]) -> None:
-        """Renew the lease at a third of its length while the function runs. A heartbeat
-        that fails (any error: it must not cost the task its report) is tried again."""
+        """Renew the lease at a third of its length while the function runs.
+
+        Paced by the lease's length on this worker's monotonic clock, not by the daemon's
+        deadline: the two clocks need not agree. A heartbeat that fails (any error: it
+        must not cost the task its report) is tried again at the same pace."""
         url = f"/v1/tasks/{delivery['id']}/heartbeat"
-        deadline = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE)
+        lease = _lease(delivery, DEFAULT_LEASE)
+        sent = time.monotonic()
         while True:
-            await asyncio.sleep(max((deadline - time.time()) / 3, MIN_HEARTBEAT))
+            await asyncio.sleep(max(sent + lease / 3 - time.monotonic(), MIN_HEARTBEAT))
+            sent = time.monotonic()
             try:
-                answer = await self._http()._call("POST", url, json={})
-                deadline = float(answer.get("deadline", deadline))
+                answer = await self._http()._call("POST", url, json={}, timeout=max(lease / 3, 1.0))
+                lease = _lease(answer, lease)
             except (NotFound, Conflict):
                 log.warning("task %s is no longer this worker's; its result goes nowhere", url)
                 return
@@ -395,6 +400,18 @@ def _functions(
     if not served and not workflows:
         raise ValueError("a Worker needs workflows= or tasks= to serve")
     return served
+
+
+def _lease(answer: Mapping[str, Any], otherwise: float) -> float:
+    """The lease's length in seconds, from a delivery or a heartbeat's answer. A daemon
+    before `lease` gave the deadline only: its distance on this clock, as a last resort."""
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+        if answer.get("lease") is not None:
+            return max(float(answer["lease"]), MIN_HEARTBEAT)
+        left = float(answer["deadline"]) - time.time()
+        if left > 0:
+            return left
+    return otherwise
 
 
 def _message(exc: BaseException) -> str:

@@ -84,6 +84,7 @@ class TaskDelivery(BaseModel):
     attempt: int
     idempotency_key: str = Field(description="`<process>/<step>` (`.compensate` appended)")
     deadline: float = Field(description="the lease's end, epoch seconds; heartbeats renew it")
+    lease: float = Field(description="the lease's length, seconds: heartbeat within it")
 
 
 class TaskBatch(BaseModel):
@@ -112,6 +113,7 @@ class TaskAnswered(BaseModel):
 
 class TaskLease(BaseModel):
     deadline: float = Field(description="the lease's new end, epoch seconds")
+    lease: float = Field(description="the lease's length, seconds: heartbeat within it")
 
 
 class DeliveryId(BaseModel):
@@ -201,7 +203,7 @@ class TaskRoutes:
         if await read_body(request):
             await parse_body(request, HeartbeatBody)
         record = await self._answer(self._queues().heartbeat(delivery))
-        return json_response({"deadline": record.lease_until})
+        return json_response({"deadline": record.lease_until, "lease": record.lease})
 
     def _queues(self) -> TaskQueues:
         if self.tasks is None:
