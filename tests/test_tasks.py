@@ -474,6 +474,30 @@ async def test_work_scope_is_required(
     assert resp.status == 200
 
 
+async def test_a_glob_work_scope_serves_the_queues_it_matches(
+    make_config: Callable[..., Config], start_daemon: Start
+) -> None:
+    tokens = [
+        {"token": "admin-token-0001", "scopes": ["*"]},
+        {"token": "glob-worker-0001", "scopes": ["work:pay*"]},
+    ]
+    client = await start_daemon(
+        make_config(server={"auth": {"tokens": tokens}}, workflows=[task_workflow()])
+    )
+    worker = {"Authorization": "Bearer glob-worker-0001"}
+    admin = {"Authorization": "Bearer admin-token-0001"}
+    assert (await client.post("/v1/workflows/Payment", json={}, headers=admin)).status == 202
+    body = {"queue": "other", "wait": "0s"}
+    assert (await client.post("/v1/tasks/poll", json=body, headers=worker)).status == 403
+    body = {"queue": "payments", "wait": "5s"}
+    resp = await client.post("/v1/tasks/poll", json=body, headers=worker)
+    assert resp.status == 200
+    [task] = (await resp.json())["tasks"]
+    for verb, answer in (("heartbeat", {}), ("complete", {"output": 1})):
+        resp = await client.post(f"/v1/tasks/{task['id']}/{verb}", json=answer, headers=worker)
+        assert resp.status == 200, verb
+
+
 async def test_a_lease_that_passed_while_the_daemon_was_down_ends_on_restart(
     tmp_path: Path,
 ) -> None:
