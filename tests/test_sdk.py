@@ -159,6 +159,18 @@ async def test_process_workflow_answers_status_and_output(daemon: DaemonProcess)
     assert answer["pay"]["payment_id"].startswith("pay-")
 
 
+async def test_process_workflow_s_status_is_the_process_s_own(tmp_path: Path) -> None:
+    review = Workflow("Review", output={"status": "approved", "by": "{process.id}"}).step(
+        "announce", publish("review.done")
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(review)
+            answer = await hms.process_workflow("Review")
+    assert answer["status"] == "completed"  # not the output's "approved"
+    assert answer["by"]
+
+
 async def test_process_workflow_answers_a_failure_with_its_error(
     daemon: DaemonProcess, ach: tuple[str, Calls]
 ) -> None:

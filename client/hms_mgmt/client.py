@@ -232,6 +232,7 @@ class Client:
         else:
             output = {"output": report.output}
         answer: dict[str, Any] = {"status": report.status, **output}
+        answer["status"] = report.status  # an output key `status` must not pass for it
         if report.error is not None:
             answer["error"] = report.error
         return answer
