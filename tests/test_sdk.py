@@ -34,6 +34,7 @@ from hms_mgmt import (
     publish,
     wait_for,
 )
+from hms_mgmt import client as client_module
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, free_port, running_daemon
@@ -157,6 +158,26 @@ async def test_process_workflow_answers_status_and_output(daemon: DaemonProcess)
         answer = await hms.process_workflow("Grant", {"amount": 7})
     assert answer["status"] == "completed"
     assert answer["pay"]["payment_id"].startswith("pay-")
+
+
+async def test_run_longer_than_one_daemon_wait_still_answers_at_respond_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run() longer than the daemon's longest `?wait=` (5 min; 0.5 s here) waits again
+    with the same key: it answers at the `respond_after` step, not only at the end."""
+    monkeypatch.setattr(client_module, "MAX_WAIT", 0.5)
+    review = (
+        Workflow("Slow", respond_after="first")
+        .step("first", publish("slow.first"), delay="1500ms")
+        .step("later", publish("slow.later"), delay="1h")
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(review)
+            report = await hms.run("Slow", timeout=10)
+            processes = await hms._call("GET", "/v1/processes", params={"workflow": "Slow"})
+    assert report.success and report.status not in ("completed", "failed")
+    assert len(processes["processes"]) == 1  # waited again for the one process
 
 
 async def test_process_workflow_s_status_is_the_process_s_own(tmp_path: Path) -> None:

@@ -209,12 +209,14 @@ class Client:
         deadline = time.monotonic() + limit
         key = idempotency_key or str(uuid.uuid4())
         status, body = await self._start(workflow, input, key, wait=min(limit, MAX_WAIT))
-        if status == 200:  # ended, or past its `respond_after` step
-            return Report.of(body)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"process {body['id']} still {body['status']} after {limit:g}s")
-        return await ProcessHandle(self, str(body["id"]), workflow).result(left)
+        while status != 200:  # 200: ended, or past its `respond_after` step
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"process {body['id']} still {body['status']} after {limit:g}s")
+            # The same key gives the same process, and the daemon waits for it again: for
+            # its end or its `respond_after` step (a poll of the process would see its end only).
+            status, body = await self._start(workflow, input, key, wait=min(left, MAX_WAIT))
+        return Report.of(body)
 
     async def process_workflow(
         self, workflow: str, input: Mapping[str, Any] | None = None, timeout: Duration = 30
