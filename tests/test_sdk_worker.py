@@ -182,6 +182,25 @@ async def test_concurrency_bounds_the_tasks_in_flight(tmp_path: Path) -> None:
     assert most[0] == 2
 
 
+async def test_fewer_slots_than_queues_still_serve_every_queue_soon(tmp_path: Path) -> None:
+    """concurrency 1 and two queues: the queue whose poll waits for the slot is not kept
+    waiting a whole poll_wait (30 s) by the other's long poll."""
+
+    def done(ctx: StepContext) -> str:
+        return ctx.workflow
+
+    flows = [Workflow(name).step("done", done) for name in ("QueueA", "QueueB")]
+    with running_daemon(tmp_path) as daemon:
+        serving = worker(daemon.url, *flows, concurrency=1, poll_wait="30s")
+        async with serving, Client(daemon.url) as hms:
+            await asyncio.sleep(0.5)  # one queue's poll holds the slot, the other waits
+            # After a task the other queue's poll has the slot: one of the first two runs
+            # waits for it, whichever queue had it at first.
+            runs = ("QueueA", "QueueA", "QueueB")
+            reports = [await hms.run(name, timeout=6) for name in runs]
+    assert [r.output for r in reports] == [{"done": name} for name in runs]
+
+
 async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -> None:
     started = asyncio.Event()
 

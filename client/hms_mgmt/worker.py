@@ -8,7 +8,8 @@
 On start it deploys its workflows (`PUT /v1/workflows/{name}`: the same definition
 again changes nothing) and registers itself as instance `<worker id>` of service
 `<queue>` (`probe: {type: none}`, a TTL lease), for every queue it serves. Each queue
-is long-polled with as many tasks asked for as there are free slots of `concurrency`.
+is long-polled with as many tasks asked for as there are free slots of `concurrency`
+(with fewer slots than queues, the polls wait a second at most: the queues take turns).
 Async functions run on the loop, sync ones in the worker's own threads; a function
 that outlasts a third of its lease heartbeats it. A return completes the task, an
 exception fails it (`NonRetryable`: for good; any other: retryable, with its message).
@@ -55,6 +56,7 @@ REPORT_FOR = 300.0  # seconds a result is retried while the daemon is unreachabl
 MIN_HEARTBEAT = 0.05
 MAX_POLL = 100  # the daemon hands out at most this many tasks per poll
 DEFAULT_LEASE = 30.0  # seconds, for a delivery that names no deadline
+SCARCE_POLL = 1.0  # seconds a poll waits at most while there are fewer slots than queues
 
 
 class Worker:
@@ -262,13 +264,20 @@ class Worker:
         body = {
             "queue": queue,
             "worker": self.id,
-            "wait": self.poll_wait,
+            "wait": self._poll_wait(),
             "max": min(limit, MAX_POLL),
         }
         answer = await self._http()._call(
             "POST", "/v1/tasks/poll", json=body, timeout=seconds(self.poll_wait) + 30
         )
         return list(answer.get("tasks", ()))
+
+    def _poll_wait(self) -> str:
+        """The long poll's wait. With fewer slots than queues, a poll holding a slot keeps
+        the other queues from polling all that time: they take turns every second instead."""
+        if self.concurrency >= len(self.functions):
+            return self.poll_wait
+        return duration_text(min(seconds(self.poll_wait), SCARCE_POLL))
 
     # Running one task
 
