@@ -32,7 +32,7 @@ from hms_mgmt import (
 )
 
 from .conftest import until
-from .processes import DaemonProcess, running_daemon
+from .processes import DaemonProcess, free_port, running_daemon
 
 
 def worker(url: str, *workflows: Workflow, **kwargs: Any) -> Worker:
@@ -276,6 +276,22 @@ async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
     assert report.success and report.output == {"pay": "paid", "note": "noted"}
     assert again.success
     assert runs.count(f"{handle.id}/pay") == 1
+
+
+async def test_a_worker_waiting_for_its_daemon_stops_when_told() -> None:
+    """stop() (SIGTERM under run()) while the daemon is away: start() used to retry its
+    deploy for ever, a request after the stop opening a session nothing closed."""
+
+    def noop(ctx: StepContext) -> None:
+        return None
+
+    serving = worker(f"http://127.0.0.1:{free_port()}", Workflow("Away").step("noop", noop))
+    starting = asyncio.create_task(serving.start())
+    await asyncio.sleep(1)  # deploying: unreachable, retrying
+    await serving.stop()
+    await asyncio.wait_for(starting, 3)
+    running = asyncio.create_task(serving.run())  # stopped already: run() ends at once
+    await asyncio.wait_for(running, 3)
 
 
 async def test_a_worker_without_the_work_scope_is_refused(tmp_path: Path) -> None:

@@ -127,6 +127,8 @@ class Worker:
         except BaseException:
             await self._close()
             raise
+        if self._stopping.is_set():  # stopped (stop(), SIGTERM) while the daemon was away
+            return
         for queue in self.functions:
             registration = Registration(
                 self.url,
@@ -186,14 +188,17 @@ class Worker:
     # Deploying
 
     async def _deploy_until_done(self) -> None:
+        """Deploy, retrying while the daemon is away; a stop ends the wait (a request
+        after it would open a session that nothing closes)."""
         pause = RETRY_FIRST
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._deploy()
                 return
             except Unavailable as exc:
                 log.warning("worker %s: deploying: %s; retrying in %.1fs", self.id, exc, pause)
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MAX)
 
     async def _deploy(self) -> None:
@@ -201,6 +206,8 @@ class Worker:
             if self._deployed:
                 return
             for workflow in self.workflows:
+                if self._stopping.is_set():
+                    return
                 answer = await self._http().deploy(workflow.definition())
                 log.info("deployed %s version %s", workflow.name, answer.get("version"))
             self._deployed = True
