@@ -162,7 +162,11 @@ class Worker:
                 loop.remove_signal_handler(signum)
 
     async def stop(self) -> None:
-        """Stop polling, let tasks in flight finish and report (`stop_timeout`), deregister."""
+        """Stop polling, let tasks in flight finish and report (`stop_timeout`), deregister.
+
+        A sync function still running after `stop_timeout` goes on in its thread (Python
+        cannot stop a thread): its result is dropped, and once its lease lapses the
+        daemon hands the task to another worker."""
         self._stopping.set()
         for poller in self._pollers:
             poller.cancel()
