@@ -382,6 +382,32 @@ async def test_a_poll_whose_worker_went_away_takes_no_task(tmp_path: Path) -> No
                     assert resp.status == 200
 
 
+async def test_a_claim_whose_answer_went_nowhere_is_released_not_timed_out(
+    payments: AppClient,
+) -> None:
+    """The poll route releases what it claimed when its worker is gone by the time it
+    answers: the task is due again at once, the same attempt (no timed-out one)."""
+    queues = payments.app[PARTS].engine.tasks
+    assert queues is not None
+    process_id = await start(payments)
+    lost = await queues.poll("payments", "gone", 5.0, 1)
+    assert [r.process for r in lost] == [process_id]
+    await queues.release(lost)
+    again = await take(payments, "reserveFunds")
+    assert again["attempt"] == 1 and again["id"] != lost[0].delivery
+    resp = await payments.post(f"/v1/tasks/{lost[0].delivery}/complete", json={"output": {}})
+    assert resp.status == 404  # the released delivery is no more
+    resp = await payments.post(f"/v1/tasks/{again['id']}/complete", json={"output": {}})
+    assert resp.status == 200
+    charge = await take(payments, "chargeCard")
+    await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {}})
+    done = await finished(payments, process_id, "completed")
+    assert [(a["step"], a["attempt"], a["outcome"]) for a in done["history"]] == [
+        ("reserve", 1, "ok"),
+        ("charge", 1, "ok"),
+    ]
+
+
 async def test_an_unknown_queue_answers_no_tasks_after_the_wait(payments: AppClient) -> None:
     assert await poll(payments, queue="nobody-serves-this", wait="100ms") == []
 

@@ -192,9 +192,12 @@ class TaskQueues:
         for record in claimed:
             if record.delivery is None:
                 continue
-            self._disarm(record.seq)
-            released = await self.store.release(record.delivery)
+            try:
+                released = await self.store.release(record.delivery)
+            except StoreUnavailable:  # its lease stays armed: it comes back when that ends
+                continue
             if released is not None:
+                self._disarm(record.seq)
                 self._track(released)
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
