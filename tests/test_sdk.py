@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from hms_mgmt import (
@@ -26,18 +27,21 @@ from hms_mgmt import (
     StepContext,
     SyncClient,
     Unauthorized,
+    Unavailable,
     Unreachable,
     Workflow,
     call,
     publish,
     wait_for,
 )
+from hms_mgmt import client as client_module
 
 from .conftest import until
 from .processes import ROOT, DaemonProcess, free_port, running_daemon
 from .services import Calls, service_app
 from .test_auth import ADMIN
 from .test_readme_tour import DAEMON, shipped_config
+from .test_sdk_worker import cut
 
 DAEMON_PACKAGES = {"registry", "scheduler", "monitor", "workflows"}
 
@@ -156,6 +160,38 @@ async def test_process_workflow_answers_status_and_output(daemon: DaemonProcess)
     assert answer["pay"]["payment_id"].startswith("pay-")
 
 
+async def test_run_longer_than_one_daemon_wait_still_answers_at_respond_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run() longer than the daemon's longest `?wait=` (5 min; 0.5 s here) waits again
+    with the same key: it answers at the `respond_after` step, not only at the end."""
+    monkeypatch.setattr(client_module, "MAX_WAIT", 0.5)
+    review = (
+        Workflow("Slow", respond_after="first")
+        .step("first", publish("slow.first"), delay="1500ms")
+        .step("later", publish("slow.later"), delay="1h")
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(review)
+            report = await hms.run("Slow", timeout=10)
+            processes = await hms._call("GET", "/v1/processes", params={"workflow": "Slow"})
+    assert report.success and report.status not in ("completed", "failed")
+    assert len(processes["processes"]) == 1  # waited again for the one process
+
+
+async def test_process_workflow_s_status_is_the_process_s_own(tmp_path: Path) -> None:
+    review = Workflow("Review", output={"status": "approved", "by": "{process.id}"}).step(
+        "announce", publish("review.done")
+    )
+    with running_daemon(tmp_path) as daemon:
+        async with Client(daemon.url) as hms:
+            await hms.deploy(review)
+            answer = await hms.process_workflow("Review")
+    assert answer["status"] == "completed"  # not the output's "approved"
+    assert answer["by"]
+
+
 async def test_process_workflow_answers_a_failure_with_its_error(
     daemon: DaemonProcess, ach: tuple[str, Calls]
 ) -> None:
@@ -185,6 +221,30 @@ async def test_a_daemon_that_is_not_there_is_unreachable() -> None:
     async with Client(f"http://127.0.0.1:{free_port()}") as hms:
         with pytest.raises(Unreachable):
             await hms.start("Grant")
+
+
+async def test_a_cut_answer_or_a_request_timeout_is_unavailable() -> None:
+    """Faults with no HTTP status are Unavailable too, the error callers retry on (the
+    Worker's poller died of them): a real server, since the daemon cannot be made to."""
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(2)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/processes/cut", cut)
+    app.router.add_get("/v1/processes/slow", slow)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = str(server.make_url("")).rstrip("/")
+        async with Client(url, request_timeout=0.2) as hms:
+            for process_id in ("cut", "slow"):
+                with pytest.raises(Unavailable) as raised:
+                    await hms.process(process_id)
+                assert raised.value.status == 0
+    finally:
+        await server.close()
 
 
 async def test_the_token_is_sent_and_a_missing_one_is_unauthorized(tmp_path: Path) -> None:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from hms_mgmt import (
     Client,
@@ -27,7 +32,7 @@ from hms_mgmt import (
 )
 
 from .conftest import until
-from .processes import DaemonProcess, running_daemon
+from .processes import DaemonProcess, free_port, running_daemon
 
 
 def worker(url: str, *workflows: Workflow, **kwargs: Any) -> Worker:
@@ -177,6 +182,25 @@ async def test_concurrency_bounds_the_tasks_in_flight(tmp_path: Path) -> None:
     assert most[0] == 2
 
 
+async def test_fewer_slots_than_queues_still_serve_every_queue_soon(tmp_path: Path) -> None:
+    """concurrency 1 and two queues: the queue whose poll waits for the slot is not kept
+    waiting a whole poll_wait (30 s) by the other's long poll."""
+
+    def done(ctx: StepContext) -> str:
+        return ctx.workflow
+
+    flows = [Workflow(name).step("done", done) for name in ("QueueA", "QueueB")]
+    with running_daemon(tmp_path) as daemon:
+        serving = worker(daemon.url, *flows, concurrency=1, poll_wait="30s")
+        async with serving, Client(daemon.url) as hms:
+            await asyncio.sleep(0.5)  # one queue's poll holds the slot, the other waits
+            # After a task the other queue's poll has the slot: one of the first two runs
+            # waits for it, whichever queue had it at first.
+            runs = ("QueueA", "QueueA", "QueueB")
+            reports = [await hms.run(name, timeout=6) for name in runs]
+    assert [r.output for r in reports] == [{"done": name} for name in runs]
+
+
 async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -> None:
     started = asyncio.Event()
 
@@ -201,6 +225,29 @@ async def test_stop_lets_the_tasks_in_flight_finish_and_report(tmp_path: Path) -
                 instances = (await r.json())["instances"]
     assert report.success and report.output == {"slow": "finished"}
     assert instances == []  # deregistered
+
+
+async def test_a_rolling_restart_hands_the_next_task_to_the_new_worker_at_once(
+    tmp_path: Path,
+) -> None:
+    """The old worker's long poll, cancelled by stop(), must not take the next task for
+    nobody: that task would come back only after its lease, as a failed attempt."""
+
+    def charge(ctx: StepContext) -> dict[str, Any]:
+        return {"charged": ctx.input["amount"]}
+
+    flow = Workflow("Charge").step("charge", charge, timeout=20)
+    with running_daemon(tmp_path) as daemon:
+        old = worker(daemon.url, flow, worker_id="old", poll_wait="30s")
+        await old.start()
+        await asyncio.sleep(1)  # the old worker is long-polling
+        await old.stop()
+        async with worker(daemon.url, flow, worker_id="new"), Client(daemon.url) as hms:
+            await asyncio.sleep(0.5)
+            report = await hms.run("Charge", {"amount": 5}, timeout=10)
+    assert report.success and report.output == {"charge": {"charged": 5}}
+    history = [(a["attempt"], a["instance"], a["outcome"]) for a in report.process["history"]]
+    assert history == [(1, "new", "ok")]
 
 
 async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
@@ -229,6 +276,22 @@ async def test_the_worker_carries_on_when_the_daemon_restarts_mid_task(
     assert report.success and report.output == {"pay": "paid", "note": "noted"}
     assert again.success
     assert runs.count(f"{handle.id}/pay") == 1
+
+
+async def test_a_worker_waiting_for_its_daemon_stops_when_told() -> None:
+    """stop() (SIGTERM under run()) while the daemon is away: start() used to retry its
+    deploy for ever, a request after the stop opening a session nothing closed."""
+
+    def noop(ctx: StepContext) -> None:
+        return None
+
+    serving = worker(f"http://127.0.0.1:{free_port()}", Workflow("Away").step("noop", noop))
+    starting = asyncio.create_task(serving.start())
+    await asyncio.sleep(1)  # deploying: unreachable, retrying
+    await serving.stop()
+    await asyncio.wait_for(starting, 3)
+    running = asyncio.create_task(serving.run())  # stopped already: run() ends at once
+    await asyncio.wait_for(running, 3)
 
 
 async def test_a_worker_without_the_work_scope_is_refused(tmp_path: Path) -> None:
@@ -290,3 +353,143 @@ async def test_python_m_hms_mgmt_worker_serves_a_module_until_sigterm(tmp_path: 
         assert not await registered()  # deregistered on the way out
     assert report.output == {"shout": {"loud": "HELLO"}}
     assert code == 0, (tmp_path / "worker.log").read_text()
+
+
+# -- faults the real daemon cannot be made to show: a stand-in daemon, a real HTTP server ----
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def cut(request: web.Request) -> web.StreamResponse:
+    """An answer cut mid-body: the daemon killed while writing, a proxy's reset."""
+    resp = web.StreamResponse(headers={"Content-Length": "100", "Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(b'{"tasks": [')
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+def delivery(deadline: float, **extra: Any) -> dict[str, Any]:
+    """A task as the daemon's poll hands it out, for the step `a` of workflow `W`."""
+    return {
+        "id": "d1",
+        "process": "p1",
+        "workflow": "W",
+        "step": "a",
+        "task": "a",
+        "input": {},
+        "steps": {},
+        "attempt": 1,
+        "idempotency_key": "p1/a",
+        "deadline": deadline,
+        **extra,
+    }
+
+
+@contextlib.asynccontextmanager
+async def stand_in(
+    poll: Handler, answers: list[tuple[str, Any]], heartbeat: Handler | None = None
+) -> AsyncIterator[str]:
+    """A daemon that serves `poll` (and `heartbeat`), keeps the answers to tasks in
+    `answers` as (verb, body), and says yes to everything else (deploy, registration)."""
+
+    async def answer(request: web.Request) -> web.Response:
+        answers.append((request.match_info["verb"], await request.json()))
+        return web.json_response({"id": request.match_info["id"], "state": "done"})
+
+    async def yes(request: web.Request) -> web.Response:
+        return web.json_response({"version": 1})
+
+    app = web.Application()
+    app.router.add_post("/v1/tasks/poll", poll)
+    if heartbeat is not None:
+        app.router.add_post("/v1/tasks/{id}/heartbeat", heartbeat)
+    app.router.add_post("/v1/tasks/{id}/{verb:complete|fail}", answer)
+    app.router.add_route("*", "/{tail:.*}", yes)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+def idle_after(*first: Handler) -> Handler:
+    """A poll handler: `first` answer the first polls, then no tasks after a short wait."""
+    polls = [0]
+
+    async def poll(request: web.Request) -> web.StreamResponse:
+        polls[0] += 1
+        if polls[0] <= len(first):
+            return await first[polls[0] - 1](request)
+        await asyncio.sleep(0.2)
+        return web.json_response({"tasks": []})
+
+    return poll
+
+
+def handing(*tasks: dict[str, Any]) -> Handler:
+    async def hand(request: web.Request) -> web.Response:
+        return web.json_response({"tasks": list(tasks)})
+
+    return hand
+
+
+async def test_a_cut_poll_answer_does_not_end_the_worker_s_polling() -> None:
+    """A non-HTTP fault (a cut answer, a timeout) used to end the poller silently: the
+    worker stayed registered and never polled again."""
+    answers: list[tuple[str, Any]] = []
+    poll = idle_after(cut, handing(delivery(time.time() + 30)))
+    async with stand_in(poll, answers) as url, worker(url, Workflow("W").step("a", lambda c: 1)):
+        await until(lambda: _true(bool(answers)))
+    assert answers == [("complete", {"output": 1})]
+
+
+async def test_a_failing_heartbeat_does_not_lose_the_task_s_result() -> None:
+    """A heartbeat cut mid-answer, then one answered with a proxy's page: the function's
+    result is still reported (a heartbeat's error used to escape and skip the report)."""
+    answers: list[tuple[str, Any]] = []
+    beats = [0]
+
+    async def heartbeat(request: web.Request) -> web.StreamResponse:
+        beats[0] += 1
+        if beats[0] == 1:
+            return await cut(request)
+        return web.Response(text="<html>a proxy's page</html>")
+
+    async def slow(ctx: StepContext) -> dict[str, bool]:
+        await asyncio.sleep(1)  # several heartbeats at a third of the 0.3 s lease
+        return {"ok": True}
+
+    poll = idle_after(handing(delivery(time.time() + 0.3, lease=0.3)))
+    flow = Workflow("W").step("a", slow)
+    async with stand_in(poll, answers, heartbeat) as url, worker(url, flow):
+        await until(lambda: _true(bool(answers)))
+    assert beats[0] >= 2
+    assert answers == [("complete", {"output": {"ok": True}})]
+
+
+@pytest.mark.parametrize("skew", [-60.0, 60.0], ids=["worker-clock-ahead", "worker-clock-behind"])
+async def test_heartbeats_keep_their_pace_whatever_the_daemon_s_clock(skew: float) -> None:
+    """The daemon's deadlines are on its own clock, `skew` seconds off this one: the
+    heartbeats go at a third of the lease all the same (ahead, they went every 50 ms;
+    behind, far too late)."""
+    answers: list[tuple[str, Any]] = []
+    beats: list[float] = []
+
+    async def heartbeat(request: web.Request) -> web.Response:
+        beats.append(time.monotonic())
+        return web.json_response({"deadline": time.time() + skew + 1.5, "lease": 1.5})
+
+    async def slow(ctx: StepContext) -> str:
+        await asyncio.sleep(2.2)
+        return "done"
+
+    poll = idle_after(handing(delivery(time.time() + skew + 1.5, lease=1.5)))
+    flow = Workflow("W").step("a", slow)
+    async with stand_in(poll, answers, heartbeat) as url, worker(url, flow):
+        await until(lambda: _true(bool(answers)))
+    assert answers == [("complete", {"output": "done"})]
+    assert 3 <= len(beats) <= 5  # every 0.5 s over 2.2 s: 4, give or take a slow machine
+    assert all(later - earlier > 0.3 for earlier, later in itertools.pairwise(beats))

@@ -246,11 +246,13 @@ async def test_heartbeats_keep_a_task_past_its_timeout(payments: AppClient, tmp_
     reserve = await take(payments, "reserveFunds")
     await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     charge = await take(payments, "chargeCard")  # timeout 1s
+    assert charge["lease"] == 1  # its length: a worker whose clock is off paces by it
     for _ in range(8):  # 2s in all, twice the timeout
         await asyncio.sleep(0.25)
         resp = await payments.post(f"/v1/tasks/{charge['id']}/heartbeat")
         assert resp.status == 200
-        assert (await resp.json())["deadline"] >= charge["deadline"]
+        renewed = await resp.json()
+        assert renewed["deadline"] >= charge["deadline"] and renewed["lease"] == 1
     resp = await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {"ok": 1}})
     assert resp.status == 200
     done = await finished(payments, process_id, "completed")
@@ -330,6 +332,80 @@ async def test_a_long_poll_is_answered_as_soon_as_a_task_is_due(payments: AppCli
     async with asyncio.timeout(10):  # far below the 60s wait: the creation woke it
         [task] = await polling
     assert task["process"] == process_id
+
+
+async def test_a_poll_whose_worker_went_away_takes_no_task(tmp_path: Path) -> None:
+    """The daemon's server does not end a handler whose client left: the poll stays
+    waiting, and must not take the next task for nobody (it would come back only after its
+    lease, as a timed-out attempt). A real process: the test server does cancel handlers."""
+    with running_daemon(tmp_path, workflows=[task_workflow()]) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+
+            async def poll_as(worker: str, wait: str) -> list[dict[str, Any]]:
+                body = {"queue": "payments", "worker": worker, "wait": wait}
+                async with http.post("/v1/tasks/poll", json=body) as resp:
+                    tasks: list[dict[str, Any]] = (await resp.json())["tasks"]
+                    return tasks
+
+            async def gone_away(worker: str) -> None:  # a long poll, then stop() or a crash
+                async with aiohttp.ClientSession(daemon.url) as own:
+                    polling = asyncio.create_task(
+                        own.post(
+                            "/v1/tasks/poll",
+                            json={"queue": "payments", "worker": worker, "wait": "60s"},
+                        )
+                    )
+                    await asyncio.sleep(0.3)  # it waits in the daemon
+                    polling.cancel()  # its connection closes
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await polling
+                await asyncio.sleep(0.2)
+
+            async def started() -> str:
+                async with http.post("/v1/workflows/Payment", json={"input": {}}) as resp:
+                    process_id: str = (await resp.json())["id"]
+                    return process_id
+
+            await gone_away("gone-1")
+            first = await started()  # the only poll waiting is gone: the task stays due
+            [task] = await poll_as("w-test", "5s")
+            assert (task["process"], task["attempt"]) == (first, 1)
+            await gone_away("gone-2")
+            live = asyncio.create_task(poll_as("alive", "10s"))
+            await asyncio.sleep(0.3)
+            second = await started()  # handed to the live poll behind the dead one, at once
+            async with asyncio.timeout(5):
+                [handed] = await live
+            assert (handed["process"], handed["attempt"]) == (second, 1)
+            for answered in (task, handed):
+                async with http.post(f"/v1/tasks/{answered['id']}/complete", json={}) as resp:
+                    assert resp.status == 200
+
+
+async def test_a_claim_whose_answer_went_nowhere_is_released_not_timed_out(
+    payments: AppClient,
+) -> None:
+    """The poll route releases what it claimed when its worker is gone by the time it
+    answers: the task is due again at once, the same attempt (no timed-out one)."""
+    queues = payments.app[PARTS].engine.tasks
+    assert queues is not None
+    process_id = await start(payments)
+    lost = await queues.poll("payments", "gone", 5.0, 1)
+    assert [r.process for r in lost] == [process_id]
+    await queues.release(lost)
+    again = await take(payments, "reserveFunds")
+    assert again["attempt"] == 1 and again["id"] != lost[0].delivery
+    resp = await payments.post(f"/v1/tasks/{lost[0].delivery}/complete", json={"output": {}})
+    assert resp.status == 404  # the released delivery is no more
+    resp = await payments.post(f"/v1/tasks/{again['id']}/complete", json={"output": {}})
+    assert resp.status == 200
+    charge = await take(payments, "chargeCard")
+    await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {}})
+    done = await finished(payments, process_id, "completed")
+    assert [(a["step"], a["attempt"], a["outcome"]) for a in done["history"]] == [
+        ("reserve", 1, "ok"),
+        ("charge", 1, "ok"),
+    ]
 
 
 async def test_an_unknown_queue_answers_no_tasks_after_the_wait(payments: AppClient) -> None:
@@ -422,6 +498,30 @@ async def test_work_scope_is_required(
     assert resp.status == 403
     resp = await client.post(answer, json={"output": 1}, headers=bearer("worker-token-001"))
     assert resp.status == 200
+
+
+async def test_a_glob_work_scope_serves_the_queues_it_matches(
+    make_config: Callable[..., Config], start_daemon: Start
+) -> None:
+    tokens = [
+        {"token": "admin-token-0001", "scopes": ["*"]},
+        {"token": "glob-worker-0001", "scopes": ["work:pay*"]},
+    ]
+    client = await start_daemon(
+        make_config(server={"auth": {"tokens": tokens}}, workflows=[task_workflow()])
+    )
+    worker = {"Authorization": "Bearer glob-worker-0001"}
+    admin = {"Authorization": "Bearer admin-token-0001"}
+    assert (await client.post("/v1/workflows/Payment", json={}, headers=admin)).status == 202
+    body = {"queue": "other", "wait": "0s"}
+    assert (await client.post("/v1/tasks/poll", json=body, headers=worker)).status == 403
+    body = {"queue": "payments", "wait": "5s"}
+    resp = await client.post("/v1/tasks/poll", json=body, headers=worker)
+    assert resp.status == 200
+    [task] = (await resp.json())["tasks"]
+    for verb, answer in (("heartbeat", {}), ("complete", {"output": 1})):
+        resp = await client.post(f"/v1/tasks/{task['id']}/{verb}", json=answer, headers=worker)
+        assert resp.status == 200, verb
 
 
 async def test_a_lease_that_passed_while_the_daemon_was_down_ends_on_restart(

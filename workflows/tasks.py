@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +46,7 @@ class _Poll:
 
     worker: str | None
     answer: asyncio.Future[TaskRecord | None]
+    alive: Callable[[], bool] = lambda: True  # the worker is still there to be answered
 
     def handed(self) -> TaskRecord | None:
         answer = self.answer
@@ -97,7 +98,7 @@ class TaskQueues:
                 raise
             if not new:  # found again (a restart): not claimed for this poll
                 self._requeue(task.queue, poll)
-            elif poll.answer.done():  # the poll ended meanwhile: nobody got the claim
+            elif poll.answer.done() or not poll.alive():  # nobody is there for the claim
                 assert record.delivery is not None
                 record = await self.store.release(record.delivery) or record
             else:
@@ -144,13 +145,17 @@ class TaskQueues:
         worker: str | None,
         wait: float,
         limit: int,
+        alive: Callable[[], bool] = lambda: True,
     ) -> list[TaskRecord]:
-        """Claim up to `limit` due tasks of `queue`; wait up to `wait` seconds for one."""
+        """Claim up to `limit` due tasks of `queue`; wait up to `wait` seconds for one.
+
+        `alive` tells whether the worker is still there (its connection open): a worker
+        gone away mid-wait is handed nothing and claims nothing."""
         if worker is not None:
             self._seen.setdefault(queue, {})[worker] = self._clock()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        while not self._closed:
+        while not self._closed and alive():
             if self._due.get(queue):
                 claimed = await self.store.claim(queue, worker, limit, self._clock())
                 if claimed:
@@ -160,7 +165,7 @@ class TaskQueues:
             left = deadline - loop.time()
             if left <= 0:
                 return []
-            poll = _Poll(worker, loop.create_future())
+            poll = _Poll(worker, loop.create_future(), alive)
             polls = self._polls.setdefault(queue, deque())
             polls.append(poll)
             try:
@@ -173,11 +178,27 @@ class TaskQueues:
             finally:
                 with contextlib.suppress(ValueError):
                     polls.remove(poll)
-                if not polls:  # a poll may name any queue: none is kept for nothing
-                    self._polls.pop(queue, None)
+                # A poll may name any queue: none is kept for nothing. Another poll may have
+                # replaced this deque meanwhile (it emptied, went, and a new one came): keep it.
+                if not polls and self._polls.get(queue) is polls:
+                    del self._polls[queue]
             if handed is not None:
                 return [handed]
-        return []  # the daemon stops
+        return []  # the daemon stops, or the worker went away
+
+    async def release(self, claimed: Iterable[TaskRecord]) -> None:
+        """Undo claims whose worker never got them (its poll's answer could not be
+        written): each task is due again at once, the same attempt, not a timed-out one."""
+        for record in claimed:
+            if record.delivery is None:
+                continue
+            try:
+                released = await self.store.release(record.delivery)
+            except StoreUnavailable:  # its lease stays armed: it comes back when that ends
+                continue
+            if released is not None:
+                self._disarm(record.seq)
+                self._track(released)
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
         return self._answered(await self.store.complete(delivery, output, self._clock()))
@@ -267,8 +288,12 @@ class TaskQueues:
         polls = self._polls.get(queue)
         while polls:
             poll = polls.popleft()
-            if not poll.answer.done():
-                return poll
+            if poll.answer.done():
+                continue
+            if not poll.alive():  # its worker went away: it ends, answered with nothing
+                poll.answer.set_result(None)
+                continue
+            return poll
         return None
 
     def _requeue(self, queue: str, poll: _Poll) -> None:
@@ -325,6 +350,12 @@ def outcome(record: TaskRecord) -> CallResult:
 
 
 def delivery_json(record: TaskRecord) -> dict[str, Any]:
-    """A claimed task as a poll hands it out (DESIGN.md §3)."""
+    """A claimed task as a poll hands it out (DESIGN.md §3). `lease` (seconds) beside the
+    `deadline` paces heartbeats without trusting the worker's clock to match the daemon's."""
     payload: dict[str, Any] = orjson.loads(record.payload)
-    return {"id": record.delivery, **payload, "deadline": record.lease_until}
+    return {
+        "id": record.delivery,
+        **payload,
+        "deadline": record.lease_until,
+        "lease": record.lease,
+    }

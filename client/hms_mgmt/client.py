@@ -26,7 +26,7 @@ from urllib.parse import quote
 import aiohttp
 
 from .durations import Duration, duration_text, seconds
-from .errors import HmsError, Unreachable, error_for
+from .errors import HmsError, Unavailable, Unreachable, error_for
 from .workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -209,12 +209,14 @@ class Client:
         deadline = time.monotonic() + limit
         key = idempotency_key or str(uuid.uuid4())
         status, body = await self._start(workflow, input, key, wait=min(limit, MAX_WAIT))
-        if status == 200:  # ended, or past its `respond_after` step
-            return Report.of(body)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"process {body['id']} still {body['status']} after {limit:g}s")
-        return await ProcessHandle(self, str(body["id"]), workflow).result(left)
+        while status != 200:  # 200: ended, or past its `respond_after` step
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"process {body['id']} still {body['status']} after {limit:g}s")
+            # The same key gives the same process, and the daemon waits for it again: for
+            # its end or its `respond_after` step (a poll of the process would see its end only).
+            status, body = await self._start(workflow, input, key, wait=min(left, MAX_WAIT))
+        return Report.of(body)
 
     async def process_workflow(
         self, workflow: str, input: Mapping[str, Any] | None = None, timeout: Duration = 30
@@ -232,6 +234,7 @@ class Client:
         else:
             output = {"output": report.output}
         answer: dict[str, Any] = {"status": report.status, **output}
+        answer["status"] = report.status  # an output key `status` must not pass for it
         if report.error is not None:
             answer["error"] = report.error
         return answer
@@ -395,6 +398,12 @@ class Client:
                 return resp.status, body if body is not None else {}
         except aiohttp.ClientConnectionError as exc:
             raise Unreachable(0, "unreachable", f"{self.url}: {exc}") from exc
+        except aiohttp.InvalidURL:
+            raise
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # A cut answer, a request that outlived its timeout: the daemon may answer the
+            # next one, like a 5xx. Callers that retry on Unavailable retry these too.
+            raise Unavailable(0, "unavailable", f"{self.url}: {_reason(exc)}") from exc
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -411,6 +420,10 @@ async def _body(resp: aiohttp.ClientResponse) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _seg(value: str) -> str:

@@ -8,7 +8,8 @@
 On start it deploys its workflows (`PUT /v1/workflows/{name}`: the same definition
 again changes nothing) and registers itself as instance `<worker id>` of service
 `<queue>` (`probe: {type: none}`, a TTL lease), for every queue it serves. Each queue
-is long-polled with as many tasks asked for as there are free slots of `concurrency`.
+is long-polled with as many tasks asked for as there are free slots of `concurrency`
+(with fewer slots than queues, the polls wait a second at most: the queues take turns).
 Async functions run on the loop, sync ones in the worker's own threads; a function
 that outlasts a third of its lease heartbeats it. A return completes the task, an
 exception fails it (`NonRetryable`: for good; any other: retryable, with its message).
@@ -44,7 +45,7 @@ import aiohttp
 from .client import Client
 from .context import NonRetryable, StepContext
 from .durations import Duration, duration_text, seconds
-from .errors import Conflict, HmsError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, HmsError, NotFound, Unauthorized, Unavailable
 from .registration import Registration
 from .workflow import StepFunction, Workflow
 
@@ -55,6 +56,7 @@ REPORT_FOR = 300.0  # seconds a result is retried while the daemon is unreachabl
 MIN_HEARTBEAT = 0.05
 MAX_POLL = 100  # the daemon hands out at most this many tasks per poll
 DEFAULT_LEASE = 30.0  # seconds, for a delivery that names no deadline
+SCARCE_POLL = 1.0  # seconds a poll waits at most while there are fewer slots than queues
 
 
 class Worker:
@@ -125,6 +127,8 @@ class Worker:
         except BaseException:
             await self._close()
             raise
+        if self._stopping.is_set():  # stopped (stop(), SIGTERM) while the daemon was away
+            return
         for queue in self.functions:
             registration = Registration(
                 self.url,
@@ -158,7 +162,11 @@ class Worker:
                 loop.remove_signal_handler(signum)
 
     async def stop(self) -> None:
-        """Stop polling, let tasks in flight finish and report (`stop_timeout`), deregister."""
+        """Stop polling, let tasks in flight finish and report (`stop_timeout`), deregister.
+
+        A sync function still running after `stop_timeout` goes on in its thread (Python
+        cannot stop a thread): its result is dropped, and once its lease lapses the
+        daemon hands the task to another worker."""
         self._stopping.set()
         for poller in self._pollers:
             poller.cancel()
@@ -184,14 +192,17 @@ class Worker:
     # Deploying
 
     async def _deploy_until_done(self) -> None:
+        """Deploy, retrying while the daemon is away; a stop ends the wait (a request
+        after it would open a session that nothing closes)."""
         pause = RETRY_FIRST
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self._deploy()
                 return
             except Unavailable as exc:
                 log.warning("worker %s: deploying: %s; retrying in %.1fs", self.id, exc, pause)
-                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MAX)
 
     async def _deploy(self) -> None:
@@ -199,6 +210,8 @@ class Worker:
             if self._deployed:
                 return
             for workflow in self.workflows:
+                if self._stopping.is_set():
+                    return
                 answer = await self._http().deploy(workflow.definition())
                 log.info("deployed %s version %s", workflow.name, answer.get("version"))
             self._deployed = True
@@ -220,12 +233,20 @@ class Worker:
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MAX)
                 continue
-            except HmsError as exc:  # 401/403 (no `work:` scope), 400: no use polling again
+            except (Unauthorized, BadRequest) as exc:  # 401/403 (no `work:` scope), 400/422
                 self._release(taken)
                 log.error("worker %s: polling %s refused: %s", self.id, queue, exc)
                 self._failure = exc
                 self._stopping.set()
                 return
+            except Exception as exc:  # any other answer or fault: the poller must not die
+                self._release(taken)
+                log.exception(
+                    "worker %s: polling %s: %s; again in %.1fs", self.id, queue, exc, pause
+                )
+                await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, RETRY_MAX)
+                continue
             except BaseException:
                 self._release(taken)
                 raise
@@ -254,13 +275,20 @@ class Worker:
         body = {
             "queue": queue,
             "worker": self.id,
-            "wait": self.poll_wait,
+            "wait": self._poll_wait(),
             "max": min(limit, MAX_POLL),
         }
         answer = await self._http()._call(
             "POST", "/v1/tasks/poll", json=body, timeout=seconds(self.poll_wait) + 30
         )
         return list(answer.get("tasks", ()))
+
+    def _poll_wait(self) -> str:
+        """The long poll's wait. With fewer slots than queues, a poll holding a slot keeps
+        the other queues from polling all that time: they take turns every second instead."""
+        if self.concurrency >= len(self.functions):
+            return self.poll_wait
+        return duration_text(min(seconds(self.poll_wait), SCARCE_POLL))
 
     # Running one task
 
@@ -271,7 +299,7 @@ class Worker:
                 outcome = await self._outcome(queue, delivery)
             finally:
                 heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # report regardless
                     await heartbeat
             await self._report(delivery, outcome)
         finally:
@@ -313,18 +341,24 @@ class Worker:
         return result
 
     async def _heartbeat(self, delivery: Mapping[str, Any]) -> None:
-        """Renew the lease at a third of its length while the function runs."""
+        """Renew the lease at a third of its length while the function runs.
+
+        Paced by the lease's length on this worker's monotonic clock, not by the daemon's
+        deadline: the two clocks need not agree. A heartbeat that fails (any error: it
+        must not cost the task its report) is tried again at the same pace."""
         url = f"/v1/tasks/{delivery['id']}/heartbeat"
-        deadline = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE)
+        lease = _lease(delivery, DEFAULT_LEASE)
+        sent = time.monotonic()
         while True:
-            await asyncio.sleep(max((deadline - time.time()) / 3, MIN_HEARTBEAT))
+            await asyncio.sleep(max(sent + lease / 3 - time.monotonic(), MIN_HEARTBEAT))
+            sent = time.monotonic()
             try:
-                answer = await self._http()._call("POST", url, json={})
-                deadline = float(answer.get("deadline", deadline))
+                answer = await self._http()._call("POST", url, json={}, timeout=max(lease / 3, 1.0))
+                lease = _lease(answer, lease)
             except (NotFound, Conflict):
                 log.warning("task %s is no longer this worker's; its result goes nowhere", url)
                 return
-            except HmsError as exc:
+            except Exception as exc:
                 log.warning("heartbeat of %s: %s", url, exc)
 
     async def _report(self, delivery: Mapping[str, Any], outcome: tuple[str, Any]) -> None:
@@ -386,6 +420,18 @@ def _functions(
     if not served and not workflows:
         raise ValueError("a Worker needs workflows= or tasks= to serve")
     return served
+
+
+def _lease(answer: Mapping[str, Any], otherwise: float) -> float:
+    """The lease's length in seconds, from a delivery or a heartbeat's answer. A daemon
+    before `lease` gave the deadline only: its distance on this clock, as a last resort."""
+    with contextlib.suppress(AttributeError, KeyError, TypeError, ValueError):
+        if answer.get("lease") is not None:
+            return max(float(answer["lease"]), MIN_HEARTBEAT)
+        left = float(answer["deadline"]) - time.time()
+        if left > 0:
+            return left
+    return otherwise
 
 
 def _message(exc: BaseException) -> str:

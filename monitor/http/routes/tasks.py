@@ -4,7 +4,7 @@ answer them by delivery id. The queues themselves are workflows/tasks.py."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from aiohttp import web
@@ -56,6 +56,17 @@ class PollBody(BaseModel):
         return min(_seconds(self.wait), MAX_WAIT)
 
 
+def _connected(request: web.Request) -> Callable[[], bool]:
+    """Whether the request's client is still connected: aiohttp does not cancel a handler
+    whose client went away, so a long poll asks before it takes a task for its worker."""
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
+    return alive
+
+
 def _seconds(wait: str | float) -> float:
     if isinstance(wait, str):
         return parse_duration(wait).total_seconds()
@@ -73,6 +84,7 @@ class TaskDelivery(BaseModel):
     attempt: int
     idempotency_key: str = Field(description="`<process>/<step>` (`.compensate` appended)")
     deadline: float = Field(description="the lease's end, epoch seconds; heartbeats renew it")
+    lease: float = Field(description="the lease's length, seconds: heartbeat within it")
 
 
 class TaskBatch(BaseModel):
@@ -101,6 +113,7 @@ class TaskAnswered(BaseModel):
 
 class TaskLease(BaseModel):
     deadline: float = Field(description="the lease's new end, epoch seconds")
+    lease: float = Field(description="the lease's length, seconds: heartbeat within it")
 
 
 class DeliveryId(BaseModel):
@@ -134,7 +147,12 @@ class TaskRoutes:
             # The SDK's worker registers as an instance of its queue: its polls renew it.
             with contextlib.suppress(RegistryError):
                 self.catalog.heartbeat(body.queue, body.worker)
-        claimed = await self._queues().poll(body.queue, body.worker, body.seconds, body.max)
+        alive = _connected(request)
+        queues = self._queues()
+        claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max, alive)
+        if claimed and not alive():  # the worker went away: the tasks are due again, now
+            await queues.release(claimed)
+            claimed = []
         return json_response({"tasks": [delivery_json(record) for record in claimed]})
 
     @table.post(
@@ -185,7 +203,7 @@ class TaskRoutes:
         if await read_body(request):
             await parse_body(request, HeartbeatBody)
         record = await self._answer(self._queues().heartbeat(delivery))
-        return json_response({"deadline": record.lease_until})
+        return json_response({"deadline": record.lease_until, "lease": record.lease})
 
     def _queues(self) -> TaskQueues:
         if self.tasks is None:
