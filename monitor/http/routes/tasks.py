@@ -73,6 +73,10 @@ class TaskDelivery(BaseModel):
     attempt: int
     idempotency_key: str = Field(description="`<process>/<step>` (`.compensate` appended)")
     deadline: float = Field(description="the lease's end, epoch seconds; heartbeats renew it")
+    due_at: float | None = Field(
+        default=None,
+        description="when the task was committed and became due, epoch seconds (pickup latency)",
+    )
 
 
 class TaskBatch(BaseModel):
@@ -134,8 +138,9 @@ class TaskRoutes:
             # The SDK's worker registers as an instance of its queue: its polls renew it.
             with contextlib.suppress(RegistryError):
                 self.catalog.heartbeat(body.queue, body.worker)
-        claimed = await self._queues().poll(body.queue, body.worker, body.seconds, body.max)
-        return json_response({"tasks": [delivery_json(record) for record in claimed]})
+        queues = self._queues()
+        claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max)
+        return json_response({"tasks": [delivery_json(r, queues.due_at(r)) for r in claimed]})
 
     @table.post(
         "/v1/tasks/{id}/complete",
