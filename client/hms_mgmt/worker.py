@@ -8,10 +8,12 @@
 On start it deploys its workflows (`PUT /v1/workflows/{name}`: the same definition
 again changes nothing) and registers itself as instance `<worker id>` of service
 `<queue>` (`probe: {type: none}`, a TTL lease), for every queue it serves. Each queue
-is long-polled with as many tasks asked for as there are free slots of `concurrency`.
-Async functions run on the loop, sync ones in the worker's own threads; a function
-that outlasts a third of its lease heartbeats it. A return completes the task, an
-exception fails it (`NonRetryable`: for good; any other: retryable, with its message).
+is long-polled by two polls (one while the other's answer is on its way), each asking
+for as many tasks as it holds free slots of `concurrency`. Async functions run on the
+loop, sync ones in the worker's own threads; a function that outlasts a third of its
+lease heartbeats it. A return completes the task, an exception fails it (`NonRetryable`:
+for good; any other: retryable, with its message); the slot is free again as the
+function ends, while its answer is still being reported.
 
 When the daemon goes away (a restart, a crash) the worker keeps trying with a growing
 pause, deploys again when it is back (Registration re-registers by itself), and keeps
@@ -54,6 +56,7 @@ RETRY_FIRST, RETRY_MAX = 0.1, 5.0
 REPORT_FOR = 300.0  # seconds a result is retried while the daemon is unreachable
 MIN_HEARTBEAT = 0.05
 MAX_POLL = 100  # the daemon hands out at most this many tasks per poll
+POLLERS_PER_QUEUE = 2
 DEFAULT_LEASE = 30.0  # seconds, for a delivery that names no deadline
 
 
@@ -140,7 +143,9 @@ class Worker:
             )
             await registration.__aenter__()
             self._registrations.append(registration)
-            self._pollers.append(asyncio.create_task(self._serve(queue), name=f"poll-{queue}"))
+            for n in range(self._pollers_per_queue()):
+                poller = asyncio.create_task(self._serve(queue), name=f"poll-{queue}-{n}")
+                self._pollers.append(poller)
 
     async def run(self) -> None:
         """Serve until stop(), SIGTERM or SIGINT; raise what ended it otherwise (a 403)."""
@@ -246,6 +251,12 @@ class Worker:
             taken += 1
         return taken
 
+    def _pollers_per_queue(self) -> int:
+        """Two long polls per queue when its share has room for both: while one poll's
+        answer travels and is dispatched, the other is waiting, so a task that becomes due
+        then still reaches this worker at once, not when the next poll arrives."""
+        return min(POLLERS_PER_QUEUE, max(1, self.concurrency // len(self.functions)))
+
     def _release(self, count: int) -> None:
         for _ in range(count):
             self._slots.release()
@@ -265,17 +276,32 @@ class Worker:
     # Running one task
 
     async def _execute(self, queue: str, delivery: Mapping[str, Any]) -> None:
+        """Run the function, free its slot, then report: the next poll (and the function it
+        brings) need not wait for the daemon's commit of this answer."""
+        released = False
         try:
-            heartbeat = asyncio.create_task(self._heartbeat(delivery))
+            loop = asyncio.get_running_loop()
+            heartbeats: list[asyncio.Task[None]] = []
+            lease = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE) - time.time()
+            # Most functions end well within a third of their lease: no heartbeat task then.
+            timer = loop.call_later(
+                max(lease / 3, MIN_HEARTBEAT),
+                lambda: heartbeats.append(asyncio.create_task(self._heartbeat(delivery))),
+            )
             try:
                 outcome = await self._outcome(queue, delivery)
             finally:
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+                timer.cancel()
+                for heartbeat in heartbeats:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
+            self._slots.release()
+            released = True
             await self._report(delivery, outcome)
         finally:
-            self._slots.release()
+            if not released:
+                self._slots.release()
 
     async def _outcome(self, queue: str, delivery: Mapping[str, Any]) -> tuple[str, Any]:
         """("complete", {"output"}) or ("fail", {"error", "retryable"})."""
@@ -313,11 +339,11 @@ class Worker:
         return result
 
     async def _heartbeat(self, delivery: Mapping[str, Any]) -> None:
-        """Renew the lease at a third of its length while the function runs."""
+        """Renew the lease at a third of its length while the function runs (started once
+        a third of the first lease has passed)."""
         url = f"/v1/tasks/{delivery['id']}/heartbeat"
         deadline = float(delivery.get("deadline") or time.time() + DEFAULT_LEASE)
         while True:
-            await asyncio.sleep(max((deadline - time.time()) / 3, MIN_HEARTBEAT))
             try:
                 answer = await self._http()._call("POST", url, json={})
                 deadline = float(answer.get("deadline", deadline))
@@ -326,6 +352,7 @@ class Worker:
                 return
             except HmsError as exc:
                 log.warning("heartbeat of %s: %s", url, exc)
+            await asyncio.sleep(max((deadline - time.time()) / 3, MIN_HEARTBEAT))
 
     async def _report(self, delivery: Mapping[str, Any], outcome: tuple[str, Any]) -> None:
         """Send the result until the daemon answers; 404/409 mean another has the task."""
