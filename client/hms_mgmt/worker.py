@@ -38,6 +38,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -46,7 +47,7 @@ import aiohttp
 from .client import Client
 from .context import NonRetryable, StepContext
 from .durations import Duration, duration_text, seconds
-from .errors import Conflict, HmsError, NotFound, Unavailable
+from .errors import BadRequest, Conflict, HmsError, NotFound, Unavailable
 from .registration import Registration
 from .workflow import StepFunction, Workflow
 
@@ -58,6 +59,15 @@ MIN_HEARTBEAT = 0.05
 MAX_POLL = 100  # the daemon hands out at most this many tasks per poll
 POLLERS_PER_QUEUE = 2
 DEFAULT_LEASE = 30.0  # seconds, for a delivery that names no deadline
+
+
+@dataclass(slots=True, eq=False)
+class _Carried:
+    """A completion waiting for a poll to carry it."""
+
+    delivery: str
+    output: Any
+    done: asyncio.Future[bool]
 
 
 class Worker:
@@ -95,6 +105,10 @@ class Worker:
         self._slots = asyncio.Semaphore(concurrency)
         self._pollers: list[asyncio.Task[None]] = []
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Completions waiting for the next poll of their queue to carry them (`complete` in
+        # its body); each future: True once a poll's answer covered it, False: report it.
+        self._outbox: dict[str, list[_Carried]] = {}
+        self._carry = True  # False once a daemon refused `complete` in a poll (an older one)
         self._deployed = False
         self._deploy_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -225,11 +239,17 @@ class Worker:
                 await asyncio.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, RETRY_MAX)
                 continue
-            except HmsError as exc:  # 401/403 (no `work:` scope), 400: no use polling again
+            except BadRequest as exc:
                 self._release(taken)
-                log.error("worker %s: polling %s refused: %s", self.id, queue, exc)
-                self._failure = exc
-                self._stopping.set()
+                if not self._carry:
+                    self._fail(queue, exc)
+                    return
+                self._carry = False  # a daemon that predates `complete` in polls: report apart
+                log.info("worker %s: the daemon does not take completions in polls", self.id)
+                continue
+            except HmsError as exc:  # 401/403 (no `work:` scope): no use polling again
+                self._release(taken)
+                self._fail(queue, exc)
                 return
             except BaseException:
                 self._release(taken)
@@ -239,6 +259,8 @@ class Worker:
                 task = asyncio.create_task(self._execute(queue, delivery))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
+            if tasks:  # a quick function ends in this turn: the next poll carries its answer
+                await asyncio.sleep(0)
 
     async def _take_slots(self) -> int:
         """At least one free slot (waiting for one), and more while free, up to this queue's
@@ -251,6 +273,11 @@ class Worker:
             taken += 1
         return taken
 
+    def _fail(self, queue: str, exc: HmsError) -> None:
+        log.error("worker %s: polling %s refused: %s", self.id, queue, exc)
+        self._failure = exc
+        self._stopping.set()
+
     def _pollers_per_queue(self) -> int:
         """Two long polls per queue when its share has room for both: while one poll's
         answer travels and is dispatched, the other is waiting, so a task that becomes due
@@ -262,15 +289,30 @@ class Worker:
             self._slots.release()
 
     async def _poll(self, queue: str, limit: int) -> list[dict[str, Any]]:
-        body = {
+        """One long poll, carrying the completions waiting for it: the daemon commits them
+        before it takes or waits, and the answer says how each went."""
+        carried = self._outbox.pop(queue, []) if self._carry else []
+        body: dict[str, Any] = {
             "queue": queue,
             "worker": self.id,
             "wait": self.poll_wait,
             "max": min(limit, MAX_POLL),
         }
-        answer = await self._http()._call(
-            "POST", "/v1/tasks/poll", json=body, timeout=seconds(self.poll_wait) + 30
-        )
+        if carried:
+            body["complete"] = [{"id": c.delivery, "output": c.output} for c in carried]
+        answered = False
+        try:
+            answer = await self._http()._call(
+                "POST", "/v1/tasks/poll", json=body, timeout=seconds(self.poll_wait) + 30
+            )
+            answered = True
+        finally:  # not answered (the daemon away, a refusal, stop()): each reports apart
+            for completion in carried:
+                if not completion.done.done():
+                    completion.done.set_result(answered)
+        for outcome in answer.get("completed") or ():
+            if "error" in outcome:
+                log.warning("completing %s: %s", outcome.get("id"), outcome["error"])
         return list(answer.get("tasks", ()))
 
     # Running one task
@@ -298,10 +340,31 @@ class Worker:
                         await heartbeat
             self._slots.release()
             released = True
-            await self._report(delivery, outcome)
+            if not await self._carried(queue, delivery, outcome):
+                await self._report(delivery, outcome)
         finally:
             if not released:
                 self._slots.release()
+
+    async def _carried(
+        self, queue: str, delivery: Mapping[str, Any], outcome: tuple[str, Any]
+    ) -> bool:
+        """Hand a completion to the poll its freed slot starts (it runs before this task
+        resumes); True once that poll's answer covered it. When no poll takes it at once
+        (every poll is already waiting), False: it is reported apart, without delay."""
+        verb, body = outcome
+        if verb != "complete" or not self._carry:
+            return False
+        completion = _Carried(
+            str(delivery["id"]), body["output"], asyncio.get_running_loop().create_future()
+        )
+        outbox = self._outbox.setdefault(queue, [])
+        outbox.append(completion)
+        await asyncio.sleep(0)  # the poller woken by the released slot takes the outbox now
+        if completion in self._outbox.get(queue, ()):
+            outbox.remove(completion)
+            return False
+        return await completion.done
 
     async def _outcome(self, queue: str, delivery: Mapping[str, Any]) -> tuple[str, Any]:
         """("complete", {"output"}) or ("fail", {"error", "retryable"})."""

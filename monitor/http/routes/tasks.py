@@ -3,6 +3,7 @@ answer them by delivery id. The queues themselves are workflows/tasks.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable
 from typing import Annotated, Any
@@ -27,6 +28,12 @@ MAX_TASKS = 100
 table = RouteTable()
 
 
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(pattern=NAME_PATTERN, description="a delivery of this queue")]
+    output: Any = Field(default=None, description="the step's output (JSON)")
+
+
 class PollBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     queue: Annotated[str, Field(pattern=NAME_PATTERN, description="the queue to take tasks of")]
@@ -43,6 +50,12 @@ class PollBody(BaseModel):
         description="answer with no tasks after this: a duration (30s) or seconds; at most 60s",
     )
     max: int = Field(default=10, ge=1, le=MAX_TASKS, description="at most this many tasks")
+    complete: list[Completion] = Field(
+        default_factory=list,
+        max_length=MAX_TASKS,
+        description="deliveries answered with their output, as POST /v1/tasks/{id}/complete "
+        "would, committed before the poll takes or waits: a worker saves a request per task",
+    )
 
     @field_validator("wait")
     @classmethod
@@ -79,8 +92,19 @@ class TaskDelivery(BaseModel):
     )
 
 
+class CarriedAnswer(BaseModel):
+    id: str
+    state: str | None = Field(default=None, description="done: the completion is committed")
+    error: dict[str, Any] | None = Field(
+        default=None, description="as a complete's error: not_found (404) or conflict (409)"
+    )
+
+
 class TaskBatch(BaseModel):
     tasks: list[TaskDelivery]
+    completed: list[CarriedAnswer] | None = Field(
+        default=None, description="the outcome of each `complete` the poll carried, if any"
+    )
 
 
 class CompleteBody(BaseModel):
@@ -139,8 +163,33 @@ class TaskRoutes:
             with contextlib.suppress(RegistryError):
                 self.catalog.heartbeat(body.queue, body.worker)
         queues = self._queues()
-        claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max)
-        return json_response({"tasks": [delivery_json(r, queues.due_at(r)) for r in claimed]})
+        # Together, so the completions and the claim share the writer's next commit; the
+        # answer (2xx) waits for both.
+        try:
+            async with asyncio.TaskGroup() as group:
+                carried = [group.create_task(self._carried(body.queue, c)) for c in body.complete]
+                claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max)
+        except BaseExceptionGroup as failed:  # storage unavailable: 503, as a complete's
+            raise failed.exceptions[0] from None
+        answers = [task.result() for task in carried]
+        answer: dict[str, Any] = {"tasks": [delivery_json(r, queues.due_at(r)) for r in claimed]}
+        if body.complete:
+            answer["completed"] = answers
+        return json_response(answer)
+
+    async def _carried(self, queue: str, completion: Completion) -> dict[str, Any]:
+        """A completion a poll carries: answered as its own POST would be (a delivery of
+        another queue is unknown here: the poll's scope covers only its own queue)."""
+        delivery, queues = completion.id, self._queues()
+        try:
+            if await queues.queue_of(delivery) != queue:
+                raise UnknownDelivery(f"no task delivery {delivery!r} on queue {queue!r}")
+            record = await queues.complete(delivery, completion.output)
+        except UnknownDelivery as exc:
+            return {"id": delivery, "error": {"code": "not_found", "message": str(exc)}}
+        except StaleDelivery as exc:
+            return {"id": delivery, "error": {"code": "conflict", "message": str(exc)}}
+        return {"id": delivery, "state": record.state}
 
     @table.post(
         "/v1/tasks/{id}/complete",
