@@ -292,7 +292,7 @@ class Worker:
 
     async def _poll(self, queue: str, limit: int) -> list[dict[str, Any]]:
         """One long poll, carrying the completions waiting for it: the daemon commits them
-        before it takes or waits, and the answer says how each went."""
+        (with its claim) before it answers, and the answer says how each went."""
         carried = self._outbox.pop(queue, []) if self._carry else []
         body: dict[str, Any] = {
             "queue": queue,
@@ -302,19 +302,21 @@ class Worker:
         }
         if carried:
             body["complete"] = [{"id": c.delivery, "output": c.output} for c in carried]
-        answered = False
+        answer: dict[str, Any] = {}
         try:
             answer = await self._http()._call(
                 "POST", "/v1/tasks/poll", json=body, timeout=seconds(self.poll_wait) + 30
             )
-            answered = True
         finally:  # not answered (the daemon away, a refusal, stop()): each reports apart
+            outcomes = {str(o.get("id")): o for o in answer.get("completed") or ()}
             for completion in carried:
-                if not completion.done.done():
-                    completion.done.set_result(answered)
-        for outcome in answer.get("completed") or ():
-            if "error" in outcome:
-                log.warning("completing %s: %s", outcome.get("id"), outcome["error"])
+                outcome = outcomes.get(completion.delivery)
+                error = outcome.get("error") if outcome is not None else None
+                unmade = outcome is None or (error is not None and error["code"] == "unavailable")
+                if error is not None and not unmade:
+                    log.warning("completing %s: %s", completion.delivery, error)
+                if not completion.done.done():  # False: not made (or not known): sent again
+                    completion.done.set_result(not unmade)
         return list(answer.get("tasks", ()))
 
     # Running one task

@@ -17,7 +17,7 @@ from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.names import NAME_PATTERN
-from registry import Catalog, RegistryError, parse_duration
+from registry import Catalog, RegistryError, StoreUnavailable, parse_duration
 from workflows.abc import TaskRecord
 from workflows.tasks import StaleDelivery, TaskQueues, UnknownDelivery, delivery_json
 
@@ -54,7 +54,7 @@ class PollBody(BaseModel):
         default_factory=list,
         max_length=MAX_TASKS,
         description="deliveries answered with their output, as POST /v1/tasks/{id}/complete "
-        "would, committed before the poll takes or waits: a worker saves a request per task",
+        "would, each committed before the poll answers: a worker saves a request per task",
     )
 
     @field_validator("wait")
@@ -96,7 +96,9 @@ class CarriedAnswer(BaseModel):
     id: str
     state: str | None = Field(default=None, description="done: the completion is committed")
     error: dict[str, Any] | None = Field(
-        default=None, description="as a complete's error: not_found (404) or conflict (409)"
+        default=None,
+        description="as a complete's error: not_found (404), conflict (409), or unavailable "
+        "(503: not made, send it again)",
     )
 
 
@@ -165,13 +167,11 @@ class TaskRoutes:
         queues = self._queues()
         # Together, so the completions and the claim share the writer's next commit; the
         # answer (2xx) waits for both.
+        carried = [asyncio.ensure_future(self._carried(body.queue, c)) for c in body.complete]
         try:
-            async with asyncio.TaskGroup() as group:
-                carried = [group.create_task(self._carried(body.queue, c)) for c in body.complete]
-                claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max)
-        except BaseExceptionGroup as failed:  # storage unavailable: 503, as a complete's
-            raise failed.exceptions[0] from None
-        answers = [task.result() for task in carried]
+            claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max)
+        finally:  # never cut short: an answer written must resolve its process's wait
+            answers = await asyncio.gather(*carried)
         answer: dict[str, Any] = {"tasks": [delivery_json(r, queues.due_at(r)) for r in claimed]}
         if body.complete:
             answer["completed"] = answers
@@ -189,6 +189,8 @@ class TaskRoutes:
             return {"id": delivery, "error": {"code": "not_found", "message": str(exc)}}
         except StaleDelivery as exc:
             return {"id": delivery, "error": {"code": "conflict", "message": str(exc)}}
+        except StoreUnavailable as exc:  # not made: the worker sends it again
+            return {"id": delivery, "error": {"code": "unavailable", "message": str(exc)}}
         return {"id": delivery, "state": record.state}
 
     @table.post(
