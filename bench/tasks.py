@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -320,7 +321,17 @@ def print_spread(label: str, values: list[float], note: str) -> None:
     print(f"    {label:38} {p50:6.2f} / {p99:.2f} ms   {note}")
 
 
+def use_this_trees_sdk() -> None:
+    """Import hms_mgmt from this tree's client/, in this process and the worker's: the
+    shared virtualenv's editable install points at one checkout only, so without this a
+    worktree's bench would measure another tree's worker."""
+    client = str(Path(__file__).resolve().parent.parent / "client")
+    sys.path.insert(0, client)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [client, os.environ.get("PYTHONPATH")]))
+
+
 def main() -> None:
+    use_this_trees_sdk()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, default=2000)
     parser.add_argument("--calm", type=int, default=300, help="workflows for pickup latency")
