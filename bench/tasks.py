@@ -13,12 +13,16 @@ How each figure is measured:
   first start until the daemon counts N completed.
 - step latency: each task attempt in the daemon's history, its start to its end (the
   task created, queued, polled, run by the worker, completed and checkpointed).
-- pickup latency (goal: due -> polled < 5 ms p99): from the start of a step's attempt in
-  the history (the daemon creates the task then: it is due) to the moment the worker's
-  function starts (the poll answered, decoded and dispatched), both on this machine's
-  wall clock; so it is an upper bound of due -> polled. Measured with 2 workflows in
-  flight, fewer than the worker's 4 slots, so a long poll is always waiting; under the
-  saturated run it includes the time a task waits for a free slot, printed apart.
+- pickup latency (goal: due -> worker < 5 ms p99): from the moment the task was
+  committed and known due to the daemon's queue (the poll answer's `due_at`) to the
+  moment the worker's function starts (the poll answered, decoded and dispatched), both
+  on this machine's wall clock. Its old upper bound, from the start of the step's
+  attempt in the history (before the task's commit), is printed beside it. Measured with
+  2 workflows in flight, fewer than the worker's 4 slots, so a long poll is always
+  waiting; under the saturated run it includes the time a task waits for a free slot,
+  printed apart.
+- CPU per step: user + system CPU of the daemon and of the worker process over the
+  saturated run, divided by its steps.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -66,22 +71,30 @@ def record(n: int, amount: int) -> dict[str, Any]:
     return {"record": f"rec-{n}-{amount}"}
 
 
-# hms-mgmt step functions take a StepContext. Each stamps when it started, so pickup
-# latency comes from the outputs and the history. Async: the bodies are trivial, and a
-# sync step function would be run in a thread.
+# When each delivery the worker took became due (the poll answer's `due_at`), by
+# (idempotency key, attempt): the step function reads it as it starts.
+DUE_AT: dict[tuple[str, int], float | None] = {}
+
+
+def stamps(context: Any) -> dict[str, Any]:
+    """When the function started, and when its task became due (committed, known to the
+    queue), so pickup latency comes from the outputs."""
+    due = DUE_AT.pop((context.idempotency_key, context.attempt), None)
+    return {"picked_at": time.time(), "due_at": due}
+
+
+# hms-mgmt step functions take a StepContext. Async: the bodies are trivial, and a sync
+# step function would be run in a thread.
 async def validate_step(context: Any) -> dict[str, Any]:
-    picked = time.time()
-    return {**validate(context.input["n"]), "picked_at": picked}
+    return {**validate(context.input["n"]), **stamps(context)}
 
 
 async def compute_step(context: Any) -> dict[str, Any]:
-    picked = time.time()
-    return {**compute(context.steps["validate"]["n"]), "picked_at": picked}
+    return {**compute(context.steps["validate"]["n"]), **stamps(context)}
 
 
 async def record_step(context: Any) -> dict[str, Any]:
-    picked = time.time()
-    return {**record(context.input["n"], context.steps["compute"]["amount"]), "picked_at": picked}
+    return {**record(context.input["n"], context.steps["compute"]["amount"]), **stamps(context)}
 
 
 def bench_workflow() -> Any:
@@ -99,7 +112,13 @@ async def serve_worker(url: str) -> None:
     """The worker process: deploys the workflow, serves its steps until SIGTERM."""
     from hms_mgmt import Worker
 
-    await Worker(url, workflows=[bench_workflow()], concurrency=CONCURRENCY).run()
+    class StampingWorker(Worker):
+        async def _outcome(self, queue: str, delivery: Any) -> tuple[str, Any]:
+            key = (str(delivery["idempotency_key"]), int(delivery["attempt"]))
+            DUE_AT[key] = delivery.get("due_at")
+            return await super()._outcome(queue, delivery)
+
+    await StampingWorker(url, workflows=[bench_workflow()], concurrency=CONCURRENCY).run()
 
 
 def write_config(workdir: Path, port: int) -> Path:
@@ -179,10 +198,11 @@ async def run_calm(url: str, first: int, count: int) -> None:
         await asyncio.gather(*(runner() for _ in range(CALM_IN_FLIGHT)))
 
 
-def task_attempts(db: Path, numbers: range) -> tuple[list[float], list[float]]:
-    """Step latencies and pickup latencies (seconds) of the processes whose input `n` is
-    in `numbers`, from the history and the outputs the step functions stamped."""
-    latencies, pickups = [], []
+def task_attempts(db: Path, numbers: range) -> tuple[list[float], list[float], list[float]]:
+    """Step latencies, pickup latencies (due -> function start) and their upper bounds
+    (attempt start -> function start), in seconds, of the processes whose input `n` is in
+    `numbers`, from the history and the outputs the step functions stamped."""
+    latencies, pickups, bounds = [], [], []
     with contextlib.closing(sqlite3.connect(db)) as conn:
         outputs = {
             seq: json.loads(raw)
@@ -194,9 +214,12 @@ def task_attempts(db: Path, numbers: range) -> tuple[list[float], list[float]]:
         )
         for seq, step, started, ended in rows:
             if seq in outputs:
+                stamped = outputs[seq][step]
                 latencies.append(ended - started)
-                pickups.append(outputs[seq][step]["picked_at"] - started)
-    return latencies, pickups
+                bounds.append(stamped["picked_at"] - started)
+                if stamped.get("due_at") is not None:
+                    pickups.append(stamped["picked_at"] - stamped["due_at"])
+    return latencies, pickups, bounds
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -220,19 +243,22 @@ def daemon_and_worker(workdir: Path) -> Iterator[tuple[str, int, int]]:
 def hms(workdir: Path, count: int, calm: int) -> dict[str, Any]:
     with daemon_and_worker(workdir) as (url, daemon, worker):
         asyncio.run(run_calm(url, 0, calm))
-        cpu0 = cpu_seconds(daemon) + cpu_seconds(worker)
+        daemon0, worker0 = cpu_seconds(daemon), cpu_seconds(worker)
         started = time.monotonic()
         asyncio.run(start_all(url, calm, count, STARTS_IN_FLIGHT))
         seconds = wait_completed(url, calm + count) - started
-        cpu = cpu_seconds(daemon) + cpu_seconds(worker) - cpu0
-    calm_latencies, calm_pickups = task_attempts(workdir / "hms.db", range(calm))
-    latencies, busy_pickups = task_attempts(workdir / "hms.db", range(calm, calm + count))
+        daemon_cpu, worker_cpu = cpu_seconds(daemon) - daemon0, cpu_seconds(worker) - worker0
+    calm_latencies, calm_pickups, calm_bounds = task_attempts(workdir / "hms.db", range(calm))
+    latencies, busy_pickups, _ = task_attempts(workdir / "hms.db", range(calm, calm + count))
     return {
         "seconds": seconds,
-        "cpu": cpu,
+        "cpu": daemon_cpu + worker_cpu,
+        "daemon_cpu": daemon_cpu,
+        "worker_cpu": worker_cpu,
         "latencies": latencies,
         "calm_latencies": calm_latencies,
         "calm_pickups": calm_pickups,
+        "calm_bounds": calm_bounds,
         "busy_pickups": busy_pickups,
     }
 
@@ -295,7 +321,17 @@ def print_spread(label: str, values: list[float], note: str) -> None:
     print(f"    {label:38} {p50:6.2f} / {p99:.2f} ms   {note}")
 
 
+def use_this_trees_sdk() -> None:
+    """Import hms_mgmt from this tree's client/, in this process and the worker's: the
+    shared virtualenv's editable install points at one checkout only, so without this a
+    worktree's bench would measure another tree's worker."""
+    client = str(Path(__file__).resolve().parent.parent / "client")
+    sys.path.insert(0, client)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [client, os.environ.get("PYTHONPATH")]))
+
+
 def main() -> None:
+    use_this_trees_sdk()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--processes", type=int, default=2000)
     parser.add_argument("--calm", type=int, default=300, help="workflows for pickup latency")
@@ -328,6 +364,11 @@ def main() -> None:
             f"one worker with concurrency {CONCURRENCY}"
         )
         rate = print_rates(args.processes, ours, "daemon + worker")
+        steps = 3 * args.processes
+        print(
+            f"    CPU per step: daemon {ours['daemon_cpu'] / steps * 1000:.2f} ms, "
+            f"worker {ours['worker_cpu'] / steps * 1000:.2f} ms"
+        )
         calm = f"({args.calm:,} workflows, {CALM_IN_FLIGHT} in flight)"
         print_spread("step latency p50 / p99, saturated", ours["latencies"], "(queueing included)")
         print_spread(
@@ -335,6 +376,9 @@ def main() -> None:
         )
         print_spread(
             "pickup due -> worker p50 / p99", ours["calm_pickups"], "goal p99 < 5 ms " + calm
+        )
+        print_spread(
+            "pickup upper bound p50 / p99", ours["calm_bounds"], "(from the attempt's start)"
         )
         print_spread("pickup, saturated", ours["busy_pickups"], "(waiting for a free slot)")
     if peer is not None:

@@ -493,3 +493,67 @@ async def test_heartbeats_keep_their_pace_whatever_the_daemon_s_clock(skew: floa
     assert answers == [("complete", {"output": "done"})]
     assert 3 <= len(beats) <= 5  # every 0.5 s over 2.2 s: 4, give or take a slow machine
     assert all(later - earlier > 0.3 for earlier, later in itertools.pairwise(beats))
+
+
+async def test_a_daemon_that_refuses_completions_in_polls_gets_them_apart(
+    aiohttp_server: Any,
+) -> None:
+    """A daemon from before polls carried `complete` answers such a poll 422 (its body is
+    `extra: forbid`); the worker then reports each answer with its own POST and keeps
+    serving. No daemon of that age runs here: a stand-in with its answers does."""
+    completes: list[tuple[str, Any]] = []
+    polls: list[dict[str, Any]] = []
+    handed = False
+
+    async def poll(request: web.Request) -> web.Response:
+        nonlocal handed
+        body = await request.json()
+        polls.append(body)
+        if "complete" in body:
+            error = {"code": "invalid", "message": "invalid request body", "details": {}}
+            return web.json_response({"error": error}, status=422)
+        if not handed:
+            handed = True
+            task = {
+                "id": "d1",
+                "process": "p1",
+                "workflow": "",
+                "step": "s",
+                "task": "double",
+                "input": {"n": 21},
+                "steps": {},
+                "attempt": 1,
+                "idempotency_key": "p1/s",
+                "deadline": time.time() + 30,
+            }
+            return web.json_response({"tasks": [task]})
+        await asyncio.sleep(0.2)
+        return web.json_response({"tasks": []})
+
+    async def complete(request: web.Request) -> web.Response:
+        completes.append((request.match_info["id"], (await request.json())["output"]))
+        return web.json_response({"id": request.match_info["id"], "state": "done"})
+
+    async def anything(request: web.Request) -> web.Response:  # registration and its renewals
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/tasks/poll", poll)
+    app.router.add_post("/v1/tasks/{id}/complete", complete)
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+
+    async def double(ctx: StepContext) -> dict[str, Any]:
+        return {"n": ctx.input["n"] * 2}
+
+    url = str(server.make_url("")).rstrip("/")
+    async with Worker(url, tasks={"double": double}, queue="q", poll_wait="1s", concurrency=1):
+
+        async def reported() -> bool:
+            return bool(completes)
+
+        await until(reported)
+        await asyncio.sleep(0.3)  # still polling, without `complete` now
+    assert completes == [("d1", {"n": 42})]
+    assert any("complete" in body for body in polls)  # tried once, refused
+    assert "complete" not in polls[-1]

@@ -408,6 +408,42 @@ async def test_a_claim_whose_answer_went_nowhere_is_released_not_timed_out(
     ]
 
 
+async def test_a_poll_carries_completions_committed_before_it_answers(
+    payments: AppClient,
+) -> None:
+    """A worker may answer its deliveries in its next poll (`complete`): each is answered
+    as its own POST would be, and the poll brings the task that completion made due."""
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    assert reserve["due_at"] <= reserve["deadline"]  # when it became due: before its claim
+    resp = await payments.post(
+        "/v1/tasks/poll",
+        json={
+            "queue": "payments",
+            "wait": "5s",
+            "complete": [
+                {"id": reserve["id"], "output": {"reservation": "r-1"}},
+                {"id": "never-handed-out", "output": {}},
+            ],
+        },
+    )
+    assert resp.status == 200, await resp.text()
+    answer = await resp.json()
+    [charge] = answer["tasks"]
+    assert charge["task"] == "chargeCard" and charge["steps"] == {"reserve": {"reservation": "r-1"}}
+    assert answer["completed"][0] == {"id": reserve["id"], "state": "done"}
+    assert answer["completed"][1]["error"]["code"] == "not_found"
+    again = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    assert again.status == 409  # answered already, by the poll
+    resp = await payments.post(
+        "/v1/tasks/poll",
+        json={"queue": "payments", "wait": "0s", "complete": [{"id": charge["id"]}]},
+    )
+    assert (await resp.json())["completed"] == [{"id": charge["id"], "state": "done"}]
+    done = await finished(payments, process_id, "completed")
+    assert done["outputs"]["reserve"] == {"reservation": "r-1"}
+
+
 async def test_an_unknown_queue_answers_no_tasks_after_the_wait(payments: AppClient) -> None:
     assert await poll(payments, queue="nobody-serves-this", wait="100ms") == []
 

@@ -76,6 +76,7 @@ class TaskQueues:
         self._leases: dict[int, asyncio.TimerHandle] = {}
         self._expiring: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[str, float]] = {}  # queue -> worker -> last poll
+        self._due_at: dict[int, float] = {}  # seq -> when it was committed and known due
         self._closed = False
 
     # -- the runner's side -----------------------------------------------------
@@ -104,6 +105,7 @@ class TaskQueues:
             else:
                 poll.answer.set_result(record)
         opened = Opened(record, asyncio.get_running_loop().create_future())
+        self._due_at.setdefault(record.seq, self._clock())
         self._open[record.seq] = opened
         self._by_process[task.process] = record.seq
         self._track(record)
@@ -123,6 +125,7 @@ class TaskQueues:
         """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
         seq = opened.record.seq
         self._open.pop(seq, None)
+        self._due_at.pop(seq, None)
         if opened.record.delivery is not None:
             self._deliveries.pop(opened.record.delivery, None)
         # Only a task someone waits on is handed out; a resumed process opens it again.
@@ -199,6 +202,11 @@ class TaskQueues:
             if released is not None:
                 self._disarm(record.seq)
                 self._track(released)
+
+    def due_at(self, record: TaskRecord) -> float | None:
+        """When the task was committed and known due to this queue (epoch seconds): the
+        start of its pickup latency, for workers that measure it."""
+        return self._due_at.get(record.seq)
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
         return self._answered(await self.store.complete(delivery, output, self._clock()))
@@ -349,13 +357,15 @@ def outcome(record: TaskRecord) -> CallResult:
     )
 
 
-def delivery_json(record: TaskRecord) -> dict[str, Any]:
+def delivery_json(record: TaskRecord, due_at: float | None = None) -> dict[str, Any]:
     """A claimed task as a poll hands it out (DESIGN.md §3). `lease` (seconds) beside the
-    `deadline` paces heartbeats without trusting the worker's clock to match the daemon's."""
+    `deadline` paces heartbeats without trusting the worker's clock to match the daemon's;
+    `due_at` is when it became due (pickup latency)."""
     payload: dict[str, Any] = orjson.loads(record.payload)
     return {
         "id": record.delivery,
         **payload,
         "deadline": record.lease_until,
         "lease": record.lease,
+        "due_at": due_at,
     }

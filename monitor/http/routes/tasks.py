@@ -3,6 +3,7 @@ answer them by delivery id. The queues themselves are workflows/tasks.py."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -16,7 +17,7 @@ from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.names import NAME_PATTERN
-from registry import Catalog, RegistryError, parse_duration
+from registry import Catalog, RegistryError, StoreUnavailable, parse_duration
 from workflows.abc import TaskRecord
 from workflows.tasks import StaleDelivery, TaskQueues, UnknownDelivery, delivery_json
 
@@ -25,6 +26,12 @@ DEFAULT_WAIT = 30.0
 MAX_TASKS = 100
 
 table = RouteTable()
+
+
+class Completion(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: Annotated[str, Field(pattern=NAME_PATTERN, description="a delivery of this queue")]
+    output: Any = Field(default=None, description="the step's output (JSON)")
 
 
 class PollBody(BaseModel):
@@ -43,6 +50,12 @@ class PollBody(BaseModel):
         description="answer with no tasks after this: a duration (30s) or seconds; at most 60s",
     )
     max: int = Field(default=10, ge=1, le=MAX_TASKS, description="at most this many tasks")
+    complete: list[Completion] = Field(
+        default_factory=list,
+        max_length=MAX_TASKS,
+        description="deliveries answered with their output, as POST /v1/tasks/{id}/complete "
+        "would, each committed before the poll answers: a worker saves a request per task",
+    )
 
     @field_validator("wait")
     @classmethod
@@ -85,10 +98,27 @@ class TaskDelivery(BaseModel):
     idempotency_key: str = Field(description="`<process>/<step>` (`.compensate` appended)")
     deadline: float = Field(description="the lease's end, epoch seconds; heartbeats renew it")
     lease: float = Field(description="the lease's length, seconds: heartbeat within it")
+    due_at: float | None = Field(
+        default=None,
+        description="when the task was committed and became due, epoch seconds (pickup latency)",
+    )
+
+
+class CarriedAnswer(BaseModel):
+    id: str
+    state: str | None = Field(default=None, description="done: the completion is committed")
+    error: dict[str, Any] | None = Field(
+        default=None,
+        description="as a complete's error: not_found (404), conflict (409), or unavailable "
+        "(503: not made, send it again)",
+    )
 
 
 class TaskBatch(BaseModel):
     tasks: list[TaskDelivery]
+    completed: list[CarriedAnswer] | None = Field(
+        default=None, description="the outcome of each `complete` the poll carried, if any"
+    )
 
 
 class CompleteBody(BaseModel):
@@ -149,11 +179,36 @@ class TaskRoutes:
                 self.catalog.heartbeat(body.queue, body.worker)
         alive = _connected(request)
         queues = self._queues()
-        claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max, alive)
+        # Together, so the completions and the claim share the writer's next commit; the
+        # answer (2xx) waits for both.
+        carried = [asyncio.ensure_future(self._carried(body.queue, c)) for c in body.complete]
+        try:
+            claimed = await queues.poll(body.queue, body.worker, body.seconds, body.max, alive)
+        finally:  # never cut short: an answer written must resolve its process's wait
+            answers = await asyncio.gather(*carried)
         if claimed and not alive():  # the worker went away: the tasks are due again, now
             await queues.release(claimed)
             claimed = []
-        return json_response({"tasks": [delivery_json(record) for record in claimed]})
+        answer: dict[str, Any] = {"tasks": [delivery_json(r, queues.due_at(r)) for r in claimed]}
+        if body.complete:
+            answer["completed"] = answers
+        return json_response(answer)
+
+    async def _carried(self, queue: str, completion: Completion) -> dict[str, Any]:
+        """A completion a poll carries: answered as its own POST would be (a delivery of
+        another queue is unknown here: the poll's scope covers only its own queue)."""
+        delivery, queues = completion.id, self._queues()
+        try:
+            if await queues.queue_of(delivery) != queue:
+                raise UnknownDelivery(f"no task delivery {delivery!r} on queue {queue!r}")
+            record = await queues.complete(delivery, completion.output)
+        except UnknownDelivery as exc:
+            return {"id": delivery, "error": {"code": "not_found", "message": str(exc)}}
+        except StaleDelivery as exc:
+            return {"id": delivery, "error": {"code": "conflict", "message": str(exc)}}
+        except StoreUnavailable as exc:  # not made: the worker sends it again
+            return {"id": delivery, "error": {"code": "unavailable", "message": str(exc)}}
+        return {"id": delivery, "state": record.state}
 
     @table.post(
         "/v1/tasks/{id}/complete",
