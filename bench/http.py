@@ -8,7 +8,10 @@ treats that answer as fatal measures nothing, so every bench writes through here
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,6 +30,20 @@ def retry_after(headers: Any) -> float:
     except ValueError:
         seconds = DEFAULT_RETRY_AFTER
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)
+
+
+def get_json(url: str, timeout: float = 30.0) -> Any:
+    """A blocking GET for a bench's polling loop, 429/503 waited out as `send` does: the
+    daemon sheds reads too while a burst (a recovery, a flood) outruns it."""
+    give_up = time.monotonic() + GIVE_UP_AFTER
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (the bench's)
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            if exc.code not in RETRY_STATUSES or time.monotonic() > give_up:
+                raise
+            time.sleep(retry_after(exc.headers))
 
 
 class Retries:

@@ -46,6 +46,7 @@ from typing import Any
 
 import yaml
 
+from bench.http import get_json
 from bench.probes import process
 from bench.processes import cpu_seconds
 from bench.registry import free_port
@@ -132,11 +133,6 @@ def write_config(workdir: Path, port: int) -> Path:
     path = workdir / "hms.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as resp:  # noqa: S310 (the bench's daemon)
-        return json.load(resp)
 
 
 def wait_deployed(url: str, limit: float = 30) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from bench.http import Retries, send
+from bench.http import Retries, get_json, send
 from bench.probes import nginx_config, process
 from bench.processes import cpu_seconds
 from bench.registry import BARE_SERVER, free_port, server
@@ -79,8 +79,7 @@ async def start_many(url: str, count: int, concurrency: int, wait: str | None = 
 
 
 def completed(url: str) -> int:
-    with urllib.request.urlopen(url + "/v1/workflows", timeout=30) as resp:  # noqa: S310
-        counts = json.load(resp)["workflows"][0]["counts"]
+    counts = get_json(url + "/v1/workflows")["workflows"][0]["counts"]
     return int(counts["completed"])
 
 
