@@ -6,6 +6,7 @@ mutates a live `Process` in place and hands it to `checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,21 @@ class Attempt:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskEnd:
+    """A worker's answer to a task's open claim, handed to the runner so the step's
+    checkpoint writes it: the task row ends in the same commit as the process row."""
+
+    delivery: str
+    state: str  # TaskState: done or failed
+    output: Any = None
+    error: str | None = None
+    retryable: bool = False
+    ended_at: float = 0.0
+    # Called by the checkpoint that wrote it, once committed: the worker gets its 2xx.
+    written: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
+
+
 @dataclass(slots=True, kw_only=True)
 class Process:
     """A process's checkpointed state (the row), plus its store sequence number."""
@@ -70,6 +86,7 @@ class Process:
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
+    task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
 
     @property
     def finished(self) -> bool:

@@ -103,9 +103,11 @@ class ProcessRunner:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, STORAGE_RETRY_MAX)
         except asyncio.CancelledError:
+            self._end_lost(process, StoreUnavailable("the daemon stops: answer not recorded"))
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
+            self._end_lost(process, exc)
             process.error = failure(None, f"internal error: {exc}")
             await self._finish(process, ProcessStatus.FAILED)
 
@@ -246,14 +248,18 @@ class ProcessRunner:
         opened = await self._tasks.open(new)
         try:
             if not forward:  # a compensation runs to its end, cancel or not
-                return outcome(await opened.outcome)
-            self._set_status(process, ProcessStatus.WAITING)
-            while not opened.outcome.done():
-                await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
-                if process.cancel_requested and not opened.outcome.done():
-                    ended = await self._cancel_task(opened)
-                    return outcome(ended) if ended is not None else None
-            return outcome(opened.outcome.result())
+                ended = await opened.outcome
+            else:
+                self._set_status(process, ProcessStatus.WAITING)
+                while not opened.outcome.done():
+                    await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
+                    if process.cancel_requested and not opened.outcome.done():
+                        cancelled = await self._cancel_task(opened)
+                        return outcome(cancelled) if cancelled is not None else None
+                ended = opened.outcome.result()
+            # A worker's answer handed over (not yet written): the next checkpoint writes it.
+            process.task_end = opened.end
+            return outcome(ended)
         finally:
             self._tasks.close_task(opened)
 
@@ -506,6 +512,13 @@ class ProcessRunner:
                 log.debug("process %s waits for storage (%.1fs)", process.id, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    def _end_lost(self, process: Process, error: BaseException) -> None:
+        """A handed-over answer that no checkpoint will write: its worker hears so (and
+        sends it again; the claim is still open in the table)."""
+        end, process.task_end = process.task_end, None
+        if end is not None and self._tasks is not None:
+            self._tasks.ended(end.delivery, error)
 
     def _set_status(self, process: Process, status: ProcessStatus) -> None:
         if process.status != status:

@@ -26,6 +26,8 @@ from workflows.records import (
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
+from .sqlite_tasks import write_end
+
 __all__ = ["SqliteWorkflowStore"]
 
 
@@ -255,12 +257,15 @@ class SqliteWorkflowStore:
         (a cancel's) does not write the same history rows again."""
         history, process.pending = process.pending, []
         taken, process.taken_signal = process.taken_signal, None
+        end, process.task_end = process.task_end, None
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
 
         def write(d: sqlite_utils.Database) -> None:
             d.conn.execute(_UPDATE, (*row, seq))
+            if end is not None:  # the worker's answer that ended the step, in its commit
+                write_end(d, end)
             if taken is not None:  # taken once: gone with the checkpoint of the step
                 d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
             if history:
@@ -291,7 +296,11 @@ class SqliteWorkflowStore:
             process.history_count -= len(history)  # not `= first`: another may have failed too
             if taken is not None and process.taken_signal is None:
                 process.taken_signal = taken
+            if end is not None and process.task_end is None:
+                process.task_end = end
             raise
+        if end is not None:
+            end.written()
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:

@@ -17,9 +17,10 @@ import sqlite_utils
 
 from registry import Transactor
 from workflows.abc import NewTask, Refusal, TaskRecord
+from workflows.records import TaskEnd
 from workflows.states import TaskState
 
-__all__ = ["SqliteTaskStore"]
+__all__ = ["SqliteTaskStore", "write_end"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -107,6 +108,19 @@ def _record(row: tuple[Any, ...]) -> TaskRecord:
 def _refusal(d: sqlite_utils.Database, delivery: str) -> Refusal:
     known = d.conn.execute("SELECT 1 FROM tasks WHERE delivery = ?", [delivery]).fetchone()
     return "stale" if known else "unknown"
+
+
+class ClaimLost(RuntimeError):
+    """A task end written with a checkpoint found its claim no longer open: the whole
+    checkpoint rolls back (the daemon's memory disagreed with the table)."""
+
+
+def write_end(d: sqlite_utils.Database, end: TaskEnd) -> None:
+    """End a claimed task inside another write's transaction (the step's checkpoint)."""
+    output = orjson.dumps(end.output).decode() if end.state == TaskState.DONE else None
+    args = (end.state, output, end.error, int(end.retryable), end.ended_at, end.delivery)
+    if d.conn.execute(_ANSWER, args).fetchone() is None:
+        raise ClaimLost(f"task delivery {end.delivery!r} is no longer an open claim")
 
 
 class SqliteTaskStore:
