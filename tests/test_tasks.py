@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -303,6 +304,40 @@ async def test_a_complete_s_200_comes_with_the_step_s_checkpoint(payments: AppCl
         ("reserve", "ok"),
         ("charge", "error"),
     ]
+
+
+async def test_a_cancel_racing_a_complete_leaves_no_task_open(
+    payments: AppClient, tmp_path: Path
+) -> None:
+    """The checkpoint that ends a step opens the next step's task; a cancel landing just
+    then cancels that task too: no worker gets it, and no task row stays open."""
+    ids = [await start(payments, n=n) for n in range(8)]
+    reserves = {t["process"]: t for t in await poll(payments, worker="w-test", max=8)}
+    assert sorted(reserves) == sorted(ids)
+
+    async def complete_and_cancel(process_id: str) -> None:
+        delivery = reserves[process_id]["id"]
+        answer = payments.post(f"/v1/tasks/{delivery}/complete", json={"output": {}})
+        cancel = payments.post(f"/v1/processes/{process_id}/cancel")
+        for resp in await asyncio.gather(answer, cancel):
+            assert resp.status in (200, 202, 409), await resp.text()
+
+    await asyncio.gather(*map(complete_and_cancel, ids))
+    ended: dict[str, str] = {}
+
+    async def all_ended() -> bool:  # compensations done as workers would do them
+        for task in await poll(payments, wait="0s", max=10):
+            assert task["task"] == "releaseFunds", task  # never the charge after the cancel
+            resp = await payments.post(f"/v1/tasks/{task['id']}/complete", json={})
+            assert resp.status == 200
+        for process_id in ids:
+            ended[process_id] = (await process(payments, process_id))["status"]
+        return set(ended.values()) <= {"cancelled", "compensated"}
+
+    await until(all_ended)
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        left = db.execute("SELECT key, state FROM tasks WHERE state IN ('due', 'claimed')")
+        assert left.fetchall() == []
 
 
 # -- answers, leases, failures ---------------------------------------------------------

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .states import FINAL, AttemptKind, AttemptOutcome, ProcessStatus
+
+if TYPE_CHECKING:  # abc.py imports this module
+    from .abc import NewTask, TaskRecord
 
 
 @dataclass(slots=True, kw_only=True)
@@ -58,6 +61,18 @@ class TaskEnd:
     written: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskOpen:
+    """The next step's task, opened by the checkpoint that ends the step before it (one
+    commit, not two); claimed at once for `claim_for` (lease from `now`) when a long poll
+    waits. `opened` gets the task as stored once that commit is done."""
+
+    task: NewTask
+    claim_for: str | None = None
+    now: float | None = None
+    opened: Callable[[TaskRecord, bool], None] = field(compare=False, repr=False)
+
+
 @dataclass(slots=True, kw_only=True)
 class Process:
     """A process's checkpointed state (the row), plus its store sequence number."""
@@ -87,6 +102,7 @@ class Process:
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
     task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
+    task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint
 
     @property
     def finished(self) -> bool:

@@ -113,6 +113,8 @@ class ProcessRunner:
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
+            if self._tasks is not None:  # the task the last checkpoint opened is not run
+                await self._tasks.unprepare(process.id)
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
@@ -153,6 +155,7 @@ class ProcessRunner:
             process.outputs[step.name] = result.output
             process.position += 1
             process.attempt = 0
+            self._open_next(definition, process)
             await self._checkpoint(process, ProcessStatus.RUNNING)
             self._step_done(definition, process, step.name)
             return
@@ -225,27 +228,9 @@ class ProcessRunner:
         the task was open; the task is cancelled too, its delivery answers 409."""
         if self._tasks is None:
             return CallResult(ok=False, error="task queues are not served", retryable=False)
-        key = f"{process.id}/{step.name}" + ("" if forward else ".compensate")
-        payload = {
-            "process": process.id,
-            "workflow": process.workflow,
-            "step": step.name,
-            "task": task.name,
-            "input": process.input,
-            "steps": process.outputs,
-            "attempt": attempt,
-            "idempotency_key": key,
-        }
-        new = NewTask(
-            process=process.id,
-            key=key,
-            attempt=attempt,
-            queue=definition.task_queue,
-            lease=step.timeout,
-            payload=orjson.dumps(payload),
-            created_at=self._clock(),
+        opened = await self._tasks.open(
+            self._new_task(definition, process, step, task, attempt, forward=forward)
         )
-        opened = await self._tasks.open(new)
         try:
             if not forward:  # a compensation runs to its end, cancel or not
                 ended = await opened.outcome
@@ -262,6 +247,52 @@ class ProcessRunner:
             return outcome(ended)
         finally:
             self._tasks.close_task(opened)
+
+    def _open_next(self, definition: Definition, process: Process) -> None:
+        """When the next step is a task step with no delay, the checkpoint ending this one
+        opens its task too: one commit where there were two."""
+        if (
+            self._tasks is None
+            or process.cancel_requested
+            or process.position >= len(definition.steps)
+        ):
+            return
+        step = definition.steps[process.position]
+        if not isinstance(step.action, Task) or step.delay:
+            return
+        new = self._new_task(definition, process, step, step.action, 1, forward=True)
+        process.task_open = self._tasks.prepare(new)
+
+    def _new_task(
+        self,
+        definition: Definition,
+        process: Process,
+        step: Step,
+        task: Task,
+        attempt: int,
+        *,
+        forward: bool,
+    ) -> NewTask:
+        key = f"{process.id}/{step.name}" + ("" if forward else ".compensate")
+        payload = {
+            "process": process.id,
+            "workflow": process.workflow,
+            "step": step.name,
+            "task": task.name,
+            "input": process.input,
+            "steps": process.outputs,
+            "attempt": attempt,
+            "idempotency_key": key,
+        }
+        return NewTask(
+            process=process.id,
+            key=key,
+            attempt=attempt,
+            queue=definition.task_queue,
+            lease=step.timeout,
+            payload=orjson.dumps(payload),
+            created_at=self._clock(),
+        )
 
     async def _cancel_task(self, opened: Opened) -> TaskRecord | None:
         """Cancel the open task, waiting out a storage failure: a cancelled process's

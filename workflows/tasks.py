@@ -24,7 +24,7 @@ from registry import StoreUnavailable
 
 from .abc import NewTask, Refusal, TaskRecord, TaskStore
 from .caller import CallResult
-from .records import TaskEnd
+from .records import TaskEnd, TaskOpen
 from .states import TaskState
 
 STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
@@ -81,6 +81,8 @@ class TaskQueues:
         self._due_at: dict[int, float] = {}  # seq -> when it was committed and known due
         # delivery -> (its task as answered, the commit of the checkpoint that writes it)
         self._handed: dict[str, tuple[TaskRecord, asyncio.Future[TaskRecord]]] = {}
+        # process id -> the task its last checkpoint opened (`prepare`), until `open`
+        self._prepared: dict[str, tuple[tuple[str, int], TaskRecord, bool, _Poll | None]] = {}
         self._closed = False
 
     # -- the runner's side -----------------------------------------------------
@@ -91,16 +93,22 @@ class TaskQueues:
 
         When a long poll is waiting on the queue, the task is created claimed for it, in
         the same commit (as Temporal's sync match): it reaches the worker as it becomes
-        due, with no second write."""
-        poll = self._waiting(task.queue)
-        if poll is None:
-            record, _ = await self.store.open(task)
+        due, with no second write. A task the step's checkpoint opened (`prepare`) is
+        taken as that commit left it."""
+        pre = self._prepared.pop(task.process, None)
+        if pre is not None and pre[0] == (task.key, task.attempt):
+            _, record, new, poll = pre
         else:
+            poll = self._waiting(task.queue)
             try:
-                record, new = await self.store.open(task, claim_for=poll.worker, now=self._clock())
+                record, new = await self.store.open(
+                    task, claim_for=poll.worker if poll else None, now=self._now(poll)
+                )
             except BaseException:
-                self._requeue(task.queue, poll)
+                if poll is not None:
+                    self._requeue(task.queue, poll)
                 raise
+        if poll is not None:
             if not new:  # found again (a restart): not claimed for this poll
                 self._requeue(task.queue, poll)
             elif poll.answer.done() or not poll.alive():  # nobody is there for the claim
@@ -114,6 +122,37 @@ class TaskQueues:
         self._by_process[task.process] = record.seq
         self._track(record)
         return opened
+
+    def prepare(self, task: NewTask) -> TaskOpen:
+        """The task for a checkpoint to open in its commit (the step before it just
+        ended); `open` then takes it with no write of its own. A long poll waiting is
+        taken now, as `open` takes it, and the task created claimed for it."""
+        poll = self._waiting(task.queue)
+
+        def opened(record: TaskRecord, new: bool) -> None:
+            self._prepared[task.process] = ((task.key, task.attempt), record, new, poll)
+
+        return TaskOpen(
+            task=task, claim_for=poll.worker if poll else None, now=self._now(poll), opened=opened
+        )
+
+    async def unprepare(self, process_id: str) -> None:
+        """The process will not run the task its checkpoint opened (it was cancelled
+        meanwhile): the task is cancelled, its poll (if it had one) waits on."""
+        pre = self._prepared.pop(process_id, None)
+        if pre is None:
+            return
+        (key, attempt), record, _, poll = pre
+        if poll is not None:  # its claim is cancelled with the task: the poll waits on
+            self._requeue(record.queue, poll)
+        try:
+            await self.store.cancel(key, attempt, self._clock())
+        except BaseException:  # tried again on the process's next turn
+            self._prepared.setdefault(process_id, (pre[0], record, False, None))
+            raise
+
+    def _now(self, poll: _Poll | None) -> float | None:
+        return self._clock() if poll is not None else None
 
     async def cancel(self, opened: Opened, now: float) -> TaskRecord | None:
         """Cancel the open task (its delivery answers 409 from now on); the task as it
