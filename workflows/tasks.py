@@ -325,7 +325,8 @@ class TaskQueues:
             handle.cancel()
         self._leases.clear()
         self._closed = True
-        for polls in self._polls.values():
+        held = [pre[3] for pre in self._prepared.values() if pre[3] is not None]
+        for polls in [*self._polls.values(), held]:
             for poll in polls:
                 if not poll.answer.done():
                     poll.answer.set_result(None)  # answered with no tasks
