@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
@@ -236,6 +237,107 @@ async def test_the_daemon_killed_mid_task_takes_the_workers_answer_after_restart
             ]
             async with http.post("/v1/tasks/poll", json={**body, "wait": "0s"}) as resp:
                 assert (await resp.json())["tasks"] == []  # nothing handed out twice
+
+
+async def test_the_daemon_killed_right_after_a_complete_s_200_has_the_step_done(
+    tmp_path: Path,
+) -> None:
+    """A 200 to a complete means the step's checkpoint (written with the task's end) is on
+    disk: after a SIGKILL the processes go on from the next step, and nothing is redone."""
+    with running_daemon(tmp_path, workflows=[task_workflow()]) as daemon:
+        body = {"queue": "payments", "worker": "w1", "wait": "10s", "max": 5}
+        async with aiohttp.ClientSession(daemon.url) as http:
+            for n in range(5):
+                async with http.post("/v1/workflows/Payment", json={"input": {"n": n}}) as resp:
+                    assert resp.status == 202
+            reserves: list[dict[str, Any]] = []
+            while len(reserves) < 5:
+                async with http.post("/v1/tasks/poll", json=body) as resp:
+                    reserves += (await resp.json())["tasks"]
+
+            async def complete(task: dict[str, Any]) -> int:
+                answer = {"output": {"reservation": task["process"]}}
+                async with http.post(f"/v1/tasks/{task['id']}/complete", json=answer) as resp:
+                    return resp.status
+
+            assert await asyncio.gather(*map(complete, reserves)) == [200] * 5
+            daemon.kill()  # at once: no shutdown code, nothing left to flush
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            charges: list[dict[str, Any]] = []
+            while len(charges) < 5:
+                async with http.post("/v1/tasks/poll", json=body) as resp:
+                    charges += (await resp.json())["tasks"]
+            assert {c["task"] for c in charges} == {"chargeCard"}
+            assert {c["process"]: c["steps"] for c in charges} == {
+                r["process"]: {"reserve": {"reservation": r["process"]}} for r in reserves
+            }
+            for task in reserves:
+                async with http.get(f"/v1/processes/{task['process']}") as resp:
+                    history = (await resp.json())["history"]
+                assert [(a["step"], a["outcome"]) for a in history] == [("reserve", "ok")]
+                async with http.post(f"/v1/tasks/{task['id']}/complete", json={}) as resp:
+                    assert resp.status == 409  # answered before the kill: not again
+
+
+async def test_a_complete_s_200_comes_with_the_step_s_checkpoint(payments: AppClient) -> None:
+    """The task's end is written with the process's checkpoint: once the worker has its
+    200 the process shows the step done; a second answer racing the first gets 409."""
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    path = f"/v1/tasks/{reserve['id']}/complete"
+    first, second = await asyncio.gather(
+        payments.post(path, json={"output": {"reservation": "r-1"}}),
+        payments.post(path, json={"output": {"reservation": "r-2"}}),
+    )
+    assert (first.status, second.status) == (200, 409)
+    seen = await process(payments, process_id)  # no wait: the 200 came after the commit
+    assert seen["outputs"] == {"reserve": {"reservation": "r-1"}}
+    assert [(a["step"], a["outcome"]) for a in seen["history"]] == [("reserve", "ok")]
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/heartbeat")
+    assert resp.status == 409
+    charge = await take(payments, "chargeCard")
+    resp = await payments.post(f"/v1/tasks/{charge['id']}/fail", json={"error": "no"})
+    assert resp.status == 200
+    failed = await process(payments, process_id)  # the failure is in the history already
+    assert [(a["step"], a["outcome"]) for a in failed["history"]][:2] == [
+        ("reserve", "ok"),
+        ("charge", "error"),
+    ]
+
+
+async def test_a_cancel_racing_a_complete_leaves_no_task_open(
+    payments: AppClient, tmp_path: Path
+) -> None:
+    """The checkpoint that ends a step opens the next step's task; a cancel landing just
+    then cancels that task too: no worker gets it, and no task row stays open."""
+    ids = [await start(payments, n=n) for n in range(8)]
+    reserves = {t["process"]: t for t in await poll(payments, worker="w-test", max=8)}
+    assert sorted(reserves) == sorted(ids)
+
+    async def complete_and_cancel(process_id: str) -> None:
+        delivery = reserves[process_id]["id"]
+        answer = payments.post(f"/v1/tasks/{delivery}/complete", json={"output": {}})
+        cancel = payments.post(f"/v1/processes/{process_id}/cancel")
+        for resp in await asyncio.gather(answer, cancel):
+            assert resp.status in (200, 202, 409), await resp.text()
+
+    await asyncio.gather(*map(complete_and_cancel, ids))
+    ended: dict[str, str] = {}
+
+    async def all_ended() -> bool:  # compensations done as workers would do them
+        for task in await poll(payments, wait="0s", max=10):
+            assert task["task"] == "releaseFunds", task  # never the charge after the cancel
+            resp = await payments.post(f"/v1/tasks/{task['id']}/complete", json={})
+            assert resp.status == 200
+        for process_id in ids:
+            ended[process_id] = (await process(payments, process_id))["status"]
+        return set(ended.values()) <= {"cancelled", "compensated"}
+
+    await until(all_ended)
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        left = db.execute("SELECT key, state FROM tasks WHERE state IN ('due', 'claimed')")
+        assert left.fetchall() == []
 
 
 # -- answers, leases, failures ---------------------------------------------------------

@@ -32,7 +32,8 @@ class ProcessStore(Protocol):
         ...
 
     async def checkpoint(self, process: Process) -> None:
-        """Store the process and its `pending` history (then emptied), atomically."""
+        """Store the process and its `pending` history (then emptied), atomically, with
+        its `task_end` (a worker's answer ending the task's open claim) when it has one."""
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""

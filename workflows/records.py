@@ -6,12 +6,16 @@ mutates a live `Process` in place and hands it to `checkpoint`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from .states import FINAL, AttemptKind, AttemptOutcome, ProcessStatus
+
+if TYPE_CHECKING:  # abc.py imports this module
+    from .abc import NewTask, TaskRecord
 
 
 @dataclass(slots=True, kw_only=True)
@@ -42,6 +46,33 @@ class Attempt:
         }
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskEnd:
+    """A worker's answer to a task's open claim, handed to the runner so the step's
+    checkpoint writes it: the task row ends in the same commit as the process row."""
+
+    delivery: str
+    state: str  # TaskState: done or failed
+    output: Any = None
+    error: str | None = None
+    retryable: bool = False
+    ended_at: float = 0.0
+    # Called by the checkpoint that wrote it, once committed: the worker gets its 2xx.
+    written: Callable[[], None] = field(default=lambda: None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TaskOpen:
+    """The next step's task, opened by the checkpoint that ends the step before it (one
+    commit, not two); claimed at once for `claim_for` (lease from `now`) when a long poll
+    waits. `opened` gets the task as stored once that commit is done."""
+
+    task: NewTask
+    claim_for: str | None = None
+    now: float | None = None
+    opened: Callable[[TaskRecord, bool], None] = field(compare=False, repr=False)
+
+
 @dataclass(slots=True, kw_only=True)
 class Process:
     """A process's checkpointed state (the row), plus its store sequence number."""
@@ -70,6 +101,8 @@ class Process:
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
+    task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
+    task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint
 
     @property
     def finished(self) -> bool:

@@ -103,14 +103,18 @@ class ProcessRunner:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, STORAGE_RETRY_MAX)
         except asyncio.CancelledError:
+            self._end_lost(process, StoreUnavailable("the daemon stops: answer not recorded"))
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
+            self._end_lost(process, exc)
             process.error = failure(None, f"internal error: {exc}")
             await self._finish(process, ProcessStatus.FAILED)
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
+            if self._tasks is not None:  # the task the last checkpoint opened is not run
+                await self._tasks.unprepare(process.id)
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
@@ -151,6 +155,7 @@ class ProcessRunner:
             process.outputs[step.name] = result.output
             process.position += 1
             process.attempt = 0
+            self._open_next(definition, process)
             await self._checkpoint(process, ProcessStatus.RUNNING)
             self._step_done(definition, process, step.name)
             return
@@ -223,6 +228,51 @@ class ProcessRunner:
         the task was open; the task is cancelled too, its delivery answers 409."""
         if self._tasks is None:
             return CallResult(ok=False, error="task queues are not served", retryable=False)
+        opened = await self._tasks.open(
+            self._new_task(definition, process, step, task, attempt, forward=forward)
+        )
+        try:
+            if not forward:  # a compensation runs to its end, cancel or not
+                ended = await opened.outcome
+            else:
+                self._set_status(process, ProcessStatus.WAITING)
+                while not opened.outcome.done():
+                    await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
+                    if process.cancel_requested and not opened.outcome.done():
+                        cancelled = await self._cancel_task(opened)
+                        return outcome(cancelled) if cancelled is not None else None
+                ended = opened.outcome.result()
+            # A worker's answer handed over (not yet written): the next checkpoint writes it.
+            process.task_end = opened.end
+            return outcome(ended)
+        finally:
+            self._tasks.close_task(opened)
+
+    def _open_next(self, definition: Definition, process: Process) -> None:
+        """When the next step is a task step with no delay, the checkpoint ending this one
+        opens its task too: one commit where there were two."""
+        if (
+            self._tasks is None
+            or process.cancel_requested
+            or process.position >= len(definition.steps)
+        ):
+            return
+        step = definition.steps[process.position]
+        if not isinstance(step.action, Task) or step.delay:
+            return
+        new = self._new_task(definition, process, step, step.action, 1, forward=True)
+        process.task_open = self._tasks.prepare(new)
+
+    def _new_task(
+        self,
+        definition: Definition,
+        process: Process,
+        step: Step,
+        task: Task,
+        attempt: int,
+        *,
+        forward: bool,
+    ) -> NewTask:
         key = f"{process.id}/{step.name}" + ("" if forward else ".compensate")
         payload = {
             "process": process.id,
@@ -234,7 +284,7 @@ class ProcessRunner:
             "attempt": attempt,
             "idempotency_key": key,
         }
-        new = NewTask(
+        return NewTask(
             process=process.id,
             key=key,
             attempt=attempt,
@@ -243,19 +293,6 @@ class ProcessRunner:
             payload=orjson.dumps(payload),
             created_at=self._clock(),
         )
-        opened = await self._tasks.open(new)
-        try:
-            if not forward:  # a compensation runs to its end, cancel or not
-                return outcome(await opened.outcome)
-            self._set_status(process, ProcessStatus.WAITING)
-            while not opened.outcome.done():
-                await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
-                if process.cancel_requested and not opened.outcome.done():
-                    ended = await self._cancel_task(opened)
-                    return outcome(ended) if ended is not None else None
-            return outcome(opened.outcome.result())
-        finally:
-            self._tasks.close_task(opened)
 
     async def _cancel_task(self, opened: Opened) -> TaskRecord | None:
         """Cancel the open task, waiting out a storage failure: a cancelled process's
@@ -506,6 +543,13 @@ class ProcessRunner:
                 log.debug("process %s waits for storage (%.1fs)", process.id, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    def _end_lost(self, process: Process, error: BaseException) -> None:
+        """A handed-over answer that no checkpoint will write: its worker hears so (and
+        sends it again; the claim is still open in the table)."""
+        end, process.task_end = process.task_end, None
+        if end is not None and self._tasks is not None:
+            self._tasks.ended(end.delivery, error)
 
     def _set_status(self, process: Process, status: ProcessStatus) -> None:
         if process.status != status:

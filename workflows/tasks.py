@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
@@ -24,6 +24,7 @@ from registry import StoreUnavailable
 
 from .abc import NewTask, Refusal, TaskRecord, TaskStore
 from .caller import CallResult
+from .records import TaskEnd, TaskOpen
 from .states import TaskState
 
 STORAGE_RETRY_MIN, STORAGE_RETRY_MAX = 0.1, 5.0
@@ -59,6 +60,7 @@ class Opened:
 
     record: TaskRecord
     outcome: asyncio.Future[TaskRecord]
+    end: TaskEnd | None = None  # the answer handed over: the runner's checkpoint writes it
 
 
 class TaskQueues:
@@ -77,6 +79,10 @@ class TaskQueues:
         self._expiring: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[str, float]] = {}  # queue -> worker -> last poll
         self._due_at: dict[int, float] = {}  # seq -> when it was committed and known due
+        # delivery -> (its task as answered, the commit of the checkpoint that writes it)
+        self._handed: dict[str, tuple[TaskRecord, asyncio.Future[TaskRecord]]] = {}
+        # process id -> the task its last checkpoint opened (`prepare`), until `open`
+        self._prepared: dict[str, tuple[tuple[str, int], TaskRecord, bool, _Poll | None]] = {}
         self._closed = False
 
     # -- the runner's side -----------------------------------------------------
@@ -87,16 +93,22 @@ class TaskQueues:
 
         When a long poll is waiting on the queue, the task is created claimed for it, in
         the same commit (as Temporal's sync match): it reaches the worker as it becomes
-        due, with no second write."""
-        poll = self._waiting(task.queue)
-        if poll is None:
-            record, _ = await self.store.open(task)
+        due, with no second write. A task the step's checkpoint opened (`prepare`) is
+        taken as that commit left it."""
+        pre = self._prepared.pop(task.process, None)
+        if pre is not None and pre[0] == (task.key, task.attempt):
+            _, record, new, poll = pre
         else:
+            poll = self._waiting(task.queue)
             try:
-                record, new = await self.store.open(task, claim_for=poll.worker, now=self._clock())
+                record, new = await self.store.open(
+                    task, claim_for=poll.worker if poll else None, now=self._now(poll)
+                )
             except BaseException:
-                self._requeue(task.queue, poll)
+                if poll is not None:
+                    self._requeue(task.queue, poll)
                 raise
+        if poll is not None:
             if not new:  # found again (a restart): not claimed for this poll
                 self._requeue(task.queue, poll)
             elif poll.answer.done() or not poll.alive():  # nobody is there for the claim
@@ -110,6 +122,37 @@ class TaskQueues:
         self._by_process[task.process] = record.seq
         self._track(record)
         return opened
+
+    def prepare(self, task: NewTask) -> TaskOpen:
+        """The task for a checkpoint to open in its commit (the step before it just
+        ended); `open` then takes it with no write of its own. A long poll waiting is
+        taken now, as `open` takes it, and the task created claimed for it."""
+        poll = self._waiting(task.queue)
+
+        def opened(record: TaskRecord, new: bool) -> None:
+            self._prepared[task.process] = ((task.key, task.attempt), record, new, poll)
+
+        return TaskOpen(
+            task=task, claim_for=poll.worker if poll else None, now=self._now(poll), opened=opened
+        )
+
+    async def unprepare(self, process_id: str) -> None:
+        """The process will not run the task its checkpoint opened (it was cancelled
+        meanwhile): the task is cancelled, its poll (if it had one) waits on."""
+        pre = self._prepared.pop(process_id, None)
+        if pre is None:
+            return
+        (key, attempt), record, _, poll = pre
+        if poll is not None:  # its claim is cancelled with the task: the poll waits on
+            self._requeue(record.queue, poll)
+        try:
+            await self.store.cancel(key, attempt, self._clock())
+        except BaseException:  # tried again on the process's next turn
+            self._prepared.setdefault(process_id, (pre[0], record, False, None))
+            raise
+
+    def _now(self, poll: _Poll | None) -> float | None:
+        return self._clock() if poll is not None else None
 
     async def cancel(self, opened: Opened, now: float) -> TaskRecord | None:
         """Cancel the open task (its delivery answers 409 from now on); the task as it
@@ -209,13 +252,43 @@ class TaskQueues:
         return self._due_at.get(record.seq)
 
     async def complete(self, delivery: str, output: Any) -> TaskRecord:
-        return self._answered(await self.store.complete(delivery, output, self._clock()))
+        await self._settled(delivery)
+        now = self._clock()
+        end = TaskEnd(delivery=delivery, state=TaskState.DONE, output=output, ended_at=now)
+        handed = self._hand(end)
+        if handed is not None:
+            return await asyncio.shield(handed)
+        return self._answered(await self.store.complete(delivery, output, now))
 
     async def fail(self, delivery: str, error: str, retryable: bool) -> TaskRecord:
-        return self._answered(await self.store.fail(delivery, error, retryable, self._clock()))
+        await self._settled(delivery)
+        now = self._clock()
+        end = TaskEnd(
+            delivery=delivery,
+            state=TaskState.FAILED,
+            error=error,
+            retryable=retryable,
+            ended_at=now,
+        )
+        handed = self._hand(end)
+        if handed is not None:
+            return await asyncio.shield(handed)
+        return self._answered(await self.store.fail(delivery, error, retryable, now))
 
     async def heartbeat(self, delivery: str) -> TaskRecord:
+        await self._settled(delivery)
         return self._answered(await self.store.heartbeat(delivery, self._clock()))
+
+    def ended(self, delivery: str, error: BaseException | None = None) -> None:
+        """The checkpoint that writes the answer to `delivery` committed (or, `error`,
+        none will: the answer was not recorded and the worker sends it again)."""
+        handed = self._handed.pop(delivery, None)
+        if handed is None or handed[1].done():
+            return
+        if error is None:
+            handed[1].set_result(handed[0])
+        else:
+            handed[1].set_exception(error)
 
     async def queue_of(self, delivery: str) -> str | None:
         """The queue a delivery's task is on (its scope is `work:<queue>`); None: unknown."""
@@ -245,16 +318,62 @@ class TaskQueues:
 
     def close(self) -> None:
         """At daemon stop: timers go; the stored leases are re-armed on the next start."""
+        stopping = StoreUnavailable("the daemon stops: the answer is not recorded, send it again")
+        for delivery in list(self._handed):
+            self.ended(delivery, stopping)
         for handle in self._leases.values():
             handle.cancel()
         self._leases.clear()
         self._closed = True
-        for polls in self._polls.values():
+        held = [pre[3] for pre in self._prepared.values() if pre[3] is not None]
+        for polls in [*self._polls.values(), held]:
             for poll in polls:
                 if not poll.answer.done():
                     poll.answer.set_result(None)  # answered with no tasks
 
     # -- inside ----------------------------------------------------------------
+
+    def _hand(self, end: TaskEnd) -> asyncio.Future[TaskRecord] | None:
+        """Hand a worker's answer to the runner waiting on its task, whose next checkpoint
+        writes it with the step's outcome: one commit where there were two. The answer is
+        2xx only once that commit is done (the future). None: nobody here waits on that
+        claim, or its lease has fired (an expiry may be on its way to the table): the
+        answer is written by itself, as the table decides."""
+        seq = self._deliveries.get(end.delivery)
+        opened = self._open.get(seq) if seq is not None else None
+        if (
+            seq is None
+            or opened is None
+            or opened.outcome.done()
+            or opened.record.delivery != end.delivery
+            or opened.record.state != TaskState.CLAIMED
+            or seq not in self._leases
+        ):
+            return None
+        record = replace(
+            opened.record,
+            state=TaskState(end.state),
+            output=end.output,
+            error=end.error,
+            retryable=end.retryable,
+        )
+        committed: asyncio.Future[TaskRecord] = asyncio.get_running_loop().create_future()
+        self._handed[end.delivery] = (record, committed)
+        delivery = end.delivery
+        end = replace(end, written=lambda: self.ended(delivery))
+        del self._deliveries[end.delivery]
+        self._disarm(seq)
+        opened.record, opened.end = record, end
+        opened.outcome.set_result(record)
+        self._wake(record.process)
+        return committed
+
+    async def _settled(self, delivery: str) -> None:
+        """Wait out an answer to `delivery` handed to its runner and not yet committed: a
+        second answer meets the table as that commit left it (409 once it is written)."""
+        handed = self._handed.get(delivery)
+        if handed is not None:
+            await asyncio.wait([handed[1]])
 
     def _answered(self, answer: TaskRecord | Refusal) -> TaskRecord:
         if answer == "unknown":

@@ -15,6 +15,7 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
+from workflows.abc import TaskRecord
 from workflows.records import (
     Attempt,
     NewEvent,
@@ -25,6 +26,8 @@ from workflows.records import (
     stored_failure,
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
+
+from .sqlite_tasks import open_in, write_end
 
 __all__ = ["SqliteWorkflowStore"]
 
@@ -255,12 +258,16 @@ class SqliteWorkflowStore:
         (a cancel's) does not write the same history rows again."""
         history, process.pending = process.pending, []
         taken, process.taken_signal = process.taken_signal, None
+        end, process.task_end = process.task_end, None
+        opening, process.task_open = process.task_open, None
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
 
-        def write(d: sqlite_utils.Database) -> None:
+        def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool] | None:
             d.conn.execute(_UPDATE, (*row, seq))
+            if end is not None:  # the worker's answer that ended the step, in its commit
+                write_end(d, end)
             if taken is not None:  # taken once: gone with the checkpoint of the step
                 d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
             if history:
@@ -283,15 +290,26 @@ class SqliteWorkflowStore:
                         for n, a in enumerate(history)
                     ],
                 )
+            if opening is None:
+                return None
+            return open_in(d, opening.task, opening.claim_for, opening.now)
 
         try:
-            await self._db.write(write)
+            opened = await self._db.write(write)
         except BaseException:
             process.pending[:0] = history
             process.history_count -= len(history)  # not `= first`: another may have failed too
             if taken is not None and process.taken_signal is None:
                 process.taken_signal = taken
+            if end is not None and process.task_end is None:
+                process.task_end = end
+            if opening is not None and process.task_open is None:
+                process.task_open = opening
             raise
+        if end is not None:
+            end.written()
+        if opening is not None and opened is not None:
+            opening.opened(*opened)
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:

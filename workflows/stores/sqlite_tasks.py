@@ -17,9 +17,10 @@ import sqlite_utils
 
 from registry import Transactor
 from workflows.abc import NewTask, Refusal, TaskRecord
+from workflows.records import TaskEnd
 from workflows.states import TaskState
 
-__all__ = ["SqliteTaskStore"]
+__all__ = ["SqliteTaskStore", "open_in", "write_end"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -109,6 +110,43 @@ def _refusal(d: sqlite_utils.Database, delivery: str) -> Refusal:
     return "stale" if known else "unknown"
 
 
+class ClaimLost(RuntimeError):
+    """A task end written with a checkpoint found its claim no longer open: the whole
+    checkpoint rolls back (the daemon's memory disagreed with the table)."""
+
+
+def write_end(d: sqlite_utils.Database, end: TaskEnd) -> None:
+    """End a claimed task inside another write's transaction (the step's checkpoint)."""
+    output = orjson.dumps(end.output).decode() if end.state == TaskState.DONE else None
+    args = (end.state, output, end.error, int(end.retryable), end.ended_at, end.delivery)
+    if d.conn.execute(_ANSWER, args).fetchone() is None:
+        raise ClaimLost(f"task delivery {end.delivery!r} is no longer an open claim")
+
+
+def open_in(
+    d: sqlite_utils.Database, task: NewTask, claim_for: str | None, now: float | None
+) -> tuple[TaskRecord, bool]:
+    """`SqliteTaskStore.open` inside a transaction (its own, or the step's checkpoint)."""
+    claimed = now is not None
+    args = (
+        task.process,
+        task.key,
+        task.attempt,
+        task.queue,
+        TaskState.CLAIMED if claimed else TaskState.DUE,
+        task.lease,
+        task.payload,
+        task.created_at,
+        secrets.token_hex(12) if claimed else None,
+        claim_for if claimed else None,
+        now + task.lease if now is not None else None,
+    )
+    row = d.conn.execute(_OPEN, args).fetchone()
+    if row is not None:
+        return _record(row), True
+    return _record(d.conn.execute(_SELECT_TASK, (task.key, task.attempt)).fetchone()), False
+
+
 class SqliteTaskStore:
     """The `TaskStore` (workflows/abc.py) in the daemon's SQLite file. Every write goes
     through the group-committing writer, so a busy queue shares fsyncs with the steps."""
@@ -126,28 +164,7 @@ class SqliteTaskStore:
     async def open(
         self, task: NewTask, *, claim_for: str | None = None, now: float | None = None
     ) -> tuple[TaskRecord, bool]:
-        claimed = now is not None
-        args = (
-            task.process,
-            task.key,
-            task.attempt,
-            task.queue,
-            TaskState.CLAIMED if claimed else TaskState.DUE,
-            task.lease,
-            task.payload,
-            task.created_at,
-            secrets.token_hex(12) if claimed else None,
-            claim_for if claimed else None,
-            now + task.lease if now is not None else None,
-        )
-
-        def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool]:
-            row = d.conn.execute(_OPEN, args).fetchone()
-            if row is not None:
-                return _record(row), True
-            return _record(d.conn.execute(_SELECT_TASK, (task.key, task.attempt)).fetchone()), False
-
-        return await self._db.write(write)
+        return await self._db.write(lambda d: open_in(d, task, claim_for, now))
 
     async def release(self, delivery: str) -> TaskRecord | None:
         def write(d: sqlite_utils.Database) -> TaskRecord | None:
