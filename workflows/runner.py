@@ -145,8 +145,12 @@ class ProcessRunner:
         attempt = process.attempt + 1
         if isinstance(step.action, Task):
             task = await self._task(definition, process, step, step.action, attempt, forward=True)
-            if task is None:
-                return  # cancelled while open: the next turn compensates
+            if task is None:  # cancelled while open: the next turn compensates
+                cancelled = CallResult(
+                    ok=False, error="cancelled while its task was open", retryable=False
+                )
+                self._record(process, step.name, AttemptKind.TASK, attempt, started, cancelled)
+                return
             result = task
         else:
             result = await self._act(process, step)
