@@ -32,8 +32,8 @@ from pydantic import (
 )
 from pydantic.fields import FieldInfo
 
-from monitor.probing.conditions import ConditionError, parse_condition
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
+from registry.conditions import ConditionError, parse_condition
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates

@@ -5,6 +5,13 @@ from registry.stores.sqlite import SqliteRegistryStore, Transactor
 
 from .catalog import Catalog, Clock, HealthSource, InstanceStatus, SystemClock
 from .changes import Change, ChangeKind
+from .conditions import (
+    Condition,
+    ConditionError,
+    parse_condition,
+    parse_conditions,
+    parse_context_condition,
+)
 from .durations import format_duration, parse_duration
 from .errors import Conflict, Overloaded, RegistryError, StoreUnavailable, UnknownInstance
 from .model import (
@@ -24,6 +31,8 @@ __all__ = [
     "Change",
     "ChangeKind",
     "Clock",
+    "Condition",
+    "ConditionError",
     "Conflict",
     "Duration",
     "HealthSource",
@@ -45,5 +54,8 @@ __all__ = [
     "Transactor",
     "UnknownInstance",
     "format_duration",
+    "parse_condition",
+    "parse_conditions",
+    "parse_context_condition",
     "parse_duration",
 ]

@@ -7,7 +7,13 @@ from typing import Any
 
 import pytest
 
-from monitor.probing import ConditionError, ProbeResult, parse_condition, parse_conditions
+from monitor.probing import ProbeResult
+from registry.conditions import (
+    ConditionError,
+    parse_condition,
+    parse_conditions,
+    parse_context_condition,
+)
 
 
 def result(
@@ -110,3 +116,56 @@ def test_every_bad_condition_is_named() -> None:
         parse_conditions(["[STATUS] == 200", "[NOPE] == 1", "[STATUS] ~ 2"])
     assert "conditions[1]" in str(caught.value)
     assert "conditions[2]" in str(caught.value)
+
+
+CONTEXT = {
+    "input": {"amount": 1200, "parent_id": "P-7", "tags": ["a", "b"]},
+    "steps": {"validate": {"priority": "urgent", "passed": True}},
+    "process": {"id": "p-1"},
+}
+
+
+@pytest.mark.parametrize(
+    ("condition", "holds"),
+    [
+        ("[steps.validate.priority] == urgent", True),
+        ("[steps.validate.priority] != urgent", False),
+        ("[steps.validate.passed] == true", True),
+        ("[input.amount] > 1000", True),
+        ("[input.amount] <= 1000", False),
+        ("[input.tags[1]] == b", True),
+        ("len([input.tags]) == 2", True),
+        ("has([input.parent_id]) == true", True),
+        ("has([steps.escalate.sent]) == true", False),
+        ("[input.parent_id] == pat(P-*)", True),
+        ("[process.id] == p-1", True),
+        ("[steps.skipped.x] == 1", False),
+    ],
+)
+def test_workflow_conditions_read_input_steps_and_process(condition: str, holds: bool) -> None:
+    assert parse_context_condition(condition).check_context(CONTEXT)[0] is holds
+
+
+def test_a_workflow_condition_says_what_it_saw() -> None:
+    condition = parse_context_condition("[steps.validate.priority] == low")
+    assert condition.check_context(CONTEXT) == (False, "urgent")
+    assert parse_context_condition("[input.nope] == 1").check_context(CONTEXT) == (
+        False,
+        "missing",
+    )
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        "[STATUS] == 200",  # an answer's placeholder: no answer in a process
+        "[steps] == 1",  # which step?
+        "[process.name] == x",
+        "[input.amount] ~ 3",
+        "[input.amount] < high",
+        "[inputs.amount] == 1",
+    ],
+)
+def test_bad_workflow_conditions_are_refused(condition: str) -> None:
+    with pytest.raises(ConditionError):
+        parse_context_condition(condition)

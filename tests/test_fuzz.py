@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.config import Config, ConfigError, parse_config
-from monitor.probing import ConditionError, ProbeResult, parse_condition
+from monitor.probing import ProbeResult
+from registry.conditions import ConditionError, parse_condition
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -12,24 +12,19 @@ from monitor.exports import lazy_exports
 
 if TYPE_CHECKING:
     from .abc import ProbeContext, ProbeKind
-    from .conditions import ConditionError, parse_condition, parse_conditions
     from .probe import Probe, ProbeResult, resolve_probe
     from .prober import Prober
 
 __all__ = [
-    "ConditionError",
     "Probe",
     "ProbeContext",
     "ProbeKind",
     "ProbeResult",
     "Prober",
-    "parse_condition",
-    "parse_conditions",
     "resolve_probe",
 ]
 
-_HOMES = dict.fromkeys(["ConditionError", "parse_condition", "parse_conditions"], ".conditions")
-_HOMES |= dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
+_HOMES = dict.fromkeys(["Probe", "ProbeResult", "resolve_probe"], ".probe")
 _HOMES |= dict.fromkeys(["ProbeContext", "ProbeKind"], ".abc")
 _HOMES["Prober"] = ".prober"
 

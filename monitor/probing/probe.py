@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from monitor.probing.conditions import MISSING, Condition, parse_conditions
 from registry import ProbeSpec, ProbeType
+from registry.conditions import MISSING, Condition, parse_conditions
 
 DEFAULT_MAX_BODY = 64 * 1024
 

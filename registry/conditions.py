@@ -1,12 +1,19 @@
-"""The condition language of probes (DESIGN.md §2), parsed once, evaluated per result.
+"""The condition language (DESIGN.md §2), parsed once, evaluated per result.
+
+Probes and a call step's `expect:` judge an answer:
 
     [STATUS] == 200            [RESPONSE_TIME] < 300ms      [BODY].status == UP
     len([BODY].items) > 0      has([BODY].errors) == false  [BODY].name == pat(hms-*)
     [CONNECTED] == true        [CERTIFICATE_EXPIRATION] > 48h
 
-A condition that cannot be parsed is refused where it is written (a config
-error or a 422), never at probe time. When one fails, it says what it saw:
-`[STATUS] == 200 (got 503)`.
+A workflow step's `when:` judges the process so far (`parse_context_condition`):
+
+    [steps.validate.priority] == urgent     [input.amount] > 1000     has([input.parent_id])
+
+It lives in the registry, the lowest room, because a registration carries probe
+conditions and workflows need the same language. A condition that cannot be parsed is
+refused where it is written (a config error or a 422), never at probe or run time. When
+one fails, it says what it saw: `[STATUS] == 200 (got 503)`.
 """
 
 from __future__ import annotations
@@ -15,12 +22,12 @@ import enum
 import json
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
 
-from registry import parse_duration
+from .durations import parse_duration
 
 MISSING: Any = object()
 
@@ -67,6 +74,9 @@ _PLACEHOLDER = re.compile(
     r"\[(STATUS|RESPONSE_TIME|BODY|CONNECTED|CERTIFICATE_EXPIRATION)\]"
     r"((?:\.[A-Za-z0-9_\-]+|\[\d+\])*)"
 )
+# `[input.a.b]`, `[steps.name.field]`, `[process.id]`: the path is inside the brackets
+# (DESIGN.md §2), the names the templates read (workflows/describe.py template_context).
+_CONTEXT = re.compile(r"\[(input|steps|process)((?:\.[A-Za-z0-9_\-]+|\[\d+\])*)\]")
 _PATH_PART = re.compile(r"\.([A-Za-z0-9_\-]+)|\[(\d+)\]")
 _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
@@ -75,7 +85,7 @@ _NUMBER = re.compile(r"-?\d+(\.\d+)?")
 class Operand:
     """The left side: a placeholder, maybe a JSON path, maybe inside len() or has()."""
 
-    placeholder: str
+    placeholder: str  # STATUS, BODY, ...; or input, steps, process (a workflow condition)
     path: tuple[str | int, ...]
     function: str | None  # None, "len" or "has"
 
@@ -92,7 +102,12 @@ class Operand:
         return Kind.ANY if self.path else Kind.TEXT
 
     def observe(self, result: Observation) -> Any:
-        value = self._raw(result)
+        return self._apply(self._raw(result))
+
+    def observe_context(self, context: Mapping[str, Any]) -> Any:
+        return self._apply(_follow(context.get(self.placeholder, MISSING), self.path))
+
+    def _apply(self, value: Any) -> Any:
         if self.function == "has":
             return value is not MISSING
         if self.function == "len":
@@ -117,6 +132,8 @@ class Operand:
 
 
 def _follow(value: Any, path: tuple[str | int, ...]) -> Any:
+    if value is MISSING:
+        return MISSING
     for part in path:
         if isinstance(part, int):
             if not isinstance(value, list) or part >= len(value):
@@ -139,7 +156,13 @@ class Condition:
 
     def check(self, result: Observation) -> tuple[bool, str]:
         """(holds, what was observed), the latter in the condition's own units."""
-        observed = self.left.observe(result)
+        return self._judge(self.left.observe(result))
+
+    def check_context(self, context: Mapping[str, Any]) -> tuple[bool, str]:
+        """A workflow condition over `{"input", "steps", "process"}`: (holds, what was seen)."""
+        return self._judge(self.left.observe_context(context))
+
+    def _judge(self, observed: Any) -> tuple[bool, str]:
         if observed is MISSING:
             return False, "missing"
         if self.pattern is not None:
@@ -167,13 +190,25 @@ def parse_conditions(texts: Sequence[str]) -> tuple[Condition, ...]:
 
 
 def parse_condition(text: str) -> Condition:
+    """A condition over an answer (a probe's result, a call's response)."""
+    return _parse(text, context=False)
+
+
+def parse_context_condition(text: str) -> Condition:
+    """A condition over a process: `[input.x]`, `[steps.<name>.field]`, `[process.id]`."""
+    return _parse(text, context=True)
+
+
+def _parse(text: str, *, context: bool) -> Condition:
+    if not isinstance(text, str):
+        raise ConditionError(f"{text!r}: a condition is a string")
     parts = _SPLIT.split(text.strip(), maxsplit=1)
     if len(parts) != 3 or not parts[0] or not parts[2]:
         raise ConditionError(
             f"{text!r}: expected <placeholder> <op> <value>, op one of == != < <= > >="
         )
     left_text, op, right_text = parts
-    left = _parse_left(text, left_text)
+    left = _parse_context_left(text, left_text) if context else _parse_left(text, left_text)
     pattern = None
     expected: Any = None
     match = re.fullmatch(r"pat\((.*)\)", right_text)
@@ -205,6 +240,26 @@ def _parse_left(text: str, left: str) -> Operand:
     path = tuple(int(index) if index else key for key, index in _PATH_PART.findall(path_text))
     if function == "has" and name != "BODY":
         raise ConditionError(f"{text!r}: has() applies to [BODY] paths")
+    return Operand(placeholder=name, path=path, function=function)
+
+
+def _parse_context_left(text: str, left: str) -> Operand:
+    function = None
+    match = re.fullmatch(r"(len|has)\((.*)\)", left)
+    if match:
+        function, left = match.group(1), match.group(2).strip()
+    reference = _CONTEXT.fullmatch(left)
+    if reference is None:
+        raise ConditionError(
+            f"{text!r}: unknown reference {left!r} (use [input.<field>], "
+            "[steps.<step>.<field>], [process.id], len(...), has(...))"
+        )
+    name, path_text = reference.group(1), reference.group(2)
+    path = tuple(int(index) if index else key for key, index in _PATH_PART.findall(path_text))
+    if name == "steps" and (not path or not isinstance(path[0], str)):
+        raise ConditionError(f"{text!r}: name the step: [steps.<step>.<field>]")
+    if name == "process" and path != ("id",):
+        raise ConditionError(f"{text!r}: a process offers [process.id] only")
     return Operand(placeholder=name, path=path, function=function)
 
 
