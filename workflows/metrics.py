@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
@@ -167,3 +167,36 @@ def task_queues(definitions: Iterable[Definition]) -> set[str]:
         for step in definition.steps
         if isinstance(step.action, Task) or isinstance(step.compensate, Task)
     }
+
+
+class ResourceCollector(Collector):
+    """`hms_resource_in_use{resource}` (units held) and `hms_resource_waiting{resource}`
+    (requests queued) from the pool's memory (workflows/resources.py), for the resources
+    the config defines: a series per resource, at zero when idle."""
+
+    def __init__(
+        self,
+        capacities: Callable[[], Mapping[str, int]],
+        in_use: Callable[[], Mapping[str, int]],
+        waiting: Callable[[], Mapping[str, int]],
+    ) -> None:
+        self._capacities, self._in_use, self._waiting = capacities, in_use, waiting
+
+    def collect(self) -> Iterator[Metric]:
+        names = sorted(self._capacities())
+        in_use, waiting = self._in_use(), self._waiting()
+        held = GaugeMetricFamily(
+            "hms_resource_in_use",
+            "Units of the resource held by processes (across its keys).",
+            labels=["resource"],
+        )
+        queued = GaugeMetricFamily(
+            "hms_resource_waiting",
+            "Processes waiting for units of the resource.",
+            labels=["resource"],
+        )
+        for name in names:
+            held.add_metric([name], in_use.get(name, 0))
+            queued.add_metric([name], waiting.get(name, 0))
+        yield held
+        yield queued
