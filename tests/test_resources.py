@@ -406,3 +406,33 @@ async def test_a_reload_changes_the_capacity_for_new_grants(
     await until(lambda: _waits_for(client, second, "signal"))
     assert (await described(client, first))["waiting_for"]["kind"] == "signal"
     assert await gauges(client) == ({"lanes": 2}, {"lanes": 0})
+
+
+async def test_the_sdk_builder_deploys_a_step_that_acquires(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    from hms_mgmt import DefinitionError, Workflow, acquire, wait_for
+
+    built = Workflow("Sdk").step(
+        "park", wait_for(signal="go"), acquire=acquire("lanes", key="{input.p}")
+    )
+    assert built.definition()["steps"][0]["acquire"] == {
+        "resource": "lanes",
+        "units": 1,
+        "key": "{input.p}",
+    }
+    as_dict = Workflow("Sdk").step("park", wait_for(signal="go"), acquire={"resource": "lanes"})
+    assert as_dict.definition()["steps"][0]["acquire"] == {"resource": "lanes", "units": 1}
+    with pytest.raises(DefinitionError):
+        acquire("lanes", units=0)
+    with pytest.raises(DefinitionError):
+        Workflow("Sdk").step("park", wait_for(signal="go"), acquire={"resource": "l", "n": 1})
+
+    client = await start_daemon(make_config(**contended(1)))
+    resp = await client.put("/v1/workflows/Sdk", json=built.definition())
+    assert resp.status == 201, await resp.text()
+    first = await started(client, "Sdk", {"p": "P-7"})
+    second = await started(client, "Sdk", {"p": "P-7"})
+    await until(lambda: _waits_for(client, first, "signal"))
+    await until(lambda: _waits_for(client, second, "resource"))
+    assert (await described(client, second))["waiting_for"]["detail"] == "lanes key P-7: 0 ahead"
