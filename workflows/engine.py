@@ -120,7 +120,7 @@ class Engine:
         )
         # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
         self.resources = (
-            ResourcePool(resource_store, resources, wake=self._wakeups.wake)
+            ResourcePool(resource_store, resources, wake=self._wakeups.wake, clock=clock)
             if resource_store is not None
             else None
         )

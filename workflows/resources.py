@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class Request:
     granted: bool = False
     refused: str | None = None
     taken: bool = False  # granted in memory: counted in use, maybe not yet committed
+    freed_at: float | None = None  # a waiter's grant: when the release that freed it began
 
     def hold(self) -> Hold:
         return Hold(
@@ -85,8 +87,9 @@ class ResourcePool:
         resources: Iterable[Resource] = (),
         *,
         wake: Callable[[str], None] = lambda process_id: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store, self._wake = store, wake
+        self.store, self._wake, self._clock = store, wake, clock
         # In force (config.yaml's `resources`); `_capacities` also keeps each one removed
         # since, for the processes that hold or wait for it.
         self.capacities: dict[str, int] = {r.name: r.capacity for r in resources}
@@ -195,7 +198,7 @@ class ResourcePool:
         slot.queue.remove(request)
         self._count(self.waiting, request.resource, -1)
         self._requests.get(request.process, {}).pop(request.step, None)
-        granted = self._grant(request.resource, request.key)
+        granted = self._grant(request.resource, request.key, self._clock())
         await self._settle(left=[(request.process, request.step)], granted=granted)
         self._granted(granted)
 
@@ -206,6 +209,7 @@ class ResourcePool:
         requests = self._requests.pop(process, None)
         if not requests:
             return
+        now = self._clock()
         touched: set[tuple[str, str | None]] = set()
         for request in requests.values():
             slot = self._slot(request.resource, request.key)
@@ -216,7 +220,7 @@ class ResourcePool:
                 slot.queue.remove(request)
                 self._count(self.waiting, request.resource, -1)
             touched.add((request.resource, request.key))
-        granted = [g for resource, key in touched for g in self._grant(resource, key)]
+        granted = [g for resource, key in touched for g in self._grant(resource, key, now)]
         await self._settle(released=[process], granted=granted)
         self._granted(granted)
 
@@ -247,7 +251,9 @@ class ResourcePool:
         request.taken = True
         self._count(self.in_use, request.resource, request.units)
 
-    def _grant(self, resource: str, key: str | None) -> list[Request]:
+    def _grant(
+        self, resource: str, key: str | None, freed_at: float | None = None
+    ) -> list[Request]:
         """Take units for the waiters at the head of the queue while they fit; a head that
         can never fit (its resource shrank below it) is refused, not left to block."""
         slot = self._slots.get((resource, key))
@@ -268,6 +274,7 @@ class ResourcePool:
             slot.queue.popleft()
             self._count(self.waiting, resource, -1)
             self._take(slot, head)
+            head.freed_at = freed_at
             granted.append(head)
         if not slot.queue and not slot.in_use:
             del self._slots[(resource, key)]  # keys are unbounded: keep only live ones

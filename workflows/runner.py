@@ -437,6 +437,10 @@ class ProcessRunner:
                     self._set_status(process, ProcessStatus.WAITING)
                     await self._wakeups.sleep(process, None)  # woken by its grant or a cancel
                 if request.granted:  # held until the process ends, cancelled or not
+                    if request.freed_at is not None:  # it waited: its handover's latency
+                        seconds = self._clock() - request.freed_at
+                        self._metrics.granted(acquire.resource, seconds)
+                        request.freed_at = None
                     return not process.cancel_requested
                 error = request.refused
         result = CallResult(ok=False, error=error, retryable=False)
