@@ -144,18 +144,31 @@ async def test_ten_processes_share_two_units_in_fifo_order(
     lanes: tuple[Lanes, str],
 ) -> None:
     service, url = lanes
-    service.gate.set()
     config = make_config(
         services=[{"name": "lanes", "instances": [{"id": "l1", "url": url}]}], **contended(2)
     )
     client = await real_daemon(config)
     ids = [await started(client, "Contended", {"n": n}) for n in range(10)]
+    await until(lambda: _gauges_equal(client, ({"lanes": 2}, {"lanes": 8})))
+    service.gate.set()  # the two holders answer, and each release lets the next one in
     done = [await reaches(client, i, "completed", "failed") for i in ids]
     assert {d["status"] for d in done} == {"completed"}
     assert service.most == 2
+    assert service.order[:2] == [0, 1]
     starts = [d["history"][0]["started_at"] for d in done]  # each step's start: its grant
     assert starts == sorted(starts)
     assert await gauges(client) == ({"lanes": 0}, {"lanes": 0})
+    families = await metric_families(client)
+    [count] = [
+        s.value for s in families["hms_resource_grant_seconds"].samples if s.name.endswith("_count")
+    ]
+    assert count == 8  # each waiter's handover was timed
+
+
+async def _gauges_equal(
+    client: AppClient, expected: tuple[dict[str, float], dict[str, float]]
+) -> bool:
+    return await gauges(client) == expected
 
 
 async def test_a_later_small_request_does_not_overtake_an_earlier_large_one(
