@@ -35,6 +35,7 @@ class Lanes:
     inside: Counter[str] = field(default_factory=Counter)  # idempotency key -> open calls
     most: int = 0  # the most distinct processes inside at once
     order: list[int] = field(default_factory=list)  # `n` of each process's first call
+    calls: list[int] = field(default_factory=list)  # `n` of every call
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     pause: float = 0.03
 
@@ -44,6 +45,7 @@ class Lanes:
             body = await request.json()
             if key not in self.inside and body["n"] not in self.order:
                 self.order.append(body["n"])
+            self.calls.append(body["n"])
             self.inside[key] += 1
             self.most = max(self.most, len(+self.inside))
             try:
@@ -449,3 +451,55 @@ async def test_the_sdk_builder_deploys_a_step_that_acquires(
     await until(lambda: _waits_for(client, first, "signal"))
     await until(lambda: _waits_for(client, second, "resource"))
     assert (await described(client, second))["waiting_for"]["detail"] == "lanes key P-7: 0 ahead"
+
+
+async def test_kill_9_keeps_a_grant_that_went_out_of_start_order(
+    tmp_path: Path, lanes: tuple[Lanes, str]
+) -> None:
+    """B started after A but was granted first: after a kill -9 the table, not the order the
+    processes resume in, says who holds. Resuming A first must not give it B's unit."""
+    service, url = lanes
+    gated = {
+        "name": "Gated",
+        "steps": [
+            {"name": "ready", "wait_for": {"signal": "go"}},
+            {
+                "name": "work",
+                "acquire": {"resource": "lanes"},
+                "call": {"service": "lanes", "path": "/work", "body": {"n": "{input.n}"}},
+            },
+        ],
+    }
+    sections = {
+        "services": [{"name": "lanes", "instances": [{"id": "l1", "url": url}]}],
+        "resources": [{"name": "lanes", "capacity": 1}],
+        "workflows": [gated],
+    }
+    with running_daemon(tmp_path, **sections) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+            ids = []
+            for n in range(2):
+                async with http.post("/v1/workflows/Gated", json={"input": {"n": n}}) as resp:
+                    ids.append((await resp.json())["id"])
+            first, second = ids
+            async with http.post(f"/v1/processes/{second}/signals/go", json={}) as resp:
+                assert resp.status == 202
+            await until(lambda: _gauges_are(http, 1, 0))  # the second holds, inside /work
+            async with http.post(f"/v1/processes/{first}/signals/go", json={}) as resp:
+                assert resp.status == 202
+            await until(lambda: _gauges_are(http, 1, 1))
+        daemon.kill()
+
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            await until(lambda: _gauges_are(http, 1, 1))
+            await until(lambda: _called(service, 2))
+            await asyncio.sleep(0.3)  # a wrong grant would have sent the first one in by now
+            service.gate.set()
+            await until(lambda: _gauges_are(http, 0, 0), timeout=20)
+    assert service.most == 1
+    assert service.calls == [1, 1, 0]  # the holder again (same key), only then the waiter
+
+
+async def _called(service: Lanes, times: int) -> bool:
+    return len(service.calls) >= times
