@@ -303,10 +303,7 @@ async def test_kill_9_while_two_hold_and_eight_wait(
     }
     with running_daemon(tmp_path, **sections) as daemon:
         async with aiohttp.ClientSession(daemon.url) as http:
-            ids = []
-            for n in range(10):
-                async with http.post("/v1/workflows/Contended", json={"input": {"n": n}}) as resp:
-                    ids.append((await resp.json())["id"])
+            ids = await _start_all(http, "Contended", 10)
             await until(lambda: _gauges_are(http, 2, 8))
             assert len(+service.inside) == 2
         daemon.kill()  # no release, no shutdown code: the table is all that is left
@@ -323,6 +320,16 @@ async def test_kill_9_while_two_hold_and_eight_wait(
     assert statuses == ["completed"] * 10
     assert service.most == 2  # never more than two processes inside their step
     assert sorted(service.order) == list(range(10))
+
+
+async def _start_all(http: aiohttp.ClientSession, workflow: str, count: int) -> list[str]:
+    """Start `count` processes one after the other (input n = 0, 1, ...); their ids."""
+    ids = []
+    for n in range(count):
+        async with http.post(f"/v1/workflows/{workflow}", json={"input": {"n": n}}) as resp:
+            assert resp.status == 202
+            ids.append(str((await resp.json())["id"]))
+    return ids
 
 
 async def _gauges_are(http: aiohttp.ClientSession, in_use: int, waiting: int) -> bool:
@@ -477,11 +484,7 @@ async def test_kill_9_keeps_a_grant_that_went_out_of_start_order(
     }
     with running_daemon(tmp_path, **sections) as daemon:
         async with aiohttp.ClientSession(daemon.url) as http:
-            ids = []
-            for n in range(2):
-                async with http.post("/v1/workflows/Gated", json={"input": {"n": n}}) as resp:
-                    ids.append((await resp.json())["id"])
-            first, second = ids
+            first, second = await _start_all(http, "Gated", 2)
             async with http.post(f"/v1/processes/{second}/signals/go", json={}) as resp:
                 assert resp.status == 202
             await until(lambda: _gauges_are(http, 1, 0))  # the second holds, inside /work

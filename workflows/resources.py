@@ -57,6 +57,20 @@ class Request:
     taken: bool = False  # granted in memory: counted in use, maybe not yet committed
     freed_at: float | None = None  # a waiter's grant: when the release that freed it began
 
+    @classmethod
+    def restored(cls, hold: Hold) -> Request:
+        """A stored row back in memory (at start): held, or waiting in its place."""
+        return cls(
+            process=hold.process,
+            step=hold.step,
+            resource=hold.resource,
+            key=hold.key,
+            units=hold.units,
+            seq=hold.seq,
+            granted=hold.held,
+            taken=hold.held,
+        )
+
     def hold(self) -> Hold:
         return Hold(
             process=self.process,
@@ -119,16 +133,7 @@ class ResourcePool:
             if not hold.held and process.cancel_requested:
                 left.append((hold.process, hold.step))
                 continue
-            request = Request(
-                process=hold.process,
-                step=hold.step,
-                resource=hold.resource,
-                key=hold.key,
-                units=hold.units,
-                seq=hold.seq,
-                granted=hold.held,
-                taken=hold.held,
-            )
+            request = Request.restored(hold)
             self._requests.setdefault(hold.process, {})[hold.step] = request
             slot = self._slot(hold.resource, hold.key)
             if hold.held:
