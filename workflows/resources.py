@@ -229,6 +229,10 @@ class ResourcePool:
         await self._settle(released=[process], granted=granted)
         self._granted(granted)
 
+    def asked(self, process: str) -> bool:
+        """Whether the process holds or waits for anything (else its end costs nothing)."""
+        return process in self._requests
+
     def waiting_for(self, process: str) -> dict[str, object] | None:
         """`waiting_for` of a process queued for a resource (DESIGN.md §3): detail
         `funds key P-7: 2 ahead`; None when it waits for none."""

@@ -523,8 +523,8 @@ class ProcessRunner:
         now = self._clock()
         process.finished_at, process.wake_at = now, None
         await self._checkpoint(process, status)
-        if self._resources is not None:  # after the final checkpoint: see workflows/resources
-            await self._resources.release(process.id)
+        if self._resources is not None and self._resources.asked(process.id):
+            await self._resources.release(process.id)  # after the final checkpoint
         self._metrics.finished(process.workflow, status, now - process.created_at)
         self.emit(f"workflow.{status}", process)
         self.deadlines.cancel(process.id)
