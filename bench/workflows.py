@@ -3,7 +3,9 @@
 Beside it, in the same run, the same workload on DBOS Transact with its SQLite
 system database (bench/dbos_peer.py), the closest peer. Then: step overhead
 at moderate load, list queries over 100,000 finished processes, and recovery
-of 1,000 in-flight processes after kill -9.
+of 1,000 in-flight processes after kill -9. And a contended resource (capacity 4,
+200 processes, each holding a unit for its whole life): processes/s beside DBOS's
+queue with the same global concurrency, and the grant latency of a freed unit.
 
     python -m bench.workflows [--processes 3000] [--smoke]
 """
@@ -28,6 +30,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.http import Retries, get_json, send
 from bench.probes import nginx_config, process
@@ -200,7 +203,65 @@ def recovery(workdir: Path, target: str, count: int) -> tuple[float, float]:
     return ready - started, done - started
 
 
-def dbos(workdir: Path, target: str, count: int) -> dict[str, float]:
+def contention(
+    workdir: Path, target: str, count: int, capacity: int
+) -> tuple[float, list[float], dict[float, float]]:
+    """Processes/s of `count` processes whose first step acquires one unit of a resource
+    of `capacity` (held to the end), started at once; per waiting process, the time from
+    the end of the holder it followed (before that one's final commit) to its first step's
+    start; and the daemon's own histogram of release → holder resumes (bucket: count)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    path = write_config(workdir, "contended", port, target)
+    config = yaml.safe_load(path.read_text())
+    config["resources"] = [{"name": "lanes", "capacity": capacity}]
+    config["workflows"][0]["steps"][0]["acquire"] = {"resource": "lanes"}  # still "Bench"
+    path.write_text(yaml.safe_dump(config))
+    with process([*SERVE, str(path)], workdir / "d5.log", url):
+        t0 = time.monotonic()
+        asyncio.run(start_many(url, count, 64))
+        rate = count / (wait_completed(url, count) - t0)
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:  # noqa: S310
+            exposition = resp.read().decode()
+    buckets = {
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(exposition)
+        if family.name == "hms_resource_grant_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_bucket")
+    }
+    with sqlite3.connect(workdir / "contended.db") as conn:
+        rows = conn.execute(
+            "SELECT p.created_at, p.finished_at, h.started_at FROM processes p "
+            "JOIN process_history h ON h.process = p.seq AND h.n = 0"
+        ).fetchall()
+    ends = sorted(finished for _, finished, _ in rows)
+    latencies = []
+    for created, _, started in rows:
+        freed = [end for end in ends if end <= started]
+        if freed and created < freed[-1]:  # it was queued when that unit was freed
+            latencies.append(started - freed[-1])
+    return rate, latencies, buckets
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """A quantile of a cumulative histogram, interpolated inside its bucket (as PromQL's
+    histogram_quantile does)."""
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            share = (rank - below) / max(buckets[bound] - below, 1e-9)
+            return lower + (bound - lower) * share
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def dbos(workdir: Path, target: str, count: int, capacity: int | None = None) -> dict[str, float]:
+    name = "dbos.sqlite" if capacity is None else "dbos-queue.sqlite"
     out = subprocess.run(
         [
             sys.executable,
@@ -209,7 +270,8 @@ def dbos(workdir: Path, target: str, count: int) -> dict[str, float]:
             target,
             str(count),
             "16",
-            str(workdir / "dbos.sqlite"),
+            str(workdir / name),
+            *([] if capacity is None else [str(capacity)]),
         ],
         capture_output=True,
         text=True,
@@ -241,17 +303,27 @@ def main() -> None:
     parser.add_argument("--dbos", type=int, default=600, help="DBOS workflows (it is slower)")
     parser.add_argument("--held", type=int, default=100_000)
     parser.add_argument("--smoke", action="store_true", help="tiny, seconds, no DBOS peer")
+    parser.add_argument("--contended", type=int, default=200, help="processes on one resource")
+    parser.add_argument("--capacity", type=int, default=4, help="the contended resource's")
+    parser.add_argument("--contended-only", action="store_true", help="that scenario alone")
     args = parser.parse_args()
     calm_count, in_flight = 500, 1000
     if args.smoke:
         args.processes, args.held, calm_count, in_flight = 60, 1_000, 20, 30
+        args.contended = 40
     elif shutil.which("nginx") is None:
         sys.exit("nginx is not installed (apt-get install nginx-light)")
+    contended = (args.contended, args.capacity)
     with tempfile.TemporaryDirectory(prefix="hms-workflows-") as tmp:
         workdir = Path(tmp)
         port = free_port()
         target = f"http://127.0.0.1:{port}"
         with steps_target(workdir, port, smoke=args.smoke):
+            shared, grants, handovers = contention(workdir, target, *contended)
+            queue_peer = None if args.smoke else dbos(workdir, target, *contended)
+            if args.contended_only:
+                print_contention(*contended, shared, grants, handovers, queue_peer)
+                return
             peer = None if args.smoke else dbos(workdir, target, args.dbos)
             rate, cpu, busy = throughput(workdir, target, args.processes)
             calm = overhead(workdir, target, calm_count)
@@ -286,6 +358,38 @@ def main() -> None:
         f"  recovery of {in_flight:,} in-flight processes after kill -9: ready {ready:.2f} s, "
         f"all completed {recovered:.2f} s after restart   goal < 2 s"
     )
+    print_contention(*contended, shared, grants, handovers, queue_peer)
+
+
+def print_contention(
+    count: int,
+    capacity: int,
+    rate: float,
+    grants: list[float],
+    handovers: dict[float, float],
+    peer: dict[str, float] | None,
+) -> None:
+    print(f"  contended resource: capacity {capacity}, {count} processes started at once")
+    print(f"    hms-mgmt processes/s               {rate:8.1f}")
+    if peer is not None:
+        peer_rate = peer["steps"] / 3 / peer["seconds"]
+        print(
+            f"    DBOS queue (global_concurrency {capacity}) processes/s {peer_rate:8.1f}   "
+            f"hms-mgmt / DBOS {rate / peer_rate:.1f}x"
+        )
+    else:
+        print("    DBOS: not run (--smoke)")
+    if handovers:
+        p50, p99 = bucket_quantile(handovers, 0.5) * 1000, bucket_quantile(handovers, 0.99) * 1000
+        print(
+            f"    grant latency p50 / p99, release → next holder's step {p50:5.2f} / {p99:.2f} ms"
+            f"   goal p99 < 10 ms ({handovers.get(float('inf'), 0):.0f} grants)"
+        )
+    if grants:
+        p50, p99 = quantile(grants, 0.5) * 1000, quantile(grants, 0.99) * 1000
+        print(
+            f"    the same from the holder's end (its final commit too) {p50:5.2f} / {p99:.2f} ms"
+        )
 
 
 if __name__ == "__main__":

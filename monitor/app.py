@@ -47,8 +47,15 @@ from registry.metrics import RegistryCollector
 from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
-from workflows.metrics import ProcessCollector, TaskCollector, WorkflowMetrics, task_queues
+from workflows.metrics import (
+    ProcessCollector,
+    ResourceCollector,
+    TaskCollector,
+    WorkflowMetrics,
+    task_queues,
+)
 from workflows.stores.sqlite import SqliteWorkflowStore
+from workflows.stores.sqlite_resources import SqliteResourceStore
 from workflows.stores.sqlite_tasks import SqliteTaskStore
 
 from . import lifecycle
@@ -59,6 +66,7 @@ from .convert import (
     definitions_from_config,
     dependencies,
     protect_reads,
+    resources_from_config,
     service_probes,
     tokens,
 )
@@ -224,6 +232,8 @@ def _build(
         tasks=SqliteTaskStore(database),
         parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
         declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
+        resources=resources_from_config(config),
+        resource_store=SqliteResourceStore(database),
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:
@@ -234,6 +244,11 @@ def _build(
                 queues.depths,
                 queues.workers,
             )
+        )
+    if engine.resources is not None:
+        pool = engine.resources
+        registry.register(
+            ResourceCollector(lambda: pool.capacities, lambda: pool.in_use, lambda: pool.waiting)
         )
     bus.label = bus_topic_label(definitions, config)
     notifier = Notifier(

@@ -470,6 +470,26 @@ class WaitFor(_Model):
         return self
 
 
+class Resource(_Model):
+    name: Name = Field(description="Unique; a step's `acquire.resource` names it.")
+    capacity: int = Field(
+        ge=1,
+        description="Units held at once across all processes; per key value when a step's "
+        "`acquire` gives a key. A reload's new capacity applies to grants from then on.",
+    )
+
+
+class Acquire(_Model):
+    resource: Name = Field(description="A resource of the top-level `resources`.")
+    units: int = Field(default=1, ge=1, description="Units reserved; at most its capacity.")
+    key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A template (`{input.parent_id}`): the capacity then applies per value "
+        "(one payment at a time per parent); absent: across all processes.",
+    )
+
+
 class TaskCompensation(_Model):
     task: Name = Field(description="Run by a worker of the workflow's queue to undo the step.")
 
@@ -506,6 +526,11 @@ class Step(_Model):
         default=None,
         description="Undoes the step when a later one fails for good or the process is "
         "cancelled (retried too): a call, or `{task: name}` run by a worker.",
+    )
+    acquire: Acquire | None = Field(
+        default=None,
+        description="Reserve units of a resource before the step runs (before its delay), "
+        "held until the process ends; while they are taken the process waits, in FIFO order.",
     )
 
     @field_validator("compensate", mode="before")
@@ -603,6 +628,11 @@ class Config(_Model):
     )
     workflows: tuple[Workflow, ...] = Field(
         default=(), description="Durable multi-step processes across services."
+    )
+    resources: tuple[Resource, ...] = Field(
+        default=(),
+        description="Named capacities that workflow steps reserve with `acquire` (funds, "
+        "quotas, inspectors).",
     )
 
     # What `${VAR}` hid (parse_config fills them): each workflows entry as written, and
@@ -930,8 +960,34 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
             ((*prefix, "slos", j), x.get("name")) for j, x in _items(service, "slos")
         )
     yield from _check_targets(data, services)
+    resources = _items(data, "resources")
+    yield from _unique((("resources", i), r.get("name")) for i, r in resources)
+    capacities: dict[Any, Any] = {}
+    for _, resource in resources:  # a duplicate is reported above; the first one counts
+        capacities.setdefault(resource.get("name"), resource.get("capacity"))
     for i, workflow in workflows:
         yield from workflow_problems(workflow, ("workflows", i))
+        yield from _check_acquires(workflow, ("workflows", i), capacities)
+
+
+def _check_acquires(
+    workflow: dict[str, Any], at: Path_, capacities: Mapping[Any, Any]
+) -> Iterator[tuple[Path_, str]]:
+    """Each step's `acquire` names a resource of the top level, for at most its capacity
+    (`PUT /v1/workflows/{name}` checks against the running config's: workflows/resources)."""
+    for j, step in _items(workflow, "steps"):
+        acquire = step.get("acquire")
+        if not isinstance(acquire, dict) or not isinstance(acquire.get("resource"), str):
+            continue
+        path: Path_ = (*at, "steps", j, "acquire")
+        name = acquire["resource"]
+        if name not in capacities:
+            known = ", ".join(sorted(str(n) for n in capacities)) or "none"
+            yield (*path, "resource"), f"no resource named {name!r} (resources: {known})"
+            continue
+        units, capacity = acquire.get("units", 1), capacities[name]
+        if isinstance(units, int) and isinstance(capacity, int) and units > capacity:
+            yield (*path, "units"), f"{units} units exceed the capacity of {name!r} ({capacity})"
 
 
 def _check_targets(
@@ -1006,12 +1062,12 @@ def _check_templates(
         if "data" in step:
             for problem in templates.check(step["data"], earlier):
                 yield (*path, "data"), problem
-        for key in ("call", "wait_for", "compensate"):
+        for key in ("call", "wait_for", "compensate", "acquire"):
             value = step.get(key)
             if not isinstance(value, dict):
                 continue
             known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
-            for field_name in ("path", "body", "headers", "match"):
+            for field_name in ("path", "body", "headers", "match", "key"):
                 if field_name in value:
                     for problem in templates.check(value[field_name], known):
                         yield (*path, key, field_name), problem

@@ -14,10 +14,12 @@ from registry import Instance, ProbeSpec
 from scheduler.retry import DEFAULT_RETRY, RETRYABLE, Retry
 from workflows.definition import (
     DEFAULT_TIMEOUT,
+    Acquire,
     Action,
     Call,
     Definition,
     Publish,
+    Resource,
     Step,
     Task,
     WaitFor,
@@ -69,6 +71,7 @@ def definition_from_config(
                 timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
                 retry=retry,
                 compensate=_compensation(step.compensate),
+                acquire=_acquire(step.acquire),
             )
         )
     return Definition(
@@ -116,6 +119,16 @@ def _as_written(dumped: Any, written: Any, variables: tuple[tuple[str, str], ...
             if len(value) >= cfg.MIN_HIDDEN_ELSEWHERE:  # "1" would change every "1" in it
                 dumped = dumped.replace(value, form)
     return dumped
+
+
+def _acquire(spec: cfg.Acquire | None) -> Acquire | None:
+    if spec is None:
+        return None
+    return Acquire(resource=spec.resource, units=spec.units, key=spec.key)
+
+
+def resources_from_config(config: cfg.Config) -> list[Resource]:
+    return [Resource(name=r.name, capacity=r.capacity) for r in config.resources]
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

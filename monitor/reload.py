@@ -31,6 +31,7 @@ from .convert import (
     definitions_from_config,
     dependencies,
     protect_reads,
+    resources_from_config,
     service_probes,
     static_instances,
     tokens,
@@ -214,6 +215,7 @@ async def apply_config(parts: Parts, old: Config, new: Config) -> None:
     parts.shedder.max_lag = new.server.overload_lag.total_seconds()
     await parts.slos.configure(new.services, clock)
     parts.slo_routes.services = {s.name for s in new.services}
+    await parts.engine.configure_resources(resources_from_config(new))  # before definitions
     definitions = definitions_from_config(new)
     await parts.engine.configure(definitions)
     await parts.workflow_slos.configure(  # the API's definitions stay, with their SLOs

@@ -1,5 +1,6 @@
 """The interfaces of the workflow stores; `stores/sqlite.py` implements the process and
-event stores, `stores/sqlite_tasks.py` the task store.
+event stores, `stores/sqlite_tasks.py` the task store, `stores/sqlite_resources.py` the
+resource store.
 
 Narrow on purpose (today's calls, nothing more), so another store (issue 17:
 PostgreSQL, for several replicas) can stand in. Writes that cannot be made
@@ -8,6 +9,7 @@ raise `registry.StoreUnavailable`; the engine waits those out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -207,3 +209,45 @@ class TaskStore(Protocol):
     async def prune(self, before: float) -> int:
         """Forget tasks that ended before `before`; how many went."""
         ...
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hold:
+    """One process's request for units of a resource at one of its steps: `held` once
+    granted, else waiting; `seq` is its place in the queue (requests are served in it)."""
+
+    process: str
+    step: str
+    resource: str
+    key: str | None  # the rendered `acquire.key`; None: the resource's one global pool
+    units: int
+    seq: int
+    held: bool
+
+
+class ResourceStore(Protocol):
+    """Holds and waiters of resources (workflows/resources.py), so a restart neither leaks
+    a unit nor grants one twice, and waiters keep their order. One row per (process,
+    step): a step run again (a retry, a resume) never reserves twice."""
+
+    async def create_tables(self) -> None:
+        """Make the store ready; safe to call on a store made ready before."""
+
+    async def holds(self) -> list[Hold]:
+        """Every row, held and waiting, in `seq` order."""
+        ...
+
+    async def wait(self, hold: Hold) -> None:
+        """Keep a waiting request (durable when this returns); a row of the same (process,
+        step) stays as it is, so a grant written first is not taken back."""
+
+    async def settle(
+        self,
+        *,
+        released: Sequence[str] = (),
+        left: Sequence[tuple[str, str]] = (),
+        granted: Sequence[Hold] = (),
+    ) -> None:
+        """One transaction: every row of the `released` processes goes, the (process, step)
+        rows of `left` go, and `granted` are stored held (inserted, or a waiting row
+        turned held). A handover is one small write."""

@@ -59,6 +59,25 @@ Action = Call | Publish | WaitFor | Task
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Resource:
+    """A named capacity that steps reserve (funds, message quotas, inspectors): `capacity`
+    units held at once, per key value when a step's `acquire` gives a key."""
+
+    name: str
+    capacity: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acquire:
+    """Reserve `units` of `resource` before the step runs (before its delay), held until
+    the process ends; `key` (a template) makes the capacity apply per rendered value."""
+
+    resource: str
+    units: int = 1
+    key: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     name: str
     action: Action
@@ -66,6 +85,7 @@ class Step:
     timeout: float = DEFAULT_TIMEOUT
     retry: Retry = DEFAULT_RETRY
     compensate: Call | Task | None = None
+    acquire: Acquire | None = None
 
     @property
     def kind(self) -> StepKind:

@@ -36,9 +36,9 @@ import orjson
 from registry import StoreUnavailable
 from scheduler import EventBus
 
-from .abc import TaskStore, WorkflowStore
+from .abc import ResourceStore, TaskStore, WorkflowStore
 from .caller import ServiceCaller
-from .definition import Definition
+from .definition import Definition, Resource
 from .describe import describe_process
 from .errors import (
     DefinitionConflict,
@@ -49,6 +49,7 @@ from .errors import (
 )
 from .metrics import WorkflowMetrics
 from .records import NewEvent, Process, StoredDefinition, StoredEvent
+from .resources import ResourcePool, acquire_problems
 from .runner import Outcome, ProcessRunner
 from .states import ProcessStatus, WaitKind
 from .tasks import TaskQueues
@@ -88,6 +89,8 @@ class Engine:
         tasks: TaskStore | None = None,
         parse: Parse | None = None,
         declare: Callable[[Definition], None] = lambda definition: None,
+        resources: Iterable[Resource] = (),
+        resource_store: ResourceStore | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
@@ -115,6 +118,12 @@ class Engine:
         self.tasks = (
             TaskQueues(tasks, clock=clock, wake=self._wakeups.wake) if tasks is not None else None
         )
+        # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
+        self.resources = (
+            ResourcePool(resource_store, resources, wake=self._wakeups.wake, clock=clock)
+            if resource_store is not None
+            else None
+        )
         self._runner = ProcessRunner(
             definition=self.definition_of,
             store=store,
@@ -131,6 +140,7 @@ class Engine:
             signals=self._signals,
             respond=self._respond,
             tasks=self.tasks,
+            resources=self.resources,
         )
 
     # -- lifecycle ---------------------------------------------------------------
@@ -147,7 +157,10 @@ class Engine:
         self.counts.update(await self.store.counts())
         for signal in await self.store.pending_signals():
             self._signals.keep(signal)
-        for process in await self.store.unfinished():
+        unfinished = await self.store.unfinished()
+        if self.resources is not None:  # holds and queues back before any process runs
+            await self.resources.open(unfinished)
+        for process in unfinished:
             self._spawn(process)
 
     async def close(self) -> None:
@@ -375,7 +388,17 @@ class Engine:
         """A definition from its JSON (a config.yaml entry), checked as config.yaml is."""
         if self._parse is None:
             raise InvalidDefinition([("(top level)", "this engine takes no JSON definitions")])
-        return self._parse(spec)
+        definition = self._parse(spec)
+        capacities = self.resources.capacities if self.resources is not None else {}
+        problems = acquire_problems(definition, capacities)  # the running config's resources
+        if problems:
+            raise InvalidDefinition(problems)
+        return definition
+
+    async def configure_resources(self, resources: Iterable[Resource]) -> None:
+        """config.yaml's resources (at a reload): new capacities apply to grants from now."""
+        if self.resources is not None:
+            await self.resources.configure(resources)
 
     def definition_of(self, process: Process) -> Definition | None:
         """The version the process started with (None: it can no longer be built)."""
@@ -455,6 +478,10 @@ class Engine:
         waiting = view["waiting_for"]
         if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
             waiting["until"] = self.tasks.lease_end(process_id)  # the lease, once claimed
+        if waiting is not None and live is not None and self.resources is not None:
+            queued = self.resources.waiting_for(process_id)  # queued behind other holders
+            if queued is not None:
+                view["waiting_for"] = {**queued, "kind": WaitKind.RESOURCE}
         return view
 
     def _respond(self, process_id: str) -> None:

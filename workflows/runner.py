@@ -28,6 +28,7 @@ from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process, failure
+from .resources import ResourcePool
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
 from .tasks import Opened, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
@@ -68,9 +69,11 @@ class ProcessRunner:
         signals: SignalWaits,
         respond: Callable[[str], None] = lambda process_id: None,
         tasks: TaskQueues | None = None,
+        resources: ResourcePool | None = None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
         self._tasks = tasks
+        self._resources = resources  # None: no step acquires (`_hold` refuses one that does)
         self._bus, self._metrics, self._publish = bus, metrics, publish
         self._counts, self._wakeups, self._waits = counts, wakeups, waits
         self._clock, self._outcome, self._jitter = clock, outcome, jitter
@@ -124,6 +127,8 @@ class ProcessRunner:
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
+        if step.acquire is not None and not await self._hold(definition, process, step):
+            return  # cancelled while waiting, or refused: the next turn compensates
         if isinstance(step.action, WaitFor):
             if step.action.signal is not None:
                 await self._wait_signal(definition, process, step, step.action)
@@ -262,8 +267,8 @@ class ProcessRunner:
         ):
             return
         step = definition.steps[process.position]
-        if not isinstance(step.action, Task) or step.delay:
-            return
+        if not isinstance(step.action, Task) or step.delay or step.acquire is not None:
+            return  # a step that acquires opens its task only once it holds the units
         new = self._new_task(definition, process, step, step.action, 1, forward=True)
         process.task_open = self._tasks.prepare(new)
 
@@ -399,6 +404,52 @@ class ProcessRunner:
         await self._checkpoint(process, ProcessStatus.RUNNING)
         self._step_done(definition, process, step.name)
 
+    async def _hold(self, definition: Definition, process: Process, step: Step) -> bool:
+        """Reserve the step's `acquire` before it runs (and before its delay): at once when
+        the units are free and nobody waits before it, else `waiting` in its queue until
+        granted. A step run again (a retry, a resume) finds its hold. False when the process
+        was cancelled while waiting (it left the queue), or the request cannot be met (an
+        unknown resource, too many units, a key without a value): the step then fails for
+        good and compensation begins."""
+        acquire = step.acquire
+        assert acquire is not None
+        started = self._clock()
+        error = None
+        if self._resources is None:
+            error = f"resource {acquire.resource!r} is not defined"
+        else:
+            try:
+                key = (
+                    None
+                    if acquire.key is None
+                    else str(templates.render(acquire.key, template_context(process)))
+                )
+            except templates.TemplateError as exc:
+                error = f"acquire key: {exc}"
+            else:
+                request = await self._resources.request(
+                    process.id, step.name, acquire.resource, key, acquire.units
+                )
+                while not request.granted and request.refused is None:
+                    if process.cancel_requested:
+                        await self._resources.leave(request)
+                        return False
+                    self._set_status(process, ProcessStatus.WAITING)
+                    await self._wakeups.sleep(process, None)  # woken by its grant or a cancel
+                if request.granted:  # held until the process ends, cancelled or not
+                    if request.freed_at is not None:  # it waited: its handover's latency
+                        seconds = self._clock() - request.freed_at
+                        self._metrics.granted(acquire.resource, seconds)
+                        request.freed_at = None
+                    return not process.cancel_requested
+                error = request.refused
+        result = CallResult(ok=False, error=error, retryable=False)
+        attempt = process.attempt + 1
+        self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
+        process.error = failure(step.name, str(error))
+        await self._begin_compensation(definition, process, cancelled=False)
+        return False
+
     def _step_done(self, definition: Definition, process: Process, step: str) -> None:
         """After a step's checkpoint: tell listeners, and answer a synchronous start
         waiting for this step (`respond_after`)."""
@@ -472,6 +523,8 @@ class ProcessRunner:
         now = self._clock()
         process.finished_at, process.wake_at = now, None
         await self._checkpoint(process, status)
+        if self._resources is not None and self._resources.asked(process.id):
+            await self._resources.release(process.id)  # after the final checkpoint
         self._metrics.finished(process.workflow, status, now - process.created_at)
         self.emit(f"workflow.{status}", process)
         self.deadlines.cancel(process.id)

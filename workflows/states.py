@@ -84,6 +84,7 @@ class WaitKind(enum.StrEnum):
     EVENT = "event"
     TASK = "task"
     SIGNAL = "signal"
+    RESOURCE = "resource"  # units of a resource, held by others (workflows/resources.py)
 
 
 class TaskState(enum.StrEnum):

@@ -17,6 +17,7 @@ from .errors import (
 from .registration import Registration, Rejected, registration_ctx
 from .sync import SyncClient, SyncProcessHandle
 from .workflow import (
+    Acquire,
     Call,
     DefinitionError,
     Publish,
@@ -24,6 +25,7 @@ from .workflow import (
     Task,
     WaitFor,
     Workflow,
+    acquire,
     call,
     publish,
     task,
@@ -46,6 +48,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "Acquire",
     "BadRequest",
     "Call",
     "Client",
@@ -74,6 +77,7 @@ __all__ = [
     "Worker",
     "Workflow",
     "__version__",
+    "acquire",
     "call",
     "publish",
     "registration_ctx",

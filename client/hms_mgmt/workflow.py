@@ -116,6 +116,32 @@ class Task:
 Action = Call | Publish | WaitFor | Task
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acquire:
+    """Units of a resource (config.yaml's top-level `resources`) the step reserves before it
+    runs, held until the process ends; `key` (a template) makes the capacity per value."""
+
+    resource: str
+    units: int = 1
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        _name("resource", self.resource)
+        if isinstance(self.units, bool) or not isinstance(self.units, int) or self.units < 1:
+            raise DefinitionError(f"acquire units must be a whole number >= 1, got {self.units!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"resource": self.resource, "units": self.units}
+        if self.key is not None:
+            out["key"] = self.key
+        return out
+
+
+def acquire(resource: str, units: int = 1, key: str | None = None) -> Acquire:
+    """`acquire("funds", key="{input.parent_id}")`: one payment at a time per parent."""
+    return Acquire(resource=resource, units=units, key=key)
+
+
 def call(
     service: str,
     method: str = "POST",
@@ -193,9 +219,11 @@ class Workflow:
         delay: Duration | None = None,
         timeout: Duration | None = None,
         retry: Retry | None = None,
+        acquire: Acquire | Mapping[str, Any] | None = None,
     ) -> Workflow:
         """Add a step; `action` is a function (sync or async, one StepContext in) or one of
-        `call(...)`, `publish(...)`, `wait_for(...)`, `task(...)`."""
+        `call(...)`, `publish(...)`, `wait_for(...)`, `task(...)`. `acquire` reserves units
+        of a resource first: `acquire(...)` or its dict (`{"resource": "funds"}`)."""
         where = f"{self.name}.{name}"
         _name("step", name)
         if any(s["name"] == name for s in self._steps):
@@ -212,6 +240,8 @@ class Workflow:
             entry["timeout"] = _duration(f"{where}.timeout", timeout)
         if retry is not None:
             entry["retry"] = retry.to_json()
+        if acquire is not None:
+            entry["acquire"] = _acquire(where, acquire)
         self._steps.append(entry)
         return self
 
@@ -275,6 +305,17 @@ class Workflow:
             self._functions[task_name] = compensate
             return {"task": task_name}
         raise DefinitionError(f"{where}: compensate is a function, call() or task()")
+
+
+def _acquire(where: str, value: Acquire | Mapping[str, Any]) -> dict[str, Any]:
+    if isinstance(value, Acquire):
+        return value.to_json()
+    if isinstance(value, Mapping):
+        try:
+            return Acquire(**value).to_json()
+        except TypeError as exc:  # a key Acquire does not take
+            raise DefinitionError(f"{where}.acquire: {exc}") from None
+    raise DefinitionError(f"{where}: acquire is acquire(...) or a dict, not {value!r}")
 
 
 def _name(what: str, value: str) -> None:

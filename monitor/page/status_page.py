@@ -151,7 +151,24 @@ class StatusPage:
             page=page,
             pages=pages,
             topics="health.changed",
+            resources=self._resources(),
         )
+
+    def _resources(self) -> list[dict[str, Any]]:
+        """Each configured resource: capacity (per key when steps give one), units in use,
+        processes waiting; from the engine's pool in memory."""
+        pool = self._engine.resources
+        if pool is None:
+            return []
+        return [
+            {
+                "name": name,
+                "capacity": capacity,
+                "in_use": pool.in_use.get(name, 0),
+                "waiting": pool.waiting.get(name, 0),
+            }
+            for name, capacity in sorted(pool.capacities.items())
+        ]
 
     async def service(self, name: str, page_number: str | None) -> web.Response:
         if name not in self._catalog.service_names():
