@@ -49,6 +49,7 @@ from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 from workflows.metrics import ProcessCollector, TaskCollector, WorkflowMetrics, task_queues
 from workflows.stores.sqlite import SqliteWorkflowStore
+from workflows.stores.sqlite_schedules import SqliteScheduleStore
 from workflows.stores.sqlite_tasks import SqliteTaskStore
 
 from . import lifecycle
@@ -224,6 +225,7 @@ def _build(
         tasks=SqliteTaskStore(database),
         parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
         declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
+        schedules=SqliteScheduleStore(database),
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:

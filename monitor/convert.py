@@ -18,6 +18,7 @@ from workflows.definition import (
     Call,
     Definition,
     Publish,
+    Schedule,
     Step,
     Task,
     WaitFor,
@@ -76,6 +77,7 @@ def definition_from_config(
         steps=tuple(steps),
         route=workflow.route,
         trigger=workflow.trigger.event if workflow.trigger else None,
+        schedule=_schedule(workflow.trigger),
         deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
         objective=workflow.objective,
         queue=workflow.queue,
@@ -116,6 +118,12 @@ def _as_written(dumped: Any, written: Any, variables: tuple[tuple[str, str], ...
             if len(value) >= cfg.MIN_HIDDEN_ELSEWHERE:  # "1" would change every "1" in it
                 dumped = dumped.replace(value, form)
     return dumped
+
+
+def _schedule(trigger: cfg.Trigger | None) -> Schedule | None:
+    if trigger is None or trigger.schedule is None:
+        return None
+    return Schedule(cron=trigger.schedule, timezone=trigger.timezone or "UTC")
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

@@ -58,9 +58,6 @@ PENDING = {
     "server.auth.tokens[1].name": 18,
     "storage.audit_retention": 18,
     "resources": 16,
-    "workflows[0].trigger.event": 16,  # "Field required": a schedule trigger has no event
-    "workflows[0].trigger.schedule": 16,
-    "workflows[0].trigger.timezone": 16,
     "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
     "workflows[0].steps[2].parallel": 16,

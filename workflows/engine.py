@@ -36,7 +36,7 @@ import orjson
 from registry import StoreUnavailable
 from scheduler import EventBus
 
-from .abc import TaskStore, WorkflowStore
+from .abc import ScheduleMark, ScheduleStore, TaskStore, WorkflowStore
 from .caller import ServiceCaller
 from .definition import Definition
 from .describe import describe_process
@@ -50,6 +50,7 @@ from .errors import (
 from .metrics import WorkflowMetrics
 from .records import NewEvent, Process, StoredDefinition, StoredEvent
 from .runner import Outcome, ProcessRunner
+from .schedules import RECHECK, Schedules
 from .states import ProcessStatus, WaitKind
 from .tasks import TaskQueues
 from .waits import EventWaits, SignalWaits, Wakeups
@@ -88,6 +89,7 @@ class Engine:
         tasks: TaskStore | None = None,
         parse: Parse | None = None,
         declare: Callable[[Definition], None] = lambda definition: None,
+        schedules: ScheduleStore | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
@@ -102,6 +104,12 @@ class Engine:
         # Definitions change one at a time (define, configure): each compares against and
         # installs what the one before left, and route uniqueness holds across names.
         self._defining = asyncio.Lock()
+        # Workflows with `trigger: {schedule}` (workflows/schedules.py); None: they never fire.
+        self._schedules = (
+            Schedules(schedules, self._start_scheduled, clock, RECHECK)
+            if schedules is not None
+            else None
+        )
         self._install()
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -149,10 +157,14 @@ class Engine:
             self._signals.keep(signal)
         for process in await self.store.unfinished():
             self._spawn(process)
+        if self._schedules is not None:  # last: a missed tick's process starts after these
+            await self._schedules.open()
 
     async def close(self) -> None:
         """Stop every task; their state is what the last checkpoint says."""
         self._stopping = True
+        if self._schedules is not None:
+            await self._schedules.close()
         self._runner.deadlines.cancel_all()
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -219,6 +231,18 @@ class Engine:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
         return seq
+
+    async def _start_scheduled(self, mark: ScheduleMark, scheduled_at: str) -> None:
+        """A schedule's tick: its process and the schedule's new mark in one transaction;
+        the key makes a tick that started its process before start none again."""
+        definition = self.definitions.get(mark.workflow)
+        if definition is None:  # removed since the loop's last look: nothing is owed
+            return
+        key = f"schedule:{mark.workflow}:{int(mark.tick)}"
+        process = self._new(definition, {"scheduled_at": scheduled_at}, key)
+        [(process, new)], _ = await self.store.create([process], None, schedule=mark)
+        if new:
+            self._started(process)
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
         now = self._clock()
@@ -441,6 +465,8 @@ class Engine:
             self._declare(definition)
             if definition.trigger is not None:
                 self._triggers.setdefault(definition.trigger, []).append(definition)
+        if self._schedules is not None:
+            self._schedules.update(self.definitions.values())
 
     async def describe(self, process_id: str) -> dict[str, Any] | None:
         """A process as the API and the status page show it: status, data, full history."""

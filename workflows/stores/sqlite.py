@@ -15,7 +15,7 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.abc import TaskRecord
+from workflows.abc import ScheduleMark, TaskRecord
 from workflows.records import (
     Attempt,
     NewEvent,
@@ -27,6 +27,7 @@ from workflows.records import (
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
+from .sqlite_schedules import write_mark
 from .sqlite_tasks import open_in, write_end
 
 __all__ = ["SqliteWorkflowStore"]
@@ -214,13 +215,18 @@ class SqliteWorkflowStore:
         await self._db.write(create)
 
     async def create(
-        self, processes: list[Process], event: NewEvent | None
+        self,
+        processes: list[Process],
+        event: NewEvent | None,
+        *,
+        schedule: ScheduleMark | None = None,
     ) -> tuple[list[tuple[Process, bool]], int | None]:
         """Insert new processes (and the event that started them) in one transaction.
 
         A process whose (workflow, idempotency_key) exists is not inserted; the
         stored one is returned in its place, marked not new. An event whose key
-        exists (a publish step run again after a crash) is not stored twice.
+        exists (a publish step run again after a crash) is not stored twice. A
+        schedule's mark moves in the same transaction as its tick's process.
         """
 
         def write(d: sqlite_utils.Database) -> tuple[list[tuple[Process, bool]], int | None]:
@@ -245,6 +251,8 @@ class SqliteWorkflowStore:
                 cursor = conn.execute(_INSERT, _row(process))
                 process.seq = int(cursor.lastrowid or 0)
                 out.append((process, True))
+            if schedule is not None:
+                write_mark(d, schedule)
             return out, seq
 
         return await self._db.write(write)
