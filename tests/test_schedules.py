@@ -13,6 +13,7 @@ import pytest
 
 from hms_mgmt import Workflow, publish
 from monitor.config import Config, ConfigError, parse_config
+from monitor.keys import ENGINE
 from scheduler import Cron
 from workflows.schedules import RECHECK
 
@@ -125,6 +126,26 @@ async def test_ticks_missed_while_down_run_once_at_start_never_twice(
     clock.advance(HOUR / 2)  # 12:00
     await count_reaches(third, 3)
     assert ticks(await settled(third))[2] == "2027-01-15T12:00:00+00:00"
+
+
+async def test_a_pruned_process_does_not_make_its_tick_run_again(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    config = make_config(workflows=[nightly("0 9 1 * *")])  # monthly: outlives retention
+    first = await start_daemon(config)
+    clock.advance(HOUR)  # 09:00 on the 15th: not a tick
+    assert await settled(first) == []
+    clock.advance(17 * 24 * HOUR)  # 2027-02-01T09:00
+    await count_reaches(first, 1)
+    clock.advance(1)
+    await first.app[ENGINE].prune(0)  # finished processes forgotten, as retention does
+    assert await scheduled(first) == []
+    await first.close()
+
+    second = await start_daemon(config)
+    assert await settled(second) == []  # the schedule's mark, not the process, remembers
 
 
 async def test_a_tick_missed_before_the_first_one_fired_still_runs(
