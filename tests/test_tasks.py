@@ -402,20 +402,12 @@ async def test_a_cancelled_process_s_open_task_answers_409(payments: AppClient) 
     process_id = await start(payments)
     reserve = await take(payments, "reserveFunds")
     assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
-    await finished(payments, process_id, "cancelled")
-    # The attempt the cancel cut short is in the history, as every attempt is. Waited for:
-    # a read while the final checkpoint is being written shows its status before its rows.
-    seen: list[Any] = []
-
-    async def recorded() -> bool:
-        seen[:] = [
-            (a["step"], a["kind"], a["outcome"], a["error"])
-            for a in (await process(payments, process_id))["history"]
-        ]
-        return bool(seen)
-
-    await until(recorded)
-    assert seen == [("reserve", "task", "error", "cancelled while its task was open")]
+    done = await finished(payments, process_id, "cancelled")
+    # The attempt the cancel cut short is in the history, as every attempt is: a read while
+    # the final checkpoint is being written shows its rows with its status.
+    assert [(a["step"], a["kind"], a["outcome"], a["error"]) for a in done["history"]] == [
+        ("reserve", "task", "error", "cancelled while its task was open")
+    ]
     resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     assert resp.status == 409
     assert (await poll(payments, wait="0s")) == []  # the step was not done: nothing to undo

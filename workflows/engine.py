@@ -48,7 +48,7 @@ from .errors import (
     UnknownWorkflow,
 )
 from .metrics import WorkflowMetrics
-from .records import NewEvent, Process, StoredDefinition, StoredEvent
+from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent
 from .runner import Outcome, ProcessRunner
 from .schedules import RECHECK, Schedules
 from .states import ProcessStatus, WaitKind
@@ -58,6 +58,8 @@ from .waits import EventWaits, SignalWaits, Wakeups
 __all__ = ["Engine", "Outcome", "Parse"]
 
 log = logging.getLogger("workflows.engine")
+
+READS = 3  # of a process's history, while checkpoints commit under the read
 
 
 class Parse(Protocol):
@@ -475,13 +477,27 @@ class Engine:
             return None
         process, history = stored
         live = self.live.get(process_id)
-        if live is not None:  # history not yet checkpointed is shown too
-            process, history = live, history + list(live.pending)
+        if live is not None:  # history being or not yet checkpointed is shown too
+            process, history = live, await self._live_history(live, history)
         view = describe_process(process, history, self.definition_of(process))
         waiting = view["waiting_for"]
         if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
             waiting["until"] = self.tasks.lease_end(process_id)  # the lease, once claimed
         return view
+
+    async def _live_history(self, live: Process, stored: list[Attempt]) -> list[Attempt]:
+        """The rows stored, then those a checkpoint is writing, then those not yet handed
+        to one: the history of the live process's state. A read that ran before a commit
+        whose rows are no longer in flight (committed since) is read again."""
+        for _ in range(READS):
+            committed = live.history_count - len(live.writing)
+            if len(stored) >= committed:  # a read after a commit may hold rows in flight
+                return stored + live.writing[len(stored) - committed :] + live.pending
+            again = await self.store.get(live.id)
+            if again is None:
+                break
+            stored = again[1]
+        return stored + live.writing + live.pending
 
     def _respond(self, process_id: str) -> None:
         answered = self._done.get(process_id)

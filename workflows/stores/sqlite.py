@@ -179,6 +179,13 @@ def _process(row: tuple[Any, ...]) -> Process:
     )
 
 
+def _written(process: Process, history: list[Attempt]) -> None:
+    """A checkpoint's rows are no longer in flight (committed, or back in `pending`)."""
+    if history:
+        ours = {id(attempt) for attempt in history}
+        process.writing = [a for a in process.writing if id(a) not in ours]
+
+
 def _attempt(row: tuple[Any, ...]) -> Attempt:
     step, kind, attempt, started, ended, outcome, error, instance, http_status = row
     return Attempt(
@@ -263,8 +270,11 @@ class SqliteWorkflowStore:
         A refused write (Overloaded, StoreUnavailable) puts the history and the taken
         signal back, so the retry writes them: no row lost, no signal taken twice. They
         leave the process before the write, not after, so a checkpoint made meanwhile
-        (a cancel's) does not write the same history rows again."""
+        (a cancel's) does not write the same history rows again. Until the commit the rows
+        are in `process.writing`, which reads show (Engine.describe): the process's new
+        state is never seen without them."""
         history, process.pending = process.pending, []
+        process.writing += history
         taken, process.taken_signal = process.taken_signal, None
         end, process.task_end = process.task_end, None
         opening, process.task_open = process.task_open, None
@@ -305,6 +315,7 @@ class SqliteWorkflowStore:
         try:
             opened = await self._db.write(write)
         except BaseException:
+            _written(process, history)
             process.pending[:0] = history
             process.history_count -= len(history)  # not `= first`: another may have failed too
             if taken is not None and process.taken_signal is None:
@@ -314,6 +325,7 @@ class SqliteWorkflowStore:
             if opening is not None and process.task_open is None:
                 process.task_open = opening
             raise
+        _written(process, history)
         if end is not None:
             end.written()
         if opening is not None and opened is not None:
