@@ -26,6 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from registry import StoreUnavailable
 from scheduler import Cron
 
 from .abc import ScheduleMark, ScheduleStore
@@ -142,6 +143,9 @@ class Schedules:
             scheduled_at = armed.cron.local(tick).isoformat()
             try:
                 await self._fire(armed.mark(name, tick), scheduled_at)
+            except StoreUnavailable:  # the database logs the outage; the next round retries
+                log.debug("workflow %s: the tick of %s waits for storage", name, scheduled_at)
+                continue
             except Exception:
                 log.exception("workflow %s: the tick of %s did not start", name, scheduled_at)
                 continue
@@ -152,7 +156,9 @@ class Schedules:
         # A tick already due here did not start (the store refused): the next round, not
         # a busy loop, tries it again.
         dues = [a.due for a in self._armed.values() if a.due is not None and a.due > now]
-        wait = min([self._recheck, *(due - now for due in dues)])
+        wait: float | None = min([self._recheck, *(due - now for due in dues)])
+        if not self._wanted and not self._armed:
+            wait = None  # no schedule: nothing to look at until one comes (update)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await self._changed.wait()

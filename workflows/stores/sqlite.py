@@ -181,7 +181,9 @@ def _process(row: tuple[Any, ...]) -> Process:
 
 def _written(process: Process, history: list[Attempt]) -> None:
     """A checkpoint's rows are no longer in flight (committed, or back in `pending`)."""
-    if history:
+    if len(process.writing) == len(history):  # the usual: no other checkpoint in flight
+        process.writing = []
+    elif history:
         ours = {id(attempt) for attempt in history}
         process.writing = [a for a in process.writing if id(a) not in ours]
 
