@@ -13,7 +13,7 @@ import pytest
 
 from hms_mgmt import Workflow, publish
 from monitor.config import Config, ConfigError, parse_config
-from monitor.keys import ENGINE
+from monitor.keys import DATABASE, ENGINE
 from scheduler import Cron
 from workflows.schedules import RECHECK
 
@@ -146,6 +146,25 @@ async def test_a_pruned_process_does_not_make_its_tick_run_again(
 
     second = await start_daemon(config)
     assert await settled(second) == []  # the schedule's mark, not the process, remembers
+
+
+async def test_a_tick_due_while_storage_fails_starts_once_it_is_back(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    client = await start_daemon(make_config(workflows=[nightly()]))
+    await settled(client)  # armed (its mark written) before the disk goes read-only
+    await query_only(client, 1)  # as after a read-only remount
+    clock.advance(600)
+    assert await settled(client) == []
+    await query_only(client, 0)
+    assert ticks(await count_reaches(client, 1)) == ["2027-01-15T08:10:00+00:00"]
+    assert len(await settled(client)) == 1
+
+
+async def query_only(client: AppClient, value: int) -> None:
+    await client.app[DATABASE].read(lambda d: d.execute(f"PRAGMA query_only = {value}"))
 
 
 async def test_a_tick_missed_before_the_first_one_fired_still_runs(

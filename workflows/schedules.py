@@ -95,7 +95,9 @@ class Schedules:
                 await self._sync(first)
                 first = False
                 await self._fire_due()
-            except Exception:  # a failing store: the next round tries again
+            except StoreUnavailable:  # the database logs the outage; the next round retries
+                log.debug("workflow schedules: waiting for storage")
+            except Exception:
                 log.exception("workflow schedules: a round failed")
             await self._sleep()
 
