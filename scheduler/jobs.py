@@ -255,12 +255,22 @@ class Cron:
         # Raises ValueError for a bad field, ZoneInfoNotFoundError (a KeyError) for a zone.
         self._trigger = CronTrigger.from_crontab(" ".join(fields), timezone=timezone)
         self.expression, self.timezone = expression, timezone
+        self._fixed_hour = not fields[1].startswith("*")
 
     def next_after(self, moment: float) -> float | None:
-        """The first fire time strictly after `moment` (None: it never fires again)."""
-        after = datetime.fromtimestamp(moment, UTC) + timedelta(microseconds=1)
-        fire = self._trigger.get_next_fire_time(None, after)
-        return None if fire is None else float(fire.timestamp())
+        """The first fire time strictly after `moment` (None: it never fires again).
+
+        When clocks go back, the trigger fires a fixed hour's times twice (02:30 summer
+        time, then 02:30 winter time); cron runs such a job once, so the second is skipped.
+        A job whose hour is `*` or `*/n` runs through the repeated hour, as in cron."""
+        while True:
+            after = datetime.fromtimestamp(moment, UTC) + timedelta(microseconds=1)
+            fire = self._trigger.get_next_fire_time(None, after)
+            if fire is None:
+                return None
+            moment = float(fire.timestamp())
+            if not (self._fixed_hour and self.local(moment).fold):
+                return moment
 
     def latest(self, after: float, upto: float) -> float | None:
         """The last fire time in (`after`, `upto`], None when it did not fire in between."""

@@ -304,3 +304,23 @@ def test_the_latest_tick_of_a_long_downtime_is_found() -> None:
     yearly = Cron("0 0 1 1 *")
     assert yearly.latest(0, now) == datetime(2027, 1, 1, tzinfo=UTC).timestamp()
     assert yearly.latest(datetime(2027, 1, 1, tzinfo=UTC).timestamp(), now) is None
+
+
+def test_a_fixed_time_in_the_hour_clocks_repeat_fires_once() -> None:
+    nightly = Cron("30 2 * * *", "Europe/Paris")
+    before = datetime(2026, 10, 24, 12, tzinfo=UTC).timestamp()
+    fires = [nightly.next_after(before)]
+    for _ in range(2):
+        fires.append(nightly.next_after(fires[-1] or 0))
+    assert [datetime.fromtimestamp(f or 0, UTC).isoformat() for f in fires] == [
+        "2026-10-25T00:30:00+00:00",  # 02:30 summer time; not 02:30 winter time again
+        "2026-10-26T01:30:00+00:00",
+        "2026-10-27T01:30:00+00:00",
+    ]
+    half_hourly = Cron("*/30 * * * *", "Europe/Paris")  # runs through the repeated hour
+    start = datetime(2026, 10, 25, 0, tzinfo=UTC).timestamp()
+    assert half_hourly.latest(start, start + 2 * HOUR) == start + 2 * HOUR
+    seen = [start]
+    while (after := half_hourly.next_after(seen[-1])) is not None and after <= start + 2 * HOUR:
+        seen.append(after)
+    assert len(seen) == 5  # 02:00, 02:30 (summer), 02:00, 02:30 (winter), 03:00
