@@ -56,6 +56,7 @@ from workflows.metrics import (
 )
 from workflows.stores.sqlite import SqliteWorkflowStore
 from workflows.stores.sqlite_resources import SqliteResourceStore
+from workflows.stores.sqlite_schedules import SqliteScheduleStore
 from workflows.stores.sqlite_tasks import SqliteTaskStore
 
 from . import lifecycle
@@ -234,6 +235,7 @@ def _build(
         declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
         resources=resources_from_config(config),
         resource_store=SqliteResourceStore(database),
+        schedules=SqliteScheduleStore(database),
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:

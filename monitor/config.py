@@ -36,6 +36,7 @@ from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
 from registry.conditions import ConditionError, parse_condition
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
+from scheduler import Cron
 from workflows import templates
 from workflows.errors import InvalidDefinition
 
@@ -556,8 +557,38 @@ class Step(_Model):
         return self
 
 
+def _check_cron(value: str) -> str:
+    try:
+        Cron(value)
+    except ValueError as exc:
+        raise ValueError(f"not a crontab expression ({exc})") from None
+    return value
+
+
 class Trigger(_Model):
-    event: str = Field(min_length=1, description="Each event of this topic starts a process.")
+    event: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Each event of this topic starts a process (or `schedule`).",
+    )
+    schedule: Annotated[str, AfterValidator(_check_cron)] | None = Field(
+        default=None,
+        description="A crontab expression (minute hour day month weekday; weekdays 0-7, "
+        "0 and 7 Sunday): a process starts at each tick, with input `{scheduled_at: "
+        "<ISO 8601 tick time>}`. A tick missed while the daemon was down runs once at start.",
+    )
+    timezone: Annotated[str, AfterValidator(_check_timezone)] | None = Field(
+        default=None,
+        description="IANA name (`Europe/Paris`) the `schedule` is read in; absent: UTC.",
+    )
+
+    @model_validator(mode="after")
+    def _event_or_schedule(self) -> Trigger:
+        if (self.event is None) == (self.schedule is None):
+            raise ValueError("a trigger needs exactly one of event, schedule")
+        if self.timezone is not None and self.schedule is None:
+            raise ValueError("timezone applies to a schedule")
+        return self
 
 
 class Workflow(_Model):
@@ -566,7 +597,9 @@ class Workflow(_Model):
         default=None,
         description="A path outside `/v1` where a POST starts a process with the body as input.",
     )
-    trigger: Trigger | None = Field(default=None, description="Start a process on an event.")
+    trigger: Trigger | None = Field(
+        default=None, description="Start a process on an event, or on a schedule."
+    )
     queue: Name | None = Field(
         default=None,
         description="The task queue workers poll for this workflow's `task` steps; absent: "

@@ -20,6 +20,7 @@ from workflows.definition import (
     Definition,
     Publish,
     Resource,
+    Schedule,
     Step,
     Task,
     WaitFor,
@@ -79,6 +80,7 @@ def definition_from_config(
         steps=tuple(steps),
         route=workflow.route,
         trigger=workflow.trigger.event if workflow.trigger else None,
+        schedule=_schedule(workflow.trigger),
         deadline=workflow.deadline.total_seconds() if workflow.deadline else None,
         objective=workflow.objective,
         queue=workflow.queue,
@@ -129,6 +131,12 @@ def _acquire(spec: cfg.Acquire | None) -> Acquire | None:
 
 def resources_from_config(config: cfg.Config) -> list[Resource]:
     return [Resource(name=r.name, capacity=r.capacity) for r in config.resources]
+
+
+def _schedule(trigger: cfg.Trigger | None) -> Schedule | None:
+    if trigger is None or trigger.schedule is None:
+        return None
+    return Schedule(cron=trigger.schedule, timezone=trigger.timezone or "UTC")
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

@@ -402,23 +402,45 @@ async def test_a_cancelled_process_s_open_task_answers_409(payments: AppClient) 
     process_id = await start(payments)
     reserve = await take(payments, "reserveFunds")
     assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
-    await finished(payments, process_id, "cancelled")
-    # The attempt the cancel cut short is in the history, as every attempt is. Waited for:
-    # a read while the final checkpoint is being written shows its status before its rows.
-    seen: list[Any] = []
-
-    async def recorded() -> bool:
-        seen[:] = [
-            (a["step"], a["kind"], a["outcome"], a["error"])
-            for a in (await process(payments, process_id))["history"]
-        ]
-        return bool(seen)
-
-    await until(recorded)
-    assert seen == [("reserve", "task", "error", "cancelled while its task was open")]
+    done = await finished(payments, process_id, "cancelled")
+    # The attempt the cancel cut short is in the history, as every attempt is: a read while
+    # the final checkpoint is being written shows its rows with its status.
+    assert [(a["step"], a["kind"], a["outcome"], a["error"]) for a in done["history"]] == [
+        ("reserve", "task", "error", "cancelled while its task was open")
+    ]
     resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     assert resp.status == 409
     assert (await poll(payments, wait="0s")) == []  # the step was not done: nothing to undo
+
+
+async def test_an_answer_that_comes_while_the_cancel_is_written_gets_409_not_a_hang(
+    payments: AppClient,
+) -> None:
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    tasks = payments.app[PARTS].engine.tasks
+    assert tasks is not None
+    written, go = asyncio.Event(), asyncio.Event()
+    cancel = tasks.store.cancel
+
+    async def slow_cancel(key: str, attempt: int, now: float) -> Any:
+        ended = await cancel(key, attempt, now)  # committed; the runner hears it later
+        written.set()
+        await go.wait()
+        return ended
+
+    tasks.store.cancel = slow_cancel  # type: ignore[method-assign]
+    assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await written.wait()
+    answer = asyncio.create_task(
+        payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    )
+    await asyncio.sleep(0.2)  # the answer reaches the queues while the runner waits
+    go.set()
+    resp = await asyncio.wait_for(answer, 5)
+    assert resp.status == 409  # the task was cancelled first: the answer was not taken
+    done = await finished(payments, process_id, "cancelled")
+    assert [(a["step"], a["outcome"]) for a in done["history"]] == [("reserve", "error")]
 
 
 async def test_while_a_task_is_open_the_process_waits_for_it(payments: AppClient) -> None:

@@ -24,13 +24,18 @@ class ProcessStore(Protocol):
         """Make the store ready; safe to call on a store made ready before."""
 
     async def create(
-        self, processes: list[Process], event: NewEvent | None
+        self,
+        processes: list[Process],
+        event: NewEvent | None,
+        *,
+        schedule: ScheduleMark | None = None,
     ) -> tuple[list[tuple[Process, bool]], int | None]:
         """Insert new processes and the event that started them, in one transaction.
 
         A process whose (workflow, idempotency_key) exists is not inserted: the stored
         one comes back in its place, marked not new. An event whose key exists is not
-        stored twice (the second value is then None, else the event's seq)."""
+        stored twice (the second value is then None, else the event's seq). A schedule's
+        tick (`ScheduleStore`) is marked in the same transaction as the process it starts."""
         ...
 
     async def checkpoint(self, process: Process) -> None:
@@ -251,3 +256,35 @@ class ResourceStore(Protocol):
         """One transaction: every row of the `released` processes goes, the (process, step)
         rows of `left` go, and `granted` are stored held (inserted, or a waiting row
         turned held). A handover is one small write."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleMark:
+    """How far a workflow's schedule has been served: every tick up to `tick` (epoch
+    seconds) has started its process, or was not owed (the schedule was armed after it).
+    Kept with the schedule it was for: another schedule does not inherit its ticks."""
+
+    workflow: str
+    cron: str
+    timezone: str
+    tick: float
+
+
+class ScheduleStore(Protocol):
+    """Schedule marks (workflows/schedules.py): what a restart needs to know which tick
+    was missed while the daemon was down. `ProcessStore.create(..., schedule=mark)` moves
+    a mark with the process its tick starts; these keep the rest."""
+
+    async def create_tables(self) -> None:
+        """Make the store ready; safe to call on a store made ready before."""
+
+    async def marks(self) -> list[ScheduleMark]:
+        """Every workflow's mark."""
+        ...
+
+    async def mark(self, mark: ScheduleMark) -> None:
+        """Store the mark of `mark.workflow` (replacing its last), durable when this
+        returns."""
+
+    async def forget(self, workflow: str) -> None:
+        """The workflow has no schedule any more: its mark goes."""

@@ -78,6 +78,15 @@ class Acquire:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Schedule:
+    """Start a process at each tick of a crontab expression, read in `timezone` (an IANA
+    name): `0 2 * * *` in Europe/Paris is 01:00 UTC in winter, 00:00 in summer."""
+
+    cron: str
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Step:
     name: str
     action: Action
@@ -102,6 +111,7 @@ class Definition:
     steps: tuple[Step, ...]
     route: str | None = None
     trigger: str | None = None  # event topic that starts a process
+    schedule: Schedule | None = None  # or: a process at each tick (workflows/schedules.py)
     deadline: float | None = None  # seconds from start
     objective: float = DEFAULT_OBJECTIVE  # percent of processes completed within deadline
     queue: str | None = None  # where its task steps go; None: the workflow's name

@@ -36,7 +36,7 @@ import orjson
 from registry import StoreUnavailable
 from scheduler import EventBus
 
-from .abc import ResourceStore, TaskStore, WorkflowStore
+from .abc import ResourceStore, ScheduleMark, ScheduleStore, TaskStore, WorkflowStore
 from .caller import ServiceCaller
 from .definition import Definition, Resource
 from .describe import describe_process
@@ -48,9 +48,10 @@ from .errors import (
     UnknownWorkflow,
 )
 from .metrics import WorkflowMetrics
-from .records import NewEvent, Process, StoredDefinition, StoredEvent
+from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent
 from .resources import ResourcePool, acquire_problems
 from .runner import Outcome, ProcessRunner
+from .schedules import RECHECK, Schedules
 from .states import ProcessStatus, WaitKind
 from .tasks import TaskQueues
 from .waits import EventWaits, SignalWaits, Wakeups
@@ -58,6 +59,8 @@ from .waits import EventWaits, SignalWaits, Wakeups
 __all__ = ["Engine", "Outcome", "Parse"]
 
 log = logging.getLogger("workflows.engine")
+
+READS = 3  # of a process's history, while checkpoints commit under the read
 
 
 class Parse(Protocol):
@@ -91,6 +94,7 @@ class Engine:
         declare: Callable[[Definition], None] = lambda definition: None,
         resources: Iterable[Resource] = (),
         resource_store: ResourceStore | None = None,
+        schedules: ScheduleStore | None = None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
@@ -105,6 +109,12 @@ class Engine:
         # Definitions change one at a time (define, configure): each compares against and
         # installs what the one before left, and route uniqueness holds across names.
         self._defining = asyncio.Lock()
+        # Workflows with `trigger: {schedule}` (workflows/schedules.py); None: they never fire.
+        self._schedules = (
+            Schedules(schedules, self._start_scheduled, clock, RECHECK)
+            if schedules is not None
+            else None
+        )
         self._install()
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -162,10 +172,14 @@ class Engine:
             await self.resources.open(unfinished)
         for process in unfinished:
             self._spawn(process)
+        if self._schedules is not None:  # last: a missed tick's process starts after these
+            await self._schedules.open()
 
     async def close(self) -> None:
         """Stop every task; their state is what the last checkpoint says."""
         self._stopping = True
+        if self._schedules is not None:
+            await self._schedules.close()
         self._runner.deadlines.cancel_all()
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -232,6 +246,18 @@ class Engine:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
         return seq
+
+    async def _start_scheduled(self, mark: ScheduleMark, scheduled_at: str) -> None:
+        """A schedule's tick: its process and the schedule's new mark in one transaction;
+        the key makes a tick that started its process before start none again."""
+        definition = self.definitions.get(mark.workflow)
+        if definition is None:  # removed since the loop's last look: nothing is owed
+            return
+        key = f"schedule:{mark.workflow}:{int(mark.tick)}"
+        process = self._new(definition, {"scheduled_at": scheduled_at}, key)
+        [(process, new)], _ = await self.store.create([process], None, schedule=mark)
+        if new:
+            self._started(process)
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
         now = self._clock()
@@ -464,6 +490,8 @@ class Engine:
             self._declare(definition)
             if definition.trigger is not None:
                 self._triggers.setdefault(definition.trigger, []).append(definition)
+        if self._schedules is not None:
+            self._schedules.update(self.definitions.values())
 
     async def describe(self, process_id: str) -> dict[str, Any] | None:
         """A process as the API and the status page show it: status, data, full history."""
@@ -472,8 +500,8 @@ class Engine:
             return None
         process, history = stored
         live = self.live.get(process_id)
-        if live is not None:  # history not yet checkpointed is shown too
-            process, history = live, history + list(live.pending)
+        if live is not None:  # history being or not yet checkpointed is shown too
+            process, history = live, await self._live_history(live, history)
         view = describe_process(process, history, self.definition_of(process))
         waiting = view["waiting_for"]
         if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
@@ -483,6 +511,20 @@ class Engine:
             if queued is not None:
                 view["waiting_for"] = {**queued, "kind": WaitKind.RESOURCE}
         return view
+
+    async def _live_history(self, live: Process, stored: list[Attempt]) -> list[Attempt]:
+        """The rows stored, then those a checkpoint is writing, then those not yet handed
+        to one: the history of the live process's state. A read that ran before a commit
+        whose rows are no longer in flight (committed since) is read again."""
+        for _ in range(READS):
+            committed = live.history_count - len(live.writing)
+            if len(stored) >= committed:  # a read after a commit may hold rows in flight
+                return stored + live.writing[len(stored) - committed :] + live.pending
+            again = await self.store.get(live.id)
+            if again is None:
+                break
+            stored = again[1]
+        return stored + live.writing + live.pending
 
     def _respond(self, process_id: str) -> None:
         answered = self._done.get(process_id)

@@ -100,6 +100,7 @@ class Process:
     seq: int = 0
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
+    writing: list[Attempt] = field(default_factory=list)  # history a checkpoint is writing
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
     task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
     task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint

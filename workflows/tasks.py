@@ -61,6 +61,9 @@ class Opened:
     record: TaskRecord
     outcome: asyncio.Future[TaskRecord]
     end: TaskEnd | None = None  # the answer handed over: the runner's checkpoint writes it
+    # A cancel is being written: an answer meets the table (409 after the cancel), never
+    # the runner, which returns as cancelled and would write no checkpoint with it.
+    cancelling: bool = False
 
 
 class TaskQueues:
@@ -158,6 +161,7 @@ class TaskQueues:
         """Cancel the open task (its delivery answers 409 from now on); the task as it
         ended when a worker's answer came first."""
         record = opened.record
+        opened.cancelling = True
         ended = await self.store.cancel(record.key, record.attempt, now)
         self._due.get(record.queue, set()).discard(record.seq)
         if ended is not None and ended.state != TaskState.CANCELLED:
@@ -345,6 +349,7 @@ class TaskQueues:
             seq is None
             or opened is None
             or opened.outcome.done()
+            or opened.cancelling
             or opened.record.delivery != end.delivery
             or opened.record.state != TaskState.CLAIMED
             or seq not in self._leases

@@ -15,7 +15,7 @@ import orjson
 import sqlite_utils
 
 from registry import Transactor
-from workflows.abc import TaskRecord
+from workflows.abc import ScheduleMark, TaskRecord
 from workflows.records import (
     Attempt,
     NewEvent,
@@ -27,6 +27,7 @@ from workflows.records import (
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
+from .sqlite_schedules import write_mark
 from .sqlite_tasks import open_in, write_end
 
 __all__ = ["SqliteWorkflowStore"]
@@ -178,6 +179,15 @@ def _process(row: tuple[Any, ...]) -> Process:
     )
 
 
+def _written(process: Process, history: list[Attempt]) -> None:
+    """A checkpoint's rows are no longer in flight (committed, or back in `pending`)."""
+    if len(process.writing) == len(history):  # the usual: no other checkpoint in flight
+        process.writing = []
+    elif history:
+        ours = {id(attempt) for attempt in history}
+        process.writing = [a for a in process.writing if id(a) not in ours]
+
+
 def _attempt(row: tuple[Any, ...]) -> Attempt:
     step, kind, attempt, started, ended, outcome, error, instance, http_status = row
     return Attempt(
@@ -214,13 +224,18 @@ class SqliteWorkflowStore:
         await self._db.write(create)
 
     async def create(
-        self, processes: list[Process], event: NewEvent | None
+        self,
+        processes: list[Process],
+        event: NewEvent | None,
+        *,
+        schedule: ScheduleMark | None = None,
     ) -> tuple[list[tuple[Process, bool]], int | None]:
         """Insert new processes (and the event that started them) in one transaction.
 
         A process whose (workflow, idempotency_key) exists is not inserted; the
         stored one is returned in its place, marked not new. An event whose key
-        exists (a publish step run again after a crash) is not stored twice.
+        exists (a publish step run again after a crash) is not stored twice. A
+        schedule's mark moves in the same transaction as its tick's process.
         """
 
         def write(d: sqlite_utils.Database) -> tuple[list[tuple[Process, bool]], int | None]:
@@ -245,6 +260,8 @@ class SqliteWorkflowStore:
                 cursor = conn.execute(_INSERT, _row(process))
                 process.seq = int(cursor.lastrowid or 0)
                 out.append((process, True))
+            if schedule is not None:
+                write_mark(d, schedule)
             return out, seq
 
         return await self._db.write(write)
@@ -255,8 +272,11 @@ class SqliteWorkflowStore:
         A refused write (Overloaded, StoreUnavailable) puts the history and the taken
         signal back, so the retry writes them: no row lost, no signal taken twice. They
         leave the process before the write, not after, so a checkpoint made meanwhile
-        (a cancel's) does not write the same history rows again."""
+        (a cancel's) does not write the same history rows again. Until the commit the rows
+        are in `process.writing`, which reads show (Engine.describe): the process's new
+        state is never seen without them."""
         history, process.pending = process.pending, []
+        process.writing += history
         taken, process.taken_signal = process.taken_signal, None
         end, process.task_end = process.task_end, None
         opening, process.task_open = process.task_open, None
@@ -297,6 +317,7 @@ class SqliteWorkflowStore:
         try:
             opened = await self._db.write(write)
         except BaseException:
+            _written(process, history)
             process.pending[:0] = history
             process.history_count -= len(history)  # not `= first`: another may have failed too
             if taken is not None and process.taken_signal is None:
@@ -306,6 +327,7 @@ class SqliteWorkflowStore:
             if opening is not None and process.task_open is None:
                 process.task_open = opening
             raise
+        _written(process, history)
         if end is not None:
             end.written()
         if opening is not None and opened is not None:

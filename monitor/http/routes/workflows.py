@@ -255,7 +255,7 @@ class WorkflowRoutes:
                     "source": definition.source,
                     "steps": [step.name for step in definition.steps],
                     "route": definition.route,
-                    "trigger": definition.trigger,
+                    "trigger": _trigger(definition),
                     "deadline_seconds": definition.deadline,
                     "counts": counts,
                 }
@@ -485,3 +485,11 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise HttpError(400, f"{name} must be between {low} and {high}")
     return value
+
+
+def _trigger(definition: Definition) -> str | dict[str, str] | None:
+    """The event topic that starts it, or its schedule."""
+    schedule = definition.schedule
+    if schedule is None:
+        return definition.trigger
+    return {"schedule": schedule.cron, "timezone": schedule.timezone}
