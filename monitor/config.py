@@ -507,6 +507,13 @@ class Step(_Model):
         description="Undoes the step when a later one fails for good or the process is "
         "cancelled (retried too): a call, or `{task: name}` run by a worker.",
     )
+    expect: tuple[str, ...] = Field(
+        default=(),
+        description="A call step's checks of its 2xx answer, in the probe condition language "
+        "(`[STATUS] == 200`, `[BODY].passed == true`, `[RESPONSE_TIME] < 2s`): one that fails "
+        "fails the step without retry, the condition and what was seen in its error. A 5xx "
+        "or `retry_on` status is still retried, any other non-2xx still fails the step.",
+    )
 
     @field_validator("compensate", mode="before")
     @classmethod
@@ -985,6 +992,8 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     steps = _items(workflow, "steps")
     yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
     yield from _check_templates(at, steps)
+    for j, step in steps:
+        yield from step_expect_problems(step, (*at, "steps", j))
     names = {x.get("name") for _, x in steps}
     if "output" in workflow:
         known = {n for n in names if isinstance(n, str)}
@@ -993,6 +1002,25 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     after = workflow.get("respond_after")
     if isinstance(after, str) and after not in names:
         yield (*at, "respond_after"), f"no step named {after!r} in this workflow"
+
+
+def step_expect_problems(step: dict[str, Any], at: Path_) -> Iterator[tuple[Path_, str]]:
+    """A step's `expect:`: on a call step only, each condition parsed (a parallel step's
+    branches are steps too: call this for each)."""
+    conditions = step.get("expect")
+    if conditions is None:
+        return
+    if "call" not in step:
+        yield (*at, "expect"), "expect checks a call's answer: only a call step may have it"
+        return
+    if not isinstance(conditions, list):
+        return  # the model says what it should be
+    for k, text in enumerate(conditions):
+        if isinstance(text, str):
+            try:
+                parse_condition(text)
+            except ConditionError as exc:
+                yield (*at, "expect", k), str(exc)
 
 
 def _check_templates(

@@ -61,7 +61,6 @@ PENDING = {
     "workflows[0].trigger.event": 16,  # "Field required": a schedule trigger has no event
     "workflows[0].trigger.schedule": 16,
     "workflows[0].trigger.timezone": 16,
-    "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
     "workflows[0].steps[2].parallel": 16,
     "workflows[0].steps[3].when": 16,

@@ -37,6 +37,8 @@ class CallResult:
     retryable: bool = True
     timed_out: bool = False
     body: str | None = None  # a failing answer's first KiB, for the process's `error`
+    elapsed: float = 0.0  # seconds from sending to the whole answer read (`[RESPONSE_TIME]`)
+    raw: bytes = b""  # the answer as read (a reference, not a copy): `expect`'s `[BODY]`
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +105,8 @@ class ServiceCaller:
         kwargs: dict[str, Any] = {"headers": dict(request.headers)}
         if request.body is not None:
             kwargs["json"] = request.body
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.request(
@@ -112,15 +116,24 @@ class ServiceCaller:
                     status = resp.status
         except TimeoutError:
             return CallResult(
-                ok=False, error=f"timed out after {timeout:.3g}s", instance=instance, timed_out=True
+                ok=False,
+                error=f"timed out after {timeout:.3g}s",
+                instance=instance,
+                timed_out=True,
+                elapsed=loop.time() - sent,
             )
         except aiohttp.ClientConnectionError as exc:
-            return CallResult(ok=False, error=f"connection failed: {exc}", instance=instance)
+            error = f"connection failed: {exc}"
+            return CallResult(ok=False, error=error, instance=instance, elapsed=loop.time() - sent)
         except aiohttp.ClientError as exc:
-            return CallResult(ok=False, error=f"bad response: {exc}", instance=instance)
+            error = f"bad response: {exc}"
+            return CallResult(ok=False, error=error, instance=instance, elapsed=loop.time() - sent)
+        elapsed = loop.time() - sent
         output = _output(raw)
         if 200 <= status < 300:
-            return CallResult(ok=True, status=status, output=output, instance=instance)
+            return CallResult(
+                ok=True, status=status, output=output, instance=instance, elapsed=elapsed, raw=raw
+            )
         return CallResult(
             ok=False,
             status=status,
@@ -129,6 +142,8 @@ class ServiceCaller:
             instance=instance,
             retryable=status in request.retry_on,
             body=raw[:ERROR_BODY_BYTES].decode("utf-8", "replace") if raw else None,
+            elapsed=elapsed,
+            raw=raw,
         )
 
 
