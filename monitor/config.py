@@ -282,12 +282,21 @@ class Slo(_Model):
         default=None,
         description="Measure with these Prometheus queries instead of the daemon's probes.",
     )
+    source: Literal["probes", "calls"] = Field(
+        default="probes",
+        description="`probes`: the daemon's probes of the service. `calls`: the workflow calls "
+        "made to it (`hms_service_calls_total`): good is a call it served (no 5xx, no "
+        "`retry_on` status, no timeout or failed connection), and under `latency_threshold` "
+        "when set. Minutes without calls are no data.",
+    )
     description: str = Field(default="", description="Free text shown with the SLO.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Slo:
         if self.latency_threshold is not None and self.sli is not None:
             raise ValueError("set latency_threshold or sli, not both")
+        if self.sli is not None and self.source != "probes":
+            raise ValueError("sli measures with Prometheus queries: it takes no source")
         return self
 
 
@@ -312,7 +321,9 @@ class Service(_Model):
         description="Services this one needs: while one is down (all its instances critical), "
         "this service's instances are suppressed and raise no alerts.",
     )
-    slos: tuple[Slo, ...] = Field(default=(), description="Objectives on this service's probes.")
+    slos: tuple[Slo, ...] = Field(
+        default=(), description="Objectives on this service's probes, or on the calls made to it."
+    )
 
 
 def _check_timezone(value: str) -> str:

@@ -23,6 +23,8 @@ from registry.storable import load_json
 
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
+# Told of every call made: (service, whether it served the call, seconds of the answer).
+CallObserver = Callable[[str, bool, float], None]
 MAX_RESPONSE_BYTES = 1 << 20
 ERROR_BODY_BYTES = 1024
 
@@ -50,9 +52,21 @@ class _Request:
     retry_on: frozenset[int]
 
 
+def served(result: CallResult, retry_on: frozenset[int]) -> bool:
+    """Whether the service did its part, for its SLIs: it answered, with neither a 5xx nor
+    a status the step retries (`retry_on`, 429 by default). A 4xx it means, or a 2xx that
+    fails the step's `expect`, is the service's business answer, not a failure of it; no
+    instance to call, a failed connection and a timeout are."""
+    status = result.status
+    return status is not None and status < 500 and status not in retry_on
+
+
 class ServiceCaller:
-    def __init__(self, candidates: Candidates) -> None:
+    def __init__(self, candidates: Candidates, observe: CallObserver | None = None) -> None:
+        """`observe` hears of each call made (a step's attempt, a compensation's), once,
+        after failover: what the process felt. A request never sent is not counted."""
         self._candidates = candidates
+        self._observe = observe
         self._turns: dict[str, itertools.count[int]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -82,6 +96,21 @@ class ServiceCaller:
             # Paths and headers are rendered from process input: a CR/LF there would
             # smuggle another request to the service. Never sent, and retrying cannot help.
             return CallResult(ok=False, error=f"request not sent: {problem}", retryable=False)
+        result = await self._failover(service, method, path, body, headers, timeout, retry_on)
+        if self._observe is not None:
+            self._observe(service, served(result, retry_on), result.elapsed)
+        return result
+
+    async def _failover(
+        self,
+        service: str,
+        method: str,
+        path: str,
+        body: Any,
+        headers: Mapping[str, str],
+        timeout: float,  # noqa: ASYNC109 (one budget over failover attempts)
+        retry_on: frozenset[int],
+    ) -> CallResult:
         instances = self._candidates(service)
         if not instances:
             return CallResult(ok=False, error=f"no passing instance of {service!r}")
