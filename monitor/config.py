@@ -1024,14 +1024,7 @@ def step_expect_problems(step: dict[str, Any], at: Path_) -> Iterator[tuple[Path
     if "call" not in step:
         yield (*at, "expect"), "expect checks a call's answer: only a call step may have it"
         return
-    if not isinstance(conditions, list):
-        return  # the model says what it should be
-    for k, text in enumerate(conditions):
-        if isinstance(text, str):
-            try:
-                parse_condition(text)
-            except ConditionError as exc:
-                yield (*at, "expect", k), str(exc)
+    yield from _condition_problems(conditions, (*at, "expect"))
 
 
 def _check_templates(
@@ -1067,14 +1060,20 @@ def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
     probes += [(("services", i, "probe"), s.get("probe")) for i, s in _items(data, "services")]
     for path, probe in probes:
         conditions = probe.get("conditions") if isinstance(probe, dict) else None
-        if not isinstance(conditions, list):
-            continue
-        for j, text in enumerate(conditions):
-            if isinstance(text, str):
-                try:
-                    parse_condition(text)
-                except ConditionError as exc:
-                    yield (*path, "conditions", j), str(exc)
+        yield from _condition_problems(conditions, (*path, "conditions"))
+
+
+def _condition_problems(conditions: Any, at: Path_) -> Iterator[tuple[Path_, str]]:
+    """Each condition of a list parsed; one that does not is reported at its index (what
+    is not a list of strings, the model reports)."""
+    if not isinstance(conditions, list):
+        return
+    for j, text in enumerate(conditions):
+        if isinstance(text, str):
+            try:
+                parse_condition(text)
+            except ConditionError as exc:
+                yield (*at, j), str(exc)
 
 
 def _items(parent: Any, key: str) -> list[tuple[int, dict[str, Any]]]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -96,21 +96,15 @@ class ServiceCaller:
             # Paths and headers are rendered from process input: a CR/LF there would
             # smuggle another request to the service. Never sent, and retrying cannot help.
             return CallResult(ok=False, error=f"request not sent: {problem}", retryable=False)
-        result = await self._failover(service, method, path, body, headers, timeout, retry_on)
+        # `url` holds the path until an instance is chosen.
+        result = await self._failover(
+            service, _Request(method, path, body, headers, retry_on), timeout
+        )
         if self._observe is not None:
             self._observe(service, served(result, retry_on), result.elapsed)
         return result
 
-    async def _failover(
-        self,
-        service: str,
-        method: str,
-        path: str,
-        body: Any,
-        headers: Mapping[str, str],
-        timeout: float,  # noqa: ASYNC109 (one budget over failover attempts)
-        retry_on: frozenset[int],
-    ) -> CallResult:
+    async def _failover(self, service: str, to_send: _Request, timeout: float) -> CallResult:  # noqa: ASYNC109
         instances = self._candidates(service)
         if not instances:
             return CallResult(ok=False, error=f"no passing instance of {service!r}")
@@ -123,7 +117,7 @@ class ServiceCaller:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            request = _Request(method, url.rstrip("/") + path, body, headers, retry_on)
+            request = replace(to_send, url=url.rstrip("/") + to_send.url)
             last = await self._once(instance, request, left)
             if last.status is not None or last.timed_out:
                 return last  # an answer (or a timeout): no failover, the call may have run
