@@ -48,14 +48,14 @@ PAY = {
 
 
 @pytest.fixture
-async def ach() -> AsyncIterator[tuple[TestServer, dict[str, int]]]:
-    """A bank that fails one transfer in five with 503; `answers` queues other statuses."""
+async def ach() -> AsyncIterator[tuple[TestServer, list[int]]]:
+    """A bank that fails one transfer in five with 503; statuses queued in the list first."""
     numbers = itertools.count(1)
-    queued: dict[str, int] = {}
+    queued: list[int] = []
 
     async def transfer(request: web.Request) -> web.Response:
-        if "status" in queued:
-            return web.json_response({"error": "queued"}, status=queued.pop("status"))
+        if queued:
+            return web.json_response({"error": "queued"}, status=queued.pop(0))
         if next(numbers) % 5 == 0:
             return web.json_response({"error": "bank link busy"}, status=503)
         return web.json_response({"payment_id": "pay-1", "passed": False})
@@ -72,7 +72,7 @@ async def ach() -> AsyncIterator[tuple[TestServer, dict[str, int]]]:
 async def daemon(
     make_config: Callable[..., Config],
     start_daemon: Callable[..., Awaitable[AppClient]],
-    ach: tuple[TestServer, dict[str, int]],
+    ach: tuple[TestServer, list[int]],
 ) -> AppClient:
     client = await start_daemon(make_config(services=SERVICES, workflows=[PAY]))
     url = str(ach[0].make_url("/"))
@@ -160,7 +160,7 @@ async def test_a_minute_without_calls_is_no_data(daemon: AppClient, clock: FakeC
 async def test_what_counts_as_a_failure_of_the_service(
     make_config: Callable[..., Config],
     start_daemon: Callable[..., Awaitable[AppClient]],
-    ach: tuple[TestServer, dict[str, int]],
+    ach: tuple[TestServer, list[int]],
     clock: FakeClock,
 ) -> None:
     """A 4xx it means and a 2xx failing `expect` are its answers; a retry_on status and a
@@ -181,9 +181,9 @@ async def test_what_counts_as_a_failure_of_the_service(
     assert (await client.put("/v1/services/ach/instances/a1", json={"url": url})).status == 201
     done = await pay(client, "Checked")  # 200 {"passed": false}: expect fails the step
     assert done["error"]["message"] == "expect [BODY].passed == true (got false)"
-    ach[1]["status"] = 422
+    ach[1].append(422)
     await pay(client, "Checked")
-    ach[1]["status"] = 409  # the step retries it: the service was not able to
+    ach[1].append(409)  # the step retries it: the service was not able to
     await pay(client, "Checked")
     assert (await client.delete("/v1/services/ach/instances/a1")).status == 204
     await pay(client, "Checked")  # no instance at all
@@ -191,6 +191,38 @@ async def test_what_counts_as_a_failure_of_the_service(
     assert (counted(families, "success"), counted(families, "failure")) == (2, 2)
     clock.advance(60)
     assert (await slos(client))["calls"]["sli"] == 0.5
+
+
+async def test_every_attempt_and_every_compensation_is_a_call(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    ach: tuple[TestServer, list[int]],
+) -> None:
+    retried = {
+        "name": "Retried",
+        "steps": [
+            {
+                "name": "reserve",
+                "call": {"service": "ach", "path": "/transfers"},
+                "compensate": {"service": "ach", "path": "/transfers"},
+            },
+            {
+                "name": "pay",
+                "call": {"service": "ach", "path": "/transfers"},
+                "retry": {"max_attempts": 3, "backoff": "10ms"},
+            },
+        ],
+    }
+    client = await start_daemon(make_config(services=SERVICES, workflows=[retried]))
+    url = str(ach[0].make_url("/"))
+    assert (await client.put("/v1/services/ach/instances/a1", json={"url": url})).status == 201
+    # reserve 200; pay 503, then 400 (fails for good); the compensation of reserve 200.
+    ach[1].extend([200, 503, 400, 200])
+    done = await pay(client, "Retried")
+    assert done["status"] == "compensated"
+    assert len(done["history"]) == 4 and not ach[1]
+    families = await metric_families(client)
+    assert (counted(families, "success"), counted(families, "failure")) == (3, 1)
 
 
 def test_source_calls_with_a_raw_sli_is_a_config_error() -> None:
@@ -285,3 +317,27 @@ def test_the_dashboard_has_panels_for_the_calls() -> None:
     latency = titles["Service call latency p95 (workflow calls)"]
     assert "hms_service_call_duration_seconds_bucket" in latency["targets"][0]["expr"]
     assert sum("hms_service_call" in q for q in panel_queries(dashboard)) == 3
+
+
+async def test_a_calls_slo_burning_within_its_budget_is_an_amber_line(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    ach: tuple[TestServer, list[int]],
+    clock: FakeClock,
+) -> None:
+    services = [{"name": "ach", "slos": [{"name": "calls", "objective": 90, "source": "calls"}]}]
+    client = await start_daemon(make_config(services=services, workflows=[PAY]))
+    url = str(ach[0].make_url("/"))
+    assert (await client.put("/v1/services/ach/instances/a1", json={"url": url})).status == 201
+    ach[1].extend([200] * 20)
+    for _ in range(20):
+        await pay(client)
+    clock.advance(2 * 3600)  # out of the last hour, still in the period
+    ach[1].append(503)
+    await pay(client)
+    clock.advance(60)
+    calls = (await slos(client))["calls"]
+    assert calls["error_budget_remaining"] == pytest.approx(1 - (1 / 21) / 0.1)
+    assert calls["burn_rates"]["1h"] == pytest.approx(10)
+    page = await (await client.get("/services/ach")).text()
+    assert 'class="slo slo-partial" data-slo="calls"' in page
