@@ -48,6 +48,7 @@ from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 from workflows.metrics import (
+    CallMetrics,
     ProcessCollector,
     ResourceCollector,
     TaskCollector,
@@ -221,7 +222,19 @@ def _build(
     definitions = definitions_from_config(config)
     workflow_slos = WorkflowSlos({d.name: d.objective for d in definitions})
     processes = SqliteWorkflowStore(database)
-    caller = ServiceCaller(candidates)
+    call_metrics = CallMetrics(registry, probe_latency_buckets(config))
+    for service in {s for d in definitions for s in d.services()}:
+        call_metrics.declare(service)
+
+    def observe_call(service: str, served: bool, seconds: float) -> None:
+        """A workflow call, for `hms_service_calls_*` and `source: calls` SLOs. Calls inside
+        the service's maintenance window count in neither, as its probes do not."""
+        if book.in_maintenance(service):
+            return
+        call_metrics.observe(service, served, seconds)
+        slos.record_call(service, catalog.now(), served=served, seconds=seconds)
+
+    caller = ServiceCaller(candidates, observe_call)
     engine = Engine(
         definitions,
         store=processes,

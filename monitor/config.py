@@ -283,12 +283,21 @@ class Slo(_Model):
         default=None,
         description="Measure with these Prometheus queries instead of the daemon's probes.",
     )
+    source: Literal["probes", "calls"] = Field(
+        default="probes",
+        description="`probes`: the daemon's probes of the service. `calls`: the workflow calls "
+        "made to it (`hms_service_calls_total`): good is a call it served (no 5xx, no "
+        "`retry_on` status, no timeout or failed connection), and under `latency_threshold` "
+        "when set. Minutes without calls are no data.",
+    )
     description: str = Field(default="", description="Free text shown with the SLO.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> Slo:
         if self.latency_threshold is not None and self.sli is not None:
             raise ValueError("set latency_threshold or sli, not both")
+        if self.sli is not None and self.source != "probes":
+            raise ValueError("sli measures with Prometheus queries: it takes no source")
         return self
 
 
@@ -313,7 +322,9 @@ class Service(_Model):
         description="Services this one needs: while one is down (all its instances critical), "
         "this service's instances are suppressed and raise no alerts.",
     )
-    slos: tuple[Slo, ...] = Field(default=(), description="Objectives on this service's probes.")
+    slos: tuple[Slo, ...] = Field(
+        default=(), description="Objectives on this service's probes, or on the calls made to it."
+    )
 
 
 def _check_timezone(value: str) -> str:
@@ -532,6 +543,13 @@ class Step(_Model):
         default=None,
         description="Reserve units of a resource before the step runs (before its delay), "
         "held until the process ends; while they are taken the process waits, in FIFO order.",
+    )
+    expect: tuple[str, ...] = Field(
+        default=(),
+        description="A call step's checks of its 2xx answer, in the probe condition language "
+        "(`[STATUS] == 200`, `[BODY].passed == true`, `[RESPONSE_TIME] < 2s`): one that fails "
+        "fails the step without retry, the condition and what was seen in its error. A 5xx "
+        "or `retry_on` status is still retried, any other non-2xx still fails the step.",
     )
 
     @field_validator("compensate", mode="before")
@@ -1074,6 +1092,8 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     steps = _items(workflow, "steps")
     yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
     yield from _check_templates(at, steps)
+    for j, step in steps:
+        yield from step_expect_problems(step, (*at, "steps", j))
     names = {x.get("name") for _, x in steps}
     if "output" in workflow:
         known = {n for n in names if isinstance(n, str)}
@@ -1082,6 +1102,18 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     after = workflow.get("respond_after")
     if isinstance(after, str) and after not in names:
         yield (*at, "respond_after"), f"no step named {after!r} in this workflow"
+
+
+def step_expect_problems(step: dict[str, Any], at: Path_) -> Iterator[tuple[Path_, str]]:
+    """A step's `expect:`: on a call step only, each condition parsed (a parallel step's
+    branches are steps too: call this for each)."""
+    conditions = step.get("expect")
+    if conditions is None:
+        return
+    if "call" not in step:
+        yield (*at, "expect"), "expect checks a call's answer: only a call step may have it"
+        return
+    yield from _condition_problems(conditions, (*at, "expect"))
 
 
 def _check_templates(
@@ -1117,14 +1149,20 @@ def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
     probes += [(("services", i, "probe"), s.get("probe")) for i, s in _items(data, "services")]
     for path, probe in probes:
         conditions = probe.get("conditions") if isinstance(probe, dict) else None
-        if not isinstance(conditions, list):
-            continue
-        for j, text in enumerate(conditions):
-            if isinstance(text, str):
-                try:
-                    parse_condition(text)
-                except ConditionError as exc:
-                    yield (*path, "conditions", j), str(exc)
+        yield from _condition_problems(conditions, (*path, "conditions"))
+
+
+def _condition_problems(conditions: Any, at: Path_) -> Iterator[tuple[Path_, str]]:
+    """Each condition of a list parsed; one that does not is reported at its index (what
+    is not a list of strings, the model reports)."""
+    if not isinstance(conditions, list):
+        return
+    for j, text in enumerate(conditions):
+        if isinstance(text, str):
+            try:
+                parse_condition(text)
+            except ConditionError as exc:
+                yield (*at, j), str(exc)
 
 
 def _items(parent: Any, key: str) -> list[tuple[int, dict[str, Any]]]:

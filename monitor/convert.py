@@ -11,6 +11,7 @@ from typing import Any
 
 from monitor import config as cfg
 from registry import Instance, ProbeSpec
+from registry.conditions import parse_conditions
 from scheduler.retry import DEFAULT_RETRY, RETRYABLE, Retry
 from workflows.definition import (
     DEFAULT_TIMEOUT,
@@ -73,6 +74,7 @@ def definition_from_config(
                 retry=retry,
                 compensate=_compensation(step.compensate),
                 acquire=_acquire(step.acquire),
+                expect=parse_conditions(step.expect),  # checked by the config already
             )
         )
     return Definition(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -23,6 +23,8 @@ from registry.storable import load_json
 
 # (instance id, base URL) of the instances a step may call now, in a stable order.
 Candidates = Callable[[str], list[tuple[str, str]]]
+# Told of every call made: (service, whether it served the call, seconds of the answer).
+CallObserver = Callable[[str, bool, float], None]
 MAX_RESPONSE_BYTES = 1 << 20
 ERROR_BODY_BYTES = 1024
 
@@ -37,6 +39,8 @@ class CallResult:
     retryable: bool = True
     timed_out: bool = False
     body: str | None = None  # a failing answer's first KiB, for the process's `error`
+    elapsed: float = 0.0  # seconds from sending to the whole answer read (`[RESPONSE_TIME]`)
+    raw: bytes = b""  # the answer as read (a reference, not a copy): `expect`'s `[BODY]`
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +52,21 @@ class _Request:
     retry_on: frozenset[int]
 
 
+def served(result: CallResult, retry_on: frozenset[int]) -> bool:
+    """Whether the service did its part, for its SLIs: it answered, with neither a 5xx nor
+    a status the step retries (`retry_on`, 429 by default). A 4xx it means, or a 2xx that
+    fails the step's `expect`, is the service's business answer, not a failure of it; no
+    instance to call, a failed connection and a timeout are."""
+    status = result.status
+    return status is not None and status < 500 and status not in retry_on
+
+
 class ServiceCaller:
-    def __init__(self, candidates: Candidates) -> None:
+    def __init__(self, candidates: Candidates, observe: CallObserver | None = None) -> None:
+        """`observe` hears of each call made (a step's attempt, a compensation's), once,
+        after failover: what the process felt. A request never sent is not counted."""
         self._candidates = candidates
+        self._observe = observe
         self._turns: dict[str, itertools.count[int]] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -80,6 +96,15 @@ class ServiceCaller:
             # Paths and headers are rendered from process input: a CR/LF there would
             # smuggle another request to the service. Never sent, and retrying cannot help.
             return CallResult(ok=False, error=f"request not sent: {problem}", retryable=False)
+        # `url` holds the path until an instance is chosen.
+        result = await self._failover(
+            service, _Request(method, path, body, headers, retry_on), timeout
+        )
+        if self._observe is not None:
+            self._observe(service, served(result, retry_on), result.elapsed)
+        return result
+
+    async def _failover(self, service: str, to_send: _Request, timeout: float) -> CallResult:  # noqa: ASYNC109
         instances = self._candidates(service)
         if not instances:
             return CallResult(ok=False, error=f"no passing instance of {service!r}")
@@ -92,7 +117,7 @@ class ServiceCaller:
             left = deadline - loop.time()
             if left <= 0:
                 break
-            request = _Request(method, url.rstrip("/") + path, body, headers, retry_on)
+            request = replace(to_send, url=url.rstrip("/") + to_send.url)
             last = await self._once(instance, request, left)
             if last.status is not None or last.timed_out:
                 return last  # an answer (or a timeout): no failover, the call may have run
@@ -103,6 +128,8 @@ class ServiceCaller:
         kwargs: dict[str, Any] = {"headers": dict(request.headers)}
         if request.body is not None:
             kwargs["json"] = request.body
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         try:
             async with asyncio.timeout(timeout):
                 async with self._session.request(
@@ -112,15 +139,24 @@ class ServiceCaller:
                     status = resp.status
         except TimeoutError:
             return CallResult(
-                ok=False, error=f"timed out after {timeout:.3g}s", instance=instance, timed_out=True
+                ok=False,
+                error=f"timed out after {timeout:.3g}s",
+                instance=instance,
+                timed_out=True,
+                elapsed=loop.time() - sent,
             )
         except aiohttp.ClientConnectionError as exc:
-            return CallResult(ok=False, error=f"connection failed: {exc}", instance=instance)
+            error = f"connection failed: {exc}"
+            return CallResult(ok=False, error=error, instance=instance, elapsed=loop.time() - sent)
         except aiohttp.ClientError as exc:
-            return CallResult(ok=False, error=f"bad response: {exc}", instance=instance)
+            error = f"bad response: {exc}"
+            return CallResult(ok=False, error=error, instance=instance, elapsed=loop.time() - sent)
+        elapsed = loop.time() - sent
         output = _output(raw)
         if 200 <= status < 300:
-            return CallResult(ok=True, status=status, output=output, instance=instance)
+            return CallResult(
+                ok=True, status=status, output=output, instance=instance, elapsed=elapsed, raw=raw
+            )
         return CallResult(
             ok=False,
             status=status,
@@ -129,6 +165,8 @@ class ServiceCaller:
             instance=instance,
             retryable=status in request.retry_on,
             body=raw[:ERROR_BODY_BYTES].decode("utf-8", "replace") if raw else None,
+            elapsed=elapsed,
+            raw=raw,
         )
 
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from registry.conditions import Condition
 from scheduler.retry import DEFAULT_RETRY, Retry
 
 from .states import StepKind
@@ -95,6 +96,9 @@ class Step:
     retry: Retry = DEFAULT_RETRY
     compensate: Call | Task | None = None
     acquire: Acquire | None = None
+    # A call step's `expect:` (the probe language over its answer): a 2xx that fails one
+    # fails the step without retry (workflows/expect.py).
+    expect: tuple[Condition, ...] = ()
 
     @property
     def kind(self) -> StepKind:

@@ -114,6 +114,54 @@ class WorkflowMetrics:
         self._grants.labels(resource).observe(seconds)
 
 
+class CallMetrics:
+    """`hms_service_calls_total{service,result}` and `hms_service_call_duration_seconds{service}`:
+    workflow calls to each service, the `source: calls` SLIs' events (DESIGN.md §4).
+
+    As with probes, only calls the service served go into the histogram, so a latency SLI
+    `1 - fast / total` counts a failure as not fast. Series are cached per service: the
+    counting runs on every call of every process."""
+
+    def __init__(self, registry: CollectorRegistry, buckets: Iterable[float]) -> None:
+        self._calls = PromCounter(
+            "hms_service_calls",
+            "Workflow calls to the service (each attempt, compensations too), by result: "
+            "failure is no answer (no instance, connection, timeout), a 5xx or a step's "
+            "retry_on status.",
+            ["service", "result"],
+            registry=registry,
+        )
+        self._duration = Histogram(
+            "hms_service_call_duration_seconds",
+            "Answer time of the workflow calls the service served; SLO latency thresholds "
+            "are bucket boundaries.",
+            ["service"],
+            buckets=tuple(buckets),
+            registry=registry,
+        )
+        self._series: dict[str, tuple[PromCounter, PromCounter, Histogram]] = {}
+
+    def declare(self, service: str) -> tuple[PromCounter, PromCounter, Histogram]:
+        """Both results at zero from the start, so an error ratio has a numerator."""
+        series = self._series.get(service)
+        if series is None:
+            series = (
+                self._calls.labels(service, "success"),
+                self._calls.labels(service, "failure"),
+                self._duration.labels(service),
+            )
+            self._series[service] = series
+        return series
+
+    def observe(self, service: str, served: bool, seconds: float) -> None:
+        success, failure, duration = self._series.get(service) or self.declare(service)
+        if served:
+            success.inc()
+            duration.observe(seconds)
+        else:
+            failure.inc()
+
+
 class ProcessCollector(Collector):
     """`hms_workflow_processes{workflow,status}` and `hms_events_published_total{topic}`."""
 

@@ -21,7 +21,7 @@ import orjson
 from registry import StoreUnavailable
 from scheduler import EventBus
 
-from . import templates
+from . import expect, templates
 from .abc import NewTask, TaskRecord, WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, Task, WaitFor
@@ -158,7 +158,7 @@ class ProcessRunner:
                 return
             result = task
         else:
-            result = await self._act(process, step)
+            result = self._expected(step, await self._act(process, step))
         self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
         if result.ok:
             process.outputs[step.name] = result.output
@@ -175,6 +175,11 @@ class ProcessRunner:
             return
         process.error = failure(step.name, str(result.error), result.status, result.body)
         await self._begin_compensation(definition, process, cancelled=False)
+
+    def _expected(self, step: Step, result: CallResult) -> CallResult:
+        """A call step's `expect:` over its 2xx answer: a failing condition fails the
+        attempt for good (the service answered; asking again gets the same answer)."""
+        return expect.judge(step.expect, result) if step.expect else result
 
     async def _act(self, process: Process, step: Step) -> CallResult:
         context = template_context(process)

@@ -19,7 +19,7 @@ time; the daemon validates the rest when the Worker deploys it (422 naming the f
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,10 +220,13 @@ class Workflow:
         timeout: Duration | None = None,
         retry: Retry | None = None,
         acquire: Acquire | Mapping[str, Any] | None = None,
+        expect: Sequence[str] | None = None,
     ) -> Workflow:
         """Add a step; `action` is a function (sync or async, one StepContext in) or one of
         `call(...)`, `publish(...)`, `wait_for(...)`, `task(...)`. `acquire` reserves units
-        of a resource first: `acquire(...)` or its dict (`{"resource": "funds"}`)."""
+        of a resource first: `acquire(...)` or its dict (`{"resource": "funds"}`). `expect`:
+        a call step's conditions over its answer (`"[BODY].passed == true"`); the daemon
+        parses them."""
         where = f"{self.name}.{name}"
         _name("step", name)
         if any(s["name"] == name for s in self._steps):
@@ -242,6 +245,12 @@ class Workflow:
             entry["retry"] = retry.to_json()
         if acquire is not None:
             entry["acquire"] = _acquire(where, acquire)
+        if expect is not None:
+            if not isinstance(action, Call):
+                raise DefinitionError(f"{where}: expect checks a call's answer")
+            if isinstance(expect, str):  # a string is a Sequence[str] of its characters
+                raise DefinitionError(f"{where}: expect is a list of conditions")
+            entry["expect"] = [str(condition) for condition in expect]
         self._steps.append(entry)
         return self
 

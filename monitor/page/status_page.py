@@ -105,7 +105,9 @@ class StatusPage:
         self._templates.filters.update(
             when=_when, ago=self._ago, percent=_percent, seconds=_seconds, day=_day
         )
-        self._templates.globals.update(bar_class=_bar_class, sparkline=_sparkline)
+        self._templates.globals.update(
+            bar_class=_bar_class, sparkline=_sparkline, slo_class=_slo_class
+        )
 
     async def start(self) -> None:
         self._subscription = self._bus.subscribe(
@@ -359,6 +361,19 @@ def _bar_class(tally: Any, objective: float) -> str:
     if tally.ratio * 100 >= objective:
         return "up"
     return "partial" if tally.ratio >= 0.9 else "down"
+
+
+def _slo_class(slo: Mapping[str, Any]) -> str:
+    """An SLO line's colour: `down` (red) once the period's budget is spent, `partial`
+    (amber) while the last hour burns it faster than the period allows (over 1x), else
+    `up`; `none` without data."""
+    budget = slo.get("error_budget_remaining")
+    if budget is None:
+        return "none"
+    if budget <= 0:
+        return "down"
+    burn = (slo.get("burn_rates") or {}).get("1h")
+    return "partial" if burn is not None and burn > 1 else "up"
 
 
 def _sparkline(values: tuple[float | None, ...], width: int = 96, height: int = 24) -> str:

@@ -36,7 +36,8 @@ class SloSummary:
 
 
 class SloBook:
-    """Every configured SLO's ledger, fed by probe results, evaluated by a job."""
+    """Every configured SLO's ledger, fed by probe results (`source: probes`) or by the
+    workflow calls made to the service (`source: calls`), evaluated by a job."""
 
     def __init__(
         self,
@@ -51,7 +52,19 @@ class SloBook:
         self._bus = bus
         self._store = store
         self._zone = ZoneInfo(timezone)
-        self._tracked = self._track(services, {})
+        self._tracked: dict[str, list[_Tracked]] = {}
+        self._probed: dict[str, list[_Tracked]] = {}
+        self._called: dict[str, list[_Tracked]] = {}
+        self._set(self._track(services, {}))
+
+    def _set(self, tracked: dict[str, list[_Tracked]]) -> None:
+        """Every SLO (what is shown), and per source the ones each feed reaches."""
+        self._tracked = tracked
+        by_source: dict[str, dict[str, list[_Tracked]]] = {"probes": {}, "calls": {}}
+        for service, entries in tracked.items():
+            for entry in entries:
+                by_source[entry.slo.source].setdefault(service, []).append(entry)
+        self._probed, self._called = by_source["probes"], by_source["calls"]
 
     def _track(
         self, services: Iterable[Service], keep: Mapping[tuple[str, Slo], _Tracked]
@@ -91,12 +104,12 @@ class SloBook:
                 since = entry.ledger.history_start(minute)
                 rows = await self._store.minutes(entry.service, entry.slo.name, since)
                 entry.ledger.restore(rows, minute)
-        self._tracked = tracked
+        self._set(tracked)
 
     def record(
         self, service: str, at: float, *, ok: bool, response_time: float, maintenance: bool
     ) -> None:
-        tracked = self._tracked.get(service)
+        tracked = self._probed.get(service)
         if not tracked:
             return
         minute = int(at // 60)
@@ -105,6 +118,17 @@ class SloBook:
                 entry.ledger.advance(minute)
                 continue
             good = ok and (entry.threshold is None or response_time <= entry.threshold)
+            entry.ledger.record(minute, int(good), 1)
+
+    def record_call(self, service: str, at: float, *, served: bool, seconds: float) -> None:
+        """A workflow call to `service` (workflows/caller.py `served`), for its `source:
+        calls` SLOs. A minute without calls stays empty: no data, neither good nor bad."""
+        tracked = self._called.get(service)
+        if not tracked:
+            return
+        minute = int(at // 60)
+        for entry in tracked:
+            good = served and (entry.threshold is None or seconds <= entry.threshold)
             entry.ledger.record(minute, int(good), 1)
 
     def evaluate(self, now: float) -> None:
@@ -171,6 +195,7 @@ class SloBook:
             "objective": entry.slo.objective,
             "period": format_duration(entry.slo.period),
             "kind": "latency" if entry.threshold is not None else "availability",
+            "source": entry.slo.source,
             "latency_threshold": None
             if entry.threshold is None
             else format_duration(entry.threshold),

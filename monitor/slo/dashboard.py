@@ -71,6 +71,35 @@ def build_dashboard(config: Config) -> dict[str, Any]:
                 # 1x spends the budget exactly over the period; 14.4x is the fastest page.
                 thresholds=[("green", None), ("orange", 1), ("red", 14.4)],
             ),
+            # `source: calls` SLOs: the workflow calls made to each service, as they fared.
+            _timeseries(
+                "Service calls failing (workflow calls)",
+                [
+                    (
+                        "sum by (service) (rate(hms_service_calls_total"
+                        f'{{{SERVICE},result="failure"}}[$__rate_interval])) / (sum by (service) '
+                        f"(rate(hms_service_calls_total{{{SERVICE}}}[$__rate_interval])) > 0)",
+                        "{{service}} failing",
+                    ),
+                    (
+                        "sum by (service) (rate(hms_service_calls_total"
+                        f"{{{SERVICE}}}[$__rate_interval]))",
+                        "{{service}} calls/s",
+                    ),
+                ],
+                thresholds=[("green", None), ("red", 0.01)],
+            ),
+            _timeseries(
+                "Service call latency p95 (workflow calls)",
+                [
+                    (
+                        "histogram_quantile(0.95, sum by (le, service) (rate("
+                        f"hms_service_call_duration_seconds_bucket{{{SERVICE}}}[$__rate_interval])))",
+                        "{{service}}",
+                    )
+                ],
+                unit="s",
+            ),
             _stat(
                 "SLA this month",
                 f'hms_sla_availability_ratio{{{SERVICE},month="{THIS_MONTH}"}}',

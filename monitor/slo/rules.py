@@ -190,15 +190,20 @@ def _error_ratio(service: Service, slo: Slo, window: str) -> str:
         errors = slo.sli.error_query.replace("{{window}}", window)
         total = slo.sli.total_query.replace("{{window}}", window)
         return f"({errors}) / (({total}) > 0)"
-    probes = f'hms_probe_total{{service="{service.name}"}}'
-    total = f"sum(increase({probes}[{window}]))"
+    # `source: calls` reads the workflow calls made to the service instead of its probes;
+    # both count failures and time only what was served, so the two read alike.
+    counter, histogram = (
+        ("hms_service_calls_total", "hms_service_call_duration_seconds")
+        if slo.source == "calls"
+        else ("hms_probe_total", "hms_probe_duration_seconds")
+    )
+    events = f'{counter}{{service="{service.name}"}}'
+    total = f"sum(increase({events}[{window}]))"
     if slo.latency_threshold is None:
-        failed = (
-            f'sum(increase(hms_probe_total{{service="{service.name}",result="failure"}}[{window}]))'
-        )
+        failed = f'sum(increase({counter}{{service="{service.name}",result="failure"}}[{window}]))'
         return f"{failed} / ({total} > 0)"
     le = _le(slo.latency_threshold)
-    bucket = f'hms_probe_duration_seconds_bucket{{service="{service.name}",le="{le}"}}'
+    bucket = f'{histogram}_bucket{{service="{service.name}",le="{le}"}}'
     fast = f"sum(increase({bucket}[{window}]))"
     return f"({total} - {fast}) / ({total} > 0)"
 

@@ -47,6 +47,9 @@ class Slo(SloReport):
     objective: float = Field(description="percent")
     period: str
     kind: Literal["availability", "latency"] | None = None
+    source: Literal["probes", "calls"] | None = Field(
+        default=None, description="what it measures: the daemon's probes or the workflow calls"
+    )
     latency_threshold: str | None = None
     burn_rates: dict[str, Ratio]
 
