@@ -250,7 +250,7 @@ class ProcessRunner:
             process.task_end = opened.end
             return outcome(ended)
         finally:
-            self._tasks.close_task(opened)
+            self._tasks.close_task(opened, kept=process.task_end)
 
     def _open_next(self, definition: Definition, process: Process) -> None:
         """When the next step is a task step with no delay, the checkpoint ending this one

@@ -61,6 +61,7 @@ class Opened:
     record: TaskRecord
     outcome: asyncio.Future[TaskRecord]
     end: TaskEnd | None = None  # the answer handed over: the runner's checkpoint writes it
+    cancelling: bool = False  # a cancel's write is under way: answers go to the table
 
 
 class TaskQueues:
@@ -156,16 +157,27 @@ class TaskQueues:
 
     async def cancel(self, opened: Opened, now: float) -> TaskRecord | None:
         """Cancel the open task (its delivery answers 409 from now on); the task as it
-        ended when a worker's answer came first."""
+        ended when a worker's answer came first. From here no answer is handed to the
+        runner (whose wait ends with this cancel): each goes to the table, where it and
+        the cancel are ordered, and is answered as that write ends."""
         record = opened.record
+        opened.cancelling = True
+        if record.delivery is not None:
+            self._deliveries.pop(record.delivery, None)
         ended = await self.store.cancel(record.key, record.attempt, now)
         self._due.get(record.queue, set()).discard(record.seq)
         if ended is not None and ended.state != TaskState.CANCELLED:
             return ended
         return None
 
-    def close_task(self, opened: Opened) -> None:
-        """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
+    def close_task(self, opened: Opened, kept: TaskEnd | None = None) -> None:
+        """The runner is done waiting (an outcome, a cancel, or the daemon stopping);
+        `kept`: the answer it keeps for its next checkpoint to write. One handed over and
+        not kept is never written: its worker hears so and sends it again (the table
+        answers that: 409 once the task is cancelled)."""
+        if opened.end is not None and opened.end is not kept:
+            lost = StoreUnavailable("the answer was not recorded: send it again")
+            self.ended(opened.end.delivery, lost)
         seq = opened.record.seq
         self._open.pop(seq, None)
         self._due_at.pop(seq, None)
@@ -344,6 +356,7 @@ class TaskQueues:
         if (
             seq is None
             or opened is None
+            or opened.cancelling
             or opened.outcome.done()
             or opened.record.delivery != end.delivery
             or opened.record.state != TaskState.CLAIMED
@@ -390,6 +403,12 @@ class TaskQueues:
         """Bring memory in line with the task as stored: due (wake a poll), claimed (arm
         its lease), or ended (resolve the runner's wait)."""
         opened = self._open.get(record.seq)
+        if opened is not None and (opened.outcome.done() or opened.cancelling):
+            # Answered (maybe handed over: its checkpoint writes it) or being cancelled:
+            # nothing to hand out, no lease to arm, and the runner has its outcome.
+            if record.state in (TaskState.DUE, TaskState.CLAIMED):
+                return
+            opened = None
         if opened is not None:
             opened.record = record
         if record.state == TaskState.DUE:

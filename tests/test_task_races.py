@@ -1,0 +1,107 @@
+"""Task answers racing a cancel, a heartbeat, a storage outage, an engine error and a
+daemon's death (DESIGN.md §3 Task queues): every answer is answered, a cancelled or
+failed process's task is never handed out nor accepted, and a lease starts when its
+claim is written."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from monitor.keys import PARTS
+
+from .conftest import AppClient
+from .test_tasks import finished, payments, process, start, take
+
+__all__ = ["payments"]  # the fixture, used by name
+
+Start = Callable[..., Awaitable[AppClient]]
+
+
+def rows(tmp_path: Path, process_id: str) -> list[tuple[str, int, str]]:
+    """(step key after the process id, attempt, state) of the process's tasks."""
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        found = db.execute(
+            "SELECT key, attempt, state FROM tasks WHERE process = ? ORDER BY seq", [process_id]
+        ).fetchall()
+    return [(key.split("/", 1)[1], attempt, state) for key, attempt, state in found]
+
+
+async def history(client: AppClient, process_id: str) -> list[tuple[str, str, str]]:
+    return [
+        (a["step"], a["kind"], a["outcome"]) for a in (await process(client, process_id))["history"]
+    ]
+
+
+def slow_cancel(client: AppClient, *, before: asyncio.Event, after: asyncio.Event) -> None:
+    """The runner's cancel of a task waits for `before` to write, for `after` to return."""
+    store = client.app[PARTS].engine.tasks.store
+    real = store.cancel
+
+    async def cancel(key: str, attempt: int, now: float) -> Any:
+        await before.wait()
+        ended = await real(key, attempt, now)
+        await after.wait()
+        return ended
+
+    store.cancel = cancel  # type: ignore[method-assign]
+
+
+async def answered(call: Awaitable[Any]) -> Any:
+    """An answer that must come, and soon: a hang fails the test, it does not stall it."""
+    return await asyncio.wait_for(call, 5)
+
+
+# -- a complete while the cancel of its task is being written -------------------------
+
+
+async def test_a_complete_that_reaches_the_table_before_the_cancel_is_done_and_undone(
+    payments: AppClient,
+) -> None:
+    go, back = asyncio.Event(), asyncio.Event()
+    slow_cancel(payments, before=go, after=back)
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await asyncio.sleep(0.1)  # the runner is in the cancel's write
+    complete = f"/v1/tasks/{reserve['id']}/complete"
+    resp = await answered(payments.post(complete, json={"output": {"reservation": "r-1"}}))
+    assert resp.status == 200
+    go.set()
+    back.set()
+    assert (await answered(payments.post(complete, json={"output": {}}))).status == 409
+    release = await take(payments, "releaseFunds")  # the step was done: it is undone
+    assert release["steps"] == {"reserve": {"reservation": "r-1"}}
+    await payments.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
+    await finished(payments, process_id, "cancelled")
+    assert await history(payments, process_id) == [
+        ("reserve", "task", "ok"),
+        ("reserve", "compensate", "ok"),
+    ]
+
+
+async def test_a_complete_that_reaches_the_table_after_the_cancel_answers_409(
+    payments: AppClient,
+) -> None:
+    go, back = asyncio.Event(), asyncio.Event()
+    go.set()  # the cancel is written; its answer has not reached the runner
+    slow_cancel(payments, before=go, after=back)
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await asyncio.sleep(0.1)
+    complete = f"/v1/tasks/{reserve['id']}/complete"
+    assert (await answered(payments.post(complete, json={"output": {}}))).status == 409
+    assert (await answered(payments.post(complete, json={"output": {}}))).status == 409
+    carried = await answered(
+        payments.post(
+            "/v1/tasks/poll",
+            json={"queue": "payments", "wait": "0s", "complete": [{"id": reserve["id"]}]},
+        )
+    )
+    assert [c["error"]["code"] for c in (await carried.json())["completed"]] == ["conflict"]
+    back.set()
+    await finished(payments, process_id, "cancelled")
