@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from monitor.keys import PARTS
+from monitor.keys import DATABASE, PARTS
 
-from .conftest import AppClient
+from .conftest import AppClient, FakeClock
 from .test_tasks import finished, payments, process, start, take
 
 __all__ = ["payments"]  # the fixture, used by name
@@ -105,3 +105,43 @@ async def test_a_complete_that_reaches_the_table_after_the_cancel_answers_409(
     assert [c["error"]["code"] for c in (await carried.json())["completed"]] == ["conflict"]
     back.set()
     await finished(payments, process_id, "cancelled")
+
+
+# -- a lease starts when its claim is written --------------------------------------------
+
+
+async def writes_refused(client: AppClient, refused: bool) -> None:
+    """A storage outage, as a read-only disk gives one: every write fails."""
+
+    def pragma(d: Any) -> None:
+        d.execute(f"PRAGMA query_only = {int(refused)}")
+
+    await client.app[DATABASE].read(pragma)
+
+
+async def test_a_task_claimed_by_a_checkpoint_after_an_outage_leases_from_its_commit(
+    payments: AppClient, clock: FakeClock
+) -> None:
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    waiting = asyncio.ensure_future(
+        payments.post(
+            "/v1/tasks/poll", json={"queue": "payments", "worker": "w2", "wait": "20s", "max": 1}
+        )
+    )
+    await asyncio.sleep(0.1)  # charge is claimed for this poll by the step's checkpoint
+    await writes_refused(payments, True)
+    complete = asyncio.ensure_future(
+        payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    )
+    await asyncio.sleep(0.5)  # the step's checkpoint (which claims charge) fails, is retried
+    clock.advance(5)  # longer than charge's 1s lease
+    await writes_refused(payments, False)
+    assert (await answered(complete)).status == 200
+    [charge] = (await (await answered(waiting)).json())["tasks"]
+    assert charge["task"] == "chargeCard"
+    assert charge["deadline"] > clock.wall
+    resp = await payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {}})
+    assert resp.status == 200
+    await finished(payments, process_id, "completed")
+    assert [o for _, _, o in await history(payments, process_id)] == ["ok", "ok"]

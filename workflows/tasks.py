@@ -134,7 +134,10 @@ class TaskQueues:
             self._prepared[task.process] = ((task.key, task.attempt), record, new, poll)
 
         return TaskOpen(
-            task=task, claim_for=poll.worker if poll else None, now=self._now(poll), opened=opened
+            task=task,
+            claim_for=poll.worker if poll else None,
+            clock=self._clock if poll is not None else None,
+            opened=opened,
         )
 
     async def unprepare(self, process_id: str) -> None:
