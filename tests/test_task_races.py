@@ -11,10 +11,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+import workflows.stores.sqlite as sqlite_store
 from monitor.keys import DATABASE, PARTS
+from workflows.records import Process, TaskEnd
+from workflows.runner import ProcessRunner
+from workflows.stores.sqlite_tasks import ClaimLost
 
 from .conftest import AppClient, FakeClock
-from .test_tasks import finished, payments, process, start, take
+from .test_tasks import finished, payments, poll, process, start, take
 
 __all__ = ["payments"]  # the fixture, used by name
 
@@ -145,3 +151,98 @@ async def test_a_task_claimed_by_a_checkpoint_after_an_outage_leases_from_its_co
     assert resp.status == 200
     await finished(payments, process_id, "completed")
     assert [o for _, _, o in await history(payments, process_id)] == ["ok", "ok"]
+
+
+# -- a heartbeat racing a complete -------------------------------------------------------
+
+
+async def test_a_heartbeat_answered_after_a_complete_leaves_no_lease_to_end_it(
+    payments: AppClient, tmp_path: Path
+) -> None:
+    engine = payments.app[PARTS].engine
+    assert engine.tasks is not None
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    charge = await take(payments, "chargeCard")  # a 1s lease
+
+    real_heartbeat = engine.tasks.store.heartbeat
+
+    async def heartbeat(delivery: str, now: float) -> Any:
+        renewed = await real_heartbeat(delivery, now)  # committed: the lease renewed
+        await asyncio.sleep(0.3)  # its answer comes back after the complete's
+        return renewed
+
+    engine.tasks.store.heartbeat = heartbeat  # type: ignore[method-assign]
+    held, real_checkpoint = asyncio.Event(), engine.store.checkpoint
+
+    async def checkpoint(p: Process) -> None:
+        if p.task_end is not None:  # the step's checkpoint waits past the lease
+            await held.wait()
+        await real_checkpoint(p)
+
+    engine.store.checkpoint = checkpoint  # type: ignore[method-assign]
+    beat = asyncio.ensure_future(payments.post(f"/v1/tasks/{charge['id']}/heartbeat"))
+    await asyncio.sleep(0.1)
+    complete = asyncio.ensure_future(
+        payments.post(f"/v1/tasks/{charge['id']}/complete", json={"output": {}})
+    )
+    await answered(beat)
+    await asyncio.sleep(1.5)  # a lease armed again by the heartbeat would have ended
+    held.set()
+    assert (await answered(complete)).status == 200
+    await finished(payments, process_id, "completed")
+    assert rows(tmp_path, process_id) == [("reserve", 1, "done"), ("charge", 1, "done")]
+
+
+# -- an engine error after the checkpoint that opened the next task -----------------------
+
+
+async def test_a_process_failing_in_the_engine_after_opening_its_next_task_leaves_none(
+    payments: AppClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failed = []
+
+    def step_done(self: ProcessRunner, *args: Any) -> None:
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("simulated bug after the step's checkpoint")
+
+    monkeypatch.setattr(ProcessRunner, "_step_done", step_done)
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    waiting = asyncio.ensure_future(poll(payments, wait="5s", worker="w2", max=5))
+    await asyncio.sleep(0.1)  # charge is claimed for this poll as the checkpoint opens it
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    assert resp.status == 200  # written with the step, before the error
+    done = await finished(payments, process_id, "failed")
+    assert done["error"]["message"].startswith("internal error")
+    assert rows(tmp_path, process_id) == [("reserve", 1, "done"), ("charge", 1, "cancelled")]
+    other = await start(payments)  # the poll waits on, and gets the next task due
+    [got] = await answered(waiting)
+    assert (got["process"], got["task"]) == (other, "reserveFunds")
+
+
+async def test_an_answer_whose_checkpoint_fails_in_the_engine_opens_no_next_task(
+    payments: AppClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, lost = sqlite_store.write_end, set()
+
+    def write_end(d: Any, end: TaskEnd) -> None:
+        if end.delivery in lost:
+            raise ClaimLost("simulated: memory and the table disagree")
+        real(d, end)
+
+    monkeypatch.setattr(sqlite_store, "write_end", write_end)
+    process_id = await start(payments)
+    reserve = await take(payments, "reserveFunds")
+    lost.add(reserve["id"])
+    waiting = asyncio.ensure_future(poll(payments, wait="5s", worker="w2", max=5))
+    await asyncio.sleep(0.1)
+    resp = await payments.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    assert resp.status == 409  # not recorded, and its process failed: too late to send again
+    await finished(payments, process_id, "failed")
+    assert rows(tmp_path, process_id) == [("reserve", 1, "cancelled")]
+    other = await start(payments)
+    [got] = await answered(waiting)
+    assert (got["process"], got["task"]) == (other, "reserveFunds")

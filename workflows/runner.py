@@ -29,7 +29,7 @@ from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Process, failure
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
-from .tasks import Opened, TaskQueues, outcome
+from .tasks import Opened, StaleDelivery, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
@@ -107,9 +107,14 @@ class ProcessRunner:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
+            lost, process.task_end = process.task_end, None  # answered once the end is written
             self._end_lost(process, exc)
             process.error = failure(None, f"internal error: {exc}")
-            await self._finish(process, ProcessStatus.FAILED)
+            try:  # its last checkpoint cancels its open tasks: the answer comes too late
+                await self._finish(process, ProcessStatus.FAILED)
+            finally:
+                if lost is not None and self._tasks is not None:
+                    self._tasks.ended(lost.delivery, StaleDelivery(f"its process failed: {exc}"))
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
@@ -550,10 +555,14 @@ class ProcessRunner:
 
     def _end_lost(self, process: Process, error: BaseException) -> None:
         """A handed-over answer that no checkpoint will write: its worker hears so (and
-        sends it again; the claim is still open in the table)."""
+        sends it again; the claim is still open in the table). Nor is the next task the
+        checkpoint would open: a poll held for it waits on."""
         end, process.task_end = process.task_end, None
         if end is not None and self._tasks is not None:
             self._tasks.ended(end.delivery, error)
+        process.task_open = None
+        if self._tasks is not None:
+            self._tasks.drop(process.id)
 
     def _set_status(self, process: Process, status: ProcessStatus) -> None:
         if process.status != status:

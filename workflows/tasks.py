@@ -84,6 +84,8 @@ class TaskQueues:
         self._handed: dict[str, tuple[TaskRecord, asyncio.Future[TaskRecord]]] = {}
         # process id -> the task its last checkpoint opened (`prepare`), until `open`
         self._prepared: dict[str, tuple[tuple[str, int], TaskRecord, bool, _Poll | None]] = {}
+        # process id -> (queue, the poll) a checkpoint being written claims a task for
+        self._holding: dict[str, tuple[str, _Poll]] = {}
         self._closed = False
 
     # -- the runner's side -----------------------------------------------------
@@ -129,8 +131,11 @@ class TaskQueues:
         ended); `open` then takes it with no write of its own. A long poll waiting is
         taken now, as `open` takes it, and the task created claimed for it."""
         poll = self._waiting(task.queue)
+        if poll is not None:
+            self._holding[task.process] = (task.queue, poll)
 
         def opened(record: TaskRecord, new: bool) -> None:
+            self._holding.pop(task.process, None)
             self._prepared[task.process] = ((task.key, task.attempt), record, new, poll)
 
         return TaskOpen(
@@ -139,6 +144,17 @@ class TaskQueues:
             clock=self._clock if poll is not None else None,
             opened=opened,
         )
+
+    def drop(self, process_id: str) -> None:
+        """The process will not open the task its checkpoint prepared (the checkpoint is
+        not written, or it failed inside the engine and its last checkpoint cancels its
+        tasks): a poll held for that task waits on."""
+        held = self._holding.pop(process_id, None)
+        if held is not None:
+            self._requeue(*held)
+        pre = self._prepared.pop(process_id, None)
+        if pre is not None and pre[3] is not None:
+            self._requeue(pre[1].queue, pre[3])
 
     async def unprepare(self, process_id: str) -> None:
         """The process will not run the task its checkpoint opened (it was cancelled
@@ -292,7 +308,13 @@ class TaskQueues:
 
     async def heartbeat(self, delivery: str) -> TaskRecord:
         await self._settled(delivery)
-        return self._answered(await self.store.heartbeat(delivery, self._clock()))
+        answer = await self.store.heartbeat(delivery, self._clock())
+        if isinstance(answer, TaskRecord) and answer.delivery not in self._deliveries:
+            # Answered or cancelled while this write was under way (it committed first),
+            # or no runner here waits on it yet (a restart: its open arms the stored
+            # lease): no lease of ours to move.
+            return answer
+        return self._answered(answer)
 
     def ended(self, delivery: str, error: BaseException | None = None) -> None:
         """The checkpoint that writes the answer to `delivery` committed (or, `error`,
@@ -341,6 +363,7 @@ class TaskQueues:
         self._leases.clear()
         self._closed = True
         held = [pre[3] for pre in self._prepared.values() if pre[3] is not None]
+        held += [poll for _, poll in self._holding.values()]
         for polls in [*self._polls.values(), held]:
             for poll in polls:
                 if not poll.answer.done():
