@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 import workflows.stores.sqlite as sqlite_store
+from monitor.config import Config
 from monitor.keys import DATABASE, PARTS
 from workflows.records import Process, TaskEnd
 from workflows.runner import ProcessRunner
 from workflows.stores.sqlite_tasks import ClaimLost
 
 from .conftest import AppClient, FakeClock
-from .test_tasks import finished, payments, poll, process, start, take
+from .test_tasks import finished, payments, poll, process, start, take, task_workflow
 
 __all__ = ["payments"]  # the fixture, used by name
 
@@ -246,3 +247,62 @@ async def test_an_answer_whose_checkpoint_fails_in_the_engine_opens_no_next_task
     other = await start(payments)
     [got] = await answered(waiting)
     assert (got["process"], got["task"]) == (other, "reserveFunds")
+
+
+# -- a daemon killed between a cancel's 202 and the cancel of its task ---------------------
+
+
+async def test_after_a_restart_a_cancelled_process_s_task_is_cancelled_not_handed_out(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[task_workflow()])
+    first = await start_daemon(config)
+    process_id = await start(first)
+    reserve = await take(first, "reserveFunds")
+    resp = await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    assert resp.status == 200  # charge is due
+    never = asyncio.Event()
+    slow_cancel(first, before=never, after=never)  # the daemon dies before it is written
+    assert (await first.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await asyncio.sleep(0.2)
+    await first.close()
+    second = await start_daemon(config)
+    [release] = await poll(second, wait="2s", worker="w2", max=10)
+    assert release["task"] == "releaseFunds"
+    await second.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
+    await finished(second, process_id, "cancelled")
+    assert rows(tmp_path, process_id) == [
+        ("reserve", 1, "done"),
+        ("charge", 1, "cancelled"),
+        ("reserve.compensate", 1, "done"),
+    ]
+
+
+async def test_after_a_restart_a_task_done_before_the_cancel_reached_it_is_undone(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[task_workflow()])
+    first = await start_daemon(config)
+    process_id = await start(first)
+    reserve = await take(first, "reserveFunds")
+    never = asyncio.Event()
+    slow_cancel(first, before=never, after=never)  # the daemon dies before it is written
+    assert (await first.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await asyncio.sleep(0.2)
+    await first.close()
+    with sqlite3.connect(tmp_path / "hms.db") as db:  # the worker's answer reached the table
+        db.execute(
+            "UPDATE tasks SET state = 'done', output = '{\"reservation\": \"r-1\"}' "
+            "WHERE delivery = ?",
+            [reserve["id"]],
+        )
+    second = await start_daemon(config)
+    [release] = await poll(second, wait="2s", worker="w2", max=10)
+    assert release["task"] == "releaseFunds"
+    assert release["steps"] == {"reserve": {"reservation": "r-1"}}
+    await second.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
+    await finished(second, process_id, "cancelled")
+    assert await history(second, process_id) == [
+        ("reserve", "task", "ok"),
+        ("reserve", "compensate", "ok"),
+    ]

@@ -118,8 +118,8 @@ class ProcessRunner:
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
-            if self._tasks is not None:  # the task the last checkpoint opened is not run
-                await self._tasks.unprepare(process.id)
+            if self._tasks is not None:  # its step's task is not run (done: compensated)
+                await self._cancel_stored_task(definition, process)
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
@@ -314,6 +314,28 @@ class ProcessRunner:
             except StoreUnavailable:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    async def _cancel_stored_task(self, definition: Definition, process: Process) -> None:
+        """Cancel the step's task as stored: opened by the last checkpoint, or open when
+        the daemon stopped before the cancel reached it. One a worker answered first is
+        the step's outcome: a done step is compensated with the others."""
+        assert self._tasks is not None
+        if process.position >= len(definition.steps):
+            return
+        step = definition.steps[process.position]
+        if not isinstance(step.action, Task):
+            return
+        new = self._new_task(
+            definition, process, step, step.action, process.attempt + 1, forward=True
+        )
+        started = self._clock()
+        ended = await self._tasks.cancel_stored(process.id, new.key, new.attempt)
+        if ended is not None:
+            result = outcome(ended)
+            self._record(process, step.name, AttemptKind.TASK, new.attempt, started, result)
+            if result.ok:
+                process.outputs[step.name] = result.output
+                process.position, process.attempt = process.position + 1, 0
 
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor

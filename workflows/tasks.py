@@ -156,20 +156,16 @@ class TaskQueues:
         if pre is not None and pre[3] is not None:
             self._requeue(pre[1].queue, pre[3])
 
-    async def unprepare(self, process_id: str) -> None:
-        """The process will not run the task its checkpoint opened (it was cancelled
-        meanwhile): the task is cancelled, its poll (if it had one) waits on."""
-        pre = self._prepared.pop(process_id, None)
-        if pre is None:
-            return
-        (key, attempt), record, _, poll = pre
-        if poll is not None:  # its claim is cancelled with the task: the poll waits on
-            self._requeue(record.queue, poll)
-        try:
-            await self.store.cancel(key, attempt, self._clock())
-        except BaseException:  # tried again on the process's next turn
-            self._prepared.setdefault(process_id, (pre[0], record, False, None))
-            raise
+    async def cancel_stored(self, process_id: str, key: str, attempt: int) -> TaskRecord | None:
+        """The cancelled process will not run its step's task (key, attempt): the one its
+        last checkpoint opened, or one stored before a restart, is cancelled in the table;
+        a poll held for it waits on. The task as it ended when a worker's answer reached
+        the table first (the step's outcome, not yet in the process row)."""
+        self.drop(process_id)  # the claim made for a poll goes with the task
+        ended = await self.store.cancel(key, attempt, self._clock())
+        if ended is None or ended.state == TaskState.CANCELLED:
+            return None
+        return ended
 
     def _now(self, poll: _Poll | None) -> float | None:
         return self._clock() if poll is not None else None
