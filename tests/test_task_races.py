@@ -20,7 +20,7 @@ from workflows.records import Process, TaskEnd
 from workflows.runner import ProcessRunner
 from workflows.stores.sqlite_tasks import ClaimLost
 
-from .conftest import AppClient, FakeClock
+from .conftest import AppClient, FakeClock, metric_families, until
 from .test_tasks import finished, payments, poll, process, start, take, task_workflow
 
 __all__ = ["payments"]  # the fixture, used by name
@@ -112,6 +112,27 @@ async def test_a_complete_that_reaches_the_table_after_the_cancel_answers_409(
     assert [c["error"]["code"] for c in (await carried.json())["completed"]] == ["conflict"]
     back.set()
     await finished(payments, process_id, "cancelled")
+
+
+async def test_an_attempt_cut_short_by_a_cancel_is_no_step_error_in_the_metrics(
+    payments: AppClient,
+) -> None:
+    process_id = await start(payments)
+    await take(payments, "reserveFunds")
+    assert (await payments.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await finished(payments, process_id, "cancelled")
+    await until(lambda: _has_history(payments, process_id))
+    families = await metric_families(payments)
+    results = {
+        s.labels["result"]: s.value
+        for s in families["hms_workflow_step_attempts"].samples
+        if s.name == "hms_workflow_step_attempts_total"
+    }
+    assert results.get("error", 0) == 0
+
+
+async def _has_history(client: AppClient, process_id: str) -> bool:
+    return bool(await history(client, process_id))
 
 
 # -- a lease starts when its claim is written --------------------------------------------

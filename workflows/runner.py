@@ -154,7 +154,9 @@ class ProcessRunner:
                 cancelled = CallResult(
                     ok=False, error="cancelled while its task was open", retryable=False
                 )
-                self._record(process, step.name, AttemptKind.TASK, attempt, started, cancelled)
+                self._record(
+                    process, step.name, AttemptKind.TASK, attempt, started, cancelled, count=False
+                )  # in the history; not a step error in the metrics: an operator's cancel
                 return
             result = task
         else:
@@ -535,6 +537,8 @@ class ProcessRunner:
         attempt: int,
         started: float,
         result: CallResult,
+        *,
+        count: bool = True,
     ) -> None:
         ended = self._clock()
         outcome = (
@@ -555,7 +559,8 @@ class ProcessRunner:
                 http_status=result.status,
             )
         )
-        self._metrics.attempt(process.workflow, step, outcome, ended - started)
+        if count:
+            self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
     async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
         self._set_status(process, status)
