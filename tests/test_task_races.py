@@ -273,6 +273,24 @@ async def test_an_answer_whose_checkpoint_fails_in_the_engine_opens_no_next_task
 # -- a daemon killed between a cancel's 202 and the cancel of its task ---------------------
 
 
+async def killed_while_cancelling(client: AppClient, process_id: str) -> None:
+    """The cancel's 202, then the daemon dies before its runner's cancel of the task."""
+    never = asyncio.Event()
+    slow_cancel(client, before=never, after=never)
+    assert (await client.post(f"/v1/processes/{process_id}/cancel")).status == 202
+    await asyncio.sleep(0.2)
+    await client.close()
+
+
+async def undone(client: AppClient, process_id: str) -> dict[str, Any]:
+    """The only task handed out is the compensation; done, the process ends cancelled."""
+    [release] = await poll(client, wait="2s", worker="w2", max=10)
+    assert release["task"] == "releaseFunds"
+    await client.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
+    await finished(client, process_id, "cancelled")
+    return release
+
+
 async def test_after_a_restart_a_cancelled_process_s_task_is_cancelled_not_handed_out(
     make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
 ) -> None:
@@ -282,16 +300,8 @@ async def test_after_a_restart_a_cancelled_process_s_task_is_cancelled_not_hande
     reserve = await take(first, "reserveFunds")
     resp = await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     assert resp.status == 200  # charge is due
-    never = asyncio.Event()
-    slow_cancel(first, before=never, after=never)  # the daemon dies before it is written
-    assert (await first.post(f"/v1/processes/{process_id}/cancel")).status == 202
-    await asyncio.sleep(0.2)
-    await first.close()
-    second = await start_daemon(config)
-    [release] = await poll(second, wait="2s", worker="w2", max=10)
-    assert release["task"] == "releaseFunds"
-    await second.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
-    await finished(second, process_id, "cancelled")
+    await killed_while_cancelling(first, process_id)
+    await undone(await start_daemon(config), process_id)
     assert rows(tmp_path, process_id) == [
         ("reserve", 1, "done"),
         ("charge", 1, "cancelled"),
@@ -306,11 +316,7 @@ async def test_after_a_restart_a_task_done_before_the_cancel_reached_it_is_undon
     first = await start_daemon(config)
     process_id = await start(first)
     reserve = await take(first, "reserveFunds")
-    never = asyncio.Event()
-    slow_cancel(first, before=never, after=never)  # the daemon dies before it is written
-    assert (await first.post(f"/v1/processes/{process_id}/cancel")).status == 202
-    await asyncio.sleep(0.2)
-    await first.close()
+    await killed_while_cancelling(first, process_id)
     with sqlite3.connect(tmp_path / "hms.db") as db:  # the worker's answer reached the table
         db.execute(
             "UPDATE tasks SET state = 'done', output = '{\"reservation\": \"r-1\"}' "
@@ -318,11 +324,8 @@ async def test_after_a_restart_a_task_done_before_the_cancel_reached_it_is_undon
             [reserve["id"]],
         )
     second = await start_daemon(config)
-    [release] = await poll(second, wait="2s", worker="w2", max=10)
-    assert release["task"] == "releaseFunds"
+    release = await undone(second, process_id)
     assert release["steps"] == {"reserve": {"reservation": "r-1"}}
-    await second.post(f"/v1/tasks/{release['id']}/complete", json={"output": {}})
-    await finished(second, process_id, "cancelled")
     assert await history(second, process_id) == [
         ("reserve", "task", "ok"),
         ("reserve", "compensate", "ok"),
