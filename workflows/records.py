@@ -65,12 +65,19 @@ class TaskEnd:
 class TaskOpen:
     """The next step's task, opened by the checkpoint that ends the step before it (one
     commit, not two); claimed at once for `claim_for` (lease from `now`) when a long poll
-    waits. `opened` gets the task as stored once that commit is done."""
+    waits (`clock` is given). `opened` gets the task as stored once that commit is done."""
 
     task: NewTask
     claim_for: str | None = None
-    now: float | None = None
+    clock: Callable[[], float] | None = field(default=None, compare=False, repr=False)
     opened: Callable[[TaskRecord, bool], None] = field(compare=False, repr=False)
+
+    @property
+    def now(self) -> float | None:
+        """When the claim starts, None: created due. Read as each write of the checkpoint
+        runs, so one retried after a storage outage leases from its commit: a lease that
+        started at its first try might have passed before the worker gets the task."""
+        return self.clock() if self.clock is not None else None
 
 
 @dataclass(slots=True, kw_only=True)

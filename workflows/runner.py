@@ -30,7 +30,7 @@ from .metrics import WorkflowMetrics
 from .records import Attempt, Process, failure
 from .resources import ResourcePool
 from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
-from .tasks import Opened, TaskQueues, outcome
+from .tasks import Opened, StaleDelivery, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
 log = logging.getLogger("workflows.engine")  # the name operators know these lines by
@@ -110,14 +110,19 @@ class ProcessRunner:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
+            lost, process.task_end = process.task_end, None  # answered once the end is written
             self._end_lost(process, exc)
             process.error = failure(None, f"internal error: {exc}")
-            await self._finish(process, ProcessStatus.FAILED)
+            try:  # its last checkpoint cancels its open tasks: the answer comes too late
+                await self._finish(process, ProcessStatus.FAILED)
+            finally:
+                if lost is not None and self._tasks is not None:
+                    self._tasks.ended(lost.delivery, StaleDelivery(f"its process failed: {exc}"))
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
-            if self._tasks is not None:  # the task the last checkpoint opened is not run
-                await self._tasks.unprepare(process.id)
+            if self._tasks is not None:  # its step's task is not run (done: compensated)
+                await self._cancel_stored_task(definition, process)
             await self._begin_compensation(definition, process, cancelled=True)
             return
         if process.position >= len(definition.steps):
@@ -154,7 +159,9 @@ class ProcessRunner:
                 cancelled = CallResult(
                     ok=False, error="cancelled while its task was open", retryable=False
                 )
-                self._record(process, step.name, AttemptKind.TASK, attempt, started, cancelled)
+                self._record(
+                    process, step.name, AttemptKind.TASK, attempt, started, cancelled, count=False
+                )  # in the history; not a step error in the metrics: an operator's cancel
                 return
             result = task
         else:
@@ -260,7 +267,7 @@ class ProcessRunner:
             process.task_end = opened.end
             return outcome(ended)
         finally:
-            self._tasks.close_task(opened)
+            self._tasks.close_task(opened, kept=process.task_end)
 
     def _open_next(self, definition: Definition, process: Process) -> None:
         """When the next step is a task step with no delay, the checkpoint ending this one
@@ -319,6 +326,28 @@ class ProcessRunner:
             except StoreUnavailable:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    async def _cancel_stored_task(self, definition: Definition, process: Process) -> None:
+        """Cancel the step's task as stored: opened by the last checkpoint, or open when
+        the daemon stopped before the cancel reached it. One a worker answered first is
+        the step's outcome: a done step is compensated with the others."""
+        assert self._tasks is not None
+        if process.position >= len(definition.steps):
+            return
+        step = definition.steps[process.position]
+        if not isinstance(step.action, Task):
+            return
+        new = self._new_task(
+            definition, process, step, step.action, process.attempt + 1, forward=True
+        )
+        started = self._clock()
+        ended = await self._tasks.cancel_stored(process.id, new.key, new.attempt)
+        if ended is not None:
+            result = outcome(ended)
+            self._record(process, step.name, AttemptKind.TASK, new.attempt, started, result)
+            if result.ok:
+                process.outputs[step.name] = result.output
+                process.position, process.attempt = process.position + 1, 0
 
     async def _wait_for(
         self, definition: Definition, process: Process, step: Step, wait: WaitFor
@@ -566,6 +595,8 @@ class ProcessRunner:
         attempt: int,
         started: float,
         result: CallResult,
+        *,
+        count: bool = True,
     ) -> None:
         ended = self._clock()
         outcome = (
@@ -586,7 +617,8 @@ class ProcessRunner:
                 http_status=result.status,
             )
         )
-        self._metrics.attempt(process.workflow, step, outcome, ended - started)
+        if count:
+            self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
     async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
         self._set_status(process, status)
@@ -608,10 +640,14 @@ class ProcessRunner:
 
     def _end_lost(self, process: Process, error: BaseException) -> None:
         """A handed-over answer that no checkpoint will write: its worker hears so (and
-        sends it again; the claim is still open in the table)."""
+        sends it again; the claim is still open in the table). Nor is the next task the
+        checkpoint would open: a poll held for it waits on."""
         end, process.task_end = process.task_end, None
         if end is not None and self._tasks is not None:
             self._tasks.ended(end.delivery, error)
+        process.task_open = None
+        if self._tasks is not None:
+            self._tasks.drop(process.id)
 
     def _set_status(self, process: Process, status: ProcessStatus) -> None:
         if process.status != status:

@@ -61,9 +61,7 @@ class Opened:
     record: TaskRecord
     outcome: asyncio.Future[TaskRecord]
     end: TaskEnd | None = None  # the answer handed over: the runner's checkpoint writes it
-    # A cancel is being written: an answer meets the table (409 after the cancel), never
-    # the runner, which returns as cancelled and would write no checkpoint with it.
-    cancelling: bool = False
+    cancelling: bool = False  # a cancel's write is under way: answers go to the table
 
 
 class TaskQueues:
@@ -86,6 +84,8 @@ class TaskQueues:
         self._handed: dict[str, tuple[TaskRecord, asyncio.Future[TaskRecord]]] = {}
         # process id -> the task its last checkpoint opened (`prepare`), until `open`
         self._prepared: dict[str, tuple[tuple[str, int], TaskRecord, bool, _Poll | None]] = {}
+        # process id -> (queue, the poll) a checkpoint being written claims a task for
+        self._holding: dict[str, tuple[str, _Poll]] = {}
         self._closed = False
 
     # -- the runner's side -----------------------------------------------------
@@ -131,45 +131,68 @@ class TaskQueues:
         ended); `open` then takes it with no write of its own. A long poll waiting is
         taken now, as `open` takes it, and the task created claimed for it."""
         poll = self._waiting(task.queue)
+        if poll is not None:
+            self._holding[task.process] = (task.queue, poll)
 
         def opened(record: TaskRecord, new: bool) -> None:
+            self._holding.pop(task.process, None)
             self._prepared[task.process] = ((task.key, task.attempt), record, new, poll)
 
         return TaskOpen(
-            task=task, claim_for=poll.worker if poll else None, now=self._now(poll), opened=opened
+            task=task,
+            claim_for=poll.worker if poll else None,
+            clock=self._clock if poll is not None else None,
+            opened=opened,
         )
 
-    async def unprepare(self, process_id: str) -> None:
-        """The process will not run the task its checkpoint opened (it was cancelled
-        meanwhile): the task is cancelled, its poll (if it had one) waits on."""
+    def drop(self, process_id: str) -> None:
+        """The process will not open the task its checkpoint prepared (the checkpoint is
+        not written, or it failed inside the engine and its last checkpoint cancels its
+        tasks): a poll held for that task waits on."""
+        held = self._holding.pop(process_id, None)
+        if held is not None:
+            self._requeue(*held)
         pre = self._prepared.pop(process_id, None)
-        if pre is None:
-            return
-        (key, attempt), record, _, poll = pre
-        if poll is not None:  # its claim is cancelled with the task: the poll waits on
-            self._requeue(record.queue, poll)
-        try:
-            await self.store.cancel(key, attempt, self._clock())
-        except BaseException:  # tried again on the process's next turn
-            self._prepared.setdefault(process_id, (pre[0], record, False, None))
-            raise
+        if pre is not None and pre[3] is not None:
+            self._requeue(pre[1].queue, pre[3])
+
+    async def cancel_stored(self, process_id: str, key: str, attempt: int) -> TaskRecord | None:
+        """The cancelled process will not run its step's task (key, attempt): the one its
+        last checkpoint opened, or one stored before a restart, is cancelled in the table;
+        a poll held for it waits on. The task as it ended when a worker's answer reached
+        the table first (the step's outcome, not yet in the process row)."""
+        self.drop(process_id)  # the claim made for a poll goes with the task
+        ended = await self.store.cancel(key, attempt, self._clock())
+        if ended is None or ended.state == TaskState.CANCELLED:
+            return None
+        return ended
 
     def _now(self, poll: _Poll | None) -> float | None:
         return self._clock() if poll is not None else None
 
     async def cancel(self, opened: Opened, now: float) -> TaskRecord | None:
         """Cancel the open task (its delivery answers 409 from now on); the task as it
-        ended when a worker's answer came first."""
+        ended when a worker's answer came first. From here no answer is handed to the
+        runner (whose wait ends with this cancel): each goes to the table, where it and
+        the cancel are ordered, and is answered as that write ends."""
         record = opened.record
         opened.cancelling = True
+        if record.delivery is not None:
+            self._deliveries.pop(record.delivery, None)
         ended = await self.store.cancel(record.key, record.attempt, now)
         self._due.get(record.queue, set()).discard(record.seq)
         if ended is not None and ended.state != TaskState.CANCELLED:
             return ended
         return None
 
-    def close_task(self, opened: Opened) -> None:
-        """The runner is done waiting (an outcome, a cancel, or the daemon stopping)."""
+    def close_task(self, opened: Opened, kept: TaskEnd | None = None) -> None:
+        """The runner is done waiting (an outcome, a cancel, or the daemon stopping);
+        `kept`: the answer it keeps for its next checkpoint to write. One handed over and
+        not kept is never written: its worker hears so and sends it again (the table
+        answers that: 409 once the task is cancelled)."""
+        if opened.end is not None and opened.end is not kept:
+            lost = StoreUnavailable("the answer was not recorded: send it again")
+            self.ended(opened.end.delivery, lost)
         seq = opened.record.seq
         self._open.pop(seq, None)
         self._due_at.pop(seq, None)
@@ -281,7 +304,13 @@ class TaskQueues:
 
     async def heartbeat(self, delivery: str) -> TaskRecord:
         await self._settled(delivery)
-        return self._answered(await self.store.heartbeat(delivery, self._clock()))
+        answer = await self.store.heartbeat(delivery, self._clock())
+        if isinstance(answer, TaskRecord) and answer.delivery not in self._deliveries:
+            # Answered or cancelled while this write was under way (it committed first),
+            # or no runner here waits on it yet (a restart: its open arms the stored
+            # lease): no lease of ours to move.
+            return answer
+        return self._answered(answer)
 
     def ended(self, delivery: str, error: BaseException | None = None) -> None:
         """The checkpoint that writes the answer to `delivery` committed (or, `error`,
@@ -330,6 +359,7 @@ class TaskQueues:
         self._leases.clear()
         self._closed = True
         held = [pre[3] for pre in self._prepared.values() if pre[3] is not None]
+        held += [poll for _, poll in self._holding.values()]
         for polls in [*self._polls.values(), held]:
             for poll in polls:
                 if not poll.answer.done():
@@ -348,8 +378,8 @@ class TaskQueues:
         if (
             seq is None
             or opened is None
-            or opened.outcome.done()
             or opened.cancelling
+            or opened.outcome.done()
             or opened.record.delivery != end.delivery
             or opened.record.state != TaskState.CLAIMED
             or seq not in self._leases
@@ -395,6 +425,12 @@ class TaskQueues:
         """Bring memory in line with the task as stored: due (wake a poll), claimed (arm
         its lease), or ended (resolve the runner's wait)."""
         opened = self._open.get(record.seq)
+        if opened is not None and (opened.outcome.done() or opened.cancelling):
+            # Answered (maybe handed over: its checkpoint writes it) or being cancelled:
+            # nothing to hand out, no lease to arm, and the runner has its outcome.
+            if record.state in (TaskState.DUE, TaskState.CLAIMED):
+                return
+            opened = None
         if opened is not None:
             opened.record = record
         if record.state == TaskState.DUE:

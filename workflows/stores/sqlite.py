@@ -28,7 +28,7 @@ from workflows.records import (
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 
 from .sqlite_schedules import write_mark
-from .sqlite_tasks import open_in, write_end
+from .sqlite_tasks import cancel_open_in, open_in, write_end
 
 __all__ = ["SqliteWorkflowStore"]
 
@@ -283,11 +283,14 @@ class SqliteWorkflowStore:
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
+        finished = process.finished_at
 
         def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool] | None:
             d.conn.execute(_UPDATE, (*row, seq))
             if end is not None:  # the worker's answer that ended the step, in its commit
                 write_end(d, end)
+            if finished is not None:  # no task of a finished process stays open
+                cancel_open_in(d, process.id, finished)
             if taken is not None:  # taken once: gone with the checkpoint of the step
                 d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
             if history:

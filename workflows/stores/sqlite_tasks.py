@@ -20,7 +20,7 @@ from workflows.abc import NewTask, Refusal, TaskRecord
 from workflows.records import TaskEnd
 from workflows.states import TaskState
 
-__all__ = ["SqliteTaskStore", "open_in", "write_end"]
+__all__ = ["SqliteTaskStore", "cancel_open_in", "open_in", "write_end"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -82,6 +82,12 @@ _CANCEL = (
     f"state IN ('due', 'claimed') RETURNING {_COLUMNS}"
 )
 _SELECT_TASK = f"SELECT {_COLUMNS} FROM tasks WHERE key = ? AND attempt = ?"  # noqa: S608
+# A process's tasks are keyed `<process id>/<step>...`: the key range takes the (key,
+# attempt) index, where `process = ?` would read the whole table.
+_CANCEL_OF_PROCESS = (
+    "UPDATE tasks SET state = 'cancelled', ended_at = ? WHERE key > ? AND key < ? AND "
+    "state IN ('due', 'claimed')"
+)
 
 
 def _record(row: tuple[Any, ...]) -> TaskRecord:
@@ -121,6 +127,13 @@ def write_end(d: sqlite_utils.Database, end: TaskEnd) -> None:
     args = (end.state, output, end.error, int(end.retryable), end.ended_at, end.delivery)
     if d.conn.execute(_ANSWER, args).fetchone() is None:
         raise ClaimLost(f"task delivery {end.delivery!r} is no longer an open claim")
+
+
+def cancel_open_in(d: sqlite_utils.Database, process_id: str, now: float) -> None:
+    """Cancel every task of the process still due or claimed, inside the transaction of
+    its last checkpoint: nothing of a finished process is handed out or answered 2xx
+    (one that failed inside the engine may have opened its next task already)."""
+    d.conn.execute(_CANCEL_OF_PROCESS, (now, f"{process_id}/", f"{process_id}0"))
 
 
 def open_in(
