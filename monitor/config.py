@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
-from registry.conditions import ConditionError, parse_condition
+from registry.conditions import ConditionError, parse_condition, parse_context_condition
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from workflows import templates
@@ -506,6 +506,12 @@ class Step(_Model):
         default=None,
         description="Undoes the step when a later one fails for good or the process is "
         "cancelled (retried too): a call, or `{task: name}` run by a worker.",
+    )
+    when: str | list[str] | None = Field(
+        default=None,
+        description="Run the step only when this workflow condition holds (a list: every one "
+        "does), checked before its delay, e.g. `[steps.validate.priority] == urgent`; "
+        "else it is skipped (no output, not compensated) and the process goes on.",
     )
 
     @field_validator("compensate", mode="before")
@@ -985,6 +991,7 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     steps = _items(workflow, "steps")
     yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
     yield from _check_templates(at, steps)
+    yield from _check_when(at, steps)
     names = {x.get("name") for _, x in steps}
     if "output" in workflow:
         known = {n for n in names if isinstance(n, str)}
@@ -1017,6 +1024,31 @@ def _check_templates(
                         yield (*path, key, field_name), problem
         if isinstance(name, str):
             earlier.add(name)
+
+
+def _check_when(at: Path_, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[tuple[Path_, str]]:
+    """Each `when` parses and reads only `steps.<x>` of steps that ran before it."""
+    earlier: set[str] = set()
+    for j, step in steps:
+        yield from _when_problems((*at, "steps", j), step.get("when"), earlier)
+        if isinstance(step.get("name"), str):
+            earlier.add(step["name"])
+
+
+def _when_problems(path: Path_, when: Any, earlier: set[str]) -> Iterator[tuple[Path_, str]]:
+    texts = list(enumerate(when)) if isinstance(when, list) else [(None, when)]
+    for k, text in texts:
+        if not isinstance(text, str):
+            continue  # the model says what is wrong with its type
+        at: Path_ = (*path, "when") if k is None else (*path, "when", k)
+        try:
+            condition = parse_context_condition(text)
+        except ConditionError as exc:
+            yield at, str(exc)
+            continue
+        left = condition.left
+        if left.placeholder == "steps" and left.path and left.path[0] not in earlier:
+            yield at, f"{text!r} reads step {left.path[0]!r}, which does not run before"
 
 
 def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from monitor import config as cfg
 from registry import Instance, ProbeSpec
+from registry.conditions import Condition, parse_context_condition
 from scheduler.retry import DEFAULT_RETRY, RETRYABLE, Retry
 from workflows.definition import (
     DEFAULT_TIMEOUT,
@@ -69,6 +70,7 @@ def definition_from_config(
                 timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
                 retry=retry,
                 compensate=_compensation(step.compensate),
+                when=_when(step.when),
             )
         )
     return Definition(
@@ -116,6 +118,12 @@ def _as_written(dumped: Any, written: Any, variables: tuple[tuple[str, str], ...
             if len(value) >= cfg.MIN_HIDDEN_ELSEWHERE:  # "1" would change every "1" in it
                 dumped = dumped.replace(value, form)
     return dumped
+
+
+def _when(when: str | list[str] | None) -> tuple[Condition, ...]:
+    """A step's `when`, parsed (config checks made sure it parses)."""
+    texts = [when] if isinstance(when, str) else (when or [])
+    return tuple(parse_context_condition(text) for text in texts)
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

@@ -64,7 +64,6 @@ PENDING = {
     "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
     "workflows[0].steps[2].parallel": 16,
-    "workflows[0].steps[3].when": 16,
     "storage.url": 17,
     "cluster": 17,
 }

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from registry.conditions import Condition
 from scheduler.retry import DEFAULT_RETRY, Retry
 
 from .states import StepKind
@@ -66,6 +67,8 @@ class Step:
     timeout: float = DEFAULT_TIMEOUT
     retry: Retry = DEFAULT_RETRY
     compensate: Call | Task | None = None
+    # Run only when every one holds (`when:`, a string or a list); else the step is skipped.
+    when: tuple[Condition, ...] = ()
 
     @property
     def kind(self) -> StepKind:

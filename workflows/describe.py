@@ -88,8 +88,13 @@ def step_states(
         for a in history
         if a.kind == AttemptKind.COMPENSATE and a.outcome == AttemptOutcome.OK
     }
-    states = []
+    skipped = {a.step: a.error for a in history if a.outcome == AttemptOutcome.SKIPPED}
+    states: list[dict[str, str]] = []
     for index, step in enumerate(definition.steps):
+        if step.name in skipped and index < process.position:
+            reason = skipped[step.name] or ""
+            states.append({"name": step.name, "state": StepState.SKIPPED, "reason": reason})
+            continue
         states.append(
             {"name": step.name, "state": _step_state(process, index, step.name in compensated)}
         )

@@ -69,7 +69,7 @@ class WorkflowMetrics:
         )
         self._attempts = PromCounter(
             "hms_workflow_step_attempts",
-            "Step attempts by result (ok, error, timeout).",
+            "Step attempts by result (ok, error, timeout, skipped).",
             ["workflow", "step", "result"],
             registry=registry,
         )

@@ -124,6 +124,11 @@ class ProcessRunner:
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
+        if step.when and process.attempt == 0 and process.wake_at is process.wait_seq is None:
+            unmet = self._unmet(step, process)
+            if unmet is not None:  # checked before its delay, once: a resumed delay keeps it
+                await self._skip(definition, process, step, unmet)
+                return
         if isinstance(step.action, WaitFor):
             if step.action.signal is not None:
                 await self._wait_signal(definition, process, step, step.action)
@@ -138,6 +143,39 @@ class ProcessRunner:
                 return  # cancelled meanwhile
             process.wake_at = None
         await self._attempt(definition, process, step)
+
+    def _unmet(self, step: Step, process: Process) -> str | None:
+        """The first of the step's `when` conditions that does not hold, with what was
+        seen (`[steps.validate.priority] == urgent (got low)`); None: the step runs."""
+        context = template_context(process)
+        for condition in step.when:
+            holds, seen = condition.check_context(context)
+            if not holds:
+                return f"{condition.text} (got {seen})"
+        return None
+
+    async def _skip(self, definition: Definition, process: Process, step: Step, why: str) -> None:
+        """A step whose `when` does not hold: one history line, no output (so it is not
+        compensated, and a template reading it fails as for any missing value)."""
+        now = self._clock()
+        kind = _ATTEMPT_KIND[step.kind]
+        skipped = Attempt(
+            step=step.name,
+            kind=kind,
+            attempt=1,
+            started_at=now,
+            ended_at=now,
+            outcome=AttemptOutcome.SKIPPED,
+            error=why,
+        )
+        process.pending.append(skipped)
+        self._metrics.attempt(process.workflow, step.name, AttemptOutcome.SKIPPED, 0.0)
+        process.position += 1
+        process.attempt = 0
+        self._open_next(definition, process)
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        if definition.respond_after == step.name:
+            self._respond(process.id)
 
     async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
         self._set_status(process, ProcessStatus.RUNNING)
@@ -262,7 +300,7 @@ class ProcessRunner:
         ):
             return
         step = definition.steps[process.position]
-        if not isinstance(step.action, Task) or step.delay:
+        if not isinstance(step.action, Task) or step.delay or step.when:
             return
         new = self._new_task(definition, process, step, step.action, 1, forward=True)
         process.task_open = self._tasks.prepare(new)
@@ -412,7 +450,7 @@ class ProcessRunner:
         self, definition: Definition, process: Process, *, cancelled: bool
     ) -> None:
         done = definition.steps[: process.position]
-        if not any(step.compensate is not None for step in done):
+        if not any(_compensable(process, step) for step in done):
             await self._finish(
                 process, ProcessStatus.CANCELLED if cancelled else ProcessStatus.FAILED
             )
@@ -424,7 +462,7 @@ class ProcessRunner:
     async def _compensate(self, definition: Definition, process: Process) -> None:
         index = process.compensating_from
         assert index is not None
-        while index >= 0 and definition.steps[index].compensate is None:
+        while index >= 0 and not _compensable(process, definition.steps[index]):
             index -= 1
         if index < 0:
             status = (
@@ -560,3 +598,8 @@ class ProcessRunner:
             self._counts[(process.workflow, process.status)] -= 1
             self._counts[(process.workflow, status)] += 1
             process.status = status
+
+
+def _compensable(process: Process, step: Step) -> bool:
+    """A step done (a skipped one has no output) that has a compensation."""
+    return step.compensate is not None and step.name in process.outputs
