@@ -27,8 +27,8 @@ from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
-from .records import Attempt, Process, failure
-from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
+from .records import Attempt, Branch, Process, Strand, failure
+from .states import AttemptKind, AttemptOutcome, BranchState, ProcessStatus, StepKind
 from .tasks import Opened, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
@@ -124,25 +124,51 @@ class ProcessRunner:
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
-        if step.when and process.attempt == 0 and process.wake_at is process.wait_seq is None:
+        line = Strand(process, process)
+        if step.when and _fresh(line):
             unmet = self._unmet(step, process)
             if unmet is not None:  # checked before its delay, once: a resumed delay keeps it
-                await self._skip(definition, process, step, unmet)
+                self._skipped(process, step, unmet)
+                process.position += 1
+                process.attempt = 0
+                self._open_next(definition, process)
+                await self._checkpoint(process, ProcessStatus.RUNNING)
+                if definition.respond_after == step.name:
+                    self._respond(process.id)
                 return
+        result = await self._run_step(definition, line, step)
+        if result is None:  # not over: a retry's backoff, a cancel, a storage failure
+            return
+        if not result.ok:
+            process.error = failure(step.name, str(result.error), result.status, result.body)
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        process.outputs[step.name] = result.output
+        process.position += 1
+        process.attempt = 0
+        self._open_next(definition, process)
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        self._step_done(definition, process, step.name)
+
+    async def _run_step(
+        self, definition: Definition, strand: Strand, step: Step
+    ) -> CallResult | None:
+        """One turn of a step on a strand: its delay, then an attempt or its wait. The
+        step's end (ok, or failed for good), or None when it is not over (a retry is
+        due later, the strand was stopped): the caller's next turn goes on from there."""
         if isinstance(step.action, WaitFor):
             if step.action.signal is not None:
-                await self._wait_signal(definition, process, step, step.action)
-            else:
-                await self._wait_for(definition, process, step, step.action)
-            return
-        if process.wake_at is None and process.attempt == 0 and step.delay:
-            process.wake_at = self._clock() + step.delay
-            await self._checkpoint(process, ProcessStatus.WAITING)
-        if process.wake_at is not None:
-            if not await self._wakeups.sleep(process, process.wake_at):
-                return  # cancelled meanwhile
-            process.wake_at = None
-        await self._attempt(definition, process, step)
+                return await self._wait_signal(strand, step, step.action)
+            return await self._wait_for(strand, step, step.action)
+        state = strand.state
+        if state.wake_at is None and state.attempt == 0 and step.delay:
+            state.wake_at = self._clock() + step.delay
+            await self._checkpoint(strand.process, ProcessStatus.WAITING, strand)
+        if state.wake_at is not None:
+            if not await self._wakeups.sleep(strand, state.wake_at):
+                return None  # woken early: a cancel, or a wake for another strand
+            state.wake_at = None
+        return await self._attempt(definition, strand, step)
 
     def _unmet(self, step: Step, process: Process) -> str | None:
         """The first of the step's `when` conditions that does not hold, with what was
@@ -154,14 +180,13 @@ class ProcessRunner:
                 return f"{condition.text} (got {seen})"
         return None
 
-    async def _skip(self, definition: Definition, process: Process, step: Step, why: str) -> None:
+    def _skipped(self, process: Process, step: Step, why: str) -> None:
         """A step whose `when` does not hold: one history line, no output (so it is not
         compensated, and a template reading it fails as for any missing value)."""
         now = self._clock()
-        kind = _ATTEMPT_KIND[step.kind]
         skipped = Attempt(
             step=step.name,
-            kind=kind,
+            kind=_ATTEMPT_KIND[step.kind],
             attempt=1,
             started_at=now,
             ended_at=now,
@@ -170,44 +195,35 @@ class ProcessRunner:
         )
         process.pending.append(skipped)
         self._metrics.attempt(process.workflow, step.name, AttemptOutcome.SKIPPED, 0.0)
-        process.position += 1
-        process.attempt = 0
-        self._open_next(definition, process)
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        if definition.respond_after == step.name:
-            self._respond(process.id)
 
-    async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
-        self._set_status(process, ProcessStatus.RUNNING)
+    async def _attempt(
+        self, definition: Definition, strand: Strand, step: Step
+    ) -> CallResult | None:
+        process, state = strand.process, strand.state
+        self._set_status(process, ProcessStatus.RUNNING, strand)
         started = self._clock()
-        attempt = process.attempt + 1
+        attempt = state.attempt + 1
         if isinstance(step.action, Task):
-            task = await self._task(definition, process, step, step.action, attempt, forward=True)
+            task = await self._task(definition, strand, step, step.action, attempt, forward=True)
             if task is None:  # cancelled while open: the next turn compensates
                 cancelled = CallResult(
                     ok=False, error="cancelled while its task was open", retryable=False
                 )
                 self._record(process, step.name, AttemptKind.TASK, attempt, started, cancelled)
-                return
+                return None
             result = task
         else:
             result = await self._act(process, step)
         self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
         if result.ok:
-            process.outputs[step.name] = result.output
-            process.position += 1
-            process.attempt = 0
-            self._open_next(definition, process)
-            await self._checkpoint(process, ProcessStatus.RUNNING)
-            self._step_done(definition, process, step.name)
-            return
-        process.attempt = attempt
+            state.attempt = 0
+            return result
+        state.attempt = attempt
         if result.retryable and attempt < step.retry.max_attempts:
-            process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, ProcessStatus.WAITING)
-            return
-        process.error = failure(step.name, str(result.error), result.status, result.body)
-        await self._begin_compensation(definition, process, cancelled=False)
+            state.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
+            await self._checkpoint(process, ProcessStatus.WAITING, strand)
+            return None
+        return result
 
     async def _act(self, process: Process, step: Step) -> CallResult:
         context = template_context(process)
@@ -258,7 +274,7 @@ class ProcessRunner:
     async def _task(
         self,
         definition: Definition,
-        process: Process,
+        strand: Strand,
         step: Step,
         task: Task,
         attempt: int,
@@ -266,10 +282,12 @@ class ProcessRunner:
         forward: bool,
     ) -> CallResult | None:
         """A task step's attempt (`forward`) or a task compensation: open its task (found
-        again after a restart) and wait for its end. None: the process was cancelled while
-        the task was open; the task is cancelled too, its delivery answers 409."""
+        again after a restart) and wait for its end. None: the strand was stopped (the
+        process cancelled, a sibling branch failed) while the task was open; the task is
+        cancelled too, its delivery answers 409."""
         if self._tasks is None:
             return CallResult(ok=False, error="task queues are not served", retryable=False)
+        process = strand.process
         opened = await self._tasks.open(
             self._new_task(definition, process, step, task, attempt, forward=forward)
         )
@@ -277,10 +295,10 @@ class ProcessRunner:
             if not forward:  # a compensation runs to its end, cancel or not
                 ended = await opened.outcome
             else:
-                self._set_status(process, ProcessStatus.WAITING)
+                self._set_status(process, ProcessStatus.WAITING, strand)
                 while not opened.outcome.done():
-                    await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
-                    if process.cancel_requested and not opened.outcome.done():
+                    await self._wakeups.sleep(strand, None)  # woken by the outcome or a cancel
+                    if strand.stopped() and not opened.outcome.done():
                         cancelled = await self._cancel_task(opened)
                         return outcome(cancelled) if cancelled is not None else None
                 ended = opened.outcome.result()
@@ -348,94 +366,75 @@ class ProcessRunner:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
 
-    async def _wait_for(
-        self, definition: Definition, process: Process, step: Step, wait: WaitFor
-    ) -> None:
+    async def _wait_for(self, strand: Strand, step: Step, wait: WaitFor) -> CallResult | None:
         assert wait.event is not None
+        process, state, key = strand.process, strand.state, strand.key
         try:
             match = templates.render(dict(wait.match), template_context(process))
         except templates.TemplateError as exc:
-            process.error = failure(step.name, str(exc))
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
+            return CallResult(ok=False, error=str(exc), retryable=False)
         started = self._clock()
-        self._waits.waiting.setdefault(wait.event, {})[process.id] = match
+        self._waits.waiting.setdefault(wait.event, {})[key] = match
         try:
-            if process.wait_seq is None:  # registered above first, so nothing slips between
-                process.wait_seq = self._bus.position  # later events are delivered live
+            if state.wait_seq is None:  # registered above first, so nothing slips between
+                state.wait_seq = self._bus.position  # later events are delivered live
                 if wait.timeout is not None:
-                    process.wake_at = started + wait.timeout
-                await self._checkpoint(process, ProcessStatus.WAITING)
+                    state.wake_at = started + wait.timeout
+                await self._checkpoint(process, ProcessStatus.WAITING, strand)
             else:  # resumed: an event may have come while the daemon was down
-                for stored in await self._store.events_since(wait.event, process.wait_seq):
+                for stored in await self._store.events_since(wait.event, state.wait_seq):
                     if matches(match, stored.data):
-                        self._waits.arrived.setdefault(process.id, stored)
+                        self._waits.arrived.setdefault(key, stored)
                         break
-            while process.id not in self._waits.arrived and not process.cancel_requested:
-                if await self._wakeups.sleep(process, process.wake_at):
+            while key not in self._waits.arrived and not strand.stopped():
+                if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
         finally:
-            self._waits.waiting.get(wait.event, {}).pop(process.id, None)
-        if process.cancel_requested:
-            return
-        event = self._waits.arrived.pop(process.id, None)
-        process.wake_at, process.wait_seq = None, None
+            self._waits.waiting.get(wait.event, {}).pop(key, None)
+        event = self._waits.arrived.pop(key, None)
+        if strand.stopped():
+            return None
+        state.wake_at, state.wait_seq = None, None
         if event is None:
             result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = failure(step.name, str(result.error))
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
-        self._record(
-            process,
-            step.name,
-            AttemptKind.WAIT_FOR,
-            1,
-            started,
-            CallResult(ok=True, output=event.data),
-        )
-        process.outputs[step.name] = event.data
-        process.position += 1
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+            return result
+        result = CallResult(ok=True, output=event.data)
+        self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+        return result
 
-    async def _wait_signal(
-        self, definition: Definition, process: Process, step: Step, wait: WaitFor
-    ) -> None:
+    async def _wait_signal(self, strand: Strand, step: Step, wait: WaitFor) -> CallResult | None:
         """Take the step's signal: one kept from before, or the next to come. `wait_seq`
-        0 marks the wait begun, so a restart keeps its timeout instead of starting anew."""
+        0 marks the wait begun, so a restart keeps its timeout instead of starting anew.
+        The caller's checkpoint (with no await before it) deletes the taken signal."""
         assert wait.signal is not None
+        process, state = strand.process, strand.state
         started, name, timeout = self._clock(), wait.signal, wait.timeout
-        if process.wait_seq is None:
-            process.wait_seq = 0
-            process.wake_at = started + timeout if timeout is not None else None
-            await self._checkpoint(process, ProcessStatus.WAITING)
-        self._signals.waiting[process.id] = name
+        if state.wait_seq is None:
+            state.wait_seq = 0
+            state.wake_at = started + timeout if timeout is not None else None
+            await self._checkpoint(process, ProcessStatus.WAITING, strand)
+        waiting = self._signals.waiting.setdefault(process.id, {})
+        waiting[strand.name] = name
         try:
             signal = self._signals.take(process.id, name)
-            while signal is None and not process.cancel_requested:
-                if await self._wakeups.sleep(process, process.wake_at):
+            while signal is None and not strand.stopped():
+                if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
                 signal = self._signals.take(process.id, name)
         finally:
-            self._signals.waiting.pop(process.id, None)
-        if process.cancel_requested and signal is None:
-            return
-        process.wake_at, process.wait_seq = None, None
+            waiting.pop(strand.name, None)
+        if strand.stopped() and signal is None:
+            return None
+        state.wake_at, state.wait_seq = None, None
         if signal is None:
-            error = f"no {name} signal within {timeout:g}s"
-            result = CallResult(ok=False, error=error)
+            result = CallResult(ok=False, error=f"no {name} signal within {timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = failure(step.name, error)
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
+            return result
         result = CallResult(ok=True, output=signal.data)
         self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-        process.outputs[step.name] = signal.data
-        process.position += 1
-        process.taken_signal = signal.seq  # deleted by this checkpoint: taken once
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+        process.taken_signal = signal.seq  # deleted by the next checkpoint: taken once
+        return result
 
     def _step_done(self, definition: Definition, process: Process, step: str) -> None:
         """After a step's checkpoint: tell listeners, and answer a synchronous start
@@ -473,14 +472,13 @@ class ProcessRunner:
         process.compensating_from = index
         step = definition.steps[index]
         assert step.compensate is not None
+        line = Strand(process, process)
         if process.wake_at is not None:
-            await self._wakeups.sleep(process, process.wake_at, cancellable=False)
+            await self._wakeups.sleep(line, process.wake_at, cancellable=False)
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
         if isinstance(step.compensate, Task):
-            task = await self._task(
-                definition, process, step, step.compensate, attempt, forward=False
-            )
+            task = await self._task(definition, line, step, step.compensate, attempt, forward=False)
             assert task is not None  # a compensation is not cancelled
             result = task
         else:
@@ -568,8 +566,10 @@ class ProcessRunner:
         )
         self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
-    async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
-        self._set_status(process, status)
+    async def _checkpoint(
+        self, process: Process, status: ProcessStatus, strand: Strand | None = None
+    ) -> None:
+        self._set_status(process, status, strand)
         process.updated_at = self._clock()
         await self._store_durably(process)
 
@@ -593,7 +593,16 @@ class ProcessRunner:
         if end is not None and self._tasks is not None:
             self._tasks.ended(end.delivery, error)
 
-    def _set_status(self, process: Process, status: ProcessStatus) -> None:
+    def _set_status(
+        self, process: Process, status: ProcessStatus, strand: Strand | None = None
+    ) -> None:
+        """A branch's running or waiting is its own: the process waits only when every
+        branch still running waits (`waiting_for` shows the first)."""
+        if strand is not None and strand.name:
+            branch = strand.state
+            assert isinstance(branch, Branch)
+            branch.waiting = status == ProcessStatus.WAITING
+            status = _parallel_status(process)
         if process.status != status:
             self._counts[(process.workflow, process.status)] -= 1
             self._counts[(process.workflow, status)] += 1
@@ -603,3 +612,15 @@ class ProcessRunner:
 def _compensable(process: Process, step: Step) -> bool:
     """A step done (a skipped one has no output) that has a compensation."""
     return step.compensate is not None and step.name in process.outputs
+
+
+def _fresh(strand: Strand) -> bool:
+    """The step has not begun on this strand (no attempt, timer or wait yet)."""
+    state = strand.state
+    return state.attempt == 0 and state.wake_at is None and state.wait_seq is None
+
+
+def _parallel_status(process: Process) -> ProcessStatus:
+    running = [b for b in process.branches.values() if b.state == BranchState.RUNNING]
+    waiting = bool(running) and all(b.waiting for b in running)
+    return ProcessStatus.WAITING if waiting else ProcessStatus.RUNNING

@@ -80,6 +80,16 @@ class StepState(enum.StrEnum):
     COMPENSATED = "compensated"
 
 
+class BranchState(enum.StrEnum):
+    """Where a branch of a parallel step is, as its process's row keeps it."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"  # stopped: a sibling failed for good, or the process was cancelled
+
+
 class WaitKind(enum.StrEnum):
     """What a waiting process waits for (DESIGN.md §3)."""
 
