@@ -507,6 +507,13 @@ class Step(_Model):
         description="Undoes the step when a later one fails for good or the process is "
         "cancelled (retried too): a call, or `{task: name}` run by a worker.",
     )
+    parallel: tuple[Step, ...] | None = Field(
+        default=None,
+        description="Steps run together (branches, each with its own delay, retry, timeout, "
+        "when and compensate; not itself parallel); the step ends when all have, and fails "
+        "when one fails for good (the others are stopped and the finished ones compensated). "
+        "A branch's output is `steps.<branch>`; branch names are unique in the workflow.",
+    )
     when: str | list[str] | None = Field(
         default=None,
         description="Run the step only when this workflow condition holds (a list: every one "
@@ -529,9 +536,16 @@ class Step(_Model):
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
-        actions = [self.call, self.publish, self.wait_for, self.task]
+        actions = [self.call, self.publish, self.wait_for, self.task, self.parallel]
         if sum(action is not None for action in actions) != 1:
-            raise ValueError("a step needs exactly one of call, publish, wait_for, task")
+            raise ValueError("a step needs exactly one of call, publish, wait_for, task, parallel")
+        if self.parallel is not None:
+            if self.compensate is not None or self.retry is not None or self.timeout:
+                raise ValueError("a parallel step's branches take compensate, retry, timeout")
+            if any(branch.parallel is not None for branch in self.parallel):
+                raise ValueError("a parallel branch is not itself parallel (not supported)")
+            if not self.parallel:
+                raise ValueError("parallel needs at least one branch")
         if self.data is not None and self.publish is None:
             raise ValueError("data is the event of a publish step")
         return self
@@ -989,10 +1003,13 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     """Checks across one workflow's steps, beside its model's (a config entry, or a body of
     `PUT /v1/workflows/{name}`): unique step names, templates, `respond_after`."""
     steps = _items(workflow, "steps")
-    yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
+    every = [((*at, "steps", j), x) for j, x in steps]  # each step, then its branches
+    for j, x in steps:
+        every += [((*at, "steps", j, "parallel", k), b) for k, b in _items(x, "parallel")]
+    yield from _unique((path, x.get("name")) for path, x in every)
     yield from _check_templates(at, steps)
     yield from _check_when(at, steps)
-    names = {x.get("name") for _, x in steps}
+    names = {x.get("name") for _, x in every}
     if "output" in workflow:
         known = {n for n in names if isinstance(n, str)}
         for problem in templates.check(workflow["output"], known):
@@ -1007,23 +1024,33 @@ def _check_templates(
 ) -> Iterator[tuple[Path_, str]]:
     """References in paths and bodies: `input.*`, `process.id` or an earlier step's output."""
     earlier: set[str] = set()
-    for j, step in steps:
-        path: Path_ = (*at, "steps", j)
-        name = step.get("name")
-        if "data" in step:
-            for problem in templates.check(step["data"], earlier):
-                yield (*path, "data"), problem
-        for key in ("call", "wait_for", "compensate"):
-            value = step.get(key)
-            if not isinstance(value, dict):
-                continue
-            known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
-            for field_name in ("path", "body", "headers", "match"):
-                if field_name in value:
-                    for problem in templates.check(value[field_name], known):
-                        yield (*path, key, field_name), problem
-        if isinstance(name, str):
-            earlier.add(name)
+    for j, outer in steps:
+        branches = _items(outer, "parallel")
+        for k, step in [(None, outer)] + [(k, b) for k, b in branches]:
+            path: Path_ = (*at, "steps", j) if k is None else (*at, "steps", j, "parallel", k)
+            yield from _step_templates(path, step, earlier)
+        for name in [outer.get("name")] + [b.get("name") for _, b in branches]:
+            if isinstance(name, str):
+                earlier.add(name)
+
+
+def _step_templates(
+    path: Path_, step: dict[str, Any], earlier: set[str]
+) -> Iterator[tuple[Path_, str]]:
+    """One step's (or branch's) references, given the steps that ran before it."""
+    name = step.get("name")
+    if "data" in step:
+        for problem in templates.check(step["data"], earlier):
+            yield (*path, "data"), problem
+    for key in ("call", "wait_for", "compensate"):
+        value = step.get(key)
+        if not isinstance(value, dict):
+            continue
+        known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
+        for field_name in ("path", "body", "headers", "match"):
+            if field_name in value:
+                for problem in templates.check(value[field_name], known):
+                    yield (*path, key, field_name), problem
 
 
 def _check_when(at: Path_, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[tuple[Path_, str]]:
@@ -1031,8 +1058,12 @@ def _check_when(at: Path_, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[
     earlier: set[str] = set()
     for j, step in steps:
         yield from _when_problems((*at, "steps", j), step.get("when"), earlier)
-        if isinstance(step.get("name"), str):
-            earlier.add(step["name"])
+        branches = _items(step, "parallel")
+        for k, branch in branches:  # a branch reads steps before the parallel step only
+            yield from _when_problems((*at, "steps", j, "parallel", k), branch.get("when"), earlier)
+        for x in [step] + [b for _, b in branches]:
+            if isinstance(x.get("name"), str):
+                earlier.add(x["name"])
 
 
 def _when_problems(path: Path_, when: Any, earlier: set[str]) -> Iterator[tuple[Path_, str]]:

@@ -18,6 +18,7 @@ from workflows.definition import (
     Action,
     Call,
     Definition,
+    Parallel,
     Publish,
     Step,
     Task,
@@ -43,36 +44,7 @@ def definition_from_config(
     """The same frozen value as the builder's, from a validated config entry. Its `spec`
     (stored, shown by the API) holds each string as `written` (`${VAR}`, not the value)
     and no variable's value elsewhere either: a secret is neither stored nor served."""
-    steps = []
-    for step in workflow.steps:
-        action: Action
-        if step.call is not None:
-            action = _call(step.call)
-        elif step.publish is not None:
-            action = Publish(topic=step.publish, data=step.data)
-        elif step.task is not None:
-            action = Task(name=step.task)
-        else:
-            assert step.wait_for is not None  # the config allows exactly one action
-            timeout = step.wait_for.timeout
-            action = WaitFor(
-                event=step.wait_for.event,
-                signal=step.wait_for.signal,
-                match=dict(step.wait_for.match),
-                timeout=timeout.total_seconds() if timeout else None,
-            )
-        retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
-        steps.append(
-            Step(
-                name=step.name,
-                action=action,
-                delay=step.delay.total_seconds() if step.delay else None,
-                timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
-                retry=retry,
-                compensate=_compensation(step.compensate),
-                when=_when(step.when),
-            )
-        )
+    steps = [_step(step) for step in workflow.steps]
     return Definition(
         name=workflow.name,
         steps=tuple(steps),
@@ -118,6 +90,37 @@ def _as_written(dumped: Any, written: Any, variables: tuple[tuple[str, str], ...
             if len(value) >= cfg.MIN_HIDDEN_ELSEWHERE:  # "1" would change every "1" in it
                 dumped = dumped.replace(value, form)
     return dumped
+
+
+def _step(step: cfg.Step) -> Step:
+    action: Action
+    if step.call is not None:
+        action = _call(step.call)
+    elif step.publish is not None:
+        action = Publish(topic=step.publish, data=step.data)
+    elif step.task is not None:
+        action = Task(name=step.task)
+    elif step.parallel is not None:
+        action = Parallel(branches=tuple(_step(branch) for branch in step.parallel))
+    else:
+        assert step.wait_for is not None  # the config allows exactly one action
+        timeout = step.wait_for.timeout
+        action = WaitFor(
+            event=step.wait_for.event,
+            signal=step.wait_for.signal,
+            match=dict(step.wait_for.match),
+            timeout=timeout.total_seconds() if timeout else None,
+        )
+    retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
+    return Step(
+        name=step.name,
+        action=action,
+        delay=step.delay.total_seconds() if step.delay else None,
+        timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
+        retry=retry,
+        compensate=_compensation(step.compensate),
+        when=_when(step.when),
+    )
 
 
 def _when(when: str | list[str] | None) -> tuple[Condition, ...]:

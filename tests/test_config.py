@@ -63,7 +63,6 @@ PENDING = {
     "workflows[0].trigger.timezone": 16,
     "workflows[0].steps[0].expect": 16,
     "workflows[0].steps[1].acquire": 16,
-    "workflows[0].steps[2].parallel": 16,
     "storage.url": 17,
     "cluster": 17,
 }

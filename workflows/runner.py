@@ -24,7 +24,7 @@ from scheduler import EventBus
 from . import templates
 from .abc import NewTask, TaskRecord, WorkflowStore
 from .caller import CallResult, ServiceCaller
-from .definition import Call, Definition, Publish, Step, Task, WaitFor
+from .definition import Call, Definition, Parallel, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
 from .records import Attempt, Branch, Process, Strand, failure
@@ -42,6 +42,7 @@ _ATTEMPT_KIND = {
     StepKind.PUBLISH: AttemptKind.PUBLISH,
     StepKind.WAIT_FOR: AttemptKind.WAIT_FOR,
     StepKind.TASK: AttemptKind.TASK,
+    StepKind.PARALLEL: AttemptKind.PARALLEL,  # only a skipped one has a line of its own
 }
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
@@ -136,6 +137,9 @@ class ProcessRunner:
                 if definition.respond_after == step.name:
                     self._respond(process.id)
                 return
+        if isinstance(step.action, Parallel):
+            await self._parallel(definition, process, step, step.action)
+            return
         result = await self._run_step(definition, line, step)
         if result is None:  # not over: a retry's backoff, a cancel, a storage failure
             return
@@ -160,15 +164,107 @@ class ProcessRunner:
             if step.action.signal is not None:
                 return await self._wait_signal(strand, step, step.action)
             return await self._wait_for(strand, step, step.action)
+        if not await self._delay(strand, step):
+            return None  # woken early: a cancel, or a wake for another strand
+        return await self._attempt(definition, strand, step)
+
+    async def _delay(self, strand: Strand, step: Step) -> bool:
+        """The step's delay before its first attempt, or a retry's backoff (a durable
+        timer: `wake_at`). False when woken before it passed."""
         state = strand.state
         if state.wake_at is None and state.attempt == 0 and step.delay:
             state.wake_at = self._clock() + step.delay
             await self._checkpoint(strand.process, ProcessStatus.WAITING, strand)
         if state.wake_at is not None:
             if not await self._wakeups.sleep(strand, state.wake_at):
-                return None  # woken early: a cancel, or a wake for another strand
+                return False
             state.wake_at = None
-        return await self._attempt(definition, strand, step)
+        return True
+
+    # -- parallel steps ------------------------------------------------------------
+
+    async def _parallel(
+        self, definition: Definition, process: Process, step: Step, parallel: Parallel
+    ) -> None:
+        """Run the branches together until all have ended. One failing for good stops the
+        others (an open task cancelled, a wait ended, a call in flight finishes its
+        attempt); then the process compensates, finished branches first. A restart comes
+        back here: branches that ended are not run again, the others resume where their
+        records (in the process row) say."""
+        begun = any(branch.name in process.branches for branch in parallel.branches)
+        if not begun and not await self._delay(Strand(process, process), step):
+            return  # woken early: the next turn looks again (a cancel compensates)
+        strands = [
+            Strand(process, process.branches.setdefault(branch.name, Branch()), branch.name)
+            for branch in parallel.branches
+        ]
+        failed = any(_branch(s).state == BranchState.FAILED for s in strands)  # before a restart
+        for strand in strands:
+            strand.halted = failed
+        async with asyncio.TaskGroup() as group:
+            for branch, strand in zip(parallel.branches, strands, strict=True):
+                if _branch(strand).state == BranchState.RUNNING:
+                    group.create_task(self._branch(definition, branch, strand, strands))
+        if process.cancel_requested:
+            return  # the next turn compensates, as for any cancel
+        if any(_branch(s).state == BranchState.FAILED for s in strands):
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        outputs = process.outputs
+        outputs[step.name] = {
+            b.name: outputs[b.name] for b in parallel.branches if b.name in outputs
+        }
+        process.position += 1
+        process.attempt = 0
+        self._open_next(definition, process)
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        self._step_done(definition, process, step.name)
+
+    async def _branch(
+        self, definition: Definition, step: Step, strand: Strand, strands: list[Strand]
+    ) -> None:
+        """One branch, turn by turn, until it ends (its record says how)."""
+        process, branch = strand.process, _branch(strand)
+        # R: acquire -- `if step.acquire is not None and not await self._hold(definition,
+        # process, step): ...` (the branch then ends cancelled), before its delay.
+        pause = STORAGE_RETRY_MIN
+        while branch.state == BranchState.RUNNING:
+            if strand.stopped():
+                self._branch_ended(process, branch, BranchState.CANCELLED)
+                return  # written by the checkpoint that begins compensation
+            if step.when and _fresh(strand):
+                unmet = self._unmet(step, process)
+                if unmet is not None:
+                    self._skipped(process, step, unmet)
+                    self._branch_ended(process, branch, BranchState.SKIPPED)
+                    await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+                    return
+            try:
+                result = await self._run_step(definition, strand, step)
+            except StoreUnavailable:  # a publish: tried again with its same key
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
+                continue
+            if result is None:
+                continue
+            if result.ok:
+                process.outputs[step.name] = result.output
+                self._branch_ended(process, branch, BranchState.DONE)
+                await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+                self._step_done(definition, process, step.name)
+                return
+            if process.error is None:  # the first failure is the process's
+                process.error = failure(step.name, str(result.error), result.status, result.body)
+            self._branch_ended(process, branch, BranchState.FAILED)
+            for sibling in strands:
+                sibling.halted = True
+            self._wakeups.wake(process.id)
+            await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+            return
+
+    def _branch_ended(self, process: Process, branch: Branch, state: BranchState) -> None:
+        branch.state, branch.waiting = state, False
+        branch.finished = 1 + max((b.finished or 0 for b in process.branches.values()), default=0)
 
     def _unmet(self, step: Step, process: Process) -> str | None:
         """The first of the step's `when` conditions that does not hold, with what was
@@ -448,13 +544,17 @@ class ProcessRunner:
     async def _begin_compensation(
         self, definition: Definition, process: Process, *, cancelled: bool
     ) -> None:
-        done = definition.steps[: process.position]
+        start = process.position - 1
+        steps = definition.steps
+        if start + 1 < len(steps) and isinstance(steps[start + 1].action, Parallel):
+            start += 1  # a parallel step ended part way: its finished branches are undone
+        done = definition.steps[: start + 1]
         if not any(_compensable(process, step) for step in done):
             await self._finish(
                 process, ProcessStatus.CANCELLED if cancelled else ProcessStatus.FAILED
             )
             return
-        process.compensating_from = process.position - 1
+        process.compensating_from = start
         process.attempt, process.wake_at = 0, None
         await self._checkpoint(process, ProcessStatus.COMPENSATING)
 
@@ -471,6 +571,11 @@ class ProcessRunner:
             return
         process.compensating_from = index
         step = definition.steps[index]
+        if isinstance(step.action, Parallel):  # its branches, the last to finish first
+            step = max(
+                (b for b in step.action.branches if _branch_compensable(process, b)),
+                key=lambda b: process.branches[b.name].finished or 0,
+            )
         assert step.compensate is not None
         line = Strand(process, process)
         if process.wake_at is not None:
@@ -487,7 +592,11 @@ class ProcessRunner:
             )
         self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
         if result.ok:
-            process.compensating_from, process.attempt = index - 1, 0
+            process.attempt = 0
+            if step.name in process.branches:  # the parallel step's other branches next
+                process.branches[step.name].compensated = True
+            else:
+                process.compensating_from = index - 1
             await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
         process.attempt = attempt
@@ -610,8 +719,27 @@ class ProcessRunner:
 
 
 def _compensable(process: Process, step: Step) -> bool:
-    """A step done (a skipped one has no output) that has a compensation."""
+    """A step done (a skipped one has no output) that has a compensation; a parallel step
+    while one of its finished branches has one not yet run."""
+    if isinstance(step.action, Parallel):
+        return any(_branch_compensable(process, b) for b in step.action.branches)
     return step.compensate is not None and step.name in process.outputs
+
+
+def _branch_compensable(process: Process, branch: Step) -> bool:
+    record = process.branches.get(branch.name)
+    return (
+        branch.compensate is not None
+        and record is not None
+        and record.state == BranchState.DONE
+        and not record.compensated
+    )
+
+
+def _branch(strand: Strand) -> Branch:
+    branch = strand.state
+    assert isinstance(branch, Branch)
+    return branch
 
 
 def _fresh(strand: Strand) -> bool:
