@@ -18,6 +18,7 @@ from monitor.config import Config, ConfigError, parse_config
 
 from .conftest import AppClient, until
 from .processes import running_daemon
+from .test_status_page import browser  # noqa: F401 (the fixture: a real headless Chromium)
 from .test_tasks import worker
 from .test_workflows import register
 
@@ -214,6 +215,68 @@ async def test_a_branch_waits_for_a_signal_while_another_calls(
     done = await reaches(client, started["id"], lambda p: p["status"] == "completed")
     assert done["outputs"]["docs"] == {"by": "clerk"}
     assert done["outputs"]["both"] == {"docs": {"by": "clerk"}, "notify": {"unit": "notify"}}
+
+
+async def test_the_page_shows_branches_side_by_side_with_what_they_wait_for(
+    client: AppClient,
+    units: Units,
+    browser: Any,  # noqa: F811 (the fixture imported above)
+) -> None:
+    started = await run(client, "Signalled", wait="0s")
+    await reaches(
+        client, started["id"], lambda p: p["status"] == "waiting" and "/notify" in units.paths()
+    )
+    html = await (await client.get(f"/processes/{started['id']}")).text()
+    assert (
+        '<li class="branch outcome-waiting" data-branch="docs"><strong>docs</strong> '
+        '<span class="status status-waiting">waiting</span><br>'
+        '<span class="reason">signal docsValidated</span></li>'
+    ) in html
+    assert (
+        'data-branch="notify"><strong>notify</strong> <span class="status status-completed">'
+        in html
+    )
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    await page.goto(str(client.make_url(f"/processes/{started['id']}")))
+    docs = await page.locator('[data-branch="docs"]').bounding_box()
+    notify = await page.locator('[data-branch="notify"]').bounding_box()
+    assert docs is not None and notify is not None
+    assert docs["y"] == notify["y"] and notify["x"] >= docs["x"] + docs["width"]  # one row
+    assert problems == []
+
+
+async def test_a_skipped_branch_shows_why_and_the_step_completes(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    service: TestServer,
+    units: Units,
+) -> None:
+    workflow = {
+        "name": "Maybe",
+        "steps": [
+            {
+                "name": "both",
+                "parallel": [branch("fire"), branch("ems", when="[input.injured] == true")],
+            },
+            {"name": "report", "call": {"service": "units", "path": "/report"}},
+        ],
+    }
+    client = await start_daemon(make_config(workflows=[workflow]))
+    await register(client, "units", "i1", str(service.make_url("/")))
+    resp = await client.post("/v1/workflows/Maybe?wait=10s", json={"input": {"injured": False}})
+    done = await resp.json()
+    assert done["status"] == "completed"
+    assert units.paths() == ["/fire", "/report"]
+    both = next(s for s in done["steps"] if s["name"] == "both")
+    assert both["branches"] == [
+        {"name": "fire", "state": "completed"},
+        {"name": "ems", "state": "skipped", "reason": "[input.injured] == true (got false)"},
+    ]
+    assert done["outputs"]["both"] == {"fire": {"unit": "fire"}}
+    html = await (await client.get(f"/processes/{done['id']}")).text()
+    assert '<span class="reason">[input.injured] == true (got false)</span>' in html
 
 
 async def test_a_cancel_mid_parallel_ends_the_wait_and_undoes_finished_branches(
