@@ -17,15 +17,19 @@ from .errors import (
 from .registration import Registration, Rejected, registration_ctx
 from .sync import SyncClient, SyncProcessHandle
 from .workflow import (
+    Branch,
     Call,
     DefinitionError,
+    Parallel,
     Publish,
     Retry,
     Task,
     WaitFor,
     Workflow,
     call,
+    parallel,
     publish,
+    step,
     task,
     wait_for,
 )
@@ -47,6 +51,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BadRequest",
+    "Branch",
     "Call",
     "Client",
     "Conflict",
@@ -56,6 +61,7 @@ __all__ = [
     "HmsError",
     "NonRetryable",
     "NotFound",
+    "Parallel",
     "ProcessHandle",
     "Publish",
     "Registration",
@@ -75,8 +81,10 @@ __all__ = [
     "Workflow",
     "__version__",
     "call",
+    "parallel",
     "publish",
     "registration_ctx",
+    "step",
     "task",
     "wait_for",
 ]
