@@ -70,8 +70,7 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
             record = process.branches.get(branch.name)
             if record is not None and record.state == BranchState.RUNNING and record.waiting:
                 return _waiting(process, definition, branch, record)
-        return None
-    return _waiting(process, definition, step, process)
+    return _waiting(process, definition, step, process)  # a parallel step's own delay too
 
 
 def _waiting(
@@ -125,11 +124,9 @@ def step_states(
                 _branch_state(process, definition, branch, skipped, compensated)
                 for branch in step.action.branches
             ]
-            if entry["state"] == StepState.COMPENSATED or any(
-                b["state"] == StepState.COMPENSATED for b in entry["branches"]
-            ):
+            if any(b["state"] == StepState.COMPENSATED for b in entry["branches"]):
                 entry["state"] = StepState.COMPENSATED
-        elif entry["state"] == StepState.WAITING and waiting is not None:
+        if entry["state"] == StepState.WAITING and waiting is not None:
             entry["reason"] = waiting["detail"]
         states.append(entry)
     return states

@@ -29,7 +29,7 @@ def topic_label(definitions: Iterable[Definition], named: Iterable[str]) -> Call
     for definition in definitions:
         if definition.trigger is not None:
             known.add(definition.trigger)
-        for step in definition.steps:
+        for step in definition.all_steps():  # a parallel step's branches too
             if isinstance(step.action, Publish):
                 known.add(step.action.topic)
             elif isinstance(step.action, WaitFor) and step.action.event is not None:

@@ -130,12 +130,7 @@ class ProcessRunner:
             unmet = self._unmet(step, process)
             if unmet is not None:  # checked before its delay, once: a resumed delay keeps it
                 self._skipped(process, step, unmet)
-                process.position += 1
-                process.attempt = 0
-                self._open_next(definition, process)
-                await self._checkpoint(process, ProcessStatus.RUNNING)
-                if definition.respond_after == step.name:
-                    self._respond(process.id)
+                await self._advance(definition, process, step)
                 return
         if isinstance(step.action, Parallel):
             await self._parallel(definition, process, step, step.action)
@@ -148,11 +143,20 @@ class ProcessRunner:
             await self._begin_compensation(definition, process, cancelled=False)
             return
         process.outputs[step.name] = result.output
+        await self._advance(definition, process, step, done=True)
+
+    async def _advance(
+        self, definition: Definition, process: Process, step: Step, *, done: bool = False
+    ) -> None:
+        """The main line goes past the step: `done` (its output kept), or skipped."""
         process.position += 1
         process.attempt = 0
         self._open_next(definition, process)
         await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+        if done:
+            self._step_done(definition, process, step.name)
+        elif definition.respond_after == step.name:
+            self._respond(process.id)
 
     async def _run_step(
         self, definition: Definition, strand: Strand, step: Step
@@ -164,7 +168,9 @@ class ProcessRunner:
             if step.action.signal is not None:
                 return await self._wait_signal(strand, step, step.action)
             return await self._wait_for(strand, step, step.action)
-        if not await self._delay(strand, step):
+        state = strand.state
+        timed = state.wake_at is not None or (step.delay and state.attempt == 0)
+        if timed and not await self._delay(strand, step):  # no coroutine for a plain step
             return None  # woken early: a cancel, or a wake for another strand
         return await self._attempt(definition, strand, step)
 
@@ -214,11 +220,7 @@ class ProcessRunner:
         outputs[step.name] = {
             b.name: outputs[b.name] for b in parallel.branches if b.name in outputs
         }
-        process.position += 1
-        process.attempt = 0
-        self._open_next(definition, process)
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+        await self._advance(definition, process, step, done=True)
 
     async def _branch(
         self, definition: Definition, step: Step, strand: Strand, strands: list[Strand]
