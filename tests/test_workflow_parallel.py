@@ -217,6 +217,23 @@ async def test_a_branch_waits_for_a_signal_while_another_calls(
     assert done["outputs"]["both"] == {"docs": {"by": "clerk"}, "notify": {"unit": "notify"}}
 
 
+async def test_the_process_waits_only_when_every_running_branch_waits(
+    client: AppClient, units: Units
+) -> None:
+    units.hold["/notify"] = asyncio.Event()
+    started = await run(client, "Signalled", wait="0s")
+    busy = await reaches(
+        client,
+        started["id"],
+        lambda p: "/notify" in units.paths() and branches(p, "both")["docs"] == "waiting",
+    )
+    assert busy["status"] == "running" and busy["waiting_for"] is None  # notify is calling
+    assert branches(busy, "both") == {"docs": "waiting", "notify": "running"}
+    units.hold["/notify"].set()
+    waiting = await reaches(client, started["id"], lambda p: p["status"] == "waiting")
+    assert waiting["waiting_for"]["detail"] == "signal docsValidated"
+
+
 async def test_the_page_shows_branches_side_by_side_with_what_they_wait_for(
     client: AppClient,
     units: Units,
@@ -392,3 +409,45 @@ async def test_a_bad_parallel_step_is_refused_by_the_api(client: AppClient) -> N
     assert resp.status == 422
     details = (await resp.json())["error"]["details"]
     assert {"path": "steps.1.parallel.0", "message": "duplicate name 'a'"} in details
+
+
+async def test_a_branch_killed_in_its_retry_backoff_resumes_with_its_attempt_count(
+    tmp_path: Path, units: Units, service: TestServer
+) -> None:
+    retry = {"max_attempts": 3, "backoff": "1500ms", "max_backoff": "2s"}
+    flaky = {
+        "name": "Flaky",
+        "steps": [{"name": "both", "parallel": [branch("fire"), branch("ems", retry=retry)]}],
+    }
+    units.fail["/ems"] = 503
+    url = str(service.make_url("/"))
+    sections = {
+        "services": [{"name": "units", "instances": [{"id": "i1", "url": url}]}],
+        "workflows": [flaky],
+    }
+    with running_daemon(tmp_path, **sections) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+            async with http.post("/v1/workflows/Flaky", json={"input": {}}) as resp:
+                process_id = (await resp.json())["id"]
+
+            async def backing_off() -> bool:
+                async with http.get(f"/v1/processes/{process_id}") as resp:
+                    view = await resp.json()
+                return bool(view["status"] == "waiting" and view["waiting_for"]["kind"] == "retry")
+
+            await until(backing_off)
+        daemon.kill()  # ems failed once and waits out its backoff; fire is done
+        del units.fail["/ems"]
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            view: dict[str, Any] = {}
+
+            async def completed() -> bool:
+                async with http.get(f"/v1/processes/{process_id}") as resp:
+                    view.update(await resp.json())
+                return bool(view["status"] == "completed")
+
+            await until(completed, timeout=20)
+    ems = [(a["attempt"], a["outcome"]) for a in view["history"] if a["step"] == "ems"]
+    assert ems == [(1, "error"), (2, "ok")]  # the count went on across the restart
+    assert units.paths().count("/fire") == 1
