@@ -742,7 +742,8 @@ def config_warnings(config: Config) -> list[str]:
     ]
     for w, workflow in enumerate(config.workflows):
         for s, step in enumerate(workflow.steps):
-            for call in (step.call, step.compensate):
+            branches = [c for b in step.parallel or () for c in (b.call, b.compensate)]
+            for call in (step.call, step.compensate, *branches):
                 if isinstance(call, Call) and call.service not in known:
                     warnings.append(
                         f"workflows[{w}].steps[{s}]: service {call.service!r} is not configured "
