@@ -51,15 +51,36 @@ def workflow(delay: str | None = None) -> dict[str, Any]:
     return {"name": "Bench", "steps": steps}
 
 
+def parallel_workflow() -> dict[str, Any]:
+    """Validate, then three calls run together (a parallel step), then notify."""
+    branches = [
+        {"name": unit, "call": {"service": "svc", "path": f"/{unit}", "body": {"n": "{input.n}"}}}
+        for unit in ("fire", "ems", "police")
+    ]
+    return {
+        "name": "Bench",
+        "steps": [
+            {"name": "validate", "call": {"service": "svc", "path": "/validate"}},
+            {"name": "dispatch", "parallel": branches},
+            {"name": "notify", "call": {"service": "svc", "path": "/notify"}},
+        ],
+    }
+
+
 def write_config(
-    workdir: Path, name: str, port: int, target: str, delay: str | None = None
+    workdir: Path,
+    name: str,
+    port: int,
+    target: str,
+    delay: str | None = None,
+    spec: dict[str, Any] | None = None,
 ) -> Path:
     config = {
         "server": {"listen": f"127.0.0.1:{port}"},
         "storage": {"path": str(workdir / f"{name}.db")},
         "defaults": {"probe": {"type": "none"}},
         "services": [{"name": "svc", "instances": [{"id": "nginx", "url": target}]}],
-        "workflows": [workflow(delay)],
+        "workflows": [spec or workflow(delay)],
     }
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -124,6 +145,18 @@ def throughput(workdir: Path, target: str, count: int) -> tuple[float, float, li
         cpu = cpu_seconds(d.pid) - cpu0
     steps = 3 * count
     return steps / (t1 - t0), cpu / steps, spans(workdir / "run.db")
+
+
+def parallel_throughput(workdir: Path, target: str, count: int) -> float:
+    """Processes/s of the parallel workflow (5 calls each, 3 of them together)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = write_config(workdir, "parallel", port, target, spec=parallel_workflow())
+    with process([*SERVE, str(config)], workdir / "d5.log", url):
+        t0 = time.monotonic()
+        asyncio.run(start_many(url, count, 64))
+        t1 = wait_completed(url, count)
+    return count / (t1 - t0)
 
 
 def overhead(workdir: Path, target: str, count: int) -> list[float]:
@@ -326,6 +359,7 @@ def main() -> None:
                 return
             peer = None if args.smoke else dbos(workdir, target, args.dbos)
             rate, cpu, busy = throughput(workdir, target, args.processes)
+            fanned = parallel_throughput(workdir, target, args.processes)
             calm = overhead(workdir, target, calm_count)
             lists = listing(workdir, target, args.held)
             ready, recovered = recovery(workdir, target, in_flight)
@@ -335,6 +369,8 @@ def main() -> None:
     print(
         f"    durable steps/s                    {rate:8.0f}   ({cpu * 1000:.2f} ms CPU per step)"
     )
+    print(f"    processes/s, 3 calls in a row      {rate / 3:8.0f}")
+    print(f"    processes/s, 1 + 3 together + 1    {fanned:8.0f}   (a parallel step; no DBOS peer)")
     if peer is not None:
         peer_rate = peer["steps"] / peer["seconds"]
         print(f"  DBOS Transact (SQLite), {args.dbos:,} workflows, 16 threads")

@@ -33,7 +33,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from registry import Duration, HttpUrl, Name, ProbeSpec, Tags
-from registry.conditions import ConditionError, parse_condition
+from registry.conditions import ConditionError, parse_condition, parse_context_condition
 from registry.model import DurationOrZero, Headers, Meta, RequestPath
 from registry.targets import TargetPolicy, parse_target
 from scheduler import Cron
@@ -551,6 +551,19 @@ class Step(_Model):
         "fails the step without retry, the condition and what was seen in its error. A 5xx "
         "or `retry_on` status is still retried, any other non-2xx still fails the step.",
     )
+    parallel: tuple[Step, ...] | None = Field(
+        default=None,
+        description="Steps run together (branches, each with its own delay, retry, timeout, "
+        "when and compensate; not itself parallel); the step ends when all have, and fails "
+        "when one fails for good (the others are stopped and the finished ones compensated). "
+        "A branch's output is `steps.<branch>`; branch names are unique in the workflow.",
+    )
+    when: str | list[str] | None = Field(
+        default=None,
+        description="Run the step only when this workflow condition holds (a list: every one "
+        "does), checked before its delay, e.g. `[steps.validate.priority] == urgent`; "
+        "else it is skipped (no output, not compensated) and the process goes on.",
+    )
 
     @field_validator("compensate", mode="before")
     @classmethod
@@ -567,9 +580,16 @@ class Step(_Model):
 
     @model_validator(mode="after")
     def _one_action(self) -> Step:
-        actions = [self.call, self.publish, self.wait_for, self.task]
+        actions = [self.call, self.publish, self.wait_for, self.task, self.parallel]
         if sum(action is not None for action in actions) != 1:
-            raise ValueError("a step needs exactly one of call, publish, wait_for, task")
+            raise ValueError("a step needs exactly one of call, publish, wait_for, task, parallel")
+        if self.parallel is not None:
+            if self.compensate is not None or self.retry is not None or self.timeout:
+                raise ValueError("a parallel step's branches take compensate, retry, timeout")
+            if any(branch.parallel is not None for branch in self.parallel):
+                raise ValueError("a parallel branch is not itself parallel (not supported)")
+            if not self.parallel:
+                raise ValueError("parallel needs at least one branch")
         if self.data is not None and self.publish is None:
             raise ValueError("data is the event of a publish step")
         return self
@@ -803,7 +823,8 @@ def config_warnings(config: Config) -> list[str]:
     ]
     for w, workflow in enumerate(config.workflows):
         for s, step in enumerate(workflow.steps):
-            for call in (step.call, step.compensate):
+            branches = [c for b in step.parallel or () for c in (b.call, b.compensate)]
+            for call in (step.call, step.compensate, *branches):
                 if isinstance(call, Call) and call.service not in known:
                     warnings.append(
                         f"workflows[{w}].steps[{s}]: service {call.service!r} is not configured "
@@ -1026,11 +1047,15 @@ def _check_acquires(
 ) -> Iterator[tuple[Path_, str]]:
     """Each step's `acquire` names a resource of the top level, for at most its capacity
     (`PUT /v1/workflows/{name}` checks against the running config's: workflows/resources)."""
+    every: list[tuple[Path_, dict[str, Any]]] = []
     for j, step in _items(workflow, "steps"):
+        every.append(((*at, "steps", j), step))
+        every += [((*at, "steps", j, "parallel", k), b) for k, b in _items(step, "parallel")]
+    for where, step in every:
         acquire = step.get("acquire")
         if not isinstance(acquire, dict) or not isinstance(acquire.get("resource"), str):
             continue
-        path: Path_ = (*at, "steps", j, "acquire")
+        path: Path_ = (*where, "acquire")
         name = acquire["resource"]
         if name not in capacities:
             known = ", ".join(sorted(str(n) for n in capacities)) or "none"
@@ -1090,11 +1115,15 @@ def workflow_problems(workflow: dict[str, Any], at: Path_ = ()) -> Iterator[tupl
     """Checks across one workflow's steps, beside its model's (a config entry, or a body of
     `PUT /v1/workflows/{name}`): unique step names, templates, `respond_after`."""
     steps = _items(workflow, "steps")
-    yield from _unique(((*at, "steps", j), x.get("name")) for j, x in steps)
+    every = [((*at, "steps", j), x) for j, x in steps]  # each step, then its branches
+    for j, x in steps:
+        every += [((*at, "steps", j, "parallel", k), b) for k, b in _items(x, "parallel")]
+    yield from _unique((path, x.get("name")) for path, x in every)
     yield from _check_templates(at, steps)
-    for j, step in steps:
-        yield from step_expect_problems(step, (*at, "steps", j))
-    names = {x.get("name") for _, x in steps}
+    yield from _check_when(at, steps)
+    for path, x in every:
+        yield from step_expect_problems(x, path)
+    names = {x.get("name") for _, x in every}
     if "output" in workflow:
         known = {n for n in names if isinstance(n, str)}
         for problem in templates.check(workflow["output"], known):
@@ -1121,23 +1150,62 @@ def _check_templates(
 ) -> Iterator[tuple[Path_, str]]:
     """References in paths and bodies: `input.*`, `process.id` or an earlier step's output."""
     earlier: set[str] = set()
+    for j, outer in steps:
+        branches = _items(outer, "parallel")
+        for k, step in [(None, outer)] + [(k, b) for k, b in branches]:
+            path: Path_ = (*at, "steps", j) if k is None else (*at, "steps", j, "parallel", k)
+            yield from _step_templates(path, step, earlier)
+        for name in [outer.get("name")] + [b.get("name") for _, b in branches]:
+            if isinstance(name, str):
+                earlier.add(name)
+
+
+def _step_templates(
+    path: Path_, step: dict[str, Any], earlier: set[str]
+) -> Iterator[tuple[Path_, str]]:
+    """One step's (or branch's) references, given the steps that ran before it."""
+    name = step.get("name")
+    if "data" in step:
+        for problem in templates.check(step["data"], earlier):
+            yield (*path, "data"), problem
+    for key in ("call", "wait_for", "compensate", "acquire"):
+        value = step.get(key)
+        if not isinstance(value, dict):
+            continue
+        known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
+        for field_name in ("path", "body", "headers", "match", "key"):
+            if field_name in value:
+                for problem in templates.check(value[field_name], known):
+                    yield (*path, key, field_name), problem
+
+
+def _check_when(at: Path_, steps: list[tuple[int, dict[str, Any]]]) -> Iterator[tuple[Path_, str]]:
+    """Each `when` parses and reads only `steps.<x>` of steps that ran before it."""
+    earlier: set[str] = set()
     for j, step in steps:
-        path: Path_ = (*at, "steps", j)
-        name = step.get("name")
-        if "data" in step:
-            for problem in templates.check(step["data"], earlier):
-                yield (*path, "data"), problem
-        for key in ("call", "wait_for", "compensate", "acquire"):
-            value = step.get(key)
-            if not isinstance(value, dict):
-                continue
-            known = earlier | {name} if key == "compensate" and isinstance(name, str) else earlier
-            for field_name in ("path", "body", "headers", "match", "key"):
-                if field_name in value:
-                    for problem in templates.check(value[field_name], known):
-                        yield (*path, key, field_name), problem
-        if isinstance(name, str):
-            earlier.add(name)
+        yield from _when_problems((*at, "steps", j), step.get("when"), earlier)
+        branches = _items(step, "parallel")
+        for k, branch in branches:  # a branch reads steps before the parallel step only
+            yield from _when_problems((*at, "steps", j, "parallel", k), branch.get("when"), earlier)
+        for x in [step] + [b for _, b in branches]:
+            if isinstance(x.get("name"), str):
+                earlier.add(x["name"])
+
+
+def _when_problems(path: Path_, when: Any, earlier: set[str]) -> Iterator[tuple[Path_, str]]:
+    texts = list(enumerate(when)) if isinstance(when, list) else [(None, when)]
+    for k, text in texts:
+        if not isinstance(text, str):
+            continue  # the model says what is wrong with its type
+        at: Path_ = (*path, "when") if k is None else (*path, "when", k)
+        try:
+            condition = parse_context_condition(text)
+        except ConditionError as exc:
+            yield at, str(exc)
+            continue
+        left = condition.left
+        if left.placeholder == "steps" and left.path and left.path[0] not in earlier:
+            yield at, f"{text!r} reads step {left.path[0]!r}, which does not run before"
 
 
 def _check_conditions(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:

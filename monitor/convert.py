@@ -11,7 +11,7 @@ from typing import Any
 
 from monitor import config as cfg
 from registry import Instance, ProbeSpec
-from registry.conditions import parse_conditions
+from registry.conditions import Condition, parse_conditions, parse_context_condition
 from scheduler.retry import DEFAULT_RETRY, RETRYABLE, Retry
 from workflows.definition import (
     DEFAULT_TIMEOUT,
@@ -19,6 +19,7 @@ from workflows.definition import (
     Action,
     Call,
     Definition,
+    Parallel,
     Publish,
     Resource,
     Schedule,
@@ -46,37 +47,7 @@ def definition_from_config(
     """The same frozen value as the builder's, from a validated config entry. Its `spec`
     (stored, shown by the API) holds each string as `written` (`${VAR}`, not the value)
     and no variable's value elsewhere either: a secret is neither stored nor served."""
-    steps = []
-    for step in workflow.steps:
-        action: Action
-        if step.call is not None:
-            action = _call(step.call)
-        elif step.publish is not None:
-            action = Publish(topic=step.publish, data=step.data)
-        elif step.task is not None:
-            action = Task(name=step.task)
-        else:
-            assert step.wait_for is not None  # the config allows exactly one action
-            timeout = step.wait_for.timeout
-            action = WaitFor(
-                event=step.wait_for.event,
-                signal=step.wait_for.signal,
-                match=dict(step.wait_for.match),
-                timeout=timeout.total_seconds() if timeout else None,
-            )
-        retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
-        steps.append(
-            Step(
-                name=step.name,
-                action=action,
-                delay=step.delay.total_seconds() if step.delay else None,
-                timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
-                retry=retry,
-                compensate=_compensation(step.compensate),
-                acquire=_acquire(step.acquire),
-                expect=parse_conditions(step.expect),  # checked by the config already
-            )
-        )
+    steps = [_step(step) for step in workflow.steps]
     return Definition(
         name=workflow.name,
         steps=tuple(steps),
@@ -139,6 +110,45 @@ def _schedule(trigger: cfg.Trigger | None) -> Schedule | None:
     if trigger is None or trigger.schedule is None:
         return None
     return Schedule(cron=trigger.schedule, timezone=trigger.timezone or "UTC")
+
+
+def _step(step: cfg.Step) -> Step:
+    action: Action
+    if step.call is not None:
+        action = _call(step.call)
+    elif step.publish is not None:
+        action = Publish(topic=step.publish, data=step.data)
+    elif step.task is not None:
+        action = Task(name=step.task)
+    elif step.parallel is not None:
+        action = Parallel(branches=tuple(_step(branch) for branch in step.parallel))
+    else:
+        assert step.wait_for is not None  # the config allows exactly one action
+        timeout = step.wait_for.timeout
+        action = WaitFor(
+            event=step.wait_for.event,
+            signal=step.wait_for.signal,
+            match=dict(step.wait_for.match),
+            timeout=timeout.total_seconds() if timeout else None,
+        )
+    retry = DEFAULT_RETRY if step.retry is None else retry_from_config(step.retry)
+    return Step(
+        name=step.name,
+        action=action,
+        delay=step.delay.total_seconds() if step.delay else None,
+        timeout=step.timeout.total_seconds() if step.timeout else DEFAULT_TIMEOUT,
+        retry=retry,
+        compensate=_compensation(step.compensate),
+        when=_when(step.when),
+        acquire=_acquire(step.acquire),
+        expect=parse_conditions(step.expect),  # checked by the config already
+    )
+
+
+def _when(when: str | list[str] | None) -> tuple[Condition, ...]:
+    """A step's `when`, parsed (config checks made sure it parses)."""
+    texts = [when] if isinstance(when, str) else (when or [])
+    return tuple(parse_context_condition(text) for text in texts)
 
 
 def _compensation(spec: cfg.Call | cfg.TaskCompensation | None) -> Call | Task | None:

@@ -31,7 +31,9 @@ from hms_mgmt import (
     Unreachable,
     Workflow,
     call,
+    parallel,
     publish,
+    step,
     wait_for,
 )
 from hms_mgmt import client as client_module
@@ -499,6 +501,17 @@ async def test_a_built_workflow_of_calls_runs_in_the_daemon_as_config(
         (lambda: Workflow("W").step("a", "not a step"), "a step is a function"),  # type: ignore[arg-type]
         (lambda: Workflow("W").step("a b", validate), "step name"),
         (lambda: Retry(max_attempts=0), "max_attempts"),
+        (lambda: Workflow("W").step("a", validate).step("p", parallel(step("a", validate))), "dup"),
+        (
+            lambda: Workflow("W").step("p", parallel(step("a", validate)), compensate=release),
+            "each",
+        ),
+        (
+            lambda: Workflow("W").step("p", parallel(step("a", parallel(step("b", validate))))),
+            "not",
+        ),
+        (lambda: Workflow("W").step("p", parallel(step("a", validate, colour=1))), "keyword"),
+        (lambda: parallel(), "one or more"),
     ],
 )
 def test_mistakes_python_can_see_raise_while_building(build: Any, problem: str) -> None:

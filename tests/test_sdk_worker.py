@@ -28,7 +28,9 @@ from hms_mgmt import (
     Unauthorized,
     Worker,
     Workflow,
+    parallel,
     publish,
+    step,
 )
 
 from .conftest import until
@@ -557,3 +559,36 @@ async def test_a_daemon_that_refuses_completions_in_polls_gets_them_apart(
     assert completes == [("d1", {"n": 42})]
     assert any("complete" in body for body in polls)  # tried once, refused
     assert "complete" not in polls[-1]
+
+
+async def test_a_parallel_step_with_a_function_branch_runs_through_a_worker(
+    tmp_path: Path,
+) -> None:
+    seen: list[StepContext] = []
+
+    def ems(ctx: StepContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {"unit": "ems-1"}
+
+    dispatch = (
+        Workflow("Dispatch", queue="dispatch")
+        .step("triage", publish("call.received"))
+        .step(
+            "dispatch",
+            parallel(
+                step("ems", ems, retry=Retry(max_attempts=2, backoff=0.05)),
+                step("notice", publish("dispatch.sent")),
+                step("escalate", publish("dispatch.escalated"), when="[input.urgent] == true"),
+            ),
+        )
+    )
+    definition = dispatch.definition()
+    assert definition["steps"][1]["parallel"][2]["when"] == "[input.urgent] == true"
+    with running_daemon(tmp_path) as daemon:
+        async with worker(daemon.url, dispatch), Client(daemon.url) as hms:
+            report = await hms.run("Dispatch", {"urgent": False}, timeout=15)
+    assert report.success, report.process
+    assert report.output["ems"] == {"unit": "ems-1"}
+    assert [c.idempotency_key for c in seen] == [f"{report.process_id}/ems"]
+    [both] = [s for s in report.process["steps"] if s["name"] == "dispatch"]
+    assert [b["state"] for b in both["branches"]] == ["completed", "completed", "skipped"]

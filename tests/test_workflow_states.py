@@ -30,10 +30,18 @@ def test_the_values_are_the_stored_strings() -> None:
         "cancelled",
     )
     assert [s.value for s in ProcessStatus] == list(STATUSES)
-    assert list(StepKind) == ["call", "publish", "wait_for", "task"]
-    assert list(AttemptKind) == ["call", "publish", "wait_for", "task", "compensate"]
-    assert list(AttemptOutcome) == ["ok", "error", "timeout"]
-    assert set(StepState) == {"pending", "running", "waiting", "completed", "failed", "compensated"}
+    assert list(StepKind) == ["call", "publish", "wait_for", "task", "parallel"]
+    assert list(AttemptKind) == ["call", "publish", "wait_for", "task", "parallel", "compensate"]
+    assert list(AttemptOutcome) == ["ok", "error", "timeout", "skipped"]
+    assert set(StepState) == {
+        "pending",
+        "running",
+        "waiting",
+        "completed",
+        "failed",
+        "skipped",
+        "compensated",
+    }
     assert list(WaitKind) == ["delay", "retry", "event", "task", "signal"]
 
 

@@ -56,7 +56,16 @@ class Task:
     name: str
 
 
-Action = Call | Publish | WaitFor | Task
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Parallel:
+    """Steps run together (its branches); the step ends when all have, and fails when one
+    fails for good. A branch's output is `steps.<branch>`: branch names are unique across
+    the workflow. A branch is not itself parallel."""
+
+    branches: tuple[Step, ...]
+
+
+Action = Call | Publish | WaitFor | Task | Parallel
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,6 +108,8 @@ class Step:
     # A call step's `expect:` (the probe language over its answer): a 2xx that fails one
     # fails the step without retry (workflows/expect.py).
     expect: tuple[Condition, ...] = ()
+    # Run only when every one holds (`when:`, a string or a list); else the step is skipped.
+    when: tuple[Condition, ...] = ()
 
     @property
     def kind(self) -> StepKind:
@@ -106,6 +117,8 @@ class Step:
             return StepKind.CALL
         if isinstance(self.action, Task):
             return StepKind.TASK
+        if isinstance(self.action, Parallel):
+            return StepKind.PARALLEL
         return StepKind.PUBLISH if isinstance(self.action, Publish) else StepKind.WAIT_FOR
 
 
@@ -137,8 +150,19 @@ class Definition:
         return replace(self, version=other.version, source=other.source) == other
 
     def step(self, name: str) -> Step:
-        return next(s for s in self.steps if s.name == name)
+        """A step or a branch of a parallel step, by name."""
+        return next(s for s in self.all_steps() if s.name == name)
+
+    def all_steps(self) -> list[Step]:
+        """Every step, each parallel step followed by its branches."""
+        steps = []
+        for step in self.steps:
+            steps.append(step)
+            if isinstance(step.action, Parallel):
+                steps.extend(step.action.branches)
+        return steps
 
     def services(self) -> set[str]:
-        calls = [s.action for s in self.steps] + [s.compensate for s in self.steps]
+        steps = self.all_steps()
+        calls = [s.action for s in steps] + [s.compensate for s in steps]
         return {c.service for c in calls if isinstance(c, Call)}

@@ -9,9 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from . import templates
-from .definition import Definition, Task, WaitFor
-from .records import Attempt, Process
-from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepState, WaitKind
+from .definition import Definition, Parallel, Step, Task, WaitFor
+from .records import Attempt, Branch, Process
+from .states import (
+    AttemptKind,
+    AttemptOutcome,
+    BranchState,
+    ProcessStatus,
+    StepState,
+    WaitKind,
+)
 
 
 def describe_process(
@@ -51,15 +58,28 @@ def output(process: Process, definition: Definition | None) -> Any:
 
 def waiting_for(process: Process, definition: Definition | None) -> dict[str, Any] | None:
     """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
-    None for no limit) and detail."""
+    None for no limit) and detail. In a parallel step: the first branch that waits (each
+    waiting branch has its own in `steps`)."""
     if process.status != ProcessStatus.WAITING or definition is None:
         return None
     if not 0 <= process.position < len(definition.steps):
         return None
     step = definition.steps[process.position]
+    if isinstance(step.action, Parallel):
+        for branch in step.action.branches:
+            record = process.branches.get(branch.name)
+            if record is not None and record.state == BranchState.RUNNING and record.waiting:
+                return _waiting(process, definition, branch, record)
+    return _waiting(process, definition, step, process)  # a parallel step's own delay too
+
+
+def _waiting(
+    process: Process, definition: Definition, step: Step, state: Process | Branch
+) -> dict[str, Any]:
+    """What a step waits for on its strand (the main line, or a branch's record)."""
     if isinstance(step.action, WaitFor) and step.action.signal is not None:
         detail = f"signal {step.action.signal}"
-        return {"kind": WaitKind.SIGNAL, "until": process.wake_at, "detail": detail}
+        return {"kind": WaitKind.SIGNAL, "until": state.wake_at, "detail": detail}
     if isinstance(step.action, WaitFor):
         try:  # the values the event must carry, as the runner matches them
             match = templates.render(dict(step.action.match), template_context(process))
@@ -67,20 +87,21 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
             match = dict(step.action.match)
         wanted = ", ".join(f"{k}={v}" for k, v in match.items())
         detail = f"{step.action.event}" + (f" with {wanted}" if wanted else "")
-        return {"kind": WaitKind.EVENT, "until": process.wake_at, "detail": detail}
-    if isinstance(step.action, Task) and process.wake_at is None:  # Engine.describe: until
+        return {"kind": WaitKind.EVENT, "until": state.wake_at, "detail": detail}
+    if isinstance(step.action, Task) and state.wake_at is None:  # Engine.describe: until
         detail = f"{step.action.name} on {definition.task_queue}"
         return {"kind": WaitKind.TASK, "until": None, "detail": detail}
-    if process.attempt > 0:
-        detail = f"attempt {process.attempt + 1} of {step.retry.max_attempts} of {step.name}"
-        return {"kind": WaitKind.RETRY, "until": process.wake_at, "detail": detail}
-    return {"kind": WaitKind.DELAY, "until": process.wake_at, "detail": f"{step.name} starts"}
+    if state.attempt > 0:
+        detail = f"attempt {state.attempt + 1} of {step.retry.max_attempts} of {step.name}"
+        return {"kind": WaitKind.RETRY, "until": state.wake_at, "detail": detail}
+    return {"kind": WaitKind.DELAY, "until": state.wake_at, "detail": f"{step.name} starts"}
 
 
 def step_states(
     process: Process, history: list[Attempt], definition: Definition | None
-) -> list[dict[str, str]]:
-    """Every step of the definition with its state, those not yet run included."""
+) -> list[dict[str, Any]]:
+    """Every step of the definition with its state, those not yet run included; a skipped
+    or waiting one with its `reason`, a parallel one with its `branches` (each the same)."""
     if definition is None:
         return []
     compensated = {
@@ -88,12 +109,54 @@ def step_states(
         for a in history
         if a.kind == AttemptKind.COMPENSATE and a.outcome == AttemptOutcome.OK
     }
-    states = []
+    skipped = {a.step: a.error for a in history if a.outcome == AttemptOutcome.SKIPPED}
+    waiting = waiting_for(process, definition)
+    states: list[dict[str, Any]] = []
     for index, step in enumerate(definition.steps):
-        states.append(
-            {"name": step.name, "state": _step_state(process, index, step.name in compensated)}
-        )
+        entry: dict[str, Any]
+        if step.name in skipped and index < process.position:
+            entry = {"name": step.name, "state": StepState.SKIPPED, "reason": skipped[step.name]}
+        else:
+            state = _step_state(process, index, step.name in compensated)
+            entry = {"name": step.name, "state": state}
+        if isinstance(step.action, Parallel):
+            entry["branches"] = [
+                _branch_state(process, definition, branch, skipped, compensated)
+                for branch in step.action.branches
+            ]
+            if any(b["state"] == StepState.COMPENSATED for b in entry["branches"]):
+                entry["state"] = StepState.COMPENSATED
+        if entry["state"] == StepState.WAITING and waiting is not None:
+            entry["reason"] = waiting["detail"]
+        states.append(entry)
     return states
+
+
+def _branch_state(
+    process: Process,
+    definition: Definition,
+    branch: Step,
+    skipped: dict[str, str | None],
+    compensated: set[str],
+) -> dict[str, Any]:
+    record = process.branches.get(branch.name)
+    name = branch.name
+    if record is None:
+        return {"name": name, "state": StepState.PENDING}
+    if record.state == BranchState.SKIPPED:
+        return {"name": name, "state": StepState.SKIPPED, "reason": skipped.get(name)}
+    if record.state == BranchState.DONE:
+        state = StepState.COMPENSATED if name in compensated else StepState.COMPLETED
+        return {"name": name, "state": state}
+    if record.state == BranchState.FAILED:
+        return {"name": name, "state": StepState.FAILED}
+    if record.state == BranchState.CANCELLED or process.finished:
+        reason = "stopped: another branch failed, or the process was cancelled"
+        return {"name": name, "state": StepState.FAILED, "reason": reason}
+    if record.waiting:
+        reason = _waiting(process, definition, branch, record)["detail"]
+        return {"name": name, "state": StepState.WAITING, "reason": reason}
+    return {"name": name, "state": StepState.RUNNING}
 
 
 def _step_state(process: Process, index: int, compensated: bool) -> StepState:

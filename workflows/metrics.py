@@ -31,7 +31,7 @@ def topic_label(definitions: Iterable[Definition], named: Iterable[str]) -> Call
     for definition in definitions:
         if definition.trigger is not None:
             known.add(definition.trigger)
-        for step in definition.steps:
+        for step in definition.all_steps():  # a parallel step's branches too
             if isinstance(step.action, Publish):
                 known.add(step.action.topic)
             elif isinstance(step.action, WaitFor) and step.action.event is not None:
@@ -71,7 +71,7 @@ class WorkflowMetrics:
         )
         self._attempts = PromCounter(
             "hms_workflow_step_attempts",
-            "Step attempts by result (ok, error, timeout).",
+            "Step attempts by result (ok, error, timeout, skipped).",
             ["workflow", "step", "result"],
             registry=registry,
         )

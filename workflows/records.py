@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .states import FINAL, AttemptKind, AttemptOutcome, ProcessStatus
+from .states import FINAL, AttemptKind, AttemptOutcome, BranchState, ProcessStatus
 
 if TYPE_CHECKING:  # abc.py imports this module
     from .abc import NewTask, TaskRecord
@@ -81,6 +81,35 @@ class TaskOpen:
 
 
 @dataclass(slots=True, kw_only=True)
+class Branch:
+    """A branch of a parallel step, checkpointed in its process's row (`branches`): the
+    same counters as the main line (attempt, wake_at, wait_seq), plus where it ended."""
+
+    state: BranchState = BranchState.RUNNING
+    attempt: int = 0
+    wake_at: float | None = None
+    wait_seq: int | None = None
+    waiting: bool = False  # its last checkpoint was a wait (a delay, a retry, an event, a task)
+    finished: int | None = None  # 1, 2, ...: the order it ended in (compensation reverses it)
+    compensated: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "attempt": self.attempt,
+            "wake_at": self.wake_at,
+            "wait_seq": self.wait_seq,
+            "waiting": self.waiting,
+            "finished": self.finished,
+            "compensated": self.compensated,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Branch:
+        return cls(**{**data, "state": BranchState(data.get("state", BranchState.RUNNING))})
+
+
+@dataclass(slots=True, kw_only=True)
 class Process:
     """A process's checkpointed state (the row), plus its store sequence number."""
 
@@ -111,6 +140,7 @@ class Process:
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
     task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
     task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint
+    branches: dict[str, Branch] = field(default_factory=dict)  # parallel steps' branches
 
     @property
     def finished(self) -> bool:
@@ -137,6 +167,39 @@ class Process:
             return None
         step, message = self.error.get("step"), self.error.get("message")
         return f"step {step}: {message}" if step else str(message)
+
+
+@dataclass(slots=True)
+class Strand:
+    """A line of work in a process that the runner's step code runs on: the main line
+    (`name` ""; its counters are the process's own) or a branch of a parallel step (its
+    `Branch`). One shape for both, so delays, retries, tasks and waits are written once."""
+
+    process: Process
+    state: Process | Branch  # holds attempt, wake_at, wait_seq
+    name: str = ""
+    halted: bool = False  # a sibling branch failed for good: this one stops
+
+    @property
+    def key(self) -> str:
+        """Its waits' key: the process id, or `<process id>/<branch>`."""
+        return f"{self.process.id}/{self.name}" if self.name else self.process.id
+
+    def stopped(self) -> bool:
+        return self.process.cancel_requested or self.halted
+
+
+def branches_json(branches: dict[str, Branch]) -> str | None:
+    """The `branches` column: None for a process without parallel steps (no cost)."""
+    if not branches:
+        return None
+    return orjson.dumps({name: b.to_json() for name, b in branches.items()}).decode()
+
+
+def stored_branches(text: str | None) -> dict[str, Branch]:
+    if not text:
+        return {}
+    return {name: Branch.from_json(data) for name, data in orjson.loads(text).items()}
 
 
 def failure(

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from registry import StoreUnavailable
 
 from .abc import Hold, ResourceStore
-from .definition import Definition, Resource
+from .definition import Definition, Parallel, Resource
 from .records import Process
 
 __all__ = ["Request", "ResourcePool", "acquire_problems"]
@@ -333,7 +333,12 @@ def acquire_problems(
     more units than its capacity: `PUT /v1/workflows/{name}` has no top level to define
     resources, so it is checked against the running config's (422)."""
     problems = []
+    every = []
     for i, step in enumerate(definition.steps):
+        every.append((f"steps.{i}", step))
+        if isinstance(step.action, Parallel):
+            every += [(f"steps.{i}.parallel.{k}", b) for k, b in enumerate(step.action.branches)]
+    for where, step in every:
         acquire = step.acquire
         if acquire is None:
             continue
@@ -341,9 +346,9 @@ def acquire_problems(
         if capacity is None:
             known = ", ".join(sorted(capacities)) or "none"
             message = f"no resource named {acquire.resource!r} (config.yaml defines: {known})"
-            problems.append((f"steps.{i}.acquire.resource", message))
+            problems.append((f"{where}.acquire.resource", message))
         elif acquire.units > capacity:
             name, units = acquire.resource, acquire.units
             message = f"{units} units exceed the capacity of {name!r} ({capacity})"
-            problems.append((f"steps.{i}.acquire.units", message))
+            problems.append((f"{where}.acquire.units", message))
     return problems

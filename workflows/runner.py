@@ -24,12 +24,12 @@ from scheduler import EventBus
 from . import expect, templates
 from .abc import NewTask, TaskRecord, WorkflowStore
 from .caller import CallResult, ServiceCaller
-from .definition import Call, Definition, Publish, Step, Task, WaitFor
+from .definition import Call, Definition, Parallel, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .metrics import WorkflowMetrics
-from .records import Attempt, Process, failure
+from .records import Attempt, Branch, Process, Strand, failure
 from .resources import ResourcePool
-from .states import AttemptKind, AttemptOutcome, ProcessStatus, StepKind
+from .states import AttemptKind, AttemptOutcome, BranchState, ProcessStatus, StepKind
 from .tasks import Opened, StaleDelivery, TaskQueues, outcome
 from .waits import Deadlines, EventWaits, SignalWaits, Wakeups, matches
 
@@ -43,6 +43,7 @@ _ATTEMPT_KIND = {
     StepKind.PUBLISH: AttemptKind.PUBLISH,
     StepKind.WAIT_FOR: AttemptKind.WAIT_FOR,
     StepKind.TASK: AttemptKind.TASK,
+    StepKind.PARALLEL: AttemptKind.PARALLEL,  # only a skipped one has a line of its own
 }
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
@@ -132,29 +133,191 @@ class ProcessRunner:
             await self._finish(process, ProcessStatus.COMPLETED)
             return
         step = definition.steps[process.position]
-        if step.acquire is not None and not await self._hold(definition, process, step):
-            return  # cancelled while waiting, or refused: the next turn compensates
+        line = Strand(process, process)
+        if step.when and _fresh(line):
+            unmet = self._unmet(step, process)
+            if unmet is not None:  # checked before its delay, once: a resumed delay keeps it
+                self._skipped(process, step, unmet)
+                await self._advance(definition, process, step)
+                return
+        if isinstance(step.action, Parallel):
+            refused = await self._hold(line, step) if step.acquire is not None else None
+            if refused is None:
+                if not process.cancel_requested:  # else the next turn compensates
+                    await self._parallel(definition, process, step, step.action)
+                return
+            result: CallResult | None = refused
+        else:
+            result = await self._run_step(definition, line, step)
+        if result is None:  # not over: a retry's backoff, a cancel, a storage failure
+            return
+        if not result.ok:
+            process.error = failure(step.name, str(result.error), result.status, result.body)
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        process.outputs[step.name] = result.output
+        await self._advance(definition, process, step, done=True)
+
+    async def _advance(
+        self, definition: Definition, process: Process, step: Step, *, done: bool = False
+    ) -> None:
+        """The main line goes past the step: `done` (its output kept), or skipped."""
+        process.position += 1
+        process.attempt = 0
+        self._open_next(definition, process)
+        await self._checkpoint(process, ProcessStatus.RUNNING)
+        if done:
+            self._step_done(definition, process, step.name)
+        elif definition.respond_after == step.name:
+            self._respond(process.id)
+
+    async def _run_step(
+        self, definition: Definition, strand: Strand, step: Step
+    ) -> CallResult | None:
+        """One turn of a step on a strand: its delay, then an attempt or its wait. The
+        step's end (ok, or failed for good), or None when it is not over (a retry is
+        due later, the strand was stopped): the caller's next turn goes on from there."""
+        if step.acquire is not None:  # held before its delay, until the process ends
+            refused = await self._hold(strand, step)
+            if refused is not None or strand.stopped():
+                return refused
         if isinstance(step.action, WaitFor):
             if step.action.signal is not None:
-                await self._wait_signal(definition, process, step, step.action)
-            else:
-                await self._wait_for(definition, process, step, step.action)
-            return
-        if process.wake_at is None and process.attempt == 0 and step.delay:
-            process.wake_at = self._clock() + step.delay
-            await self._checkpoint(process, ProcessStatus.WAITING)
-        if process.wake_at is not None:
-            if not await self._wakeups.sleep(process, process.wake_at):
-                return  # cancelled meanwhile
-            process.wake_at = None
-        await self._attempt(definition, process, step)
+                return await self._wait_signal(strand, step, step.action)
+            return await self._wait_for(strand, step, step.action)
+        state = strand.state
+        timed = state.wake_at is not None or (step.delay and state.attempt == 0)
+        if timed and not await self._delay(strand, step):  # no coroutine for a plain step
+            return None  # woken early: a cancel, or a wake for another strand
+        return await self._attempt(definition, strand, step)
 
-    async def _attempt(self, definition: Definition, process: Process, step: Step) -> None:
-        self._set_status(process, ProcessStatus.RUNNING)
+    async def _delay(self, strand: Strand, step: Step) -> bool:
+        """The step's delay before its first attempt, or a retry's backoff (a durable
+        timer: `wake_at`). False when woken before it passed."""
+        state = strand.state
+        if state.wake_at is None and state.attempt == 0 and step.delay:
+            state.wake_at = self._clock() + step.delay
+            await self._checkpoint(strand.process, ProcessStatus.WAITING, strand)
+        if state.wake_at is not None:
+            if not await self._wakeups.sleep(strand, state.wake_at):
+                return False
+            state.wake_at = None
+        return True
+
+    # -- parallel steps ------------------------------------------------------------
+
+    async def _parallel(
+        self, definition: Definition, process: Process, step: Step, parallel: Parallel
+    ) -> None:
+        """Run the branches together until all have ended. One failing for good stops the
+        others (an open task cancelled, a wait ended, a call in flight finishes its
+        attempt); then the process compensates, finished branches first. A restart comes
+        back here: branches that ended are not run again, the others resume where their
+        records (in the process row) say."""
+        begun = any(branch.name in process.branches for branch in parallel.branches)
+        if not begun and not await self._delay(Strand(process, process), step):
+            return  # woken early: the next turn looks again (a cancel compensates)
+        strands = [
+            Strand(process, process.branches.setdefault(branch.name, Branch()), branch.name)
+            for branch in parallel.branches
+        ]
+        failed = any(_branch(s).state == BranchState.FAILED for s in strands)  # before a restart
+        for strand in strands:
+            strand.halted = failed
+        async with asyncio.TaskGroup() as group:
+            for branch, strand in zip(parallel.branches, strands, strict=True):
+                if _branch(strand).state == BranchState.RUNNING:
+                    group.create_task(self._branch(definition, branch, strand, strands))
+        if process.cancel_requested:
+            return  # the next turn compensates, as for any cancel
+        if any(_branch(s).state == BranchState.FAILED for s in strands):
+            await self._begin_compensation(definition, process, cancelled=False)
+            return
+        outputs = process.outputs
+        outputs[step.name] = {
+            b.name: outputs[b.name] for b in parallel.branches if b.name in outputs
+        }
+        await self._advance(definition, process, step, done=True)
+
+    async def _branch(
+        self, definition: Definition, step: Step, strand: Strand, strands: list[Strand]
+    ) -> None:
+        """One branch, turn by turn, until it ends (its record says how)."""
+        process, branch = strand.process, _branch(strand)
+        pause = STORAGE_RETRY_MIN
+        while branch.state == BranchState.RUNNING:
+            if strand.stopped():
+                self._branch_ended(process, branch, BranchState.CANCELLED)
+                return  # written by the checkpoint that begins compensation
+            if step.when and _fresh(strand):
+                unmet = self._unmet(step, process)
+                if unmet is not None:
+                    self._skipped(process, step, unmet)
+                    self._branch_ended(process, branch, BranchState.SKIPPED)
+                    await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+                    return
+            try:
+                result = await self._run_step(definition, strand, step)
+            except StoreUnavailable:  # a publish: tried again with its same key
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, STORAGE_RETRY_MAX)
+                continue
+            if result is None:
+                continue
+            if result.ok:
+                process.outputs[step.name] = result.output
+                self._branch_ended(process, branch, BranchState.DONE)
+                await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+                self._step_done(definition, process, step.name)
+                return
+            if process.error is None:  # the first failure is the process's
+                process.error = failure(step.name, str(result.error), result.status, result.body)
+            self._branch_ended(process, branch, BranchState.FAILED)
+            for sibling in strands:
+                sibling.halted = True
+            self._wakeups.wake(process.id)
+            await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+            return
+
+    def _branch_ended(self, process: Process, branch: Branch, state: BranchState) -> None:
+        branch.state, branch.waiting = state, False
+        branch.finished = 1 + max((b.finished or 0 for b in process.branches.values()), default=0)
+
+    def _unmet(self, step: Step, process: Process) -> str | None:
+        """The first of the step's `when` conditions that does not hold, with what was
+        seen (`[steps.validate.priority] == urgent (got low)`); None: the step runs."""
+        context = template_context(process)
+        for condition in step.when:
+            holds, seen = condition.check_context(context)
+            if not holds:
+                return f"{condition.text} (got {seen})"
+        return None
+
+    def _skipped(self, process: Process, step: Step, why: str) -> None:
+        """A step whose `when` does not hold: one history line, no output (so it is not
+        compensated, and a template reading it fails as for any missing value)."""
+        now = self._clock()
+        skipped = Attempt(
+            step=step.name,
+            kind=_ATTEMPT_KIND[step.kind],
+            attempt=1,
+            started_at=now,
+            ended_at=now,
+            outcome=AttemptOutcome.SKIPPED,
+            error=why,
+        )
+        process.pending.append(skipped)
+        self._metrics.attempt(process.workflow, step.name, AttemptOutcome.SKIPPED, 0.0)
+
+    async def _attempt(
+        self, definition: Definition, strand: Strand, step: Step
+    ) -> CallResult | None:
+        process, state = strand.process, strand.state
+        self._set_status(process, ProcessStatus.RUNNING, strand)
         started = self._clock()
-        attempt = process.attempt + 1
+        attempt = state.attempt + 1
         if isinstance(step.action, Task):
-            task = await self._task(definition, process, step, step.action, attempt, forward=True)
+            task = await self._task(definition, strand, step, step.action, attempt, forward=True)
             if task is None:  # cancelled while open: the next turn compensates
                 cancelled = CallResult(
                     ok=False, error="cancelled while its task was open", retryable=False
@@ -162,26 +325,20 @@ class ProcessRunner:
                 self._record(
                     process, step.name, AttemptKind.TASK, attempt, started, cancelled, count=False
                 )  # in the history; not a step error in the metrics: an operator's cancel
-                return
+                return None
             result = task
         else:
             result = self._expected(step, await self._act(process, step))
         self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
         if result.ok:
-            process.outputs[step.name] = result.output
-            process.position += 1
-            process.attempt = 0
-            self._open_next(definition, process)
-            await self._checkpoint(process, ProcessStatus.RUNNING)
-            self._step_done(definition, process, step.name)
-            return
-        process.attempt = attempt
+            state.attempt = 0
+            return result
+        state.attempt = attempt
         if result.retryable and attempt < step.retry.max_attempts:
-            process.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
-            await self._checkpoint(process, ProcessStatus.WAITING)
-            return
-        process.error = failure(step.name, str(result.error), result.status, result.body)
-        await self._begin_compensation(definition, process, cancelled=False)
+            state.wake_at = self._clock() + step.retry.delay(attempt, self._jitter())
+            await self._checkpoint(process, ProcessStatus.WAITING, strand)
+            return None
+        return result
 
     def _expected(self, step: Step, result: CallResult) -> CallResult:
         """A call step's `expect:` over its 2xx answer: a failing condition fails the
@@ -237,7 +394,7 @@ class ProcessRunner:
     async def _task(
         self,
         definition: Definition,
-        process: Process,
+        strand: Strand,
         step: Step,
         task: Task,
         attempt: int,
@@ -245,10 +402,12 @@ class ProcessRunner:
         forward: bool,
     ) -> CallResult | None:
         """A task step's attempt (`forward`) or a task compensation: open its task (found
-        again after a restart) and wait for its end. None: the process was cancelled while
-        the task was open; the task is cancelled too, its delivery answers 409."""
+        again after a restart) and wait for its end. None: the strand was stopped (the
+        process cancelled, a sibling branch failed) while the task was open; the task is
+        cancelled too, its delivery answers 409."""
         if self._tasks is None:
             return CallResult(ok=False, error="task queues are not served", retryable=False)
+        process = strand.process
         opened = await self._tasks.open(
             self._new_task(definition, process, step, task, attempt, forward=forward)
         )
@@ -256,10 +415,10 @@ class ProcessRunner:
             if not forward:  # a compensation runs to its end, cancel or not
                 ended = await opened.outcome
             else:
-                self._set_status(process, ProcessStatus.WAITING)
+                self._set_status(process, ProcessStatus.WAITING, strand)
                 while not opened.outcome.done():
-                    await self._wakeups.sleep(process, None)  # woken by the outcome or a cancel
-                    if process.cancel_requested and not opened.outcome.done():
+                    await self._wakeups.sleep(strand, None)  # woken by the outcome or a cancel
+                    if strand.stopped() and not opened.outcome.done():
                         cancelled = await self._cancel_task(opened)
                         return outcome(cancelled) if cancelled is not None else None
                 ended = opened.outcome.result()
@@ -279,7 +438,7 @@ class ProcessRunner:
         ):
             return
         step = definition.steps[process.position]
-        if not isinstance(step.action, Task) or step.delay or step.acquire is not None:
+        if not isinstance(step.action, Task) or step.delay or step.when or step.acquire:
             return  # a step that acquires opens its task only once it holds the units
         new = self._new_task(definition, process, step, step.action, 1, forward=True)
         process.task_open = self._tasks.prepare(new)
@@ -349,115 +508,92 @@ class ProcessRunner:
                 process.outputs[step.name] = result.output
                 process.position, process.attempt = process.position + 1, 0
 
-    async def _wait_for(
-        self, definition: Definition, process: Process, step: Step, wait: WaitFor
-    ) -> None:
+    async def _wait_for(self, strand: Strand, step: Step, wait: WaitFor) -> CallResult | None:
         assert wait.event is not None
+        process, state, key = strand.process, strand.state, strand.key
         try:
             match = templates.render(dict(wait.match), template_context(process))
         except templates.TemplateError as exc:
-            process.error = failure(step.name, str(exc))
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
+            return CallResult(ok=False, error=str(exc), retryable=False)
         started = self._clock()
-        self._waits.waiting.setdefault(wait.event, {})[process.id] = match
+        self._waits.waiting.setdefault(wait.event, {})[key] = match
         try:
-            if process.wait_seq is None:  # registered above first, so nothing slips between
-                process.wait_seq = self._bus.position  # later events are delivered live
+            if state.wait_seq is None:  # registered above first, so nothing slips between
+                state.wait_seq = self._bus.position  # later events are delivered live
                 if wait.timeout is not None:
-                    process.wake_at = started + wait.timeout
-                await self._checkpoint(process, ProcessStatus.WAITING)
+                    state.wake_at = started + wait.timeout
+                await self._checkpoint(process, ProcessStatus.WAITING, strand)
             else:  # resumed: an event may have come while the daemon was down
-                for stored in await self._store.events_since(wait.event, process.wait_seq):
+                for stored in await self._store.events_since(wait.event, state.wait_seq):
                     if matches(match, stored.data):
-                        self._waits.arrived.setdefault(process.id, stored)
+                        self._waits.arrived.setdefault(key, stored)
                         break
-            while process.id not in self._waits.arrived and not process.cancel_requested:
-                if await self._wakeups.sleep(process, process.wake_at):
+            while key not in self._waits.arrived and not strand.stopped():
+                if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
         finally:
-            self._waits.waiting.get(wait.event, {}).pop(process.id, None)
-        if process.cancel_requested:
-            return
-        event = self._waits.arrived.pop(process.id, None)
-        process.wake_at, process.wait_seq = None, None
+            self._waits.waiting.get(wait.event, {}).pop(key, None)
+        event = self._waits.arrived.pop(key, None)
+        if strand.stopped():
+            return None
+        state.wake_at, state.wait_seq = None, None
         if event is None:
             result = CallResult(ok=False, error=f"no {wait.event} event within {wait.timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = failure(step.name, str(result.error))
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
-        self._record(
-            process,
-            step.name,
-            AttemptKind.WAIT_FOR,
-            1,
-            started,
-            CallResult(ok=True, output=event.data),
-        )
-        process.outputs[step.name] = event.data
-        process.position += 1
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+            return result
+        result = CallResult(ok=True, output=event.data)
+        self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+        return result
 
-    async def _wait_signal(
-        self, definition: Definition, process: Process, step: Step, wait: WaitFor
-    ) -> None:
+    async def _wait_signal(self, strand: Strand, step: Step, wait: WaitFor) -> CallResult | None:
         """Take the step's signal: one kept from before, or the next to come. `wait_seq`
-        0 marks the wait begun, so a restart keeps its timeout instead of starting anew."""
+        0 marks the wait begun, so a restart keeps its timeout instead of starting anew.
+        The caller's checkpoint (with no await before it) deletes the taken signal."""
         assert wait.signal is not None
+        process, state = strand.process, strand.state
         started, name, timeout = self._clock(), wait.signal, wait.timeout
-        if process.wait_seq is None:
-            process.wait_seq = 0
-            process.wake_at = started + timeout if timeout is not None else None
-            await self._checkpoint(process, ProcessStatus.WAITING)
-        self._signals.waiting[process.id] = name
+        if state.wait_seq is None:
+            state.wait_seq = 0
+            state.wake_at = started + timeout if timeout is not None else None
+            await self._checkpoint(process, ProcessStatus.WAITING, strand)
+        waiting = self._signals.waiting.setdefault(process.id, {})
+        waiting[strand.name] = name
         try:
             signal = self._signals.take(process.id, name)
-            while signal is None and not process.cancel_requested:
-                if await self._wakeups.sleep(process, process.wake_at):
+            while signal is None and not strand.stopped():
+                if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
                 signal = self._signals.take(process.id, name)
         finally:
-            self._signals.waiting.pop(process.id, None)
-        if process.cancel_requested and signal is None:
-            return
-        process.wake_at, process.wait_seq = None, None
+            waiting.pop(strand.name, None)
+        if strand.stopped() and signal is None:
+            return None
+        state.wake_at, state.wait_seq = None, None
         if signal is None:
-            error = f"no {name} signal within {timeout:g}s"
-            result = CallResult(ok=False, error=error)
+            result = CallResult(ok=False, error=f"no {name} signal within {timeout:g}s")
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-            process.error = failure(step.name, error)
-            await self._begin_compensation(definition, process, cancelled=False)
-            return
+            return result
         result = CallResult(ok=True, output=signal.data)
         self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-        process.outputs[step.name] = signal.data
-        process.position += 1
-        process.taken_signal = signal.seq  # deleted by this checkpoint: taken once
-        await self._checkpoint(process, ProcessStatus.RUNNING)
-        self._step_done(definition, process, step.name)
+        process.taken_signal = signal.seq  # deleted by the next checkpoint: taken once
+        return result
 
-    async def _hold(self, definition: Definition, process: Process, step: Step) -> bool:
+    async def _hold(self, strand: Strand, step: Step) -> CallResult | None:
         """Reserve the step's `acquire` before it runs (and before its delay): at once when
         the units are free and nobody waits before it, else `waiting` in its queue until
-        granted. A step run again (a retry, a resume) finds its hold. False when the process
-        was cancelled while waiting (it left the queue), or the request cannot be met (an
-        unknown resource, too many units, a key without a value): the step then fails for
-        good and compensation begins."""
-        acquire = step.acquire
+        granted. A step run again (a retry, a resume) finds its hold. None: held, or the
+        strand stopped while waiting (it left the queue; the caller sees `stopped()`). A
+        failed result, in the history, when the request cannot be met (an unknown resource,
+        too many units, a key without a value): the step fails for good."""
+        acquire, process = step.acquire, strand.process
         assert acquire is not None
         started = self._clock()
-        error = None
         if self._resources is None:
             error = f"resource {acquire.resource!r} is not defined"
         else:
             try:
-                key = (
-                    None
-                    if acquire.key is None
-                    else str(templates.render(acquire.key, template_context(process)))
-                )
+                context = template_context(process)
+                key = None if acquire.key is None else str(templates.render(acquire.key, context))
             except templates.TemplateError as exc:
                 error = f"acquire key: {exc}"
             else:
@@ -465,24 +601,21 @@ class ProcessRunner:
                     process.id, step.name, acquire.resource, key, acquire.units
                 )
                 while not request.granted and request.refused is None:
-                    if process.cancel_requested:
+                    if strand.stopped():
                         await self._resources.leave(request)
-                        return False
-                    self._set_status(process, ProcessStatus.WAITING)
-                    await self._wakeups.sleep(process, None)  # woken by its grant or a cancel
+                        return None
+                    self._set_status(process, ProcessStatus.WAITING, strand)
+                    await self._wakeups.sleep(strand, None)  # woken by its grant or a cancel
                 if request.granted:  # held until the process ends, cancelled or not
                     if request.freed_at is not None:  # it waited: its handover's latency
-                        seconds = self._clock() - request.freed_at
-                        self._metrics.granted(acquire.resource, seconds)
+                        self._metrics.granted(acquire.resource, self._clock() - request.freed_at)
                         request.freed_at = None
-                    return not process.cancel_requested
-                error = request.refused
-        result = CallResult(ok=False, error=error, retryable=False)
-        attempt = process.attempt + 1
-        self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, result)
-        process.error = failure(step.name, str(error))
-        await self._begin_compensation(definition, process, cancelled=False)
-        return False
+                    return None
+                error = str(request.refused)
+        refused = CallResult(ok=False, error=error, retryable=False)
+        attempt = strand.state.attempt + 1
+        self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, refused)
+        return refused
 
     def _step_done(self, definition: Definition, process: Process, step: str) -> None:
         """After a step's checkpoint: tell listeners, and answer a synchronous start
@@ -496,20 +629,24 @@ class ProcessRunner:
     async def _begin_compensation(
         self, definition: Definition, process: Process, *, cancelled: bool
     ) -> None:
-        done = definition.steps[: process.position]
-        if not any(step.compensate is not None for step in done):
+        start = process.position - 1
+        steps = definition.steps
+        if start + 1 < len(steps) and isinstance(steps[start + 1].action, Parallel):
+            start += 1  # a parallel step ended part way: its finished branches are undone
+        done = definition.steps[: start + 1]
+        if not any(_compensable(process, step) for step in done):
             await self._finish(
                 process, ProcessStatus.CANCELLED if cancelled else ProcessStatus.FAILED
             )
             return
-        process.compensating_from = process.position - 1
+        process.compensating_from = start
         process.attempt, process.wake_at = 0, None
         await self._checkpoint(process, ProcessStatus.COMPENSATING)
 
     async def _compensate(self, definition: Definition, process: Process) -> None:
         index = process.compensating_from
         assert index is not None
-        while index >= 0 and definition.steps[index].compensate is None:
+        while index >= 0 and not _compensable(process, definition.steps[index]):
             index -= 1
         if index < 0:
             status = (
@@ -519,15 +656,19 @@ class ProcessRunner:
             return
         process.compensating_from = index
         step = definition.steps[index]
+        if isinstance(step.action, Parallel):  # its branches, the last to finish first
+            step = max(
+                (b for b in step.action.branches if _branch_compensable(process, b)),
+                key=lambda b: process.branches[b.name].finished or 0,
+            )
         assert step.compensate is not None
+        line = Strand(process, process)
         if process.wake_at is not None:
-            await self._wakeups.sleep(process, process.wake_at, cancellable=False)
+            await self._wakeups.sleep(line, process.wake_at, cancellable=False)
             process.wake_at = None
         started, attempt = self._clock(), process.attempt + 1
         if isinstance(step.compensate, Task):
-            task = await self._task(
-                definition, process, step, step.compensate, attempt, forward=False
-            )
+            task = await self._task(definition, line, step, step.compensate, attempt, forward=False)
             assert task is not None  # a compensation is not cancelled
             result = task
         else:
@@ -536,7 +677,11 @@ class ProcessRunner:
             )
         self._record(process, step.name, AttemptKind.COMPENSATE, attempt, started, result)
         if result.ok:
-            process.compensating_from, process.attempt = index - 1, 0
+            process.attempt = 0
+            if step.name in process.branches:  # the parallel step's other branches next
+                process.branches[step.name].compensated = True
+            else:
+                process.compensating_from = index - 1
             await self._checkpoint(process, ProcessStatus.COMPENSATING)
             return
         process.attempt = attempt
@@ -620,8 +765,10 @@ class ProcessRunner:
         if count:
             self._metrics.attempt(process.workflow, step, outcome, ended - started)
 
-    async def _checkpoint(self, process: Process, status: ProcessStatus) -> None:
-        self._set_status(process, status)
+    async def _checkpoint(
+        self, process: Process, status: ProcessStatus, strand: Strand | None = None
+    ) -> None:
+        self._set_status(process, status, strand)
         process.updated_at = self._clock()
         await self._store_durably(process)
 
@@ -649,8 +796,53 @@ class ProcessRunner:
         if self._tasks is not None:
             self._tasks.drop(process.id)
 
-    def _set_status(self, process: Process, status: ProcessStatus) -> None:
+    def _set_status(
+        self, process: Process, status: ProcessStatus, strand: Strand | None = None
+    ) -> None:
+        """A branch's running or waiting is its own: the process waits only when every
+        branch still running waits (`waiting_for` shows the first)."""
+        if strand is not None and strand.name:
+            branch = strand.state
+            assert isinstance(branch, Branch)
+            branch.waiting = status == ProcessStatus.WAITING
+            status = _parallel_status(process)
         if process.status != status:
             self._counts[(process.workflow, process.status)] -= 1
             self._counts[(process.workflow, status)] += 1
             process.status = status
+
+
+def _compensable(process: Process, step: Step) -> bool:
+    """A step done (a skipped one has no output) that has a compensation; a parallel step
+    while one of its finished branches has one not yet run."""
+    if isinstance(step.action, Parallel):
+        return any(_branch_compensable(process, b) for b in step.action.branches)
+    return step.compensate is not None and step.name in process.outputs
+
+
+def _branch_compensable(process: Process, branch: Step) -> bool:
+    record = process.branches.get(branch.name)
+    return (
+        branch.compensate is not None
+        and record is not None
+        and record.state == BranchState.DONE
+        and not record.compensated
+    )
+
+
+def _branch(strand: Strand) -> Branch:
+    branch = strand.state
+    assert isinstance(branch, Branch)
+    return branch
+
+
+def _fresh(strand: Strand) -> bool:
+    """The step has not begun on this strand (no attempt, timer or wait yet)."""
+    state = strand.state
+    return state.attempt == 0 and state.wake_at is None and state.wait_seq is None
+
+
+def _parallel_status(process: Process) -> ProcessStatus:
+    running = [b for b in process.branches.values() if b.state == BranchState.RUNNING]
+    waiting = bool(running) and all(b.waiting for b in running)
+    return ProcessStatus.WAITING if waiting else ProcessStatus.RUNNING

@@ -45,6 +45,7 @@ class StepKind(enum.StrEnum):
     PUBLISH = "publish"
     WAIT_FOR = "wait_for"
     TASK = "task"
+    PARALLEL = "parallel"
 
 
 class AttemptKind(enum.StrEnum):
@@ -54,6 +55,7 @@ class AttemptKind(enum.StrEnum):
     PUBLISH = "publish"
     WAIT_FOR = "wait_for"
     TASK = "task"
+    PARALLEL = "parallel"  # a skipped parallel step's history line
     COMPENSATE = "compensate"
 
 
@@ -63,6 +65,7 @@ class AttemptOutcome(enum.StrEnum):
     OK = "ok"
     ERROR = "error"
     TIMEOUT = "timeout"
+    SKIPPED = "skipped"  # the step's `when` did not hold: it did not run
 
 
 class StepState(enum.StrEnum):
@@ -73,7 +76,18 @@ class StepState(enum.StrEnum):
     WAITING = "waiting"
     COMPLETED = "completed"
     FAILED = "failed"
+    SKIPPED = "skipped"
     COMPENSATED = "compensated"
+
+
+class BranchState(enum.StrEnum):
+    """Where a branch of a parallel step is, as its process's row keeps it."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    CANCELLED = "cancelled"  # stopped: a sibling failed for good, or the process was cancelled
 
 
 class WaitKind(enum.StrEnum):

@@ -13,29 +13,32 @@ from typing import Any
 
 from scheduler import EventBus
 
-from .records import Process, Signal, StoredEvent
+from .records import Process, Signal, StoredEvent, Strand
 
 
 class Wakeups:
-    """One event per live process: set to end its sleep early (a cancel, an event)."""
+    """One event per strand of a live process (its main line, each branch of a parallel
+    step): set to end its sleep early (a cancel, an event, a task's end). A wake is for
+    the whole process; each strand looks again at what it waits for and sleeps on."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
-        self._events: dict[str, asyncio.Event] = {}
+        self._events: dict[str, dict[str, asyncio.Event]] = {}  # process id -> strand -> event
 
     def add(self, process_id: str) -> None:
-        self._events[process_id] = asyncio.Event()
+        self._events[process_id] = {"": asyncio.Event()}
 
     def remove(self, process_id: str) -> None:
         self._events.pop(process_id, None)
 
-    async def sleep(
-        self, process: Process, until: float | None, *, cancellable: bool = True
-    ) -> bool:
+    async def sleep(self, strand: Strand, until: float | None, *, cancellable: bool = True) -> bool:
         """Sleep until `until` (None: until woken). False when woken early (cancel, event)."""
-        wakeup = self._events[process.id]
+        events = self._events[strand.process.id]
+        wakeup = events.get(strand.name)
+        if wakeup is None:
+            wakeup = events[strand.name] = asyncio.Event()
         wakeup.clear()
-        if cancellable and process.cancel_requested:
+        if cancellable and strand.stopped():
             return False
         timeout = None if until is None else max(0.0, until - self._clock())
         try:
@@ -48,9 +51,9 @@ class Wakeups:
         except TimeoutError:
             return True
 
-    def wake(self, process_id: str) -> None:
-        wakeup = self._events.get(process_id)
-        if wakeup is not None:
+    def wake(self, key: str) -> None:
+        """Wake every strand of the process (`key`: its id, or a strand's `<id>/<branch>`)."""
+        for wakeup in self._events.get(key.partition("/")[0], {}).values():
             wakeup.set()
 
 
@@ -59,11 +62,12 @@ class EventWaits:
 
     The runner registers in `waiting` and takes from `arrived` directly (a
     step's hot path); `deliver` is the one writer of `arrived` for live events.
+    Both are keyed by strand (`Strand.key`): two branches of a process may wait at once.
     """
 
     def __init__(self, bus: EventBus, wake: Callable[[str], None]) -> None:
         self._bus, self._wake = bus, wake
-        self.waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> id -> match
+        self.waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> strand -> match
         self.arrived: dict[str, StoredEvent] = {}
         self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see deliver)
 
@@ -76,10 +80,10 @@ class EventWaits:
             self._stored[event.seq] = event
         while self._stored and (first := min(self._stored)) <= self._bus.position:
             event = self._stored.pop(first)
-            for process_id, match in list(self.waiting.get(event.topic, {}).items()):
-                if matches(match, event.data) and process_id not in self.arrived:
-                    self.arrived[process_id] = event
-                    self._wake(process_id)
+            for key, match in list(self.waiting.get(event.topic, {}).items()):
+                if matches(match, event.data) and key not in self.arrived:
+                    self.arrived[key] = event
+                    self._wake(key)
 
 
 class SignalWaits:
@@ -88,12 +92,12 @@ class SignalWaits:
 
     def __init__(self, wake: Callable[[str], None]) -> None:
         self._wake = wake
-        self.waiting: dict[str, str] = {}  # process id -> signal name
+        self.waiting: dict[str, dict[str, str]] = {}  # process id -> strand -> signal name
         self._kept: dict[str, list[Signal]] = {}  # process id -> signals, oldest first
 
     def keep(self, signal: Signal) -> None:
         self._kept.setdefault(signal.process, []).append(signal)
-        if self.waiting.get(signal.process) == signal.name:
+        if signal.name in self.waiting.get(signal.process, {}).values():
             self._wake(signal.process)
 
     def take(self, process_id: str, name: str) -> Signal | None:

@@ -18,8 +18,10 @@ from .registration import Registration, Rejected, registration_ctx
 from .sync import SyncClient, SyncProcessHandle
 from .workflow import (
     Acquire,
+    Branch,
     Call,
     DefinitionError,
+    Parallel,
     Publish,
     Retry,
     Task,
@@ -27,7 +29,9 @@ from .workflow import (
     Workflow,
     acquire,
     call,
+    parallel,
     publish,
+    step,
     task,
     wait_for,
 )
@@ -50,6 +54,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Acquire",
     "BadRequest",
+    "Branch",
     "Call",
     "Client",
     "Conflict",
@@ -59,6 +64,7 @@ __all__ = [
     "HmsError",
     "NonRetryable",
     "NotFound",
+    "Parallel",
     "ProcessHandle",
     "Publish",
     "Registration",
@@ -79,8 +85,10 @@ __all__ = [
     "__version__",
     "acquire",
     "call",
+    "parallel",
     "publish",
     "registration_ctx",
+    "step",
     "task",
     "wait_for",
 ]

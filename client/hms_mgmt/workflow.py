@@ -113,7 +113,38 @@ class Task:
     name: str
 
 
-Action = Call | Publish | WaitFor | Task
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Branch:
+    """A step of a parallel step, as `step(name, action, ...)` makes it."""
+
+    name: str
+    action: Call | Publish | WaitFor | Task | StepFunction
+    options: Mapping[str, Any] = field(default_factory=dict)  # the keywords of .step
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Parallel:
+    """A step whose branches run together: `parallel(step("fire", call(...)), step(...))`."""
+
+    branches: tuple[Branch, ...]
+
+
+Action = Call | Publish | WaitFor | Task | Parallel
+
+
+def step(
+    name: str, action: Call | Publish | WaitFor | Task | StepFunction, **options: Any
+) -> Branch:
+    """A branch of `parallel(...)`: the same arguments as `Workflow.step` (a function
+    becomes a task named after the branch, its compensation `<branch>.compensate`)."""
+    return Branch(name=name, action=action, options=options)
+
+
+def parallel(*branches: Branch) -> Parallel:
+    """Branches run together; the step ends when all have (DESIGN.md §2 `parallel`)."""
+    if not branches or not all(isinstance(b, Branch) for b in branches):
+        raise DefinitionError("parallel takes one or more step(name, action, ...)")
+    return Parallel(branches=branches)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -206,6 +237,7 @@ class Workflow:
         self.respond_after = respond_after
         self._steps: list[dict[str, Any]] = []
         self._functions: dict[str, StepFunction] = {}
+        self._names: set[str] = set()  # steps and branches: unique across the workflow
 
     def __repr__(self) -> str:
         return f"Workflow({self.name!r}, steps={[s['name'] for s in self._steps]})"
@@ -219,20 +251,46 @@ class Workflow:
         delay: Duration | None = None,
         timeout: Duration | None = None,
         retry: Retry | None = None,
+        when: str | list[str] | None = None,
         acquire: Acquire | Mapping[str, Any] | None = None,
         expect: Sequence[str] | None = None,
     ) -> Workflow:
         """Add a step; `action` is a function (sync or async, one StepContext in) or one of
-        `call(...)`, `publish(...)`, `wait_for(...)`, `task(...)`. `acquire` reserves units
-        of a resource first: `acquire(...)` or its dict (`{"resource": "funds"}`). `expect`:
-        a call step's conditions over its answer (`"[BODY].passed == true"`); the daemon
-        parses them."""
+        `call(...)`, `publish(...)`, `wait_for(...)`, `task(...)`, `parallel(...)`. `when`:
+        a condition (`"[steps.validate.priority] == urgent"`, or a list that must all
+        hold); the step is skipped unless it holds. `acquire` reserves units of a resource
+        first: `acquire(...)` or its dict (`{"resource": "funds"}`). `expect`: a call step's
+        conditions over its answer (`"[BODY].passed == true"`); the daemon parses them."""
+        entry = self._entry(
+            name, action, compensate, delay, timeout, retry, when, acquire=acquire, expect=expect
+        )
+        self._steps.append(entry)
+        return self
+
+    def _entry(
+        self,
+        name: str,
+        action: Action | StepFunction,
+        compensate: Call | Task | StepFunction | None = None,
+        delay: Duration | None = None,
+        timeout: Duration | None = None,
+        retry: Retry | None = None,
+        when: str | list[str] | None = None,
+        *,
+        acquire: Acquire | Mapping[str, Any] | None = None,
+        expect: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
         where = f"{self.name}.{name}"
         _name("step", name)
-        if any(s["name"] == name for s in self._steps):
+        if name in self._names:
             raise DefinitionError(f"{where}: duplicate step name")
+        self._names.add(name)
         entry: dict[str, Any] = {"name": name, **self._action(where, name, action)}
+        if when is not None:
+            entry["when"] = when if isinstance(when, str) else list(when)
         if compensate is not None:
+            if isinstance(action, Parallel):
+                raise DefinitionError(f"{where}: compensate each branch, not the parallel step")
             if isinstance(action, WaitFor | Publish):
                 kind = "wait" if isinstance(action, WaitFor) else "publish"
                 raise DefinitionError(f"{where}: a {kind} step has nothing to compensate")
@@ -251,16 +309,13 @@ class Workflow:
             if isinstance(expect, str):  # a string is a Sequence[str] of its characters
                 raise DefinitionError(f"{where}: expect is a list of conditions")
             entry["expect"] = [str(condition) for condition in expect]
-        self._steps.append(entry)
-        return self
+        return entry
 
     def definition(self) -> dict[str, Any]:
         """The JSON of a config.yaml workflow entry: the body of `PUT /v1/workflows/{name}`."""
         if not self._steps:
             raise DefinitionError(f"{self.name}: a workflow needs steps")
-        if self.respond_after is not None and all(
-            s["name"] != self.respond_after for s in self._steps
-        ):
+        if self.respond_after is not None and self.respond_after not in self._names:
             raise DefinitionError(f"{self.name}: respond_after names no step")
         out: dict[str, Any] = {"name": self.name}
         if self._queue_given:
@@ -294,6 +349,16 @@ class Workflow:
             return {"wait_for": action.to_json()}
         if isinstance(action, Task):
             return {"task": action.name}
+        if isinstance(action, Parallel):
+            branches = []
+            for branch in action.branches:
+                if isinstance(branch.action, Parallel):
+                    raise DefinitionError(f"{where}.{branch.name}: a branch is not parallel")
+                try:
+                    branches.append(self._entry(branch.name, branch.action, **branch.options))
+                except TypeError as exc:  # a keyword .step does not take
+                    raise DefinitionError(f"{where}.{branch.name}: {exc}") from None
+            return {"parallel": branches}
         if callable(action):
             self._functions[name] = action
             return {"task": name}

@@ -23,6 +23,8 @@ from workflows.records import (
     Signal,
     StoredDefinition,
     StoredEvent,
+    branches_json,
+    stored_branches,
     stored_failure,
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
@@ -56,6 +58,7 @@ CREATE TABLE IF NOT EXISTS processes (
     error TEXT,
     output TEXT,
     workflow_version INTEGER NOT NULL DEFAULT 1,
+    branches TEXT,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -106,13 +109,17 @@ CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 _COLUMNS = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
-    "compensating_from, cancel_requested, error, output, workflow_version"
+    "compensating_from, cancel_requested, error, output, workflow_version, branches"
 )
 # Columns added since the first release: a file written before gets them at open.
-_ADDED_COLUMNS = {"output": "TEXT", "workflow_version": "INTEGER NOT NULL DEFAULT 1"}
+_ADDED_COLUMNS = {
+    "output": "TEXT",
+    "workflow_version": "INTEGER NOT NULL DEFAULT 1",
+    "branches": "TEXT",  # parallel steps' branch states (JSON); NULL: none
+}
 
 
-_MARKS = ", ".join("?" * 20)
+_MARKS = ", ".join("?" * 21)
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
@@ -146,13 +153,14 @@ def _row(process: Process) -> tuple[Any, ...]:
         None if process.error is None else orjson.dumps(process.error).decode(),
         None if process.output is None else orjson.dumps(process.output).decode(),
         process.workflow_version,
+        branches_json(process.branches),
     )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
-    output, version = row[19:21]
+    output, version, branches = row[19:22]
     return Process(
         id=id_,
         workflow=workflow,
@@ -174,8 +182,9 @@ def _process(row: tuple[Any, ...]) -> Process:
         error=stored_failure(error),
         output=None if output is None else orjson.loads(output),
         workflow_version=version,
+        branches=stored_branches(branches),
         seq=seq,
-        history_count=row[21],  # every query selects the history count (or 0) last
+        history_count=row[22],  # every query selects the history count (or 0) last
     )
 
 
