@@ -42,7 +42,7 @@ def test_the_values_are_the_stored_strings() -> None:
         "skipped",
         "compensated",
     }
-    assert list(WaitKind) == ["delay", "retry", "event", "task", "signal"]
+    assert list(WaitKind) == ["delay", "retry", "event", "task", "signal", "resource"]
 
 
 def test_final_and_active_split_the_statuses() -> None:
