@@ -368,8 +368,11 @@ class Instance:
         if self.tags:
             object.__setattr__(self, "tags", _shared_tags(self.tags))
         if self.meta:
-            meta = {sys.intern(key): _short_intern(value) for key, value in self.meta.items()}
-            object.__setattr__(self, "meta", meta)
+            pairs = tuple(
+                (sys.intern(key), _short_intern(value)) for key, value in self.meta.items()
+            )
+            short = all(len(value) <= SHORT for _, value in pairs)
+            object.__setattr__(self, "meta", _shared_meta(pairs) if short else dict(pairs))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -391,12 +394,14 @@ class Instance:
         """The JSON form; its costly parts are built once per registration."""
         derived = self._derived
         if derived is None:
+            registered_at = _iso(self.registered_at)
+            same = self.updated_at == self.registered_at  # a new registration: one string
             derived = (
                 self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
                 _duration_text(self.ttl) if self.ttl is not None else None,
                 _duration_text(self.deregister_after),
-                _iso(self.registered_at),
-                _iso(self.updated_at),
+                registered_at,
+                registered_at if same else _iso(self.updated_at),
             )
             object.__setattr__(self, "_derived", derived)
         probe, ttl, deregister_after, registered_at, updated_at = derived
@@ -420,6 +425,13 @@ SHORT = 64  # meta values up to this long are shared (zones, versions); longer o
 
 def _short_intern(value: str) -> str:
     return sys.intern(value) if len(value) <= SHORT else value
+
+
+@lru_cache(maxsize=1024)  # a fleet uses a handful of meta sets (zone, version, team)
+def _shared_meta(pairs: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """One dict for every instance with these pairs (in this order: JSON keeps it); ~200
+    bytes an instance. Never written to: `Instance` is frozen and its meta a Mapping."""
+    return dict(pairs)
 
 
 @lru_cache(maxsize=1024)  # a fleet uses a handful of tag sets
