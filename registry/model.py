@@ -365,6 +365,9 @@ class Instance:
     def __post_init__(self) -> None:
         # A fleet repeats a few service names, tags and meta pairs: keep one copy of each.
         object.__setattr__(self, "service", sys.intern(self.service))
+        if self.ttl is not None:
+            object.__setattr__(self, "ttl", _shared_seconds(self.ttl))
+        object.__setattr__(self, "deregister_after", _shared_seconds(self.deregister_after))
         if self.tags:
             object.__setattr__(self, "tags", _shared_tags(self.tags))
         if self.meta:
@@ -437,6 +440,11 @@ def _shared_meta(pairs: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
 @lru_cache(maxsize=1024)  # a fleet uses a handful of tag sets
 def _shared_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sys.intern(tag) for tag in tags)
+
+
+@lru_cache(maxsize=256, typed=True)  # a fleet uses a handful of ttls: one float each
+def _shared_seconds(seconds: float) -> float:
+    return seconds
 
 
 @lru_cache(maxsize=256)  # a fleet uses a handful of ttls
