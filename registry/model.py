@@ -368,6 +368,8 @@ class Instance:
         if self.ttl is not None:
             object.__setattr__(self, "ttl", _shared_seconds(self.ttl))
         object.__setattr__(self, "deregister_after", _shared_seconds(self.deregister_after))
+        if self.probe is not None:
+            object.__setattr__(self, "probe", _shared_probe(self.probe))
         if self.tags:
             object.__setattr__(self, "tags", _shared_tags(self.tags))
         if self.meta:
@@ -400,7 +402,7 @@ class Instance:
             registered_at = _iso(self.registered_at)
             same = self.updated_at == self.registered_at  # a new registration: one string
             derived = (
-                self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
+                _probe_document(self.probe) if self.probe else None,
                 _duration_text(self.ttl) if self.ttl is not None else None,
                 _duration_text(self.deregister_after),
                 registered_at,
@@ -424,6 +426,32 @@ class Instance:
 
 
 SHORT = 64  # meta values up to this long are shared (zones, versions); longer ones are kept
+MAX_SHARED_PROBES = 1024
+# A fleet registers a handful of probe settings: one ProbeSpec (~800 bytes) and one JSON form
+# of each, keyed by its JSON (as the checker keys resolved probes), not one per instance.
+_probes: dict[str, ProbeSpec] = {}
+_probe_documents: dict[int, tuple[ProbeSpec, dict[str, Any]]] = {}  # by id of a shared one
+
+
+def _shared_probe(probe: ProbeSpec) -> ProbeSpec:
+    key = probe.model_dump_json(exclude_none=True)
+    shared = _probes.get(key)
+    if shared is None:
+        if len(_probes) >= MAX_SHARED_PROBES:  # settings per instance: nothing to share
+            _probes.clear()
+            _probe_documents.clear()
+        shared = _probes[key] = probe
+        document = probe.model_dump(mode="json", exclude_none=True)
+        _probe_documents[id(probe)] = (probe, document)
+    return shared
+
+
+def _probe_document(probe: ProbeSpec) -> dict[str, Any]:
+    """The JSON form of a shared ProbeSpec, built once (read-only: listings share it)."""
+    kept = _probe_documents.get(id(probe))
+    if kept is not None and kept[0] is probe:
+        return kept[1]
+    return probe.model_dump(mode="json", exclude_none=True)  # its entry was cleared since
 
 
 def _short_intern(value: str) -> str:
