@@ -365,11 +365,19 @@ class Instance:
     def __post_init__(self) -> None:
         # A fleet repeats a few service names, tags and meta pairs: keep one copy of each.
         object.__setattr__(self, "service", sys.intern(self.service))
+        if self.ttl is not None:
+            object.__setattr__(self, "ttl", _shared_seconds(self.ttl))
+        object.__setattr__(self, "deregister_after", _shared_seconds(self.deregister_after))
+        if self.probe is not None:
+            object.__setattr__(self, "probe", _shared_probe(self.probe))
         if self.tags:
             object.__setattr__(self, "tags", _shared_tags(self.tags))
         if self.meta:
-            meta = {sys.intern(key): _short_intern(value) for key, value in self.meta.items()}
-            object.__setattr__(self, "meta", meta)
+            pairs = tuple(
+                (sys.intern(key), _short_intern(value)) for key, value in self.meta.items()
+            )
+            short = all(len(value) <= SHORT for _, value in pairs)
+            object.__setattr__(self, "meta", _shared_meta(pairs) if short else dict(pairs))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -391,12 +399,14 @@ class Instance:
         """The JSON form; its costly parts are built once per registration."""
         derived = self._derived
         if derived is None:
+            registered_at = _iso(self.registered_at)
+            same = self.updated_at == self.registered_at  # a new registration: one string
             derived = (
-                self.probe.model_dump(mode="json", exclude_none=True) if self.probe else None,
+                _probe_document(self.probe) if self.probe else None,
                 _duration_text(self.ttl) if self.ttl is not None else None,
                 _duration_text(self.deregister_after),
-                _iso(self.registered_at),
-                _iso(self.updated_at),
+                registered_at,
+                registered_at if same else _iso(self.updated_at),
             )
             object.__setattr__(self, "_derived", derived)
         probe, ttl, deregister_after, registered_at, updated_at = derived
@@ -416,15 +426,53 @@ class Instance:
 
 
 SHORT = 64  # meta values up to this long are shared (zones, versions); longer ones are kept
+MAX_SHARED_PROBES = 1024
+# A fleet registers a handful of probe settings: one ProbeSpec (~800 bytes) and one JSON form
+# of each, keyed by its JSON (as the checker keys resolved probes), not one per instance.
+_probes: dict[str, ProbeSpec] = {}
+_probe_documents: dict[int, tuple[ProbeSpec, dict[str, Any]]] = {}  # by id of a shared one
+
+
+def _shared_probe(probe: ProbeSpec) -> ProbeSpec:
+    key = probe.model_dump_json(exclude_none=True)
+    shared = _probes.get(key)
+    if shared is None:
+        if len(_probes) >= MAX_SHARED_PROBES:  # settings per instance: nothing to share
+            _probes.clear()
+            _probe_documents.clear()
+        shared = _probes[key] = probe
+        document = probe.model_dump(mode="json", exclude_none=True)
+        _probe_documents[id(probe)] = (probe, document)
+    return shared
+
+
+def _probe_document(probe: ProbeSpec) -> dict[str, Any]:
+    """The JSON form of a shared ProbeSpec, built once (read-only: listings share it)."""
+    kept = _probe_documents.get(id(probe))
+    if kept is not None and kept[0] is probe:
+        return kept[1]
+    return probe.model_dump(mode="json", exclude_none=True)  # its entry was cleared since
 
 
 def _short_intern(value: str) -> str:
     return sys.intern(value) if len(value) <= SHORT else value
 
 
+@lru_cache(maxsize=1024)  # a fleet uses a handful of meta sets (zone, version, team)
+def _shared_meta(pairs: tuple[tuple[str, str], ...]) -> Mapping[str, str]:
+    """One dict for every instance with these pairs (in this order: JSON keeps it); ~200
+    bytes an instance. Never written to: `Instance` is frozen and its meta a Mapping."""
+    return dict(pairs)
+
+
 @lru_cache(maxsize=1024)  # a fleet uses a handful of tag sets
 def _shared_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(sys.intern(tag) for tag in tags)
+
+
+@lru_cache(maxsize=256, typed=True)  # a fleet uses a handful of ttls: one float each
+def _shared_seconds(seconds: float) -> float:
+    return seconds
 
 
 @lru_cache(maxsize=256)  # a fleet uses a handful of ttls

@@ -156,6 +156,34 @@ async def test_probe_results_and_slo_minutes_wait_out_a_full_disk(
     assert stored == 600
 
 
+async def test_a_minute_a_failed_flush_kept_adds_the_results_that_came_meanwhile(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    from monitor.keys import RESULTS
+    from monitor.probing import ProbeResult
+
+    client = await start_daemon(make_config())
+    results = client.app[RESULTS]
+    at = 1_800_000_000.0
+    result = ProbeResult(at=at, response_time=0.01, connected=True, status=200)
+    for i in range(600):  # enough rows that the full file refuses them
+        results.add("svc", f"i{i}", result, ok=True)
+    results.add("svc", "i1", result, ok=False)
+    size = await pragma(client, "PRAGMA page_count")
+    await pragma(client, f"PRAGMA max_page_count = {size}")
+    flush = asyncio.create_task(results.flush(at + 120))
+    await asyncio.sleep(0)  # the flush has taken the minute and waits for the store
+    results.add("svc", "i1", result, ok=True)  # a late result of that minute, meanwhile
+    with pytest.raises(StoreUnavailable):
+        await flush
+    await pragma(client, "PRAGMA max_page_count = 1073741823")
+    await results.flush(at + 120)
+    stored = await pragma(client, "SELECT count FROM probe_minutes WHERE instance = 'i1'")
+    assert stored == 3
+    successes = await pragma(client, "SELECT successes FROM probe_minutes WHERE instance = 'i1'")
+    assert successes == 2
+
+
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

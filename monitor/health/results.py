@@ -14,8 +14,8 @@ import functools
 import json
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from monitor.health.abc import RAW_RETENTION, HourRow, MinuteRow, RawRow, ResultStore
@@ -30,15 +30,72 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-@dataclass(kw_only=True, slots=True)
-class Minute:
-    """One instance's probes within one minute (maintenance-time probes counted apart)."""
+class MinuteTable:
+    """One minute's aggregates of every instance probed in it, a row per instance in flat
+    arrays: ~100 bytes an instance where an object, its list of buckets, a boxed float and
+    a (service, instance, minute) key took ~350 (10,000 instances: 2.5 MB less).
 
-    count: int = 0
-    successes: int = 0
-    latency_sum: float = 0.0
-    buckets: list[int] = field(default_factory=list)  # per boundary, not cumulative; last: +Inf
-    maintenance: int = 0
+    A row's counts are `count, successes, maintenance` (maintenance-time probes counted
+    apart), then one per boundary (not cumulative; the last: +Inf)."""
+
+    __slots__ = ("_counts", "_latency", "_rows", "_stride")
+
+    def __init__(self, width: int) -> None:
+        self._stride = 3 + width
+        self._rows: dict[str, dict[str, int]] = {}  # service -> instance -> row
+        self._counts = array("I")
+        self._latency = array("d")  # per row: the sum of successful probes' response times
+
+    def add(
+        self,
+        service: str,
+        instance: str,
+        *,
+        ok: bool,
+        response_time: float,
+        bucket: int,
+        maintenance: bool,
+    ) -> None:
+        row = self._row(service, instance)
+        counts, start = self._counts, row * self._stride
+        if maintenance:  # excluded from both good and valid events
+            counts[start + 2] += 1
+            return
+        counts[start] += 1
+        if ok:  # latency SLIs count successful probes under a threshold
+            counts[start + 1] += 1
+            self._latency[row] += response_time
+            counts[start + 3 + bucket] += 1
+
+    def _row(self, service: str, instance: str) -> int:
+        rows = self._rows.get(service)
+        if rows is None:
+            rows = self._rows[service] = {}
+        row = rows.get(instance)
+        if row is None:
+            row = rows[instance] = len(self._latency)
+            self._counts.frombytes(bytes(self._counts.itemsize * self._stride))
+            self._latency.append(0.0)
+        return row
+
+    def rows(self) -> Iterator[tuple[str, str, int, int, float, Sequence[int], int]]:
+        """(service, instance, count, successes, latency_sum, buckets, maintenance)."""
+        counts, stride = self._counts, self._stride
+        for service, rows in self._rows.items():
+            for instance, row in rows.items():
+                start = row * stride
+                count, successes, maintenance = counts[start : start + 3]
+                buckets = counts[start + 3 : start + stride]
+                yield service, instance, count, successes, self._latency[row], buckets, maintenance
+
+    def merge(self, other: MinuteTable) -> None:
+        """Add `other`'s rows to this table's (a failed flush's minute, put back)."""
+        for service, instance, count, successes, latency, buckets, maintenance in other.rows():
+            row = self._row(service, instance)
+            start = row * self._stride
+            for offset, value in enumerate((count, successes, maintenance, *buckets)):
+                self._counts[start + offset] += value
+            self._latency[row] += latency
 
 
 @functools.lru_cache(maxsize=1024)
@@ -65,7 +122,7 @@ class ProbeResults:
         self.uptime = Uptime()
         self.boundaries = (*sorted(set(buckets)), math.inf)
         self._raw: list[RawRow] = []
-        self._minutes: dict[tuple[str, str, int], Minute] = {}
+        self._minutes: dict[int, MinuteTable] = {}  # by minute (Unix time // 60)
 
     async def create_tables(self, now: float) -> None:
         """Open the store (its tables) and restore the uptime bars from its rollup."""
@@ -95,31 +152,32 @@ class ProbeResults:
                 int(maintenance),
             )
         )
-        key = (service, instance, int(result.at // 60))
-        minute = self._minutes.get(key)
-        if minute is None:
-            minute = self._minutes[key] = Minute(buckets=[0] * len(self.boundaries))
-        if maintenance:  # excluded from both good and valid events
-            minute.maintenance += 1
-            return
-        minute.count += 1
-        minute.successes += ok
-        if ok:  # latency SLIs count successful probes under a threshold
-            minute.latency_sum += result.response_time
-            minute.buckets[bucket_index(self.boundaries, result.response_time)] += 1
+        minute = int(result.at // 60)
+        table = self._minutes.get(minute)
+        if table is None:
+            table = self._minutes[minute] = MinuteTable(len(self.boundaries))
+        table.add(
+            service,
+            instance,
+            ok=ok,
+            response_time=result.response_time,
+            bucket=bucket_index(self.boundaries, result.response_time) if ok else 0,
+            maintenance=maintenance,
+        )
 
     async def flush(self, now: float, *, everything: bool = False) -> int:
         """Write buffered raw results and finished minutes (all minutes with `everything`)."""
         raw, self._raw = self._raw, []
         current = int(now // 60)
-        done = {k: m for k, m in self._minutes.items() if everything or k[2] < current}
-        for key in done:
-            del self._minutes[key]
+        done = {m: table for m, table in self._minutes.items() if everything or m < current}
+        for minute in done:
+            del self._minutes[minute]
         if not raw and not done:
             return 0
         rows: list[MinuteRow] = [
-            (*key, m.count, m.successes, m.latency_sum, self._encode(m.buckets), m.maintenance)
-            for key, m in done.items()
+            (service, instance, minute, count, ok, latency, self._encode(buckets), maintenance)
+            for minute, table in done.items()
+            for service, instance, count, ok, latency, buckets, maintenance in table.rows()
         ]
         hours = _by_hour(done)
         try:
@@ -130,11 +188,13 @@ class ProbeResults:
         self.uptime.add(hours, now)
         return len(raw)
 
-    def _requeue(self, raw: list[RawRow], done: dict[tuple[str, str, int], Minute]) -> None:
+    def _requeue(self, raw: list[RawRow], done: dict[int, MinuteTable]) -> None:
         """Keep what a failed flush did not store (storage full or read-only) for the next
         one. Minutes are small and all kept; raw results are capped, oldest dropped first."""
-        for key, minute in done.items():
-            self._minutes.setdefault(key, minute)
+        for minute, table in done.items():
+            later = self._minutes.setdefault(minute, table)
+            if later is not table:  # results of that minute came in meanwhile
+                later.merge(table)
         self._raw = raw + self._raw
         dropped = len(self._raw) - MAX_UNFLUSHED_RAW
         if dropped > 0:
@@ -151,7 +211,7 @@ class ProbeResults:
     async def raw(self, service: str, instance: str) -> list[dict[str, Any]]:
         return await self._store.raw(service, instance)
 
-    def _encode(self, counts: list[int]) -> str:
+    def _encode(self, counts: Sequence[int]) -> str:
         """Cumulative counts keyed by `le`, as Prometheus buckets are."""
         total, cumulative = 0, {}
         for boundary, count in zip(self.boundaries, counts, strict=True):
@@ -160,11 +220,12 @@ class ProbeResults:
         return json.dumps(cumulative)
 
 
-def _by_hour(minutes: dict[tuple[str, str, int], Minute]) -> list[HourRow]:
+def _by_hour(minutes: dict[int, MinuteTable]) -> list[HourRow]:
     sums: dict[tuple[str, int], list[float]] = {}
-    for (service, _, minute), m in minutes.items():
-        total = sums.setdefault((service, minute // 60), [0, 0, 0.0])
-        total[0] += m.count
-        total[1] += m.successes
-        total[2] += m.latency_sum
+    for minute, table in minutes.items():
+        for service, _, count, successes, latency, _, _ in table.rows():
+            total = sums.setdefault((service, minute // 60), [0, 0, 0.0])
+            total[0] += count
+            total[1] += successes
+            total[2] += latency
     return [(s, h, int(c), int(ok), lat) for (s, h), (c, ok, lat) in sums.items()]

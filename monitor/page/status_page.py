@@ -18,9 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from aiohttp import web
 
 from monitor.config import Config
@@ -32,6 +31,9 @@ from registry import Catalog, HealthState, InstanceStatus
 from scheduler import Event, EventBus, Subscription
 from workflows.engine import Engine
 from workflows.states import STATUSES
+
+if TYPE_CHECKING:
+    import jinja2
 
 SERVICES_PER_PAGE = 200
 SLICE = 0.002  # seconds of page building or rendering between turns of the loop
@@ -95,19 +97,24 @@ class StatusPage:
         self._changes: dict[str, deque[Event]] = {}
         self._subscription: Subscription | None = None
         self._assets = {name: _asset(name) for name in ASSETS}
-        self._templates = jinja2.Environment(
+
+    @functools.cached_property
+    def _templates(self) -> jinja2.Environment:
+        """Made on the first page: Jinja2 is 1.6 MB of RSS a daemon nobody looks at never needs."""
+        import jinja2
+
+        templates = jinja2.Environment(
             loader=jinja2.PackageLoader("monitor.page", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self._templates.filters.update(
+        templates.filters.update(
             when=_when, ago=self._ago, percent=_percent, seconds=_seconds, day=_day
         )
-        self._templates.globals.update(
-            bar_class=_bar_class, sparkline=_sparkline, slo_class=_slo_class
-        )
+        templates.globals.update(bar_class=_bar_class, sparkline=_sparkline, slo_class=_slo_class)
+        return templates
 
     async def start(self) -> None:
         self._subscription = self._bus.subscribe(

@@ -6,19 +6,12 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from monitor.probing.kinds.http_wire import HttpTarget
+from monitor.probing.kinds.http_wire import HttpTarget, insecure_context
 from monitor.probing.probe import Probe, ProbeResult
 from monitor.probing.worker import Job
 
 if TYPE_CHECKING:
     import aiohttp
-
-
-def _insecure_context() -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 @dataclass(kw_only=True, eq=False)
@@ -28,7 +21,7 @@ class ProbeContext:
     The prober opens the sessions in `start` and closes them in `close`."""
 
     verifying: ssl.SSLContext = field(default_factory=ssl.create_default_context)
-    insecure: ssl.SSLContext = field(default_factory=_insecure_context)
+    insecure: ssl.SSLContext = field(default_factory=insecure_context)
     fresh: aiohttp.ClientSession | None = None  # a new connection per request
     pooled: aiohttp.ClientSession | None = None  # keepalive: true
     targets: dict[tuple[object, ...], HttpTarget] = field(default_factory=dict)
