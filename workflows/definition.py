@@ -162,6 +162,13 @@ class Definition:
                 steps.extend(step.action.branches)
         return steps
 
+    @property
+    def has_tasks(self) -> bool:
+        """A step, branch or compensation runs in a worker."""
+        return any(
+            isinstance(s.action, Task) or isinstance(s.compensate, Task) for s in self.all_steps()
+        )
+
     def services(self) -> set[str]:
         steps = self.all_steps()
         calls = [s.action for s in steps] + [s.compensate for s in steps]

@@ -140,6 +140,9 @@ class Process:
     taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
     task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
     task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint
+    # Its definition has task steps (set by the runner, not stored): its final checkpoint
+    # then cancels any of its tasks left open. Others skip that write.
+    has_tasks: bool = False
     branches: dict[str, Branch] = field(default_factory=dict)  # parallel steps' branches
 
     @property

@@ -86,6 +86,7 @@ class ProcessRunner:
         """Run the process until it finishes (or the task is cancelled: then the last
         checkpoint is where it resumes)."""
         definition = self._definition(process)  # the version it started with
+        process.has_tasks = definition is None or definition.has_tasks  # None: unknown
         try:
             if definition is None:
                 process.error = failure(

@@ -292,7 +292,7 @@ class SqliteWorkflowStore:
         first = process.history_count
         process.history_count += len(history)
         row, seq = _row(process), process.seq
-        finished = process.finished_at
+        finished = process.finished_at if process.has_tasks else None
 
         def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool] | None:
             d.conn.execute(_UPDATE, (*row, seq))
