@@ -519,6 +519,15 @@ def test_mistakes_python_can_see_raise_while_building(build: Any, problem: str) 
         build()
 
 
+def test_a_refused_step_leaves_its_names_free_for_the_corrected_one() -> None:
+    workflow = Workflow("W")
+    with pytest.raises(DefinitionError, match="expect"):
+        workflow.step("p", parallel(step("a", validate), step("b", validate, expect=["x"])))
+    workflow.step("p", parallel(step("a", validate), step("b", validate)))
+    assert [s["name"] for s in workflow.definition()["steps"]] == ["p"]
+    assert sorted(workflow.tasks()) == ["a", "b"]
+
+
 def test_a_built_definition_passes_the_daemons_config_model(tmp_path: Path) -> None:
     """What the builder emits is what config.yaml accepts: task steps, data, signals, output."""
     from monitor.config import Workflow as ConfigWorkflow

@@ -261,9 +261,22 @@ class Workflow:
         hold); the step is skipped unless it holds. `acquire` reserves units of a resource
         first: `acquire(...)` or its dict (`{"resource": "funds"}`). `expect`: a call step's
         conditions over its answer (`"[BODY].passed == true"`); the daemon parses them."""
-        entry = self._entry(
-            name, action, compensate, delay, timeout, retry, when, acquire=acquire, expect=expect
-        )
+        names, functions = set(self._names), dict(self._functions)
+        try:
+            entry = self._entry(
+                name,
+                action,
+                compensate,
+                delay,
+                timeout,
+                retry,
+                when,
+                acquire=acquire,
+                expect=expect,
+            )
+        except DefinitionError:  # a refused step leaves no name or function behind
+            self._names, self._functions = names, functions
+            raise
         self._steps.append(entry)
         return self
 
