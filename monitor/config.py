@@ -492,7 +492,10 @@ class Resource(_Model):
 
 
 class Acquire(_Model):
-    resource: Name = Field(description="A resource of the top-level `resources`.")
+    resource: Name = Field(
+        description="A resource of the top-level `resources`, acquired at one step (or "
+        "branch) of the workflow only: acquire it once, with all the units."
+    )
     units: int = Field(default=1, ge=1, description="Units reserved; at most its capacity.")
     key: str | None = Field(
         default=None,
@@ -1045,18 +1048,26 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
 def _check_acquires(
     workflow: dict[str, Any], at: Path_, capacities: Mapping[Any, Any]
 ) -> Iterator[tuple[Path_, str]]:
-    """Each step's `acquire` names a resource of the top level, for at most its capacity
+    """Each step's `acquire` names a resource of the top level, for at most its capacity,
+    and no other step (or branch) acquires it: its process would wait for units it holds
+    itself, or hold some while waiting for more, and two such processes for each other
     (`PUT /v1/workflows/{name}` checks against the running config's: workflows/resources)."""
     every: list[tuple[Path_, dict[str, Any]]] = []
     for j, step in _items(workflow, "steps"):
         every.append(((*at, "steps", j), step))
         every += [((*at, "steps", j, "parallel", k), b) for k, b in _items(step, "parallel")]
+    first: dict[str, Any] = {}  # resource -> the step that acquires it first
     for where, step in every:
         acquire = step.get("acquire")
         if not isinstance(acquire, dict) or not isinstance(acquire.get("resource"), str):
             continue
         path: Path_ = (*where, "acquire")
         name = acquire["resource"]
+        if name in first:
+            again = f"{name!r} is acquired at step {first[name]!r} already"
+            advice = "acquire it once, at the first step that needs it, with all the units"
+            yield (*path, "resource"), f"{again}: {advice}"
+        first.setdefault(name, step.get("name"))
         if name not in capacities:
             known = ", ".join(sorted(str(n) for n in capacities)) or "none"
             yield (*path, "resource"), f"no resource named {name!r} (resources: {known})"

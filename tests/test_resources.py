@@ -372,6 +372,8 @@ workflows:
         "'lanes' (2)",
         "config.yaml:14: workflows[0].steps[2].acquire.key: {steps.d.id} refers to step 'd', "
         "which does not run before",
+        "config.yaml:14: workflows[0].steps[2].acquire.resource: 'lanes' is acquired at step "
+        "'b' already: acquire it once, at the first step that needs it, with all the units",
         "config.yaml:14: workflows[0].steps[2].acquire.units: Input should be greater than or "
         "equal to 1",
     ]
@@ -506,3 +508,149 @@ async def test_kill_9_keeps_a_grant_that_went_out_of_start_order(
 
 async def _called(service: Lanes, times: int) -> bool:
     return len(service.calls) >= times
+
+
+ACQUIRED_TWICE = """\
+resources:
+  - {name: lanes, capacity: 2}
+  - {name: funds, capacity: 1}
+workflows:
+  - name: Twice
+    steps:
+      - name: a
+        acquire: {resource: lanes}
+        publish: x
+      - name: b
+        acquire: {resource: funds, key: "{input.p}"}
+        publish: x
+      - name: c
+        acquire: {resource: lanes, key: "{input.p}"}
+        publish: x
+  - name: Branches
+    steps:
+      - name: both
+        acquire: {resource: funds}
+        parallel:
+          - {name: l, acquire: {resource: lanes}, publish: x}
+          - {name: r, acquire: {resource: lanes}, publish: x}
+          - {name: f, acquire: {resource: funds}, publish: x}
+"""
+
+
+def test_a_workflow_acquires_each_resource_at_one_step_only() -> None:
+    """A second step (or branch) acquiring what an earlier one holds would wait for its own
+    units, or hold some while waiting for more: two such processes wait for each other."""
+    with pytest.raises(ConfigError) as error:
+        parse_config(ACQUIRED_TWICE)
+    advice = "already: acquire it once, at the first step that needs it, with all the units"
+    assert error.value.errors == [
+        f"config.yaml:14: workflows[0].steps[2].acquire.resource: 'lanes' is acquired at step "
+        f"'a' {advice}",
+        f"config.yaml:22: workflows[1].steps[0].parallel[1].acquire.resource: 'lanes' is "
+        f"acquired at step 'l' {advice}",
+        f"config.yaml:23: workflows[1].steps[0].parallel[2].acquire.resource: 'funds' is "
+        f"acquired at step 'both' {advice}",
+    ]
+
+
+async def test_put_refuses_a_workflow_that_acquires_a_resource_twice(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    client = await start_daemon(make_config(**contended(2)))
+    lanes = {"resource": "lanes"}
+    steps = [
+        {"name": "a", "acquire": lanes, "publish": "x"},
+        {"name": "b", "parallel": [{"name": "c", "acquire": lanes, "publish": "x"}]},
+    ]
+    resp = await client.put("/v1/workflows/Api", json={"steps": steps})
+    assert resp.status == 422
+    assert (await resp.json())["error"]["details"] == [
+        {
+            "path": "steps.1.parallel.0.acquire.resource",
+            "message": "'lanes' is acquired at step 'a' already: acquire it once, at the "
+            "first step that needs it, with all the units",
+        }
+    ]
+
+
+async def test_a_process_never_waits_for_units_it_holds_itself(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Versions stored before PUT refused them still run: a later step (or a sibling
+    branch) of the same (resource, key) shares the request its process has."""
+    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    client = await start_daemon(make_config(**contended(1)))
+    lanes = {"resource": "lanes"}
+    twice = [
+        {"name": "a", "acquire": lanes, "publish": "x"},
+        {"name": "b", "acquire": lanes, "publish": "x"},
+    ]
+    both = [
+        {
+            "name": "both",
+            "parallel": [
+                {"name": "l", "acquire": lanes, "publish": "x"},
+                {"name": "r", "acquire": lanes, "publish": "x"},
+            ],
+        }
+    ]
+    for name, steps in (("Twice", twice), ("Both", both)):
+        assert (await client.put(f"/v1/workflows/{name}", json={"steps": steps})).status == 201
+        done = await reaches(client, await started(client, name, {}), "completed", "failed")
+        assert done["status"] == "completed", done["waiting_for"]
+    holder = await started(client, "Parked", {})  # now both branches queue behind it
+    await until(lambda: _waits_for(client, holder, "signal"))
+    queued = await started(client, "Both", {})
+    await until(lambda: _waits_for(client, queued, "resource"))
+    await client.post(f"/v1/processes/{holder}/signals/go", json={})
+    assert (await reaches(client, queued, "completed", "failed"))["status"] == "completed"
+    assert await gauges(client) == ({"lanes": 0}, {"lanes": 0})
+
+
+async def test_two_processes_that_take_units_at_two_steps_do_not_wait_for_each_other(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each takes 1 of 2 units, then 1 more at its second step: the second step re-uses
+    the first one's unit, where queueing would leave both waiting for ever."""
+    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    client = await start_daemon(make_config(**contended(2)))
+    steps = [
+        {"name": "first", "acquire": {"resource": "lanes"}, "wait_for": {"signal": "go"}},
+        {"name": "second", "acquire": {"resource": "lanes"}, "publish": "x"},
+    ]
+    assert (await client.put("/v1/workflows/HoldWait", json={"steps": steps})).status == 201
+    ids = [await started(client, "HoldWait", {}) for _ in range(2)]
+    for process_id in ids:
+        assert (await reaches(client, process_id, "waiting"))["waiting_for"]["kind"] == "signal"
+    for process_id in ids:
+        await client.post(f"/v1/processes/{process_id}/signals/go", json={})
+    for process_id in ids:
+        assert (await reaches(client, process_id, "completed", "failed"))["status"] == "completed"
+
+
+async def test_a_step_asking_for_more_of_its_processs_hold_fails_at_once(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    client = await start_daemon(make_config(**contended(2, key="{input.p}")))
+    acquire = {"resource": "lanes", "key": "{input.p}"}
+    steps = [
+        {"name": "first", "acquire": acquire, "publish": "x"},
+        {"name": "second", "acquire": {**acquire, "units": 2}, "publish": "x"},
+    ]
+    assert (await client.put("/v1/workflows/More", json={"steps": steps})).status == 201
+    failed = await reaches(client, await started(client, "More", {"p": "P-7"}), "failed")
+    assert failed["error"] == {
+        **failed["error"],
+        "step": "second",
+        "message": "step 'second' asks for 2 units of 'lanes' key P-7, which this process "
+        "already asked for at step 'first' (1): acquire it once, at the first step that "
+        "needs it, with all the units",
+    }
+    assert await gauges(client) == ({"lanes": 0}, {"lanes": 0})

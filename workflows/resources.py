@@ -56,6 +56,7 @@ class Request:
     refused: str | None = None
     taken: bool = False  # granted in memory: counted in use, maybe not yet committed
     freed_at: float | None = None  # a waiter's grant: when the release that freed it began
+    shared: bool = False  # another step of its process asked for the same: it waits on it
 
     @classmethod
     def restored(cls, hold: Hold) -> Request:
@@ -166,7 +167,10 @@ class ResourcePool:
     ) -> Request:
         """The process's request at this step: the one it has (a retry, a resume after a
         restart), else a new one, granted at once (committed when this returns) when it
-        fits and nobody waits before it, else queued (stored when this returns)."""
+        fits and nobody waits before it, else queued (stored when this returns). A process
+        never queues behind itself: at a second step (or branch) asking for the same
+        (resource, key) it shares the request it has when that covers the units, else the
+        request is refused (a definition stored before config checks forbade this)."""
         known = self._requests.get(process, {}).get(step)
         if known is not None:
             return known
@@ -174,6 +178,14 @@ class ResourcePool:
         request = Request(
             process=process, step=step, resource=resource, key=key, units=units, seq=self._seq
         )
+        own = self._own(process, resource, key)
+        if own is not None:  # never queued behind its own process: it would wait forever
+            if own.units >= units:
+                self._requests[process][step] = own  # the same hold: no row, no write
+                own.shared = True
+                return own
+            request.refused = _asked_again(request, own)
+            return request
         capacity = self.capacities.get(resource)
         if capacity is None:
             request.refused = f"resource {resource!r} is not defined"
@@ -187,6 +199,8 @@ class ResourcePool:
             self._take(slot, request)
             await self._settle(granted=[request])
             request.granted = True
+            if request.shared:  # a sibling branch shared it while it was being committed
+                self._wake(process)
             return request
         slot.queue.append(request)
         self._count(self.waiting, resource, 1)
@@ -202,7 +216,9 @@ class ResourcePool:
             return
         slot.queue.remove(request)
         self._count(self.waiting, request.resource, -1)
-        self._requests.get(request.process, {}).pop(request.step, None)
+        steps = self._requests.get(request.process, {})
+        for step in [step for step, known in steps.items() if known is request]:
+            del steps[step]  # the step that asked, and each that shared its request
         granted = self._grant(request.resource, request.key, self._clock())
         await self._settle(left=[(request.process, request.step)], granted=granted)
         self._granted(granted)
@@ -216,7 +232,7 @@ class ResourcePool:
             return
         now = self._clock()
         touched: set[tuple[str, str | None]] = set()
-        for request in requests.values():
+        for request in dict.fromkeys(requests.values()):  # a shared request counts once
             slot = self._slot(request.resource, request.key)
             if request.taken:
                 slot.in_use -= request.units
@@ -254,6 +270,13 @@ class ResourcePool:
         if slot is None:
             slot = self._slots[(resource, key)] = _Slot()
         return slot
+
+    def _own(self, process: str, resource: str, key: str | None) -> Request | None:
+        """The request the process has made for this (resource, key) at another step."""
+        for request in self._requests.get(process, {}).values():
+            if request.resource == resource and request.key == key:
+                return request
+        return None
 
     def _take(self, slot: _Slot, request: Request) -> None:
         slot.in_use += request.units
@@ -326,22 +349,39 @@ class ResourcePool:
         counts[resource] = counts.get(resource, 0) + delta
 
 
+def _asked_again(request: Request, own: Request) -> str:
+    """Why a process's second request for a (resource, key) it already asked for with
+    fewer units is refused: waiting for room its own hold takes would never end."""
+    where = repr(request.resource) + (f" key {request.key}" if request.key is not None else "")
+    return (
+        f"step {request.step!r} asks for {request.units} units of {where}, which this process "
+        f"already asked for at step {own.step!r} ({own.units}): acquire it once, at the first "
+        "step that needs it, with all the units"
+    )
+
+
 def acquire_problems(
     definition: Definition, capacities: Mapping[str, int]
 ) -> list[tuple[str, str]]:
     """(JSON path, message) for each `acquire` of a resource not in `capacities`, or of
-    more units than its capacity: `PUT /v1/workflows/{name}` has no top level to define
-    resources, so it is checked against the running config's (422)."""
+    more units than its capacity, or of one an earlier step (or branch) acquires: `PUT
+    /v1/workflows/{name}` has no top level to define resources, so it is checked against
+    the running config's (422)."""
     problems = []
     every = []
     for i, step in enumerate(definition.steps):
         every.append((f"steps.{i}", step))
         if isinstance(step.action, Parallel):
             every += [(f"steps.{i}.parallel.{k}", b) for k, b in enumerate(step.action.branches)]
+    first: dict[str, str] = {}  # resource -> the step that acquires it first
     for where, step in every:
         acquire = step.acquire
         if acquire is None:
             continue
+        if acquire.resource in first:
+            message = _acquired_again(acquire.resource, first[acquire.resource])
+            problems.append((f"{where}.acquire.resource", message))
+        first.setdefault(acquire.resource, step.name)
         capacity = capacities.get(acquire.resource)
         if capacity is None:
             known = ", ".join(sorted(capacities)) or "none"
@@ -352,3 +392,13 @@ def acquire_problems(
             message = f"{units} units exceed the capacity of {name!r} ({capacity})"
             problems.append((f"{where}.acquire.units", message))
     return problems
+
+
+def _acquired_again(resource: str, first: str) -> str:
+    """Why a workflow may not acquire a resource at two steps: its process would wait for
+    units it holds itself, or hold some while waiting for more (monitor/config.py says
+    the same of a config.yaml entry)."""
+    return (
+        f"{resource!r} is acquired at step {first!r} already: acquire it once, at the first "
+        "step that needs it, with all the units"
+    )
