@@ -8,6 +8,7 @@ the restart counts once), against a real daemon on a real SQLite file.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -654,3 +655,73 @@ async def test_a_step_asking_for_more_of_its_processs_hold_fails_at_once(
         "needs it, with all the units",
     }
     assert await gauges(client) == ({"lanes": 0}, {"lanes": 0})
+
+
+async def test_kill_9_drops_the_queued_request_of_a_branch_a_sibling_halted(
+    tmp_path: Path,
+) -> None:
+    """Branch b waits for the unit Parked holds; its sibling a fails for good, which halts
+    b. The daemon dies before b's leave is written (a trigger keeps the row, as a kill
+    between the two writes would): after the restart the freed unit goes to a live waiter,
+    not to the halted branch (its process compensates; b never runs)."""
+    payment = {
+        "name": "Payment",
+        "queue": "payments",
+        "steps": [
+            {"name": "reserve", "task": "reserveFunds", "compensate": {"task": "releaseFunds"}},
+            {
+                "name": "both",
+                "parallel": [
+                    {"name": "a", "task": "aTask"},
+                    {"name": "b", "acquire": {"resource": "lanes"}, "publish": "b.done"},
+                ],
+            },
+        ],
+    }
+    use = {"name": "use", "acquire": {"resource": "lanes"}, "publish": "used"}
+    later = {"name": "Later", "steps": [use]}
+    sections = contended(1)
+    sections["workflows"] += [payment, later]
+    with running_daemon(tmp_path, **sections) as daemon:
+        async with aiohttp.ClientSession(daemon.url) as http:
+            [parked] = await _start_all(http, "Parked", 1)
+            await until(lambda: _gauges_are(http, 1, 0))
+            [paying] = await _start_all(http, "Payment", 1)
+            await _answer(http, "reserveFunds", "complete", {"output": {}})
+            with sqlite3.connect(tmp_path / "hms.db") as db:  # b's row outlives its leave
+                db.execute(
+                    "CREATE TRIGGER kept BEFORE DELETE ON resource_holds WHEN old.step = 'b' "
+                    "BEGIN SELECT RAISE(IGNORE); END"
+                )
+            await until(lambda: _gauges_are(http, 1, 1))  # b waits behind Parked
+            await _answer(http, "aTask", "fail", {"error": "no", "retryable": False})
+            await until(lambda: _gauges_are(http, 1, 0))  # b left the queue, in memory
+            await until(lambda: _status_is(http, paying, "compensating"))
+        daemon.kill()
+        with sqlite3.connect(tmp_path / "hms.db") as db:
+            db.execute("DROP TRIGGER kept")
+
+        await asyncio.to_thread(daemon.start)
+        async with aiohttp.ClientSession(daemon.url) as http:
+            [after] = await _start_all(http, "Later", 1)
+            await until(lambda: _gauges_are(http, 1, 1))
+            async with http.post(f"/v1/processes/{parked}/signals/go", json={}) as resp:
+                assert resp.status == 202
+            await until(lambda: _status_is(http, after, "completed"))
+            await until(lambda: _gauges_are(http, 0, 0))
+            assert await _status_is(http, paying, "compensating")  # releaseFunds is open
+
+
+async def _answer(http: aiohttp.ClientSession, task: str, verb: str, body: dict[str, Any]) -> None:
+    """Take the next task of `payments`, which must be `task`, and complete or fail it."""
+    poll = {"queue": "payments", "wait": "5s", "worker": "w-test", "max": 1}
+    async with http.post("/v1/tasks/poll", json=poll) as resp:
+        [got] = (await resp.json())["tasks"]
+    assert got["task"] == task
+    async with http.post(f"/v1/tasks/{got['id']}/{verb}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def _status_is(http: aiohttp.ClientSession, process_id: str, status: str) -> bool:
+    async with http.get(f"/v1/processes/{process_id}") as resp:
+        return bool((await resp.json())["status"] == status)

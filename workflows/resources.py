@@ -33,6 +33,7 @@ from registry import StoreUnavailable
 from .abc import Hold, ResourceStore
 from .definition import Definition, Parallel, Resource
 from .records import Process
+from .states import BranchState
 
 __all__ = ["Request", "ResourcePool", "acquire_problems"]
 
@@ -119,7 +120,8 @@ class ResourcePool:
 
     async def open(self, unfinished: Iterable[Process]) -> None:
         """Rebuild from the stored rows: holds of unfinished processes stay held, their
-        waiters re-queue in stored order (a cancelled one's request is dropped); rows of
+        waiters re-queue in stored order (a request that will never run is dropped: its
+        process was cancelled, or it is a branch a sibling's failure halted); rows of
         ended processes are released. Then whatever now fits is granted. One write."""
         await self.store.create_tables()
         processes = {p.id: p for p in unfinished}
@@ -131,7 +133,7 @@ class ResourcePool:
             if process is None:
                 released.add(hold.process)
                 continue
-            if not hold.held and process.cancel_requested:
+            if not hold.held and _stopped(process, hold.step):
                 left.append((hold.process, hold.step))
                 continue
             request = Request.restored(hold)
@@ -347,6 +349,15 @@ class ResourcePool:
     @staticmethod
     def _count(counts: dict[str, int], resource: str, delta: int) -> None:
         counts[resource] = counts.get(resource, 0) + delta
+
+
+def _stopped(process: Process, step: str) -> bool:
+    """Whether the process's step will not run again: the process was cancelled, or the
+    step is a branch that a sibling's failure halted (a restart never resumes it)."""
+    if process.cancel_requested:
+        return True
+    failed = any(b.state == BranchState.FAILED for b in process.branches.values())
+    return failed and step in process.branches
 
 
 def _asked_again(request: Request, own: Request) -> str:
