@@ -725,3 +725,40 @@ async def _answer(http: aiohttp.ClientSession, task: str, verb: str, body: dict[
 async def _status_is(http: aiohttp.ClientSession, process_id: str, status: str) -> bool:
     async with http.get(f"/v1/processes/{process_id}") as resp:
         return bool((await resp.json())["status"] == status)
+
+
+async def test_a_step_and_a_branch_queued_for_a_resource_say_so_in_their_reason(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    """The process row says only that a strand waits; the pool says for what. Each step
+    and branch in a queue shows it, not the delay or task its row would suggest."""
+    sections = contended(1, key="{input.parent}")
+    acquire = {"resource": "lanes", "key": "{input.parent}"}
+    take = {"name": "take", "acquire": acquire, "publish": "taken"}
+    both = {
+        "name": "Both",
+        "steps": [
+            {
+                "name": "both",
+                "parallel": [take, {"name": "park", "wait_for": {"signal": "go"}}],
+            }
+        ],
+    }
+    sections["workflows"].append(both)
+    client = await start_daemon(make_config(**sections))
+    holder = await started(client, "Parked", {"parent": "P-7"})
+    await until(lambda: _waits_for(client, holder, "signal"))
+    step = await started(client, "Parked", {"parent": "P-7"})
+    await until(lambda: _waits_for(client, step, "resource"))
+    branch = await started(client, "Both", {"parent": "P-7"})
+    await until(lambda: _waits_for(client, branch, "resource"))
+
+    queued = (await described(client, step))["steps"]
+    assert queued == [{"name": "park", "state": "waiting", "reason": "lanes key P-7: 0 ahead"}]
+    [entry] = (await described(client, branch))["steps"]
+    assert entry["branches"] == [
+        {"name": "take", "state": "waiting", "reason": "lanes key P-7: 1 ahead"},
+        {"name": "park", "state": "waiting", "reason": "signal go"},
+    ]
+    html = await (await client.get(f"/processes/{branch}")).text()
+    assert '<span class="reason">lanes key P-7: 1 ahead</span>' in html

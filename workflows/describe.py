@@ -6,6 +6,7 @@ be built from a stored row as well as from a live process.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from . import templates
@@ -22,15 +23,21 @@ from .states import (
 
 
 def describe_process(
-    process: Process, history: list[Attempt], definition: Definition | None
+    process: Process,
+    history: list[Attempt],
+    definition: Definition | None,
+    queued: Mapping[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Status, data and full history; `definition` None when it is no longer configured."""
+    """Status, data and full history; `definition` None when it is no longer configured.
+    `queued`: the steps and branches waiting in a resource's queue, by name, with their
+    `waiting_for` (the resource pool knows it, the process row does not)."""
+    queued = queued or {}
     return {
         **process.summary(),
         "idempotency_key": process.idempotency_key,
         "current_step": current_step(process, definition),
-        "waiting_for": waiting_for(process, definition),
-        "steps": step_states(process, history, definition),
+        "waiting_for": waiting_for(process, definition, queued),
+        "steps": step_states(process, history, definition, queued),
         "input": process.input,
         "outputs": process.outputs,
         "output": output(process, definition),
@@ -56,10 +63,15 @@ def output(process: Process, definition: Definition | None) -> Any:
     return process.outputs
 
 
-def waiting_for(process: Process, definition: Definition | None) -> dict[str, Any] | None:
+def waiting_for(
+    process: Process,
+    definition: Definition | None,
+    queued: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
     """What a waiting process waits for (DESIGN.md §3): kind, until (epoch seconds or
     None for no limit) and detail. In a parallel step: the first branch that waits (each
-    waiting branch has its own in `steps`)."""
+    waiting branch has its own in `steps`). `queued` as for `describe_process`."""
+    queued = queued or {}
     if process.status != ProcessStatus.WAITING or definition is None:
         return None
     if not 0 <= process.position < len(definition.steps):
@@ -69,7 +81,9 @@ def waiting_for(process: Process, definition: Definition | None) -> dict[str, An
         for branch in step.action.branches:
             record = process.branches.get(branch.name)
             if record is not None and record.state == BranchState.RUNNING and record.waiting:
-                return _waiting(process, definition, branch, record)
+                return queued.get(branch.name) or _waiting(process, definition, branch, record)
+    if step.name in queued:
+        return queued[step.name]
     return _waiting(process, definition, step, process)  # a parallel step's own delay too
 
 
@@ -98,19 +112,24 @@ def _waiting(
 
 
 def step_states(
-    process: Process, history: list[Attempt], definition: Definition | None
+    process: Process,
+    history: list[Attempt],
+    definition: Definition | None,
+    queued: Mapping[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every step of the definition with its state, those not yet run included; a skipped
-    or waiting one with its `reason`, a parallel one with its `branches` (each the same)."""
+    or waiting one with its `reason`, a parallel one with its `branches` (each the same).
+    `queued` as for `describe_process`."""
     if definition is None:
         return []
+    queued = queued or {}
     compensated = {
         a.step
         for a in history
         if a.kind == AttemptKind.COMPENSATE and a.outcome == AttemptOutcome.OK
     }
     skipped = {a.step: a.error for a in history if a.outcome == AttemptOutcome.SKIPPED}
-    waiting = waiting_for(process, definition)
+    waiting = waiting_for(process, definition, queued)
     states: list[dict[str, Any]] = []
     for index, step in enumerate(definition.steps):
         entry: dict[str, Any]
@@ -121,7 +140,7 @@ def step_states(
             entry = {"name": step.name, "state": state}
         if isinstance(step.action, Parallel):
             entry["branches"] = [
-                _branch_state(process, definition, branch, skipped, compensated)
+                _branch_state(process, definition, branch, skipped, compensated, queued)
                 for branch in step.action.branches
             ]
             if any(b["state"] == StepState.COMPENSATED for b in entry["branches"]):
@@ -138,6 +157,7 @@ def _branch_state(
     branch: Step,
     skipped: dict[str, str | None],
     compensated: set[str],
+    queued: Mapping[str, dict[str, Any]],
 ) -> dict[str, Any]:
     record = process.branches.get(branch.name)
     name = branch.name
@@ -154,8 +174,8 @@ def _branch_state(
         reason = "stopped: another branch failed, or the process was cancelled"
         return {"name": name, "state": StepState.FAILED, "reason": reason}
     if record.waiting:
-        reason = _waiting(process, definition, branch, record)["detail"]
-        return {"name": name, "state": StepState.WAITING, "reason": reason}
+        waiting = queued.get(name) or _waiting(process, definition, branch, record)
+        return {"name": name, "state": StepState.WAITING, "reason": waiting["detail"]}
     return {"name": name, "state": StepState.RUNNING}
 
 

@@ -38,7 +38,7 @@ from scheduler import EventBus
 
 from .abc import ResourceStore, ScheduleMark, ScheduleStore, TaskStore, WorkflowStore
 from .caller import ServiceCaller
-from .definition import Definition, Resource
+from .definition import Definition, Parallel, Resource
 from .describe import describe_process
 from .errors import (
     DefinitionConflict,
@@ -502,15 +502,27 @@ class Engine:
         live = self.live.get(process_id)
         if live is not None:  # history being or not yet checkpointed is shown too
             process, history = live, await self._live_history(live, history)
-        view = describe_process(process, history, self.definition_of(process))
+        definition = self.definition_of(process)
+        queued = self._queued(process, definition) if live is not None else {}
+        view = describe_process(process, history, definition, queued)
         waiting = view["waiting_for"]
         if waiting is not None and waiting["kind"] == WaitKind.TASK and self.tasks is not None:
             waiting["until"] = self.tasks.lease_end(process_id)  # the lease, once claimed
-        if waiting is not None and live is not None and self.resources is not None:
-            queued = self.resources.waiting_for(process_id)  # queued behind other holders
-            if queued is not None:
-                view["waiting_for"] = {**queued, "kind": WaitKind.RESOURCE}
         return view
+
+    def _queued(self, process: Process, definition: Definition | None) -> dict[str, Any]:
+        """The live process's current step and branches queued behind other holders of a
+        resource, by name: what each waits for (a checkpoint says only that it waits)."""
+        if self.resources is None or definition is None:
+            return {}
+        if not 0 <= process.position < len(definition.steps):
+            return {}
+        step = definition.steps[process.position]
+        names = [step.name]
+        if isinstance(step.action, Parallel):
+            names += [branch.name for branch in step.action.branches]
+        waits = {name: self.resources.waiting_for(process.id, name) for name in names}
+        return {name: wait for name, wait in waits.items() if wait is not None}
 
     async def _live_history(self, live: Process, stored: list[Attempt]) -> list[Attempt]:
         """The rows stored, then those a checkpoint is writing, then those not yet handed

@@ -27,13 +27,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from registry import StoreUnavailable
 
 from .abc import Hold, ResourceStore
 from .definition import Definition, Parallel, Resource
 from .records import Process
-from .states import BranchState
+from .states import BranchState, WaitKind
 
 __all__ = ["Request", "ResourcePool", "acquire_problems"]
 
@@ -251,19 +252,18 @@ class ResourcePool:
         """Whether the process holds or waits for anything (else its end costs nothing)."""
         return process in self._requests
 
-    def waiting_for(self, process: str) -> dict[str, object] | None:
-        """`waiting_for` of a process queued for a resource (DESIGN.md §3): detail
-        `funds key P-7: 2 ahead`; None when it waits for none."""
-        for request in self._requests.get(process, {}).values():
-            if request.taken or request.refused is not None:
-                continue
-            slot = self._slots.get((request.resource, request.key))
-            if slot is None or request not in slot.queue:
-                continue
-            ahead = slot.queue.index(request)
-            where = request.resource + (f" key {request.key}" if request.key is not None else "")
-            return {"kind": "resource", "until": None, "detail": f"{where}: {ahead} ahead"}
-        return None
+    def waiting_for(self, process: str, step: str) -> dict[str, Any] | None:
+        """`waiting_for` of a process's step (or branch) queued for a resource (DESIGN.md
+        §3): detail `funds key P-7: 2 ahead`; None when it waits for none."""
+        request = self._requests.get(process, {}).get(step)
+        if request is None or request.taken or request.refused is not None:
+            return None
+        slot = self._slots.get((request.resource, request.key))
+        if slot is None or request not in slot.queue:
+            return None
+        ahead = slot.queue.index(request)
+        where = request.resource + (f" key {request.key}" if request.key is not None else "")
+        return {"kind": WaitKind.RESOURCE, "until": None, "detail": f"{where}: {ahead} ahead"}
 
     # -- inside ----------------------------------------------------------------------
 
