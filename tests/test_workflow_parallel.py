@@ -4,6 +4,7 @@ signals, cancels, and a daemon killed mid-step (DESIGN.md §2 `parallel`)."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,10 +431,12 @@ async def test_a_branch_killed_in_its_retry_backoff_resumes_with_its_attempt_cou
             async with http.post("/v1/workflows/Flaky", json={"input": {}}) as resp:
                 process_id = (await resp.json())["id"]
 
-            async def backing_off() -> bool:
-                async with http.get(f"/v1/processes/{process_id}") as resp:
-                    view = await resp.json()
-                return bool(view["status"] == "waiting" and view["waiting_for"]["kind"] == "retry")
+            async def backing_off() -> bool:  # as stored: a read shows rows still in flight
+                with sqlite3.connect(tmp_path / "hms.db") as db:
+                    row = db.execute(
+                        "SELECT status, branches FROM processes WHERE id = ?", [process_id]
+                    ).fetchone()
+                return row is not None and row[0] == "waiting" and '"attempt":1' in (row[1] or "")
 
             await until(backing_off)
         daemon.kill()  # ems failed once and waits out its backoff; fire is done
