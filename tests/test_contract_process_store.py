@@ -153,9 +153,9 @@ async def test_signals_are_kept_until_a_checkpoint_takes_them(handle: Handle) ->
         ("p0002", {}),
     ]
     assert first.seq < second.seq
-    waiting.taken_signal = first.seq
+    waiting.taken_signals = (first.seq,)
     await store.checkpoint(waiting)
-    assert waiting.taken_signal is None
+    assert waiting.taken_signals == ()
     other.status, other.finished_at = ProcessStatus.COMPLETED, 20.0  # no one takes them now
     await store.checkpoint(other)
     assert [s.data for s in await store.pending_signals()] == [{"n": 2}]
@@ -334,14 +334,14 @@ async def test_a_refused_checkpoint_is_written_whole_by_its_retry(handle: Handle
     [process] = await create(store, new_process(1))
     signal = await store.add_signal("p0001", "approve", b'{"by": "alice"}', 10.0)
     process.status, process.position = ProcessStatus.WAITING, 1
-    process.pending, process.taken_signal = [attempt("first")], signal.seq
+    process.pending, process.taken_signals = [attempt("first")], (signal.seq,)
     await handle.refuse_writes(True)
     with pytest.raises(StoreUnavailable):
         await store.checkpoint(process)
     await handle.refuse_writes(False)
     assert [s.seq for s in await store.pending_signals()] == [signal.seq]  # not taken yet
     await store.checkpoint(process)  # the retry
-    assert (process.pending, process.taken_signal, process.history_count) == ([], None, 1)
+    assert (process.pending, process.taken_signals, process.history_count) == ([], (), 1)
     assert await store.pending_signals() == []  # taken once
     process.pending = [attempt("second")]
     await store.checkpoint(process)

@@ -16,6 +16,7 @@ import pytest
 import workflows.stores.sqlite as sqlite_store
 from monitor.config import Config
 from monitor.keys import DATABASE, PARTS
+from registry import StoreUnavailable
 from workflows.records import Process, TaskEnd
 from workflows.runner import ProcessRunner
 from workflows.stores.sqlite_tasks import ClaimLost
@@ -199,7 +200,7 @@ async def test_a_heartbeat_answered_after_a_complete_leaves_no_lease_to_end_it(
     held, real_checkpoint = asyncio.Event(), engine.store.checkpoint
 
     async def checkpoint(p: Process) -> None:
-        if p.task_end is not None:  # the step's checkpoint waits past the lease
+        if p.task_ends:  # the step's checkpoint waits past the lease
             await held.wait()
         await real_checkpoint(p)
 
@@ -330,3 +331,90 @@ async def test_after_a_restart_a_task_done_before_the_cancel_reached_it_is_undon
         ("reserve", "task", "ok"),
         ("reserve", "compensate", "ok"),
     ]
+
+
+# -- two branches' answers during a storage outage ------------------------------------------
+
+
+def two_branches(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """A parallel step of two branches, a and b, then a publish."""
+    return {
+        "name": "Payment",
+        "queue": "payments",
+        "steps": [
+            {"name": "both", "parallel": [{"name": "a", **a}, {"name": "b", **b}]},
+            {"name": "after", "publish": "payment.done"},
+        ],
+    }
+
+
+class CheckpointsRefused:
+    """The store's database refusing checkpoints while `refused` (other writes, such as a
+    signal's, go through): the outage a step's checkpoint meets."""
+
+    def __init__(self, client: AppClient) -> None:
+        self.store = client.app[PARTS].engine.store
+        self._db, self.refused = self.store._db, True
+        self.store._db = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def write(self, fn: Callable[[Any], Any]) -> Any:
+        if self.refused and "checkpoint" in fn.__qualname__:
+            raise StoreUnavailable("disk full (test)")
+        return await self._db.write(fn)
+
+
+async def test_two_branches_answered_during_an_outage_both_get_their_answer_written(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    client = await start_daemon(
+        make_config(workflows=[two_branches({"task": "aTask"}, {"task": "bTask"})])
+    )
+    process_id = await start(client)
+    got: list[dict[str, Any]] = []
+    while len(got) < 2:
+        got += await poll(client, wait="2s", worker="w1", max=2)
+    by = {t["task"]: t["id"] for t in got}
+    await writes_refused(client, True)
+    complete_a = asyncio.ensure_future(
+        client.post(f"/v1/tasks/{by['aTask']}/complete", json={"output": {"a": 1}})
+    )
+    await asyncio.sleep(0.35)  # a's checkpoint failed: it waits to try again, a's answer kept
+    complete_b = asyncio.ensure_future(
+        client.post(f"/v1/tasks/{by['bTask']}/complete", json={"output": {"b": 1}})
+    )
+    await asyncio.sleep(0.3)
+    await writes_refused(client, False)
+    assert (await answered(complete_a)).status == 200
+    assert (await answered(complete_b)).status == 200
+    done = await finished(client, process_id, "completed")
+    assert done["outputs"]["both"] == {"a": {"a": 1}, "b": {"b": 1}}
+    assert rows(tmp_path, process_id) == [("a", 1, "done"), ("b", 1, "done")]
+
+
+async def test_two_branches_taking_signals_during_an_outage_take_each_once(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    client = await start_daemon(
+        make_config(
+            workflows=[two_branches({"wait_for": {"signal": "a"}}, {"wait_for": {"signal": "b"}})]
+        )
+    )
+    process_id = await start(client)
+    await until(lambda: _waits(client, process_id))
+    refused = CheckpointsRefused(client)
+    for name in ("a", "b"):  # each taken as it comes; its branch's checkpoint is refused
+        resp = await client.post(f"/v1/processes/{process_id}/signals/{name}", json={})
+        assert resp.status == 202
+        await asyncio.sleep(0.15)
+    refused.refused = False
+    await finished(client, process_id, "completed")
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        kept = db.execute("SELECT name FROM process_signals WHERE process = ?", [process_id])
+        assert kept.fetchall() == []  # both taken, both gone: none to take again on a restart
+
+
+async def _waits(client: AppClient, process_id: str) -> bool:
+    return (await process(client, process_id))["status"] == "waiting"

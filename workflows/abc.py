@@ -40,7 +40,7 @@ class ProcessStore(Protocol):
 
     async def checkpoint(self, process: Process) -> None:
         """Store the process and its `pending` history (then emptied), atomically, with
-        its `task_end` (a worker's answer ending the task's open claim) when it has one."""
+        its `task_ends` (workers' answers ending their tasks' open claims)."""
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""
@@ -48,7 +48,7 @@ class ProcessStore(Protocol):
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
         """Keep a signal for a process (durable when this returns); a checkpoint whose
-        process has `taken_signal` set deletes that one in the same transaction."""
+        process has it in `taken_signals` deletes it in the same transaction."""
         ...
 
     async def pending_signals(self) -> list[Signal]:

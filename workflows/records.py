@@ -137,8 +137,10 @@ class Process:
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
     writing: list[Attempt] = field(default_factory=list)  # history a checkpoint is writing
-    taken_signal: int | None = None  # a signal this checkpoint consumes (deleted with it)
-    task_end: TaskEnd | None = None  # a task's answer this checkpoint writes (with it)
+    # Signals the next checkpoint consumes (deleted with it) and tasks' answers it writes
+    # (with it): one per strand that ended since the last write, so a tuple each.
+    taken_signals: tuple[int, ...] = ()
+    task_ends: tuple[TaskEnd, ...] = ()
     task_open: TaskOpen | None = None  # the next step's task, opened by this checkpoint
     # Its definition has task steps (set by the runner, not stored): its final checkpoint
     # then cancels any of its tasks left open. Others skip that write.

@@ -112,14 +112,16 @@ class ProcessRunner:
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
-            lost, process.task_end = process.task_end, None  # answered once the end is written
+            lost, process.task_ends = process.task_ends, ()  # answered once the end is written
             self._end_lost(process, exc)
             process.error = failure(None, f"internal error: {exc}")
-            try:  # its last checkpoint cancels its open tasks: the answer comes too late
+            try:  # its last checkpoint cancels its open tasks: the answers come too late
                 await self._finish(process, ProcessStatus.FAILED)
             finally:
-                if lost is not None and self._tasks is not None:
-                    self._tasks.ended(lost.delivery, StaleDelivery(f"its process failed: {exc}"))
+                stale = StaleDelivery(f"its process failed: {exc}")
+                for end in lost:
+                    if self._tasks is not None:
+                        self._tasks.ended(end.delivery, stale)
 
     async def _forward(self, definition: Definition, process: Process) -> None:
         if process.cancel_requested:
@@ -412,6 +414,7 @@ class ProcessRunner:
         opened = await self._tasks.open(
             self._new_task(definition, process, step, task, attempt, forward=forward)
         )
+        kept = None
         try:
             if not forward:  # a compensation runs to its end, cancel or not
                 ended = await opened.outcome
@@ -424,10 +427,12 @@ class ProcessRunner:
                         return outcome(cancelled) if cancelled is not None else None
                 ended = opened.outcome.result()
             # A worker's answer handed over (not yet written): the next checkpoint writes it.
-            process.task_end = opened.end
+            kept = opened.end
+            if kept is not None:
+                process.task_ends += (kept,)
             return outcome(ended)
         finally:
-            self._tasks.close_task(opened, kept=process.task_end)
+            self._tasks.close_task(opened, kept=kept)
 
     def _open_next(self, definition: Definition, process: Process) -> None:
         """When the next step is a task step with no delay, the checkpoint ending this one
@@ -576,7 +581,7 @@ class ProcessRunner:
             return result
         result = CallResult(ok=True, output=signal.data)
         self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
-        process.taken_signal = signal.seq  # deleted by the next checkpoint: taken once
+        process.taken_signals += (signal.seq,)  # deleted by the next checkpoint: taken once
         return result
 
     async def _hold(self, strand: Strand, step: Step) -> CallResult | None:
@@ -790,9 +795,10 @@ class ProcessRunner:
         """A handed-over answer that no checkpoint will write: its worker hears so (and
         sends it again; the claim is still open in the table). Nor is the next task the
         checkpoint would open: a poll held for it waits on."""
-        end, process.task_end = process.task_end, None
-        if end is not None and self._tasks is not None:
-            self._tasks.ended(end.delivery, error)
+        ends, process.task_ends = process.task_ends, ()
+        for end in ends:
+            if self._tasks is not None:
+                self._tasks.ended(end.delivery, error)
         process.task_open = None
         if self._tasks is not None:
             self._tasks.drop(process.id)

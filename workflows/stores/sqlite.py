@@ -278,16 +278,16 @@ class SqliteWorkflowStore:
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically.
 
-        A refused write (Overloaded, StoreUnavailable) puts the history and the taken
-        signal back, so the retry writes them: no row lost, no signal taken twice. They
-        leave the process before the write, not after, so a checkpoint made meanwhile
-        (a cancel's) does not write the same history rows again. Until the commit the rows
-        are in `process.writing`, which reads show (Engine.describe): the process's new
-        state is never seen without them."""
+        A refused write (Overloaded, StoreUnavailable) puts the history, the taken
+        signals and the task answers back, so the retry (or the next checkpoint) writes
+        them: no row lost, no signal taken twice. They leave the process before the write,
+        not after, so a checkpoint made meanwhile (a cancel's) does not write the same
+        history rows again. Until the commit the rows are in `process.writing`, which reads
+        show (Engine.describe): the process's new state is never seen without them."""
         history, process.pending = process.pending, []
         process.writing += history
-        taken, process.taken_signal = process.taken_signal, None
-        end, process.task_end = process.task_end, None
+        taken, process.taken_signals = process.taken_signals, ()
+        ends, process.task_ends = process.task_ends, ()
         opening, process.task_open = process.task_open, None
         first = process.history_count
         process.history_count += len(history)
@@ -296,12 +296,12 @@ class SqliteWorkflowStore:
 
         def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool] | None:
             d.conn.execute(_UPDATE, (*row, seq))
-            if end is not None:  # the worker's answer that ended the step, in its commit
+            for end in ends:  # the workers' answers that ended the steps, in their commit
                 write_end(d, end)
             if finished is not None:  # no task of a finished process stays open
                 cancel_open_in(d, process.id, finished)
-            if taken is not None:  # taken once: gone with the checkpoint of the step
-                d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [taken])
+            for signal in taken:  # taken once: gone with the checkpoint of the step
+                d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [signal])
             if history:
                 d.conn.executemany(
                     "INSERT INTO process_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -332,15 +332,13 @@ class SqliteWorkflowStore:
             _written(process, history)
             process.pending[:0] = history
             process.history_count -= len(history)  # not `= first`: another may have failed too
-            if taken is not None and process.taken_signal is None:
-                process.taken_signal = taken
-            if end is not None and process.task_end is None:
-                process.task_end = end
+            process.taken_signals = taken + process.taken_signals  # with any taken since
+            process.task_ends = ends + process.task_ends
             if opening is not None and process.task_open is None:
                 process.task_open = opening
             raise
         _written(process, history)
-        if end is not None:
+        for end in ends:
             end.written()
         if opening is not None and opened is not None:
             opening.opened(*opened)
