@@ -16,6 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from monitor.config import Config, ConfigError, parse_config
+from monitor.keys import PARTS
+from registry import StoreUnavailable
 
 from .conftest import AppClient, until
 from .processes import running_daemon
@@ -454,3 +456,46 @@ async def test_a_branch_killed_in_its_retry_backoff_resumes_with_its_attempt_cou
     ems = [(a["attempt"], a["outcome"]) for a in view["history"] if a["step"] == "ems"]
     assert ems == [(1, "error"), (2, "ok")]  # the count went on across the restart
     assert units.paths().count("/fire") == 1
+
+
+class FirstCheckpointFailsLate:
+    """The store's database, whose first checkpoint write fails after 50ms in flight (a
+    disk that fills under it): meanwhile the other branch makes its checkpoint."""
+
+    def __init__(self, client: AppClient) -> None:
+        store = client.app[PARTS].engine.store
+        self._db, store._db, self.armed = store._db, self, True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    async def write(self, fn: Callable[[Any], Any]) -> Any:
+        if self.armed and "checkpoint" in fn.__qualname__:
+            self.armed = False
+            await asyncio.sleep(0.05)
+            raise StoreUnavailable("disk full (test)")
+        return await self._db.write(fn)
+
+
+async def test_a_branch_checkpoint_refused_while_another_commits_loses_no_history_line(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    two = {
+        "name": "Two",
+        "steps": [
+            {
+                "name": "both",
+                "parallel": [
+                    {"name": "a", "publish": "a.done"},
+                    {"name": "b", "publish": "b.done"},
+                ],
+            },
+            {"name": "after", "publish": "both.done"},
+        ],
+    }
+    client = await start_daemon(make_config(workflows=[two]))
+    FirstCheckpointFailsLate(client)
+    started = await run(client, "Two", wait="0s")
+    done = await reaches(client, started["id"], lambda p: p["status"] == "completed")
+    steps = [a["step"] for a in done["history"]]
+    assert sorted(steps[:2]) == ["a", "b"] and steps[2:] == ["after"]

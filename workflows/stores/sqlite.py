@@ -9,6 +9,7 @@ step starts, so a restart resumes from the last outcome.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -278,7 +279,18 @@ class SqliteWorkflowStore:
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically.
 
-        A refused write (Overloaded, StoreUnavailable) puts the history, the taken
+        One checkpoint of a process is written at a time (branches and a cancel make
+        them concurrently): each numbers its history rows from what the one before
+        committed, so a refused one's rows, written by the next, keep their order and
+        never take numbers another used. Uncontended, the lock costs no wait."""
+        lock = process.checkpointing
+        if lock is None:
+            lock = process.checkpointing = asyncio.Lock()
+        async with lock:
+            await self._checkpoint(process)
+
+    async def _checkpoint(self, process: Process) -> None:
+        """A refused write (Overloaded, StoreUnavailable) puts the history, the taken
         signals and the task answers back, so the retry (or the next checkpoint) writes
         them: no row lost, no signal taken twice. They leave the process before the write,
         not after, so a checkpoint made meanwhile (a cancel's) does not write the same
@@ -331,7 +343,7 @@ class SqliteWorkflowStore:
         except BaseException:
             _written(process, history)
             process.pending[:0] = history
-            process.history_count -= len(history)  # not `= first`: another may have failed too
+            process.history_count = first  # the only checkpoint of it in flight
             process.taken_signals = taken + process.taken_signals  # with any taken since
             process.task_ends = ends + process.task_ends
             if opening is not None and process.task_open is None:
