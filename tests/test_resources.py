@@ -23,6 +23,8 @@ from prometheus_client import CollectorRegistry
 
 from monitor import build_app
 from monitor.config import Config, ConfigError, parse_config
+from monitor.keys import PARTS
+from workflows.records import Process
 
 from .conftest import AppClient, metric_families, until
 from .processes import running_daemon
@@ -283,6 +285,26 @@ async def test_a_process_that_fails_releases_its_units(
     assert (await reaches(client, failed, "failed"))["status"] == "failed"
     after = await started(client, "Parked", {})
     await until(lambda: _waits_for(client, after, "signal"))
+
+
+async def test_a_process_whose_last_checkpoint_fails_in_the_engine_releases_its_units(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    config = contended(1)
+    config["workflows"][0]["steps"][0]["call"]["service"] = "nowhere"
+    client = await start_daemon(make_config(**config))
+    store = client.app[PARTS].engine.store
+    real = store.checkpoint
+
+    async def checkpoint(process: Process) -> None:
+        if process.workflow == "Contended" and process.finished_at is not None:
+            raise RuntimeError("simulated: a bug meets the last checkpoint")
+        await real(process)
+
+    store.checkpoint = checkpoint  # type: ignore[method-assign]
+    await started(client, "Contended", {"n": 1})  # fails; its end is never written
+    after = await started(client, "Parked", {})
+    await until(lambda: _waits_for(client, after, "signal"))  # it holds the unit
 
 
 async def test_a_key_without_a_value_fails_the_step(

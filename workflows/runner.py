@@ -707,14 +707,21 @@ class ProcessRunner:
     async def _finish(self, process: Process, status: ProcessStatus) -> None:
         now = self._clock()
         process.finished_at, process.wake_at = now, None
-        await self._checkpoint(process, status)
-        if self._resources is not None and self._resources.asked(process.id):
-            await self._resources.release(process.id)  # after the final checkpoint
+        try:
+            await self._checkpoint(process, status)
+        except Exception:  # a bug: this daemon runs it no more, its units must not stay held
+            await self._release(process)  # (a restart resumes its unfinished row, unheld)
+            raise
+        await self._release(process)  # after the final checkpoint
         self._metrics.finished(process.workflow, status, now - process.created_at)
         self.emit(f"workflow.{status}", process)
         self.deadlines.cancel(process.id)
         if self._outcome is not None and not process.deadline_missed:
             self._outcome(process.workflow, now, status == ProcessStatus.COMPLETED)
+
+    async def _release(self, process: Process) -> None:
+        if self._resources is not None and self._resources.asked(process.id):
+            await self._resources.release(process.id)
 
     async def _deadline_passed(self, process: Process) -> None:
         if process.finished or process.deadline_missed:
