@@ -418,3 +418,117 @@ async def test_two_branches_taking_signals_during_an_outage_take_each_once(
 
 async def _waits(client: AppClient, process_id: str) -> bool:
     return (await process(client, process_id))["status"] == "waiting"
+
+
+# -- a daemon killed mid parallel step whose branches are tasks ------------------------------
+
+RESERVE_THEN_BOTH = {
+    "name": "Payment",
+    "queue": "payments",
+    "steps": [
+        {"name": "reserve", "task": "reserveFunds", "compensate": {"task": "releaseFunds"}},
+        {
+            "name": "both",
+            "parallel": [
+                {"name": "a", "task": "aTask", "compensate": {"task": "aUndo"}},
+                {"name": "b", "task": "bTask", "compensate": {"task": "bUndo"}},
+            ],
+        },
+    ],
+}
+
+
+async def branch_tasks(client: AppClient, count: int = 2) -> dict[str, str]:
+    """The branches' tasks as handed out: task name -> delivery id."""
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        got += await poll(client, wait="2s", worker="w1", max=count)
+    return {t["task"]: t["id"] for t in got}
+
+
+async def run_handed(client: AppClient, process_id: str, status: str) -> list[str]:
+    """Complete every task handed out until the process ends `status`: their names."""
+    handed: list[str] = []
+
+    async def ended() -> bool:
+        for task in await poll(client, wait="0.2s", worker="w2", max=10):
+            handed.append(task["task"])
+            await client.post(f"/v1/tasks/{task['id']}/complete", json={"output": {}})
+        return bool((await process(client, process_id))["status"] == status)
+
+    await until(ended)
+    return handed
+
+
+def answered_in_the_table(tmp_path: Path, delivery: str) -> None:
+    """A worker's complete that reached the table while the daemon was going down."""
+    with sqlite3.connect(tmp_path / "hms.db") as db:
+        db.execute("UPDATE tasks SET state = 'done', output = '{}' WHERE delivery = ?", [delivery])
+
+
+async def test_after_a_restart_a_cancelled_branch_s_task_done_before_is_undone(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[RESERVE_THEN_BOTH])
+    first = await start_daemon(config)
+    process_id = await start(first)
+    reserve = await take(first, "reserveFunds")
+    await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    tasks = await branch_tasks(first)
+    await killed_while_cancelling(first, process_id)
+    answered_in_the_table(tmp_path, tasks["aTask"])
+    second = await start_daemon(config)
+    assert await run_handed(second, process_id, "cancelled") == ["aUndo", "releaseFunds"]
+    assert ("a", "compensate", "ok") in await history(second, process_id)
+    assert rows(tmp_path, process_id)[:3] == [
+        ("reserve", 1, "done"),
+        ("a", 1, "done"),
+        ("b", 1, "cancelled"),
+    ]
+
+
+async def test_after_a_restart_a_cancelled_branch_s_task_answers_409(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[RESERVE_THEN_BOTH])
+    first = await start_daemon(config)
+    process_id = await start(first)
+    reserve = await take(first, "reserveFunds")
+    await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    tasks = await branch_tasks(first)
+    await killed_while_cancelling(first, process_id)
+    second = await start_daemon(config)
+    await until(lambda: _compensating(second, process_id))
+    resp = await second.post(f"/v1/tasks/{tasks['bTask']}/complete", json={"output": {}})
+    assert resp.status == 409  # its process was cancelled: the work is not taken as done
+    assert await run_handed(second, process_id, "cancelled") == ["releaseFunds"]
+
+
+async def _compensating(client: AppClient, process_id: str) -> bool:
+    return (await process(client, process_id))["status"] == "compensating"
+
+
+async def test_after_a_restart_a_branch_task_done_beside_a_failed_one_is_undone(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[RESERVE_THEN_BOTH])
+    first = await start_daemon(config)
+    process_id = await start(first)
+    reserve = await take(first, "reserveFunds")
+    await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
+    tasks = await branch_tasks(first)
+    never = asyncio.Event()
+    slow_cancel(first, before=never, after=never)  # b's cancel never reaches the table
+    failed = {"error": "no funds", "retryable": False}
+    assert (await first.post(f"/v1/tasks/{tasks['aTask']}/fail", json=failed)).status == 200
+    await asyncio.sleep(0.2)
+    await first.close()
+    answered_in_the_table(tmp_path, tasks["bTask"])
+    second = await start_daemon(config)
+    assert await run_handed(second, process_id, "compensated") == ["bUndo", "releaseFunds"]
+    view = await process(second, process_id)
+    both = next(s for s in view["steps"] if s["name"] == "both")
+    assert [(b["name"], b["state"]) for b in both["branches"]] == [
+        ("a", "failed"),
+        ("b", "compensated"),
+    ]

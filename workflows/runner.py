@@ -225,6 +225,8 @@ class ProcessRunner:
             for branch in parallel.branches
         ]
         failed = any(_branch(s).state == BranchState.FAILED for s in strands)  # before a restart
+        if failed and self._tasks is not None:  # a task answered meanwhile is undone too
+            await self._cancel_branch_tasks(definition, process, parallel)
         for strand in strands:
             strand.halted = failed
         async with asyncio.TaskGroup() as group:
@@ -493,26 +495,59 @@ class ProcessRunner:
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
 
     async def _cancel_stored_task(self, definition: Definition, process: Process) -> None:
-        """Cancel the step's task as stored: opened by the last checkpoint, or open when
-        the daemon stopped before the cancel reached it. One a worker answered first is
-        the step's outcome: a done step is compensated with the others."""
-        assert self._tasks is not None
+        """Cancel the step's task as stored (each running task branch's, at a parallel
+        step): opened by the last checkpoint, or open when the daemon stopped before the
+        cancel reached it. One a worker answered first is the step's outcome: a done step
+        is compensated with the others."""
         if process.position >= len(definition.steps):
             return
         step = definition.steps[process.position]
+        if isinstance(step.action, Parallel):
+            await self._cancel_branch_tasks(definition, process, step.action)
+            return
         if not isinstance(step.action, Task):
             return
-        new = self._new_task(
-            definition, process, step, step.action, process.attempt + 1, forward=True
-        )
+        result = await self._cancel_strand_task(definition, Strand(process, process), step)
+        if result is not None and result.ok:
+            process.outputs[step.name] = result.output
+            process.position, process.attempt = process.position + 1, 0
+
+    async def _cancel_branch_tasks(
+        self, definition: Definition, process: Process, parallel: Parallel
+    ) -> None:
+        """Cancel the stored task of every task branch still running (`<id>/<branch>`),
+        when they will not run on (a cancel, a sibling failed before a restart). A branch
+        whose worker's answer reached the table first is done: its output is kept and
+        compensation undoes it. Its record may not be stored yet (its task opened before
+        any checkpoint of the step): then the task is its first attempt."""
+        for step in parallel.branches:
+            branch = process.branches.get(step.name)
+            running = branch is None or branch.state == BranchState.RUNNING
+            if not running or not isinstance(step.action, Task):
+                continue
+            strand = Strand(process, branch or Branch(), step.name)
+            result = await self._cancel_strand_task(definition, strand, step)
+            if result is not None and result.ok:
+                process.outputs[step.name] = result.output
+                done = process.branches.setdefault(step.name, _branch(strand))
+                self._branch_ended(process, done, BranchState.DONE)
+
+    async def _cancel_strand_task(
+        self, definition: Definition, strand: Strand, step: Step
+    ) -> CallResult | None:
+        """Cancel the task of the step's attempt under way on the strand, as stored. Its
+        outcome (in the history) when a worker's answer reached the table first."""
+        assert self._tasks is not None and isinstance(step.action, Task)
+        process = strand.process
+        attempt = strand.state.attempt + 1
+        new = self._new_task(definition, process, step, step.action, attempt, forward=True)
         started = self._clock()
         ended = await self._tasks.cancel_stored(process.id, new.key, new.attempt)
-        if ended is not None:
-            result = outcome(ended)
-            self._record(process, step.name, AttemptKind.TASK, new.attempt, started, result)
-            if result.ok:
-                process.outputs[step.name] = result.output
-                process.position, process.attempt = process.position + 1, 0
+        if ended is None:
+            return None
+        result = outcome(ended)
+        self._record(process, step.name, AttemptKind.TASK, new.attempt, started, result)
+        return result
 
     async def _wait_for(self, strand: Strand, step: Step, wait: WaitFor) -> CallResult | None:
         assert wait.event is not None
