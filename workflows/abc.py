@@ -40,8 +40,8 @@ class ProcessStore(Protocol):
 
     async def checkpoint(self, process: Process) -> None:
         """Store the process and its `pending` history (then emptied), atomically, with
-        its `task_ends` (workers' answers ending their tasks' open claims). One checkpoint
-        of a process is written at a time, in the order they were made."""
+        its `task_ends` (workers' answers ending their tasks' open claims). Concurrent
+        checkpoints of a process (its branches') never give two rows one number."""
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""

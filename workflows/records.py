@@ -6,7 +6,6 @@ mutates a live `Process` in place and hands it to `checkpoint`.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -147,9 +146,6 @@ class Process:
     # then cancels any of its tasks left open. Others skip that write.
     has_tasks: bool = False
     branches: dict[str, Branch] = field(default_factory=dict)  # parallel steps' branches
-    # Its checkpoints are written one at a time (made by the store at the first): each
-    # numbers its history from what the one before committed (not stored).
-    checkpointing: asyncio.Lock | None = None
 
     @property
     def finished(self) -> bool:

@@ -9,7 +9,6 @@ step starts, so a restart resumes from the last outcome.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import orjson
@@ -198,6 +197,14 @@ def _written(process: Process, history: list[Attempt]) -> None:
         process.writing = [a for a in process.writing if id(a) not in ours]
 
 
+def _stored_history(d: sqlite_utils.Database, seq: int) -> int:
+    """How many history rows the process has, inside the write: the next row's number."""
+    (count,) = d.conn.execute(
+        "SELECT coalesce(max(n) + 1, 0) FROM process_history WHERE process = ?", [seq]
+    ).fetchone()
+    return int(count)
+
+
 def _attempt(row: tuple[Any, ...]) -> Attempt:
     step, kind, attempt, started, ended, outcome, error, instance, http_status = row
     return Attempt(
@@ -279,29 +286,23 @@ class SqliteWorkflowStore:
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically.
 
-        One checkpoint of a process is written at a time (branches and a cancel make
-        them concurrently): each numbers its history rows from what the one before
-        committed, so a refused one's rows, written by the next, keep their order and
-        never take numbers another used. Uncontended, the lock costs no wait."""
-        lock = process.checkpointing
-        if lock is None:
-            lock = process.checkpointing = asyncio.Lock()
-        async with lock:
-            await self._checkpoint(process)
-
-    async def _checkpoint(self, process: Process) -> None:
-        """A refused write (Overloaded, StoreUnavailable) puts the history, the taken
+        A refused write (Overloaded, StoreUnavailable) puts the history, the taken
         signals and the task answers back, so the retry (or the next checkpoint) writes
         them: no row lost, no signal taken twice. They leave the process before the write,
         not after, so a checkpoint made meanwhile (a cancel's) does not write the same
         history rows again. Until the commit the rows are in `process.writing`, which reads
-        show (Engine.describe): the process's new state is never seen without them."""
+        show (Engine.describe): the process's new state is never seen without them.
+
+        A process with branches makes checkpoints with rows concurrently: one refused
+        while another commits would number its retry's rows over the other's, so its rows
+        are numbered inside the write, after those stored. A single line never has two
+        with rows in flight: numbered from memory, no read."""
         history, process.pending = process.pending, []
         process.writing += history
         taken, process.taken_signals = process.taken_signals, ()
         ends, process.task_ends = process.task_ends, ()
         opening, process.task_open = process.task_open, None
-        first = process.history_count
+        first = process.history_count if not process.branches else None
         process.history_count += len(history)
         row, seq = _row(process), process.seq
         finished = process.finished_at if process.has_tasks else None
@@ -315,12 +316,13 @@ class SqliteWorkflowStore:
             for signal in taken:  # taken once: gone with the checkpoint of the step
                 d.conn.execute("DELETE FROM process_signals WHERE seq = ?", [signal])
             if history:
+                start = first if first is not None else _stored_history(d, seq)
                 d.conn.executemany(
                     "INSERT INTO process_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             seq,
-                            first + n,
+                            start + n,
                             a.step,
                             a.kind,
                             a.attempt,
@@ -343,7 +345,7 @@ class SqliteWorkflowStore:
         except BaseException:
             _written(process, history)
             process.pending[:0] = history
-            process.history_count = first  # the only checkpoint of it in flight
+            process.history_count -= len(history)  # not `= first`: another may have failed too
             process.taken_signals = taken + process.taken_signals  # with any taken since
             process.task_ends = ends + process.task_ends
             if opening is not None and process.task_open is None:
