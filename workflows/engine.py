@@ -170,10 +170,12 @@ class Engine:
         unfinished = await self.store.unfinished()
         if self.resources is not None:  # holds and queues back before any process runs
             await self.resources.open(unfinished)
-        for process in unfinished:
+        if self._schedules is not None:  # before the processes run: no await once they do
+            await self._schedules.open()
+        for process in unfinished:  # nothing awaited after this: the daemon answers at once
             self._spawn(process)
         if self._schedules is not None:  # last: a missed tick's process starts after these
-            await self._schedules.open()
+            self._schedules.start()
 
     async def close(self) -> None:
         """Stop every task; their state is what the last checkpoint says."""

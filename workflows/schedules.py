@@ -77,8 +77,13 @@ class Schedules:
         self._changed.set()
 
     async def open(self) -> None:
+        """Load the marks; `start` then fires the schedules."""
         await self._store.create_tables()
         self._stored = {mark.workflow: mark for mark in await self._store.marks()}
+
+    def start(self) -> None:
+        """Begin firing. No await: the engine starts it right after resuming its processes,
+        and an await there would let 1,000 resumed processes run before the daemon serves."""
         self._task = asyncio.create_task(self._run(), name="workflow-schedules")
 
     async def close(self) -> None:
