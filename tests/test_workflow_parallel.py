@@ -299,6 +299,32 @@ async def test_a_skipped_branch_shows_why_and_the_step_completes(
     assert '<span class="reason">[input.injured] == true (got false)</span>' in html
 
 
+async def test_a_synchronous_start_answers_once_its_respond_after_branch_is_skipped(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    service: TestServer,
+) -> None:
+    workflow = {
+        "name": "Triage",
+        "respond_after": "ems",
+        "steps": [
+            {
+                "name": "both",
+                "parallel": [
+                    branch("ems", when="[input.injured] == true"),
+                    {"name": "docs", "wait_for": {"signal": "docsValidated"}},
+                ],
+            },
+        ],
+    }
+    client = await start_daemon(make_config(workflows=[workflow]))
+    await register(client, "units", "i1", str(service.make_url("/")))
+    resp = await client.post("/v1/workflows/Triage?wait=20s", json={"input": {"injured": False}})
+    answer = await resp.json()
+    assert resp.status == 200  # at the skip, not after 20 s with the docs still awaited
+    assert answer["status"] == "waiting"
+
+
 async def test_a_cancel_mid_parallel_ends_the_wait_and_undoes_finished_branches(
     client: AppClient, units: Units
 ) -> None:

@@ -52,13 +52,15 @@ from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent
 from .resources import ResourcePool, acquire_problems
 from .runner import Outcome, ProcessRunner
 from .schedules import RECHECK, Schedules
-from .states import ProcessStatus, WaitKind
+from .states import BranchState, ProcessStatus, WaitKind
 from .tasks import TaskQueues
 from .waits import EventWaits, SignalWaits, Wakeups
 
 __all__ = ["Engine", "Outcome", "Parse"]
 
 log = logging.getLogger("workflows.engine")
+# A branch that ended so: a `respond_after` naming it has answered (its step did for the main line).
+_GONE_PAST = frozenset({BranchState.DONE, BranchState.SKIPPED})
 
 READS = 3  # of a process's history, while checkpoints commit under the read
 
@@ -291,7 +293,8 @@ class Engine:
         definition = self.definition_of(process)
         if definition is not None and definition.respond_after is not None:
             names = [step.name for step in definition.steps[: process.position]]
-            if definition.respond_after in names:  # resumed past it: answer at once
+            ended = {n for n, b in process.branches.items() if b.state in _GONE_PAST}
+            if definition.respond_after in {*names, *ended}:  # resumed past it: answer at once
                 answered.set()
         self._runner.deadlines.arm(process)
         task = asyncio.create_task(self._run(process), name=f"process:{process.id}")

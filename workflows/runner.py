@@ -260,6 +260,8 @@ class ProcessRunner:
                     self._skipped(process, step, unmet)
                     self._branch_ended(process, branch, BranchState.SKIPPED)
                     await self._checkpoint(process, ProcessStatus.RUNNING, strand)
+                    if definition.respond_after == step.name:  # as a skipped main-line step
+                        self._respond(process.id)
                     return
             try:
                 result = await self._run_step(definition, strand, step)
