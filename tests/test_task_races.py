@@ -466,16 +466,25 @@ def answered_in_the_table(tmp_path: Path, delivery: str) -> None:
         db.execute("UPDATE tasks SET state = 'done', output = '{}' WHERE delivery = ?", [delivery])
 
 
-async def test_after_a_restart_a_cancelled_branch_s_task_done_before_is_undone(
-    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
-) -> None:
-    config = make_config(workflows=[RESERVE_THEN_BOTH])
+async def cancelled_then_killed_mid_branches(
+    start_daemon: Start, config: Config
+) -> tuple[str, dict[str, str]]:
+    """Reserve done, both task branches open, a cancel accepted, then the daemon killed
+    before the runner cancelled the branches' tasks: (process id, task name -> delivery)."""
     first = await start_daemon(config)
     process_id = await start(first)
     reserve = await take(first, "reserveFunds")
     await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
     tasks = await branch_tasks(first)
     await killed_while_cancelling(first, process_id)
+    return process_id, tasks
+
+
+async def test_after_a_restart_a_cancelled_branch_s_task_done_before_is_undone(
+    make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
+) -> None:
+    config = make_config(workflows=[RESERVE_THEN_BOTH])
+    process_id, tasks = await cancelled_then_killed_mid_branches(start_daemon, config)
     answered_in_the_table(tmp_path, tasks["aTask"])
     second = await start_daemon(config)
     assert await run_handed(second, process_id, "cancelled") == ["aUndo", "releaseFunds"]
@@ -491,12 +500,7 @@ async def test_after_a_restart_a_cancelled_branch_s_task_answers_409(
     make_config: Callable[..., Config], start_daemon: Start, tmp_path: Path
 ) -> None:
     config = make_config(workflows=[RESERVE_THEN_BOTH])
-    first = await start_daemon(config)
-    process_id = await start(first)
-    reserve = await take(first, "reserveFunds")
-    await first.post(f"/v1/tasks/{reserve['id']}/complete", json={"output": {}})
-    tasks = await branch_tasks(first)
-    await killed_while_cancelling(first, process_id)
+    process_id, tasks = await cancelled_then_killed_mid_branches(start_daemon, config)
     second = await start_daemon(config)
     await until(lambda: _compensating(second, process_id))
     resp = await second.post(f"/v1/tasks/{tasks['bTask']}/complete", json={"output": {}})
