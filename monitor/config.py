@@ -1051,7 +1051,7 @@ def _check_acquires(
     """Each step's `acquire` names a resource of the top level, for at most its capacity,
     and no other step (or branch) acquires it: its process would wait for units it holds
     itself, or hold some while waiting for more, and two such processes for each other
-    (`PUT /v1/workflows/{name}` checks against the running config's: workflows/resources)."""
+    (`PUT /v1/workflows/{name}` checks against the running config's: `parse_workflow`)."""
     every: list[tuple[Path_, dict[str, Any]]] = []
     for j, step in _items(workflow, "steps"):
         every.append(((*at, "steps", j), step))
@@ -1097,12 +1097,16 @@ def _check_targets(
                 yield ("services", i, "instances", j, "url"), refusal
 
 
-def parse_workflow(data: Any) -> Workflow:
+def parse_workflow(data: Any, capacities: Mapping[str, int] | None = None) -> Workflow:
     """One workflow entry from JSON (`PUT /v1/workflows/{name}`, or a stored version), with
-    every check a config.yaml entry gets; `InvalidDefinition` names each bad field."""
+    every check a config.yaml entry gets; `InvalidDefinition` names each bad field.
+    `capacities`: the running config's resources, which a new definition's `acquire`s
+    are checked against (it has no top level of its own); None for a stored version."""
     problems: list[tuple[Path_, str]] = []
     if isinstance(data, dict):
         problems += workflow_problems(data)
+        if capacities is not None:
+            problems += _check_acquires(data, (), capacities)
     workflow = None
     try:
         workflow = Workflow.model_validate(data)

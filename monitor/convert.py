@@ -65,13 +65,19 @@ def definition_from_config(
     )
 
 
-def definition_from_json(data: Mapping[str, Any], *, source: str = "api") -> Definition:
+def definition_from_json(
+    data: Mapping[str, Any],
+    *,
+    source: str = "api",
+    capacities: Mapping[str, int] | None = None,
+) -> Definition:
     """A stored or deployed definition (a config.yaml entry as JSON), checked as config.yaml
-    is; `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path.
+    is (its `acquire`s against `capacities` when given: a new definition);
+    `workflows.errors.InvalidDefinition` (a ValueError) names each bad field's path.
     A stored config.yaml version has its `${VAR}`s expanded from today's environment (it
     was stored as written); an API one never is (a deployer may not read the environment)."""
     if source != "config":
-        return definition_from_config(cfg.parse_workflow(data))
+        return definition_from_config(cfg.parse_workflow(data, capacities))
     return definition_from_config(cfg.parse_workflow(cfg.expand_variables(data)), data)
 
 

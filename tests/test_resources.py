@@ -603,7 +603,7 @@ async def test_a_process_never_waits_for_units_it_holds_itself(
 ) -> None:
     """Versions stored before PUT refused them still run: a later step (or a sibling
     branch) of the same (resource, key) shares the request its process has."""
-    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    monkeypatch.setattr("monitor.config._check_acquires", lambda workflow, at, capacities: ())
     client = await start_daemon(make_config(**contended(1)))
     lanes = {"resource": "lanes"}
     twice = [
@@ -639,7 +639,7 @@ async def test_two_processes_that_take_units_at_two_steps_do_not_wait_for_each_o
 ) -> None:
     """Each takes 1 of 2 units, then 1 more at its second step: the second step re-uses
     the first one's unit, where queueing would leave both waiting for ever."""
-    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    monkeypatch.setattr("monitor.config._check_acquires", lambda workflow, at, capacities: ())
     client = await start_daemon(make_config(**contended(2)))
     steps = [
         {"name": "first", "acquire": {"resource": "lanes"}, "wait_for": {"signal": "go"}},
@@ -660,7 +660,7 @@ async def test_a_step_asking_for_more_of_its_processs_hold_fails_at_once(
     start_daemon: Callable[..., Awaitable[AppClient]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("workflows.engine.acquire_problems", lambda definition, capacities: [])
+    monkeypatch.setattr("monitor.config._check_acquires", lambda workflow, at, capacities: ())
     client = await start_daemon(make_config(**contended(2, key="{input.p}")))
     acquire = {"resource": "lanes", "key": "{input.p}"}
     steps = [

@@ -49,7 +49,7 @@ from .errors import (
 )
 from .metrics import WorkflowMetrics
 from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent
-from .resources import ResourcePool, acquire_problems
+from .resources import ResourcePool
 from .runner import Outcome, ProcessRunner
 from .schedules import RECHECK, Schedules
 from .states import BranchState, ProcessStatus, WaitKind
@@ -68,9 +68,17 @@ READS = 3  # of a process's history, while checkpoints commit under the read
 class Parse(Protocol):
     """A stored definition's JSON back into a Definition (the root's: workflows/ cannot
     know config.yaml's schema). Raises ValueError when it no longer validates. `source`
-    is the version's ("config": stored as config.yaml wrote it, `${VAR}` unexpanded)."""
+    is the version's ("config": stored as config.yaml wrote it, `${VAR}` unexpanded);
+    `capacities` the running resources a new definition's `acquire`s must fit."""
 
-    def __call__(self, spec: Mapping[str, Any], /, *, source: str = "api") -> Definition: ...
+    def __call__(
+        self,
+        spec: Mapping[str, Any],
+        /,
+        *,
+        source: str = "api",
+        capacities: Mapping[str, int] | None = None,
+    ) -> Definition: ...
 
 
 class Engine:
@@ -419,12 +427,8 @@ class Engine:
         """A definition from its JSON (a config.yaml entry), checked as config.yaml is."""
         if self._parse is None:
             raise InvalidDefinition([("(top level)", "this engine takes no JSON definitions")])
-        definition = self._parse(spec)
         capacities = self.resources.capacities if self.resources is not None else {}
-        problems = acquire_problems(definition, capacities)  # the running config's resources
-        if problems:
-            raise InvalidDefinition(problems)
-        return definition
+        return self._parse(spec, capacities=capacities)  # the running config's resources
 
     async def configure_resources(self, resources: Iterable[Resource]) -> None:
         """config.yaml's resources (at a reload): new capacities apply to grants from now."""

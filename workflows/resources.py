@@ -25,18 +25,18 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from registry import StoreUnavailable
 
 from .abc import Hold, ResourceStore
-from .definition import Definition, Parallel, Resource
+from .definition import Resource
 from .records import Process
 from .states import BranchState, WaitKind
 
-__all__ = ["Request", "ResourcePool", "acquire_problems"]
+__all__ = ["Request", "ResourcePool"]
 
 log = logging.getLogger("workflows.engine")
 
@@ -367,49 +367,5 @@ def _asked_again(request: Request, own: Request) -> str:
     return (
         f"step {request.step!r} asks for {request.units} units of {where}, which this process "
         f"already asked for at step {own.step!r} ({own.units}): acquire it once, at the first "
-        "step that needs it, with all the units"
-    )
-
-
-def acquire_problems(
-    definition: Definition, capacities: Mapping[str, int]
-) -> list[tuple[str, str]]:
-    """(JSON path, message) for each `acquire` of a resource not in `capacities`, or of
-    more units than its capacity, or of one an earlier step (or branch) acquires: `PUT
-    /v1/workflows/{name}` has no top level to define resources, so it is checked against
-    the running config's (422)."""
-    problems = []
-    every = []
-    for i, step in enumerate(definition.steps):
-        every.append((f"steps.{i}", step))
-        if isinstance(step.action, Parallel):
-            every += [(f"steps.{i}.parallel.{k}", b) for k, b in enumerate(step.action.branches)]
-    first: dict[str, str] = {}  # resource -> the step that acquires it first
-    for where, step in every:
-        acquire = step.acquire
-        if acquire is None:
-            continue
-        if acquire.resource in first:
-            message = _acquired_again(acquire.resource, first[acquire.resource])
-            problems.append((f"{where}.acquire.resource", message))
-        first.setdefault(acquire.resource, step.name)
-        capacity = capacities.get(acquire.resource)
-        if capacity is None:
-            known = ", ".join(sorted(capacities)) or "none"
-            message = f"no resource named {acquire.resource!r} (config.yaml defines: {known})"
-            problems.append((f"{where}.acquire.resource", message))
-        elif acquire.units > capacity:
-            name, units = acquire.resource, acquire.units
-            message = f"{units} units exceed the capacity of {name!r} ({capacity})"
-            problems.append((f"{where}.acquire.units", message))
-    return problems
-
-
-def _acquired_again(resource: str, first: str) -> str:
-    """Why a workflow may not acquire a resource at two steps: its process would wait for
-    units it holds itself, or hold some while waiting for more (monitor/config.py says
-    the same of a config.yaml entry)."""
-    return (
-        f"{resource!r} is acquired at step {first!r} already: acquire it once, at the first "
         "step that needs it, with all the units"
     )
