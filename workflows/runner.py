@@ -119,8 +119,8 @@ class ProcessRunner:
                 await self._finish(process, ProcessStatus.FAILED)
             finally:
                 stale = StaleDelivery(f"its process failed: {exc}")
-                for end in lost:
-                    if self._tasks is not None:
+                if self._tasks is not None:
+                    for end in lost:
                         self._tasks.ended(end.delivery, stale)
 
     async def _forward(self, definition: Definition, process: Process) -> None:
@@ -169,10 +169,7 @@ class ProcessRunner:
         process.attempt = 0
         self._open_next(definition, process)
         await self._checkpoint(process, ProcessStatus.RUNNING)
-        if done:
-            self._step_done(definition, process, step.name)
-        elif definition.respond_after == step.name:
-            self._respond(process.id)
+        self._step_done(definition, process, step.name, done=done)
 
     async def _run_step(
         self, definition: Definition, strand: Strand, step: Step
@@ -260,8 +257,7 @@ class ProcessRunner:
                     self._skipped(process, step, unmet)
                     self._branch_ended(process, branch, BranchState.SKIPPED)
                     await self._checkpoint(process, ProcessStatus.RUNNING, strand)
-                    if definition.respond_after == step.name:  # as a skipped main-line step
-                        self._respond(process.id)
+                    self._step_done(definition, process, step.name, done=False)
                     return
             try:
                 result = await self._run_step(definition, strand, step)
@@ -660,10 +656,14 @@ class ProcessRunner:
         self._record(process, step.name, _ATTEMPT_KIND[step.kind], attempt, started, refused)
         return refused
 
-    def _step_done(self, definition: Definition, process: Process, step: str) -> None:
-        """After a step's checkpoint: tell listeners, and answer a synchronous start
-        waiting for this step (`respond_after`)."""
-        self.emit("workflow.step_completed", process, step=step)
+    def _step_done(
+        self, definition: Definition, process: Process, step: str, *, done: bool = True
+    ) -> None:
+        """After the checkpoint of a step (or branch) that ended, `done` or skipped: tell
+        listeners of a done one, and answer a synchronous start waiting for this step
+        (`respond_after`) either way."""
+        if done:
+            self.emit("workflow.step_completed", process, step=step)
         if definition.respond_after == step:
             self._respond(process.id)
 
@@ -840,11 +840,10 @@ class ProcessRunner:
         sends it again; the claim is still open in the table). Nor is the next task the
         checkpoint would open: a poll held for it waits on."""
         ends, process.task_ends = process.task_ends, ()
-        for end in ends:
-            if self._tasks is not None:
-                self._tasks.ended(end.delivery, error)
         process.task_open = None
         if self._tasks is not None:
+            for end in ends:
+                self._tasks.ended(end.delivery, error)
             self._tasks.drop(process.id)
 
     def _set_status(
