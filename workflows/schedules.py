@@ -128,16 +128,16 @@ class Schedules:
         except (ValueError, KeyError) as exc:  # checked at the edge; a zone gone from tzdata
             log.error("workflow %s: schedule %r not armed: %s", name, schedule.cron, exc)
             return
-        if stored is not None and (stored.cron, stored.timezone) == (
+        same = stored is not None and (stored.cron, stored.timezone) == (
             cron.expression,
             cron.timezone,
-        ):
-            served = stored.tick  # resumed: ticks since then were missed while down
-        else:
-            served = self._clock()
-            armed = _Armed(schedule, cron, served, None)
+        )
+        # Resumed: ticks since its mark were missed while down. Else it owes nothing before now.
+        served = stored.tick if same and stored is not None else self._clock()
+        armed = _Armed(schedule, cron, served, cron.next_after(served))
+        if not same:
             await self._store.mark(armed.mark(name, served))
-        self._armed[name] = _Armed(schedule, cron, served, cron.next_after(served))
+        self._armed[name] = armed
 
     async def _fire_due(self) -> None:
         now = self._clock()
