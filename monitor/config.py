@@ -207,6 +207,11 @@ class Storage(_Model):
         default=Path("var/hms-mgmt.db"),
         description="The SQLite file; a relative path is relative to the config file.",
     )
+    url: str | None = Field(
+        default=None,
+        description="A PostgreSQL database (`postgresql://user@host:5432/db`) instead of "
+        "`path`: several replicas share it (§8 of DESIGN, `cluster`).",
+    )
     retention: Duration = Field(
         default=timedelta(days=400),
         description="How long per-minute probe aggregates are kept (raw results: 2 days).",
@@ -219,11 +224,38 @@ class Storage(_Model):
         description="How long published events are stored and replayed after `Last-Event-ID`.",
     )
 
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("url must be a postgresql:// URL (SQLite takes `path`)")
+        return value
+
     @field_validator("path")
     @classmethod
     def _relative_to_config(cls, value: Path, info: ValidationInfo) -> Path:
         base = (info.context or {}).get("base_dir")
         return value if value.is_absolute() or base is None else Path(base) / value
+
+
+class Cluster(_Model):
+    replica_id: str = Field(
+        default="",
+        max_length=128,
+        description="This replica's name among the members; empty: host name and pid.",
+    )
+    lease: Duration = Field(
+        default=timedelta(seconds=10),
+        description="A replica that has not renewed its membership for this long is dead: "
+        "its probes, processes and leadership pass to the others.",
+    )
+
+    @field_validator("lease")
+    @classmethod
+    def _lease_floor(cls, value: timedelta) -> timedelta:
+        if value < timedelta(seconds=1):
+            raise ValueError("lease must be at least 1s")
+        return value
 
 
 class Lease(_Model):
@@ -685,7 +717,14 @@ class Workflow(_Model):
 class Config(_Model):
     server: Server = Field(default=Server(), description="Where and how the daemon listens.")
     storage: Storage = Field(
-        default=Storage(), json_schema_extra=RESTART, description="The SQLite file and retention."
+        default=Storage(),
+        json_schema_extra=RESTART,
+        description="The SQLite file or the PostgreSQL database, and retention.",
+    )
+    cluster: Cluster = Field(
+        default=Cluster(),
+        json_schema_extra=RESTART,
+        description="Replicas sharing one PostgreSQL (`storage.url`); unused on SQLite.",
     )
     defaults: Defaults = Field(default=Defaults(), description="Defaults for every service.")
     services: tuple[Service, ...] = Field(

@@ -20,6 +20,7 @@ from monitor import build_app, parse_config
 from monitor.cli import raise_open_file_limit
 from monitor.config import Config
 
+from .pg import PostgresCluster, pg_bin
 from .processes import DaemonProcess, free_port, write_config
 from .services import Receiver, start_receiver
 
@@ -52,16 +53,55 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """The test run's own PostgreSQL (tests/pg.py), started by the first test that needs it."""
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if initdb is None or pg_ctl is None:
+        require_tool("initdb")  # fails under CI, skips elsewhere
+        raise AssertionError("unreachable")
+    cluster = PostgresCluster(initdb, pg_ctl)
+    try:
+        cluster.init()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
 @pytest.fixture
-def make_config(tmp_path: Path) -> Callable[..., Config]:
-    """A Config whose database lives in this test's tmp_path."""
+def store(request: pytest.FixtureRequest) -> str:
+    """The store a daemon test runs on: "sqlite" unless the module sets STORES (both stores
+    for the API tests that must hold on each; pytest_generate_tests parametrizes)."""
+    name: str = getattr(request, "param", "sqlite")
+    return name
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    stores = getattr(metafunc.module, "STORES", None)
+    if stores and "store" in metafunc.fixturenames:
+        metafunc.parametrize("store", stores, indirect=True)
+
+
+@pytest.fixture
+def storage(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The config's `storage` section for this test: a SQLite file in tmp_path, or a new
+    database on the run's PostgreSQL."""
+    if store == "postgres":
+        cluster: PostgresCluster = request.getfixturevalue("postgres")
+        return {"url": cluster.database()}
+    return {"path": str(tmp_path / "hms.db")}
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, storage: dict[str, str]) -> Callable[..., Config]:
+    """A Config whose database lives in this test's tmp_path (or its PostgreSQL database)."""
 
     def make(**sections: Any) -> Config:
         # Not probed unless a test asks: registry tests use made-up addresses, and no
         # test may send traffic beyond 127.0.0.1.
         data: dict[str, Any] = {
             "server": {"overload_lag": "0s"},  # see tests/processes.py write_config
-            "storage": {"path": str(tmp_path / "hms.db")},
+            "storage": dict(storage),
             "defaults": {"probe": {"type": "none"}},
         }
         defaults = sections.pop("defaults", {})
@@ -136,13 +176,18 @@ async def until(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0)
         await asyncio.sleep(0.05)
 
 
-BACKENDS = ("sqlite",)  # issue 17 adds "postgres", on a cluster the test run starts
+BACKENDS = ("sqlite", "postgres")  # postgres: on the cluster the test run starts (tests/pg.py)
+BOTH_STORES = BACKENDS  # a daemon test module's STORES = BOTH_STORES runs it on each
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """The store implementation a contract test runs against (tests/contracts.py)."""
     name: str = request.param
+    if name == "postgres":
+        from . import contracts
+
+        contracts._POSTGRES["cluster"] = request.getfixturevalue("postgres")
     return name
 
 

@@ -4,8 +4,8 @@ make it refuse writes.
 Each tests/test_contract_*.py has FACTORIES, one entry per implementation, each an async
 context manager over a directory that yields a `Backing` with the store in it
 (`"sqlite": sqlite_factory(SqliteXStore)`). The tests use
-only the store's Protocol, never its tables; issue 17 adds a "postgres" entry beside each
-"sqlite" one."""
+only the store's Protocol, never its tables; each has a "postgres" entry beside the
+"sqlite" one, on a new database of the run's own PostgreSQL (tests/pg.py)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import pytest
 
 from monitor.storage import Database
+from monitor.storage.postgres import PgDatabase
+
+if TYPE_CHECKING:
+    from .pg import PostgresCluster
 
 S = TypeVar("S")
 
@@ -65,6 +69,45 @@ def sqlite_factory(make: Callable[[Database], S]) -> Factory[S]:
             yield Backing(store=make(database), break_storage=lambda: close_underneath(database))
 
     return backing
+
+
+@asynccontextmanager
+async def postgres_database(url: str) -> AsyncIterator[PgDatabase]:
+    """The daemon's PostgreSQL handle on `url`; opened twice, it reads back what it wrote."""
+    database = PgDatabase(url)
+    await database.open()
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def postgres_factory(make: Callable[[PgDatabase], S]) -> Factory[S]:
+    """A factory of PostgreSQL stores: `make` builds one over the daemon's PgDatabase, on a
+    database of its own (one per directory, so a test that opens the store twice in the same
+    directory sees the same data)."""
+    urls: dict[Path, str] = {}
+
+    @asynccontextmanager
+    async def backing(tmp_path: Path) -> AsyncIterator[Backing[S]]:
+        cluster = _POSTGRES.get("cluster")
+        if cluster is None:
+            pytest.fail("the postgres contract needs the `postgres` fixture (tests/conftest.py)")
+        if tmp_path not in urls:
+            urls[tmp_path] = cluster.database()
+        url = urls[tmp_path]
+        async with postgres_database(url) as database:
+
+            async def break_storage() -> None:
+                cluster.refuse_connections(url)
+
+            yield Backing(store=make(database), break_storage=break_storage)
+
+    return backing
+
+
+# The run's cluster, put here by the `backend` fixture when a contract test asks for postgres.
+_POSTGRES: dict[str, PostgresCluster] = {}
 
 
 def factory_for(factories: dict[str, Factory[S]], backend: str) -> Factory[S]:

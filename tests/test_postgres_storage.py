@@ -1,0 +1,137 @@
+"""The PostgreSQL handle every PostgreSQL store writes through (monitor/storage/postgres.py),
+on the test run's own server: group commit, one failing write alone, versioned migrations,
+a server crash answered with StoreUnavailable then recovered from, LISTEN after reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from monitor.storage import DatabaseError
+from monitor.storage.postgres import Listener, PgDatabase, notify
+from registry import StoreUnavailable
+
+from .pg import PostgresCluster
+
+MIGRATIONS = ("CREATE TABLE things (id INTEGER PRIMARY KEY, name TEXT NOT NULL)",)
+
+
+async def opened(url: str) -> PgDatabase:
+    database = PgDatabase(url)
+    await database.open()
+    await database.migrate("things", MIGRATIONS)
+    return database
+
+
+def insert(id: int, name: str | None) -> Any:
+    def write(conn: psycopg.Connection[Any]) -> int:
+        conn.execute("INSERT INTO things (id, name) VALUES (%s, %s)", [id, name])
+        return id
+
+    return write
+
+
+def names(conn: psycopg.Connection[Any]) -> list[str]:
+    return [row[0] for row in conn.execute("SELECT name FROM things ORDER BY id")]
+
+
+async def test_writes_queued_together_commit_together_and_a_bad_one_fails_alone(
+    postgres: PostgresCluster,
+) -> None:
+    database = await opened(postgres.database())
+    try:
+        outcomes = await asyncio.gather(
+            *(database.write(insert(i, None if i == 3 else f"n{i}")) for i in range(6)),
+            return_exceptions=True,
+        )
+        assert [o if isinstance(o, int) else "failed" for o in outcomes] == [
+            0,
+            1,
+            2,
+            "failed",
+            4,
+            5,
+        ]
+        assert isinstance(outcomes[3], psycopg.errors.NotNullViolation)
+        assert await database.read(names) == ["n0", "n1", "n2", "n4", "n5"]
+    finally:
+        await database.close()
+
+
+async def test_migrations_apply_once_and_a_newer_database_is_refused(
+    postgres: PostgresCluster,
+) -> None:
+    url = postgres.database()
+    first = await opened(url)
+    await first.write(insert(1, "kept"))
+    await first.close()
+    again = await opened(url)  # the step is not applied twice (it would fail: table exists)
+    assert await again.read(names) == ["kept"]
+    await again.migrate("things", (*MIGRATIONS, "ALTER TABLE things ADD COLUMN extra TEXT"))
+    await again.close()
+
+    older = PgDatabase(url)
+    await older.open()
+    with pytest.raises(DatabaseError, match="things tables are at version 2, newer than"):
+        await older.migrate("things", MIGRATIONS)
+    await older.close()
+
+
+async def test_a_server_crash_refuses_writes_then_they_succeed_again(
+    postgres: PostgresCluster,
+) -> None:
+    database = await opened(postgres.database())
+    try:
+        await database.write(insert(1, "before"))
+        await asyncio.to_thread(postgres.restart, "immediate")
+        # The first write after the crash finds its connection dead: refused, not lost.
+        with pytest.raises(StoreUnavailable):
+            await database.write(insert(2, "lost in the crash"))
+        assert not database.writable
+        await database.write(insert(3, "after"))  # reconnected
+        assert database.writable
+        assert await database.read(names) == ["before", "after"]
+    finally:
+        await database.close()
+
+
+async def test_listen_hears_committed_notifies_and_rereads_after_a_reconnect(
+    postgres: PostgresCluster,
+) -> None:
+    url = postgres.database()
+    database = await opened(url)
+    heard: list[str] = []
+    connects = 0
+
+    def on_connect() -> None:
+        nonlocal connects
+        connects += 1
+
+    listener = Listener(url, ["things"], lambda _, payload: heard.append(payload), on_connect)
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.connected.wait(), 10)
+
+        def announce(conn: psycopg.Connection[Any]) -> None:
+            insert(1, "one")(conn)
+            notify(conn, "things", "1")
+
+        await database.write(announce)
+        for _ in range(100):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+        assert heard == ["1"]
+
+        await asyncio.to_thread(postgres.restart, "immediate")
+        for _ in range(500):
+            if connects == 2:
+                break
+            await asyncio.sleep(0.02)
+        assert connects == 2  # reconnected and told the caller to re-read
+    finally:
+        await listener.stop()
+        await database.close()
