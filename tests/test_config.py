@@ -57,8 +57,6 @@ PENDING = {
     "server.auth.tokens[0].name": 18,
     "server.auth.tokens[1].name": 18,
     "storage.audit_retention": 18,
-    "storage.url": 17,
-    "cluster": 17,
 }
 
 

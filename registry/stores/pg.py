@@ -1,0 +1,24 @@
+"""What every PostgreSQL store takes (monitor/storage/postgres.py's PgDatabase is one): reads,
+durable group-committed writes, and versioned migrations of the store's own tables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+import psycopg
+
+T = TypeVar("T")
+
+Connection = psycopg.Connection[Any]
+
+
+class PgTransactor(Protocol):
+    async def read(self, fn: Callable[[Connection], T]) -> T: ...
+
+    async def write(self, fn: Callable[[Connection], T]) -> T: ...
+
+    async def migrate(self, component: str, steps: Sequence[str]) -> None:
+        """Apply the steps of `component` not yet applied (append-only: never edit a step,
+        add one); refuse a database whose version is newer than len(steps)."""
+        ...
