@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
-from monitor.health import ProbeResults, SqliteResultStore
+from monitor.health import ProbeResults
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
@@ -31,16 +31,14 @@ from monitor.http.routes.tasks import TaskRoutes
 from monitor.http.routes.workflows import WorkflowRoutes
 from monitor.http.shedding import LoadShedder
 from monitor.metrics.runtime import register_runtime_collectors
-from monitor.notify import Notifier, SqliteOutboxStore
+from monitor.notify import Notifier
 from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
-from monitor.slo import SloBook, SloMetrics, SqliteSloMinuteStore, WorkflowSlos
-from monitor.storage.database import Database
+from monitor.slo import SloBook, SloMetrics, WorkflowSlos
 from registry import (
     Catalog,
     Clock,
     HealthState,
-    SqliteRegistryStore,
     SystemClock,
 )
 from registry.metrics import RegistryCollector
@@ -55,10 +53,6 @@ from workflows.metrics import (
     WorkflowMetrics,
     task_queues,
 )
-from workflows.stores.sqlite import SqliteWorkflowStore
-from workflows.stores.sqlite_resources import SqliteResourceStore
-from workflows.stores.sqlite_schedules import SqliteScheduleStore
-from workflows.stores.sqlite_tasks import SqliteTaskStore
 
 from . import lifecycle
 from .config import Config
@@ -84,6 +78,7 @@ from .keys import (
 )
 from .parts import LiveConfig, Parts
 from .reload import Reloader, apply_config, probe_latency_buckets
+from .stores import build_stores
 
 log = logging.getLogger(__name__)
 
@@ -160,20 +155,21 @@ def _build(
 ) -> Parts:
     """Every part, each given the parts it uses."""
     live = LiveConfig(config)
-    database = Database(config.storage.path)
+    stores = build_stores(config.storage)
+    database = stores.database
     bus = EventBus(clock=clock.time)
     scheduler = Scheduler(registry)
     calendar = MaintenanceCalendar(config.maintenance)
     book = HealthBook(
         bus=bus, calendar=calendar, dependencies=dependencies(config), clock=clock.time
     )
-    catalog = Catalog(SqliteRegistryStore(database), clock=clock, health=book)
+    catalog = Catalog(stores.registry, clock=clock, health=book)
     shedder.on_change(
         lambda shedding: catalog.pause_expiry() if shedding else catalog.resume_expiry()
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
-    results = ProbeResults(SqliteResultStore(database), probe_latency_buckets(config))
-    slos = SloBook(config.services, bus=bus, store=SqliteSloMinuteStore(database))
+    results = ProbeResults(stores.results, probe_latency_buckets(config))
+    slos = SloBook(config.services, bus=bus, store=stores.slo_minutes)
     budget = config.server.probe_budget
     prober = Prober(concurrency=budget.in_flight, workers=budget.workers)
     checker = HealthChecker(
@@ -221,7 +217,7 @@ def _build(
 
     definitions = definitions_from_config(config)
     workflow_slos = WorkflowSlos({d.name: d.objective for d in definitions})
-    processes = SqliteWorkflowStore(database)
+    processes = stores.workflows
     call_metrics = CallMetrics(registry, probe_latency_buckets(config))
     for service in {s for d in definitions for s in d.services()}:
         call_metrics.declare(service)
@@ -243,12 +239,12 @@ def _build(
         metrics=WorkflowMetrics(registry),
         clock=clock.time,
         outcome=workflow_slos.record,
-        tasks=SqliteTaskStore(database),
+        tasks=stores.tasks,
         parse=definition_from_json,  # API-deployed and older versions, rebuilt at open
         declare=lambda d: workflow_slos.declare(d.name, d.objective),  # API ones get SLOs too
         resources=resources_from_config(config),
-        resource_store=SqliteResourceStore(database),
-        schedules=SqliteScheduleStore(database),
+        resource_store=stores.resources,
+        schedules=stores.schedules,
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:
@@ -268,7 +264,7 @@ def _build(
     bus.label = bus_topic_label(definitions, config)
     notifier = Notifier(
         config.notifications,
-        outbox=SqliteOutboxStore(database),
+        outbox=stores.outbox,
         bus=bus,
         metrics=registry,
         in_maintenance=book.in_maintenance,

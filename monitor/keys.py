@@ -9,6 +9,7 @@ from aiohttp import web
 from monitor.health.results import ProbeResults
 from monitor.http.shedding import LoadShedder
 from monitor.storage.database import Database
+from monitor.storage.postgres import PgDatabase
 from scheduler import EventBus
 from workflows.engine import Engine
 
@@ -16,7 +17,7 @@ from .config import Config
 from .parts import Parts
 
 CONFIG = web.AppKey("config", Config)
-DATABASE = web.AppKey("database", Database)
+DATABASE: web.AppKey[Database | PgDatabase] = web.AppKey("database")
 REAPER = web.AppKey("reaper", asyncio.Task[None])
 BUS = web.AppKey("bus", EventBus)
 RESULTS = web.AppKey("results", ProbeResults)

@@ -26,6 +26,7 @@ from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
 from monitor.slo import SloBook, SloMetrics, WorkflowSlos
 from monitor.storage.database import Database
+from monitor.storage.postgres import PgDatabase
 from registry import Catalog
 from scheduler import EventBus, Scheduler
 from workflows.abc import WorkflowStore
@@ -47,7 +48,7 @@ class Parts:
     config: Config  # as loaded at start; `live.current` is the one in force
     live: LiveConfig
     metrics: CollectorRegistry
-    database: Database
+    database: Database | PgDatabase
     catalog: Catalog
     bus: EventBus
     scheduler: Scheduler

@@ -20,6 +20,7 @@ from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
 from monitor.slo.metrics import SloMetrics
 from monitor.storage.database import Database
+from monitor.storage.postgres import PgDatabase
 from registry import Catalog
 from registry.metrics import instance_counts, render_instance_counts
 from scheduler import Scheduler
@@ -43,7 +44,7 @@ class OperationsRoutes:
     def __init__(
         self,
         *,
-        database: Database,
+        database: Database | PgDatabase,
         scheduler: Scheduler,
         registry_running: Callable[[], bool],
         catalog: Catalog,

@@ -1,0 +1,64 @@
+"""Which stores the daemon runs on: the SQLite file (`storage.path`, one daemon) or a
+PostgreSQL database (`storage.url`, any number of replicas). The one place that names the
+implementations; every part takes its store through its package's Protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from monitor.health.abc import ResultStore
+from monitor.notify.abc import OutboxStore
+from monitor.slo.abc import SloMinuteStore
+from monitor.storage.database import Database
+from monitor.storage.postgres import PgDatabase
+from registry.abc import RegistryStore
+from workflows.abc import ResourceStore, ScheduleStore, TaskStore, WorkflowStore
+
+from .config import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class Stores:
+    database: Database | PgDatabase
+    registry: RegistryStore
+    results: ResultStore
+    slo_minutes: SloMinuteStore
+    outbox: OutboxStore
+    workflows: WorkflowStore
+    tasks: TaskStore
+    resources: ResourceStore
+    schedules: ScheduleStore
+
+
+def build_stores(storage: Storage) -> Stores:
+    if storage.url is not None:
+        return _postgres(storage.url)
+    return _sqlite(storage)
+
+
+def _sqlite(storage: Storage) -> Stores:
+    from monitor.health.stores.sqlite import SqliteResultStore
+    from monitor.notify.stores.sqlite import SqliteOutboxStore
+    from monitor.slo.stores.sqlite import SqliteSloMinuteStore
+    from registry.stores.sqlite import SqliteRegistryStore
+    from workflows.stores.sqlite import SqliteWorkflowStore
+    from workflows.stores.sqlite_resources import SqliteResourceStore
+    from workflows.stores.sqlite_schedules import SqliteScheduleStore
+    from workflows.stores.sqlite_tasks import SqliteTaskStore
+
+    db = Database(storage.path)
+    return Stores(
+        database=db,
+        registry=SqliteRegistryStore(db),
+        results=SqliteResultStore(db),
+        slo_minutes=SqliteSloMinuteStore(db),
+        outbox=SqliteOutboxStore(db),
+        workflows=SqliteWorkflowStore(db),
+        tasks=SqliteTaskStore(db),
+        resources=SqliteResourceStore(db),
+        schedules=SqliteScheduleStore(db),
+    )
+
+
+def _postgres(url: str) -> Stores:
+    raise NotImplementedError("wired when the PostgreSQL stores land")
