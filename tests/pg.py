@@ -32,8 +32,8 @@ def pg_bin(name: str) -> str | None:
 class PostgresCluster:
     """One PostgreSQL server; each test takes a database of its own (`database()`)."""
 
-    def __init__(self, initdb: str, pg_ctl: str) -> None:
-        self._initdb, self._pg_ctl = initdb, pg_ctl
+    def __init__(self, initdb: str, pg_ctl: str, *, fsync: bool = False) -> None:
+        self._initdb, self._pg_ctl, self._fsync = initdb, pg_ctl, fsync
         self.directory = Path(tempfile.mkdtemp(prefix="hms-pg-"))
         self.data = self.directory / "data"
         self.sockets = self.directory / "sockets"
@@ -68,12 +68,12 @@ class PostgresCluster:
         self.start()
 
     def start(self) -> None:
-        # fsync off: a test run need not survive a power cut, only a server crash
-        # (`pg_ctl -m immediate`), which the OS page cache outlives.
+        # fsync off for tests: a test run need not survive a power cut, only a server crash
+        # (`pg_ctl -m immediate`), which the OS page cache outlives. Benches keep it on.
+        durability = "" if self._fsync else "-c fsync=off -c full_page_writes=off "
         options = (
             f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-            "-c fsync=off -c full_page_writes=off -c max_connections=400 "
-            "-c shared_buffers=64MB"
+            f"{durability}-c max_connections=400 -c shared_buffers=64MB"
         )
         self._run(
             self._pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"

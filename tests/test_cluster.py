@@ -1,0 +1,290 @@
+"""Three daemon processes on one PostgreSQL (DESIGN §8), killed, paused and cut off from the
+database for real. Outcomes only, with generous bounds: the timings are bench/cluster.py's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .pg import PostgresCluster
+from .processes import DaemonProcess, free_port, write_config
+
+LEASE = 2.0
+
+
+def call(url: str, method: str = "GET", body: Any = None, timeout: float = 10) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as error:
+        raw = error.read()
+        return error.code, json.loads(raw) if raw else None
+
+
+def eventually(check: Callable[[], Any], timeout: float = 20.0, every: float = 0.1) -> Any:
+    """`check()`'s first truthy value; fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError):
+            value = check()
+            if value:
+                return value
+        assert time.monotonic() < deadline, f"not reached in {timeout}s"
+        time.sleep(every)
+
+
+class Replicas:
+    """N daemons sharing one database, named r1..rN."""
+
+    def __init__(self, directory: Path, url: str, count: int, **sections: Any) -> None:
+        self.daemons: dict[str, DaemonProcess] = {}
+        for n in range(1, count + 1):
+            name = f"r{n}"
+            home = directory / name
+            home.mkdir()
+            port = free_port()
+            config = write_config(
+                home,
+                port,
+                storage={"url": url},
+                cluster={"replica_id": name, "lease": f"{LEASE}s"},
+                **sections,
+            )
+            self.daemons[name] = DaemonProcess(config, port, home / "daemon.log")
+
+    def start(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.start(timeout=30)
+
+    def stop(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.stop()
+
+    def url(self, name: str) -> str:
+        return self.daemons[name].url
+
+    def cluster(self, name: str) -> dict[str, Any]:
+        status, body = call(self.url(name) + "/v1/cluster", timeout=5)
+        assert status == 200, body
+        result: dict[str, Any] = body
+        return result
+
+    def leader(self, among: list[str] | None = None) -> str:
+        """The leader every replica of `among` agrees on."""
+        names = among or list(self.daemons)
+
+        def agreed() -> str | None:
+            seen = {self.cluster(name)["leader"] for name in names}
+            return seen.pop() if len(seen) == 1 and None not in seen else None
+
+        leader: str = eventually(agreed)
+        return leader
+
+
+@pytest.fixture
+def replicas(postgres: PostgresCluster, tmp_path: Path) -> Iterator[Replicas]:
+    group = Replicas(tmp_path, postgres.database(), 3)
+    group.start()
+    yield group
+    group.stop()
+
+
+def register(url: str, service: str, instance: str, target: str = "http://127.0.0.1:9") -> int:
+    status, _ = call(f"{url}/v1/services/{service}/instances/{instance}", "PUT", {"url": target})
+    return status
+
+
+def test_one_leader_and_every_member_listed(replicas: Replicas) -> None:
+    leader = replicas.leader()
+    views = [replicas.cluster(name) for name in replicas.daemons]
+    assert {view["self"] for view in views} == {"r1", "r2", "r3"}
+    for view in views:
+        members = {m["replica_id"]: m for m in view["members"]}
+        assert set(members) == {"r1", "r2", "r3"}
+        assert sum(len(m["shards"]) for m in members.values()) == 256
+    assert len({view["epoch"] for view in views}) == 1
+    assert leader in {"r1", "r2", "r3"}
+
+
+def test_a_killed_leader_is_replaced_with_a_higher_epoch(replicas: Replicas) -> None:
+    leader = replicas.leader()
+    epoch = replicas.cluster(leader)["epoch"]
+    replicas.daemons[leader].kill()
+    survivors = [name for name in replicas.daemons if name != leader]
+    new_leader = replicas.leader(survivors)
+    assert new_leader != leader
+    view = replicas.cluster(new_leader)
+    assert view["epoch"] > epoch
+    assert eventually(
+        lambda: leader not in {m["replica_id"] for m in replicas.cluster(new_leader)["members"]}
+    )
+
+
+def test_a_paused_leader_fences_itself_and_rejoins_as_a_follower(replicas: Replicas) -> None:
+    leader = replicas.leader()
+    epoch = replicas.cluster(leader)["epoch"]
+    process = replicas.daemons[leader].process
+    assert process is not None
+    process.send_signal(signal.SIGSTOP)
+    try:
+        survivors = [name for name in replicas.daemons if name != leader]
+        new_leader = replicas.leader(survivors)
+        assert new_leader != leader
+    finally:
+        process.send_signal(signal.SIGCONT)
+    # Back from the pause it answers with the new leader and epoch, never as leader itself.
+    view = eventually(lambda: (v := replicas.cluster(leader))["leader"] == new_leader and v)
+    assert view["epoch"] > epoch
+    assert eventually(lambda: b"hms_cluster_leader" in metrics(replicas.url(leader)))
+    assert f'hms_cluster_leader{{replica="{leader}"}} 0.0'.encode() in metrics(replicas.url(leader))
+
+
+def metrics(url: str) -> bytes:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        body: bytes = response.read()
+        return body
+
+
+def test_a_registration_on_one_replica_is_seen_and_wakes_the_others(replicas: Replicas) -> None:
+    assert register(replicas.url("r1"), "pay", "p0") == 201
+    eventually(lambda: call(replicas.url("r2") + "/v1/services/pay")[0] == 200)
+    with urllib.request.urlopen(replicas.url("r2") + "/v1/services/pay", timeout=5) as first:
+        index = int(first.headers["X-Registry-Index"])
+    woken: list[tuple[int, Any]] = []
+    blocking = f"{replicas.url('r2')}/v1/services/pay?index={index}&wait=20s"
+    waiter = threading.Thread(target=lambda: woken.append(call(blocking, timeout=30)))
+    waiter.start()
+    time.sleep(0.3)
+    assert not woken
+    assert register(replicas.url("r1"), "pay", "p1") == 201
+    waiter.join(25)
+    assert woken and woken[0][0] == 200
+    assert sorted(i["id"] for i in woken[0][1]["instances"]) == ["p0", "p1"]
+    for name in ("r2", "r3"):
+        _, seen = call(replicas.url(name) + "/v1/services/pay")
+        assert sorted(i["id"] for i in seen["instances"]) == ["p0", "p1"]
+
+    assert call(replicas.url("r3") + "/v1/services/pay/instances/p1", "DELETE")[0] in (200, 204)
+    assert eventually(
+        lambda: all(
+            [i["id"] for i in call(replicas.url(name) + "/v1/services/pay")[1]["instances"]]
+            == ["p0"]
+            for name in ("r1", "r2")
+        )
+    )
+
+
+def test_a_database_restart_answers_503_meanwhile_and_loses_nothing_acknowledged(
+    replicas: Replicas, postgres: PostgresCluster
+) -> None:
+    acknowledged: list[str] = []
+    refused = 0
+    stop = threading.Event()
+
+    def writer() -> None:
+        nonlocal refused
+        n = 0
+        while not stop.is_set():
+            n += 1
+            name = f"i{n}"
+            status = register(replicas.url(f"r{n % 3 + 1}"), "pay", name)
+            if status in (200, 201):
+                acknowledged.append(name)
+            elif status == 503:
+                refused += 1
+            else:
+                raise AssertionError(f"{status} for {name}")
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer)
+    with contextlib.ExitStack() as stack:
+        stack.callback(thread.join, 30)
+        stack.callback(stop.set)
+        thread.start()
+        time.sleep(0.5)
+        postgres.stop("immediate")
+        time.sleep(1.0)
+        postgres.start()
+        # Every replica takes writes again.
+        for name in replicas.daemons:
+            eventually(lambda name=name: register(replicas.url(name), "after", name) in (200, 201))
+        time.sleep(0.5)
+    assert refused > 0  # the outage was seen as 503s, not hangs or 500s
+
+    def listed(name: str) -> set[str]:
+        return {i["id"] for i in call(replicas.url(name) + "/v1/services/pay")[1]["instances"]}
+
+    for name in replicas.daemons:
+        eventually(lambda name=name: set(acknowledged) <= listed(name))
+
+
+class CountingTarget:
+    """An HTTP target counting the probes each instance path gets."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        counts = self.counts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                counts[self.path] = counts.get(self.path, 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_killed_replicas_probes_are_taken_over_each_instance_probed_once_per_slot(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    target = CountingTarget()
+    group = Replicas(
+        tmp_path, postgres.database(), 3, defaults={"probe": {"type": "http", "interval": "1s"}}
+    )
+    try:
+        group.start()
+        group.leader()
+        for n in range(30):
+            assert register(group.url("r1"), "pay", f"p{n}", f"{target.url}/p{n}") in (200, 201)
+        eventually(lambda: len(target.counts) == 30)
+        time.sleep(2)
+        before = dict(target.counts)
+        time.sleep(5)
+        # Steady state: one replica per instance, one probe a second (never 3 a second).
+        for n in range(30):
+            assert target.counts[f"/p{n}"] - before[f"/p{n}"] <= 7, (n, target.counts)
+        group.daemons["r2"].kill()
+        time.sleep(LEASE + 2)
+        after_kill = dict(target.counts)
+        time.sleep(5)
+        for n in range(30):  # every instance, r2's share too, is probed again
+            assert target.counts[f"/p{n}"] - after_kill[f"/p{n}"] >= 3, (n, target.counts)
+            assert target.counts[f"/p{n}"] - after_kill[f"/p{n}"] <= 8, (n, target.counts)
+    finally:
+        group.stop()
+        target.close()
