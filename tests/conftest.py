@@ -77,8 +77,12 @@ def store(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module with STORES runs each daemon test on each store; a test marked
+    `sqlite_only` (it reads the SQLite file itself) on SQLite alone."""
     stores = getattr(metafunc.module, "STORES", None)
     if stores and "store" in metafunc.fixturenames:
+        if metafunc.definition.get_closest_marker("sqlite_only"):
+            stores = ("sqlite",)
         metafunc.parametrize("store", stores, indirect=True)
 
 
