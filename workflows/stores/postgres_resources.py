@@ -105,7 +105,9 @@ class PgResourceStore:
             if h.resource not in checked
         ]
         fitting = [h for h in granted if h.resource in checked]
-        # Every slot locked up front, in one order: two replicas' settles never deadlock.
+        # Every slot locked up front, in one order, so two settles never deadlock over them
+        # (settles batched into one transaction still may: PostgreSQL aborts one batch, and
+        # PgDatabase replays it write by write).
         slots = sorted({orjson.dumps([h.resource, h.key]).decode() for h in fitting})
 
         def write(conn: Connection) -> None:

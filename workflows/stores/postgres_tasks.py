@@ -23,7 +23,8 @@ from .sqlite_tasks import ClaimLost
 __all__ = ["MIGRATIONS", "PgTaskStore", "cancel_open_in", "open_in", "write_end"]
 
 MIGRATIONS = (
-    # key COLLATE "C": byte order, as on SQLite, so a process's key range takes the index.
+    # key COLLATE "C": byte order, as on SQLite, whatever the database's locale: only in
+    # byte order is the range between '<id>/' and '<id>0' exactly the keys of process <id>.
     """CREATE TABLE tasks (
         seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         process TEXT NOT NULL,
@@ -67,11 +68,10 @@ _RELEASE = (
 )
 # MATERIALIZED: the locked pick is made once, never re-planned into the UPDATE's join.
 _CLAIM = (
-    "WITH picked AS MATERIALIZED (SELECT seq FROM tasks WHERE queue = %s AND state = 'due' "  # noqa: S608
-    "ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
+    "WITH picked AS MATERIALIZED (SELECT seq AS picked FROM tasks WHERE queue = %s AND "  # noqa: S608
+    "state = 'due' ORDER BY seq LIMIT %s FOR UPDATE SKIP LOCKED) "
     f"UPDATE tasks SET state = 'claimed', delivery = {_NEW_DELIVERY}, worker = %s, "
-    "lease_until = %s + lease FROM picked WHERE tasks.seq = picked.seq "
-    f"RETURNING {', '.join(f'tasks.{c.strip()}' for c in _COLUMNS.split(','))}"
+    f"lease_until = %s + lease FROM picked WHERE seq = picked RETURNING {_COLUMNS}"
 )
 _ANSWER = (
     "UPDATE tasks SET state = %s, output = %s, error = %s, retryable = %s, ended_at = %s "  # noqa: S608
