@@ -89,6 +89,16 @@ async def test_a_global_hold_has_no_key(store: ResourceStore) -> None:
     assert await store.holds() == [global_hold]
 
 
+async def test_holds_and_waiters_outlive_the_store_that_wrote_them(
+    backend: str, tmp_path: Path, store: ResourceStore
+) -> None:
+    await store.settle(granted=[hold("a", 1, held=True)])
+    await store.wait(hold("b", 2))
+    async with factory_for(FACTORIES, backend)(tmp_path) as reopened:  # a restart
+        await reopened.store.create_tables()
+        assert await reopened.store.holds() == [hold("a", 1, held=True), hold("b", 2)]
+
+
 async def test_a_checked_grant_that_does_not_fit_writes_nothing(store: ResourceStore) -> None:
     funds = {"funds": 2}
     await store.settle(granted=[hold("a", 1, held=True), hold("b", 2, held=True)], capacities=funds)

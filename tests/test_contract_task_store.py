@@ -133,6 +133,19 @@ async def test_two_stores_over_one_database_never_hand_out_a_task_twice(
         assert await other.store.claim("q", "w", 100, 3.0) == []
 
 
+async def test_a_reopened_store_finds_its_tasks_and_their_claims(
+    backend: str, tmp_path: Path, store: TaskStore
+) -> None:
+    await store.open(task())
+    [claim] = await store.claim("q", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    async with factory_for(FACTORIES, backend)(tmp_path) as reopened:  # a restart
+        await reopened.store.create_tables()
+        assert await reopened.store.open(task()) == (claim, False)
+        done = record(await reopened.store.complete(claim.delivery, {"ok": 1}, now=11.0))
+        assert (done.seq, done.state) == (claim.seq, TaskState.DONE)
+
+
 async def test_complete_answers_only_the_open_claim(store: TaskStore) -> None:
     await store.open(task())
     [claim] = await store.claim("q", "w1", 1, now=10.0)
