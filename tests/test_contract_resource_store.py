@@ -3,6 +3,7 @@ the resource pool (workflows/resources.py) relies on, through the Protocol only.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -10,12 +11,16 @@ from pathlib import Path
 import pytest
 
 from registry import StoreUnavailable
-from workflows.abc import Hold, ResourceStore
+from workflows.abc import Hold, Overbooked, ResourceStore
+from workflows.stores.postgres_resources import PgResourceStore
 from workflows.stores.sqlite_resources import SqliteResourceStore
 
-from .contracts import Backing, Factory, factory_for, sqlite_factory
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[ResourceStore]] = {"sqlite": sqlite_factory(SqliteResourceStore)}
+FACTORIES: dict[str, Factory[ResourceStore]] = {
+    "sqlite": sqlite_factory(SqliteResourceStore),
+    "postgres": postgres_factory(PgResourceStore),
+}
 
 
 @pytest.fixture
@@ -82,6 +87,61 @@ async def test_a_global_hold_has_no_key(store: ResourceStore) -> None:
     global_hold = replace(hold("a", 1, held=True), key=None)
     await store.settle(granted=[global_hold])
     assert await store.holds() == [global_hold]
+
+
+async def test_holds_and_waiters_outlive_the_store_that_wrote_them(
+    backend: str, tmp_path: Path, store: ResourceStore
+) -> None:
+    await store.settle(granted=[hold("a", 1, held=True)])
+    await store.wait(hold("b", 2))
+    async with factory_for(FACTORIES, backend)(tmp_path) as reopened:  # a restart
+        await reopened.store.create_tables()
+        assert await reopened.store.holds() == [hold("a", 1, held=True), hold("b", 2)]
+
+
+async def test_a_checked_grant_that_does_not_fit_writes_nothing(store: ResourceStore) -> None:
+    funds = {"funds": 2}
+    await store.settle(granted=[hold("a", 1, held=True), hold("b", 2, held=True)], capacities=funds)
+    await store.wait(hold("c", 3))
+    with pytest.raises(Overbooked) as refused:
+        await store.settle(
+            released=["x"],
+            left=[("c", "reserve")],
+            granted=[hold("d", 4, held=True)],
+            capacities=funds,
+        )
+    assert refused.value.holds == [hold("d", 4, held=True)]
+    assert await store.holds() == [hold("a", 1, held=True), hold("b", 2, held=True), hold("c", 3)]
+    # A grant stored again is not counted twice; another key, or the global pool, is apart.
+    elsewhere = replace(hold("e", 5, held=True), key="P-8")
+    global_hold = replace(hold("f", 6, held=True), key=None, units=2)
+    await store.settle(granted=[hold("a", 1, held=True), elsewhere, global_hold], capacities=funds)
+    # Units freed in the same settle make room for the grant after them.
+    await store.settle(released=["a"], granted=[hold("c", 3, held=True)], capacities=funds)
+    assert await store.holds() == [
+        hold("b", 2, held=True),
+        hold("c", 3, held=True),
+        elsewhere,
+        global_hold,
+    ]
+
+
+async def test_two_stores_over_one_database_never_grant_beyond_capacity(
+    backend: str, tmp_path: Path, store: ResourceStore
+) -> None:
+    """Two daemons (replicas) granting one key's last units at once: three fit, not more."""
+    async with factory_for(FACTORIES, backend)(tmp_path) as other:
+        stores = [store, other.store]
+        outcomes = await asyncio.gather(
+            *(
+                stores[n % 2].settle(granted=[hold(f"p{n}", n, held=True)], capacities={"funds": 3})
+                for n in range(20)
+            ),
+            return_exceptions=True,
+        )
+        assert [o for o in outcomes if not isinstance(o, Overbooked)] == [None] * 3
+        held = [h for h in await other.store.holds() if h.held]
+        assert sum(h.units for h in held) == 3
 
 
 async def test_a_broken_storage_refuses_with_store_unavailable(

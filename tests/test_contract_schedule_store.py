@@ -10,11 +10,15 @@ import pytest
 
 from registry import StoreUnavailable
 from workflows.abc import ScheduleMark, ScheduleStore
+from workflows.stores.postgres_schedules import PgScheduleStore
 from workflows.stores.sqlite_schedules import SqliteScheduleStore
 
-from .contracts import Backing, Factory, factory_for, sqlite_factory
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[ScheduleStore]] = {"sqlite": sqlite_factory(SqliteScheduleStore)}
+FACTORIES: dict[str, Factory[ScheduleStore]] = {
+    "sqlite": sqlite_factory(SqliteScheduleStore),
+    "postgres": postgres_factory(PgScheduleStore),
+}
 
 
 @pytest.fixture
@@ -41,6 +45,15 @@ async def test_a_mark_replaces_the_last_one_of_its_workflow(
         mark(tick=7200.0, cron="0 2 * * *"),
         mark("Weekly", tick=60.0),
     ]
+
+
+async def test_marks_outlive_the_store_that_wrote_them(
+    backend: str, tmp_path: Path, backing: Backing[ScheduleStore]
+) -> None:
+    await backing.store.mark(mark(tick=7200.0))
+    async with factory_for(FACTORIES, backend)(tmp_path) as reopened:  # a restart, or a replica
+        await reopened.store.create_tables()
+        assert await reopened.store.marks() == [mark(tick=7200.0)]
 
 
 async def test_a_forgotten_mark_is_gone(backing: Backing[ScheduleStore]) -> None:

@@ -12,11 +12,15 @@ import pytest
 from registry import StoreUnavailable
 from workflows.abc import NewTask, TaskRecord, TaskStore
 from workflows.states import TaskState
+from workflows.stores.postgres_tasks import PgTaskStore
 from workflows.stores.sqlite_tasks import SqliteTaskStore
 
-from .contracts import Backing, Factory, factory_for, sqlite_factory
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[TaskStore]] = {"sqlite": sqlite_factory(SqliteTaskStore)}
+FACTORIES: dict[str, Factory[TaskStore]] = {
+    "sqlite": sqlite_factory(SqliteTaskStore),
+    "postgres": postgres_factory(PgTaskStore),
+}
 
 
 @pytest.fixture
@@ -99,6 +103,47 @@ async def test_concurrent_claims_never_share_a_task(store: TaskStore) -> None:
     batches = await asyncio.gather(*(store.claim("q", f"w{n}", 3, 1.0) for n in range(10)))
     seqs = [c.seq for batch in batches for c in batch]
     assert len(seqs) == len(set(seqs)) == 20
+
+
+async def test_two_stores_over_one_database_never_hand_out_a_task_twice(
+    backend: str, tmp_path: Path, store: TaskStore
+) -> None:
+    """Two daemons (replicas) polling one queue at once: each task goes to one of them."""
+    for i in range(60):
+        await store.open(task(f"s{i}"))
+    async with factory_for(FACTORIES, backend)(tmp_path) as other:
+        stores = [store, other.store]
+        batches = await asyncio.gather(
+            *(stores[n % 2].claim("q", f"w{n}", 4, 1.0) for n in range(20))
+        )
+        by_replica = [
+            [c for n, batch in enumerate(batches) if n % 2 == side for c in batch]
+            for side in (0, 1)
+        ]
+        deliveries = [c.delivery for claims in by_replica for c in claims]
+        assert len(deliveries) == len(set(deliveries)) == 60
+        assert len({c.seq for claims in by_replica for c in claims}) == 60
+        assert all(by_replica), "both replicas took a share"
+        # Each answer lands once, on whichever replica's store it is given to.
+        answers = [
+            stores[n % 2].complete(c.delivery or "", {"n": n}, now=2.0)
+            for n, c in enumerate(c for claims in by_replica for c in claims)
+        ]
+        assert all(isinstance(a, TaskRecord) for a in await asyncio.gather(*answers))
+        assert await other.store.claim("q", "w", 100, 3.0) == []
+
+
+async def test_a_reopened_store_finds_its_tasks_and_their_claims(
+    backend: str, tmp_path: Path, store: TaskStore
+) -> None:
+    await store.open(task())
+    [claim] = await store.claim("q", "w1", 1, now=10.0)
+    assert claim.delivery is not None
+    async with factory_for(FACTORIES, backend)(tmp_path) as reopened:  # a restart
+        await reopened.store.create_tables()
+        assert await reopened.store.open(task()) == (claim, False)
+        done = record(await reopened.store.complete(claim.delivery, {"ok": 1}, now=11.0))
+        assert (done.seq, done.state) == (claim.seq, TaskState.DONE)
 
 
 async def test_complete_answers_only_the_open_claim(store: TaskStore) -> None:

@@ -9,7 +9,7 @@ raise `registry.StoreUnavailable`; the engine waits those out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -253,10 +253,27 @@ class ResourceStore(Protocol):
         released: Sequence[str] = (),
         left: Sequence[tuple[str, str]] = (),
         granted: Sequence[Hold] = (),
+        capacities: Mapping[str, int] | None = None,
     ) -> None:
         """One transaction: every row of the `released` processes goes, the (process, step)
         rows of `left` go, and `granted` are stored held (inserted, or a waiting row
-        turned held). A handover is one small write."""
+        turned held). A handover is one small write.
+
+        With `capacities` (resource -> units: replicas sharing the table each grant from
+        their own memory), each grant of a listed resource is checked against the table:
+        the units held in its (resource, key) by other rows, plus its own, must fit, checked
+        one grant after another across stores. When one does not fit, nothing is written
+        and `Overbooked` names the grants that did not fit."""
+
+
+class Overbooked(Exception):
+    """A grant (`ResourceStore.settle`) found its units held already (by another replica's
+    grant): the settle wrote nothing; `holds` are the grants that did not fit."""
+
+    def __init__(self, holds: Sequence[Hold]) -> None:
+        names = ", ".join(f"{h.process}/{h.step} ({h.units} of {h.resource})" for h in holds)
+        super().__init__(f"no room left for {names}")
+        self.holds = list(holds)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,12 +8,12 @@ unit is held exactly as long as the table says; the pool in memory
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import sqlite_utils
 
 from registry import Transactor
-from workflows.abc import Hold
+from workflows.abc import Hold, Overbooked
 
 __all__ = ["SqliteResourceStore"]
 
@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS resource_holds (
     held INTEGER NOT NULL,
     PRIMARY KEY (process, step)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS resource_holds_slot ON resource_holds (resource, key) WHERE held;
 """
 _WAIT = (
     "INSERT INTO resource_holds (process, step, resource, key, units, seq, held) "
@@ -36,6 +37,15 @@ _WAIT = (
 _GRANT = (
     "INSERT INTO resource_holds (process, step, resource, key, units, seq, held) "
     "VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (process, step) DO UPDATE SET held = 1"
+)
+# The grant, when its units fit beside those the other rows of its (resource, key) hold:
+# one statement, so it reads the sum under the write lock it takes first.
+_GRANT_IF_FITS = (
+    "INSERT INTO resource_holds (process, step, resource, key, units, seq, held) "
+    "SELECT :process, :step, :resource, :key, :units, :seq, 1 WHERE :units + ("
+    "SELECT coalesce(sum(units), 0) FROM resource_holds WHERE resource = :resource AND "
+    "key IS :key AND held AND NOT (process = :process AND step = :step)) <= :capacity "
+    "ON CONFLICT (process, step) DO UPDATE SET held = 1"
 )
 
 
@@ -76,9 +86,16 @@ class SqliteResourceStore:
         released: Sequence[str] = (),
         left: Sequence[tuple[str, str]] = (),
         granted: Sequence[Hold] = (),
+        capacities: Mapping[str, int] | None = None,
     ) -> None:
         gone = [(process,) for process in released]
-        grants = [(h.process, h.step, h.resource, h.key, h.units, h.seq) for h in granted]
+        checked = capacities or {}
+        grants = [
+            (h.process, h.step, h.resource, h.key, h.units, h.seq)
+            for h in granted
+            if h.resource not in checked
+        ]
+        fitting = [h for h in granted if h.resource in checked]
 
         def write(d: sqlite_utils.Database) -> None:
             conn = d.conn
@@ -88,5 +105,24 @@ class SqliteResourceStore:
                 conn.executemany("DELETE FROM resource_holds WHERE process = ? AND step = ?", left)
             if grants:
                 conn.executemany(_GRANT, grants)
+            refused = [
+                h
+                for h in fitting
+                if not conn.execute(_GRANT_IF_FITS, _fitting(h, checked[h.resource])).rowcount
+            ]
+            if refused:
+                raise Overbooked(refused)  # the batch's savepoint takes back the rest
 
         await self._db.write(write)
+
+
+def _fitting(hold: Hold, capacity: int) -> dict[str, object]:
+    return {
+        "process": hold.process,
+        "step": hold.step,
+        "resource": hold.resource,
+        "key": hold.key,
+        "units": hold.units,
+        "seq": hold.seq,
+        "capacity": capacity,
+    }
