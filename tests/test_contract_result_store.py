@@ -11,11 +11,15 @@ import pytest
 
 from monitor.health import RAW_RETENTION, ResultStore, SqliteResultStore
 from monitor.health.abc import HourRow, MinuteRow, RawRow
+from monitor.health.stores.postgres import PgResultStore
 from registry import StoreUnavailable
 
-from .contracts import Factory, factory_for, sqlite_factory
+from .contracts import Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[ResultStore]] = {"sqlite": sqlite_factory(SqliteResultStore)}
+FACTORIES: dict[str, Factory[ResultStore]] = {
+    "sqlite": sqlite_factory(SqliteResultStore),
+    "postgres": postgres_factory(PgResultStore),
+}
 
 
 @pytest.fixture

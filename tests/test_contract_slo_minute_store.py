@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 from monitor.slo import SloMinuteStore, SqliteSloMinuteStore
+from monitor.slo.stores.postgres import PgSloMinuteStore
 from registry import StoreUnavailable
 
-from .contracts import Backing, Factory, factory_for, sqlite_factory
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[SloMinuteStore]] = {"sqlite": sqlite_factory(SqliteSloMinuteStore)}
+FACTORIES: dict[str, Factory[SloMinuteStore]] = {
+    "sqlite": sqlite_factory(SqliteSloMinuteStore),
+    "postgres": postgres_factory(PgSloMinuteStore),
+}
 
 
 @pytest.fixture
