@@ -1,10 +1,10 @@
 """Probe results on PostgreSQL (monitor.health.abc.ResultStore), shared by every replica.
 
-The SQLite twin's three tables. Raw results go in by COPY (a flush of 10,000 is one
-stream, not 10,000 statements); minutes and hours are upserts that add up, so two replicas
-flushing the same instance's minute during a handover, or one flushing it again after a
-restart, sum their counts. `buckets` stays JSON text, merged by a SQL function that keeps
-the SQLite twin's key order (the old keys first, then the new ones)."""
+The SQLite twin's three tables. Raw results and minutes go in by COPY (a flush of 10,000
+is one stream, not 10,000 statements). Minutes and hours add up on conflict, so two
+replicas flushing the same instance's minute during a handover, or one flushing it again
+after a restart, sum their counts. `buckets` stays JSON text, merged by a function that
+keeps the SQLite twin's key order (the old keys first, then the new ones)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ MIGRATIONS = (
     "CREATE TABLE service_hours (service TEXT NOT NULL, hour BIGINT NOT NULL, "
     "count BIGINT NOT NULL, successes BIGINT NOT NULL, latency_sum DOUBLE PRECISION NOT NULL, "
     "PRIMARY KEY (service, hour))",
-    # {"0.1": 5, "+Inf": 5} + {"0.5": 3, "+Inf": 3} = {"0.1": 5, "+Inf": 8, "0.5": 3}
+    # {"0.1": 5, "+Inf": 5} + {"0.5": 3, "+Inf": 3} = {"0.1": 5, "+Inf": 8, "0.5": 3}.
+    # PL/pgSQL, not SQL: its plan is cached per connection (an SQL function's is made anew
+    # for each upsert that calls it: 4 times slower at 10,000 merged minutes).
     "CREATE FUNCTION hms_merge_buckets(old TEXT, new TEXT) RETURNS TEXT "
-    "LANGUAGE sql IMMUTABLE STRICT AS $$ "
+    "LANGUAGE plpgsql IMMUTABLE STRICT AS $$ BEGIN RETURN ("
     "SELECT json_object_agg(key, total ORDER BY position)::text FROM ("
     "  SELECT key, sum(value::text::bigint) AS total, min(position) AS position FROM ("
     "    SELECT key, value, ordinality AS position "
@@ -40,16 +42,33 @@ MIGRATIONS = (
     "    UNION ALL"
     "    SELECT key, value, 1000000 + ordinality FROM json_each(new::json) WITH ORDINALITY"
     "  ) AS both_sides GROUP BY key"
-    ") AS merged $$",
+    ") AS merged); END $$",
+    # Adds up the buckets of a minute given twice in one write (a row alone: no call).
+    "CREATE AGGREGATE hms_sum_buckets(TEXT) (SFUNC = hms_merge_buckets, STYPE = TEXT)",
 )
 
 _COPY_RAW = (
     "COPY probe_results (service, instance, at, ok, response_time, status, error, failing, "
     "maintenance) FROM STDIN"
 )
-_UPSERT_MINUTE = (
+# Minutes arrive by COPY into a table of this session's and are merged in one statement:
+# 10,000 minutes cost one round trip, not one statement each. GROUP BY first, as ON
+# CONFLICT may touch a row once per statement; a key given twice is added up there.
+_STAGE_MINUTES = (
+    "CREATE TEMP TABLE IF NOT EXISTS incoming_minutes (service TEXT, instance TEXT, "
+    "minute BIGINT, count BIGINT, successes BIGINT, latency_sum DOUBLE PRECISION, "
+    "buckets TEXT, maintenance BIGINT) ON COMMIT DELETE ROWS"
+)
+_COPY_MINUTES = (
+    "COPY incoming_minutes (service, instance, minute, count, successes, latency_sum, "
+    "buckets, maintenance) FROM STDIN"
+)
+_MERGE_MINUTES = (
     "INSERT INTO probe_minutes (service, instance, minute, count, successes, latency_sum, "
-    "buckets, maintenance) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+    "buckets, maintenance) "
+    "SELECT service, instance, minute, sum(count), sum(successes), sum(latency_sum), "
+    "hms_sum_buckets(buckets), sum(maintenance) FROM incoming_minutes "
+    "GROUP BY service, instance, minute "
     "ON CONFLICT (service, instance, minute) DO UPDATE SET "
     "count = probe_minutes.count + excluded.count, "
     "successes = probe_minutes.successes + excluded.successes, "
@@ -145,6 +164,12 @@ def _write(
                 for row in raw:
                     copy.write_row(row)
         if minutes:
-            cursor.executemany(_UPSERT_MINUTE, minutes)
+            cursor.execute(_STAGE_MINUTES)
+            with cursor.copy(_COPY_MINUTES) as copy:
+                for minute in minutes:
+                    copy.write_row(minute)
+            cursor.execute(_MERGE_MINUTES)
+            # Emptied now, not at COMMIT: another flush may share this transaction.
+            cursor.execute("TRUNCATE incoming_minutes")
         if hours:
             cursor.executemany(_UPSERT_HOUR, hours)
