@@ -14,12 +14,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitor.config import Notification
-from monitor.notify import Notifier, OutboxStore, SqliteOutboxStore
+from monitor.notify import Delivery, Notifier, OutboxStore, SqliteOutboxStore
 from monitor.notify.stores.postgres import PgOutboxStore
 from scheduler import EventBus
 
 from .conftest import until
-from .contracts import Factory, factory_for, postgres_factory, sqlite_factory
+from .contracts import Factory, factory_for, postgres_factory, sqlite_database, sqlite_factory
 from .services import Receiver
 
 FACTORIES: dict[str, Factory[OutboxStore]] = {
@@ -138,3 +138,25 @@ async def test_a_replica_taken_for_dead_does_not_send_what_was_adopted(
     assert len(receiver.received) == 2  # the first attempt, then the adopter's
     assert len(set(delivery_ids(receiver))) == 1
     assert paused.count("sent") == 0
+
+
+async def test_an_sqlite_outbox_from_before_owners_keeps_its_deliveries(tmp_path: Path) -> None:
+    """An upgraded daemon (owner '', the default) sends what the old one left undelivered."""
+    old_table = (
+        "CREATE TABLE notification_outbox (id TEXT PRIMARY KEY, name TEXT NOT NULL, "
+        "topic TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, due REAL NOT NULL)"
+    )
+
+    def leave_one(db: Any) -> None:
+        db.execute(old_table)
+        db.execute(
+            "INSERT INTO notification_outbox VALUES ('d1', 'ops', 'grant.paid', x'7b7d', 2, 5.0)"
+        )
+
+    async with sqlite_database(tmp_path) as database:
+        await database.write(leave_one)
+        store = SqliteOutboxStore(database)
+        await store.create_tables()
+        assert await store.load("") == [
+            Delivery(id="d1", name="ops", topic="grant.paid", body=b"{}", attempts=2, due=5.0)
+        ]
