@@ -1,6 +1,6 @@
 """The OutboxStore contract, run against every implementation (notify/abc.py): deliveries
 read back by owner, a claim holds only while the row is the owner's, a dead owner's rows
-are adopted once even by owners adopting at once."""
+are adopted once even by owners adopting at once, the same news added once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from monitor.notify import Delivery, OutboxStore, SqliteOutboxStore
-from monitor.notify.abc import DeliveryTaken
+from monitor.notify.abc import DeliveryTaken, OncePer
 from monitor.notify.stores.postgres import PgOutboxStore
 from registry import StoreUnavailable
 
@@ -67,6 +67,44 @@ async def test_load_returns_the_owners_deliveries_only(store: OutboxStore) -> No
     assert [d.id for d in await store.load(ME)] == ["mine"]
     assert [d.id for d in await store.load("replica-b/1")] == ["theirs"]
     assert await store.load("replica-a/0") == []  # an earlier life of the same replica
+
+
+def once(fingerprint: str, now: float, subject: str = "health.changed pay/p1") -> OncePer:
+    return OncePer(subject=subject, fingerprint=fingerprint, now=now, interval=300.0)
+
+
+async def test_add_stores_news_and_refuses_the_same_state_within_the_interval(
+    store: OutboxStore,
+) -> None:
+    assert await store.add(delivery("d1", 1000.0), ME, once=once("critical", 1000.0))
+    # the same state again, from this owner or another: already sent
+    assert not await store.add(delivery("d2", 1100.0), ME, once=once("critical", 1100.0))
+    assert not await store.add(delivery("d3", 1299.0), "b/1", once=once("critical", 1299.0))
+    # a change, another subject, or the same state once the interval is over: news
+    assert await store.add(delivery("d4", 1300.0), ME, once=once("passing", 1300.0))
+    other = once("passing", 1300.0, subject="health.changed pay/p2")
+    assert await store.add(delivery("d5", 1300.0), ME, once=other)
+    assert await store.add(delivery("d6", 1600.0), ME, once=once("passing", 1600.0))
+    assert [d.id for d in await store.load(ME)] == ["d1", "d4", "d5", "d6"]
+    assert await store.load("b/1") == []
+
+
+async def test_two_owners_adding_the_same_news_at_once_store_it_once(
+    factory: Factory[OutboxStore], tmp_path: Path
+) -> None:
+    """Two replicas probing one instance during a handover both see it go critical."""
+    async with factory(tmp_path) as first, factory(tmp_path) as second:
+        await first.store.create_tables()
+        await second.store.create_tables()
+        for round_ in range(20):
+            now = 1000.0 + 1000 * round_  # each round a new interval
+            added = await asyncio.gather(
+                first.store.add(delivery(f"a{round_}", now), "a/1", once=once("critical", now)),
+                second.store.add(delivery(f"b{round_}", now), "b/1", once=once("critical", now)),
+            )
+            assert sorted(added) == [False, True]
+        stored = await first.store.load("a/1") + await first.store.load("b/1")
+    assert len(stored) == 20
 
 
 async def test_save_under_the_same_id_replaces(store: OutboxStore) -> None:
@@ -168,12 +206,14 @@ async def test_two_owners_adopting_at_once_take_each_delivery_once(
     assert sorted(held_a + held_b) == sorted(everything)
 
 
-async def test_a_broken_storage_refuses_saves_claims_deletes_and_adoptions(
+async def test_a_broken_storage_refuses_every_write(
     backing: Backing[OutboxStore],
 ) -> None:
     """The notifier goes on from memory on StoreUnavailable, and only on that."""
     await backing.store.save(delivery("d1", 10.0), ME)
     await backing.break_storage()
+    with pytest.raises(StoreUnavailable):
+        await backing.store.add(delivery("d2", 20.0), ME, once=once("critical", 20.0))
     with pytest.raises(StoreUnavailable):
         await backing.store.save(delivery("d2", 20.0), ME)
     with pytest.raises(StoreUnavailable):

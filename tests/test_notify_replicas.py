@@ -1,6 +1,7 @@
 """Notifications across replicas: two notifiers (two replicas' parts) over one outbox and a
 real webhook receiver. A dead replica's deliveries are sent by the one that adopts them,
-under the same delivery id; one taken for dead that wakes up does not send them again."""
+under the same delivery id; one taken for dead that wakes up does not send them again; one
+transition seen by two replicas goes out once."""
 
 from __future__ import annotations
 
@@ -138,6 +139,23 @@ async def test_a_replica_taken_for_dead_does_not_send_what_was_adopted(
     assert len(receiver.received) == 2  # the first attempt, then the adopter's
     assert len(set(delivery_ids(receiver))) == 1
     assert paused.count("sent") == 0
+
+
+async def test_one_transition_seen_by_two_replicas_goes_out_once(
+    replicas: Callable[..., Any], receiver: Receiver
+) -> None:
+    """During a handover two replicas may probe one instance and both see it change."""
+    async with replicas("a/1", backoff="1h") as a, replicas("b/1", backoff="1h") as b:
+        for replica in (a, b):
+            replica.bus.publish("grant.paid", {"process": "p-1"})
+
+        async def both_handled() -> bool:
+            handled = a.count("sent") + b.count("sent") + a.count("deduped") + b.count("deduped")
+            return handled == 2
+
+        await until(both_handled)
+        assert a.count("sent") + b.count("sent") == 1
+    assert len(receiver.received) == 1
 
 
 async def test_an_sqlite_outbox_from_before_owners_keeps_its_deliveries(tmp_path: Path) -> None:

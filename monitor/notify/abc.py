@@ -49,6 +49,18 @@ class Delivery:
     due: float = 0.0  # wall clock of the next attempt
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OncePer:
+    """What makes a delivery news: a `fingerprint` (the state) of a `subject` not added
+    for the same notification in the `interval` seconds before `now`. `now` is the
+    notifier's clock: replicas' clocks differ by far less than an interval of minutes."""
+
+    subject: str  # the event's topic and what it is about
+    fingerprint: str
+    now: float
+    interval: float
+
+
 class DeliveryTaken(Exception):
     """The delivery's outbox row is no longer its owner's: another replica adopted it (the
     owner was taken for dead) or sent it and deleted it. The owner must not send it."""
@@ -61,8 +73,10 @@ class OutboxStore(Protocol):
     member key; on SQLite the one daemon). A dead owner's rows are adopted by a live one
     and sent from there under the same delivery id; the owner claims its row before every
     attempt, so a replica taken for dead that wakes up never sends what was adopted.
+    `add` remembers what went out per subject, so the same state reported by two replicas
+    (both probing an instance during a handover) goes out once.
 
-    `save`, `claim`, `delete` and `adopt` raise StoreUnavailable when storage fails; the
+    `add`, `save`, `claim`, `delete` and `adopt` raise StoreUnavailable when storage fails; the
     notifier then goes on from memory."""
 
     async def create_tables(self) -> None:
@@ -71,6 +85,12 @@ class OutboxStore(Protocol):
 
     async def load(self, owner: str) -> list[Delivery]:
         """Every delivery `owner` holds, the earliest due first."""
+        ...
+
+    async def add(self, delivery: Delivery, owner: str, *, once: OncePer) -> bool:
+        """Store a new delivery as `owner`'s, unless `once` says it was already sent: the
+        same state of the same subject added within its interval, by any owner (two
+        replicas seeing one transition). Then nothing is stored and the answer is False."""
         ...
 
     async def save(self, delivery: Delivery, owner: str) -> None:

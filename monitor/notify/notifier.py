@@ -10,7 +10,9 @@ backoff, a restart re-arms every row, success or the last attempt deletes it.
 
 Across replicas (PostgreSQL) each row names its owner, the replica that sends it. Before
 every attempt the owner claims its row, so a replica taken for dead (paused, cut off) whose
-rows another one adopted (`adopt`) drops them instead of sending them a second time.
+rows another one adopted (`adopt`) drops them instead of sending them a second time. The
+outbox also remembers the last state sent per subject, so one transition seen by two
+replicas (both probing an instance during a handover) is stored, and sent, once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Notification
 from monitor.convert import retry_from_config
-from monitor.notify.abc import Delivery, DeliveryTaken, NotifyResult, OutboxStore
+from monitor.notify.abc import Delivery, DeliveryTaken, NotifyResult, OncePer, OutboxStore
 from monitor.notify.events import fingerprint_of, subject_of
 from monitor.notify.formats import FORMATS
 from monitor.notify.signing import SIGNATURE_HEADER, sign
@@ -186,41 +188,49 @@ class Notifier:
         return isinstance(service, str) and self._in_maintenance(service)
 
     async def _limit(self, notification: Notification, event: Event) -> None:
-        """The same state for the same subject goes out once per min_interval; news at once."""
-        key = (notification.name, event.topic, subject_of(event))
+        """The same state for the same subject goes out once per min_interval; news at once.
+        What this notifier sent lately is known here; what other replicas sent, the outbox
+        knows (`add`)."""
+        subject = subject_of(event)
+        key = (notification.name, event.topic, subject)
         now, fingerprint = self._clock(), fingerprint_of(event)
+        interval = notification.min_interval.total_seconds()
         recent = self._recent.get(key)
         if (
             recent is not None
             and recent.fingerprint == fingerprint
-            and now - recent.sent_at < notification.min_interval.total_seconds()
+            and now - recent.sent_at < interval
         ):
             self._counter.labels(notification.name, NotifyResult.DEDUPED).inc()
             return
         if len(self._recent) >= MAX_RECENT:  # subjects come from clients too: stay bounded
             self._recent.clear()
         self._recent[key] = _Recent(now, fingerprint)
-        await self._enqueue(notification, event)
-
-    async def _enqueue(self, notification: Notification, event: Event) -> None:
         delivery = Delivery(
             id=secrets.token_hex(8),
             name=notification.name,
             topic=event.topic,
             body=render_body(notification, event),
-            due=self._clock(),
+            due=now,
         )
-        await self._keep(delivery)
-        self._arm(delivery)
+        once = OncePer(
+            subject=f"{event.topic} {subject}", fingerprint=fingerprint, now=now, interval=interval
+        )
+        if await self._keep(delivery, once):
+            self._arm(delivery)
+        else:
+            self._counter.labels(notification.name, NotifyResult.DEDUPED).inc()
 
-    async def _keep(self, delivery: Delivery) -> None:
-        """Store a new delivery; when storage fails (disk full is itself worth an alert), it is
-        still sent, from memory only: at-least-once becomes best-effort until storage is back."""
+    async def _keep(self, delivery: Delivery, once: OncePer) -> bool:
+        """Store a new delivery; False when another replica already sent the same news. When
+        storage fails (disk full is itself worth an alert), it is still sent, from memory
+        only: at-least-once becomes best-effort until storage is back."""
         try:
-            await self._outbox.save(delivery, self._owner)
+            return await self._outbox.add(delivery, self._owner, once=once)
         except StoreUnavailable:
             self._unstored.add(delivery.id)
             log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
+            return True
 
     async def _hold(self, delivery: Delivery) -> bool:
         """Store the delivery's attempts and due time if its row is still this notifier's:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from monitor.notify.abc import Delivery, DeliveryTaken
+from monitor.notify.abc import Delivery, DeliveryTaken, OncePer
 from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = (
@@ -18,8 +18,20 @@ MIGRATIONS = (
     "topic TEXT NOT NULL, body BYTEA NOT NULL, attempts BIGINT NOT NULL, "
     "due DOUBLE PRECISION NOT NULL, owner TEXT NOT NULL)",
     "CREATE INDEX notification_outbox_owner ON notification_outbox (owner, due)",
+    # What went out last per notification and subject: the same state once per interval.
+    "CREATE TABLE notification_recent (name TEXT NOT NULL, subject TEXT NOT NULL, "
+    "fingerprint TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, subject))",
+    "CREATE INDEX notification_recent_at ON notification_recent (name, at)",
 )
 
+# Of two replicas adding the same state at once, the second waits on the first's row and
+# then finds it recent: no row changed, so nothing is added.
+_REMEMBER = (
+    "INSERT INTO notification_recent (name, subject, fingerprint, at) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (name, subject) DO UPDATE SET fingerprint = excluded.fingerprint, "
+    "at = excluded.at WHERE notification_recent.fingerprint <> excluded.fingerprint "
+    "OR notification_recent.at <= %s"
+)
 _SAVE = (
     "INSERT INTO notification_outbox (id, name, topic, body, attempts, due, owner) "
     "VALUES (%s, %s, %s, %s, %s, %s, %s) "
@@ -51,6 +63,24 @@ class PgOutboxStore:
             return _deliveries(cursor.fetchall())
 
         return await self._db.read(load)
+
+    async def add(self, delivery: Delivery, owner: str, *, once: OncePer) -> bool:
+        since = once.now - once.interval
+
+        def add(conn: Connection) -> bool:
+            name = delivery.name
+            # Subjects come from clients too: what is past its interval goes.
+            conn.execute(
+                "DELETE FROM notification_recent WHERE name = %s AND at <= %s", [name, since]
+            )
+            remembered = [name, once.subject, once.fingerprint, once.now, since]
+            if not conn.execute(_REMEMBER, remembered).rowcount:
+                return False
+            row = (delivery.id, delivery.name, delivery.topic, delivery.body)
+            conn.execute(_SAVE, [*row, delivery.attempts, delivery.due, owner])
+            return True
+
+        return await self._db.write(add)
 
     async def save(self, delivery: Delivery, owner: str) -> None:
         def save(conn: Connection) -> int:

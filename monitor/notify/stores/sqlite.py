@@ -10,7 +10,7 @@ from collections.abc import Collection
 
 import sqlite_utils
 
-from monitor.notify.abc import Delivery, DeliveryTaken
+from monitor.notify.abc import Delivery, DeliveryTaken, OncePer
 from registry import Transactor
 
 
@@ -23,6 +23,9 @@ class SqliteOutboxStore:
 
     async def load(self, owner: str) -> list[Delivery]:
         return await self._db.read(lambda db: _load(db, owner))
+
+    async def add(self, delivery: Delivery, owner: str, *, once: OncePer) -> bool:
+        return await self._db.write(lambda db: _add(db, delivery, owner, once))
 
     async def save(self, delivery: Delivery, owner: str) -> None:
         if not await self._db.write(lambda db: _save(db, delivery, owner)):
@@ -65,9 +68,34 @@ def _create_table(db: sqlite_utils.Database) -> None:
         "topic TEXT NOT NULL, body BLOB NOT NULL, attempts INTEGER NOT NULL, due REAL NOT NULL, "
         "owner TEXT NOT NULL DEFAULT '')"
     )
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS notification_recent (name TEXT NOT NULL, "
+        "subject TEXT NOT NULL, fingerprint TEXT NOT NULL, at REAL NOT NULL, "
+        "PRIMARY KEY (name, subject))"
+    )
+    db.execute(
+        "CREATE INDEX IF NOT EXISTS notification_recent_at ON notification_recent (name, at)"
+    )
     # Outboxes from before owners: their rows are the one daemon's, whose owner is ''.
     if "owner" not in db["notification_outbox"].columns_dict:
         db.execute("ALTER TABLE notification_outbox ADD COLUMN owner TEXT NOT NULL DEFAULT ''")
+
+
+def _add(db: sqlite_utils.Database, delivery: Delivery, owner: str, once: OncePer) -> bool:
+    since = once.now - once.interval
+    # Subjects come from clients too: what is past its interval goes.
+    db.execute("DELETE FROM notification_recent WHERE name = ? AND at <= ?", (delivery.name, since))
+    remembered = db.execute(
+        "INSERT INTO notification_recent (name, subject, fingerprint, at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (name, subject) DO UPDATE SET fingerprint = excluded.fingerprint, "
+        "at = excluded.at WHERE notification_recent.fingerprint <> excluded.fingerprint "
+        "OR notification_recent.at <= ?",
+        (delivery.name, once.subject, once.fingerprint, once.now, since),
+    )
+    if not remembered.rowcount:
+        return False
+    _save(db, delivery, owner)
+    return True
 
 
 def _save(db: sqlite_utils.Database, delivery: Delivery, owner: str) -> int:
