@@ -127,16 +127,15 @@ async def test_create_tables_twice_keeps_the_deliveries(store: OutboxStore) -> N
     assert [d.id for d in await store.load(ME)] == ["d1"]
 
 
-async def test_deliveries_survive_a_reopen(tmp_path: Path) -> None:
-    for factory in FACTORIES.values():
-        async with factory(tmp_path) as opened:
-            first = opened.store
-            await first.create_tables()
-            await first.save(delivery("d1", 10.0), ME)
-        async with factory(tmp_path) as opened:
-            second = opened.store
-            await second.create_tables()
-            assert await second.load(ME) == [delivery("d1", 10.0)]
+async def test_deliveries_survive_a_reopen(factory: Factory[OutboxStore], tmp_path: Path) -> None:
+    async with factory(tmp_path) as opened:
+        first = opened.store
+        await first.create_tables()
+        await first.save(delivery("d1", 10.0), ME)
+    async with factory(tmp_path) as opened:
+        second = opened.store
+        await second.create_tables()
+        assert await second.load(ME) == [delivery("d1", 10.0)]
 
 
 async def test_a_claim_by_the_owner_stores_attempts_and_due(store: OutboxStore) -> None:
