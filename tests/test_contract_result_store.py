@@ -4,6 +4,7 @@ boundaries, the rollup restores, a broken storage refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -11,11 +12,15 @@ import pytest
 
 from monitor.health import RAW_RETENTION, ResultStore, SqliteResultStore
 from monitor.health.abc import HourRow, MinuteRow, RawRow
+from monitor.health.stores.postgres import PgResultStore
 from registry import StoreUnavailable
 
-from .contracts import Factory, factory_for, sqlite_factory
+from .contracts import Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[ResultStore]] = {"sqlite": sqlite_factory(SqliteResultStore)}
+FACTORIES: dict[str, Factory[ResultStore]] = {
+    "sqlite": sqlite_factory(SqliteResultStore),
+    "postgres": postgres_factory(PgResultStore),
+}
 
 
 @pytest.fixture
@@ -129,6 +134,35 @@ async def test_a_minute_written_twice_is_added_up(
     assert row["latency_sum"] == pytest.approx(0.5)
     assert row["buckets"] == {"0.1": 5, "0.5": 3, "+Inf": 8}
     assert hours == [("pay", HOUR, 50, 46, 3.0)]
+
+
+async def test_a_minute_given_twice_in_one_write_is_added_up(
+    factory: Factory[ResultStore], tmp_path: Path
+) -> None:
+    async with factory(tmp_path) as backing:
+        await backing.store.open(NOW)
+        twice = [minute(MINUTE - 1, count=6), minute(MINUTE - 1, count=4, le="0.5")]
+        await backing.store.write([], twice, [hour(HOUR, 30), hour(HOUR, 20)])
+        (row,) = await backing.store.minutes("pay", 0, NOW)
+        _, hours = await backing.store.open(NOW)
+    assert (row["count"], row["successes"], row["maintenance"]) == (10, 8, 2)
+    assert row["buckets"] == {"0.1": 5, "0.5": 3, "+Inf": 8}
+    assert hours == [("pay", HOUR, 50, 46, 3.0)]
+
+
+async def test_writes_made_at_once_are_each_counted_once(
+    factory: Factory[ResultStore], tmp_path: Path
+) -> None:
+    """Writes queued together may share a transaction (group commit): neither is counted
+    twice nor lost."""
+    async with factory(tmp_path) as backing:
+        await backing.store.open(NOW)
+        await asyncio.gather(
+            *(backing.store.write([raw(NOW - i)], [minute(MINUTE - 1)], []) for i in range(1, 4))
+        )
+        (row,) = await backing.store.minutes("pay", 0, NOW)
+        assert row["count"] == 18
+        assert len(await backing.store.raw("pay", "p1")) == 3
 
 
 async def test_open_returns_whole_days_and_the_last_hours(

@@ -8,11 +8,15 @@ from pathlib import Path
 import pytest
 
 from monitor.slo import SloMinuteStore, SqliteSloMinuteStore
+from monitor.slo.stores.postgres import PgSloMinuteStore
 from registry import StoreUnavailable
 
-from .contracts import Backing, Factory, factory_for, sqlite_factory
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[SloMinuteStore]] = {"sqlite": sqlite_factory(SqliteSloMinuteStore)}
+FACTORIES: dict[str, Factory[SloMinuteStore]] = {
+    "sqlite": sqlite_factory(SqliteSloMinuteStore),
+    "postgres": postgres_factory(PgSloMinuteStore),
+}
 
 
 @pytest.fixture
@@ -64,16 +68,16 @@ async def test_prune_forgets_minutes_before_the_boundary_only(store: SloMinuteSt
     assert sorted(await store.minutes("pay", "avail", 0)) == [(100, 1, 1), (101, 1, 1)]
 
 
-async def test_minutes_survive_a_reopen(tmp_path: Path) -> None:
-    for factory in FACTORIES.values():
-        async with factory(tmp_path) as opened:
-            first = opened.store
-            await first.create_tables()
-            await first.add([("pay", "avail", 100, 5, 6)])
-        async with factory(tmp_path) as opened:
-            second = opened.store
-            await second.create_tables()
-            assert await second.minutes("pay", "avail", 0) == [(100, 5, 6)]
+async def test_minutes_survive_a_reopen(backend: str, tmp_path: Path) -> None:
+    factory = factory_for(FACTORIES, backend)
+    async with factory(tmp_path) as opened:
+        first = opened.store
+        await first.create_tables()
+        await first.add([("pay", "avail", 100, 5, 6)])
+    async with factory(tmp_path) as opened:
+        second = opened.store
+        await second.create_tables()
+        assert await second.minutes("pay", "avail", 0) == [(100, 5, 6)]
 
 
 async def test_a_broken_storage_refuses_to_add(backing: Backing[SloMinuteStore]) -> None:

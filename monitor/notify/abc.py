@@ -7,6 +7,8 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     from monitor.config import Notification
     from scheduler import Event
 
@@ -26,6 +28,7 @@ class NotifyResult(StrEnum):
     FAILED = "failed"  # out of attempts, or a status not worth retrying
     SUPPRESSED = "suppressed"  # maintenance or a dependency is down
     DEDUPED = "deduped"  # the state last sent for its subject, within min_interval
+    TAKEN = "taken"  # another replica adopted it (this one was taken for dead) and sends it
 
 
 class BodyFormat(Protocol):
@@ -46,24 +49,66 @@ class Delivery:
     due: float = 0.0  # wall clock of the next attempt
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OncePer:
+    """What makes a delivery news: a `fingerprint` (the state) of a `subject` not added
+    for the same notification in the `interval` seconds before `now`. `now` is the
+    notifier's clock: replicas' clocks differ by far less than an interval of minutes."""
+
+    subject: str  # the event's topic and what it is about
+    fingerprint: str
+    now: float
+    interval: float
+
+
+class DeliveryTaken(Exception):
+    """The delivery's outbox row is no longer its owner's: another replica adopted it (the
+    owner was taken for dead) or sent it and deleted it. The owner must not send it."""
+
+
 class OutboxStore(Protocol):
     """Deliveries not yet done, kept so a restart sends them again (at least once).
 
-    `save` and `delete` raise StoreUnavailable when storage fails; the notifier then
-    goes on from memory."""
+    Each row names its owner, the one notifier that sends it (on PostgreSQL a replica's
+    member key; on SQLite the one daemon). A dead owner's rows are adopted by a live one
+    and sent from there under the same delivery id; the owner claims its row before every
+    attempt, so a replica taken for dead that wakes up never sends what was adopted.
+    `add` remembers what went out per subject, so the same state reported by two replicas
+    (both probing an instance during a handover) goes out once.
+
+    `add`, `save`, `claim`, `delete` and `adopt` raise StoreUnavailable when storage fails; the
+    notifier then goes on from memory."""
 
     async def create_tables(self) -> None:
         """Idempotent."""
         ...
 
-    async def load(self) -> list[Delivery]:
-        """Every stored delivery, the earliest due first."""
+    async def load(self, owner: str) -> list[Delivery]:
+        """Every delivery `owner` holds, the earliest due first."""
         ...
 
-    async def save(self, delivery: Delivery) -> None:
-        """Insert the delivery, or replace the one stored under its id."""
+    async def add(self, delivery: Delivery, owner: str, *, once: OncePer) -> bool:
+        """Store a new delivery as `owner`'s, unless `once` says it was already sent: the
+        same state of the same subject added within its interval, by any owner (two
+        replicas seeing one transition). Then nothing is stored and the answer is False."""
+        ...
+
+    async def save(self, delivery: Delivery, owner: str) -> None:
+        """Insert the delivery as `owner`'s, or replace the one stored under its id if
+        `owner` holds it; DeliveryTaken if another owner does."""
+        ...
+
+    async def claim(self, delivery: Delivery, owner: str) -> None:
+        """Store the delivery's `attempts` and `due` if `owner` still holds its row;
+        DeliveryTaken if it does not (adopted, or sent and deleted: never stored again)."""
         ...
 
     async def delete(self, delivery_id: str) -> None:
-        """Forget a delivery; an unknown id is not an error."""
+        """Forget a delivery, whoever holds it (it was sent or given up); an unknown id
+        is not an error."""
+        ...
+
+    async def adopt(self, owner: str, dead_owners: Collection[str]) -> list[Delivery]:
+        """Hand every delivery of `dead_owners` to `owner` in one statement and return them,
+        the earliest due first. Of owners adopting at once, each delivery goes to one."""
         ...

@@ -7,6 +7,12 @@ not be sent (maintenance, dependency-suppressed instances), limits each
 delivery in the outbox table and hands it to the receiver's worker. The outbox
 row is the durable timer: a failed attempt moves its `due` time on with
 backoff, a restart re-arms every row, success or the last attempt deletes it.
+
+Across replicas (PostgreSQL) each row names its owner, the replica that sends it. Before
+every attempt the owner claims its row, so a replica taken for dead (paused, cut off) whose
+rows another one adopted (`adopt`) drops them instead of sending them a second time. The
+outbox also remembers the last state sent per subject, so one transition seen by two
+replicas (both probing an instance during a handover) is stored, and sent, once.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Collection, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from monitor.config import Notification
 from monitor.convert import retry_from_config
-from monitor.notify.abc import Delivery, NotifyResult, OutboxStore
+from monitor.notify.abc import Delivery, DeliveryTaken, NotifyResult, OncePer, OutboxStore
 from monitor.notify.events import fingerprint_of, subject_of
 from monitor.notify.formats import FORMATS
 from monitor.notify.signing import SIGNATURE_HEADER, sign
@@ -72,9 +78,13 @@ class Notifier:
         metrics: CollectorRegistry,
         in_maintenance: Callable[[str], bool],
         clock: Callable[[], float],
+        owner: str = "",
     ) -> None:
-        """`outbox`: where deliveries wait (their rows are the durable timers)."""
+        """`outbox`: where deliveries wait (their rows are the durable timers). `owner`: the
+        name its rows are kept under: the replica's member key on PostgreSQL; on SQLite the
+        default, the same at every start, so a restart finds the rows of the one before."""
         self._outbox, self._bus, self._clock = outbox, bus, clock
+        self._owner = owner
         self._in_maintenance = in_maintenance
         self._counter = Counter(
             "hms_notifications",
@@ -84,6 +94,7 @@ class Notifier:
         )
         self._receivers: dict[str, _Receiver] = {}
         self._recent: dict[tuple[str, str, str], _Recent] = {}
+        self._unstored: set[str] = set()  # ids of deliveries whose save failed
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscription: Subscription | None = None
@@ -96,8 +107,22 @@ class Notifier:
         )
         await self._outbox.create_tables()
         await self.configure(self._notifications)
-        for delivery in await self._outbox.load():
+        for delivery in await self._outbox.load(self._owner):
             self._arm(delivery)
+
+    async def adopt(self, dead_owners: Collection[str]) -> int:
+        """Take over the outbox rows of dead replicas (their member keys) and send them from
+        here under the same delivery ids; the cluster calls this when it sees members die.
+        Returns how many were adopted; raises StoreUnavailable when storage fails (the rows
+        stay with the dead until a later call)."""
+        if self._session is None:
+            raise RuntimeError("the notifier adopts deliveries only once started")
+        deliveries = await self._outbox.adopt(self._owner, dead_owners)
+        for delivery in deliveries:
+            self._arm(delivery)
+        if deliveries:
+            log.info("notifications: adopted %d deliveries of %s", len(deliveries), dead_owners)
+        return len(deliveries)
 
     async def configure(self, notifications: Iterable[Notification]) -> None:
         """Take a new set of notifications; deliveries to removed ones are dropped."""
@@ -163,40 +188,67 @@ class Notifier:
         return isinstance(service, str) and self._in_maintenance(service)
 
     async def _limit(self, notification: Notification, event: Event) -> None:
-        """The same state for the same subject goes out once per min_interval; news at once."""
-        key = (notification.name, event.topic, subject_of(event))
+        """The same state for the same subject goes out once per min_interval; news at once.
+        What this notifier sent lately is known here; what other replicas sent, the outbox
+        knows (`add`)."""
+        subject = subject_of(event)
+        key = (notification.name, event.topic, subject)
         now, fingerprint = self._clock(), fingerprint_of(event)
+        interval = notification.min_interval.total_seconds()
         recent = self._recent.get(key)
         if (
             recent is not None
             and recent.fingerprint == fingerprint
-            and now - recent.sent_at < notification.min_interval.total_seconds()
+            and now - recent.sent_at < interval
         ):
             self._counter.labels(notification.name, NotifyResult.DEDUPED).inc()
             return
         if len(self._recent) >= MAX_RECENT:  # subjects come from clients too: stay bounded
             self._recent.clear()
         self._recent[key] = _Recent(now, fingerprint)
-        await self._enqueue(notification, event)
-
-    async def _enqueue(self, notification: Notification, event: Event) -> None:
         delivery = Delivery(
             id=secrets.token_hex(8),
             name=notification.name,
             topic=event.topic,
             body=render_body(notification, event),
-            due=self._clock(),
+            due=now,
         )
-        await self._keep(delivery)
-        self._arm(delivery)
+        once = OncePer(
+            subject=f"{event.topic} {subject}", fingerprint=fingerprint, now=now, interval=interval
+        )
+        if await self._keep(delivery, once):
+            self._arm(delivery)
+        else:
+            self._counter.labels(notification.name, NotifyResult.DEDUPED).inc()
 
-    async def _keep(self, delivery: Delivery) -> None:
-        """Store the delivery; when storage fails (disk full is itself worth an alert), it is
-        still sent, from memory only: at-least-once becomes best-effort until storage is back."""
+    async def _keep(self, delivery: Delivery, once: OncePer) -> bool:
+        """Store a new delivery; False when another replica already sent the same news. When
+        storage fails (disk full is itself worth an alert), it is still sent, from memory
+        only: at-least-once becomes best-effort until storage is back."""
         try:
-            await self._outbox.save(delivery)
+            return await self._outbox.add(delivery, self._owner, once=once)
         except StoreUnavailable:
+            self._unstored.add(delivery.id)
             log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
+            return True
+
+    async def _hold(self, delivery: Delivery) -> bool:
+        """Store the delivery's attempts and due time if its row is still this notifier's:
+        False when another replica adopted it (this one was taken for dead) or sent it, and
+        it must not be sent from here. Storage failing, it goes on from memory."""
+        try:
+            if delivery.id in self._unstored:  # never stored: store it now
+                await self._outbox.save(delivery, self._owner)
+                self._unstored.discard(delivery.id)
+            else:
+                await self._outbox.claim(delivery, self._owner)
+        except StoreUnavailable:
+            log.debug("notification %s: %s goes on from memory", delivery.name, delivery.id)
+        except DeliveryTaken:
+            self._counter.labels(delivery.name, NotifyResult.TAKEN).inc()
+            log.info("notification %s: %s is another replica's now", delivery.name, delivery.id)
+            return False
+        return True
 
     # -- delivery -------------------------------------------------------------------
 
@@ -231,6 +283,8 @@ class Notifier:
 
     async def _attempt(self, notification: Notification, retry: Retry, delivery: Delivery) -> None:
         delivery.attempts += 1
+        if not await self._hold(delivery):  # claimed, this attempt counted, before it is made
+            return
         status, error = await self._post(notification, delivery)
         if status is not None and 200 <= status < 300:
             self._counter.labels(notification.name, NotifyResult.SENT).inc()
@@ -238,9 +292,10 @@ class Notifier:
             return
         retryable = status is None or status in retry.retry_on
         if retryable and delivery.attempts < retry.max_attempts:
-            self._counter.labels(notification.name, NotifyResult.RETRIED).inc()
             delivery.due = self._clock() + retry.delay(delivery.attempts, random.random())
-            await self._keep(delivery)
+            if not await self._hold(delivery):
+                return
+            self._counter.labels(notification.name, NotifyResult.RETRIED).inc()
             log.info(
                 "notification %s: attempt %d failed (%s); next in %.0f s",
                 notification.name,
@@ -280,6 +335,7 @@ class Notifier:
             return None, str(exc) or type(exc).__name__
 
     async def _forget(self, delivery: Delivery) -> None:
+        self._unstored.discard(delivery.id)
         try:
             await self._outbox.delete(delivery.id)
         except StoreUnavailable:  # the row outlives the delivery: resent after a restart
