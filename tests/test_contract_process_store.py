@@ -14,14 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from monitor.storage import Database, DatabaseError
+from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
 from workflows.abc import WorkflowStore
 from workflows.records import Attempt, NewEvent, Process, StoredDefinition
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
+from workflows.stores.postgres import PgWorkflowStore
 from workflows.stores.sqlite import SqliteWorkflowStore
+
+from .pg import PostgresCluster
 
 
 @dataclass
@@ -51,13 +56,45 @@ async def sqlite_store(path: Path) -> AsyncIterator[Handle]:
         await db.close()
 
 
+def postgres_store(cluster: PostgresCluster) -> Factory:
+    """Stores on a database of the run's PostgreSQL, one per directory (a store opened
+    twice in one directory sees the same data)."""
+    urls: dict[Path, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def store(path: Path) -> AsyncIterator[Handle]:
+        if path not in urls:
+            urls[path] = cluster.database()
+        url = urls[path]
+        db = PgDatabase(url)
+        await db.open()
+
+        async def refuse_writes(refuse: bool) -> None:
+            if refuse:  # the database goes away under the open store
+                cluster.refuse_connections(url)
+            else:
+                name = url.rsplit("/", 1)[1]
+                with psycopg.connect(cluster.url(), autocommit=True) as conn:
+                    conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+        try:
+            yield Handle(PgWorkflowStore(db), refuse_writes, (StoreUnavailable, DatabaseError))
+        finally:
+            await db.close()
+
+    return store
+
+
 Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[Handle]]
-FACTORIES: dict[str, Factory] = {"sqlite": sqlite_store}
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Factory]] = {
+    "sqlite": lambda _: sqlite_store,
+    "postgres": lambda request: postgres_store(request.getfixturevalue("postgres")),
+}
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 def factory(request: pytest.FixtureRequest) -> Factory:
-    return FACTORIES[request.param]
+    return FACTORIES[request.param](request)
 
 
 @pytest.fixture
