@@ -21,7 +21,7 @@ from monitor.storage import Database, DatabaseError
 from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
 from workflows.abc import WorkflowStore
-from workflows.records import Attempt, NewEvent, Process, StoredDefinition
+from workflows.records import Attempt, Branch, NewEvent, Process, StoredDefinition
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
 from workflows.stores.postgres import PgWorkflowStore
 from workflows.stores.sqlite import SqliteWorkflowStore
@@ -230,6 +230,29 @@ async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     assert history[1] == attempt("b", AttemptOutcome.ERROR)
 
 
+async def test_a_process_with_branches_numbers_its_rows_after_those_stored(
+    handle: Handle,
+) -> None:
+    """Branches checkpoint concurrently: one refused while another commits leaves the
+    count in memory behind the table, so their rows are numbered from the table."""
+    store = handle.store
+    [process] = await create(store, new_process(1))
+    process.branches = {"left": Branch(), "right": Branch()}
+    process.pending = [attempt("left"), attempt("right")]
+    await store.checkpoint(process)
+    process.history_count = 0  # as a racing, refused checkpoint's rollback leaves it
+    process.pending = [attempt("left", AttemptOutcome.ERROR)]
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert [(a.step, a.outcome) for a in stored[1]] == [
+        ("left", AttemptOutcome.OK),
+        ("right", AttemptOutcome.OK),
+        ("left", AttemptOutcome.ERROR),
+    ]
+    assert set(stored[0].branches) == {"left", "right"}
+
+
 async def test_an_unknown_process_is_none(handle: Handle) -> None:
     assert await handle.store.get("nope") is None
 
@@ -334,6 +357,17 @@ async def test_events_after_are_bounded_and_ordered(handle: Handle) -> None:
 
 async def test_last_event_seq_starts_at_zero(handle: Handle) -> None:
     assert await handle.store.last_event_seq() == 0
+
+
+async def test_last_event_seq_outlives_the_events_pruned(handle: Handle) -> None:
+    """A client's Last-Event-ID keeps its meaning: ids are never given twice."""
+    store = handle.store
+    for seq in (3, 7):
+        await store.create([], event(seq, at=1.0))
+    await store.create([], event(5, at=1.0))  # a lower id stored later moves nothing
+    await store.prune(0.0, 10.0)
+    assert await store.events_after(0, 100, 10) == []
+    assert await store.last_event_seq() == 7
 
 
 async def test_outcomes_count_a_process_once_per_minute(handle: Handle) -> None:
