@@ -2,8 +2,8 @@
 PostgreSQL: the twin of workflows/stores/sqlite.py (same tables, same behaviour), for
 several replicas on one database.
 
-A checkpoint is the engine's hot path: its statements go in one pipeline (one round trip
-to the server, the history rows with them), inside the writer's group commit.
+A checkpoint is the engine's hot path: the row, the signals it took and its history rows
+are one statement (one round trip to the server), inside the writer's group commit.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ _COLUMNS = (
     "compensating_from, cancel_requested, error, output, workflow_version, branches"
 )
 _MARKS = ", ".join(["%s"] * 21)
+_NAMED = ", ".join(f"%(c{i})s" for i in range(21))
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
@@ -119,15 +120,25 @@ _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
 # nothing and reads the stored process instead.
 _INSERT_KEYED = f"{_INSERT} ON CONFLICT (workflow, idempotency_key) DO NOTHING RETURNING seq"
 _INSERT_NEW = f"{_INSERT} RETURNING seq"
-_UPDATE = f"UPDATE processes SET ({_COLUMNS}) = ({_MARKS}) WHERE seq = %s"  # noqa: S608
 _HISTORY_COUNT = "(SELECT count(*) FROM process_history h WHERE h.process = processes.seq)"
 _SELECT_OPEN = f"{_SELECT}, {_HISTORY_COUNT} FROM processes WHERE finished_at IS NULL ORDER BY seq"
-# The row's number given (a single line numbers from memory), or taken inside the write
-# after those stored (a process with branches: its checkpoints race).
-_HISTORY_AT = "INSERT INTO process_history VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-_HISTORY_NEXT = (
-    "INSERT INTO process_history VALUES (%s, (SELECT coalesce(max(n) + 1, 0) "
-    "FROM process_history WHERE process = %s), %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+# A checkpoint in one statement (one round trip): the row, the signals it took, and its
+# history rows as arrays. A row's number is given from memory (a single line), or, when
+# NULL (a process with branches: its checkpoints race), follows those stored.
+_CHECKPOINT = (
+    "WITH updated AS ("  # noqa: S608 - built from the constants above only
+    f"  UPDATE processes SET ({_COLUMNS}) = ({_NAMED}) WHERE seq = %(seq)s"
+    "), taken AS ("
+    "  DELETE FROM process_signals WHERE seq = ANY(%(taken)s::bigint[])"
+    ") INSERT INTO process_history "
+    "SELECT %(seq)s, coalesce(%(first)s::bigint, (SELECT coalesce(max(n) + 1, 0) "
+    "  FROM process_history WHERE process = %(seq)s)) + h.i - 1, h.step, h.kind, h.attempt,"
+    "  h.started_at, h.ended_at, h.outcome, h.error, h.instance, h.http_status "
+    "FROM unnest(%(step)s::text[], %(kind)s::text[], %(attempt)s::bigint[],"
+    "  %(started_at)s::float8[], %(ended_at)s::float8[], %(outcome)s::text[],"
+    "  %(error)s::text[], %(instance)s::text[], %(http_status)s::int[]) WITH ORDINALITY"
+    "  AS h (step, kind, attempt, started_at, ended_at, outcome, error, instance,"
+    "  http_status, i)"
 )
 # One statement: the event (once per key) and the high-water mark of event ids.
 _EVENT = (
@@ -169,25 +180,22 @@ def _row(process: Process) -> tuple[Any, ...]:
     )
 
 
-def _history_rows(seq: int, first: int | None, history: list[Attempt]) -> list[tuple[Any, ...]]:
-    rows = []
-    for n, a in enumerate(history):
-        at = (seq, first + n) if first is not None else (seq, seq)
-        rows.append(
-            (
-                *at,
-                a.step,
-                a.kind,
-                a.attempt,
-                a.started_at,
-                a.ended_at,
-                a.outcome,
-                a.error,
-                a.instance,
-                a.http_status,
-            )
-        )
-    return rows
+def _checkpoint_args(
+    row: tuple[Any, ...],
+    seq: int,
+    first: int | None,
+    taken: tuple[int, ...],
+    history: list[Attempt],
+) -> dict[str, Any]:
+    """The arguments of `_CHECKPOINT`: the row's columns, then the history by column."""
+    args: dict[str, Any] = {f"c{i}": value for i, value in enumerate(row)}
+    args.update(seq=seq, first=first, taken=list(taken))
+    for column in (
+        "step", "kind", "attempt", "started_at", "ended_at", "outcome", "error", "instance",
+        "http_status",
+    ):  # fmt: skip
+        args[column] = [getattr(a, column) for a in history]
+    return args
 
 
 class PgWorkflowStore:
@@ -248,7 +256,7 @@ class PgWorkflowStore:
 
     async def checkpoint(self, process: Process) -> None:
         """The row and the history gathered since the last checkpoint, atomically, in one
-        pipeline (one round trip unless a task is answered or opened with it).
+        statement (one round trip unless a task is answered or opened with it).
 
         As on SQLite (SqliteWorkflowStore.checkpoint): a refused write puts the history, the
         taken signals and the task answers back for the retry; a process with branches has
@@ -262,23 +270,17 @@ class PgWorkflowStore:
         process.history_count += len(history)
         row, seq = _row(process), process.seq
         finished = process.finished_at if process.has_tasks else None
-        rows = _history_rows(seq, first, history)
+        args = _checkpoint_args(row, seq, first, taken, history)
 
         def write(conn: Connection) -> tuple[TaskRecord, bool] | None:
-            with conn.pipeline():
-                conn.execute(_UPDATE, (*row, seq))
-                for end in ends:  # the workers' answers that ended the steps, in their commit
-                    write_end(conn, end)
-                if finished is not None:  # no task of a finished process stays open
-                    cancel_open_in(conn, process.id, finished)
-                if taken:  # taken once: gone with the checkpoint of the step
-                    conn.execute("DELETE FROM process_signals WHERE seq = ANY(%s)", [list(taken)])
-                if rows:
-                    statement = _HISTORY_AT if first is not None else _HISTORY_NEXT
-                    conn.cursor().executemany(statement, rows)
-                if opening is None:
-                    return None
-                return open_in(conn, opening.task, opening.claim_for, opening.now)
+            conn.execute(_CHECKPOINT, args)
+            for end in ends:  # the workers' answers that ended the steps, in their commit
+                write_end(conn, end)
+            if finished is not None:  # no task of a finished process stays open
+                cancel_open_in(conn, process.id, finished)
+            if opening is None:
+                return None
+            return open_in(conn, opening.task, opening.claim_for, opening.now)
 
         try:
             opened = await self._db.write(write)
