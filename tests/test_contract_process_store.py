@@ -20,11 +20,21 @@ import pytest
 from monitor.storage import Database, DatabaseError
 from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
-from workflows.abc import WorkflowStore
-from workflows.records import Attempt, Branch, NewEvent, Process, StoredDefinition
-from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
+from workflows.abc import NewTask, TaskRecord, TaskStore, WorkflowStore
+from workflows.records import (
+    Attempt,
+    Branch,
+    NewEvent,
+    Process,
+    StoredDefinition,
+    TaskEnd,
+    TaskOpen,
+)
+from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus, TaskState
 from workflows.stores.postgres import PgWorkflowStore
+from workflows.stores.postgres_tasks import PgTaskStore
 from workflows.stores.sqlite import SqliteWorkflowStore
+from workflows.stores.sqlite_tasks import ClaimLost, SqliteTaskStore
 
 from .pg import PostgresCluster
 
@@ -34,6 +44,7 @@ class Handle:
     """A store, and the faults a backend can be put into."""
 
     store: WorkflowStore
+    tasks: TaskStore  # on the same database: a checkpoint writes task rows in its commit
     refuse_writes: Callable[[bool], Awaitable[None]]  # as a full or read-only disk does
     closed_error: tuple[type[Exception], ...]  # what a closed store raises
 
@@ -51,7 +62,12 @@ async def sqlite_store(path: Path) -> AsyncIterator[Handle]:
 
     try:
         # A closed Database says DatabaseError today; StoreUnavailable is the promise.
-        yield Handle(SqliteWorkflowStore(db), refuse_writes, (StoreUnavailable, DatabaseError))
+        yield Handle(
+            SqliteWorkflowStore(db),
+            SqliteTaskStore(db),
+            refuse_writes,
+            (StoreUnavailable, DatabaseError),
+        )
     finally:
         await db.close()
 
@@ -78,7 +94,12 @@ def postgres_store(cluster: PostgresCluster) -> Factory:
                     conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
 
         try:
-            yield Handle(PgWorkflowStore(db), refuse_writes, (StoreUnavailable, DatabaseError))
+            yield Handle(
+                PgWorkflowStore(db),
+                PgTaskStore(db),
+                refuse_writes,
+                (StoreUnavailable, DatabaseError),
+            )
         finally:
             await db.close()
 
@@ -251,6 +272,81 @@ async def test_a_process_with_branches_numbers_its_rows_after_those_stored(
         ("left", AttemptOutcome.ERROR),
     ]
     assert set(stored[0].branches) == {"left", "right"}
+
+
+def new_task(key: str) -> NewTask:
+    return NewTask(
+        process=key.split("/")[0],
+        key=key,
+        attempt=1,
+        queue="q",
+        lease=30.0,
+        payload=b"{}",
+        created_at=1.0,
+    )
+
+
+async def test_a_checkpoint_answers_a_task_and_opens_the_next_in_its_commit(
+    handle: Handle,
+) -> None:
+    store, tasks = handle.store, handle.tasks
+    await tasks.create_tables()
+    [process] = await create(store, new_process(1))
+    await tasks.open(new_task("p0001/a"))
+    [claimed] = await tasks.claim("q", "w1", 1, 10.0)
+    assert claimed.delivery is not None
+    answered: list[str] = []
+    opened: list[tuple[TaskRecord, bool]] = []
+    process.task_ends = (
+        TaskEnd(
+            delivery=claimed.delivery,
+            state=TaskState.DONE,
+            output={"ok": 1},
+            ended_at=11.0,
+            written=lambda: answered.append("a"),
+        ),
+    )
+    process.task_open = TaskOpen(
+        task=new_task("p0001/b"),
+        claim_for="w2",
+        clock=lambda: 12.0,
+        opened=lambda record, new: opened.append((record, new)),
+    )
+    process.position, process.pending = 1, [attempt("a")]
+    await store.checkpoint(process)
+    assert answered == ["a"]
+    [(record, new)] = opened
+    assert (new, record.key, record.state, record.worker) == (
+        True,
+        "p0001/b",
+        TaskState.CLAIMED,
+        "w2",
+    )
+    assert record.lease_until == 42.0  # leased from the commit's clock
+    assert await tasks.complete(claimed.delivery, {}, 13.0) == "stale"  # answered once
+    assert record.delivery is not None
+    # The process fails: its task still open is cancelled with its last checkpoint.
+    process.has_tasks, process.status, process.finished_at = True, ProcessStatus.FAILED, 14.0
+    await store.checkpoint(process)
+    assert await tasks.heartbeat(record.delivery, 15.0) == "stale"
+
+
+async def test_a_checkpoint_whose_task_claim_was_lost_writes_nothing(handle: Handle) -> None:
+    store, tasks = handle.store, handle.tasks
+    await tasks.create_tables()
+    [process] = await create(store, new_process(1))
+    await tasks.open(new_task("p0001/a"))
+    [claimed] = await tasks.claim("q", "w1", 1, 10.0)
+    assert claimed.delivery is not None
+    assert await tasks.expire(claimed.delivery, 50.0) is not None  # the lease ran out
+    process.task_ends = (TaskEnd(delivery=claimed.delivery, state=TaskState.DONE, ended_at=51.0),)
+    process.status, process.pending = ProcessStatus.RUNNING, [attempt("a")]
+    with pytest.raises(ClaimLost):
+        await store.checkpoint(process)
+    assert process.pending == [attempt("a")]  # back for the retry
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, stored[1]) == (ProcessStatus.STARTED, [])
 
 
 async def test_an_unknown_process_is_none(handle: Handle) -> None:
