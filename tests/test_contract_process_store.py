@@ -21,6 +21,7 @@ from monitor.storage import Database, DatabaseError
 from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
 from workflows.abc import NewTask, TaskRecord, TaskStore, WorkflowStore
+from workflows.errors import Fenced
 from workflows.records import (
     Attempt,
     Branch,
@@ -347,6 +348,82 @@ async def test_a_checkpoint_whose_task_claim_was_lost_writes_nothing(handle: Han
     stored = await store.get("p0001")
     assert stored is not None
     assert (stored[0].status, stored[1]) == (ProcessStatus.STARTED, [])
+
+
+async def test_a_checkpoint_of_a_process_claimed_elsewhere_is_fenced(handle: Handle) -> None:
+    """A replica taken for dead keeps running its copy: its checkpoints write nothing once
+    another replica has claimed the process, and the new owner's are written."""
+    store = handle.store
+    [stale] = await create(store, new_process(1, owner="r1/a"))
+    signal = await store.add_signal("p0001", "go", b"{}", 5.0)
+    [claimed] = await store.claim_orphans("r2/b", ["r1/a"], 10)
+    assert (claimed.id, claimed.owner) == ("p0001", "r2/b")
+    stale.status, stale.pending, stale.taken_signals = (
+        ProcessStatus.RUNNING,
+        [attempt("a")],
+        (signal.seq,),
+    )
+    with pytest.raises(Fenced):
+        await store.checkpoint(stale)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, stored[0].owner, stored[1]) == (ProcessStatus.STARTED, "r2/b", [])
+    assert [s.seq for s in await store.pending_signals()] == [signal.seq]  # not taken
+    claimed.status, claimed.pending = ProcessStatus.RUNNING, [attempt("b")]
+    await store.checkpoint(claimed)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, [a.step for a in stored[1]]) == (ProcessStatus.RUNNING, ["b"])
+
+
+async def test_claim_orphans_takes_dead_owners_unfinished_processes_oldest_first(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    dead, alive = "r1/a", "r3/c"
+    processes = await create(
+        store,
+        *(new_process(n, owner=dead) for n in (1, 2, 3)),
+        new_process(4, owner=alive),
+        new_process(5, owner=dead),
+        new_process(6),  # nobody's (one daemon): never an orphan
+    )
+    processes[1].pending = [attempt("a"), attempt("b")]
+    await store.checkpoint(processes[1])
+    processes[4].status, processes[4].finished_at = ProcessStatus.COMPLETED, 300.0
+    await store.checkpoint(processes[4])
+
+    first = await store.claim_orphans("r2/b", [dead, "r9/z"], 2)
+    assert [(p.id, p.owner, p.history_count) for p in first] == [
+        ("p0001", "r2/b", 0),
+        ("p0002", "r2/b", 2),
+    ]
+    assert first[0].input == {"n": 1}  # the whole process, to resume
+    assert [p.id for p in await store.claim_orphans("r2/b", [dead], 10)] == ["p0003"]
+    assert await store.claim_orphans("r2/b", [dead], 10) == []
+    for id_, owner in (("p0004", alive), ("p0005", dead), ("p0006", None)):
+        stored = await store.get(id_)
+        assert stored is not None
+        assert stored[0].owner == owner
+
+
+async def test_claimers_at_once_take_each_orphan_once(factory: Factory, tmp_path: Path) -> None:
+    """Two replicas (two stores on one database) sweeping the same dead member's processes."""
+    async with factory(tmp_path) as one:
+        await one.store.create_tables()
+        await create(one.store, *(new_process(n, owner="r1/a") for n in range(20)))
+        async with factory(tmp_path) as two:
+            claims = [
+                store.claim_orphans(owner, ["r1/a"], 3)
+                for owner, store in (("r2/b", one.store), ("r3/c", two.store)) * 4
+            ]
+            claimed = [p for batch in await asyncio.gather(*claims) for p in batch]
+        ids = [p.id for p in claimed]
+        assert len(ids) == len(set(ids)) >= 12  # none twice; most taken at once
+        for process in claimed:
+            stored = await one.store.get(process.id)
+            assert stored is not None
+            assert stored[0].owner == process.owner  # the claim it got is the one stored
 
 
 async def test_an_unknown_process_is_none(handle: Handle) -> None:

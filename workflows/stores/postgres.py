@@ -8,6 +8,7 @@ are one statement (one round trip to the server), inside the writer's group comm
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from workflows.states import ProcessStatus
 
 from .postgres_schedules import write_mark
 from .postgres_tasks import cancel_open_in, open_in, write_end
-from .sqlite import _attempt, _process, _written
+from .sqlite import _attempt, _process, _written, fenced
 
 __all__ = ["MIGRATIONS", "PgWorkflowStore"]
 
@@ -104,14 +105,19 @@ MIGRATIONS = (
         sent_at DOUBLE PRECISION NOT NULL
     )""",
     "CREATE INDEX process_signals_process ON process_signals (process, seq)",
+    # The member key running the process (Process.owner): checkpoints are fenced by it.
+    "ALTER TABLE processes ADD COLUMN owner TEXT",
+    "CREATE INDEX processes_owner ON processes (owner, seq) WHERE finished_at IS NULL",
 )
 
-_COLUMNS = (
+# What a checkpoint writes; `owner` is written by create and claim_orphans only.
+_STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
     "compensating_from, cancel_requested, error, output, workflow_version, branches"
 )
-_MARKS = ", ".join(["%s"] * 21)
+_COLUMNS = f"{_STATE}, owner"
+_MARKS = ", ".join(["%s"] * 22)
 _NAMED = ", ".join(f"%(c{i})s" for i in range(21))
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
@@ -124,13 +130,17 @@ _HISTORY_COUNT = "(SELECT count(*) FROM process_history h WHERE h.process = proc
 _SELECT_OPEN = f"{_SELECT}, {_HISTORY_COUNT} FROM processes WHERE finished_at IS NULL ORDER BY seq"
 # A checkpoint in one statement (one round trip): the row, the signals it took, and its
 # history rows as arrays. A row's number is given from memory (a single line), or, when
-# NULL (a process with branches: its checkpoints race), follows those stored.
+# NULL (a process with branches: its checkpoints race), follows those stored. Fenced: the
+# row is written only while it names the checkpoint's owner (a claimer's UPDATE waits for
+# or is rechecked against ours), and the rest only with it; it answers whether it was.
 _CHECKPOINT = (
     "WITH updated AS ("  # noqa: S608 - built from the constants above only
-    f"  UPDATE processes SET ({_COLUMNS}) = ({_NAMED}) WHERE seq = %(seq)s"
+    f"  UPDATE processes SET ({_STATE}) = ({_NAMED}) "
+    "  WHERE seq = %(seq)s AND owner IS NOT DISTINCT FROM %(owner)s RETURNING seq"
     "), taken AS ("
     "  DELETE FROM process_signals WHERE seq = ANY(%(taken)s::bigint[])"
-    ") INSERT INTO process_history "
+    "  AND EXISTS (SELECT 1 FROM updated)"
+    "), history AS (INSERT INTO process_history "
     "SELECT %(seq)s, coalesce(%(first)s::bigint, (SELECT coalesce(max(n) + 1, 0) "
     "  FROM process_history WHERE process = %(seq)s)) + h.i - 1, h.step, h.kind, h.attempt,"
     "  h.started_at, h.ended_at, h.outcome, h.error, h.instance, h.http_status "
@@ -138,7 +148,15 @@ _CHECKPOINT = (
     "  %(started_at)s::float8[], %(ended_at)s::float8[], %(outcome)s::text[],"
     "  %(error)s::text[], %(instance)s::text[], %(http_status)s::int[]) WITH ORDINALITY"
     "  AS h (step, kind, attempt, started_at, ended_at, outcome, error, instance,"
-    "  http_status, i)"
+    "  http_status, i) WHERE EXISTS (SELECT 1 FROM updated)"
+    ") SELECT EXISTS (SELECT 1 FROM updated)"
+)
+# Orphans taken oldest first; one a replica is checkpointing (its row locked) is skipped,
+# not waited for: the next sweep takes it, and that replica's next checkpoint is fenced.
+_CLAIM = (
+    "UPDATE processes SET owner = %s WHERE seq IN (SELECT seq FROM processes "  # noqa: S608
+    "WHERE finished_at IS NULL AND owner = ANY(%s) ORDER BY seq LIMIT %s "
+    f"FOR UPDATE SKIP LOCKED) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
 # One statement: the event (once per key) and the high-water mark of event ids.
 _EVENT = (
@@ -177,6 +195,7 @@ def _row(process: Process) -> tuple[Any, ...]:
         None if process.output is None else orjson.dumps(process.output).decode(),
         process.workflow_version,
         branches_json(process.branches),
+        process.owner,
     )
 
 
@@ -187,9 +206,10 @@ def _checkpoint_args(
     taken: tuple[int, ...],
     history: list[Attempt],
 ) -> dict[str, Any]:
-    """The arguments of `_CHECKPOINT`: the row's columns, then the history by column."""
-    args: dict[str, Any] = {f"c{i}": value for i, value in enumerate(row)}
-    args.update(seq=seq, first=first, taken=list(taken))
+    """The arguments of `_CHECKPOINT`: the row's columns (the owner fences), then the
+    history by column."""
+    args: dict[str, Any] = {f"c{i}": value for i, value in enumerate(row[:-1])}
+    args.update(seq=seq, first=first, taken=list(taken), owner=row[-1])
     for column in (
         "step", "kind", "attempt", "started_at", "ended_at", "outcome", "error", "instance",
         "http_status",
@@ -273,7 +293,9 @@ class PgWorkflowStore:
         args = _checkpoint_args(row, seq, first, taken, history)
 
         def write(conn: Connection) -> tuple[TaskRecord, bool] | None:
-            conn.execute(_CHECKPOINT, args)
+            written = conn.execute(_CHECKPOINT, args).fetchone()
+            if written is None or not written[0]:
+                raise fenced(process)
             for end in ends:  # the workers' answers that ended the steps, in their commit
                 write_end(conn, end)
             if finished is not None:  # no task of a finished process stays open
@@ -298,6 +320,19 @@ class PgWorkflowStore:
             end.written()
         if opening is not None and opened is not None:
             opening.opened(*opened)
+
+    async def claim_orphans(
+        self, owner: str, dead_owners: Sequence[str], limit: int
+    ) -> list[Process]:
+        """Take over the unfinished processes of dead owners, oldest first: one statement,
+        `FOR UPDATE SKIP LOCKED`, so claimers at once take disjoint sets and never wait on
+        a row being checkpointed."""
+
+        def write(conn: Connection) -> list[Process]:
+            rows = conn.execute(_CLAIM, (owner, list(dead_owners), limit)).fetchall()
+            return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+
+        return await self._db.write(write)
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(conn: Connection) -> list[StoredDefinition]:
