@@ -14,14 +14,30 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from monitor.storage import Database, DatabaseError
+from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
-from workflows.abc import WorkflowStore
-from workflows.records import Attempt, NewEvent, Process, StoredDefinition
-from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus
+from workflows.abc import NewTask, TaskRecord, TaskStore, WorkflowStore
+from workflows.errors import Fenced
+from workflows.records import (
+    Attempt,
+    Branch,
+    NewEvent,
+    Process,
+    StoredDefinition,
+    TaskEnd,
+    TaskOpen,
+)
+from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus, TaskState
+from workflows.stores.postgres import PgWorkflowStore
+from workflows.stores.postgres_tasks import PgTaskStore
 from workflows.stores.sqlite import SqliteWorkflowStore
+from workflows.stores.sqlite_tasks import ClaimLost, SqliteTaskStore
+
+from .pg import PostgresCluster
 
 
 @dataclass
@@ -29,6 +45,7 @@ class Handle:
     """A store, and the faults a backend can be put into."""
 
     store: WorkflowStore
+    tasks: TaskStore  # on the same database: a checkpoint writes task rows in its commit
     refuse_writes: Callable[[bool], Awaitable[None]]  # as a full or read-only disk does
     closed_error: tuple[type[Exception], ...]  # what a closed store raises
 
@@ -46,18 +63,60 @@ async def sqlite_store(path: Path) -> AsyncIterator[Handle]:
 
     try:
         # A closed Database says DatabaseError today; StoreUnavailable is the promise.
-        yield Handle(SqliteWorkflowStore(db), refuse_writes, (StoreUnavailable, DatabaseError))
+        yield Handle(
+            SqliteWorkflowStore(db),
+            SqliteTaskStore(db),
+            refuse_writes,
+            (StoreUnavailable, DatabaseError),
+        )
     finally:
         await db.close()
 
 
+def postgres_store(cluster: PostgresCluster) -> Factory:
+    """Stores on a database of the run's PostgreSQL, one per directory (a store opened
+    twice in one directory sees the same data)."""
+    urls: dict[Path, str] = {}
+
+    @contextlib.asynccontextmanager
+    async def store(path: Path) -> AsyncIterator[Handle]:
+        if path not in urls:
+            urls[path] = cluster.database()
+        url = urls[path]
+        db = PgDatabase(url)
+        await db.open()
+
+        async def refuse_writes(refuse: bool) -> None:
+            if refuse:  # the database goes away under the open store
+                cluster.refuse_connections(url)
+            else:
+                name = url.rsplit("/", 1)[1]
+                with psycopg.connect(cluster.url(), autocommit=True) as conn:
+                    conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+
+        try:
+            yield Handle(
+                PgWorkflowStore(db),
+                PgTaskStore(db),
+                refuse_writes,
+                (StoreUnavailable, DatabaseError),
+            )
+        finally:
+            await db.close()
+
+    return store
+
+
 Factory = Callable[[Path], contextlib.AbstractAsyncContextManager[Handle]]
-FACTORIES: dict[str, Factory] = {"sqlite": sqlite_store}
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest], Factory]] = {
+    "sqlite": lambda _: sqlite_store,
+    "postgres": lambda request: postgres_store(request.getfixturevalue("postgres")),
+}
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 def factory(request: pytest.FixtureRequest) -> Factory:
-    return FACTORIES[request.param]
+    return FACTORIES[request.param](request)
 
 
 @pytest.fixture
@@ -193,6 +252,180 @@ async def test_a_checkpoint_reads_back_with_its_history(handle: Handle) -> None:
     assert history[1] == attempt("b", AttemptOutcome.ERROR)
 
 
+async def test_a_process_with_branches_numbers_its_rows_after_those_stored(
+    handle: Handle,
+) -> None:
+    """Branches checkpoint concurrently: one refused while another commits leaves the
+    count in memory behind the table, so their rows are numbered from the table."""
+    store = handle.store
+    [process] = await create(store, new_process(1))
+    process.branches = {"left": Branch(), "right": Branch()}
+    process.pending = [attempt("left"), attempt("right")]
+    await store.checkpoint(process)
+    process.history_count = 0  # as a racing, refused checkpoint's rollback leaves it
+    process.pending = [attempt("left", AttemptOutcome.ERROR)]
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert [(a.step, a.outcome) for a in stored[1]] == [
+        ("left", AttemptOutcome.OK),
+        ("right", AttemptOutcome.OK),
+        ("left", AttemptOutcome.ERROR),
+    ]
+    assert set(stored[0].branches) == {"left", "right"}
+
+
+def new_task(key: str) -> NewTask:
+    return NewTask(
+        process=key.split("/")[0],
+        key=key,
+        attempt=1,
+        queue="q",
+        lease=30.0,
+        payload=b"{}",
+        created_at=1.0,
+    )
+
+
+async def test_a_checkpoint_answers_a_task_and_opens_the_next_in_its_commit(
+    handle: Handle,
+) -> None:
+    store, tasks = handle.store, handle.tasks
+    await tasks.create_tables()
+    [process] = await create(store, new_process(1))
+    await tasks.open(new_task("p0001/a"))
+    [claimed] = await tasks.claim("q", "w1", 1, 10.0)
+    assert claimed.delivery is not None
+    answered: list[str] = []
+    opened: list[tuple[TaskRecord, bool]] = []
+    process.task_ends = (
+        TaskEnd(
+            delivery=claimed.delivery,
+            state=TaskState.DONE,
+            output={"ok": 1},
+            ended_at=11.0,
+            written=lambda: answered.append("a"),
+        ),
+    )
+    process.task_open = TaskOpen(
+        task=new_task("p0001/b"),
+        claim_for="w2",
+        clock=lambda: 12.0,
+        opened=lambda record, new: opened.append((record, new)),
+    )
+    process.position, process.pending = 1, [attempt("a")]
+    await store.checkpoint(process)
+    assert answered == ["a"]
+    [(record, new)] = opened
+    assert (new, record.key, record.state, record.worker) == (
+        True,
+        "p0001/b",
+        TaskState.CLAIMED,
+        "w2",
+    )
+    assert record.lease_until == 42.0  # leased from the commit's clock
+    assert await tasks.complete(claimed.delivery, {}, 13.0) == "stale"  # answered once
+    assert record.delivery is not None
+    # The process fails: its task still open is cancelled with its last checkpoint.
+    process.has_tasks, process.status, process.finished_at = True, ProcessStatus.FAILED, 14.0
+    await store.checkpoint(process)
+    assert await tasks.heartbeat(record.delivery, 15.0) == "stale"
+
+
+async def test_a_checkpoint_whose_task_claim_was_lost_writes_nothing(handle: Handle) -> None:
+    store, tasks = handle.store, handle.tasks
+    await tasks.create_tables()
+    [process] = await create(store, new_process(1))
+    await tasks.open(new_task("p0001/a"))
+    [claimed] = await tasks.claim("q", "w1", 1, 10.0)
+    assert claimed.delivery is not None
+    assert await tasks.expire(claimed.delivery, 50.0) is not None  # the lease ran out
+    process.task_ends = (TaskEnd(delivery=claimed.delivery, state=TaskState.DONE, ended_at=51.0),)
+    process.status, process.pending = ProcessStatus.RUNNING, [attempt("a")]
+    with pytest.raises(ClaimLost):
+        await store.checkpoint(process)
+    assert process.pending == [attempt("a")]  # back for the retry
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, stored[1]) == (ProcessStatus.STARTED, [])
+
+
+async def test_a_checkpoint_of_a_process_claimed_elsewhere_is_fenced(handle: Handle) -> None:
+    """A replica taken for dead keeps running its copy: its checkpoints write nothing once
+    another replica has claimed the process, and the new owner's are written."""
+    store = handle.store
+    [stale] = await create(store, new_process(1, owner="r1/a"))
+    signal = await store.add_signal("p0001", "go", b"{}", 5.0)
+    [claimed] = await store.claim_orphans("r2/b", ["r1/a"], 10)
+    assert (claimed.id, claimed.owner) == ("p0001", "r2/b")
+    stale.status, stale.pending, stale.taken_signals = (
+        ProcessStatus.RUNNING,
+        [attempt("a")],
+        (signal.seq,),
+    )
+    with pytest.raises(Fenced):
+        await store.checkpoint(stale)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, stored[0].owner, stored[1]) == (ProcessStatus.STARTED, "r2/b", [])
+    assert [s.seq for s in await store.pending_signals()] == [signal.seq]  # not taken
+    claimed.status, claimed.pending = ProcessStatus.RUNNING, [attempt("b")]
+    await store.checkpoint(claimed)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, [a.step for a in stored[1]]) == (ProcessStatus.RUNNING, ["b"])
+
+
+async def test_claim_orphans_takes_dead_owners_unfinished_processes_oldest_first(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    dead, alive = "r1/a", "r3/c"
+    processes = await create(
+        store,
+        *(new_process(n, owner=dead) for n in (1, 2, 3)),
+        new_process(4, owner=alive),
+        new_process(5, owner=dead),
+        new_process(6),  # nobody's (one daemon): never an orphan
+    )
+    processes[1].pending = [attempt("a"), attempt("b")]
+    await store.checkpoint(processes[1])
+    processes[4].status, processes[4].finished_at = ProcessStatus.COMPLETED, 300.0
+    await store.checkpoint(processes[4])
+
+    first = await store.claim_orphans("r2/b", [dead, "r9/z"], 2)
+    assert [(p.id, p.owner, p.history_count) for p in first] == [
+        ("p0001", "r2/b", 0),
+        ("p0002", "r2/b", 2),
+    ]
+    assert first[0].input == {"n": 1}  # the whole process, to resume
+    assert [p.id for p in await store.claim_orphans("r2/b", [dead], 10)] == ["p0003"]
+    assert await store.claim_orphans("r2/b", [dead], 10) == []
+    for id_, owner in (("p0004", alive), ("p0005", dead), ("p0006", None)):
+        stored = await store.get(id_)
+        assert stored is not None
+        assert stored[0].owner == owner
+
+
+async def test_claimers_at_once_take_each_orphan_once(factory: Factory, tmp_path: Path) -> None:
+    """Two replicas (two stores on one database) sweeping the same dead member's processes."""
+    async with factory(tmp_path) as one:
+        await one.store.create_tables()
+        await create(one.store, *(new_process(n, owner="r1/a") for n in range(20)))
+        async with factory(tmp_path) as two:
+            claims = [
+                store.claim_orphans(owner, ["r1/a"], 3)
+                for owner, store in (("r2/b", one.store), ("r3/c", two.store)) * 4
+            ]
+            claimed = [p for batch in await asyncio.gather(*claims) for p in batch]
+        ids = [p.id for p in claimed]
+        assert len(ids) == len(set(ids)) >= 12  # none twice; most taken at once
+        for process in claimed:
+            stored = await one.store.get(process.id)
+            assert stored is not None
+            assert stored[0].owner == process.owner  # the claim it got is the one stored
+
+
 async def test_an_unknown_process_is_none(handle: Handle) -> None:
     assert await handle.store.get("nope") is None
 
@@ -297,6 +530,17 @@ async def test_events_after_are_bounded_and_ordered(handle: Handle) -> None:
 
 async def test_last_event_seq_starts_at_zero(handle: Handle) -> None:
     assert await handle.store.last_event_seq() == 0
+
+
+async def test_last_event_seq_outlives_the_events_pruned(handle: Handle) -> None:
+    """A client's Last-Event-ID keeps its meaning: ids are never given twice."""
+    store = handle.store
+    for seq in (3, 7):
+        await store.create([], event(seq, at=1.0))
+    await store.create([], event(5, at=1.0))  # a lower id stored later moves nothing
+    await store.prune(0.0, 10.0)
+    assert await store.events_after(0, 100, 10) == []
+    assert await store.last_event_seq() == 7
 
 
 async def test_outcomes_count_a_process_once_per_minute(handle: Handle) -> None:

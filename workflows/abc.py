@@ -41,7 +41,21 @@ class ProcessStore(Protocol):
     async def checkpoint(self, process: Process) -> None:
         """Store the process and its `pending` history (then emptied), atomically, with
         its `task_ends` (workers' answers ending their tasks' open claims). Concurrent
-        checkpoints of a process (its branches') never give two rows one number."""
+        checkpoints of a process (its branches') never give two rows one number.
+
+        Fenced by `process.owner`: when the stored row names another owner (a replica
+        claimed it meanwhile), nothing is written and `workflows.errors.Fenced` is raised.
+        The owner is written by `create` and `claim_orphans` only, never by a checkpoint."""
+
+    async def claim_orphans(
+        self, owner: str, dead_owners: Sequence[str], limit: int
+    ) -> list[Process]:
+        """Take over up to `limit` unfinished processes owned by `dead_owners` (members
+        whose lease lapsed), oldest first: each becomes `owner`'s and comes back with its
+        history count, to resume. Claimers at once never take one process twice; a process
+        being checkpointed by its old owner is left for the next call (PostgreSQL: `FOR
+        UPDATE SKIP LOCKED`), and that owner's later checkpoints are fenced."""
+        ...
 
     async def unfinished(self) -> list[Process]:
         """Every process not finished, oldest first, with its history count."""

@@ -32,3 +32,9 @@ class DefinitionConflict(WorkflowError):
 
 class ProcessFinished(WorkflowError):
     """The process has ended already (a cancel came too late)."""
+
+
+class Fenced(WorkflowError):
+    """A checkpoint of a process this replica no longer owns: another replica claimed it
+    (`ProcessStore.claim_orphans`) after taking this one for dead. Nothing was written; the
+    replica drops the process and leaves it to its owner."""

@@ -133,6 +133,9 @@ class Process:
     error: dict[str, Any] | None = None  # {step, message, status, body}: see `failure`
     output: Any = None  # the `output:` template, rendered at completion (None: every output)
     workflow_version: int = 1
+    # The member key ("<replica_id>/<incarnation>") of the replica that runs it; its
+    # checkpoints are fenced by it. None with one daemon (SQLite): nobody else can claim it.
+    owner: str | None = None
     seq: int = 0
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written

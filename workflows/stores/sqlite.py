@@ -9,6 +9,7 @@ step starts, so a restart resumes from the last outcome.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -16,6 +17,7 @@ import sqlite_utils
 
 from registry import Transactor
 from workflows.abc import ScheduleMark, TaskRecord
+from workflows.errors import Fenced
 from workflows.records import (
     Attempt,
     NewEvent,
@@ -59,6 +61,7 @@ CREATE TABLE IF NOT EXISTS processes (
     output TEXT,
     workflow_version INTEGER NOT NULL DEFAULT 1,
     branches TEXT,
+    owner TEXT,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -106,26 +109,35 @@ CREATE INDEX IF NOT EXISTS process_signals_process ON process_signals (process, 
 CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 """
 
-_COLUMNS = (
+# What a checkpoint writes; `owner` is written by create and claim_orphans only.
+_STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
     "compensating_from, cancel_requested, error, output, workflow_version, branches"
 )
+_COLUMNS = f"{_STATE}, owner"
 # Columns added since the first release: a file written before gets them at open.
 _ADDED_COLUMNS = {
     "output": "TEXT",
     "workflow_version": "INTEGER NOT NULL DEFAULT 1",
     "branches": "TEXT",  # parallel steps' branch states (JSON); NULL: none
+    "owner": "TEXT",  # the member key running it (workflows/records.py Process.owner)
 }
 
 
 _MARKS = ", ".join("?" * 21)
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
-_INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
-_UPDATE = f"UPDATE processes SET ({_COLUMNS}) = ({_MARKS}) WHERE seq = ?"  # noqa: S608
+_INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS}, ?)"  # noqa: S608
+# Fenced: the row is written only while it names the checkpoint's owner.
+_UPDATE = f"UPDATE processes SET ({_STATE}) = ({_MARKS}) WHERE seq = ? AND owner IS ?"  # noqa: S608
 _HISTORY_COUNT = "(SELECT count(*) FROM process_history h WHERE h.process = processes.seq)"
 _SELECT_OPEN = f"{_SELECT}, {_HISTORY_COUNT} FROM processes WHERE finished_at IS NULL ORDER BY seq"
+_CLAIM = (
+    "UPDATE processes SET owner = ? WHERE seq IN (SELECT seq FROM processes "  # noqa: S608
+    "WHERE finished_at IS NULL AND owner IN (SELECT value FROM json_each(?)) "
+    f"ORDER BY seq LIMIT ?) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+)
 _HISTORY_OF_OLD = (
     "DELETE FROM process_history WHERE process IN (SELECT seq FROM processes WHERE finished_at < ?)"
 )
@@ -160,7 +172,7 @@ def _row(process: Process) -> tuple[Any, ...]:
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
-    output, version, branches = row[19:22]
+    output, version, branches, owner = row[19:23]
     return Process(
         id=id_,
         workflow=workflow,
@@ -183,9 +195,14 @@ def _process(row: tuple[Any, ...]) -> Process:
         output=None if output is None else orjson.loads(output),
         workflow_version=version,
         branches=stored_branches(branches),
+        owner=owner,
         seq=seq,
-        history_count=row[22],  # every query selects the history count (or 0) last
+        history_count=row[23],  # every query selects the history count (or 0) last
     )
+
+
+def fenced(process: Process) -> Fenced:
+    return Fenced(f"process {process.id} is no longer owned by {process.owner}")
 
 
 def _written(process: Process, history: list[Attempt]) -> None:
@@ -274,7 +291,7 @@ class SqliteWorkflowStore:
                     if row is not None:
                         out.append((_process(row), False))
                         continue
-                cursor = conn.execute(_INSERT, _row(process))
+                cursor = conn.execute(_INSERT, (*_row(process), process.owner))
                 process.seq = int(cursor.lastrowid or 0)
                 out.append((process, True))
             if schedule is not None:
@@ -308,7 +325,8 @@ class SqliteWorkflowStore:
         finished = process.finished_at if process.has_tasks else None
 
         def write(d: sqlite_utils.Database) -> tuple[TaskRecord, bool] | None:
-            d.conn.execute(_UPDATE, (*row, seq))
+            if not d.conn.execute(_UPDATE, (*row, seq, process.owner)).rowcount:
+                raise fenced(process)
             for end in ends:  # the workers' answers that ended the steps, in their commit
                 write_end(d, end)
             if finished is not None:  # no task of a finished process stays open
@@ -356,6 +374,19 @@ class SqliteWorkflowStore:
             end.written()
         if opening is not None and opened is not None:
             opening.opened(*opened)
+
+    async def claim_orphans(
+        self, owner: str, dead_owners: Sequence[str], limit: int
+    ) -> list[Process]:
+        """Take over the unfinished processes of dead owners, oldest first (one writer:
+        a claim is one statement, never two claimers at once)."""
+        dead = orjson.dumps(list(dead_owners)).decode()
+
+        def write(d: sqlite_utils.Database) -> list[Process]:
+            rows = d.conn.execute(_CLAIM, (owner, dead, limit)).fetchall()
+            return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+
+        return await self._db.write(write)
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
