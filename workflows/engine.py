@@ -119,60 +119,77 @@ class Engine:
         # Definitions change one at a time (define, configure): each compares against and
         # installs what the one before left, and route uniqueness holds across names.
         self._defining = asyncio.Lock()
-        # Workflows with `trigger: {schedule}` (workflows/schedules.py); None: they never fire.
-        self._schedules = (
-            Schedules(schedules, self._start_scheduled, clock, RECHECK)
-            if schedules is not None
+        self._schedule_store = schedules  # None: `trigger: {schedule}` workflows never fire
+        # Task steps' queues (workflows/tasks.py); None: a task step fails, not served. The
+        # queues and the pool are one object each for the engine's life (routes and metric
+        # collectors hold them); each open rebuilds their state from the store.
+        self.tasks = TaskQueues(tasks, clock=clock, wake=self._wake) if tasks is not None else None
+        # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
+        self.resources = (
+            ResourcePool(resource_store, resources, wake=self._wake, clock=clock)
+            if resource_store is not None
             else None
         )
+        self._outcome, self._jitter = outcome, jitter
+        self.serving = False  # between open and close: processes run here
+        self._new_term()
         self._install()
+
+    def _new_term(self) -> None:
+        """Fresh runtime state: each open starts from the store alone, so nothing of the
+        last term (a replica that lost leadership and won it back) carries over."""
+        clock = self._clock
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
         self._wakeups = Wakeups(clock)
-        self._waits = EventWaits(bus, self._wakeups.wake)
+        self._waits = EventWaits(self._bus, self._wakeups.wake)
         self._signals = SignalWaits(self._wakeups.wake)
-        # Task steps' queues (workflows/tasks.py); None: a task step fails, not served.
-        self.tasks = (
-            TaskQueues(tasks, clock=clock, wake=self._wakeups.wake) if tasks is not None else None
-        )
-        # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
-        self.resources = (
-            ResourcePool(resource_store, resources, wake=self._wakeups.wake, clock=clock)
-            if resource_store is not None
+        self._schedules = (
+            Schedules(self._schedule_store, self._start_scheduled, clock, RECHECK)
+            if self._schedule_store is not None
             else None
         )
         self._runner = ProcessRunner(
             definition=self.definition_of,
-            store=store,
-            caller=caller,
-            bus=bus,
-            metrics=metrics,
+            store=self.store,
+            caller=self.caller,
+            bus=self._bus,
+            metrics=self._metrics,
             publish=self.publish,
             counts=self.counts,
             wakeups=self._wakeups,
             waits=self._waits,
             clock=clock,
-            outcome=outcome,
-            jitter=jitter,
+            outcome=self._outcome,
+            jitter=self._jitter,
             signals=self._signals,
             respond=self._respond,
             tasks=self.tasks,
             resources=self.resources,
         )
 
+    def _wake(self, process_id: str) -> None:
+        """Wake a process of the current term (the queues and the pool outlive terms)."""
+        self._wakeups.wake(process_id)
+
     # -- lifecycle ---------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create tables, load counts and resume every unfinished process."""
+        """Create tables, load counts and resume every unfinished process. Again after
+        `close` (leadership regained): everything is read from the store anew."""
+        self._new_term()
         await self.store.create_tables()
         if self.tasks is not None:
             await self.tasks.store.create_tables()
+            self.tasks.restart()
+        # Another replica may have defined versions while this one was not serving.
+        self._versions, self._latest, self._newest, self._api = {}, {}, {}, {}
         for stored in await self.store.definitions():
             self._restore(stored)
-        await self.configure(self._config.values())
+        await self._configure(self._config.values())
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
         for signal in await self.store.pending_signals():
@@ -182,17 +199,20 @@ class Engine:
             await self.resources.open(unfinished)
         if self._schedules is not None:  # before the processes run: no await once they do
             await self._schedules.open()
+        self.serving = True
         for process in unfinished:  # nothing awaited after this: the daemon answers at once
             self._spawn(process)
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
 
     async def close(self) -> None:
-        """Stop every task; their state is what the last checkpoint says."""
+        """Stop every task; their state is what the last checkpoint says. When this
+        returns nothing of this term writes any more (another replica may take over)."""
+        self.serving = False
         self._stopping = True
         if self._schedules is not None:
             await self._schedules.close()
-        self._runner.deadlines.cancel_all()
+        await self._runner.deadlines.close()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -200,11 +220,16 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.tasks is not None:
-            self.tasks.close()
+            await self.tasks.close()
+        for done in self._done.values():  # a `?wait=` answers now, from the store
+            done.set()
+        self.live, self.counts = {}, Counter()  # the leader's to show now
 
     async def prune(self, retention: float, event_retention: float | None = None) -> None:
         """Forget processes that finished more than `retention` seconds ago and events
         published more than `event_retention` ago (default: the same); a scheduler job."""
+        if not self.serving:  # the replica running the engine prunes
+            return
         now = self._clock()
         events = retention if event_retention is None else event_retention
         self.counts.subtract(await self.store.prune(now - retention, now - events))
@@ -217,6 +242,7 @@ class Engine:
         self, name: str, input_: Mapping[str, Any], idempotency_key: str | None = None
     ) -> tuple[Process, bool]:
         """Start a process (durable when this returns); the same key gives the same one."""
+        self._check_serving()
         definition = self.definitions.get(name)
         if definition is None:
             raise UnknownWorkflow(f"no workflow named {name!r}")
@@ -234,6 +260,7 @@ class Engine:
 
         Returns the event's sequence number (None when `key` was published before).
         """
+        self._check_serving()
         key = key or secrets.token_hex(12)
         now = self._clock()
         # One encoding: the stored row, and (decoded again) the event every subscriber and
@@ -337,8 +364,15 @@ class Engine:
         self._signals.keep(signal)
         return process
 
+    def _check_serving(self) -> None:
+        """Only the replica running the engine starts or changes processes: a request that
+        reached another (leadership just moved) is refused, to be sent again."""
+        if not self.serving:
+            raise StoreUnavailable("the workflow engine is not running on this replica")
+
     async def _running(self, process_id: str) -> Process:
         """The live process, else UnknownProcess (404) or ProcessFinished (409)."""
+        self._check_serving()
         process = self.live.get(process_id)
         if process is None:
             stored = await self.store.get(process_id)
@@ -374,7 +408,14 @@ class Engine:
         the last stored version of its name becomes a new version. A running process keeps
         the version it started with; new starts and triggers use the new ones. API
         definitions stay, but config.yaml wins a name both define. All or nothing: the
-        new versions are stored in one transaction, and nothing changes when it fails."""
+        new versions are stored in one transaction, and nothing changes when it fails.
+        While the engine is closed they are only kept: the next open stores them."""
+        if not self.serving:
+            self._config = {d.name: d for d in definitions}
+            return
+        await self._configure(definitions)
+
+    async def _configure(self, definitions: Iterable[Definition]) -> None:
         async with self._defining:
             config, changed = {}, []
             for definition in definitions:
@@ -406,6 +447,7 @@ class Engine:
         the name was not defined before. InvalidDefinition when its route starts another
         workflow (checked here, under the lock, so two deploys cannot both take it)."""
         name = definition.name
+        self._check_serving()
         async with self._defining:
             if name in self._config:
                 raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
@@ -432,8 +474,12 @@ class Engine:
 
     async def configure_resources(self, resources: Iterable[Resource]) -> None:
         """config.yaml's resources (at a reload): new capacities apply to grants from now."""
-        if self.resources is not None:
+        if self.resources is None:
+            return
+        if self.serving:
             await self.resources.configure(resources)
+        else:  # no grants from a closed engine: the next open grants what fits
+            self.resources.set_capacities(resources)
 
     def definition_of(self, process: Process) -> Definition | None:
         """The version the process started with (None: it can no longer be built)."""
