@@ -127,6 +127,8 @@ def _workflows(parts: Parts) -> Context:
         await parts.caller.start()
         if parts.leadership.is_leader:  # the daemon answers once its processes resumed
             await engine.open()
+        else:  # a follower's SLOs read the processes the leader writes
+            await parts.processes.create_tables()
         await parts.workflow_slos.load(parts.processes.outcomes, clock())
         retention = storage.process_retention.total_seconds()
         events = storage.event_retention.total_seconds()

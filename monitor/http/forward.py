@@ -2,7 +2,7 @@
 
 Until each process is claimed on its own, the workflow engine runs on the leader only
 (monitor/cluster/leadership.py). A follower sends the leader every request the engine
-answers: `/v1/workflows*`, `/v1/processes*`, `/v1/tasks*`, `POST /v1/events` and each
+answers: `/v1/workflows*`, `/v1/processes*`, `/v1/tasks*`, `POST /v1/events/{topic}` and each
 workflow's `route:` (a POST that no other route serves). Method, path, query, body and
 headers (Authorization too: the leader authorizes) go as they came, minus hop-by-hop
 headers; the answer streams back with its status and headers, so long polls, `?wait=`
@@ -87,7 +87,7 @@ class Forwarder:
         path = request.path
         if any(path == p or path.startswith(p + "/") for p in ENGINE_PREFIXES):
             return True
-        if path == "/v1/events":
+        if path.startswith("/v1/events/"):
             return request.method == "POST"  # publishing; the stream is served here
         return request.method == "POST" and self._is_route(request)
 
