@@ -132,6 +132,7 @@ class Engine:
         )
         self._outcome, self._jitter = outcome, jitter
         self.serving = False  # between open and close: processes run here
+        self._term = 0  # counts opens: a start that straddled a close+open knows it
         self._new_term()
         self._install()
 
@@ -139,6 +140,8 @@ class Engine:
         """Fresh runtime state: each open starts from the store alone, so nothing of the
         last term (a replica that lost leadership and won it back) carries over."""
         clock = self._clock
+        self._term += 1
+        self._resumed: set[str] = set()  # the processes this term's open read and runs
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -201,6 +204,7 @@ class Engine:
             await self._schedules.open()
         self.serving = True
         for process in unfinished:  # nothing awaited after this: the daemon answers at once
+            self._resumed.add(process.id)
             self._spawn(process)
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
@@ -246,11 +250,12 @@ class Engine:
         definition = self.definitions.get(name)
         if definition is None:
             raise UnknownWorkflow(f"no workflow named {name!r}")
+        term = self._term
         [(process, new)], _ = await self.store.create(
             [self._new(definition, input_, idempotency_key)], None
         )
         if new:
-            self._started(process)
+            await self._run_created([process], term)
         return self.live.get(process.id, process), new
 
     async def publish(
@@ -269,7 +274,7 @@ class Engine:
         snapshot: dict[str, Any] = orjson.loads(encoded)
         triggered = self._triggers.get(topic, ())
         processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
-        reserved = self._bus.reserve()
+        reserved, term = self._bus.reserve(), self._term
         event = NewEvent(seq=reserved, topic=topic, data=encoded, key=key, published_at=now)
         seq = None
         try:
@@ -278,9 +283,7 @@ class Engine:
             if seq is None:  # a duplicate key, or the write failed
                 self._bus.release(reserved)
                 self._waits.deliver()  # the release may let later events through
-        for process, new in created:
-            if new:
-                self._started(process)
+        await self._run_created([p for p, new in created if new], term)
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
@@ -293,10 +296,10 @@ class Engine:
         if definition is None:  # removed since the loop's last look: nothing is owed
             return
         key = f"schedule:{mark.workflow}:{int(mark.tick)}"
-        process = self._new(definition, {"scheduled_at": scheduled_at}, key)
+        process, term = self._new(definition, {"scheduled_at": scheduled_at}, key), self._term
         [(process, new)], _ = await self.store.create([process], None, schedule=mark)
         if new:
-            self._started(process)
+            await self._run_created([process], term)
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
         now = self._clock()
@@ -314,6 +317,26 @@ class Engine:
             updated_at=now,
             deadline_at=deadline,
         )
+
+    async def _run_created(self, processes: list[Process], term: int) -> None:
+        """Run processes just stored by a call that began in `term`. When the engine
+        closed meanwhile they wait in the store for the next open; when it also opened
+        again, that open may not have read them (the write committed after its read):
+        those it did not read run now, as the store has them."""
+        if term == self._term and self.serving:  # no await: publish delivers after this
+            for process in processes:
+                self._started(process)
+            return
+        for process in processes:
+            if process.id in self._resumed or not self.serving:
+                continue
+            stored = await self.store.get(process.id)
+            current = stored[0] if stored is not None else None
+            if current is None or current.finished or not self.serving:
+                continue
+            if process.id not in self._resumed and process.id not in self.live:
+                self._resumed.add(process.id)
+                self._spawn(current)
 
     def _started(self, process: Process) -> None:
         self.counts[(process.workflow, process.status)] += 1
