@@ -153,7 +153,7 @@ def _workflows(parts: Parts) -> Context:
 async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
     """Open the engine when this replica wins leadership, close it as soon as it loses it
     (its processes may run elsewhere from the moment the lease passes). An open that
-    storage refuses is tried again while the replica still leads."""
+    fails (storage refused) is tried again while the replica still leads."""
     changed = asyncio.Event()
     leadership.on_change(changed.set)
     pause = OPEN_RETRY_MIN
@@ -167,7 +167,8 @@ async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
                 await engine.open()
                 log.info("leadership won: the workflow engine runs here")
                 pause = OPEN_RETRY_MIN
-            except StoreUnavailable:
+            except Exception as exc:  # storage refused (or worse): retried, never given up
+                log.warning("the workflow engine could not open: %s; trying again", exc)
                 await engine.close()  # what the half-done open started
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
