@@ -7,12 +7,16 @@ reload.py applies a new config, convert.py maps config entries to domain values.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
+from monitor.cluster.leadership import Leadership
 from monitor.health import ProbeResults
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
@@ -20,6 +24,7 @@ from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics
 from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware
+from monitor.http.forward import Forwarder
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
 from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.login import LoginRoutes
@@ -91,14 +96,20 @@ def build_app(
     config_path: Path | None = None,
     watch_interval: float | None = None,
     reload_on_sighup: bool = False,
+    leadership: Leadership | None = None,
 ) -> web.Application:
-    """`config_path` turns on hot reload: a file watch, and SIGHUP with `reload_on_sighup`."""
+    """`config_path` turns on hot reload: a file watch, and SIGHUP with `reload_on_sighup`.
+    `leadership` says whether this replica runs the workflow engine (None: always, as on
+    SQLite); given, or with `storage.url`, followers forward workflow requests to it."""
     auth = Authorizer(tokens(config), protect_reads=protect_reads(config))
     registry = metrics or CollectorRegistry(auto_describe=True)
     shedder = LoadShedder(config.server.overload_lag.total_seconds(), registry)
     # Each middleware costs every request a frame: only those that are on are installed.
     # The shedder comes first: refusing must cost as little as possible.
     middlewares = [shedder.middleware()] if shedder.enabled else []
+    forwarder = _forwarder(config, leadership, lambda request: _starts_by_route(parts, request))
+    if forwarder is not None:  # before auth: the leader authorizes what it is sent
+        middlewares.append(forwarder.middleware())
     middlewares.append(error_middleware)
     if auth.enabled:
         middlewares.append(auth.middleware())
@@ -106,6 +117,10 @@ def build_app(
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
     app.cleanup_ctx.append(shedder.context)
     parts = _build(config, clock or SystemClock(), registry, auth, shedder)
+    if leadership is not None:
+        parts.leadership = leadership
+    if forwarder is not None:
+        app.cleanup_ctx.append(forwarder.context)
     _keep(app, parts)
     app.add_routes(PageRoutes(parts.page).routes())
     app.add_routes(LoginRoutes(parts.auth, parts.page).routes())
@@ -308,6 +323,24 @@ def _build(
         slo_routes=SloRoutes(slos, {s.name for s in config.services}, clock.time, workflow_slos),
         workflow_routes=WorkflowRoutes(engine, bus, auth, config.server.sse_buffer),
     )
+
+
+def _forwarder(
+    config: Config, leadership: Leadership | None, is_route: Callable[[web.Request], bool]
+) -> Forwarder | None:
+    """Forwarding of workflow requests to the leader: only where replicas share PostgreSQL
+    (their membership is the leadership) or a test names one; one daemon on SQLite always
+    runs its engine, and no request of its pays for a forwarding check."""
+    if leadership is None:
+        return None
+    replica = config.cluster.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    return Forwarder(leadership, replica, is_route)
+
+
+def _starts_by_route(parts: Parts, request: web.Request) -> bool:
+    """The request fell through to the workflows' `route:` router (no other route has it)."""
+    handler: object = request.match_info.handler
+    return handler == parts.workflow_routes.route
 
 
 def _keep(app: web.Application, parts: Parts) -> None:

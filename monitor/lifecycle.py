@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from registry import StoreUnavailable
+from workflows.engine import Engine
 
+from .cluster.leadership import Leadership
 from .convert import static_instances
 from .keys import HEAP, REAPER
 from .parts import Parts
@@ -30,6 +32,7 @@ SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
 FREEZE_INTERVAL = 1.0
+OPEN_RETRY_MIN, OPEN_RETRY_MAX = 0.5, 10.0  # an engine open that storage refused
 
 
 def contexts(parts: Parts, reloader: Reloader | None, *, signals: bool) -> list[Context]:
@@ -116,25 +119,63 @@ def _monitor(parts: Parts) -> Context:
 
 
 def _workflows(parts: Parts) -> Context:
-    """Resume unfinished processes after the registry and probes are up; stop them first."""
+    """Resume unfinished processes after the registry and probes are up; stop them first.
+    The engine runs while this replica leads (always, on SQLite): see _follow_leadership."""
 
     async def run(app: web.Application) -> AsyncIterator[None]:
         engine, storage, clock = parts.engine, parts.config.storage, parts.catalog.now
         await parts.caller.start()
-        await engine.open()
+        if parts.leadership.is_leader:  # the daemon answers once its processes resumed
+            await engine.open()
+        else:  # a follower's SLOs read the processes the leader writes
+            await parts.processes.create_tables()
         await parts.workflow_slos.load(parts.processes.outcomes, clock())
         retention = storage.process_retention.total_seconds()
         events = storage.event_retention.total_seconds()
         parts.scheduler.every(
             "workflows.prune", PRUNE_INTERVAL, lambda: engine.prune(retention, events), first_in=60
         )
+        follower = asyncio.create_task(
+            _follow_leadership(engine, parts.leadership), name="workflows-leadership"
+        )
         try:
             yield
         finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
             await engine.close()
             await parts.caller.close()
 
     return run
+
+
+async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
+    """Open the engine when this replica wins leadership, close it as soon as it loses it
+    (its processes may run elsewhere from the moment the lease passes). An open that
+    fails (storage refused) is tried again while the replica still leads."""
+    changed = asyncio.Event()
+    leadership.on_change(changed.set)
+    pause = OPEN_RETRY_MIN
+    while True:
+        changed.clear()
+        if not leadership.is_leader and engine.serving:
+            log.info("leadership lost: the workflow engine stops here")
+            await engine.close()
+        elif leadership.is_leader and not engine.serving:
+            try:
+                await engine.open()
+                log.info("leadership won: the workflow engine runs here")
+                pause = OPEN_RETRY_MIN
+            except Exception as exc:  # storage refused (or worse): retried, never given up
+                log.warning("the workflow engine could not open: %s; trying again", exc)
+                await engine.close()  # what the half-done open started
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await changed.wait()
+                pause = min(pause * 2, OPEN_RETRY_MAX)
+                continue
+        await changed.wait()
 
 
 def _listeners(parts: Parts) -> Context:

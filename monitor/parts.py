@@ -7,10 +7,11 @@ never one part reached through another (`engine.caller`, `checker.prober`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from monitor.cluster.leadership import AlwaysLeader, Leadership
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
@@ -71,3 +72,5 @@ class Parts:
     registry_routes: RegistryRoutes
     slo_routes: SloRoutes
     workflow_routes: WorkflowRoutes
+    # Who runs the workflow engine (monitor/cluster/leadership.py); on SQLite, this daemon.
+    leadership: Leadership = field(default_factory=AlwaysLeader)

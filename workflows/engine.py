@@ -119,60 +119,80 @@ class Engine:
         # Definitions change one at a time (define, configure): each compares against and
         # installs what the one before left, and route uniqueness holds across names.
         self._defining = asyncio.Lock()
-        # Workflows with `trigger: {schedule}` (workflows/schedules.py); None: they never fire.
-        self._schedules = (
-            Schedules(schedules, self._start_scheduled, clock, RECHECK)
-            if schedules is not None
+        self._schedule_store = schedules  # None: `trigger: {schedule}` workflows never fire
+        # Task steps' queues (workflows/tasks.py); None: a task step fails, not served. The
+        # queues and the pool are one object each for the engine's life (routes and metric
+        # collectors hold them); each open rebuilds their state from the store.
+        self.tasks = TaskQueues(tasks, clock=clock, wake=self._wake) if tasks is not None else None
+        # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
+        self.resources = (
+            ResourcePool(resource_store, resources, wake=self._wake, clock=clock)
+            if resource_store is not None
             else None
         )
+        self._outcome, self._jitter = outcome, jitter
+        self.serving = False  # between open and close: processes run here
+        self._term = 0  # counts opens: a start that straddled a close+open knows it
+        self._new_term()
         self._install()
+
+    def _new_term(self) -> None:
+        """Fresh runtime state: each open starts from the store alone, so nothing of the
+        last term (a replica that lost leadership and won it back) carries over."""
+        clock = self._clock
+        self._term += 1
+        self._resumed: set[str] = set()  # the processes this term's open read and runs
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
         self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
         self._wakeups = Wakeups(clock)
-        self._waits = EventWaits(bus, self._wakeups.wake)
+        self._waits = EventWaits(self._bus, self._wakeups.wake)
         self._signals = SignalWaits(self._wakeups.wake)
-        # Task steps' queues (workflows/tasks.py); None: a task step fails, not served.
-        self.tasks = (
-            TaskQueues(tasks, clock=clock, wake=self._wakeups.wake) if tasks is not None else None
-        )
-        # Resources steps `acquire` (workflows/resources.py); None: such a step fails.
-        self.resources = (
-            ResourcePool(resource_store, resources, wake=self._wakeups.wake, clock=clock)
-            if resource_store is not None
+        self._schedules = (
+            Schedules(self._schedule_store, self._start_scheduled, clock, RECHECK)
+            if self._schedule_store is not None
             else None
         )
         self._runner = ProcessRunner(
             definition=self.definition_of,
-            store=store,
-            caller=caller,
-            bus=bus,
-            metrics=metrics,
+            store=self.store,
+            caller=self.caller,
+            bus=self._bus,
+            metrics=self._metrics,
             publish=self.publish,
             counts=self.counts,
             wakeups=self._wakeups,
             waits=self._waits,
             clock=clock,
-            outcome=outcome,
-            jitter=jitter,
+            outcome=self._outcome,
+            jitter=self._jitter,
             signals=self._signals,
             respond=self._respond,
             tasks=self.tasks,
             resources=self.resources,
         )
 
+    def _wake(self, process_id: str) -> None:
+        """Wake a process of the current term (the queues and the pool outlive terms)."""
+        self._wakeups.wake(process_id)
+
     # -- lifecycle ---------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create tables, load counts and resume every unfinished process."""
+        """Create tables, load counts and resume every unfinished process. Again after
+        `close` (leadership regained): everything is read from the store anew."""
+        self._new_term()
         await self.store.create_tables()
         if self.tasks is not None:
             await self.tasks.store.create_tables()
+            self.tasks.restart()
+        # Another replica may have defined versions while this one was not serving.
+        self._versions, self._latest, self._newest, self._api = {}, {}, {}, {}
         for stored in await self.store.definitions():
             self._restore(stored)
-        await self.configure(self._config.values())
+        await self._configure(self._config.values())
         self._bus.start_after(await self.store.last_event_seq())
         self.counts.update(await self.store.counts())
         for signal in await self.store.pending_signals():
@@ -182,17 +202,21 @@ class Engine:
             await self.resources.open(unfinished)
         if self._schedules is not None:  # before the processes run: no await once they do
             await self._schedules.open()
+        self.serving = True
         for process in unfinished:  # nothing awaited after this: the daemon answers at once
+            self._resumed.add(process.id)
             self._spawn(process)
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
 
     async def close(self) -> None:
-        """Stop every task; their state is what the last checkpoint says."""
+        """Stop every task; their state is what the last checkpoint says. When this
+        returns nothing of this term writes any more (another replica may take over)."""
+        self.serving = False
         self._stopping = True
         if self._schedules is not None:
             await self._schedules.close()
-        self._runner.deadlines.cancel_all()
+        await self._runner.deadlines.close()
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
@@ -200,11 +224,16 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.tasks is not None:
-            self.tasks.close()
+            await self.tasks.close()
+        for done in self._done.values():  # a `?wait=` answers now, from the store
+            done.set()
+        self.live, self.counts = {}, Counter()  # the leader's to show now
 
     async def prune(self, retention: float, event_retention: float | None = None) -> None:
         """Forget processes that finished more than `retention` seconds ago and events
         published more than `event_retention` ago (default: the same); a scheduler job."""
+        if not self.serving:  # the replica running the engine prunes
+            return
         now = self._clock()
         events = retention if event_retention is None else event_retention
         self.counts.subtract(await self.store.prune(now - retention, now - events))
@@ -217,14 +246,16 @@ class Engine:
         self, name: str, input_: Mapping[str, Any], idempotency_key: str | None = None
     ) -> tuple[Process, bool]:
         """Start a process (durable when this returns); the same key gives the same one."""
+        self._check_serving()
         definition = self.definitions.get(name)
         if definition is None:
             raise UnknownWorkflow(f"no workflow named {name!r}")
+        term = self._term
         [(process, new)], _ = await self.store.create(
             [self._new(definition, input_, idempotency_key)], None
         )
         if new:
-            self._started(process)
+            await self._run_created([process], term)
         return self.live.get(process.id, process), new
 
     async def publish(
@@ -234,6 +265,7 @@ class Engine:
 
         Returns the event's sequence number (None when `key` was published before).
         """
+        self._check_serving()
         key = key or secrets.token_hex(12)
         now = self._clock()
         # One encoding: the stored row, and (decoded again) the event every subscriber and
@@ -242,7 +274,7 @@ class Engine:
         snapshot: dict[str, Any] = orjson.loads(encoded)
         triggered = self._triggers.get(topic, ())
         processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
-        reserved = self._bus.reserve()
+        reserved, term = self._bus.reserve(), self._term
         event = NewEvent(seq=reserved, topic=topic, data=encoded, key=key, published_at=now)
         seq = None
         try:
@@ -251,9 +283,7 @@ class Engine:
             if seq is None:  # a duplicate key, or the write failed
                 self._bus.release(reserved)
                 self._waits.deliver()  # the release may let later events through
-        for process, new in created:
-            if new:
-                self._started(process)
+        await self._run_created([p for p, new in created if new], term)
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
@@ -266,10 +296,10 @@ class Engine:
         if definition is None:  # removed since the loop's last look: nothing is owed
             return
         key = f"schedule:{mark.workflow}:{int(mark.tick)}"
-        process = self._new(definition, {"scheduled_at": scheduled_at}, key)
+        process, term = self._new(definition, {"scheduled_at": scheduled_at}, key), self._term
         [(process, new)], _ = await self.store.create([process], None, schedule=mark)
         if new:
-            self._started(process)
+            await self._run_created([process], term)
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
         now = self._clock()
@@ -287,6 +317,26 @@ class Engine:
             updated_at=now,
             deadline_at=deadline,
         )
+
+    async def _run_created(self, processes: list[Process], term: int) -> None:
+        """Run processes just stored by a call that began in `term`. When the engine
+        closed meanwhile they wait in the store for the next open; when it also opened
+        again, that open may not have read them (the write committed after its read):
+        those it did not read run now, as the store has them."""
+        if term == self._term and self.serving:  # no await: publish delivers after this
+            for process in processes:
+                self._started(process)
+            return
+        for process in processes:
+            if process.id in self._resumed or not self.serving:
+                continue
+            stored = await self.store.get(process.id)
+            current = stored[0] if stored is not None else None
+            if current is None or current.finished or not self.serving:
+                continue
+            if process.id not in self._resumed and process.id not in self.live:
+                self._resumed.add(process.id)
+                self._spawn(current)
 
     def _started(self, process: Process) -> None:
         self.counts[(process.workflow, process.status)] += 1
@@ -337,8 +387,15 @@ class Engine:
         self._signals.keep(signal)
         return process
 
+    def _check_serving(self) -> None:
+        """Only the replica running the engine starts or changes processes: a request that
+        reached another (leadership just moved) is refused, to be sent again."""
+        if not self.serving:
+            raise StoreUnavailable("the workflow engine is not running on this replica")
+
     async def _running(self, process_id: str) -> Process:
         """The live process, else UnknownProcess (404) or ProcessFinished (409)."""
+        self._check_serving()
         process = self.live.get(process_id)
         if process is None:
             stored = await self.store.get(process_id)
@@ -374,7 +431,14 @@ class Engine:
         the last stored version of its name becomes a new version. A running process keeps
         the version it started with; new starts and triggers use the new ones. API
         definitions stay, but config.yaml wins a name both define. All or nothing: the
-        new versions are stored in one transaction, and nothing changes when it fails."""
+        new versions are stored in one transaction, and nothing changes when it fails.
+        While the engine is closed they are only kept: the next open stores them."""
+        if not self.serving:
+            self._config = {d.name: d for d in definitions}
+            return
+        await self._configure(definitions)
+
+    async def _configure(self, definitions: Iterable[Definition]) -> None:
         async with self._defining:
             config, changed = {}, []
             for definition in definitions:
@@ -406,6 +470,7 @@ class Engine:
         the name was not defined before. InvalidDefinition when its route starts another
         workflow (checked here, under the lock, so two deploys cannot both take it)."""
         name = definition.name
+        self._check_serving()
         async with self._defining:
             if name in self._config:
                 raise DefinitionConflict(f"config.yaml defines {name!r}; change it there")
@@ -432,8 +497,12 @@ class Engine:
 
     async def configure_resources(self, resources: Iterable[Resource]) -> None:
         """config.yaml's resources (at a reload): new capacities apply to grants from now."""
-        if self.resources is not None:
+        if self.resources is None:
+            return
+        if self.serving:
             await self.resources.configure(resources)
+        else:  # no grants from a closed engine: the next open grants what fits
+            self.resources.set_capacities(resources)
 
     def definition_of(self, process: Process) -> Definition | None:
         """The version the process started with (None: it can no longer be built)."""

@@ -125,6 +125,11 @@ class ResourcePool:
         process was cancelled, or it is a branch a sibling's failure halted); rows of
         ended processes are released. Then whatever now fits is granted. One write."""
         await self.store.create_tables()
+        # A term before (an engine closed and opened again) leaves nothing: the metric
+        # dicts are cleared in place, as collectors hold them.
+        self._slots, self._requests = {}, {}
+        self.in_use.clear()
+        self.waiting.clear()
         processes = {p.id: p for p in unfinished}
         released: set[str] = set()
         left: list[tuple[str, str]] = []
@@ -156,12 +161,16 @@ class ResourcePool:
         they hold when a capacity shrinks; a grown one is granted to waiters at once. A
         resource no longer configured keeps its last capacity for processes that hold or
         wait for it, and refuses new requests."""
-        self.capacities = {r.name: r.capacity for r in resources}
-        self._capacities.update(self.capacities)
+        self.set_capacities(resources)
         granted = self._grant_all()
         if granted:
             await self._settle(granted=granted)
         self._granted(granted)
+
+    def set_capacities(self, resources: Iterable[Resource]) -> None:
+        """New capacities, granted nothing yet (a closed engine's reload: `open` grants)."""
+        self.capacities = {r.name: r.capacity for r in resources}
+        self._capacities.update(self.capacities)
 
     # -- the runner's calls ----------------------------------------------------------
 

@@ -71,6 +71,11 @@ class TaskQueues:
         self, store: TaskStore, *, clock: Callable[[], float], wake: Callable[[str], None]
     ) -> None:
         self.store, self._clock, self._wake = store, clock, wake
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget every task (at each engine open): the runner opens its tasks again from
+        the store, and the term before (ended by `close`) leaves nothing behind."""
         self._due: dict[str, set[int]] = {}  # queue -> seqs of tasks known due
         self._polls: dict[str, deque[_Poll]] = {}  # long polls waiting, per queue
         self._open: dict[int, Opened] = {}  # seq -> the runner's wait
@@ -349,8 +354,9 @@ class TaskQueues:
                 del self._seen[queue]
         return counts
 
-    def close(self) -> None:
-        """At daemon stop: timers go; the stored leases are re-armed on the next start."""
+    async def close(self) -> None:
+        """At engine close: timers go; the stored leases are re-armed on the next open.
+        Leases expiring now finish their write first: none is written after close."""
         stopping = StoreUnavailable("the daemon stops: the answer is not recorded, send it again")
         for delivery in list(self._handed):
             self.ended(delivery, stopping)
@@ -358,6 +364,9 @@ class TaskQueues:
             handle.cancel()
         self._leases.clear()
         self._closed = True
+        for expiring in self._expiring:  # one waiting for storage to return waits no more
+            expiring.cancel()
+        await asyncio.gather(*self._expiring, return_exceptions=True)
         held = [pre[3] for pre in self._prepared.values() if pre[3] is not None]
         held += [poll for _, poll in self._holding.values()]
         for polls in [*self._polls.values(), held]:

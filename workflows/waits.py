@@ -144,10 +144,13 @@ class Deadlines:
         if handle is not None:
             handle.cancel()
 
-    def cancel_all(self) -> None:
-        """At close: the timers go; marks being written finish on their own."""
+    async def close(self) -> None:
+        """At close: the timers go and the marks being written finish, so none is written
+        after the engine closed (another replica may run the process by then)."""
         for handle in self._handles.values():
             handle.cancel()
+        self._handles.clear()
+        await asyncio.gather(*self._marking, return_exceptions=True)
 
 
 def matches(match: Mapping[str, Any], data: Mapping[str, Any]) -> bool:
