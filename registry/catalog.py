@@ -82,9 +82,10 @@ class InstanceStatus:
 class Catalog:
     """The registry's one door: register, heartbeat, deregister and the reads.
 
-    27 methods, kept on purpose: callers (routes, the checker, the root) see one object;
-    seven are one-line doors to Leases and Changes, which hold that logic, and the rest
-    is the instance map, its writes and its reads."""
+    Many methods, kept on purpose: callers (routes, the checker, the root) see one object;
+    seven are one-line doors to Leases and Changes, which hold that logic; the rest is the
+    instance map, its writes and its reads, and (replicas) the application of the other
+    replicas' writes to it."""
 
     def __init__(
         self,
@@ -258,7 +259,15 @@ class Catalog:
 
     @property
     def index(self) -> int:
-        """The registry's modify index (as of the last read or write, which apply due lapses)."""
+        """The registry's modify index (as of the last read or write, which apply due lapses).
+
+        It never goes down on one daemon: every change here raises it by one. Replicas each
+        count their own (a health transition or a lapse is seen, and counted, by each), and
+        a change another replica made raises this one's to at least the index it was made
+        at (a Lamport clock): once a change has reached every replica, each one's index is
+        at or above the index its writer answered with. An index from a replica that is
+        ahead (more local changes) is one from the future here, answered at once, and the
+        client starts over from this replica's index, as Consul's clients do."""
         return self._changes.index
 
     @property
