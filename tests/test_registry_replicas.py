@@ -223,3 +223,27 @@ def test_a_change_from_another_replica_never_lowers_the_index() -> None:
     assert changes.index == 11
     changes.announce("pay", change, at=40)
     assert changes.index == changes.service_index["pay"] == 40
+
+
+async def test_each_write_notifies_its_key_only_and_a_store_skips_its_own(
+    postgres: PostgresCluster,
+) -> None:
+    url = postgres.database()
+    heard: list[str] = []
+    listener = Listener(url, [CHANNEL], lambda _, payload: heard.append(payload), lambda: None)
+    listener.start()
+    database = PgDatabase(url)
+    await database.open()
+    try:
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        mine, other = PgRegistryStore(database), PgRegistryStore(database)
+        await mine.load()
+        await mine.save(instance("p1", meta={"token": "s3cret"}), 1)
+        await mine.delete("pay", "p1", 2)
+        await eventually(lambda: len(heard) == 2)
+        assert [other.notified(payload) for payload in heard] == [[("pay", "p1")]] * 2
+        assert [mine.notified(payload) for payload in heard] == [[], []]
+        assert not any("s3cret" in payload or "10.0.0.1" in payload for payload in heard)
+    finally:
+        await listener.stop()
+        await database.close()
