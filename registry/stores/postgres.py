@@ -111,6 +111,8 @@ _HEARTBEATS = (
     "FROM unnest(%s::text[], %s::text[]) AS k(service, id) "
     "WHERE r.service = k.service AND r.id = k.id AND NOT r.deleted"
 )
+# A write and its notification in one statement (one round trip; sent at COMMIT).
+_NOTIFYING = "WITH written AS ({}) SELECT pg_notify(%s, %s)"
 _XMIN = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
 
 
@@ -140,23 +142,22 @@ class PgRegistryStore:
         row = _to_row(instance)
 
         def save(conn: Connection) -> None:
-            conn.execute(_UPSERT, [*row, index])
-            self._notify(conn, instance.key)
+            conn.execute(_NOTIFYING.format(_UPSERT), [*row, index, *self._notice(instance.key)])
 
         await self._db.write(save)
 
     async def delete(self, service: str, instance_id: str, index: int) -> None:
         def delete(conn: Connection) -> None:
-            conn.execute(_DELETE, [service, instance_id, index])
+            notice = self._notice((service, instance_id))
+            conn.execute(_NOTIFYING.format(_DELETE), [service, instance_id, index, *notice])
             conn.execute(_PURGE, [TOMBSTONE_KEEP])
-            self._notify(conn, (service, instance_id))
 
         await self._db.write(delete)
 
     async def expire(self, service: str, instance_id: str, index: int) -> StoredRow | None:
         def expire(conn: Connection) -> StoredRow | None:
             if conn.execute(_EXPIRE, [index, service, instance_id]).rowcount:
-                self._notify(conn, (service, instance_id))
+                conn.execute("SELECT pg_notify(%s, %s)", self._notice((service, instance_id)))
                 return None
             return _read_rows(conn, [(service, instance_id)])[0]
 
@@ -215,8 +216,9 @@ class PgRegistryStore:
             return []
         return [(service, instance_id)]
 
-    def _notify(self, conn: Connection, key: Key) -> None:
-        conn.execute("SELECT pg_notify(%s, %s)", [CHANNEL, f"{self.origin} {key[0]}/{key[1]}"])
+    def _notice(self, key: Key) -> list[str]:
+        """pg_notify's arguments for a write to `key`."""
+        return [CHANNEL, f"{self.origin} {key[0]}/{key[1]}"]
 
 
 def _xmin(conn: Connection) -> str:
