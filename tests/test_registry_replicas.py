@@ -10,10 +10,14 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
 
 from monitor.storage.postgres import Listener, PgDatabase
 from registry import Catalog, Change, ChangeKind, Instance, StoreUnavailable
 from registry.changes import Changes
+from registry.stores import postgres as postgres_store
 from registry.stores.postgres import CHANNEL, PgRegistryStore
 
 from .pg import PostgresCluster
@@ -246,4 +250,28 @@ async def test_each_write_notifies_its_key_only_and_a_store_skips_its_own(
         assert not any("s3cret" in payload or "10.0.0.1" in payload for payload in heard)
     finally:
         await listener.stop()
+        await database.close()
+
+
+async def test_old_tombstones_are_purged_and_the_index_stays(
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    database = PgDatabase(postgres.database())
+    await database.open()
+
+    def rows(conn: Any) -> int:
+        return int(conn.execute("SELECT count(*) FROM registry_instances").fetchone()[0])
+
+    try:
+        store = PgRegistryStore(database)
+        await store.load()
+        await store.save(instance("p1"), 1)
+        await store.delete("pay", "p1", 2)
+        await store.delete("pay", "p2", 3)
+        assert await database.read(rows) == 2  # kept for replicas that poll
+        monkeypatch.setattr(postgres_store, "TOMBSTONE_KEEP", 0.0)
+        await store.delete("pay", "p3", 4)
+        assert await database.read(rows) == 1  # p3's own, the newest
+        assert await store.load() == ([], 4)
+    finally:
         await database.close()

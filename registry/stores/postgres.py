@@ -5,7 +5,9 @@ The rows are the SQLite twin's plus what replicas need to follow each other:
   tombstones included, is the store's index (no hot counter row that every write of every
   replica would lock, and deadlock on, in group-committed batches).
 - `deleted`: a deregistration leaves a tombstone, so a replica polling for changes sees
-  the removal too; tombstones older than TOMBSTONE_KEEP are purged by later deletes.
+  the removal too; tombstones older than TOMBSTONE_KEEP are purged by later deletes, those
+  below the deleting replica's index only (one daemon's index is the highest stored, and
+  stays so; with replicas the index is each one's own, see Catalog.index).
 - `changed_xid`, `heartbeat_xid`: the transaction that last changed the row or renewed its
   lease. A poll asks for rows whose xid is at least the oldest transaction still running at
   the previous poll (`pg_snapshot_xmin`): every commit the previous poll could not see is
@@ -94,7 +96,7 @@ _DELETE = (
 _PURGE = (
     "DELETE FROM registry_instances WHERE deleted "  # noqa: S608 (constants only)
     f"AND heartbeat_at < {_NOW} - %s "
-    "AND modify_index < (SELECT max(modify_index) FROM registry_instances)"
+    "AND modify_index < %s"
 )
 # Removal of a lapsed lease, only if no replica has flushed a heartbeat since: the
 # database's clock decides, as for every lease compared across replicas.
@@ -150,7 +152,7 @@ class PgRegistryStore:
         def delete(conn: Connection) -> None:
             notice = self._notice((service, instance_id))
             conn.execute(_NOTIFYING.format(_DELETE), [service, instance_id, index, *notice])
-            conn.execute(_PURGE, [TOMBSTONE_KEEP])
+            conn.execute(_PURGE, [TOMBSTONE_KEEP, index])
 
         await self._db.write(delete)
 
