@@ -41,7 +41,9 @@ class StoredRow:
     key: Key
     instance: Instance | None  # None: not registered (deregistered, expired or never)
     index: int  # the modify index it was written at (0 when never stored)
-    heartbeat_age: float | None  # seconds since its last heartbeat on any replica
+    # Seconds since its last heartbeat on any replica (by the database's clock); None when
+    # not registered, or when the last heartbeat was this replica's own.
+    heartbeat_age: float | None
 
 
 @runtime_checkable

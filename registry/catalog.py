@@ -418,12 +418,15 @@ class Catalog:
                     change = Change(kind=ChangeKind.DEREGISTERED, instance=entry.instance)
                     self._changes.announce(row.key[0], change, at=row.index)
             return
-        renewed_at = now if row.heartbeat_age is None else now - row.heartbeat_age
+        age = row.heartbeat_age  # None: renewed here last, as memory knows
         if entry is not None and not entry.removed:
             if entry.instance == row.instance:
-                self._renew(entry, renewed_at)
+                if age is not None:
+                    self._renew(entry, now - age)
                 return
-            renewed_at = max(renewed_at, entry.renewed_at)
+            renewed_at = entry.renewed_at if age is None else max(now - age, entry.renewed_at)
+        else:
+            renewed_at = now if age is None else now - age
         kind = ChangeKind.REGISTERED if entry is None or entry.removed else ChangeKind.UPDATED
         self._put(Entry(instance=row.instance, renewed_at=renewed_at))
         self._changes.announce(row.key[0], Change(kind=kind, instance=row.instance), at=row.index)

@@ -20,6 +20,7 @@ from registry.changes import Changes
 from registry.stores import postgres as postgres_store
 from registry.stores.postgres import CHANNEL, PgRegistryStore
 
+from .conftest import FakeClock
 from .pg import PostgresCluster
 
 
@@ -38,14 +39,19 @@ class Replica:
 
 @contextlib.asynccontextmanager
 async def replica(
-    url: str, *, reaping: bool = True, listen: bool = True, follow: bool = True
+    url: str,
+    *,
+    reaping: bool = True,
+    listen: bool = True,
+    follow: bool = True,
+    clock: FakeClock | None = None,
 ) -> AsyncIterator[Replica]:
     """A daemon's registry: `listen` wires LISTEN (and the re-read on every connect),
     `follow` runs the replication task (heartbeat flushes and the poll)."""
     database = PgDatabase(url)
     await database.open()
     store = PgRegistryStore(database)
-    catalog = Catalog(store, reaping=lambda: reaping)
+    catalog = Catalog(store, reaping=lambda: reaping, clock=clock)
     await catalog.load()
     this = Replica(catalog, store)
     catalog.add_listener(lambda change: this.heard.append((change.kind, change.instance.id)))
@@ -275,3 +281,19 @@ async def test_old_tombstones_are_purged_and_the_index_stays(
         assert await store.load() == ([], 4)
     finally:
         await database.close()
+
+
+async def test_a_replica_takes_no_lease_renewal_from_its_own_writes_read_back(
+    postgres: PostgresCluster, clock: FakeClock
+) -> None:
+    """Its memory knows its own heartbeats by its own clock; reading them back by the
+    database's clock would renew a lease that has lapsed here."""
+    url = postgres.database()
+    async with replica(url, reaping=False, clock=clock) as a:
+        await a.catalog.register(instance("p1", ttl=10.0))
+        a.catalog.heartbeat("pay", "p1")
+        clock.advance(60)
+        assert a.lapsed() == ["p1"]
+        await a.catalog.resync()
+        await asyncio.sleep(2.5)  # two polls and a heartbeat flush
+        assert a.lapsed() == ["p1"]

@@ -15,6 +15,9 @@ The rows are the SQLite twin's plus what replicas need to follow each other:
   timestamp compared with `>` would not promise.
 - `heartbeat_at`: the database's clock at the last heartbeat flushed by any replica (or the
   last save); replicas read its age, never compare their own clocks with it.
+- `changed_by`, `heartbeat_by`: the origin (below) of the last write and heartbeat. A
+  replica's polls skip its own, and it takes no lease age from its own heartbeats: its
+  memory has them already, by its own clock.
 
 Each write sends `NOTIFY hms_registry` at its COMMIT with the key only, never the body:
 `"<origin> <service>/<id>"` (names hold no space or slash), `origin` being this store's
@@ -55,6 +58,8 @@ MIGRATIONS = (
         heartbeat_at DOUBLE PRECISION NOT NULL,
         changed_xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
         heartbeat_xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+        changed_by TEXT NOT NULL DEFAULT '',
+        heartbeat_by TEXT NOT NULL DEFAULT '',
         PRIMARY KEY (service, id)
     )""",
     "CREATE INDEX registry_instances_changed ON registry_instances (changed_xid)",
@@ -74,42 +79,46 @@ _COLUMNS = (
     "registered_at",
     "updated_at",
 )
-_SELECT = f"SELECT {', '.join(_COLUMNS)}, modify_index, deleted, {_NOW} - heartbeat_at"
-_UPSERT = (
-    f"INSERT INTO registry_instances ({', '.join(_COLUMNS)}, modify_index, heartbeat_at) "  # noqa: S608 (constants only)
-    f"VALUES ({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW}) "
-    "ON CONFLICT (service, id) DO UPDATE SET "
+_SELECT = (
+    f"SELECT {', '.join(_COLUMNS)}, modify_index, deleted, {_NOW} - heartbeat_at, heartbeat_by"
+)
+_UPSERT = (  # then: the index, the origin twice
+    f"INSERT INTO registry_instances ({', '.join(_COLUMNS)}, modify_index, heartbeat_at, "  # noqa: S608 (constants only)
+    f"changed_by, heartbeat_by) VALUES ({', '.join(['%s'] * len(_COLUMNS))}, %s, {_NOW}, "
+    "%s, %s) ON CONFLICT (service, id) DO UPDATE SET "
     + ", ".join(f"{column} = excluded.{column}" for column in _COLUMNS[2:])
     + ", modify_index = GREATEST(registry_instances.modify_index, excluded.modify_index)"
     ", deleted = false, heartbeat_at = excluded.heartbeat_at"
     ", changed_xid = pg_current_xact_id(), heartbeat_xid = pg_current_xact_id()"
+    ", changed_by = excluded.changed_by, heartbeat_by = excluded.heartbeat_by"
 )
 # A tombstone, also for a key never stored: the index must still rise to `index`.
-_DELETE = (
+_DELETE = (  # service, id, index, origin
     "INSERT INTO registry_instances (service, id, url, tags, meta, deregister_after, "  # noqa: S608 (constants only)
-    f"registered_at, updated_at, modify_index, deleted, heartbeat_at) "
-    f"VALUES (%s, %s, '', '[]', '{{}}', 0, 0, 0, %s, true, {_NOW}) "
+    "registered_at, updated_at, modify_index, deleted, heartbeat_at, changed_by) "
+    f"VALUES (%s, %s, '', '[]', '{{}}', 0, 0, 0, %s, true, {_NOW}, %s) "
     "ON CONFLICT (service, id) DO UPDATE SET deleted = true, "
     "modify_index = GREATEST(registry_instances.modify_index, excluded.modify_index), "
-    "heartbeat_at = excluded.heartbeat_at, changed_xid = pg_current_xact_id()"
+    "heartbeat_at = excluded.heartbeat_at, changed_xid = pg_current_xact_id(), "
+    "changed_by = excluded.changed_by"
 )
-_PURGE = (
+_PURGE = (  # seconds kept, the deleting index
     "DELETE FROM registry_instances WHERE deleted "  # noqa: S608 (constants only)
     f"AND heartbeat_at < {_NOW} - %s "
     "AND modify_index < %s"
 )
 # Removal of a lapsed lease, only if no replica has flushed a heartbeat since: the
 # database's clock decides, as for every lease compared across replicas.
-_EXPIRE = (
+_EXPIRE = (  # index, origin, service, id
     "UPDATE registry_instances SET deleted = true, "  # noqa: S608 (constants only)
     "modify_index = GREATEST(modify_index, %s), "
-    f"heartbeat_at = {_NOW}, changed_xid = pg_current_xact_id() "
+    f"heartbeat_at = {_NOW}, changed_xid = pg_current_xact_id(), changed_by = %s "
     "WHERE service = %s AND id = %s AND NOT deleted AND ttl IS NOT NULL "
     f"AND heartbeat_at + ttl + deregister_after <= {_NOW}"
 )
-_HEARTBEATS = (
+_HEARTBEATS = (  # origin, services, ids
     f"UPDATE registry_instances AS r SET heartbeat_at = {_NOW}, "  # noqa: S608 (constants only)
-    "heartbeat_xid = pg_current_xact_id() "
+    "heartbeat_xid = pg_current_xact_id(), heartbeat_by = %s "
     "FROM unnest(%s::text[], %s::text[]) AS k(service, id) "
     "WHERE r.service = k.service AND r.id = k.id AND NOT r.deleted"
 )
@@ -144,24 +153,26 @@ class PgRegistryStore:
         row = _to_row(instance)
 
         def save(conn: Connection) -> None:
-            conn.execute(_NOTIFYING.format(_UPSERT), [*row, index, *self._notice(instance.key)])
+            origin, notice = self.origin, self._notice(instance.key)
+            conn.execute(_NOTIFYING.format(_UPSERT), [*row, index, origin, origin, *notice])
 
         await self._db.write(save)
 
     async def delete(self, service: str, instance_id: str, index: int) -> None:
         def delete(conn: Connection) -> None:
             notice = self._notice((service, instance_id))
-            conn.execute(_NOTIFYING.format(_DELETE), [service, instance_id, index, *notice])
+            arguments = [service, instance_id, index, self.origin, *notice]
+            conn.execute(_NOTIFYING.format(_DELETE), arguments)
             conn.execute(_PURGE, [TOMBSTONE_KEEP, index])
 
         await self._db.write(delete)
 
     async def expire(self, service: str, instance_id: str, index: int) -> StoredRow | None:
         def expire(conn: Connection) -> StoredRow | None:
-            if conn.execute(_EXPIRE, [index, service, instance_id]).rowcount:
+            if conn.execute(_EXPIRE, [index, self.origin, service, instance_id]).rowcount:
                 conn.execute("SELECT pg_notify(%s, %s)", self._notice((service, instance_id)))
                 return None
-            return _read_rows(conn, [(service, instance_id)])[0]
+            return _read_rows(conn, [(service, instance_id)], mine=None)[0]
 
         return await self._db.write(expire)
 
@@ -171,13 +182,13 @@ class PgRegistryStore:
         ids = [instance_id for _, instance_id in ordered]
 
         def flush(conn: Connection) -> None:
-            conn.execute(_HEARTBEATS, [services, ids])
+            conn.execute(_HEARTBEATS, [self.origin, services, ids])
 
         await self._db.write(flush)
 
     async def read_rows(self, keys: Iterable[Key]) -> list[StoredRow]:
         wanted = list(keys)
-        return await self._db.read(lambda conn: _read_rows(conn, wanted))
+        return await self._db.read(lambda conn: _read_rows(conn, wanted, mine=self.origin))
 
     async def keys(self) -> list[Key]:
         def keys(conn: Connection) -> list[Key]:
@@ -194,16 +205,17 @@ class PgRegistryStore:
             changed = [
                 (service, instance_id)
                 for service, instance_id in conn.execute(
-                    "SELECT service, id FROM registry_instances WHERE changed_xid >= %s::xid8",
-                    [since],
+                    "SELECT service, id FROM registry_instances "
+                    "WHERE changed_xid >= %s::xid8 AND changed_by <> %s",
+                    [since, self.origin],
                 )
             ]
             renewed = [
                 ((service, instance_id), float(age))
                 for service, instance_id, age in conn.execute(
                     f"SELECT service, id, {_NOW} - heartbeat_at FROM registry_instances "  # noqa: S608
-                    "WHERE heartbeat_xid >= %s::xid8 AND NOT deleted",
-                    [since],
+                    "WHERE heartbeat_xid >= %s::xid8 AND heartbeat_by <> %s AND NOT deleted",
+                    [since, self.origin],
                 )
             ]
             return changed, renewed, mark
@@ -234,8 +246,9 @@ def _index(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _read_rows(conn: Connection, keys: list[Key]) -> list[StoredRow]:
-    """The rows of `keys`, in that order; a key without a live row reads as removed."""
+def _read_rows(conn: Connection, keys: list[Key], *, mine: str | None) -> list[StoredRow]:
+    """The rows of `keys`, in that order; a key without a live row reads as removed. A
+    heartbeat this replica (origin `mine`) made has no age: its memory knows it better."""
     found: dict[Key, tuple[Any, ...]] = {}
     rows = conn.execute(
         f"{_SELECT} FROM registry_instances "  # noqa: S608 (constants only)
@@ -256,7 +269,7 @@ def _read_rows(conn: Connection, keys: list[Key]) -> list[StoredRow]:
                 key=key,
                 instance=_instance(row) if live else None,
                 index=int(row[10]),
-                heartbeat_age=float(row[12]) if live else None,
+                heartbeat_age=float(row[12]) if live and row[13] != mine else None,
             )
         )
     return out
