@@ -215,11 +215,12 @@ async def test_an_expiry_is_refused_when_another_replica_renewed_the_lease(
         await store.save(instance("p1", ttl=0.2, deregister_after=0.2), 1)
         await asyncio.sleep(0.3)
         await store.save_heartbeats([("pay", "p1")])
-        row = await store.expire("pay", "p1", 2)  # renewed 0 s ago: kept
+        other = PgRegistryStore(database)  # another replica's, which saw it lapse
+        row = await other.expire("pay", "p1", 2)  # renewed 0 s ago: kept
         assert row is not None and row.instance is not None
         assert row.heartbeat_age is not None and row.heartbeat_age < 0.4
         await asyncio.sleep(0.5)
-        assert await store.expire("pay", "p1", 3) is None
+        assert await other.expire("pay", "p1", 3) is None
         assert await store.load() == ([], 3)
     finally:
         await database.close()
@@ -297,3 +298,18 @@ async def test_a_replica_takes_no_lease_renewal_from_its_own_writes_read_back(
         await a.catalog.resync()
         await asyncio.sleep(2.5)  # two polls and a heartbeat flush
         assert a.lapsed() == ["p1"]
+
+
+async def test_a_lease_lapsed_by_the_reapers_own_clock_is_removed(
+    postgres: PostgresCluster, clock: FakeClock
+) -> None:
+    """Its own heartbeats are its memory's to judge, not the database's clock."""
+    url = postgres.database()
+    async with replica(url, clock=clock) as a:
+        await a.catalog.register(instance("p1", ttl=10.0, deregister_after=10.0))
+        a.catalog.heartbeat("pay", "p1")
+        clock.advance(60)
+        await eventually(lambda: a.ids() == [] and (ChangeKind.DEREGISTERED, "p1") in a.heard)
+        await asyncio.sleep(0.2)
+        assert a.ids() == []
+        assert (await a.store.load())[0] == []

@@ -107,14 +107,15 @@ _PURGE = (  # seconds kept, the deleting index
     f"AND heartbeat_at < {_NOW} - %s "
     "AND modify_index < %s"
 )
-# Removal of a lapsed lease, only if no replica has flushed a heartbeat since: the
-# database's clock decides, as for every lease compared across replicas.
-_EXPIRE = (  # index, origin, service, id
+# Removal of a lapsed lease, only if no other replica has flushed a heartbeat since: the
+# database's clock decides, as for every lease compared across replicas. A last heartbeat
+# of the removing replica's own is its memory's to judge (by its own clock).
+_EXPIRE = (  # index, origin, service, id, origin
     "UPDATE registry_instances SET deleted = true, "  # noqa: S608 (constants only)
     "modify_index = GREATEST(modify_index, %s), "
     f"heartbeat_at = {_NOW}, changed_xid = pg_current_xact_id(), changed_by = %s "
     "WHERE service = %s AND id = %s AND NOT deleted AND ttl IS NOT NULL "
-    f"AND heartbeat_at + ttl + deregister_after <= {_NOW}"
+    f"AND (heartbeat_by = %s OR heartbeat_at + ttl + deregister_after <= {_NOW})"
 )
 _HEARTBEATS = (  # origin, services, ids
     f"UPDATE registry_instances AS r SET heartbeat_at = {_NOW}, "  # noqa: S608 (constants only)
@@ -169,10 +170,11 @@ class PgRegistryStore:
 
     async def expire(self, service: str, instance_id: str, index: int) -> StoredRow | None:
         def expire(conn: Connection) -> StoredRow | None:
-            if conn.execute(_EXPIRE, [index, self.origin, service, instance_id]).rowcount:
+            arguments = [index, self.origin, service, instance_id, self.origin]
+            if conn.execute(_EXPIRE, arguments).rowcount:
                 conn.execute("SELECT pg_notify(%s, %s)", self._notice((service, instance_id)))
                 return None
-            return _read_rows(conn, [(service, instance_id)], mine=None)[0]
+            return _read_rows(conn, [(service, instance_id)], mine=self.origin)[0]
 
         return await self._db.write(expire)
 
