@@ -94,9 +94,12 @@ class Catalog:
         clock: Clock | None = None,
         health: HealthSource | None = None,
         reaping: Callable[[], bool] = lambda: True,
+        lease_slack: float | None = None,
     ) -> None:
         """`reaping`: whether this replica removes lapsed instances now (the root wires it
-        to leadership); the others only mark them lapsed. Always true for one daemon."""
+        to leadership); the others only mark them lapsed. Always true for one daemon.
+        `lease_slack`: added to every lease deadline; by default LEASE_SLACK on a shared
+        store (heartbeats to other replicas reach this one that late), 0 on SQLite."""
         self._store = store
         self._shared = store if isinstance(store, SharedRegistryStore) else None
         self._clock = clock or SystemClock()
@@ -108,7 +111,9 @@ class Catalog:
             changes=self._changes,
             monotonic=self._clock.monotonic,
             remove=self._remove_durably,
-            slack=LEASE_SLACK if self._shared is not None else 0.0,
+            slack=(LEASE_SLACK if self._shared is not None else 0.0)
+            if lease_slack is None
+            else lease_slack,
             reaping=reaping,
         )
         self._renewed_here: set[Key] = set()  # heartbeats not yet flushed (replicas)
@@ -356,7 +361,8 @@ class Catalog:
         next_sync = loop.time() + HEARTBEAT_FLUSH
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._replicate.wait(), max(0.0, next_sync - loop.time()))
+                async with asyncio.timeout(max(0.0, next_sync - loop.time())):
+                    await self._replicate.wait()
             self._replicate.clear()
             try:
                 if self._notified:

@@ -73,4 +73,5 @@ class Changes:
                 break
             event = self._waiters.setdefault(service, asyncio.Event())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: see Leases.run_reaper
+                    await event.wait()

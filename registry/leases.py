@@ -136,8 +136,11 @@ class Leases:
             if self._deadlines:
                 timeout = min(timeout, max(0.0, self._deadlines[0][0] - self._monotonic()))
             self._wakeup.clear()
+            # Not asyncio.wait_for: on 3.11 it swallows a cancel that arrives as the event
+            # is set (a registration just before shutdown), and the reaper never stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     def pause_expiry(self) -> None:
         """The daemon itself is overloaded and refusing requests, heartbeats among them:

@@ -16,6 +16,7 @@ import pytest
 
 from monitor.storage.postgres import Listener, PgDatabase
 from registry import Catalog, Change, ChangeKind, Instance, StoreUnavailable
+from registry.catalog import LEASE_SLACK
 from registry.changes import Changes
 from registry.stores import postgres as postgres_store
 from registry.stores.postgres import CHANNEL, PgRegistryStore
@@ -45,13 +46,14 @@ async def replica(
     listen: bool = True,
     follow: bool = True,
     clock: FakeClock | None = None,
+    lease_slack: float | None = None,
 ) -> AsyncIterator[Replica]:
     """A daemon's registry: `listen` wires LISTEN (and the re-read on every connect),
     `follow` runs the replication task (heartbeat flushes and the poll)."""
     database = PgDatabase(url)
     await database.open()
     store = PgRegistryStore(database)
-    catalog = Catalog(store, reaping=lambda: reaping, clock=clock)
+    catalog = Catalog(store, reaping=lambda: reaping, clock=clock, lease_slack=lease_slack)
     await catalog.load()
     this = Replica(catalog, store)
     catalog.add_listener(lambda change: this.heard.append((change.kind, change.instance.id)))
@@ -313,3 +315,47 @@ async def test_a_lease_lapsed_by_the_reapers_own_clock_is_removed(
         await asyncio.sleep(0.2)
         assert a.ids() == []
         assert (await a.store.load())[0] == []
+
+
+async def test_a_lease_lapses_late_by_the_slack_for_other_replicas_heartbeats(
+    postgres: PostgresCluster, clock: FakeClock
+) -> None:
+    url = postgres.database()
+    async with replica(url, clock=clock, follow=False) as a:
+        await a.catalog.register(instance("p1", ttl=10.0))
+        clock.advance(10.5)
+        assert a.lapsed() == []  # a heartbeat to another replica may not be here yet
+        clock.advance(LEASE_SLACK)
+        assert a.lapsed() == ["p1"]
+    async with replica(postgres.database(), clock=clock, lease_slack=0.0) as exact:
+        await exact.catalog.register(instance("p2", ttl=10.0))
+        clock.advance(10.5)
+        assert exact.lapsed() == ["p2"]
+
+
+async def test_the_registry_tasks_stop_when_cancelled_just_as_they_are_woken(
+    postgres: PostgresCluster,
+) -> None:
+    """A cancel arriving with a wake-up (a registration or a notification right before
+    shutdown) must stop the task, not be swallowed (asyncio.wait_for on 3.11 did)."""
+    database = PgDatabase(postgres.database())
+    await database.open()
+    try:
+        store = PgRegistryStore(database)
+        catalog = Catalog(store)
+        await catalog.load()
+        reaper = asyncio.create_task(catalog.run_reaper())
+        follower = asyncio.create_task(catalog.run_replication())
+        waiter = asyncio.create_task(catalog.wait_for_change("pay", catalog.index, 30))
+        await asyncio.sleep(0.1)  # all three waiting
+        await catalog.register(instance("p1", ttl=30.0))  # wakes the reaper and the waiter
+        catalog.remote_changed("elsewhere pay/p1")  # wakes the follower
+        for task in (reaper, follower, waiter):
+            task.cancel()
+        done, _ = await asyncio.wait([reaper, follower, waiter], timeout=5)
+        assert {task.get_name() for task in done} == {
+            task.get_name() for task in (reaper, follower, waiter)
+        }
+        assert all(task.cancelled() for task in done)
+    finally:
+        await database.close()
