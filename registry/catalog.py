@@ -212,10 +212,11 @@ class Catalog:
         if entry.instance.ttl is None:
             raise Conflict(f"{service}/{instance_id} was registered without a ttl")
         self.heartbeats_total += 1
-        self._renew(entry, self._clock.monotonic())
+        now = self._clock.monotonic()
+        self._renew(entry, now)
         if self._shared is not None:
             self._renewed_here.add(entry.instance.key)
-        return self._status(entry, entry.renewed_at)
+        return self._status(entry, now)
 
     def _renew(self, entry: Entry, renewed_at: float) -> None:
         """The lease was renewed at `renewed_at` (here or, later seen, on another replica);
@@ -355,10 +356,11 @@ class Catalog:
         """Follow the other replicas, for as long as it runs (the root owns the task):
         notified keys at once; every HEARTBEAT_FLUSH seconds, this replica's heartbeats
         written in one write and the store polled for writes and heartbeats since the
-        previous poll. A failing round is logged and tried again."""
+        previous poll. A failing round is tried again (and logged once per outage)."""
         shared = self._require_shared()
         loop = asyncio.get_running_loop()
         next_sync = loop.time() + HEARTBEAT_FLUSH
+        failing = False
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, next_sync - loop.time())):
@@ -371,8 +373,13 @@ class Catalog:
                 if loop.time() >= next_sync:
                     next_sync = loop.time() + HEARTBEAT_FLUSH
                     await self._sync(shared)
+                if failing:
+                    failing = False
+                    log.warning("registry: following the other replicas again")
             except Exception as exc:
-                log.warning("registry: following the other replicas failed (%s); retrying", exc)
+                if not failing:  # once per outage, not once a second
+                    failing = True
+                    log.warning("registry: following the other replicas fails (%s)", exc)
 
     async def _sync(self, shared: SharedRegistryStore) -> None:
         renewed, self._renewed_here = self._renewed_here, set()

@@ -213,7 +213,7 @@ class PgRegistryStore:
                 )
             ]
             renewed = [
-                ((service, instance_id), float(age))
+                ((service, instance_id), max(0.0, float(age)))
                 for service, instance_id, age in conn.execute(
                     f"SELECT service, id, {_NOW} - heartbeat_at FROM registry_instances "  # noqa: S608
                     "WHERE heartbeat_xid >= %s::xid8 AND heartbeat_by <> %s AND NOT deleted",
@@ -271,7 +271,7 @@ def _read_rows(conn: Connection, keys: list[Key], *, mine: str | None) -> list[S
                 key=key,
                 instance=_instance(row) if live else None,
                 index=int(row[10]),
-                heartbeat_age=float(row[12]) if live and row[13] != mine else None,
+                heartbeat_age=max(0.0, float(row[12])) if live and row[13] != mine else None,
             )
         )
     return out
