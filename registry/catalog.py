@@ -4,18 +4,27 @@ modify index and blocking waits (changes.py) and the per-key locks (locks.py).
 Writes go to the store first and are applied in memory only once durable, so
 whatever a reader saw survives a crash. Heartbeats touch memory only: a lease
 is a promise about the next few seconds, not something worth an fsync.
+
+Replicas (a SharedRegistryStore: PostgreSQL) each keep this whole map in memory and follow
+each other's writes: the composition root feeds `remote_changed` from LISTEN, calls
+`resync` after every (re)connection of the listener and runs `run_replication`, which
+applies what was notified, flushes this replica's heartbeats once a second and polls for
+what a notification may have missed. A heartbeat to any replica keeps the lease; only
+the replica that reaps (`reaping`) removes a lapsed instance, and the store removes it
+only if no replica has renewed it since (the database's clock decides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from registry.abc import RegistryStore
+from registry.abc import Key, RegistryStore, SharedRegistryStore, StoredRow
 
 from .changes import Change, ChangeKind, Changes
 from .errors import Conflict, StoreUnavailable, UnknownInstance
@@ -24,6 +33,13 @@ from .locks import KeyLocks
 from .model import HealthState, Instance
 
 log = logging.getLogger(__name__)
+
+# Replicas: this replica's heartbeats are written, and the store polled, this often.
+HEARTBEAT_FLUSH = 1.0
+# How late a heartbeat to another replica may be seen here (its flush, then this one's
+# poll): added to every lease deadline on a shared store, never to SQLite's.
+LEASE_SLACK = 2 * HEARTBEAT_FLUSH
+APPLY_BATCH = 500  # keys read back and applied under their locks at a time
 
 __all__ = ["Catalog", "Change", "ChangeKind", "Clock", "HealthSource", "InstanceStatus"]
 
@@ -66,9 +82,10 @@ class InstanceStatus:
 class Catalog:
     """The registry's one door: register, heartbeat, deregister and the reads.
 
-    27 methods, kept on purpose: callers (routes, the checker, the root) see one object;
-    seven are one-line doors to Leases and Changes, which hold that logic, and the rest
-    is the instance map, its writes and its reads."""
+    Many methods, kept on purpose: callers (routes, the checker, the root) see one object;
+    seven are one-line doors to Leases and Changes, which hold that logic; the rest is the
+    instance map, its writes and its reads, and (replicas) the application of the other
+    replicas' writes to it."""
 
     def __init__(
         self,
@@ -76,8 +93,15 @@ class Catalog:
         *,
         clock: Clock | None = None,
         health: HealthSource | None = None,
+        reaping: Callable[[], bool] = lambda: True,
+        lease_slack: float | None = None,
     ) -> None:
+        """`reaping`: whether this replica removes lapsed instances now (the root wires it
+        to leadership); the others only mark them lapsed. Always true for one daemon.
+        `lease_slack`: added to every lease deadline; by default LEASE_SLACK on a shared
+        store (heartbeats to other replicas reach this one that late), 0 on SQLite."""
         self._store = store
+        self._shared = store if isinstance(store, SharedRegistryStore) else None
         self._clock = clock or SystemClock()
         self.health: HealthSource = health or UnknownHealth()
         self._services: Entries = {}
@@ -87,7 +111,14 @@ class Catalog:
             changes=self._changes,
             monotonic=self._clock.monotonic,
             remove=self._remove_durably,
+            slack=(LEASE_SLACK if self._shared is not None else 0.0)
+            if lease_slack is None
+            else lease_slack,
+            reaping=reaping,
         )
+        self._renewed_here: set[Key] = set()  # heartbeats not yet flushed (replicas)
+        self._notified: set[Key] = set()  # keys other replicas wrote, not yet applied
+        self._replicate = asyncio.Event()
         self._locks = KeyLocks()
         self._declared: frozenset[str] = frozenset()
         self.heartbeats_total = 0
@@ -162,6 +193,8 @@ class Catalog:
             if current is not None and not created:
                 if current.instance.same_registration(instance) and not current.lapsed:
                     current.renewed_at = self._clock.monotonic()
+                    if self._shared is not None:
+                        self._renewed_here.add(instance.key)
                     return self._status(current, current.renewed_at), False
                 instance = replace(instance, registered_at=current.instance.registered_at)
             elif not instance.registered_at:
@@ -179,14 +212,26 @@ class Catalog:
         if entry.instance.ttl is None:
             raise Conflict(f"{service}/{instance_id} was registered without a ttl")
         self.heartbeats_total += 1
-        entry.renewed_at = self._clock.monotonic()
-        if entry.lapsed:
+        now = self._clock.monotonic()
+        self._renew(entry, now)
+        if self._shared is not None:
+            self._renewed_here.add(entry.instance.key)
+        return self._status(entry, now)
+
+    def _renew(self, entry: Entry, renewed_at: float) -> None:
+        """The lease was renewed at `renewed_at` (here or, later seen, on another replica);
+        a lapsed instance whose lease that renewal covers comes back at once."""
+        if renewed_at <= entry.renewed_at or entry.removed:
+            return
+        entry.renewed_at = renewed_at
+        expires = entry.expires_at()
+        now = self._clock.monotonic()
+        if entry.lapsed and expires is not None and now < expires + self._leases.slack:
             entry.lapsed = False
             self._leases.push(entry)
             self._changes.announce(
-                service, Change(kind=ChangeKind.RENEWED, instance=entry.instance)
+                entry.instance.service, Change(kind=ChangeKind.RENEWED, instance=entry.instance)
             )
-        return self._status(entry, entry.renewed_at)
 
     async def deregister(self, service: str, instance_id: str) -> None:
         async with self._locks.hold((service, instance_id)):
@@ -220,7 +265,15 @@ class Catalog:
 
     @property
     def index(self) -> int:
-        """The registry's modify index (as of the last read or write, which apply due lapses)."""
+        """The registry's modify index (as of the last read or write, which apply due lapses).
+
+        It never goes down on one daemon: every change here raises it by one. Replicas each
+        count their own (a health transition or a lapse is seen, and counted, by each), and
+        a change another replica made raises this one's to at least the index it was made
+        at (a Lamport clock): once a change has reached every replica, each one's index is
+        at or above the index its writer answered with. An index from a replica that is
+        ahead (more local changes) is one from the future here, answered at once, and the
+        client starts over from this replica's index, as Consul's clients do."""
         return self._changes.index
 
     @property
@@ -273,6 +326,129 @@ class Catalog:
     def _passed(self, service: str, index: int) -> bool:
         return self.service_index(service) > index or index > self._changes.index
 
+    # -- replicas ------------------------------------------------------------------
+
+    def remote_changed(self, payload: str) -> None:
+        """A notification from the store's channel (the root's Listener calls this): the
+        keys it names are read back and applied by `run_replication` at once."""
+        if self._shared is None:
+            return
+        keys = self._shared.notified(payload)
+        if keys:
+            self._notified.update(keys)
+            self._replicate.set()
+
+    async def resync(self) -> None:
+        """Read every registered instance back and apply it, dropping those gone from the
+        store: after every (re)connection of the listener, as notifications sent while it
+        was down are lost."""
+        shared = self._require_shared()
+        keys = set(await shared.keys())
+        keys.update(
+            entry.instance.key
+            for entries in self._services.values()
+            for entry in entries.values()
+            if not entry.instance.static
+        )
+        await self._apply_keys(keys)
+
+    async def run_replication(self) -> None:
+        """Follow the other replicas, for as long as it runs (the root owns the task):
+        notified keys at once; every HEARTBEAT_FLUSH seconds, this replica's heartbeats
+        written in one write and the store polled for writes and heartbeats since the
+        previous poll. A failing round is tried again (and logged once per outage)."""
+        shared = self._require_shared()
+        loop = asyncio.get_running_loop()
+        next_sync = loop.time() + HEARTBEAT_FLUSH
+        failing = False
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_sync - loop.time())):
+                    await self._replicate.wait()
+            self._replicate.clear()
+            try:
+                if self._notified:
+                    keys, self._notified = self._notified, set()
+                    await self._apply_or_keep(keys)
+                if loop.time() >= next_sync:
+                    next_sync = loop.time() + HEARTBEAT_FLUSH
+                    await self._sync(shared)
+                if failing:
+                    failing = False
+                    log.warning("registry: following the other replicas again")
+            except Exception as exc:
+                if not failing:  # once per outage, not once a second
+                    failing = True
+                    log.warning("registry: following the other replicas fails (%s)", exc)
+
+    async def _sync(self, shared: SharedRegistryStore) -> None:
+        renewed, self._renewed_here = self._renewed_here, set()
+        if renewed:
+            try:
+                await shared.save_heartbeats(renewed)
+            except Exception:
+                self._renewed_here |= renewed
+                raise
+        changed, renewals = await shared.poll()
+        now = self._clock.monotonic()
+        for key, age in renewals:
+            entry = self._entry(*key)
+            if entry is not None and not entry.instance.static:
+                self._renew(entry, now - age)
+        await self._apply_or_keep(set(changed))
+
+    async def _apply_or_keep(self, keys: set[Key]) -> None:
+        try:
+            await self._apply_keys(keys)
+        except Exception:
+            self._notified |= keys  # the next round tries them again
+            raise
+
+    async def _apply_keys(self, keys: Iterable[Key]) -> None:
+        """Read `keys` back under their locks (so no local write to them interleaves) and
+        apply each. Locks are taken in key order; other holders take one at a time."""
+        shared = self._require_shared()
+        ordered = sorted(set(keys))
+        for start in range(0, len(ordered), APPLY_BATCH):
+            batch = ordered[start : start + APPLY_BATCH]
+            async with contextlib.AsyncExitStack() as held:
+                for key in batch:
+                    await held.enter_async_context(self._locks.hold(key))
+                for row in await shared.read_rows(batch):
+                    self._apply_row(row)
+
+    def _apply_row(self, row: StoredRow) -> None:
+        """Memory made to match the store's row (its key's lock held): registered, updated,
+        renewed or gone, announced as a local change is, the index raised to the row's."""
+        entry = self._entry(*row.key)
+        if entry is not None and entry.instance.static:
+            return  # config's instance shadows a registered one, as on load
+        now = self._clock.monotonic()
+        if row.instance is None:
+            if entry is not None:
+                self._drop(entry)
+                if not entry.removed:  # else its removal was announced here already
+                    change = Change(kind=ChangeKind.DEREGISTERED, instance=entry.instance)
+                    self._changes.announce(row.key[0], change, at=row.index)
+            return
+        age = row.heartbeat_age  # None: renewed here last, as memory knows
+        if entry is not None and not entry.removed:
+            if entry.instance == row.instance:
+                if age is not None:
+                    self._renew(entry, now - age)
+                return
+            renewed_at = entry.renewed_at if age is None else max(now - age, entry.renewed_at)
+        else:
+            renewed_at = now if age is None else now - age
+        kind = ChangeKind.REGISTERED if entry is None or entry.removed else ChangeKind.UPDATED
+        self._put(Entry(instance=row.instance, renewed_at=renewed_at))
+        self._changes.announce(row.key[0], Change(kind=kind, instance=row.instance), at=row.index)
+
+    def _require_shared(self) -> SharedRegistryStore:
+        if self._shared is None:
+            raise TypeError("replication needs a shared store (PostgreSQL)")
+        return self._shared
+
     # -- load shedding -------------------------------------------------------------
 
     def pause_expiry(self) -> None:
@@ -291,7 +467,14 @@ class Catalog:
             if self._entry(service, instance_id) is not entry:
                 return  # registered again meanwhile: the new registration stands
             try:
-                await self._store.delete(service, instance_id, self._changes.index)
+                if self._shared is not None:
+                    # Removed only if no replica renewed it since; else it is back.
+                    row = await self._shared.expire(service, instance_id, self._changes.index)
+                    if row is not None:
+                        self._apply_row(row)
+                        return
+                else:
+                    await self._store.delete(service, instance_id, self._changes.index)
             except Exception:
                 log.exception("could not remove lapsed %s/%s; will retry", service, instance_id)
                 self._leases.requeue(entry)

@@ -46,10 +46,11 @@ class Changes:
     def add_listener(self, listener: Callable[[Change], None]) -> None:
         self._listeners.append(listener)
 
-    def announce(self, service: str, change: Change | None) -> None:
+    def announce(self, service: str, change: Change | None, *, at: int = 0) -> None:
         """A change to `service`; None: one the registry does not own (a health transition),
-        which only bumps the index and wakes the waiters."""
-        self.index += 1
+        which only bumps the index and wakes the waiters. `at`: the index another replica
+        made the change at; this one's index rises to it if behind (never goes down)."""
+        self.index = max(self.index + 1, at)
         self.service_index[service] = self.index
         waiters = self._waiters.pop(service, None)
         if waiters is not None:
@@ -72,4 +73,5 @@ class Changes:
                 break
             event = self._waiters.setdefault(service, asyncio.Event())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), remaining)
+                async with asyncio.timeout(remaining):  # not wait_for: see Leases.run_reaper
+                    await event.wait()

@@ -50,7 +50,10 @@ class Leases:
     """The deadline heap over the catalog's entries, and the reaper.
 
     `entries` is the catalog's own mapping (read, never written here); `remove` makes one
-    removal durable and drops the entry, or requeues it when the store refuses."""
+    removal durable and drops the entry, or requeues it when the store refuses.
+    `slack` (replicas: how late a heartbeat to another replica may reach this one) is added
+    to every deadline; while `reaping()` is false, lapses still apply but removals wait
+    for the replica that reaps (another one's removal arrives as a change)."""
 
     def __init__(
         self,
@@ -59,8 +62,11 @@ class Leases:
         changes: Changes,
         monotonic: Callable[[], float],
         remove: Callable[[Entry], Awaitable[None]],
+        slack: float = 0.0,
+        reaping: Callable[[], bool] = lambda: True,
     ) -> None:
         self._entries, self._changes = entries, changes
+        self.slack, self._reaping = slack, reaping
         self._monotonic, self._remove = monotonic, remove
         self._deadlines: list[tuple[float, str, str]] = []  # lazy: re-checked when popped
         self._removals: list[Entry] = []
@@ -72,7 +78,7 @@ class Leases:
         """Queue the entry's next deadline (none without a ttl)."""
         expires = entry.expires_at()
         if expires is not None:
-            deadline = (expires, *entry.instance.key)
+            deadline = (expires + self.slack, *entry.instance.key)
             heapq.heappush(self._deadlines, deadline)
             # The reaper sleeps until the earliest deadline: only a new earliest one moves
             # its wake-up (waking it for every registration cost a task step each).
@@ -92,6 +98,7 @@ class Leases:
             expires, removal = entry.expires_at(), entry.removal_due()
             if expires is None or removal is None:
                 continue
+            expires, removal = expires + self.slack, removal + self.slack
             if not entry.lapsed and now < expires:
                 self.push(entry)  # renewed since this deadline was queued
             elif not entry.lapsed:
@@ -102,6 +109,8 @@ class Leases:
                 self._changes.announce(
                     service, Change(kind=ChangeKind.LAPSED, instance=entry.instance)
                 )
+            elif now >= removal and not self._reaping():
+                heapq.heappush(self._deadlines, (now + MAX_REAPER_SLEEP, service, instance_id))
             elif now >= removal:
                 entry.removed = True
                 self._removals.append(entry)
@@ -127,8 +136,11 @@ class Leases:
             if self._deadlines:
                 timeout = min(timeout, max(0.0, self._deadlines[0][0] - self._monotonic()))
             self._wakeup.clear()
+            # Not asyncio.wait_for: on 3.11 it swallows a cancel that arrives as the event
+            # is set (a registration just before shutdown), and the reaper never stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     def pause_expiry(self) -> None:
         """The daemon itself is overloaded and refusing requests, heartbeats among them:

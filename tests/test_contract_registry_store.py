@@ -8,10 +8,14 @@ from pathlib import Path
 import pytest
 
 from registry import Instance, ProbeSpec, RegistryStore, SqliteRegistryStore, StoreUnavailable
+from registry.stores.postgres import PgRegistryStore
 
-from .contracts import Factory, factory_for, sqlite_factory
+from .contracts import Factory, factory_for, postgres_factory, sqlite_factory
 
-FACTORIES: dict[str, Factory[RegistryStore]] = {"sqlite": sqlite_factory(SqliteRegistryStore)}
+FACTORIES: dict[str, Factory[RegistryStore]] = {
+    "sqlite": sqlite_factory(SqliteRegistryStore),
+    "postgres": postgres_factory(PgRegistryStore),
+}
 
 
 @pytest.fixture
