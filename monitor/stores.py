@@ -61,4 +61,24 @@ def _sqlite(storage: Storage) -> Stores:
 
 
 def _postgres(url: str) -> Stores:
-    raise NotImplementedError("wired when the PostgreSQL stores land")
+    from monitor.health.stores.postgres import PgResultStore
+    from monitor.notify.stores.postgres import PgOutboxStore
+    from monitor.slo.stores.postgres import PgSloMinuteStore
+    from registry.stores.postgres import PgRegistryStore
+    from workflows.stores.postgres import PgWorkflowStore
+    from workflows.stores.postgres_resources import PgResourceStore
+    from workflows.stores.postgres_schedules import PgScheduleStore
+    from workflows.stores.postgres_tasks import PgTaskStore
+
+    db = PgDatabase(url)
+    return Stores(
+        database=db,
+        registry=PgRegistryStore(db),
+        results=PgResultStore(db),
+        slo_minutes=PgSloMinuteStore(db),
+        outbox=PgOutboxStore(db),
+        workflows=PgWorkflowStore(db),
+        tasks=PgTaskStore(db),
+        resources=PgResourceStore(db),
+        schedules=PgScheduleStore(db),
+    )
