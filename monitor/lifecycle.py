@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from registry import StoreUnavailable
+from registry.stores.postgres import CHANNEL as REGISTRY_CHANNEL
 from workflows.engine import Engine
 
 from .cluster.leadership import Leadership
@@ -22,6 +23,7 @@ from .convert import static_instances
 from .keys import HEAP, REAPER
 from .parts import Parts
 from .reload import Reloader
+from .storage.postgres import Listener
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ def _registry(parts: Parts) -> Context:
             )
             log.info("registry restored %d registered instance(s)", restored)
             app[REAPER] = asyncio.create_task(catalog.run_reaper(), name="registry-reaper")
-            yield
+            async with _replicated(parts):
+                yield
             app[REAPER].cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await app[REAPER]
@@ -67,6 +70,32 @@ def _registry(parts: Parts) -> Context:
             await database.close()
 
     return run
+
+
+@contextlib.asynccontextmanager
+async def _replicated(parts: Parts) -> AsyncIterator[None]:
+    """On PostgreSQL, what other replicas change reaches this one: NOTIFY names each
+    changed instance (re-read and applied at once), a poll behind it catches what a lost
+    notification missed, and every (re)connection of the listener re-reads everything."""
+    url, catalog = parts.config.storage.url, parts.catalog
+    if url is None:
+        yield
+        return
+    listener = Listener(
+        url,
+        [REGISTRY_CHANNEL],
+        lambda _, payload: catalog.remote_changed(payload),
+        catalog.resync,
+    )
+    listener.start()
+    replication = asyncio.create_task(catalog.run_replication(), name="registry-replication")
+    try:
+        yield
+    finally:
+        replication.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replication
+        await listener.stop()
 
 
 def _monitor(parts: Parts) -> Context:

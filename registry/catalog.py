@@ -94,12 +94,14 @@ class Catalog:
         clock: Clock | None = None,
         health: HealthSource | None = None,
         reaping: Callable[[], bool] = lambda: True,
-        lease_slack: float | None = None,
+        lease_slack: Callable[[], float] | None = None,
     ) -> None:
         """`reaping`: whether this replica removes lapsed instances now (the root wires it
         to leadership); the others only mark them lapsed. Always true for one daemon.
-        `lease_slack`: added to every lease deadline; by default LEASE_SLACK on a shared
-        store (heartbeats to other replicas reach this one that late), 0 on SQLite."""
+        `lease_slack()`: added to every lease deadline; by default LEASE_SLACK on a shared
+        store (heartbeats to other replicas reach this one that late), 0 on SQLite; the
+        root makes it 0 while this replica is the only live one, so a lease lapses at
+        exactly its ttl there too."""
         self._store = store
         self._shared = store if isinstance(store, SharedRegistryStore) else None
         self._clock = clock or SystemClock()
@@ -111,9 +113,11 @@ class Catalog:
             changes=self._changes,
             monotonic=self._clock.monotonic,
             remove=self._remove_durably,
-            slack=(LEASE_SLACK if self._shared is not None else 0.0)
-            if lease_slack is None
-            else lease_slack,
+            slack=(
+                (lambda: LEASE_SLACK if self._shared is not None else 0.0)
+                if lease_slack is None
+                else lease_slack
+            ),
             reaping=reaping,
         )
         self._renewed_here: set[Key] = set()  # heartbeats not yet flushed (replicas)

@@ -51,9 +51,13 @@ class Leases:
 
     `entries` is the catalog's own mapping (read, never written here); `remove` makes one
     removal durable and drops the entry, or requeues it when the store refuses.
-    `slack` (replicas: how late a heartbeat to another replica may reach this one) is added
-    to every deadline; while `reaping()` is false, lapses still apply but removals wait
+    `slack()` (replicas: how late a heartbeat to another replica may reach this one; 0
+    while this replica is the only one) is added to every deadline; while `reaping()` is false, lapses still apply but removals wait
     for the replica that reaps (another one's removal arrives as a change)."""
+
+    @property
+    def slack(self) -> float:
+        return self._slack()
 
     def __init__(
         self,
@@ -62,11 +66,11 @@ class Leases:
         changes: Changes,
         monotonic: Callable[[], float],
         remove: Callable[[Entry], Awaitable[None]],
-        slack: float = 0.0,
+        slack: Callable[[], float] = lambda: 0.0,
         reaping: Callable[[], bool] = lambda: True,
     ) -> None:
         self._entries, self._changes = entries, changes
-        self.slack, self._reaping = slack, reaping
+        self._slack, self._reaping = slack, reaping
         self._monotonic, self._remove = monotonic, remove
         self._deadlines: list[tuple[float, str, str]] = []  # lazy: re-checked when popped
         self._removals: list[Entry] = []

@@ -7,8 +7,10 @@ from collections.abc import Awaitable, Callable
 
 from monitor.config import Config
 
-from .conftest import AppClient, FakeClock
+from .conftest import BOTH_STORES, AppClient, FakeClock
 from .test_registry import PAYMENTS_1, instance, listed_instance, register
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 
 async def test_blocking_query_wakes_on_change(daemon: AppClient) -> None:

@@ -14,9 +14,11 @@ from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
 
-from .conftest import AppClient, FakeClock, metric_families, until
+from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
 from .services import Receiver
 from .test_checker import FAST, health, register, state_is
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 SECRET = "hook-secret"
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from monitor.config import Config
 
-from .conftest import AppClient, FakeClock, metric_families
+from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 PAYMENTS_1 = "/v1/services/payments/instances/payments-1"
 STATIC_PAYMENTS = [

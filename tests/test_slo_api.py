@@ -14,7 +14,9 @@ from monitor.config import Config
 from monitor.keys import BUS
 from scheduler import Event
 
-from .conftest import AppClient, FakeClock, metric_families
+from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 PROBE = {"type": "http", "interval": "100ms", "down_interval": "100ms", "timeout": "300ms"}
 SERVICES = [

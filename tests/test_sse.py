@@ -16,8 +16,10 @@ import pytest
 from monitor.config import Config, ConfigError, parse_config
 from monitor.keys import BUS, CONFIG, ENGINE
 
-from .conftest import AppClient, FakeClock, metric_families, until
+from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
 from .services import Receiver
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 ADMIN = "admin-token-123"
 READER = "reader-token-123"  # may see grant.* only

@@ -19,8 +19,10 @@ import pytest
 from monitor.config import Config, ConfigError, parse_config
 from monitor.keys import PARTS
 
-from .conftest import AppClient, metric_families, until
+from .conftest import BOTH_STORES, AppClient, metric_families, until
 from .processes import ROOT, running_daemon
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 Start = Callable[..., Awaitable[AppClient]]
 

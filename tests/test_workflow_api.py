@@ -20,9 +20,11 @@ from monitor.keys import DATABASE, ENGINE
 from monitor.storage.database import APPLICATION_ID
 from workflows.records import Signal
 
-from .conftest import AppClient, FakeClock, until
+from .conftest import BOTH_STORES, AppClient, FakeClock, until
 from .services import Calls, service_app
 from .test_workflows import events_of, process, register, until_status
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 Start = Callable[..., Awaitable[AppClient]]
 

@@ -13,9 +13,11 @@ from monitor.config import Config
 from monitor.keys import BUS
 from scheduler import Event
 
-from .conftest import AppClient, FakeClock, metric_families, until
+from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
 from .processes import free_port
 from .services import Calls, service_app
+
+STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
 FAST_RETRY = {"max_attempts": 3, "backoff": "20ms", "max_backoff": "50ms"}
 
