@@ -1,0 +1,141 @@
+"""Membership of replicas over one PostgreSQL (monitor/cluster/membership.py): one leader at
+a time, fenced by a growing epoch; a member whose database session dies is replaced at once,
+one that stops renewing stops leading on its own clock before another may take over, and
+comes back as a new member. Each Membership here has its own PgDatabase, as each replica
+has."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import psycopg
+import pytest
+
+from monitor.cluster.membership import Membership
+from monitor.cluster.shards import SHARDS
+from monitor.cluster.stores.postgres import PgMemberStore
+from monitor.storage.postgres import PgDatabase
+
+from .conftest import until
+from .pg import PostgresCluster
+
+Join = Callable[..., Awaitable[Membership]]
+
+
+@pytest.fixture
+def url(postgres: PostgresCluster) -> str:
+    return postgres.database()
+
+
+@pytest.fixture
+async def join(url: str) -> AsyncIterator[Join]:
+    """Makes members of one new database; `start=False` joins without the renewal loop."""
+    async with AsyncExitStack() as stack:
+
+        async def make(name: str, *, lease: float, start: bool = True) -> Membership:
+            database = PgDatabase(url, application_name=f"member-{name}")
+            await database.open()
+            stack.push_async_callback(database.close)
+            store = PgMemberStore(database)
+            await store.create_tables()
+            membership = Membership(store, replica_id=name, lease=lease)
+            if start:
+                await membership.start()
+                stack.push_async_callback(membership.stop)
+            else:
+                await membership.join()
+                await membership.renew()
+            return membership
+
+        yield make
+
+
+def leaders(members: list[Membership]) -> list[str]:
+    return [m.replica_id for m in members if m.is_leader]
+
+
+def terminate_sessions(url: str, application_name: str) -> None:
+    """What kill -9 of a replica does to its database sessions."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            [application_name],
+        )
+
+
+async def test_members_agree_on_one_leader_and_on_the_shard_owners(join: Join) -> None:
+    a = await join("a", lease=2.0)
+    b = await join("b", lease=2.0)
+    c = await join("c", lease=2.0)
+    members = [a, b, c]
+    heard: list[tuple[str, ...]] = []
+    a.on_change(heard.append)
+
+    async def settled() -> bool:
+        return all(len(m.members) == 3 for m in members) and len(leaders(members)) == 1
+
+    await until(settled)
+    assert leaders(members) == ["a"]  # the first to join
+    assert {m.leader for m in members} == {a.key}
+    assert a.owners() == b.owners() == c.owners()
+    assert {owner for owner in a.owners()} == {a.key, b.key, c.key}
+    assert len(a.owners()) == SHARDS
+
+    await b.stop()  # leaves at once: no lease to wait out
+    await until(lambda: _true(a.keys == tuple(sorted((a.key, c.key)))))
+    assert heard[-1] == tuple(sorted((a.key, c.key)))
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_leader_whose_session_dies_is_replaced_long_before_its_lease_ends(
+    join: Join, url: str
+) -> None:
+    a = await join("a", lease=10.0)
+    b = await join("b", lease=10.0)
+    c = await join("c", lease=10.0)
+    members = [a, b, c]
+    await until(lambda: _true(all(len(m.members) == 3 for m in members)))
+    first_epoch, dead_key = a.epoch, a.key
+    assert leaders(members) == ["a"]
+
+    terminate_sessions(url, "member-a")
+
+    # Well within the 10 s lease: the dead session is what the others saw.
+    await until(lambda: _true(leaders(members) in (["b"], ["c"])), timeout=5.0)
+    new_leader = next(m for m in members if m.is_leader)
+    assert new_leader.epoch > first_epoch
+    assert dead_key not in new_leader.keys
+    # The replica itself lives on: it rejoins as a new member, a follower.
+    await until(lambda: _true(a.key != dead_key and a.key in new_leader.keys), timeout=5.0)
+    assert not a.is_leader
+    assert a.leader == new_leader.key
+
+
+async def test_a_paused_leader_stops_leading_before_another_takes_over_then_rejoins(
+    join: Join,
+) -> None:
+    paused = await join("p", lease=3.0, start=False)  # renews only when told: a SIGSTOP
+    b = await join("b", lease=3.0)
+    c = await join("c", lease=3.0)
+    assert paused.is_leader
+    first_epoch, old_key = paused.epoch, paused.key
+    await until(lambda: _true(b.leader == old_key and c.leader == old_key))
+
+    await until(lambda: _true(not paused.is_leader), timeout=5.0)
+    # On its own clock it stopped while the database still grants it the lease.
+    assert b.leader == old_key and c.leader == old_key
+    assert not b.is_leader and not c.is_leader
+
+    await until(lambda: _true(len(leaders([b, c])) == 1), timeout=10.0)
+    assert max(b.epoch, c.epoch) > first_epoch
+    await until(lambda: _true(old_key not in b.keys))
+
+    await paused.renew()  # SIGCONT: seen dead, so a new member and a follower
+    assert paused.key != old_key
+    assert not paused.is_leader
+    assert paused.leader in (b.key, c.key)
+    assert paused.key in paused.keys and len(paused.keys) == 3
