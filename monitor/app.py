@@ -13,6 +13,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
+from monitor.cluster.membership import Membership
+from monitor.cluster.metrics import ClusterCollector
+from monitor.cluster.stores.sqlite import SqliteMemberStore
 from monitor.health import ProbeResults, SqliteResultStore
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
@@ -21,6 +24,7 @@ from monitor.health.metrics import ProbeMetrics
 from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
+from monitor.http.routes.cluster import ClusterRoutes
 from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.login import LoginRoutes
 from monitor.http.routes.operations import OperationsRoutes, daemon_document
@@ -119,6 +123,7 @@ def build_app(
     app.add_routes(parts.slo_routes.routes())
     app.add_routes(parts.workflow_routes.routes())
     app.add_routes(TaskRoutes(parts.engine.tasks, parts.catalog, parts.auth).routes())
+    app.add_routes(ClusterRoutes(parts.membership).routes())
     app.on_shutdown.append(parts.workflow_routes.close_streams)
     operations = OperationsRoutes(
         database=parts.database,
@@ -161,6 +166,13 @@ def _build(
     """Every part, each given the parts it uses."""
     live = LiveConfig(config)
     database = Database(config.storage.path)
+    # The replicas sharing the database (DESIGN §8): on SQLite, this daemon alone, leading.
+    membership = Membership(
+        SqliteMemberStore(database),
+        replica_id=config.cluster.replica_id,
+        lease=config.cluster.lease.total_seconds(),
+    )
+    registry.register(ClusterCollector(membership))
     bus = EventBus(clock=clock.time)
     scheduler = Scheduler(registry)
     calendar = MaintenanceCalendar(config.maintenance)
@@ -173,7 +185,12 @@ def _build(
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
     results = ProbeResults(SqliteResultStore(database), probe_latency_buckets(config))
-    slos = SloBook(config.services, bus=bus, store=SqliteSloMinuteStore(database))
+    slos = SloBook(
+        config.services,
+        bus=bus,
+        store=SqliteSloMinuteStore(database),
+        publishes=lambda: membership.is_leader,
+    )
     budget = config.server.probe_budget
     prober = Prober(concurrency=budget.in_flight, workers=budget.workers)
     checker = HealthChecker(
@@ -289,6 +306,7 @@ def _build(
         live=live,
         metrics=registry,
         database=database,
+        membership=membership,
         catalog=catalog,
         bus=bus,
         scheduler=scheduler,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
+from monitor.cluster.membership import Membership
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
@@ -48,6 +49,7 @@ class Parts:
     live: LiveConfig
     metrics: CollectorRegistry
     database: Database
+    membership: Membership
     catalog: Catalog
     bus: EventBus
     scheduler: Scheduler

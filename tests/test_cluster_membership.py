@@ -17,7 +17,7 @@ from monitor.cluster.shards import SHARDS
 from monitor.cluster.stores.postgres import PgMemberStore
 from monitor.storage.postgres import PgDatabase
 
-from .conftest import until
+from .conftest import AppClient, metric_families, until
 from .pg import PostgresCluster
 
 Join = Callable[..., Awaitable[Membership]]
@@ -139,3 +139,23 @@ async def test_a_paused_leader_stops_leading_before_another_takes_over_then_rejo
     assert not paused.is_leader
     assert paused.leader in (b.key, c.key)
     assert paused.key in paused.keys and len(paused.keys) == 3
+
+
+async def test_a_sqlite_daemon_is_its_own_cluster_alone_and_leads_it(daemon: AppClient) -> None:
+    response = await daemon.get("/v1/cluster")
+    assert response.status == 200
+    body = await response.json()
+    assert body["self"] == body["leader"]
+    assert body["epoch"] == 0
+    [member] = body["members"]
+    assert member["replica_id"] == body["self"]
+    assert member["shards"] == list(range(SHARDS))
+    assert member["heartbeat_at"] > 0
+
+    families = await metric_families(daemon)
+    assert families["hms_cluster_members"].samples[0].value == 1
+    [leader] = families["hms_cluster_leader"].samples
+    assert leader.labels == {"replica": body["self"]} and leader.value == 1
+
+    document = await (await daemon.get("/openapi.json")).json()
+    assert document["paths"]["/v1/cluster"]["get"]["operationId"] == "cluster"

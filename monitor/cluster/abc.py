@@ -26,6 +26,9 @@ class View:
 
 
 class MemberStore(Protocol):
+    # False: only this daemon uses the storage (SQLite), so it leads with no lease to lose.
+    shared: bool
+
     async def create_tables(self) -> None: ...
 
     async def join(self, key: str, replica_id: str) -> None:

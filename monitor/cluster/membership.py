@@ -65,7 +65,10 @@ class Membership:
 
     @property
     def is_leader(self) -> bool:
-        """Whether to do the singleton jobs now (False as soon as in doubt)."""
+        """Whether to do the singleton jobs now (False as soon as in doubt; always True for
+        a daemon alone on its SQLite file, even before it started)."""
+        if not self._store.shared:
+            return True
         return self.leader == self.key and self._monotonic() < self._leads_until
 
     @property
@@ -92,6 +95,7 @@ class Membership:
     async def start(self) -> None:
         """Join and learn the cluster before the daemon does any sharded work, then renew
         in the background."""
+        await self._store.create_tables()
         await self.join()
         await self.renew()
         self._task = asyncio.create_task(self._run(), name="cluster-membership")

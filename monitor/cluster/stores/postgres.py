@@ -53,6 +53,8 @@ _LIVE = f"m.heartbeat_at >= %(now)s - %(lease)s AND {_LOCK_HOLDER} IS NOT NULL"
 class PgMemberStore:
     """A `MemberStore` (monitor/cluster/abc.py) on the PostgreSQL every replica shares."""
 
+    shared = True
+
     def __init__(self, db: PgTransactor) -> None:
         self._db = db
 

@@ -13,6 +13,8 @@ from ..abc import Member, View
 class SqliteMemberStore:
     """A `MemberStore` (monitor/cluster/abc.py) for one daemon."""
 
+    shared = False
+
     def __init__(self, db: Transactor | None = None) -> None:
         # `db` only for the stores' common shape: one daemon needs no row to know it leads.
         self._members: dict[str, Member] = {}
