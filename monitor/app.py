@@ -300,6 +300,7 @@ def _build(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
+        membership=membership,
     )
     return Parts(
         config=config,

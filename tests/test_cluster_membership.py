@@ -6,6 +6,7 @@ has."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 
@@ -15,6 +16,7 @@ import pytest
 from monitor.cluster.membership import Membership
 from monitor.cluster.shards import SHARDS
 from monitor.cluster.stores.postgres import PgMemberStore
+from monitor.commands.status import status_report
 from monitor.storage.postgres import PgDatabase
 
 from .conftest import AppClient, metric_families, until
@@ -159,3 +161,24 @@ async def test_a_sqlite_daemon_is_its_own_cluster_alone_and_leads_it(daemon: App
 
     document = await (await daemon.get("/openapi.json")).json()
     assert document["paths"]["/v1/cluster"]["get"]["operationId"] == "cluster"
+
+
+async def test_status_lists_the_replicas_with_the_leader(daemon: AppClient) -> None:
+    body = await (await daemon.get("/v1/cluster")).json()
+    report = await asyncio.to_thread(status_report, str(daemon.make_url("")).rstrip("/"), None)
+    lines = report.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("REPLICA"))
+    assert lines[header + 1].split() == [
+        body["self"],
+        "(answered)",
+        "leader",
+        str(SHARDS),
+    ]
+
+
+async def test_the_status_page_lists_the_replicas(daemon: AppClient) -> None:
+    body = await (await daemon.get("/v1/cluster")).json()
+    page = await (await daemon.get("/")).text()
+    row = page[page.index(f'<tr data-replica="{body["self"]}">') :]
+    row = row[: row.index("</tr>")]
+    assert "<td>leader</td>" in row and f"<td>{SHARDS}</td>" in row
