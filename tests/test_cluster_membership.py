@@ -182,3 +182,22 @@ async def test_the_status_page_lists_the_replicas(daemon: AppClient) -> None:
     row = page[page.index(f'<tr data-replica="{body["self"]}">') :]
     row = row[: row.index("</tr>")]
     assert "<td>leader</td>" in row and f"<td>{SHARDS}</td>" in row
+
+
+async def test_through_a_database_outage_members_lead_nothing_then_rejoin(
+    join: Join, url: str, postgres: PostgresCluster
+) -> None:
+    a = await join("a", lease=2.0)
+    b = await join("b", lease=2.0)
+    await until(lambda: _true(len(a.members) == len(b.members) == 2))
+    old_keys, old_epoch = {a.key, b.key}, a.epoch
+
+    postgres.refuse_connections(url)
+    await until(lambda: _true(a.keys == (a.key,) and b.keys == (b.key,)))
+    assert leaders([a, b]) == []  # each alone, fenced: no singleton job anywhere
+
+    with psycopg.connect(postgres.url(), autocommit=True) as conn:
+        conn.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} ALLOW_CONNECTIONS true")
+    await until(lambda: _true(len(a.members) == len(b.members) == 2 and len(leaders([a, b])) == 1))
+    assert not {a.key, b.key} & old_keys  # seen dead meanwhile: new members
+    assert max(a.epoch, b.epoch) > old_epoch
