@@ -2,22 +2,27 @@
 a time, fenced by a growing epoch; a member whose database session dies is replaced at once,
 one that stops renewing stops leading on its own clock before another may take over, and
 comes back as a new member. Each Membership here has its own PgDatabase, as each replica
-has."""
+has. The SLO test: burn events are the leader's to announce."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
+from monitor import parse_config
 from monitor.cluster.membership import Membership
 from monitor.cluster.shards import SHARDS
 from monitor.cluster.stores.postgres import PgMemberStore
 from monitor.commands.status import status_report
+from monitor.slo import SloBook
 from monitor.storage.postgres import PgDatabase
+from scheduler import EventBus
 
 from .conftest import AppClient, metric_families, until
 from .pg import PostgresCluster
@@ -201,3 +206,28 @@ async def test_through_a_database_outage_members_lead_nothing_then_rejoin(
     await until(lambda: _true(len(a.members) == len(b.members) == 2 and len(leaders([a, b])) == 1))
     assert not {a.key, b.key} & old_keys  # seen dead meanwhile: new members
     assert max(a.epoch, b.epoch) > old_epoch
+
+
+def test_only_the_leader_announces_an_slo_burning_and_a_new_leader_does_not_repeat_it(
+    tmp_path: Path,
+) -> None:
+    service = {"name": "ach", "slos": [{"name": "calls", "objective": 99.5, "source": "calls"}]}
+    config = parse_config(yaml.safe_dump({"services": [service]}), base_dir=tmp_path)
+    leads = {"leader": True, "follower": False}
+    buses = {name: EventBus() for name in leads}
+    books = {
+        name: SloBook(config.services, bus=buses[name], publishes=lambda name=name: leads[name])
+        for name in leads
+    }
+    for book in books.values():
+        for second in range(10):
+            book.record_call("ach", 60_000.0 + second, served=False, seconds=0.1)
+        book.evaluate(60_000.0 + 120)
+    assert sum(buses["leader"].published.values()) >= 2  # burn and budget exhausted
+    assert sum(buses["follower"].published.values()) == 0
+    [follower_status] = books["follower"].statuses("ach", 60_000.0 + 120) or []
+    assert follower_status["error_budget_remaining"] < 0  # its ledger follows all the same
+
+    leads.update(leader=False, follower=True)  # the follower takes over
+    books["follower"].evaluate(60_000.0 + 180)
+    assert sum(buses["follower"].published.values()) == 0  # announced once, by the old leader
