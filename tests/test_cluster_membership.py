@@ -2,7 +2,8 @@
 a time, fenced by a growing epoch; a member whose database session dies is replaced at once,
 one that stops renewing stops leading on its own clock before another may take over, and
 comes back as a new member. Each Membership here has its own PgDatabase, as each replica
-has. The SLO test: burn events are the leader's to announce."""
+has. Then one daemon on SQLite, through its API, status command and page: itself alone,
+leading, all shards; and the SLO burn events only the leader announces."""
 
 from __future__ import annotations
 
