@@ -17,6 +17,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
 from monitor.cluster.leadership import Leadership
+from monitor.cluster.membership import Membership
+from monitor.cluster.metrics import ClusterCollector
 from monitor.health import ProbeResults
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
@@ -26,6 +28,7 @@ from monitor.http.auth import Authorizer
 from monitor.http.errors import error_middleware
 from monitor.http.forward import Forwarder
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
+from monitor.http.routes.cluster import ClusterRoutes
 from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.login import LoginRoutes
 from monitor.http.routes.operations import OperationsRoutes, daemon_document
@@ -46,6 +49,7 @@ from registry import (
     HealthState,
     SystemClock,
 )
+from registry.catalog import LEASE_SLACK
 from registry.metrics import RegistryCollector
 from scheduler import EventBus, Scheduler
 from workflows.caller import ServiceCaller
@@ -107,6 +111,11 @@ def build_app(
     # Each middleware costs every request a frame: only those that are on are installed.
     # The shedder comes first: refusing must cost as little as possible.
     middlewares = [shedder.middleware()] if shedder.enabled else []
+    parts = _build(config, clock or SystemClock(), registry, auth, shedder)
+    if leadership is None and config.storage.url is not None:
+        leadership = parts.membership  # replicas: the leader lease says who runs workflows
+    if leadership is not None:
+        parts.leadership = leadership
     forwarder = _forwarder(config, leadership, lambda request: _starts_by_route(parts, request))
     if forwarder is not None:  # before auth: the leader authorizes what it is sent
         middlewares.append(forwarder.middleware())
@@ -116,9 +125,6 @@ def build_app(
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
     app.cleanup_ctx.append(shedder.context)
-    parts = _build(config, clock or SystemClock(), registry, auth, shedder)
-    if leadership is not None:
-        parts.leadership = leadership
     if forwarder is not None:
         app.cleanup_ctx.append(forwarder.context)
     _keep(app, parts)
@@ -129,6 +135,7 @@ def build_app(
     app.add_routes(parts.slo_routes.routes())
     app.add_routes(parts.workflow_routes.routes())
     app.add_routes(TaskRoutes(parts.engine.tasks, parts.catalog, parts.auth).routes())
+    app.add_routes(ClusterRoutes(parts.membership).routes())
     app.on_shutdown.append(parts.workflow_routes.close_streams)
     operations = OperationsRoutes(
         database=parts.database,
@@ -172,19 +179,40 @@ def _build(
     live = LiveConfig(config)
     stores = build_stores(config.storage)
     database = stores.database
+    # The replicas sharing the database (DESIGN §8): on SQLite, this daemon alone, leading.
+    membership = Membership(
+        stores.members,
+        replica_id=config.cluster.replica_id,
+        lease=config.cluster.lease.total_seconds(),
+        address=advertised_address(config.server.listen),
+    )
+    registry.register(ClusterCollector(membership))
     bus = EventBus(clock=clock.time)
     scheduler = Scheduler(registry)
     calendar = MaintenanceCalendar(config.maintenance)
     book = HealthBook(
         bus=bus, calendar=calendar, dependencies=dependencies(config), clock=clock.time
     )
-    catalog = Catalog(stores.registry, clock=clock, health=book)
+    catalog = Catalog(
+        stores.registry,
+        reaping=lambda: membership.is_leader,
+        # A lease lapses at exactly ttl while this replica is alone; with others, a
+        # heartbeat sent to one of them reaches this one up to LEASE_SLACK later.
+        lease_slack=lambda: LEASE_SLACK if len(membership.members) > 1 else 0.0,
+        clock=clock,
+        health=book,
+    )
     shedder.on_change(
         lambda shedding: catalog.pause_expiry() if shedding else catalog.resume_expiry()
     )
     book.on_change(catalog.touch)  # a health change wakes blocking queries
     results = ProbeResults(stores.results, probe_latency_buckets(config))
-    slos = SloBook(config.services, bus=bus, store=stores.slo_minutes)
+    slos = SloBook(
+        config.services,
+        bus=bus,
+        store=stores.slo_minutes,
+        publishes=lambda: membership.is_leader,
+    )
     budget = config.server.probe_budget
     prober = Prober(concurrency=budget.in_flight, workers=budget.workers)
     checker = HealthChecker(
@@ -260,6 +288,8 @@ def _build(
         resources=resources_from_config(config),
         resource_store=stores.resources,
         schedules=stores.schedules,
+        # Replicas: processes are written under the leader's member key (fenced checkpoints).
+        owner=(lambda: membership.key) if config.storage.url is not None else (lambda: None),
     )
     registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
     if engine.tasks is not None:
@@ -294,12 +324,14 @@ def _build(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
+        membership=membership,
     )
     return Parts(
         config=config,
         live=live,
         metrics=registry,
         database=database,
+        membership=membership,
         catalog=catalog,
         bus=bus,
         scheduler=scheduler,
@@ -323,6 +355,16 @@ def _build(
         slo_routes=SloRoutes(slos, {s.name for s in config.services}, clock.time, workflow_slos),
         workflow_routes=WorkflowRoutes(engine, bus, auth, config.server.sse_buffer),
     )
+
+
+def advertised_address(listen: str) -> str:
+    """The base URL other replicas reach this one at: `server.listen`, its host replaced by
+    this host's address when it listens on every interface (a pod's IP in Kubernetes)."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostbyname(socket.gethostname())
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def _forwarder(

@@ -56,6 +56,7 @@ def _registry(parts: Parts) -> Context:
         config, database, catalog = parts.config, parts.database, parts.catalog
         await database.open()
         try:
+            await parts.membership.start()
             restored = await catalog.load(
                 static_instances(config), declared=(s.name for s in config.services)
             )
@@ -67,6 +68,7 @@ def _registry(parts: Parts) -> Context:
             with contextlib.suppress(asyncio.CancelledError):
                 await app[REAPER]
         finally:
+            await parts.membership.stop()  # leaves: the others take its share at once
             await database.close()
 
     return run
@@ -122,6 +124,8 @@ def _monitor(parts: Parts) -> Context:
         scheduler.every("slo.metrics", SLO_METRICS_INTERVAL, parts.slo_metrics.current)
 
         async def prune() -> None:
+            if not parts.membership.is_leader:
+                return  # retention is the leader's job: one prune, not one per replica
             retention = parts.config.storage.retention.total_seconds()
             with contextlib.suppress(StoreUnavailable):  # the next hour's prune catches up
                 await results.prune(clock(), retention)
@@ -161,9 +165,12 @@ def _workflows(parts: Parts) -> Context:
         await parts.workflow_slos.load(parts.processes.outcomes, clock())
         retention = storage.process_retention.total_seconds()
         events = storage.event_retention.total_seconds()
-        parts.scheduler.every(
-            "workflows.prune", PRUNE_INTERVAL, lambda: engine.prune(retention, events), first_in=60
-        )
+
+        async def prune() -> None:
+            if parts.membership.is_leader:  # the leader's job, as results.prune
+                await engine.prune(retention, events)
+
+        parts.scheduler.every("workflows.prune", PRUNE_INTERVAL, prune, first_in=60)
         follower = asyncio.create_task(
             _follow_leadership(engine, parts.leadership), name="workflows-leadership"
         )
@@ -184,7 +191,7 @@ async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
     (its processes may run elsewhere from the moment the lease passes). An open that
     fails (storage refused) is tried again while the replica still leads."""
     changed = asyncio.Event()
-    leadership.on_change(changed.set)
+    leadership.on_leadership(changed.set)
     pause = OPEN_RETRY_MIN
     while True:
         changed.clear()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry
 
 from monitor.cluster.leadership import AlwaysLeader, Leadership
+from monitor.cluster.membership import Membership
 from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
@@ -50,6 +51,7 @@ class Parts:
     live: LiveConfig
     metrics: CollectorRegistry
     database: Database | PgDatabase
+    membership: Membership
     catalog: Catalog
     bus: EventBus
     scheduler: Scheduler

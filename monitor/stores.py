@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from monitor.cluster.abc import MemberStore
 from monitor.health.abc import ResultStore
 from monitor.notify.abc import OutboxStore
 from monitor.slo.abc import SloMinuteStore
@@ -28,6 +29,7 @@ class Stores:
     tasks: TaskStore
     resources: ResourceStore
     schedules: ScheduleStore
+    members: MemberStore
 
 
 def build_stores(storage: Storage) -> Stores:
@@ -37,6 +39,7 @@ def build_stores(storage: Storage) -> Stores:
 
 
 def _sqlite(storage: Storage) -> Stores:
+    from monitor.cluster.stores.sqlite import SqliteMemberStore
     from monitor.health.stores.sqlite import SqliteResultStore
     from monitor.notify.stores.sqlite import SqliteOutboxStore
     from monitor.slo.stores.sqlite import SqliteSloMinuteStore
@@ -57,10 +60,12 @@ def _sqlite(storage: Storage) -> Stores:
         tasks=SqliteTaskStore(db),
         resources=SqliteResourceStore(db),
         schedules=SqliteScheduleStore(db),
+        members=SqliteMemberStore(db),
     )
 
 
 def _postgres(url: str) -> Stores:
+    from monitor.cluster.stores.postgres import PgMemberStore
     from monitor.health.stores.postgres import PgResultStore
     from monitor.notify.stores.postgres import PgOutboxStore
     from monitor.slo.stores.postgres import PgSloMinuteStore
@@ -81,4 +86,5 @@ def _postgres(url: str) -> Stores:
         tasks=PgTaskStore(db),
         resources=PgResourceStore(db),
         schedules=PgScheduleStore(db),
+        members=PgMemberStore(db),
     )

@@ -52,8 +52,9 @@ class Leases:
     `entries` is the catalog's own mapping (read, never written here); `remove` makes one
     removal durable and drops the entry, or requeues it when the store refuses.
     `slack()` (replicas: how late a heartbeat to another replica may reach this one; 0
-    while this replica is the only one) is added to every deadline; while `reaping()` is false, lapses still apply but removals wait
-    for the replica that reaps (another one's removal arrives as a change)."""
+    while this replica is the only one) is added to every deadline; while `reaping()` is
+    false, lapses still apply but removals wait for the replica that reaps (another one's
+    removal arrives as a change)."""
 
     @property
     def slack(self) -> float:

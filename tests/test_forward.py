@@ -47,7 +47,7 @@ class Leader:
         self.is_leader, self.leader_address = is_leader, leader_address
         self._callbacks: list[Callable[[], None]] = []
 
-    def on_change(self, callback: Callable[[], None]) -> None:
+    def on_leadership(self, callback: Callable[[], None]) -> None:
         self._callbacks.append(callback)
 
     def set(self, is_leader: bool, leader_address: str | None = None) -> None:

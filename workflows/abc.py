@@ -61,6 +61,12 @@ class ProcessStore(Protocol):
         """Every process not finished, oldest first, with its history count."""
         ...
 
+    async def take_over(self, owner: str) -> list[Process]:
+        """Every process not finished becomes `owner`'s (a new leader's engine takes them
+        all), oldest first, with its history count. A checkpoint of the old owner under
+        way is waited for; its later ones are fenced."""
+        ...
+
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
         """Keep a signal for a process (durable when this returns); a checkpoint whose
         process has it in `taken_signals` deletes it in the same transaction."""

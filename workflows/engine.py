@@ -42,6 +42,7 @@ from .definition import Definition, Parallel, Resource
 from .describe import describe_process
 from .errors import (
     DefinitionConflict,
+    Fenced,
     InvalidDefinition,
     ProcessFinished,
     UnknownProcess,
@@ -105,9 +106,14 @@ class Engine:
         resources: Iterable[Resource] = (),
         resource_store: ResourceStore | None = None,
         schedules: ScheduleStore | None = None,
+        owner: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
+        # Replicas: the member key this engine's processes are written under (read at each
+        # open: a replica that rejoined has a new one); checkpoints of processes another
+        # replica's engine took over are fenced. None: one daemon, no owner.
+        self._owner, self._me = owner, owner()
         self._declare = declare  # told of each definition in force (its SLO ledger)
         self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
         self._latest: dict[str, Definition] = {}  # the newest stored version, by name
@@ -197,7 +203,11 @@ class Engine:
         self.counts.update(await self.store.counts())
         for signal in await self.store.pending_signals():
             self._signals.keep(signal)
-        unfinished = await self.store.unfinished()
+        self._me = self._owner()
+        if self._me is None:
+            unfinished = await self.store.unfinished()
+        else:  # a new leader: every process is its own from now, its predecessor fenced
+            unfinished = await self.store.take_over(self._me)
         if self.resources is not None:  # holds and queues back before any process runs
             await self.resources.open(unfinished)
         if self._schedules is not None:  # before the processes run: no await once they do
@@ -316,6 +326,7 @@ class Engine:
             created_at=now,
             updated_at=now,
             deadline_at=deadline,
+            owner=self._me,
         )
 
     async def _run_created(self, processes: list[Process], term: int) -> None:
@@ -420,6 +431,8 @@ class Engine:
     async def _run(self, process: Process) -> None:
         try:
             await self._runner.run(process)
+        except Fenced:  # another replica's engine took it over: it is theirs to run
+            log.warning("process %s: taken over by another replica; stops here", process.id)
         finally:
             if process.finished or not self._stopping:
                 self._forget(process)

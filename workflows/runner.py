@@ -26,6 +26,7 @@ from .abc import NewTask, TaskRecord, WorkflowStore
 from .caller import CallResult, ServiceCaller
 from .definition import Call, Definition, Parallel, Publish, Step, Task, WaitFor
 from .describe import template_context
+from .errors import Fenced
 from .metrics import WorkflowMetrics
 from .records import Attempt, Branch, Process, Strand, failure
 from .resources import ResourcePool
@@ -109,6 +110,9 @@ class ProcessRunner:
                     pause = min(pause * 2, STORAGE_RETRY_MAX)
         except asyncio.CancelledError:
             self._end_lost(process, StoreUnavailable("the daemon stops: answer not recorded"))
+            raise
+        except Fenced:  # another replica runs it now: nothing of it is ours to write or free
+            self._end_lost(process, StoreUnavailable("taken over by another replica"))
             raise
         except Exception as exc:  # a bug must not leave a process silently stuck
             log.exception("process %s failed inside the engine", process.id)
@@ -746,6 +750,8 @@ class ProcessRunner:
         process.finished_at, process.wake_at = now, None
         try:
             await self._checkpoint(process, status)
+        except Fenced:  # another replica's now: its holds are the new owner's
+            raise
         except Exception:  # a bug: this daemon runs it no more, its units must not stay held
             await self._release(process)  # (a restart resumes its unfinished row, unheld)
             raise

@@ -14,7 +14,7 @@ from typing import Protocol
 
 class Leadership(Protocol):
     """This replica's view of the leader. `is_leader` turns False on the replica's own
-    monotonic clock before its lease can pass to another; `on_change` callbacks run on
+    monotonic clock before its lease can pass to another; `on_leadership` callbacks run on
     the event loop after either attribute changed (never from another thread)."""
 
     @property
@@ -24,7 +24,7 @@ class Leadership(Protocol):
     def leader_address(self) -> str | None:
         """The leader's base URL (`http://host:port`), None while no leader is known."""
 
-    def on_change(self, callback: Callable[[], None]) -> None: ...
+    def on_leadership(self, callback: Callable[[], None]) -> None: ...
 
 
 class AlwaysLeader:
@@ -33,5 +33,5 @@ class AlwaysLeader:
     is_leader = True
     leader_address = None
 
-    def on_change(self, callback: Callable[[], None]) -> None:
+    def on_leadership(self, callback: Callable[[], None]) -> None:
         """Nothing ever changes."""

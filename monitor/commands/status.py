@@ -1,4 +1,5 @@
-"""`hms-mgmt status`: services, health, SLO budget and running processes, as a terminal table."""
+"""`hms-mgmt status`: services, health, SLO budget, running processes and the replicas, as
+terminal tables."""
 
 from __future__ import annotations
 
@@ -93,7 +94,23 @@ def status_report(base: str, token: str | None) -> str:
                 ]
             )
         lines += _table(table)
+    cluster = fetch(base, "/v1/cluster", token)  # None: a daemon from before replicas
+    if cluster is not None:
+        lines.append("")
+        lines += _table(_members(cluster))
     return "\n".join(lines) + "\n"
+
+
+def _members(cluster: dict[str, Any]) -> list[list[str]]:
+    """One row per live replica: which leads, how many probe shards each has, which one
+    answered (the others are seen through its eyes)."""
+    rows = [["REPLICA", "ROLE", "SHARDS"]]
+    for member in cluster["members"]:
+        replica = member["replica_id"]
+        role = "leader" if replica == cluster["leader"] else "member"
+        answered = " (answered)" if replica == cluster["self"] else ""
+        rows.append([replica + answered, role, str(len(member["shards"]))])
+    return rows
 
 
 def _percent(ratio: float | None) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from monitor.cluster.membership import Membership
 from monitor.config import Config
 from monitor.health.book import HealthBook
 from monitor.health.uptime import Uptime, UptimeSummary
@@ -91,7 +92,9 @@ class StatusPage:
         bus: EventBus,
         config: Callable[[], Config],
         clock: Callable[[], float],
+        membership: Membership | None = None,
     ) -> None:
+        self._membership = membership
         self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
         self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
         self._changes: dict[str, deque[Event]] = {}
@@ -161,7 +164,24 @@ class StatusPage:
             pages=pages,
             topics="health.changed",
             resources=self._resources(),
+            replicas=self._replicas(),
         )
+
+    def _replicas(self) -> list[dict[str, Any]]:
+        """The live replicas as this one sees them: which leads, how many probe shards each
+        has."""
+        membership = self._membership
+        if membership is None:
+            return []
+        owners = Counter(membership.owners())
+        return [
+            {
+                "replica_id": member.replica_id,
+                "leader": member.key == membership.leader,
+                "shards": owners[member.key],
+            }
+            for member in membership.members
+        ]
 
     def _resources(self) -> list[dict[str, Any]]:
         """Each configured resource: capacity (per key when steps give one), units in use,

@@ -3,7 +3,7 @@ job that publishes burn and exhaustion events; its minutes kept in a SloMinuteSt
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
@@ -46,10 +46,14 @@ class SloBook:
         bus: EventBus,
         timezone: str = "UTC",
         store: SloMinuteStore | None = None,
+        publishes: Callable[[], bool] = lambda: True,
     ) -> None:
         """`store`: where closed minutes are kept (none: nothing is stored or restored,
-        as in benchmarks that only evaluate)."""
+        as in benchmarks that only evaluate). `publishes`: whether this replica announces
+        burn and exhaustion (the leader's job); a follower still follows the transitions, so
+        when it takes over it does not announce again what the old leader did."""
         self._bus = bus
+        self._publishes = publishes
         self._store = store
         self._zone = ZoneInfo(timezone)
         self._tracked: dict[str, list[_Tracked]] = {}
@@ -215,22 +219,23 @@ class SloBook:
             name = f"{tier.long}-{tier.short}"
             if over and name not in entry.firing:
                 entry.firing.add(name)
-                self._bus.publish(
-                    "slo.burn",
-                    {
-                        "service": entry.service,
-                        "slo": entry.slo.name,
-                        "severity": tier.severity,
-                        "windows": [tier.long, tier.short],
-                        "burn_rate": long_rate,
-                        "threshold": factor,
-                    },
-                )
+                if self._publishes():
+                    self._bus.publish(
+                        "slo.burn",
+                        {
+                            "service": entry.service,
+                            "slo": entry.slo.name,
+                            "severity": tier.severity,
+                            "windows": [tier.long, tier.short],
+                            "burn_rate": long_rate,
+                            "threshold": factor,
+                        },
+                    )
             elif not over:
                 entry.firing.discard(name)
         remaining = ledger.budget_remaining()
         exhausted = remaining is not None and remaining <= 0
-        if exhausted and not entry.exhausted:
+        if exhausted and not entry.exhausted and self._publishes():
             self._bus.publish(
                 "slo.budget_exhausted",
                 {"service": entry.service, "slo": entry.slo.name, "remaining": remaining},

@@ -158,6 +158,13 @@ _CLAIM = (
     "WHERE finished_at IS NULL AND owner = ANY(%s) ORDER BY seq LIMIT %s "
     f"FOR UPDATE SKIP LOCKED) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
+# FOR UPDATE without SKIP LOCKED: a checkpoint of the old owner in flight is waited for, and
+# every later one of it fenced.
+_TAKE_OVER = (
+    "UPDATE processes SET owner = %s WHERE seq IN (SELECT seq FROM processes "  # noqa: S608
+    "WHERE finished_at IS NULL AND owner IS DISTINCT FROM %s FOR UPDATE) "
+    f"RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+)
 # One statement: the event (once per key) and the high-water mark of event ids.
 _EVENT = (
     "WITH stored AS (INSERT INTO events (seq, topic, data, key, published_at) "
@@ -331,6 +338,13 @@ class PgWorkflowStore:
         def write(conn: Connection) -> list[Process]:
             rows = conn.execute(_CLAIM, (owner, list(dead_owners), limit)).fetchall()
             return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+
+        return await self._db.write(write)
+
+    async def take_over(self, owner: str) -> list[Process]:
+        def write(conn: Connection) -> list[Process]:
+            conn.execute(_TAKE_OVER, (owner, owner))
+            return [_process(r) for r in conn.execute(_SELECT_OPEN).fetchall()]
 
         return await self._db.write(write)
 

@@ -138,6 +138,10 @@ _CLAIM = (
     "WHERE finished_at IS NULL AND owner IN (SELECT value FROM json_each(?)) "
     f"ORDER BY seq LIMIT ?) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
+_TAKE_OVER = (
+    "UPDATE processes SET owner = ? WHERE finished_at IS NULL "  # noqa: S608
+    f"RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+)
 _HISTORY_OF_OLD = (
     "DELETE FROM process_history WHERE process IN (SELECT seq FROM processes WHERE finished_at < ?)"
 )
@@ -384,6 +388,13 @@ class SqliteWorkflowStore:
 
         def write(d: sqlite_utils.Database) -> list[Process]:
             rows = d.conn.execute(_CLAIM, (owner, dead, limit)).fetchall()
+            return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+
+        return await self._db.write(write)
+
+    async def take_over(self, owner: str) -> list[Process]:
+        def write(d: sqlite_utils.Database) -> list[Process]:
+            rows = d.conn.execute(_TAKE_OVER, (owner,)).fetchall()
             return sorted((_process(r) for r in rows), key=lambda p: p.seq)
 
         return await self._db.write(write)

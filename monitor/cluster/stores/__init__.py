@@ -1,0 +1,1 @@
+"""MemberStore implementations (monitor/cluster/abc.py)."""

@@ -1,0 +1,160 @@
+"""Members and the leader lease in the PostgreSQL every replica shares.
+
+A member is alive while its heartbeat is younger than the lease AND its database session
+lives: joining takes a session-level advisory lock (key = the member's row id) on the
+writing connection, and the others look for it in pg_locks. A replica killed with -9 loses
+its session, hence its lock, at once, so it is seen dead at the next renewal of any other
+(well under a second), not a lease later. A member whose session changed (the writing
+connection was reopened) or whose heartbeat went stale is dead for good: its renewal
+answers None and it joins again under a new key, so nothing it claimed in its previous
+life is acted on by it again.
+
+The leader lease is one row: (holder, epoch, until). It passes to a renewing member when
+it has no holder, its `until` has passed, or its holder is dead; the epoch grows each time
+the holder changes. All times come from the database's clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from registry.stores.pg import Connection, PgTransactor
+
+from ..abc import Member, View
+
+MIGRATIONS = (
+    """CREATE TABLE cluster_members (
+        id BIGSERIAL PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        replica_id TEXT NOT NULL,
+        joined_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL,
+        address TEXT NOT NULL DEFAULT ''
+    )""",
+    """CREATE TABLE cluster_leader (
+        one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one),
+        holder TEXT,
+        epoch BIGINT NOT NULL,
+        until DOUBLE PRECISION NOT NULL
+    )""",
+    "INSERT INTO cluster_leader (holder, epoch, until) VALUES (NULL, 0, 0)",
+)
+
+# The f-strings below (noqa: S608) only splice these constant fragments, never a value.
+_NOW = "extract(epoch FROM clock_timestamp())::double precision"
+# The session holding member m's advisory lock, if any (pg_advisory_lock(bigint) shows in
+# pg_locks as classid = high 32 bits, objid = low 32 bits, objsubid = 1).
+_LOCK_HOLDER = """(SELECT l.pid FROM pg_locks l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = (m.id >> 32)::oid AND l.objid = (m.id & 4294967295)::oid
+    LIMIT 1)"""
+_LIVE = f"m.heartbeat_at >= %(now)s - %(lease)s AND {_LOCK_HOLDER} IS NOT NULL"
+
+
+class PgMemberStore:
+    """A `MemberStore` (monitor/cluster/abc.py) on the PostgreSQL every replica shares."""
+
+    shared = True
+
+    def __init__(self, db: PgTransactor) -> None:
+        self._db = db
+
+    async def create_tables(self) -> None:
+        await self._db.migrate("cluster", MIGRATIONS)
+
+    async def join(self, key: str, replica_id: str, address: str = "") -> None:
+        def write(conn: Connection) -> None:
+            (member_id,) = _one(
+                conn,
+                "INSERT INTO cluster_members (key, replica_id, address, joined_at, heartbeat_at) "  # noqa: S608
+                f"VALUES (%s, %s, %s, {_NOW}, {_NOW}) RETURNING id",
+                [key, replica_id, address],
+            )
+            # Session-level: held after this transaction, until the session ends.
+            conn.execute("SELECT pg_advisory_lock(%s)", [member_id])
+
+        await self._db.write(write)
+
+    async def renew(self, key: str, lease: float) -> View | None:
+        return await self._db.write(lambda conn: _renew(conn, key, lease))
+
+    async def leave(self, key: str) -> None:
+        def write(conn: Connection) -> None:
+            row = conn.execute(
+                "DELETE FROM cluster_members WHERE key = %s RETURNING id", [key]
+            ).fetchone()
+            if row is not None:
+                _unlock_if_mine(conn, row[0])
+            conn.execute(
+                "UPDATE cluster_leader SET holder = NULL, until = 0 WHERE holder = %s", [key]
+            )
+
+        await self._db.write(write)
+
+
+def _one(conn: Connection, sql: str, params: Any) -> tuple[Any, ...]:
+    row = conn.execute(sql, params).fetchone()
+    assert row is not None, sql
+    return tuple(row)
+
+
+def _unlock_if_mine(conn: Connection, member_id: int) -> None:
+    conn.execute(
+        "SELECT pg_advisory_unlock(m.id) FROM (SELECT %s::bigint AS id) m "  # noqa: S608
+        f"WHERE {_LOCK_HOLDER} = pg_backend_pid()",
+        [member_id],
+    )
+
+
+def _renew(conn: Connection, key: str, lease: float) -> View | None:
+    (now,) = _one(conn, f"SELECT {_NOW}", None)
+    params = {"key": key, "now": now, "lease": lease}
+    row = conn.execute(
+        f"SELECT m.id, {_LOCK_HOLDER} = pg_backend_pid(), m.heartbeat_at >= %(now)s - %(lease)s "  # noqa: S608
+        "FROM cluster_members m WHERE m.key = %(key)s",
+        params,
+    ).fetchone()
+    if row is None:
+        return None  # reaped
+    member_id, session_holds_lock, fresh = row
+    if not (session_holds_lock and fresh):
+        # Seen dead by the others (they may have taken its share): never alive again.
+        conn.execute("DELETE FROM cluster_members WHERE id = %s", [member_id])
+        _unlock_if_mine(conn, member_id)
+        return None
+    conn.execute("UPDATE cluster_members SET heartbeat_at = %s WHERE id = %s", [now, member_id])
+
+    # The lease row is locked first, then the holder's liveness read: a holder that renewed
+    # meanwhile is seen (each statement reads what is committed when it starts).
+    holder, epoch, until = _one(
+        conn, "SELECT holder, epoch, until FROM cluster_leader FOR UPDATE", None
+    )
+    if holder == key:
+        conn.execute("UPDATE cluster_leader SET until = %s", [now + lease])
+    else:
+        holder_alive = holder is not None and (
+            conn.execute(
+                f"SELECT 1 FROM cluster_members m WHERE m.key = %(holder)s AND {_LIVE}",  # noqa: S608
+                {**params, "holder": holder},
+            ).fetchone()
+            is not None
+        )
+        if holder is None or until < now or not holder_alive:
+            holder, epoch = key, epoch + 1
+            conn.execute(
+                "UPDATE cluster_leader SET holder = %s, epoch = %s, until = %s",
+                [holder, epoch, now + lease],
+            )
+    if holder == key:
+        conn.execute(f"DELETE FROM cluster_members m WHERE NOT ({_LIVE})", params)  # noqa: S608
+    members = tuple(
+        Member(key=k, replica_id=r, heartbeat_at=h, address=a)
+        for k, r, h, a in conn.execute(
+            "SELECT m.key, m.replica_id, m.heartbeat_at, m.address "  # noqa: S608
+            f"FROM cluster_members m WHERE {_LIVE} "
+            "ORDER BY m.key",
+            params,
+        )
+    )
+    live_holder = holder if any(m.key == holder for m in members) else None
+    return View(members=members, leader=live_holder, epoch=epoch)
