@@ -84,13 +84,15 @@ class Replicas:
         result: dict[str, Any] = body
         return result
 
-    def leader(self, among: list[str] | None = None) -> str:
-        """The leader every replica of `among` agrees on."""
+    def leader(self, among: list[str] | None = None, other_than: str | None = None) -> str:
+        """The leader every replica of `among` agrees on (one that is not `other_than`)."""
         names = among or list(self.daemons)
 
         def agreed() -> str | None:
             seen = {self.cluster(name)["leader"] for name in names}
-            return seen.pop() if len(seen) == 1 and None not in seen else None
+            if len(seen) != 1 or None in seen or other_than in seen:
+                return None
+            return seen.pop()
 
         leader: str = eventually(agreed)
         return leader
@@ -111,7 +113,12 @@ def register(url: str, service: str, instance: str, target: str = "http://127.0.
 
 def test_one_leader_and_every_member_listed(replicas: Replicas) -> None:
     leader = replicas.leader()
-    views = [replicas.cluster(name) for name in replicas.daemons]
+
+    def views() -> list[dict[str, Any]] | None:
+        seen = [replicas.cluster(name) for name in replicas.daemons]
+        return seen if all(len(view["members"]) == 3 for view in seen) else None
+
+    views = eventually(views)  # each learns of the others at its next renewal
     assert {view["self"] for view in views} == {"r1", "r2", "r3"}
     for view in views:
         members = {m["replica_id"]: m for m in view["members"]}
@@ -126,8 +133,7 @@ def test_a_killed_leader_is_replaced_with_a_higher_epoch(replicas: Replicas) -> 
     epoch = replicas.cluster(leader)["epoch"]
     replicas.daemons[leader].kill()
     survivors = [name for name in replicas.daemons if name != leader]
-    new_leader = replicas.leader(survivors)
-    assert new_leader != leader
+    new_leader = replicas.leader(survivors, other_than=leader)
     view = replicas.cluster(new_leader)
     assert view["epoch"] > epoch
     assert eventually(
@@ -143,8 +149,7 @@ def test_a_paused_leader_fences_itself_and_rejoins_as_a_follower(replicas: Repli
     process.send_signal(signal.SIGSTOP)
     try:
         survivors = [name for name in replicas.daemons if name != leader]
-        new_leader = replicas.leader(survivors)
-        assert new_leader != leader
+        new_leader = replicas.leader(survivors, other_than=leader)
     finally:
         process.send_signal(signal.SIGCONT)
     # Back from the pause it answers with the new leader and epoch, never as leader itself.
