@@ -308,6 +308,7 @@ async def test_a_complete_s_200_comes_with_the_step_s_checkpoint(payments: AppCl
     ]
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_a_cancel_racing_a_complete_leaves_no_task_open(
     payments: AppClient, tmp_path: Path
 ) -> None:

@@ -146,6 +146,7 @@ async def test_an_error_body_is_cut_to_a_kibibyte(
     assert done["error"]["body"] == "x" + "é" * 511 + "\ufffd"
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_rows_written_before_errors_had_a_shape_still_load(up: Start, config: Config) -> None:
     path = Path(config.storage.path)
     with sqlite3.connect(path) as db:  # the processes table as the first release wrote it
@@ -547,6 +548,7 @@ async def test_config_definitions_get_a_new_version_only_when_changed(
     await until(lambda: _at_step(client, old["id"], "again"))  # version 1 goes on to "again"
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_a_stored_version_that_no_longer_parses_fails_its_processes_only(
     up: Start, make_config: Callable[..., Config], calls: Calls
 ) -> None:
@@ -589,6 +591,7 @@ async def test_concurrent_deploys_of_a_definition_make_one_version(
     assert sorted(r.status for r in both) == [201, 422]  # one route, one workflow
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_a_reload_the_store_refuses_changes_no_definition(
     up: Start, make_config: Callable[..., Config]
 ) -> None:
@@ -676,6 +679,7 @@ SECRET = {
 }
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_secrets_from_the_environment_are_neither_stored_nor_served(
     up: Start, make_config: Callable[..., Config], calls: Calls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
