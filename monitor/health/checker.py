@@ -252,7 +252,8 @@ class HealthChecker:
             self._track(status.instance)
 
     async def open(self) -> None:
-        """Create the shared states' table (with several replicas)."""
+        """With several replicas: create the shared states' table and read it, so `start`
+        goes on from the stored states. After the registry has loaded, before `start`."""
         if self.shared is not None:
             await self.shared.open()
 
@@ -300,11 +301,12 @@ class HealthChecker:
             log.error("not probing %s/%s: %s", *instance.key, exc)
             return
         key = instance.key
-        if self.shared is not None and self.book.tracker(key) is None:
-            self.shared.want(key)  # new here: another replica may have probed it already
+        new = self.book.tracker(key) is None
         # Every instance, probed here or not: its health is shown by every replica, and
         # unprobed ones' lease lapses still count.
         tracker = self.book.track(key, probe)
+        if new and self.shared is not None:
+            self.shared.restore(key)  # another replica (or this one's last life) probed it
         if not self.owns(key):
             return
         current = self.targets.get(key)

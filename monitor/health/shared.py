@@ -57,11 +57,28 @@ class SharedHealth:
         self._read_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._logged = 0.0
+        self._restored: dict[Key, StoredHealth] | None = None
 
     async def open(self) -> None:
+        """Create the table and read every stored state, for `restore` to hand out as the
+        checker tracks each instance at start: a restarted replica goes on from them
+        before its first probe, not from `unknown`."""
         await self._store.open()
+        rows, now = await self._store.changed(None)
+        self._restored = {row.key: row for row in rows}
+        self._since, self._everything = now - POLL_OVERLAP, False
+
+    def restore(self, key: Key) -> None:
+        """`key` is new to this replica: apply its stored state (now if read at open)."""
+        if self._restored is None:
+            self.want(key)
+            return
+        row = self._restored.pop(key, None)
+        if row is not None:
+            self._apply([row])
 
     def start(self) -> None:
+        self._restored = None  # the rest are gone from the registry
         self._tasks = [
             asyncio.create_task(self._save_loop(), name="health-states-save"),
             asyncio.create_task(self._read_loop(), name="health-states-read"),
