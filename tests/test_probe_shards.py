@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,7 +115,7 @@ class Replica:
 
 
 async def start_replica(
-    name: str, url: str, tmp_path: Path, instances: Iterable[Instance], shards: Iterable[int]
+    name: str, url: str, tmp_path: Path, instances: Iterable[Instance], shards: Collection[int]
 ) -> Replica:
     stack = contextlib.AsyncExitStack()
     database = Database(tmp_path / f"{name}.db")

@@ -204,6 +204,7 @@ class HealthChecker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[tuple[str, str], Probe] = {}
         self._owned: frozenset[int] | None = None  # None: every shard (one daemon)
+        self._started = False
         self.shared = SharedHealth(states, book, self.owns) if states is not None else None
         book.announce_only(self.owns)
 
@@ -212,12 +213,18 @@ class HealthChecker:
         return self._owned is None or shard_of(*key) in self._owned
 
     def set_shards(self, owned: Collection[int]) -> None:
-        """Probe the instances of the `owned` shards from now on (the membership changed).
+        """Probe the instances of the `owned` shards from now on (the membership changed;
+        before `start`: the first members seen).
 
         Lost instances stop at once (a probe running finishes unrecorded); gained ones are
         probed within a second, owed whatever the budget, going on from the state their
         last owner stored: a slot may be probed twice in a handover, none skipped."""
-        self._owned = frozenset(owned)
+        shards = frozenset(owned)
+        if shards == self._owned:
+            return
+        self._owned = shards
+        if not self._started:
+            return  # `start` tracks the owned ones, spread over their interval
         lost = [key for key in self.targets if not self.owns(key)]
         for key in lost:
             self._drop(key)
@@ -264,6 +271,7 @@ class HealthChecker:
             self._track(status.instance, spread=True)
         self.catalog.add_listener(self._on_change)
         self.timetable.start()
+        self._started = True
         if self.shared is not None:
             self.shared.start()
 
