@@ -24,6 +24,7 @@ from monitor.cluster.shards import SHARDS, owners, shard_of
 from monitor.config import parse_config
 from monitor.health import HealthBook, HealthChecker, MaintenanceCalendar, ProbeResults
 from monitor.health.metrics import ProbeMetrics, render
+from monitor.health.states_abc import StoredHealth
 from monitor.health.stores.sqlite import SqliteResultStore
 from monitor.health.stores.states_postgres import CHANNEL, PgHealthStateStore
 from monitor.probing.prober import Prober
@@ -301,6 +302,42 @@ async def test_a_restarted_replica_goes_on_from_the_stored_state_without_announc
     await eventually(lambda: again.probes().get(name, 0) >= 3)
     assert again.state(name) is HealthState.CRITICAL
     assert again.announced(name) == []
+
+
+async def test_a_new_owner_counts_on_from_the_stored_failures(
+    postgres: PostgresCluster, target: Target, tmp_path: Path
+) -> None:
+    """Stored: passing, with 2 of 3 failures already seen (its last owner left then). The
+    new owner's first failure is the third: critical at once, not after three more."""
+    url = postgres.database()
+    spec = {"interval": "1s", "down_interval": "1s", "failure_threshold": 3}
+    slow = ProbeSpec.model_validate({"path": "/i/p0", **spec})
+    instance = Instance(service=SERVICE, id="p0", url=str(target.server.make_url("/")), probe=slow)
+    pg = PgDatabase(url)
+    await pg.open()
+    store = PgHealthStateStore(pg)
+    await store.open()
+    left = StoredHealth(
+        service=SERVICE,
+        instance="p0",
+        state=HealthState.PASSING,
+        successes=0,
+        failures=2,
+        reason="probe passed",
+        last_probe=None,
+    )
+    await store.save([left], [])
+    await pg.close()
+    target.status["p0"] = 503
+
+    replica = await start_replica("b", url, tmp_path, [instance], range(SHARDS))
+    try:
+        assert replica.state("p0") is HealthState.PASSING  # before its first probe
+        await eventually(lambda: replica.probes().get("p0", 0) >= 1)
+        assert replica.state("p0") is HealthState.CRITICAL
+        assert replica.announced("p0") == [("passing", "critical")]
+    finally:
+        await replica.stack.aclose()
 
 
 def test_a_handover_keeps_one_instance_down_alert_and_its_for(tmp_path: Path) -> None:
