@@ -54,7 +54,8 @@ PROBE = ProbeSpec.model_validate(
 
 
 class Target:
-    """An HTTP target answering /i/<name>, counting requests by name; statuses settable."""
+    """An HTTP target answering /i/<name>, counting requests by name; statuses settable,
+    DOWN failing from the start."""
 
     def __init__(self) -> None:
         self.hits: collections.Counter[str] = collections.Counter()
@@ -66,7 +67,7 @@ class Target:
     async def _answer(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         self.hits[name] += 1
-        return web.Response(status=self.status.get(name, 200))
+        return web.Response(status=self.status.get(name, 503 if name == DOWN else 200))
 
     def instance(self, name: str) -> Instance:
         probe = ProbeSpec(path=f"/i/{name}")
@@ -161,6 +162,11 @@ async def start_replica(
     return Replica(name, url, checker, book, events, metrics, stack)
 
 
+async def stop(replica: Replica) -> None:
+    """Close the replica's parts; a close that hangs fails the test instead."""
+    await asyncio.wait_for(replica.stack.aclose(), 15)
+
+
 def split(members: list[str]) -> dict[str, set[int]]:
     """Each member's shards, as the membership hands them out."""
     owned: dict[str, set[int]] = {m: set() for m in members}
@@ -174,13 +180,17 @@ def owner_of(name: str, owned: dict[str, set[int]]) -> str:
     return next(m for m, shards in owned.items() if shard_of(SERVICE, name) in shards)
 
 
+OWNED = split(["a", "b"])
+DOWN = next(f"down{i}" for i in range(100) if owner_of(f"down{i}", OWNED) == "a")
+
+
 @pytest.fixture
 async def replicas(
     postgres: PostgresCluster, target: Target, tmp_path: Path
 ) -> AsyncIterator[tuple[dict[str, Replica], dict[str, set[int]]]]:
     url = postgres.database()
-    owned = split(["a", "b"])
-    instances = [target.instance(name) for name in NAMES]
+    owned = OWNED
+    instances = [target.instance(name) for name in [*NAMES, DOWN]]
     started: dict[str, Replica] = {}
     try:
         for member, shards in owned.items():
@@ -188,7 +198,7 @@ async def replicas(
         yield started, owned
     finally:
         for replica in started.values():
-            await replica.stack.aclose()
+            await stop(replica)
 
 
 async def test_each_instance_is_probed_by_the_replica_owning_its_shard_alone(
@@ -213,46 +223,38 @@ async def test_each_instance_is_probed_by_the_replica_owning_its_shard_alone(
 async def test_every_replica_shows_the_health_and_only_the_prober_announces_it(
     replicas: tuple[dict[str, Replica], dict[str, set[int]]], target: Target
 ) -> None:
-    started, owned = replicas
-    name = NAMES[0]
-    owner = started[owner_of(name, owned)]
-    other = started["b" if owner.name == "a" else "a"]
-    target.status[name] = 503
+    started, _ = replicas
+    a, b = started["a"], started["b"]  # a probes DOWN
 
-    async def critical_on_both() -> bool:
-        return all(r.state(name) is HealthState.CRITICAL for r in started.values())
-
-    await until(critical_on_both)
-    assert owner.announced(name) == [("unknown", "critical")]
-    assert other.announced(name) == []
-    passing = [n for n in NAMES if n != name]
-    await eventually(lambda: all(other.state(n) is HealthState.PASSING for n in passing))
+    await eventually(lambda: b.state(DOWN) is HealthState.CRITICAL)
+    assert a.state(DOWN) is HealthState.CRITICAL
+    assert a.announced(DOWN) == [("unknown", "critical")]
+    assert b.announced(DOWN) == []
+    # Each shows the other's instances too.
+    await eventually(lambda: all(r.state(n) is HealthState.PASSING for r in (a, b) for n in NAMES))
 
 
 async def test_a_leaving_replicas_share_is_probed_by_another_from_the_stored_state(
     replicas: tuple[dict[str, Replica], dict[str, set[int]]], target: Target
 ) -> None:
-    started, owned = replicas
-    name = next(n for n in NAMES if owner_of(n, owned) == "a")
-    a, b = started["a"], started["b"]
-    target.status[name] = 503
-    await eventually(lambda: b.state(name) is HealthState.CRITICAL)
-    assert a.announced(name) == [("unknown", "critical")]
+    started, _ = replicas
+    a, b = started["a"], started["b"]  # a probes DOWN
+    await eventually(lambda: b.state(DOWN) is HealthState.CRITICAL)
+    assert a.announced(DOWN) == [("unknown", "critical")]
 
     # a leaves: b owns every shard, and probes a's share from the next slot on.
-    await a.stack.aclose()
-    del started["a"]
-    hits = target.hits[name]
+    await stop(started.pop("a"))
+    hits = target.hits[DOWN]
     b.checker.set_shards(range(SHARDS))
-    await eventually(lambda: b.probes().get(name, 0) >= 3)
-    assert target.hits[name] >= hits + 3
+    await eventually(lambda: b.probes().get(DOWN, 0) >= 3)
+    assert target.hits[DOWN] >= hits + 3
     # It went on from "critical" with its counters: no second announcement, no flap.
-    assert b.state(name) is HealthState.CRITICAL
-    assert b.announced(name) == []
+    assert b.state(DOWN) is HealthState.CRITICAL
+    assert b.announced(DOWN) == []
 
-    target.status[name] = 200  # recovers: announced once, by the replica probing it now
-    await eventually(lambda: b.state(name) is HealthState.PASSING)
-    assert b.announced(name) == [("critical", "passing")]
+    target.status[DOWN] = 200  # recovers: announced once, by the replica probing it now
+    await eventually(lambda: b.state(DOWN) is HealthState.PASSING)
+    assert b.announced(DOWN) == [("critical", "passing")]
 
 
 async def test_a_replica_that_loses_a_shard_stops_probing_it_at_once(
@@ -290,18 +292,16 @@ async def test_a_restarted_replica_goes_on_from_the_stored_state_without_announc
     tmp_path: Path,
 ) -> None:
     started, owned = replicas
-    name = next(n for n in NAMES if owner_of(n, owned) == "a")
-    target.status[name] = 503
-    await eventually(lambda: started["a"].state(name) is HealthState.CRITICAL)
+    await eventually(lambda: started["a"].state(DOWN) is HealthState.CRITICAL)
     url = started["a"].url
-    await started.pop("a").stack.aclose()
+    await stop(started.pop("a"))
 
-    instances = [target.instance(n) for n in NAMES]
+    instances = [target.instance(n) for n in [*NAMES, DOWN]]
     again = started["a"] = await start_replica("a", url, tmp_path / "again", instances, owned["a"])
-    assert again.state(name) is HealthState.CRITICAL  # before its first probe
-    await eventually(lambda: again.probes().get(name, 0) >= 3)
-    assert again.state(name) is HealthState.CRITICAL
-    assert again.announced(name) == []
+    assert again.state(DOWN) is HealthState.CRITICAL  # before its first probe
+    await eventually(lambda: again.probes().get(DOWN, 0) >= 3)
+    assert again.state(DOWN) is HealthState.CRITICAL
+    assert again.announced(DOWN) == []
 
 
 async def test_a_new_owner_counts_on_from_the_stored_failures(
@@ -337,7 +337,7 @@ async def test_a_new_owner_counts_on_from_the_stored_failures(
         assert replica.state("p0") is HealthState.CRITICAL
         assert replica.announced("p0") == [("passing", "critical")]
     finally:
-        await replica.stack.aclose()
+        await stop(replica)
 
 
 def test_a_handover_keeps_one_instance_down_alert_and_its_for(tmp_path: Path) -> None:

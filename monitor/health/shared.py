@@ -133,7 +133,10 @@ class SharedHealth:
     async def resync(self) -> None:
         """Read every stored state (after a reconnect: notifications may have been lost)."""
         self._everything = True
-        await self._read()
+        try:
+            await self._read()
+        except Exception as exc:  # never into the Listener: the read loop tries again
+            self._log("cannot read health states (%s); retrying", exc)
 
     async def _read_loop(self) -> None:
         while True:
