@@ -13,7 +13,9 @@ probe state:
   none of them up, is `suppressed`: it keeps its state but raises no alert.
 
 Every change of the shown state or of suppression is published as
-`health.changed`.
+`health.changed`, by the replica that owns the instance (`announce_only`): with
+several replicas every one keeps every instance's state, applying the owner's
+(`apply`), and only the one probing it speaks for it, so an alert is sent once.
 
 One slotted `Tracker` per instance holds all of it (no second per-instance
 object), keeping the last result without its body and sharing the verdict of
@@ -144,6 +146,12 @@ class HealthBook:
         self._lapsed: set[Key] = set()
         self._by_service: dict[str, set[Key]] = {}
         self._listeners: list[Callable[[str], None]] = []
+        self._announces: Callable[[Key], bool] = lambda key: True
+
+    def announce_only(self, owns: Callable[[Key], bool]) -> None:
+        """Publish `health.changed` only for the instances `owns` holds (this replica
+        probes them); the others' changes are shown here but announced by their prober."""
+        self._announces = owns
 
     def configure(self, dependencies: Mapping[str, Sequence[str]]) -> None:
         """New depends_on lists (config reload); suppression follows at once."""
@@ -188,6 +196,27 @@ class HealthBook:
         tracker.record(result, verdict)
         self._refresh(key, tracker)
         return verdict
+
+    def apply(
+        self,
+        key: Key,
+        state: HealthState,
+        *,
+        successes: int,
+        failures: int,
+        reason: str,
+        result: ProbeResult | None,
+        verdict: Verdict | None,
+    ) -> None:
+        """Take the probe state another replica reached (it probed, it announced): shown
+        here at once, announced only for the instances it suppresses or releases that this
+        replica owns."""
+        tracker = self._trackers.get(key)
+        if tracker is None:
+            return
+        tracker.state, tracker.successes, tracker.failures = state, successes, failures
+        tracker.reason, tracker.result, tracker.verdict = reason, result, verdict
+        self._refresh(key, tracker, quiet=True)
 
     def set_lapsed(self, key: Key, lapsed: bool) -> None:
         (self._lapsed.add if lapsed else self._lapsed.discard)(key)
@@ -263,7 +292,7 @@ class HealthBook:
         keys = self._by_service.get(service, set())
         return bool(keys) and all(self._trackers[k].shown is HealthState.CRITICAL for k in keys)
 
-    def _refresh(self, key: Key, tracker: Tracker) -> None:
+    def _refresh(self, key: Key, tracker: Tracker, *, quiet: bool = False) -> None:
         state = self._shown_state(key, tracker)
         suppressed = self._is_suppressed(key[0])
         if state is tracker.shown and suppressed == tracker.suppressed:
@@ -272,19 +301,8 @@ class HealthBook:
         tracker.shown, tracker.suppressed = state, suppressed
         if state is not before:
             tracker.since = self._clock()
-        verdict = tracker.verdict
-        self._bus.publish(
-            "health.changed",
-            {
-                "service": key[0],
-                "instance": key[1],
-                "from": before.value,
-                "to": state.value,
-                "reason": self._reason(key, tracker),
-                "failing": [f.to_json() for f in verdict.failing] if verdict else [],
-                "suppressed": suppressed,
-            },
-        )
+        if not quiet and self._announces(key):
+            self._announce(key, tracker, before)
         for listener in self._listeners:
             listener(key[0])
         # A service going down or up changes its dependents' suppression.
@@ -292,6 +310,21 @@ class HealthBook:
             if key[0] in dependencies:
                 for other in list(self._by_service.get(dependent, ())):
                     self._refresh(other, self._trackers[other])
+
+    def _announce(self, key: Key, tracker: Tracker, before: HealthState) -> None:
+        verdict = tracker.verdict
+        self._bus.publish(
+            "health.changed",
+            {
+                "service": key[0],
+                "instance": key[1],
+                "from": before.value,
+                "to": tracker.shown.value,
+                "reason": self._reason(key, tracker),
+                "failing": [f.to_json() for f in verdict.failing] if verdict else [],
+                "suppressed": tracker.suppressed,
+            },
+        )
 
 
 def _result_json(result: ProbeResult, verdict: Verdict | None) -> dict[str, Any]:

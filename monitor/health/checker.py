@@ -14,6 +14,11 @@ too). When many instances are down or new at once they share it, each backing
 off towards its `interval`, so a mass outage or a burst of registrations costs
 the loop no more than the budget (ARCHITECTURE.md, Health checking).
 
+With several replicas each probes only the instances in the shards it owns
+(`set_shards`, fed from the membership); every replica keeps every instance's
+health, the owners' states applied through SharedHealth (monitor/health/shared.py).
+One daemon owns every shard.
+
 Per-instance state is kept small: slotted objects, the probe counters in shared
 arrays (ProbeStats), no asyncio objects kept between probes, and the last result
 without its body.
@@ -27,12 +32,15 @@ import math
 import random
 import time
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from monitor.cluster.shards import shard_of
 from monitor.health.book import HealthBook, Key
 from monitor.health.results import ProbeResults, bucket_index
+from monitor.health.shared import SharedHealth
+from monitor.health.states_abc import HealthStateStore
 from monitor.probing.probe import Probe, ProbeResult, resolve_probe
 from monitor.probing.prober import Prober
 from monitor.slo.book import SloBook
@@ -180,8 +188,10 @@ class HealthChecker:
         slos: SloBook | None = None,
         budget: float = 250.0,
         clock: Callable[[], float] | None = None,
+        states: HealthStateStore | None = None,
     ) -> None:
-        """`budget`: probes per second (ProbeBucket); `clock`: monotonic seconds."""
+        """`budget`: probes per second (ProbeBucket); `clock`: monotonic seconds; `states`:
+        where replicas share health states (None: one daemon, nothing shared)."""
         self.catalog, self.book, self.prober, self.store = catalog, book, prober, store
         self.slos = slos
         self._defaults, self._service_probes = defaults, service_probes
@@ -193,6 +203,37 @@ class HealthChecker:
         self._down: set[Key] = set()  # instances probed at a down interval
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[tuple[str, str], Probe] = {}
+        self._owned: frozenset[int] | None = None  # None: every shard (one daemon)
+        self._started = False
+        self.shared = SharedHealth(states, book, self.owns) if states is not None else None
+        book.announce_only(self.owns)
+
+    def owns(self, key: Key) -> bool:
+        """Whether this replica probes (and speaks for) `key`."""
+        return self._owned is None or shard_of(*key) in self._owned
+
+    def set_shards(self, owned: Collection[int]) -> None:
+        """Probe the instances of the `owned` shards from now on (the membership changed;
+        before `start`: the first members seen).
+
+        Lost instances stop at once (a probe running finishes unrecorded); gained ones are
+        probed within a second, owed whatever the budget, going on from the state their
+        last owner stored: a slot may be probed twice in a handover, none skipped."""
+        shards = frozenset(owned)
+        if shards == self._owned:
+            return
+        self._owned = shards
+        if not self._started:
+            return  # `start` tracks the owned ones, spread over their interval
+        lost = [key for key in self.targets if not self.owns(key)]
+        for key in lost:
+            self._drop(key)
+        if self.shared is not None:
+            self.shared.release(lost)
+        for status in self.catalog.instances():
+            instance = status.instance
+            if instance.key not in self.targets and self.owns(instance.key):
+                self._track(instance, handover=True)
 
     def probe_for(self, service: str, instance: ProbeSpec | None) -> Probe:
         """The effective settings: defaults, then the service's config, then the instance's.
@@ -217,6 +258,12 @@ class HealthChecker:
         for status in self.catalog.instances():
             self._track(status.instance)
 
+    async def open(self) -> None:
+        """With several replicas: create the shared states' table and read it, so `start`
+        goes on from the stored states. After the registry has loaded, before `start`."""
+        if self.shared is not None:
+            await self.shared.open()
+
     def start(self) -> None:
         # Restored instances spread their first probe over one interval (no herd at start);
         # instances that register later are probed within a second, budget permitting.
@@ -224,38 +271,55 @@ class HealthChecker:
             self._track(status.instance, spread=True)
         self.catalog.add_listener(self._on_change)
         self.timetable.start()
+        self._started = True
+        if self.shared is not None:
+            self.shared.start()
 
     async def close(self) -> None:
         self.timetable.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.shared is not None:
+            await self.shared.close()
 
     def _on_change(self, change: Change) -> None:
         key = change.instance.key
         if change.kind in (ChangeKind.REGISTERED, ChangeKind.UPDATED):
             self._track(change.instance)
         elif change.kind is ChangeKind.DEREGISTERED:
-            self.timetable.remove(key)
-            gone = self.targets.pop(key, None)
-            if gone is not None:
-                self.stats.release(gone.stats)
-            self._down.discard(key)
+            if self.shared is not None:
+                self.shared.forget(key, owned=self.owns(key))
+            self._drop(key)
             self.book.forget(key)
         elif change.kind in (ChangeKind.LAPSED, ChangeKind.RENEWED):
             self.book.set_lapsed(key, change.kind is ChangeKind.LAPSED)
 
-    def _track(self, instance: Instance, *, spread: bool = False) -> None:
+    def _drop(self, key: Key) -> None:
+        self.timetable.remove(key)
+        gone = self.targets.pop(key, None)
+        if gone is not None:
+            self.stats.release(gone.stats)
+        self._down.discard(key)
+
+    def _track(self, instance: Instance, *, spread: bool = False, handover: bool = False) -> None:
         try:
             probe = self.probe_for(instance.service, instance.probe)
         except ValueError as exc:  # checked at registration; config can still disagree
             log.error("not probing %s/%s: %s", *instance.key, exc)
             return
         key = instance.key
+        new = self.book.tracker(key) is None
+        # Every instance, probed here or not: its health is shown by every replica, and
+        # unprobed ones' lease lapses still count.
+        tracker = self.book.track(key, probe)
+        if new and self.shared is not None:
+            self.shared.restore(key)  # another replica (or this one's last life) probed it
+        if not self.owns(key):
+            return
         current = self.targets.get(key)
         stats = current.stats if current else self.stats.allocate()
         target = self.targets[key] = _Target(instance.url, probe, stats, probe.interval)
-        self.book.track(key, probe)  # unprobed ones too: their lease lapses still count
         if probe.type == ProbeType.NONE:
             self.timetable.remove(key)
             self._down.discard(key)
@@ -266,6 +330,13 @@ class HealthChecker:
             self._down.add(key)
             target.gap, target.last_start = self._down_gap(probe), self._clock()
             target.first = True
+            first = min(target.gap, NEW_INSTANCE_SPREAD)
+            self.timetable.add(key, target.gap, first_in=random.uniform(0, first))
+        elif current is None and handover:
+            # Its last owner probed it on its own timetable: the next slot may be now.
+            if tracker.wants_down_interval:
+                self._down.add(key)
+                target.gap = self._down_gap(probe)
             first = min(target.gap, NEW_INSTANCE_SPREAD)
             self.timetable.add(key, target.gap, first_in=random.uniform(0, first))
         elif current is None or current.probe != probe:
@@ -301,6 +372,9 @@ class HealthChecker:
         verdict = self.book.record(key, result)
         if verdict is None:
             return
+        tracker = self.book.tracker(key)
+        if self.shared is not None and tracker is not None:
+            self.shared.observe(key, tracker)
         maintenance = self.book.in_maintenance(key[0])
         self.stats.observe(target.stats, result, verdict.ok, counted=not maintenance)
         self.store.add(
@@ -319,7 +393,6 @@ class HealthChecker:
                 response_time=result.response_time,
                 maintenance=maintenance,
             )
-        tracker = self.book.tracker(key)
         if tracker is not None:
             if tracker.wants_down_interval:
                 self._down.add(key)

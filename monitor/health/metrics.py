@@ -8,10 +8,17 @@ in a worker thread from that copy, with each instance's label string built
 once. The small families (registry, scheduler) stay in the app's
 CollectorRegistry, with the runtime ones (`process_*`, `python_gc_*`,
 `hms_build_info`) that monitor/metrics/runtime.py adds.
+
+With several replicas each exports the instances it probes, labelled
+`replica="<replica_id>"`: Prometheus scrapes them with `honor_labels`, so two
+replicas' series of one instance (a handover) stay apart, and the rules sum
+over the label.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -24,7 +31,7 @@ STATES = tuple(HealthState)
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    labels: str  # 'instance="p1",service="payments"'
+    labels: str  # 'instance="p1",replica="r1",service="payments"'
     successes: int
     failures: int
     buckets: tuple[int, ...]
@@ -44,9 +51,15 @@ class Snapshot:
 
 class ProbeMetrics:
     def __init__(
-        self, checker: HealthChecker, maintenance_services: Callable[[], Iterable[str]]
+        self,
+        checker: HealthChecker,
+        maintenance_services: Callable[[], Iterable[str]],
+        *,
+        replica: str = "",
     ) -> None:
+        """`replica`: this replica's id (`cluster.replica_id`; empty: host name and pid)."""
         self._checker = checker
+        self._replica = _escaped(replica or f"{socket.gethostname()}-{os.getpid()}")
         self._maintenance_services = maintenance_services  # the calendar's, after reloads too
         self._labels: dict[tuple[str, str], str] = {}
 
@@ -55,10 +68,12 @@ class ProbeMetrics:
         book = self._checker.book
         rows = []
         stats = self._checker.stats
-        for key, target in sorted(self._checker.targets.items()):
+        for key, target in sorted(self._checker.targets.items()):  # the ones probed here
             labels = self._labels.get(key)
             if labels is None:  # names are [A-Za-z0-9._-]: nothing to escape
-                labels = self._labels[key] = f'instance="{key[1]}",service="{key[0]}"'
+                labels = self._labels[key] = (
+                    f'instance="{key[1]}",replica="{self._replica}",service="{key[0]}"'
+                )
             rows.append(
                 _Row(labels, *stats.row(target.stats), book.state_of(key), book.suppressed(key))
             )
@@ -135,3 +150,8 @@ def render(snapshot: Snapshot) -> str:
 
 def _family(add: Callable[[str], None], name: str, kind: str, help_text: str) -> None:
     add(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+
+
+def _escaped(value: str) -> str:
+    """A label value as the text format writes it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')

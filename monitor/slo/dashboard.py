@@ -29,7 +29,7 @@ def build_dashboard(config: Config) -> dict[str, Any]:
         [
             _health_table(
                 "Fleet health",
-                f"hms_instance_health{{{SERVICE},{INSTANCE}}} == 1",
+                f"max without (replica) (hms_instance_health{{{SERVICE},{INSTANCE}}}) == 1",
                 "Every probed instance and its current state.",
             ),
             _timeseries(

@@ -33,9 +33,11 @@ from monitor.slo.tiers import SEVERITIES, TIERS, BurnTier, Severity
 from registry import format_duration
 
 WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+# An instance's series come from the replica probing it (`replica` label); in a handover
+# two replicas may export it for a scrape or two: one alert either way, its `for` kept.
 INSTANCE_DOWN = (
-    'hms_instance_health{{state="critical"{services}}} == 1 '
-    "unless on(service, instance) hms_instance_suppressed == 1"
+    'max without (replica) (hms_instance_health{{state="critical"{services}}}) == 1 '
+    "unless on(service, instance) max without (replica) (hms_instance_suppressed) == 1"
 )
 
 
