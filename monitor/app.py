@@ -225,6 +225,7 @@ def _build(
         service_probes=service_probes(config),
         slos=slos,
         budget=budget.per_second,
+        states=stores.health_states,
     )
     registry.register(RegistryCollector(catalog))
     register_runtime_collectors(registry)
@@ -310,6 +311,9 @@ def _build(
     notifier = Notifier(
         config.notifications,
         outbox=stores.outbox,
+        # Replicas: deliveries are kept under the member key that sends them (on SQLite ""
+        # always, so a restarted daemon finds its own).
+        owner=(lambda: membership.key) if config.storage.url is not None else (lambda: ""),
         bus=bus,
         metrics=registry,
         in_maintenance=book.in_maintenance,
@@ -344,7 +348,9 @@ def _build(
         results=results,
         slos=slos,
         slo_metrics=SloMetrics(slos, clock.time),
-        probe_metrics=ProbeMetrics(checker, lambda: calendar.services),
+        probe_metrics=ProbeMetrics(
+            checker, lambda: calendar.services, replica=membership.replica_id
+        ),
         processes=processes,
         caller=caller,
         engine=engine,

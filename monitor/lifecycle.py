@@ -20,6 +20,7 @@ from workflows.engine import Engine
 
 from .cluster.leadership import Leadership
 from .convert import static_instances
+from .health.stores.states_postgres import CHANNEL as HEALTH_CHANNEL
 from .keys import HEAP, REAPER
 from .parts import Parts
 from .reload import Reloader
@@ -100,6 +101,31 @@ async def _replicated(parts: Parts) -> AsyncIterator[None]:
         await listener.stop()
 
 
+def _owned_shards(parts: Parts) -> set[int]:
+    membership = parts.membership
+    return {shard for shard, owner in enumerate(membership.owners()) if owner == membership.key}
+
+
+@contextlib.asynccontextmanager
+async def _sharded(parts: Parts) -> AsyncIterator[None]:
+    """On PostgreSQL, probing is sharded over the live members (each instance probed by one
+    replica, a dead one's share taken at the next membership change), and the health each
+    prober stores reaches the others (NOTIFY hms_health, a poll, a re-read on reconnect)."""
+    url, checker, membership = parts.config.storage.url, parts.checker, parts.membership
+    if url is None or checker.shared is None:
+        yield
+        return
+    checker.set_shards(_owned_shards(parts))
+    membership.on_change(lambda _: checker.set_shards(_owned_shards(parts)))
+    shared = checker.shared
+    listener = Listener(url, [HEALTH_CHANNEL], lambda _, __: shared.apply_remote(), shared.resync)
+    listener.start()
+    try:
+        yield
+    finally:
+        await listener.stop()
+
+
 def _monitor(parts: Parts) -> Context:
     """Scheduler, probes, result flushing; started after the registry, stopped before it."""
 
@@ -109,6 +135,9 @@ def _monitor(parts: Parts) -> Context:
         await results.create_tables(clock())
         await slos.load(clock())
         await parts.prober.start()
+        await checker.open()  # on PostgreSQL: the health the other replicas last stored
+        sharding = contextlib.AsyncExitStack()
+        await sharding.enter_async_context(_sharded(parts))  # the shards before the start
         scheduler.start()
         checker.start()
 
@@ -137,6 +166,7 @@ def _monitor(parts: Parts) -> Context:
         try:
             yield
         finally:
+            await sharding.aclose()
             await checker.close()
             scheduler.shutdown()
             slos.evaluate(clock())  # closes the finished minutes, so they are stored too
@@ -220,14 +250,42 @@ def _listeners(parts: Parts) -> Context:
 
     async def run(app: web.Application) -> AsyncIterator[None]:
         await parts.notifier.start()
+        adoptions = _adopting(parts)
         await parts.page.start()
         try:
             yield
         finally:
+            for adoption in adoptions:
+                adoption.cancel()
             await parts.page.close()
             await parts.notifier.close()
 
     return run
+
+
+def _adopting(parts: Parts) -> set[asyncio.Task[None]]:
+    """On PostgreSQL, the deliveries of members no longer live (dead, or of an earlier life
+    of the cluster) are adopted now and at every membership change, and sent from here
+    under their own delivery ids. The tasks under way, for the stage to cancel."""
+    running: set[asyncio.Task[None]] = set()
+    if parts.config.storage.url is None:
+        return running
+    notifier, membership = parts.notifier, parts.membership
+
+    async def adopt() -> None:
+        try:
+            await notifier.adopt_orphans(membership.keys)
+        except StoreUnavailable:
+            log.warning("notifications: adoption deferred: storage unavailable")
+
+    def spawn(_: object = None) -> None:
+        task = asyncio.create_task(adopt(), name="notifications-adopt")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    spawn()
+    membership.on_change(spawn)
+    return running
 
 
 def _reloader(reloader: Reloader, *, signals: bool) -> Context:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from monitor.cluster.abc import MemberStore
 from monitor.health.abc import ResultStore
+from monitor.health.states_abc import HealthStateStore
 from monitor.notify.abc import OutboxStore
 from monitor.slo.abc import SloMinuteStore
 from monitor.storage.database import Database
@@ -30,6 +31,9 @@ class Stores:
     resources: ResourceStore
     schedules: ScheduleStore
     members: MemberStore
+    # Each instance's health as its prober last saw it, for the other replicas (none on
+    # SQLite: one daemon probes everything and keeps it in memory).
+    health_states: HealthStateStore | None = None
 
 
 def build_stores(storage: Storage) -> Stores:
@@ -67,6 +71,7 @@ def _sqlite(storage: Storage) -> Stores:
 def _postgres(url: str) -> Stores:
     from monitor.cluster.stores.postgres import PgMemberStore
     from monitor.health.stores.postgres import PgResultStore
+    from monitor.health.stores.states_postgres import PgHealthStateStore
     from monitor.notify.stores.postgres import PgOutboxStore
     from monitor.slo.stores.postgres import PgSloMinuteStore
     from registry.stores.postgres import PgRegistryStore
@@ -87,4 +92,5 @@ def _postgres(url: str) -> Stores:
         resources=PgResourceStore(db),
         schedules=PgScheduleStore(db),
         members=PgMemberStore(db),
+        health_states=PgHealthStateStore(db),
     )

@@ -221,3 +221,13 @@ async def test_a_broken_storage_refuses_every_write(
         await backing.store.delete("d1")
     with pytest.raises(StoreUnavailable):
         await backing.store.adopt(ME, ["dead/1"])
+
+
+async def test_owners_names_every_owner_with_a_stored_delivery(store: OutboxStore) -> None:
+    assert await store.owners() == set()
+    await store.save(delivery("d1", 1.0), ME)
+    await store.save(delivery("d2", 2.0), "replica-b/2")
+    await store.save(delivery("d3", 3.0), "replica-b/2")
+    assert await store.owners() == {ME, "replica-b/2"}
+    await store.delete("d1")
+    assert await store.owners() == {"replica-b/2"}

@@ -70,7 +70,7 @@ def replicas(backend: str, tmp_path: Path, receiver: Receiver) -> Callable[..., 
                 metrics=metrics,
                 in_maintenance=lambda _: False,
                 clock=clock,
-                owner=owner,
+                owner=lambda: owner,
             )
             await notifier.start()
             stack.push_async_callback(notifier.close)

@@ -108,6 +108,10 @@ class OutboxStore(Protocol):
         is not an error."""
         ...
 
+    async def owners(self) -> set[str]:
+        """The owners some stored delivery names."""
+        ...
+
     async def adopt(self, owner: str, dead_owners: Collection[str]) -> list[Delivery]:
         """Hand every delivery of `dead_owners` to `owner` in one statement and return them,
         the earliest due first. Of owners adopting at once, each delivery goes to one."""

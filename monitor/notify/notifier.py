@@ -78,13 +78,13 @@ class Notifier:
         metrics: CollectorRegistry,
         in_maintenance: Callable[[str], bool],
         clock: Callable[[], float],
-        owner: str = "",
+        owner: Callable[[], str] = lambda: "",
     ) -> None:
         """`outbox`: where deliveries wait (their rows are the durable timers). `owner`: the
         name its rows are kept under: the replica's member key on PostgreSQL; on SQLite the
         default, the same at every start, so a restart finds the rows of the one before."""
         self._outbox, self._bus, self._clock = outbox, bus, clock
-        self._owner = owner
+        self._owner_of = owner
         self._in_maintenance = in_maintenance
         self._counter = Counter(
             "hms_notifications",
@@ -107,7 +107,7 @@ class Notifier:
         )
         await self._outbox.create_tables()
         await self.configure(self._notifications)
-        for delivery in await self._outbox.load(self._owner):
+        for delivery in await self._outbox.load(self._owner_of()):
             self._arm(delivery)
 
     async def adopt(self, dead_owners: Collection[str]) -> int:
@@ -117,12 +117,19 @@ class Notifier:
         stay with the dead until a later call)."""
         if self._session is None:
             raise RuntimeError("the notifier adopts deliveries only once started")
-        deliveries = await self._outbox.adopt(self._owner, dead_owners)
+        deliveries = await self._outbox.adopt(self._owner_of(), dead_owners)
         for delivery in deliveries:
             self._arm(delivery)
         if deliveries:
             log.info("notifications: adopted %d deliveries of %s", len(deliveries), dead_owners)
         return len(deliveries)
+
+    async def adopt_orphans(self, live: Collection[str]) -> int:
+        """Adopt the rows of every owner not among the `live` member keys: members seen
+        dead while this replica watched, and those of an earlier life of the cluster (a
+        whole restart leaves every row under a key no one has any more)."""
+        dead = await self._outbox.owners() - {*live, self._owner_of()}
+        return await self.adopt(dead) if dead else 0
 
     async def configure(self, notifications: Iterable[Notification]) -> None:
         """Take a new set of notifications; deliveries to removed ones are dropped."""
@@ -226,7 +233,7 @@ class Notifier:
         storage fails (disk full is itself worth an alert), it is still sent, from memory
         only: at-least-once becomes best-effort until storage is back."""
         try:
-            return await self._outbox.add(delivery, self._owner, once=once)
+            return await self._outbox.add(delivery, self._owner_of(), once=once)
         except StoreUnavailable:
             self._unstored.add(delivery.id)
             log.warning("notification %s: %s kept in memory only", delivery.name, delivery.id)
@@ -238,10 +245,10 @@ class Notifier:
         it must not be sent from here. Storage failing, it goes on from memory."""
         try:
             if delivery.id in self._unstored:  # never stored: store it now
-                await self._outbox.save(delivery, self._owner)
+                await self._outbox.save(delivery, self._owner_of())
                 self._unstored.discard(delivery.id)
             else:
-                await self._outbox.claim(delivery, self._owner)
+                await self._outbox.claim(delivery, self._owner_of())
         except StoreUnavailable:
             log.debug("notification %s: %s goes on from memory", delivery.name, delivery.id)
         except DeliveryTaken:

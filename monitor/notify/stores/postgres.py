@@ -107,6 +107,13 @@ class PgOutboxStore:
 
         await self._db.write(delete)
 
+    async def owners(self) -> set[str]:
+        def read(conn: Connection) -> set[str]:
+            rows = conn.execute("SELECT DISTINCT owner FROM notification_outbox").fetchall()
+            return {owner for (owner,) in rows}
+
+        return await self._db.read(read)
+
     async def adopt(self, owner: str, dead_owners: Collection[str]) -> list[Delivery]:
         dead = [name for name in dead_owners if name != owner]
         if not dead:

@@ -45,6 +45,13 @@ class SqliteOutboxStore:
     async def delete(self, delivery_id: str) -> None:
         await self._db.write(lambda db: _delete(db, delivery_id))
 
+    async def owners(self) -> set[str]:
+        def read(db: sqlite_utils.Database) -> set[str]:
+            rows = db.execute("SELECT DISTINCT owner FROM notification_outbox").fetchall()
+            return {owner for (owner,) in rows}
+
+        return await self._db.read(read)
+
     async def adopt(self, owner: str, dead_owners: Collection[str]) -> list[Delivery]:
         dead = [name for name in dead_owners if name != owner]
         if not dead:
