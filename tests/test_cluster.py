@@ -293,3 +293,78 @@ def test_a_killed_replicas_probes_are_taken_over_each_instance_probed_once_per_s
     finally:
         group.stop()
         target.close()
+
+
+class StepService:
+    """The service workflow steps call: records (path, Idempotency-Key) of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        calls = self.calls
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                calls.append((self.path, self.headers.get("Idempotency-Key", "")))
+                body = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    service = StepService()
+    steps = [
+        {"name": "validate", "call": {"service": "svc", "path": "/validate"}},
+        {"name": "pay", "delay": "2s", "call": {"service": "svc", "path": "/pay"}},
+        {"name": "notify", "call": {"service": "svc", "path": "/notify"}},
+    ]
+    group = Replicas(
+        tmp_path,
+        postgres.database(),
+        3,
+        services=[{"name": "svc", "instances": [{"id": "s1", "url": service.url}]}],
+        workflows=[{"name": "Grant", "steps": steps}],
+    )
+    try:
+        group.start()
+        leader = group.leader()
+        names = list(group.daemons)
+        ids = []
+        for n in range(50):  # through every replica: the followers forward to the leader
+            status, body = call(f"{group.url(names[n % 3])}/v1/workflows/Grant", "POST", {})
+            assert status == 202, body
+            ids.append(body["id"])
+        eventually(lambda: len({key for path, key in service.calls if path == "/validate"}) == 50)
+        group.daemons[leader].kill()  # every process is waiting out its delay before `pay`
+        survivor = next(name for name in names if name != leader)
+
+        def finished() -> bool:  # (503 while no leader is known: the new one is taking over)
+            answers = [call(f"{group.url(survivor)}/v1/processes/{i}") for i in ids]
+            return all(status == 200 and body["status"] == "completed" for status, body in answers)
+
+        eventually(finished, timeout=60, every=0.5)
+    finally:
+        group.stop()
+        service.close()
+    for path in ("/validate", "/pay", "/notify"):
+        keys = [key for p, key in service.calls if p == path]
+        assert sorted(set(keys)) == sorted(f"{i}/{path[1:]}" for i in ids)  # each process's
+        # A step runs twice only when the leader died while it was under way, with its key.
+        assert len(keys) - len(set(keys)) <= 3, path
