@@ -146,6 +146,7 @@ def build_app(
         metrics=parts.metrics,
         slo_metrics=parts.slo_metrics,
         document=lambda: openapi_document(parts.live.current),
+        leads=lambda: parts.membership.is_leader,
     )
     app.add_routes(operations.routes())
     app.add_routes([parts.workflow_routes.router()])  # last: only paths nothing else has

@@ -368,3 +368,14 @@ def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
         assert sorted(set(keys)) == sorted(f"{i}/{path[1:]}" for i in ids)  # each process's
         # A step runs twice only when the leader died while it was under way, with its key.
         assert len(keys) - len(set(keys)) <= 3, path
+
+
+def test_only_the_leader_exports_the_registrys_instance_counts(replicas: Replicas) -> None:
+    leader = replicas.leader()
+    assert register(replicas.url("r1"), "pay", "p1") == 201
+    sample = b'hms_registry_instances{health="unknown",service="pay"} 1'
+    eventually(lambda: sample in metrics(replicas.url(leader)))
+    for name in replicas.daemons:
+        if name != leader:  # they list the instance, but a sum over replicas counts it once
+            assert call(replicas.url(name) + "/v1/services/pay")[0] == 200
+            assert b"hms_registry_instances{" not in metrics(replicas.url(name))

@@ -52,11 +52,14 @@ class OperationsRoutes:
         metrics: CollectorRegistry,
         slo_metrics: SloMetrics,
         document: Callable[[], dict[str, Any]],
+        leads: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`leads()`: whether this replica exports the cluster-wide gauges (the registry's
+        instance counts): the leader only, so a sum over replicas counts each once."""
         self.database, self.scheduler, self.registry_running = database, scheduler, registry_running
         self.catalog, self.probe_metrics = catalog, probe_metrics
         self.metrics, self.slo_metrics = metrics, slo_metrics
-        self.document = document
+        self.document, self.leads = document, leads
 
     def routes(self) -> list[web.RouteDef]:
         return table.route_defs(self)
@@ -103,7 +106,8 @@ class OperationsRoutes:
     async def exposition(self, request: web.Request) -> web.Response:
         # Large families: counted or copied on the loop, formatted off it (monitor/metrics/).
         # Counting first also expires due leases, so the expirations counter includes them.
-        counts, probes = instance_counts(self.catalog), self.probe_metrics.snapshot()
+        counts = instance_counts(self.catalog) if self.leads() else []
+        probes = self.probe_metrics.snapshot()
         small = generate_latest(self.metrics)
         slos = await self.slo_metrics.current()  # rendered and deflated once a minute
         gzip = "gzip" in request.headers.get("Accept-Encoding", "")
