@@ -87,6 +87,19 @@ def test_the_shipped_config_runs_as_is() -> None:
     assert config.storage.path == ROOT / "var" / "hms-mgmt.db"
 
 
+def test_the_replica_config_takes_its_settings_from_the_environment() -> None:
+    env = {
+        "HMS_ADMIN_TOKEN": "t" * 32,
+        "HMS_DATABASE_URL": "postgresql://hms@db.internal:5432/hms",
+        "HMS_REPLICA_ID": "hms-7f9c",
+    }
+    config = load_config(ROOT / "deploy" / "replica.yaml", env=env)
+    assert config.storage.url == env["HMS_DATABASE_URL"]
+    assert (config.cluster.replica_id, config.cluster.lease) == ("hms-7f9c", timedelta(seconds=10))
+    assert config.server.listen == "0.0.0.0:9797"
+    assert load_config(ROOT / "deploy" / "replica.yaml", env={**env, "HMS_REPLICA_ID": ""})
+
+
 def test_an_empty_file_is_all_defaults() -> None:
     config = parse_config("")
     assert config.defaults.lease.ttl == timedelta(seconds=30)
