@@ -116,6 +116,7 @@ def build_app(
         leadership = parts.membership  # replicas: the leader lease says who runs workflows
     if leadership is not None:
         parts.leadership = leadership
+        parts.engine.acting = lambda: leadership.is_leader
     forwarder = _forwarder(config, leadership, lambda request: _starts_by_route(parts, request))
     if forwarder is not None:  # before auth: the leader authorizes what it is sent
         middlewares.append(forwarder.middleware())
@@ -186,6 +187,7 @@ def _build(
         replica_id=config.cluster.replica_id,
         lease=config.cluster.lease.total_seconds(),
         address=advertised_address(config.server.listen),
+        connection=stores.members_database,
     )
     registry.register(ClusterCollector(membership))
     bus = EventBus(clock=clock.time)

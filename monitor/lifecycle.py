@@ -228,6 +228,11 @@ async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
         if not leadership.is_leader and engine.serving:
             log.info("leadership lost: the workflow engine stops here")
             await engine.close()
+        elif engine.serving and not engine.owner_current:
+            # Rejoined under a new member key while leading (a database restart): the
+            # processes move to the new key, or a sweep of dead keys would take them.
+            await engine.close()
+            changed.set()
         elif leadership.is_leader and not engine.serving:
             try:
                 await engine.open()

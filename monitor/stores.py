@@ -34,6 +34,10 @@ class Stores:
     # Each instance's health as its prober last saw it, for the other replicas (none on
     # SQLite: one daemon probes everything and keeps it in memory).
     health_states: HealthStateStore | None = None
+    # The members' own connection (PostgreSQL): a renewal never queues behind the other
+    # stores' writes (a take-over of every process, a prune), which would cost the leader
+    # its lease by its own clock while it is busy with the work leading gave it.
+    members_database: PgDatabase | None = None
 
 
 def build_stores(storage: Storage) -> Stores:
@@ -81,6 +85,7 @@ def _postgres(url: str) -> Stores:
     from workflows.stores.postgres_tasks import PgTaskStore
 
     db = PgDatabase(url)
+    members_db = PgDatabase(url, application_name="hms-mgmt-cluster")
     return Stores(
         database=db,
         registry=PgRegistryStore(db),
@@ -91,6 +96,7 @@ def _postgres(url: str) -> Stores:
         tasks=PgTaskStore(db),
         resources=PgResourceStore(db),
         schedules=PgScheduleStore(db),
-        members=PgMemberStore(db),
+        members=PgMemberStore(members_db),
         health_states=PgHealthStateStore(db),
+        members_database=members_db,
     )

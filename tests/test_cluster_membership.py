@@ -21,6 +21,7 @@ from monitor.cluster.membership import Membership
 from monitor.cluster.shards import SHARDS
 from monitor.cluster.stores.postgres import PgMemberStore
 from monitor.commands.status import status_report
+from monitor.keys import DATABASE
 from monitor.slo import SloBook
 from monitor.storage.postgres import PgDatabase
 from scheduler import EventBus
@@ -232,3 +233,26 @@ def test_only_the_leader_announces_an_slo_burning_and_a_new_leader_does_not_repe
     leads.update(leader=False, follower=True)  # the follower takes over
     books["follower"].evaluate(60_000.0 + 180)
     assert sum(buses["follower"].published.values()) == 0  # announced once, by the old leader
+
+
+async def test_a_long_write_does_not_cost_the_leader_its_lease(
+    postgres: PostgresCluster,
+    make_config: Callable[..., object],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+) -> None:
+    """Renewals have a connection of their own: a write that takes longer than the lease
+    on the stores' connection (a take-over of many processes, a prune) leaves the leader
+    leading."""
+    config = make_config(storage={"url": postgres.database()}, cluster={"lease": "1s"})
+    client = await start_daemon(config)
+    before = await (await client.get("/v1/cluster")).json()
+    assert before["leader"] == before["self"]
+    database = client.app[DATABASE]
+    write = asyncio.create_task(database.write(lambda conn: conn.execute("SELECT pg_sleep(2)")))
+    leading = []
+    while not write.done():
+        families = await metric_families(client)
+        leading.append(families["hms_cluster_leader"].samples[0].value)
+        await asyncio.sleep(0.1)
+    await write
+    assert leading and set(leading) == {1.0}  # never in doubt while the write took 2 leases

@@ -135,3 +135,26 @@ async def test_listen_hears_committed_notifies_and_rereads_after_a_reconnect(
     finally:
         await listener.stop()
         await database.close()
+
+
+async def test_a_listener_whose_re_read_fails_connects_again_and_reads_again(
+    postgres: PostgresCluster,
+) -> None:
+    """The re-read after a reconnect can fail (the server still starting): the listener
+    tries again rather than ending, and stops cleanly."""
+    url = postgres.database()
+    connects = 0
+
+    async def on_connect() -> None:
+        nonlocal connects
+        connects += 1
+        if connects == 1:
+            raise StoreUnavailable("storage unavailable: the server is starting")
+
+    listener = Listener(url, ["things"], lambda _, __: None, on_connect)
+    listener.start()
+    try:
+        await asyncio.wait_for(listener.connected.wait(), 10)
+        assert connects == 2
+    finally:
+        await listener.stop()

@@ -107,6 +107,7 @@ class Engine:
         resource_store: ResourceStore | None = None,
         schedules: ScheduleStore | None = None,
         owner: Callable[[], str | None] = lambda: None,
+        acting: Callable[[], bool] = lambda: True,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
@@ -114,6 +115,9 @@ class Engine:
         # open: a replica that rejoined has a new one); checkpoints of processes another
         # replica's engine took over are fenced. None: one daemon, no owner.
         self._owner, self._me = owner, owner()
+        # Whether this replica still leads, asked before each call, publish or task
+        # (runner.py); the root sets it once it knows the leadership.
+        self.acting = acting
         self._declare = declare  # told of each definition in force (its SLO ledger)
         self._versions: dict[tuple[str, int], Definition] = {}  # every one processes may run
         self._latest: dict[str, Definition] = {}  # the newest stored version, by name
@@ -178,6 +182,7 @@ class Engine:
             respond=self._respond,
             tasks=self.tasks,
             resources=self.resources,
+            acting=lambda: self.serving and self.acting(),
         )
 
     def _wake(self, process_id: str) -> None:
@@ -218,6 +223,12 @@ class Engine:
             self._spawn(process)
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
+
+    @property
+    def owner_current(self) -> bool:
+        """Whether processes are still written under this replica's member key (False
+        once it rejoined under a new one: the engine must open again to take them over)."""
+        return self._me == self._owner()
 
     async def close(self) -> None:
         """Stop every task; their state is what the last checkpoint says. When this

@@ -72,8 +72,13 @@ class ProcessRunner:
         respond: Callable[[str], None] = lambda process_id: None,
         tasks: TaskQueues | None = None,
         resources: ResourcePool | None = None,
+        acting: Callable[[], bool] = lambda: True,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
+        # Replicas: whether this replica still leads, asked right before anything leaves it
+        # (a call, a publish, a task), not only at the checkpoint after: a leader paused
+        # past its lease wakes with its timers overdue and must not act on them.
+        self._acting = acting
         self._tasks = tasks
         self._resources = resources  # None: no step acquires (`_hold` refuses one that does)
         self._bus, self._metrics, self._publish = bus, metrics, publish
@@ -352,7 +357,12 @@ class ProcessRunner:
         attempt for good (the service answered; asking again gets the same answer)."""
         return expect.judge(step.expect, result) if step.expect else result
 
+    def _may_act(self, process: Process) -> None:
+        if not self._acting():
+            raise Fenced(f"process {process.id}: this replica no longer leads")
+
     async def _act(self, process: Process, step: Step) -> CallResult:
+        self._may_act(process)
         context = template_context(process)
         if isinstance(step.action, Call):
             return await self._call(process, step.name, step.action, step, context)
@@ -387,6 +397,7 @@ class ProcessRunner:
             body = templates.render(call.body, context) if call.body is not None else None
         except templates.TemplateError as exc:
             return CallResult(ok=False, error=str(exc), retryable=False)
+        self._may_act(process)
         headers = {**rendered, "Idempotency-Key": f"{process.id}/{name}"}
         return await self._caller.call(
             call.service,
@@ -415,6 +426,7 @@ class ProcessRunner:
         if self._tasks is None:
             return CallResult(ok=False, error="task queues are not served", retryable=False)
         process = strand.process
+        self._may_act(process)
         opened = await self._tasks.open(
             self._new_task(definition, process, step, task, attempt, forward=forward)
         )

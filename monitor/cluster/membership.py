@@ -21,6 +21,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from .abc import Member, MemberStore, View
 from .shards import owners
@@ -28,6 +29,14 @@ from .shards import owners
 log = logging.getLogger(__name__)
 
 ChangeListener = Callable[[tuple[str, ...]], None]
+
+
+class Connection(Protocol):
+    """A database handle of the membership's own (opened at start, closed at stop)."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
 
 
 def default_replica_id() -> str:
@@ -43,8 +52,9 @@ class Membership:
         lease: float,
         address: str = "",
         monotonic: Callable[[], float] = time.monotonic,
+        connection: Connection | None = None,
     ) -> None:
-        self._store = store
+        self._store, self._connection = store, connection
         self.address = address
         self.replica_id = replica_id or default_replica_id()
         self.lease = lease
@@ -133,6 +143,8 @@ class Membership:
     async def start(self) -> None:
         """Join and learn the cluster before the daemon does any sharded work, then renew
         in the background."""
+        if self._connection is not None:
+            await self._connection.open()
         await self._store.create_tables()
         await self.join()
         await self.renew()
@@ -153,6 +165,8 @@ class Membership:
             await self._store.leave(self.key)
         except Exception as exc:
             log.warning("cluster: could not leave (%s); the others wait out the lease", exc)
+        if self._connection is not None:
+            await self._connection.close()
 
     async def _run(self) -> None:
         while True:

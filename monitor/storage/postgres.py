@@ -359,14 +359,19 @@ class Listener:
                 async with conn:
                     for channel in self._channels:
                         await conn.execute(f'LISTEN "{channel}"')
-                    failures = 0
-                    self.connected.set()
                     result = self._on_connect()
                     if asyncio.iscoroutine(result):
                         await result
+                    failures = 0
+                    self.connected.set()
                     async for note in conn.notifies():
                         self._on_notify(note.channel, note.payload)
-            except psycopg.Error as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the re-read too (the server still starting): again
+                delay = RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)]
+                failures += 1
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                await asyncio.sleep(delay)
             finally:
                 self.connected.clear()
