@@ -245,3 +245,25 @@ async def test_the_engine_stops_when_leadership_is_lost_and_resumes_when_won(
     await until_completed(client, started["id"])
     assert calls.keys("/transfers") == [f"{started['id']}/pay"]
     assert calls.keys("/confirm") == [f"{started['id']}/confirm"]
+
+
+async def test_a_forward_to_a_leader_gone_silent_ends_when_another_leads(
+    make_config: Callable[..., Config], tmp_path: Path, start: Start
+) -> None:
+    """A paused leader keeps its connections open: the follower's forwards to it end with
+    503 when the leadership moves, not when (or if) the old leader wakes."""
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        leadership = Leader(False, f"http://127.0.0.1:{port}")
+        client = await start(config_at(make_config, tmp_path, "follower"), leadership)
+        forwarded = asyncio.ensure_future(client.get("/v1/processes", headers=BEARER))
+        await asyncio.sleep(0.3)
+        assert not forwarded.done()  # hanging on the silent leader
+        leadership.set(False, None)  # another leads now; this replica has not learnt where
+        resp = await asyncio.wait_for(forwarded, 5)
+        assert (resp.status, resp.headers["Retry-After"]) == (503, "1")
+        assert (await resp.json())["error"]["code"] == "leader_unreachable"
+    finally:
+        silent.close()
+        await silent.wait_closed()

@@ -13,6 +13,8 @@ client (or its retry) tries again once leadership settled.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Final
 
@@ -55,6 +57,18 @@ class Forwarder:
     ) -> None:
         self._leadership, self._replica, self._is_route = leadership, replica, is_route
         self._session: aiohttp.ClientSession | None = None
+        # Forwards under way, by the leader they went to: when that one stops leading (a
+        # paused or cut-off leader holds the connection open), they end now, with a 503
+        # or a cut stream, instead of hanging for as long as it is gone.
+        self._under_way: dict[str, set[asyncio.Timeout]] = {}
+        leadership.on_leadership(self._leader_changed)
+
+    def _leader_changed(self) -> None:
+        now = asyncio.get_running_loop().time()
+        for leader, timeouts in self._under_way.items():
+            if leader != self._leadership.leader_address:
+                for timeout in timeouts:
+                    timeout.reschedule(now)
 
     async def context(self, app: web.Application) -> AsyncIterator[None]:
         # No total timeout: a long poll or an event stream lasts as long as its client
@@ -103,10 +117,15 @@ class Forwarder:
         body = await request.read() if request.body_exists else None
         url = leader.rstrip("/") + request.rel_url.raw_path_qs
         response: web.StreamResponse | None = None
+        under_way = self._under_way.setdefault(leader, set())
         try:
-            async with self._session.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False
-            ) as upstream:
+            async with (
+                asyncio.timeout(None) as timeout,
+                self._track(under_way, timeout),
+                self._session.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False
+                ) as upstream,
+            ):
                 response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
                 for key, value in upstream.headers.items():
                     if key.lower() not in HOP_BY_HOP or key.lower() == "content-length":
@@ -121,6 +140,16 @@ class Forwarder:
                 response.force_close()  # the client sees a cut stream, never half a body
                 return response
             return _refuse(f"the leader at {leader} is unreachable: {exc}", "leader_unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _track(
+        self, under_way: set[asyncio.Timeout], deadline: asyncio.Timeout
+    ) -> AsyncIterator[None]:
+        under_way.add(deadline)
+        try:
+            yield
+        finally:
+            under_way.discard(deadline)
 
 
 def _refuse(message: str, code: str) -> web.Response:
