@@ -127,7 +127,9 @@ class Notifier:
     async def adopt_orphans(self, live: Collection[str]) -> int:
         """Adopt the rows of every owner not among the `live` member keys: members seen
         dead while this replica watched, and those of an earlier life of the cluster (a
-        whole restart leaves every row under a key no one has any more)."""
+        whole restart leaves every row under a key no one has any more). A member that
+        joined after this replica's last view may be taken for dead and lose its rows to
+        this one: the claim before every attempt still sends each delivery once."""
         dead = await self._outbox.owners() - {*live, self._owner_of()}
         return await self.adopt(dead) if dead else 0
 

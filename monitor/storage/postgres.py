@@ -45,7 +45,8 @@ class PgDatabase:
     StoreUnavailable (503), marks the store unwritable and is reopened with backoff on the
     next write or read; nothing is retried behind the caller's back: a write whose COMMIT
     was lost in flight is reported failed, and the stores' writes are idempotent upserts
-    for the caller to retry."""
+    for the caller to retry. A write function may run twice (the replay), so it must have
+    no effect beyond its transaction (no session-level lock or setting)."""
 
     def __init__(self, url: str, *, application_name: str = "hms-mgmt") -> None:
         self.url = url
