@@ -281,7 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.duration, args.heartbeat_instances, args.processes = 1, 20, 30
-        args.wakeups, args.probed = 5, 6
+        args.wakeups, args.probed, args.lease = 5, 6, 1.0
     initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
         sys.exit("PostgreSQL is not installed (apt-get install postgresql)")
