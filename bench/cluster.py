@@ -30,7 +30,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from bench.probes import process
 from bench.registry import Load, free_port, load
 from bench.workflows import start_many, steps_target, workflow
 from tests.pg import PostgresCluster, pg_bin
+from tests.services import Recorder
 
 NOWHERE = {"url": "http://127.0.0.1:9/"}
 SERVE = [sys.executable, "-m", "monitor", "serve", "--log-level", "warning", "--config"]
@@ -186,31 +186,9 @@ def failover(group: list[Daemon], how: str) -> float:
             victim.popen.send_signal(signal.SIGCONT)
 
 
-class ProbeCounter:
-    """An HTTP target recording when each instance path was last probed."""
-
-    def __init__(self) -> None:
-        self.seen: dict[str, list[float]] = {}
-        seen = self.seen
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                seen.setdefault(self.path, []).append(time.monotonic())
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def probes_resumed(workdir: Path, database: str, lease: float, instances: int) -> float:
     """Seconds from kill -9 of a replica until every instance has been probed again."""
-    counter = ProbeCounter()
+    counter = Recorder()
     storage = {"url": database}
     with daemons(workdir, ["p1", "p2", "p3"], storage, lease, counter.url) as group:
         agreed_leader(group)
@@ -224,12 +202,12 @@ def probes_resumed(workdir: Path, database: str, lease: float, instances: int) -
         time.sleep(lease + 3)
         gaps = []
         for n in range(instances):
-            times = counter.seen.get(f"/i{n}", [])
+            times = counter.times(f"/i{n}")
             before = [t for t in times if t <= killed]
             after = [t for t in times if t > killed]
             if before and after:
                 gaps.append(after[0] - before[-1])
-    counter.server.shutdown()
+    counter.close()
     return max(gaps) if gaps else float("nan")
 
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from monitor.health.results import ProbeResults
 from monitor.http.shedding import LoadShedder
 from monitor.storage.database import Database
-from monitor.storage.postgres import PgDatabase
 from scheduler import EventBus
 from workflows.engine import Engine
 
 from .config import Config
 from .parts import Parts
+
+if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
+    from monitor.storage.postgres import PgDatabase
 
 CONFIG = web.AppKey("config", Config)
 DATABASE: web.AppKey[Database | PgDatabase] = web.AppKey("database")

@@ -15,16 +15,13 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from registry import StoreUnavailable
-from registry.stores.postgres import CHANNEL as REGISTRY_CHANNEL
 from workflows.engine import Engine
 
 from .cluster.leadership import Leadership
 from .convert import static_instances
-from .health.stores.states_postgres import CHANNEL as HEALTH_CHANNEL
 from .keys import HEAP, REAPER
 from .parts import Parts
 from .reload import Reloader
-from .storage.postgres import Listener
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +81,10 @@ async def _replicated(parts: Parts) -> AsyncIterator[None]:
     if url is None:
         yield
         return
+    from registry.stores.postgres import CHANNEL as REGISTRY_CHANNEL
+
+    from .storage.postgres import Listener
+
     listener = Listener(
         url,
         [REGISTRY_CHANNEL],
@@ -115,6 +116,9 @@ async def _sharded(parts: Parts) -> AsyncIterator[None]:
     if url is None or checker.shared is None:
         yield
         return
+    from .health.stores.states_postgres import CHANNEL as HEALTH_CHANNEL
+    from .storage.postgres import Listener
+
     checker.set_shards(_owned_shards(parts))
     membership.on_change(lambda _: checker.set_shards(_owned_shards(parts)))
     shared = checker.shared

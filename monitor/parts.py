@@ -8,6 +8,7 @@ never one part reached through another (`engine.caller`, `checker.prober`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
@@ -28,7 +29,6 @@ from monitor.page.status_page import StatusPage
 from monitor.probing.prober import Prober
 from monitor.slo import SloBook, SloMetrics, WorkflowSlos
 from monitor.storage.database import Database
-from monitor.storage.postgres import PgDatabase
 from registry import Catalog
 from scheduler import EventBus, Scheduler
 from workflows.abc import WorkflowStore
@@ -36,6 +36,9 @@ from workflows.caller import ServiceCaller
 from workflows.engine import Engine
 
 from .config import Config
+
+if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
+    from monitor.storage.postgres import PgDatabase
 
 
 class LiveConfig:

@@ -5,6 +5,7 @@ implementations; every part takes its store through its package's Protocol."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from monitor.cluster.abc import MemberStore
 from monitor.health.abc import ResultStore
@@ -12,11 +13,13 @@ from monitor.health.states_abc import HealthStateStore
 from monitor.notify.abc import OutboxStore
 from monitor.slo.abc import SloMinuteStore
 from monitor.storage.database import Database
-from monitor.storage.postgres import PgDatabase
 from registry.abc import RegistryStore
 from workflows.abc import ResourceStore, ScheduleStore, TaskStore, WorkflowStore
 
 from .config import Storage
+
+if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
+    from monitor.storage.postgres import PgDatabase
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,7 @@ def _postgres(url: str) -> Stores:
     from monitor.health.stores.states_postgres import PgHealthStateStore
     from monitor.notify.stores.postgres import PgOutboxStore
     from monitor.slo.stores.postgres import PgSloMinuteStore
+    from monitor.storage.postgres import PgDatabase
     from registry.stores.postgres import PgRegistryStore
     from workflows.stores.postgres import PgWorkflowStore
     from workflows.stores.postgres_resources import PgResourceStore

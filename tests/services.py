@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from aiohttp import web
@@ -105,3 +108,50 @@ async def start_receiver() -> AsyncIterator[Receiver]:
     await server.start_server()
     yield state
     await server.close()
+
+
+class Recorder:
+    """A threaded HTTP server (for tests and benches without an event loop of their own)
+    that answers every GET and POST with 200 `{"ok": true}` and records each request:
+    `requests` holds (path, Idempotency-Key, monotonic time of arrival)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, float]] = []
+        requests = self.requests
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                key = self.headers.get("Idempotency-Key", "")
+                requests.append((self.path, key, time.monotonic()))
+                body = b'{"ok": true}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self, path: str) -> int:
+        return sum(1 for seen, _, _ in self.requests if seen == path)
+
+    def paths(self) -> set[str]:
+        return {path for path, _, _ in self.requests}
+
+    def keys(self, path: str) -> list[str]:
+        return [key for seen, key, _ in self.requests if seen == path]
+
+    def times(self, path: str) -> list[float]:
+        return [at for seen, _, at in self.requests if seen == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

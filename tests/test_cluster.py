@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import pytest
 
 from .pg import PostgresCluster
 from .processes import DaemonProcess, free_port, write_config
+from .services import Recorder
 
 LEASE = 2.0
 
@@ -241,36 +241,10 @@ def test_a_database_restart_answers_503_meanwhile_and_loses_nothing_acknowledged
         eventually(lambda name=name: set(acknowledged) <= listed(name))
 
 
-class CountingTarget:
-    """An HTTP target counting the probes each instance path gets."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        counts = self.counts
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                counts[self.path] = counts.get(self.path, 0) + 1
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_a_killed_replicas_probes_are_taken_over_each_instance_probed_once_per_slot(
     postgres: PostgresCluster, tmp_path: Path
 ) -> None:
-    target = CountingTarget()
+    target = Recorder()
     group = Replicas(
         tmp_path, postgres.database(), 3, defaults={"probe": {"type": "http", "interval": "1s"}}
     )
@@ -279,60 +253,28 @@ def test_a_killed_replicas_probes_are_taken_over_each_instance_probed_once_per_s
         group.leader()
         for n in range(30):
             assert register(group.url("r1"), "pay", f"p{n}", f"{target.url}/p{n}") in (200, 201)
-        eventually(lambda: len(target.counts) == 30)
+        eventually(lambda: len(target.paths()) == 30)
         time.sleep(2)
-        before = dict(target.counts)
+        before = {n: target.count(f"/p{n}") for n in range(30)}
         time.sleep(5)
         # Steady state: one replica per instance, one probe a second (never 3 a second).
         for n in range(30):
-            assert target.counts[f"/p{n}"] - before[f"/p{n}"] <= 7, (n, target.counts)
+            assert target.count(f"/p{n}") - before[n] <= 7, n
         group.daemons["r2"].kill()
         time.sleep(LEASE + 2)
-        after_kill = dict(target.counts)
+        after_kill = {n: target.count(f"/p{n}") for n in range(30)}
         time.sleep(5)
         for n in range(30):  # every instance, r2's share too, is probed again
-            assert target.counts[f"/p{n}"] - after_kill[f"/p{n}"] >= 3, (n, target.counts)
-            assert target.counts[f"/p{n}"] - after_kill[f"/p{n}"] <= 8, (n, target.counts)
+            assert 3 <= target.count(f"/p{n}") - after_kill[n] <= 8, n
     finally:
         group.stop()
         target.close()
 
 
-class StepService:
-    """The service workflow steps call: records (path, Idempotency-Key) of every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, str]] = []
-        calls = self.calls
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                calls.append((self.path, self.headers.get("Idempotency-Key", "")))
-                body = b'{"ok": true}'
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
     postgres: PostgresCluster, tmp_path: Path
 ) -> None:
-    service = StepService()
+    service = Recorder()
     steps = [
         {"name": "validate", "call": {"service": "svc", "path": "/validate"}},
         {"name": "pay", "delay": "2s", "call": {"service": "svc", "path": "/pay"}},
@@ -354,7 +296,7 @@ def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
             status, body = call(f"{group.url(names[n % 3])}/v1/workflows/Grant", "POST", {})
             assert status == 202, body
             ids.append(body["id"])
-        eventually(lambda: len({key for path, key in service.calls if path == "/validate"}) == 50)
+        eventually(lambda: len(set(service.keys("/validate"))) == 50)
         group.daemons[leader].kill()  # every process is waiting out its delay before `pay`
         survivor = next(name for name in names if name != leader)
 
@@ -367,7 +309,7 @@ def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
         group.stop()
         service.close()
     for path in ("/validate", "/pay", "/notify"):
-        keys = [key for p, key in service.calls if p == path]
+        keys = service.keys(path)
         assert sorted(set(keys)) == sorted(f"{i}/{path[1:]}" for i in ids)  # each process's
         # A step runs twice only when the leader died while it was under way, with its key.
         assert len(keys) - len(set(keys)) <= 3, path

@@ -4,13 +4,16 @@ durable group-committed writes, and versioned migrations of the store's own tabl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
-
-import psycopg
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
-Connection = psycopg.Connection[Any]
+if TYPE_CHECKING:  # psycopg (22 MB) is imported only by the PostgreSQL stores themselves
+    import psycopg
+
+    Connection = psycopg.Connection[Any]
+else:
+    Connection = Any
 
 
 class PgTransactor(Protocol):

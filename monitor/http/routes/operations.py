@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -20,10 +20,12 @@ from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
 from monitor.slo.metrics import SloMetrics
 from monitor.storage.database import Database
-from monitor.storage.postgres import PgDatabase
 from registry import Catalog
 from registry.metrics import instance_counts, render_instance_counts
 from scheduler import Scheduler
+
+if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
+    from monitor.storage.postgres import PgDatabase
 
 table = RouteTable()
 
