@@ -8,7 +8,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -206,16 +206,28 @@ class Database:
                     self.path,
                     exc,
                 )
-            unavailable = StoreUnavailable(f"storage unavailable, change not made: {exc}")
-            unavailable.__cause__ = exc
-            outcomes = [(False, unavailable)] * len(batch)
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            outcomes = refused(exc, len(batch))
+        settle(batch, outcomes)
+
+
+def refused(exc: BaseException, count: int) -> list[tuple[bool, Any]]:
+    """The outcomes of a batch whose COMMIT failed: nothing in it is durable (503)."""
+    unavailable = StoreUnavailable(f"storage unavailable, change not made: {exc}")
+    unavailable.__cause__ = exc
+    return [(False, unavailable)] * count
+
+
+def settle(
+    batch: Sequence[tuple[Any, asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]]
+) -> None:
+    """Answer each write of a batch with its outcome (a caller gone meanwhile is skipped)."""
+    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 def _checkpoint(conn: sqlite3.Connection) -> None:

@@ -22,7 +22,14 @@ import psycopg
 
 from registry import Overloaded, StoreUnavailable
 
-from .database import MAX_BATCH, MAX_PENDING_WRITES, STORAGE_LOG_INTERVAL, DatabaseError
+from .database import (
+    MAX_BATCH,
+    MAX_PENDING_WRITES,
+    STORAGE_LOG_INTERVAL,
+    DatabaseError,
+    refused,
+    settle,
+)
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +267,8 @@ class PgDatabase:
                     self.path,
                     exc,
                 )
-            unavailable = StoreUnavailable(f"storage unavailable, change not made: {exc}")
-            unavailable.__cause__ = exc
-            outcomes = [(False, unavailable)] * len(batch)
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+            outcomes = refused(exc, len(batch))
+        settle(batch, outcomes)
 
     def _run_batch(
         self, fns: list[Callable[[psycopg.Connection[Any]], Any]]
