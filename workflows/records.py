@@ -276,3 +276,54 @@ class NewEvent:
     data: bytes  # JSON, encoded once at publish: the stored row is the event as published
     key: str
     published_at: float
+
+
+@dataclass(slots=True)
+class Staged:
+    """What a checkpoint takes out of its process to write (the stores' shared
+    bookkeeping). They leave the process before the write, so a checkpoint made meanwhile
+    (a cancel's) does not write them again; until the commit the history rows are in
+    `process.writing`, which reads show. A refused write puts all of it back for the retry
+    (no row lost, no signal taken twice)."""
+
+    history: list[Attempt]
+    taken: tuple[int, ...]
+    ends: tuple[TaskEnd, ...]
+    opening: TaskOpen | None
+    first: int | None  # the first row's number; None (branches): numbered inside the write
+
+    @classmethod
+    def take(cls, process: Process) -> Staged:
+        history, process.pending = process.pending, []
+        process.writing += history
+        taken, process.taken_signals = process.taken_signals, ()
+        ends, process.task_ends = process.task_ends, ()
+        opening, process.task_open = process.task_open, None
+        first = process.history_count if not process.branches else None
+        process.history_count += len(history)
+        return cls(history, taken, ends, opening, first)
+
+    def put_back(self, process: Process) -> None:
+        """The write was refused: the retry (or the next checkpoint) writes it all."""
+        self._not_in_flight(process)
+        process.pending[:0] = self.history
+        process.history_count -= len(self.history)  # not `= first`: another may have failed
+        process.taken_signals = self.taken + process.taken_signals  # with any taken since
+        process.task_ends = self.ends + process.task_ends
+        if self.opening is not None and process.task_open is None:
+            process.task_open = self.opening
+
+    def written(self, process: Process, opened: tuple[Any, bool] | None) -> None:
+        """The write committed: the answers it wrote are told, the task it opened handed."""
+        self._not_in_flight(process)
+        for end in self.ends:
+            end.written()
+        if self.opening is not None and opened is not None:
+            self.opening.opened(*opened)
+
+    def _not_in_flight(self, process: Process) -> None:
+        if len(process.writing) == len(self.history):  # the usual: no other in flight
+            process.writing = []
+        elif self.history:
+            ours = {id(attempt) for attempt in self.history}
+            process.writing = [a for a in process.writing if id(a) not in ours]

@@ -20,6 +20,7 @@ from workflows.records import (
     NewEvent,
     Process,
     Signal,
+    Staged,
     StoredDefinition,
     StoredEvent,
     branches_json,
@@ -28,7 +29,7 @@ from workflows.states import ProcessStatus
 
 from .postgres_schedules import write_mark
 from .postgres_tasks import cancel_open_in, open_in, write_end
-from .sqlite import _attempt, _process, _written, fenced
+from .sqlite import _attempt, _process, fenced
 
 __all__ = ["MIGRATIONS", "PgWorkflowStore"]
 
@@ -288,13 +289,9 @@ class PgWorkflowStore:
         As on SQLite (SqliteWorkflowStore.checkpoint): a refused write puts the history, the
         taken signals and the task answers back for the retry; a process with branches has
         its rows numbered inside the write, after those stored."""
-        history, process.pending = process.pending, []
-        process.writing += history
-        taken, process.taken_signals = process.taken_signals, ()
-        ends, process.task_ends = process.task_ends, ()
-        opening, process.task_open = process.task_open, None
-        first = process.history_count if not process.branches else None
-        process.history_count += len(history)
+        staged = Staged.take(process)
+        history, taken, ends, opening = staged.history, staged.taken, staged.ends, staged.opening
+        first = staged.first
         row, seq = _row(process), process.seq
         finished = process.finished_at if process.has_tasks else None
         args = _checkpoint_args(row, seq, first, taken, history)
@@ -314,19 +311,9 @@ class PgWorkflowStore:
         try:
             opened = await self._db.write(write)
         except BaseException:
-            _written(process, history)
-            process.pending[:0] = history
-            process.history_count -= len(history)  # not `= first`: another may have failed too
-            process.taken_signals = taken + process.taken_signals  # with any taken since
-            process.task_ends = ends + process.task_ends
-            if opening is not None and process.task_open is None:
-                process.task_open = opening
+            staged.put_back(process)
             raise
-        _written(process, history)
-        for end in ends:
-            end.written()
-        if opening is not None and opened is not None:
-            opening.opened(*opened)
+        staged.written(process, opened)
 
     async def claim_orphans(
         self, owner: str, dead_owners: Sequence[str], limit: int

@@ -23,6 +23,7 @@ from workflows.records import (
     NewEvent,
     Process,
     Signal,
+    Staged,
     StoredDefinition,
     StoredEvent,
     branches_json,
@@ -209,15 +210,6 @@ def fenced(process: Process) -> Fenced:
     return Fenced(f"process {process.id} is no longer owned by {process.owner}")
 
 
-def _written(process: Process, history: list[Attempt]) -> None:
-    """A checkpoint's rows are no longer in flight (committed, or back in `pending`)."""
-    if len(process.writing) == len(history):  # the usual: no other checkpoint in flight
-        process.writing = []
-    elif history:
-        ours = {id(attempt) for attempt in history}
-        process.writing = [a for a in process.writing if id(a) not in ours]
-
-
 def _stored_history(d: sqlite_utils.Database, seq: int) -> int:
     """How many history rows the process has, inside the write: the next row's number."""
     (count,) = d.conn.execute(
@@ -318,13 +310,9 @@ class SqliteWorkflowStore:
         while another commits would number its retry's rows over the other's, so its rows
         are numbered inside the write, after those stored. A single line never has two
         with rows in flight: numbered from memory, no read."""
-        history, process.pending = process.pending, []
-        process.writing += history
-        taken, process.taken_signals = process.taken_signals, ()
-        ends, process.task_ends = process.task_ends, ()
-        opening, process.task_open = process.task_open, None
-        first = process.history_count if not process.branches else None
-        process.history_count += len(history)
+        staged = Staged.take(process)
+        history, taken, ends, opening = staged.history, staged.taken, staged.ends, staged.opening
+        first = staged.first
         row, seq = _row(process), process.seq
         finished = process.finished_at if process.has_tasks else None
 
@@ -365,19 +353,9 @@ class SqliteWorkflowStore:
         try:
             opened = await self._db.write(write)
         except BaseException:
-            _written(process, history)
-            process.pending[:0] = history
-            process.history_count -= len(history)  # not `= first`: another may have failed too
-            process.taken_signals = taken + process.taken_signals  # with any taken since
-            process.task_ends = ends + process.task_ends
-            if opening is not None and process.task_open is None:
-                process.task_open = opening
+            staged.put_back(process)
             raise
-        _written(process, history)
-        for end in ends:
-            end.written()
-        if opening is not None and opened is not None:
-            opening.opened(*opened)
+        staged.written(process, opened)
 
     async def claim_orphans(
         self, owner: str, dead_owners: Sequence[str], limit: int
