@@ -7,7 +7,6 @@ reload.py applies a new config, convert.py maps config entries to domain values.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -117,7 +116,9 @@ def build_app(
     if leadership is not None:
         parts.leadership = leadership
         parts.engine.acting = lambda: leadership.is_leader
-    forwarder = _forwarder(config, leadership, lambda request: _starts_by_route(parts, request))
+    forwarder = _forwarder(
+        leadership, parts.membership.replica_id, lambda request: _starts_by_route(parts, request)
+    )
     if forwarder is not None:  # before auth: the leader authorizes what it is sent
         middlewares.append(forwarder.middleware())
     middlewares.append(error_middleware)
@@ -377,14 +378,13 @@ def advertised_address(listen: str) -> str:
 
 
 def _forwarder(
-    config: Config, leadership: Leadership | None, is_route: Callable[[web.Request], bool]
+    leadership: Leadership | None, replica: str, is_route: Callable[[web.Request], bool]
 ) -> Forwarder | None:
     """Forwarding of workflow requests to the leader: only where replicas share PostgreSQL
     (their membership is the leadership) or a test names one; one daemon on SQLite always
     runs its engine, and no request of its pays for a forwarding check."""
     if leadership is None:
         return None
-    replica = config.cluster.replica_id or f"{socket.gethostname()}-{os.getpid()}"
     return Forwarder(leadership, replica, is_route)
 
 
