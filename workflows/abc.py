@@ -61,10 +61,33 @@ class ProcessStore(Protocol):
         """Every process not finished, oldest first, with its history count."""
         ...
 
-    async def take_over(self, owner: str) -> list[Process]:
+    async def take_over(self, owner: str) -> int:
         """Every process not finished becomes `owner`'s (a new leader's engine takes them
-        all), oldest first, with its history count. A checkpoint of the old owner under
-        way is waited for; its later ones are fenced."""
+        all); how many. A checkpoint of the old owner under way is waited for; its later
+        ones are fenced. The engine then reads those due (`due`), not all of them."""
+        ...
+
+    async def due(
+        self, after: tuple[float, int] | None, before: float, limit: int
+    ) -> list[Process]:
+        """Unfinished processes with `due_at <= before` and `(due_at, seq) > after` (no
+        lower bound when None), by (due_at, seq), at most `limit`, with their history
+        counts: what the engine loads into memory (at open, and as its horizon moves).
+        A process whose due_at is None is never among them."""
+        ...
+
+    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+        """Those of `ids` that are unfinished, with their history counts (a cancel, a
+        signal or an event for a process not in memory loads it)."""
+        ...
+
+    async def waiting_keys(self) -> list[tuple[str, str]]:
+        """The distinct (wait_topic, wait_keys) of unfinished processes."""
+        ...
+
+    async def waiters(self, topic: str, match: str, limit: int) -> list[str]:
+        """Ids of up to `limit` unfinished processes waiting for `topic` whose stored
+        `wait_match` is `match` (records.projection of the event on their keys)."""
         ...
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:

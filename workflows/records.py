@@ -6,7 +6,7 @@ mutates a live `Process` in place and hands it to `checkpoint`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +136,17 @@ class Process:
     # The member key ("<replica_id>/<incarnation>") of the replica that runs it; its
     # checkpoints are fenced by it. None with one daemon (SQLite): nobody else can claim it.
     owner: str | None = None
+    # Residency: the engine keeps in memory only processes due within its horizon
+    # (workflows/engine.py). `due_at` is when it must be in memory again: its next timer
+    # (a delay, a backoff, a wait's timeout) or its deadline; its last checkpoint's time
+    # while it runs or waits on a task or a resource; None when only an event, a signal or
+    # a cancel can wake it. Set by the runner before each checkpoint, written with it.
+    due_at: float | None = None
+    # The event its main line waits for: the topic, and the match as `match_key` gives it
+    # (keys, match), so a publish finds the stored waiters it satisfies. None: no such wait.
+    wait_topic: str | None = None
+    wait_keys: str | None = None
+    wait_match: str | None = None
     seq: int = 0
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
@@ -327,3 +338,17 @@ class Staged:
         elif self.history:
             ours = {id(attempt) for attempt in self.history}
             process.writing = [a for a in process.writing if id(a) not in ours]
+
+
+def match_key(match: Mapping[str, Any]) -> tuple[str, str]:
+    """A `wait_for` step's rendered match as stored: (its keys, itself), both JSON with
+    sorted keys. `projection(keys, event)` equals the second exactly when the event
+    matches (waits.matches: each key's value equal; a missing key reads as null)."""
+    keys = orjson.dumps(sorted(match)).decode()
+    return keys, orjson.dumps(dict(match), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def projection(keys: str, data: Mapping[str, Any]) -> str:
+    """An event's data on a stored match's keys, as `match_key` writes a match."""
+    names = orjson.loads(keys)
+    return orjson.dumps({k: data.get(k) for k in names}, option=orjson.OPT_SORT_KEYS).decode()
