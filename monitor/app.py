@@ -296,7 +296,9 @@ def _build(
         # Replicas: processes are written under the leader's member key (fenced checkpoints).
         owner=(lambda: membership.key) if config.storage.url is not None else (lambda: None),
     )
-    registry.register(ProcessCollector(lambda: engine.counts, lambda: bus.published))
+    registry.register(
+        ProcessCollector(lambda: engine.counts, lambda: bus.published, lambda: len(engine.live))
+    )
     if engine.tasks is not None:
         queues = engine.tasks
         registry.register(

@@ -1,11 +1,14 @@
 """The workflow engine: durable processes that call services step by step.
 
-Each unfinished process is one asyncio task that loops: do the next unit of
+Each process in memory is one asyncio task that loops: do the next unit of
 work (a delay, an attempt, a wait, a compensation), checkpoint its outcome,
-go on. Everything a restart needs is in the process row (workflows/records.py);
-on start every unfinished process resumes from its last checkpoint, and its
-timers (delay, retry backoff, wait timeout, deadline) are re-armed from the
-stored due times, firing at once when they passed during downtime. A step
+go on. Everything a restart needs is in the process row (workflows/records.py).
+Only processes running or due soon are in memory (workflows/residency.py):
+one waiting beyond the horizon leaves it at its wait and comes back when due,
+or when a cancel, a signal or an event it waits for arrives. On start the
+processes due resume from their last checkpoint, and their timers (delay,
+retry backoff, wait timeout, deadline) are re-armed from the stored due
+times, firing at once when they passed during downtime. A step
 runs a second time only when the daemon died between the call and its
 checkpoint, and then with the same `Idempotency-Key`.
 
@@ -49,9 +52,10 @@ from .errors import (
     UnknownWorkflow,
 )
 from .metrics import WorkflowMetrics
-from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent
+from .records import Attempt, NewEvent, Process, StoredDefinition, StoredEvent, projection
+from .residency import HORIZON, Residency
 from .resources import ResourcePool
-from .runner import Outcome, ProcessRunner
+from .runner import Outcome, Parked, ProcessRunner
 from .schedules import RECHECK, Schedules
 from .states import BranchState, ProcessStatus, WaitKind
 from .tasks import TaskQueues
@@ -64,6 +68,7 @@ log = logging.getLogger("workflows.engine")
 _GONE_PAST = frozenset({BranchState.DONE, BranchState.SKIPPED})
 
 READS = 3  # of a process's history, while checkpoints commit under the read
+WAKE_LIMIT = 100_000  # processes waiting as rows one event brings back at once
 
 
 class Parse(Protocol):
@@ -108,6 +113,7 @@ class Engine:
         schedules: ScheduleStore | None = None,
         owner: Callable[[], str | None] = lambda: None,
         acting: Callable[[], bool] = lambda: True,
+        horizon: float = HORIZON,
     ) -> None:
         self.store, self.caller, self._bus, self._metrics = store, caller, bus, metrics
         self._clock, self._parse = clock, parse
@@ -141,6 +147,8 @@ class Engine:
             else None
         )
         self._outcome, self._jitter = outcome, jitter
+        # Processes due later than this wait as rows (workflows/residency.py); read at open.
+        self.horizon = horizon
         self.serving = False  # between open and close: processes run here
         self._term = 0  # counts opens: a start that straddled a close+open knows it
         self._new_term()
@@ -155,8 +163,16 @@ class Engine:
         self.live: dict[str, Process] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
+        self._awaited: Counter[str] = Counter()  # `?wait=`s on each process, in memory or not
         self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
+        # Event keys (workflows/records.py match_key) of processes waiting as rows, by
+        # topic: a publish on one asks the store which of them it wakes. Known from the
+        # store at open, and as processes park (a superset: never removed until then).
+        self._parked_keys: dict[str, set[str]] = {}
+        self._residency = Residency(
+            self.store, clock=clock, live=self.live, spawn=self._resume, horizon=self.horizon
+        )
         self._wakeups = Wakeups(clock)
         self._waits = EventWaits(self._bus, self._wakeups.wake)
         self._signals = SignalWaits(self._wakeups.wake)
@@ -183,6 +199,7 @@ class Engine:
             tasks=self.tasks,
             resources=self.resources,
             acting=lambda: self.serving and self.acting(),
+            horizon=self.horizon,
         )
 
     def _wake(self, process_id: str) -> None:
@@ -209,18 +226,18 @@ class Engine:
         for signal in await self.store.pending_signals():
             self._signals.keep(signal)
         self._me = self._owner()
-        if self._me is None:
-            unfinished = await self.store.unfinished()
-        else:  # a new leader: every process is its own from now, its predecessor fenced
-            unfinished = await self.store.take_over(self._me)
+        if self._me is not None:  # a new leader: every process is its own, its predecessor fenced
+            await self.store.take_over(self._me)
+        for topic, keys in await self.store.waiting_keys():
+            self._parked_keys.setdefault(topic, set()).add(keys)
         if self.resources is not None:  # holds and queues back before any process runs
-            await self.resources.open(unfinished)
-        if self._schedules is not None:  # before the processes run: no await once they do
+            await self.resources.open(self.store.unfinished_of)
+        if self._schedules is not None:  # before the processes run
             await self._schedules.open()
         self.serving = True
-        for process in unfinished:  # nothing awaited after this: the daemon answers at once
-            self._resumed.add(process.id)
-            self._spawn(process)
+        # The first page of those due; the loop reads the rest once the daemon answers.
+        await self._residency.open()
+        self._residency.start()
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
 
@@ -237,6 +254,7 @@ class Engine:
         self._stopping = True
         if self._schedules is not None:
             await self._schedules.close()
+        await self._residency.close()
         await self._runner.deadlines.close()
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -296,7 +314,10 @@ class Engine:
         triggered = self._triggers.get(topic, ())
         processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
         reserved, term = self._bus.reserve(), self._term
-        event = NewEvent(seq=reserved, topic=topic, data=encoded, key=key, published_at=now)
+        wakes = tuple(projection(keys, snapshot) for keys in self._parked_keys.get(topic, ()))
+        event = NewEvent(
+            seq=reserved, topic=topic, data=encoded, key=key, published_at=now, wakes=wakes
+        )
         seq = None
         try:
             created, seq = await self.store.create(processes, event)
@@ -308,7 +329,18 @@ class Engine:
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
+            for match in wakes:
+                await self._wake_parked(topic, match)
         return seq
+
+    async def _wake_parked(self, topic: str, match: str) -> None:
+        """Bring back the processes waiting as rows that this event matches (the event's
+        write made them due): each finds it as a restart would (`events_since` its wait
+        began). One that parks meanwhile wrote its row first, so the read finds it."""
+        ids = await self.store.waiters(topic, match, WAKE_LIMIT)
+        if len(ids) == WAKE_LIMIT:  # the rest are due now: the next open reads them
+            log.warning("event %s wakes over %d processes waiting as rows", topic, WAKE_LIMIT)
+        await self._residency.load(ids)
 
     async def _start_scheduled(self, mark: ScheduleMark, scheduled_at: str) -> None:
         """A schedule's tick: its process and the schedule's new mark in one transaction;
@@ -338,6 +370,7 @@ class Engine:
             updated_at=now,
             deadline_at=deadline,
             owner=self._me,
+            due_at=now,  # running: in memory until it waits
         )
 
     async def _run_created(self, processes: list[Process], term: int) -> None:
@@ -357,8 +390,12 @@ class Engine:
             if current is None or current.finished or not self.serving:
                 continue
             if process.id not in self._resumed and process.id not in self.live:
-                self._resumed.add(process.id)
-                self._spawn(current)
+                self._resume(current)
+
+    def _resume(self, process: Process) -> None:
+        """A stored process back in memory (at open, when due, or for a request)."""
+        self._resumed.add(process.id)
+        self._spawn(process)
 
     def _started(self, process: Process) -> None:
         self.counts[(process.workflow, process.status)] += 1
@@ -370,12 +407,8 @@ class Engine:
         self.live[process.id] = process
         self._wakeups.add(process.id)
         answered = self._done.setdefault(process.id, asyncio.Event())
-        definition = self.definition_of(process)
-        if definition is not None and definition.respond_after is not None:
-            names = [step.name for step in definition.steps[: process.position]]
-            ended = {n for n, b in process.branches.items() if b.state in _GONE_PAST}
-            if definition.respond_after in {*names, *ended}:  # resumed past it: answer at once
-                answered.set()
+        if self._past_response(process):  # resumed past its `respond_after`: answer at once
+            answered.set()
         self._runner.deadlines.arm(process)
         task = asyncio.create_task(self._run(process), name=f"process:{process.id}")
         self._tasks[process.id] = task
@@ -385,12 +418,13 @@ class Engine:
     async def cancel(self, process_id: str) -> Process:
         process = await self._running(process_id)
         if not process.cancel_requested:
+            due = process.due_at
             process.cancel_requested = True
-            process.updated_at = self._clock()
+            process.updated_at = process.due_at = self._clock()  # due now, even after a crash
             try:
                 await self.store.checkpoint(process)  # durable before the 202
             except StoreUnavailable:
-                process.cancel_requested = False  # the 503 says "not made": make it so
+                process.cancel_requested, process.due_at = False, due  # the 503: not made
                 raise
             self._wakeups.wake(process.id)
         return process
@@ -403,10 +437,12 @@ class Engine:
             raise ProcessFinished(f"process {process_id} is {process.status}")
         encoded = orjson.dumps(data)
         signal = await self.store.add_signal(process_id, name, encoded, self._clock())
-        if process.finished or process_id not in self.live:
+        if process.finished:
             # It finished meanwhile: nothing will take it (the row goes with the process).
             raise ProcessFinished(f"process {process_id} is {process.status}")
         self._signals.keep(signal)
+        if process_id not in self.live:  # it parked meanwhile: back, to take it
+            await self._residency.load([process_id])
         return process
 
     def _check_serving(self) -> None:
@@ -416,8 +452,11 @@ class Engine:
             raise StoreUnavailable("the workflow engine is not running on this replica")
 
     async def _running(self, process_id: str) -> Process:
-        """The live process, else UnknownProcess (404) or ProcessFinished (409)."""
+        """The live process (brought into memory when it waits as a row), else
+        UnknownProcess (404) or ProcessFinished (409)."""
         self._check_serving()
+        if process_id not in self.live:
+            await self._residency.load([process_id])
         process = self.live.get(process_id)
         if process is None:
             stored = await self.store.get(process_id)
@@ -430,23 +469,41 @@ class Engine:
         """True when the process has finished within `seconds`, or done its workflow's
         `respond_after` step."""
         done = self._done.get(process_id)
-        if done is None:
-            return True  # not live: finished already (or unknown)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await done.wait()
+        if done is None:  # not in memory: finished already (or unknown), or waiting as a row
+            stored = await self.store.get(process_id)
+            if stored is None or stored[0].finished or self._past_response(stored[0]):
+                return True
+            if process_id in self.live:  # brought back while it was read
+                return await self.wait(process_id, seconds)
+            done = self._done.setdefault(process_id, asyncio.Event())  # set when it ends
+        self._awaited[process_id] += 1
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await done.wait()
+        finally:
+            self._awaited[process_id] -= 1
+            if not self._awaited[process_id]:
+                del self._awaited[process_id]
+                if process_id not in self.live:  # a row again: its answer waits for nobody
+                    self._done.pop(process_id, None)
         return done.is_set()
 
     # -- the process task --------------------------------------------------------
 
     async def _run(self, process: Process) -> None:
+        parked = False
         try:
             await self._runner.run(process)
+        except Parked as wait:  # waits beyond the horizon: a row until due (or woken)
+            parked = True
+            if wait.topic is not None and wait.keys is not None:
+                self._parked_keys.setdefault(wait.topic, set()).add(wait.keys)
         except Fenced:  # another replica's engine took it over: it is theirs to run
             log.warning("process %s: taken over by another replica; stops here", process.id)
         finally:
             if process.finished or not self._stopping:
-                self._forget(process)
+                self._forget(process, parked=parked)
 
     # -- definitions -------------------------------------------------------------
 
@@ -640,17 +697,34 @@ class Engine:
             stored = again[1]
         return stored + live.writing + live.pending
 
+    def _past_response(self, process: Process) -> bool:
+        """Whether the process has done its workflow's `respond_after` step."""
+        definition = self.definition_of(process)
+        if definition is None or definition.respond_after is None:
+            return False
+        names = [step.name for step in definition.steps[: process.position]]
+        ended = {n for n, b in process.branches.items() if b.state in _GONE_PAST}
+        return definition.respond_after in {*names, *ended}
+
     def _respond(self, process_id: str) -> None:
         answered = self._done.get(process_id)
         if answered is not None:
             answered.set()
 
-    def _forget(self, process: Process) -> None:
+    def _forget(self, process: Process, *, parked: bool = False) -> None:
+        """The process leaves memory: it finished, or it parked (then its signals stay
+        kept, and a `?wait=` on it goes on waiting for its end)."""
         self.live.pop(process.id, None)
         self._tasks.pop(process.id, None)
         self._wakeups.remove(process.id)
-        self._signals.forget(process.id)
+        self._residency.left(process.id)
+        if parked:
+            self._runner.deadlines.cancel(process.id)  # due by it: back before it passes
+            if process.id not in self._awaited:  # else kept: it answers them when it ends
+                self._done.pop(process.id, None)
+            return
         done = self._done.pop(process.id, None)
+        self._signals.forget(process.id)
         if done is not None:
             done.set()
 

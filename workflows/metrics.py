@@ -163,14 +163,16 @@ class CallMetrics:
 
 
 class ProcessCollector(Collector):
-    """`hms_workflow_processes{workflow,status}` and `hms_events_published_total{topic}`."""
+    """`hms_workflow_processes{workflow,status}`, `hms_workflow_processes_in_memory` and
+    `hms_events_published_total{topic}`."""
 
     def __init__(
         self,
         counts: Callable[[], Counter[tuple[str, str]]],
         published: Callable[[], Counter[str]],
+        in_memory: Callable[[], int] = lambda: 0,
     ) -> None:
-        self._counts, self._published = counts, published
+        self._counts, self._published, self._in_memory = counts, published, in_memory
 
     def collect(self) -> Iterator[Metric]:
         processes = GaugeMetricFamily(
@@ -181,6 +183,12 @@ class ProcessCollector(Collector):
         for (workflow, status), count in sorted(self._counts().items()):
             processes.add_metric([workflow, status], count)
         yield processes
+        yield GaugeMetricFamily(
+            "hms_workflow_processes_in_memory",
+            "Unfinished processes the engine holds in memory: those running or due within "
+            "its horizon; the others wait as rows.",
+            value=self._in_memory(),
+        )
         events = CounterMetricFamily(
             "hms_events_published",
             'Events published on the bus, by topic (topics the config does not name: "other").',

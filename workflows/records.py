@@ -287,6 +287,9 @@ class NewEvent:
     data: bytes  # JSON, encoded once at publish: the stored row is the event as published
     key: str
     published_at: float
+    # The stored matches (records.match_key) of waiters it satisfies: the write makes them
+    # due at once, so a crash before they take it cannot leave them waiting as rows.
+    wakes: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

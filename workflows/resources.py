@@ -119,8 +119,9 @@ class ResourcePool:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    async def open(self, unfinished: Iterable[Process]) -> None:
-        """Rebuild from the stored rows: holds of unfinished processes stay held, their
+    async def open(self, unfinished: Callable[[list[str]], Awaitable[list[Process]]]) -> None:
+        """Rebuild from the stored rows: holds of unfinished processes (`unfinished` reads
+        those of the ids given, in memory or not) stay held, their
         waiters re-queue in stored order (a request that will never run is dropped: its
         process was cancelled, or it is a branch a sibling's failure halted); rows of
         ended processes are released. Then whatever now fits is granted. One write."""
@@ -130,10 +131,11 @@ class ResourcePool:
         self._slots, self._requests = {}, {}
         self.in_use.clear()
         self.waiting.clear()
-        processes = {p.id: p for p in unfinished}
+        holds = await self.store.holds()
+        processes = {p.id: p for p in await unfinished(sorted({h.process for h in holds}))}
         released: set[str] = set()
         left: list[tuple[str, str]] = []
-        for hold in await self.store.holds():
+        for hold in holds:
             self._seq = max(self._seq, hold.seq)
             process = processes.get(hold.process)
             if process is None:

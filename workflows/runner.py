@@ -28,7 +28,7 @@ from .definition import Call, Definition, Parallel, Publish, Step, Task, WaitFor
 from .describe import template_context
 from .errors import Fenced
 from .metrics import WorkflowMetrics
-from .records import Attempt, Branch, Process, Strand, failure
+from .records import Attempt, Branch, Process, Strand, failure, match_key
 from .resources import ResourcePool
 from .states import AttemptKind, AttemptOutcome, BranchState, ProcessStatus, StepKind
 from .tasks import Opened, StaleDelivery, TaskQueues, outcome
@@ -52,6 +52,16 @@ Outcome = Callable[[str, float, bool], None]
 Publisher = Callable[[str, Mapping[str, Any], str | None], Awaitable[int | None]]
 
 
+class Parked(Exception):
+    """Raised at a wait that lasts beyond the horizon: the process leaves memory, its row
+    (written by the checkpoint before the wait) brings it back when due (residency.py).
+    `topic`/`keys`: the event it waits for, so a publish on it asks the store."""
+
+    def __init__(self, process: Process) -> None:
+        super().__init__(process.id)
+        self.topic, self.keys = process.wait_topic, process.wait_keys
+
+
 class ProcessRunner:
     def __init__(
         self,
@@ -73,8 +83,10 @@ class ProcessRunner:
         tasks: TaskQueues | None = None,
         resources: ResourcePool | None = None,
         acting: Callable[[], bool] = lambda: True,
+        horizon: float | None = None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
+        self._horizon = horizon  # None: every process stays in memory
         # Replicas: whether this replica still leads, asked right before anything leaves it
         # (a call, a publish, a task), not only at the checkpoint after: a leader paused
         # past its lease wakes with its timers overdue and must not act on them.
@@ -115,6 +127,8 @@ class ProcessRunner:
                     pause = min(pause * 2, STORAGE_RETRY_MAX)
         except asyncio.CancelledError:
             self._end_lost(process, StoreUnavailable("the daemon stops: answer not recorded"))
+            raise
+        except Parked:  # nothing in flight (see _park): its row says everything
             raise
         except Fenced:  # another replica runs it now: nothing of it is ours to write or free
             self._end_lost(process, StoreUnavailable("taken over by another replica"))
@@ -208,6 +222,7 @@ class ProcessRunner:
             state.wake_at = self._clock() + step.delay
             await self._checkpoint(strand.process, ProcessStatus.WAITING, strand)
         if state.wake_at is not None:
+            self._park(strand)
             if not await self._wakeups.sleep(strand, state.wake_at):
                 return False
             state.wake_at = None
@@ -571,6 +586,9 @@ class ProcessRunner:
         except templates.TemplateError as exc:
             return CallResult(ok=False, error=str(exc), retryable=False)
         started = self._clock()
+        if not strand.name:  # the main line's wait is in its row: a publish finds it there
+            process.wait_topic = wait.event
+            process.wait_keys, process.wait_match = match_key(match)
         self._waits.waiting.setdefault(wait.event, {})[key] = match
         try:
             if state.wait_seq is None:  # registered above first, so nothing slips between
@@ -584,6 +602,8 @@ class ProcessRunner:
                         self._waits.arrived.setdefault(key, stored)
                         break
             while key not in self._waits.arrived and not strand.stopped():
+                if self._waits.settled:  # no event of those stored is still on its way here
+                    self._park(strand)
                 if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
         finally:
@@ -616,6 +636,7 @@ class ProcessRunner:
         try:
             signal = self._signals.take(process.id, name)
             while signal is None and not strand.stopped():
+                self._park(strand)
                 if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
                 signal = self._signals.take(process.id, name)
@@ -783,6 +804,7 @@ class ProcessRunner:
             return
         process.deadline_missed = True
         await self._store_durably(process)
+        self._wakeups.wake(process.id)  # due by its timer alone now: it may park
         self._metrics.deadline_missed(process.workflow)
         self.emit("workflow.deadline_missed", process)
         if self._outcome is not None:
@@ -843,6 +865,7 @@ class ProcessRunner:
     async def _store_durably(self, process: Process) -> None:
         """Checkpoint, waiting out a storage failure (disk full, read-only): the process
         holds where it is rather than fail or run ahead of what is on disk."""
+        self._set_due(process)
         pause = STORAGE_RETRY_MIN
         while True:
             try:
@@ -852,6 +875,56 @@ class ProcessRunner:
                 log.debug("process %s waits for storage (%.1fs)", process.id, pause)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
+
+    def _set_due(self, process: Process) -> None:
+        """When the process must be in memory again, as its checkpoint writes it: its
+        timer at a delay, a backoff or a wait (None: a wait only an event or a signal
+        ends), its deadline if sooner; now while it runs or waits on anything else (a
+        task, a resource, a compensation, a branch, a cancel): those stay in memory."""
+        definition = self._definition(process)
+        due: float | None = process.updated_at
+        event = None
+        if (
+            process.status == ProcessStatus.WAITING
+            and not process.cancel_requested
+            and process.compensating_from is None
+            and definition is not None
+            and process.position < len(definition.steps)
+            and not any(b.state == BranchState.RUNNING for b in process.branches.values())
+        ):
+            action = definition.steps[process.position].action
+            if isinstance(action, WaitFor) and process.wait_seq is not None:
+                due, event = process.wake_at, action.event
+            elif process.wake_at is not None:
+                due = process.wake_at
+        if process.deadline_at is not None and not process.deadline_missed:
+            due = process.deadline_at if due is None else min(due, process.deadline_at)
+        process.due_at = None if process.finished else due
+        if event is None:
+            process.wait_topic = process.wait_keys = process.wait_match = None
+
+    def _park(self, strand: Strand) -> None:
+        """Leave memory (raise Parked) when the main line is about to wait beyond the
+        horizon with nothing in flight: no history, signal or task answer unwritten, no
+        task being opened, no branch running. The due time is the one its last
+        checkpoint wrote, so the row brings it back in time; one resumed from a row
+        written before due times existed stays (its row says due now)."""
+        process = strand.process
+        if self._horizon is None or strand.name or strand.stopped():
+            return
+        if process.pending or process.writing or process.task_ends or process.taken_signals:
+            return
+        if process.task_open is not None or process.finished:
+            return
+        if any(b.state == BranchState.RUNNING for b in process.branches.values()):
+            return
+        due = process.due_at
+        if due is None:  # only an event or a signal ends the wait: is that what it waits for?
+            if process.wait_seq is None:
+                return
+        elif due <= self._clock() + self._horizon:
+            return
+        raise Parked(process)
 
     def _end_lost(self, process: Process, error: BaseException) -> None:
         """A handed-over answer that no checkpoint will write: its worker hears so (and

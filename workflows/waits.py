@@ -71,6 +71,12 @@ class EventWaits:
         self.arrived: dict[str, StoredEvent] = {}
         self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see deliver)
 
+    @property
+    def settled(self) -> bool:
+        """No stored event waits for an earlier one to be written before delivery: a
+        process leaving memory now misses none (a publish after finds its row)."""
+        return not self._stored
+
     def deliver(self, event: StoredEvent | None = None) -> None:
         """Hand stored events to waiting processes in id order, up to the bus's position,
         as the bus does: an event whose earlier reservation is still being written waits.

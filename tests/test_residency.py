@@ -1,0 +1,221 @@
+"""Processes waiting beyond the engine's horizon wait as rows, not in memory (issue 17
+item 5): their timers still fire on time, and a cancel, a signal or a matching event
+brings them back. The horizon is shortened to 0.4 s here so 1.5 s counts as far away."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from monitor.config import Config
+from monitor.keys import ENGINE
+
+from .conftest import BOTH_STORES, AppClient, metric_families, until
+from .services import Calls, service_app
+
+STORES = BOTH_STORES
+HORIZON = 0.4
+
+RESERVE = {
+    "name": "reserve",
+    "call": {"service": "ach", "path": "/reserve"},
+    "compensate": {"service": "ach", "path": "/release"},
+}
+TIMED = {
+    "name": "Timed",
+    "steps": [
+        RESERVE,
+        {"name": "after", "delay": "1500ms", "call": {"service": "ach", "path": "/after"}},
+    ],
+}
+SIGNALLED = {
+    "name": "Signalled",
+    "steps": [
+        {"name": "docs", "wait_for": {"signal": "go", "timeout": "1h"}},
+        {"name": "approve", "call": {"service": "ach", "path": "/approve"}},
+    ],
+}
+EVENTED = {
+    "name": "Evented",
+    "steps": [
+        {
+            "name": "settled",
+            "wait_for": {"event": "payment.settled", "match": {"grant": "{input.grant}"}},
+        },
+        {"name": "record", "call": {"service": "ach", "path": "/record"}},
+    ],
+}
+LATE = {
+    "name": "Late",
+    "deadline": "1s",
+    "steps": [{"name": "later", "delay": "1h", "call": {"service": "ach", "path": "/later"}}],
+}
+WORKFLOWS = [TIMED, SIGNALLED, EVENTED, LATE]
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+async def service(calls: Calls) -> AsyncIterator[TestServer]:
+    server = TestServer(service_app(calls), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@pytest.fixture
+async def daemon(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    service: TestServer,
+) -> AppClient:
+    client = await start_daemon(make_config(workflows=WORKFLOWS))
+    engine = client.app[ENGINE]
+    await engine.close()  # the horizon is read at open
+    engine.horizon = HORIZON
+    await engine.open()
+    resp = await client.put(
+        "/v1/services/ach/instances/i1", json={"url": str(service.make_url("/"))}
+    )
+    assert resp.status in (200, 201), await resp.text()
+    return client
+
+
+async def start(client: AppClient, name: str, input_: dict[str, Any] | None = None) -> str:
+    resp = await client.post(f"/v1/workflows/{name}", json={"input": input_ or {}})
+    assert resp.status == 202, await resp.text()
+    process_id: str = (await resp.json())["id"]
+    return process_id
+
+
+async def process(client: AppClient, process_id: str) -> dict[str, Any]:
+    resp = await client.get(f"/v1/processes/{process_id}")
+    assert resp.status == 200, await resp.text()
+    found: dict[str, Any] = await resp.json()
+    return found
+
+
+async def in_memory(client: AppClient) -> float:
+    families = await metric_families(client)
+    return families["hms_workflow_processes_in_memory"].samples[0].value
+
+
+async def all_rows(client: AppClient, count: int) -> None:
+    """Wait until no process is in memory while `count` wait (each at its wait)."""
+
+    async def parked() -> bool:
+        resp = await client.get("/v1/processes?status=waiting")
+        waiting = (await resp.json())["processes"]
+        return len(waiting) == count and await in_memory(client) == 0
+
+    await until(parked)
+
+
+async def finished(client: AppClient, process_id: str, status: str = "completed") -> None:
+    async def done() -> bool:
+        return (await process(client, process_id))["status"] == status
+
+    await until(done)
+
+
+async def test_a_timer_beyond_the_horizon_waits_as_a_row_and_fires_on_time(
+    daemon: AppClient, calls: Calls
+) -> None:
+    started = time.time()
+    ids = [await start(daemon, "Timed") for _ in range(5)]
+    await all_rows(daemon, 5)
+    assert calls.paths().count("/after") == 0
+    view = await process(daemon, ids[0])
+    assert view["waiting_for"]["kind"] == "delay", view  # the API shows the row as it waits
+
+    for process_id in ids:
+        await finished(daemon, process_id)
+    seen = [time.time()]
+    assert seen[0] - started >= 1.5  # not before its timer
+    assert sorted(calls.keys("/after")) == sorted(f"{p}/after" for p in ids)  # once each
+    history = (await process(daemon, ids[0]))["history"]
+    assert [line["step"] for line in history] == ["reserve", "after"]
+    assert await in_memory(daemon) == 0
+
+
+async def test_a_cancel_reaches_a_process_waiting_as_a_row(daemon: AppClient, calls: Calls) -> None:
+    process_id = await start(daemon, "Timed")
+    await all_rows(daemon, 1)
+    resp = await daemon.post(f"/v1/processes/{process_id}/cancel")
+    assert resp.status == 202, await resp.text()
+    await finished(daemon, process_id, "cancelled")
+    assert calls.keys("/release") == [f"{process_id}/reserve"]  # its compensation ran
+    await asyncio.sleep(1.6)  # past its timer: the step it was waiting for never runs
+    assert calls.keys("/after") == []
+
+
+async def test_a_signal_reaches_a_process_waiting_as_a_row(daemon: AppClient, calls: Calls) -> None:
+    process_id = await start(daemon, "Signalled")
+    await all_rows(daemon, 1)
+    resp = await daemon.post(f"/v1/processes/{process_id}/signals/go", json={"ok": True})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, process_id)
+    view = await process(daemon, process_id)
+    assert view["outputs"]["docs"] == {"ok": True}
+    assert calls.keys("/approve") == [f"{process_id}/approve"]
+
+
+async def test_an_event_wakes_only_the_rows_its_match_accepts(
+    daemon: AppClient, calls: Calls
+) -> None:
+    first = await start(daemon, "Evented", {"grant": "g-1"})
+    second = await start(daemon, "Evented", {"grant": "g-2"})
+    await all_rows(daemon, 2)
+
+    resp = await daemon.post("/v1/events/payment.settled", json={"grant": "g-2", "amount": 5})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, second)
+    assert (await process(daemon, second))["outputs"]["settled"]["amount"] == 5
+    await all_rows(daemon, 1)  # the other is back to a row, still waiting for its own
+    assert (await process(daemon, first))["status"] == "waiting"
+    assert calls.keys("/record") == [f"{second}/record"]
+
+
+async def test_a_deadline_fires_for_a_process_waiting_as_a_row(daemon: AppClient) -> None:
+    process_id = await start(daemon, "Late")
+
+    async def missed() -> bool:
+        return bool((await process(daemon, process_id))["deadline_missed"])
+
+    await until(missed)
+    await all_rows(daemon, 1)  # due by its timer alone now: an hour away
+    assert (await process(daemon, process_id))["status"] == "waiting"
+
+
+async def test_after_a_restart_only_processes_due_come_back_and_their_timers_fire(
+    daemon: AppClient, calls: Calls
+) -> None:
+    timed = [await start(daemon, "Timed") for _ in range(3)]
+    signalled = await start(daemon, "Signalled")
+    await all_rows(daemon, 4)
+    engine = daemon.app[ENGINE]
+    await engine.close()
+    await engine.open()
+    assert await in_memory(daemon) == 0  # none due within the horizon at open
+    for process_id in timed:
+        await finished(daemon, process_id)
+    assert sorted(calls.keys("/after")) == sorted(f"{p}/after" for p in timed)
+    resp = await daemon.post(f"/v1/processes/{signalled}/signals/go", json={})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, signalled)
+
+
+async def test_a_synchronous_start_waits_on_through_its_process_waiting_as_a_row(
+    daemon: AppClient,
+) -> None:
+    resp = await daemon.post("/v1/workflows/Timed?wait=10s", json={"input": {}})
+    assert resp.status == 200, await resp.text()  # it ended within the wait, as a row between
+    assert (await resp.json())["status"] == "completed"
