@@ -30,12 +30,15 @@ from workflows.records import (
     StoredDefinition,
     TaskEnd,
     TaskOpen,
+    match_key,
+    projection,
 )
 from workflows.states import AttemptKind, AttemptOutcome, ProcessStatus, TaskState
-from workflows.stores.postgres import PgWorkflowStore
+from workflows.stores.postgres import MIGRATIONS, PgWorkflowStore
 from workflows.stores.postgres_tasks import PgTaskStore
 from workflows.stores.sqlite import SqliteWorkflowStore
 from workflows.stores.sqlite_tasks import ClaimLost, SqliteTaskStore
+from workflows.waits import matches
 
 from .pg import PostgresCluster
 
@@ -376,6 +379,35 @@ async def test_a_checkpoint_of_a_process_claimed_elsewhere_is_fenced(handle: Han
     assert (stored[0].status, [a.step for a in stored[1]]) == (ProcessStatus.RUNNING, ["b"])
 
 
+async def test_take_over_makes_every_unfinished_process_the_new_leaders(handle: Handle) -> None:
+    """A new leader takes them all; the old one's checkpoints are fenced from then."""
+    store = handle.store
+    stale, _, done, _ = await create(
+        store,
+        new_process(1, owner="r1/a"),
+        new_process(2, owner="r1/a"),
+        new_process(3, owner="r1/a"),
+        new_process(4, owner="r2/b"),  # already the new leader's
+    )
+    done.status, done.finished_at = ProcessStatus.COMPLETED, 9.0
+    await store.checkpoint(done)
+
+    assert await store.take_over("r2/b") == 2
+    assert await store.take_over("r2/b") == 0
+    owners = {p.id: p.owner for p in await store.page(None, None, 10, None)}
+    assert owners == {"p0001": "r2/b", "p0002": "r2/b", "p0003": "r1/a", "p0004": "r2/b"}
+    stale.status, stale.pending = ProcessStatus.RUNNING, [attempt("a")]
+    with pytest.raises(Fenced):
+        await store.checkpoint(stale)
+    [mine] = await store.unfinished_of(["p0001"])
+    assert (mine.status, mine.history_count) == (ProcessStatus.STARTED, 0)
+    mine.status, mine.pending = ProcessStatus.RUNNING, [attempt("b")]
+    await store.checkpoint(mine)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].status, [a.step for a in stored[1]]) == (ProcessStatus.RUNNING, ["b"])
+
+
 async def test_claim_orphans_takes_dead_owners_unfinished_processes_oldest_first(
     handle: Handle,
 ) -> None:
@@ -457,6 +489,188 @@ async def test_unfinished_are_the_open_processes_oldest_first(handle: Handle) ->
     await store.checkpoint(c)
     open_ = await store.unfinished()
     assert [(p.id, p.history_count) for p in open_] == [("p0001", 0), ("p0003", 2)]
+
+
+# -- residency: what the engine loads (workflows/engine.py keeps only those due in memory)
+
+
+async def test_due_are_the_unfinished_processes_due_by_then_in_due_order(handle: Handle) -> None:
+    store = handle.store
+    processes = await create(
+        store,
+        new_process(1, due_at=10.0),
+        new_process(2, due_at=5.0),
+        new_process(3, due_at=10.0),
+        new_process(4, due_at=20.0),  # after the window
+        new_process(5),  # only an event, a signal or a cancel wakes it
+        new_process(6, due_at=7.0),
+    )
+    processes[0].pending = [attempt("a"), attempt("b")]
+    await store.checkpoint(processes[0])
+    processes[5].status, processes[5].finished_at = ProcessStatus.COMPLETED, 8.0
+    await store.checkpoint(processes[5])
+
+    due = await store.due(None, 10.0, 10)  # the bound is in the window
+    assert [(p.id, p.due_at, p.history_count) for p in due] == [
+        ("p0002", 5.0, 0),
+        ("p0001", 10.0, 2),
+        ("p0003", 10.0, 0),
+    ]
+    assert due[1].input == {"n": 1}  # the whole process, to run
+    assert [p.id for p in await store.due(None, 10.0, 2)] == ["p0002", "p0001"]
+    assert [p.id for p in await store.due(None, 4.0, 10)] == []
+
+
+async def test_due_pages_on_due_at_and_seq_through_ties(handle: Handle) -> None:
+    store = handle.store
+    await create(
+        store,
+        *(new_process(n, due_at=10.0) for n in range(1, 6)),
+        new_process(6, due_at=5.0),
+        new_process(7, due_at=12.0),
+    )
+    pages: list[list[str]] = []
+    after: tuple[float, int] | None = None
+    for _ in range(5):  # bounded: a cursor that does not move must fail, not hang
+        page = await store.due(after, 12.0, 2)
+        pages.append([p.id for p in page])
+        if page:
+            assert page[-1].due_at is not None
+            after = (page[-1].due_at, page[-1].seq)
+    assert pages == [
+        ["p0006", "p0001"],
+        ["p0002", "p0003"],
+        ["p0004", "p0005"],
+        ["p0007"],
+        [],
+    ]
+    [third] = [p for p in await store.due(None, 12.0, 10) if p.id == "p0003"]
+    after_third = await store.due((10.0, third.seq), 12.0, 10)
+    assert [p.id for p in after_third] == ["p0004", "p0005", "p0007"]
+
+
+async def test_a_checkpoint_keeps_when_a_process_is_due_and_what_it_waits_for(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    [process] = await create(store, new_process(1, due_at=101.0))
+    keys, match = match_key({"order": "o-1"})
+    process.status, process.due_at = ProcessStatus.WAITING, 160.0
+    process.wait_topic, process.wait_keys, process.wait_match = "paid", keys, match
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    got = stored[0]
+    assert (got.due_at, got.wait_topic, got.wait_keys, got.wait_match) == (
+        160.0,
+        "paid",
+        '["order"]',
+        '{"order":"o-1"}',
+    )
+    process.status, process.due_at = ProcessStatus.RUNNING, None  # the event came
+    process.wait_topic = process.wait_keys = process.wait_match = None
+    await store.checkpoint(process)
+    [open_] = await store.unfinished()
+    assert (open_.due_at, open_.wait_topic, open_.wait_keys, open_.wait_match) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    assert await store.waiting_keys() == []
+
+
+def waiting(n: int, topic: str, match: dict[str, Any], **kw: Any) -> Process:
+    keys, stored = match_key(match)
+    return new_process(n, wait_topic=topic, wait_keys=keys, wait_match=stored, **kw)
+
+
+async def test_waiters_are_the_unfinished_processes_whose_stored_match_is_the_events(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    processes = await create(
+        store,
+        waiting(1, "paid", {"order": 1}),
+        waiting(2, "paid", {"order": 2}),
+        waiting(3, "shipped", {"order": 1}),
+        waiting(4, "paid", {"order": 1}),
+        waiting(5, "paid", {"order": 1, "region": "eu"}),
+        waiting(6, "paid", {"order": 1}),
+        new_process(7),
+    )
+    processes[3].status, processes[3].finished_at = ProcessStatus.CANCELLED, 9.0
+    await store.checkpoint(processes[3])
+    data = {"order": 1, "region": "us"}
+    one = projection('["order"]', data)
+    assert sorted(await store.waiters("paid", one, 10)) == ["p0001", "p0006"]
+    assert len(await store.waiters("paid", one, 1)) == 1
+    assert await store.waiters("paid", projection('["order","region"]', data), 10) == []
+    eu = projection('["order","region"]', {**data, "region": "eu"})
+    assert await store.waiters("paid", eu, 10) == ["p0005"]
+    assert await store.waiters("refunded", one, 10) == []
+
+
+# (stored match, event data, whether waits.matches holds): a publish finds a waiter by its
+# stored match exactly when the engine in memory would hand it the event.
+MATCH_CASES: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
+    ({"order": 1}, {"order": 1, "other": 2}, True),
+    ({"order": 1}, {"order": 2}, False),
+    ({"order": 1}, {}, False),
+    ({"order": None}, {}, True),  # a missing key reads as null
+    ({"order": None}, {"order": None}, True),
+    ({"order": None}, {"order": 0}, False),
+    ({"b": "x", "a": 1}, {"a": 1, "b": "x"}, True),
+    ({"o": {"id": 1, "tags": ["a", "b"]}}, {"o": {"tags": ["a", "b"], "id": 1}}, True),
+    ({"o": {"id": 1}}, {"o": {"id": 1, "more": 2}}, False),  # nested values whole, not a part
+    ({"tags": ["a", "b"]}, {"tags": ["b", "a"]}, False),
+    ({"s": "1"}, {"s": 1}, False),
+    ({"name": "Zoë"}, {"name": "Zoë"}, True),
+    ({}, {"anything": 1}, True),
+]
+
+
+async def test_a_waiter_is_found_exactly_when_the_event_matches(handle: Handle) -> None:
+    store = handle.store
+    await create(store, *(waiting(n, f"t{n}", m) for n, (m, _, _) in enumerate(MATCH_CASES)))
+    for n, (match, data, expected) in enumerate(MATCH_CASES):
+        keys, stored = match_key(match)
+        assert matches(match, data) is expected, (match, data)
+        assert (projection(keys, data) == stored) is expected, (match, data)
+        found = await store.waiters(f"t{n}", projection(keys, data), 10)
+        assert found == ([f"p{n:04d}"] if expected else []), (match, data)
+
+
+async def test_waiting_keys_are_distinct_over_unfinished_processes(handle: Handle) -> None:
+    store = handle.store
+    processes = await create(
+        store,
+        waiting(1, "paid", {"order": 1}),
+        waiting(2, "paid", {"order": 2}),
+        waiting(3, "paid", {"order": 1, "region": "eu"}),
+        waiting(4, "shipped", {"order": 1}),
+        waiting(5, "refunded", {"order": 1}),
+        new_process(6),
+    )
+    processes[4].status, processes[4].finished_at = ProcessStatus.COMPLETED, 9.0
+    await store.checkpoint(processes[4])
+    assert sorted(await store.waiting_keys()) == [
+        ("paid", '["order","region"]'),
+        ("paid", '["order"]'),
+        ("shipped", '["order"]'),
+    ]
+
+
+async def test_unfinished_of_reads_those_of_the_ids_not_finished(handle: Handle) -> None:
+    store = handle.store
+    one, two, _ = await create(store, new_process(1), new_process(2), new_process(3))
+    one.pending = [attempt("a")]
+    await store.checkpoint(one)
+    two.status, two.finished_at = ProcessStatus.FAILED, 9.0
+    await store.checkpoint(two)
+    got = await store.unfinished_of(["p0002", "p0001", "nope"])
+    assert [(p.id, p.history_count, p.input) for p in got] == [("p0001", 1, {"n": 1})]
+    assert await store.unfinished_of([]) == []
 
 
 async def test_page_is_newest_first_with_a_cursor_and_filters(handle: Handle) -> None:
@@ -624,3 +838,98 @@ async def test_a_reopened_store_reads_back_what_was_written(
         )
         assert await handle.store.last_event_seq() == 9
         assert await handle.store.counts() == {("Pay", ProcessStatus.WAITING): 1}
+
+
+# -- stores written before residency ----------------------------------------------------
+
+# The processes table as the release before residency wrote it (no due_at, no wait).
+OLD_PROCESSES = """
+CREATE TABLE processes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    workflow TEXT NOT NULL,
+    status TEXT NOT NULL,
+    input TEXT NOT NULL,
+    outputs TEXT NOT NULL,
+    idempotency_key TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    deadline_at REAL,
+    deadline_missed INTEGER NOT NULL DEFAULT 0,
+    position INTEGER NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    wake_at REAL,
+    wait_seq INTEGER,
+    compensating_from INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    output TEXT,
+    workflow_version INTEGER NOT NULL DEFAULT 1,
+    branches TEXT,
+    owner TEXT,
+    UNIQUE (workflow, idempotency_key)
+)
+"""
+OLD_ROWS = (
+    "INSERT INTO processes (id, workflow, status, input, outputs, created_at, updated_at, "
+    "finished_at) VALUES ('p-waiting', 'Pay', 'waiting', '{}', '{}', 1.0, 2.0, NULL), "
+    "('p-done', 'Pay', 'completed', '{}', '{}', 1.0, 3.0, 3.0)"
+)
+
+
+async def assert_due_at_their_last_checkpoint(store: WorkflowStore) -> None:
+    """What was unfinished is due at its last checkpoint (the next open loads it); the rest
+    never is; and checkpoints write the new columns."""
+    [old] = await store.due(None, float("inf"), 10)
+    assert (old.id, old.due_at, old.wait_topic, old.wait_keys, old.wait_match) == (
+        "p-waiting",
+        2.0,
+        None,
+        None,
+        None,
+    )
+    done = await store.get("p-done")
+    assert done is not None and done[0].due_at is None
+    old.due_at, old.wait_topic, old.wait_keys, old.wait_match = 50.0, "paid", "[]", "{}"
+    await store.checkpoint(old)
+    assert await store.waiters("paid", "{}", 10) == ["p-waiting"]
+    assert [p.due_at for p in await store.due(None, 60.0, 10)] == [50.0]
+
+
+async def test_an_sqlite_file_from_before_residency_gets_its_columns_at_open(
+    tmp_path: Path,
+) -> None:
+    def leave_processes(d: Any) -> None:
+        d.execute(OLD_PROCESSES)
+        d.execute(OLD_ROWS)
+
+    db = Database(tmp_path / "hms.db")
+    await db.open()
+    try:
+        await db.write(leave_processes)
+        store = SqliteWorkflowStore(db)
+        await store.create_tables()
+        await assert_due_at_their_last_checkpoint(store)
+    finally:
+        await db.close()
+
+
+async def test_a_postgres_database_from_before_residency_gets_its_columns_at_open(
+    postgres: PostgresCluster,
+) -> None:
+    before_residency = 16  # how many migration steps that release had
+
+    def leave_processes(conn: Any) -> None:
+        conn.execute(OLD_ROWS)
+
+    db = PgDatabase(postgres.database())
+    await db.open()
+    try:
+        await db.migrate("workflows", MIGRATIONS[:before_residency])
+        await db.write(leave_processes)
+        store = PgWorkflowStore(db)
+        await store.create_tables()
+        await assert_due_at_their_last_checkpoint(store)
+    finally:
+        await db.close()

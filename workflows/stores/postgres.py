@@ -29,7 +29,7 @@ from workflows.states import ProcessStatus
 
 from .postgres_schedules import write_mark
 from .postgres_tasks import cancel_open_in, open_in, write_end
-from .sqlite import _attempt, _process, fenced
+from .sqlite import _attempt, _process, fenced, keys_of
 
 __all__ = ["MIGRATIONS", "PgWorkflowStore"]
 
@@ -109,17 +109,28 @@ MIGRATIONS = (
     # The member key running the process (Process.owner): checkpoints are fenced by it.
     "ALTER TABLE processes ADD COLUMN owner TEXT",
     "CREATE INDEX processes_owner ON processes (owner, seq) WHERE finished_at IS NULL",
+    # Residency (Process.due_at, the event it waits for). Processes stored before would
+    # never be due (the engine loads by due_at): due at their last checkpoint, so the next
+    # open loads each and its checkpoint sets it.
+    "ALTER TABLE processes ADD COLUMN due_at DOUBLE PRECISION, ADD COLUMN wait_topic TEXT, "
+    "ADD COLUMN wait_keys TEXT, ADD COLUMN wait_match TEXT",
+    "UPDATE processes SET due_at = updated_at WHERE finished_at IS NULL",
+    "CREATE INDEX processes_due ON processes (due_at, seq) "
+    "WHERE finished_at IS NULL AND due_at IS NOT NULL",
+    "CREATE INDEX processes_waiting ON processes (wait_topic, wait_keys, wait_match) "
+    "WHERE finished_at IS NULL AND wait_topic IS NOT NULL",
 )
 
 # What a checkpoint writes; `owner` is written by create and claim_orphans only.
 _STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
-    "compensating_from, cancel_requested, error, output, workflow_version, branches"
+    "compensating_from, cancel_requested, error, output, workflow_version, branches, "
+    "due_at, wait_topic, wait_keys, wait_match"
 )
 _COLUMNS = f"{_STATE}, owner"
-_MARKS = ", ".join(["%s"] * 22)
-_NAMED = ", ".join(f"%(c{i})s" for i in range(21))
+_MARKS = ", ".join(["%s"] * len(_COLUMNS.split(",")))
+_NAMED = ", ".join(f"%(c{i})s" for i in range(len(_STATE.split(","))))
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS})"  # noqa: S608
@@ -159,12 +170,29 @@ _CLAIM = (
     "WHERE finished_at IS NULL AND owner = ANY(%s) ORDER BY seq LIMIT %s "
     f"FOR UPDATE SKIP LOCKED) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
-# FOR UPDATE without SKIP LOCKED: a checkpoint of the old owner in flight is waited for, and
-# every later one of it fenced.
+# An UPDATE waits for the row lock of a checkpoint of the old owner in flight and then
+# looks at the row again (a process that checkpoint finished is not taken); every later
+# checkpoint of the old owner is fenced.
 _TAKE_OVER = (
-    "UPDATE processes SET owner = %s WHERE seq IN (SELECT seq FROM processes "  # noqa: S608
-    "WHERE finished_at IS NULL AND owner IS DISTINCT FROM %s FOR UPDATE) "
-    f"RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+    "UPDATE processes SET owner = %s WHERE finished_at IS NULL AND owner IS DISTINCT FROM %s"
+)
+# The terms of processes_due's WHERE are spelled out so its use needs no inference.
+_DUE = (
+    f"{_SELECT}, {_HISTORY_COUNT} FROM processes "
+    "WHERE finished_at IS NULL AND due_at IS NOT NULL AND due_at <= %s {after} "
+    "ORDER BY due_at, seq LIMIT %s"
+)
+_UNFINISHED_OF = (
+    f"{_SELECT}, {_HISTORY_COUNT} FROM processes "
+    "WHERE id = ANY(%s) AND finished_at IS NULL ORDER BY seq"
+)
+_WAITING_KEYS = (
+    "SELECT DISTINCT wait_topic, wait_keys FROM processes "
+    "WHERE finished_at IS NULL AND wait_topic IS NOT NULL"
+)
+_WAITERS = (
+    "SELECT id FROM processes WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
+    "AND wait_topic = %s AND wait_keys = %s AND wait_match = %s LIMIT %s"
 )
 # One statement: the event (once per key) and the high-water mark of event ids.
 _EVENT = (
@@ -203,6 +231,10 @@ def _row(process: Process) -> tuple[Any, ...]:
         None if process.output is None else orjson.dumps(process.output).decode(),
         process.workflow_version,
         branches_json(process.branches),
+        process.due_at,
+        process.wait_topic,
+        process.wait_keys,
+        process.wait_match,
         process.owner,
     )
 
@@ -328,12 +360,42 @@ class PgWorkflowStore:
 
         return await self._db.write(write)
 
-    async def take_over(self, owner: str) -> list[Process]:
-        def write(conn: Connection) -> list[Process]:
-            conn.execute(_TAKE_OVER, (owner, owner))
-            return [_process(r) for r in conn.execute(_SELECT_OPEN).fetchall()]
+    async def take_over(self, owner: str) -> int:
+        def write(conn: Connection) -> int:
+            return conn.execute(_TAKE_OVER, (owner, owner)).rowcount
 
         return await self._db.write(write)
+
+    async def due(
+        self, after: tuple[float, int] | None, before: float, limit: int
+    ) -> list[Process]:
+        cursor = "" if after is None else "AND (due_at, seq) > (%s, %s)"
+        args = (before, *(after or ()), limit)
+
+        def read(conn: Connection) -> list[Process]:
+            return [_process(r) for r in conn.execute(_DUE.format(after=cursor), args).fetchall()]
+
+        return await self._db.read(read)
+
+    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+        def read(conn: Connection) -> list[Process]:
+            return [_process(r) for r in conn.execute(_UNFINISHED_OF, [list(ids)]).fetchall()]
+
+        return await self._db.read(read)
+
+    async def waiting_keys(self) -> list[tuple[str, str]]:
+        def read(conn: Connection) -> list[tuple[str, str]]:
+            return [(topic, keys) for topic, keys in conn.execute(_WAITING_KEYS).fetchall()]
+
+        return await self._db.read(read)
+
+    async def waiters(self, topic: str, match: str, limit: int) -> list[str]:
+        args = (topic, keys_of(match), match, limit)
+
+        def read(conn: Connection) -> list[str]:
+            return [id_ for (id_,) in conn.execute(_WAITERS, args).fetchall()]
+
+        return await self._db.read(read)
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(conn: Connection) -> list[StoredDefinition]:

@@ -27,6 +27,7 @@ from workflows.records import (
     StoredDefinition,
     StoredEvent,
     branches_json,
+    match_key,
     stored_branches,
     stored_failure,
 )
@@ -63,6 +64,10 @@ CREATE TABLE IF NOT EXISTS processes (
     workflow_version INTEGER NOT NULL DEFAULT 1,
     branches TEXT,
     owner TEXT,
+    due_at REAL,
+    wait_topic TEXT,
+    wait_keys TEXT,
+    wait_match TEXT,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -109,12 +114,21 @@ CREATE TABLE IF NOT EXISTS process_signals (
 CREATE INDEX IF NOT EXISTS process_signals_process ON process_signals (process, seq);
 CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
 """
+# After the columns they index exist (a file written before gets them at open). Partial:
+# the engine reads only unfinished processes by them, and most rows are finished.
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS processes_due ON processes (due_at, seq)
+    WHERE finished_at IS NULL AND due_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS processes_waiting ON processes (wait_topic, wait_keys, wait_match)
+    WHERE finished_at IS NULL AND wait_topic IS NOT NULL;
+"""
 
 # What a checkpoint writes; `owner` is written by create and claim_orphans only.
 _STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
-    "compensating_from, cancel_requested, error, output, workflow_version, branches"
+    "compensating_from, cancel_requested, error, output, workflow_version, branches, "
+    "due_at, wait_topic, wait_keys, wait_match"
 )
 _COLUMNS = f"{_STATE}, owner"
 # Columns added since the first release: a file written before gets them at open.
@@ -123,10 +137,18 @@ _ADDED_COLUMNS = {
     "workflow_version": "INTEGER NOT NULL DEFAULT 1",
     "branches": "TEXT",  # parallel steps' branch states (JSON); NULL: none
     "owner": "TEXT",  # the member key running it (workflows/records.py Process.owner)
+    # Residency (Process.due_at, the event it waits for); see _BACKFILL.
+    "due_at": "REAL",
+    "wait_topic": "TEXT",
+    "wait_keys": "TEXT",
+    "wait_match": "TEXT",
 }
+# Processes stored before due_at existed would never be due (the engine loads by it):
+# due at their last checkpoint, so the next open loads each and its checkpoint sets it.
+_BACKFILL = {"due_at": "UPDATE processes SET due_at = updated_at WHERE finished_at IS NULL"}
 
 
-_MARKS = ", ".join("?" * 21)
+_MARKS = ", ".join("?" * len(_STATE.split(",")))
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS}, ?)"  # noqa: S608
@@ -139,9 +161,25 @@ _CLAIM = (
     "WHERE finished_at IS NULL AND owner IN (SELECT value FROM json_each(?)) "
     f"ORDER BY seq LIMIT ?) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
-_TAKE_OVER = (
-    "UPDATE processes SET owner = ? WHERE finished_at IS NULL "  # noqa: S608
-    f"RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+_TAKE_OVER = "UPDATE processes SET owner = ? WHERE finished_at IS NULL AND owner IS NOT ?"
+# The terms of processes_due's WHERE are spelled out: SQLite uses a partial index only for
+# a query whose WHERE has them.
+_DUE = (
+    f"{_SELECT}, {_HISTORY_COUNT} FROM processes "
+    "WHERE finished_at IS NULL AND due_at IS NOT NULL AND due_at <= ? {after} "
+    "ORDER BY due_at, seq LIMIT ?"
+)
+_UNFINISHED_OF = (
+    f"{_SELECT}, {_HISTORY_COUNT} FROM processes "  # noqa: S608
+    "WHERE id IN (SELECT value FROM json_each(?)) AND finished_at IS NULL ORDER BY seq"
+)
+_WAITING_KEYS = (
+    "SELECT DISTINCT wait_topic, wait_keys FROM processes "
+    "WHERE finished_at IS NULL AND wait_topic IS NOT NULL"
+)
+_WAITERS = (
+    "SELECT id FROM processes WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
+    "AND wait_topic = ? AND wait_keys = ? AND wait_match = ? LIMIT ?"
 )
 _HISTORY_OF_OLD = (
     "DELETE FROM process_history WHERE process IN (SELECT seq FROM processes WHERE finished_at < ?)"
@@ -171,13 +209,17 @@ def _row(process: Process) -> tuple[Any, ...]:
         None if process.output is None else orjson.dumps(process.output).decode(),
         process.workflow_version,
         branches_json(process.branches),
+        process.due_at,
+        process.wait_topic,
+        process.wait_keys,
+        process.wait_match,
     )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
-    output, version, branches, owner = row[19:23]
+    output, version, branches, due, topic, keys, match, owner = row[19:27]
     return Process(
         id=id_,
         workflow=workflow,
@@ -201,9 +243,19 @@ def _process(row: tuple[Any, ...]) -> Process:
         workflow_version=version,
         branches=stored_branches(branches),
         owner=owner,
+        due_at=due,
+        wait_topic=topic,
+        wait_keys=keys,
+        wait_match=match,
         seq=seq,
-        history_count=row[23],  # every query selects the history count (or 0) last
+        history_count=row[27],  # every query selects the history count (or 0) last
     )
+
+
+def keys_of(match: str) -> str:
+    """The stored `wait_keys` of processes whose `wait_match` can be `match` (its own keys,
+    as records.match_key writes them), so a lookup uses the whole processes_waiting index."""
+    return match_key(orjson.loads(match))[0]
 
 
 def fenced(process: Process) -> Fenced:
@@ -250,6 +302,10 @@ class SqliteWorkflowStore:
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in have:  # constants only reach this statement
                     d.conn.execute(f"ALTER TABLE processes ADD COLUMN {column} {kind}")
+                    if column in _BACKFILL:
+                        d.conn.execute(_BACKFILL[column])
+            for statement in filter(str.strip, _INDEXES.split(";")):
+                d.conn.execute(statement)
 
         await self._db.write(create)
 
@@ -370,12 +426,47 @@ class SqliteWorkflowStore:
 
         return await self._db.write(write)
 
-    async def take_over(self, owner: str) -> list[Process]:
-        def write(d: sqlite_utils.Database) -> list[Process]:
-            rows = d.conn.execute(_TAKE_OVER, (owner,)).fetchall()
-            return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+    async def take_over(self, owner: str) -> int:
+        """One writer: a checkpoint of the old owner is committed before this or fenced."""
+
+        def write(d: sqlite_utils.Database) -> int:
+            return int(d.conn.execute(_TAKE_OVER, (owner, owner)).rowcount)
 
         return await self._db.write(write)
+
+    async def due(
+        self, after: tuple[float, int] | None, before: float, limit: int
+    ) -> list[Process]:
+        cursor = "" if after is None else "AND (due_at, seq) > (?, ?)"
+        args = (before, *(after or ()), limit)
+
+        def read(d: sqlite_utils.Database) -> list[Process]:
+            rows = d.execute(_DUE.format(after=cursor), args).fetchall()
+            return [_process(r) for r in rows]
+
+        return await self._db.read(read)
+
+    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+        wanted = orjson.dumps(list(ids)).decode()
+
+        def read(d: sqlite_utils.Database) -> list[Process]:
+            return [_process(r) for r in d.execute(_UNFINISHED_OF, [wanted]).fetchall()]
+
+        return await self._db.read(read)
+
+    async def waiting_keys(self) -> list[tuple[str, str]]:
+        def read(d: sqlite_utils.Database) -> list[tuple[str, str]]:
+            return [(topic, keys) for topic, keys in d.execute(_WAITING_KEYS).fetchall()]
+
+        return await self._db.read(read)
+
+    async def waiters(self, topic: str, match: str, limit: int) -> list[str]:
+        args = (topic, keys_of(match), match, limit)
+
+        def read(d: sqlite_utils.Database) -> list[str]:
+            return [id_ for (id_,) in d.execute(_WAITERS, args).fetchall()]
+
+        return await self._db.read(read)
 
     async def definitions(self) -> list[StoredDefinition]:
         def read(d: sqlite_utils.Database) -> list[StoredDefinition]:
