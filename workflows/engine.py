@@ -30,7 +30,7 @@ import random
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -170,8 +170,16 @@ class Engine:
         # topic: a publish on one asks the store which of them it wakes. Known from the
         # store at open, and as processes park (a superset: never removed until then).
         self._parked_keys: dict[str, set[str]] = {}
+        # New processes between their row's commit and their spawn: the residency loop
+        # must not read one in meanwhile (its creator spawns it; two copies would run).
+        self._creating: set[str] = set()
         self._residency = Residency(
-            self.store, clock=clock, live=self.live, spawn=self._resume, horizon=self.horizon
+            self.store,
+            clock=clock,
+            live=self.live,
+            creating=self._creating,
+            spawn=self._resume,
+            horizon=self.horizon,
         )
         self._wakeups = Wakeups(clock)
         self._waits = EventWaits(self._bus, self._wakeups.wake)
@@ -289,12 +297,11 @@ class Engine:
         definition = self.definitions.get(name)
         if definition is None:
             raise UnknownWorkflow(f"no workflow named {name!r}")
-        term = self._term
-        [(process, new)], _ = await self.store.create(
-            [self._new(definition, input_, idempotency_key)], None
-        )
-        if new:
-            await self._run_created([process], term)
+        term, fresh = self._term, self._new(definition, input_, idempotency_key)
+        with self._being_created([fresh]):
+            [(process, new)], _ = await self.store.create([fresh], None)
+            if new:
+                await self._run_created([process], term)
         return self.live.get(process.id, process), new
 
     async def publish(
@@ -319,13 +326,14 @@ class Engine:
             seq=reserved, topic=topic, data=encoded, key=key, published_at=now, wakes=wakes
         )
         seq = None
-        try:
-            created, seq = await self.store.create(processes, event)
-        finally:
-            if seq is None:  # a duplicate key, or the write failed
-                self._bus.release(reserved)
-                self._waits.deliver()  # the release may let later events through
-        await self._run_created([p for p, new in created if new], term)
+        with self._being_created(processes):
+            try:
+                created, seq = await self.store.create(processes, event)
+            finally:
+                if seq is None:  # a duplicate key, or the write failed
+                    self._bus.release(reserved)
+                    self._waits.deliver()  # the release may let later events through
+            await self._run_created([p for p, new in created if new], term)
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
@@ -350,9 +358,10 @@ class Engine:
             return
         key = f"schedule:{mark.workflow}:{int(mark.tick)}"
         process, term = self._new(definition, {"scheduled_at": scheduled_at}, key), self._term
-        [(process, new)], _ = await self.store.create([process], None, schedule=mark)
-        if new:
-            await self._run_created([process], term)
+        with self._being_created([process]):
+            [(process, new)], _ = await self.store.create([process], None, schedule=mark)
+            if new:
+                await self._run_created([process], term)
 
     def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
         now = self._clock()
@@ -391,6 +400,18 @@ class Engine:
                 continue
             if process.id not in self._resumed and process.id not in self.live:
                 self._resume(current)
+
+    @contextlib.contextmanager
+    def _being_created(self, processes: list[Process]) -> Iterator[None]:
+        """While new processes' rows are written and until they run: not the residency
+        loop's to read in."""
+        creating = self._creating  # this term's: a close and open meanwhile makes another
+        ids = [p.id for p in processes]
+        creating.update(ids)
+        try:
+            yield
+        finally:
+            creating.difference_update(ids)
 
     def _resume(self, process: Process) -> None:
         """A stored process back in memory (at open, when due, or for a request)."""

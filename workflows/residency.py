@@ -50,11 +50,13 @@ class Residency:
         *,
         clock: Callable[[], float],
         live: Collection[str],
+        creating: Collection[str],
         spawn: Callable[[Process], None],
         horizon: float = HORIZON,
         cap: int = CAP,
     ) -> None:
         self._store, self._clock, self._live, self._spawn = store, clock, live, spawn
+        self._creating = creating  # stored, not yet in memory: their creator spawns them
         self.horizon, self._tick, self._cap = horizon, horizon / TICKS, cap
         self._cursor: tuple[float, int] | None = None  # the last row read by due time
         self._left: dict[str, float] = {}  # process id -> when it left memory (monotonic)
@@ -86,13 +88,19 @@ class Residency:
     async def load(self, ids: Iterable[str]) -> None:
         """Bring these processes into memory, those unfinished and not there (a cancel, a
         signal or an event for them). Read again when one left while it was read."""
-        wanted = [i for i in ids if i not in self._live]
+        wanted = [i for i in ids if i not in self._live and i not in self._creating]
         for _ in range(3):
             if not wanted:
                 return
             began = time.monotonic()
             rows = await self._store.unfinished_of(wanted)
-            wanted = [p.id for p in rows if not self._bring(p, began) and p.id not in self._live]
+            wanted = [
+                p.id
+                for p in rows
+                if not self._bring(p, began)
+                and p.id not in self._live
+                and p.id not in self._creating
+            ]
 
     async def _run(self) -> None:
         while True:
@@ -123,7 +131,9 @@ class Residency:
     def _bring(self, process: Process, began: float) -> bool:
         """Spawn a row read at `began` unless it is in memory or left after the read
         began (then the row may be stale). True when spawned."""
-        if process.id in self._live or self._left.get(process.id, -1.0) >= began:
+        if process.id in self._live or process.id in self._creating:
+            return False
+        if self._left.get(process.id, -1.0) >= began:
             return False
         self._spawn(process)
         return True
