@@ -464,6 +464,10 @@ class Engine:
         self._signals.keep(signal)
         if process_id not in self.live:  # it parked meanwhile: back, to take it
             await self._residency.load([process_id])
+            if process_id not in self.live:  # finished meanwhile (another copy of it did)
+                stored = await self.store.get(process_id)
+                status = stored[0].status if stored is not None else "gone"
+                raise ProcessFinished(f"process {process_id} is {status}")
         return process
 
     def _check_serving(self) -> None:

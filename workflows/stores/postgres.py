@@ -202,6 +202,15 @@ _EVENT = (
     "WHERE EXISTS (SELECT 1 FROM stored)) "
     "SELECT seq FROM stored"
 )
+# An event or a signal makes the processes it may end a wait of due now (never later).
+_WAKE_WAITERS = (
+    "UPDATE processes SET due_at = %s WHERE finished_at IS NULL AND wait_topic = %s "
+    "AND wait_keys = %s AND wait_match = %s AND (due_at IS NULL OR due_at > %s)"
+)
+_WAKE_SIGNALLED = (
+    "UPDATE processes SET due_at = %s WHERE id = %s AND finished_at IS NULL "
+    "AND (due_at IS NULL OR due_at > %s)"
+)
 _HISTORY_OF_OLD = (
     "DELETE FROM process_history WHERE process IN "
     "(SELECT seq FROM processes WHERE finished_at < %s)"
@@ -310,6 +319,10 @@ class PgWorkflowStore:
                     ).fetchone()
                     assert again is not None  # the conflicting row, in this transaction's view
                     out.append((_process(again), False))
+            if seq is not None and event is not None:  # its waiters are due now, even after a crash
+                for match in event.wakes:
+                    at = event.published_at
+                    conn.execute(_WAKE_WAITERS, (at, event.topic, keys_of(match), match, at))
             return out, seq
 
         return await self._db.write(write)
@@ -449,6 +462,7 @@ class PgWorkflowStore:
                 (process_id, name, data.decode(), at),
             ).fetchone()
             assert row is not None  # RETURNING of an INSERT
+            conn.execute(_WAKE_SIGNALLED, (at, process_id, at))  # due now, even after a crash
             return int(row[0])
 
         seq = await self._db.write(write)

@@ -181,6 +181,15 @@ _WAITERS = (
     "SELECT id FROM processes WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
     "AND wait_topic = ? AND wait_keys = ? AND wait_match = ? LIMIT ?"
 )
+# An event or a signal makes the processes it may end a wait of due now (never later).
+_WAKE_WAITERS = (
+    "UPDATE processes SET due_at = ? WHERE finished_at IS NULL AND wait_topic = ? "
+    "AND wait_keys = ? AND wait_match = ? AND (due_at IS NULL OR due_at > ?)"
+)
+_WAKE_SIGNALLED = (
+    "UPDATE processes SET due_at = ? WHERE id = ? AND finished_at IS NULL "
+    "AND (due_at IS NULL OR due_at > ?)"
+)
 _HISTORY_OF_OLD = (
     "DELETE FROM process_history WHERE process IN (SELECT seq FROM processes WHERE finished_at < ?)"
 )
@@ -333,6 +342,10 @@ class SqliteWorkflowStore:
                     (event.seq, event.topic, event.data.decode(), event.key, event.published_at),
                 )
                 seq = event.seq if cursor.rowcount else None
+                if seq is not None:
+                    for match in event.wakes:  # its waiters are due now, even after a crash
+                        at = event.published_at
+                        conn.execute(_WAKE_WAITERS, (at, event.topic, keys_of(match), match, at))
             out = []
             for process in processes:
                 if process.idempotency_key is not None:
@@ -513,6 +526,7 @@ class SqliteWorkflowStore:
                 "INSERT INTO process_signals (process, name, data, sent_at) VALUES (?, ?, ?, ?)",
                 (process_id, name, data.decode(), at),
             )
+            d.conn.execute(_WAKE_SIGNALLED, (at, process_id, at))  # due now, even after a crash
             return int(cursor.lastrowid or 0)
 
         seq = await self._db.write(write)
