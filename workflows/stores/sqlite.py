@@ -448,11 +448,10 @@ class SqliteWorkflowStore:
     async def due(
         self, after: tuple[float, int] | None, before: float, limit: int
     ) -> list[Process]:
-        if after is None:
-            query, args = _DUE, (before, limit)
-        else:
-            (at, seq) = after
-            query, args = _DUE_AFTER, (before, at, seq, limit, before, at, limit, limit)
+        query, args = _DUE, [before, limit]
+        if after is not None:
+            at, seq = after
+            query, args = _DUE_AFTER, [before, at, seq, limit, before, at, limit, limit]
 
         def read(d: sqlite_utils.Database) -> list[Process]:
             return [_process(r) for r in d.execute(query, args).fetchall()]
