@@ -4,7 +4,9 @@ A process row is the checkpoint: which step is next (`position`), how many
 attempts it has had, when it wakes (`wake_at`: a delay, a retry's backoff or
 a wait's timeout; the durable timer), and the outputs so far. Each step's
 outcome is written (row and history in one transaction) before the next
-step starts, so a restart resumes from the last outcome.
+step starts, so a restart resumes from the last outcome. The row also says
+when the engine must hold the process in memory again (`due_at`) and the
+event it waits for (`wait_*`): the engine keeps in memory only those due soon.
 """
 
 from __future__ import annotations
