@@ -1,13 +1,15 @@
 """The workflow store contract: what the engine relies on, run against every implementation.
 
 Only the Protocols (workflows/abc.py) are used here, never tables, so a new store
-(issue 17: PostgreSQL) proves itself by adding one entry to FACTORIES.
+(issue 17: PostgreSQL) proves itself by adding one entry to FACTORIES; the last section
+alone, each backend's own, writes tables to set its scene.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from workflows.stores.sqlite import SqliteWorkflowStore
 from workflows.stores.sqlite_tasks import ClaimLost, SqliteTaskStore
 from workflows.waits import matches
 
+from .conftest import until
 from .pg import PostgresCluster
 
 
@@ -840,7 +843,8 @@ async def test_a_reopened_store_reads_back_what_was_written(
         assert await handle.store.counts() == {("Pay", ProcessStatus.WAITING): 1}
 
 
-# -- stores written before residency ----------------------------------------------------
+# -- each backend's own: stores written before residency, PostgreSQL's row locks --------
+# These reach under the Protocols (old tables, a transaction held open) to set the scene.
 
 # The processes table as the release before residency wrote it (no due_at, no wait).
 OLD_PROCESSES = """
@@ -933,3 +937,56 @@ async def test_a_postgres_database_from_before_residency_gets_its_columns_at_ope
         await assert_due_at_their_last_checkpoint(store)
     finally:
         await db.close()
+
+
+async def test_a_postgres_take_over_waits_for_checkpoints_in_flight(
+    postgres: PostgresCluster,
+) -> None:
+    """The old leader's checkpoints holding rows commit first, then the rows are taken as
+    they left them: a process they finished is not (PostgreSQL only: SQLite has one
+    writer)."""
+    url = postgres.database()
+    old_db, new_db = PgDatabase(url), PgDatabase(url)
+    await old_db.open()
+    await new_db.open()
+    try:
+        old = PgWorkflowStore(old_db)
+        await old.create_tables()
+        await create(old, *(new_process(n, owner="r1/a") for n in (1, 2, 3)))
+        holding, release = threading.Event(), threading.Event()
+
+        def checkpoints_in_flight(conn: Any) -> None:  # one batch of the old group commit
+            conn.execute("UPDATE processes SET status = 'running' WHERE id = 'p0001'")
+            conn.execute(
+                "UPDATE processes SET status = 'completed', finished_at = 9.0 WHERE id = 'p0002'"
+            )
+            holding.set()
+            release.wait(30)
+
+        async def taking_over_waits() -> bool:
+            def read(conn: Any) -> bool:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock' AND query LIKE 'UPDATE processes SET owner%'"
+                ).fetchone()
+                return bool(row[0])
+
+            return await old_db.read(read)
+
+        writing = asyncio.create_task(old_db.write(checkpoints_in_flight))
+        await asyncio.to_thread(holding.wait, 30)
+        taking = asyncio.create_task(PgWorkflowStore(new_db).take_over("r2/b"))
+        await until(taking_over_waits)
+        release.set()
+        await writing
+        assert await taking == 2
+        assert [(p.id, p.status, p.owner) for p in await old.unfinished()] == [
+            ("p0001", ProcessStatus.RUNNING, "r2/b"),
+            ("p0003", ProcessStatus.STARTED, "r2/b"),
+        ]
+        stored = await old.get("p0002")
+        assert stored is not None
+        assert (stored[0].status, stored[0].owner) == (ProcessStatus.COMPLETED, "r1/a")
+    finally:
+        await new_db.close()
+        await old_db.close()

@@ -63,8 +63,9 @@ class ProcessStore(Protocol):
 
     async def take_over(self, owner: str) -> int:
         """Every process not finished becomes `owner`'s (a new leader's engine takes them
-        all); how many. A checkpoint of the old owner under way is waited for; its later
-        ones are fenced. The engine then reads those due (`due`), not all of them."""
+        all); how many changed hands (those already `owner`'s are not counted). A checkpoint
+        of the old owner under way is waited for; its later ones are fenced. The engine then
+        reads those due (`due`), not all of them."""
         ...
 
     async def due(
@@ -87,7 +88,8 @@ class ProcessStore(Protocol):
 
     async def waiters(self, topic: str, match: str, limit: int) -> list[str]:
         """Ids of up to `limit` unfinished processes waiting for `topic` whose stored
-        `wait_match` is `match` (records.projection of the event on their keys)."""
+        `wait_match` is `match` (records.projection of the event on their keys, as
+        `waiting_keys` gives them: `match` names its keys, so their `wait_keys` too)."""
         ...
 
     async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:

@@ -4,7 +4,9 @@ A process row is the checkpoint: which step is next (`position`), how many
 attempts it has had, when it wakes (`wake_at`: a delay, a retry's backoff or
 a wait's timeout; the durable timer), and the outputs so far. Each step's
 outcome is written (row and history in one transaction) before the next
-step starts, so a restart resumes from the last outcome.
+step starts, so a restart resumes from the last outcome. The row also says
+when the engine must hold the process in memory again (`due_at`) and the
+event it waits for (`wait_*`): the engine keeps in memory only those due soon.
 """
 
 from __future__ import annotations
@@ -162,23 +164,34 @@ _CLAIM = (
     f"ORDER BY seq LIMIT ?) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
 _TAKE_OVER = "UPDATE processes SET owner = ? WHERE finished_at IS NULL AND owner IS NOT ?"
-# The terms of processes_due's WHERE are spelled out: SQLite uses a partial index only for
-# a query whose WHERE has them.
-_DUE = (
-    f"{_SELECT}, {_HISTORY_COUNT} FROM processes "
-    "WHERE finished_at IS NULL AND due_at IS NOT NULL AND due_at <= ? {after} "
+# The residency reads name their index: without statistics SQLite takes `finished_at IS
+# NULL` for a selective equality and walks processes_finished over every unfinished row
+# (a million when few are due). A partial index serves only a WHERE that has its terms.
+_DUE_FROM = (
+    f"{_SELECT}, {_HISTORY_COUNT} FROM processes INDEXED BY processes_due "
+    "WHERE finished_at IS NULL AND due_at IS NOT NULL AND due_at <= ?"
+)
+_DUE = f"{_DUE_FROM} ORDER BY due_at, seq LIMIT ?"
+# After a cursor: `(due_at, seq) > (?, ?)` as two seeks, the ties at the cursor's due_at
+# past its seq, then the later due_at. SQLite seeks a row value on its first column only
+# and would walk every tie before the cursor on each page (a burst due at one instant).
+_DUE_AFTER = (
+    f"SELECT * FROM ({_DUE_FROM} AND due_at = ? AND seq > ? ORDER BY seq LIMIT ?) "  # noqa: S608
+    f"UNION ALL SELECT * FROM ({_DUE_FROM} AND due_at > ? ORDER BY due_at, seq LIMIT ?) "
     "ORDER BY due_at, seq LIMIT ?"
 )
+# By id: `+` keeps finished_at off the index choice (the unary plus of SQLite's planner).
 _UNFINISHED_OF = (
     f"{_SELECT}, {_HISTORY_COUNT} FROM processes "  # noqa: S608
-    "WHERE id IN (SELECT value FROM json_each(?)) AND finished_at IS NULL ORDER BY seq"
+    "WHERE id IN (SELECT value FROM json_each(?)) AND +finished_at IS NULL ORDER BY seq"
 )
 _WAITING_KEYS = (
-    "SELECT DISTINCT wait_topic, wait_keys FROM processes "
+    "SELECT DISTINCT wait_topic, wait_keys FROM processes INDEXED BY processes_waiting "
     "WHERE finished_at IS NULL AND wait_topic IS NOT NULL"
 )
 _WAITERS = (
-    "SELECT id FROM processes WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
+    "SELECT id FROM processes INDEXED BY processes_waiting "
+    "WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
     "AND wait_topic = ? AND wait_keys = ? AND wait_match = ? LIMIT ?"
 )
 # An event or a signal makes the processes it may end a wait of due now (never later).
@@ -450,12 +463,13 @@ class SqliteWorkflowStore:
     async def due(
         self, after: tuple[float, int] | None, before: float, limit: int
     ) -> list[Process]:
-        cursor = "" if after is None else "AND (due_at, seq) > (?, ?)"
-        args = (before, *(after or ()), limit)
+        query, args = _DUE, [before, limit]
+        if after is not None:
+            at, seq = after
+            query, args = _DUE_AFTER, [before, at, seq, limit, before, at, limit, limit]
 
         def read(d: sqlite_utils.Database) -> list[Process]:
-            rows = d.execute(_DUE.format(after=cursor), args).fetchall()
-            return [_process(r) for r in rows]
+            return [_process(r) for r in d.execute(query, args).fetchall()]
 
         return await self._db.read(read)
 
