@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -612,6 +612,57 @@ async def test_waiters_are_the_unfinished_processes_whose_stored_match_is_the_ev
     eu = projection('["order","region"]', {**data, "region": "eu"})
     assert await store.waiters("paid", eu, 10) == ["p0005"]
     assert await store.waiters("refunded", one, 10) == []
+
+
+async def test_an_event_makes_the_waiters_it_matches_due_in_its_own_write(handle: Handle) -> None:
+    """A publish stores its event and makes the rows waiting for it due in one transaction,
+    so a crash before they take it leaves them due (the next open reads them), never
+    waiting as rows for an event already stored."""
+    store = handle.store
+    await create(
+        store,
+        waiting(1, "paid", {"order": 1}),  # only the event ends its wait
+        waiting(2, "paid", {"order": 1}, due_at=3600.0),  # or its timeout, an hour away
+        waiting(3, "paid", {"order": 2}),
+        waiting(4, "paid", {"order": 1}, due_at=5.0),  # due sooner: kept
+    )
+    match = projection('["order"]', {"order": 1})
+    event = NewEvent(seq=1, topic="paid", data=b'{"order": 1}', key="k", published_at=10.0)
+    await store.create([], replace(event, wakes=(match,)))
+    due = await store.due(None, 10.0, 10)
+    assert [(p.id, p.due_at) for p in due] == [("p0004", 5.0), ("p0001", 10.0), ("p0002", 10.0)]
+    again = replace(event, seq=2, published_at=20.0, wakes=(match,))  # the same key: not stored
+    await store.create([], again)
+    assert [p.due_at for p in await store.due(None, 30.0, 10)] == [5.0, 10.0, 10.0]
+
+
+async def test_a_signal_makes_its_process_due_in_its_own_write(handle: Handle) -> None:
+    store = handle.store
+    await create(store, new_process(1), new_process(2, due_at=3600.0))
+    for process_id in ("p0001", "p0002"):
+        await store.add_signal(process_id, "go", b"{}", 10.0)
+    assert [(p.id, p.due_at) for p in await store.due(None, 10.0, 10)] == [
+        ("p0001", 10.0),
+        ("p0002", 10.0),
+    ]
+
+
+async def test_unfinished_of_version_are_one_versions_unfinished_processes(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    processes = await create(
+        store,
+        new_process(1),
+        new_process(2, workflow_version=2),
+        new_process(3),
+    )
+    processes[2].status, processes[2].finished_at = ProcessStatus.FAILED, 9.0
+    await store.checkpoint(processes[2])
+    workflow = processes[0].workflow
+    assert await store.unfinished_of_version(workflow, 1) == ["p0001"]
+    assert await store.unfinished_of_version(workflow, 2) == ["p0002"]
+    assert await store.unfinished_of_version("other", 1) == []
 
 
 # (stored match, event data, whether waits.matches holds): a publish finds a waiter by its

@@ -82,6 +82,11 @@ class ProcessStore(Protocol):
         signal or an event for a process not in memory loads it)."""
         ...
 
+    async def unfinished_of_version(self, workflow: str, version: int) -> list[str]:
+        """Ids of the unfinished processes of one version of a workflow (one that no
+        longer loads: the engine fails them at open, in memory or not)."""
+        ...
+
     async def waiting_keys(self) -> list[tuple[str, str]]:
         """The distinct (wait_topic, wait_keys) of unfinished processes."""
         ...

@@ -226,6 +226,7 @@ class Engine:
             self.tasks.restart()
         # Another replica may have defined versions while this one was not serving.
         self._versions, self._latest, self._newest, self._api = {}, {}, {}, {}
+        self._unloadable: list[tuple[str, int]] = []  # versions whose processes fail at open
         for stored in await self.store.definitions():
             self._restore(stored)
         await self._configure(self._config.values())
@@ -245,6 +246,8 @@ class Engine:
         self.serving = True
         # The first page of those due; the loop reads the rest once the daemon answers.
         await self._residency.open()
+        for name, version in self._unloadable:  # they fail now, not when next due
+            await self._residency.load(await self.store.unfinished_of_version(name, version))
         self._residency.start()
         if self._schedules is not None:  # last: a missed tick's process starts after these
             self._schedules.start()
@@ -655,6 +658,7 @@ class Engine:
             parsed = self._parse(stored.spec, source=stored.source)
         except ValueError as exc:  # the schema moved on: its processes fail, others run
             log.warning("workflow %s v%d no longer loads: %s", stored.name, stored.version, exc)
+            self._unloadable.append((stored.name, stored.version))
             return
         definition = replace(parsed, version=stored.version, source=stored.source)
         self._versions[(stored.name, stored.version)] = definition

@@ -396,6 +396,17 @@ class PgWorkflowStore:
 
         return await self._db.read(read)
 
+    async def unfinished_of_version(self, workflow: str, version: int) -> list[str]:
+        def read(conn: Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id FROM processes WHERE finished_at IS NULL AND workflow = %s "
+                "AND workflow_version = %s ORDER BY seq",
+                (workflow, version),
+            ).fetchall()
+            return [id_ for (id_,) in rows]
+
+        return await self._db.read(read)
+
     async def waiting_keys(self) -> list[tuple[str, str]]:
         def read(conn: Connection) -> list[tuple[str, str]]:
             return [(topic, keys) for topic, keys in conn.execute(_WAITING_KEYS).fetchall()]

@@ -481,6 +481,17 @@ class SqliteWorkflowStore:
 
         return await self._db.read(read)
 
+    async def unfinished_of_version(self, workflow: str, version: int) -> list[str]:
+        def read(d: sqlite_utils.Database) -> list[str]:
+            rows = d.execute(
+                "SELECT id FROM processes WHERE finished_at IS NULL AND workflow = ? "
+                "AND workflow_version = ? ORDER BY seq",
+                [workflow, version],
+            ).fetchall()
+            return [id_ for (id_,) in rows]
+
+        return await self._db.read(read)
+
     async def waiting_keys(self) -> list[tuple[str, str]]:
         def read(d: sqlite_utils.Database) -> list[tuple[str, str]]:
             return [(topic, keys) for topic, keys in d.execute(_WAITING_KEYS).fetchall()]
