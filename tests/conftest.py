@@ -22,7 +22,7 @@ from monitor.config import Config
 
 from .pg import PostgresCluster, pg_bin
 from .processes import DaemonProcess, free_port, write_config
-from .services import Receiver, start_receiver
+from .services import Calls, Receiver, service_app, start_receiver
 
 AppClient = TestClient  # type: ignore[type-arg]
 
@@ -136,6 +136,21 @@ async def daemon(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> AppClient:
     return await start_daemon(make_config())
+
+
+@pytest.fixture
+def calls() -> Calls:
+    """What the step service (`service`) was asked, in order."""
+    return Calls()
+
+
+@pytest.fixture
+async def service(calls: Calls) -> AsyncIterator[TestServer]:
+    """The services workflow steps call (tests/services.py service_app), on 127.0.0.1."""
+    server = TestServer(service_app(calls), host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
 
 
 @pytest.fixture

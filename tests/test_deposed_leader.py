@@ -6,9 +6,8 @@ replica's own clock would say it (no callback has told it yet)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
-import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
@@ -16,7 +15,7 @@ from monitor.app import build_app
 from monitor.config import Config
 
 from .conftest import AppClient, FakeClock, until
-from .services import Calls, service_app
+from .services import Calls
 from .test_forward import Leader
 
 STORES = ("postgres",)
@@ -27,19 +26,6 @@ DELAYED = {
         {"name": "after", "delay": "1500ms", "call": {"service": "ach", "path": "/after"}},
     ],
 }
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 async def test_a_deposed_leader_does_not_call_the_step_its_successor_runs(

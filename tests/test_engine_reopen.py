@@ -4,7 +4,7 @@ leadership and wins it back): processes mid-flight finish once, from the store a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -14,7 +14,7 @@ from monitor.config import Config
 from monitor.keys import ENGINE
 
 from .conftest import AppClient, metric_families, until
-from .services import Calls, service_app
+from .services import Calls
 
 DELAYED = {
     "name": "Delayed",
@@ -38,19 +38,6 @@ TASKED = {
         {"name": "record", "call": {"service": "ach", "path": "/record"}},
     ],
 }
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

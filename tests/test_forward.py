@@ -5,7 +5,7 @@ test double naming the leader (the real membership is PostgreSQL's, tested there
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from monitor.http.forward import FORWARDED_BY
 
 from .conftest import AppClient, FakeClock, until
 from .processes import free_port
-from .services import Calls, service_app
+from .services import Calls
 
 ADMIN = "admin-token"
 AUTH = {"tokens": [{"token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
@@ -66,19 +66,6 @@ def start(aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock)
         return await aiohttp_client(app)
 
     return start
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 def config_at(make_config: Callable[..., Config], tmp_path: Path, name: str) -> Config:

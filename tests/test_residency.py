@@ -7,7 +7,7 @@ how close to due a timer fires)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from monitor.config import Config
 from monitor.keys import ENGINE
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
-from .services import Calls, service_app
+from .services import Calls
 
 STORES = BOTH_STORES
 HORIZON = 0.4
@@ -57,19 +57,6 @@ LATE = {
     "steps": [{"name": "later", "delay": "1h", "call": {"service": "ach", "path": "/later"}}],
 }
 WORKFLOWS = [TIMED, SIGNALLED, EVENTED, LATE]
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

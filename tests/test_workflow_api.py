@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from monitor.storage.database import APPLICATION_ID
 from workflows.records import Signal
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, until
-from .services import Calls, service_app
+from .services import Calls
 from .test_workflows import events_of, process, register, until_status
 
 STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
@@ -48,19 +48,6 @@ PLAIN = {
         {"name": "pay", "call": {"service": "ach", "path": "/transfers", "body": {"amount": 1}}},
     ],
 }
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

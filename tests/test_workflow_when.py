@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestServer
 from monitor.config import Config, ConfigError, parse_config
 
 from .conftest import AppClient, metric_families
-from .services import Calls, service_app
+from .services import Calls
 from .test_workflows import register, start
 
 ESCALATION = {
@@ -32,19 +32,6 @@ ESCALATION = {
         {"name": "close", "call": {"service": "applications", "path": "/close"}},
     ],
 }
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from scheduler import Event
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
 from .processes import free_port
-from .services import Calls, service_app
+from .services import Calls
 
 STORES = BOTH_STORES  # each test on SQLite and on PostgreSQL
 
@@ -89,19 +89,6 @@ SLOW = {
         {"name": "later", "delay": "1s", "call": {"service": "ach", "path": "/later"}},
     ],
 }
-
-
-@pytest.fixture
-def calls() -> Calls:
-    return Calls()
-
-
-@pytest.fixture
-async def service(calls: Calls) -> AsyncIterator[TestServer]:
-    server = TestServer(service_app(calls), host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
 
 
 @pytest.fixture
