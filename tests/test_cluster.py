@@ -100,7 +100,8 @@ class Replicas:
 
 @pytest.fixture
 def replicas(postgres: PostgresCluster, tmp_path: Path) -> Iterator[Replicas]:
-    group = Replicas(tmp_path, postgres.database(), 3)
+    always = [{"services": ["upkeep"], "start": "00:00", "duration": "24h"}]
+    group = Replicas(tmp_path, postgres.database(), 3, maintenance=always)
     group.start()
     yield group
     group.stop()
@@ -315,12 +316,14 @@ def test_fifty_running_workflows_all_finish_across_a_kill_of_the_leader(
         assert len(keys) - len(set(keys)) <= 3, path
 
 
-def test_only_the_leader_exports_the_registrys_instance_counts(replicas: Replicas) -> None:
+def test_only_the_leader_exports_the_cluster_wide_gauges(replicas: Replicas) -> None:
     leader = replicas.leader()
     assert register(replicas.url("r1"), "pay", "p1") == 201
     sample = b'hms_registry_instances{health="unknown",service="pay"} 1'
     eventually(lambda: sample in metrics(replicas.url(leader)))
+    assert b'hms_maintenance{service="upkeep"} 1' in metrics(replicas.url(leader))
     for name in replicas.daemons:
         if name != leader:  # they list the instance, but a sum over replicas counts it once
             assert call(replicas.url(name) + "/v1/services/pay")[0] == 200
             assert b"hms_registry_instances{" not in metrics(replicas.url(name))
+            assert b"hms_maintenance{" not in metrics(replicas.url(name))

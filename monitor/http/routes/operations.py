@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -57,7 +58,8 @@ class OperationsRoutes:
         leads: Callable[[], bool] = lambda: True,
     ) -> None:
         """`leads()`: whether this replica exports the cluster-wide gauges (the registry's
-        instance counts): the leader only, so a sum over replicas counts each once."""
+        instance counts, `hms_maintenance`): the leader only, so a sum over replicas
+        counts each once."""
         self.database, self.scheduler, self.registry_running = database, scheduler, registry_running
         self.catalog, self.probe_metrics = catalog, probe_metrics
         self.metrics, self.slo_metrics = metrics, slo_metrics
@@ -108,8 +110,11 @@ class OperationsRoutes:
     async def exposition(self, request: web.Request) -> web.Response:
         # Large families: counted or copied on the loop, formatted off it (monitor/metrics/).
         # Counting first also expires due leases, so the expirations counter includes them.
-        counts = instance_counts(self.catalog) if self.leads() else []
+        leads = self.leads()
+        counts = instance_counts(self.catalog) if leads else []
         probes = self.probe_metrics.snapshot()
+        if not leads:  # the same on every replica (the calendar): the leader's alone
+            probes = replace(probes, maintenance=())
         small = generate_latest(self.metrics)
         slos = await self.slo_metrics.current()  # rendered and deflated once a minute
         gzip = "gzip" in request.headers.get("Accept-Encoding", "")
