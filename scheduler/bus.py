@@ -130,6 +130,7 @@ class EventBus:
         self._ids = itertools.count(1)
         self._position = 0  # the last stored event delivered
         self._reserved: set[int] = set()  # ids being stored
+        self._last_reserved = 0
         self._held: dict[int, Event] = {}  # stored, waiting for an earlier reservation
         self.published: Counter[str] = Counter()
         # Which label an event's topic counts under: topics come from clients too, so the
@@ -141,14 +142,19 @@ class EventBus:
         """The id of the last stored event delivered: every stored event up to it has been."""
         return self._position
 
+    @property
+    def reserved_through(self) -> int:
+        """The last id given out: every event published from now has a higher one."""
+        return self._last_reserved
+
     def start_after(self, last_stored: int) -> None:
         """Continue the ids of the stored stream (at start, before anything is published)."""
         self._ids = itertools.count(last_stored + 1)
-        self._position = last_stored
+        self._position = self._last_reserved = last_stored
 
     def reserve(self) -> int:
         """An id for an event about to be stored; `publish(reserved=)` or `release` it."""
-        event_id = next(self._ids)
+        event_id = self._last_reserved = next(self._ids)
         self._reserved.add(event_id)
         return event_id
 

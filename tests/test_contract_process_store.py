@@ -681,6 +681,13 @@ MATCH_CASES: list[tuple[dict[str, Any], dict[str, Any], bool]] = [
     ({"s": "1"}, {"s": 1}, False),
     ({"name": "Zoë"}, {"name": "Zoë"}, True),
     ({}, {"anything": 1}, True),
+    ({"n": 5}, {"n": 5.0}, True),  # equal as the resident waiter's == sees them
+    ({"n": 1}, {"n": True}, True),
+    ({"n": 0.0}, {"n": -0.0}, True),
+    ({"n": 0.5}, {"n": 0.5}, True),
+    ({"o": {"n": 2}}, {"o": {"n": 2.0}}, True),
+    ({"n": 2**70}, {"n": 2**70}, True),  # past 64 bits
+    ({"n": 2**70}, {"n": 2**70 + 1}, False),
 ]
 
 

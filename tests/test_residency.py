@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from monitor.config import Config
 from monitor.keys import ENGINE
+from registry import StoreUnavailable
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, metric_families, until
 from .services import Calls
@@ -220,3 +221,112 @@ async def test_a_synchronous_start_waits_on_through_its_process_waiting_as_a_row
     resp = await answer
     assert resp.status == 200, await resp.text()  # it ended within the wait, as a row between
     assert (await resp.json())["status"] == "completed"
+
+
+# -- races (each held open by wrapping a real store call) -----------------------------
+
+
+async def test_an_event_published_as_a_wait_begins_is_not_its_and_the_next_reaches_it(
+    daemon: AppClient,
+) -> None:
+    """An event whose publish began before the wait is not the wait's (it takes ids after
+    it); the next one reaches it though it parked while the first was being written."""
+    engine = daemon.app[ENGINE]
+    store, create = engine.store, engine.store.create
+    gate = asyncio.Event()
+
+    async def held(processes: Any, event: Any, **kw: Any) -> Any:
+        if event is not None and not gate.is_set():
+            await gate.wait()
+        return await create(processes, event, **kw)
+
+    store.create = held  # type: ignore[method-assign]
+    try:
+        first = asyncio.ensure_future(engine.publish("payment.settled", {"grant": "g-1", "n": 1}))
+        await asyncio.sleep(0.05)  # reserved, being written
+        waiter = await start(daemon, "Evented", {"grant": "g-1"})
+        await all_rows(daemon, 1)
+        gate.set()
+        assert await first is not None
+    finally:
+        store.create = create  # type: ignore[method-assign]
+    await asyncio.sleep(0.2)
+    assert (await process(daemon, waiter))["status"] == "waiting"
+    resp = await daemon.post("/v1/events/payment.settled", json={"grant": "g-1", "n": 2})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, waiter)
+    assert (await process(daemon, waiter))["outputs"]["settled"]["n"] == 2
+
+
+async def test_a_store_blip_after_an_events_write_leaves_no_waiter_behind(
+    daemon: AppClient, clock: FakeClock
+) -> None:
+    engine = daemon.app[ENGINE]
+    waiter = await start(daemon, "Evented", {"grant": "g-1"})
+    timed = await start(daemon, "Timed")
+    await all_rows(daemon, 2)
+    clock.advance(3600)  # the loop reads the timer's row: its cursor passes now
+    await finished(daemon, timed)
+    store, waiters = engine.store, engine.store.waiters
+
+    async def blip(*args: Any) -> Any:
+        raise StoreUnavailable("connection reset")
+
+    store.waiters = blip  # type: ignore[method-assign]
+    try:
+        resp = await daemon.post("/v1/events/payment.settled", json={"grant": "g-1"})
+        assert resp.status in (200, 202), await resp.text()  # stored: that is what it says
+    finally:
+        store.waiters = waiters  # type: ignore[method-assign]
+    await finished(daemon, waiter)  # its row is due (the event's write): the loop reads it
+
+
+async def test_a_signal_for_a_later_step_leaves_the_process_a_row(daemon: AppClient) -> None:
+    waiter = await start(daemon, "Signalled")
+    await all_rows(daemon, 1)
+    resp = await daemon.post(f"/v1/processes/{waiter}/signals/other", json={})
+    assert resp.status in (200, 202), await resp.text()
+    await all_rows(daemon, 1)  # still waiting for "go", two hours away: a row again
+    resp = await daemon.post(f"/v1/processes/{waiter}/signals/go", json={})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, waiter)
+
+
+async def test_an_event_equal_to_a_waiting_rows_match_reaches_it(daemon: AppClient) -> None:
+    waiter = await start(daemon, "Evented", {"grant": 5})
+    await all_rows(daemon, 1)
+    resp = await daemon.post("/v1/events/payment.settled", json={"grant": 5.0})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, waiter)  # 5.0 == 5, as for a waiter in memory
+
+
+async def test_a_load_straddling_a_close_and_open_runs_one_copy(daemon: AppClient) -> None:
+    engine = daemon.app[ENGINE]
+    waiter = await start(daemon, "Signalled")
+    await all_rows(daemon, 1)
+    store, unfinished_of = engine.store, engine.store.unfinished_of
+    gate, reading = asyncio.Event(), asyncio.Event()
+
+    async def held(ids: Any) -> Any:
+        if not gate.is_set():
+            reading.set()
+            await gate.wait()
+        return await unfinished_of(ids)
+
+    store.unfinished_of = held  # type: ignore[method-assign]
+    try:
+        old = asyncio.ensure_future(daemon.post(f"/v1/processes/{waiter}/signals/other", json={}))
+        await reading.wait()  # the old term's load is reading
+        await engine.close()  # leadership lost and won back
+        gate.set()
+        await engine.open()
+        await old
+    finally:
+        store.unfinished_of = unfinished_of  # type: ignore[method-assign]
+    resp = await daemon.post(f"/v1/processes/{waiter}/signals/go", json={})
+    assert resp.status in (200, 202), await resp.text()
+    await finished(daemon, waiter)
+    copies = [t for t in asyncio.all_tasks() if t.get_name() == f"process:{waiter}"]
+    assert copies == []
+    history = (await process(daemon, waiter))["history"]
+    assert [line["step"] for line in history] == ["docs", "approve"]  # each once

@@ -166,10 +166,11 @@ class Engine:
         self._awaited: Counter[str] = Counter()  # `?wait=`s on each process, in memory or not
         self.counts: Counter[tuple[str, str]] = Counter()  # (workflow, status)
         self._stopping = False
-        # Event keys (workflows/records.py match_key) of processes waiting as rows, by
-        # topic: a publish on one asks the store which of them it wakes. Known from the
-        # store at open, and as processes park (a superset: never removed until then).
-        self._parked_keys: dict[str, set[str]] = {}
+        # Event keys (workflows/records.py match_key) main lines wait on, by topic: a
+        # publish on one makes the rows it matches due in its own write, then reads them
+        # in. Known from the store at open, and as waits begin (a superset: never removed
+        # until the next open).
+        self._waited_keys: dict[str, set[str]] = {}
         # New processes between their row's commit and their spawn: the residency loop
         # must not read one in meanwhile (its creator spawns it; two copies would run).
         self._creating: set[str] = set()
@@ -208,6 +209,7 @@ class Engine:
             resources=self.resources,
             acting=lambda: self.serving and self.acting(),
             horizon=self.horizon,
+            waiting_on=lambda topic, keys: self._waited_keys.setdefault(topic, set()).add(keys),
         )
 
     def _wake(self, process_id: str) -> None:
@@ -238,7 +240,7 @@ class Engine:
         if self._me is not None:  # a new leader: every process is its own, its predecessor fenced
             await self.store.take_over(self._me)
         for topic, keys in await self.store.waiting_keys():
-            self._parked_keys.setdefault(topic, set()).add(keys)
+            self._waited_keys.setdefault(topic, set()).add(keys)
         if self.resources is not None:  # holds and queues back before any process runs
             await self.resources.open(self.store.unfinished_of)
         if self._schedules is not None:  # before the processes run
@@ -324,10 +326,13 @@ class Engine:
         triggered = self._triggers.get(topic, ())
         processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
         reserved, term = self._bus.reserve(), self._term
-        wakes = tuple(projection(keys, snapshot) for keys in self._parked_keys.get(topic, ()))
+        # Read right after the reservation: a wait that begins later takes only later ids.
+        wakes = tuple(projection(keys, snapshot) for keys in self._waited_keys.get(topic, ()))
         event = NewEvent(
             seq=reserved, topic=topic, data=encoded, key=key, published_at=now, wakes=wakes
         )
+        if wakes:  # the rows it makes due are behind the loop's cursor: it reads from now
+            self._residency.rewind(now)
         seq = None
         with self._being_created(processes):
             try:
@@ -340,8 +345,11 @@ class Engine:
         if seq is not None:
             self._bus.publish(topic, snapshot, reserved=seq)
             self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
-            for match in wakes:
-                await self._wake_parked(topic, match)
+            try:  # the rows are due already (the write): this only brings them in sooner
+                for match in wakes:
+                    await self._wake_parked(topic, match)
+            except StoreUnavailable as exc:  # the event is stored: the loop reads them
+                log.warning("waiters of %s event %d are read in by the loop: %s", topic, seq, exc)
         return seq
 
     async def _wake_parked(self, topic: str, match: str) -> None:
@@ -349,8 +357,8 @@ class Engine:
         write made them due): each finds it as a restart would (`events_since` its wait
         began). One that parks meanwhile wrote its row first, so the read finds it."""
         ids = await self.store.waiters(topic, match, WAKE_LIMIT)
-        if len(ids) == WAKE_LIMIT:  # the rest are due now: the next open reads them
-            log.warning("event %s wakes over %d processes waiting as rows", topic, WAKE_LIMIT)
+        if len(ids) == WAKE_LIMIT:  # the rest are due now: the loop reads them, as room allows
+            log.info("event %s wakes over %d processes waiting as rows", topic, WAKE_LIMIT)
         await self._residency.load(ids)
 
     async def _start_scheduled(self, mark: ScheduleMark, scheduled_at: str) -> None:
@@ -460,7 +468,9 @@ class Engine:
         if process.finished:  # its last checkpoint is being written
             raise ProcessFinished(f"process {process_id} is {process.status}")
         encoded = orjson.dumps(data)
-        signal = await self.store.add_signal(process_id, name, encoded, self._clock())
+        at = self._clock()
+        self._residency.rewind(at)  # add_signal makes it due now: behind the loop's cursor
+        signal = await self.store.add_signal(process_id, name, encoded, at)
         if process.finished:
             # It finished meanwhile: nothing will take it (the row goes with the process).
             raise ProcessFinished(f"process {process_id} is {process.status}")
@@ -498,11 +508,12 @@ class Engine:
         `respond_after` step."""
         done = self._done.get(process_id)
         if done is None:  # not in memory: finished already (or unknown), or waiting as a row
+            began = time.monotonic()
             stored = await self.store.get(process_id)
             if stored is None or stored[0].finished or self._past_response(stored[0]):
                 return True
-            if process_id in self.live:  # brought back while it was read
-                return await self.wait(process_id, seconds)
+            if process_id in self.live or self._residency.left_after(process_id, began):
+                return await self.wait(process_id, seconds)  # it moved while it was read
             done = self._done.setdefault(process_id, asyncio.Event())  # set when it ends
         self._awaited[process_id] += 1
         try:
@@ -523,10 +534,8 @@ class Engine:
         parked = False
         try:
             await self._runner.run(process)
-        except Parked as wait:  # waits beyond the horizon: a row until due (or woken)
+        except Parked:  # waits beyond the horizon: a row until due (or woken)
             parked = True
-            if wait.topic is not None and wait.keys is not None:
-                self._parked_keys.setdefault(wait.topic, set()).add(wait.keys)
         except Fenced:  # another replica's engine took it over: it is theirs to run
             log.warning("process %s: taken over by another replica; stops here", process.id)
         finally:

@@ -345,13 +345,35 @@ class Staged:
 
 def match_key(match: Mapping[str, Any]) -> tuple[str, str]:
     """A `wait_for` step's rendered match as stored: (its keys, itself), both JSON with
-    sorted keys. `projection(keys, event)` equals the second exactly when the event
-    matches (waits.matches: each key's value equal; a missing key reads as null)."""
+    sorted keys. `projection(keys, event)` equals the second whenever the event matches
+    (waits.matches: each key's value equal, as Python's == says; a missing key reads as
+    null). Rarely also when it does not (a string that reads as a huge number): that
+    only brings the row back, and the step looks at the event itself."""
     keys = orjson.dumps(sorted(match)).decode()
-    return keys, orjson.dumps(dict(match), option=orjson.OPT_SORT_KEYS).decode()
+    return keys, _json({str(k): v for k, v in match.items()})
 
 
 def projection(keys: str, data: Mapping[str, Any]) -> str:
     """An event's data on a stored match's keys, as `match_key` writes a match."""
-    names = orjson.loads(keys)
-    return orjson.dumps({k: data.get(k) for k in names}, option=orjson.OPT_SORT_KEYS).decode()
+    return _json({k: data.get(k) for k in orjson.loads(keys)})
+
+
+def _json(value: dict[str, Any]) -> str:
+    return orjson.dumps(_canonical(value), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _canonical(value: Any) -> Any:
+    """A value written as == compares it: True and False as 1 and 0, a whole float as
+    the int it equals (5.0 == 5), an int past 64 bits as its digits; inside lists and
+    objects too."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else str(value)
+    if isinstance(value, dict):
+        return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value

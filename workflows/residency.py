@@ -61,6 +61,7 @@ class Residency:
         self._cursor: tuple[float, int] | None = None  # the last row read by due time
         self._left: dict[str, float] = {}  # process id -> when it left memory (monotonic)
         self._task: asyncio.Task[None] | None = None
+        self._closed = False  # a load under way brings nothing into the next term
 
     async def open(self) -> int:
         """Read what is due now and within the horizon (one page: the daemon answers
@@ -72,11 +73,21 @@ class Residency:
         self._task = asyncio.create_task(self._run(), name="workflows-residency")
 
     async def close(self) -> None:
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+    def rewind(self, at: float) -> None:
+        """Rows are about to be made due at `at`, before the cursor: read from there."""
+        if self._cursor is not None and self._cursor[0] >= at:
+            self._cursor = (at, -1)
+
+    def left_after(self, process_id: str, began: float) -> bool:
+        """Whether the process left memory after `began` (time.monotonic)."""
+        return self._left.get(process_id, -1.0) >= began
 
     def left(self, process_id: str) -> None:
         """The process left memory (it finished or parked)."""
@@ -104,7 +115,6 @@ class Residency:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self._tick)
             try:
                 more = True
                 while more:  # a full page: more may be due, read on at once
@@ -113,6 +123,7 @@ class Residency:
                 log.warning("processes due could not be read: %s", exc)
             except Exception:  # a bug here must not stop timers for good
                 log.exception("reading processes due failed")
+            await asyncio.sleep(self._tick)
 
     async def _read_due(self) -> int:
         """One page of rows due by now + horizon after the cursor: those not in memory
@@ -131,7 +142,7 @@ class Residency:
     def _bring(self, process: Process, began: float) -> bool:
         """Spawn a row read at `began` unless it is in memory or left after the read
         began (then the row may be stale). True when spawned."""
-        if process.id in self._live or process.id in self._creating:
+        if self._closed or process.id in self._live or process.id in self._creating:
             return False
         if self._left.get(process.id, -1.0) >= began:
             return False

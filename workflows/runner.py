@@ -54,12 +54,7 @@ Publisher = Callable[[str, Mapping[str, Any], str | None], Awaitable[int | None]
 
 class Parked(Exception):
     """Raised at a wait that lasts beyond the horizon: the process leaves memory, its row
-    (written by the checkpoint before the wait) brings it back when due (residency.py).
-    `topic`/`keys`: the event it waits for, so a publish on it asks the store."""
-
-    def __init__(self, process: Process) -> None:
-        super().__init__(process.id)
-        self.topic, self.keys = process.wait_topic, process.wait_keys
+    (written before the wait) brings it back when due (residency.py)."""
 
 
 class ProcessRunner:
@@ -84,9 +79,11 @@ class ProcessRunner:
         resources: ResourcePool | None = None,
         acting: Callable[[], bool] = lambda: True,
         horizon: float | None = None,
+        waiting_on: Callable[[str, str], None] = lambda topic, keys: None,
     ) -> None:
         self._definition, self._store, self._caller = definition, store, caller
         self._horizon = horizon  # None: every process stays in memory
+        self._waiting_on = waiting_on  # a main line waits for (topic, keys): engine.publish
         # Replicas: whether this replica still leads, asked right before anything leaves it
         # (a call, a publish, a task), not only at the checkpoint after: a leader paused
         # past its lease wakes with its timers overdue and must not act on them.
@@ -222,7 +219,8 @@ class ProcessRunner:
             state.wake_at = self._clock() + step.delay
             await self._checkpoint(strand.process, ProcessStatus.WAITING, strand)
         if state.wake_at is not None:
-            self._park(strand)
+            while await self._park(strand):  # its row was written: look again
+                pass
             if not await self._wakeups.sleep(strand, state.wake_at):
                 return False
             state.wake_at = None
@@ -586,24 +584,29 @@ class ProcessRunner:
         except templates.TemplateError as exc:
             return CallResult(ok=False, error=str(exc), retryable=False)
         started = self._clock()
+        fresh, since = state.wait_seq is None, state.wait_seq
+        if since is None:  # its events are those published after this (one begun before: not)
+            since = state.wait_seq = self._bus.reserved_through
         if not strand.name:  # the main line's wait is in its row: a publish finds it there
             process.wait_topic = wait.event
             process.wait_keys, process.wait_match = match_key(match)
-        self._waits.waiting.setdefault(wait.event, {})[key] = match
+            # From now each publish on the topic makes such rows due in its own write (no
+            # await since wait_seq was read: a publish reserved later sees these keys).
+            self._waiting_on(wait.event, process.wait_keys)
+        self._waits.waiting.setdefault(wait.event, {})[key] = (match, since)
         try:
-            if state.wait_seq is None:  # registered above first, so nothing slips between
-                state.wait_seq = self._bus.position  # later events are delivered live
+            if fresh:  # registered above first, so nothing slips between
                 if wait.timeout is not None:
                     state.wake_at = started + wait.timeout
                 await self._checkpoint(process, ProcessStatus.WAITING, strand)
             else:  # resumed: an event may have come while the daemon was down
-                for stored in await self._store.events_since(wait.event, state.wait_seq):
+                for stored in await self._store.events_since(wait.event, since):
                     if matches(match, stored.data):
                         self._waits.arrived.setdefault(key, stored)
                         break
             while key not in self._waits.arrived and not strand.stopped():
-                if self._waits.settled:  # no event of those stored is still on its way here
-                    self._park(strand)
+                if await self._park(strand):  # its row was written: look again
+                    continue
                 if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
         finally:
@@ -636,7 +639,9 @@ class ProcessRunner:
         try:
             signal = self._signals.take(process.id, name)
             while signal is None and not strand.stopped():
-                self._park(strand)
+                if await self._park(strand):  # its row was written: look again
+                    signal = self._signals.take(process.id, name)
+                    continue
                 if await self._wakeups.sleep(strand, state.wake_at):
                     break  # timed out
                 signal = self._signals.take(process.id, name)
@@ -877,10 +882,17 @@ class ProcessRunner:
                 pause = min(pause * 2, STORAGE_RETRY_MAX)
 
     def _set_due(self, process: Process) -> None:
-        """When the process must be in memory again, as its checkpoint writes it: its
-        timer at a delay, a backoff or a wait (None: a wait only an event or a signal
-        ends), its deadline if sooner; now while it runs or waits on anything else (a
-        task, a resource, a compensation, a branch, a cancel): those stay in memory."""
+        """Before a checkpoint: its due time, and the event it waits for only while it
+        waits for one (`_due`)."""
+        process.due_at, event = self._due(process)
+        if event is None:
+            process.wait_topic = process.wait_keys = process.wait_match = None
+
+    def _due(self, process: Process) -> tuple[float | None, str | None]:
+        """When the process must be in memory again: its timer at a delay, a backoff or a
+        wait (None: a wait only an event or a signal ends), its deadline if sooner; now
+        while it runs or waits on anything else (a task, a resource, a compensation, a
+        branch, a cancel): those stay in memory. And the topic its wait is for, if any."""
         definition = self._definition(process)
         due: float | None = process.updated_at
         event = None
@@ -899,32 +911,36 @@ class ProcessRunner:
                 due = process.wake_at
         if process.deadline_at is not None and not process.deadline_missed:
             due = process.deadline_at if due is None else min(due, process.deadline_at)
-        process.due_at = None if process.finished else due
-        if event is None:
-            process.wait_topic = process.wait_keys = process.wait_match = None
+        return (None if process.finished else due), event
 
-    def _park(self, strand: Strand) -> None:
+    async def _park(self, strand: Strand) -> bool:
         """Leave memory (raise Parked) when the main line is about to wait beyond the
         horizon with nothing in flight: no history, signal or task answer unwritten, no
-        task being opened, no branch running. The due time is the one its last
-        checkpoint wrote, so the row brings it back in time; one resumed from a row
-        written before due times existed stays (its row says due now)."""
+        task being opened, no branch running. Its row must say when it is due, so the
+        loop reading rows brings it back in time: when the row says sooner (a signal or
+        an event that did not end this wait made it due now, or it was written before
+        due times existed), the row is written first and True comes back: the caller
+        looks again at what it waits for (something may have come meanwhile), then
+        calls again. False: it stays in memory for this wait."""
         process = strand.process
         if self._horizon is None or strand.name or strand.stopped():
-            return
+            return False
         if process.pending or process.writing or process.task_ends or process.taken_signals:
-            return
+            return False
         if process.task_open is not None or process.finished:
-            return
+            return False
         if any(b.state == BranchState.RUNNING for b in process.branches.values()):
-            return
-        due = process.due_at
+            return False
+        due, _ = self._due(process)
         if due is None:  # only an event or a signal ends the wait: is that what it waits for?
             if process.wait_seq is None:
-                return
+                return False
         elif due <= self._clock() + self._horizon:
-            return
-        raise Parked(process)
+            return False
+        if process.due_at != due:
+            await self._store_durably(process)
+            return True
+        raise Parked(process.id)
 
     def _end_lost(self, process: Process, error: BaseException) -> None:
         """A handed-over answer that no checkpoint will write: its worker hears so (and

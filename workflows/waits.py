@@ -63,31 +63,28 @@ class EventWaits:
     The runner registers in `waiting` and takes from `arrived` directly (a
     step's hot path); `deliver` is the one writer of `arrived` for live events.
     Both are keyed by strand (`Strand.key`): two branches of a process may wait at once.
+    A waiter takes events with ids after its `since` (its wait_seq) only: one whose
+    publish began before the wait (reserved, not yet stored) is not its to take.
     """
 
     def __init__(self, bus: EventBus, wake: Callable[[str], None]) -> None:
         self._bus, self._wake = bus, wake
-        self.waiting: dict[str, dict[str, dict[str, Any]]] = {}  # topic -> strand -> match
+        # topic -> strand -> (match, since)
+        self.waiting: dict[str, dict[str, tuple[dict[str, Any], int]]] = {}
         self.arrived: dict[str, StoredEvent] = {}
         self._stored: dict[int, StoredEvent] = {}  # stored, not yet delivered (see deliver)
-
-    @property
-    def settled(self) -> bool:
-        """No stored event waits for an earlier one to be written before delivery: a
-        process leaving memory now misses none (a publish after finds its row)."""
-        return not self._stored
 
     def deliver(self, event: StoredEvent | None = None) -> None:
         """Hand stored events to waiting processes in id order, up to the bus's position,
         as the bus does: an event whose earlier reservation is still being written waits.
-        So a process that starts waiting at `bus.position` gets live exactly the events
-        after it, as `events_since(wait_seq)` finds them after a restart."""
+        So a process that starts waiting at `bus.reserved_through` gets live exactly the
+        events after it, as `events_since(wait_seq)` finds them after a restart."""
         if event is not None:
             self._stored[event.seq] = event
         while self._stored and (first := min(self._stored)) <= self._bus.position:
             event = self._stored.pop(first)
-            for key, match in list(self.waiting.get(event.topic, {}).items()):
-                if matches(match, event.data) and key not in self.arrived:
+            for key, (match, since) in list(self.waiting.get(event.topic, {}).items()):
+                if event.seq > since and matches(match, event.data) and key not in self.arrived:
                     self.arrived[key] = event
                     self._wake(key)
 
