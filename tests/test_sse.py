@@ -342,8 +342,9 @@ async def test_a_step_that_starts_waiting_gets_live_what_a_restart_would_find(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Event 2 is stored while event 1 is still being written. A step that starts waiting
-    # then notes the bus position (0) and, after a restart, finds event 2 in the store
-    # (events after 0); so it must get event 2 live too, once event 1 is written.
+    # then takes the events with ids after the last one given out (2): event 2 was
+    # published before it waited, so it is not its own, live or after a restart (events
+    # after 2 in the store); event 3 is.
     wait = {"name": "Grant", "steps": [{"name": "paid", "wait_for": {"event": "grant.paid"}}]}
     client = await start_daemon(make_config(workflows=[wait]))
     store = client.app[ENGINE].store
@@ -369,5 +370,8 @@ async def test_a_step_that_starts_waiting_gets_live_what_a_restart_would_find(
     await until(lambda: status_is("waiting"))
     written.set()
     assert await first == 1
+    await asyncio.sleep(0.2)  # event 2, delivered live now, would have ended the wait
+    assert await status_is("waiting")
+    assert await publish(client, "grant.paid", 3) == 3
     await until(lambda: status_is("completed"))
-    assert (await (await client.get(process)).json())["outputs"]["paid"] == {"n": 2}
+    assert (await (await client.get(process)).json())["outputs"]["paid"] == {"n": 3}
