@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -20,14 +21,24 @@ class ProbeContext:
 
     The prober opens the sessions in `start` and closes them in `close`."""
 
-    verifying: ssl.SSLContext = field(default_factory=ssl.create_default_context)
     insecure: ssl.SSLContext = field(default_factory=insecure_context)
     fresh: aiohttp.ClientSession | None = None  # a new connection per request
     pooled: aiohttp.ClientSession | None = None  # keepalive: true
     targets: dict[tuple[object, ...], HttpTarget] = field(default_factory=dict)
+    # Made on the first verified TLS probe run in the loop: the system's CA certificates
+    # are ~0.8 MB of RSS, and most daemons run such probes in a worker or not at all.
+    _verifying: ssl.SSLContext | None = None
+    _loading: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    def tls(self, probe: Probe) -> ssl.SSLContext:
-        return self.verifying if probe.tls_verify else self.insecure
+    async def tls(self, probe: Probe) -> ssl.SSLContext:
+        if not probe.tls_verify:
+            return self.insecure
+        if self._verifying is None:
+            async with self._loading:
+                if self._verifying is None:
+                    # Reading the certificates takes 30-90 ms: not on the loop.
+                    self._verifying = await asyncio.to_thread(ssl.create_default_context)
+        return self._verifying
 
 
 class ProbeKind(Protocol):

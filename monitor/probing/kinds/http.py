@@ -46,7 +46,8 @@ class HttpKind:
         if probe.keepalive or probe.follow_redirects:
             return await _through_aiohttp(url, probe, context, at, started)
         target = _target(context, url, probe)
-        answer = await exchange(target, cap=probe.max_body_bytes, context=context.tls(probe))
+        tls = await context.tls(probe) if target.tls else None
+        answer = await exchange(target, cap=probe.max_body_bytes, context=tls)
         return ProbeResult(
             at=at,
             response_time=time.perf_counter() - started,
@@ -134,12 +135,13 @@ async def _through_aiohttp(
     target = _with_path(url, probe.path)
     seen: list[float | None] = []
     _CERTIFICATES.set(seen)  # this task's context: concurrent probes do not mix
+    tls = await context.tls(probe) if target.startswith("https:") else True
     async with session.request(
         probe.method,
         target,
         headers=dict(probe.headers),
         allow_redirects=probe.follow_redirects,
-        ssl=context.tls(probe) if target.startswith("https:") else True,
+        ssl=tls,
         auto_decompress=True,
     ) as response:
         body = await response.content.read(probe.max_body_bytes)

@@ -31,7 +31,7 @@ class TcpKind:
         self, url: str, probe: Probe, context: ProbeContext, at: float, started: float
     ) -> ProbeResult:
         host, port = address(url, tls=self.tls)
-        tls = context.tls(probe) if self.tls else None
+        tls = await context.tls(probe) if self.tls else None
         expires = await connect_only(host, port, context=tls)
         return ProbeResult(
             at=at,
