@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -268,8 +269,8 @@ def _block(url: str, returned: list[float]) -> None:
 
 # -- processes waiting on a 1 h timer (issue 17) -------------------------------------------
 
-# The waiting daemon's lease is config.yaml's default, as deployed: the replica figures'
-# short lease would have a daemon whose loop is busy resuming seen dead and rejoining.
+# The waiting daemon's lease is config.yaml's default, as deployed: with the replica
+# figures' short lease, a daemon busy resuming its processes would be seen dead at once.
 DEPLOYED_LEASE = 10.0
 # Each process waits on its first step's 1 h delay; the call that ends the delay reaches
 # the Recorder, which notes when (lateness); the second step shows the process went on.
@@ -295,7 +296,7 @@ class Waiting:
     late: list[float]  # per timer brought near: its call's arrival minus its due time (s)
     timers: int  # how many were brought near
     early: int  # calls from processes left on the 1 h timer: must stay 0
-    handovers: int  # leader epochs from ready to the end: a replica seen dead rejoins
+    handovers: int | None  # leader epochs from ready to the end; None: /v1/cluster silent
 
 
 class ProcessRows:
@@ -372,21 +373,28 @@ class ProcessRows:
         return {r[0] for r in rows}
 
 
-def first_answer(url: str, method: str, daemon: subprocess.Popen[bytes]) -> float:
-    """Monotonic time at which `url` first answers 200, asked again and again from now."""
+def first_answer(url: str, method: str, daemon: subprocess.Popen[bytes], until: float) -> float:
+    """Monotonic time at which `url` first answers 200, asked again and again from now;
+    infinity when it has not by `until`."""
     while daemon.poll() is None:
+        left = until - time.monotonic()
+        if left <= 0:
+            return math.inf
         request = urllib.request.Request(url, method=method)  # noqa: S310 (127.0.0.1 only)
-        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=600) as answer:  # noqa: S310
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=left) as answer:  # noqa: S310
             if answer.status == 200:
                 return time.monotonic()
         time.sleep(0.01)
     raise RuntimeError(f"the daemon exited ({daemon.returncode}) before {url} answered")
 
 
-def restart_ready(url: str, daemon: subprocess.Popen[bytes], since: float) -> tuple[float, float]:
+def restart_ready(
+    url: str, daemon: subprocess.Popen[bytes], since: float, give_up: float
+) -> tuple[float, float]:
     """Seconds from `since` (the spawn) until the daemon is ready, /readyz and a heartbeat
     both 200 (the issue saw heartbeats refused until every process had resumed), and until
-    it lists the waiting processes. Each is asked in a thread of its own from the spawn."""
+    it lists the waiting processes. Each is asked in a thread of its own from the spawn,
+    for `give_up` seconds at most (infinity then)."""
     asks = {
         "ready": (f"{url}/readyz", "GET"),
         "heartbeat": (f"{url}/v1/services/bench/instances/hb/heartbeat", "POST"),
@@ -395,7 +403,7 @@ def restart_ready(url: str, daemon: subprocess.Popen[bytes], since: float) -> tu
     answered: dict[str, float] = {}
 
     def ask(name: str) -> None:
-        answered[name] = first_answer(*asks[name], daemon) - since
+        answered[name] = first_answer(*asks[name], daemon, since + give_up) - since
 
     threads = [threading.Thread(target=ask, args=(name,)) for name in asks]
     for thread in threads:
@@ -429,6 +437,15 @@ def spawned(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
         except subprocess.TimeoutExpired:
             daemon.kill()
             daemon.wait()
+
+
+def leader_epoch(url: str) -> int | None:
+    """The leader's epoch, or None when the daemon does not answer (within a minute: its
+    loop held by resuming processes is a figure in itself, which a longer wait hides)."""
+    try:
+        return int(get_json(url + "/v1/cluster", timeout=60)["epoch"])
+    except OSError:
+        return None
 
 
 def waiting_counts(url: str) -> int:
@@ -473,15 +490,17 @@ def waiting(
     load_now = os.getloadavg()[0]
     began = time.monotonic()
     with spawned(config, workdir / "waiting.log") as daemon:
-        ready, listed = restart_ready(url, daemon, began)
+        ready, listed = restart_ready(url, daemon, began, args.give_up)
         rss_ready = tree_rss_mb(daemon.pid)
-        epoch = get_json(url + "/v1/cluster", timeout=600)["epoch"]
-        time.sleep(max(0.0, began + ready + args.settle - time.monotonic()))
+        epoch = leader_epoch(url)
+        settled = began + min(ready, args.give_up) + args.settle  # ready: inf if given up
+        time.sleep(max(0.0, settled - time.monotonic()))
         rss_later = tree_rss_mb(daemon.pid)
         deadline = max(due, time.time()) + 30  # due may have passed before ready
         while recorder.count("/fire") < len(near) and time.time() < deadline:
             time.sleep(0.1)
-        handovers = get_json(url + "/v1/cluster", timeout=600)["epoch"] - epoch
+        last = leader_epoch(url)
+        handovers = None if epoch is None or last is None else last - epoch
     recorder.close()
     wall = time.time() - time.monotonic()  # the Recorder notes monotonic times
     fired = [
@@ -518,16 +537,17 @@ def print_waiting(results: list[Waiting], settle: float) -> None:
             if late
             else f"none of {r.timers} fired"
         )
+        handovers = "silent" if r.handovers is None else str(r.handovers)
         print(
             f"  {r.count:10,} {r.store:11} {r.rss_ready:8,.0f} / {r.rss_later:,.0f} MB "
-            f"{r.ready:6.2f} s {r.listed:6.2f} s  {lateness:>31} {r.early:9} {r.handovers:9} "
+            f"{r.ready:6.2f} s {r.listed:6.2f} s  {lateness:>31} {r.early:9} {handovers:>9} "
             f"{r.load:5.1f}"
         )
     print("  ready: /readyz and a heartbeat both 200; listed: GET /v1/processes?status=waiting")
     print(
-        "  handovers: leader epochs from ready to the end (a daemon whose loop is busy beyond "
-        f"its lease, {DEPLOYED_LEASE:.0f} s,\n  is seen dead and rejoins); load: the 1-minute "
-        "load average at the restart (shared cores)"
+        "  handovers: leader epochs from ready to the end (a daemon busy beyond its lease, "
+        f"{DEPLOYED_LEASE:.0f} s, is seen\n  dead and rejoins; silent: /v1/cluster did not "
+        "answer); load: the 1-minute load average at the restart"
     )
 
 
@@ -614,6 +634,7 @@ def main() -> None:
     parser.add_argument("--timers", type=int, default=200, help="timers brought near")
     parser.add_argument("--fire-after", type=float, default=20.0, help="s from the restart")
     parser.add_argument("--settle", type=float, default=10.0, help="s from ready to 2nd RSS")
+    parser.add_argument("--give-up", type=float, default=600.0, help="s to wait for ready")
     parser.add_argument("--smoke", action="store_true", help="tiny, seconds")
     args = parser.parse_args()
     if args.smoke:
