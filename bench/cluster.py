@@ -358,19 +358,29 @@ class ProcessRows:
             (count - seeds, prefix, seeds),
         )
 
-    def bring_near(self, timers: int, due: float) -> set[str]:
-        """Sets the timers of about `timers` processes spread over the table to `due`
-        (wake_at, and due_at where the engine reads it); their ids."""
+    def bring_near(self, timers: int, due: float) -> dict[str, float]:
+        """Sets the timers of about `timers` processes spread over the table to fire from
+        `due` on, one every SPACING seconds (wake_at, and due_at where the engine reads
+        it): a timer's lateness, not a burst of 200 calls at one instant. Their ids and
+        due times."""
         mark = "%s" if self.postgres else "?"
         times = ["wake_at", *(["due_at"] if "due_at" in self.columns() else [])]
-        moved = ", ".join(f"{c} = {mark}" for c in times)
+        at = f"{mark} + ((seq / {mark}) % {mark}) * {mark}"
+        moved = ", ".join(f"{c} = {at}" for c in times)
         every = max(1, self.count() // timers)
         modulo = "%%" if self.postgres else "%"
+        if self.postgres:
+            at = at.replace("%", "%%").replace("%%s", "%s")
+            moved = ", ".join(f"{c} = {at}" for c in times)
         rows = self.conn.execute(
-            f"UPDATE processes SET {moved} WHERE seq {modulo} {mark} = 0 RETURNING id",  # noqa: S608
-            (*[due] * len(times), every),
+            f"UPDATE processes SET {moved} WHERE seq {modulo} {mark} = 0 "  # noqa: S608
+            "RETURNING id, wake_at",
+            (*[due, every, timers, SPACING] * len(times), every),
         ).fetchall()
-        return {r[0] for r in rows}
+        return {r[0]: float(r[1]) for r in rows}
+
+
+SPACING = 0.01  # between the due times of the timers brought near
 
 
 def first_answer(url: str, method: str, daemon: subprocess.Popen[bytes], until: float) -> float:
@@ -514,7 +524,7 @@ def waiting(
         listed=listed,
         rss_ready=rss_ready,
         rss_later=rss_later,
-        late=[at - due for process_id, at in fired if process_id in near],
+        late=[at - near[process_id] for process_id, at in fired if process_id in near],
         timers=len(near),
         early=sum(1 for process_id, _ in fired if process_id not in near),
         handovers=handovers,

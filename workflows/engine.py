@@ -425,7 +425,10 @@ class Engine:
             creating.difference_update(ids)
 
     def _resume(self, process: Process) -> None:
-        """A stored process back in memory (at open, when due, or for a request)."""
+        """A stored process back in memory (at open, when due, or for a request). It runs
+        under this engine's member key, whatever its row says: a deposed leader that
+        reads a row after its successor took them over is fenced by it."""
+        process.owner = self._me
         self._resumed.add(process.id)
         self._spawn(process)
 
@@ -486,7 +489,7 @@ class Engine:
     def _check_serving(self) -> None:
         """Only the replica running the engine starts or changes processes: a request that
         reached another (leadership just moved) is refused, to be sent again."""
-        if not self.serving:
+        if not self.serving or not self.acting():  # acting: this replica's own clock
             raise StoreUnavailable("the workflow engine is not running on this replica")
 
     async def _running(self, process_id: str) -> Process:
