@@ -890,11 +890,14 @@ class ProcessRunner:
 
     def _due(self, process: Process) -> tuple[float | None, str | None]:
         """When the process must be in memory again: its timer at a delay, a backoff or a
-        wait (None: a wait only an event or a signal ends), its deadline if sooner; now
-        while it runs or waits on anything else (a task, a resource, a compensation, a
-        branch, a cancel): those stay in memory. And the topic its wait is for, if any."""
+        wait (None: a wait only an event or a signal ends), its deadline if sooner; past
+        (its start) while it runs or waits on anything else (a task, a resource, a
+        compensation, a branch, a cancel): those stay in memory, and a restart reads them
+        first. And the topic its wait is for, if any."""
         definition = self._definition(process)
-        due: float | None = process.updated_at
+        # In memory: due since it began, a time that stays put (not the checkpoint's), so the
+        # loop reading rows due passes it once instead of reading each of its checkpoints.
+        due: float | None = process.created_at
         event = None
         if (
             process.status == ProcessStatus.WAITING
