@@ -382,6 +382,36 @@ async def test_a_checkpoint_of_a_process_claimed_elsewhere_is_fenced(handle: Han
     assert (stored[0].status, [a.step for a in stored[1]]) == (ProcessStatus.RUNNING, ["b"])
 
 
+async def test_take_over_takes_what_another_may_hold_and_reads_take_the_rest(
+    handle: Handle,
+) -> None:
+    """A new leader takes at once the processes its predecessor may hold in memory (due
+    within its horizon, or on no timer and written lately); the rest become its own as it
+    reads them, as they are once any checkpoint of the old owner's has committed."""
+    store = handle.store
+    created = await create(
+        store,
+        new_process(1, owner="r1/a", due_at=150.0),  # due soon: maybe in the old one's memory
+        new_process(2, owner="r1/a", due_at=5000.0),  # an hour away: a row
+        new_process(3, owner="r1/a"),  # waits for an event, written at 103: lately
+        new_process(4, owner="r1/a", due_at=6000.0),
+    )
+    old = {p.id: p for p in created}
+    assert await store.take_over("r2/b", 200.0, 100.0) == 2
+    owners = {p.id: p.owner for p in await store.page(None, None, 10, None)}
+    assert owners == {"p0001": "r2/b", "p0002": "r1/a", "p0003": "r2/b", "p0004": "r1/a"}
+
+    first, read = await store.due(None, 5500.0, 10, owner="r2/b")  # the horizon reaches p0002
+    assert [(p.id, p.owner) for p in (first, read)] == [("p0001", "r2/b"), ("p0002", "r2/b")]
+    [loaded] = await store.unfinished_of(["p0004"], owner="r2/b")  # a signal for p0004
+    assert (loaded.id, loaded.owner) == ("p0004", "r2/b")
+    for stale in (old["p0002"], old["p0004"]):  # the old owner's copies: fenced
+        stale.status = ProcessStatus.RUNNING
+        with pytest.raises(Fenced):
+            await store.checkpoint(stale)
+    assert await store.unfinished_of(["p0002"]) == [read]  # a plain read takes nothing
+
+
 async def test_take_over_makes_every_unfinished_process_the_new_leaders(handle: Handle) -> None:
     """A new leader takes them all; the old one's checkpoints are fenced from then."""
     store = handle.store
@@ -395,8 +425,8 @@ async def test_take_over_makes_every_unfinished_process_the_new_leaders(handle: 
     done.status, done.finished_at = ProcessStatus.COMPLETED, 9.0
     await store.checkpoint(done)
 
-    assert await store.take_over("r2/b") == 2
-    assert await store.take_over("r2/b") == 0
+    assert await store.take_over("r2/b", 1e9, 0.0) == 2
+    assert await store.take_over("r2/b", 1e9, 0.0) == 0
     owners = {p.id: p.owner for p in await store.page(None, None, 10, None)}
     assert owners == {"p0001": "r2/b", "p0002": "r2/b", "p0003": "r1/a", "p0004": "r2/b"}
     stale.status, stale.pending = ProcessStatus.RUNNING, [attempt("a")]
@@ -1033,7 +1063,7 @@ async def test_a_postgres_take_over_waits_for_checkpoints_in_flight(
 
         writing = asyncio.create_task(old_db.write(checkpoints_in_flight))
         await asyncio.to_thread(holding.wait, 30)
-        taking = asyncio.create_task(PgWorkflowStore(new_db).take_over("r2/b"))
+        taking = asyncio.create_task(PgWorkflowStore(new_db).take_over("r2/b", 1e9, 0.0))
         await until(taking_over_waits)
         release.set()
         await writing

@@ -307,16 +307,17 @@ async def test_a_load_straddling_a_close_and_open_runs_one_copy(daemon: AppClien
     store, unfinished_of = engine.store, engine.store.unfinished_of
     gate, reading = asyncio.Event(), asyncio.Event()
 
-    async def held(ids: Any) -> Any:
+    async def held(ids: Any, owner: Any = None) -> Any:
         if not gate.is_set():
             reading.set()
             await gate.wait()
-        return await unfinished_of(ids)
+        return await unfinished_of(ids, owner)
 
     store.unfinished_of = held  # type: ignore[method-assign]
     try:
         old = asyncio.ensure_future(daemon.post(f"/v1/processes/{waiter}/signals/other", json={}))
-        await reading.wait()  # the old term's load is reading
+        async with asyncio.timeout(10):
+            await reading.wait()  # the old term's load is reading
         await engine.close()  # leadership lost and won back
         gate.set()
         await engine.open()

@@ -61,25 +61,31 @@ class ProcessStore(Protocol):
         """Every process not finished, oldest first, with its history count."""
         ...
 
-    async def take_over(self, owner: str) -> int:
-        """Every process not finished becomes `owner`'s (a new leader's engine takes them
-        all); how many changed hands (those already `owner`'s are not counted). A checkpoint
-        of the old owner under way is waited for; its later ones are fenced. The engine then
-        reads those due (`due`), not all of them."""
+    async def take_over(self, owner: str, due_before: float, updated_after: float) -> int:
+        """The unfinished processes another engine may hold in memory become `owner`'s (a
+        new leader's): those due by `due_before`, and those due on no timer written since
+        `updated_after`; how many changed hands (those already `owner`'s are not counted).
+        A checkpoint of the old owner under way is waited for; its later ones are fenced.
+        The others become `owner`'s as `due` and `unfinished_of` read them."""
         ...
 
     async def due(
-        self, after: tuple[float, int] | None, before: float, limit: int
+        self,
+        after: tuple[float, int] | None,
+        before: float,
+        limit: int,
+        owner: str | None = None,
     ) -> list[Process]:
         """Unfinished processes with `due_at <= before` and `(due_at, seq) > after` (no
         lower bound when None), by (due_at, seq), at most `limit`, with their history
         counts: what the engine loads into memory (at open, and as its horizon moves).
-        A process whose due_at is None is never among them."""
+        A process whose due_at is None is never among them. `owner`: they become its, as
+        read after any checkpoint of theirs under way (another's later ones are fenced)."""
         ...
 
-    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+    async def unfinished_of(self, ids: Sequence[str], owner: str | None = None) -> list[Process]:
         """Those of `ids` that are unfinished, with their history counts (a cancel, a
-        signal or an event for a process not in memory loads it)."""
+        signal or an event for a process not in memory loads it); `owner` as for `due`."""
         ...
 
     async def unfinished_of_version(self, workflow: str, version: int) -> list[str]:

@@ -180,6 +180,7 @@ class Engine:
             live=self.live,
             creating=self._creating,
             spawn=self._resume,
+            owner=lambda: self._me,
             horizon=self.horizon,
         )
         self._wakeups = Wakeups(clock)
@@ -237,8 +238,10 @@ class Engine:
         for signal in await self.store.pending_signals():
             self._signals.keep(signal)
         self._me = self._owner()
-        if self._me is not None:  # a new leader: every process is its own, its predecessor fenced
-            await self.store.take_over(self._me)
+        if self._me is not None:  # a new leader: what its predecessor may hold is its own now,
+            # its predecessor fenced; the rest becomes its own as it reads them (residency.py)
+            now, margin = self._clock(), 2 * self.horizon  # the predecessor's horizon, and more
+            await self.store.take_over(self._me, now + margin, now - margin)
         for topic, keys in await self.store.waiting_keys():
             self._waited_keys.setdefault(topic, set()).add(keys)
         if self.resources is not None:  # holds and queues back before any process runs

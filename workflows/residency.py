@@ -52,11 +52,13 @@ class Residency:
         live: Collection[str],
         creating: Collection[str],
         spawn: Callable[[Process], None],
+        owner: Callable[[], str | None] = lambda: None,
         horizon: float = HORIZON,
         cap: int = CAP,
     ) -> None:
         self._store, self._clock, self._live, self._spawn = store, clock, live, spawn
         self._creating = creating  # stored, not yet in memory: their creator spawns them
+        self._owner = owner  # replicas: rows read become this member key's (None: one daemon)
         self.horizon, self._tick, self._cap = horizon, horizon / TICKS, cap
         self._cursor: tuple[float, int] | None = None  # the last row read by due time
         self._left: dict[str, float] = {}  # process id -> when it left memory (monotonic)
@@ -104,7 +106,7 @@ class Residency:
             if not wanted:
                 return
             began = time.monotonic()
-            rows = await self._store.unfinished_of(wanted)
+            rows = await self._store.unfinished_of(wanted, self._owner())
             wanted = [
                 p.id
                 for p in rows
@@ -132,7 +134,8 @@ class Residency:
         if room <= 0:
             return 0
         began = time.monotonic()
-        rows = await self._store.due(self._cursor, self._clock() + self.horizon, min(PAGE, room))
+        before, limit = self._clock() + self.horizon, min(PAGE, room)
+        rows = await self._store.due(self._cursor, before, limit, self._owner())
         for process in rows:
             self._bring(process, began)
             assert process.due_at is not None  # due() reads only rows with one

@@ -174,7 +174,19 @@ _CLAIM = (
 # looks at the row again (a process that checkpoint finished is not taken); every later
 # checkpoint of the old owner is fenced.
 _TAKE_OVER = (
-    "UPDATE processes SET owner = %s WHERE finished_at IS NULL AND owner IS DISTINCT FROM %s"
+    "UPDATE processes SET owner = %s WHERE finished_at IS NULL AND owner IS DISTINCT FROM %s "
+    "AND (due_at <= %s OR (due_at IS NULL AND updated_at >= %s))"
+)
+# A read that makes its rows the reader's: RETURNING gives each row as it is once any
+# checkpoint under way on it has committed (the UPDATE waits for its lock).
+_CLAIM_DUE = (
+    "UPDATE processes SET owner = %s WHERE seq IN (SELECT seq FROM processes "  # noqa: S608
+    "WHERE finished_at IS NULL AND due_at IS NOT NULL AND due_at <= %s {after} "
+    f"ORDER BY due_at, seq LIMIT %s) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
+)
+_CLAIM_OF = (
+    "UPDATE processes SET owner = %s WHERE id = ANY(%s) AND finished_at IS NULL "  # noqa: S608
+    f"RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
 # The terms of processes_due's WHERE are spelled out so its use needs no inference.
 _DUE = (
@@ -373,24 +385,45 @@ class PgWorkflowStore:
 
         return await self._db.write(write)
 
-    async def take_over(self, owner: str) -> int:
+    async def take_over(self, owner: str, due_before: float, updated_after: float) -> int:
         def write(conn: Connection) -> int:
-            return conn.execute(_TAKE_OVER, (owner, owner)).rowcount
+            args = (owner, owner, due_before, updated_after)
+            return conn.execute(_TAKE_OVER, args).rowcount
 
         return await self._db.write(write)
 
     async def due(
-        self, after: tuple[float, int] | None, before: float, limit: int
+        self,
+        after: tuple[float, int] | None,
+        before: float,
+        limit: int,
+        owner: str | None = None,
     ) -> list[Process]:
         cursor = "" if after is None else "AND (due_at, seq) > (%s, %s)"
         args = (before, *(after or ()), limit)
+        if owner is not None:
+
+            def claim(conn: Connection) -> list[Process]:
+                query = _CLAIM_DUE.format(after=cursor)
+                rows = [_process(r) for r in conn.execute(query, (owner, *args)).fetchall()]
+                return sorted(rows, key=lambda p: (p.due_at or 0.0, p.seq))
+
+            return await self._db.write(claim)
 
         def read(conn: Connection) -> list[Process]:
             return [_process(r) for r in conn.execute(_DUE.format(after=cursor), args).fetchall()]
 
         return await self._db.read(read)
 
-    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+    async def unfinished_of(self, ids: Sequence[str], owner: str | None = None) -> list[Process]:
+        if owner is not None:
+
+            def claim(conn: Connection) -> list[Process]:
+                rows = conn.execute(_CLAIM_OF, (owner, list(ids))).fetchall()
+                return sorted((_process(r) for r in rows), key=lambda p: p.seq)
+
+            return await self._db.write(claim)
+
         def read(conn: Connection) -> list[Process]:
             return [_process(r) for r in conn.execute(_UNFINISHED_OF, [list(ids)]).fetchall()]
 

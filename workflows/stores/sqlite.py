@@ -163,7 +163,10 @@ _CLAIM = (
     "WHERE finished_at IS NULL AND owner IN (SELECT value FROM json_each(?)) "
     f"ORDER BY seq LIMIT ?) RETURNING seq, {_COLUMNS}, {_HISTORY_COUNT}"
 )
-_TAKE_OVER = "UPDATE processes SET owner = ? WHERE finished_at IS NULL AND owner IS NOT ?"
+_TAKE_OVER = (
+    "UPDATE processes SET owner = ? WHERE finished_at IS NULL AND owner IS NOT ? "
+    "AND (due_at <= ? OR (due_at IS NULL AND updated_at >= ?))"
+)
 # The residency reads name their index: without statistics SQLite takes `finished_at IS
 # NULL` for a selective equality and walks processes_finished over every unfinished row
 # (a million when few are due). A partial index serves only a WHERE that has its terms.
@@ -278,6 +281,21 @@ def keys_of(match: str) -> str:
     """The stored `wait_keys` of processes whose `wait_match` can be `match` (its own keys,
     as records.match_key writes them), so a lookup uses the whole processes_waiting index."""
     return match_key(orjson.loads(match))[0]
+
+
+def _claimed(
+    d: sqlite_utils.Database, processes: list[Process], owner: str | None
+) -> list[Process]:
+    """The processes read, made `owner`'s (in the write that read them) when one is given."""
+    if owner is not None:
+        seqs = orjson.dumps([p.seq for p in processes]).decode()
+        d.conn.execute(
+            "UPDATE processes SET owner = ? WHERE seq IN (SELECT value FROM json_each(?))",
+            [owner, seqs],
+        )
+        for process in processes:
+            process.owner = owner
+    return processes
 
 
 def fenced(process: Process) -> Fenced:
@@ -452,16 +470,21 @@ class SqliteWorkflowStore:
 
         return await self._db.write(write)
 
-    async def take_over(self, owner: str) -> int:
+    async def take_over(self, owner: str, due_before: float, updated_after: float) -> int:
         """One writer: a checkpoint of the old owner is committed before this or fenced."""
 
         def write(d: sqlite_utils.Database) -> int:
-            return int(d.conn.execute(_TAKE_OVER, (owner, owner)).rowcount)
+            args = (owner, owner, due_before, updated_after)
+            return int(d.conn.execute(_TAKE_OVER, args).rowcount)
 
         return await self._db.write(write)
 
     async def due(
-        self, after: tuple[float, int] | None, before: float, limit: int
+        self,
+        after: tuple[float, int] | None,
+        before: float,
+        limit: int,
+        owner: str | None = None,
     ) -> list[Process]:
         query, args = _DUE, [before, limit]
         if after is not None:
@@ -469,17 +492,18 @@ class SqliteWorkflowStore:
             query, args = _DUE_AFTER, [before, at, seq, limit, before, at, limit, limit]
 
         def read(d: sqlite_utils.Database) -> list[Process]:
-            return [_process(r) for r in d.execute(query, args).fetchall()]
+            return _claimed(d, [_process(r) for r in d.execute(query, args).fetchall()], owner)
 
-        return await self._db.read(read)
+        return await (self._db.read(read) if owner is None else self._db.write(read))
 
-    async def unfinished_of(self, ids: Sequence[str]) -> list[Process]:
+    async def unfinished_of(self, ids: Sequence[str], owner: str | None = None) -> list[Process]:
         wanted = orjson.dumps(list(ids)).decode()
 
         def read(d: sqlite_utils.Database) -> list[Process]:
-            return [_process(r) for r in d.execute(_UNFINISHED_OF, [wanted]).fetchall()]
+            rows = d.execute(_UNFINISHED_OF, [wanted]).fetchall()
+            return _claimed(d, [_process(r) for r in rows], owner)
 
-        return await self._db.read(read)
+        return await (self._db.read(read) if owner is None else self._db.write(read))
 
     async def unfinished_of_version(self, workflow: str, version: int) -> list[str]:
         def read(d: sqlite_utils.Database) -> list[str]:
