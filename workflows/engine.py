@@ -210,8 +210,12 @@ class Engine:
             resources=self.resources,
             acting=lambda: self.serving and self.acting(),
             horizon=self.horizon,
-            waiting_on=lambda topic, keys: self._waited_keys.setdefault(topic, set()).add(keys),
+            waiting_on=self._waiting_on,
         )
+
+    def _waiting_on(self, topic: str, keys: str) -> None:
+        """Main lines wait on `topic` with matches on `keys` (stored ones, or one beginning)."""
+        self._waited_keys.setdefault(topic, set()).add(keys)
 
     def _wake(self, process_id: str) -> None:
         """Wake a process of the current term (the queues and the pool outlive terms)."""
@@ -243,7 +247,7 @@ class Engine:
             now, margin = self._clock(), 2 * self.horizon  # the predecessor's horizon, and more
             await self.store.take_over(self._me, now + margin, now - margin)
         for topic, keys in await self.store.waiting_keys():
-            self._waited_keys.setdefault(topic, set()).add(keys)
+            self._waiting_on(topic, keys)
         if self.resources is not None:  # holds and queues back before any process runs
             await self.resources.open(self.store.unfinished_of)
         if self._schedules is not None:  # before the processes run
