@@ -132,6 +132,11 @@ def spread(group: list[Daemon], kind: str, args: argparse.Namespace, workdir: Pa
     )
 
 
+def phase(text: str) -> None:
+    """Where the run is, on stderr: a run that hangs (tests/test_bench_smoke.py) says where."""
+    print(f"bench.cluster {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
 def put(url: str, body: dict[str, Any]) -> None:
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")  # noqa: S310
     request.add_header("Content-Type", "application/json")
@@ -189,7 +194,7 @@ def agreed_leader(group: list[Daemon], timeout: float = 60) -> tuple[str, int]:
     raise RuntimeError("no leader agreed")
 
 
-def failover(group: list[Daemon], how: str) -> float:
+def failover(group: list[Daemon], how: str, timeout: float = 60) -> float:
     """Seconds from killing (or pausing) the leader to the survivors agreeing on another."""
     leader, epoch = agreed_leader(group)
     victim = next(d for d in group if d.name == leader)
@@ -197,11 +202,12 @@ def failover(group: list[Daemon], how: str) -> float:
     began = time.monotonic()
     victim.popen.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     try:
-        while True:
+        while time.monotonic() - began < timeout:
             new_leader, new_epoch = agreed_leader(survivors)
             if new_leader != leader and new_epoch > epoch:
                 return time.monotonic() - began
             time.sleep(0.01)
+        raise RuntimeError(f"the survivors still agree on {leader} {timeout:.0f} s after {how}")
     finally:
         if how == "pause":
             victim.popen.send_signal(signal.SIGCONT)
@@ -489,6 +495,7 @@ def waiting(
     url = f"http://127.0.0.1:{port}"
     name = "waiting-pg" if "url" in storage else "waiting-sqlite"
     config = daemon_config(workdir, name, port, storage, DEPLOYED_LEASE, recorder.url, WAITING)
+    phase(f"{count:,} waiting on {'PostgreSQL' if 'url' in storage else 'SQLite'}: seeding")
     seed_waiting(workdir, config, url, min(args.seeds, count))
     rows = ProcessRows(storage)
     try:
@@ -498,6 +505,7 @@ def waiting(
     finally:
         rows.close()
     load_now = os.getloadavg()[0]
+    phase("restarting on the rows")
     began = time.monotonic()
     with spawned(config, workdir / "waiting.log") as daemon:
         ready, listed = restart_ready(url, daemon, began, args.give_up)
@@ -579,20 +587,26 @@ def replicas(workdir: Path, postgres: PostgresCluster, args: argparse.Namespace)
             ("PostgreSQL, 3 replicas", ["b1", "b2", "b3"], {"url": postgres.database()}),
         ]
         for label, names, storage in setups:
+            phase(f"{label}: starting")
             with daemons(workdir, names, storage, args.lease, target) as group:
                 heartbeat_fleet(group, args.heartbeat_instances)
+                phase(f"{label}: registrations, heartbeats")
                 rows[label] = {
                     "register": spread(group, "register", args, workdir),
                     "heartbeat": spread(group, "heartbeat", args, workdir),
-                    "steps": steps_per_second(group, storage.get("url"), args.processes),
                 }
+                phase(f"{label}: workflow steps")
+                rows[label]["steps"] = steps_per_second(group, storage.get("url"), args.processes)
                 if len(group) > 1:
+                    phase(f"{label}: wake-ups, kill -9 of the leader")
                     rows[label]["wake"] = wakeups(group, args.wakeups)
                     rows[label]["kill"] = failover(group, "kill")
+        phase("SIGSTOP of the leader")
         with daemons(
             workdir, ["c1", "c2", "c3"], {"url": postgres.database()}, args.lease, target
         ) as group:
             paused = failover(group, "pause")
+        phase("probing after kill -9 of a replica")
         resumed = probes_resumed(workdir, postgres.database(), args.lease, args.probed)
     return Replicas(rows, paused, resumed)
 
@@ -651,6 +665,7 @@ def main() -> None:
         args.duration, args.heartbeat_instances, args.processes = 1, 20, 30
         args.wakeups, args.probed, args.lease = 5, 6, 1.0
         args.waiting, args.seeds, args.timers, args.fire_after, args.settle = "200", 50, 20, 2, 1
+        args.give_up = 60
     counts = [int(n) for n in args.waiting.split(",")]
     stores = args.waiting_stores.split(",")
     initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")

@@ -30,12 +30,17 @@ def test_every_bench_module_is_found() -> None:
 
 @pytest.mark.parametrize("name", BENCHES)
 def test_bench_runs_to_the_end_in_smoke_mode(name: str) -> None:
-    run = subprocess.run(
-        [sys.executable, "-m", f"bench.{name}", "--smoke"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", f"bench.{name}", "--smoke"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired as hung:  # where it hung: what it printed so far
+        printed = hung.stderr or b""  # bytes even with text=True (the output so far)
+        text = printed.decode(errors="replace") if isinstance(printed, bytes) else printed
+        pytest.fail(f"bench.{name} --smoke ran over {hung.timeout} s:\n{text}")
     assert run.returncode == 0, f"bench.{name} --smoke exited {run.returncode}:\n{run.stderr}"
     assert FIGURE.search(run.stdout), f"bench.{name} printed no figure:\n{run.stdout}"
