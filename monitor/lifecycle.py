@@ -11,6 +11,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -22,6 +23,9 @@ from .convert import static_instances
 from .keys import HEAP, REAPER
 from .parts import Parts
 from .reload import Reloader
+
+if TYPE_CHECKING:
+    from .relay import EventRelay
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +209,11 @@ def _workflows(parts: Parts) -> Context:
                 await engine.prune(retention, events)
 
         parts.scheduler.every("workflows.prune", PRUNE_INTERVAL, prune, first_in=60)
+        relay = _relay(parts)
+        if relay is not None:
+            await relay.start()
         follower = asyncio.create_task(
-            _follow_leadership(engine, parts.leadership), name="workflows-leadership"
+            _follow_leadership(engine, parts.leadership, relay), name="workflows-leadership"
         )
         try:
             yield
@@ -214,16 +221,38 @@ def _workflows(parts: Parts) -> Context:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+            if relay is not None:
+                await relay.stop()
             await engine.close()
             await parts.caller.close()
 
     return run
 
 
-async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
+def _relay(parts: Parts) -> EventRelay | None:
+    """On PostgreSQL, the events published on other replicas reach this one's bus."""
+    url = parts.config.storage.url
+    if url is None:
+        return None
+    from .relay import EventRelay
+
+    engine = parts.engine
+    return EventRelay(
+        parts.bus,
+        url,
+        read_after=engine.store.events_after,
+        last_seq=engine.store.last_event_seq,
+        engine_here=lambda: engine.serving,
+    )
+
+
+async def _follow_leadership(
+    engine: Engine, leadership: Leadership, relay: EventRelay | None = None
+) -> None:
     """Open the engine when this replica wins leadership, close it as soon as it loses it
     (its processes may run elsewhere from the moment the lease passes). An open that
-    fails (storage refused) is tried again while the replica still leads."""
+    fails (storage refused) is tried again while the replica still leads. Before an open
+    the relay hands the bus the events stored meanwhile: ids go on from the last."""
     changed = asyncio.Event()
     leadership.on_leadership(changed.set)
     pause = OPEN_RETRY_MIN
@@ -239,6 +268,8 @@ async def _follow_leadership(engine: Engine, leadership: Leadership) -> None:
             changed.set()
         elif leadership.is_leader and not engine.serving:
             try:
+                if relay is not None:
+                    await relay.catch_up()
                 await engine.open()
                 log.info("leadership won: the workflow engine runs here")
                 pause = OPEN_RETRY_MIN

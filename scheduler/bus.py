@@ -48,6 +48,10 @@ class Event:
     topic: str
     data: Mapping[str, Any]
     time: float = field(default_factory=time.time)
+    stored: bool = False  # kept by the event store under `id` (else: the daemon's own news)
+    # Published on another replica and relayed here (monitor/relay.py): subscribers that act
+    # on an event once for the cluster (the notifier) leave it to the replica it came from.
+    remote: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
@@ -187,11 +191,23 @@ class EventBus:
             event = Event(id=self._position, topic=topic, data=data, time=self._clock())
             self._deliver(event)
             return event
-        event = Event(id=reserved, topic=topic, data=data, time=self._clock())
+        event = Event(id=reserved, topic=topic, data=data, time=self._clock(), stored=True)
         self._reserved.discard(reserved)
         self._held[reserved] = event
         self._deliver_held()
         return event
+
+    def relay(self, topic: str, data: Mapping[str, Any], at: float, stored: int | None) -> None:
+        """An event another replica published (monitor/relay.py): `stored`, its id in the
+        event store (delivered once, in id order: one at or below `position` was already);
+        None for the other replica's own news, which carries this bus's position."""
+        if stored is None:
+            self._deliver(Event(id=self._position, topic=topic, data=data, time=at, remote=True))
+            return
+        if stored <= self._position or stored in self._reserved:
+            return
+        self._position = stored
+        self._deliver(Event(id=stored, topic=topic, data=data, time=at, stored=True, remote=True))
 
     def _deliver_held(self) -> None:
         while self._held:
@@ -203,7 +219,8 @@ class EventBus:
 
     def _deliver(self, event: Event) -> None:
         topic = event.topic
-        self.published[self.label(topic)] += 1
+        if not event.remote:  # counted where it was published
+            self.published[self.label(topic)] += 1
         targets = self._routes.get(topic)
         if targets is None:
             targets = [s for s in self._subscriptions if matches(s.patterns, topic)]

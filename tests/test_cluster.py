@@ -327,3 +327,71 @@ def test_only_the_leader_exports_the_cluster_wide_gauges(replicas: Replicas) -> 
             assert call(replicas.url(name) + "/v1/services/pay")[0] == 200
             assert b"hms_registry_instances{" not in metrics(replicas.url(name))
             assert b"hms_maintenance{" not in metrics(replicas.url(name))
+
+
+class Stream:
+    """`GET /v1/events` read in a thread: the events (parsed `data:` lines) as they come."""
+
+    def __init__(self, url: str, topics: str, last_event_id: int | None = None) -> None:
+        request = urllib.request.Request(f"{url}/v1/events?topics={topics}")
+        if last_event_id is not None:
+            request.add_header("Last-Event-ID", str(last_event_id))
+        self.events: list[dict[str, Any]] = []
+        self._answer = urllib.request.urlopen(request, timeout=30)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed meanwhile
+            for line in self._answer:
+                if line.startswith(b"data: "):
+                    self.events.append(json.loads(line[6:]))
+
+    def topics(self) -> list[str]:
+        return [event["topic"] for event in self.events]
+
+    def close(self) -> None:
+        self._answer.close()
+
+
+def test_every_replicas_event_stream_sees_what_any_replica_published(
+    replicas: Replicas,
+) -> None:
+    target = Recorder()
+    leader = replicas.leader()
+    names = list(replicas.daemons)
+    streams = {name: Stream(replicas.url(name), "news.*,health.changed") for name in names}
+    try:
+        time.sleep(1)  # each stream subscribed
+        follower = next(name for name in names if name != leader)
+        # A stored event, published through a follower (the leader stores it): every
+        # replica's stream has it, with one id.
+        status, body = call(f"{replicas.url(follower)}/v1/events/news.posted", "POST", {"n": 1})
+        assert status == 202, body
+        first = body["id"]
+        eventually(lambda: all("news.posted" in s.topics() for s in streams.values()))
+        for stream in streams.values():
+            [event] = [e for e in stream.events if e["topic"] == "news.posted"]
+            assert (event["id"], event["data"]) == (first, {"n": 1})
+        # The daemon's own news: one replica probes the instance and announces its health;
+        # the streams of the others show it too, once.
+        probe = {"type": "http", "interval": "1s"}
+        put = {"url": f"{target.url}/ok", "probe": probe}
+        status, _ = call(f"{replicas.url(leader)}/v1/services/pay/instances/p1", "PUT", put)
+        assert status == 201
+        eventually(lambda: all("health.changed" in s.topics() for s in streams.values()))
+        time.sleep(1)
+        for stream in streams.values():
+            changes = [e["data"] for e in stream.events if e["topic"] == "health.changed"]
+            assert [(c["instance"], c["to"]) for c in changes] == [("p1", "passing")]
+        # A follower's stream resumes after an id as the leader's does.
+        status, body = call(f"{replicas.url(leader)}/v1/events/news.posted", "POST", {"n": 2})
+        assert status == 202, body
+        resumed = Stream(replicas.url(follower), "news.*", last_event_id=first)
+        try:
+            eventually(lambda: [e["data"] for e in resumed.events] == [{"n": 2}])
+        finally:
+            resumed.close()
+    finally:
+        for stream in streams.values():
+            stream.close()
+        target.close()

@@ -110,6 +110,25 @@ async def test_a_dead_replicas_delivery_is_sent_by_its_adopter_under_the_same_id
     assert first[1] == second[1]
 
 
+async def test_an_event_relayed_from_another_replica_is_sent_by_that_replica_alone(
+    replicas: Callable[..., Any], receiver: Receiver
+) -> None:
+    """Every replica's bus gets every event (monitor/relay.py); only the one where it was
+    published keeps a delivery for it."""
+    async with replicas("a/1", backoff="1s") as origin, replicas("b/1", backoff="1s") as other:
+        origin.bus.publish("grant.paid", {"process": "p-1"})
+        other.bus.relay("grant.paid", {"process": "p-1"}, time.time(), None)
+
+        async def sent() -> bool:
+            return origin.count("sent") == 1
+
+        await until(sent)
+        await origin.notifier.close()  # nothing more in flight anywhere
+        await other.notifier.close()
+    assert len(receiver.received) == 1
+    assert other.count("sent") == 0
+
+
 async def test_a_replica_taken_for_dead_does_not_send_what_was_adopted(
     replicas: Callable[..., Any], receiver: Receiver
 ) -> None:

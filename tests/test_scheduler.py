@@ -89,6 +89,23 @@ async def test_stored_events_are_delivered_in_id_order_whatever_order_their_writ
     await bus.close()
 
 
+async def test_events_relayed_from_other_replicas_keep_their_ids_once_each() -> None:
+    """monitor/relay.py hands the bus what other replicas published: stored events with
+    their ids, each once (a notification and the poll may both bring one), uncounted here."""
+    bus = EventBus()
+    bus.start_after(4)
+    seen: list[tuple[str, int, bool]] = []
+    bus.subscribe("*", name="all", sink=lambda e: seen.append((e.topic, e.id, e.remote)))
+    bus.relay("grant.paid", {"n": 1}, 1.0, 5)
+    bus.relay("grant.paid", {"n": 1}, 1.0, 5)  # read again: not delivered twice
+    bus.relay("grant.old", {}, 1.0, 3)  # at or below the position: delivered before
+    bus.relay("health.changed", {}, 2.0, None)  # the other replica's own news
+    assert seen == [("grant.paid", 5, True), ("health.changed", 5, True)]
+    assert bus.position == 5
+    assert not bus.published  # counted where they were published
+    await bus.close()
+
+
 @pytest.fixture
 async def scheduler() -> AsyncIterator[Scheduler]:
     running = Scheduler(CollectorRegistry())

@@ -179,6 +179,8 @@ class Notifier:
     # -- from event to delivery ---------------------------------------------------------
 
     async def _on_event(self, event: Event) -> None:
+        if event.remote:  # the replica it was published on notifies (its outbox row)
+            return
         for notification in self._notifications:
             if not matches(notification.events, event.topic):
                 continue

@@ -206,6 +206,8 @@ _WAITERS = (
     "SELECT id FROM processes WHERE finished_at IS NULL AND wait_topic IS NOT NULL "
     "AND wait_topic = %s AND wait_keys = %s AND wait_match = %s LIMIT %s"
 )
+# Each stored event's id, at its COMMIT: every replica's relay reads it (monitor/relay.py).
+EVENTS_CHANNEL = "hms_events"
 # One statement: the event (once per key) and the high-water mark of event ids.
 _EVENT = (
     "WITH stored AS (INSERT INTO events (seq, topic, data, key, published_at) "
@@ -332,6 +334,7 @@ class PgWorkflowStore:
                     assert again is not None  # the conflicting row, in this transaction's view
                     out.append((_process(again), False))
             if seq is not None and event is not None:  # its waiters are due now, even after a crash
+                conn.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, str(seq)])
                 for match in event.wakes:
                     at = event.published_at
                     conn.execute(_WAKE_WAITERS, (at, event.topic, keys_of(match), match, at))

@@ -1,0 +1,181 @@
+"""Events across replicas (DESIGN §8): a bus subscriber on any replica (an SSE stream, the
+status page's change log) sees what was published on any other.
+
+Two kinds travel, each its own way:
+
+- Stored events (`POST /v1/events/{topic}`, `publish` steps: written by the replica that
+  runs the engine) come back from the event store. Their write sends NOTIFY
+  `hms_events` with the id at COMMIT; every other replica then reads the events after its
+  bus position and hands them to its bus in id order, with their ids, so `Last-Event-ID`
+  means the same on every replica. A poll every POLL seconds and a read after each
+  reconnect of the listener catch what a lost notification missed.
+- The daemon's own news (`health.*`, `slo.*`, `workflow.*`: never stored) travels in the
+  notification itself, batched, from the replica that published it, on NEWS_CHANNEL. It
+  is as best-effort as it is on one daemon's bus: a payload over PostgreSQL's limit
+  (MAX_PAYLOAD) or a batch the database refused is not relayed, and is logged.
+
+Relayed events are `remote` on the bus: the notifier leaves them to the replica where they
+were published (its outbox row), and `hms_events_published_total` counts them there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+import psycopg
+
+from scheduler import Event, EventBus
+from scheduler.bus import DAEMON_TOPICS, Subscription
+from workflows.stores.postgres import EVENTS_CHANNEL
+
+from .storage.postgres import CONNECT_TIMEOUT, RECONNECT_BACKOFF, Listener
+
+log = logging.getLogger(__name__)
+
+NEWS_CHANNEL = "hms_news"
+MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a NOTIFY payload of 8,000 or more
+POLL = 1.0  # seconds between reads of the event store behind the notifications
+PAGE = 1000  # stored events read at a time
+QUEUE = 10_000  # news waiting to be sent; the oldest is dropped beyond it
+_SEND = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload"
+
+ReadAfter = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float]]]]
+
+
+class EventRelay:
+    """`read_after(seq, upto, limit)` is the event store's `events_after`; `last_seq()` its
+    `last_event_seq`; `engine_here()` whether this replica runs the engine (then it stored
+    and delivered every stored event itself, and reads none back)."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        url: str,
+        *,
+        read_after: ReadAfter,
+        last_seq: Callable[[], Awaitable[int]],
+        engine_here: Callable[[], bool],
+    ) -> None:
+        self._bus, self._url = bus, url
+        self._origin = secrets.token_hex(8)  # its own news comes back to it: not relayed
+        self._read_after, self._last_seq, self._engine_here = read_after, last_seq, engine_here
+        self._news: deque[str] = deque(maxlen=QUEUE)
+        self._send_wake = asyncio.Event()
+        self._read_wake = asyncio.Event()
+        self._read_lock = asyncio.Lock()
+        self._listener = Listener(url, [EVENTS_CHANNEL, NEWS_CHANNEL], self._heard, self.catch_up)
+        self._subscription: Subscription | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.unsent = 0  # news not relayed: too big, or refused
+
+    async def start(self) -> None:
+        if self._bus.position == 0 and not self._engine_here():  # from now: no old events
+            self._bus.start_after(await self._last_seq())
+        self._subscription = self._bus.subscribe(
+            [f"{prefix}*" for prefix in DAEMON_TOPICS], name="relay", sink=self._outgoing
+        )
+        self._listener.start()
+        self._tasks = [
+            asyncio.create_task(self._send_loop(), name="relay-send"),
+            asyncio.create_task(self._read_loop(), name="relay-read"),
+        ]
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._listener.stop()
+
+    @property
+    def connected(self) -> asyncio.Event:
+        return self._listener.connected
+
+    # -- stored events: read back -------------------------------------------------------
+
+    async def catch_up(self) -> None:
+        """Hand the bus every stored event after its position (none while the engine runs
+        here: it delivered them as it stored them)."""
+        async with self._read_lock:
+            while not self._engine_here():
+                rows = await self._read_after(self._bus.position, 2**63 - 1, PAGE)
+                for seq, topic, data, at in rows:
+                    if self._engine_here():  # it opened meanwhile: the rest are its own
+                        return
+                    self._bus.relay(topic, orjson.loads(data), at, seq)
+                if len(rows) < PAGE:
+                    return
+
+    async def _read_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL):
+                    await self._read_wake.wait()
+            self._read_wake.clear()
+            try:
+                await self.catch_up()
+            except Exception as exc:  # storage down: the next poll reads on
+                log.debug("cannot read the events of other replicas (%s); retrying", exc)
+
+    def _heard(self, channel: str, payload: str) -> None:
+        if channel == EVENTS_CHANNEL:
+            self._read_wake.set()
+            return
+        try:
+            news: dict[str, Any] = orjson.loads(payload)
+            if news["r"] != self._origin:
+                self._bus.relay(news["t"], news["d"], float(news["at"]), None)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("ignored a malformed notification on %s", NEWS_CHANNEL)
+
+    # -- the daemon's news: sent -------------------------------------------------------
+
+    def _outgoing(self, event: Event) -> None:
+        if event.remote or event.stored:
+            return
+        payload = orjson.dumps(
+            {"r": self._origin, "t": event.topic, "d": event.data, "at": event.time}
+        ).decode()
+        if len(payload.encode()) > MAX_PAYLOAD:
+            self.unsent += 1
+            log.debug("%s is too big to relay (%d bytes)", event.topic, len(payload))
+            return
+        if len(self._news) == QUEUE:
+            self.unsent += 1
+        self._news.append(payload)
+        self._send_wake.set()
+
+    async def _send_loop(self) -> None:
+        failures = 0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                ) as conn:
+                    failures = 0
+                    while True:
+                        await self._send_wake.wait()
+                        self._send_wake.clear()
+                        batch = list(self._news)
+                        self._news.clear()
+                        try:
+                            await conn.execute(_SEND, [NEWS_CHANNEL, batch])
+                        except psycopg.Error:
+                            self.unsent += len(batch)
+                            raise
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                delay = RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)]
+                failures += 1
+                log.warning("cannot relay news to other replicas (%s); again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
