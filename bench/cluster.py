@@ -53,7 +53,7 @@ import yaml
 from bench.http import get_json
 from bench.probes import process, raise_file_limit
 from bench.processes import tree_rss_mb
-from bench.registry import DAEMON_ROOT, Load, free_port, load
+from bench.registry import DAEMON_ROOT, Load, free_port, load, wait_ready
 from bench.workflows import quantile, start_many, steps_target, workflow
 from tests.pg import PostgresCluster, pg_bin
 from tests.services import Recorder
@@ -97,15 +97,36 @@ def daemons(
 ) -> Iterator[list[Daemon]]:
     with contextlib.ExitStack() as stack:
         started = []
-        for name in names:
+        for name in names:  # spawned together, then each waited for: their starts overlap
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             config = daemon_config(workdir, name, port, storage, lease, target)
-            popen = stack.enter_context(
-                process([*SERVE, str(config)], workdir / f"{name}.log", url)
+            popen = subprocess.Popen(
+                [*SERVE, str(config)],
+                cwd=DAEMON_ROOT,
+                stdout=stack.enter_context((workdir / f"{name}.log").open("ab")),
+                stderr=subprocess.STDOUT,
+                preexec_fn=raise_file_limit,
             )
+            stack.callback(stop, popen)
             started.append(Daemon(name, url, popen))
+        for daemon in started:
+            wait_ready(daemon.url)
+            if daemon.popen.poll() is not None:
+                raise RuntimeError(f"{daemon.name} exited ({daemon.popen.returncode})")
         yield started
+
+
+def stop(popen: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (SIGCONT first: it may be paused), SIGKILL after 15 s."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGCONT)
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(15)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
 
 
 def spread(group: list[Daemon], kind: str, args: argparse.Namespace, workdir: Path) -> Load:
@@ -213,29 +234,33 @@ def failover(group: list[Daemon], how: str, timeout: float = 60) -> float:
             victim.popen.send_signal(signal.SIGCONT)
 
 
-def probes_resumed(workdir: Path, database: str, lease: float, instances: int) -> float:
-    """Seconds from kill -9 of a replica until every instance has been probed again."""
+def probes_resumed(group: list[Daemon], lease: float, instances: int) -> float:
+    """Seconds from kill -9 of a replica (the group's second) until every instance has been
+    probed again."""
     counter = Recorder()
-    storage = {"url": database}
-    with daemons(workdir, ["p1", "p2", "p3"], storage, lease, counter.url) as group:
-        agreed_leader(group)
-        probe = {"type": "http", "interval": "1s"}
-        for n in range(instances):
-            body = {"url": f"{counter.url}/i{n}", "probe": probe}
-            put(f"{group[0].url}/v1/services/fleet/instances/i{n}", body)
-        time.sleep(3)
-        group[1].popen.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        time.sleep(lease + 3)
-        gaps = []
-        for n in range(instances):
-            times = counter.times(f"/i{n}")
-            before = [t for t in times if t <= killed]
-            after = [t for t in times if t > killed]
-            if before and after:
-                gaps.append(after[0] - before[-1])
+    agreed_leader(group)
+    probe = {"type": "http", "interval": "1s"}
+    for n in range(instances):
+        body = {"url": f"{counter.url}/i{n}", "probe": probe}
+        put(f"{group[0].url}/v1/services/fleet/instances/i{n}", body)
+    time.sleep(3)
+    group[1].popen.send_signal(signal.SIGKILL)
+    group[1].popen.wait()
+    killed = time.monotonic()
+    time.sleep(lease + 3)
+    gaps = []
+    for n in range(instances):
+        times = counter.times(f"/i{n}")
+        before = [t for t in times if t <= killed]
+        after = [t for t in times if t > killed]
+        if before and after:
+            gaps.append(after[0] - before[-1])
     counter.close()
     return max(gaps) if gaps else float("nan")
+
+
+def alive(group: list[Daemon]) -> list[Daemon]:
+    return [daemon for daemon in group if daemon.popen.poll() is None]
 
 
 def wakeups(group: list[Daemon], samples: int) -> list[float]:
@@ -598,16 +623,22 @@ def replicas(workdir: Path, postgres: PostgresCluster, args: argparse.Namespace)
                 phase(f"{label}: workflow steps")
                 rows[label]["steps"] = steps_per_second(group, storage.get("url"), args.processes)
                 if len(group) > 1:
-                    phase(f"{label}: wake-ups, kill -9 of the leader")
+                    phase(f"{label}: wake-ups")
                     rows[label]["wake"] = wakeups(group, args.wakeups)
-                    rows[label]["kill"] = failover(group, "kill")
-        phase("SIGSTOP of the leader")
-        with daemons(
-            workdir, ["c1", "c2", "c3"], {"url": postgres.database()}, args.lease, target
-        ) as group:
-            paused = failover(group, "pause")
-        phase("probing after kill -9 of a replica")
-        resumed = probes_resumed(workdir, postgres.database(), args.lease, args.probed)
+                    if args.smoke:  # one group for every part: the code runs, in seconds
+                        phase(f"{label}: SIGSTOP of the leader, kill -9 of a replica")
+                        paused = failover(group, "pause")
+                        resumed = probes_resumed(group, args.lease, args.probed)
+                    phase(f"{label}: kill -9 of the leader")
+                    rows[label]["kill"] = failover(alive(group), "kill")
+        if not args.smoke:  # each on three fresh replicas
+            storage = {"url": postgres.database()}
+            phase("SIGSTOP of the leader")
+            with daemons(workdir, ["c1", "c2", "c3"], storage, args.lease, target) as group:
+                paused = failover(group, "pause")
+            phase("probing after kill -9 of a replica")
+            with daemons(workdir, ["p1", "p2", "p3"], storage, args.lease, target) as group:
+                resumed = probes_resumed(group, args.lease, args.probed)
     return Replicas(rows, paused, resumed)
 
 
