@@ -27,7 +27,7 @@ test: $(BIN)/hms-mgmt tools
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist load
 
 # Prints figures next to their peers; installs wrk, nginx, blackbox_exporter, etcd when missing.
 # (`make test` runs each bench in its --smoke mode: tests/test_bench_smoke.py.)
