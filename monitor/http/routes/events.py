@@ -148,7 +148,12 @@ class EventRoutes:
             return response  # the client left already, or the stream was ended
         writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
         stream = EventStream(
-            response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
+            response,
+            writer,
+            limit=self.sse_buffer,
+            frames=self._frames,
+            allowed=allowed,
+            after=after or 0,
         )
         # Subscribe and note the position in one tick: replay ends where live begins.
         subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
