@@ -3,11 +3,18 @@ a stream resumed on a replica whose relay lags, what the notifier's queue holds.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
+import psycopg
+
+from monitor.config import Config
 from monitor.keys import BUS
 
-from .conftest import AppClient
+from .conftest import AppClient, until
+from .services import Receiver
+from .test_notifications import notification
 from .test_sse import next_event
 
 STORES = ("postgres",)  # the relay runs on PostgreSQL alone
@@ -28,3 +35,35 @@ async def test_a_stream_resumed_on_a_lagging_replica_skips_the_events_the_client
             bus.relay("news.posted", {"n": n}, time.time(), seen - 2 + n)
         first = await next_event(stream)
     assert (int(first["id"]), first["data"]["data"]) == (seen + 1, {"n": 3})
+
+
+async def test_events_relayed_from_other_replicas_never_push_this_replicas_own_out_of_the_notifier(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    storage: dict[str, str],
+    receiver: Receiver,
+) -> None:
+    """The notifier leaves relayed events to their own replica, yet they wait in its queue
+    (10,000, the oldest dropped) beside the ones it must send. While its outbox write is
+    slow, the leader's workflow news (a thousand steps a second) fills that queue and this
+    replica's own health change, the one alert only it sends, is dropped."""
+    client = await start_daemon(
+        make_config(notifications=[notification(receiver, ["health.*", "workflow.*"])])
+    )
+    bus = client.app[BUS]
+    with psycopg.connect(storage["url"]) as slow:  # the outbox write waits while this holds
+        slow.execute("LOCK TABLE notification_outbox IN ACCESS EXCLUSIVE MODE")
+        for instance in ("p1", "p2"):  # probed here: only this replica announces them
+            change = {"service": "pay", "instance": instance, "from": "passing", "to": "critical"}
+            bus.publish("health.changed", change)
+        for step in range(12_000):  # the leader's news, relayed meanwhile
+            bus.relay("workflow.step_completed", {"step": step}, time.time(), None)
+            if step % 100 == 0:
+                await asyncio.sleep(0)
+        slow.rollback()
+
+    async def both_sent() -> bool:
+        return len(receiver.received) >= 2
+
+    await until(both_sent)
+    assert sorted(b["data"]["instance"] for b in receiver.bodies()) == ["p1", "p2"]
