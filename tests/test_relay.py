@@ -4,15 +4,18 @@ a stream resumed on a replica whose relay lags, what the notifier's queue holds.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import psycopg
+import pytest
 
 from monitor.config import Config
 from monitor.keys import BUS
 
 from .conftest import AppClient, until
+from .pg import PostgresCluster
 from .services import Receiver
 from .test_notifications import notification
 from .test_sse import next_event
@@ -67,3 +70,28 @@ async def test_events_relayed_from_other_replicas_never_push_this_replicas_own_o
 
     await until(both_sent)
     assert sorted(b["data"]["instance"] for b in receiver.bodies()) == ["p1", "p2"]
+
+
+async def test_a_database_outage_is_logged_once_by_the_relay_not_at_every_retry(
+    daemon: AppClient,
+    postgres: PostgresCluster,
+    storage: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While PostgreSQL is unreachable the relay's sender reconnects about once a second;
+    an outage of an hour must not write thousands of warnings per replica (the storage
+    layer says it once, and again when it recovers)."""
+    name = storage["url"].rsplit("/", 1)[1]
+    postgres.refuse_connections(storage["url"])
+    try:
+        daemon.app[BUS].publish("health.changed", {"service": "pay", "to": "critical"})
+        await asyncio.sleep(4)  # news to send: the sender tries again and again meanwhile
+    finally:
+        with psycopg.connect(postgres.url(), autocommit=True) as conn:
+            conn.execute(f"ALTER DATABASE {name} ALLOW_CONNECTIONS true")
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "monitor.relay" and r.levelno >= logging.WARNING
+    ]
+    assert len(warned) == 1, warned
