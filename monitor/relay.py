@@ -176,6 +176,8 @@ class EventRelay:
                 raise
             except Exception as exc:
                 delay = RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)]
+                # Once per outage: the retries of an hour-long one would be thousands of lines.
+                log_failure = log.warning if failures == 0 else log.debug
                 failures += 1
-                log.warning("cannot relay news to other replicas (%s); again in %.1fs", exc, delay)
+                log_failure("cannot relay news to other replicas (%s); retrying", exc)
                 await asyncio.sleep(delay)
