@@ -8,11 +8,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import orjson
 import psycopg
 import pytest
 
 from monitor.config import Config
-from monitor.keys import BUS
+from monitor.keys import BUS, ENGINE
+from workflows.records import NewEvent
 
 from .conftest import AppClient, until
 from .pg import PostgresCluster
@@ -29,15 +31,37 @@ async def test_a_stream_resumed_on_a_lagging_replica_skips_the_events_the_client
     """A client saw ids up to N on one replica and reconnects (a load balancer) to another
     whose relay has not read N yet: the relay brings N there later, and the client must
     not get it a second time (Last-Event-ID means the same on every replica)."""
-    bus = daemon.app[BUS]
-    seen = bus.position + 2  # the client saw two events this replica has not had yet
+    bus, store = daemon.app[BUS], daemon.app[ENGINE].store
+    first = bus.position + 1
+    for n in (1, 2, 3):  # stored by the replica running the engine; not relayed here yet
+        data, at = orjson.dumps({"n": n}), time.time()
+        await store.create(
+            [],
+            NewEvent(
+                seq=first + n - 1, topic="news.posted", data=data, key=f"k{n}", published_at=at
+            ),
+        )
+    seen = first + 1  # the client saw the first two on that other replica
     headers = {"Last-Event-ID": str(seen)}
     async with daemon.get("/v1/events", params={"topics": "news.*"}, headers=headers) as stream:
         assert await stream.content.readline() == b": connected\n"  # subscribed: live now
         for n in (1, 2, 3):  # what the relay hands the bus as it catches up (EventRelay)
-            bus.relay("news.posted", {"n": n}, time.time(), seen - 2 + n)
-        first = await next_event(stream)
-    assert (int(first["id"]), first["data"]["data"]) == (seen + 1, {"n": 3})
+            bus.relay("news.posted", {"n": n}, time.time(), first + n - 1)
+        live = await next_event(stream)
+    assert (int(live["id"]), live["data"]["data"]) == (first + 2, {"n": 3})
+
+
+async def test_a_stream_resumed_after_an_id_the_database_never_stored_gets_its_events_live(
+    daemon: AppClient,
+) -> None:
+    """A client of a database since replaced: its Last-Event-ID is beyond every id stored
+    here, and the events stored from now reach it as they did before the relay."""
+    headers = {"Last-Event-ID": "1000000"}
+    async with daemon.get("/v1/events", params={"topics": "news.*"}, headers=headers) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        await daemon.app[ENGINE].publish("news.posted", {"n": 1})
+        live = await next_event(stream)
+    assert live["data"]["data"] == {"n": 1}
 
 
 async def test_events_relayed_from_other_replicas_never_push_this_replicas_own_out_of_the_notifier(

@@ -121,7 +121,7 @@ class EventStream:
         self._frames, self._allowed = frames, allowed
         # Last-Event-ID: a client resuming on a replica whose relay lags saw up to it
         # elsewhere, and the relay brings those stored events here live (monitor/relay.py).
-        self._after = after
+        self.after = after
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes
         self._ready = asyncio.Event()
@@ -132,7 +132,7 @@ class EventStream:
         behind. Never blocks."""
         if self.cut_off or not self._allowed(event.topic):
             return
-        if event.stored and event.id <= self._after:
+        if event.stored and event.id <= self.after:
             return
         data = self._frames.of(event)
         # An empty queue takes any frame: a reader that is not behind keeps its stream even
