@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 
@@ -119,3 +120,27 @@ async def test_a_database_outage_is_logged_once_by_the_relay_not_at_every_retry(
         if r.name == "monitor.relay" and r.levelno >= logging.WARNING
     ]
     assert len(warned) == 1, warned
+
+
+async def test_a_database_role_without_access_to_the_events_cannot_read_the_audit_trail_live(
+    daemon: AppClient, postgres: PostgresCluster, storage: dict[str, str]
+) -> None:
+    """audit.* goes to audit:read holders only (DESIGN §3). Stored events reach other
+    replicas by id, their data behind the events table's privileges; the relay's news
+    travels whole in NOTIFY payloads, which any role that may connect can LISTEN to."""
+    role = f"reporting_{secrets.token_hex(4)}"
+    with psycopg.connect(postgres.url(), autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")  # CONNECT only, as PUBLIC has it
+    url = storage["url"].replace("postgresql://postgres@", f"postgresql://{role}@")
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as outsider:
+        await outsider.execute("LISTEN hms_news")
+        bus = daemon.app[BUS]
+        bus.publish("audit.recorded", {"actor": "alice", "action": "process.cancel"})
+        bus.publish("health.changed", {"service": "pay", "to": "critical"})  # the end
+        heard: list[str] = []
+        async with asyncio.timeout(10):
+            async for note in outsider.notifies():
+                heard.append(note.payload)
+                if "health.changed" in note.payload:
+                    break
+    assert not [payload for payload in heard if "audit." in payload]
