@@ -4,6 +4,7 @@ a stream resumed on a replica whose relay lags, what the notifier's queue holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -15,9 +16,13 @@ import pytest
 
 from monitor.config import Config
 from monitor.keys import BUS, ENGINE
+from monitor.relay import EventRelay
+from scheduler import EventBus
 from workflows.records import NewEvent
+from workflows.stores.postgres import PgWorkflowStore
 
 from .conftest import AppClient, until
+from .contracts import postgres_database
 from .pg import PostgresCluster
 from .services import Receiver
 from .test_notifications import notification
@@ -144,3 +149,93 @@ async def test_a_database_role_without_access_to_the_events_cannot_read_the_audi
                 if "health.changed" in note.payload:
                     break
     assert not [payload for payload in heard if "audit." in payload]
+
+
+class FreezingProxy:
+    """A TCP relay to PostgreSQL whose connections can go silent at once, open but passing
+    nothing either way: what a client sees of a server lost without a FIN or RST (a host
+    gone, a failover moving its address). Connections made after `freeze` pass again."""
+
+    def __init__(self, port: int) -> None:
+        self._port = port
+        self._frozen: set[asyncio.Task[None]] = set()
+        self._pumps: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
+            self._pumps.add(asyncio.create_task(self._pump(source, sink)))
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+
+    def freeze(self) -> None:
+        """Every connection open now stops passing bytes (its sockets stay open)."""
+        for pump in self._pumps:
+            pump.cancel()
+        self._frozen |= self._pumps
+        self._pumps = set()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for pump in self._pumps | self._frozen:
+            pump.cancel()
+
+
+async def test_news_reaches_a_replica_again_after_its_listening_connection_went_silent(
+    postgres: PostgresCluster,
+) -> None:
+    """The relay's stored events have a poll behind their notifications; its news has only
+    the listening connection. One that goes silent without closing (the server's host lost,
+    a failover) must be noticed and replaced, or this replica never sees another replica's
+    health change again while the database answers its other connections."""
+    url = postgres.database()
+    proxy = FreezingProxy(postgres.port)
+    through = url.replace(f":{postgres.port}/", f":{await proxy.start()}/")
+    async with postgres_database(url) as database:
+        store = PgWorkflowStore(database)
+        await store.create_tables()
+        origin, here = EventBus(), EventBus()
+        sender = EventRelay(
+            origin,
+            url,
+            read_after=store.events_after,
+            last_seq=store.last_event_seq,
+            engine_here=lambda: True,
+        )
+        receiver = EventRelay(
+            here,
+            through,
+            read_after=store.events_after,
+            last_seq=store.last_event_seq,
+            engine_here=lambda: False,
+        )
+        heard: list[int] = []
+        here.subscribe("health.*", name="stream", sink=lambda e: heard.append(e.data["n"]))
+        await sender.start()
+        await receiver.start()
+        try:
+            await asyncio.wait_for(sender.connected.wait(), 10)
+            await asyncio.wait_for(receiver.connected.wait(), 10)
+
+            async def relayed(n: int) -> bool:
+                origin.publish("health.changed", {"n": n})
+                return n in heard
+
+            await until(lambda: relayed(1))
+            proxy.freeze()
+            await until(lambda: relayed(2), timeout=30)
+        finally:
+            await receiver.stop()
+            await sender.stop()
+            await proxy.close()
