@@ -177,6 +177,7 @@ class FreezingProxy:
             while data := await source.read(65536):
                 sink.write(data)
                 await sink.drain()
+            sink.close()  # an end passes on: only a frozen connection stays open
 
     def freeze(self) -> None:
         """Every connection open now stops passing bytes (its sockets stay open)."""
@@ -234,7 +235,7 @@ async def test_news_reaches_a_replica_again_after_its_listening_connection_went_
 
             await until(lambda: relayed(1))
             proxy.freeze()
-            await until(lambda: relayed(2), timeout=30)
+            await until(lambda: relayed(2), timeout=40)
         finally:
             await receiver.stop()
             await sender.stop()
