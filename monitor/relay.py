@@ -12,7 +12,9 @@ Two kinds travel, each its own way:
 - The daemon's own news (`health.*`, `slo.*`, `workflow.*`: never stored) travels in the
   notification itself, batched, from the replica that published it, on NEWS_CHANNEL. It
   is as best-effort as it is on one daemon's bus: a payload over PostgreSQL's limit
-  (MAX_PAYLOAD) or a batch the database refused is not relayed, and is logged.
+  (MAX_PAYLOAD) or a batch the database refused is not relayed, and is logged. Not
+  `audit.*`: a NOTIFY payload is open to any role that may connect, and the audit trail is
+  for `audit:read` holders only (DESIGN §3); stored, it would travel by id as the rest.
 
 Relayed events are `remote` on the bus: the notifier leaves them to the replica where they
 were published (its outbox row), and `hms_events_published_total` counts them there.
@@ -32,7 +34,7 @@ import orjson
 import psycopg
 
 from scheduler import Event, EventBus
-from scheduler.bus import DAEMON_TOPICS, Subscription
+from scheduler.bus import READABLE_TOPICS, Subscription
 from workflows.stores.postgres import EVENTS_CHANNEL
 
 from .storage.postgres import CONNECT_TIMEOUT, RECONNECT_BACKOFF, Listener
@@ -79,7 +81,7 @@ class EventRelay:
         if self._bus.position == 0 and not self._engine_here():  # from now: no old events
             self._bus.start_after(await self._last_seq())
         self._subscription = self._bus.subscribe(
-            [f"{prefix}*" for prefix in DAEMON_TOPICS], name="relay", sink=self._outgoing
+            [f"{prefix}*" for prefix in READABLE_TOPICS], name="relay", sink=self._outgoing
         )
         self._listener.start()
         self._tasks = [
@@ -176,6 +178,8 @@ class EventRelay:
                 raise
             except Exception as exc:
                 delay = RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)]
+                # Once per outage: the retries of an hour-long one would be thousands of lines.
+                log_failure = log.warning if failures == 0 else log.debug
                 failures += 1
-                log.warning("cannot relay news to other replicas (%s); again in %.1fs", exc, delay)
+                log_failure("cannot relay news to other replicas (%s); retrying", exc)
                 await asyncio.sleep(delay)

@@ -67,7 +67,9 @@ class Subscription:
     With a handler, a task owned by the subscription feeds it every event;
     with a sink, publish calls it at once (it must neither block nor raise: it
     keeps its own bounded queue); with neither, the owner iterates the
-    subscription (`async for event in sub`).
+    subscription (`async for event in sub`). `local_only`: events relayed from other
+    replicas (`Event.remote`) do not reach it, so a subscriber that acts once for the
+    cluster never queues them beside its own (a relayed burst would push those out).
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class Subscription:
         name: str,
         queue_size: int,
         sink: Sink | None = None,
+        local_only: bool = False,
     ) -> None:
         self.bus, self.patterns, self.name = bus, tuple(patterns), name
+        self.local_only = local_only
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=queue_size)
         self.dropped = 0
         self._sink = sink
@@ -88,6 +92,8 @@ class Subscription:
             self._task = asyncio.create_task(self._feed(handler), name=f"bus:{name}")
 
     def offer(self, event: Event) -> None:
+        if event.remote and self.local_only:
+            return
         if self._sink is not None:
             try:
                 self._sink(event)
@@ -175,10 +181,11 @@ class EventBus:
         name: str = "subscriber",
         queue_size: int = DEFAULT_QUEUE,
         sink: Sink | None = None,
+        local_only: bool = False,
     ) -> Subscription:
         if isinstance(patterns, str):
             patterns = [patterns]
-        subscription = Subscription(self, patterns, handler, name, queue_size, sink)
+        subscription = Subscription(self, patterns, handler, name, queue_size, sink, local_only)
         self._subscriptions.append(subscription)
         self._routes.clear()
         return subscription

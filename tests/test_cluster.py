@@ -395,3 +395,53 @@ def test_every_replicas_event_stream_sees_what_any_replica_published(
         for stream in streams.values():
             stream.close()
         target.close()
+
+
+def test_every_stream_has_each_stored_event_once_in_order_across_a_paused_leader(
+    replicas: Replicas,
+) -> None:
+    """Leadership moves away from a paused leader and it comes back as a follower: the
+    streams of all three replicas, the paused one's too, get every stored event once, in
+    id order, whichever replica runs the engine when it is published."""
+    names = list(replicas.daemons)
+    leader = replicas.leader()
+    others = [name for name in names if name != leader]
+    streams = {name: Stream(replicas.url(name), "news.*") for name in names}
+    published: list[int] = []
+
+    def publish(through: str, n: int) -> None:
+        def accepted() -> bool:
+            status, body = call(f"{replicas.url(through)}/v1/events/news.posted", "POST", {"n": n})
+            if status == 202:
+                published.append(body["id"])
+            return status == 202
+
+        eventually(accepted)  # 503 while the engine moves: the client tries again
+
+    try:
+        time.sleep(1)  # each stream subscribed
+        publish(others[0], 1)
+        process = replicas.daemons[leader].process
+        assert process is not None
+        process.send_signal(signal.SIGSTOP)
+        try:
+            new_leader = replicas.leader(others, other_than=leader)
+            publish(next(name for name in others if name != new_leader), 2)
+            publish(new_leader, 3)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        eventually(lambda: replicas.cluster(leader)["leader"] == new_leader)
+        publish(leader, 4)
+        publish(others[1], 5)
+
+        def everywhere() -> bool:
+            return all(len(s.events) >= len(published) for s in streams.values())
+
+        eventually(everywhere)
+        time.sleep(1)  # anything more (a duplicate) would have come by now
+        for name, stream in streams.items():
+            got = [(e["id"], e["data"]["n"]) for e in stream.events]
+            assert got == [(i, n) for n, i in enumerate(published, 1)], name
+    finally:
+        for stream in streams.values():
+            stream.close()

@@ -115,9 +115,13 @@ class EventStream:
         limit: int,
         frames: Frames,
         allowed: Callable[[str], bool],
+        after: int = 0,
     ) -> None:
         self._response, self._writer, self._limit = response, writer, limit
         self._frames, self._allowed = frames, allowed
+        # Last-Event-ID: a client resuming on a replica whose relay lags saw up to it
+        # elsewhere, and the relay brings those stored events here live (monitor/relay.py).
+        self.after = after
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes
         self._ready = asyncio.Event()
@@ -127,6 +131,8 @@ class EventStream:
         """The bus sink: queue the event's frame, or cut the stream off when it is too far
         behind. Never blocks."""
         if self.cut_off or not self._allowed(event.topic):
+            return
+        if event.stored and event.id <= self.after:
             return
         data = self._frames.of(event)
         # An empty queue takes any frame: a reader that is not behind keeps its stream even

@@ -159,7 +159,11 @@ class Notifier:
             if old is not None:
                 await old.close()
             if patterns:
-                self._subscription = self._bus.subscribe(patterns, self._on_event, name="notifier")
+                # A relayed event is notified by the replica it was published on (its outbox
+                # row): it never waits in this queue beside the events this one must send.
+                self._subscription = self._bus.subscribe(
+                    patterns, self._on_event, name="notifier", local_only=True
+                )
 
     async def close(self) -> None:
         if self._subscription is not None:
@@ -179,8 +183,6 @@ class Notifier:
     # -- from event to delivery ---------------------------------------------------------
 
     async def _on_event(self, event: Event) -> None:
-        if event.remote:  # the replica it was published on notifies (its outbox row)
-            return
         for notification in self._notifications:
             if not matches(notification.events, event.topic):
                 continue

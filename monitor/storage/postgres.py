@@ -39,6 +39,7 @@ _Write = tuple[Callable[[psycopg.Connection[Any]], Any], "asyncio.Future[Any]"]
 # How long a connection attempt may take; a dead server is seen at once, a black hole in 3 s.
 CONNECT_TIMEOUT = 3
 RECONNECT_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0)
+LIVENESS = 10.0  # seconds a LISTEN connection goes without a round trip to its server
 SCHEMA_TABLE = "hms_schema"
 
 
@@ -364,8 +365,17 @@ class Listener:
                         await result
                     failures = 0
                     self.connected.set()
-                    async for note in conn.notifies():
-                        self._on_notify(note.channel, note.payload)
+                    while True:
+                        async for note in conn.notifies(timeout=LIVENESS):
+                            self._on_notify(note.channel, note.payload)
+                        # A server lost without a FIN or RST (its host gone, a failover)
+                        # leaves this connection open and silent for good: a round trip that
+                        # does not come back in time has it replaced.
+                        try:
+                            async with asyncio.timeout(CONNECT_TIMEOUT):
+                                await conn.execute("SELECT 1")
+                        except TimeoutError:
+                            raise ConnectionError(f"no answer in {CONNECT_TIMEOUT}s") from None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the re-read too (the server still starting): again

@@ -148,14 +148,23 @@ class EventRoutes:
             return response  # the client left already, or the stream was ended
         writer.transport.set_write_buffer_limits(high=0)  # drain() waits for the kernel
         stream = EventStream(
-            response, writer, limit=self.sse_buffer, frames=self._frames, allowed=allowed
+            response,
+            writer,
+            limit=self.sse_buffer,
+            frames=self._frames,
+            allowed=allowed,
+            after=after or 0,
         )
         # Subscribe and note the position in one tick: replay ends where live begins.
         subscription = self.bus.subscribe(patterns, name="sse", sink=stream.offer)
         upto = self.bus.position
         try:
             await stream.send(b": connected\n\n")
-            if after is not None:
+            if after is not None and after > upto:
+                # Seen on a replica further on: skipped when the relay brings them here, but
+                # only as far as the store goes (a client of a database since replaced).
+                stream.after = min(after, await self.engine.store.last_event_seq())
+            elif after is not None:
                 await stream.replay(patterns, after, upto, self.engine.store.events_after)
             await stream.run()
         except (ConnectionError, asyncio.CancelledError):
