@@ -46,6 +46,8 @@ MAX_PAYLOAD = 7900  # bytes; PostgreSQL refuses a NOTIFY payload of 8,000 or mor
 POLL = 1.0  # seconds between reads of the event store behind the notifications
 PAGE = 1000  # stored events read at a time
 QUEUE = 10_000  # news waiting to be sent; the oldest is dropped beyond it
+QUEUE_CHECK = 10.0  # seconds between looks at PostgreSQL's NOTIFY queue
+QUEUE_LIMIT = 0.5  # of it used: no more news (stored events' notifications need the rest)
 _SEND = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload"
 
 ReadAfter = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float]]]]
@@ -163,12 +165,19 @@ class EventRelay:
                 async with await psycopg.AsyncConnection.connect(
                     self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
                 ) as conn:
-                    failures = 0
+                    failures, checked, full = 0, -QUEUE_CHECK, False
                     while True:
                         await self._send_wake.wait()
                         self._send_wake.clear()
                         batch = list(self._news)
                         self._news.clear()
+                        now = asyncio.get_running_loop().time()
+                        if now - checked >= QUEUE_CHECK:
+                            full = await self._queue_full(conn, full)
+                            checked = now
+                        if full:
+                            self.unsent += len(batch)
+                            continue
                         try:
                             await conn.execute(_SEND, [NEWS_CHANNEL, batch])
                         except psycopg.Error:
@@ -183,3 +192,20 @@ class EventRelay:
                 failures += 1
                 log_failure("cannot relay news to other replicas (%s); retrying", exc)
                 await asyncio.sleep(delay)
+
+    async def _queue_full(self, conn: psycopg.AsyncConnection[Any], was: bool) -> bool:
+        """Whether PostgreSQL's NOTIFY queue is past QUEUE_LIMIT. A listener that stays
+        connected but reads nothing (a paused replica) pins it; once full, every NOTIFY
+        fails, the one in each event write too. News is best effort: it stops first."""
+        cursor = await conn.execute("SELECT pg_notification_queue_usage()")
+        row = await cursor.fetchone()
+        full = row is not None and float(row[0]) >= QUEUE_LIMIT
+        if full and not was:
+            log.warning(
+                "PostgreSQL's NOTIFY queue is %.0f%% full (a listener reads nothing): news "
+                "is not relayed to other replicas until it drains",
+                float(row[0]) * 100 if row is not None else 0.0,
+            )
+        elif was and not full:
+            log.warning("PostgreSQL's NOTIFY queue drained: news is relayed again")
+        return full

@@ -240,3 +240,47 @@ async def test_news_reaches_a_replica_again_after_its_listening_connection_went_
             await receiver.stop()
             await sender.stop()
             await proxy.close()
+
+
+async def test_news_stops_while_the_notify_queue_is_past_its_limit(
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listener that stays connected but reads nothing (a paused replica) pins
+    PostgreSQL's NOTIFY queue; once full, every NOTIFY fails, the one each stored event's
+    write sends too. News is best effort, so it stops first: here with the limit at 0%."""
+    import monitor.relay
+
+    url = postgres.database()
+    async with postgres_database(url) as database:
+        store = PgWorkflowStore(database)
+        await store.create_tables()
+        origin, here = EventBus(), EventBus()
+        relays = [
+            EventRelay(
+                bus,
+                url,
+                read_after=store.events_after,
+                last_seq=store.last_event_seq,
+                engine_here=lambda here=here, bus=bus: bus is not here,
+            )
+            for bus in (origin, here)
+        ]
+        heard: list[int] = []
+        here.subscribe("health.*", name="stream", sink=lambda e: heard.append(e.data["n"]))
+        monkeypatch.setattr(monitor.relay, "QUEUE_LIMIT", 0.0)  # any use at all is too much
+        for relay in relays:
+            await relay.start()
+        try:
+            for relay in relays:
+                await asyncio.wait_for(relay.connected.wait(), 10)
+            origin.publish("health.changed", {"n": 1})
+
+            async def dropped() -> bool:
+                return relays[0].unsent == 1
+
+            await until(dropped)
+            await asyncio.sleep(0.5)
+            assert heard == []
+        finally:
+            for relay in relays:
+                await relay.stop()

@@ -208,13 +208,14 @@ _WAITERS = (
 )
 # Each stored event's id, at its COMMIT: every replica's relay reads it (monitor/relay.py).
 EVENTS_CHANNEL = "hms_events"
-# One statement: the event (once per key) and the high-water mark of event ids.
+# One statement, in the pipeline: the event (once per key), the high-water mark of event
+# ids, and the NOTIFY of its id (sent at COMMIT; none for a duplicate key).
 _EVENT = (
     "WITH stored AS (INSERT INTO events (seq, topic, data, key, published_at) "
     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq), "
     "marked AS (UPDATE event_ids SET last = greatest(last, (SELECT seq FROM stored)) "
     "WHERE EXISTS (SELECT 1 FROM stored)) "
-    "SELECT seq FROM stored"
+    "SELECT seq, pg_notify(%s, seq::text) FROM stored"
 )
 # An event or a signal makes the processes it may end a wait of due now (never later).
 _WAKE_WAITERS = (
@@ -309,7 +310,8 @@ class PgWorkflowStore:
                 stored = None
                 if event is not None:
                     data = event.data.decode()
-                    args = (event.seq, event.topic, data, event.key, event.published_at)
+                    at = event.published_at
+                    args = (event.seq, event.topic, data, event.key, at, EVENTS_CHANNEL)
                     stored = conn.execute(_EVENT, args)
                 inserted = [
                     conn.execute(
@@ -334,7 +336,6 @@ class PgWorkflowStore:
                     assert again is not None  # the conflicting row, in this transaction's view
                     out.append((_process(again), False))
             if seq is not None and event is not None:  # its waiters are due now, even after a crash
-                conn.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, str(seq)])
                 for match in event.wakes:
                     at = event.published_at
                     conn.execute(_WAKE_WAITERS, (at, event.topic, keys_of(match), match, at))
