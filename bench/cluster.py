@@ -117,13 +117,13 @@ def daemons(
         yield started
 
 
-def stop(popen: subprocess.Popen[bytes]) -> None:
-    """SIGTERM (SIGCONT first: it may be paused), SIGKILL after 15 s."""
+def stop(popen: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM (SIGCONT first: it may be paused), SIGKILL after `grace` seconds."""
     if popen.poll() is None:
         popen.send_signal(signal.SIGCONT)
         popen.send_signal(signal.SIGTERM)
         try:
-            popen.wait(15)
+            popen.wait(grace)
         except subprocess.TimeoutExpired:
             popen.kill()
             popen.wait()
@@ -472,12 +472,7 @@ def spawned(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield daemon
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop(daemon, grace=60)
 
 
 def leader_epoch(url: str) -> int | None:

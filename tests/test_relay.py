@@ -151,6 +151,17 @@ async def test_a_database_role_without_access_to_the_events_cannot_read_the_audi
     assert not [payload for payload in heard if "audit." in payload]
 
 
+def a_relay(bus: EventBus, url: str, store: PgWorkflowStore, *, engine_here: bool) -> EventRelay:
+    """A replica's relay; `engine_here`: it stores and delivers the events itself."""
+    return EventRelay(
+        bus,
+        url,
+        read_after=store.events_after,
+        last_seq=store.last_event_seq,
+        engine_here=lambda: engine_here,
+    )
+
+
 class FreezingProxy:
     """A TCP relay to PostgreSQL whose connections can go silent at once, open but passing
     nothing either way: what a client sees of a server lost without a FIN or RST (a host
@@ -207,20 +218,8 @@ async def test_news_reaches_a_replica_again_after_its_listening_connection_went_
         store = PgWorkflowStore(database)
         await store.create_tables()
         origin, here = EventBus(), EventBus()
-        sender = EventRelay(
-            origin,
-            url,
-            read_after=store.events_after,
-            last_seq=store.last_event_seq,
-            engine_here=lambda: True,
-        )
-        receiver = EventRelay(
-            here,
-            through,
-            read_after=store.events_after,
-            last_seq=store.last_event_seq,
-            engine_here=lambda: False,
-        )
+        sender = a_relay(origin, url, store, engine_here=True)
+        receiver = a_relay(here, through, store, engine_here=False)
         heard: list[int] = []
         here.subscribe("health.*", name="stream", sink=lambda e: heard.append(e.data["n"]))
         await sender.start()
@@ -255,32 +254,27 @@ async def test_news_stops_while_the_notify_queue_is_past_its_limit(
         store = PgWorkflowStore(database)
         await store.create_tables()
         origin, here = EventBus(), EventBus()
-        relays = [
-            EventRelay(
-                bus,
-                url,
-                read_after=store.events_after,
-                last_seq=store.last_event_seq,
-                engine_here=lambda here=here, bus=bus: bus is not here,
-            )
-            for bus in (origin, here)
-        ]
+        sender, receiver = (
+            a_relay(origin, url, store, engine_here=True),
+            a_relay(here, url, store, engine_here=False),
+        )
+        relays = [sender, receiver]
         heard: list[int] = []
         here.subscribe("health.*", name="stream", sink=lambda e: heard.append(e.data["n"]))
         monkeypatch.setattr(monitor.relay, "QUEUE_LIMIT", 0.0)  # any use at all is too much
-        for relay in relays:
-            await relay.start()
+        for each in relays:
+            await each.start()
         try:
-            for relay in relays:
-                await asyncio.wait_for(relay.connected.wait(), 10)
+            for each in relays:
+                await asyncio.wait_for(each.connected.wait(), 10)
             origin.publish("health.changed", {"n": 1})
 
             async def dropped() -> bool:
-                return relays[0].unsent == 1
+                return sender.unsent == 1
 
             await until(dropped)
             await asyncio.sleep(0.5)
             assert heard == []
         finally:
-            for relay in relays:
-                await relay.stop()
+            for each in relays:
+                await each.stop()
