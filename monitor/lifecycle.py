@@ -243,6 +243,7 @@ def _relay(parts: Parts) -> EventRelay | None:
         read_after=engine.store.events_after,
         last_seq=engine.store.last_event_seq,
         engine_here=lambda: engine.serving,
+        metrics=parts.metrics,
     )
 
 

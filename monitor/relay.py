@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 import psycopg
+from prometheus_client import CollectorRegistry, Counter
 
 from scheduler import Event, EventBus
 from scheduler.bus import READABLE_TOPICS, Subscription
@@ -57,7 +58,8 @@ ReadAfter = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, floa
 class EventRelay:
     """`read_after(seq, upto, limit)` is the event store's `events_after`; `last_seq()` its
     `last_event_seq`; `engine_here()` whether this replica runs the engine (then it stored
-    and delivered every stored event itself, and reads none back)."""
+    and delivered every stored event itself, and reads none back). `metrics`: where
+    `hms_events_relay_unsent_total` counts the news not relayed."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class EventRelay:
         read_after: ReadAfter,
         last_seq: Callable[[], Awaitable[int]],
         engine_here: Callable[[], bool],
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self._bus, self._url = bus, url
         self._origin = secrets.token_hex(8)  # its own news comes back to it: not relayed
@@ -78,7 +81,13 @@ class EventRelay:
         self._listener = Listener(url, [EVENTS_CHANNEL, NEWS_CHANNEL], self._heard, self.catch_up)
         self._subscription: Subscription | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self.unsent = 0  # news not relayed: too big, or refused
+        self.unsent = 0  # news not relayed: too big, the NOTIFY queue half full, or refused
+        self._unsent = Counter(
+            "hms_events_relay_unsent",
+            "The daemon's own events (health.*, slo.*, workflow.*) not relayed to the other "
+            "replicas: over PostgreSQL's payload limit, its NOTIFY queue half full, or refused",
+            registry=metrics,
+        )
 
     async def start(self) -> None:
         if self._bus.position == 0 and not self._engine_here():  # from now: no old events
@@ -144,6 +153,10 @@ class EventRelay:
 
     # -- the daemon's news: sent -------------------------------------------------------
 
+    def _drop(self, count: int) -> None:
+        self.unsent += count
+        self._unsent.inc(count)
+
     def _outgoing(self, event: Event) -> None:
         if event.remote or event.stored:
             return
@@ -151,11 +164,11 @@ class EventRelay:
             {"r": self._origin, "t": event.topic, "d": event.data, "at": event.time}
         ).decode()
         if len(payload.encode()) > MAX_PAYLOAD:
-            self.unsent += 1
+            self._drop(1)
             log.debug("%s is too big to relay (%d bytes)", event.topic, len(payload))
             return
         if len(self._news) == QUEUE:
-            self.unsent += 1
+            self._drop(1)
         self._news.append(payload)
         self._send_wake.set()
 
@@ -182,12 +195,12 @@ class EventRelay:
                             full = await self._queue_full(conn, full)
                             checked = now
                         if full:
-                            self.unsent += len(batch)
+                            self._drop(len(batch))
                             continue
                         try:
                             await conn.execute(_SEND, [NEWS_CHANNEL, batch])
                         except psycopg.Error:
-                            self.unsent += len(batch)
+                            self._drop(len(batch))
                             raise
             except asyncio.CancelledError:
                 raise

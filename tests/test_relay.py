@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 import psycopg
 import pytest
+from prometheus_client import CollectorRegistry
 
 from monitor.config import Config
 from monitor.keys import BUS, ENGINE
@@ -151,7 +152,14 @@ async def test_a_database_role_without_access_to_the_events_cannot_read_the_audi
     assert not [payload for payload in heard if "audit." in payload]
 
 
-def a_relay(bus: EventBus, url: str, store: PgWorkflowStore, *, engine_here: bool) -> EventRelay:
+def a_relay(
+    bus: EventBus,
+    url: str,
+    store: PgWorkflowStore,
+    *,
+    engine_here: bool,
+    metrics: CollectorRegistry | None = None,
+) -> EventRelay:
     """A replica's relay; `engine_here`: it stores and delivers the events itself."""
     return EventRelay(
         bus,
@@ -159,6 +167,7 @@ def a_relay(bus: EventBus, url: str, store: PgWorkflowStore, *, engine_here: boo
         read_after=store.events_after,
         last_seq=store.last_event_seq,
         engine_here=lambda: engine_here,
+        metrics=metrics,
     )
 
 
@@ -253,9 +262,9 @@ async def test_news_stops_while_the_notify_queue_is_past_its_limit(
     async with postgres_database(url) as database:
         store = PgWorkflowStore(database)
         await store.create_tables()
-        origin, here = EventBus(), EventBus()
+        origin, here, metrics = EventBus(), EventBus(), CollectorRegistry()
         sender, receiver = (
-            a_relay(origin, url, store, engine_here=True),
+            a_relay(origin, url, store, engine_here=True, metrics=metrics),
             a_relay(here, url, store, engine_here=False),
         )
         relays = [sender, receiver]
@@ -275,6 +284,7 @@ async def test_news_stops_while_the_notify_queue_is_past_its_limit(
             await until(dropped)
             await asyncio.sleep(0.5)
             assert heard == []
+            assert metrics.get_sample_value("hms_events_relay_unsent_total") == 1.0
         finally:
             for each in relays:
                 await each.stop()
