@@ -38,7 +38,7 @@ from scheduler import Event, EventBus
 from scheduler.bus import READABLE_TOPICS, Subscription
 from workflows.stores.postgres import EVENTS_CHANNEL
 
-from .storage.postgres import CONNECT_TIMEOUT, RECONNECT_BACKOFF, Listener
+from .storage.postgres import CONNECT_TIMEOUT, RECONNECT_BACKOFF, SESSION_TAG, Listener
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,10 @@ class EventRelay:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    application_name=f"{SESSION_TAG} relay",
                 ) as conn:
                     # Best effort: no commit of news waits for the WAL to reach the disk.
                     await conn.execute("SET synchronous_commit = off")

@@ -81,7 +81,7 @@ def _postgres(url: str) -> Stores:
     from monitor.health.stores.states_postgres import PgHealthStateStore
     from monitor.notify.stores.postgres import PgOutboxStore
     from monitor.slo.stores.postgres import PgSloMinuteStore
-    from monitor.storage.postgres import PgDatabase
+    from monitor.storage.postgres import SESSION_TAG, PgDatabase
     from registry.stores.postgres import PgRegistryStore
     from workflows.stores.postgres import PgWorkflowStore
     from workflows.stores.postgres_resources import PgResourceStore
@@ -89,7 +89,7 @@ def _postgres(url: str) -> Stores:
     from workflows.stores.postgres_tasks import PgTaskStore
 
     db = PgDatabase(url)
-    members_db = PgDatabase(url, application_name="hms-mgmt-cluster")
+    members_db = PgDatabase(url, application_name=f"{SESSION_TAG} cluster")
     return Stores(
         database=db,
         registry=PgRegistryStore(db),
@@ -100,7 +100,7 @@ def _postgres(url: str) -> Stores:
         tasks=PgTaskStore(db),
         resources=PgResourceStore(db),
         schedules=PgScheduleStore(db),
-        members=PgMemberStore(members_db),
+        members=PgMemberStore(members_db, session=SESSION_TAG),
         health_states=PgHealthStateStore(db),
         members_database=members_db,
     )

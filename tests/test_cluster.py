@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from .pg import PostgresCluster
@@ -52,6 +53,7 @@ class Replicas:
     """N daemons sharing one database, named r1..rN."""
 
     def __init__(self, directory: Path, url: str, count: int, **sections: Any) -> None:
+        self.database = url
         self.daemons: dict[str, DaemonProcess] = {}
         for n in range(1, count + 1):
             name = f"r{n}"
@@ -77,6 +79,15 @@ class Replicas:
 
     def url(self, name: str) -> str:
         return self.daemons[name].url
+
+    def sessions(self) -> set[str]:
+        """The daemons' session tags among the database's sessions (one per process)."""
+        with psycopg.connect(self.database, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT split_part(application_name, ' ', 1) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE 'hms-mgmt/%'"
+            ).fetchall()
+        return {row[0] for row in rows}
 
     def cluster(self, name: str) -> dict[str, Any]:
         status, body = call(self.url(name) + "/v1/cluster", timeout=5)
@@ -147,10 +158,14 @@ def test_a_paused_leader_fences_itself_and_rejoins_as_a_follower(replicas: Repli
     epoch = replicas.cluster(leader)["epoch"]
     process = replicas.daemons[leader].process
     assert process is not None
+    eventually(lambda: len(replicas.sessions()) == 3)
     process.send_signal(signal.SIGSTOP)
     try:
         survivors = [name for name in replicas.daemons if name != leader]
         new_leader = replicas.leader(survivors, other_than=leader)
+        # Its database sessions are ended by the new leader, not left for TCP to give up on
+        # (a paused LISTEN connection pins PostgreSQL's NOTIFY queue; slots stay taken).
+        eventually(lambda: len(replicas.sessions()) == 2)
     finally:
         process.send_signal(signal.SIGCONT)
     # Back from the pause it answers with the new leader and epoch, never as leader itself.
@@ -158,6 +173,11 @@ def test_a_paused_leader_fences_itself_and_rejoins_as_a_follower(replicas: Repli
     assert view["epoch"] > epoch
     assert eventually(lambda: b"hms_cluster_leader" in metrics(replicas.url(leader)))
     assert f'hms_cluster_leader{{replica="{leader}"}} 0.0'.encode() in metrics(replicas.url(leader))
+    # It reconnected: its writes are taken again, and nobody ends its new sessions.
+    assert eventually(lambda: register(replicas.url(leader), "pay", "after") == 201)
+    time.sleep(2 * LEASE)
+    assert len(replicas.sessions()) == 3
+    assert register(replicas.url(leader), "pay", "later") == 201
 
 
 def metrics(url: str) -> bytes:

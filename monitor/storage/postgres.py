@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,11 @@ _Write = tuple[Callable[[psycopg.Connection[Any]], Any], "asyncio.Future[Any]"]
 CONNECT_TIMEOUT = 3
 RECONNECT_BACKOFF = (0.05, 0.1, 0.25, 0.5, 1.0)
 LIVENESS = 10.0  # seconds a LISTEN connection goes without a round trip to its server
+# Every connection this process opens carries it as its application_name (a suffix may say
+# which): the leader terminates the sessions of a member it saw go stale (paused, cut off),
+# so they neither pin PostgreSQL's NOTIFY queue nor hold connection slots until TCP gives
+# up (monitor/cluster/stores/postgres.py).
+SESSION_TAG = f"hms-mgmt/{secrets.token_hex(6)}"
 SCHEMA_TABLE = "hms_schema"
 
 
@@ -56,7 +62,7 @@ class PgDatabase:
     for the caller to retry. A write function may run twice (the replay), so it must have
     no effect beyond its transaction (no session-level lock or setting)."""
 
-    def __init__(self, url: str, *, application_name: str = "hms-mgmt") -> None:
+    def __init__(self, url: str, *, application_name: str = SESSION_TAG) -> None:
         self.url = url
         self._application_name = application_name
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pg-write")
@@ -348,7 +354,10 @@ class Listener:
         while True:
             try:
                 conn = await psycopg.AsyncConnection.connect(
-                    self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=CONNECT_TIMEOUT,
+                    application_name=f"{SESSION_TAG} listen",
                 )
             except psycopg.Error as exc:
                 delay = RECONNECT_BACKOFF[min(failures, len(RECONNECT_BACKOFF) - 1)]

@@ -15,11 +15,16 @@ the holder changes. All times come from the database's clock."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+import psycopg
 
 from registry.stores.pg import Connection, PgTransactor
 
 from ..abc import Member, View
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = (
     """CREATE TABLE cluster_members (
@@ -37,6 +42,8 @@ MIGRATIONS = (
         until DOUBLE PRECISION NOT NULL
     )""",
     "INSERT INTO cluster_leader (holder, epoch, until) VALUES (NULL, 0, 0)",
+    # The application_name its connections carry (monitor/storage/postgres.py SESSION_TAG).
+    "ALTER TABLE cluster_members ADD COLUMN session TEXT NOT NULL DEFAULT ''",
 )
 
 # The f-strings below (noqa: S608) only splice these constant fragments, never a value.
@@ -56,8 +63,10 @@ class PgMemberStore:
 
     shared = True
 
-    def __init__(self, db: PgTransactor) -> None:
-        self._db = db
+    def __init__(self, db: PgTransactor, *, session: str = "") -> None:
+        """`session`: the application_name (before any space) of every connection this
+        replica opens; a stale member's sessions are terminated by the leader."""
+        self._db, self._session = db, session
 
     async def create_tables(self) -> None:
         await self._db.migrate("cluster", MIGRATIONS)
@@ -66,9 +75,10 @@ class PgMemberStore:
         def write(conn: Connection) -> None:
             (member_id,) = _one(
                 conn,
-                "INSERT INTO cluster_members (key, replica_id, address, joined_at, heartbeat_at) "  # noqa: S608
-                f"VALUES (%s, %s, %s, {_NOW}, {_NOW}) RETURNING id",
-                [key, replica_id, address],
+                "INSERT INTO cluster_members "  # noqa: S608
+                "(key, replica_id, address, session, joined_at, heartbeat_at) "
+                f"VALUES (%s, %s, %s, %s, {_NOW}, {_NOW}) RETURNING id",
+                [key, replica_id, address, self._session],
             )
             # Session-level: held after this transaction, until the session ends.
             conn.execute("SELECT pg_advisory_lock(%s)", [member_id])
@@ -104,6 +114,27 @@ def _unlock_if_mine(conn: Connection, member_id: int) -> None:
         f"WHERE {_LOCK_HOLDER} = pg_backend_pid()",
         [member_id],
     )
+
+
+def _terminate(conn: Connection, sessions: list[str], params: dict[str, Any]) -> None:
+    """End the database sessions of members seen stale (paused, cut off: their sessions
+    may live on for hours), unless a live member carries the same tag (the same process
+    rejoined). Each connection's application_name is its process's tag, then a space and
+    what it is for. Without the privilege (another role's sessions) nothing is ended."""
+    if not sessions:
+        return
+    try:
+        with conn.transaction():  # a savepoint: the renewal commits whatever happens here
+            conn.execute(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a "  # noqa: S608
+                "WHERE a.datname = current_database() AND a.pid <> pg_backend_pid() "
+                "AND split_part(a.application_name, ' ', 1) = ANY(%(sessions)s) "
+                "AND NOT EXISTS (SELECT 1 FROM cluster_members m "
+                f"WHERE m.session = split_part(a.application_name, ' ', 1) AND {_LIVE})",
+                {**params, "sessions": sessions},
+            )
+    except psycopg.errors.InsufficientPrivilege as exc:
+        log.warning("cannot end the sessions of a stale member (%s): %s", sessions, exc)
 
 
 def _renew(conn: Connection, key: str, lease: float) -> View | None:
@@ -146,7 +177,14 @@ def _renew(conn: Connection, key: str, lease: float) -> View | None:
                 [holder, epoch, now + lease],
             )
     if holder == key:
-        conn.execute(f"DELETE FROM cluster_members m WHERE NOT ({_LIVE})", params)  # noqa: S608
+        gone = conn.execute(
+            f"DELETE FROM cluster_members m WHERE NOT ({_LIVE}) "  # noqa: S608
+            "RETURNING m.session, m.heartbeat_at < %(now)s - %(lease)s",
+            params,
+        ).fetchall()
+        # Stale, not merely without its lock (killed: its sessions are gone already; one
+        # connection reopened: it is rejoining as it should).
+        _terminate(conn, sorted({session for session, stale in gone if stale and session}), params)
     members = tuple(
         Member(key=k, replica_id=r, heartbeat_at=h, address=a)
         for k, r, h, a in conn.execute(
