@@ -24,6 +24,7 @@ from monitor.commands.status import status_report
 from monitor.keys import DATABASE
 from monitor.slo import SloBook
 from monitor.storage.postgres import PgDatabase
+from registry import StoreUnavailable
 from scheduler import EventBus
 
 from .conftest import AppClient, metric_families, until
@@ -256,3 +257,45 @@ async def test_a_long_write_does_not_cost_the_leader_its_lease(
         await asyncio.sleep(0.1)
     await write
     assert leading and set(leading) == {1.0}  # never in doubt while the write took 2 leases
+
+
+async def test_a_replica_back_from_an_outage_longer_than_the_lease_keeps_its_new_sessions(
+    url: str,
+) -> None:
+    """A database restart (or a cut-off) longer than the lease: the members' rows are stale
+    and their locks gone with their sessions. A replica that has reconnected but not yet
+    rejoined is healthy: the leader reaping its old row must not end its new sessions (its
+    old ones are gone already), or its writes fail with 503 once more."""
+    async with AsyncExitStack() as stack:
+
+        async def replica(tag: str, key: str) -> PgMemberStore:
+            members_db = PgDatabase(url, application_name=f"{tag} cluster")
+            await members_db.open()
+            stack.push_async_callback(members_db.close)
+            members = PgMemberStore(members_db, session=tag)
+            await members.create_tables()
+            await members.join(key, key)
+            return members
+
+        a = await replica("hms-mgmt/aaaaaaaaaaaa", "a1")
+        b = await replica("hms-mgmt/bbbbbbbbbbbb", "b1")
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+
+        # The outage ends b's sessions, fails its renewal, and outlasts the lease.
+        terminate_sessions(url, "hms-mgmt/bbbbbbbbbbbb cluster")
+        with pytest.raises(StoreUnavailable):
+            await b.renew("b1", 2.0)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE cluster_members SET heartbeat_at = heartbeat_at - 60 WHERE key = %s", ["b1"]
+            )
+        # b is back: its main database reconnected; its next renewal is not yet due.
+        b_main = PgDatabase(url, application_name="hms-mgmt/bbbbbbbbbbbb")
+        await b_main.open()
+        stack.push_async_callback(b_main.close)
+        view = await a.renew("a1", 2.0)  # the leader, first back, reaps b1
+        assert view is not None and [m.key for m in view.members] == ["a1"]
+
+        assert await b_main.write(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+        assert await b.renew("b1", 2.0) is None  # reaped: b joins again as a new member
