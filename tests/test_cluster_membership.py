@@ -19,10 +19,11 @@ import yaml
 from monitor import parse_config
 from monitor.cluster.membership import Membership
 from monitor.cluster.shards import SHARDS
-from monitor.cluster.stores.postgres import PgMemberStore
+from monitor.cluster.stores.postgres import MIGRATIONS, PgMemberStore
 from monitor.commands.status import status_report
 from monitor.keys import DATABASE
 from monitor.slo import SloBook
+from monitor.storage.database import DatabaseError
 from monitor.storage.postgres import PgDatabase
 from registry import StoreUnavailable
 from scheduler import EventBus
@@ -299,3 +300,36 @@ async def test_a_replica_back_from_an_outage_longer_than_the_lease_keeps_its_new
 
         assert await b_main.write(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
         assert await b.renew("b1", 2.0) is None  # reaped: b joins again as a new member
+
+
+async def test_cluster_tables_from_before_the_session_column_upgrade_and_refuse_older_code(
+    url: str,
+) -> None:
+    """A database whose cluster tables are at version 3 (no session column) takes the new
+    column with its members in place; then a daemon from before it is refused."""
+    before = MIGRATIONS[:3]
+    old = PgDatabase(url, application_name="old")
+    await old.open()
+    try:
+        await old.migrate("cluster", before)
+        await old.write(
+            lambda conn: conn.execute(
+                "INSERT INTO cluster_members (key, replica_id, joined_at, heartbeat_at) "
+                "VALUES ('old1', 'old', 0, 0)"
+            )
+        )
+    finally:
+        await old.close()
+    new = PgDatabase(url, application_name="hms-mgmt/cccccccccccc cluster")
+    await new.open()
+    try:
+        members = PgMemberStore(new, session="hms-mgmt/cccccccccccc")
+        await members.create_tables()
+        await members.join("new1", "new")
+        view = await members.renew("new1", 2.0)
+        # The old member, stale and without a session tag, is reaped and nothing is ended.
+        assert view is not None and [m.key for m in view.members] == ["new1"]
+        with pytest.raises(DatabaseError, match="at version 4, newer than this hms-mgmt's 3"):
+            await new.migrate("cluster", before)
+    finally:
+        await new.close()
