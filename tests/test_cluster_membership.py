@@ -333,3 +333,48 @@ async def test_cluster_tables_from_before_the_session_column_upgrade_and_refuse_
             await new.migrate("cluster", before)
     finally:
         await new.close()
+
+
+async def test_a_leader_that_may_not_end_a_stale_members_sessions_still_renews(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas under different roles: the leader may not end another role's sessions. It
+    says so, and its renewal (its lease, the reaping) still commits."""
+    name = url.rsplit("/", 1)[1]
+    setup = PgDatabase(url)
+    await setup.open()
+    try:
+        await PgMemberStore(setup).create_tables()
+    finally:
+        await setup.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for role in ("a", "b"):
+            conn.execute(f"CREATE ROLE {name}_{role} LOGIN")
+            conn.execute(f"GRANT CREATE ON SCHEMA public TO {name}_{role}")
+            conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {name}_{role}")
+            conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {name}_{role}")
+    async with AsyncExitStack() as stack:
+
+        async def replica(role: str) -> PgMemberStore:
+            tag = f"hms-mgmt/{role * 12}"
+            role_url = url.replace("postgres@", f"{name}_{role}@", 1)
+            members_db = PgDatabase(role_url, application_name=f"{tag} cluster")
+            await members_db.open()
+            stack.push_async_callback(members_db.close)
+            members = PgMemberStore(members_db, session=tag)
+            await members.join(f"{role}1", role)
+            return members
+
+        a = await replica("a")
+        await replica("b")
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+        with psycopg.connect(url, autocommit=True) as conn:  # b is paused
+            conn.execute("UPDATE cluster_members SET heartbeat_at = 0 WHERE key = 'b1'")
+
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+        assert [m.key for m in view.members] == ["a1"]
+        assert "cannot end the sessions of a stale member" in caplog.text
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
