@@ -19,11 +19,13 @@ import yaml
 from monitor import parse_config
 from monitor.cluster.membership import Membership
 from monitor.cluster.shards import SHARDS
-from monitor.cluster.stores.postgres import PgMemberStore
+from monitor.cluster.stores.postgres import MIGRATIONS, PgMemberStore
 from monitor.commands.status import status_report
 from monitor.keys import DATABASE
 from monitor.slo import SloBook
+from monitor.storage.database import DatabaseError
 from monitor.storage.postgres import PgDatabase
+from registry import StoreUnavailable
 from scheduler import EventBus
 
 from .conftest import AppClient, metric_families, until
@@ -256,3 +258,123 @@ async def test_a_long_write_does_not_cost_the_leader_its_lease(
         await asyncio.sleep(0.1)
     await write
     assert leading and set(leading) == {1.0}  # never in doubt while the write took 2 leases
+
+
+async def test_a_replica_back_from_an_outage_longer_than_the_lease_keeps_its_new_sessions(
+    url: str,
+) -> None:
+    """A database restart (or a cut-off) longer than the lease: the members' rows are stale
+    and their locks gone with their sessions. A replica that has reconnected but not yet
+    rejoined is healthy: the leader reaping its old row must not end its new sessions (its
+    old ones are gone already), or its writes fail with 503 once more."""
+    async with AsyncExitStack() as stack:
+
+        async def replica(tag: str, key: str) -> PgMemberStore:
+            members_db = PgDatabase(url, application_name=f"{tag} cluster")
+            await members_db.open()
+            stack.push_async_callback(members_db.close)
+            members = PgMemberStore(members_db, session=tag)
+            await members.create_tables()
+            await members.join(key, key)
+            return members
+
+        a = await replica("hms-mgmt/aaaaaaaaaaaa", "a1")
+        b = await replica("hms-mgmt/bbbbbbbbbbbb", "b1")
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+
+        # The outage ends b's sessions, fails its renewal, and outlasts the lease.
+        terminate_sessions(url, "hms-mgmt/bbbbbbbbbbbb cluster")
+        with pytest.raises(StoreUnavailable):
+            await b.renew("b1", 2.0)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE cluster_members SET heartbeat_at = heartbeat_at - 60 WHERE key = %s", ["b1"]
+            )
+        # b is back: its main database reconnected; its next renewal is not yet due.
+        b_main = PgDatabase(url, application_name="hms-mgmt/bbbbbbbbbbbb")
+        await b_main.open()
+        stack.push_async_callback(b_main.close)
+        view = await a.renew("a1", 2.0)  # the leader, first back, reaps b1
+        assert view is not None and [m.key for m in view.members] == ["a1"]
+
+        assert await b_main.write(lambda conn: conn.execute("SELECT 1").fetchone()) == (1,)
+        assert await b.renew("b1", 2.0) is None  # reaped: b joins again as a new member
+
+
+async def test_cluster_tables_from_before_the_session_column_upgrade_and_refuse_older_code(
+    url: str,
+) -> None:
+    """A database whose cluster tables are at version 3 (no session column) takes the new
+    column with its members in place; then a daemon from before it is refused."""
+    before = MIGRATIONS[:3]
+    old = PgDatabase(url, application_name="old")
+    await old.open()
+    try:
+        await old.migrate("cluster", before)
+        await old.write(
+            lambda conn: conn.execute(
+                "INSERT INTO cluster_members (key, replica_id, joined_at, heartbeat_at) "
+                "VALUES ('old1', 'old', 0, 0)"
+            )
+        )
+    finally:
+        await old.close()
+    new = PgDatabase(url, application_name="hms-mgmt/cccccccccccc cluster")
+    await new.open()
+    try:
+        members = PgMemberStore(new, session="hms-mgmt/cccccccccccc")
+        await members.create_tables()
+        await members.join("new1", "new")
+        view = await members.renew("new1", 2.0)
+        # The old member, stale and without a session tag, is reaped and nothing is ended.
+        assert view is not None and [m.key for m in view.members] == ["new1"]
+        with pytest.raises(DatabaseError, match="at version 4, newer than this hms-mgmt's 3"):
+            await new.migrate("cluster", before)
+    finally:
+        await new.close()
+
+
+async def test_a_leader_that_may_not_end_a_stale_members_sessions_still_renews(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Replicas under different roles: the leader may not end another role's sessions. It
+    says so, and its renewal (its lease, the reaping) still commits."""
+    name = url.rsplit("/", 1)[1]
+    setup = PgDatabase(url)
+    await setup.open()
+    try:
+        await PgMemberStore(setup).create_tables()
+    finally:
+        await setup.close()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for role in ("a", "b"):
+            conn.execute(f"CREATE ROLE {name}_{role} LOGIN")
+            conn.execute(f"GRANT CREATE ON SCHEMA public TO {name}_{role}")
+            conn.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {name}_{role}")
+            conn.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {name}_{role}")
+    async with AsyncExitStack() as stack:
+
+        async def replica(role: str) -> PgMemberStore:
+            tag = f"hms-mgmt/{role * 12}"
+            role_url = url.replace("postgres@", f"{name}_{role}@", 1)
+            members_db = PgDatabase(role_url, application_name=f"{tag} cluster")
+            await members_db.open()
+            stack.push_async_callback(members_db.close)
+            members = PgMemberStore(members_db, session=tag)
+            await members.join(f"{role}1", role)
+            return members
+
+        a = await replica("a")
+        await replica("b")
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+        with psycopg.connect(url, autocommit=True) as conn:  # b is paused
+            conn.execute("UPDATE cluster_members SET heartbeat_at = 0 WHERE key = 'b1'")
+
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"
+        assert [m.key for m in view.members] == ["a1"]
+        assert "cannot end the sessions of a stale member" in caplog.text
+        view = await a.renew("a1", 2.0)
+        assert view is not None and view.leader == "a1"

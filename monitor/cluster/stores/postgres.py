@@ -179,11 +179,13 @@ def _renew(conn: Connection, key: str, lease: float) -> View | None:
     if holder == key:
         gone = conn.execute(
             f"DELETE FROM cluster_members m WHERE NOT ({_LIVE}) "  # noqa: S608
-            "RETURNING m.session, m.heartbeat_at < %(now)s - %(lease)s",
+            f"RETURNING m.session, m.heartbeat_at < %(now)s - %(lease)s AND {_LOCK_HOLDER} "
+            "IS NOT NULL",
             params,
         ).fetchall()
-        # Stale, not merely without its lock (killed: its sessions are gone already; one
-        # connection reopened: it is rejoining as it should).
+        # Stale with its session still holding the lock (paused, cut off). Without its lock
+        # its sessions ended (killed, a connection reopened, the database restarted): the
+        # ones its tag now carries are new, from a replica rejoining as it should.
         _terminate(conn, sorted({session for session, stale in gone if stale and session}), params)
     members = tuple(
         Member(key=k, replica_id=r, heartbeat_at=h, address=a)
