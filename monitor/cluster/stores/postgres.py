@@ -120,7 +120,8 @@ def _terminate(conn: Connection, sessions: list[str], params: dict[str, Any]) ->
     """End the database sessions of members seen stale (paused, cut off: their sessions
     may live on for hours), unless a live member carries the same tag (the same process
     rejoined). Each connection's application_name is its process's tag, then a space and
-    what it is for. Without the privilege (another role's sessions) nothing is ended."""
+    what it is for. Best effort: without the privilege (another role's sessions), or on any
+    other error short of a broken connection, nothing is ended and the renewal goes on."""
     if not sessions:
         return
     try:
@@ -133,7 +134,9 @@ def _terminate(conn: Connection, sessions: list[str], params: dict[str, Any]) ->
                 f"WHERE m.session = split_part(a.application_name, ' ', 1) AND {_LIVE})",
                 {**params, "sessions": sessions},
             )
-    except psycopg.errors.InsufficientPrivilege as exc:
+    except psycopg.Error as exc:  # best effort: never at the cost of the renewal
+        if conn.broken:
+            raise
         log.warning("cannot end the sessions of a stale member (%s): %s", sessions, exc)
 
 
