@@ -162,14 +162,14 @@ class EventRelay:
             return
         payload = orjson.dumps(
             {"r": self._origin, "t": event.topic, "d": event.data, "at": event.time}
-        ).decode()
-        if len(payload.encode()) > MAX_PAYLOAD:
+        )
+        if len(payload) > MAX_PAYLOAD:
             self._drop(1)
             log.debug("%s is too big to relay (%d bytes)", event.topic, len(payload))
             return
         if len(self._news) == QUEUE:
             self._drop(1)
-        self._news.append(payload)
+        self._news.append(payload.decode())
         self._send_wake.set()
 
     async def _send_loop(self) -> None:
