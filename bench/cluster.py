@@ -53,7 +53,7 @@ import yaml
 from bench.http import get_json
 from bench.probes import process, raise_file_limit
 from bench.processes import tree_rss_mb
-from bench.registry import DAEMON_ROOT, Load, free_port, load, wait_ready
+from bench.registry import Load, free_port, load, spawn, stop, wait_ready
 from bench.workflows import quantile, start_many, steps_target, workflow
 from tests.pg import PostgresCluster, pg_bin
 from tests.services import Recorder
@@ -101,13 +101,8 @@ def daemons(
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             config = daemon_config(workdir, name, port, storage, lease, target)
-            popen = subprocess.Popen(
-                [*SERVE, str(config)],
-                cwd=DAEMON_ROOT,
-                stdout=stack.enter_context((workdir / f"{name}.log").open("ab")),
-                stderr=subprocess.STDOUT,
-                preexec_fn=raise_file_limit,
-            )
+            log = workdir / f"{name}.log"
+            popen = spawn([*SERVE, str(config)], log, preexec_fn=raise_file_limit)
             stack.callback(stop, popen)
             started.append(Daemon(name, url, popen))
         for daemon in started:
@@ -115,18 +110,6 @@ def daemons(
             if daemon.popen.poll() is not None:
                 raise RuntimeError(f"{daemon.name} exited ({daemon.popen.returncode})")
         yield started
-
-
-def stop(popen: subprocess.Popen[bytes], grace: float = 15) -> None:
-    """SIGTERM (SIGCONT first: it may be paused), SIGKILL after `grace` seconds."""
-    if popen.poll() is None:
-        popen.send_signal(signal.SIGCONT)
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait()
 
 
 def spread(group: list[Daemon], kind: str, args: argparse.Namespace, workdir: Path) -> Load:
@@ -461,14 +444,7 @@ def spawned(config: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The daemon from the moment it is spawned (bench.registry.server yields it only once
     ready, or half a second on); SIGTERM at the end, SIGKILL if that takes over a minute
     (a million tasks to cancel)."""
-    with log.open("ab") as out:
-        daemon = subprocess.Popen(
-            [*SERVE, str(config)],
-            cwd=DAEMON_ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=raise_file_limit,
-        )
+    daemon = spawn([*SERVE, str(config)], log, preexec_fn=raise_file_limit)
     try:
         yield daemon
     finally:

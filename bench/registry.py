@@ -186,10 +186,7 @@ def server(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A process for the length of the block: ready when `url`/readyz answers (or after
     half a second without one); SIGTERM, then SIGKILL, at the end."""
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            argv, cwd=DAEMON_ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
-        )
+    process = spawn(argv, log, preexec_fn=preexec_fn)
     try:
         if url is None:
             time.sleep(0.5)
@@ -199,12 +196,29 @@ def server(
             raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-1500:]}")
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop(process)
+
+
+def spawn(
+    argv: list[str], log: Path, *, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.Popen[bytes]:
+    """`argv` run in the daemon's checkout, its output appended to `log`; not waited for."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv, cwd=DAEMON_ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+        )
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 15) -> None:
+    """SIGTERM (SIGCONT first: it may be paused), SIGKILL after `grace` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def daemon_argv(config: Path) -> list[str]:
