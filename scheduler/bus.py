@@ -224,18 +224,26 @@ class EventBus:
             self._position = max(self._position, first)
             self._deliver(self._held.pop(first))
 
+    def wants_relayed(self, topic: str) -> bool:
+        """Whether an event relayed from another replica on `topic` would reach anyone here
+        (a subscriber that is not `local_only`): else the relay need not even decode it."""
+        return any(not s.local_only for s in self._targets(topic))
+
     def _deliver(self, event: Event) -> None:
         topic = event.topic
         if not event.remote:  # counted where it was published
             self.published[self.label(topic)] += 1
+        for subscription in self._targets(topic):
+            subscription.offer(event)
+
+    def _targets(self, topic: str) -> list[Subscription]:
         targets = self._routes.get(topic)
         if targets is None:
             targets = [s for s in self._subscriptions if matches(s.patterns, topic)]
             if len(self._routes) >= MAX_ROUTES:  # topics come from clients too: stay bounded
                 self._routes.clear()
             self._routes[topic] = targets
-        for subscription in targets:
-            subscription.offer(event)
+        return targets
 
     async def close(self) -> None:
         for subscription in list(self._subscriptions):

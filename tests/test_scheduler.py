@@ -106,6 +106,20 @@ async def test_events_relayed_from_other_replicas_keep_their_ids_once_each() -> 
     await bus.close()
 
 
+async def test_relayed_news_is_wanted_only_where_a_subscriber_takes_relayed_events() -> None:
+    """The relay decodes another replica's news only when something here would get it: the
+    notifier and the relay's own sender are `local_only` and do not count."""
+    bus = EventBus()
+    bus.subscribe("health.*", name="notifier", sink=lambda e: None, local_only=True)
+    assert not bus.wants_relayed("health.changed")
+    stream = bus.subscribe("health.*", name="sse", sink=lambda e: None)
+    assert bus.wants_relayed("health.changed")
+    assert not bus.wants_relayed("workflow.started")
+    await stream.close()
+    assert not bus.wants_relayed("health.changed")
+    await bus.close()
+
+
 @pytest.fixture
 async def scheduler() -> AsyncIterator[Scheduler]:
     running = Scheduler(CollectorRegistry())
