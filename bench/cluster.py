@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -141,10 +143,23 @@ def phase(text: str) -> None:
     print(f"bench.cluster {time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
-def put(url: str, body: dict[str, Any]) -> None:
+def put(url: str, body: dict[str, Any], patience: float = 30) -> None:
+    """PUT as a client of a replica does: a 503 (the replica is reconnecting to the database,
+    as one resumed after a pause does once the leader has ended its sessions) is tried again
+    until `patience` runs out; any other error at once."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="PUT")  # noqa: S310
     request.add_header("Content-Type", "application/json")
-    urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 (127.0.0.1 only)
+    deadline = time.monotonic() + patience
+    for attempt in itertools.count():
+        try:
+            urllib.request.urlopen(request, timeout=10).close()  # noqa: S310 (127.0.0.1 only)
+            return
+        except urllib.error.HTTPError as refused:
+            if refused.code != 503 or time.monotonic() > deadline:
+                raise
+            if not attempt:
+                phase(f"503 from {url}: trying again for up to {patience:.0f} s")
+            time.sleep(0.2)
 
 
 def heartbeat_fleet(group: list[Daemon], count: int) -> None:
