@@ -41,7 +41,17 @@ from workflows import templates
 from workflows.errors import InvalidDefinition
 
 DEFAULT_LISTEN = "127.0.0.1:9797"
-SCOPE_VERBS = ("register", "publish", "subscribe", "start", "cancel", "signal", "define", "work")
+SCOPE_VERBS = (
+    "register",
+    "publish",
+    "subscribe",
+    "start",
+    "cancel",
+    "signal",
+    "define",
+    "work",
+    "audit",
+)
 WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 HTTP_METHODS = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 
@@ -92,6 +102,10 @@ def _check_token(value: SecretStr) -> SecretStr:
 
 
 class Token(_Model):
+    name: Name = Field(
+        description="Who holds the token: the actor of its changes in the audit trail, the logs "
+        "and process histories (the token itself never appears there). Unique."
+    )
     token: Annotated[SecretStr, AfterValidator(_check_token)] = Field(
         description="The bearer token, 8 characters or more; usually `${VAR}` from the "
         "environment. Compared in constant time, never logged."
@@ -222,6 +236,10 @@ class Storage(_Model):
     event_retention: Duration = Field(
         default=timedelta(days=7),
         description="How long published events are stored and replayed after `Last-Event-ID`.",
+    )
+    audit_retention: Duration = Field(
+        default=timedelta(days=400),
+        description="How long the audit trail keeps its records (pruned by age only).",
     )
 
     @field_validator("url")
@@ -1063,6 +1081,10 @@ def _cross_check(data: dict[str, Any]) -> Iterator[tuple[Path_, str]]:
         (("notifications", i), n.get("name")) for i, n in _items(data, "notifications")
     )
     yield from _unique((("workflows", i, "route"), w.get("route")) for i, w in workflows)
+    server = data.get("server") if isinstance(data, dict) else None
+    auth = server.get("auth") if isinstance(server, dict) else None
+    tokens = _items(auth, "tokens")
+    yield from _unique((("server", "auth", "tokens", i), t.get("name")) for i, t in tokens)
     for i, service in services:
         if service.get("name") in (service.get("depends_on") or ()):
             yield ("services", i, "depends_on"), "a service cannot depend on itself"

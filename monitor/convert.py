@@ -185,9 +185,12 @@ def bus_topic_label(definitions: list[Definition], config: cfg.Config) -> Callab
     return topic_label(definitions, (e for n in config.notifications for e in n.events))
 
 
-def tokens(config: cfg.Config) -> list[tuple[str, tuple[str, ...]]]:
+def tokens(config: cfg.Config) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(name, token, scopes) of each configured token."""
     auth = config.server.auth
-    return [] if auth is None else [(t.token.get_secret_value(), t.scopes) for t in auth.tokens]
+    if auth is None:
+        return []
+    return [(t.name, t.token.get_secret_value(), t.scopes) for t in auth.tokens]
 
 
 def protect_reads(config: cfg.Config) -> bool:

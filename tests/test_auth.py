@@ -22,8 +22,12 @@ async def secured(
 ) -> AppClient:
     auth = {
         "tokens": [
-            {"token": ADMIN, "scopes": ["*"]},
-            {"token": PAYMENTS, "scopes": ["register:payments*", "publish:payment.*"]},
+            {"name": "admin", "token": ADMIN, "scopes": ["*"]},
+            {
+                "name": "payments",
+                "token": PAYMENTS,
+                "scopes": ["register:payments*", "publish:payment.*"],
+            },
         ]
     }
     return await start_daemon(make_config(server={"auth": auth}))
@@ -78,7 +82,7 @@ async def test_reads_are_open_unless_protected(secured: AppClient) -> None:
 async def test_protect_reads_covers_gets_and_metrics_but_not_probes(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
-    auth = {"tokens": [{"token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
+    auth = {"tokens": [{"name": "admin", "token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
     client = await start_daemon(make_config(server={"auth": auth}))
     for path in ("/v1/services", "/v1/services/x", "/v1/sd", "/metrics", "/openapi.json"):
         assert (await client.get(path)).status == 401, path

@@ -136,7 +136,7 @@ ROUTED = {
 async def routed(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> AppClient:
-    auth = {"tokens": [{"token": TOKEN, "scopes": ["*"]}]}
+    auth = {"tokens": [{"name": "token", "token": TOKEN, "scopes": ["*"]}]}
     return await start_daemon(make_config(server={"auth": auth}, workflows=[ROUTED]))
 
 

@@ -22,7 +22,7 @@ from .processes import free_port
 from .services import Calls
 
 ADMIN = "admin-token"
-AUTH = {"tokens": [{"token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
+AUTH = {"tokens": [{"name": "admin", "token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
 BEARER = {"Authorization": f"Bearer {ADMIN}"}
 GRANT = {
     "name": "Grant",

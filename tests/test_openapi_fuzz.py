@@ -51,7 +51,7 @@ CHECKS = [
 # so bodies reach their decoders (tests/test_security.py covers requests without one).
 TOKEN = "fuzz-admin-token-1"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-SERVER = {"auth": {"tokens": [{"token": TOKEN, "scopes": ["*"]}]}}
+SERVER = {"auth": {"tokens": [{"name": "token", "token": TOKEN, "scopes": ["*"]}]}}
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from .conftest import AppClient
 GOLDEN = Path(__file__).parent / "data" / "openapi-operations.json"
 TOKEN = "golden-admin-token-1"
 SECTIONS: dict[str, Any] = {
-    "server": {"auth": {"tokens": [{"token": TOKEN, "scopes": ["*"]}]}},
+    "server": {"auth": {"tokens": [{"name": "token", "token": TOKEN, "scopes": ["*"]}]}},
     "services": [
         {
             "name": "payments",

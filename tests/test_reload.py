@@ -216,7 +216,10 @@ OPS = "ops-token-12345"
 def tokens(*entries: tuple[str, list[str]], protect_reads: bool = False) -> dict[str, Any]:
     return {
         "auth": {
-            "tokens": [{"token": token, "scopes": scopes} for token, scopes in entries],
+            "tokens": [
+                {"name": f"t{n}", "token": token, "scopes": scopes}
+                for n, (token, scopes) in enumerate(entries)
+            ],
             "protect_reads": protect_reads,
         }
     }

@@ -250,7 +250,7 @@ async def test_a_cut_answer_or_a_request_timeout_is_unavailable() -> None:
 
 
 async def test_the_token_is_sent_and_a_missing_one_is_unauthorized(tmp_path: Path) -> None:
-    tokens = [{"token": ADMIN, "scopes": ["*"]}]
+    tokens = [{"name": "admin", "token": ADMIN, "scopes": ["*"]}]
     server = {"auth": {"tokens": tokens}}
     with running_daemon(tmp_path, server=server, workflows=[ANNOUNCE]) as daemon:
         async with Client(daemon.url) as anonymous:

@@ -297,7 +297,13 @@ async def test_a_worker_waiting_for_its_daemon_stops_when_told() -> None:
 
 
 async def test_a_worker_without_the_work_scope_is_refused(tmp_path: Path) -> None:
-    tokens = [{"token": "worker-token-123", "scopes": ["define:*", "register:*"]}]
+    tokens = [
+        {
+            "name": "worker-token-123",
+            "token": "worker-token-123",
+            "scopes": ["define:*", "register:*"],
+        }
+    ]
 
     def noop(ctx: StepContext) -> None:
         return None

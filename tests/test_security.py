@@ -25,10 +25,10 @@ from .test_auth import ADMIN, PAYMENTS, bearer
 LISTENER = "listener-token-123"
 NOBODY = "no-scope-token-123"  # valid, but its one scope fits nothing the tests call
 TOKENS = [
-    {"token": ADMIN, "scopes": ["*"]},
-    {"token": PAYMENTS, "scopes": ["register:payments*", "publish:payment.*"]},
-    {"token": LISTENER, "scopes": ["subscribe:grant.*"]},
-    {"token": NOBODY, "scopes": ["subscribe:nothing"]},
+    {"name": "admin", "token": ADMIN, "scopes": ["*"]},
+    {"name": "payments", "token": PAYMENTS, "scopes": ["register:payments*", "publish:payment.*"]},
+    {"name": "listener", "token": LISTENER, "scopes": ["subscribe:grant.*"]},
+    {"name": "nobody", "token": NOBODY, "scopes": ["subscribe:nothing"]},
 ]
 WORKFLOW = {
     "name": "Grant",
@@ -341,7 +341,9 @@ async def test_tokens_never_appear_in_logs_errors_or_config_errors(
             texts.append(await resp.text())
     login = await client.post("/login", data={"token": "guess-token-2"})
     texts.append(await login.text())
-    short = yaml.safe_dump({"server": {"auth": {"tokens": [{"token": "sh0rt", "scopes": ["*"]}]}}})
+    short = yaml.safe_dump(
+        {"server": {"auth": {"tokens": [{"name": "sh0rt", "token": "sh0rt", "scopes": ["*"]}]}}}
+    )
     with pytest.raises(ConfigError) as raised:
         parse_config(short)
     texts.append(str(raised.value))
@@ -354,19 +356,19 @@ async def test_tokens_never_appear_in_logs_errors_or_config_errors(
 async def test_a_session_ends_with_its_token() -> None:
     from monitor.http.auth import Authorizer
 
-    auth = Authorizer([(ADMIN, ["*"])], protect_reads=True)
+    auth = Authorizer([("admin", ADMIN, ["*"])], protect_reads=True)
     grant = auth.identify(f"Bearer {ADMIN}")
     assert grant is not None
     cookie = auth.session(grant, now=1000.0)
     assert auth.from_session(cookie, now=1001.0) == grant
     assert auth.from_session(cookie, now=1000.0 + 13 * 3600) is None  # expired
-    auth.replace([(ADMIN, ["*"]), ("another-token-1", ["*"])], protect_reads=True)
+    auth.replace([("admin", ADMIN, ["*"]), ("other", "another-token-1", ["*"])], protect_reads=True)
     assert auth.from_session(cookie, now=1001.0) == grant  # another token came: still good
-    auth.replace([("rotated-token-1", ["*"])], protect_reads=True)
+    auth.replace([("admin", "rotated-token-1", ["*"])], protect_reads=True)
     assert auth.from_session(cookie, now=1001.0) is None  # its token went: ended
     # A new token never inherits the sessions of the one it replaced.
     assert (
-        Authorizer([("rotated-token-1", ["*"])], protect_reads=True).from_session(
+        Authorizer([("admin", "rotated-token-1", ["*"])], protect_reads=True).from_session(
             cookie, now=1001.0
         )
         is None

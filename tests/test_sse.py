@@ -90,8 +90,8 @@ async def test_replay_keeps_to_the_topics_and_the_subscribe_scopes(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
     tokens = [
-        {"token": ADMIN, "scopes": ["*"]},
-        {"token": READER, "scopes": ["subscribe:grant.*"]},
+        {"name": "admin", "token": ADMIN, "scopes": ["*"]},
+        {"name": "reader", "token": READER, "scopes": ["subscribe:grant.*"]},
     ]
     client = await start_daemon(make_config(server={"auth": {"tokens": tokens}}))
     for topic in ("grant.submitted", "payment.made", "grant.paid", "case.noted"):
@@ -251,9 +251,13 @@ async def test_audit_events_go_to_audit_readers_only_live_and_replayed(
     make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
 ) -> None:
     tokens = [
-        {"token": ADMIN, "scopes": ["*"]},  # `*` holds audit:read (DESIGN §3)
-        {"token": READER, "scopes": ["subscribe:*"]},  # every published topic, not audit
-        {"token": "audit-glob-12345", "scopes": ["subscribe:audit.*"]},
+        {"name": "admin", "token": ADMIN, "scopes": ["*"]},  # `*` holds audit:read (DESIGN §3)
+        {
+            "name": "reader",
+            "token": READER,
+            "scopes": ["subscribe:*"],
+        },  # every published topic, not audit
+        {"name": "audit-glob-12345", "token": "audit-glob-12345", "scopes": ["subscribe:audit.*"]},
     ]
     client = await start_daemon(make_config(server={"auth": {"tokens": tokens}}))
     await client.app[ENGINE].publish("audit.recorded", {"action": "process.start"})

@@ -11,7 +11,7 @@ from pathlib import Path
 from .processes import ROOT, DaemonProcess, free_port, running_daemon, write_config
 
 ADMIN = "status-admin-token"
-AUTH = {"tokens": [{"token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
+AUTH = {"tokens": [{"name": "admin", "token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
 SERVICES = [
     {"name": "payments", "slos": [{"name": "availability", "objective": 99.9}]},
     {"name": "ledger"},

@@ -298,7 +298,10 @@ async def test_with_protected_reads_a_person_signs_in_and_the_page_is_live(
     browser: Any,
 ) -> None:
     token = "reader-token-123"
-    auth = {"tokens": [{"token": token, "scopes": ["subscribe:none"]}], "protect_reads": True}
+    auth = {
+        "tokens": [{"name": "token", "token": token, "scopes": ["subscribe:none"]}],
+        "protect_reads": True,
+    }
     site = await start_daemon(
         make_config(
             server={"auth": auth},

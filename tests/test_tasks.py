@@ -642,9 +642,9 @@ async def test_work_scope_is_required(
     make_config: Callable[..., Config], start_daemon: Start
 ) -> None:
     tokens = [
-        {"token": "admin-token-0001", "scopes": ["*"]},
-        {"token": "worker-token-001", "scopes": ["work:payments"]},
-        {"token": "starter-token-01", "scopes": ["start:*"]},
+        {"name": "admin-token-0001", "token": "admin-token-0001", "scopes": ["*"]},
+        {"name": "worker-token-001", "token": "worker-token-001", "scopes": ["work:payments"]},
+        {"name": "starter-token-01", "token": "starter-token-01", "scopes": ["start:*"]},
     ]
     client = await start_daemon(
         make_config(server={"auth": {"tokens": tokens}}, workflows=[task_workflow()])
@@ -680,8 +680,8 @@ async def test_a_glob_work_scope_serves_the_queues_it_matches(
     make_config: Callable[..., Config], start_daemon: Start
 ) -> None:
     tokens = [
-        {"token": "admin-token-0001", "scopes": ["*"]},
-        {"token": "glob-worker-0001", "scopes": ["work:pay*"]},
+        {"name": "admin-token-0001", "token": "admin-token-0001", "scopes": ["*"]},
+        {"name": "glob-worker-0001", "token": "glob-worker-0001", "scopes": ["work:pay*"]},
     ]
     client = await start_daemon(
         make_config(server={"auth": {"tokens": tokens}}, workflows=[task_workflow()])

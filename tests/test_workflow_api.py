@@ -313,9 +313,17 @@ KEEP = {
 AUTH = {
     "auth": {
         "tokens": [
-            {"token": "admin-token", "scopes": ["*"]},
-            {"token": "permit-token", "scopes": ["signal:Permit", "start:*"]},
-            {"token": "other-token", "scopes": ["signal:Grant", "cancel:Grant"]},
+            {"name": "admin-token", "token": "admin-token", "scopes": ["*"]},
+            {
+                "name": "permit-token",
+                "token": "permit-token",
+                "scopes": ["signal:Permit", "start:*"],
+            },
+            {
+                "name": "other-token",
+                "token": "other-token",
+                "scopes": ["signal:Grant", "cancel:Grant"],
+            },
         ]
     }
 }
@@ -715,7 +723,11 @@ async def test_a_name_config_yaml_defines_cannot_be_replaced(up: Start, config: 
 async def test_defining_needs_the_define_scope(
     start_daemon: Start, make_config: Callable[..., Config]
 ) -> None:
-    scoped = {"auth": {"tokens": [{"token": "deployer", "scopes": ["define:Deployed"]}]}}
+    scoped = {
+        "auth": {
+            "tokens": [{"name": "deployer", "token": "deployer", "scopes": ["define:Deployed"]}]
+        }
+    }
     client = await start_daemon(make_config(server=scoped))
     assert (await define(client, "Deployed", DEPLOYED)).status == 401
     resp = await define(client, "Other", DEPLOYED, headers=bearer("deployer"))

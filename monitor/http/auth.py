@@ -40,8 +40,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """One configured token, kept only as its digest."""
+    """One configured token, kept only as its digest, with the name of who holds it."""
 
+    name: str
     digest: bytes
     scopes: tuple[str, ...]
 
@@ -64,14 +65,21 @@ GRANT = web.RequestKey("hms_grant", Grant)
 
 
 class Authorizer:
-    def __init__(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
+    def __init__(
+        self, tokens: Iterable[tuple[str, str, Sequence[str]]], *, protect_reads: bool
+    ) -> None:
         self._grants: tuple[Grant, ...] = ()
         self.replace(tokens, protect_reads=protect_reads)
 
-    def replace(self, tokens: Iterable[tuple[str, Sequence[str]]], *, protect_reads: bool) -> None:
-        """Swap the tokens at once (a config reload): a removed token, and every session it
-        signed, stops working with the next request; scopes apply as they now read."""
-        self._grants = tuple(Grant(_digest(token), tuple(scopes)) for token, scopes in tokens)
+    def replace(
+        self, tokens: Iterable[tuple[str, str, Sequence[str]]], *, protect_reads: bool
+    ) -> None:
+        """Swap the (name, token, scopes) at once (a config reload): a removed token, and
+        every session it signed, stops working with the next request; scopes apply as they
+        now read."""
+        self._grants = tuple(
+            Grant(name, _digest(token), tuple(scopes)) for name, token, scopes in tokens
+        )
         self.protect_reads = protect_reads
 
     @property
