@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
 
+from monitor.audit.trail import AuditTrail
 from monitor.cluster.leadership import Leadership
 from monitor.cluster.membership import Membership
 from monitor.cluster.metrics import ClusterCollector
@@ -23,10 +24,12 @@ from monitor.health.book import HealthBook
 from monitor.health.checker import HealthChecker
 from monitor.health.maintenance import MaintenanceCalendar
 from monitor.health.metrics import ProbeMetrics
+from monitor.http.audit import TRAIL, refused
 from monitor.http.auth import Authorizer
-from monitor.http.errors import error_middleware
+from monitor.http.errors import REFUSED, error_middleware
 from monitor.http.forward import Forwarder
 from monitor.http.limits import MAX_BODY_BYTES, READ_TIMEOUT
+from monitor.http.routes.audit import AuditRoutes
 from monitor.http.routes.cluster import ClusterRoutes
 from monitor.http.routes.health import HealthRoutes
 from monitor.http.routes.login import LoginRoutes
@@ -126,6 +129,8 @@ def build_app(
         middlewares.append(auth.middleware())
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[READ_TIMEOUT] = config.server.read_timeout.total_seconds()
+    app[TRAIL] = parts.trail
+    app[REFUSED] = refused
     app.cleanup_ctx.append(shedder.context)
     if forwarder is not None:
         app.cleanup_ctx.append(forwarder.context)
@@ -138,6 +143,7 @@ def build_app(
     app.add_routes(parts.workflow_routes.routes())
     app.add_routes(TaskRoutes(parts.engine.tasks, parts.catalog, parts.auth).routes())
     app.add_routes(ClusterRoutes(parts.membership).routes())
+    app.add_routes(AuditRoutes(parts.trail, parts.auth).routes())
     app.on_shutdown.append(parts.workflow_routes.close_streams)
     operations = OperationsRoutes(
         database=parts.database,
@@ -159,6 +165,7 @@ def build_app(
             parts.live,
             lambda old, new: apply_config(parts, old, new),
             metrics=registry,
+            audit=lambda by, applied: parts.trail.reloaded(by, applied, str(config_path)),
             **({"watch_interval": watch_interval} if watch_interval else {}),
         )
     app.cleanup_ctx.extend(lifecycle.contexts(parts, reloader, signals=reload_on_sighup))
@@ -337,6 +344,7 @@ def _build(
         membership=membership,
     )
     return Parts(
+        trail=AuditTrail(stores.audit, bus, clock.time),
         config=config,
         live=live,
         metrics=registry,

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
 CONFIG = web.AppKey("config", Config)
 DATABASE: web.AppKey[Database | PgDatabase] = web.AppKey("database")
 REAPER = web.AppKey("reaper", asyncio.Task[None])
+AUDIT = web.AppKey("audit", asyncio.Task[None])  # writes refusals (audit/trail.py)
 BUS = web.AppKey("bus", EventBus)
 RESULTS = web.AppKey("results", ProbeResults)
 ENGINE = web.AppKey("engine", Engine)

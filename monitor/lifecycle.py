@@ -20,7 +20,7 @@ from workflows.engine import Engine
 
 from .cluster.leadership import Leadership
 from .convert import static_instances
-from .keys import HEAP, REAPER
+from .keys import AUDIT, HEAP, REAPER
 from .parts import Parts
 from .reload import Reloader
 
@@ -63,12 +63,15 @@ def _registry(parts: Parts) -> Context:
                 static_instances(config), declared=(s.name for s in config.services)
             )
             log.info("registry restored %d registered instance(s)", restored)
+            await parts.trail.store.open()
+            app[AUDIT] = asyncio.create_task(parts.trail.run(), name="audit-refusals")
             app[REAPER] = asyncio.create_task(catalog.run_reaper(), name="registry-reaper")
             async with _replicated(parts):
                 yield
-            app[REAPER].cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await app[REAPER]
+            for task in (app[REAPER], app[AUDIT]):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         finally:
             await parts.membership.stop()  # leaves: the others take its share at once
             await database.close()
@@ -163,10 +166,12 @@ def _monitor(parts: Parts) -> Context:
         async def prune() -> None:
             if not parts.membership.is_leader:
                 return  # retention is the leader's job: one prune, not one per replica
-            retention = parts.config.storage.retention.total_seconds()
+            storage = parts.config.storage
+            retention = storage.retention.total_seconds()
             with contextlib.suppress(StoreUnavailable):  # the next hour's prune catches up
                 await results.prune(clock(), retention)
                 await slos.prune(clock(), retention)
+                await parts.trail.prune(storage.audit_retention.total_seconds())
 
         scheduler.every("results.prune", PRUNE_INTERVAL, prune, first_in=60)
         # Maintenance windows open and close on the clock, not on probe results.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
+from monitor.audit.trail import AuditTrail
 from monitor.cluster.leadership import AlwaysLeader, Leadership
 from monitor.cluster.membership import Membership
 from monitor.health.book import HealthBook
@@ -77,5 +78,6 @@ class Parts:
     registry_routes: RegistryRoutes
     slo_routes: SloRoutes
     workflow_routes: WorkflowRoutes
+    trail: AuditTrail
     # Who runs the workflow engine (monitor/cluster/leadership.py); on SQLite, this daemon.
     leadership: Leadership = field(default_factory=AlwaysLeader)

@@ -53,8 +53,11 @@ class Reloader:
         *,
         metrics: CollectorRegistry,
         watch_interval: float = WATCH_INTERVAL,
+        audit: Callable[[str, bool], Awaitable[None]] | None = None,
     ) -> None:
+        """`audit(by, applied)` hears each reload tried: by `sighup` or `config-file`."""
         self.path, self.live, self._apply = path, live, apply
+        self._audit = audit
         self._interval = watch_interval
         self._lock = asyncio.Lock()
         self._digest = _digest(path)
@@ -92,12 +95,19 @@ class Reloader:
 
     def _on_sighup(self) -> None:
         log.info("SIGHUP: reloading %s", self.path)
-        task = asyncio.get_running_loop().create_task(self.reload())
+        task = asyncio.get_running_loop().create_task(self.reload(by="sighup"))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
-    async def reload(self) -> bool:
-        """Load, validate and apply the file; False (and the old config kept) when invalid."""
+    async def reload(self, by: str = "sighup") -> bool:
+        """Load, validate and apply the file; False (and the old config kept) when invalid.
+        `by`: what asked (`sighup`, `config-file`), the actor of its audit record."""
+        applied = await self._reload()
+        if self._audit is not None:
+            await self._audit(by, applied)
+        return applied
+
+    async def _reload(self) -> bool:
         async with self._lock:
             loop = asyncio.get_running_loop()
             self._digest = await loop.run_in_executor(None, _digest, self.path)
@@ -152,7 +162,7 @@ class Reloader:
             digest = await loop.run_in_executor(None, _digest, self.path)
             if digest is not None and digest != self._digest:
                 log.info("%s changed: reloading", self.path)
-                await self.reload()
+                await self.reload(by="config-file")
 
 
 def _digest(path: Path) -> str | None:

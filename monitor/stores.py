@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from monitor.audit.abc import AuditStore
 from monitor.cluster.abc import MemberStore
 from monitor.health.abc import ResultStore
 from monitor.health.states_abc import HealthStateStore
@@ -34,6 +35,7 @@ class Stores:
     resources: ResourceStore
     schedules: ScheduleStore
     members: MemberStore
+    audit: AuditStore
     # Each instance's health as its prober last saw it, for the other replicas (none on
     # SQLite: one daemon probes everything and keeps it in memory).
     health_states: HealthStateStore | None = None
@@ -50,6 +52,7 @@ def build_stores(storage: Storage) -> Stores:
 
 
 def _sqlite(storage: Storage) -> Stores:
+    from monitor.audit.stores.sqlite import SqliteAuditStore
     from monitor.cluster.stores.sqlite import SqliteMemberStore
     from monitor.health.stores.sqlite import SqliteResultStore
     from monitor.notify.stores.sqlite import SqliteOutboxStore
@@ -72,10 +75,12 @@ def _sqlite(storage: Storage) -> Stores:
         resources=SqliteResourceStore(db),
         schedules=SqliteScheduleStore(db),
         members=SqliteMemberStore(db),
+        audit=SqliteAuditStore(db),
     )
 
 
 def _postgres(url: str) -> Stores:
+    from monitor.audit.stores.postgres import PgAuditStore
     from monitor.cluster.stores.postgres import PgMemberStore
     from monitor.health.stores.postgres import PgResultStore
     from monitor.health.stores.states_postgres import PgHealthStateStore
@@ -101,6 +106,7 @@ def _postgres(url: str) -> Stores:
         resources=PgResourceStore(db),
         schedules=PgScheduleStore(db),
         members=PgMemberStore(members_db, session=SESSION_TAG),
+        audit=PgAuditStore(db),
         health_states=PgHealthStateStore(db),
         members_database=members_db,
     )

@@ -186,8 +186,11 @@ class Catalog:
 
     # -- writes --------------------------------------------------------------------
 
-    async def register(self, instance: Instance) -> tuple[InstanceStatus, bool]:
-        """Register or update (service, id). Returns the instance as stored, and whether new."""
+    async def register(
+        self, instance: Instance, *, on_write: Callable[[bool], None] | None = None
+    ) -> tuple[InstanceStatus, bool]:
+        """Register or update (service, id). Returns the instance as stored, and whether new.
+        `on_write(created)` runs just before a write (none for an unchanged renewal)."""
         async with self._locks.hold(instance.key):
             self._leases.expire_due()
             current = self._entry(instance.service, instance.id)
@@ -203,6 +206,8 @@ class Catalog:
                 instance = replace(instance, registered_at=current.instance.registered_at)
             elif not instance.registered_at:
                 instance = replace(instance, registered_at=instance.updated_at or self.now())
+            if on_write is not None:
+                on_write(created)
             await self._durably(self._store.save(instance, self._changes.index + 1))
             entry = Entry(instance=instance, renewed_at=self._clock.monotonic())
             self._put(entry)

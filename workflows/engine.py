@@ -592,11 +592,14 @@ class Engine:
             self._config = config
             self._install()
 
-    async def define(self, definition: Definition) -> tuple[Definition, bool]:
+    async def define(
+        self, definition: Definition, *, on_write: Callable[[bool], None] | None = None
+    ) -> tuple[Definition, bool]:
         """Define or replace a workflow from the API (durable when this returns): the same
         definition again changes nothing, a changed one is the next version. True when
-        the name was not defined before. InvalidDefinition when its route starts another
-        workflow (checked here, under the lock, so two deploys cannot both take it)."""
+        the name was not defined before (`on_write(created)` runs just before the write).
+        InvalidDefinition when its route starts another workflow (checked here, under the
+        lock, so two deploys cannot both take it)."""
         name = definition.name
         self._check_serving()
         async with self._defining:
@@ -609,10 +612,12 @@ class Engine:
             current = self._api.get(name)
             if current is not None and definition.same_as(current):
                 return current, False
+            created = name not in self.definitions
+            if on_write is not None:
+                on_write(created)
             [definition] = await self._store_versions([replace(definition, source="api")])
             self._keep(definition)
             self._api[name] = definition
-            created = name not in self.definitions
             self._install()
             return definition, created
 

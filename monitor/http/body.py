@@ -81,3 +81,14 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
         }
         for error in exc.errors(include_url=False, include_input=False)
     ]
+
+
+def query_int(raw: str, name: str, low: int, high: int) -> int:
+    """A query parameter's integer, 400 unless it is one within [low, high]."""
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HttpError(400, f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise HttpError(400, f"{name} must be between {low} and {high}")
+    return value

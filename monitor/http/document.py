@@ -71,6 +71,8 @@ def _components(routes: list[Route]) -> tuple[Refs, dict[str, Any]]:
 
 def _operation(route: Route, refs: Refs) -> dict[str, Any]:
     operation: dict[str, Any] = {"summary": route.summary, "operationId": route.operation_id}
+    if route.audit is not None:  # the action its audit record names (DESIGN §3 Audit)
+        operation["x-hms-audit"] = route.audit
     errors = set(route.errors)
     if route.scope is not None:
         operation["security"] = SECURITY

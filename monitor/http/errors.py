@@ -98,6 +98,8 @@ def status_of(exc: BaseException) -> tuple[int, str] | None:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Told of each 401 and 403 answered (the audit trail counts refusals): set by the app.
+REFUSED: web.AppKey[Callable[[web.Request, int], None]] = web.AppKey("hms_refused")
 
 
 @web.middleware
@@ -106,6 +108,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except HttpError as exc:
+        if exc.status in (401, 403) and (count_refusal := request.app.get(REFUSED)):
+            count_refusal(request, exc.status)  # the audit trail's (http/audit.py)
         response = error_response(exc.status, exc.message, code=exc.code, details=exc.details)
         if exc.status == 408:
             response.force_close()  # the rest of a slow body is not worth waiting for

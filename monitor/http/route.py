@@ -14,6 +14,8 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel
 
+from monitor.http.audit import audited
+
 JSON = "application/json"
 Method = Literal["GET", "PUT", "POST", "DELETE"]
 H = TypeVar("H", bound=Callable[..., Awaitable[web.StreamResponse]])
@@ -50,6 +52,10 @@ class Route:
     headers: type[BaseModel] | None = None  # one optional header per field (by alias)
     scope: str | None = None  # the Authorizer verb: bearer security, 401 and 403
     shed: bool = True  # False: served while the daemon sheds load (shedding.NEVER_SHED)
+    # The audit action of a change (`instance.register`): who made it is recorded in its
+    # transaction (http/audit.py). None on reads, and on the changes DESIGN §3 leaves out.
+    audit: str | None = None
+    audit_target: str | None = None  # default: the path parameters joined by `/`
 
 
 _ROUTE_DEFS: dict[str, Callable[..., web.RouteDef]] = {
@@ -90,11 +96,16 @@ class RouteTable:
         return self.route("DELETE", path, **route)
 
     def bind(self, owner: object) -> list[tuple[Route, web.RouteDef]]:
-        """Each route with its router entry, the handler being `owner`'s bound method."""
-        return [
-            (route, _ROUTE_DEFS[route.method](route.path, getattr(owner, name)))
-            for name, route in self._declared
-        ]
+        """Each route with its router entry, the handler being `owner`'s bound method
+        (wrapped to record the change, for an audited route)."""
+        bound = []
+        for name, route in self._declared:
+            handler = getattr(owner, name)
+            if route.audit is not None:
+                ok = route.replies[0].status
+                handler = audited(route.audit, ok, route.audit_target, handler)
+            bound.append((route, _ROUTE_DEFS[route.method](route.path, handler)))
+        return bound
 
     def route_defs(self, owner: object) -> list[web.RouteDef]:
         return [definition for _, definition in self.bind(owner)]

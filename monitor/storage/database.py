@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
+from monitor.storage.riders import carried
 from registry import Overloaded, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ class Database:
         if len(self._pending) >= MAX_PENDING_WRITES:
             raise Overloaded(f"{len(self._pending)} changes are waiting for the disk; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
+        self._pending.append((carried(fn), future))  # with a request's audit record, if any
         self._wakeup.set()
         return await future
 

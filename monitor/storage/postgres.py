@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from monitor.storage.riders import carried
 from registry import Overloaded, StoreUnavailable
 
 from .database import (
@@ -218,7 +219,7 @@ class PgDatabase:
         if len(self._pending) >= MAX_PENDING_WRITES:
             raise Overloaded(f"{len(self._pending)} changes are waiting for the database; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
+        self._pending.append((carried(fn), future))  # with a request's audit record, if any
         self._wakeup.set()
         return await future
 

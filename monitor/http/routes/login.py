@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, urlsplit
 from aiohttp import web
 from pydantic import BaseModel
 
+from monitor.http.audit import keep
 from monitor.http.auth import Authorizer
 from monitor.http.body import read_body
 from monitor.http.errors import HttpError
@@ -57,6 +58,8 @@ class LoginRoutes:
             Reply(status=401, description="not a valid token: the form again", media="text/html"),
         ),
         errors=(400, 403, 415),
+        audit="session.login",
+        audit_target="session",
     )
     async def login(self, request: web.Request) -> web.Response:
         """Exchange a token (form field) for a read-only session cookie."""
@@ -74,6 +77,7 @@ class LoginRoutes:
         grant = self.auth.identify(f"Bearer {form.get('token', '')}")
         if grant is None:
             return await self.page.login_page(target, error="That token is not valid.", status=401)
+        await keep(request, actor=grant.name)  # the sign-in's record: its only write
         response = web.HTTPSeeOther(target)
         response.set_cookie(
             SESSION_COOKIE,

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field, RootModel
 
+from monitor.http.audit import answered
 from monitor.http.auth import Authorizer
 from monitor.http.body import parse_body
 from monitor.http.errors import HttpError
@@ -151,6 +152,7 @@ class RegistryRoutes:
         ),
         errors=(400, 409, 413, 422, 503),
         scope="register",
+        audit="instance.register",
     )
     async def register(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)
@@ -183,7 +185,9 @@ class RegistryRoutes:
             registered_at=now,
             updated_at=now,
         )
-        status, created = await self.catalog.register(instance)
+        status, created = await self.catalog.register(
+            instance, on_write=lambda created: answered(request, 201 if created else 200)
+        )
         return _json(instance_json(status), self.catalog.index, status=201 if created else 200)
 
     @table.post(
@@ -216,6 +220,7 @@ class RegistryRoutes:
         replies=(Reply(status=204, description="deregistered", body=False, headers=INDEX),),
         errors=(400, 404, 409, 503),
         scope="register",
+        audit="instance.deregister",
     )
     async def deregister(self, request: web.Request) -> web.Response:
         service, instance_id = _names(request)

@@ -8,8 +8,9 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
+from monitor.http.audit import answered, audited
 from monitor.http.auth import GRANT, Authorizer, Grant
-from monitor.http.body import parse_body, parse_json_object, read_body
+from monitor.http.body import parse_body, parse_json_object, query_int, read_body
 from monitor.http.errors import HttpError
 from monitor.http.responses import json_response
 from monitor.http.route import Reply, Route, RouteTable
@@ -154,13 +155,15 @@ class ProcessQuery(BaseModel):
     cursor: str = Field(default="", description="next_cursor of the previous page")
 
 
+# 202 first: the status a start's audit record keeps (it is written when the process is
+# created, before any `wait`).
 START_REPLIES = (
+    Reply(status=202, description="started (or running)", model=Started),
     Reply(
         status=200,
         description="ended, or did its `respond_after` step, within `wait`",
         model=Process,
     ),
-    Reply(status=202, description="started (or running)", model=Started),
 )
 START_ERRORS = (400, 401, 403, 404, 422)
 
@@ -178,6 +181,8 @@ def workflow_route(path: str, name: str) -> Route:
         body_required=False,
         replies=START_REPLIES,
         errors=START_ERRORS,
+        audit="process.start",
+        audit_target=name,
     )
 
 
@@ -202,7 +207,7 @@ class WorkflowRoutes:
         other route, so it only sees paths nothing else serves."""
         return web.route("*", ROUTER_PATH, self.route)
 
-    async def route(self, request: web.Request) -> web.Response:
+    async def route(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         name = next((d.name for d in self.engine.definitions.values() if d.route == path), None)
         if name is None or request.method != "POST":
@@ -217,8 +222,13 @@ class WorkflowRoutes:
                 raise web.HTTPMethodNotAllowed(request.method, allowed)
             raise web.HTTPNotFound()
         self.auth.require(request, "start", name)
-        data = await parse_json_object(request, "the request body")
-        return await self._start(request, name, data, request.headers.get("Idempotency-Key"))
+
+        async def start(request: web.Request) -> web.Response:
+            data = await parse_json_object(request, "the request body")
+            key = request.headers.get("Idempotency-Key")
+            return await self._start(request, name, data, key)
+
+        return await audited("process.start", 202, name, start)(request)
 
     @property
     def sse_buffer(self) -> int:
@@ -288,6 +298,7 @@ class WorkflowRoutes:
             Reply(status=200, description="replaced, or unchanged", model=WorkflowDefinition),
         ),
         errors=(400, 401, 403, 409, 422),
+        audit="workflow.define",
     )
     async def define(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -300,7 +311,9 @@ class WorkflowRoutes:
             raise HttpError(422, "the definition does not validate", details=[problem])
         try:
             parsed = self.engine.parse(data)
-            definition, created = await self.engine.define(parsed)  # checks its route too
+            definition, created = await self.engine.define(  # checks its route too
+                parsed, on_write=lambda created: answered(request, 201 if created else 200)
+            )
         except InvalidDefinition as exc:
             problems = [{"path": path, "message": message} for path, message in exc.problems]
             raise HttpError(
@@ -318,6 +331,7 @@ class WorkflowRoutes:
         body_required=False,
         replies=START_REPLIES,
         errors=START_ERRORS,
+        audit="process.start",
     )
     async def start(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -354,8 +368,8 @@ class WorkflowRoutes:
         status = query.get("status")
         if status is not None and status not in STATUSES:
             raise HttpError(400, f"status must be one of {', '.join(STATUSES)}")
-        limit = _int(query.get("limit", "100"), "limit", 1, MAX_LIMIT)
-        cursor = _int(query["cursor"], "cursor", 1, 2**62) if "cursor" in query else None
+        limit = query_int(query.get("limit", "100"), "limit", 1, MAX_LIMIT)
+        cursor = query_int(query["cursor"], "cursor", 1, 2**62) if "cursor" in query else None
         wanted = ProcessStatus(status) if status is not None else None
         page = await self.engine.store.page(query.get("workflow"), wanted, limit + 1, cursor)
         more = len(page) > limit
@@ -383,6 +397,7 @@ class WorkflowRoutes:
         summary="Cancel: stop and compensate the done steps",
         replies=(Reply(status=202, description="cancelling", model=Started),),
         errors=(401, 403, 404, 409),
+        audit="process.cancel",
     )
     async def cancel(self, request: web.Request) -> web.Response:
         process_id = request.match_info["id"]
@@ -399,6 +414,7 @@ class WorkflowRoutes:
         body_required=False,
         replies=(Reply(status=202, description="kept for the process", model=Started),),
         errors=(400, 401, 403, 404, 409, 422),
+        audit="process.signal",
     )
     async def signal(self, request: web.Request) -> web.Response:
         process_id, name = request.match_info["id"], request.match_info["name"]
@@ -475,16 +491,6 @@ def _wait(request: web.Request) -> float:
     except ValueError:
         raise HttpError(400, f"wait must be a duration like 30s, got {raw!r}") from None
     return min(seconds, MAX_WAIT)
-
-
-def _int(raw: str, name: str, low: int, high: int) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HttpError(400, f"{name} must be an integer") from None
-    if not low <= value <= high:
-        raise HttpError(400, f"{name} must be between {low} and {high}")
-    return value
 
 
 def _trigger(definition: Definition) -> str | dict[str, str] | None:

@@ -1,0 +1,58 @@
+"""The audit trail in PostgreSQL: one table, so every replica's records are one trail."""
+
+from __future__ import annotations
+
+from monitor.audit.abc import AuditQuery, AuditRecord
+from monitor.audit.stores import sql
+from registry.stores.pg import Connection, PgTransactor
+
+MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
+
+
+class _Rider:
+    __slots__ = ("record",)
+
+    def __init__(self, record: AuditRecord) -> None:
+        self.record = record
+
+    def write(self, conn: Connection) -> None:
+        row = conn.execute(sql.insert("%s") + " RETURNING id", sql.values(self.record)).fetchone()
+        assert row is not None
+        self.record.id = int(row[0])
+
+
+class PgAuditStore:
+    def __init__(self, db: PgTransactor) -> None:
+        self._db = db
+
+    async def open(self) -> None:
+        await self._db.migrate("audit", MIGRATIONS)
+
+    def rider(self, record: AuditRecord) -> _Rider:
+        return _Rider(record)
+
+    async def add(self, record: AuditRecord) -> None:
+        await self._db.write(_Rider(record).write)
+
+    async def add_refusals(self, records: list[AuditRecord], minute: int) -> None:
+        statement = sql.insert_refusal("%s")
+
+        def add(conn: Connection) -> None:
+            for record in records:
+                conn.execute(statement, [*sql.values(record), minute])
+
+        await self._db.write(add)
+
+    async def list(self, query: AuditQuery) -> list[AuditRecord]:
+        statement, params = sql.select(query, "%s")
+
+        def read(conn: Connection) -> list[AuditRecord]:
+            return [sql.record(row) for row in conn.execute(statement, params).fetchall()]
+
+        return await self._db.read(read)
+
+    async def prune(self, before: float) -> int:
+        def prune(conn: Connection) -> int:
+            return conn.execute(sql.prune("%s"), [before]).rowcount
+
+        return await self._db.write(prune)

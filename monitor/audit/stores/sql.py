@@ -1,0 +1,87 @@
+"""The audit table's statements, the same on SQLite and PostgreSQL but for placeholders
+(`?` and `%s`) and the id column."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monitor.audit.abc import AuditQuery, AuditRecord
+
+TABLE = "audit_records"
+COLUMNS = ("time", "actor", "action", "target", "outcome", "request_id", "client", "count")
+
+
+def create(id_column: str) -> list[str]:
+    """`minute` is set on refusals only: the unique index then keeps one row per actor,
+    action and minute (NULLs never collide, so every other record is its own row)."""
+    return [
+        f"CREATE TABLE IF NOT EXISTS {TABLE} ({id_column}, time DOUBLE PRECISION NOT NULL, "
+        "actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, "
+        "outcome INTEGER NOT NULL, request_id TEXT NOT NULL, client TEXT NOT NULL, "
+        "count INTEGER NOT NULL DEFAULT 1, minute BIGINT)",
+        f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_refusals ON {TABLE} (actor, action, minute)",
+    ]
+
+
+def insert(mark: str) -> str:
+    marks = ", ".join([mark] * len(COLUMNS))
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks})"  # noqa: S608
+
+
+def insert_refusal(mark: str) -> str:
+    marks = ", ".join([mark] * (len(COLUMNS) + 1))
+    return (
+        f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, minute) VALUES ({marks}) "  # noqa: S608
+        "ON CONFLICT (actor, action, minute) DO UPDATE SET count = "
+        f"{TABLE}.count + excluded.count"
+    )
+
+
+def values(record: AuditRecord) -> list[Any]:
+    return [getattr(record, column) for column in COLUMNS]
+
+
+def select(query: AuditQuery, mark: str) -> tuple[str, list[Any]]:
+    where, params = ["id > " + mark], list[Any]([query.after])
+    if query.since is not None:
+        where.append("time >= " + mark)
+        params.append(query.since)
+    if query.until is not None:
+        where.append("time < " + mark)
+        params.append(query.until)
+    for column in ("actor", "action", "target"):
+        wanted = getattr(query, column)
+        if wanted is None:
+            continue
+        if wanted.endswith("*"):  # a prefix: compared as a range, no LIKE escaping to get wrong
+            prefix = wanted[:-1]
+            where.append(f"substr({column}, 1, {len(prefix)}) = {mark}")
+            params.append(prefix)
+        else:
+            where.append(f"{column} = {mark}")
+            params.append(wanted)
+    sql = (
+        f"SELECT id, {', '.join(COLUMNS)} FROM {TABLE} WHERE {' AND '.join(where)} "  # noqa: S608
+        f"ORDER BY id LIMIT {int(query.limit)}"
+    )
+    return sql, params
+
+
+def record(row: Any) -> AuditRecord:
+    id_, time, actor, action, target, outcome, request_id, client, count = row
+    return AuditRecord(
+        id=int(id_),
+        time=float(time),
+        actor=actor,
+        action=action,
+        target=target,
+        outcome=int(outcome),
+        request_id=request_id,
+        client=client,
+        count=int(count),
+    )
+
+
+def prune(mark: str) -> str:
+    return f"DELETE FROM {TABLE} WHERE time < {mark}"  # noqa: S608

@@ -1,0 +1,61 @@
+"""The audit trail in the daemon's SQLite file."""
+
+from __future__ import annotations
+
+import sqlite_utils
+
+from monitor.audit.abc import AuditQuery, AuditRecord
+from monitor.audit.stores import sql
+from registry.stores.sqlite import Transactor
+
+
+class _Rider:
+    __slots__ = ("record",)
+
+    def __init__(self, record: AuditRecord) -> None:
+        self.record = record
+
+    def write(self, conn: sqlite_utils.Database) -> None:
+        cursor = conn.execute(sql.insert("?"), sql.values(self.record))
+        self.record.id = cursor.lastrowid
+
+
+class SqliteAuditStore:
+    def __init__(self, db: Transactor) -> None:
+        self._db = db
+
+    async def open(self) -> None:
+        def create(db: sqlite_utils.Database) -> None:
+            for statement in sql.create("id INTEGER PRIMARY KEY AUTOINCREMENT"):
+                db.execute(statement)
+
+        await self._db.write(create)
+
+    def rider(self, record: AuditRecord) -> _Rider:
+        return _Rider(record)
+
+    async def add(self, record: AuditRecord) -> None:
+        await self._db.write(_Rider(record).write)
+
+    async def add_refusals(self, records: list[AuditRecord], minute: int) -> None:
+        statement = sql.insert_refusal("?")
+
+        def add(db: sqlite_utils.Database) -> None:
+            for record in records:
+                db.execute(statement, [*sql.values(record), minute])
+
+        await self._db.write(add)
+
+    async def list(self, query: AuditQuery) -> list[AuditRecord]:
+        statement, params = sql.select(query, "?")
+
+        def read(db: sqlite_utils.Database) -> list[AuditRecord]:
+            return [sql.record(row) for row in db.execute(statement, params).fetchall()]
+
+        return await self._db.read(read)
+
+    async def prune(self, before: float) -> int:
+        def prune(db: sqlite_utils.Database) -> int:
+            return db.execute(sql.prune("?"), [before]).rowcount
+
+        return await self._db.write(prune)

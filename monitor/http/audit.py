@@ -1,0 +1,116 @@
+"""The audit trail at the door: each route that changes state declares its action
+(`Route.audit`), and its handler is wrapped to record who did it, in the change's own
+transaction; every 401 and 403 is counted as a refusal (error_middleware calls `refused`).
+
+Only audited routes are wrapped: heartbeats, task polls and publishes pay nothing."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from monitor.audit.abc import ANONYMOUS, AuditRecord
+from monitor.audit.trail import AuditTrail
+from monitor.http.auth import GRANT
+from monitor.storage.riders import dismount
+
+TRAIL = web.AppKey("hms_audit_trail", AuditTrail)
+RECORD = web.RequestKey("hms_audit_record", AuditRecord)
+REQUEST_ID = "X-Request-Id"
+# A proxy's request id is kept when it looks like one; anything else gets ours.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+MAX_TARGET = 256
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def request_id(request: web.Request) -> str:
+    given = request.headers.get(REQUEST_ID, "")
+    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+
+
+def actor(request: web.Request) -> str:
+    grant = request.get(GRANT)
+    return grant.name if grant is not None else ANONYMOUS
+
+
+def note(
+    request: web.Request, trail: AuditTrail, action: str, target: str, outcome: int
+) -> AuditRecord:
+    return AuditRecord(
+        time=trail.now(),
+        actor=actor(request),
+        action=action,
+        target=target[:MAX_TARGET],
+        outcome=outcome,
+        request_id=request_id(request),
+        client=request.remote or "",
+    )
+
+
+def audited(action: str, outcome: int, target: str | None, handler: Handler) -> Handler:
+    """`handler`, its change recorded as `action` on `target` (default: the path's
+    parameters joined by `/`) with `outcome` (the route's first reply; a handler that
+    answers another sets `request[RECORD].outcome` before its write)."""
+
+    async def record_the_change(request: web.Request) -> web.StreamResponse:
+        trail = request.app.get(TRAIL)
+        if trail is None:
+            return await handler(request)
+        subject = target if target is not None else "/".join(request.match_info.values())
+        record = note(request, trail, action, subject, outcome)
+        request[RECORD] = record
+        try:
+            with trail.riding(record):
+                response = await handler(request)
+        except web.HTTPException as answer:  # a redirect (a sign-in) is answered by raising
+            _answered(request, trail, record, answer)
+            raise
+        _answered(request, trail, record, response)
+        return response
+
+    return record_the_change
+
+
+def _answered(
+    request: web.Request, trail: AuditTrail, record: AuditRecord, response: web.StreamResponse
+) -> None:
+    if response.status in (401, 403):  # a refusal answered as a page (a wrong sign-in)
+        refused(request, response.status)
+    elif record.id is not None and response.status < 400:
+        trail.written(record)
+    response.headers[REQUEST_ID] = record.request_id
+
+
+def refused(request: web.Request, status: int) -> None:
+    """A 401 or 403 answered: counted (written within a second, a row a minute)."""
+    trail = request.app.get(TRAIL)
+    if trail is None:
+        return
+    route = request.match_info.route
+    attempted = getattr(route.resource, "canonical", None) or request.path
+    target = f"{request.method} {attempted}"
+    trail.refused(note(request, trail, "", target, status))
+
+
+def answered(request: web.Request, status: int) -> None:
+    """The status the change will be answered with, decided just before its write (201
+    created or 200 updated): its audit record says so."""
+    record = request.get(RECORD)
+    if record is not None:
+        record.outcome = status
+
+
+async def keep(request: web.Request, actor: str | None = None) -> None:
+    """The record of a change that writes nothing else (a sign-in), in a transaction of its
+    own; `actor` when the request had no token in its header (the sign-in form's)."""
+    trail, record = request.app.get(TRAIL), request.get(RECORD)
+    if trail is None or record is None:
+        return
+    if actor is not None:
+        record.actor = actor
+    dismount()  # not also with this very write
+    await trail.store.add(record)

@@ -1,0 +1,75 @@
+"""Writes that ride in the transaction of the next write a request makes.
+
+The audit trail records a change in the same transaction as the change (DESIGN §3): a
+crash keeps both or neither. The change is written deep in a store (the registry's,
+the engine's) that knows nothing of who asked; the request knows who asked and nothing of
+the store. So the request leaves a rider here (`ride`), and the next write submitted from
+its context, on either database, takes it (`carried`) and runs it after its own function,
+in its transaction. A request whose change writes nothing (an unchanged re-registration,
+a start with a known idempotency key) leaves its rider unwritten: there was no change.
+
+The rider lives in a context variable, set for the length of one request (`riding`): each
+request of a keep-alive connection runs in the same task, so it is reset after each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Rider(Protocol):
+    def write(self, conn: Any) -> None:
+        """Run inside the carrying write's transaction, on the database's thread."""
+        ...
+
+
+class _Seat:
+    """A rider and the one task whose write may carry it: a task the request started (a
+    probe, a process's run) copies its context, but writes something else, elsewhere."""
+
+    __slots__ = ("rider", "task")
+
+    def __init__(self, rider: Rider, task: asyncio.Task[Any] | None) -> None:
+        self.rider: Rider | None = rider
+        self.task = task
+
+
+_SEAT: ContextVar[_Seat | None] = ContextVar("hms_rider", default=None)
+
+
+@contextlib.contextmanager
+def riding(rider: Rider) -> Iterator[None]:
+    """`rider` goes with the next write this task submits, within the block."""
+    token = _SEAT.set(_Seat(rider, asyncio.current_task()))
+    try:
+        yield
+    finally:
+        _SEAT.reset(token)
+
+
+def carried(fn: Callable[[Any], T]) -> Callable[[Any], T]:
+    """`fn`, then the pending rider in the same transaction (taken: it rides once)."""
+    seat = _SEAT.get()
+    if seat is None or seat.rider is None or seat.task is not asyncio.current_task():
+        return fn
+    rider, seat.rider = seat.rider, None
+
+    def with_rider(conn: Any) -> T:
+        result = fn(conn)
+        rider.write(conn)
+        return result
+
+    return with_rider
+
+
+def dismount() -> None:
+    """This task's pending rider will not ride (its record is being written by itself)."""
+    seat = _SEAT.get()
+    if seat is not None and seat.task is asyncio.current_task():
+        seat.rider = None
