@@ -78,11 +78,14 @@ def store(request: pytest.FixtureRequest) -> str:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A module with STORES runs each daemon test on each store; a test marked
-    `sqlite_only` (it reads the SQLite file itself) on SQLite alone."""
+    `sqlite_only` (it reads the SQLite file itself) on SQLite alone, one marked
+    `postgres_only` (replicas sharing the database) on PostgreSQL alone."""
     stores = getattr(metafunc.module, "STORES", None)
     if stores and "store" in metafunc.fixturenames:
         if metafunc.definition.get_closest_marker("sqlite_only"):
             stores = ("sqlite",)
+        if metafunc.definition.get_closest_marker("postgres_only"):
+            stores = ("postgres",)
         metafunc.parametrize("store", stores, indirect=True)
 
 

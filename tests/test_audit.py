@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import yaml
+from prometheus_client import CollectorRegistry
 
-from monitor.config import Config
+from monitor.app import build_app
+from monitor.config import Config, load_config
+from monitor.http.audit import TRAIL
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, until
+from .processes import running_daemon
+from .test_sse import next_event
 
 STORES = BOTH_STORES
 
@@ -215,3 +224,119 @@ async def test_nothing_in_the_api_changes_or_deletes_a_record(up: AppClient) -> 
         resp = await up.request(method, "/v1/audit", headers=bearer(ADMIN))
         assert resp.status == 405, method
     assert len(await trail(up)) == 1
+
+
+async def test_audit_readers_hear_each_record_on_the_event_stream(up: AppClient) -> None:
+    headers = bearer(AUDITOR)
+    async with up.get("/v1/events", params={"topics": "audit.*"}, headers=headers) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        path = "/v1/services/payments/instances/p1"
+        await up.put(path, json=BODY, headers=bearer(PAYMENTS))
+        event = await next_event(stream)
+    assert event["event"] == "audit.recorded"
+    record = event["data"]["data"]
+    assert (record["actor"], record["action"], record["target"]) == (
+        "payments",
+        "instance.register",
+        "payments/p1",
+    )
+
+
+async def test_records_older_than_the_retention_are_pruned_and_no_others(
+    up: AppClient, clock: FakeClock
+) -> None:
+    await up.put("/v1/services/payments/instances/old", json=BODY, headers=bearer(ADMIN))
+    clock.advance(10 * 86400)
+    await up.put("/v1/services/payments/instances/new", json=BODY, headers=bearer(ADMIN))
+    assert await up.app[TRAIL].prune(5 * 86400) == 1
+    assert [r["target"] for r in await trail(up)] == ["payments/new"]
+
+
+async def test_a_config_reload_is_recorded_by_what_asked_for_it(
+    tmp_path: Path,
+    storage: dict[str, str],
+    aiohttp_client: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    path = tmp_path / "config.yaml"
+    data: dict[str, Any] = {"storage": storage, "server": {"auth": {"tokens": TOKENS}}}
+    path.write_text(yaml.safe_dump(data))
+    app = build_app(
+        load_config(path),
+        clock=clock,
+        metrics=CollectorRegistry(),
+        config_path=path,
+        watch_interval=0.05,
+    )
+    client = await aiohttp_client(app)
+    path.write_text(yaml.safe_dump({**data, "services": [{"name": "ledger"}]}))
+
+    async def recorded(count: int) -> bool:
+        return len(await trail(client, action="config.reload")) >= count
+
+    await until(lambda: recorded(1))
+    path.write_text("services: [oops\n")
+    await until(lambda: recorded(2))
+    records = await trail(client, action="config.reload")
+    assert [(r["actor"], r["outcome"], r["target"]) for r in records] == [
+        ("config-file", 200, str(path)),
+        ("config-file", 422, str(path)),
+    ]
+
+
+@pytest.mark.postgres_only
+async def test_two_replicas_keep_one_trail(
+    make_config: Callable[..., Config], start_daemon: Callable[..., Awaitable[AppClient]]
+) -> None:
+    auth = {"auth": {"tokens": TOKENS}}
+    one = await start_daemon(make_config(server=auth, cluster={"replica_id": "one"}))
+    two = await start_daemon(make_config(server=auth, cluster={"replica_id": "two"}))
+    await one.put("/v1/services/payments/instances/a", json=BODY, headers=bearer(PAYMENTS))
+    await two.put("/v1/services/payments/instances/b", json=BODY, headers=bearer(ADMIN))
+    for replica in (one, two):
+        await replica.put(
+            "/v1/services/payments/instances/x", json=BODY, headers=bearer("nope-nope")
+        )
+    seen = [[(r["actor"], r["target"]) for r in await trail(replica)] for replica in (one, two)]
+    assert seen[0] == seen[1] == [("payments", "payments/a"), ("admin", "payments/b")]
+
+    async def one_row() -> bool:
+        refused = await trail(one, action="auth.refused")
+        return [(r["actor"], r["count"]) for r in refused] == [("anonymous", 2)]
+
+    await until(one_row)  # both replicas' refusals of the minute: one row, counted twice
+
+
+async def test_kill_9_after_2xx_keeps_each_change_with_its_record(tmp_path: Path) -> None:
+    """Many changes in flight, group-committed; the daemon dies right after the last 2xx.
+    Every answered change is there with its record, and no record without its change."""
+    with running_daemon(tmp_path, server={"auth": {"tokens": TOKENS}}) as daemon:
+        async with aiohttp.ClientSession(daemon.url, headers=bearer(ADMIN)) as http:
+
+            async def put(n: int) -> int:
+                path = f"/v1/services/svc/instances/i{n}"
+                async with http.put(path, json=BODY) as resp:
+                    return resp.status
+
+            assert set(await asyncio.gather(*(put(n) for n in range(100)))) == {201}
+            pending = [asyncio.ensure_future(put(n)) for n in range(100, 200)]
+            answered = await pending[0]
+            daemon.kill()  # the others may or may not have committed: each with its record
+            await asyncio.gather(*pending[1:], return_exceptions=True)
+        assert answered == 201
+        daemon.start()
+        async with aiohttp.ClientSession(daemon.url, headers=bearer(ADMIN)) as http:
+            async with http.get("/v1/services/svc") as resp:
+                instances = {i["id"] for i in (await resp.json())["instances"]}
+            async with http.get("/v1/audit", params={"limit": "1000"}) as resp:
+                records = (await resp.json())["records"]
+            daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+
+            async def reload_recorded() -> bool:
+                async with http.get("/v1/audit", params={"action": "config.reload"}) as resp:
+                    return [r["actor"] for r in (await resp.json())["records"]] == ["sighup"]
+
+            await until(reload_recorded)
+    targets = [r["target"].removeprefix("svc/") for r in records]
+    assert sorted(targets) == sorted(instances)  # the same set: never one without the other
+    assert {f"i{n}" for n in range(101)} <= instances
