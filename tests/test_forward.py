@@ -254,3 +254,17 @@ async def test_a_forward_to_a_leader_gone_silent_ends_when_another_leads(
     finally:
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_forwarded_start_is_recorded_once_by_the_leader_with_the_callers_address(
+    leader: AppClient, follower: AppClient
+) -> None:
+    status, _ = await answer(follower, "POST", "/v1/workflows/Grant", json={"input": {}})
+    assert status == 202
+    query = {"action": "process.*"}
+    _, on_leader = await answer(leader, "GET", "/v1/audit", params=query)
+    [record] = on_leader["records"]
+    assert (record["actor"], record["target"]) == ("admin", "Grant")
+    assert record["client"] == "127.0.0.1 via 127.0.0.1"  # the caller, then the follower
+    _, on_follower = await answer(follower, "GET", "/v1/audit", params=query)
+    assert on_follower["records"] == []  # it forwarded, nothing more (its own SQLite file)

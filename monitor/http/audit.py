@@ -15,6 +15,7 @@ from aiohttp import web
 from monitor.audit.abc import ANONYMOUS, AuditRecord
 from monitor.audit.trail import AuditTrail
 from monitor.http.auth import GRANT
+from monitor.http.forward import FORWARDED_BY
 from monitor.storage.riders import dismount
 
 TRAIL = web.AppKey("hms_audit_trail", AuditTrail)
@@ -47,8 +48,20 @@ def note(
         target=target[:MAX_TARGET],
         outcome=outcome,
         request_id=request_id(request),
-        client=request.remote or "",
+        client=client(request),
     )
+
+
+def client(request: web.Request) -> str:
+    """The peer's address; for a request another replica forwarded (http/forward.py), the
+    address that replica was sent from, then `via` the replica: the part before `via` is
+    that replica's word (or a client's claim), the part after is the peer itself."""
+    peer = request.remote or ""
+    if FORWARDED_BY not in request.headers:
+        return peer
+    chain = request.headers.get("X-Forwarded-For", "")
+    origin = chain.rsplit(",", 1)[-1].strip()[:64]
+    return f"{origin} via {peer}" if origin else peer
 
 
 def audited(action: str, outcome: int, target: str | None, handler: Handler) -> Handler:
