@@ -1,0 +1,124 @@
+"""The AuditStore contract (monitor/audit/abc.py), run against every implementation: what
+the trail (monitor/audit/trail.py) and GET /v1/audit rely on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from monitor.audit.abc import AuditQuery, AuditRecord, AuditStore
+from monitor.audit.stores.postgres import PgAuditStore
+from monitor.audit.stores.sqlite import SqliteAuditStore
+from registry import StoreUnavailable
+
+from .contracts import Backing, Factory, factory_for, postgres_factory, sqlite_factory
+
+FACTORIES: dict[str, Factory[AuditStore]] = {
+    "sqlite": sqlite_factory(SqliteAuditStore),
+    "postgres": postgres_factory(PgAuditStore),
+}
+
+
+@pytest.fixture
+async def backing(backend: str, tmp_path: Path) -> AsyncIterator[Backing[AuditStore]]:
+    async with factory_for(FACTORIES, backend)(tmp_path) as opened:
+        await opened.store.open()
+        yield opened
+
+
+def record(
+    at: float, actor: str = "admin", action: str = "instance.register", **kw: object
+) -> AuditRecord:
+    fields: dict[str, object] = {"target": "payments/p1", "outcome": 201} | kw
+    return AuditRecord(time=at, actor=actor, action=action, **fields)  # type: ignore[arg-type]
+
+
+async def test_records_come_back_in_order_with_ids_and_every_field(
+    backing: Backing[AuditStore],
+) -> None:
+    store = backing.store
+    await store.open()  # again: safe
+    first = record(100.5, request_id="r1", client="10.0.0.9")
+    await store.add(first)
+    await store.add(record(101.0, actor="ops", action="process.cancel", target="p-1", outcome=202))
+    assert first.id is not None
+    listed = await store.list(AuditQuery())
+    assert [r.id for r in listed] == sorted(r.id for r in listed if r.id is not None)
+    assert listed[0] == first
+    assert (listed[1].actor, listed[1].action, listed[1].target, listed[1].outcome) == (
+        "ops",
+        "process.cancel",
+        "p-1",
+        202,
+    )
+
+
+async def test_filters_prefixes_times_and_cursor(backing: Backing[AuditStore]) -> None:
+    store = backing.store
+    for n, (actor, action, target) in enumerate(
+        [
+            ("admin", "instance.register", "payments/p1"),
+            ("ops", "instance.deregister", "payments/p1"),
+            ("admin", "process.start", "Grant"),
+            ("admin", "instance.register", "pay_ments/p2"),  # `_` is no wildcard
+            ("admin", "instance.register", "payments%/p3"),
+        ]
+    ):
+        await store.add(record(1000.0 + n, actor=actor, action=action, target=target))
+
+    async def targets(**query: object) -> list[str]:
+        return [r.target for r in await store.list(AuditQuery(**query))]  # type: ignore[arg-type]
+
+    assert await targets(actor="ops") == ["payments/p1"]
+    assert await targets(action="instance.*") == [
+        "payments/p1",
+        "payments/p1",
+        "pay_ments/p2",
+        "payments%/p3",
+    ]
+    assert await targets(target="payments/*") == ["payments/p1", "payments/p1"]
+    assert await targets(target="payments%*") == ["payments%/p3"]
+    assert await targets(since=1002.0, until=1004.0) == ["Grant", "pay_ments/p2"]
+    page = await store.list(AuditQuery(limit=2))
+    assert [r.target for r in page] == ["payments/p1", "payments/p1"]
+    assert page[-1].id is not None
+    rest = await store.list(AuditQuery(after=page[-1].id, limit=10))
+    assert [r.target for r in rest] == ["Grant", "pay_ments/p2", "payments%/p3"]
+
+
+async def test_refusals_of_a_minute_add_up_in_one_row_per_actor(
+    backing: Backing[AuditStore],
+) -> None:
+    store = backing.store
+    refused = "auth.refused"
+    await store.add_refusals([record(600.0, "anonymous", refused, outcome=401, count=3)], 10)
+    await store.add_refusals(
+        [
+            record(630.0, "anonymous", refused, outcome=401, count=2),
+            record(631.0, "payments", refused, outcome=403),
+        ],
+        10,
+    )
+    await store.add_refusals([record(660.0, "anonymous", refused, outcome=401)], 11)
+    rows = await store.list(AuditQuery(action=refused))
+    assert [(r.actor, r.count, r.time) for r in rows] == [
+        ("anonymous", 5, 600.0),  # the first of its minute keeps its time
+        ("payments", 1, 631.0),
+        ("anonymous", 1, 660.0),
+    ]
+
+
+async def test_prune_removes_by_age_only(backing: Backing[AuditStore]) -> None:
+    store = backing.store
+    for at in (10.0, 20.0, 30.0):
+        await store.add(record(at))
+    assert await store.prune(25.0) == 2
+    assert [r.time for r in await store.list(AuditQuery())] == [30.0]
+
+
+async def test_a_failing_database_refuses_the_record(backing: Backing[AuditStore]) -> None:
+    await backing.break_storage()
+    with pytest.raises(StoreUnavailable):
+        await backing.store.add(record(1.0))
