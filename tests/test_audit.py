@@ -19,6 +19,7 @@ from monitor.http.audit import TRAIL
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, until
 from .processes import running_daemon
+from .services import Receiver
 from .test_sse import next_event
 
 STORES = BOTH_STORES
@@ -340,3 +341,26 @@ async def test_kill_9_after_2xx_keeps_each_change_with_its_record(tmp_path: Path
     targets = [r["target"].removeprefix("svc/") for r in records]
     assert sorted(targets) == sorted(instances)  # the same set: never one without the other
     assert {f"i{n}" for n in range(101)} <= instances
+
+
+async def test_a_notification_forwards_each_record_to_a_webhook(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    receiver: Receiver,
+) -> None:
+    siem = {"name": "siem", "url": receiver.url, "events": ["audit.*"]}
+    config = make_config(server={"auth": {"tokens": TOKENS}}, notifications=[siem])
+    client = await start_daemon(config)
+    for n in (1, 2):
+        path = f"/v1/services/payments/instances/p{n}"
+        await client.put(path, json=BODY, headers=bearer(PAYMENTS))
+
+    async def both() -> bool:
+        return len(receiver.received) >= 2
+
+    await until(both)
+    sent = [body["data"] for body in receiver.bodies()]
+    assert [(r["actor"], r["target"]) for r in sent] == [
+        ("payments", "payments/p1"),
+        ("payments", "payments/p2"),
+    ]
