@@ -13,7 +13,9 @@ from monitor.audit.abc import AuditRecord
 from monitor.config import Config
 from monitor.http.audit import TRAIL
 
-from .conftest import AppClient, until
+from .conftest import BOTH_STORES, AppClient, until
+
+STORES = BOTH_STORES  # newest first is the stores' own ORDER BY
 
 ADMIN, PAYMENTS, LEDGER, AUDITOR = "admin-token-1", "payments-token", "ledger-token", "auditor-tkn"
 TOKENS = [

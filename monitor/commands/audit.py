@@ -7,13 +7,13 @@ import urllib.parse
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from monitor.audit.abc import parse_time
+from monitor.audit.abc import MAX_LIMIT, parse_time
 from monitor.commands.status import StatusError, fetch, table
 from monitor.config import Config
 from registry.durations import parse_duration
 
 COLUMNS = ("time", "actor", "action", "target", "outcome", "count", "client")
-PAGE = 1000  # the most GET /v1/audit answers at once (monitor/audit/abc.py MAX_LIMIT)
+PAGE = MAX_LIMIT  # the most records GET /v1/audit answers at once
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
