@@ -135,7 +135,7 @@ def build_app(
     if forwarder is not None:
         app.cleanup_ctx.append(forwarder.context)
     _keep(app, parts)
-    app.add_routes(PageRoutes(parts.page).routes())
+    app.add_routes(PageRoutes(parts.page, parts.auth).routes())
     app.add_routes(LoginRoutes(parts.auth, parts.page).routes())
     app.add_routes(parts.registry_routes.routes())
     app.add_routes(HealthRoutes(parts.book).routes())
@@ -332,6 +332,7 @@ def _build(
         in_maintenance=book.in_maintenance,
         clock=clock.time,
     )
+    trail = AuditTrail(stores.audit, bus, clock.time)
     page = StatusPage(
         catalog=catalog,
         book=book,
@@ -341,10 +342,11 @@ def _build(
         bus=bus,
         config=lambda: live.current,
         clock=clock.time,
+        audit=trail.list,
         membership=membership,
     )
     return Parts(
-        trail=AuditTrail(stores.audit, bus, clock.time),
+        trail=trail,
         config=config,
         live=live,
         metrics=registry,

@@ -97,7 +97,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--url", help="the daemon's address (default: server.listen of --config)")
     status.set_defaults(run=_status)
+    audit = commands.add_parser(
+        "audit", parents=[common], help="the audit trail of a running daemon, oldest first"
+    )
+    audit.add_argument("--since", help="a duration ago (1d, 2h) or an RFC 3339 time")
+    audit.add_argument("--actor", help="a token's name, anonymous, sighup, config-file")
+    audit.add_argument("--action", help="e.g. process.start, or a prefix: process.*")
+    audit.add_argument(
+        "--limit", type=_positive, default=1000, help="rows shown at most (default: 1000)"
+    )
+    audit.add_argument("--url", help="the daemon's address (default: server.listen of --config)")
+    audit.set_defaults(run=_audit)
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        number = int(text)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 1 or more, not {text!r}")
+    return number
 
 
 def _status(args: argparse.Namespace, config: Config) -> int:
@@ -109,6 +130,31 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     except StatusError as exc:
         print(f"hms-mgmt status: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _audit(args: argparse.Namespace, config: Config) -> int:
+    from monitor.commands.audit import AuditFilter, audit_report, audit_token, since_time
+    from monitor.commands.status import StatusError, daemon_url
+
+    try:
+        wanted = AuditFilter(
+            since=None if args.since is None else since_time(args.since),
+            actor=args.actor,
+            action=args.action,
+            limit=args.limit,
+        )
+        report, more = audit_report(daemon_url(config, args.url), audit_token(config), wanted)
+    except StatusError as exc:
+        print(f"hms-mgmt audit: {exc}", file=sys.stderr)
+        return 1
+    sys.stdout.write(report)
+    if more:
+        print(
+            f"hms-mgmt audit: more than {args.limit} records match; "
+            "narrow with --since, --actor, --action or raise --limit",
+            file=sys.stderr,
+        )
     return 0
 
 

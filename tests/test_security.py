@@ -38,6 +38,7 @@ WORKFLOW = {
 # The sign-in itself: it takes a token in its body, and logging out only clears a cookie.
 SIGN_IN = {("POST", "/login"), ("POST", "/logout")}
 OPEN_READS = {"/healthz", "/readyz", "/login", "/static/{name}"}
+AUDIT_READS = {"/audit", "/v1/audit"}  # the trail: for audit:read holders only (DESIGN §3)
 
 
 @pytest.fixture
@@ -122,6 +123,7 @@ async def test_protect_reads_covers_every_get_including_metrics_and_the_page(
     gets = [path for method, path in await operations(client) if method == "GET"]
     assert {"/metrics", "/", "/services/{service}", "/v1/events"} <= set(gets)
     session = await sign_in(client, PAYMENTS)
+    admin_session = await sign_in(client, ADMIN)
     for template in gets:
         path = await fill(client, template)
         if template == "/v1/events":
@@ -135,6 +137,10 @@ async def test_protect_reads_covers_every_get_including_metrics_and_the_page(
         browser = await client.get(path, headers={"Accept": "text/html"}, allow_redirects=False)
         assert browser.status == 303, template
         assert browser.headers["Location"].startswith("/login?next=")
+        if template in AUDIT_READS:
+            assert (await client.get(path, cookies=session)).status == 403, template
+            assert (await client.get(path, cookies=admin_session)).status == 200, template
+            continue
         signed_in = await client.get(path, cookies=session)
         assert signed_in.status == 200, template
         assert (await client.get(path, headers=bearer(PAYMENTS))).status == 200, template

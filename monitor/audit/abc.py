@@ -50,6 +50,7 @@ class AuditQuery:
     target: str | None = None  # exact, or a prefix ending in `*`
     after: int = 0  # records with a higher id (the cursor)
     limit: int = 100
+    newest: bool = False  # the newest `limit` records, newest first (the status page's view)
 
 
 def rfc3339(at: float) -> str:
@@ -88,7 +89,8 @@ class AuditStore(Protocol):
         ...
 
     async def list(self, query: AuditQuery) -> list[AuditRecord]:
-        """Matching records in id order, after `query.after`, at most `query.limit`."""
+        """Matching records in id order (descending with `query.newest`), after
+        `query.after`, at most `query.limit`."""
         ...
 
     async def prune(self, before: float) -> int:

@@ -77,15 +77,15 @@ def status_report(base: str, token: str | None) -> str:
             f"{slo['name']} {_percent(slo['error_budget_remaining'])}" for slo in slos
         )
         rows.append([service["name"], worst, counts, budget or "-"])
-    lines = _table(rows)
+    lines = table(rows)
     workflows = fetch(base, "/v1/workflows", token)["workflows"]
     if workflows:
         lines.append("")
         header = ["WORKFLOW", *(s.upper() for s in ACTIVE), "COMPLETED", "FAILED"]
-        table = [header]
+        workflow_rows = [header]
         for workflow in workflows:
             counts = workflow["counts"]
-            table.append(
+            workflow_rows.append(
                 [
                     workflow["name"],
                     *(str(counts.get(s, 0)) for s in ACTIVE),
@@ -93,11 +93,11 @@ def status_report(base: str, token: str | None) -> str:
                     str(counts.get("failed", 0)),
                 ]
             )
-        lines += _table(table)
+        lines += table(workflow_rows)
     cluster = fetch(base, "/v1/cluster", token)  # None: a daemon from before replicas
     if cluster is not None:
         lines.append("")
-        lines += _table(_members(cluster))
+        lines += table(_members(cluster))
     return "\n".join(lines) + "\n"
 
 
@@ -117,7 +117,8 @@ def _percent(ratio: float | None) -> str:
     return "no data" if ratio is None else f"{ratio * 100:.1f}%"
 
 
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+def table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Columns padded to their widest cell, two spaces apart (the first row: the header)."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()

@@ -122,6 +122,14 @@ class Authorizer:
             return True
         return grant is not None and grant.allows("subscribe", topic)
 
+    def may(self, request: web.Request, verb: str, subject: str) -> bool:
+        """Whether the caller's token or session has a scope for `verb` on `subject` (the
+        page shows only what its reader may open); without auth, everyone may."""
+        if not self.enabled:
+            return True
+        grant = request.get(GRANT)
+        return grant is not None and grant.allows(verb, subject)
+
     def require(self, request: web.Request, verb: str, subject: str) -> None:
         """Raise 403 unless the caller's token has a scope for `verb` on `subject`."""
         if not self.enabled:

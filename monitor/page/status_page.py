@@ -14,7 +14,7 @@ import functools
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.cluster.membership import Membership
 from monitor.config import Config
 from monitor.health.book import HealthBook
@@ -41,6 +42,7 @@ SLICE = 0.002  # seconds of page building or rendering between turns of the loop
 INSTANCES_PER_PAGE = 500
 RECENT_CHANGES = 20
 RECENT_PROCESSES = 50
+AUDIT_ROWS = 200
 # Worst first: a service shows the worst state among its instances.
 SEVERITY = (
     HealthState.CRITICAL,
@@ -92,9 +94,10 @@ class StatusPage:
         bus: EventBus,
         config: Callable[[], Config],
         clock: Callable[[], float],
+        audit: Callable[[AuditQuery], Awaitable[list[AuditRecord]]],
         membership: Membership | None = None,
     ) -> None:
-        self._membership = membership
+        self._membership, self._audit = membership, audit
         self._catalog, self._book, self._slos, self._uptime = catalog, book, slos, uptime
         self._engine, self._bus, self._config, self._clock = engine, bus, config, clock
         self._changes: dict[str, deque[Event]] = {}
@@ -132,9 +135,10 @@ class StatusPage:
         service = str(event.data.get("service"))
         self._changes.setdefault(service, deque(maxlen=RECENT_CHANGES)).appendleft(event)
 
-    # -- pages (monitor/http/routes/page.py serves them; `page` is the raw query value) --
+    # -- pages (monitor/http/routes/page.py serves them; `page` is the raw query value;
+    # `audit_link`: the reader may open /audit, so the nav links to it) --
 
-    async def overview(self, page_number: str | None) -> web.Response:
+    async def overview(self, page_number: str | None, *, audit_link: bool) -> web.Response:
         now = self._clock()
         self._slos.evaluate(now)
         names = self._catalog.service_names()
@@ -165,6 +169,7 @@ class StatusPage:
             topics="health.changed",
             resources=self._resources(),
             replicas=self._replicas(),
+            audit_link=audit_link,
         )
 
     def _replicas(self) -> list[dict[str, Any]]:
@@ -199,7 +204,9 @@ class StatusPage:
             for name, capacity in sorted(pool.capacities.items())
         ]
 
-    async def service(self, name: str, page_number: str | None) -> web.Response:
+    async def service(
+        self, name: str, page_number: str | None, *, audit_link: bool
+    ) -> web.Response:
         if name not in self._catalog.service_names():
             raise HttpError(404, f"no service named {name!r}")
         now = self._clock()
@@ -217,9 +224,10 @@ class StatusPage:
             page=page,
             pages=pages,
             topics="health.changed",
+            audit_link=audit_link,
         )
 
-    async def workflows(self) -> web.Response:
+    async def workflows(self, *, audit_link: bool) -> web.Response:
         counts = self._engine.counts
         rows = [
             {"name": name, "counts": {s: counts.get((name, s), 0) for s in STATUSES}}
@@ -234,9 +242,10 @@ class StatusPage:
             statuses=STATUSES,
             processes=[live.get(p.id, p).summary() for p in recent],
             topics="workflow.*",
+            audit_link=audit_link,
         )
 
-    async def process(self, process_id: str) -> web.Response:
+    async def process(self, process_id: str, *, audit_link: bool) -> web.Response:
         described = await self._engine.describe(process_id)
         if described is None:
             raise HttpError(404, f"no process {process_id!r}")
@@ -246,7 +255,38 @@ class StatusPage:
             process=described,
             steps=_timeline(described["history"]),
             topics="workflow.*",
+            audit_link=audit_link,
         )
+
+    async def audit(self, actor: str, action: str) -> web.Response:
+        """The newest AUDIT_ROWS records, filtered by actor and action (a prefix ending in
+        `*`, as GET /v1/audit takes it). Only for readers of the trail: the route checks."""
+        records = await self._audit(
+            AuditQuery(actor=actor or None, action=action or None, limit=AUDIT_ROWS, newest=True)
+        )
+        return await self._render(
+            "audit.html",
+            title="Audit",
+            records=records,
+            actor=actor,
+            action=action,
+            shown=AUDIT_ROWS,
+            topics="",
+            audit_link=True,
+        )
+
+    async def forbidden(self, message: str, target: str, *, audit_link: bool) -> web.Response:
+        """A 403 as a page: what is missing, and a sign-in that could bring it."""
+        response = await self._render(
+            "forbidden.html",
+            title="Not allowed",
+            message=message,
+            next=target,
+            topics="",
+            audit_link=audit_link,
+        )
+        response.set_status(403)
+        return response
 
     async def asset(self, name: str) -> web.Response:
         if name not in self._assets:
@@ -257,10 +297,17 @@ class StatusPage:
             headers={**HEADERS, "Cache-Control": "public, max-age=300"},
         )
 
-    async def login_page(self, target: str, *, error: str = "", status: int = 200) -> web.Response:
+    async def login_page(
+        self, target: str, *, audit_link: bool, error: str = "", status: int = 200
+    ) -> web.Response:
         """The sign-in form (monitor/http/routes/login.py serves it)."""
         response = await self._render(
-            "login.html", title="Sign in", next=target, error=error, topics=""
+            "login.html",
+            title="Sign in",
+            next=target,
+            error=error,
+            topics="",
+            audit_link=audit_link,
         )
         response.set_status(status)
         return response

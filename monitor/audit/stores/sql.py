@@ -63,7 +63,7 @@ def select(query: AuditQuery, mark: str) -> tuple[str, list[Any]]:
             params.append(wanted)
     sql = (
         f"SELECT id, {', '.join(COLUMNS)} FROM {TABLE} WHERE {' AND '.join(where)} "  # noqa: S608
-        f"ORDER BY id LIMIT {int(query.limit)}"
+        f"ORDER BY id{' DESC' if query.newest else ''} LIMIT {int(query.limit)}"
     )
     return sql, params
 

@@ -37,6 +37,10 @@ class LoginRoutes:
     def routes(self) -> list[web.RouteDef]:
         return table.route_defs(self)
 
+    def _audit_link(self, request: web.Request) -> bool:
+        # The sign-in form has no session (auth on: no link); without auth, all may read.
+        return self.auth.may(request, "audit", "read")
+
     @table.get(
         "/login",
         operation_id="loginPage",
@@ -45,7 +49,9 @@ class LoginRoutes:
         errors=(400, 401, 404),
     )
     async def login_form(self, request: web.Request) -> web.Response:
-        return await self.page.login_page(_next_path(request.query.get("next")))
+        return await self.page.login_page(
+            _next_path(request.query.get("next")), audit_link=self._audit_link(request)
+        )
 
     @table.post(
         "/login",
@@ -76,7 +82,12 @@ class LoginRoutes:
         target = _next_path(form.get("next", "/"))
         grant = self.auth.identify(f"Bearer {form.get('token', '')}")
         if grant is None:
-            return await self.page.login_page(target, error="That token is not valid.", status=401)
+            return await self.page.login_page(
+                target,
+                audit_link=self._audit_link(request),
+                error="That token is not valid.",
+                status=401,
+            )
         await keep(request, actor=grant.name)  # the sign-in's record: its only write
         response = web.HTTPSeeOther(target)
         response.set_cookie(

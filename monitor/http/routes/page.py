@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from monitor.http.audit import refused
+from monitor.http.auth import Authorizer
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.names import AssetName, ProcessPageId, ServiceName
 from monitor.page.status_page import StatusPage
@@ -18,12 +20,20 @@ class PageQuery(BaseModel):
     page: int = Field(default=1, ge=1, description="1-based page number")
 
 
+class AuditPageQuery(BaseModel):
+    actor: str = Field(default="", description="a token's name, `anonymous`, `sighup`...")
+    action: str = Field(default="", description="e.g. `process.start`, or a prefix: `process.*`")
+
+
 class PageRoutes:
-    def __init__(self, page: StatusPage) -> None:
-        self.page = page
+    def __init__(self, page: StatusPage, auth: Authorizer) -> None:
+        self.page, self.auth = page, auth
 
     def routes(self) -> list[web.RouteDef]:
         return table.route_defs(self)
+
+    def _audit_link(self, request: web.Request) -> bool:
+        return self.auth.may(request, "audit", "read")
 
     @table.get(
         "/",
@@ -34,7 +44,9 @@ class PageRoutes:
         errors=ERRORS,
     )
     async def overview(self, request: web.Request) -> web.Response:
-        return await self.page.overview(request.query.get("page"))
+        return await self.page.overview(
+            request.query.get("page"), audit_link=self._audit_link(request)
+        )
 
     @table.get(
         "/services/{service}",
@@ -46,7 +58,11 @@ class PageRoutes:
         errors=ERRORS,
     )
     async def service(self, request: web.Request) -> web.Response:
-        return await self.page.service(request.match_info["service"], request.query.get("page"))
+        return await self.page.service(
+            request.match_info["service"],
+            request.query.get("page"),
+            audit_link=self._audit_link(request),
+        )
 
     @table.get(
         "/workflows",
@@ -56,7 +72,7 @@ class PageRoutes:
         errors=ERRORS,
     )
     async def workflows(self, request: web.Request) -> web.Response:
-        return await self.page.workflows()
+        return await self.page.workflows(audit_link=self._audit_link(request))
 
     @table.get(
         "/processes/{id}",
@@ -67,7 +83,33 @@ class PageRoutes:
         errors=ERRORS,
     )
     async def process(self, request: web.Request) -> web.Response:
-        return await self.page.process(request.match_info["id"])
+        return await self.page.process(
+            request.match_info["id"], audit_link=self._audit_link(request)
+        )
+
+    @table.get(
+        "/audit",
+        operation_id="auditPage",
+        summary="The audit trail's newest records, filtered by actor and action",
+        query=AuditPageQuery,
+        replies=(
+            *HTML,
+            Reply(status=403, description="no audit:read: a page saying so", media="text/html"),
+        ),
+        errors=(400, 401),
+        scope="audit",
+    )
+    async def audit(self, request: web.Request) -> web.Response:
+        if not self._audit_link(request):
+            refused(request, 403)  # counted in the trail, as GET /v1/audit's refusals are
+            return await self.page.forbidden(
+                "Reading the audit trail needs a token with the audit:read scope.",
+                request.path_qs,
+                audit_link=False,
+            )
+        return await self.page.audit(
+            request.query.get("actor", ""), request.query.get("action", "")
+        )
 
     @table.get(
         "/static/{name}",
