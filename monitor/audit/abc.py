@@ -64,7 +64,7 @@ def parse_time(text: str) -> float:
         return float(text)
     except ValueError:
         pass
-    at = datetime.fromisoformat(text.strip())
+    at = datetime.fromisoformat(text.strip().upper())  # RFC 3339 allows a lowercase t and z
     if at.tzinfo is None:
         at = at.replace(tzinfo=UTC)
     return at.timestamp()

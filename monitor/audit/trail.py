@@ -111,11 +111,21 @@ class AuditTrail:
                     if held is not record:
                         held.count += record.count
                 continue
+            except Exception:  # a row no database takes: lost, but never the loop with it
+                log.exception("audit: %d refusal row(s) could not be written", len(records))
+                continue
             for record in records:
                 key = (minute, record.actor, REFUSED)
                 if key not in self._announced:  # a row a minute on the bus too
                     self._announced.add(key)
                     self.written(record)
+        if self.dropped:
+            log.warning(
+                "audit: %d refusal(s) were not counted (%d rows waiting)",
+                self.dropped,
+                MAX_UNWRITTEN,
+            )
+            self.dropped = 0
         current = int(self._clock() // 60)
         self._announced = {key for key in self._announced if key[0] >= current - 1}
 

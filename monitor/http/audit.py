@@ -45,7 +45,7 @@ def note(
         time=trail.now(),
         actor=actor(request),
         action=action,
-        target=target[:MAX_TARGET],
+        target=printable(target)[:MAX_TARGET],
         outcome=outcome,
         request_id=request_id(request),
         client=client(request),
@@ -60,8 +60,17 @@ def client(request: web.Request) -> str:
     if FORWARDED_BY not in request.headers:
         return peer
     chain = request.headers.get("X-Forwarded-For", "")
-    origin = chain.rsplit(",", 1)[-1].strip()[:64]
+    origin = printable(chain.rsplit(",", 1)[-1].strip())[:64]
     return f"{origin} via {peer}" if origin else peer
+
+
+def printable(text: str) -> str:
+    """What a request put in a record, storable in either database: aiohttp hands
+    undecodable header bytes on as surrogates, which neither encodes (nor a NUL,
+    PostgreSQL); each such character becomes `?`."""
+    if text.isprintable() and text.isascii():
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def audited(action: str, outcome: int, target: str | None, handler: Handler) -> Handler:

@@ -158,15 +158,16 @@ class Database:
         db = self._require_open()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, db)
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T:
-        """Run `fn` inside a transaction; return once it is committed to disk."""
+    async def write(self, fn: Callable[[sqlite_utils.Database], T], *, ride: bool = True) -> T:
+        """Run `fn` inside a transaction; return once it is committed to disk. The
+        request's audit record goes with it (storage/riders.py) unless `ride` is False."""
         self._require_open()
         if self._closing:
             raise DatabaseError("database is closing")
         if len(self._pending) >= MAX_PENDING_WRITES:
             raise Overloaded(f"{len(self._pending)} changes are waiting for the disk; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((carried(fn), future))  # with a request's audit record, if any
+        self._pending.append((carried(fn) if ride else fn, future))
         self._wakeup.set()
         return await future
 

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from monitor.storage.riders import carried
+from monitor.storage.riders import carried, locks
 from registry import Overloaded, StoreUnavailable
 
 from .database import (
@@ -211,15 +211,16 @@ class PgDatabase:
 
         return await asyncio.get_running_loop().run_in_executor(self._read_executor, run)
 
-    async def write(self, fn: Callable[[psycopg.Connection[Any]], T]) -> T:
-        """Run `fn` inside a transaction; return once it is committed."""
+    async def write(self, fn: Callable[[psycopg.Connection[Any]], T], *, ride: bool = True) -> T:
+        """Run `fn` inside a transaction; return once it is committed. The request's audit
+        record goes with it (storage/riders.py) unless `ride` is False."""
         self._require_opened()
         if self._closing:
             raise DatabaseError("database is closing")
         if len(self._pending) >= MAX_PENDING_WRITES:
             raise Overloaded(f"{len(self._pending)} changes are waiting for the database; retry")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((carried(fn), future))  # with a request's audit record, if any
+        self._pending.append((carried(fn) if ride else fn, future))
         self._wakeup.set()
         return await future
 
@@ -284,8 +285,10 @@ class PgDatabase:
         """One transaction for the batch; replayed with a savepoint per write if one
         write failed (a constraint, a fenced claim), so only that one fails."""
         conn = self._usable_conn()
+        ordered = locks(fns)
         try:
             with conn.transaction():
+                _lock(conn, ordered)
                 return [(True, fn(conn)) for fn in fns]
         except Exception:
             if conn.broken:
@@ -293,6 +296,7 @@ class PgDatabase:
             log.debug("a write in a batch of %d failed; replaying each", len(fns))
         outcomes: list[tuple[bool, Any]] = []
         with conn.transaction():
+            _lock(conn, ordered)
             for fn in fns:
                 try:
                     with conn.transaction():  # a savepoint
@@ -302,6 +306,12 @@ class PgDatabase:
                         raise
                     outcomes.append((False, exc))
         return outcomes
+
+
+def _lock(conn: psycopg.Connection[Any], keys: list[str]) -> None:
+    """Take the advisory locks a batch's ordered writes need (riders.Ordered), first."""
+    for key in keys:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
 
 
 def notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, Protocol, TypeVar
 
@@ -27,6 +27,28 @@ class Rider(Protocol):
     def write(self, conn: Any) -> None:
         """Run inside the carrying write's transaction, on the database's thread."""
         ...
+
+
+class Ordered:
+    """A write whose rows must commit in the order they take their ids (a log read by cursor:
+    the audit trail). On PostgreSQL a sequence hands ids out at INSERT, and a batch of one
+    replica may commit after a later id of another's was read: the cursor would pass the
+    earlier one for good. So a batch holding such a write first takes `lock` (an advisory
+    lock held to its COMMIT, PgDatabase): such batches commit one at a time, in id order.
+    One daemon on SQLite writes one batch at a time anyway."""
+
+    __slots__ = ("fn", "lock")
+
+    def __init__(self, fn: Callable[[Any], Any], lock: str) -> None:
+        self.fn, self.lock = fn, lock
+
+    def __call__(self, conn: Any) -> Any:
+        return self.fn(conn)
+
+
+def locks(fns: Iterable[Callable[[Any], Any]]) -> list[str]:
+    """The locks a batch of writes must take before its first one, in one order."""
+    return sorted({fn.lock for fn in fns if isinstance(fn, Ordered)})
 
 
 class _Seat:
@@ -65,7 +87,8 @@ def carried(fn: Callable[[Any], T]) -> Callable[[Any], T]:
         rider.write(conn)
         return result
 
-    return with_rider
+    lock = getattr(rider, "lock", None)
+    return Ordered(with_rider, lock) if lock is not None else with_rider
 
 
 def dismount() -> None:

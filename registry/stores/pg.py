@@ -19,7 +19,10 @@ else:
 class PgTransactor(Protocol):
     async def read(self, fn: Callable[[Connection], T]) -> T: ...
 
-    async def write(self, fn: Callable[[Connection], T]) -> T: ...
+    async def write(self, fn: Callable[[Connection], T], *, ride: bool = True) -> T:
+        """`ride=False`: bookkeeping (a claim), never the change a request's audit record
+        goes with (monitor/storage/riders.py)."""
+        ...
 
     async def migrate(self, component: str, steps: Sequence[str]) -> None:
         """Apply the steps of `component` not yet applied (append-only: never edit a step,

@@ -25,7 +25,9 @@ class Transactor(Protocol):
 
     async def read(self, fn: Callable[[sqlite_utils.Database], T]) -> T: ...
 
-    async def write(self, fn: Callable[[sqlite_utils.Database], T]) -> T: ...
+    async def write(self, fn: Callable[[sqlite_utils.Database], T], *, ride: bool = True) -> T:
+        """`ride=False`: bookkeeping, never the change a request's audit record goes with."""
+        ...
 
 
 class SqliteRegistryStore:

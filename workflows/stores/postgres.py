@@ -412,7 +412,7 @@ class PgWorkflowStore:
                 rows = [_process(r) for r in conn.execute(query, (owner, *args)).fetchall()]
                 return sorted(rows, key=lambda p: (p.due_at or 0.0, p.seq))
 
-            return await self._db.write(claim)
+            return await self._db.write(claim, ride=False)  # a claim is not a change
 
         def read(conn: Connection) -> list[Process]:
             return [_process(r) for r in conn.execute(_DUE.format(after=cursor), args).fetchall()]
@@ -426,7 +426,7 @@ class PgWorkflowStore:
                 rows = conn.execute(_CLAIM_OF, (owner, list(ids))).fetchall()
                 return sorted((_process(r) for r in rows), key=lambda p: p.seq)
 
-            return await self._db.write(claim)
+            return await self._db.write(claim, ride=False)  # a claim is not a change
 
         def read(conn: Connection) -> list[Process]:
             return [_process(r) for r in conn.execute(_UNFINISHED_OF, [list(ids)]).fetchall()]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.audit.stores import sql
+from monitor.storage.riders import Ordered
 from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
@@ -11,6 +12,7 @@ MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
 
 class _Rider:
     __slots__ = ("record",)
+    lock = sql.TABLE  # ids in commit order (riders.Ordered): a cursor never passes one
 
     def __init__(self, record: AuditRecord) -> None:
         self.record = record
@@ -32,16 +34,16 @@ class PgAuditStore:
         return _Rider(record)
 
     async def add(self, record: AuditRecord) -> None:
-        await self._db.write(_Rider(record).write)
+        await self._db.write(Ordered(_Rider(record).write, sql.TABLE), ride=False)
 
     async def add_refusals(self, records: list[AuditRecord], minute: int) -> None:
         statement = sql.insert_refusal("%s")
 
         def add(conn: Connection) -> None:
-            for record in records:
+            for record in sorted(records, key=lambda r: r.actor):  # one lock order: no deadlock
                 conn.execute(statement, [*sql.values(record), minute])
 
-        await self._db.write(add)
+        await self._db.write(Ordered(add, sql.TABLE), ride=False)
 
     async def list(self, query: AuditQuery) -> list[AuditRecord]:
         statement, params = sql.select(query, "%s")

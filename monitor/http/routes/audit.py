@@ -68,9 +68,9 @@ class AuditRoutes:
         page = AuditQuery(
             since=_time(query, "since"),
             until=_time(query, "until"),
-            actor=query.get("actor") or None,
-            action=query.get("action") or None,
-            target=query.get("target") or None,
+            actor=_text(query, "actor"),
+            action=_text(query, "action"),
+            target=_text(query, "target"),
             after=query_int(query.get("cursor", "0") or "0", "cursor", 0, 2**62),
             limit=query_int(query.get("limit", "100") or "100", "limit", 1, MAX_LIMIT) + 1,
         )
@@ -83,6 +83,17 @@ class AuditRoutes:
                 "next_cursor": str(records[-1].id) if more and records else None,
             }
         )
+
+
+def _text(query: Mapping[str, str], name: str) -> str | None:
+    """A filter's text; control characters (a NUL: PostgreSQL refuses it) match no record
+    and are refused as the mistake they are."""
+    raw = query.get(name)
+    if not raw:
+        return None
+    if not raw.isprintable():
+        raise HttpError(400, f"{name} must not contain control characters")
+    return raw
 
 
 def _time(query: Mapping[str, str], name: str) -> float | None:
