@@ -502,6 +502,10 @@ async def test_the_same_idempotency_key_gives_the_stored_process(handle: Handle)
         [new_process(2, key="k"), new_process(3, workflow="Other", key="k")], None
     )
     assert [(p.id, new) for p, new in created] == [("p0001", False), ("p0003", True)]
+    found = await store.by_key("Other", "k")
+    assert found is not None and found.id == "p0003"
+    assert await store.by_key("Other", "unknown") is None
+    assert await store.by_key("Nothing", "k") is None
 
 
 async def test_an_event_and_its_processes_are_stored_once(handle: Handle) -> None:

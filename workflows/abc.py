@@ -114,6 +114,10 @@ class ProcessStore(Protocol):
 
     async def get(self, process_id: str) -> tuple[Process, list[Attempt]] | None: ...
 
+    async def by_key(self, workflow: str, idempotency_key: str) -> Process | None:
+        """The process `workflow` started with that idempotency key, if any (a read)."""
+        ...
+
     async def page(
         self, workflow: str | None, status: ProcessStatus | None, limit: int, before: int | None
     ) -> list[Process]:

@@ -309,6 +309,10 @@ class Engine:
         definition = self.definitions.get(name)
         if definition is None:
             raise UnknownWorkflow(f"no workflow named {name!r}")
+        if idempotency_key is not None:  # a retried start writes nothing (and is no change)
+            known = await self.store.by_key(name, idempotency_key)
+            if known is not None:
+                return self.live.get(known.id, known), False
         term, fresh = self._term, self._new(definition, input_, idempotency_key)
         with self._being_created([fresh]):
             [(process, new)], _ = await self.store.create([fresh], None)

@@ -537,6 +537,14 @@ class PgWorkflowStore:
 
         return await self._db.read(read)
 
+    async def by_key(self, workflow: str, idempotency_key: str) -> Process | None:
+        def read(conn: Connection) -> Process | None:
+            query = _SELECT + ", 0 FROM processes WHERE workflow = %s AND idempotency_key = %s"
+            row = conn.execute(query, [workflow, idempotency_key]).fetchone()
+            return None if row is None else _process(row)
+
+        return await self._db.read(read)
+
     async def get(self, process_id: str) -> tuple[Process, list[Attempt]] | None:
         def read(conn: Connection) -> tuple[Process, list[Attempt]] | None:
             row = conn.execute(

@@ -603,6 +603,14 @@ class SqliteWorkflowStore:
 
         return await self._db.read(read)
 
+    async def by_key(self, workflow: str, idempotency_key: str) -> Process | None:
+        def read(d: sqlite_utils.Database) -> Process | None:
+            query = _SELECT + ", 0 FROM processes WHERE workflow = ? AND idempotency_key = ?"
+            row = d.execute(query, [workflow, idempotency_key]).fetchone()
+            return None if row is None else _process(row)
+
+        return await self._db.read(read)
+
     async def get(self, process_id: str) -> tuple[Process, list[Attempt]] | None:
         def read(d: sqlite_utils.Database) -> tuple[Process, list[Attempt]] | None:
             row = d.execute(_SELECT + ", 0 FROM processes WHERE id = ?", [process_id]).fetchone()
