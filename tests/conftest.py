@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitor import build_app, parse_config
+from monitor import build_app, load_config, parse_config
 from monitor.cli import raise_open_file_limit
 from monitor.config import Config
 
@@ -129,6 +129,25 @@ def start_daemon(
 
     async def start(config: Config) -> AppClient:
         app = build_app(config, clock=clock, metrics=CollectorRegistry())
+        return await aiohttp_client(app)
+
+    return start
+
+
+@pytest.fixture
+def start_watched(
+    aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
+) -> Callable[[Path], Awaitable[AppClient]]:
+    """Serve the config at a path, watched: rewriting the file reloads it (hot reload)."""
+
+    async def start(path: Path) -> AppClient:
+        app = build_app(
+            load_config(path),
+            clock=clock,
+            metrics=CollectorRegistry(),
+            config_path=path,
+            watch_interval=0.05,
+        )
         return await aiohttp_client(app)
 
     return start

@@ -11,10 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from monitor.app import build_app
-from monitor.config import Config, load_config
+from monitor.config import Config
 from monitor.http.audit import TRAIL
 
 from .conftest import BOTH_STORES, AppClient, FakeClock, until
@@ -256,20 +254,12 @@ async def test_records_older_than_the_retention_are_pruned_and_no_others(
 async def test_a_config_reload_is_recorded_by_what_asked_for_it(
     tmp_path: Path,
     storage: dict[str, str],
-    aiohttp_client: Callable[..., Awaitable[AppClient]],
-    clock: FakeClock,
+    start_watched: Callable[[Path], Awaitable[AppClient]],
 ) -> None:
     path = tmp_path / "config.yaml"
     data: dict[str, Any] = {"storage": storage, "server": {"auth": {"tokens": TOKENS}}}
     path.write_text(yaml.safe_dump(data))
-    app = build_app(
-        load_config(path),
-        clock=clock,
-        metrics=CollectorRegistry(),
-        config_path=path,
-        watch_interval=0.05,
-    )
-    client = await aiohttp_client(app)
+    client = await start_watched(path)
     path.write_text(yaml.safe_dump({**data, "services": [{"name": "ledger"}]}))
 
     async def recorded(count: int) -> bool:

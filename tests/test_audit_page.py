@@ -14,6 +14,7 @@ from monitor.config import Config
 from monitor.http.audit import TRAIL
 
 from .conftest import BOTH_STORES, AppClient, until
+from .test_reload import signed_in
 
 STORES = BOTH_STORES  # newest first is the stores' own ORDER BY
 
@@ -46,14 +47,6 @@ async def secured(
     ):
         assert (await client.put(path, json=BODY, headers=bearer(token))).status == 201
     return client
-
-
-async def signed_in(client: AppClient, token: str) -> dict[str, str]:
-    resp = await client.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
-    assert resp.status == 303
-    value = resp.cookies["hms_session"].value
-    client.session.cookie_jar.clear()  # requests below carry the cookie only when they say so
-    return {"hms_session": value}
 
 
 def rows(html: str) -> list[list[str]]:

@@ -12,11 +12,8 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import CollectorRegistry
 
-from monitor import build_app, load_config
-
-from .conftest import AppClient, FakeClock, metric_families, until
+from .conftest import AppClient, metric_families, until
 from .processes import DaemonProcess, free_port, write_config
 from .services import Receiver
 from .test_sse import a_reader_falls_behind_and_is_cut_off, next_event
@@ -51,23 +48,6 @@ def config_file(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
-
-
-@pytest.fixture
-def start_watched(
-    aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
-) -> Callable[[Path], Awaitable[AppClient]]:
-    async def start(path: Path) -> AppClient:
-        app = build_app(
-            load_config(path),
-            clock=clock,
-            metrics=CollectorRegistry(),
-            config_path=path,
-            watch_interval=0.05,
-        )
-        return await aiohttp_client(app)
-
-    return start
 
 
 async def reloads(client: AppClient) -> dict[str, float]:

@@ -736,12 +736,8 @@ async def test_defining_needs_the_define_scope(
 
 
 async def test_a_config_reload_keeps_api_definitions_and_versions_what_changed(
-    tmp_path: Path, aiohttp_client: Callable[..., Awaitable[AppClient]], clock: FakeClock
+    tmp_path: Path, start_watched: Callable[[Path], Awaitable[AppClient]]
 ) -> None:
-    from prometheus_client import CollectorRegistry
-
-    from monitor import build_app, load_config
-
     from .test_reload import reloaded
 
     def write(workflows: list[dict[str, Any]]) -> Path:
@@ -750,15 +746,7 @@ async def test_a_config_reload_keeps_api_definitions_and_versions_what_changed(
         path.write_text(yaml.safe_dump(data))
         return path
 
-    path = write([PLAIN])
-    app = build_app(
-        load_config(path),
-        clock=clock,
-        metrics=CollectorRegistry(),
-        config_path=path,
-        watch_interval=0.05,
-    )
-    client = await aiohttp_client(app)
+    client = await start_watched(write([PLAIN]))
     assert (await define(client, "Deployed", DEPLOYED)).status == 201
     write([{**PLAIN, "steps": PLAIN["steps"][:1]}])
     await reloaded(client, "success")
