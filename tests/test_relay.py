@@ -66,7 +66,7 @@ async def test_a_stream_resumed_after_an_id_the_database_never_stored_gets_its_e
     headers = {"Last-Event-ID": "1000000"}
     async with daemon.get("/v1/events", params={"topics": "news.*"}, headers=headers) as stream:
         assert await stream.content.readline() == b": connected\n"
-        await daemon.app[ENGINE].publish("news.posted", {"n": 1})
+        await daemon.app[ENGINE].publish("news.posted", {"n": 1}, by="test")
         live = await next_event(stream)
     assert live["data"]["data"] == {"n": 1}
 

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field, RootModel
 
+from monitor.http.audit import actor
 from monitor.http.auth import Authorizer
 from monitor.http.body import parse_json_object
 from monitor.http.errors import HttpError
@@ -99,7 +100,8 @@ class EventRoutes:
             raise HttpError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
         self.auth.require(request, "publish", topic)
         data = await parse_json_object(request, "the event")
-        seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
+        key = request.headers.get("Idempotency-Key")
+        seq = await self.engine.publish(topic, data, key, by=actor(request))
         return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
 
     @table.get(
