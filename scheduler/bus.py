@@ -57,10 +57,7 @@ class Event:
     actor: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
-        if self.actor is not None:
-            out["actor"] = self.actor
-        return out
+        return {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
 
 
 def matches(patterns: Sequence[str], topic: str) -> bool:
