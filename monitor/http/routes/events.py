@@ -110,7 +110,14 @@ class EventRoutes:
         summary="Server-Sent Events of the bus",
         query=StreamQuery,
         headers=StreamHeaders,
-        replies=(Reply(status=200, description="an event stream", media="text/event-stream"),),
+        replies=(
+            Reply(
+                status=200,
+                description="an event stream; each `data:` is {id, topic, time, data}, with "
+                "`actor` (who published it) beside `data` for an event published to the store",
+                media="text/event-stream",
+            ),
+        ),
         errors=(400, 401),
     )
     async def stream(self, request: web.Request) -> web.StreamResponse:

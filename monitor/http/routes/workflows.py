@@ -141,7 +141,10 @@ class Process(ProcessSummary):
         description="the result: the `output:` template (so far, while running), else every "
         "step's output; null when the process failed",
     )
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]] = Field(
+        description="every attempt, oldest first; a `wait_for: {signal}` step's names who "
+        "sent the signal it took (`signalled_by`)"
+    )
 
 
 class ProcessPage(BaseModel):
