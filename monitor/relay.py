@@ -52,7 +52,7 @@ QUEUE_CHECK = 10.0  # seconds between looks at PostgreSQL's NOTIFY queue
 QUEUE_LIMIT = 0.5  # of it used: no more news (stored events' notifications need the rest)
 _SEND = "SELECT pg_notify(%s, payload) FROM unnest(%s::text[]) AS payload"
 
-ReadAfter = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float]]]]
+ReadAfter = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float, str | None]]]]
 
 
 class EventRelay:
@@ -126,10 +126,10 @@ class EventRelay:
         async with self._read_lock:
             while not self._engine_here():
                 rows = await self._read_after(self._bus.position, 2**63 - 1, PAGE)
-                for seq, topic, data, at in rows:
+                for seq, topic, data, at, actor in rows:
                     if self._engine_here():  # it opened meanwhile: the rest are its own
                         return
-                    self._bus.relay(topic, orjson.loads(data), at, seq)
+                    self._bus.relay(topic, orjson.loads(data), at, seq, actor)
                 if len(rows) < PAGE:
                     return
 

@@ -52,6 +52,9 @@ class Event:
     # Published on another replica and relayed here (monitor/relay.py): subscribers that act
     # on an event once for the cluster (the notifier) leave it to the replica it came from.
     remote: bool = False
+    # Who published a stored event (a token's name; workflows' `NewEvent.actor`): delivered
+    # beside its data, never in it. None: the daemon's own news, or an event stored before.
+    actor: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
@@ -190,31 +193,49 @@ class EventBus:
         self._routes.clear()
         return subscription
 
-    def publish(self, topic: str, data: Mapping[str, Any], *, reserved: int | None = None) -> Event:
+    def publish(
+        self,
+        topic: str,
+        data: Mapping[str, Any],
+        *,
+        reserved: int | None = None,
+        actor: str | None = None,
+    ) -> Event:
         """Hand the event to every matching subscriber; never waits, never raises.
 
-        `reserved`: the id `reserve` gave this event, now stored."""
+        `reserved`: the id `reserve` gave this event, now stored; `actor`: who published it."""
         if reserved is None:
             event = Event(id=self._position, topic=topic, data=data, time=self._clock())
             self._deliver(event)
             return event
-        event = Event(id=reserved, topic=topic, data=data, time=self._clock(), stored=True)
+        now = self._clock()
+        event = Event(id=reserved, topic=topic, data=data, time=now, stored=True, actor=actor)
         self._reserved.discard(reserved)
         self._held[reserved] = event
         self._deliver_held()
         return event
 
-    def relay(self, topic: str, data: Mapping[str, Any], at: float, stored: int | None) -> None:
+    def relay(
+        self,
+        topic: str,
+        data: Mapping[str, Any],
+        at: float,
+        stored: int | None,
+        actor: str | None = None,
+    ) -> None:
         """An event another replica published (monitor/relay.py): `stored`, its id in the
         event store (delivered once, in id order: one at or below `position` was already);
-        None for the other replica's own news, which carries this bus's position."""
+        None for the other replica's own news, which carries this bus's position. `actor`:
+        who published a stored one."""
         if stored is None:
             self._deliver(Event(id=self._position, topic=topic, data=data, time=at, remote=True))
             return
         if stored <= self._position or stored in self._reserved:
             return
         self._position = stored
-        self._deliver(Event(id=stored, topic=topic, data=data, time=at, stored=True, remote=True))
+        self._deliver(
+            Event(id=stored, topic=topic, data=data, time=at, stored=True, remote=True, actor=actor)
+        )
 
     def _deliver_held(self) -> None:
         while self._held:

@@ -813,6 +813,47 @@ async def test_prune_forgets_only_what_ended_before_the_boundaries(handle: Handl
     assert await store.last_event_seq() == 2
 
 
+async def test_who_started_and_who_cancelled_are_kept(handle: Handle) -> None:
+    store = handle.store
+    [process, _] = await create(
+        store, new_process(1, started_by="alice"), new_process(2, started_by="schedule")
+    )
+    process.cancel_requested, process.cancelled_by = True, "bob"
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert (stored[0].started_by, stored[0].cancelled_by) == ("alice", "bob")
+    assert [(p.started_by, p.cancelled_by) for p in await store.page(None, None, 10, None)] == [
+        ("schedule", None),
+        ("alice", "bob"),
+    ]
+    assert [p.started_by for p in await store.unfinished()] == ["alice", "schedule"]
+
+
+async def test_a_signals_sender_is_kept_and_named_by_the_history_row_that_takes_it(
+    handle: Handle,
+) -> None:
+    store = handle.store
+    [process] = await create(store, new_process(1))
+    signal = await store.add_signal("p0001", "approve", b"{}", 10.0, "carol")
+    assert signal.by == "carol"
+    assert [s.by for s in await store.pending_signals()] == ["carol"]
+    taken = replace(attempt("approve"), kind=AttemptKind.WAIT_FOR, signalled_by=signal.by)
+    process.pending, process.taken_signals = [attempt("first"), taken], (signal.seq,)
+    await store.checkpoint(process)
+    stored = await store.get("p0001")
+    assert stored is not None
+    assert [(a.step, a.signalled_by) for a in stored[1]] == [("first", None), ("approve", "carol")]
+
+
+async def test_an_events_publisher_is_kept(handle: Handle) -> None:
+    store = handle.store
+    await store.create([], replace(event(1, "paid"), actor="dave"))
+    await store.create([], event(2, "paid"))  # the daemon's own: nobody
+    assert [e.actor for e in await store.events_since("paid", 0)] == ["dave", None]
+    assert [by for *_, by in await store.events_after(0, 2, 10)] == ["dave", None]
+
+
 async def test_events_since_are_one_topic_in_order(handle: Handle) -> None:
     store = handle.store
     for seq, topic in ((1, "paid"), (2, "shipped"), (3, "paid"), (4, "paid")):
@@ -829,7 +870,7 @@ async def test_events_after_are_bounded_and_ordered(handle: Handle) -> None:
     for seq in (1, 2, 3, 4, 5):
         await store.create([], event(seq, "paid" if seq % 2 else "shipped", at=float(seq)))
     after = await store.events_after(1, 4, 10)
-    assert [(s, t, orjson.loads(d)) for s, t, d, _ in after] == [
+    assert [(s, t, orjson.loads(d)) for s, t, d, *_ in after] == [
         (2, "shipped", {"n": 2}),
         (3, "paid", {"n": 3}),
         (4, "shipped", {"n": 4}),
@@ -1007,6 +1048,48 @@ async def test_an_sqlite_file_from_before_residency_gets_its_columns_at_open(
         store = SqliteWorkflowStore(db)
         await store.create_tables()
         await assert_due_at_their_last_checkpoint(store)
+    finally:
+        await db.close()
+
+
+# The tables that name no actor, as the release before issue 18 wrote them.
+OLD_ACTORLESS = (
+    "CREATE TABLE process_history (process INTEGER NOT NULL, n INTEGER NOT NULL, "
+    "step TEXT NOT NULL, kind TEXT NOT NULL, attempt INTEGER NOT NULL, "
+    "started_at REAL NOT NULL, ended_at REAL NOT NULL, outcome TEXT NOT NULL, error TEXT, "
+    "instance TEXT, http_status INTEGER, PRIMARY KEY (process, n)) WITHOUT ROWID",
+    "CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+    "data TEXT NOT NULL, key TEXT UNIQUE, published_at REAL NOT NULL)",
+    "CREATE TABLE process_signals (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+    "process TEXT NOT NULL, name TEXT NOT NULL, data TEXT NOT NULL, sent_at REAL NOT NULL)",
+    "INSERT INTO events (seq, topic, data, key, published_at) VALUES (1, 'paid', '{}', 'k1', 1)",
+)
+
+
+async def test_an_sqlite_file_from_before_actors_gets_its_columns_at_open(
+    tmp_path: Path,
+) -> None:
+    def leave_tables(d: Any) -> None:
+        for statement in (OLD_PROCESSES, OLD_ROWS, *OLD_ACTORLESS):
+            d.execute(statement)
+
+    db = Database(tmp_path / "hms.db")
+    await db.open()
+    try:
+        await db.write(leave_tables)
+        store = SqliteWorkflowStore(db)
+        await store.create_tables()
+        [old] = await store.unfinished()
+        assert (old.started_by, old.cancelled_by) == (None, None)
+        signal = await store.add_signal("p-waiting", "go", b"{}", 5.0, "carol")
+        old.cancelled_by, old.taken_signals = "bob", (signal.seq,)
+        old.pending = [replace(attempt("go"), signalled_by="carol")]
+        await store.checkpoint(old)
+        await store.create([], replace(event(2), actor="dave"))
+        stored = await store.get("p-waiting")
+        assert stored is not None
+        assert (stored[0].cancelled_by, [a.signalled_by for a in stored[1]]) == ("bob", ["carol"])
+        assert [e.actor for e in await store.events_since("paid", 0)] == [None, "dave"]
     finally:
         await db.close()
 

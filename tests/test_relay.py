@@ -58,6 +58,26 @@ async def test_a_stream_resumed_on_a_lagging_replica_skips_the_events_the_client
     assert (int(live["id"]), live["data"]["data"]) == (first + 2, {"n": 3})
 
 
+async def test_a_stored_event_reaches_another_replica_with_its_publisher(
+    postgres: PostgresCluster,
+) -> None:
+    """What a stream on that replica shows beside the event's data (monitor/http/sse.py)."""
+    url = postgres.database()
+    async with postgres_database(url) as database:
+        store = PgWorkflowStore(database)
+        await store.create_tables()
+        data = orjson.dumps({"n": 1})
+        event = NewEvent(
+            seq=1, topic="news.posted", data=data, key="k1", published_at=1.0, actor="alice"
+        )
+        await store.create([], event)
+        here = EventBus()
+        heard: list[tuple[str | None, dict[str, int]]] = []
+        here.subscribe("news.*", name="stream", sink=lambda e: heard.append((e.actor, e.data)))
+        await a_relay(here, url, store, engine_here=False).catch_up()
+    assert heard == [("alice", {"n": 1})]
+
+
 async def test_a_stream_resumed_after_an_id_the_database_never_stored_gets_its_events_live(
     daemon: AppClient,
 ) -> None:
@@ -66,7 +86,7 @@ async def test_a_stream_resumed_after_an_id_the_database_never_stored_gets_its_e
     headers = {"Last-Event-ID": "1000000"}
     async with daemon.get("/v1/events", params={"topics": "news.*"}, headers=headers) as stream:
         assert await stream.content.readline() == b": connected\n"
-        await daemon.app[ENGINE].publish("news.posted", {"n": 1})
+        await daemon.app[ENGINE].publish("news.posted", {"n": 1}, by="test")
         live = await next_event(stream)
     assert live["data"]["data"] == {"n": 1}
 

@@ -242,7 +242,9 @@ async def test_an_event_published_as_a_wait_begins_is_not_its_and_the_next_reach
 
     store.create = held  # type: ignore[method-assign]
     try:
-        first = asyncio.ensure_future(engine.publish("payment.settled", {"grant": "g-1", "n": 1}))
+        first = asyncio.ensure_future(
+            engine.publish("payment.settled", {"grant": "g-1", "n": 1}, by="test")
+        )
         await asyncio.sleep(0.05)  # reserved, being written
         waiter = await start(daemon, "Evented", {"grant": "g-1"})
         await all_rows(daemon, 1)

@@ -86,6 +86,17 @@ async def test_a_schedule_starts_one_process_per_tick(
     ]
 
 
+async def test_a_scheduled_process_is_started_by_the_schedule(
+    make_config: Callable[..., Config],
+    start_daemon: Callable[..., Awaitable[AppClient]],
+    clock: FakeClock,
+) -> None:
+    client = await start_daemon(make_config(workflows=[nightly()]))
+    clock.advance(600)
+    [process] = await count_reaches(client, 1)
+    assert process["started_by"] == "schedule"
+
+
 async def test_a_schedule_is_read_in_its_time_zone(
     make_config: Callable[..., Config],
     start_daemon: Callable[..., Awaitable[AppClient]],

@@ -260,7 +260,7 @@ async def test_audit_events_go_to_audit_readers_only_live_and_replayed(
         {"name": "audit-glob-12345", "token": "audit-glob-12345", "scopes": ["subscribe:audit.*"]},
     ]
     client = await start_daemon(make_config(server={"auth": {"tokens": tokens}}))
-    await client.app[ENGINE].publish("audit.recorded", {"action": "process.start"})
+    await client.app[ENGINE].publish("audit.recorded", {"action": "process.start"}, by="test")
     everything = ["audit.recorded", "audit.recorded", "health.changed"]
     assert await audit_seen(client, bearer(ADMIN)) == everything
     assert await audit_seen(client, bearer(READER)) == ["health.changed"]
@@ -270,7 +270,7 @@ async def test_audit_events_go_to_audit_readers_only_live_and_replayed(
 
 async def test_without_auth_everyone_reads_audit_events(daemon: AppClient) -> None:
     # No tokens: the daemon is open, everyone may do everything, the audit trail included.
-    await daemon.app[ENGINE].publish("audit.recorded", {"action": "process.start"})
+    await daemon.app[ENGINE].publish("audit.recorded", {"action": "process.start"}, by="test")
     assert await audit_seen(daemon, {}) == ["audit.recorded", "audit.recorded", "health.changed"]
 
 

@@ -443,9 +443,11 @@ async def test_a_signal_that_comes_as_the_process_finishes_is_refused(
     await until_status(client, started["id"], "waiting")
     add_signal = engine.store.add_signal
 
-    async def finishing(process_id: str, name: str, data: bytes, at: float) -> Signal:
-        kept = await add_signal(process_id, name, data, at)
-        await engine.cancel(process_id)  # it finishes while the signal is written
+    async def finishing(
+        process_id: str, name: str, data: bytes, at: float, by: str | None = None
+    ) -> Signal:
+        kept = await add_signal(process_id, name, data, at, by)
+        await engine.cancel(process_id, by="test")  # it finishes while the signal is written
         await engine.wait(process_id, 10)  # set when it is forgotten
         return kept
 

@@ -103,9 +103,12 @@ class ProcessStore(Protocol):
         `waiting_keys` gives them: `match` names its keys, so their `wait_keys` too)."""
         ...
 
-    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
-        """Keep a signal for a process (durable when this returns); a checkpoint whose
-        process has it in `taken_signals` deletes it in the same transaction."""
+    async def add_signal(
+        self, process_id: str, name: str, data: bytes, at: float, by: str | None = None
+    ) -> Signal:
+        """Keep a signal for a process (durable when this returns), sent `by` (a token's
+        name); a checkpoint whose process has it in `taken_signals` deletes it in the same
+        transaction."""
         ...
 
     async def pending_signals(self) -> list[Signal]:
@@ -147,8 +150,8 @@ class EventStore(Protocol):
 
     async def events_after(
         self, seq: int, upto: int, limit: int
-    ) -> list[tuple[int, str, bytes, float]]:
-        """Events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time)."""
+    ) -> list[tuple[int, str, bytes, float, str | None]]:
+        """Events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time, actor)."""
         ...
 
     async def last_event_seq(self) -> int:

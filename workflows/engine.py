@@ -302,9 +302,15 @@ class Engine:
     # -- starting ----------------------------------------------------------------
 
     async def start(
-        self, name: str, input_: Mapping[str, Any], idempotency_key: str | None = None
+        self,
+        name: str,
+        input_: Mapping[str, Any],
+        idempotency_key: str | None = None,
+        *,
+        by: str,
     ) -> tuple[Process, bool]:
-        """Start a process (durable when this returns); the same key gives the same one."""
+        """Start a process (durable when this returns); the same key gives the same one.
+        `by`: who starts it (its `started_by`)."""
         self._check_serving()
         definition = self.definitions.get(name)
         if definition is None:
@@ -313,7 +319,7 @@ class Engine:
             known = await self.store.by_key(name, idempotency_key)
             if known is not None:
                 return self.live.get(known.id, known), False
-        term, fresh = self._term, self._new(definition, input_, idempotency_key)
+        term, fresh = self._term, self._new(definition, input_, idempotency_key, by)
         with self._being_created([fresh]):
             [(process, new)], _ = await self.store.create([fresh], None)
             if new:
@@ -321,9 +327,10 @@ class Engine:
         return self.live.get(process.id, process), new
 
     async def publish(
-        self, topic: str, data: Mapping[str, Any], key: str | None = None
+        self, topic: str, data: Mapping[str, Any], key: str | None = None, *, by: str
     ) -> int | None:
         """Store an event and the processes it triggers in one transaction, then deliver it.
+        `by`: who publishes it, kept with it and delivered beside its data.
 
         Returns the event's sequence number (None when `key` was published before).
         """
@@ -335,12 +342,18 @@ class Engine:
         encoded = orjson.dumps(data)
         snapshot: dict[str, Any] = orjson.loads(encoded)
         triggered = self._triggers.get(topic, ())
-        processes = [self._new(d, snapshot, f"event:{key}") for d in triggered]
+        processes = [self._new(d, snapshot, f"event:{key}", f"event:{topic}") for d in triggered]
         reserved, term = self._bus.reserve(), self._term
         # Read right after the reservation: a wait that begins later takes only later ids.
         wakes = tuple(projection(keys, snapshot) for keys in self._waited_keys.get(topic, ()))
         event = NewEvent(
-            seq=reserved, topic=topic, data=encoded, key=key, published_at=now, wakes=wakes
+            seq=reserved,
+            topic=topic,
+            data=encoded,
+            key=key,
+            published_at=now,
+            actor=by,
+            wakes=wakes,
         )
         if wakes:  # the rows it makes due are behind the loop's cursor: it reads from now
             self._residency.rewind(now)
@@ -354,8 +367,9 @@ class Engine:
                     self._waits.deliver()  # the release may let later events through
             await self._run_created([p for p, new in created if new], term)
         if seq is not None:
-            self._bus.publish(topic, snapshot, reserved=seq)
-            self._waits.deliver(StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now))
+            self._bus.publish(topic, snapshot, reserved=seq, actor=by)
+            stored = StoredEvent(seq=seq, topic=topic, data=snapshot, published_at=now, actor=by)
+            self._waits.deliver(stored)
             try:  # the rows are due already (the write): this only brings them in sooner
                 for match in wakes:
                     await self._wake_parked(topic, match)
@@ -379,13 +393,16 @@ class Engine:
         if definition is None:  # removed since the loop's last look: nothing is owed
             return
         key = f"schedule:{mark.workflow}:{int(mark.tick)}"
-        process, term = self._new(definition, {"scheduled_at": scheduled_at}, key), self._term
+        input_ = {"scheduled_at": scheduled_at}
+        process, term = self._new(definition, input_, key, "schedule"), self._term
         with self._being_created([process]):
             [(process, new)], _ = await self.store.create([process], None, schedule=mark)
             if new:
                 await self._run_created([process], term)
 
-    def _new(self, definition: Definition, input_: Mapping[str, Any], key: str | None) -> Process:
+    def _new(
+        self, definition: Definition, input_: Mapping[str, Any], key: str | None, by: str
+    ) -> Process:
         now = self._clock()
         deadline = now + definition.deadline if definition.deadline is not None else None
         process_id = f"{int(now * 1000):012x}{secrets.token_hex(6)}"  # sorts by start time
@@ -402,6 +419,7 @@ class Engine:
             deadline_at=deadline,
             owner=self._me,
             due_at=now,  # running: in memory until it waits
+            started_by=by,
         )
 
     async def _run_created(self, processes: list[Process], term: int) -> None:
@@ -461,30 +479,36 @@ class Engine:
 
     # -- requests on running processes -------------------------------------------
 
-    async def cancel(self, process_id: str) -> Process:
+    async def cancel(self, process_id: str, *, by: str) -> Process:
+        """Ask a process to stop and compensate (durable when this returns); `by`: who asks
+        (its `cancelled_by`: the first to ask, as a second ask changes nothing)."""
         process = await self._running(process_id)
         if not process.cancel_requested:
             due = process.due_at
-            process.cancel_requested = True
+            process.cancel_requested, process.cancelled_by = True, by
             process.updated_at = process.due_at = self._clock()  # due now, even after a crash
             try:
                 await self.store.checkpoint(process)  # durable before the 202
             except StoreUnavailable:
                 process.cancel_requested, process.due_at = False, due  # the 503: not made
+                process.cancelled_by = None
                 raise
             self._wakeups.wake(process.id)
         return process
 
-    async def signal(self, process_id: str, name: str, data: Mapping[str, Any]) -> Process:
+    async def signal(
+        self, process_id: str, name: str, data: Mapping[str, Any], *, by: str
+    ) -> Process:
         """Keep a signal for a running process (durable when this returns) and wake it when
-        a step waits for that name; a step takes each signal once."""
+        a step waits for that name; a step takes each signal once, its history row naming
+        `by` (who sent it)."""
         process = await self._running(process_id)
         if process.finished:  # its last checkpoint is being written
             raise ProcessFinished(f"process {process_id} is {process.status}")
         encoded = orjson.dumps(data)
         at = self._clock()
         self._residency.rewind(at)  # add_signal makes it due now: behind the loop's cursor
-        signal = await self.store.add_signal(process_id, name, encoded, at)
+        signal = await self.store.add_signal(process_id, name, encoded, at, by)
         if process.finished:
             # It finished meanwhile: nothing will take it (the row goes with the process).
             raise ProcessFinished(f"process {process_id} is {process.status}")

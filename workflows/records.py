@@ -31,6 +31,7 @@ class Attempt:
     error: str | None = None
     instance: str | None = None
     http_status: int | None = None
+    signalled_by: str | None = None  # a `wait_for: {signal}` step's: who sent the signal
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -43,6 +44,7 @@ class Attempt:
             "error": self.error,
             "instance": self.instance,
             "http_status": self.http_status,
+            "signalled_by": self.signalled_by,
         }
 
 
@@ -147,6 +149,11 @@ class Process:
     wait_topic: str | None = None
     wait_keys: str | None = None
     wait_match: str | None = None
+    # Who started it (a token's name, "anonymous" when auth is off, "schedule", or
+    # "event:<topic>" for an event's trigger) and who cancelled it through the API: names,
+    # never tokens. None on rows stored before they were kept.
+    started_by: str | None = None
+    cancelled_by: str | None = None
     seq: int = 0
     history_count: int = 0
     pending: list[Attempt] = field(default_factory=list)  # history not yet written
@@ -177,6 +184,8 @@ class Process:
             "deadline_missed": self.deadline_missed,
             "error": self.error,
             "workflow_version": self.workflow_version,
+            "started_by": self.started_by,
+            "cancelled_by": self.cancelled_by,
         }
 
     @property
@@ -266,6 +275,7 @@ class Signal:
     name: str
     data: dict[str, Any]
     sent_at: float
+    by: str | None = None  # who sent it (a token's name); the history row that takes it says
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -276,6 +286,7 @@ class StoredEvent:
     topic: str
     data: dict[str, Any]
     published_at: float
+    actor: str | None = None  # who published it (a token's name); None: the daemon, or older
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -287,6 +298,7 @@ class NewEvent:
     data: bytes  # JSON, encoded once at publish: the stored row is the event as published
     key: str
     published_at: float
+    actor: str | None = None  # who published it: a token's name, "anonymous"
     # The stored matches (records.match_key) of waiters it satisfies: the write makes them
     # due at once, so a crash before they take it cannot leave them waiting as rows.
     wakes: tuple[str, ...] = ()

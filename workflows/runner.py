@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -48,8 +48,15 @@ _ATTEMPT_KIND = {
 }
 # Called with (workflow, when, good) once per process: at its missed deadline, else at its end.
 Outcome = Callable[[str, float, bool], None]
-# Engine.publish: a publish step stores its event as any publisher does.
-Publisher = Callable[[str, Mapping[str, Any], str | None], Awaitable[int | None]]
+
+
+class Publisher(Protocol):
+    """Engine.publish: a publish step stores its event as any publisher does, `by` its
+    process (`process:<id>`)."""
+
+    def __call__(
+        self, topic: str, data: Mapping[str, Any], key: str | None = None, *, by: str
+    ) -> Awaitable[int | None]: ...
 
 
 class Parked(Exception):
@@ -395,7 +402,8 @@ class ProcessRunner:
             return CallResult(ok=False, error=str(exc), retryable=False)
         if not isinstance(data, dict):
             data = {"value": data}
-        seq = await self._publish(step.action.topic, data, f"{process.id}/{step.name}")
+        key, by = f"{process.id}/{step.name}", f"process:{process.id}"
+        seq = await self._publish(step.action.topic, data, key, by=by)
         return CallResult(ok=True, output={"event": seq})
 
     async def _call(
@@ -655,7 +663,9 @@ class ProcessRunner:
             self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
             return result
         result = CallResult(ok=True, output=signal.data)
-        self._record(process, step.name, AttemptKind.WAIT_FOR, 1, started, result)
+        self._record(
+            process, step.name, AttemptKind.WAIT_FOR, 1, started, result, signalled_by=signal.by
+        )
         process.taken_signals += (signal.seq,)  # deleted by the next checkpoint: taken once
         return result
 
@@ -837,6 +847,7 @@ class ProcessRunner:
         result: CallResult,
         *,
         count: bool = True,
+        signalled_by: str | None = None,
     ) -> None:
         ended = self._clock()
         outcome = (
@@ -855,6 +866,7 @@ class ProcessRunner:
                 error=result.error,
                 instance=result.instance,
                 http_status=result.status,
+                signalled_by=signalled_by,
             )
         )
         if count:

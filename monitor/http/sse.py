@@ -44,16 +44,21 @@ REPLAY_ROWS = 1000
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 TRIM_DELAY = 1.0  # seconds after a cut-off before freed memory goes back to the system
 
-# (id, topic, JSON data, published_at) of the stored events in (after, upto], at most `limit`.
-StoredPage = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float]]]]
+# (id, topic, JSON data, published_at, actor) of the stored events in (after, upto], at
+# most `limit`.
+StoredPage = Callable[[int, int, int], Awaitable[list[tuple[int, str, bytes, float, str | None]]]]
 
 
-def frame(event_id: int, topic: str, data: bytes, at: float) -> bytes:
-    """An event as SSE bytes; `data` is its JSON. The same bytes live and replayed."""
-    body = b'{"id":%d,"topic":%s,"time":%s,"data":%s}' % (
+def frame(event_id: int, topic: str, data: bytes, at: float, actor: str | None = None) -> bytes:
+    """An event as SSE bytes; `data` is its JSON. The same bytes live and replayed. `actor`
+    (who published it) goes beside `data`, which stays the object as published; the
+    daemon's own news has none and no key."""
+    by = b"" if actor is None else b',"actor":%s' % orjson.dumps(actor)
+    body = b'{"id":%d,"topic":%s,"time":%s%s,"data":%s}' % (
         event_id,
         orjson.dumps(topic),
         orjson.dumps(at),
+        by,
         data,
     )
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (event_id, topic.encode(), body)
@@ -69,7 +74,8 @@ class Frames:
     def of(self, event: Event) -> bytes:
         if self._event is not event:
             data = orjson.dumps(dict(event.data))
-            self._event, self._frame = event, frame(event.id, event.topic, data, event.time)
+            self._event = event
+            self._frame = frame(event.id, event.topic, data, event.time, event.actor)
         return self._frame
 
 
@@ -169,10 +175,10 @@ class EventStream:
             if not events:
                 return
             size = 0
-            for event_id, topic, data, at in events:
+            for event_id, topic, data, at, actor in events:
                 after, size = event_id, size + len(data)
                 if matches(patterns, topic) and self._allowed(topic):
-                    await self.send(frame(event_id, topic, data, at))
+                    await self.send(frame(event_id, topic, data, at, actor))
             # Aim at REPLAY_BYTES a page: big events come a few at a time, small ones in bulk.
             rows = max(1, min(REPLAY_ROWS, REPLAY_BYTES * len(events) // max(size, 1)))
 

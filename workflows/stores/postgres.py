@@ -29,7 +29,7 @@ from workflows.states import ProcessStatus
 
 from .postgres_schedules import write_mark
 from .postgres_tasks import cancel_open_in, open_in, write_end
-from .sqlite import _attempt, _process, fenced, keys_of
+from .sqlite import _HISTORY, _attempt, _process, fenced, keys_of
 
 __all__ = ["MIGRATIONS", "PgWorkflowStore"]
 
@@ -119,6 +119,12 @@ MIGRATIONS = (
     "WHERE finished_at IS NULL AND due_at IS NOT NULL",
     "CREATE INDEX processes_waiting ON processes (wait_topic, wait_keys, wait_match) "
     "WHERE finished_at IS NULL AND wait_topic IS NOT NULL",
+    # Who started, cancelled, signalled a process, who published an event (issue 18):
+    # names, never tokens; NULL on rows stored before.
+    "ALTER TABLE processes ADD COLUMN started_by TEXT, ADD COLUMN cancelled_by TEXT",
+    "ALTER TABLE process_history ADD COLUMN signalled_by TEXT",
+    "ALTER TABLE process_signals ADD COLUMN sent_by TEXT",
+    "ALTER TABLE events ADD COLUMN actor TEXT",
 )
 
 # What a checkpoint writes; `owner` is written by create and claim_orphans only.
@@ -126,7 +132,7 @@ _STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
     "compensating_from, cancel_requested, error, output, workflow_version, branches, "
-    "due_at, wait_topic, wait_keys, wait_match"
+    "due_at, wait_topic, wait_keys, wait_match, started_by, cancelled_by"
 )
 _COLUMNS = f"{_STATE}, owner"
 _MARKS = ", ".join(["%s"] * len(_COLUMNS.split(",")))
@@ -155,12 +161,14 @@ _CHECKPOINT = (
     "), history AS (INSERT INTO process_history "
     "SELECT %(seq)s, coalesce(%(first)s::bigint, (SELECT coalesce(max(n) + 1, 0) "
     "  FROM process_history WHERE process = %(seq)s)) + h.i - 1, h.step, h.kind, h.attempt,"
-    "  h.started_at, h.ended_at, h.outcome, h.error, h.instance, h.http_status "
+    "  h.started_at, h.ended_at, h.outcome, h.error, h.instance, h.http_status, "
+    "  h.signalled_by "
     "FROM unnest(%(step)s::text[], %(kind)s::text[], %(attempt)s::bigint[],"
     "  %(started_at)s::float8[], %(ended_at)s::float8[], %(outcome)s::text[],"
-    "  %(error)s::text[], %(instance)s::text[], %(http_status)s::int[]) WITH ORDINALITY"
+    "  %(error)s::text[], %(instance)s::text[], %(http_status)s::int[],"
+    "  %(signalled_by)s::text[]) WITH ORDINALITY"
     "  AS h (step, kind, attempt, started_at, ended_at, outcome, error, instance,"
-    "  http_status, i) WHERE EXISTS (SELECT 1 FROM updated)"
+    "  http_status, signalled_by, i) WHERE EXISTS (SELECT 1 FROM updated)"
     ") SELECT EXISTS (SELECT 1 FROM updated)"
 )
 # Orphans taken oldest first; one a replica is checkpointing (its row locked) is skipped,
@@ -211,8 +219,8 @@ EVENTS_CHANNEL = "hms_events"
 # One statement, in the pipeline: the event (once per key), the high-water mark of event
 # ids, and the NOTIFY of its id (sent at COMMIT; none for a duplicate key).
 _EVENT = (
-    "WITH stored AS (INSERT INTO events (seq, topic, data, key, published_at) "
-    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq), "
+    "WITH stored AS (INSERT INTO events (seq, topic, data, key, published_at, actor) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING RETURNING seq), "
     "marked AS (UPDATE event_ids SET last = greatest(last, (SELECT seq FROM stored)) "
     "WHERE EXISTS (SELECT 1 FROM stored)) "
     "SELECT seq, pg_notify(%s, seq::text) FROM stored"
@@ -259,6 +267,8 @@ def _row(process: Process) -> tuple[Any, ...]:
         process.wait_topic,
         process.wait_keys,
         process.wait_match,
+        process.started_by,
+        process.cancelled_by,
         process.owner,
     )
 
@@ -276,7 +286,7 @@ def _checkpoint_args(
     args.update(seq=seq, first=first, taken=list(taken), owner=row[-1])
     for column in (
         "step", "kind", "attempt", "started_at", "ended_at", "outcome", "error", "instance",
-        "http_status",
+        "http_status", "signalled_by",
     ):  # fmt: skip
         args[column] = [getattr(a, column) for a in history]
     return args
@@ -311,8 +321,8 @@ class PgWorkflowStore:
                 if event is not None:
                     data = event.data.decode()
                     at = event.published_at
-                    args = (event.seq, event.topic, data, event.key, at, EVENTS_CHANNEL)
-                    stored = conn.execute(_EVENT, args)
+                    args = (event.seq, event.topic, data, event.key, at, event.actor)
+                    stored = conn.execute(_EVENT, (*args, EVENTS_CHANNEL))
                 inserted = [
                     conn.execute(
                         _INSERT_NEW if p.idempotency_key is None else _INSERT_KEYED, _row(p)
@@ -502,31 +512,36 @@ class PgWorkflowStore:
 
         return await self._db.write(write)
 
-    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+    async def add_signal(
+        self, process_id: str, name: str, data: bytes, at: float, by: str | None = None
+    ) -> Signal:
         def write(conn: Connection) -> int:
             row = conn.execute(
-                "INSERT INTO process_signals (process, name, data, sent_at) "
-                "VALUES (%s, %s, %s, %s) RETURNING seq",
-                (process_id, name, data.decode(), at),
+                "INSERT INTO process_signals (process, name, data, sent_at, sent_by) "
+                "VALUES (%s, %s, %s, %s, %s) RETURNING seq",
+                (process_id, name, data.decode(), at, by),
             ).fetchone()
             assert row is not None  # RETURNING of an INSERT
             conn.execute(_WAKE_SIGNALLED, (at, process_id, at))  # due now, even after a crash
             return int(row[0])
 
         seq = await self._db.write(write)
-        return Signal(seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at)
+        return Signal(
+            seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at, by=by
+        )
 
     async def pending_signals(self) -> list[Signal]:
         """Signals not yet taken by unfinished processes, oldest first."""
 
         def read(conn: Connection) -> list[Signal]:
             rows = conn.execute(
-                "SELECT s.seq, s.process, s.name, s.data, s.sent_at FROM process_signals s "
-                "JOIN processes p ON p.id = s.process WHERE p.finished_at IS NULL ORDER BY s.seq"
+                "SELECT s.seq, s.process, s.name, s.data, s.sent_at, s.sent_by "
+                "FROM process_signals s JOIN processes p ON p.id = s.process "
+                "WHERE p.finished_at IS NULL ORDER BY s.seq"
             ).fetchall()
             return [
-                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at)
-                for seq, p, n, data, at in rows
+                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at, by=by)
+                for seq, p, n, data, at, by in rows
             ]
 
         return await self._db.read(read)
@@ -553,8 +568,7 @@ class PgWorkflowStore:
             if row is None:
                 return None
             history = conn.execute(
-                "SELECT step, kind, attempt, started_at, ended_at, outcome, error, instance, "
-                "http_status FROM process_history WHERE process = %s ORDER BY n",
+                f"SELECT {_HISTORY} FROM process_history WHERE process = %s ORDER BY n",  # noqa: S608
                 [row[0]],
             ).fetchall()
             return _process(row), [_attempt(h) for h in history]
@@ -597,29 +611,30 @@ class PgWorkflowStore:
     async def events_since(self, topic: str, seq: int) -> list[StoredEvent]:
         def read(conn: Connection) -> list[StoredEvent]:
             rows = conn.execute(
-                "SELECT seq, topic, data, published_at FROM events "
+                "SELECT seq, topic, data, published_at, actor FROM events "
                 "WHERE topic = %s AND seq > %s ORDER BY seq",
                 [topic, seq],
             ).fetchall()
             return [
-                StoredEvent(seq=s, topic=t, data=orjson.loads(data), published_at=at)
-                for s, t, data, at in rows
+                StoredEvent(seq=s, topic=t, data=orjson.loads(data), published_at=at, actor=by)
+                for s, t, data, at, by in rows
             ]
 
         return await self._db.read(read)
 
     async def events_after(
         self, seq: int, upto: int, limit: int
-    ) -> list[tuple[int, str, bytes, float]]:
-        """Stored events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time)."""
+    ) -> list[tuple[int, str, bytes, float, str | None]]:
+        """Stored events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time,
+        actor)."""
 
-        def read(conn: Connection) -> list[tuple[int, str, bytes, float]]:
+        def read(conn: Connection) -> list[tuple[int, str, bytes, float, str | None]]:
             rows = conn.execute(
-                "SELECT seq, topic, data, published_at FROM events "
+                "SELECT seq, topic, data, published_at, actor FROM events "
                 "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s",
                 [seq, upto, limit],
             ).fetchall()
-            return [(s, t, data.encode(), at) for s, t, data, at in rows]
+            return [(s, t, data.encode(), at, by) for s, t, data, at, by in rows]
 
         return await self._db.read(read)
 

@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS processes (
     wait_topic TEXT,
     wait_keys TEXT,
     wait_match TEXT,
+    started_by TEXT,
+    cancelled_by TEXT,
     UNIQUE (workflow, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS processes_open ON processes (status) WHERE finished_at IS NULL;
@@ -88,6 +90,7 @@ CREATE TABLE IF NOT EXISTS process_history (
     error TEXT,
     instance TEXT,
     http_status INTEGER,
+    signalled_by TEXT,
     PRIMARY KEY (process, n)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -95,7 +98,8 @@ CREATE TABLE IF NOT EXISTS events (
     topic TEXT NOT NULL,
     data TEXT NOT NULL,
     key TEXT UNIQUE,
-    published_at REAL NOT NULL
+    published_at REAL NOT NULL,
+    actor TEXT
 );
 CREATE INDEX IF NOT EXISTS events_topic ON events (topic, seq);
 CREATE TABLE IF NOT EXISTS workflow_definitions (
@@ -111,7 +115,8 @@ CREATE TABLE IF NOT EXISTS process_signals (
     process TEXT NOT NULL,
     name TEXT NOT NULL,
     data TEXT NOT NULL,
-    sent_at REAL NOT NULL
+    sent_at REAL NOT NULL,
+    sent_by TEXT
 );
 CREATE INDEX IF NOT EXISTS process_signals_process ON process_signals (process, seq);
 CREATE INDEX IF NOT EXISTS events_published ON events (published_at);
@@ -130,20 +135,28 @@ _STATE = (
     "id, workflow, status, input, outputs, idempotency_key, created_at, updated_at, "
     "finished_at, deadline_at, deadline_missed, position, attempt, wake_at, wait_seq, "
     "compensating_from, cancel_requested, error, output, workflow_version, branches, "
-    "due_at, wait_topic, wait_keys, wait_match"
+    "due_at, wait_topic, wait_keys, wait_match, started_by, cancelled_by"
 )
 _COLUMNS = f"{_STATE}, owner"
-# Columns added since the first release: a file written before gets them at open.
+# Columns added since the first release, by table: a file written before gets them at open.
 _ADDED_COLUMNS = {
-    "output": "TEXT",
-    "workflow_version": "INTEGER NOT NULL DEFAULT 1",
-    "branches": "TEXT",  # parallel steps' branch states (JSON); NULL: none
-    "owner": "TEXT",  # the member key running it (workflows/records.py Process.owner)
-    # Residency (Process.due_at, the event it waits for); see _BACKFILL.
-    "due_at": "REAL",
-    "wait_topic": "TEXT",
-    "wait_keys": "TEXT",
-    "wait_match": "TEXT",
+    "processes": {
+        "output": "TEXT",
+        "workflow_version": "INTEGER NOT NULL DEFAULT 1",
+        "branches": "TEXT",  # parallel steps' branch states (JSON); NULL: none
+        "owner": "TEXT",  # the member key running it (workflows/records.py Process.owner)
+        # Residency (Process.due_at, the event it waits for); see _BACKFILL.
+        "due_at": "REAL",
+        "wait_topic": "TEXT",
+        "wait_keys": "TEXT",
+        "wait_match": "TEXT",
+        # Who started and who cancelled it (names, never tokens); NULL on older rows.
+        "started_by": "TEXT",
+        "cancelled_by": "TEXT",
+    },
+    "process_history": {"signalled_by": "TEXT"},  # who sent the signal a wait step took
+    "process_signals": {"sent_by": "TEXT"},
+    "events": {"actor": "TEXT"},  # who published it
 }
 # Processes stored before due_at existed would never be due (the engine loads by it):
 # due at their last checkpoint, so the next open loads each and its checkpoint sets it.
@@ -154,6 +167,9 @@ _MARKS = ", ".join("?" * len(_STATE.split(",")))
 # Built from the constants above only (no input reaches these strings).
 _SELECT = f"SELECT seq, {_COLUMNS}"
 _INSERT = f"INSERT INTO processes ({_COLUMNS}) VALUES ({_MARKS}, ?)"  # noqa: S608
+_HISTORY = (
+    "step, kind, attempt, started_at, ended_at, outcome, error, instance, http_status, signalled_by"
+)
 # Fenced: the row is written only while it names the checkpoint's owner.
 _UPDATE = f"UPDATE processes SET ({_STATE}) = ({_MARKS}) WHERE seq = ? AND owner IS ?"  # noqa: S608
 _HISTORY_COUNT = "(SELECT count(*) FROM process_history h WHERE h.process = processes.seq)"
@@ -238,13 +254,15 @@ def _row(process: Process) -> tuple[Any, ...]:
         process.wait_topic,
         process.wait_keys,
         process.wait_match,
+        process.started_by,
+        process.cancelled_by,
     )
 
 
 def _process(row: tuple[Any, ...]) -> Process:
     (seq, id_, workflow, status, input_, outputs, key, created, updated, finished) = row[:10]
     (deadline, missed, position, attempt, wake, wait_seq, compensating, cancel, error) = row[10:19]
-    output, version, branches, due, topic, keys, match, owner = row[19:27]
+    output, version, branches, due, topic, keys, match, started_by, cancelled_by = row[19:28]
     return Process(
         id=id_,
         workflow=workflow,
@@ -267,13 +285,15 @@ def _process(row: tuple[Any, ...]) -> Process:
         output=None if output is None else orjson.loads(output),
         workflow_version=version,
         branches=stored_branches(branches),
-        owner=owner,
         due_at=due,
         wait_topic=topic,
         wait_keys=keys,
         wait_match=match,
+        started_by=started_by,
+        cancelled_by=cancelled_by,
+        owner=row[28],
         seq=seq,
-        history_count=row[27],  # every query selects the history count (or 0) last
+        history_count=row[29],  # every query selects the history count (or 0) last
     )
 
 
@@ -311,7 +331,7 @@ def _stored_history(d: sqlite_utils.Database, seq: int) -> int:
 
 
 def _attempt(row: tuple[Any, ...]) -> Attempt:
-    step, kind, attempt, started, ended, outcome, error, instance, http_status = row
+    step, kind, attempt, started, ended, outcome, error, instance, http_status, by = row
     return Attempt(
         step=step,
         kind=AttemptKind(kind),
@@ -322,6 +342,7 @@ def _attempt(row: tuple[Any, ...]) -> Attempt:
         error=error,
         instance=instance,
         http_status=http_status,
+        signalled_by=by,
     )
 
 
@@ -338,12 +359,13 @@ class SqliteWorkflowStore:
             # One statement at a time: executescript would commit the group's transaction.
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 d.conn.execute(statement)
-            have = {row[1] for row in d.conn.execute("PRAGMA table_info(processes)")}
-            for column, kind in _ADDED_COLUMNS.items():
-                if column not in have:  # constants only reach this statement
-                    d.conn.execute(f"ALTER TABLE processes ADD COLUMN {column} {kind}")
-                    if column in _BACKFILL:
-                        d.conn.execute(_BACKFILL[column])
+            for table, added in _ADDED_COLUMNS.items():
+                have = {row[1] for row in d.conn.execute(f"PRAGMA table_info({table})")}
+                for column, kind in added.items():
+                    if column not in have:  # constants only reach this statement
+                        d.conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                        if column in _BACKFILL:
+                            d.conn.execute(_BACKFILL[column])
             for statement in filter(str.strip, _INDEXES.split(";")):
                 d.conn.execute(statement)
 
@@ -368,9 +390,16 @@ class SqliteWorkflowStore:
             conn, seq = d.conn, None
             if event is not None:
                 cursor = conn.execute(
-                    "INSERT INTO events (seq, topic, data, key, published_at) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
-                    (event.seq, event.topic, event.data.decode(), event.key, event.published_at),
+                    "INSERT INTO events (seq, topic, data, key, published_at, actor) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO NOTHING",
+                    (
+                        event.seq,
+                        event.topic,
+                        event.data.decode(),
+                        event.key,
+                        event.published_at,
+                        event.actor,
+                    ),
                 )
                 seq = event.seq if cursor.rowcount else None
                 if seq is not None:
@@ -428,7 +457,8 @@ class SqliteWorkflowStore:
             if history:
                 start = first if first is not None else _stored_history(d, seq)
                 d.conn.executemany(
-                    "INSERT INTO process_history VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO process_history (process, n, {_HISTORY}) "  # noqa: S608
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             seq,
@@ -442,6 +472,7 @@ class SqliteWorkflowStore:
                             a.error,
                             a.instance,
                             a.http_status,
+                            a.signalled_by,
                         )
                         for n, a in enumerate(history)
                     ],
@@ -569,29 +600,35 @@ class SqliteWorkflowStore:
 
         return await self._db.write(write)
 
-    async def add_signal(self, process_id: str, name: str, data: bytes, at: float) -> Signal:
+    async def add_signal(
+        self, process_id: str, name: str, data: bytes, at: float, by: str | None = None
+    ) -> Signal:
         def write(d: sqlite_utils.Database) -> int:
             cursor = d.conn.execute(
-                "INSERT INTO process_signals (process, name, data, sent_at) VALUES (?, ?, ?, ?)",
-                (process_id, name, data.decode(), at),
+                "INSERT INTO process_signals (process, name, data, sent_at, sent_by) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (process_id, name, data.decode(), at, by),
             )
             d.conn.execute(_WAKE_SIGNALLED, (at, process_id, at))  # due now, even after a crash
             return int(cursor.lastrowid or 0)
 
         seq = await self._db.write(write)
-        return Signal(seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at)
+        return Signal(
+            seq=seq, process=process_id, name=name, data=orjson.loads(data), sent_at=at, by=by
+        )
 
     async def pending_signals(self) -> list[Signal]:
         """Signals not yet taken by unfinished processes, oldest first."""
 
         def read(d: sqlite_utils.Database) -> list[Signal]:
             rows = d.execute(
-                "SELECT s.seq, s.process, s.name, s.data, s.sent_at FROM process_signals s "
-                "JOIN processes p ON p.id = s.process WHERE p.finished_at IS NULL ORDER BY s.seq"
+                "SELECT s.seq, s.process, s.name, s.data, s.sent_at, s.sent_by "
+                "FROM process_signals s JOIN processes p ON p.id = s.process "
+                "WHERE p.finished_at IS NULL ORDER BY s.seq"
             ).fetchall()
             return [
-                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at)
-                for seq, p, n, data, at in rows
+                Signal(seq=seq, process=p, name=n, data=orjson.loads(data), sent_at=at, by=by)
+                for seq, p, n, data, at, by in rows
             ]
 
         return await self._db.read(read)
@@ -617,8 +654,7 @@ class SqliteWorkflowStore:
             if row is None:
                 return None
             history = d.execute(
-                "SELECT step, kind, attempt, started_at, ended_at, outcome, error, instance, "
-                "http_status FROM process_history WHERE process = ? ORDER BY n",
+                f"SELECT {_HISTORY} FROM process_history WHERE process = ? ORDER BY n",  # noqa: S608
                 [row[0]],
             ).fetchall()
             return _process(row), [_attempt(h) for h in history]
@@ -661,29 +697,30 @@ class SqliteWorkflowStore:
     async def events_since(self, topic: str, seq: int) -> list[StoredEvent]:
         def read(d: sqlite_utils.Database) -> list[StoredEvent]:
             rows = d.execute(
-                "SELECT seq, topic, data, published_at FROM events "
+                "SELECT seq, topic, data, published_at, actor FROM events "
                 "WHERE topic = ? AND seq > ? ORDER BY seq",
                 [topic, seq],
             ).fetchall()
             return [
-                StoredEvent(seq=s, topic=t, data=orjson.loads(data), published_at=at)
-                for s, t, data, at in rows
+                StoredEvent(seq=s, topic=t, data=orjson.loads(data), published_at=at, actor=by)
+                for s, t, data, at, by in rows
             ]
 
         return await self._db.read(read)
 
     async def events_after(
         self, seq: int, upto: int, limit: int
-    ) -> list[tuple[int, str, bytes, float]]:
-        """Stored events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time)."""
+    ) -> list[tuple[int, str, bytes, float, str | None]]:
+        """Stored events with `seq < id <= upto`, oldest first, as (id, topic, JSON, time,
+        actor)."""
 
-        def read(d: sqlite_utils.Database) -> list[tuple[int, str, bytes, float]]:
+        def read(d: sqlite_utils.Database) -> list[tuple[int, str, bytes, float, str | None]]:
             rows = d.execute(
-                "SELECT seq, topic, data, published_at FROM events "
+                "SELECT seq, topic, data, published_at, actor FROM events "
                 "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
                 [seq, upto, limit],
             ).fetchall()
-            return [(s, t, data.encode(), at) for s, t, data, at in rows]
+            return [(s, t, data.encode(), at, by) for s, t, data, at, by in rows]
 
         return await self._db.read(read)
 

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, Field, RootModel
 
+from monitor.http.audit import actor
 from monitor.http.auth import Authorizer
 from monitor.http.body import parse_json_object
 from monitor.http.errors import HttpError
@@ -99,7 +100,8 @@ class EventRoutes:
             raise HttpError(403, f"topics under {', '.join(DAEMON_TOPICS)} are the daemon's own")
         self.auth.require(request, "publish", topic)
         data = await parse_json_object(request, "the event")
-        seq = await self.engine.publish(topic, data, request.headers.get("Idempotency-Key"))
+        key = request.headers.get("Idempotency-Key")
+        seq = await self.engine.publish(topic, data, key, by=actor(request))
         return json_response({"id": seq, "topic": topic, "duplicate": seq is None}, status=202)
 
     @table.get(
@@ -108,7 +110,14 @@ class EventRoutes:
         summary="Server-Sent Events of the bus",
         query=StreamQuery,
         headers=StreamHeaders,
-        replies=(Reply(status=200, description="an event stream", media="text/event-stream"),),
+        replies=(
+            Reply(
+                status=200,
+                description="an event stream; each `data:` is {id, topic, time, data}, with "
+                "`actor` (who published it) beside `data` for an event published to the store",
+                media="text/event-stream",
+            ),
+        ),
         errors=(400, 401),
     )
     async def stream(self, request: web.Request) -> web.StreamResponse:

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from monitor.http.audit import answered, audited
+from monitor.http.audit import actor, answered, audited
 from monitor.http.auth import GRANT, Authorizer, Grant
 from monitor.http.body import parse_body, parse_json_object, query_int, read_body
 from monitor.http.errors import HttpError
@@ -101,6 +101,15 @@ class ProcessSummary(BaseModel):
     workflow_version: int | None = Field(
         default=None, description="the definition version the process runs"
     )
+    started_by: str | None = Field(
+        default=None,
+        description="who started it: a token's name (`anonymous` when auth is off), "
+        "`schedule`, or `event:<topic>` for an event's trigger; null on processes stored "
+        "before it was kept",
+    )
+    cancelled_by: str | None = Field(
+        default=None, description="who cancelled it through the API (a token's name)"
+    )
 
 
 class WaitingFor(BaseModel):
@@ -132,7 +141,10 @@ class Process(ProcessSummary):
         description="the result: the `output:` template (so far, while running), else every "
         "step's output; null when the process failed",
     )
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]] = Field(
+        description="every attempt, oldest first; a `wait_for: {signal}` step's names who "
+        "sent the signal it took (`signalled_by`)"
+    )
 
 
 class ProcessPage(BaseModel):
@@ -345,7 +357,7 @@ class WorkflowRoutes:
         self, request: web.Request, name: str, input_: dict[str, Any], key: str | None
     ) -> web.Response:
         wait = _wait(request)
-        process, created = await self.engine.start(name, input_, key)
+        process, created = await self.engine.start(name, input_, key, by=actor(request))
         if wait and await self.engine.wait(process.id, wait):
             return json_response(await self._full(process.id), status=200)
         return json_response(
@@ -402,7 +414,7 @@ class WorkflowRoutes:
     async def cancel(self, request: web.Request) -> web.Response:
         process_id = request.match_info["id"]
         await self._scoped(request, "cancel", process_id)
-        process = await self.engine.cancel(process_id)
+        process = await self.engine.cancel(process_id, by=actor(request))
         return json_response({"id": process.id, "status": process.status}, status=202)
 
     @table.post(
@@ -422,7 +434,7 @@ class WorkflowRoutes:
             raise HttpError(400, "a signal name is 1-128 of A-Z a-z 0-9 . _ -")
         await self._scoped(request, "signal", process_id)
         data = await parse_json_object(request, "a signal")
-        process = await self.engine.signal(process_id, name, data)
+        process = await self.engine.signal(process_id, name, data, by=actor(request))
         return json_response({"id": process.id, "status": process.status}, status=202)
 
     async def _scoped(self, request: web.Request, verb: str, process_id: str) -> None:
