@@ -16,7 +16,17 @@ from monitor.health.metrics import ProbeMetrics, render
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
-from monitor.http.routes import cluster, events, health, login, page, slos, tasks, workflows
+from monitor.http.routes import (
+    audit,
+    cluster,
+    events,
+    health,
+    login,
+    page,
+    slos,
+    tasks,
+    workflows,
+)
 from monitor.http.routes import registry as registry_routes
 from monitor.metrics.exposition import gzip_join
 from monitor.slo.metrics import SloMetrics
@@ -156,6 +166,7 @@ def daemon_document(workflow_routes: Mapping[str, str] | None = None) -> dict[st
             *page.table.routes,
             *login.table.routes,
             *cluster.table.routes,
+            *audit.table.routes,
             *(workflows.workflow_route(path, name) for path, name in routed.items()),
         ],
         version=_version(),
