@@ -334,6 +334,7 @@ async def test_subscribe_yields_published_events_in_order(daemon: DaemonProcess)
         await events.aclose()
     assert [e.id for e in got] == ids
     assert [(e.topic, e.data) for e in got] == [("grant.submitted", {"n": n}) for n in range(3)]
+    assert {e.actor for e in got} == {"anonymous"}  # who published it: no auth here
 
 
 async def test_subscribe_passes_a_large_event_whole(daemon: DaemonProcess) -> None:

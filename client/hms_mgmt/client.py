@@ -80,6 +80,9 @@ class Event:
     topic: str
     time: float
     data: Any
+    # Who published it (a token's name, `anonymous`, `process:<id>` for a publish step);
+    # None for the daemon's own news.
+    actor: str | None = None
 
 
 class ProcessHandle:
@@ -345,6 +348,7 @@ class Client:
                         topic=str(body.get("topic", fields.get("event", ""))),
                         time=float(body.get("time", 0.0)),
                         data=body.get("data"),
+                        actor=body.get("actor"),
                     )
                 fields = {}
 
