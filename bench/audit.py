@@ -219,9 +219,14 @@ def measure(
     return figures
 
 
+def succeeded(load: Load, duration: int) -> float:
+    """2xx answers/s: a start shed with 503 (overloaded) started nothing."""
+    return load.requests_per_second - load.errors / duration
+
+
 def report(store: str, figures: Figures, duration: int) -> list[str]:
-    """A line per figure: each side's median 2xx answers/s (a start shed with 503 started
-    nothing) and p99, their ratio and the verdict."""
+    """A line per figure: each side's median 2xx answers/s and p99, their ratio and the
+    verdict."""
     lines = []
     for kind, name in (("register", "registrations (new ids)"), ("start", "workflow starts")):
         cells, rates, errors = [], {}, []
@@ -230,9 +235,7 @@ def report(store: str, figures: Figures, duration: int) -> list[str]:
             if not loads:
                 cells.append(f"{'(not run)':>19}")
                 continue
-            rates[side] = statistics.median(
-                load.requests_per_second - load.errors / duration for load in loads
-            )
+            rates[side] = statistics.median(succeeded(load, duration) for load in loads)
             p99 = statistics.median(load.p99_ms for load in loads)
             cells.append(f"{rates[side]:7,.0f} /s {p99:6.1f} ms")
             if failed := sum(load.errors for load in loads):
@@ -243,6 +246,19 @@ def report(store: str, figures: Figures, duration: int) -> list[str]:
             verdict = f"{ratio:6.3f}x {'met' if ratio >= GOAL else 'missed'}"
         failures = f"  non-2xx/errors: {', '.join(errors)}" if errors else ""
         lines.append(f"  {store:10} {name:23} {cells[0]}  {cells[1]}  {verdict}{failures}")
+    return lines
+
+
+def spread(store: str, figures: Figures, duration: int) -> list[str]:
+    """Every run's 2xx answers/s, in the order run: how far one run is from the median."""
+    lines = []
+    for kind, name in (("register", "registrations"), ("start", "starts")):
+        sides = []
+        for side in ("before", "after"):
+            loads = figures.runs.get((side, kind), [])
+            rates = " ".join(f"{succeeded(load, duration):,.0f}" for load in loads)
+            sides.append(f"{side} {rates or '-'}")
+        lines.append(f"  {store:10} {name:14} {' | '.join(sides)}")
     return lines
 
 
@@ -308,6 +324,9 @@ def main() -> None:
     )
     for store, figures in results.items():
         print("\n".join(report(store, figures, args.duration)))
+    print("  each run, 2xx answers/s:")
+    for store, figures in results.items():
+        print("\n".join(spread(store, figures, args.duration)))
     for store, figures in results.items():
         print(f"  audit records written by 'after' on {store}: {figures.records or 0:,}")
         if figures.base_has_trail:
