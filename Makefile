@@ -41,6 +41,7 @@ bench: $(BIN)/hms-mgmt
 	$(BIN)/python -m bench.tasks
 	$(BIN)/python -m bench.page
 	$(BIN)/python -m bench.overload
+	$(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

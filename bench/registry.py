@@ -87,24 +87,30 @@ end
 """
 
 
-def json_lua(method: str, path: str, body: str, prelude: str = "") -> str:
-    """A wrk script sending JSON; `path` and `body` are Lua expressions of `counter`."""
+def json_lua(
+    method: str, path: str, body: str, prelude: str = "", headers: dict[str, str] | None = None
+) -> str:
+    """A wrk script sending JSON; `path` and `body` are Lua expressions of `counter`;
+    `headers` are sent besides Content-Type (wrk's -H is ignored by a script's requests)."""
+    fields = {"Content-Type": "application/json", **(headers or {})}
+    table = ", ".join(f'["{name}"] = "{value}"' for name, value in fields.items())
     return f"""{prelude}
 counter = 0
 request = function()
   counter = counter + 1
-  local headers = {{["Content-Type"] = "application/json"}}
+  local headers = {{{table}}}
   return wrk.format("{method}", {path}, headers, {body})
 end
 """
 
 
-def register_lua(run: int, target: str) -> str:
+def register_lua(run: int, target: str, headers: dict[str, str] | None = None) -> str:
     """Each PUT a new instance id, also across runs: `run` makes every run's ids its own
     (the old script drew its prefix from an unseeded math.random, so runs after the first
     re-sent the same ids and bodies: no-op renewals, never written)."""
     body = f"""'{{"url": "{target}", "ttl": "1h", "meta": {{"n": "' .. counter .. '"}}}}'"""
-    return json_lua("PUT", f'"/v1/services/reg/instances/r{run}-" .. counter', body)
+    path = f'"/v1/services/reg/instances/r{run}-" .. counter'
+    return json_lua("PUT", path, body, headers=headers)
 
 
 def renew_lua(n: int, target: str) -> str:
@@ -183,10 +189,11 @@ def server(
     log: Path,
     *,
     preexec_fn: Callable[[], None] | None = None,
+    root: Path = DAEMON_ROOT,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """A process for the length of the block: ready when `url`/readyz answers (or after
     half a second without one); SIGTERM, then SIGKILL, at the end."""
-    process = spawn(argv, log, preexec_fn=preexec_fn)
+    process = spawn(argv, log, preexec_fn=preexec_fn, root=root)
     try:
         if url is None:
             time.sleep(0.5)
@@ -200,12 +207,18 @@ def server(
 
 
 def spawn(
-    argv: list[str], log: Path, *, preexec_fn: Callable[[], None] | None = None
+    argv: list[str],
+    log: Path,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    root: Path = DAEMON_ROOT,
 ) -> subprocess.Popen[bytes]:
-    """`argv` run in the daemon's checkout, its output appended to `log`; not waited for."""
+    """`argv` run in the daemon's checkout `root`, its output appended to `log`; not waited
+    for. `python -m monitor` imports the daemon from `root`: the working directory comes
+    first on sys.path, ahead of the venv's editable install of another checkout."""
     with log.open("ab") as out:
         return subprocess.Popen(
-            argv, cwd=DAEMON_ROOT, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
+            argv, cwd=root, stdout=out, stderr=subprocess.STDOUT, preexec_fn=preexec_fn
         )
 
 
@@ -279,12 +292,13 @@ async def run_aiohttp_load(
     paths: Iterator[tuple[str, bytes | None]],
     duration: int,
     connections: int,
+    headers: dict[str, str] | None = None,
 ) -> Load:
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + duration
     connector = aiohttp.TCPConnector(limit=connections)
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **(headers or {})}
     async with aiohttp.ClientSession(url, connector=connector, headers=headers) as http:
 
         async def worker() -> None:
