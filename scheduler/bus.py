@@ -245,6 +245,11 @@ class EventBus:
             self._position = max(self._position, first)
             self._deliver(self._held.pop(first))
 
+    def wants(self, topic: str) -> bool:
+        """Whether an event on `topic` would reach any subscriber (else its data need not
+        even be built)."""
+        return bool(self._targets(topic))
+
     def wants_relayed(self, topic: str) -> bool:
         """Whether an event relayed from another replica on `topic` would reach anyone here
         (a subscriber that is not `local_only`): else the relay need not even decode it."""

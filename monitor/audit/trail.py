@@ -1,6 +1,6 @@
 """The audit trail: who changed what, when, and who tried and was refused (DESIGN §3).
 
-A change's record rides in the change's own transaction (`riding`, storage/riders.py):
+A change's record rides in the change's own transaction (`mount`, storage/riders.py):
 a crash keeps both or neither. Changes that write nothing else (a sign-in, a config
 reload) get a transaction of their own (`record`). Refusals (401, 403) are counted in
 memory and written once a second, one row per actor, action and minute with its count, so
@@ -16,10 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from monitor.audit.abc import REFUSED, AuditQuery, AuditRecord, AuditStore
-from monitor.storage.riders import riding
+from monitor.storage.riders import Mounted, mount
 from registry import StoreUnavailable
 from scheduler import EventBus
 
@@ -46,18 +46,18 @@ class AuditTrail:
     def now(self) -> float:
         return self._clock()
 
-    @contextlib.contextmanager
-    def riding(self, record: AuditRecord) -> Iterator[None]:
-        """`record` is written with the next write this request makes (if it makes one)."""
-        with riding(self.store.rider(record)):
-            yield
+    def mount(self, record: AuditRecord) -> Mounted:
+        """`record` is written with the next write this request makes (if it makes one),
+        until `unmount`."""
+        return mount(self.store.rider(record))
 
     def written(self, record: AuditRecord) -> None:
         """A record is durable (its id is set): tell the log and the bus."""
         log.info(
             "audit: %s %s %s -> %d", record.actor, record.action, record.target, record.outcome
         )
-        self._bus.publish(TOPIC, record.json())
+        if self._bus.wants(TOPIC):  # a notification or an audit reader's stream
+            self._bus.publish(TOPIC, record.json())
 
     async def record(self, record: AuditRecord) -> None:
         """A record in its own transaction (raises StoreUnavailable if it cannot be kept)."""

@@ -6,6 +6,7 @@ Only audited routes are wrapped: heartbeats, task polls and publishes pay nothin
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -16,11 +17,14 @@ from monitor.audit.abc import ANONYMOUS, AuditRecord
 from monitor.audit.trail import AuditTrail
 from monitor.http.auth import GRANT
 from monitor.http.forward import FORWARDED_BY
-from monitor.storage.riders import dismount
+from monitor.storage.riders import dismount, unmount
 
 TRAIL = web.AppKey("hms_audit_trail", AuditTrail)
 RECORD = web.RequestKey("hms_audit_record", AuditRecord)
 REQUEST_ID = "X-Request-Id"
+# Ours: unique, not secret (this daemon's random prefix, then a count).
+_PREFIX = secrets.token_hex(4) + "-"
+_REQUESTS = itertools.count(1)
 # A proxy's request id is kept when it looks like one; anything else gets ours.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 MAX_TARGET = 256
@@ -29,8 +33,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def request_id(request: web.Request) -> str:
-    given = request.headers.get(REQUEST_ID, "")
-    return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+    given = request.headers.get(REQUEST_ID)
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{_PREFIX}{next(_REQUESTS):x}"
 
 
 def actor(request: web.Request) -> str:
@@ -85,12 +91,14 @@ def audited(action: str, outcome: int, target: str | None, handler: Handler) -> 
         subject = target if target is not None else "/".join(request.match_info.values())
         record = note(request, trail, action, subject, outcome)
         request[RECORD] = record
+        mounted = trail.mount(record)
         try:
-            with trail.riding(record):
-                response = await handler(request)
+            response = await handler(request)
         except web.HTTPException as answer:  # a redirect (a sign-in) is answered by raising
             _answered(request, trail, record, answer)
             raise
+        finally:
+            unmount(mounted)
         _answered(request, trail, record, response)
         return response
 

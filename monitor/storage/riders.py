@@ -8,16 +8,15 @@ its context, on either database, takes it (`carried`) and runs it after its own 
 in its transaction. A request whose change writes nothing (an unchanged re-registration,
 a start with a known idempotency key) leaves its rider unwritten: there was no change.
 
-The rider lives in a context variable, set for the length of one request (`riding`): each
+The rider lives in a context variable, set for the length of one request (`mount`): each
 request of a keep-alive connection runs in the same task, so it is reset after each.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar, Token
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -65,14 +64,17 @@ class _Seat:
 _SEAT: ContextVar[_Seat | None] = ContextVar("hms_rider", default=None)
 
 
-@contextlib.contextmanager
-def riding(rider: Rider) -> Iterator[None]:
-    """`rider` goes with the next write this task submits, within the block."""
-    token = _SEAT.set(_Seat(rider, asyncio.current_task()))
-    try:
-        yield
-    finally:
-        _SEAT.reset(token)
+Mounted = Token[_Seat | None]
+
+
+def mount(rider: Rider) -> Mounted:
+    """`rider` goes with the next write this task submits, until `unmount` (in a
+    `finally`: a keep-alive connection's next request runs in the same task)."""
+    return _SEAT.set(_Seat(rider, asyncio.current_task()))
+
+
+def unmount(mounted: Mounted) -> None:
+    _SEAT.reset(mounted)
 
 
 def carried(fn: Callable[[Any], T]) -> Callable[[Any], T]:

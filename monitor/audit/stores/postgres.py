@@ -8,6 +8,7 @@ from monitor.storage.riders import Ordered
 from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
+_INSERT = sql.insert("%s") + " RETURNING id"
 
 
 class _Rider:
@@ -18,7 +19,7 @@ class _Rider:
         self.record = record
 
     def write(self, conn: Connection) -> None:
-        row = conn.execute(sql.insert("%s") + " RETURNING id", sql.values(self.record)).fetchone()
+        row = conn.execute(_INSERT, sql.values(self.record)).fetchone()
         assert row is not None
         self.record.id = int(row[0])
 

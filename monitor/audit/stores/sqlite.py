@@ -8,6 +8,8 @@ from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.audit.stores import sql
 from registry.stores.sqlite import Transactor
 
+_INSERT = sql.insert("?")
+
 
 class _Rider:
     __slots__ = ("record",)
@@ -16,7 +18,7 @@ class _Rider:
         self.record = record
 
     def write(self, conn: sqlite_utils.Database) -> None:
-        cursor = conn.execute(sql.insert("?"), sql.values(self.record))
+        cursor = conn.conn.execute(_INSERT, sql.values(self.record))
         self.record.id = cursor.lastrowid
 
 
