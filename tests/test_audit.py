@@ -354,3 +354,20 @@ async def test_a_notification_forwards_each_record_to_a_webhook(
         ("payments", "payments/p1"),
         ("payments", "payments/p2"),
     ]
+
+
+async def test_changes_committed_together_keep_each_its_own_record(up: AppClient) -> None:
+    """A hundred registrations at once share group-committed batches; each record still
+    names its own change and the request that made it."""
+
+    async def put(n: int) -> tuple[str, str]:
+        path = f"/v1/services/payments/instances/b{n}"
+        resp = await up.put(path, json=BODY, headers=bearer(ADMIN))
+        assert resp.status == 201
+        return f"payments/b{n}", resp.headers["X-Request-Id"]
+
+    answered = dict(await asyncio.gather(*(put(n) for n in range(100))))
+    records = await trail(up, action="instance.register", limit="1000")
+    assert {r["target"]: r["request_id"] for r in records} == answered
+    ids = [r["id"] for r in records]
+    assert ids == sorted(set(ids))

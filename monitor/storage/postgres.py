@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from monitor.storage.riders import carried, locks
+from monitor.storage.riders import carried, locks, run_batch
 from registry import Overloaded, StoreUnavailable
 
 from .database import (
@@ -289,7 +289,7 @@ class PgDatabase:
         try:
             with conn.transaction():
                 _lock(conn, ordered)
-                return [(True, fn(conn)) for fn in fns]
+                return run_batch(conn, fns)
         except Exception:
             if conn.broken:
                 raise

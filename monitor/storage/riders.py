@@ -15,7 +15,7 @@ request of a keep-alive connection runs in the same task, so it is reset after e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any, Protocol, TypeVar
 
@@ -25,6 +25,11 @@ T = TypeVar("T")
 class Rider(Protocol):
     def write(self, conn: Any) -> None:
         """Run inside the carrying write's transaction, on the database's thread."""
+        ...
+
+    def write_all(self, conn: Any, riders: Sequence[Rider]) -> None:
+        """Write `riders` (this one's kind, this one among them) at once, at the end of
+        their batch's transaction: one round trip for a batch's records (PostgreSQL)."""
         ...
 
 
@@ -47,7 +52,7 @@ class Ordered:
 
 def locks(fns: Iterable[Callable[[Any], Any]]) -> list[str]:
     """The locks a batch of writes must take before its first one, in one order."""
-    return sorted({fn.lock for fn in fns if isinstance(fn, Ordered)})
+    return sorted({fn.lock for fn in fns if isinstance(fn, Ordered) and fn.lock})
 
 
 class _Seat:
@@ -77,20 +82,45 @@ def unmount(mounted: Mounted) -> None:
     _SEAT.reset(mounted)
 
 
+class Carried(Ordered):
+    """A write and the rider it carries: called, both in turn; in a batch (`run_batch`),
+    the write now and its rider with the batch's others at the end."""
+
+    __slots__ = ("rider",)
+
+    def __init__(self, fn: Callable[[Any], Any], rider: Rider) -> None:
+        super().__init__(fn, getattr(rider, "lock", ""))
+        self.rider = rider
+
+    def __call__(self, conn: Any) -> Any:
+        result = self.fn(conn)
+        self.rider.write(conn)
+        return result
+
+
 def carried(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     """`fn`, then the pending rider in the same transaction (taken: it rides once)."""
     seat = _SEAT.get()
     if seat is None or seat.rider is None or seat.task is not asyncio.current_task():
         return fn
     rider, seat.rider = seat.rider, None
+    return Carried(fn, rider)
 
-    def with_rider(conn: Any) -> T:
-        result = fn(conn)
-        rider.write(conn)
-        return result
 
-    lock = getattr(rider, "lock", None)
-    return Ordered(with_rider, lock) if lock is not None else with_rider
+def run_batch(conn: Any, fns: Sequence[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
+    """Each write of a batch, then its riders, a kind at a time (`Rider.write_all`): the
+    caller's transaction holds them all, so a record still commits with its change."""
+    outcomes: list[tuple[bool, Any]] = []
+    riders: dict[type, list[Rider]] = {}
+    for fn in fns:
+        if isinstance(fn, Carried):
+            outcomes.append((True, fn.fn(conn)))
+            riders.setdefault(type(fn.rider), []).append(fn.rider)
+        else:
+            outcomes.append((True, fn(conn)))
+    for kind in riders.values():
+        kind[0].write_all(conn, kind)
+    return outcomes
 
 
 def dismount() -> None:

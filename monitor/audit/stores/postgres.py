@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.audit.stores import sql
-from monitor.storage.riders import Ordered
+from monitor.storage.riders import Ordered, Rider
 from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
@@ -19,9 +21,18 @@ class _Rider:
         self.record = record
 
     def write(self, conn: Connection) -> None:
-        row = conn.execute(_INSERT, sql.values(self.record)).fetchone()
-        assert row is not None
-        self.record.id = int(row[0])
+        self.write_all(conn, [self])
+
+    def write_all(self, conn: Connection, riders: Sequence[Rider]) -> None:
+        """The batch's records in one round trip (executemany pipelines them)."""
+        records = [rider.record for rider in riders if isinstance(rider, _Rider)]
+        with conn.cursor() as cursor:
+            cursor.executemany(_INSERT, [sql.values(r) for r in records], returning=True)
+            for record in records:
+                row = cursor.fetchone()
+                if row is not None:  # INSERT ... RETURNING: always one
+                    record.id = int(row[0])
+                cursor.nextset()
 
 
 class PgAuditStore:

@@ -12,15 +12,16 @@ COLUMNS = ("time", "actor", "action", "target", "outcome", "request_id", "client
 
 
 def create(id_column: str) -> list[str]:
-    """`minute` is set on refusals only: the unique index then keeps one row per actor,
-    action and minute (NULLs never collide, so every other record is its own row)."""
+    """`minute` is set on refusals only: the unique index, partial, keeps one row per
+    actor, action and minute, and costs the other records (every change) nothing."""
     return [
         f"CREATE TABLE IF NOT EXISTS {TABLE} ({id_column}, time DOUBLE PRECISION NOT NULL, "
         "actor TEXT NOT NULL, action TEXT NOT NULL, target TEXT NOT NULL, "
         "outcome INTEGER NOT NULL, request_id TEXT NOT NULL, client TEXT NOT NULL, "
         "count INTEGER NOT NULL DEFAULT 1, minute BIGINT)",
         f"CREATE INDEX IF NOT EXISTS {TABLE}_time ON {TABLE} (time)",
-        f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_refusals ON {TABLE} (actor, action, minute)",
+        f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_refusals ON {TABLE} (actor, action, minute) "
+        "WHERE minute IS NOT NULL",
     ]
 
 
@@ -33,7 +34,7 @@ def insert_refusal(mark: str) -> str:
     marks = ", ".join([mark] * (len(COLUMNS) + 1))
     return (
         f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, minute) VALUES ({marks}) "  # noqa: S608
-        "ON CONFLICT (actor, action, minute) DO UPDATE SET count = "
+        "ON CONFLICT (actor, action, minute) WHERE minute IS NOT NULL DO UPDATE SET count = "
         f"{TABLE}.count + excluded.count"
     )
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import sqlite_utils
 
 from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.audit.stores import sql
+from monitor.storage.riders import Rider
 from registry.stores.sqlite import Transactor
 
 _INSERT = sql.insert("?")
@@ -20,6 +23,10 @@ class _Rider:
     def write(self, conn: sqlite_utils.Database) -> None:
         cursor = conn.conn.execute(_INSERT, sql.values(self.record))
         self.record.id = cursor.lastrowid
+
+    def write_all(self, conn: sqlite_utils.Database, riders: Sequence[Rider]) -> None:
+        for rider in riders:  # SQLite has no round trips to save
+            rider.write(conn)
 
 
 class SqliteAuditStore:
