@@ -18,9 +18,9 @@ from scheduler import Cron
 from workflows.schedules import RECHECK
 
 from .conftest import AppClient, FakeClock, until
-from .test_reload import config_file, reloaded, start_watched
+from .test_reload import config_file, reloaded
 
-__all__ = ["config_file", "start_watched"]  # fixtures used here
+__all__ = ["config_file"]  # a fixture used here
 
 # FakeClock's wall clock starts at 2027-01-15T08:00:00Z, a Friday, in winter.
 START = datetime(2027, 1, 15, 8, tzinfo=UTC)
