@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from monitor.storage.riders import carried
+from monitor.storage.riders import carried, run_batch
 from registry import Overloaded, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def _run_batch(
     writes, so they are used only to replay a batch in which some write failed."""
     try:
         with db.atomic():
-            return [(True, fn(db)) for fn in fns]
+            return run_batch(db, fns)  # the requests' audit records at its end
     except sqlite3.OperationalError:
         raise  # the database itself is failing (disk full, read-only): nothing can commit
     except Exception:

@@ -3,10 +3,11 @@
 The audit trail records a change in the same transaction as the change (DESIGN §3): a
 crash keeps both or neither. The change is written deep in a store (the registry's,
 the engine's) that knows nothing of who asked; the request knows who asked and nothing of
-the store. So the request leaves a rider here (`ride`), and the next write submitted from
-its context, on either database, takes it (`carried`) and runs it after its own function,
-in its transaction. A request whose change writes nothing (an unchanged re-registration,
-a start with a known idempotency key) leaves its rider unwritten: there was no change.
+the store. So the request leaves a rider here (`mount`), and the next write its task
+submits, on either database, takes it (`carried`); the rider is written after that write,
+in its transaction (at the batch's end, `run_batch`, with the batch's other riders). A
+request whose change writes nothing (an unchanged re-registration, a start with a known
+idempotency key) leaves its rider unwritten: there was no change.
 
 The rider lives in a context variable, set for the length of one request (`mount`): each
 request of a keep-alive connection runs in the same task, so it is reset after each.

@@ -49,24 +49,11 @@ class PgAuditStore:
         await self._db.write(Ordered(_Rider(record).write, sql.TABLE), ride=False)
 
     async def add_refusals(self, records: list[AuditRecord], minute: int) -> None:
-        statement = sql.insert_refusal("%s")
-
-        def add(conn: Connection) -> None:
-            for record in sorted(records, key=lambda r: r.actor):  # one lock order: no deadlock
-                conn.execute(statement, [*sql.values(record), minute])
-
-        await self._db.write(Ordered(add, sql.TABLE), ride=False)
+        writer = sql.refusals_writer("%s", records, minute)
+        await self._db.write(Ordered(writer, sql.TABLE), ride=False)
 
     async def list(self, query: AuditQuery) -> list[AuditRecord]:
-        statement, params = sql.select(query, "%s")
-
-        def read(conn: Connection) -> list[AuditRecord]:
-            return [sql.record(row) for row in conn.execute(statement, params).fetchall()]
-
-        return await self._db.read(read)
+        return await self._db.read(sql.reader("%s", query))
 
     async def prune(self, before: float) -> int:
-        def prune(conn: Connection) -> int:
-            return conn.execute(sql.prune("%s"), [before]).rowcount
-
-        return await self._db.write(prune)
+        return await self._db.write(sql.pruner("%s", before))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from monitor.audit.abc import AuditQuery, AuditRecord
@@ -87,3 +88,34 @@ def record(row: Any) -> AuditRecord:
 
 def prune(mark: str) -> str:
     return f"DELETE FROM {TABLE} WHERE time < {mark}"  # noqa: S608
+
+
+# What each store hands its database (both connections take `execute(sql, params)`).
+
+
+def refusals_writer(mark: str, records: list[AuditRecord], minute: int) -> Callable[[Any], None]:
+    statement = insert_refusal(mark)
+
+    def add(conn: Any) -> None:
+        for record in sorted(records, key=lambda r: r.actor):  # one lock order: no deadlock
+            conn.execute(statement, [*values(record), minute])
+
+    return add
+
+
+def reader(mark: str, query: AuditQuery) -> Callable[[Any], list[AuditRecord]]:
+    statement, params = select(query, mark)
+
+    def read(conn: Any) -> list[AuditRecord]:
+        return [record(row) for row in conn.execute(statement, params).fetchall()]
+
+    return read
+
+
+def pruner(mark: str, before: float) -> Callable[[Any], int]:
+    statement = prune(mark)
+
+    def delete(conn: Any) -> int:
+        return int(conn.execute(statement, [before]).rowcount)
+
+    return delete

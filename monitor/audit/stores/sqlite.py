@@ -44,27 +44,13 @@ class SqliteAuditStore:
         return _Rider(record)
 
     async def add(self, record: AuditRecord) -> None:
-        await self._db.write(_Rider(record).write)
+        await self._db.write(_Rider(record).write, ride=False)
 
     async def add_refusals(self, records: list[AuditRecord], minute: int) -> None:
-        statement = sql.insert_refusal("?")
-
-        def add(db: sqlite_utils.Database) -> None:
-            for record in sorted(records, key=lambda r: r.actor):  # one lock order: no deadlock
-                db.execute(statement, [*sql.values(record), minute])
-
-        await self._db.write(add)
+        await self._db.write(sql.refusals_writer("?", records, minute), ride=False)
 
     async def list(self, query: AuditQuery) -> list[AuditRecord]:
-        statement, params = sql.select(query, "?")
-
-        def read(db: sqlite_utils.Database) -> list[AuditRecord]:
-            return [sql.record(row) for row in db.execute(statement, params).fetchall()]
-
-        return await self._db.read(read)
+        return await self._db.read(sql.reader("?", query))
 
     async def prune(self, before: float) -> int:
-        def prune(db: sqlite_utils.Database) -> int:
-            return db.execute(sql.prune("?"), [before]).rowcount
-
-        return await self._db.write(prune)
+        return await self._db.write(sql.pruner("?", before))
