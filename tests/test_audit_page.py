@@ -144,6 +144,12 @@ async def test_the_filter_values_are_escaped(secured: AppClient) -> None:
     assert f'name="actor" value="&#34;&gt;{ESCAPED_SCRIPT}"' in html
 
 
+async def test_a_filter_no_record_can_match_is_a_400_not_a_500(secured: AppClient) -> None:
+    for name in ("actor", "action"):  # a NUL reached PostgreSQL, which refuses it
+        resp = await secured.get("/audit", params={name: "a\x00b"}, headers=bearer(AUDITOR))
+        assert resp.status == 400, (name, await resp.text())
+
+
 async def trail(client: AppClient, **query: str) -> list[dict[str, Any]]:
     resp = await client.get("/v1/audit", params=query, headers=bearer(AUDITOR))
     assert resp.status == 200, await resp.text()

@@ -9,13 +9,14 @@ from __future__ import annotations
 import itertools
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
 from monitor.audit.abc import ANONYMOUS, AuditRecord
 from monitor.audit.trail import AuditTrail
 from monitor.http.auth import GRANT
+from monitor.http.errors import HttpError
 from monitor.http.forward import FORWARDED_BY
 from monitor.storage.riders import dismount, unmount
 
@@ -144,3 +145,14 @@ async def keep(request: web.Request, actor: str | None = None) -> None:
         record.actor = actor
     dismount()  # not also with this very write
     await trail.store.add(record)
+
+
+def filter_text(query: Mapping[str, str], name: str) -> str | None:
+    """A trail filter's text (GET /v1/audit, the page's /audit); control characters (a NUL:
+    PostgreSQL refuses it) match no record and are refused as the mistake they are."""
+    raw = query.get(name)
+    if not raw:
+        return None
+    if not raw.isprintable():
+        raise HttpError(400, f"{name} must not contain control characters")
+    return raw

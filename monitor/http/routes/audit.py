@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from monitor.audit.abc import MAX_LIMIT, AuditQuery, parse_time
 from monitor.audit.trail import AuditTrail
+from monitor.http.audit import filter_text
 from monitor.http.auth import Authorizer
 from monitor.http.body import query_int
 from monitor.http.errors import HttpError
@@ -68,9 +69,9 @@ class AuditRoutes:
         page = AuditQuery(
             since=_time(query, "since"),
             until=_time(query, "until"),
-            actor=_text(query, "actor"),
-            action=_text(query, "action"),
-            target=_text(query, "target"),
+            actor=filter_text(query, "actor"),
+            action=filter_text(query, "action"),
+            target=filter_text(query, "target"),
             after=query_int(query.get("cursor", "0") or "0", "cursor", 0, 2**62),
             limit=query_int(query.get("limit", "100") or "100", "limit", 1, MAX_LIMIT) + 1,
         )
@@ -83,17 +84,6 @@ class AuditRoutes:
                 "next_cursor": str(records[-1].id) if more and records else None,
             }
         )
-
-
-def _text(query: Mapping[str, str], name: str) -> str | None:
-    """A filter's text; control characters (a NUL: PostgreSQL refuses it) match no record
-    and are refused as the mistake they are."""
-    raw = query.get(name)
-    if not raw:
-        return None
-    if not raw.isprintable():
-        raise HttpError(400, f"{name} must not contain control characters")
-    return raw
 
 
 def _time(query: Mapping[str, str], name: str) -> float | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from monitor.http.audit import refused
+from monitor.http.audit import filter_text, refused
 from monitor.http.auth import Authorizer
 from monitor.http.route import Reply, RouteTable
 from monitor.http.routes.names import AssetName, ProcessPageId, ServiceName
@@ -108,7 +108,7 @@ class PageRoutes:
                 audit_link=False,
             )
         return await self.page.audit(
-            request.query.get("actor", ""), request.query.get("action", "")
+            filter_text(request.query, "actor") or "", filter_text(request.query, "action") or ""
         )
 
     @table.get(
