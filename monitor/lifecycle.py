@@ -36,6 +36,12 @@ SLO_METRICS_INTERVAL = 5.0
 FLUSH_INTERVAL = 1.0
 PRUNE_INTERVAL = 3600.0
 FREEZE_INTERVAL = 1.0
+# Allocations between young collections (CPython's default is 700). A young collection costs
+# about what the objects of the requests in flight cost to walk, however many were allocated
+# since the last: 1.5 ms at 700 under 32 concurrent registrations, 2.6 ms at 3,000, so one
+# every 3,000 allocations walks them a quarter as often (GC time per registration 45 -> 10
+# us, bench.audit). Pauses stay under 8 ms (5,000: 12 ms with 10,000 instances probed).
+YOUNG_THRESHOLD = 3000
 OPEN_RETRY_MIN, OPEN_RETRY_MAX = 0.5, 10.0  # an engine open that storage refused
 
 
@@ -346,7 +352,8 @@ def _reloader(reloader: Reloader, *, signals: bool) -> Context:
 
 
 async def _keep_heap_frozen(app: web.Application) -> AsyncIterator[None]:
-    """Move survivors out of the cyclic GC's reach every second.
+    """Move survivors out of the cyclic GC's reach every second, and collect the young
+    less often (YOUNG_THRESHOLD).
 
     The registry keeps tens of thousands of long-lived, acyclic objects (they are
     freed by reference counting, not by the cycle collector). Left in generation
@@ -361,8 +368,11 @@ async def _keep_heap_frozen(app: web.Application) -> AsyncIterator[None]:
             gc.freeze()
             await asyncio.sleep(FREEZE_INTERVAL)
 
+    thresholds = gc.get_threshold()
+    gc.set_threshold(YOUNG_THRESHOLD, *thresholds[1:])
     app[HEAP] = asyncio.create_task(freeze(), name="gc-freeze")
     yield
     app[HEAP].cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await app[HEAP]
+    gc.set_threshold(*thresholds)
