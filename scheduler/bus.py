@@ -56,9 +56,6 @@ class Event:
     # beside its data, never in it. None: the daemon's own news, or an event stored before.
     actor: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "topic": self.topic, "time": self.time, "data": dict(self.data)}
-
 
 def matches(patterns: Sequence[str], topic: str) -> bool:
     return any(fnmatchcase(topic, pattern) for pattern in patterns)

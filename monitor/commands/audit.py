@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 import urllib.parse
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 from monitor.audit.abc import MAX_LIMIT, parse_time
 from monitor.commands.status import StatusError, fetch, table
 from monitor.config import Config
+from monitor.http.auth import allows
 from registry.durations import parse_duration
 
 COLUMNS = ("time", "actor", "action", "target", "outcome", "count", "client")
@@ -47,15 +47,9 @@ def audit_token(config: Config) -> str | None:
     if auth is None or not auth.tokens:
         return None
     for token in auth.tokens:
-        if any(_reads_audit(scope) for scope in token.scopes):
+        if allows(token.scopes, "audit", "read"):
             return token.token.get_secret_value()
     raise StatusError("no token in server.auth.tokens of the config holds audit:read or *")
-
-
-def _reads_audit(scope: str) -> bool:
-    # The daemon's rule (http/auth.py Grant.allows): `*`, or verb `audit` and a glob for `read`.
-    verb, _, pattern = scope.partition(":")
-    return scope == "*" or (verb == "audit" and fnmatchcase("read", pattern))
 
 
 def audit_report(

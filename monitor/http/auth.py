@@ -52,13 +52,18 @@ class Grant:
         return hashlib.sha256(b"grant-id" + self.digest).hexdigest()[:16]
 
     def allows(self, verb: str, subject: str) -> bool:
-        for scope in self.scopes:
-            if scope == "*":
-                return True
-            scope_verb, _, pattern = scope.partition(":")
-            if scope_verb == verb and fnmatchcase(subject, pattern):
-                return True
-        return False
+        return allows(self.scopes, verb, subject)
+
+
+def allows(scopes: Iterable[str], verb: str, subject: str) -> bool:
+    """Whether `scopes` (`*`, or `<verb>:<glob>`) let their holder `verb` `subject`."""
+    for scope in scopes:
+        if scope == "*":
+            return True
+        scope_verb, _, pattern = scope.partition(":")
+        if scope_verb == verb and fnmatchcase(subject, pattern):
+            return True
+    return False
 
 
 GRANT = web.RequestKey("hms_grant", Grant)
@@ -115,12 +120,16 @@ class Authorizer:
         is open: everyone may read everything, the audit trail included."""
         if not self.enabled:
             return True
-        grant = request.get(GRANT)
         if topic.startswith(AUDIT_TOPICS):
-            return grant is not None and grant.allows("audit", "read")
+            return self.reads_audit(request)
         if topic.startswith(READABLE_TOPICS):
             return True
-        return grant is not None and grant.allows("subscribe", topic)
+        return self.may(request, "subscribe", topic)
+
+    def reads_audit(self, request: web.Request) -> bool:
+        """Whether the caller may read the audit trail (`audit:read`; `*` holds it): its
+        events, its page and the page's link to it; without auth, everyone may."""
+        return self.may(request, "audit", "read")
 
     def may(self, request: web.Request, verb: str, subject: str) -> bool:
         """Whether the caller's token or session has a scope for `verb` on `subject` (the

@@ -37,10 +37,6 @@ class LoginRoutes:
     def routes(self) -> list[web.RouteDef]:
         return table.route_defs(self)
 
-    def _audit_link(self, request: web.Request) -> bool:
-        # The sign-in form has no session (auth on: no link); without auth, all may read.
-        return self.auth.may(request, "audit", "read")
-
     @table.get(
         "/login",
         operation_id="loginPage",
@@ -50,7 +46,7 @@ class LoginRoutes:
     )
     async def login_form(self, request: web.Request) -> web.Response:
         return await self.page.login_page(
-            _next_path(request.query.get("next")), audit_link=self._audit_link(request)
+            _next_path(request.query.get("next")), audit_link=self.auth.reads_audit(request)
         )
 
     @table.post(
@@ -84,7 +80,7 @@ class LoginRoutes:
         if grant is None:
             return await self.page.login_page(
                 target,
-                audit_link=self._audit_link(request),
+                audit_link=self.auth.reads_audit(request),
                 error="That token is not valid.",
                 status=401,
             )

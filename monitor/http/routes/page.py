@@ -32,9 +32,6 @@ class PageRoutes:
     def routes(self) -> list[web.RouteDef]:
         return table.route_defs(self)
 
-    def _audit_link(self, request: web.Request) -> bool:
-        return self.auth.may(request, "audit", "read")
-
     @table.get(
         "/",
         operation_id="statusPage",
@@ -45,7 +42,7 @@ class PageRoutes:
     )
     async def overview(self, request: web.Request) -> web.Response:
         return await self.page.overview(
-            request.query.get("page"), audit_link=self._audit_link(request)
+            request.query.get("page"), audit_link=self.auth.reads_audit(request)
         )
 
     @table.get(
@@ -61,7 +58,7 @@ class PageRoutes:
         return await self.page.service(
             request.match_info["service"],
             request.query.get("page"),
-            audit_link=self._audit_link(request),
+            audit_link=self.auth.reads_audit(request),
         )
 
     @table.get(
@@ -72,7 +69,7 @@ class PageRoutes:
         errors=ERRORS,
     )
     async def workflows(self, request: web.Request) -> web.Response:
-        return await self.page.workflows(audit_link=self._audit_link(request))
+        return await self.page.workflows(audit_link=self.auth.reads_audit(request))
 
     @table.get(
         "/processes/{id}",
@@ -84,7 +81,7 @@ class PageRoutes:
     )
     async def process(self, request: web.Request) -> web.Response:
         return await self.page.process(
-            request.match_info["id"], audit_link=self._audit_link(request)
+            request.match_info["id"], audit_link=self.auth.reads_audit(request)
         )
 
     @table.get(
@@ -100,7 +97,7 @@ class PageRoutes:
         scope="audit",
     )
     async def audit(self, request: web.Request) -> web.Response:
-        if not self._audit_link(request):
+        if not self.auth.reads_audit(request):
             refused(request, 403)  # counted in the trail, as GET /v1/audit's refusals are
             return await self.page.forbidden(
                 "Reading the audit trail needs a token with the audit:read scope.",
