@@ -18,6 +18,8 @@ M = TypeVar("M", bound=BaseModel)
 
 async def read_body(request: web.Request) -> bytes:
     """The whole body: at most MAX_BODY_BYTES (413), within the read timeout (408)."""
+    if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+        return await request.read()  # (a timer armed and cancelled costs ~10 us a request)
     seconds = request.config_dict.get(READ_TIMEOUT, DEFAULT_READ_TIMEOUT)
     try:
         async with asyncio.timeout(seconds):
