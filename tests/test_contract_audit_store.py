@@ -122,3 +122,18 @@ async def test_a_failing_database_refuses_the_record(backing: Backing[AuditStore
     await backing.break_storage()
     with pytest.raises(StoreUnavailable):
         await backing.store.add(record(1.0))
+
+
+async def test_records_written_together_know_their_own_ids(backing: Backing[AuditStore]) -> None:
+    """A batch's records are written at once (one statement per 124 on SQLite, one pipeline
+    on PostgreSQL); each learns the id its row took (the id `audit.recorded` carries)."""
+    store = backing.store
+    await store.add(record(99.0, request_id="before"))  # ids do not start at 1
+    records = [record(100.0 + n, request_id=f"r{n}") for n in range(300)]
+    riders = [store.rider(r) for r in records]
+    await store._db.write(lambda conn: riders[0].write_all(conn, riders), ride=False)  # type: ignore[attr-defined]
+    stored = {r.request_id: r.id for r in await store.list(AuditQuery(limit=1000))}
+    assert {r.request_id: r.id for r in records} == {
+        k: v for k, v in stored.items() if k != "before"
+    }
+    assert len(set(stored.values())) == 301

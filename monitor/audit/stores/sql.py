@@ -26,9 +26,10 @@ def create(id_column: str) -> list[str]:
     ]
 
 
-def insert(mark: str) -> str:
-    marks = ", ".join([mark] * len(COLUMNS))
-    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({marks})"  # noqa: S608
+def insert(mark: str, rows: int = 1) -> str:
+    """An INSERT of `rows` records (in VALUES' order)."""
+    row = "(" + ", ".join([mark] * len(COLUMNS)) + ")"
+    return f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES {', '.join([row] * rows)}"  # noqa: S608
 
 
 def insert_refusal(mark: str) -> str:

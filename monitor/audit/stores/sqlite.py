@@ -11,7 +11,8 @@ from monitor.audit.stores import sql
 from monitor.storage.riders import Rider
 from registry.stores.sqlite import Transactor
 
-_INSERT = sql.insert("?")
+# Records per INSERT: within the 999 bound parameters an older SQLite allows.
+ROWS_PER_INSERT = 999 // len(sql.COLUMNS)
 
 
 class _Rider:
@@ -21,12 +22,21 @@ class _Rider:
         self.record = record
 
     def write(self, conn: sqlite_utils.Database) -> None:
-        cursor = conn.conn.execute(_INSERT, sql.values(self.record))
-        self.record.id = cursor.lastrowid
+        self.write_all(conn, [self])
 
     def write_all(self, conn: sqlite_utils.Database, riders: Sequence[Rider]) -> None:
-        for rider in riders:  # SQLite has no round trips to save
-            rider.write(conn)
+        """A batch's records in one statement (each statement the database's thread runs
+        takes the GIL back from the event loop once more). Ids: one writer, one statement,
+        AUTOINCREMENT: its rows take consecutive ids in VALUES' order, the last one's is
+        `lastrowid`."""
+        records = [rider.record for rider in riders if isinstance(rider, _Rider)]
+        for start in range(0, len(records), ROWS_PER_INSERT):
+            chunk = records[start : start + ROWS_PER_INSERT]
+            values = [value for record in chunk for value in sql.values(record)]
+            last = conn.conn.execute(sql.insert("?", len(chunk)), values).lastrowid
+            first = int(last or 0) - len(chunk) + 1
+            for offset, record in enumerate(chunk):
+                record.id = first + offset
 
 
 class SqliteAuditStore:
