@@ -285,10 +285,11 @@ class PgDatabase:
         """One transaction for the batch; replayed with a savepoint per write if one
         write failed (a constraint, a fenced claim), so only that one fails."""
         conn = self._usable_conn()
-        ordered = locks(fns)
         try:
             with conn.transaction():
-                _lock(conn, ordered)
+                # The riders' locks are taken by the riders, at the batch's end (their
+                # write_all): held from their rows' ids to COMMIT, not the batch's length.
+                _lock(conn, locks(fns, riders=False))
                 return run_batch(conn, fns)
         except Exception:
             if conn.broken:
@@ -296,7 +297,9 @@ class PgDatabase:
             log.debug("a write in a batch of %d failed; replaying each", len(fns))
         outcomes: list[tuple[bool, Any]] = []
         with conn.transaction():
-            _lock(conn, ordered)
+            # Each write's rider goes right after it here: every lock first, so a rider's
+            # lock is never awaited while this transaction holds the rows of later writes.
+            _lock(conn, locks(fns))
             for fn in fns:
                 try:
                     with conn.transaction():  # a savepoint
@@ -311,7 +314,11 @@ class PgDatabase:
 def _lock(conn: psycopg.Connection[Any], keys: list[str]) -> None:
     """Take the advisory locks a batch's ordered writes need (riders.Ordered), first."""
     for key in keys:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
+        conn.execute(ADVISORY_LOCK, [key])
+
+
+# Held to the transaction's end; taken again by the same transaction, it is already held.
+ADVISORY_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s))"
 
 
 def notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:

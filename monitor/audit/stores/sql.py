@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from monitor.audit.abc import AuditQuery, AuditRecord
@@ -24,6 +24,21 @@ def create(id_column: str) -> list[str]:
         f"CREATE UNIQUE INDEX IF NOT EXISTS {TABLE}_refusals ON {TABLE} (actor, action, minute) "
         "WHERE minute IS NOT NULL",
     ]
+
+
+# Records per INSERT: within the 999 bound parameters an older SQLite allows.
+ROWS_PER_INSERT = 999 // len(COLUMNS)
+
+
+def chunks(records: list[AuditRecord]) -> Iterator[list[AuditRecord]]:
+    """`records` a statement's worth at a time (ROWS_PER_INSERT)."""
+    for start in range(0, len(records), ROWS_PER_INSERT):
+        yield records[start : start + ROWS_PER_INSERT]
+
+
+def flat_values(records: list[AuditRecord]) -> list[Any]:
+    """The parameters of `insert(mark, len(records))`."""
+    return [value for record in records for value in values(record)]
 
 
 def insert(mark: str, rows: int = 1) -> str:

@@ -11,9 +11,6 @@ from monitor.audit.stores import sql
 from monitor.storage.riders import Rider
 from registry.stores.sqlite import Transactor
 
-# Records per INSERT: within the 999 bound parameters an older SQLite allows.
-ROWS_PER_INSERT = 999 // len(sql.COLUMNS)
-
 
 class _Rider:
     __slots__ = ("record",)
@@ -30,10 +27,8 @@ class _Rider:
         AUTOINCREMENT: its rows take consecutive ids in VALUES' order, the last one's is
         `lastrowid`."""
         records = [rider.record for rider in riders if isinstance(rider, _Rider)]
-        for start in range(0, len(records), ROWS_PER_INSERT):
-            chunk = records[start : start + ROWS_PER_INSERT]
-            values = [value for record in chunk for value in sql.values(record)]
-            last = conn.conn.execute(sql.insert("?", len(chunk)), values).lastrowid
+        for chunk in sql.chunks(records):
+            last = conn.conn.execute(sql.insert("?", len(chunk)), sql.flat_values(chunk)).lastrowid
             first = int(last or 0) - len(chunk) + 1
             for offset, record in enumerate(chunk):
                 record.id = first + offset
