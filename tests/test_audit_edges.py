@@ -11,9 +11,12 @@ import psycopg
 import pytest
 
 from monitor.config import Config
+from monitor.keys import PARTS
+from registry import StoreUnavailable
 
 from .conftest import BOTH_STORES, AppClient, until
 from .test_audit import ADMIN, AUDITOR, BODY, TOKENS, WAITING, bearer, started, trail
+from .test_sse import next_event
 
 STORES = BOTH_STORES
 
@@ -169,3 +172,29 @@ async def test_a_change_with_an_undecodable_forwarded_for_is_not_a_500(up: AppCl
         + body
     )
     assert await raw_request(up, head) < 500
+
+
+async def test_a_change_whose_answer_then_fails_is_still_told_to_the_log_and_the_bus(
+    up: AppClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A waited start commits, then its wait fails (the database stops answering reads):
+    the client gets a 503, but the start and its record are kept, and a SIEM following
+    `audit.recorded` must hear of it as of any other change."""
+
+    async def unavailable(*_: object) -> bool:
+        raise StoreUnavailable("the database stopped answering")
+
+    monkeypatch.setattr(up.app[PARTS].engine, "wait", unavailable)
+    headers = bearer(AUDITOR)
+    async with up.get("/v1/events", params={"topics": "audit.*"}, headers=headers) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        resp = await up.post("/v1/workflows/Waits?wait=5s", json={}, headers=bearer(ADMIN))
+        assert resp.status == 503
+        event = await asyncio.wait_for(next_event(stream), 5)
+    record = event["data"]["data"]
+    assert (record["action"], record["target"], record["outcome"]) == (
+        "process.start",
+        "Waits",
+        202,
+    )
+    assert [r["id"] for r in await trail(up, action="process.start")] == [record["id"]]

@@ -98,6 +98,10 @@ def audited(action: str, outcome: int, target: str | None, handler: Handler) -> 
         except web.HTTPException as answer:  # a redirect (a sign-in) is answered by raising
             _answered(request, trail, record, answer)
             raise
+        except BaseException:
+            if record.id is not None:  # its change committed before the handler failed
+                trail.written(record)
+            raise
         finally:
             unmount(mounted)
         _answered(request, trail, record, response)
