@@ -198,3 +198,22 @@ async def test_a_change_whose_answer_then_fails_is_still_told_to_the_log_and_the
         202,
     )
     assert [r["id"] for r in await trail(up, action="process.start")] == [record["id"]]
+
+
+async def test_a_waited_start_is_heard_when_it_starts_not_when_it_answers(up: AppClient) -> None:
+    """`?wait=` holds the answer until the process ends (here: until it is signalled); the
+    record of its start is on the bus as soon as the start commits, as a SIEM expects."""
+    headers = bearer(AUDITOR)
+    async with up.get("/v1/events", params={"topics": "audit.*"}, headers=headers) as stream:
+        assert await stream.content.readline() == b": connected\n"
+        waited = asyncio.ensure_future(
+            up.post("/v1/workflows/Waits?wait=30s", json={}, headers=bearer(ADMIN))
+        )
+        event = await asyncio.wait_for(next_event(stream), 10)
+        assert not waited.done()  # heard while the answer still waits
+        record = event["data"]["data"]
+        assert (record["action"], record["target"]) == ("process.start", "Waits")
+    (process,) = (await (await up.get("/v1/processes", headers=bearer(ADMIN))).json())["processes"]
+    signal = f"/v1/processes/{process['id']}/signals/go"
+    assert (await up.post(signal, json={}, headers=bearer(ADMIN))).status == 202
+    assert (await waited).status == 200

@@ -48,8 +48,9 @@ class AuditTrail:
 
     def mount(self, record: AuditRecord) -> Mounted:
         """`record` is written with the next write this request makes (if it makes one),
-        until `unmount`."""
-        return mount(self.store.rider(record))
+        until `unmount`; told to the log and the bus as soon as that write commits (a
+        waited start's record is heard when the process starts, not when it answers)."""
+        return mount(self.store.rider(record), committed=lambda: self.written(record))
 
     def written(self, record: AuditRecord) -> None:
         """A record is durable (its id is set): tell the log and the bus."""

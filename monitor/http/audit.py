@@ -96,27 +96,21 @@ def audited(action: str, outcome: int, target: str | None, handler: Handler) -> 
         try:
             response = await handler(request)
         except web.HTTPException as answer:  # a redirect (a sign-in) is answered by raising
-            _answered(request, trail, record, answer)
-            raise
-        except BaseException:
-            if record.id is not None:  # its change committed before the handler failed
-                trail.written(record)
+            _answered(request, record, answer)
             raise
         finally:
             unmount(mounted)
-        _answered(request, trail, record, response)
+        _answered(request, record, response)
         return response
 
     return record_the_change
 
 
-def _answered(
-    request: web.Request, trail: AuditTrail, record: AuditRecord, response: web.StreamResponse
-) -> None:
+def _answered(request: web.Request, record: AuditRecord, response: web.StreamResponse) -> None:
+    """The answer names the record's request id; a refusal answered as a page is counted
+    (the record itself was told to the log and the bus when its change committed)."""
     if response.status in (401, 403):  # a refusal answered as a page (a wrong sign-in)
         refused(request, response.status)
-    elif record.id is not None and response.status < 400:
-        trail.written(record)
     response.headers[REQUEST_ID] = record.request_id
 
 
@@ -148,7 +142,7 @@ async def keep(request: web.Request, actor: str | None = None) -> None:
     if actor is not None:
         record.actor = actor
     dismount()  # not also with this very write
-    await trail.store.add(record)
+    await trail.record(record)
 
 
 def filter_text(query: Mapping[str, str], name: str) -> str | None:

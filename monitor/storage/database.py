@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import sqlite_utils
 
-from monitor.storage.riders import carried, run_batch
+from monitor.storage.riders import carried, run_batch, settled
 from registry import Overloaded, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -227,8 +227,11 @@ def refused(exc: BaseException, count: int) -> list[tuple[bool, Any]]:
 def settle(
     batch: Sequence[tuple[Any, asyncio.Future[Any]]], outcomes: list[tuple[bool, Any]]
 ) -> None:
-    """Answer each write of a batch with its outcome (a caller gone meanwhile is skipped)."""
-    for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+    """Answer each write of a batch with its outcome (a caller gone meanwhile is skipped,
+    but a committed write's rider is announced all the same)."""
+    for (fn, future), (ok, value) in zip(batch, outcomes, strict=True):
+        if ok:
+            settled(fn)
         if future.done():
             continue
         if ok:

@@ -16,11 +16,13 @@ request of a keep-alive connection runs in the same task, so it is reset after e
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar, Token
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Rider(Protocol):
@@ -70,11 +72,14 @@ class _Seat:
     """A rider and the one task whose write may carry it: a task the request started (a
     probe, a process's run) copies its context, but writes something else, elsewhere."""
 
-    __slots__ = ("rider", "task")
+    __slots__ = ("committed", "rider", "task")
 
-    def __init__(self, rider: Rider, task: asyncio.Task[Any] | None) -> None:
+    def __init__(
+        self, rider: Rider, task: asyncio.Task[Any] | None, committed: Callable[[], None] | None
+    ) -> None:
         self.rider: Rider | None = rider
         self.task = task
+        self.committed = committed
 
 
 _SEAT: ContextVar[_Seat | None] = ContextVar("hms_rider", default=None)
@@ -83,10 +88,12 @@ _SEAT: ContextVar[_Seat | None] = ContextVar("hms_rider", default=None)
 Mounted = Token[_Seat | None]
 
 
-def mount(rider: Rider) -> Mounted:
+def mount(rider: Rider, committed: Callable[[], None] | None = None) -> Mounted:
     """`rider` goes with the next write this task submits, until `unmount` (in a
-    `finally`: a keep-alive connection's next request runs in the same task)."""
-    return _SEAT.set(_Seat(rider, asyncio.current_task()))
+    `finally`: a keep-alive connection's next request runs in the same task).
+    `committed` is called on the loop once that write and its rider are committed
+    (`settled`), whatever the request does next: it may wait, fail or be gone by then."""
+    return _SEAT.set(_Seat(rider, asyncio.current_task(), committed))
 
 
 def unmount(mounted: Mounted) -> None:
@@ -97,11 +104,13 @@ class Carried(Ordered):
     """A write and the rider it carries: called, both in turn; in a batch (`run_batch`),
     the write now and its rider with the batch's others at the end."""
 
-    __slots__ = ("rider",)
+    __slots__ = ("committed", "rider")
 
-    def __init__(self, fn: Callable[[Any], Any], rider: Rider) -> None:
+    def __init__(
+        self, fn: Callable[[Any], Any], rider: Rider, committed: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(fn, getattr(rider, "lock", ""))
-        self.rider = rider
+        self.rider, self.committed = rider, committed
 
     def __call__(self, conn: Any) -> Any:
         result = self.fn(conn)
@@ -115,7 +124,17 @@ def carried(fn: Callable[[Any], T]) -> Callable[[Any], T]:
     if seat is None or seat.rider is None or seat.task is not asyncio.current_task():
         return fn
     rider, seat.rider = seat.rider, None
-    return Carried(fn, rider)
+    return Carried(fn, rider, seat.committed)
+
+
+def settled(fn: Callable[[Any], Any]) -> None:
+    """`fn` (as submitted) and its rider are committed: tell the rider's mounter. On the
+    loop, from the database's settling of the batch; never raises."""
+    if isinstance(fn, Carried) and fn.committed is not None:
+        try:
+            fn.committed()
+        except Exception:
+            log.exception("a committed rider's announcement failed")
 
 
 def run_batch(conn: Any, fns: Sequence[Callable[[Any], Any]]) -> list[tuple[bool, Any]]:
