@@ -73,9 +73,8 @@ async def test_a_cursor_reader_misses_no_record_another_replica_commits_late(
 ) -> None:
     """On PostgreSQL ids come from a sequence at INSERT, not at COMMIT: a replica's batch
     that commits after a later id was read would be passed by the cursor for good. So
-    every batch with an audit record takes the trail's advisory lock (riders.Ordered) before
-    its records' INSERT, and ids commit in order. The open transaction here is the other
-    replica's batch."""
+    every batch with an audit record first takes the trail's advisory lock (riders.Ordered)
+    and ids commit in order. The open transaction here is the other replica's batch."""
     seen: list[str] = []
     cursor = "0"
 

@@ -5,13 +5,18 @@ a server crash answered with StoreUnavailable then recovered from, LISTEN after 
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import psycopg
 import pytest
 
+from monitor.audit.abc import AuditRecord
+from monitor.audit.stores.postgres import MIGRATIONS as AUDIT_MIGRATIONS
+from monitor.audit.stores.postgres import _Rider as AuditRider
 from monitor.storage import DatabaseError
 from monitor.storage.postgres import Listener, PgDatabase, notify
+from monitor.storage.riders import Carried
 from registry import StoreUnavailable
 
 from .pg import PostgresCluster
@@ -158,3 +163,57 @@ async def test_a_listener_whose_re_read_fails_connects_again_and_reads_again(
         assert connects == 2
     finally:
         await listener.stop()
+
+
+async def test_two_replicas_batches_with_audit_records_never_deadlock(
+    postgres: PostgresCluster,
+) -> None:
+    """The trail's advisory lock (riders.Ordered) is taken before any row, by every batch.
+    Here replica B replays its batch (one write failed) and wants row 1, which replica A's
+    batch holds while it wants the lock: taken at A's end instead, the two would deadlock
+    and B's innocent write fail with DeadlockDetected (an independent review's case)."""
+    url = postgres.database()
+    with psycopg.connect(url, autocommit=True) as conn:
+        for step in AUDIT_MIGRATIONS:
+            conn.execute(step)
+        conn.execute("CREATE TABLE counters (k INTEGER PRIMARY KEY, v INTEGER)")
+        conn.execute("INSERT INTO counters VALUES (1, 0)")
+    a, b = PgDatabase(url), PgDatabase(url)
+    a_holds_row, b_replaying = threading.Event(), threading.Event()
+
+    def record(actor: str) -> AuditRider:
+        return AuditRider(AuditRecord(time=0.0, actor=actor, action="x", target="t", outcome=200))
+
+    def a_write(conn: psycopg.Connection[Any]) -> str:
+        conn.execute("UPDATE counters SET v = v + 1 WHERE k = 1")
+        a_holds_row.set()
+        b_replaying.wait(2)
+        return "a"
+
+    attempts: list[int] = []
+
+    def b_fails(conn: psycopg.Connection[Any]) -> str:
+        attempts.append(1)
+        if len(attempts) == 2:  # its replay: every lock is taken by now
+            b_replaying.set()
+        raise ValueError("a constraint")
+
+    def b_row(conn: psycopg.Connection[Any]) -> str:
+        a_holds_row.wait(2)
+        conn.execute("UPDATE counters SET v = v + 10 WHERE k = 1")
+        return "b"
+
+    try:
+        a_batch = asyncio.to_thread(a._run_batch, [Carried(a_write, record("a"))])
+        b_batch = asyncio.to_thread(
+            b._run_batch, [Carried(b_fails, record("b1")), Carried(b_row, record("b2"))]
+        )
+        a_out, b_out = await asyncio.gather(a_batch, b_batch)
+        assert a_out == [(True, "a")]
+        assert [ok for ok, _ in b_out] == [False, True], b_out
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT v FROM counters").fetchone() == (11,)
+    finally:
+        for database in (a, b):
+            if database._conn is not None:
+                database._conn.close()

@@ -285,11 +285,12 @@ class PgDatabase:
         """One transaction for the batch; replayed with a savepoint per write if one
         write failed (a constraint, a fenced claim), so only that one fails."""
         conn = self._usable_conn()
+        # Before any row: a lock awaited while holding rows another replica's batch wants,
+        # held by that batch, would deadlock the two (the audit lock, riders.Ordered).
+        ordered = locks(fns)
         try:
             with conn.transaction():
-                # The riders' locks are taken by the riders, at the batch's end (their
-                # write_all): held from their rows' ids to COMMIT, not the batch's length.
-                _lock(conn, locks(fns, riders=False))
+                _lock(conn, ordered)
                 return run_batch(conn, fns)
         except Exception:
             if conn.broken:
@@ -297,9 +298,7 @@ class PgDatabase:
             log.debug("a write in a batch of %d failed; replaying each", len(fns))
         outcomes: list[tuple[bool, Any]] = []
         with conn.transaction():
-            # Each write's rider goes right after it here: every lock first, so a rider's
-            # lock is never awaited while this transaction holds the rows of later writes.
-            _lock(conn, locks(fns))
+            _lock(conn, ordered)
             for fn in fns:
                 try:
                     with conn.transaction():  # a savepoint
@@ -314,11 +313,7 @@ class PgDatabase:
 def _lock(conn: psycopg.Connection[Any], keys: list[str]) -> None:
     """Take the advisory locks a batch's ordered writes need (riders.Ordered), first."""
     for key in keys:
-        conn.execute(ADVISORY_LOCK, [key])
-
-
-# Held to the transaction's end; taken again by the same transaction, it is already held.
-ADVISORY_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
 
 
 def notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:

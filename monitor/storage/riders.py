@@ -40,11 +40,10 @@ class Ordered:
     """A write whose rows must commit in the order they take their ids (a log read by cursor:
     the audit trail). On PostgreSQL a sequence hands ids out at INSERT, and a batch of one
     replica may commit after a later id of another's was read: the cursor would pass the
-    earlier one for good. So a batch holding such a write takes `lock` (an advisory lock
-    held to its COMMIT, PgDatabase) before the rows take their ids: a standalone write's
-    at the batch's start (`locks`), a rider's in its `write_all` at the batch's end.
-    Such batches commit one at a time, in id order. One daemon on SQLite writes one batch
-    at a time anyway."""
+    earlier one for good. So a batch holding such a write first takes `lock` (an advisory
+    lock held to its COMMIT, PgDatabase): such batches commit one at a time, in id order.
+    First, before any row: taken later, two replicas' batches could each hold what the
+    other awaits. One daemon on SQLite writes one batch at a time anyway."""
 
     __slots__ = ("fn", "lock")
 
@@ -55,17 +54,9 @@ class Ordered:
         return self.fn(conn)
 
 
-def locks(fns: Iterable[Callable[[Any], Any]], *, riders: bool = True) -> list[str]:
-    """The locks a batch of writes must take before its first one, in one order.
-    `riders=False`: not those of the riders the writes carry (`Carried`), whose
-    `write_all` takes its lock itself at the batch's end (`run_batch`)."""
-    return sorted(
-        {
-            fn.lock
-            for fn in fns
-            if isinstance(fn, Ordered) and fn.lock and (riders or not isinstance(fn, Carried))
-        }
-    )
+def locks(fns: Iterable[Callable[[Any], Any]]) -> list[str]:
+    """The locks a batch of writes must take before its first one, in one order."""
+    return sorted({fn.lock for fn in fns if isinstance(fn, Ordered) and fn.lock})
 
 
 class _Seat:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 from monitor.audit.abc import AuditQuery, AuditRecord
 from monitor.audit.stores import sql
-from monitor.storage.postgres import ADVISORY_LOCK
 from monitor.storage.riders import Ordered, Rider
 from registry.stores.pg import Connection, PgTransactor
 
@@ -30,8 +29,7 @@ class _Rider:
         the event loop too). The sequence hands its values out as VALUES' rows are inserted,
         in order: the ids returned, sorted, are the rows' in that order."""
         records = [rider.record for rider in riders if isinstance(rider, _Rider)]
-        with conn.pipeline(), conn.cursor() as cursor:  # the lock and the rows: one round trip
-            cursor.execute(ADVISORY_LOCK, [self.lock])
+        with conn.cursor() as cursor:  # the batch took the trail's lock first (locks())
             for chunk in sql.chunks(records):
                 cursor.execute(sql.insert("%s", len(chunk)) + _RETURNING, sql.flat_values(chunk))
                 ids = sorted(int(row[0]) for row in cursor.fetchall())
