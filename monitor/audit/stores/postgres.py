@@ -31,7 +31,9 @@ class _Rider:
         records = [rider.record for rider in riders if isinstance(rider, _Rider)]
         with conn.cursor() as cursor:  # the batch took the trail's lock first (locks())
             for chunk in sql.chunks(records):
-                cursor.execute(sql.insert("%s", len(chunk)) + _RETURNING, sql.flat_values(chunk))
+                # Not prepared: a text per batch size would churn psycopg's prepared cache.
+                query = sql.insert("%s", len(chunk)) + _RETURNING
+                cursor.execute(query, sql.flat_values(chunk), prepare=False)
                 ids = sorted(int(row[0]) for row in cursor.fetchall())
                 for record, taken in zip(chunk, ids, strict=True):
                     record.id = taken
