@@ -19,6 +19,17 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def cli(command: str, config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """`hms-mgmt <command> --config <config> ...` as a user runs it, from the checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "monitor", command, "--config", str(config), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

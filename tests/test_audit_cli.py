@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from monitor.commands.audit import AuditFilter, audit_report
 
-from .processes import ROOT, DaemonProcess, free_port, running_daemon, write_config
+from .processes import DaemonProcess, cli, free_port, running_daemon, write_config
 
 ADMIN, PAYMENTS, LEDGER = "audit-admin-token", "audit-payments-token", "audit-ledger-token"
 TOKENS = [
@@ -24,13 +23,7 @@ HEADER = ["TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME", "COUNT", "CLIENT"]
 
 
 def audit(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "monitor", "audit", "--config", str(config), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return cli("audit", config, *extra)
 
 
 def register(daemon: DaemonProcess, token: str, service: str, instance: str) -> None:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
-from .processes import ROOT, DaemonProcess, free_port, running_daemon, write_config
+from .processes import DaemonProcess, cli, free_port, running_daemon, write_config
 
 ADMIN = "status-admin-token"
 AUTH = {"tokens": [{"name": "admin", "token": ADMIN, "scopes": ["*"]}], "protect_reads": True}
@@ -20,13 +19,7 @@ WORKFLOWS = [{"name": "Announce", "steps": [{"name": "announce", "publish": "gra
 
 
 def status(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "monitor", "status", "--config", str(config), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    return cli("status", config, *extra)
 
 
 def call(url: str, method: str, body: dict[str, object]) -> None:
