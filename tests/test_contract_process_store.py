@@ -1034,22 +1034,30 @@ async def assert_due_at_their_last_checkpoint(store: WorkflowStore) -> None:
     assert [p.due_at for p in await store.due(None, 60.0, 10)] == [50.0]
 
 
+@contextlib.asynccontextmanager
+async def opened_over_old_file(path: Path, *tables: str) -> AsyncIterator[SqliteWorkflowStore]:
+    """The store opened on an SQLite file an older release left (`tables`: its statements)."""
+
+    def leave_tables(d: Any) -> None:
+        for statement in tables:
+            d.execute(statement)
+
+    db = Database(path)
+    await db.open()
+    try:
+        await db.write(leave_tables)
+        store = SqliteWorkflowStore(db)
+        await store.create_tables()
+        yield store
+    finally:
+        await db.close()
+
+
 async def test_an_sqlite_file_from_before_residency_gets_its_columns_at_open(
     tmp_path: Path,
 ) -> None:
-    def leave_processes(d: Any) -> None:
-        d.execute(OLD_PROCESSES)
-        d.execute(OLD_ROWS)
-
-    db = Database(tmp_path / "hms.db")
-    await db.open()
-    try:
-        await db.write(leave_processes)
-        store = SqliteWorkflowStore(db)
-        await store.create_tables()
+    async with opened_over_old_file(tmp_path / "hms.db", OLD_PROCESSES, OLD_ROWS) as store:
         await assert_due_at_their_last_checkpoint(store)
-    finally:
-        await db.close()
 
 
 # The tables that name no actor, as the release before issue 18 wrote them.
@@ -1069,16 +1077,8 @@ OLD_ACTORLESS = (
 async def test_an_sqlite_file_from_before_actors_gets_its_columns_at_open(
     tmp_path: Path,
 ) -> None:
-    def leave_tables(d: Any) -> None:
-        for statement in (OLD_PROCESSES, OLD_ROWS, *OLD_ACTORLESS):
-            d.execute(statement)
-
-    db = Database(tmp_path / "hms.db")
-    await db.open()
-    try:
-        await db.write(leave_tables)
-        store = SqliteWorkflowStore(db)
-        await store.create_tables()
+    tables = (OLD_PROCESSES, OLD_ROWS, *OLD_ACTORLESS)
+    async with opened_over_old_file(tmp_path / "hms.db", *tables) as store:
         [old] = await store.unfinished()
         assert (old.started_by, old.cancelled_by) == (None, None)
         signal = await store.add_signal("p-waiting", "go", b"{}", 5.0, "carol")
@@ -1090,8 +1090,6 @@ async def test_an_sqlite_file_from_before_actors_gets_its_columns_at_open(
         assert stored is not None
         assert (stored[0].cancelled_by, [a.signalled_by for a in stored[1]]) == ("bob", ["carol"])
         assert [e.actor for e in await store.events_since("paid", 0)] == [None, "dave"]
-    finally:
-        await db.close()
 
 
 async def test_a_postgres_database_from_before_residency_gets_its_columns_at_open(
