@@ -7,7 +7,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -198,14 +198,19 @@ async def metric_families(client: AppClient) -> dict[str, Metric]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+def missing(message: str) -> NoReturn:
+    """Something a test needs is not here: in CI (CI=true, CI=1, ...) the test fails,
+    elsewhere it is skipped."""
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_tool(name: str) -> str:
     """The path of an external program; in CI its absence fails the test instead of skipping."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (make test installs it via .ci/tools)"
-        if os.environ.get("CI", "").lower() not in ("", "0", "false"):  # CI=true, CI=1, ...
-            pytest.fail(message)
-        pytest.skip(message)
+        missing(f"{name} is not installed (make test installs it via .ci/tools)")
     return path
 
 
