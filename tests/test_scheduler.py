@@ -141,9 +141,7 @@ async def test_recurring_job_runs_and_records_lateness(scheduler: Scheduler) -> 
 async def test_timetable_runs_each_entry_at_its_interval(scheduler: Scheduler) -> None:
     started: list[tuple[str, float]] = []
     loop = asyncio.get_running_loop()
-    table: Timetable[str] = Timetable(
-        scheduler, lambda key: started.append((key, loop.time())), tick=0.02
-    )
+    table: Timetable[str] = Timetable(scheduler, lambda key: started.append((key, loop.time())))
     table.start()
     table.add("fast", 0.05, first_in=0)
     table.add("slow", 0.2, first_in=0)
@@ -160,7 +158,7 @@ async def test_timetable_runs_each_entry_at_its_interval(scheduler: Scheduler) -
 
 async def test_timetable_entries_come_and_go_without_restart(scheduler: Scheduler) -> None:
     started: list[str] = []
-    table: Timetable[str] = Timetable(scheduler, started.append, tick=0.02)
+    table: Timetable[str] = Timetable(scheduler, started.append)
     table.start()
     table.add("a", 0.05, first_in=0)
     await asyncio.sleep(0.12)
@@ -175,9 +173,25 @@ async def test_timetable_entries_come_and_go_without_restart(scheduler: Schedule
     assert "a" not in table
 
 
+async def test_a_replaced_entry_starts_at_its_new_time_only(scheduler: Scheduler) -> None:
+    """Replacing or moving an entry leaves its old heap item behind: it must not start
+    the entry a second time when its old time comes, and such items must not pile up."""
+    started: list[str] = []
+    table: Timetable[str] = Timetable(scheduler, started.append)
+    table.start()
+    table.add("a", 10.0, first_in=0.2)
+    table.add("a", 10.0, first_in=0.05)  # brought forward, as a re-registration does
+    for n in range(20_000):  # a churning fleet: every move leaves a stale item
+        table.add(f"churn-{n % 10}", 3600.0, first_in=3000.0 + n)
+    await asyncio.sleep(0.4)
+    table.stop()
+    assert started == ["a"]
+    assert len(table._heap) < 2 * len(table) + 1100
+
+
 async def test_shortening_the_interval_brings_the_next_run_forward(scheduler: Scheduler) -> None:
     started: list[str] = []
-    table: Timetable[str] = Timetable(scheduler, started.append, tick=0.02)
+    table: Timetable[str] = Timetable(scheduler, started.append)
     table.start()
     table.add("a", 10.0, first_in=10.0)
     table.set_interval("a", 0.05)  # like a probe switching to down_interval
@@ -189,9 +203,7 @@ async def test_shortening_the_interval_brings_the_next_run_forward(scheduler: Sc
 async def test_entries_added_together_spread_over_the_interval(scheduler: Scheduler) -> None:
     loop = asyncio.get_running_loop()
     starts: dict[str, float] = {}
-    table: Timetable[str] = Timetable(
-        scheduler, lambda key: starts.setdefault(key, loop.time()), tick=0.02
-    )
+    table: Timetable[str] = Timetable(scheduler, lambda key: starts.setdefault(key, loop.time()))
     table.start()
     added = loop.time()
     for n in range(200):  # a fleet registering at once
