@@ -34,6 +34,7 @@ import time
 from array import array
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from monitor.cluster.shards import shard_of
@@ -204,7 +205,7 @@ class HealthChecker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._probes: dict[tuple[str, str], Probe] = {}
         self._owned: frozenset[int] | None = None  # None: every shard (one daemon)
-        self._started = False
+        self._started = self._closed = False
         self.shared = SharedHealth(states, book, self.owns) if states is not None else None
         book.announce_only(self.owns)
 
@@ -276,6 +277,7 @@ class HealthChecker:
             self.shared.start()
 
     async def close(self) -> None:
+        self._closed = True  # answers still coming from workers are dropped
         self.timetable.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -358,6 +360,8 @@ class HealthChecker:
             return
         target.last_start = now
         target.busy, target.first = True, False
+        if self.prober.send(target.url, target.probe, partial(self._probed, key, target)):
+            return  # a worker runs it; _probed takes the result
         task = asyncio.create_task(self._probe(key, target), name=f"probe:{key[0]}/{key[1]}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -367,8 +371,12 @@ class HealthChecker:
             result = await self.prober.run(target.url, target.probe)
         finally:
             target.busy = False
-        if self.targets.get(key) is not target:
-            return  # deregistered or re-registered meanwhile
+        self._probed(key, target, result)
+
+    def _probed(self, key: Key, target: _Target, result: ProbeResult) -> None:
+        target.busy = False
+        if self._closed or self.targets.get(key) is not target:
+            return  # deregistered or re-registered meanwhile, or the checker has stopped
         verdict = self.book.record(key, result)
         if verdict is None:
             return

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 
 import aiohttp
 
@@ -20,11 +22,46 @@ from monitor.probing.kinds.http import open_sessions
 from monitor.probing.kinds.http_wire import ProbeProtocolError, describe_os_error, short_text
 from monitor.probing.kinds.table import KINDS
 from monitor.probing.probe import Probe, ProbeRequestError, ProbeResult
-from monitor.probing.worker import Job, ProbeWorkers, WorkerGone
+from monitor.probing.worker import Answer, Job, ProbeWorkers, WorkerGone
 
 log = logging.getLogger(__name__)
 
 MAX_LOGGED_FAULTS = 1000
+
+
+class Slots:
+    """At most `limit` probes in flight: `try_take` one at once or not at all, or wait
+    for one to be given back (first come, first served)."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self._free > 0:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        try:
+            await waiter  # `give` hands its slot over by setting the result
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot, cancelled before it could use it
+            raise
+
+    def give(self) -> None:
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 class Prober:
@@ -33,7 +70,7 @@ class Prober:
     def __init__(self, *, concurrency: int = 1000, workers: int = 0) -> None:
         """`workers`: probe worker processes doing the network part of fresh-connection
         http, tcp and tls probes (worker.py); 0 runs every probe in the loop."""
-        self._slots = asyncio.Semaphore(concurrency)
+        self._slots = Slots(concurrency)
         self._workers = ProbeWorkers(workers) if workers else None
         self._context = ProbeContext()
         self._logged: set[tuple[str, str]] = set()  # (url, fault) already in the log
@@ -50,10 +87,39 @@ class Prober:
             if session is not None:
                 await session.close()
 
+    def send(self, url: str, probe: Probe, done: Callable[[ProbeResult], object]) -> bool:
+        """Hand the probe of `url` to a worker process at once; `done` takes its result on
+        the loop, within `probe.timeout` (plus the batching). False when it cannot go now
+        (no worker, a kind or setting only the loop runs, every slot taken): `run` it.
+
+        The way a fleet is probed: no task, future or timer of its own per probe."""
+        workers = self._workers
+        if workers is None or not workers.ready or not self._slots.try_take():
+            return False
+        try:
+            job = KINDS[probe.type].job(url, probe, self._context)
+        except Exception:  # `run` turns it into a result with the reason
+            job = None
+        if job is None:
+            self._slots.give()
+            return False
+        at, started = time.time(), time.perf_counter()
+
+        def answered(answer: Answer | None) -> None:
+            self._slots.give()
+            if answer is None:  # not run again here: the request may have been sent
+                done(_failed(at, started, "probe worker ended before answering"))
+            else:
+                done(self._result(url, answer))
+
+        workers.submit(job, answered)
+        return True
+
     async def run(self, url: str, probe: Probe) -> ProbeResult:
         """Probe `url`; returns within `probe.timeout` (plus scheduling), never raises."""
         at, started = time.time(), time.perf_counter()
-        async with self._slots:
+        await self._slots.take()
+        try:
             try:
                 kind = KINDS[probe.type]
                 if self._workers is not None and self._workers.ready:
@@ -73,9 +139,9 @@ class Prober:
             except Exception as exc:  # one probe's fault must not end its loop
                 error = f"probe failed: {_describe(exc)}"
                 self._log_fault(url, type(exc).__name__, error)
-            return ProbeResult(
-                at=at, response_time=time.perf_counter() - started, connected=False, error=error
-            )
+            return _failed(at, started, error)
+        finally:
+            self._slots.give()
 
     def _log_fault(self, url: str, kind: str, error: str) -> None:
         """One line per target and kind of fault, not a traceback every interval."""
@@ -88,7 +154,9 @@ class Prober:
 
     async def _remote(self, workers: ProbeWorkers, url: str, job: Job) -> ProbeResult:
         """The probe run by a worker process, which times it out itself. Raises WorkerGone."""
-        answer = await workers.run(job)  # bounded: a stalled worker is killed
+        return self._result(url, await workers.run(job))  # bounded: a stalled one is killed
+
+    def _result(self, url: str, answer: Answer) -> ProbeResult:
         if answer.error is not None and answer.error.startswith("probe failed:"):
             self._log_fault(url, "worker", answer.error)
         return ProbeResult(
@@ -100,6 +168,12 @@ class Prober:
             certificate_expires_at=answer.certificate_expires_at,
             error=answer.error,
         )
+
+
+def _failed(at: float, started: float, error: str) -> ProbeResult:
+    return ProbeResult(
+        at=at, response_time=time.perf_counter() - started, connected=False, error=error
+    )
 
 
 def _describe(exc: BaseException) -> str:

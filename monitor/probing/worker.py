@@ -234,12 +234,23 @@ class WorkerGone(Exception):
     """The worker running a probe exited, or stalled and was killed, before answering."""
 
 
+# Takes a job's answer, or None: its worker exited, or stalled and was killed, first.
+Done = Callable[[Answer | None], object]
+
+
+def _tell(done: Done, answer: Answer | None) -> None:
+    try:
+        done(answer)
+    except Exception:  # the taker's fault must not stop the answers behind it
+        log.exception("a probe's answer could not be taken")
+
+
 class _Pipe(asyncio.SubprocessProtocol):
     def __init__(self, pool: ProbeWorkers, slot: int) -> None:
         self.pool, self.slot = pool, slot
-        # Jobs sent and not answered: the future, when (loop time) the worker has stalled
-        # if it has not answered, and that limit in seconds (for the log).
-        self.pending: dict[int, tuple[asyncio.Future[Answer], float, float]] = {}
+        # Jobs sent and not answered: who takes the answer, when (loop time) the worker
+        # has stalled if it has not answered, and that limit in seconds (for the log).
+        self.pending: dict[int, tuple[Done, float, float]] = {}
         self._watch: asyncio.TimerHandle | None = None
         self.frames = FrameReader(self._answer)
         self.transport: asyncio.SubprocessTransport | None = None
@@ -260,27 +271,26 @@ class _Pipe(asyncio.SubprocessProtocol):
 
     def _answer(self, item: Any) -> None:
         waiting = self.pending.pop(item[0], None)
-        if waiting is not None and not waiting[0].done():
-            waiting[0].set_result(Answer(*item))
+        if waiting is not None:
+            _tell(waiting[0], Answer(*item))
 
-    def send(self, job: Job, limit: float) -> asyncio.Future[Answer]:
-        """Send `job`; the worker has stalled if it has not answered within `limit` s."""
+    def send(self, job: tuple[object, ...], limit: float, done: Done) -> None:
+        """Send `job` (a Job as a plain tuple); `done` takes its answer. The worker has
+        stalled if it has not answered within `limit` s."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Answer] = loop.create_future()
-        self.pending[job.id] = (future, loop.time() + limit, limit)
+        self.pending[cast(int, job[0])] = (done, loop.time() + limit, limit)
         assert self.jobs is not None
-        self.jobs.add(tuple(job))
+        self.jobs.add(job)
         if self._watch is None:
             self._watch = loop.call_later(WATCH_EVERY, self._check)
-        return future
 
     def _check(self) -> None:
         """One timer a worker, not one a job: kill the worker once a job is overdue (the
         worker times each probe out itself, so an overdue answer means it stalled)."""
         self._watch = None
         now = asyncio.get_running_loop().time()
-        for future, deadline, limit in self.pending.values():
-            if deadline < now and not future.done():
+        for _, deadline, limit in self.pending.values():
+            if deadline < now:
                 self.kill(f"did not answer a probe within {limit:g}s")
                 self._fail_pending()
                 return
@@ -304,10 +314,9 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.pool.exited(self)
 
     def _fail_pending(self) -> None:
-        for future, _, _ in self.pending.values():
-            if not future.done():
-                future.set_exception(WorkerGone())
-        self.pending.clear()
+        pending, self.pending = self.pending, {}
+        for done, _, _ in pending.values():
+            _tell(done, None)
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -408,18 +417,31 @@ class ProbeWorkers:
                 self._failures[slot] += 1
                 log.error("probe worker %d could not start: %s", slot, exc)
 
-    async def run(self, job: Job) -> Answer:
-        """Raises WorkerGone when no worker runs, or its worker ends or stalls first."""
+    def submit(self, job: Job, done: Done) -> None:
+        """Send `job` to the worker with the fewest in flight; `done` takes its answer on
+        the loop, or None when no worker runs or its worker ends or stalls first."""
         live = self._live
         if not live:
-            raise WorkerGone()
+            _tell(done, None)
+            return
         pipe = live[0] if len(live) == 1 else min(live, key=lambda p: len(p.pending))
         self._ids += 1
-        job = job._replace(id=self._ids)
-        try:
-            return await pipe.send(job, job.timeout + self.grace)
-        finally:
-            pipe.pending.pop(job.id, None)
+        pipe.send((self._ids, *job[1:]), job.timeout + self.grace, done)
+
+    async def run(self, job: Job) -> Answer:
+        """`submit`, awaited. Raises WorkerGone when no worker runs, or its worker ends
+        or stalls first."""
+        future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
+
+        def done(answer: Answer | None) -> None:
+            if not future.done():
+                future.set_result(answer)
+
+        self.submit(job, done)
+        answer = await future
+        if answer is None:
+            raise WorkerGone()
+        return answer
 
     async def close(self) -> None:
         self._closing = True
