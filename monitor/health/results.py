@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import json
 import logging
 import math
 from array import array
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import orjson
 
 from monitor.health.abc import RAW_RETENTION, HourRow, MinuteRow, RawRow, ResultStore
 from monitor.health.uptime import Uptime
@@ -121,6 +124,7 @@ class ProbeResults:
         self._store = store
         self.uptime = Uptime()
         self.boundaries = (*sorted(set(buckets)), math.inf)
+        self._labels = tuple(bucket_label(boundary) for boundary in self.boundaries)
         self._raw: list[RawRow] = []
         self._minutes: dict[int, MinuteTable] = {}  # by minute (Unix time // 60)
 
@@ -212,12 +216,10 @@ class ProbeResults:
         return await self._store.raw(service, instance)
 
     def _encode(self, counts: Sequence[int]) -> str:
-        """Cumulative counts keyed by `le`, as Prometheus buckets are."""
-        total, cumulative = 0, {}
-        for boundary, count in zip(self.boundaries, counts, strict=True):
-            total += count
-            cumulative[bucket_label(boundary)] = total
-        return json.dumps(cumulative)
+        """Cumulative counts keyed by `le`, as Prometheus buckets are (a minute of every
+        instance is encoded at once on the loop: orjson, the labels made once)."""
+        cumulative = dict(zip(self._labels, itertools.accumulate(counts), strict=True))
+        return orjson.dumps(cumulative).decode()
 
 
 def _by_hour(minutes: dict[int, MinuteTable]) -> list[HourRow]:
