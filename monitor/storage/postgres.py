@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import psycopg
+from psycopg import sql
 
 from monitor.storage.riders import carried, locks, run_batch
 from registry import Overloaded, StoreUnavailable
@@ -111,7 +113,8 @@ class PgDatabase:
         loop = asyncio.get_running_loop()
         try:
             self._conn = await loop.run_in_executor(
-                self._executor, lambda: self.connect(autocommit=False)
+                self._executor,
+                lambda: self.connect(autocommit=True),  # see _batch_transaction
             )
             self._read_conn = await loop.run_in_executor(
                 self._read_executor, lambda: self.connect(autocommit=True)
@@ -241,7 +244,7 @@ class PgDatabase:
                 with contextlib.suppress(Exception):
                     conn.close()
             self._conn = None
-            self._conn = self.connect(autocommit=False)
+            self._conn = self.connect(autocommit=True)  # see _batch_transaction
             conn = self._conn
         return conn
 
@@ -287,18 +290,16 @@ class PgDatabase:
         conn = self._usable_conn()
         # Before any row: a lock awaited while holding rows another replica's batch wants,
         # held by that batch, would deadlock the two (the audit lock, riders.Ordered).
-        ordered = locks(fns)
+        begin = _begin(tuple(locks(fns)))
         try:
-            with conn.transaction():
-                _lock(conn, ordered)
+            with _batch_transaction(conn, begin):
                 return run_batch(conn, fns)
         except Exception:
             if conn.broken:
                 raise
             log.debug("a write in a batch of %d failed; replaying each", len(fns))
         outcomes: list[tuple[bool, Any]] = []
-        with conn.transaction():
-            _lock(conn, ordered)
+        with _batch_transaction(conn, begin):
             for fn in fns:
                 try:
                     with conn.transaction():  # a savepoint
@@ -310,10 +311,29 @@ class PgDatabase:
         return outcomes
 
 
-def _lock(conn: psycopg.Connection[Any], keys: list[str]) -> None:
-    """Take the advisory locks a batch's ordered writes need (riders.Ordered), first."""
-    for key in keys:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", [key])
+@functools.lru_cache(maxsize=64)
+def _begin(keys: tuple[str, ...]) -> sql.Composed:
+    """BEGIN, then the advisory locks a batch's ordered writes need (riders.Ordered): one
+    simple query, so one round trip where psycopg's BEGIN and a SELECT per lock took two
+    or more (the audit trail's lock is taken by every batch carrying a record)."""
+    lock = sql.SQL("SELECT pg_advisory_xact_lock(hashtext({}))")
+    return sql.SQL("; ").join([sql.SQL("BEGIN"), *(lock.format(sql.Literal(k)) for k in keys)])
+
+
+@contextlib.contextmanager
+def _batch_transaction(conn: psycopg.Connection[Any], begin: sql.Composed) -> Iterator[None]:
+    """A batch's transaction on the writing connection, which is in autocommit mode so
+    that psycopg sends no BEGIN of its own: `begin` opens it (`_begin`), COMMIT ends it,
+    ROLLBACK on any error. Inside it `conn.transaction()` is a savepoint."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        if not conn.broken:
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")  # on failure the server has rolled back: nothing to undo
 
 
 def notify(conn: psycopg.Connection[Any], channel: str, payload: str) -> None:
