@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 
 from registry import StoreUnavailable
@@ -62,6 +63,7 @@ class Residency:
         self.horizon, self._tick, self._cap = horizon, horizon / TICKS, cap
         self._cursor: tuple[float, int] | None = None  # the last row read by due time
         self._left: dict[str, float] = {}  # process id -> when it left memory (monotonic)
+        self._departures: deque[tuple[float, str]] = deque()  # (when, id), oldest first
         self._task: asyncio.Task[None] | None = None
         self._closed = False  # a load under way brings nothing into the next term
 
@@ -92,11 +94,17 @@ class Residency:
         return self._left.get(process_id, -1.0) >= began
 
     def left(self, process_id: str) -> None:
-        """The process left memory (it finished or parked)."""
+        """The process left memory (it finished or parked). Departures older than
+        FORGET_LEFT are dropped oldest first as new ones come: no pass over them all,
+        however many finish a second."""
         now = time.monotonic()
         self._left[process_id] = now
-        if len(self._left) > 4 * PAGE:
-            self._left = {k: t for k, t in self._left.items() if now - t < FORGET_LEFT}
+        departures = self._departures
+        departures.append((now, process_id))
+        while now - departures[0][0] >= FORGET_LEFT:
+            at, gone = departures.popleft()
+            if self._left.get(gone) == at:  # not left again since
+                del self._left[gone]
 
     async def load(self, ids: Iterable[str]) -> None:
         """Bring these processes into memory, those unfinished and not there (a cancel, a
