@@ -202,9 +202,10 @@ class Timetable(Generic[K]):
             self._arm()
 
     def _sweep(self) -> None:
-        """Drop the stale items (entries moved or removed since they were pushed)."""
+        """Drop the stale items (entries moved or removed since they were pushed), in
+        place: a wake-up holds the list while its starts may push and so sweep."""
         entries = self._entries
-        self._heap = [
+        self._heap[:] = [
             item
             for item in self._heap
             if (entry := entries.get(item[2])) is not None and entry.generation == item[3]

@@ -189,6 +189,50 @@ async def test_a_replaced_entry_starts_at_its_new_time_only(scheduler: Scheduler
     assert len(table._heap) < 2 * len(table) + 1100
 
 
+async def test_an_entry_started_after_a_sweep_in_the_same_wake_up_runs_again(
+    scheduler: Scheduler,
+) -> None:
+    """A start that moves entries (a probe refused by the budget backs off) may sweep the
+    heap while its wake-up still pushes the next runs of the entries it started."""
+    started: Counter[str] = Counter()
+    table: Timetable[str]
+
+    def start(key: str) -> None:
+        started[key] += 1
+        if key == "a" and started[key] == 1:
+            for n in range(1100):  # enough moves to sweep
+                table.add("churn", 3600.0, first_in=3000.0 + n)
+
+    table = Timetable(scheduler, start)
+    table.start()
+    table.add("a", 0.05, first_in=0)
+    table.add("b", 0.05, first_in=0)  # the same wake-up, after "a"
+    await asyncio.sleep(0.5)
+    table.stop()
+    assert started["a"] >= 5 and started["b"] >= 5
+
+
+async def test_entries_that_back_off_as_they_start_all_keep_running(
+    scheduler: Scheduler,
+) -> None:
+    loop = asyncio.get_running_loop()
+    last: dict[str, float] = {}
+    table: Timetable[str]
+
+    def start(key: str) -> None:
+        last[key] = loop.time()
+        table.add(key, 1.0, first_in=0.02)  # paced again at each start, as _pace does
+
+    table = Timetable(scheduler, start)
+    table.start()
+    for n in range(600):
+        table.add(f"i{n}", 1.0, first_in=0)
+    await asyncio.sleep(2.0)
+    table.stop()
+    now = loop.time()
+    assert [key for key in table._entries if now - last.get(key, 0) > 0.5] == []
+
+
 async def test_shortening_the_interval_brings_the_next_run_forward(scheduler: Scheduler) -> None:
     started: list[str] = []
     table: Timetable[str] = Timetable(scheduler, started.append)
