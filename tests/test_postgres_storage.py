@@ -16,7 +16,7 @@ from monitor.audit.stores.postgres import MIGRATIONS as AUDIT_MIGRATIONS
 from monitor.audit.stores.postgres import _Rider as AuditRider
 from monitor.storage import DatabaseError
 from monitor.storage.postgres import Listener, PgDatabase, notify
-from monitor.storage.riders import Carried
+from monitor.storage.riders import Carried, Ordered
 from registry import StoreUnavailable
 
 from .pg import PostgresCluster
@@ -217,3 +217,28 @@ async def test_two_replicas_batches_with_audit_records_never_deadlock(
         for database in (a, b):
             if database._conn is not None:
                 database._conn.close()
+
+
+async def test_a_lock_wait_that_fails_refuses_its_batch_and_the_next_writes(
+    postgres: PostgresCluster,
+) -> None:
+    """A batch's lock is taken in its BEGIN's query; a wait for it that fails (a managed
+    server's lock_timeout, a cancel) must roll the transaction back: the batch is refused
+    (503) and the next write commits, not a writer stuck in an aborted transaction (an
+    independent review's case)."""
+    url = postgres.database()
+    database = PgDatabase(url + "?options=-c%20lock_timeout%3D200")
+    await database.open()
+    await database.migrate("things", MIGRATIONS)
+    holder = psycopg.connect(url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(hashtext('audit'))")  # another replica's batch
+    try:
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(database.write(Ordered(insert(1, "a"), "audit")), 5)
+        holder.execute("SELECT pg_advisory_unlock(hashtext('audit'))")
+        assert await asyncio.wait_for(database.write(insert(2, "b")), 5) == 2
+        assert await asyncio.wait_for(database.write(Ordered(insert(3, "c"), "audit")), 5) == 3
+        assert await database.read(names) == ["b", "c"]
+    finally:
+        holder.close()
+        await asyncio.wait_for(database.close(), 5)

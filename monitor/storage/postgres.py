@@ -280,7 +280,20 @@ class PgDatabase:
                     exc,
                 )
             outcomes = refused(exc, len(batch))
+        except Exception as exc:  # not the database gone: a bug, or a session left in a
+            # state this code does not expect. The batch is refused (503), the next one
+            # starts on a new connection, and the writer goes on.
+            log.exception("storage: a batch of %d writes to %s failed", len(batch), self.path)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._drop_conn)
+            outcomes = refused(exc, len(batch))
         settle(batch, outcomes)
+
+    def _drop_conn(self) -> None:
+        """Close the writing connection (on the writer thread); the next write reopens it."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     def _run_batch(
         self, fns: list[Callable[[psycopg.Connection[Any]], Any]]
@@ -325,8 +338,8 @@ def _batch_transaction(conn: psycopg.Connection[Any], begin: sql.Composed) -> It
     """A batch's transaction on the writing connection, which is in autocommit mode so
     that psycopg sends no BEGIN of its own: `begin` opens it (`_begin`), COMMIT ends it,
     ROLLBACK on any error. Inside it `conn.transaction()` is a savepoint."""
-    conn.execute(begin)
     try:
+        conn.execute(begin)  # a lock wait may fail after BEGIN (lock_timeout, a cancel)
         yield
     except BaseException:
         if not conn.broken:
