@@ -271,8 +271,14 @@ class _Pipe(asyncio.SubprocessProtocol):
 
     def _answer(self, item: Any) -> None:
         waiting = self.pending.pop(item[0], None)
-        if waiting is not None:
-            _tell(waiting[0], Answer(*item))
+        if waiting is None:
+            return
+        try:
+            answer = Answer(*item)
+        except TypeError:  # out of step: the pipe is killed, and this job failed with it
+            _tell(waiting[0], None)
+            raise
+        _tell(waiting[0], answer)
 
     def send(self, job: tuple[object, ...], limit: float, done: Done) -> None:
         """Send `job` (a Job as a plain tuple); `done` takes its answer. The worker has
