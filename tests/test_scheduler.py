@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -149,11 +150,14 @@ async def test_timetable_runs_each_entry_at_its_interval(scheduler: Scheduler) -
     table.stop()
     fast = [t for k, t in started if k == "fast"]
     slow = [t for k, t in started if k == "slow"]
+    # The first run (first_in=0) is off the grid; the next slot may follow it at once (its
+    # phase decides), so 0.42 s hold up to 1 + 3 slow runs, 1 + 9 fast ones.
     assert 5 <= len(fast) <= 10
-    assert 2 <= len(slow) <= 3
-    # After the first run (first_in=0) the entry keeps to its slots: no drift on average.
+    assert 2 <= len(slow) <= 4
+    # After the first run the entry keeps to its slots: no drift.
     mean_gap = (fast[-1] - fast[1]) / (len(fast) - 2)
     assert 0.045 < mean_gap < 0.06, mean_gap
+    assert all(0.15 < b - a < 0.25 for a, b in itertools.pairwise(slow[1:])), slow
 
 
 async def test_timetable_entries_come_and_go_without_restart(scheduler: Scheduler) -> None:
@@ -179,8 +183,8 @@ async def test_a_replaced_entry_starts_at_its_new_time_only(scheduler: Scheduler
     started: list[str] = []
     table: Timetable[str] = Timetable(scheduler, started.append)
     table.start()
-    table.add("a", 10.0, first_in=0.2)
-    table.add("a", 10.0, first_in=0.05)  # brought forward, as a re-registration does
+    table.add("a", 3600.0, first_in=0.2)  # its next slot: almost surely not in this test
+    table.add("a", 3600.0, first_in=0.05)  # brought forward, as a re-registration does
     for n in range(20_000):  # a churning fleet: every move leaves a stale item
         table.add(f"churn-{n % 10}", 3600.0, first_in=3000.0 + n)
     await asyncio.sleep(0.4)
