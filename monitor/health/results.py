@@ -9,6 +9,7 @@ second cost a few statements a second.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import functools
 import itertools
@@ -178,12 +179,10 @@ class ProbeResults:
             del self._minutes[minute]
         if not raw and not done:
             return 0
-        rows: list[MinuteRow] = [
-            (service, instance, minute, count, ok, latency, self._encode(buckets), maintenance)
-            for minute, table in done.items()
-            for service, instance, count, ok, latency, buckets, maintenance in table.rows()
-        ]
-        hours = _by_hour(done)
+        rows: list[MinuteRow] = []
+        hours: list[HourRow] = []
+        if done:  # every instance's row at once: 50 ms of the loop at 25,000, so a thread
+            rows, hours = await asyncio.to_thread(self._minute_rows, done)
         try:
             await self._store.write(raw, rows, hours)
         except Exception:
@@ -214,6 +213,16 @@ class ProbeResults:
 
     async def raw(self, service: str, instance: str) -> list[dict[str, Any]]:
         return await self._store.raw(service, instance)
+
+    def _minute_rows(self, done: dict[int, MinuteTable]) -> tuple[list[MinuteRow], list[HourRow]]:
+        """The finished minutes' rows and their hours' sums (off the loop: the tables are
+        out of `_minutes`, nothing adds to them any more)."""
+        rows: list[MinuteRow] = [
+            (service, instance, minute, count, ok, latency, self._encode(buckets), maintenance)
+            for minute, table in done.items()
+            for service, instance, count, ok, latency, buckets, maintenance in table.rows()
+        ]
+        return rows, _by_hour(done)
 
     def _encode(self, counts: Sequence[int]) -> str:
         """Cumulative counts keyed by `le`, as Prometheus buckets are (a minute of every
