@@ -138,5 +138,15 @@ def running_prometheus(binary: str, directory: Path, config: dict[str, Any]) -> 
         f"--storage.tsdb.path={directory / 'tsdb'}",
         f"--web.listen-address=127.0.0.1:{port}",
     ]
+    url = f"http://127.0.0.1:{port}"
     with running_server(argv, directory / "prometheus.log"):
-        yield f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # before /-/ready its API answers 503 in text
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(url + "/-/ready", timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    break
+            time.sleep(0.1)
+        yield url

@@ -119,10 +119,11 @@ async def wait_for_target(prometheus_url: str, timeout: float) -> dict[str, Any]
         while time.monotonic() < deadline:
             try:
                 async with http.get(prometheus_url + "/api/v1/targets") as resp:
-                    data = json.loads(await resp.text())
-                targets = data["data"]["activeTargets"]
-                if targets:
-                    return dict(targets[0])
+                    text = await resp.text()
+                if resp.status == 200:  # a Prometheus still starting answers 503 in text
+                    targets = json.loads(text)["data"]["activeTargets"]
+                    if targets:
+                        return dict(targets[0])
             except aiohttp.ClientError:
                 pass
             await asyncio.sleep(0.2)
