@@ -245,7 +245,7 @@ class Timetable(Generic[K]):
                 # The next slot after this run, or after now when a stall made it late:
                 # missed runs are skipped rather than burst.
                 entry.due = entry.next_slot(max(now, entry.due))
-                heapq.heappush(heap, (entry.due, next(self._seq), key, entry.generation))
+                self._push(key, entry)
                 try:
                     self._start(key)
                 except Exception:

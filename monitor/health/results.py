@@ -225,8 +225,8 @@ class ProbeResults:
         return rows, _by_hour(done)
 
     def _encode(self, counts: Sequence[int]) -> str:
-        """Cumulative counts keyed by `le`, as Prometheus buckets are (a minute of every
-        instance is encoded at once on the loop: orjson, the labels made once)."""
+        """Cumulative counts keyed by `le`, as Prometheus buckets are (every instance's
+        row of a minute is encoded at once: orjson, the labels made once)."""
         cumulative = dict(zip(self._labels, itertools.accumulate(counts), strict=True))
         return orjson.dumps(cumulative).decode()
 
