@@ -18,6 +18,7 @@ from monitor.storage import DatabaseError
 from monitor.storage.postgres import Listener, PgDatabase, notify
 from monitor.storage.riders import Carried, Ordered
 from registry import StoreUnavailable
+from registry.stores.pg import Blind
 
 from .pg import PostgresCluster
 
@@ -62,6 +63,42 @@ async def test_writes_queued_together_commit_together_and_a_bad_one_fails_alone(
         ]
         assert isinstance(outcomes[3], psycopg.errors.NotNullViolation)
         assert await database.read(names) == ["n0", "n1", "n2", "n4", "n5"]
+    finally:
+        await database.close()
+
+
+async def test_a_pipelined_batch_commits_together_and_a_bad_write_fails_alone(
+    postgres: PostgresCluster,
+) -> None:
+    """Writes that read nothing back (Blind) go as one pipeline, their riders at its end
+    reading their ids; a failure there is raised at the pipeline's end, and the batch is
+    replayed a write at a time, as any batch is."""
+    database = await opened(postgres.database())
+    await database.migrate("audit", AUDIT_MIGRATIONS)
+    try:
+        records = [
+            AuditRecord(time=1.0, actor="a", action="x", target=str(i), outcome=201)
+            for i in range(6)
+        ]
+        writes = [
+            Carried(Blind(insert(i, None if i == 3 else f"n{i}")), AuditRider(records[i]))
+            for i in range(6)
+        ]
+        outcomes = await asyncio.gather(
+            *(database.write(write, ride=False) for write in writes), return_exceptions=True
+        )
+        assert [type(o).__name__ for o in outcomes] == ["NoneType"] * 3 + ["NotNullViolation"] + [
+            "NoneType"
+        ] * 2
+        assert await database.read(names) == ["n0", "n1", "n2", "n4", "n5"]
+        ids = [r.id for r in records]
+        assert ids[3] is None and len({*ids} - {None}) == 5  # each kept record its own id
+        stored = await database.read(
+            lambda conn: conn.execute("SELECT id, target FROM audit_records ORDER BY id").fetchall()
+        )
+        assert [(id_, target) for id_, target in stored] == [
+            (r.id, r.target) for r in records if r.id is not None
+        ]
     finally:
         await database.close()
 

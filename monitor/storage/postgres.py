@@ -23,8 +23,9 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
-from monitor.storage.riders import carried, locks, run_batch
+from monitor.storage.riders import Carried, carried, locks, run_batch
 from registry import Overloaded, StoreUnavailable
+from registry.stores.pg import Blind
 
 from .database import (
     MAX_BATCH,
@@ -306,7 +307,10 @@ class PgDatabase:
         begin = _begin(tuple(locks(fns)))
         try:
             with _batch_transaction(conn, begin):
-                return run_batch(conn, fns)
+                if not all(map(_blind, fns)):
+                    return run_batch(conn, fns)
+                with conn.pipeline():  # a failure is raised at its end, the batch replayed
+                    return run_batch(conn, fns)
         except Exception:
             if conn.broken:
                 raise
@@ -322,6 +326,12 @@ class PgDatabase:
                         raise
                     outcomes.append((False, exc))
         return outcomes
+
+
+def _blind(fn: Callable[[Any], Any]) -> bool:
+    """A write pipelined with its batch's others (registry.stores.pg.Blind); its rider,
+    written at the batch's end, may read (a fetch in a pipeline waits for the results)."""
+    return isinstance(fn.fn if isinstance(fn, Carried) else fn, Blind)
 
 
 @functools.lru_cache(maxsize=64)

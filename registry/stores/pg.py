@@ -16,6 +16,22 @@ else:
     Connection = Any
 
 
+class Blind:
+    """A write that reads nothing back (no rows, no rowcount): a batch of such writes and
+    their riders is sent as one pipeline (PgDatabase), one round trip where each write
+    waited for its own answer before the next was sent (the writer thread's critical
+    path). In a pipeline a rowcount is not yet known when read: mark only writes that
+    never look."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Connection], None]) -> None:
+        self.fn = fn
+
+    def __call__(self, conn: Connection) -> None:
+        self.fn(conn)
+
+
 class PgTransactor(Protocol):
     async def read(self, fn: Callable[[Connection], T]) -> T: ...
 

@@ -34,7 +34,7 @@ import orjson
 
 from registry.abc import Key, StoredRow
 from registry.model import STORED, Instance, ProbeSpec
-from registry.stores.pg import Connection, PgTransactor
+from registry.stores.pg import Blind, Connection, PgTransactor
 
 CHANNEL = "hms_registry"
 TOMBSTONE_KEEP = 3600.0  # seconds; longer than any replica goes without a poll or a resync
@@ -157,7 +157,7 @@ class PgRegistryStore:
             origin, notice = self.origin, self._notice(instance.key)
             conn.execute(_NOTIFYING.format(_UPSERT), [*row, index, origin, origin, *notice])
 
-        await self._db.write(save)
+        await self._db.write(Blind(save))
 
     async def delete(self, service: str, instance_id: str, index: int) -> None:
         def delete(conn: Connection) -> None:
@@ -166,7 +166,7 @@ class PgRegistryStore:
             conn.execute(_NOTIFYING.format(_DELETE), arguments)
             conn.execute(_PURGE, [TOMBSTONE_KEEP, index])
 
-        await self._db.write(delete)
+        await self._db.write(Blind(delete))
 
     async def expire(self, service: str, instance_id: str, index: int) -> StoredRow | None:
         def expire(conn: Connection) -> StoredRow | None:
@@ -186,7 +186,7 @@ class PgRegistryStore:
         def flush(conn: Connection) -> None:
             conn.execute(_HEARTBEATS, [self.origin, services, ids])
 
-        await self._db.write(flush)
+        await self._db.write(Blind(flush))
 
     async def read_rows(self, keys: Iterable[Key]) -> list[StoredRow]:
         wanted = list(keys)

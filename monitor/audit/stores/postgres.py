@@ -10,7 +10,12 @@ from monitor.storage.riders import Ordered, Rider
 from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
-_RETURNING = " RETURNING id"
+_TYPES = ("float8", "text", "text", "text", "int4", "text", "text", "int4")  # sql.COLUMNS'
+_INSERT = (
+    f"INSERT INTO {sql.TABLE} ({', '.join(sql.COLUMNS)}) SELECT * FROM unnest("  # noqa: S608
+    + ", ".join(f"%s::{kind}[]" for kind in _TYPES)
+    + ") RETURNING id"
+)
 
 
 class _Rider:
@@ -24,19 +29,20 @@ class _Rider:
         self.write_all(conn, [self])
 
     def write_all(self, conn: Connection, riders: Sequence[Rider]) -> None:
-        """The batch's records in one statement per ROWS_PER_INSERT (the database's thread
-        holds the GIL for each statement's parameters and results, so fewer is cheaper for
-        the event loop too). The sequence hands its values out as VALUES' rows are inserted,
-        in order: the ids returned, sorted, are the rows' in that order."""
+        """The batch's records in one statement of one text, whatever their number (a
+        column an array, `_INSERT`): psycopg prepares it once, where a VALUES row per record
+        made a text per batch size, parsed for its placeholders in Python each batch
+        (psycopg caches no statement of over 50 parameters). Rows are inserted, and take
+        their ids from the sequence, in the arrays' order: the ids returned, sorted, are
+        the records' in that order."""
         records = [rider.record for rider in riders if isinstance(rider, _Rider)]
-        with conn.cursor() as cursor:  # the batch took the trail's lock first (locks())
-            for chunk in sql.chunks(records):
-                # Not prepared: a text per batch size would churn psycopg's prepared cache.
-                query = sql.insert("%s", len(chunk)) + _RETURNING
-                cursor.execute(query, sql.flat_values(chunk), prepare=False)
-                ids = sorted(int(row[0]) for row in cursor.fetchall())
-                for record, taken in zip(chunk, ids, strict=True):
-                    record.id = taken
+        if not records:
+            return
+        columns = [list(column) for column in zip(*map(sql.values, records), strict=True)]
+        # The batch took the trail's lock first (locks()): no other batch's ids interleave.
+        rows = conn.execute(_INSERT, columns).fetchall()
+        for record, taken in zip(records, sorted(int(row[0]) for row in rows), strict=True):
+            record.id = taken
 
 
 class PgAuditStore:
