@@ -126,7 +126,8 @@ async def test_a_failing_database_refuses_the_record(backing: Backing[AuditStore
 
 async def test_records_written_together_know_their_own_ids(backing: Backing[AuditStore]) -> None:
     """A batch's records are written at once (one statement per 124 on SQLite, one
-    statement of arrays on PostgreSQL); each learns the id its row took (the id `audit.recorded` carries)."""
+    statement of arrays on PostgreSQL); each learns the id its row took (the id
+    `audit.recorded` carries)."""
     store = backing.store
     await store.add(record(99.0, request_id="before"))  # ids do not start at 1
     records = [record(100.0 + n, request_id=f"r{n}") for n in range(300)]

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ from aiohttp.test_utils import TestServer
 from monitor.probing.abc import ProbeContext
 from monitor.probing.kinds.http import HttpKind
 from monitor.probing.probe import resolve_probe
-from monitor.probing.prober import Prober
+from monitor.probing.prober import Prober, Slots
 from monitor.probing.worker import FrameReader, ProbeWorkers, encode
 from registry import ProbeSpec
 
@@ -217,3 +218,58 @@ async def test_a_worker_checks_certificates_as_the_loop_does(
     assert unverified.status == 200 and unverified.error is None
     assert trusted.status == 200 and trusted.certificate_expires_in is not None
     assert 86400 < trusted.certificate_expires_in <= 2 * 86400
+
+
+async def test_probes_beyond_the_slots_wait_for_a_worker_without_a_task_each(
+    target: TestServer,
+) -> None:
+    """With every slot taken (a saturated worker, a wave of timeouts) a probe still goes
+    to a worker, queued as a callback until a slot is given back: it never falls back to
+    a task and a future of its own on the daemon's loop, which is what saturation costs."""
+    url = str(target.make_url("/ok"))
+    prober = Prober(concurrency=2, workers=1)
+    await prober.start()
+    results: list[int | None] = []
+
+    async def ready() -> bool:
+        return prober._workers is not None and prober._workers.ready
+
+    async def all_answered() -> bool:
+        return len(results) == 40
+
+    try:
+        await until(ready, 10)
+        probe = resolve_probe([ProbeSpec()])
+        tasks = len(asyncio.all_tasks())
+        accepted = [prober.send(url, probe, lambda r: results.append(r.status)) for _ in range(40)]
+        assert accepted == [True] * 40
+        assert len(prober._slots) == 38  # two in flight, the rest waiting their turn
+        assert len(asyncio.all_tasks()) == tasks
+        await until(all_answered, 15)
+    finally:
+        await prober.close()
+    assert results == [200] * 40
+    assert len(prober._slots) == 0 and prober._slots.try_take() and prober._slots.try_take()
+    assert not prober._slots.try_take()  # each slot given back once
+
+
+def test_a_queue_of_probes_handed_back_at_once_is_drained_without_recursion() -> None:
+    """A queued probe whose worker is gone answers None at once and gives its slot back
+    inside `give`: thousands so queued are handed the slot in turn, not one call deeper
+    each (a RecursionError would strand the rest, each instance `busy` for good)."""
+    slots = Slots(1)
+    assert slots.try_take()
+    order: list[int] = []
+
+    def holder(n: int) -> Callable[[], None]:
+        def run() -> None:
+            order.append(n)
+            slots.give()  # its worker was gone: answered at once
+
+        return run
+
+    for n in range(5000):
+        slots.queue(holder(n))
+    slots.give()
+    assert order == list(range(5000))
+    assert len(slots) == 0 and slots.try_take() and not slots.try_take()

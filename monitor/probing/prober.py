@@ -30,12 +30,18 @@ MAX_LOGGED_FAULTS = 1000
 
 
 class Slots:
-    """At most `limit` probes in flight: `try_take` one at once or not at all, or wait
-    for one to be given back (first come, first served)."""
+    """At most `limit` probes in flight: `try_take` one at once or not at all, `take` one
+    when it is given back, or `queue` a callback handed one then (first come, first
+    served, futures and callbacks alike)."""
 
     def __init__(self, limit: int) -> None:
         self._free = limit
-        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._waiting: deque[asyncio.Future[None] | Callable[[], object]] = deque()
+        self._handing = False  # in give's loop: a give from a callback only frees a slot
+
+    def __len__(self) -> int:
+        """How many wait for a slot."""
+        return len(self._waiting)
 
     def try_take(self) -> bool:
         if self._free > 0:
@@ -55,13 +61,28 @@ class Slots:
                 self.give()  # handed a slot, cancelled before it could use it
             raise
 
+    def queue(self, holder: Callable[[], object]) -> None:
+        """`holder()` is called holding a slot once one is given back (it gives it back
+        itself, and must not raise): a probe waiting without a task or a future."""
+        self._waiting.append(holder)
+
     def give(self) -> None:
-        while self._waiting:
-            waiter = self._waiting.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
         self._free += 1
+        if self._handing:
+            return  # a holder gave its slot back at once (its worker is gone): handed below
+        self._handing = True
+        try:
+            while self._free > 0 and self._waiting:
+                waiter = self._waiting.popleft()
+                if isinstance(waiter, asyncio.Future):
+                    if not waiter.done():
+                        self._free -= 1
+                        waiter.set_result(None)
+                else:
+                    self._free -= 1
+                    waiter()
+        finally:
+            self._handing = False
 
 
 class Prober:
@@ -88,31 +109,39 @@ class Prober:
                 await session.close()
 
     def send(self, url: str, probe: Probe, done: Callable[[ProbeResult], object]) -> bool:
-        """Hand the probe of `url` to a worker process at once; `done` takes its result on
-        the loop, within `probe.timeout` (plus the batching). False when it cannot go now
-        (no worker, a kind or setting only the loop runs, every slot taken): `run` it.
+        """Hand the probe of `url` to a worker process, at once or, every slot taken, when
+        one is given back; `done` takes its result on the loop, within `probe.timeout`
+        (plus the batching, plus that wait). False when a worker cannot run it (none, or a
+        kind or setting only the loop runs): `run` it.
 
-        The way a fleet is probed: no task, future or timer of its own per probe."""
+        The way a fleet is probed: no task, future or timer of its own per probe, also
+        while the workers are saturated (a probe then waits as a callback)."""
         workers = self._workers
-        if workers is None or not workers.ready or not self._slots.try_take():
+        if workers is None or not workers.ready:
             return False
         try:
             job = KINDS[probe.type].job(url, probe, self._context)
         except Exception:  # `run` turns it into a result with the reason
             job = None
         if job is None:
-            self._slots.give()
             return False
-        at, started = time.time(), time.perf_counter()
 
-        def answered(answer: Answer | None) -> None:
-            self._slots.give()
-            if answer is None:  # not run again here: the request may have been sent
-                done(_failed(at, started, "probe worker ended before answering"))
-            else:
-                done(self._result(url, answer))
+        def submit() -> None:
+            at, started = time.time(), time.perf_counter()
 
-        workers.submit(job, answered)
+            def answered(answer: Answer | None) -> None:
+                self._slots.give()
+                if answer is None:  # not run again here: the request may have been sent
+                    done(_failed(at, started, "probe worker ended before answering"))
+                else:
+                    done(self._result(url, answer))
+
+            workers.submit(job, answered)  # never raises: no worker answers None
+
+        if self._slots.try_take():
+            submit()
+        else:
+            self._slots.queue(submit)
         return True
 
     async def run(self, url: str, probe: Probe) -> ProbeResult:
