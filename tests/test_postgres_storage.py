@@ -68,11 +68,19 @@ async def test_writes_queued_together_commit_together_and_a_bad_one_fails_alone(
 
 
 async def test_a_pipelined_batch_commits_together_and_a_bad_write_fails_alone(
-    postgres: PostgresCluster,
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Writes that read nothing back (Blind) go as one pipeline, their riders at its end
     reading their ids; a failure there is raised at the pipeline's end, and the batch is
     replayed a write at a time, as any batch is."""
+    pipelines: list[int] = []
+    pipeline = psycopg.Connection.pipeline
+
+    def counted(conn: psycopg.Connection[Any]) -> Any:
+        pipelines.append(1)
+        return pipeline(conn)
+
+    monkeypatch.setattr(psycopg.Connection, "pipeline", counted)
     database = await opened(postgres.database())
     await database.migrate("audit", AUDIT_MIGRATIONS)
     try:
@@ -99,6 +107,9 @@ async def test_a_pipelined_batch_commits_together_and_a_bad_write_fails_alone(
         assert [(id_, target) for id_, target in stored] == [
             (r.id, r.target) for r in records if r.id is not None
         ]
+        assert pipelines == [1]  # the batch went as one; its replay is not pipelined
+        await database.write(insert(7, "n7"))  # a write that may read: never pipelined
+        assert pipelines == [1]
     finally:
         await database.close()
 
@@ -122,18 +133,22 @@ async def test_migrations_apply_once_and_a_newer_database_is_refused(
     await older.close()
 
 
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
 async def test_a_server_crash_refuses_writes_then_they_succeed_again(
-    postgres: PostgresCluster,
+    postgres: PostgresCluster, pipelined: bool
 ) -> None:
+    def write(id: int, name: str) -> Any:
+        return Blind(insert(id, name)) if pipelined else insert(id, name)
+
     database = await opened(postgres.database())
     try:
-        await database.write(insert(1, "before"))
+        await database.write(write(1, "before"))
         await asyncio.to_thread(postgres.restart, "immediate")
         # The first write after the crash finds its connection dead: refused, not lost.
         with pytest.raises(StoreUnavailable):
-            await database.write(insert(2, "lost in the crash"))
+            await database.write(write(2, "lost in the crash"))
         assert not database.writable
-        await database.write(insert(3, "after"))  # reconnected
+        await database.write(write(3, "after"))  # reconnected
         assert database.writable
         assert await database.read(names) == ["before", "after"]
     finally:

@@ -7,6 +7,7 @@ replaced as an operator (or the OOM killer) would; nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -273,3 +274,60 @@ def test_a_queue_of_probes_handed_back_at_once_is_drained_without_recursion() ->
     slots.give()
     assert order == list(range(5000))
     assert len(slots) == 0 and slots.try_take() and not slots.try_take()
+
+
+@pytest.mark.parametrize("ending", ["killed", "stalled"])
+async def test_probes_waiting_for_a_slot_when_their_worker_ends_still_run(
+    target: TestServer, ending: str
+) -> None:
+    """Two hung probes hold both slots and four wait for one (queued callbacks); the only
+    worker then dies (SIGKILL) or stalls (SIGSTOP: killed once its probes are overdue).
+    The hung two fail with the worker; each waiting one, handed a slot as the dying
+    worker gives them back, is run by the loop (no worker is left to take it): never sent
+    to the dying worker and stranded there, its instance `busy` for good, nor failed
+    unsent. A probe sent once the worker is back goes to it."""
+    prober = Prober(concurrency=2, workers=1)
+    await prober.start()
+    workers_ = prober._workers
+    assert workers_ is not None
+    probe = resolve_probe([ProbeSpec(timeout="1s")])
+    results: dict[str, tuple[int | None, str | None]] = {}
+    pid: int | None = None
+
+    def send(name: str, path: str) -> None:
+        def done(result: Any) -> None:
+            results[name] = (result.status, result.error)
+
+        assert prober.send(str(target.make_url(path)), probe, done)
+
+    async def ready() -> bool:
+        return workers_.ready
+
+    async def answered(*names: str) -> bool:
+        return all(name in results for name in names)
+
+    try:
+        await until(ready, 10)
+        send("hang0", "/hang")
+        send("hang1", "/hang")
+        for n in range(4):
+            send(f"ok{n}", "/ok")
+        await asyncio.sleep(0.3)
+        pipe = workers_._pipes[0]
+        assert pipe is not None and pipe.transport is not None
+        pid = pipe.transport.get_pid()
+        os.kill(pid, signal.SIGKILL if ending == "killed" else signal.SIGSTOP)
+        # Stalled: killed when its probe (1 s) and the grace (5 s) are overdue.
+        await until(lambda: answered("hang0", "hang1", "ok0", "ok1", "ok2", "ok3"), 20)
+        assert [results[f"ok{n}"] for n in range(4)] == [(200, None)] * 4
+        assert {results["hang0"][1], results["hang1"][1]} == {"probe worker ended before answering"}
+        assert len(prober._slots) == 0 and pipe.pending == {}
+        await until(ready, 15)  # restarted
+        send("after", "/ok")
+        await until(lambda: answered("after"), 10)
+        assert results["after"] == (200, None)
+    finally:
+        await prober.close()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -95,6 +95,7 @@ class Prober:
         self._workers = ProbeWorkers(workers) if workers else None
         self._context = ProbeContext()
         self._logged: set[tuple[str, str]] = set()  # (url, fault) already in the log
+        self._held: set[asyncio.Task[None]] = set()  # probes queued for a worker that ended
 
     async def start(self) -> None:
         if self._workers is not None:
@@ -102,6 +103,9 @@ class Prober:
         open_sessions(self._context)
 
     async def close(self) -> None:
+        for task in list(self._held):
+            task.cancel()
+        await asyncio.gather(*self._held, return_exceptions=True)
         if self._workers is not None:
             await self._workers.close()
         for session in (self._context.fresh, self._context.pooled):
@@ -127,6 +131,9 @@ class Prober:
             return False
 
         def submit() -> None:
+            if not workers.ready:  # its worker ended while it waited: the loop runs it
+                self._run_held(url, probe, done)
+                return
             at, started = time.time(), time.perf_counter()
 
             def answered(answer: Answer | None) -> None:
@@ -144,33 +151,54 @@ class Prober:
             self._slots.queue(submit)
         return True
 
+    def _run_held(self, url: str, probe: Probe, done: Callable[[ProbeResult], object]) -> None:
+        """`url` probed by a task that holds a slot already (given back when it ends)."""
+
+        async def held() -> None:
+            try:
+                result = await self._probe(url, probe, time.time(), time.perf_counter())
+            finally:
+                self._slots.give()
+            try:
+                done(result)
+            except Exception:
+                log.exception("a probe's result could not be taken")
+
+        task = asyncio.create_task(held(), name=f"probe:{url}")
+        self._held.add(task)
+        task.add_done_callback(self._held.discard)
+
     async def run(self, url: str, probe: Probe) -> ProbeResult:
         """Probe `url`; returns within `probe.timeout` (plus scheduling), never raises."""
         at, started = time.time(), time.perf_counter()
         await self._slots.take()
         try:
-            try:
-                kind = KINDS[probe.type]
-                if self._workers is not None and self._workers.ready:
-                    job = kind.job(url, probe, self._context)
-                    if job is not None:
-                        return await self._remote(self._workers, url, job)
-                async with asyncio.timeout(probe.timeout):
-                    return await kind.run(url, probe, self._context, at, started)
-            except TimeoutError:
-                error = f"timeout after {probe.timeout:g}s"
-            except WorkerGone:  # not run again here: the request may have been sent
-                error = "probe worker ended before answering"
-            except ProbeRequestError as exc:
-                error = f"request not sent: {exc}"
-            except (aiohttp.ClientError, OSError, ProbeProtocolError) as exc:
-                error = _describe(exc)
-            except Exception as exc:  # one probe's fault must not end its loop
-                error = f"probe failed: {_describe(exc)}"
-                self._log_fault(url, type(exc).__name__, error)
-            return _failed(at, started, error)
+            return await self._probe(url, probe, at, started)
         finally:
             self._slots.give()
+
+    async def _probe(self, url: str, probe: Probe, at: float, started: float) -> ProbeResult:
+        """The probe, holding a slot: in a worker when one runs, else on the loop."""
+        try:
+            kind = KINDS[probe.type]
+            if self._workers is not None and self._workers.ready:
+                job = kind.job(url, probe, self._context)
+                if job is not None:
+                    return await self._remote(self._workers, url, job)
+            async with asyncio.timeout(probe.timeout):
+                return await kind.run(url, probe, self._context, at, started)
+        except TimeoutError:
+            error = f"timeout after {probe.timeout:g}s"
+        except WorkerGone:  # not run again here: the request may have been sent
+            error = "probe worker ended before answering"
+        except ProbeRequestError as exc:
+            error = f"request not sent: {exc}"
+        except (aiohttp.ClientError, OSError, ProbeProtocolError) as exc:
+            error = _describe(exc)
+        except Exception as exc:  # one probe's fault must not end its loop
+            error = f"probe failed: {_describe(exc)}"
+            self._log_fault(url, type(exc).__name__, error)
+        return _failed(at, started, error)
 
     def _log_fault(self, url: str, kind: str, error: str) -> None:
         """One line per target and kind of fault, not a traceback every interval."""

@@ -257,6 +257,7 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.jobs: _Batcher | None = None
         self.gone = asyncio.Event()
         self.started = time.monotonic()
+        self.usable = True  # False once no answer can come: no job is sent to it any more
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -320,6 +321,10 @@ class _Pipe(asyncio.SubprocessProtocol):
         self.pool.exited(self)
 
     def _fail_pending(self) -> None:
+        # Out of use first: a job's `done` may send another at once (a probe waiting for a
+        # slot, prober.Slots), which must go to another worker or none, never to this one.
+        self.usable = False
+        self.pool.withdraw(self)
         pending, self.pending = self.pending, {}
         for done, _, _ in pending.values():
             _tell(done, None)
@@ -388,20 +393,27 @@ class ProbeWorkers:
             transport.kill()
             return
         self._pipes[slot] = pipe
-        self._live = [pipe for pipe in self._pipes if pipe is not None]
+        self._refresh()
 
     def retire(self, pipe: _Pipe) -> bool:
         """Take `pipe` out of use (it is ending); False if it already was."""
         if self._pipes[pipe.slot] is not pipe:
             return False
         self._pipes[pipe.slot] = None
-        self._live = [pipe for pipe in self._pipes if pipe is not None]
+        self._refresh()
         if not self._closing:
             # A worker that lived a minute was fine: its successor starts at once.
             lived = time.monotonic() - pipe.started
             self._failures[pipe.slot] = 0 if lived > 60 else self._failures[pipe.slot] + 1
             self._restart(pipe.slot)
         return True
+
+    def withdraw(self, pipe: _Pipe) -> None:
+        """Send `pipe` no more jobs (its answers can no longer come); `retire` follows."""
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._live = [pipe for pipe in self._pipes if pipe is not None and pipe.usable]
 
     def exited(self, pipe: _Pipe) -> None:
         code = pipe.transport.get_returncode() if pipe.transport else None

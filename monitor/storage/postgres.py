@@ -307,7 +307,7 @@ class PgDatabase:
         begin = _begin(tuple(locks(fns)))
         try:
             with _batch_transaction(conn, begin):
-                if not all(map(_blind, fns)):
+                if not (PIPELINES and all(map(_blind, fns))):
                     return run_batch(conn, fns)
                 with conn.pipeline():  # a failure is raised at its end, the batch replayed
                     return run_batch(conn, fns)
@@ -326,6 +326,12 @@ class PgDatabase:
                         raise
                     outcomes.append((False, exc))
         return outcomes
+
+
+# libpq 14 and newer (psycopg's binary wheels bring one); without, every batch waits per write.
+PIPELINES = psycopg.Pipeline.is_supported()
+if not PIPELINES:
+    log.info("libpq %s has no pipeline mode: batches wait for each write", psycopg.pq.version())
 
 
 def _blind(fn: Callable[[Any], Any]) -> bool:

@@ -11,6 +11,7 @@ from registry.stores.pg import Connection, PgTransactor
 
 MIGRATIONS = tuple(sql.create("id BIGSERIAL PRIMARY KEY"))
 _TYPES = ("float8", "text", "text", "text", "int4", "text", "text", "int4")  # sql.COLUMNS'
+_CONVERT = tuple({"float8": float, "text": str, "int4": int}[kind] for kind in _TYPES)
 _INSERT = (
     f"INSERT INTO {sql.TABLE} ({', '.join(sql.COLUMNS)}) SELECT * FROM unnest("  # noqa: S608
     + ", ".join(f"%s::{kind}[]" for kind in _TYPES)
@@ -38,7 +39,10 @@ class _Rider:
         records = [rider.record for rider in riders if isinstance(rider, _Rider)]
         if not records:
             return
-        columns = [list(column) for column in zip(*map(sql.values, records), strict=True)]
+        # Each column of one Python type, as psycopg dumps an array (an int among floats
+        # would fail the batch): converted as the column's type says.
+        by_column = zip(_CONVERT, zip(*map(sql.values, records), strict=True), strict=True)
+        columns = [[convert(value) for value in column] for convert, column in by_column]
         # The batch took the trail's lock first (locks()): no other batch's ids interleave.
         rows = conn.execute(_INSERT, columns).fetchall()
         for record, taken in zip(records, sorted(int(row[0]) for row in rows), strict=True):
