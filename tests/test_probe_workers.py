@@ -41,17 +41,21 @@ FAST_CHANGE = {"failure_threshold": 1, "success_threshold": 1}
 def children(pid: int) -> list[int]:
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        found += [int(child) for child in (task / "children").read_text().split()]
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended
+            found += [int(child) for child in (task / "children").read_text().split()]
     return found
 
 
 def workers(daemon: DaemonProcess) -> list[int]:
+    """The daemon's probe workers now; a child gone between the listing and the read of
+    its command line (a worker just killed and reaped) is not one of them."""
     assert daemon.process is not None
-    return [
-        pid
-        for pid in children(daemon.process.pid)
-        if b"monitor.probing.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
+    found = []
+    for pid in children(daemon.process.pid):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            if b"monitor.probing.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
 
 
 def get(daemon: DaemonProcess, path: str) -> Any:
