@@ -36,9 +36,13 @@ async def healthz_ms(url: str) -> float:
 
 
 async def closed_after(reader: asyncio.StreamReader, limit: float) -> tuple[float, bytes]:
-    """Seconds until the server ends the connection, and what it said before."""
+    """Seconds until the server ends the connection, and what it said before. A reset
+    ends it too: the server closes with unread bytes of ours (the trickle) pending."""
     started = time.monotonic()
-    said = await asyncio.wait_for(reader.read(), timeout=limit)
+    try:
+        said = await asyncio.wait_for(reader.read(), timeout=limit)
+    except ConnectionResetError:
+        said = b""
     return time.monotonic() - started, said
 
 
