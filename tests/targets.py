@@ -14,6 +14,17 @@ from aiohttp.test_utils import TestServer
 HEALTHY = {"status": "UP", "items": [1, 2, 3], "name": "hms-payments", "checks": {"db": "ok"}}
 
 
+async def chunked(request: web.Request) -> web.StreamResponse:
+    """`{"status": "UP", "n": 42}` in three chunks."""
+    response = web.StreamResponse()
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for part in (b'{"status": ', b'"UP", "n": ', b"42}"):
+        await response.write(part)
+    await response.write_eof()
+    return response
+
+
 def target_app() -> web.Application:
     state = {"status": 200}
 

@@ -23,10 +23,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from monitor.probing.abc import ProbeContext
+from monitor.probing.frames import FrameReader, encode
 from monitor.probing.kinds.http import HttpKind
 from monitor.probing.probe import resolve_probe
 from monitor.probing.prober import Prober, Slots
-from monitor.probing.worker import FrameReader, ProbeWorkers, encode
+from monitor.probing.workers import ProbeWorkers
 from registry import ProbeSpec
 
 from .conftest import until
@@ -161,12 +162,14 @@ def test_frames_survive_any_split() -> None:
 
 
 def test_a_worker_does_not_load_the_daemon() -> None:
-    """What keeps a worker a few MB: no pydantic, aiohttp, storage or daemon modules."""
+    """What keeps a worker a few MB: no pydantic, aiohttp, storage or daemon modules, and
+    no asyncio or ssl until a TLS probe needs it."""
     code = (
         "import sys, monitor.probing.worker\n"
         "LEAN = {'monitor.probing', 'monitor.probing.worker', 'monitor.probing.kinds', "
-        "'monitor.probing.kinds.http_wire', 'monitor.exports'}\n"
-        "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2'}\n"
+        "'monitor.probing.kinds.http_wire', 'monitor.probing.frames', 'monitor.exports'}\n"
+        "heavy = {'pydantic', 'aiohttp', 'sqlite_utils', 'registry', 'workflows', 'jinja2', "
+        "'asyncio', 'ssl', 'uvloop'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or "
         "m.startswith('monitor.') and m not in LEAN))\n"
     )

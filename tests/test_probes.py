@@ -152,14 +152,7 @@ async def test_a_fresh_connection_per_probe_unless_keepalive(
 async def test_chunked_and_close_delimited_bodies_are_read(prober: Prober) -> None:
     from aiohttp import web
 
-    async def chunked(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse()
-        response.enable_chunked_encoding()
-        await response.prepare(request)
-        for part in (b'{"status": ', b'"UP", "n": ', b"42}"):
-            await response.write(part)
-        await response.write_eof()
-        return response
+    from .targets import chunked
 
     app = web.Application()
     app.router.add_get("/chunked", chunked)

@@ -6,9 +6,9 @@ probe worker without importing the daemon (ARCHITECTURE.md, Health checking).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from monitor.exports import lazy_exports
+
+TYPE_CHECKING = False  # not typing's: the probe worker imports this and stays small
 
 if TYPE_CHECKING:
     from .abc import ProbeContext, ProbeKind

@@ -7,9 +7,10 @@ import ssl
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from monitor.probing.kinds.http_wire import HttpTarget, insecure_context
+from monitor.probing.kinds.http_exchange import HttpTarget
+from monitor.probing.kinds.http_wire import insecure_context
 from monitor.probing.probe import Probe, ProbeResult
-from monitor.probing.worker import Job
+from monitor.probing.workers import Job
 
 if TYPE_CHECKING:
     import aiohttp

@@ -22,7 +22,7 @@ from monitor.probing.kinds.http import open_sessions
 from monitor.probing.kinds.http_wire import ProbeProtocolError, describe_os_error, short_text
 from monitor.probing.kinds.table import KINDS
 from monitor.probing.probe import Probe, ProbeRequestError, ProbeResult
-from monitor.probing.worker import Answer, Job, ProbeWorkers, WorkerGone
+from monitor.probing.workers import Answer, Job, ProbeWorkers, WorkerGone
 
 log = logging.getLogger(__name__)
 

@@ -1,487 +1,519 @@
-"""Probe workers: processes that do the network part of probes beside the API's loop.
+"""A probe worker process: `python -m monitor.probing.worker`, started by the daemon
+(workers.py). It reads jobs from stdin and writes answers to stdout (frames.py).
 
-A probe's connect, send, read and close cost the event loop more than anything
-else the daemon does for it (about 0.25 ms of loop time each), and a fleet of
-10,000 instances probed every 10 s asks for 1,000 a second: a quarter of the
-loop that serves registrations and heartbeats. So the daemon sends each probe
-(`Job`: where to connect, the request's bytes already built and checked) to a
-worker process over a pipe, and gets back its `Answer` (status, a capped body,
-timings, the error); conditions, health, SLOs and storage stay in the daemon.
-Both ends batch: every job or answer ready within BATCH_DELAY goes as one frame,
-so a thousand probes a second cost each side about a hundred writes and reads a
-second, not a thousand (a pipe write and the wake-up it causes on the other side
-cost more than marshalling the job). An answer carries the body only when a
-condition reads it, and the daemon's side watches for a stalled worker with one
-timer per worker, not one per job.
+Its loop is its own, over `selectors`, not asyncio: the worker counts in the
+daemon's RSS (bench.registry sums every process the daemon runs), and asyncio with
+`ssl` and uvloop made a worker 22 MB where the interpreter alone is 10. `ssl` loads
+with the first TLS job, resolver threads with the first host that is not an address.
 
-The worker is `python -m monitor.probing.worker`: the standard library, uvloop
-when installed, and kinds/http_wire.py; nothing of the daemon (a few MB of RSS).
-A frame is a 4-byte big-endian length and a `marshal`ed list of tuples
-(both ends are this code, run by the same interpreter).
+Each probe is a small state machine on a non-blocking socket: connect (to each of
+the host's addresses in turn, as asyncio does), the TLS handshake, send, read until
+http_wire.ResponseReader has the response. The job's timeout bounds all of it,
+resolution included. Answers wait up to BATCH_DELAY for company, as the jobs did.
+
+A job is a plain tuple in workers.Job's order: id, host, port, tls, verify, request
+(None: connect only), cap, timeout, body. An answer, in workers.Answer's order: id,
+at, response_time, connected, status, body, certificate_expires_at, error.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import marshal
+import errno
+import heapq
 import os
-import ssl
-import struct
+import selectors
+import socket
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from collections import deque
 
+from monitor.probing.frames import BATCH_DELAY, FLUSH_BYTES, FrameReader, encode
 from monitor.probing.kinds.http_wire import (
-    HttpTarget,
     ProbeProtocolError,
-    connect_only,
+    ResponseReader,
     describe_os_error,
-    exchange,
     insecure_context,
+    peer_certificate_expiry,
     short_text,
 )
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing itself is not imported: the worker stays small
+if TYPE_CHECKING:
+    import ssl
+    from typing import Any
 
-FRAME = struct.Struct(">I")
-MAX_FRAME = 256 * 1024 * 1024
-FLUSH_BYTES = 4 * 1024 * 1024  # a batch of answers with bodies this large goes at once
-RESTART_DELAY = 1.0  # seconds before a worker that ended is started again; doubles
-# Jobs and answers wait this long for company before their frame is written: more a
-# frame, fewer writes and wake-ups. Timings are taken in the worker: none includes it.
-BATCH_DELAY = 0.01
-WATCH_EVERY = 1.0  # seconds between checks for a job its worker should have answered
+    Address = tuple[int, int, int, str, Any]  # as socket.getaddrinfo gives them
 
-
-class Job(NamedTuple):
-    id: int
-    host: str
-    port: int
-    tls: bool  # TLS: with a certificate check when `verify`
-    verify: bool
-    request: bytes | None  # None: connect (and handshake), nothing sent: tcp and tls probes
-    cap: int  # body bytes read at most
-    timeout: float
-    body: bool = True  # the answer carries the body (read either way): a condition reads it
+READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
+RECEIVE = 64 * 1024  # bytes a recv asks for
+JOBS_READ = 256 * 1024  # bytes a read of the daemon's pipe asks for
+RESOLVERS = 4  # threads for getaddrinfo, started on the first host name
+IN_PROGRESS = {errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN}
+# Where a probe is.
+RESOLVING, CONNECTING, HANDSHAKING, SENDING, READING = range(5)
 
 
-class Answer(NamedTuple):
-    id: int
-    at: float  # wall clock at the start
-    response_time: float
-    connected: bool
-    status: int | None
-    body: bytes
-    certificate_expires_at: float | None
-    error: str | None
+class _Probe:
+    __slots__ = (
+        "addresses",
+        "at",
+        "body",
+        "cap",
+        "done",
+        "errors",
+        "events",
+        "expires",
+        "host",
+        "id",
+        "phase",
+        "port",
+        "request",
+        "response",
+        "sent",
+        "sock",
+        "started",
+        "timeout",
+        "tls",
+        "verify",
+    )
 
-
-def encode(items: list[tuple[object, ...]]) -> bytes:
-    payload = marshal.dumps(items)
-    return FRAME.pack(len(payload)) + payload
-
-
-class FrameReader:
-    """Splits a byte stream into frames and hands each decoded item to `take`."""
-
-    def __init__(self, take: Callable[[Any], None]) -> None:
-        self._take = take
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= FRAME.size:
-            (size,) = FRAME.unpack_from(buffer, start)
-            if size > MAX_FRAME:
-                raise ValueError(f"probe worker frame of {size} bytes")
-            end = start + FRAME.size + size
-            if len(buffer) < end:
-                break
-            # Only ever the daemon and its own worker on a pipe between them: not input.
-            for item in marshal.loads(bytes(buffer[start + FRAME.size : end])):  # noqa: S302
-                self._take(item)
-            start = end
-        del buffer[:start]
-
-
-class _Batcher:
-    """Everything `add`ed within `delay` seconds of the first is written as one frame."""
-
-    def __init__(self, write: Callable[[bytes], None], delay: float = BATCH_DELAY) -> None:
-        self._write, self._delay = write, delay
-        self._items: list[tuple[object, ...]] = []
-        self._bytes = 0
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, item: tuple[object, ...], size: int = 0) -> None:
-        """`item`: a plain tuple (marshal takes no NamedTuple); `size`: its bulk (a
-        body): past FLUSH_BYTES the batch goes at once."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._delay, self._flush)
-        self._items.append(item)
-        self._bytes += size
-        if self._bytes > FLUSH_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._items:
-            items, self._items, self._bytes = self._items, [], 0
-            self._write(encode(items))
-
-
-# -- the worker process ------------------------------------------------------------------
+    def __init__(self, job: tuple[Any, ...]) -> None:
+        (
+            self.id,
+            self.host,
+            self.port,
+            self.tls,
+            self.verify,
+            self.request,
+            self.cap,
+            self.timeout,
+            self.body,
+        ) = job
+        self.at, self.started = time.time(), time.perf_counter()
+        self.phase = RESOLVING
+        self.addresses: list[Address] = []
+        self.errors: list[OSError] | None = None  # from addresses that would not connect
+        self.sock: socket.socket | None = None
+        self.events = 0  # what the selector waits for on `sock`; 0: not registered
+        self.response: ResponseReader | None = None
+        self.sent = 0
+        self.expires: float | None = None
+        self.done = False
 
 
 class _Worker:
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self._answers = _Batcher(write)
-        self._tasks: set[asyncio.Task[None]] = set()
+    def __init__(self) -> None:
+        self.selector = selectors.DefaultSelector()
+        self.closed = False
+        self.timeouts: list[tuple[float, int, _Probe]] = []
+        self.sequence = 0
+        self.answers: list[tuple[object, ...]] = []
+        self.answer_bytes = 0
+        self.flush_at: float | None = None
+        self.out = bytearray()  # answers the pipe to the daemon has not taken yet
+        self.frames = FrameReader(self.take)
         # Made on the first TLS job: the verifying one holds the system's CA certificates (~1 MB).
-        self._contexts: dict[bool, ssl.SSLContext] = {}
+        self.contexts: dict[bool, ssl.SSLContext] = {}
+        self.resolver: _Resolver | None = None
+        os.set_blocking(0, False)
+        os.set_blocking(1, False)
+        self.selector.register(0, READ, self._read_jobs)
+
+    def run(self) -> None:
+        select, timeouts = self.selector.select, self.timeouts
+        while not self.closed:
+            wake = timeouts[0][0] if timeouts else None
+            if self.flush_at is not None and (wake is None or self.flush_at < wake):
+                wake = self.flush_at
+            for key, mask in select(None if wake is None else max(0.0, wake - time.monotonic())):
+                if type(key.data) is _Probe:
+                    self._advance(key.data)
+                else:
+                    key.data(mask)
+            now = time.monotonic()
+            while timeouts and timeouts[0][0] <= now:
+                probe = heapq.heappop(timeouts)[2]
+                if not probe.done:
+                    self._finish(probe, f"timeout after {probe.timeout:g}s")
+            if self.flush_at is not None and self.flush_at <= now:
+                self._flush()
+
+    # -- jobs in, answers out ---------------------------------------------------------
+
+    def _read_jobs(self, mask: int) -> None:
+        try:
+            data = os.read(0, JOBS_READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the daemon closed the pipe or exited: so do we
+            self.closed = True
+            return
+        try:
+            self.frames.feed(data)
+        except Exception:  # out of step with the daemon: end, it starts another
+            import traceback
+
+            print("probe worker: unreadable frame from the daemon", file=sys.stderr)
+            traceback.print_exc()
+            self.closed = True
+
+    def take(self, job: tuple[Any, ...]) -> None:
+        probe = _Probe(job)
+        self.sequence += 1
+        heapq.heappush(self.timeouts, (time.monotonic() + probe.timeout, self.sequence, probe))
+        try:
+            addresses = _numeric(probe.host, probe.port)
+            if addresses is None:
+                if self.resolver is None:
+                    self.resolver = _Resolver(self)
+                self.resolver.resolve(probe)
+                return
+            probe.addresses = addresses
+            self._connect(probe)
+        except Exception as exc:
+            self._failed(probe, exc)
+
+    def resolved(self, probe: _Probe, addresses: list[Address] | BaseException) -> None:
+        if probe.done:  # timed out while its name was being resolved
+            return
+        try:
+            if isinstance(addresses, BaseException):
+                raise addresses
+            probe.addresses = addresses
+            self._connect(probe)
+        except Exception as exc:
+            self._failed(probe, exc)
+
+    def _answer(self, reply: tuple[object, ...], size: int) -> None:
+        if not self.answers:
+            self.flush_at = time.monotonic() + BATCH_DELAY
+        self.answers.append(reply)
+        self.answer_bytes += size
+        if self.answer_bytes > FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        self.flush_at = None
+        if self.answers:
+            answers, self.answers, self.answer_bytes = self.answers, [], 0
+            self._write(encode(answers))
+
+    def _write(self, data: bytes) -> None:
+        if self.out:
+            self.out += data
+            return
+        try:
+            written = os.write(1, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the daemon is gone
+            self.closed = True
+            return
+        if written < len(data):
+            self.out += data[written:]
+            self.selector.register(1, WRITE, self._drain)
+
+    def _drain(self, mask: int) -> None:
+        try:
+            written = os.write(1, self.out)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.closed = True
+            return
+        del self.out[:written]
+        if not self.out:
+            self.selector.unregister(1)
+
+    # -- one probe ----------------------------------------------------------------------
+
+    def _advance(self, probe: _Probe) -> None:
+        """Its socket is ready for what the probe waits for."""
+        try:
+            phase = probe.phase
+            if phase == READING:
+                self._receive(probe)
+            elif phase == CONNECTING:
+                self._connected(probe)
+            elif phase == HANDSHAKING:
+                self._handshake(probe)
+            else:
+                self._send(probe)
+        except Exception as exc:
+            self._failed(probe, exc)
+
+    def _connect(self, probe: _Probe) -> None:
+        """Connect to the next of the probe's addresses; raise when none is left."""
+        while probe.addresses:
+            family, kind, proto, _, address = probe.addresses.pop(0)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:
+                _failure(probe, exc)
+                continue
+            sock.setblocking(False)
+            probe.sock, probe.phase = sock, CONNECTING
+            code = sock.connect_ex(address)
+            if code in IN_PROGRESS:
+                self._want(probe, WRITE)
+                return
+            if code == 0:
+                self._start(probe)
+                return
+            _failure(probe, OSError(code, os.strerror(code)))
+            self._close(probe)
+        raise _connect_error(probe.errors or [])
+
+    def _connected(self, probe: _Probe) -> None:
+        assert probe.sock is not None
+        code = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code == 0:
+            self._start(probe)
+            return
+        _failure(probe, OSError(code, os.strerror(code)))
+        self._close(probe)
+        self._connect(probe)
+
+    def _start(self, probe: _Probe) -> None:
+        """Connected: the handshake under TLS, else the request."""
+        if probe.tls:
+            self._unwatch(probe)  # wrapping hands the descriptor to a new socket object
+            assert probe.sock is not None
+            context = self._context(probe.verify)
+            probe.sock = context.wrap_socket(
+                probe.sock, server_hostname=probe.host, do_handshake_on_connect=False
+            )
+            probe.phase = HANDSHAKING
+            self._handshake(probe)
+        else:
+            self._begin(probe)
+
+    def _handshake(self, probe: _Probe) -> None:
+        import ssl
+
+        sock = probe.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(probe, READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._want(probe, WRITE)
+            return
+        probe.expires = peer_certificate_expiry(sock)
+        self._begin(probe)
+
+    def _begin(self, probe: _Probe) -> None:
+        if probe.request is None:  # a tcp or tls probe: connected is all it asks
+            self._finish(probe, None)
+            return
+        probe.response = ResponseReader(probe.cap)
+        probe.phase = SENDING
+        self._send(probe)
+
+    def _send(self, probe: _Probe) -> None:
+        assert probe.sock is not None and probe.request is not None
+        request = probe.request[probe.sent :] if probe.sent else probe.request
+        try:
+            probe.sent += probe.sock.send(request)
+        except BlockingIOError:
+            self._want(probe, WRITE)
+            return
+        except OSError as exc:
+            if not _wants(exc):
+                raise
+            self._want(probe, _wants(exc))
+            return
+        if probe.sent < len(probe.request):
+            self._want(probe, WRITE)
+            return
+        probe.phase = READING
+        self._want(probe, READ)
+
+    def _receive(self, probe: _Probe) -> None:
+        sock, response = probe.sock, probe.response
+        assert sock is not None and response is not None
+        while True:  # under TLS a read may leave more decrypted than it returned
+            try:
+                data = sock.recv(RECEIVE)
+            except BlockingIOError:
+                self._want(probe, READ)
+                return
+            except OSError as exc:
+                wants = _wants(exc)
+                if wants:
+                    self._want(probe, wants)
+                    return
+                if response.head_end < 0 and not _closed(exc):
+                    raise
+                # TLS closed, or cut off in the body: what came is the answer, as in asyncio.
+                data = b""
+            if not data:
+                response.end()
+                self._finish(probe, None)
+                return
+            if response.feed(data):
+                self._finish(probe, None)
+                return
+
+    def _failed(self, probe: _Probe, exc: BaseException) -> None:
+        reason = describe_os_error(exc) or short_text(exc)
+        if isinstance(exc, (OSError, ProbeProtocolError)):
+            self._finish(probe, reason)
+        else:  # one probe's fault must not end the worker
+            self._finish(probe, f"probe failed: {reason}")
+
+    def _finish(self, probe: _Probe, error: str | None) -> None:
+        if probe.done:
+            return
+        probe.done = True
+        self._close(probe)
+        elapsed = time.perf_counter() - probe.started
+        status, body, expires = None, b"", None
+        if error is None:
+            expires = probe.expires
+            if probe.response is not None:
+                status, body = probe.response.status, probe.response.body()
+        # It waits in `timeouts` until its deadline: only what the heap needs stays.
+        probe.response = probe.request = probe.errors = None
+        if not probe.body:
+            body = b""
+        reply = (probe.id, probe.at, elapsed, error is None, status, body, expires, error)
+        self._answer(reply, len(body))
+
+    # -- sockets ------------------------------------------------------------------------
+
+    def _want(self, probe: _Probe, events: int) -> None:
+        if probe.events == events:
+            return
+        if probe.events:
+            self.selector.modify(probe.sock, events, probe)  # type: ignore[arg-type]
+        else:
+            self.selector.register(probe.sock, events, probe)  # type: ignore[arg-type]
+        probe.events = events
+
+    def _unwatch(self, probe: _Probe) -> None:
+        if probe.events:
+            self.selector.unregister(probe.sock)  # type: ignore[arg-type]
+            probe.events = 0
+
+    def _close(self, probe: _Probe) -> None:
+        if probe.sock is not None:
+            self._unwatch(probe)
+            probe.sock.close()
+            probe.sock = None
 
     def _context(self, verify: bool) -> ssl.SSLContext:
-        context = self._contexts.get(verify)
+        context = self.contexts.get(verify)
         if context is None:
+            import ssl
+
             make = ssl.create_default_context if verify else insecure_context
-            context = self._contexts[verify] = make()
+            context = self.contexts[verify] = make()
         return context
 
-    def take(self, item: Any) -> None:
-        task = asyncio.ensure_future(self._run(Job(*item)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, job: Job) -> None:
-        at, started = time.time(), time.perf_counter()
-        context = self._context(job.verify) if job.tls else None
-        status, body, expires, error = None, b"", None, None
-        try:
-            async with asyncio.timeout(job.timeout):
-                if job.request is None:
-                    expires = await connect_only(job.host, job.port, context=context)
-                else:
-                    target = HttpTarget(job.host, job.port, job.tls, job.request)
-                    answer = await exchange(target, cap=job.cap, context=context)
-                    status, body = answer.status, answer.body
-                    expires = answer.certificate_expires_at
-        except TimeoutError:
-            error = f"timeout after {job.timeout:g}s"
-        except (OSError, ProbeProtocolError) as exc:
-            error = describe_os_error(exc) or short_text(exc)
-        except Exception as exc:  # one probe's fault must not end the worker
-            error = f"probe failed: {describe_os_error(exc) or short_text(exc)}"
-        elapsed = time.perf_counter() - started
-        if not job.body:
-            body = b""
-        reply = (job.id, at, elapsed, error is None, status, body, expires, error)
-        self._answers.add(reply, len(body))
+class _Resolver:
+    """getaddrinfo in threads (it blocks), as asyncio runs it in its executor: each
+    result is queued and a byte on a pipe wakes the worker's loop to take it."""
 
+    def __init__(self, worker: _Worker) -> None:
+        import queue
+        import threading
 
-async def _serve() -> None:
-    loop = asyncio.get_running_loop()
-    closed = loop.create_future()
+        self.worker = worker
+        self.jobs: queue.SimpleQueue[_Probe] = queue.SimpleQueue()
+        self.results: deque[tuple[_Probe, list[Address] | BaseException]] = deque()
+        self.wake_read, self.wake_write = os.pipe()
+        os.set_blocking(self.wake_read, False)
+        os.set_blocking(self.wake_write, False)
+        worker.selector.register(self.wake_read, READ, self._take)
+        for _ in range(RESOLVERS):
+            threading.Thread(target=self._serve, daemon=True).start()
 
-    class Output(asyncio.Protocol):
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not closed.done():
-                closed.set_result(None)
+    def resolve(self, probe: _Probe) -> None:
+        self.jobs.put(probe)
 
-    out, _ = await loop.connect_write_pipe(Output, os.fdopen(1, "wb", buffering=0))
-    worker = _Worker(out.write)
-    frames = FrameReader(worker.take)
-
-    class Input(asyncio.Protocol):
-        def data_received(self, data: bytes) -> None:
+    def _serve(self) -> None:
+        while True:
+            probe = self.jobs.get()
+            result: list[Address] | BaseException
             try:
-                frames.feed(data)
-            except Exception:  # out of step with the daemon: end, it starts another
-                log.exception("probe worker: unreadable frame from the daemon")
-                if not closed.done():
-                    closed.set_result(None)
+                result = list(socket.getaddrinfo(probe.host, probe.port, type=socket.SOCK_STREAM))
+            except Exception as exc:
+                result = exc
+            self.results.append((probe, result))
+            # Not contextlib.suppress: the worker imports no more than it must.
+            try:  # noqa: SIM105
+                os.write(self.wake_write, b"\0")
+            except BlockingIOError:  # the pipe is full of wake-ups already
+                pass
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not closed.done():  # the daemon closed the pipe or exited: so do we
-                closed.set_result(None)
+    def _take(self, mask: int) -> None:
+        try:
+            while os.read(self.wake_read, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self.results:
+            self.worker.resolved(*self.results.popleft())
 
-    await loop.connect_read_pipe(Input, os.fdopen(0, "rb", buffering=0))
-    await closed
+
+def _numeric(host: str, port: int) -> list[Address] | None:
+    """The address itself when `host` is one (no resolution needed), else None."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        address = (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", address)]
+    return None
+
+
+def _failure(probe: _Probe, error: OSError) -> None:
+    if probe.errors is None:
+        probe.errors = []
+    probe.errors.append(error)
+
+
+def _connect_error(errors: list[OSError]) -> OSError:
+    """What asyncio raises when no address would connect: the error, when all agree."""
+    if not errors:
+        return OSError("no address to connect to")
+    first = str(errors[0])
+    if all(str(error) == first for error in errors):
+        return errors[0]
+    return OSError(f"Multiple exceptions: {', '.join(str(error) for error in errors)}")
+
+
+def _wants(exc: OSError) -> int:
+    """READ or WRITE when `exc` is TLS asking to wait for the socket, else 0."""
+    ssl = sys.modules.get("ssl")
+    if ssl is None:
+        return 0
+    if isinstance(exc, ssl.SSLWantReadError):
+        return READ
+    if isinstance(exc, ssl.SSLWantWriteError):
+        return WRITE
+    return 0
+
+
+def _closed(exc: OSError) -> bool:
+    """`exc` is TLS's word for the end of the stream (with or without close_notify)."""
+    ssl = sys.modules.get("ssl")
+    return ssl is not None and isinstance(exc, (ssl.SSLZeroReturnError, ssl.SSLEOFError))
 
 
 def main() -> None:
     sys.stdout = sys.stderr  # fd 1 carries frames; a stray print must not corrupt them
-    try:
-        import uvloop  # optional speed-up, as in the daemon
-
-        runner: Callable[..., object] = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    with contextlib.suppress(KeyboardInterrupt):
-        runner(_serve())
-
-
-# -- the daemon's side -------------------------------------------------------------------
-
-
-class WorkerGone(Exception):
-    """The worker running a probe exited, or stalled and was killed, before answering."""
-
-
-# Takes a job's answer, or None: its worker exited, or stalled and was killed, first.
-Done = Callable[[Answer | None], object]
-
-
-def _tell(done: Done, answer: Answer | None) -> None:
-    try:
-        done(answer)
-    except Exception:  # the taker's fault must not stop the answers behind it
-        log.exception("a probe's answer could not be taken")
-
-
-class _Pipe(asyncio.SubprocessProtocol):
-    def __init__(self, pool: ProbeWorkers, slot: int) -> None:
-        self.pool, self.slot = pool, slot
-        # Jobs sent and not answered: who takes the answer, when (loop time) the worker
-        # has stalled if it has not answered, and that limit in seconds (for the log).
-        self.pending: dict[int, tuple[Done, float, float]] = {}
-        self._watch: asyncio.TimerHandle | None = None
-        self.frames = FrameReader(self._answer)
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.jobs: _Batcher | None = None
-        self.gone = asyncio.Event()
-        self.started = time.monotonic()
-        self.usable = True  # False once no answer can come: no job is sent to it any more
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        if fd != 1 or not isinstance(data, bytes):
-            return
-        try:
-            self.frames.feed(data)
-        except Exception as exc:  # a frame we cannot read: this pipe is out of step for good
-            self.kill(f"sent a frame the daemon cannot read ({short_text(exc)})")
-
-    def _answer(self, item: Any) -> None:
-        waiting = self.pending.pop(item[0], None)
-        if waiting is None:
-            return
-        try:
-            answer = Answer(*item)
-        except TypeError:  # out of step: the pipe is killed, and this job failed with it
-            _tell(waiting[0], None)
-            raise
-        _tell(waiting[0], answer)
-
-    def send(self, job: tuple[object, ...], limit: float, done: Done) -> None:
-        """Send `job` (a Job as a plain tuple); `done` takes its answer. The worker has
-        stalled if it has not answered within `limit` s."""
-        loop = asyncio.get_running_loop()
-        self.pending[cast(int, job[0])] = (done, loop.time() + limit, limit)
-        assert self.jobs is not None
-        self.jobs.add(job)
-        if self._watch is None:
-            self._watch = loop.call_later(WATCH_EVERY, self._check)
-
-    def _check(self) -> None:
-        """One timer a worker, not one a job: kill the worker once a job is overdue (the
-        worker times each probe out itself, so an overdue answer means it stalled)."""
-        self._watch = None
-        now = asyncio.get_running_loop().time()
-        for _, deadline, limit in self.pending.values():
-            if deadline < now:
-                self.kill(f"did not answer a probe within {limit:g}s")
-                self._fail_pending()
-                return
-        if self.pending:
-            self._watch = asyncio.get_running_loop().call_later(WATCH_EVERY, self._check)
-
-    def kill(self, why: str) -> None:
-        """Stop using this worker and end it; its probes in flight raise WorkerGone."""
-        if self.pool.retire(self):
-            log.warning("probe worker %d %s; killing it", self.slot, why)
-        if self.transport is not None and self.transport.get_returncode() is None:
-            self.transport.kill()
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        if fd == 1:  # no answer can come any more (every one sent has been read)
-            self._fail_pending()
-
-    def process_exited(self) -> None:
-        self._fail_pending()
-        self.gone.set()
-        self.pool.exited(self)
-
-    def _fail_pending(self) -> None:
-        # Out of use first: a job's `done` may send another at once (a probe waiting for a
-        # slot, prober.Slots), which must go to another worker or none, never to this one.
-        self.usable = False
-        self.pool.withdraw(self)
-        pending, self.pending = self.pending, {}
-        for done, _, _ in pending.values():
-            _tell(done, None)
-        if self._watch is not None:
-            self._watch.cancel()
-            self._watch = None
-
-
-def _worker_argv() -> list[str]:
-    """`-P`: the working directory does not go first on the worker's path, so a
-    `monitor` package wherever the daemon was started cannot stand in for ours. `-S`: no
-    `site` (its .pth files' import hooks cost ~0.7 MB of RSS); the daemon's path, which
-    `site` made, comes in PYTHONPATH (`_worker_environment`)."""
-    return [sys.executable, "-P", "-S", "-m", "monitor.probing.worker"]
-
-
-def _worker_environment() -> dict[str, str]:
-    """The daemon's own module path, in its order: the worker imports exactly the
-    modules the daemon did (a checkout, an installed wheel, a venv alike)."""
-    return os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-
-
-class ProbeWorkers:
-    """`count` probe worker processes; `run` sends a job to the one with the fewest in
-    flight. A worker that exits, stalls (no answer within a job's timeout plus
-    `grace`) or sends what cannot be read is killed and started again, after a
-    delay that doubles while they keep failing (1 s to a minute); its probes in
-    flight raise WorkerGone."""
-
-    def __init__(self, count: int, *, grace: float = 5.0) -> None:
-        self.count, self.grace = count, grace
-        self._pipes: list[_Pipe | None] = [None] * count
-        self._live: list[_Pipe] = []  # the pipes in use, kept as they start and end
-        self._failures = [0] * count
-        self._restarts: set[asyncio.Task[None]] = set()
-        self._ids = 0
-        self._closing = False
-
-    @property
-    def ready(self) -> bool:
-        return bool(self._live)
-
-    async def start(self) -> None:
-        for slot in range(self.count):
-            try:
-                await self._spawn(slot)
-            except OSError as exc:
-                log.error("probe worker %d could not start: %s", slot, exc)
-                self._restart(slot)
-
-    async def _spawn(self, slot: int) -> None:
-        loop = asyncio.get_running_loop()
-        pipe = _Pipe(self, slot)
-        transport, _ = await loop.subprocess_exec(
-            lambda: pipe,
-            *_worker_argv(),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=None,  # the daemon's own stderr: a worker's traceback lands in its log
-            env=_worker_environment(),
-        )
-        # uvloop's transports are not asyncio.WriteTransport subclasses: no isinstance check.
-        stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
-        pipe.jobs = _Batcher(stdin.write)
-        if self._closing:
-            transport.kill()
-            return
-        self._pipes[slot] = pipe
-        self._refresh()
-
-    def retire(self, pipe: _Pipe) -> bool:
-        """Take `pipe` out of use (it is ending); False if it already was."""
-        if self._pipes[pipe.slot] is not pipe:
-            return False
-        self._pipes[pipe.slot] = None
-        self._refresh()
-        if not self._closing:
-            # A worker that lived a minute was fine: its successor starts at once.
-            lived = time.monotonic() - pipe.started
-            self._failures[pipe.slot] = 0 if lived > 60 else self._failures[pipe.slot] + 1
-            self._restart(pipe.slot)
-        return True
-
-    def withdraw(self, pipe: _Pipe) -> None:
-        """Send `pipe` no more jobs (its answers can no longer come); `retire` follows."""
-        self._refresh()
-
-    def _refresh(self) -> None:
-        self._live = [pipe for pipe in self._pipes if pipe is not None and pipe.usable]
-
-    def exited(self, pipe: _Pipe) -> None:
-        code = pipe.transport.get_returncode() if pipe.transport else None
-        if self.retire(pipe):
-            log.warning("probe worker %d exited (code %s); starting another", pipe.slot, code)
-
-    def _restart(self, slot: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._respawn(slot))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
-
-    async def _respawn(self, slot: int) -> None:
-        while not self._closing:
-            await asyncio.sleep(min(60.0, RESTART_DELAY * 2 ** max(0, self._failures[slot] - 1)))
-            try:
-                await self._spawn(slot)
-                return
-            except OSError as exc:
-                self._failures[slot] += 1
-                log.error("probe worker %d could not start: %s", slot, exc)
-
-    def submit(self, job: Job, done: Done) -> None:
-        """Send `job` to the worker with the fewest in flight; `done` takes its answer on
-        the loop, or None when no worker runs or its worker ends or stalls first."""
-        live = self._live
-        if not live:
-            _tell(done, None)
-            return
-        pipe = live[0] if len(live) == 1 else min(live, key=lambda p: len(p.pending))
-        self._ids += 1
-        pipe.send((self._ids, *job[1:]), job.timeout + self.grace, done)
-
-    async def run(self, job: Job) -> Answer:
-        """`submit`, awaited. Raises WorkerGone when no worker runs, or its worker ends
-        or stalls first."""
-        future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
-
-        def done(answer: Answer | None) -> None:
-            if not future.done():
-                future.set_result(answer)
-
-        self.submit(job, done)
-        answer = await future
-        if answer is None:
-            raise WorkerGone()
-        return answer
-
-    async def close(self) -> None:
-        self._closing = True
-        for task in list(self._restarts):
-            task.cancel()
-        pipes = [pipe for pipe in self._pipes if pipe is not None and pipe.transport is not None]
-        for pipe in pipes:
-            stdin = pipe.transport.get_pipe_transport(0) if pipe.transport else None
-            if stdin is not None:
-                stdin.close()  # end of input: the worker exits
-        await asyncio.gather(*(self._ended(pipe) for pipe in pipes))
-        self._pipes = [None] * self.count
-        self._live = []
-
-    @staticmethod
-    async def _ended(pipe: _Pipe) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(pipe.gone.wait(), 2.0)
-        if pipe.transport is not None:
-            if pipe.transport.get_returncode() is None:
-                pipe.transport.kill()
-            pipe.transport.close()
+    try:  # noqa: SIM105
+        _Worker().run()
+    except KeyboardInterrupt:  # Ctrl-C reaches the daemon's whole process group
+        pass
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The http probe: the lean exchange (http_wire.py) on a fresh connection, aiohttp
-when the probe keeps connections alive or follows redirects."""
+"""The http probe: the lean exchange on a fresh connection (in a probe worker,
+probing/worker.py, or on the loop, http_exchange.py), aiohttp when the probe keeps
+connections alive or follows redirects."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from aiohttp.connector import Connection
 from aiohttp.tracing import Trace
 
 from monitor.probing.abc import ProbeContext
-from monitor.probing.kinds.http_wire import HttpTarget, certificate_expiry, exchange
+from monitor.probing.kinds.http_exchange import HttpTarget, certificate_expiry, exchange
 from monitor.probing.probe import Probe, ProbeRequestError, ProbeResult
-from monitor.probing.worker import Job
+from monitor.probing.workers import Job
 from registry.model import encode_request_target, request_problem
 
 MAX_CACHED_TARGETS = 100_000

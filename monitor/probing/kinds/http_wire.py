@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 probe on an asyncio Protocol: one fresh connection, one request.
+"""An HTTP/1.1 probe's response, read without I/O: the status, a capped body.
 
 This is the default http probe (fresh connection, no redirects). aiohttp's
 client spent more CPU per probe on its request machinery than on the
@@ -6,16 +6,19 @@ connection itself (profiled: 57% of the daemon's time at 1,000 probes/s); a
 probe needs none of it: the request bytes are built once per target, and the
 response is read to the status, headers and a capped body.
 
-Standard library only: the probe workers (probing/worker.py) run it without
-importing the daemon.
+`ResponseReader` is fed what the socket gives, by the probe worker's own loop
+(probing/worker.py) or by an asyncio Protocol in the daemon (http_exchange.py).
+Standard library only, and not even `ssl` until a TLS probe needs it: the worker
+imports this module and stays a few MB.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ssl
-from dataclasses import dataclass
-from typing import cast
+import sys
+
+TYPE_CHECKING = False  # typing itself is not imported: the worker stays small
+if TYPE_CHECKING:
+    import ssl
 
 MAX_HEAD = 64 * 1024
 
@@ -23,6 +26,8 @@ MAX_HEAD = 64 * 1024
 def insecure_context() -> ssl.SSLContext:
     """TLS without verification (`tls_verify: false`): `ssl.create_default_context()`'s
     settings without the CA certificates it loads and would never read (~0.8 MB of RSS)."""
+    import ssl
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -33,55 +38,42 @@ class ProbeProtocolError(Exception):
     """The server's answer is not HTTP/1.x we can read."""
 
 
-@dataclass(frozen=True, slots=True)
-class HttpTarget:
-    """Where to connect and the request's bytes, built and checked by the daemon
-    (probes.build_target)."""
+class ResponseReader:
+    """One response, fed as it arrives: `feed` says when it is complete (the head, then
+    the body to its length, its last chunk or `cap` bytes); the end of the stream
+    completes it once the head is in."""
 
-    host: str
-    port: int
-    tls: bool
-    request: bytes
+    __slots__ = ("buffer", "cap", "chunked", "head_end", "length", "status")
 
-
-@dataclass(slots=True)
-class HttpAnswer:
-    status: int
-    body: bytes
-    certificate_expires_at: float | None
-
-
-class _Exchange(asyncio.Protocol):
-    def __init__(self, request: bytes, cap: int, done: asyncio.Future[None]) -> None:
-        self.request, self.cap, self.done = request, cap, done
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
         self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
         self.status = 0
         self.head_end = -1
         self.length: int | None = None
         self.chunked = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(self.request)
-
-    def data_received(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        """True once the response is complete. Raises ProbeProtocolError."""
         self.buffer += data
         if self.head_end < 0:
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 if len(self.buffer) > MAX_HEAD:
-                    self._finish(ProbeProtocolError("response head over 64 KiB"))
-                return
+                    raise ProbeProtocolError("response head over 64 KiB")
+                return False
             self.head_end = end + 4
-            try:
-                self._parse_head(bytes(self.buffer[:end]))
-            except ProbeProtocolError as exc:
-                self._finish(exc)
-                return
-        if self._complete(len(self.buffer) - self.head_end):
-            self._finish(None)
+            self._parse_head(bytes(self.buffer[:end]))
+        return self._complete(len(self.buffer) - self.head_end)
+
+    def end(self) -> None:
+        """The server closed the stream. Raises ProbeProtocolError before the head."""
+        if self.head_end < 0:
+            raise ProbeProtocolError("server closed the connection")
+
+    def body(self) -> bytes:
+        raw = bytes(self.buffer[self.head_end : self.head_end + self.cap])
+        return _dechunk(raw, self.cap) if self.chunked else raw
 
     def _complete(self, body: int) -> bool:
         if body >= self.cap:
@@ -89,18 +81,6 @@ class _Exchange(asyncio.Protocol):
         if self.length is not None:
             return body >= self.length
         return self.chunked and self.buffer.endswith(b"0\r\n\r\n")
-
-    def eof_received(self) -> bool | None:
-        self._finish(
-            None if self.head_end >= 0 else ProbeProtocolError("server closed the connection")
-        )
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_end < 0:
-            self._finish(exc or ProbeProtocolError("server closed the connection"))
-        else:
-            self._finish(None)
 
     def _parse_head(self, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -118,56 +98,14 @@ class _Exchange(asyncio.Protocol):
         if self.status in (204, 304) or 100 <= self.status < 200:
             self.length = 0
 
-    def _finish(self, error: BaseException | None) -> None:
-        if not self.done.done():
-            if error is None:
-                self.done.set_result(None)
-            else:
-                self.done.set_exception(error)
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
-
-    def body(self) -> bytes:
-        raw = bytes(self.buffer[self.head_end : self.head_end + self.cap])
-        return _dechunk(raw, self.cap) if self.chunked else raw
-
-
-async def exchange(target: HttpTarget, *, cap: int, context: ssl.SSLContext | None) -> HttpAnswer:
-    """Connect, send, read. Raises OSError/ssl errors/ProbeProtocolError; the caller times out."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    transport, protocol = await loop.create_connection(
-        lambda: _Exchange(target.request, cap, done),
-        target.host,
-        target.port,
-        ssl=context if target.tls else None,
-        server_hostname=target.host if target.tls else None,
-    )
-    try:
-        expires = certificate_expiry(transport) if target.tls else None
-        await done
-        return HttpAnswer(protocol.status, protocol.body(), expires)
-    finally:
-        transport.close()
-
-
-async def connect_only(host: str, port: int, *, context: ssl.SSLContext | None) -> float | None:
-    """Connect (and handshake with `context`), then close: a tcp or tls probe. Returns the
-    certificate's expiry under TLS. Raises OSError/ssl errors; the caller times out."""
-    _, writer = await asyncio.open_connection(
-        host, port, ssl=context, server_hostname=host if context else None
-    )
-    try:
-        return certificate_expiry(writer.transport) if context else None
-    finally:
-        writer.close()
-
 
 def describe_os_error(exc: BaseException) -> str | None:
     """A short reason for a certificate or socket error; None for anything else."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    ssl = sys.modules.get("ssl")  # no TLS error without it: not imported for this
+    if ssl is not None and isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate: {exc.verify_message}"
-    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+    ssl_error = ssl.SSLError if ssl is not None else ()
+    if isinstance(exc, OSError) and not isinstance(exc, ssl_error) and exc.strerror:
         return f"connect: {exc.strerror}"
     return None
 
@@ -177,13 +115,12 @@ def short_text(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def certificate_expiry(transport: asyncio.BaseTransport | None) -> float | None:
+def peer_certificate_expiry(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> float | None:
     """When the peer's certificate expires (wall clock); None without a verified TLS peer."""
-    if transport is None:
-        return None
-    ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
         return None
+    import ssl
+
     certificate = ssl_object.getpeercert()  # parsed only when verified; {} otherwise
     not_after = certificate.get("notAfter") if certificate else None
     return ssl.cert_time_to_seconds(not_after) if isinstance(not_after, str) else None

@@ -7,9 +7,9 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 from monitor.probing.abc import ProbeContext
-from monitor.probing.kinds.http_wire import connect_only
+from monitor.probing.kinds.http_exchange import connect_only
 from monitor.probing.probe import Probe, ProbeResult
-from monitor.probing.worker import Job
+from monitor.probing.workers import Job
 
 
 def address(url: str, *, tls: bool) -> tuple[str, int]:
