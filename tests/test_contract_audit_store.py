@@ -125,9 +125,9 @@ async def test_a_failing_database_refuses_the_record(backing: Backing[AuditStore
 
 
 async def test_records_written_together_know_their_own_ids(backing: Backing[AuditStore]) -> None:
-    """A batch's records are written at once (one statement per 124 on SQLite, one
-    statement of arrays on PostgreSQL); each learns the id its row took (the id
-    `audit.recorded` carries)."""
+    """A batch's records are written at once (a statement per power of two records, 64
+    at most, on SQLite, one statement of arrays on PostgreSQL); each learns the id its
+    row took (the id `audit.recorded` carries)."""
     store = backing.store
     await store.add(record(99.0, request_id="before"))  # ids do not start at 1
     records = [record(100.0 + n, request_id=f"r{n}") for n in range(300)]
@@ -138,3 +138,18 @@ async def test_records_written_together_know_their_own_ids(backing: Backing[Audi
         k: v for k, v in stored.items() if k != "before"
     }
     assert len(set(stored.values())) == 301
+
+
+async def test_batches_of_every_size_know_their_ids(backing: Backing[AuditStore]) -> None:
+    """Batches of 1 to 70 records (the statements they are split into differ with each
+    size): every record learns its own row's id."""
+    store = backing.store
+    written = []
+    for size in range(1, 71):
+        records = [record(float(size), request_id=f"{size}-{n}") for n in range(size)]
+        riders = [store.rider(r) for r in records]
+        await store._db.write(lambda conn, rs=riders: rs[0].write_all(conn, rs), ride=False)  # type: ignore[attr-defined]
+        written += records
+    stored = {r.request_id: r.id for r in await store.list(AuditQuery(limit=5000))}
+    assert len(stored) == sum(range(1, 71))
+    assert {r.request_id: r.id for r in written} == stored
