@@ -341,12 +341,17 @@ class RegistrationBody(BaseModel):
         return ttl.total_seconds()
 
 
+# Instance.document's derived parts: see Instance._derived.
+_Derived = str | tuple[str | None, str | None, dict[str, Any] | None] | None
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Instance:
     """One registered (or configured) instance of a service.
 
-    Slotted, its strings shared and its JSON form kept as a tuple: a fleet holds 10,000
-    of these, and a dict per instance (and per cached document) is most of their size."""
+    Slotted, its strings shared and of its JSON form only the times kept: a fleet holds
+    10,000 of these, and a dict per instance (and per cached document) is most of their
+    size."""
 
     service: str
     id: str
@@ -359,8 +364,10 @@ class Instance:
     static: bool = False
     registered_at: float = 0.0  # wall clock
     updated_at: float = 0.0
-    # The derived parts of `document`, built on its first read (listings reuse them).
-    _derived: tuple[Any, ...] | None = field(default=None, init=False, repr=False, compare=False)
+    # What `document` derives, made on its first read (listings reuse it): the time as
+    # one string while registered_at == updated_at and the probe's JSON is the fleet's
+    # shared one (nearly always); else (registered_at, updated_at, the probe's own JSON).
+    _derived: _Derived = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # A fleet repeats a few service names, tags and meta pairs: keep one copy of each.
@@ -396,33 +403,43 @@ class Instance:
 
     @property
     def document(self) -> dict[str, Any]:
-        """The JSON form; its costly parts are built once per registration."""
-        derived = self._derived
+        """The JSON form; its costly parts are built once per registration (the times)
+        or shared by the fleet (the probe's, the durations)."""
+        derived, probe = self._derived, self.probe
         if derived is None:
-            registered_at = _iso(self.registered_at)
-            same = self.updated_at == self.registered_at  # a new registration: one string
-            derived = (
-                _probe_document(self.probe) if self.probe else None,
-                _duration_text(self.ttl) if self.ttl is not None else None,
-                _duration_text(self.deregister_after),
-                registered_at,
-                registered_at if same else _iso(self.updated_at),
-            )
-            object.__setattr__(self, "_derived", derived)
-        probe, ttl, deregister_after, registered_at, updated_at = derived
+            derived = self._derive()
+        if isinstance(derived, tuple):
+            registered_at, updated_at, probe_json = derived
+        else:
+            registered_at = updated_at = derived
+            probe_json = None
+        if probe_json is None and probe is not None:
+            probe_json = _probe_document(probe)
         return {
             "service": self.service,
             "id": self.id,
             "url": self.url,
             "tags": self.tags,
             "meta": self.meta,
-            "probe": probe,
-            "ttl": ttl,
-            "deregister_after": deregister_after,
+            "probe": probe_json,
+            "ttl": _duration_text(self.ttl) if self.ttl is not None else None,
+            "deregister_after": _duration_text(self.deregister_after),
             "static": self.static,
             "registered_at": registered_at,
             "updated_at": updated_at,
         }
+
+    def _derive(self) -> _Derived:
+        registered_at = _iso(self.registered_at)
+        same = self.updated_at == self.registered_at  # a new registration: one string
+        updated_at = registered_at if same else _iso(self.updated_at)
+        probe = self.probe
+        own = None if probe is None or _is_shared(probe) else _probe_document(probe)
+        derived: _Derived = (
+            registered_at if same and own is None else (registered_at, updated_at, own)
+        )
+        object.__setattr__(self, "_derived", derived)
+        return derived
 
 
 SHORT = 64  # meta values up to this long are shared (zones, versions); longer ones are kept
@@ -444,6 +461,12 @@ def _shared_probe(probe: ProbeSpec) -> ProbeSpec:
         document = probe.model_dump(mode="json", exclude_none=True)
         _probe_documents[id(probe)] = (probe, document)
     return shared
+
+
+def _is_shared(probe: ProbeSpec) -> bool:
+    """The fleet's shared JSON of `probe` is at hand (it was not cleared since)."""
+    kept = _probe_documents.get(id(probe))
+    return kept is not None and kept[0] is probe
 
 
 def _probe_document(probe: ProbeSpec) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import heapq
 import inspect
-import itertools
 import logging
 import math
 import re
@@ -98,12 +97,20 @@ class Scheduler:
             self.lateness.observe(max(0.0, (now - due).total_seconds()))
 
 
-@dataclass(slots=True)
-class _Entry:
+@dataclass(slots=True, eq=False)
+class _Entry(Generic[K]):
+    """One key's schedule. Its heap items are `(due, entry)`: an item is current while
+    the entry is its key's and still due then (a move pushes a new item, and removal
+    drops the entry; 10,000 probed instances hold one each, so no counter or key copy)."""
+
+    key: K
     interval: float
     due: float
-    generation: int
     phase: float  # in [0, 1): where in each interval this entry's slot falls
+
+    def __lt__(self, other: _Entry[K]) -> bool:
+        """Any fixed order: it only breaks ties between items due at the same time."""
+        return id(self) < id(other)
 
     def next_slot(self, after: float) -> float:
         """The first slot strictly after `after` on this entry's grid."""
@@ -147,10 +154,8 @@ class Timetable(Generic[K]):
     ) -> None:
         self._scheduler, self._start, self._name = scheduler, start, name
         self._coalesce = coalesce
-        self._entries: dict[K, _Entry] = {}
-        self._heap: list[tuple[float, int, K, int]] = []
-        self._seq = itertools.count()
-        self._generations = itertools.count(1)
+        self._entries: dict[K, _Entry[K]] = {}
+        self._heap: list[tuple[float, _Entry[K]]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf  # when the armed timer fires (inf: none armed)
         self._running = False
@@ -173,10 +178,10 @@ class Timetable(Generic[K]):
     def add(self, key: K, interval: float, *, first_in: float | None = None) -> None:
         """Schedule `key` every `interval` s: first in `first_in` s, or at its slot."""
         now = self._now()
-        entry = _Entry(interval, now, next(self._generations), phase_of(key))
+        entry = _Entry(key, interval, now, phase_of(key))
         entry.due = now + first_in if first_in is not None else entry.next_slot(now)
         self._entries[key] = entry  # an earlier entry's heap item is now stale
-        self._push(key, entry)
+        self._push(entry)
 
     def set_interval(self, key: K, interval: float) -> None:
         """Change the interval; the next run moves earlier if the new interval says so."""
@@ -186,18 +191,17 @@ class Timetable(Generic[K]):
         entry.interval = interval
         soonest = entry.next_slot(self._now())
         if soonest < entry.due:
-            entry.due = soonest
-            entry.generation = next(self._generations)
-            self._push(key, entry)
+            entry.due = soonest  # its item at the old time is now stale
+            self._push(entry)
 
     def remove(self, key: K) -> None:
         self._entries.pop(key, None)
 
-    def _push(self, key: K, entry: _Entry) -> None:
+    def _push(self, entry: _Entry[K]) -> None:
         heap = self._heap
         if len(heap) > 2 * len(self._entries) + 1024:
             self._sweep()
-        heapq.heappush(heap, (entry.due, next(self._seq), key, entry.generation))
+        heapq.heappush(heap, (entry.due, entry))
         if entry.due < self._timer_at and self._running and not self._waking:
             self._arm()
 
@@ -206,9 +210,9 @@ class Timetable(Generic[K]):
         place: a wake-up holds the list while its starts may push and so sweep."""
         entries = self._entries
         self._heap[:] = [
-            item
-            for item in self._heap
-            if (entry := entries.get(item[2])) is not None and entry.generation == item[3]
+            (due, entry)
+            for due, entry in self._heap
+            if entries.get(entry.key) is entry and entry.due == due
         ]
         heapq.heapify(self._heap)
 
@@ -228,24 +232,23 @@ class Timetable(Generic[K]):
         self._timer, self._timer_at = None, math.inf
         now = self._now()
         until, heap, entries = now + self._coalesce, self._heap, self._entries
-        due: list[tuple[K, int]] = []
+        due: list[tuple[float, _Entry[K]]] = []
         while heap and heap[0][0] <= until:
-            _, _, key, generation = heapq.heappop(heap)
-            entry = entries.get(key)
-            if entry is not None and entry.generation == generation:
-                due.append((key, generation))
+            item = heapq.heappop(heap)
+            if entries.get(item[1].key) is item[1] and item[1].due == item[0]:
+                due.append(item)
         lateness = self._scheduler.lateness
         self._waking = True
         try:
-            for key, generation in due:
-                entry = entries.get(key)
-                if entry is None or entry.generation != generation:
+            for at, entry in due:
+                key = entry.key
+                if entries.get(key) is not entry or entry.due != at:
                     continue  # an earlier start in this wake-up moved or removed it
-                lateness.observe(max(0.0, now - entry.due))
+                lateness.observe(max(0.0, now - at))
                 # The next slot after this run, or after now when a stall made it late:
                 # missed runs are skipped rather than burst.
-                entry.due = entry.next_slot(max(now, entry.due))
-                self._push(key, entry)
+                entry.due = entry.next_slot(max(now, at))
+                self._push(entry)
                 try:
                     self._start(key)
                 except Exception:

@@ -269,7 +269,7 @@ def test_the_slot_after_a_slot_is_one_interval_later() -> None:
     from scheduler.jobs import _Entry
 
     for phase in (0.1, 0.3, 0.7, 0.123456789):
-        entry = _Entry(interval=10.0, due=0.0, generation=1, phase=phase)
+        entry = _Entry(key="k", interval=10.0, due=0.0, phase=phase)
         slot = entry.next_slot(12_345.678)
         for _ in range(1000):  # slots computed from slots: no repeats, no drift
             following = entry.next_slot(slot)
