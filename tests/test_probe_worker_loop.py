@@ -12,6 +12,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from monitor.probing.prober import Prober
 from monitor.probing.workers import _worker_argv, _worker_environment
 from registry import ProbeSpec
 
+from .conftest import require_tool
 from .processes import ROOT, free_port
-from .targets import chunked, start_target
+from .targets import chunked, self_signed, start_target
 
 
 def http(path: str = "/", **settings: object) -> Probe:
@@ -139,6 +141,77 @@ def test_the_worker_answers_as_the_loop_does(case: str) -> None:
         assert result.error is None and result.connected
 
 
+def closing_listener(read_hello: bool) -> socket.socket:
+    """Accepts, then closes (after reading the client's first bytes, or at once): a TLS
+    port with nothing behind it, as a balancer without a backend is."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with conn:
+                if read_hello:
+                    conn.recv(65536)
+                conn.shutdown(socket.SHUT_WR)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+TLS_CASES = {
+    "unverified": ("served", "http", False),
+    "untrusted": ("served", "http", True),
+    "tls unverified": ("served", "tls", False),
+    "closed at once": ("closed", "http", False),
+    "closed after the hello": ("closed after hello", "http", False),
+    "tls closed at once": ("closed", "tls", False),
+    "tls closed after the hello": ("closed after hello", "tls", False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TLS_CASES))
+def test_the_worker_answers_tls_as_the_loop_does(case: str, tmp_path: Path) -> None:
+    server_kind, probe_type, verify = TLS_CASES[case]
+    probe = resolve_probe(
+        [ProbeSpec.model_validate({"type": probe_type, "tls_verify": verify, "path": "/ok"})]
+    )
+
+    async def both_ways() -> tuple[tuple[Any, ...], tuple[Any, ...], ProbeResult]:
+        listener, target = None, None
+        if server_kind == "served":
+            require_tool("openssl")
+            target = await start_target(self_signed(tmp_path))
+            url = str(target.make_url("/"))
+        else:
+            listener = closing_listener(read_hello=server_kind == "closed after hello")
+            url = f"https://127.0.0.1:{listener.getsockname()[1]}/"
+        on_loop, in_worker = Prober(), Prober(workers=1)
+        try:
+            async with started(on_loop, in_worker):
+                loop_result = await on_loop.run(url, probe)
+                worker_result = await in_worker.run(url, probe)
+        finally:
+            if target is not None:
+                await target.close()
+            if listener is not None:
+                listener.close()
+        return seen(loop_result, probe), seen(worker_result, probe), worker_result
+
+    on_loop, in_worker, result = uvloop.run(both_ways())
+    assert in_worker == on_loop
+    if case in ("unverified", "tls unverified"):
+        assert result.error is None and result.connected
+    elif case == "untrusted":
+        assert result.error is not None and result.error.startswith("certificate:")
+    else:
+        assert result.error is not None
+
+
 async def test_a_probe_the_worker_cannot_finish_in_time_times_out_while_others_answer(
     target: TestServer,
 ) -> None:
@@ -179,16 +252,32 @@ async def in_thread(call: Callable[[], Any]) -> Any:
     return await asyncio.to_thread(call)
 
 
-async def test_answers_wait_in_the_worker_while_the_daemon_does_not_read(
-    target: TestServer,
-) -> None:
+async def test_answers_wait_in_the_worker_while_the_daemon_does_not_read() -> None:
     """50 answers of 200 KB are far more than a pipe holds: the worker keeps what the
-    daemon has not read, goes on probing meanwhile, and every answer arrives whole."""
-    port = target.port
+    daemon has not read, goes on probing meanwhile (a later job reaches its server
+    before the daemon reads a byte), and every answer arrives whole."""
+    late_seen = asyncio.Event()
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 200_000)
+
+    async def late(request: web.Request) -> web.Response:
+        late_seen.set()
+        return web.Response(body=b"late")
+
+    app = web.Application()
+    app.router.add_get("/big", big)
+    app.router.add_get("/late", late)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    port = server.port
     assert port is not None
-    request = b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+    def request(path: str) -> bytes:
+        return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+
     jobs: list[tuple[object, ...]] = [
-        (n, "127.0.0.1", port, False, False, request, 200_000, 5.0, True) for n in range(50)
+        (n, "127.0.0.1", port, False, False, request("/big"), 200_000, 5.0, True) for n in range(50)
     ]
     worker = start_worker()
     try:
@@ -196,16 +285,59 @@ async def test_answers_wait_in_the_worker_while_the_daemon_does_not_read(
         worker.stdin.write(encode(jobs))
         worker.stdin.flush()
         await asyncio.sleep(1.0)  # the daemon reads nothing: the pipe fills
-        late = (99, "127.0.0.1", port, False, False, request, 10, 5.0, True)
-        worker.stdin.write(encode([late]))
+        worker.stdin.write(
+            encode([(99, "127.0.0.1", port, False, False, request("/late"), 10, 5.0, True)])
+        )
         worker.stdin.flush()
+        await asyncio.wait_for(late_seen.wait(), 10)  # probed while its answers wait
         answers = await in_thread(lambda: read_answers(worker, 51))
     finally:
         worker.kill()
         worker.wait()
+        await server.close()
     assert sorted(a[0] for a in answers) == [*range(50), 99]
     assert {(a[4], len(a[5]), a[7]) for a in answers if a[0] != 99} == {(200, 200_000, None)}
-    assert [(a[4], a[5]) for a in answers if a[0] == 99] == [(200, b"x" * 10)]
+    assert [(a[4], a[5]) for a in answers if a[0] == 99] == [(200, b"late")]
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+
+
+def test_finished_probes_leave_no_socket_and_no_memory_behind() -> None:
+    """20,000 tcp probes with an hour's timeout, each done at once: the worker closes
+    every socket, and what it kept of each finished probe until its deadline is swept
+    (kept, they were ~0.5 KB each: 10 MB here, gigabytes a day)."""
+    listener = closing_listener(read_hello=False)
+    port = listener.getsockname()[1]
+    worker = start_worker()
+    try:
+        assert worker.stdin is not None
+        warm = [(n, "127.0.0.1", port, False, False, None, 0, 3600.0, True) for n in range(100)]
+        worker.stdin.write(encode(list(warm)))
+        worker.stdin.flush()
+        read_answers(worker, 100)
+        descriptors, before = open_descriptors(worker.pid), rss_kib(worker.pid)
+        for batch in range(20):
+            jobs: list[tuple[object, ...]] = [
+                (1000 * (batch + 1) + n, "127.0.0.1", port, False, False, None, 0, 3600.0, True)
+                for n in range(1000)
+            ]
+            worker.stdin.write(encode(jobs))
+            worker.stdin.flush()
+            answers = read_answers(worker, 1000)
+            assert all(a[3] for a in answers), [a[7] for a in answers if not a[3]][:3]
+        assert open_descriptors(worker.pid) == descriptors
+        assert rss_kib(worker.pid) - before < 4096
+    finally:
+        worker.kill()
+        worker.wait()
+        listener.close()
 
 
 async def test_a_worker_ends_when_the_daemon_closes_its_pipe() -> None:
