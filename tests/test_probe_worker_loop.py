@@ -377,3 +377,59 @@ def test_a_worker_loads_tls_only_for_a_tls_probe() -> None:
         finally:
             worker.kill()
             worker.wait()
+
+
+# A worker whose resolver answers from this table (the test's names, 127.0.0.1 only):
+# "two.test" has an address that refuses before one that listens, "slow.test" takes 3 s.
+FAKE_RESOLVER = """
+import socket, sys, time
+real = socket.getaddrinfo
+closed, open_ = int(sys.argv[1]), int(sys.argv[2])
+def fake(host, port, *args, **kwargs):
+    def at(p):
+        return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", ("127.0.0.1", p))
+    if host == "two.test":
+        return [at(closed), at(open_)]
+    if host == "none.test":
+        return [at(closed), at(closed)]
+    if host == "slow.test":
+        time.sleep(3)
+        return [at(open_)]
+    return real(host, port, *args, **kwargs)
+socket.getaddrinfo = fake
+from monitor.probing.worker import main
+main()
+"""
+
+
+def test_a_name_is_tried_at_each_address_and_a_slow_one_holds_no_other_up() -> None:
+    """Each of a host's addresses in turn, as asyncio does; names whose probes timed
+    out while waiting for a resolver thread are not looked up (they held up the rest)."""
+    with socket.socket() as listener, socket.socket() as unused:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        ports = [str(unused.getsockname()[1]), str(listener.getsockname()[1])]
+        argv = [*_worker_argv()[:3], "-c", FAKE_RESOLVER, *ports]
+        worker = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=_worker_environment()
+        )
+        try:
+            assert worker.stdin is not None
+
+            def tcp(n: int, host: str, timeout: float) -> tuple[object, ...]:
+                return (n, host, 1, False, False, None, 0, timeout, True)
+
+            jobs = [tcp(1, "two.test", 5.0), tcp(2, "none.test", 5.0)]
+            jobs += [tcp(10 + n, "slow.test", 0.5) for n in range(12)]  # 3 rounds of 4 threads
+            jobs.append(tcp(3, "two.test", 5.0))  # behind them in the resolvers' queue
+            worker.stdin.write(encode(jobs))
+            worker.stdin.flush()
+            answers = {a[0]: a for a in read_answers(worker, len(jobs))}
+        finally:
+            worker.kill()
+            worker.wait()
+    assert answers[1][3] is True and answers[1][7] is None  # the second address connected
+    assert answers[2][7] == "connect: Connection refused"
+    assert {answers[10 + n][7] for n in range(12)} == {"timeout after 0.5s"}
+    assert answers[3][3] is True, answers[3][7]
