@@ -406,7 +406,11 @@ class Instance:
         """The JSON form; its costly parts are built once per registration (the times)
         or shared by the fleet (the probe's, the durations)."""
         derived, probe = self._derived, self.probe
-        if derived is None:
+        if derived is None or (
+            # Kept while the probe's JSON was the fleet's shared one, which has gone since
+            # (over MAX_SHARED_PROBES settings): the instance keeps its own from now on.
+            not isinstance(derived, tuple) and probe is not None and not _is_shared(probe)
+        ):
             derived = self._derive()
         if isinstance(derived, tuple):
             registered_at, updated_at, probe_json = derived
