@@ -153,3 +153,21 @@ async def test_batches_of_every_size_know_their_ids(backing: Backing[AuditStore]
     stored = {r.request_id: r.id for r in await store.list(AuditQuery(limit=5000))}
     assert len(stored) == sum(range(1, 71))
     assert {r.request_id: r.id for r in written} == stored
+
+
+async def test_refusals_learn_the_id_of_their_minute_row(backing: Backing[AuditStore]) -> None:
+    """The id `audit.recorded` carries for a refusal is its minute's row, new or added to."""
+    store = backing.store
+    refused = "auth.refused"
+    first = record(600.0, "anonymous", refused, outcome=401)
+    other = record(601.0, "payments", refused, outcome=403)
+    await store.add_refusals([first, other], 10)
+    again = record(630.0, "anonymous", refused, outcome=401, count=2)
+    await store.add_refusals([again], 10)
+    rows = {r.actor: r.id for r in await store.list(AuditQuery(action=refused))}
+    assert (first.id, other.id, again.id) == (
+        rows["anonymous"],
+        rows["payments"],
+        rows["anonymous"],
+    )
+    assert first.id is not None and first.id != other.id

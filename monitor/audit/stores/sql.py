@@ -60,7 +60,7 @@ def insert_refusal(mark: str) -> str:
     return (
         f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}, minute) VALUES ({marks}) "  # noqa: S608
         "ON CONFLICT (actor, action, minute) WHERE minute IS NOT NULL DO UPDATE SET count = "
-        f"{TABLE}.count + excluded.count"
+        f"{TABLE}.count + excluded.count RETURNING id"
     )
 
 
@@ -122,7 +122,8 @@ def refusals_writer(mark: str, records: list[AuditRecord], minute: int) -> Calla
 
     def add(conn: Any) -> None:
         for record in sorted(records, key=lambda r: r.actor):  # one lock order: no deadlock
-            conn.execute(statement, [*values(record), minute])
+            # The minute's row, new or counted on: its id is the one `audit.recorded` carries.
+            record.id = int(conn.execute(statement, [*values(record), minute]).fetchone()[0])
 
     return add
 
