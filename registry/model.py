@@ -467,18 +467,21 @@ def _shared_probe(probe: ProbeSpec) -> ProbeSpec:
     return shared
 
 
-def _is_shared(probe: ProbeSpec) -> bool:
-    """The fleet's shared JSON of `probe` is at hand (it was not cleared since)."""
+def _shared_document(probe: ProbeSpec) -> dict[str, Any] | None:
+    """The fleet's shared JSON of `probe`, built once (read-only: listings share it);
+    None when it is not at hand (its entry was cleared since)."""
     kept = _probe_documents.get(id(probe))
-    return kept is not None and kept[0] is probe
+    return kept[1] if kept is not None and kept[0] is probe else None
+
+
+def _is_shared(probe: ProbeSpec) -> bool:
+    return _shared_document(probe) is not None
 
 
 def _probe_document(probe: ProbeSpec) -> dict[str, Any]:
-    """The JSON form of a shared ProbeSpec, built once (read-only: listings share it)."""
-    kept = _probe_documents.get(id(probe))
-    if kept is not None and kept[0] is probe:
-        return kept[1]
-    return probe.model_dump(mode="json", exclude_none=True)  # its entry was cleared since
+    """The JSON form of a ProbeSpec: the shared one, or built now."""
+    shared = _shared_document(probe)
+    return shared if shared is not None else probe.model_dump(mode="json", exclude_none=True)
 
 
 def _short_intern(value: str) -> str:

@@ -208,13 +208,12 @@ class Timetable(Generic[K]):
     def _sweep(self) -> None:
         """Drop the stale items (entries moved or removed since they were pushed), in
         place: a wake-up holds the list while its starts may push and so sweep."""
-        entries = self._entries
-        self._heap[:] = [
-            (due, entry)
-            for due, entry in self._heap
-            if entries.get(entry.key) is entry and entry.due == due
-        ]
+        self._heap[:] = [item for item in self._heap if self._current(*item)]
         heapq.heapify(self._heap)
+
+    def _current(self, due: float, entry: _Entry[K]) -> bool:
+        """A heap item `(due, entry)` still stands: the entry is its key's, due then."""
+        return self._entries.get(entry.key) is entry and entry.due == due
 
     def _arm(self) -> None:
         self._disarm()
@@ -231,19 +230,19 @@ class Timetable(Generic[K]):
     def _wake(self) -> None:
         self._timer, self._timer_at = None, math.inf
         now = self._now()
-        until, heap, entries = now + self._coalesce, self._heap, self._entries
+        until, heap = now + self._coalesce, self._heap
         due: list[tuple[float, _Entry[K]]] = []
         while heap and heap[0][0] <= until:
             item = heapq.heappop(heap)
-            if entries.get(item[1].key) is item[1] and item[1].due == item[0]:
+            if self._current(*item):
                 due.append(item)
         lateness = self._scheduler.lateness
         self._waking = True
         try:
             for at, entry in due:
-                key = entry.key
-                if entries.get(key) is not entry or entry.due != at:
+                if not self._current(at, entry):
                     continue  # an earlier start in this wake-up moved or removed it
+                key = entry.key
                 lateness.observe(max(0.0, now - at))
                 # The next slot after this run, or after now when a stall made it late:
                 # missed runs are skipped rather than burst.

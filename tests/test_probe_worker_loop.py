@@ -227,9 +227,10 @@ async def test_a_probe_the_worker_cannot_finish_in_time_times_out_while_others_a
     assert [r.status for r in results[20:]] == [200] * 200
 
 
-def start_worker() -> subprocess.Popen[bytes]:
+def start_worker(argv: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """A worker as the daemon starts one (or run by `argv`, in the same environment)."""
     return subprocess.Popen(
-        _worker_argv(),
+        argv or _worker_argv(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=ROOT,
@@ -410,10 +411,7 @@ def test_a_name_is_tried_at_each_address_and_a_slow_one_holds_no_other_up() -> N
         listener.listen(64)
         unused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
         ports = [str(unused.getsockname()[1]), str(listener.getsockname()[1])]
-        argv = [*_worker_argv()[:3], "-c", FAKE_RESOLVER, *ports]
-        worker = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=_worker_environment()
-        )
+        worker = start_worker([*_worker_argv()[:3], "-c", FAKE_RESOLVER, *ports])
         try:
             assert worker.stdin is not None
 

@@ -28,6 +28,31 @@ def encode(items: list[tuple[object, ...]]) -> bytes:
     return FRAME.pack(len(payload)) + payload
 
 
+class Batch:
+    """Items waiting to go as one frame; each side times its own flush (BATCH_DELAY after
+    the first item: a loop timer in the daemon, the worker's own loop in the worker)."""
+
+    __slots__ = ("bulk", "items")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[object, ...]] = []
+        self.bulk = 0
+
+    def add(self, item: tuple[object, ...], size: int = 0) -> bool:
+        """`item`: a plain tuple (marshal takes no NamedTuple); `size`: its bulk (a
+        body). True when the batch must go at once: past FLUSH_BYTES."""
+        self.items.append(item)
+        self.bulk += size
+        return self.bulk > FLUSH_BYTES
+
+    def take(self) -> bytes | None:
+        """The batch as a frame, emptied; None when it holds nothing."""
+        if not self.items:
+            return None
+        items, self.items, self.bulk = self.items, [], 0
+        return encode(items)
+
+
 class FrameReader:
     """Splits a byte stream into frames and hands each decoded item to `take`."""
 

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import deque
 
-from monitor.probing.frames import BATCH_DELAY, FLUSH_BYTES, FrameReader, encode
+from monitor.probing.frames import BATCH_DELAY, Batch, FrameReader
 from monitor.probing.kinds.http_wire import (
     ProbeProtocolError,
     ResponseReader,
@@ -112,9 +112,8 @@ class _Worker:
         self.timeouts: list[tuple[float, int, _Probe]] = []
         self.finished = 0  # probes in `timeouts` that are done
         self.sequence = 0
-        self.answers: list[tuple[object, ...]] = []
-        self.answer_bytes = 0
-        self.flush_at: float | None = None
+        self.answers = Batch()
+        self.flush_at: float | None = None  # when `answers` goes (None: it is empty)
         self.out = bytearray()  # answers the pipe to the daemon has not taken yet
         self.frames = FrameReader(self.take)
         # Made on the first TLS job: the verifying one holds the system's CA certificates (~1 MB).
@@ -199,18 +198,16 @@ class _Worker:
             self._failed(probe, exc)
 
     def _answer(self, reply: tuple[object, ...], size: int) -> None:
-        if not self.answers:
+        if self.flush_at is None:
             self.flush_at = time.monotonic() + BATCH_DELAY
-        self.answers.append(reply)
-        self.answer_bytes += size
-        if self.answer_bytes > FLUSH_BYTES:
+        if self.answers.add(reply, size):
             self._flush()
 
     def _flush(self) -> None:
         self.flush_at = None
-        if self.answers:
-            answers, self.answers, self.answer_bytes = self.answers, [], 0
-            self._write(encode(answers))
+        frame = self.answers.take()
+        if frame is not None:
+            self._write(frame)
 
     def _write(self, data: bytes) -> None:
         if self.out:
@@ -303,22 +300,21 @@ class _Worker:
             self._begin(probe)
 
     def _handshake(self, probe: _Probe) -> None:
-        import ssl
+        import ssl  # loaded already: the context that wrapped the socket made it
 
         sock = probe.sock
         assert isinstance(sock, ssl.SSLSocket)
         try:
             sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(probe, READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._want(probe, WRITE)
-            return
-        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
-            # Closed in the handshake (a balancer with no backend): worded as the
-            # daemon's loop words it, so a probe fails alike wherever it ran.
-            raise ConnectionResetError() from None
+        except OSError as exc:
+            if wants := _wants(exc):
+                self._want(probe, wants)
+                return
+            if _closed(exc):
+                # Closed in the handshake (a balancer with no backend): worded as the
+                # daemon's loop words it, so a probe fails alike wherever it ran.
+                raise ConnectionResetError() from None
+            raise
         probe.expires = peer_certificate_expiry(sock)
         self._begin(probe)
 
@@ -339,9 +335,9 @@ class _Worker:
             self._want(probe, WRITE)
             return
         except OSError as exc:
-            if not _wants(exc):
+            if not (wants := _wants(exc)):
                 raise
-            self._want(probe, _wants(exc))
+            self._want(probe, wants)
             return
         if probe.sent < len(probe.request):
             self._want(probe, WRITE)
@@ -359,8 +355,7 @@ class _Worker:
                 self._want(probe, READ)
                 return
             except OSError as exc:
-                wants = _wants(exc)
-                if wants:
+                if wants := _wants(exc):
                     self._want(probe, wants)
                     return
                 if response.head_end < 0 and not _closed(exc):
@@ -394,7 +389,7 @@ class _Worker:
             expires = probe.expires
             if probe.response is not None:
                 status, body = probe.response.status, probe.response.body()
-        # It waits in `timeouts` until its deadline: only what the heap needs stays.
+        # It may wait in `timeouts` a while yet (run() drops it): only what the heap needs.
         probe.response = probe.request = probe.errors = None
         if not probe.body:
             body = b""

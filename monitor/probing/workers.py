@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-from monitor.probing.frames import BATCH_DELAY, FLUSH_BYTES, FrameReader, encode
+from monitor.probing.frames import BATCH_DELAY, Batch, FrameReader
 from monitor.probing.kinds.http_wire import short_text
 
 log = logging.getLogger(__name__)
@@ -69,27 +69,22 @@ class _Batcher:
 
     def __init__(self, write: Callable[[bytes], None], delay: float = BATCH_DELAY) -> None:
         self._write, self._delay = write, delay
-        self._items: list[tuple[object, ...]] = []
-        self._bytes = 0
+        self._batch = Batch()
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, item: tuple[object, ...], size: int = 0) -> None:
-        """`item`: a plain tuple (marshal takes no NamedTuple); `size`: its bulk (a
-        body): past FLUSH_BYTES the batch goes at once."""
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._delay, self._flush)
-        self._items.append(item)
-        self._bytes += size
-        if self._bytes > FLUSH_BYTES:
+        if self._batch.add(item, size):
             self._flush()
 
     def _flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._items:
-            items, self._items, self._bytes = self._items, [], 0
-            self._write(encode(items))
+        frame = self._batch.take()
+        if frame is not None:
+            self._write(frame)
 
 
 class WorkerGone(Exception):
