@@ -8,6 +8,10 @@ joins the two into a single gzip member (RFC 1952): the per-scrape part ends
 with a full flush (byte-aligned, no final block, no back-references into what
 follows); the kept part is a raw deflate stream of its own that ends the
 member. The trailer's CRC-32 continues over both parts.
+
+The per-scrape part is compressed piece by piece as it is rendered (`GzipJoin`), so a
+scrape streams: the event loop renders and compresses a slice of instances at a time
+and serves others in between (monitor/health/metrics.py).
 """
 
 from __future__ import annotations
@@ -34,10 +38,28 @@ class Deflated:
         return cls(text, compressor.compress(text) + compressor.flush(zlib.Z_FINISH))
 
 
-def gzip_join(head: bytes, tail: Deflated, level: int = 1) -> bytes:
-    """gzip of `head + tail.text`, compressing only `head` (level 1: it runs per scrape)."""
-    compressor = zlib.compressobj(level, zlib.DEFLATED, RAW)
-    first = compressor.compress(head) + compressor.flush(zlib.Z_FULL_FLUSH)
-    crc = zlib.crc32(tail.text, zlib.crc32(head))
-    size = (len(head) + len(tail.text)) & 0xFFFFFFFF
-    return b"".join((GZIP_HEADER, first, tail.raw, struct.pack("<II", crc, size)))
+class GzipJoin:
+    """One gzip member of pieces compressed as they come, then a Deflated tail: `start()`,
+    `add(piece)` for each, `end(tail)`; the bytes each returns go out in that order.
+    Level 1 by default: the pieces are compressed per scrape."""
+
+    def __init__(self, level: int = 1) -> None:
+        self._compressor = zlib.compressobj(level, zlib.DEFLATED, RAW)
+        self._crc = 0
+        self._size = 0
+
+    @staticmethod
+    def start() -> bytes:
+        return GZIP_HEADER
+
+    def add(self, piece: bytes) -> bytes:
+        self._crc = zlib.crc32(piece, self._crc)
+        self._size += len(piece)
+        return self._compressor.compress(piece)
+
+    def end(self, tail: Deflated) -> bytes:
+        """The rest of the pieces, byte-aligned and open (a full flush), then `tail`."""
+        rest = self._compressor.flush(zlib.Z_FULL_FLUSH)
+        crc = zlib.crc32(tail.text, self._crc)
+        size = (self._size + len(tail.text)) & 0xFFFFFFFF
+        return b"".join((rest, tail.raw, struct.pack("<II", crc, size)))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -12,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from pydantic import BaseModel
 
-from monitor.health.metrics import ProbeMetrics, render
+from monitor.health.metrics import ProbeMetrics
 from monitor.http.document import openapi_document
 from monitor.http.errors import error_response
 from monitor.http.route import Reply, RouteTable
@@ -28,7 +26,7 @@ from monitor.http.routes import (
     workflows,
 )
 from monitor.http.routes import registry as registry_routes
-from monitor.metrics.exposition import gzip_join
+from monitor.metrics.exposition import GzipJoin
 from monitor.slo.metrics import SloMetrics
 from monitor.storage.database import Database
 from registry import Catalog
@@ -39,6 +37,8 @@ if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
     from monitor.storage.postgres import PgDatabase
 
 table = RouteTable()
+
+WRITE_BYTES = 256 * 1024  # a scrape is sent in pieces of about this much (after gzip)
 
 
 class Liveness(BaseModel):
@@ -117,27 +117,32 @@ class OperationsRoutes:
         errors=(401,),
         shed=False,
     )
-    async def exposition(self, request: web.Request) -> web.Response:
-        # Large families: counted or copied on the loop, formatted off it (monitor/metrics/).
+    async def exposition(self, request: web.Request) -> web.StreamResponse:
+        # Streamed: the probe families are rendered, compressed and sent a slice of
+        # instances at a time, the loop serving others in between (monitor/health/metrics.py).
         # Counting first also expires due leases, so the expirations counter includes them.
         leads = self.leads()
-        counts = instance_counts(self.catalog) if leads else []
-        probes = self.probe_metrics.snapshot()
-        if not leads:  # the same on every replica (the calendar): the leader's alone
-            probes = replace(probes, maintenance=())
-        small = generate_latest(self.metrics)
+        counts = await instance_counts(self.catalog) if leads else []
+        head = generate_latest(self.metrics) + render_instance_counts(counts).encode()
         slos = await self.slo_metrics.current()  # rendered and deflated once a minute
-        gzip = "gzip" in request.headers.get("Accept-Encoding", "")
-
-        def build() -> bytes:
-            head = small + (render_instance_counts(counts) + render(probes)).encode()
-            return gzip_join(head, slos) if gzip else head + slos.text
-
-        body = await asyncio.get_running_loop().run_in_executor(None, build)
-        headers = {"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
-        if gzip:
-            headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, headers=headers)
+        join = GzipJoin() if "gzip" in request.headers.get("Accept-Encoding", "") else None
+        response = web.StreamResponse(
+            headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
+        )
+        if join is not None:
+            response.headers["Content-Encoding"] = "gzip"
+        await response.prepare(request)
+        pending = [join.start(), join.add(head)] if join is not None else [head]
+        async for text in self.probe_metrics.texts(maintenance=leads):
+            piece = text.encode()
+            pending.append(join.add(piece) if join is not None else piece)
+            if sum(map(len, pending)) >= WRITE_BYTES:
+                await response.write(b"".join(pending))
+                pending.clear()
+        pending.append(join.end(slos) if join is not None else slos.text)
+        await response.write(b"".join(pending))
+        await response.write_eof()
+        return response
 
     @table.get(
         "/openapi.json",
