@@ -319,14 +319,16 @@ class Catalog:
         names = sorted(self._declared.union(self._services))
         counts = {name: [0] * len(_STATES) for name in names}
         health_of, critical = self.health.health_of, _POSITION[HealthState.CRITICAL]
+        since_turn = 0
         for name in names:
-            entries, tally = list(self._services.get(name, {}).values()), counts[name]
-            for start in range(0, len(entries), per_turn):
-                for entry in entries[start : start + per_turn]:
-                    if not entry.removed:
-                        state = critical if entry.lapsed else _POSITION[health_of(entry.instance)]
-                        tally[state] += 1
-                await asyncio.sleep(0)
+            tally = counts[name]
+            for entry in list(self._services.get(name, {}).values()):
+                if not entry.removed:
+                    tally[critical if entry.lapsed else _POSITION[health_of(entry.instance)]] += 1
+                since_turn += 1
+                if since_turn == per_turn:
+                    await asyncio.sleep(0)
+                    since_turn = 0
         return counts
 
     def service_names(self) -> list[str]:

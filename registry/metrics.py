@@ -51,12 +51,14 @@ async def instance_counts(catalog: Catalog) -> InstanceCounts:
     return list((await catalog.health_counts()).items())
 
 
-def render_instance_counts(counts: InstanceCounts) -> str:
-    """The `hms_registry_instances` family as text."""
+def render_instance_counts(counts: InstanceCounts, *, head: bool = True) -> str:
+    """The `hms_registry_instances` family as text (its HELP and TYPE lines when `head`)."""
     out = [
         "# HELP hms_registry_instances Instances in the registry by service and health state.\n",
         "# TYPE hms_registry_instances gauge\n",
     ]
+    if not head:
+        out.clear()
     for service, values in counts:  # names are [A-Za-z0-9._-]: nothing to escape
         for state, count in zip(STATES, values, strict=True):
             out.append(f'hms_registry_instances{{health="{state}",service="{service}"}} {count}\n')

@@ -79,7 +79,7 @@ class ProbeMetrics:
         the GIL for ~0.6 s, and the event loop stalled up to 230 ms per scrape: every
         probe due and every heartbeat meanwhile waited. Each instance's values are copied
         at once (its counters and histogram agree), instances a few milliseconds apart.
-        `maintenance=False`: without `hms_maintenance` (only the leader exports it)."""
+        `maintenance=False`: no `hms_maintenance` samples (only the leader exports them)."""
         keys = sorted(self._checker.targets)
         rows: list[_Row] = []
         for start in range(0, len(keys), SLICE):
@@ -87,11 +87,10 @@ class ProbeMetrics:
             await asyncio.sleep(0)
         boundaries = self._boundaries()
         for family in FAMILIES:
-            for start in range(0, len(rows), SLICE):
+            for start in range(0, max(1, len(rows)), SLICE):  # HELP and TYPE even for none
                 yield family(rows[start : start + SLICE], boundaries, start == 0)
                 await asyncio.sleep(0)
-        if maintenance:
-            yield _maintenance(self._maintenance())
+        yield _maintenance(self._maintenance() if maintenance else ())
 
     def _rows(self, keys: Iterable[Key]) -> list[_Row]:
         """Rows of the instances of `keys` still probed here, copied now."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -30,7 +32,7 @@ from monitor.metrics.exposition import GzipJoin
 from monitor.slo.metrics import SloMetrics
 from monitor.storage.database import Database
 from registry import Catalog
-from registry.metrics import instance_counts, render_instance_counts
+from registry.metrics import InstanceCounts, instance_counts, render_instance_counts
 from scheduler import Scheduler
 
 if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
@@ -39,6 +41,9 @@ if TYPE_CHECKING:  # psycopg (22 MB) is imported only when storage.url is set
 table = RouteTable()
 
 WRITE_BYTES = 256 * 1024  # a scrape is sent in pieces of about this much (after gzip)
+COUNTS_PER_TURN = 1000  # services whose `hms_registry_instances` lines are rendered per turn
+
+log = logging.getLogger(__name__)
 
 
 class Liveness(BaseModel):
@@ -118,31 +123,53 @@ class OperationsRoutes:
         shed=False,
     )
     async def exposition(self, request: web.Request) -> web.StreamResponse:
-        # Streamed: the probe families are rendered, compressed and sent a slice of
-        # instances at a time, the loop serving others in between (monitor/health/metrics.py).
-        # Counting first also expires due leases, so the expirations counter includes them.
-        leads = self.leads()
-        counts = await instance_counts(self.catalog) if leads else []
-        head = generate_latest(self.metrics) + render_instance_counts(counts).encode()
-        slos = await self.slo_metrics.current()  # rendered and deflated once a minute
+        # Streamed: the big families are counted, rendered, compressed and sent a slice at
+        # a time, the loop serving others in between (monitor/health/metrics.py).
         join = GzipJoin() if "gzip" in request.headers.get("Accept-Encoding", "") else None
         response = web.StreamResponse(
             headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4, "Vary": "Accept-Encoding"}
         )
         if join is not None:
             response.headers["Content-Encoding"] = "gzip"
+        if request.method == "HEAD":  # aiohttp would send a streamed HEAD's body, unframed
+            await response.prepare(request)
+            return response
+        # Counting first also expires due leases, so the expirations counter includes them.
+        leads = self.leads()
+        counts = await instance_counts(self.catalog) if leads else []
+        small = generate_latest(self.metrics)
+        slos = await self.slo_metrics.current()  # rendered and deflated once a minute
         await response.prepare(request)
-        pending = [join.start(), join.add(head)] if join is not None else [head]
-        async for text in self.probe_metrics.texts(maintenance=leads):
-            piece = text.encode()
-            pending.append(join.add(piece) if join is not None else piece)
-            if sum(map(len, pending)) >= WRITE_BYTES:
-                await response.write(b"".join(pending))
-                pending.clear()
-        pending.append(join.end(slos) if join is not None else slos.text)
-        await response.write(b"".join(pending))
-        await response.write_eof()
+        try:
+            pending, size = [join.start()] if join is not None else [], 0
+            async for text in self._texts(counts, leads):
+                piece = small + text.encode() if small else text.encode()
+                small = b""
+                pending.append(join.add(piece) if join is not None else piece)
+                size += len(pending[-1])
+                if size >= WRITE_BYTES:
+                    await response.write(b"".join(pending))
+                    pending, size = [], 0
+            pending.append(join.end(slos) if join is not None else slos.text)
+            await response.write(b"".join(pending))
+            await response.write_eof()
+        except ConnectionResetError:
+            pass  # the scraper hung up (its scrape_timeout, say): no one to answer
+        except Exception:
+            # Part of the body has gone: an error answer now would land inside it. The
+            # connection is cut, so the scraper sees a broken response, not a short one.
+            log.exception("GET /metrics failed after its first bytes were sent")
+            if request.transport is not None:
+                request.transport.close()
         return response
+
+    async def _texts(self, counts: InstanceCounts, leads: bool) -> AsyncIterator[str]:
+        """The instance counts, then the probe families, a slice per turn of the loop."""
+        for start in range(0, max(1, len(counts)), COUNTS_PER_TURN):
+            yield render_instance_counts(counts[start : start + COUNTS_PER_TURN], head=start == 0)
+            await asyncio.sleep(0)
+        async for text in self.probe_metrics.texts(maintenance=leads):
+            yield text
 
     @table.get(
         "/openapi.json",
