@@ -1,11 +1,12 @@
-"""The SLO metrics of DESIGN.md §4: copied from the ledgers on the loop, rendered and
-deflated in a thread once a minute."""
+"""The SLO metrics of DESIGN.md §4: rendered on the loop a slice of SLOs per turn,
+deflated in a thread, once a minute."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from monitor.slo.ledger import PERIOD_INDEX, WINDOW_INDEX, months_around, window
 
 if TYPE_CHECKING:  # book.py imports this module for its older import path
     from monitor.slo.book import SloBook
+    from monitor.slo.book import _Tracked as SloEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,16 +36,23 @@ class SloRow:
         return out
 
 
+PER_TURN = 500  # SLOs advanced, copied and rendered per turn of the loop (~10,000 lines)
+
+
 class SloMetrics:
     """The SLO metrics of DESIGN.md §4, rendered once a minute.
 
     Every value comes from closed minutes (window sums, the open 5-minute block,
     month sums), so the text changes only when a minute closes. The first call
-    in a minute advances the ledgers and copies their sums on the loop (one array
-    copy per SLO), formats and deflates the text in a worker thread (20,000 SLOs
-    are 380,000 lines, ~1 s) and keeps both; every other scrape that minute
-    reuses them. A scheduler job calls `current()` every few seconds, so scrapes
-    find them ready.
+    in a minute renders it and keeps it, plain and deflated; every other scrape
+    that minute reuses them. A scheduler job calls `current()` every few seconds,
+    so scrapes find them ready.
+
+    20,000 SLOs are 380,000 lines, ~1 s of CPU. Formatted in a worker thread, that
+    thread held the GIL the whole second: the loop got it back every 5 ms at best
+    and now and then after 30-80 ms, so every request and probe start of that second
+    waited. So the ledgers are advanced, copied and formatted on the loop, PER_TURN
+    SLOs per turn, and only the deflating (zlib lets go of the GIL) runs in a thread.
     """
 
     def __init__(self, book: SloBook, clock: Callable[[], float]) -> None:
@@ -59,22 +68,32 @@ class SloMetrics:
         minute = int(self._clock() // 60)
         rendered = self._rendered
         if rendered is None or rendered[0] != minute or _failed(rendered[1]):
-            rows = self.snapshot()
-
-            def render() -> Deflated:
-                return Deflated.of(render_slo_metrics(rows).encode())
-
-            future = asyncio.get_running_loop().run_in_executor(None, render)
-            self._rendered = rendered = (minute, future)
+            self._rendered = rendered = (minute, asyncio.ensure_future(self._render()))
         # Shielded: a scrape that gives up must not cancel the render others wait on.
         return await asyncio.shield(rendered[1])
 
-    def snapshot(self) -> tuple[SloRow, ...]:
-        """Runs on the loop: advance to now and copy sums; no event publishing here."""
-        now, rows = self._clock(), []
-        minute = int(now // 60)
+    async def _render(self) -> Deflated:
+        entries, now = list(self._book.entries()), self._clock()
         month_names: dict[str, tuple[str, str]] = {}  # per time zone, not per SLO
-        for entry in self._book.entries():
+        families: list[list[bytes]] = [[head.encode()] for head in HEADS]
+        for start in range(0, len(entries), PER_TURN):
+            rows = self.rows(entries[start : start + PER_TURN], now, month_names)
+            for family, samples in zip(families, render_slo_families(rows), strict=True):
+                family.append(samples.encode())
+            await asyncio.sleep(0)
+        whole = b"".join(itertools.chain.from_iterable(families))
+        return await asyncio.get_running_loop().run_in_executor(None, Deflated.of, whole)
+
+    def rows(
+        self,
+        entries: Sequence[SloEntry],
+        now: float,
+        month_names: dict[str, tuple[str, str]],
+    ) -> list[SloRow]:
+        """Advance `entries`' ledgers to now and copy their sums; no event publishing here.
+        `month_names`: the months shown per time zone, filled as zones come."""
+        minute, rows = int(now // 60), []
+        for entry in entries:
             ledger = entry.ledger
             ledger.advance(minute)
             zone = str(ledger.zone)
@@ -91,35 +110,32 @@ class SloMetrics:
                     tuple((m, ledger.month_sums(m).sli) for m in month_names[zone]),
                 )
             )
-        return tuple(rows)
+        return rows
 
 
 def _failed(future: asyncio.Future[Deflated]) -> bool:
     return future.done() and (future.cancelled() or future.exception() is not None)
 
 
-def render_slo_metrics(rows: tuple[SloRow, ...]) -> str:
-    """The text exposition; one pass over the SLOs fills all five families."""
-    objectives = [
-        "# HELP hms_slo_objective_ratio The SLO's objective.\n",
-        "# TYPE hms_slo_objective_ratio gauge\n",
-    ]
-    slis = [
-        "# HELP hms_slo_sli_ratio Good over valid events in the window.\n",
-        "# TYPE hms_slo_sli_ratio gauge\n",
-    ]
-    burns = [
-        "# HELP hms_slo_burn_rate Error ratio over the error budget.\n",
-        "# TYPE hms_slo_burn_rate gauge\n",
-    ]
-    remaining = [
-        "# HELP hms_slo_error_budget_remaining_ratio Error budget left over the SLO period.\n",
-        "# TYPE hms_slo_error_budget_remaining_ratio gauge\n",
-    ]
-    slas = [
-        "# HELP hms_sla_availability_ratio Availability of the calendar month.\n",
-        "# TYPE hms_sla_availability_ratio gauge\n",
-    ]
+HEADS = (
+    "# HELP hms_slo_objective_ratio The SLO's objective.\n# TYPE hms_slo_objective_ratio gauge\n",
+    "# HELP hms_slo_sli_ratio Good over valid events in the window.\n"
+    "# TYPE hms_slo_sli_ratio gauge\n",
+    "# HELP hms_slo_burn_rate Error ratio over the error budget.\n# TYPE hms_slo_burn_rate gauge\n",
+    "# HELP hms_slo_error_budget_remaining_ratio Error budget left over the SLO period.\n"
+    "# TYPE hms_slo_error_budget_remaining_ratio gauge\n",
+    "# HELP hms_sla_availability_ratio Availability of the calendar month.\n"
+    "# TYPE hms_sla_availability_ratio gauge\n",
+)
+
+
+def render_slo_families(rows: Sequence[SloRow]) -> tuple[str, str, str, str, str]:
+    """The samples of `rows` in each of the five families (in HEADS' order), one pass."""
+    objectives: list[str] = []
+    slis: list[str] = []
+    burns: list[str] = []
+    remaining: list[str] = []
+    slas: list[str] = []
     for row in rows:
         labels = row.labels
         objectives.append(f"hms_slo_objective_ratio{{{labels}}} {row.objective!r}\n")
@@ -139,4 +155,5 @@ def render_slo_metrics(rows: tuple[SloRow, ...]) -> str:
                 slas.append(
                     f'hms_sla_availability_ratio{{{labels},month="{month}"}} {availability!r}\n'
                 )
-    return "".join(objectives + slis + burns + remaining + slas)
+    join = "".join
+    return join(objectives), join(slis), join(burns), join(remaining), join(slas)
