@@ -113,7 +113,7 @@ def in_process(count: int) -> None:
     print(f"  evaluation cycle, all SLOs             {cycle * 1000:7.1f} ms CPU   goal < 1 s")
     print(
         f"  SLO metrics, rendered once a minute    {render * 1000:7.1f} ms CPU "
-        f"({lines:,} lines, in a worker thread)"
+        f"({lines:,} lines, a slice a loop turn, deflated in a thread)"
     )
     print(f"  SLO metrics, every other scrape        {cached * 1000:7.1f} ms CPU (the kept text)")
     print(
