@@ -188,6 +188,7 @@ def _monitor(parts: Parts) -> Context:
             await sharding.aclose()
             await checker.close()
             scheduler.shutdown()
+            await parts.slo_metrics.close()
             slos.evaluate(clock())  # closes the finished minutes, so they are stored too
             try:
                 await results.flush(clock(), everything=True)

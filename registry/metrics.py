@@ -43,6 +43,10 @@ class RegistryCollector(Collector):
 
 STATES = tuple(HealthState)  # Catalog.health_counts counts in this order
 InstanceCounts = list[tuple[str, list[int]]]
+INSTANCES_HEAD = (
+    "# HELP hms_registry_instances Instances in the registry by service and health state.\n"
+    "# TYPE hms_registry_instances gauge\n"
+)
 
 
 async def instance_counts(catalog: Catalog) -> InstanceCounts:
@@ -53,12 +57,7 @@ async def instance_counts(catalog: Catalog) -> InstanceCounts:
 
 def render_instance_counts(counts: InstanceCounts, *, head: bool = True) -> str:
     """The `hms_registry_instances` family as text (its HELP and TYPE lines when `head`)."""
-    out = [
-        "# HELP hms_registry_instances Instances in the registry by service and health state.\n",
-        "# TYPE hms_registry_instances gauge\n",
-    ]
-    if not head:
-        out.clear()
+    out = [INSTANCES_HEAD] if head else []
     for service, values in counts:  # names are [A-Za-z0-9._-]: nothing to escape
         for state, count in zip(STATES, values, strict=True):
             out.append(f'hms_registry_instances{{health="{state}",service="{service}"}} {count}\n')

@@ -59,6 +59,13 @@ class SloMetrics:
     def __init__(self, book: SloBook, clock: Callable[[], float]) -> None:
         self._book, self._clock = book, clock
         self._rendered: tuple[int, asyncio.Future[Deflated]] | None = None
+        self._renders: set[asyncio.Task[Deflated]] = set()  # running (after `invalidate` too)
+
+    async def close(self) -> None:
+        """Cancel the renders still running (shutdown)."""
+        for task in list(self._renders):
+            task.cancel()
+        await asyncio.gather(*self._renders, return_exceptions=True)
 
     def invalidate(self) -> None:
         """SLOs were added or removed: render afresh at the next scrape."""
@@ -69,7 +76,10 @@ class SloMetrics:
         minute = int(self._clock() // 60)
         rendered = self._rendered
         if rendered is None or rendered[0] != minute or _failed(rendered[1]):
-            self._rendered = rendered = (minute, asyncio.ensure_future(self._render()))
+            task = asyncio.get_running_loop().create_task(self._render(), name="slo.metrics")
+            self._renders.add(task)
+            task.add_done_callback(self._renders.discard)
+            self._rendered = rendered = (minute, task)
         # Shielded: a scrape that gives up must not cancel the render others wait on.
         return await asyncio.shield(rendered[1])
 

@@ -139,8 +139,8 @@ class OperationsRoutes:
         counts = await instance_counts(self.catalog) if leads else []
         small = generate_latest(self.metrics)
         slos = await self.slo_metrics.current()  # rendered and deflated once a minute
-        await response.prepare(request)
         try:
+            await response.prepare(request)
             pending, size = [join.start()] if join is not None else [], 0
             async for text in self._texts(counts, leads):
                 piece = small + text.encode() if small else text.encode()
@@ -153,14 +153,15 @@ class OperationsRoutes:
             pending.append(join.end(slos) if join is not None else slos.text)
             await response.write(b"".join(pending))
             await response.write_eof()
-        except ConnectionResetError:
-            pass  # the scraper hung up (its scrape_timeout, say): no one to answer
-        except Exception:
-            # Part of the body has gone: an error answer now would land inside it. The
+        except Exception as exc:
+            transport = request.transport
+            if isinstance(exc, ConnectionError) and (transport is None or transport.is_closing()):
+                return response  # the scraper hung up (its scrape_timeout, say): no one to answer
+            # Part of the body may have gone: an error answer now would land inside it. The
             # connection is cut, so the scraper sees a broken response, not a short one.
-            log.exception("GET /metrics failed after its first bytes were sent")
-            if request.transport is not None:
-                request.transport.close()
+            log.exception("GET /metrics failed while streaming")
+            if transport is not None:
+                transport.close()
         return response
 
     async def _texts(self, counts: InstanceCounts, leads: bool) -> AsyncIterator[str]:
