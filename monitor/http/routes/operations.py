@@ -141,12 +141,12 @@ class OperationsRoutes:
         slos = await self.slo_metrics.current()  # rendered and deflated once a minute
         try:
             await response.prepare(request)
-            pending, size = [join.start()] if join is not None else [], 0
+            pending = [join.start(), join.add(small)] if join is not None else [small]
+            size = 0
             async for text in self._texts(counts, leads):
-                piece = small + text.encode() if small else text.encode()
-                small = b""
-                pending.append(join.add(piece) if join is not None else piece)
-                size += len(pending[-1])
+                piece = join.add(text.encode()) if join is not None else text.encode()
+                pending.append(piece)
+                size += len(piece)
                 if size >= WRITE_BYTES:
                     await response.write(b"".join(pending))
                     pending, size = [], 0
