@@ -272,7 +272,7 @@ async def test_a_scrape_that_fails_midway_is_cut_not_answered_twice(
     assert (await daemon.get("/healthz")).status == 200
 
 
-async def test_without_instances_or_as_a_follower_every_family_is_declared(
+async def test_without_instances_every_family_is_declared(
     make_config: Callable[..., Any], start_daemon: Callable[..., Any]
 ) -> None:
     client = await start_daemon(make_config())
