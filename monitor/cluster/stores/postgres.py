@@ -158,10 +158,6 @@ def _renew(conn: Connection, key: str, lease: float) -> View | None:
         return None
     conn.execute("UPDATE cluster_members SET heartbeat_at = %s WHERE id = %s", [now, member_id])
 
-    # A replica paused (SIGSTOP, a frozen VM) between the lock below and COMMIT would hold
-    # the lease row for good, every other replica's renewal waiting on it: no failover. Its
-    # session ends instead once idle in this transaction for a lease (it is dead by then).
-    conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {max(1, int(lease * 1000))}")
     # The lease row is locked first, then the holder's liveness read: a holder that renewed
     # meanwhile is seen (each statement reads what is committed when it starts).
     holder, epoch, until = _one(
